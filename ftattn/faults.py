@@ -1,0 +1,262 @@
+"""The fault model of ../shared/FAULT_MODEL.md as code: injection sites, check
+flags, the `Fault` a caller injects, the `Report` a call returns and the error it
+raises.
+
+This file is the contract between the backends (C++ CPU kernel in csrc/, Triton
+kernel in kernels/, the pure-PyTorch reference) and the Python API: every
+backend encodes faults and writes flags exactly as described here.
+
+Flags: every backend returns, beside the output, an int32 tensor
+``flags[B, Hq, ceil(N / REPORT_BLOCK_M)]``. Bits 0..7 name the checks that failed
+on the first pass over that block of query rows; ``CORRECTED`` says the block was
+recomputed and the recomputation passed every check; ``UNCORRECTED`` says it was
+recomputed and failed again (a persistent error, not a transient fault);
+``NONFINITE_INPUT`` says the block's checks failed because q, k or v hold NaN/Inf
+(reported as bad input, never as a fault, never "corrected").
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "Site",
+    "Check",
+    "Fault",
+    "Report",
+    "FaultDetectedError",
+    "REPORT_BLOCK_M",
+    "CHECK_MASK",
+]
+
+# Rows of q per report flag. Kernels tile queries by 64 (CPU) or 64/128 (Triton),
+# so a flagged tile maps to whole report blocks and no two programs share one.
+REPORT_BLOCK_M = 64
+
+
+class Site(enum.IntEnum):
+    """Where a fault hits (FAULT_MODEL.md, "Injection sites"). Values are the op's encoding."""
+
+    SCORES = 0  # S[row, col] = q_row . k_col, after the QK^T product of the KV block holding col
+    PROBS = 1  # P~[row, col] = exp(scaled S - running max), before PV and the row sum
+    ROWMAX = 2  # running max m[row], after its update in the KV block holding col
+    ROWSUM = 3  # running normaliser l[row], after its update in the KV block holding col
+    ACC = 4  # accumulator acc[row, dim], after the PV update of the KV block holding col
+    OUTPUT = 5  # O[row, dim] = acc / l, after the final normalisation, before the store
+
+    @classmethod
+    def parse(cls, value) -> "Site":
+        if isinstance(value, Site):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                pass
+        raise ValueError(
+            f"unknown fault site {value!r}; supported sites: "
+            f"{', '.join(s.name.lower() for s in cls)} (see FAULT_MODEL.md)"
+        )
+
+
+class Check(enum.IntFlag):
+    """Bits of the flags tensor."""
+
+    ROW_CHECKSUM = 1 << 0  # sum_j S_ij vs q_i . sum_j k_j
+    COL_CHECKSUM = 1 << 1  # sum_i S_ij vs (sum_i q_i) . k_j
+    PV_CHECKSUM = 1 << 2  # sum_d acc_id vs c_i carried through the rescaling
+    SOFTMAX_DMR = 1 << 3  # redundant softmax (independent formulation) disagrees
+    ROWMAX_INVARIANT = 1 << 4  # m finite, m == max(m_old, rowmax), max p == 1 or alpha == 1
+    ROWSUM_INVARIANT = 1 << 5  # l vs an independent accumulation, 1 <= l <= #keys
+    OUTPUT_CHECK = 1 << 6  # sum_d O_id vs (sum_d acc_id) / l
+    PROBS_RANGE = 1 << 7  # 0 <= p <= 1
+    NONFINITE_INPUT = 1 << 24
+    CORRECTED = 1 << 25
+    UNCORRECTED = 1 << 26
+
+
+CHECK_MASK = 0xFF  # the bits that name failed checks
+
+_CHECK_NAMES = {
+    Check.ROW_CHECKSUM: "row checksum of QK^T",
+    Check.COL_CHECKSUM: "column checksum of QK^T",
+    Check.PV_CHECKSUM: "checksum of PV",
+    Check.SOFTMAX_DMR: "redundant softmax",
+    Check.ROWMAX_INVARIANT: "running-max invariant",
+    Check.ROWSUM_INVARIANT: "normaliser invariant",
+    Check.OUTPUT_CHECK: "final normalisation check",
+    Check.PROBS_RANGE: "probability range",
+}
+
+
+def check_names(bits: int) -> List[str]:
+    return [name for flag, name in _CHECK_NAMES.items() if bits & int(flag)]
+
+
+class Protection(enum.IntEnum):
+    OFF = 0
+    ABFT = 1
+    FULL = 2
+
+
+class OnFault(enum.Enum):
+    CORRECT = "correct"
+    RAISE = "raise"
+    REPORT = "report"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """One fault to inject: a bit flip of the fp32 value (``bit`` 0..31) or its
+    replacement by ``value`` (NaN, +-Inf, 1e30, ...). Exactly one of the two.
+
+    Coordinates: ``batch``, ``head`` (query head), ``row`` (query index), ``col``
+    (key index; names the KV block in which the fault strikes; ignored for
+    ``output``), ``dim`` (head-dim index, for ``acc`` and ``output``).
+    """
+
+    site: str
+    batch: int
+    head: int
+    row: int
+    col: int = 0
+    dim: int = 0
+    bit: Optional[int] = None
+    value: Optional[float] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "site", Site.parse(self.site).name.lower())
+        for name in ("batch", "head", "row", "col", "dim"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"Fault.{name} must be an int, got {val!r}")
+            if val < 0:
+                raise ValueError(f"Fault.{name}={val} is negative; coordinates start at 0")
+        if (self.bit is None) == (self.value is None):
+            raise ValueError(
+                f"Fault needs exactly one of bit= (0..31, a bit flip of the fp32 value) "
+                f"or value= (a replacement value); got bit={self.bit!r}, value={self.value!r}"
+            )
+        if self.bit is not None and (isinstance(self.bit, bool) or not isinstance(self.bit, int) or not 0 <= self.bit <= 31):
+            raise ValueError(f"Fault.bit={self.bit!r} is not a bit of an fp32 value; use 0..31")
+        if self.value is not None and not isinstance(self.value, (int, float)):
+            raise TypeError(f"Fault.value must be a float, got {self.value!r}")
+
+    def validate(self, batch: int, q_heads: int, n: int, m: int, head_dim: int) -> None:
+        """Raise ValueError when a coordinate falls outside the call's shapes."""
+        limits = {"batch": batch, "head": q_heads, "row": n, "col": m, "dim": head_dim}
+        for name, limit in limits.items():
+            if name == "col" and self.site == "output":
+                continue
+            val = getattr(self, name)
+            if val >= limit:
+                raise ValueError(
+                    f"Fault.{name}={val} is out of range for this call: {name} must be < {limit} "
+                    f"(q is [B={batch}, Hq={q_heads}, N={n}, D={head_dim}], k/v have M={m} keys)"
+                )
+
+    def encode(self) -> Tuple[List[int], Optional[float]]:
+        """The op's encoding: ``[site, batch, head, row, col, dim, bit]`` (bit -1: use
+        ``value``) and the replacement value."""
+        bit = -1 if self.bit is None else self.bit
+        return (
+            [int(Site.parse(self.site)), self.batch, self.head, self.row, self.col, self.dim, bit],
+            None if self.value is None else float(self.value),
+        )
+
+
+def flip_bit_fp32(x: float, bit: int) -> float:
+    """Python model of a bit flip of an fp32 value (used by the reference backend's tests)."""
+    t = torch.tensor([x], dtype=torch.float32).view(torch.int32)
+    t ^= torch.tensor([1 << bit if bit < 31 else -(1 << 31)], dtype=torch.int32)
+    return float(t.view(torch.float32)[0])
+
+
+@dataclasses.dataclass
+class Report:
+    """What the checks saw in one call.
+
+    flags: int32 tensor [B, Hq, ceil(N / block_m)] of `Check` bits per block of
+    ``block_m`` query rows (see the module docstring).
+    """
+
+    flags: torch.Tensor
+    block_m: int = REPORT_BLOCK_M
+    n: int = 0
+
+    def __post_init__(self):
+        self.flags = self.flags.detach().to("cpu")
+
+    @property
+    def detected(self) -> int:
+        """Number of failed checks (one per check kind per flagged block)."""
+        bits = self.flags & CHECK_MASK
+        return int(sum(((bits >> i) & 1).sum().item() for i in range(8)))
+
+    @property
+    def flagged_blocks(self) -> int:
+        return int(((self.flags & CHECK_MASK) != 0).sum().item())
+
+    @property
+    def corrected(self) -> int:
+        """Number of flagged blocks that were recomputed and passed every check."""
+        return int(((self.flags & int(Check.CORRECTED)) != 0).sum().item())
+
+    @property
+    def uncorrected(self) -> int:
+        return int(((self.flags & int(Check.UNCORRECTED)) != 0).sum().item())
+
+    @property
+    def nonfinite_input(self) -> bool:
+        return bool(((self.flags & int(Check.NONFINITE_INPUT)) != 0).any().item())
+
+    def failures(self) -> List[dict]:
+        """One dict per flagged block: batch, head, rows (range), checks (names)."""
+        out = []
+        idx = torch.nonzero((self.flags & CHECK_MASK) != 0, as_tuple=False).tolist()
+        for b, h, blk in idx:
+            bits = int(self.flags[b, h, blk])
+            lo = blk * self.block_m
+            hi = min(lo + self.block_m, self.n) if self.n else lo + self.block_m
+            out.append(
+                {
+                    "batch": b,
+                    "head": h,
+                    "rows": range(lo, hi),
+                    "checks": check_names(bits),
+                    "corrected": bool(bits & int(Check.CORRECTED)),
+                    "nonfinite_input": bool(bits & int(Check.NONFINITE_INPUT)),
+                }
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"Report(detected={self.detected}, corrected={self.corrected}, "
+            f"uncorrected={self.uncorrected}, nonfinite_input={self.nonfinite_input}, "
+            f"blocks={tuple(self.flags.shape)})"
+        )
+
+
+class FaultDetectedError(RuntimeError):
+    """Raised by ``on_fault="raise"`` when a check fails; ``.report`` holds the flags."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        lines = []
+        for f in report.failures():
+            if f["nonfinite_input"]:
+                continue
+            lines.append(
+                f"batch {f['batch']}, head {f['head']}, rows {f['rows'].start}..{f['rows'].stop - 1}: "
+                f"{', '.join(f['checks'])} failed"
+            )
+        shown = "; ".join(lines[:8]) + (f"; and {len(lines) - 8} more" if len(lines) > 8 else "")
+        super().__init__(
+            f"ftattn: fault detected in attention ({report.detected} failed checks): {shown}. "
+            f"Pass on_fault='correct' to recompute the affected blocks, or 'report' to get the raw output."
+        )
+

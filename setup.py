@@ -1,0 +1,63 @@
+"""Build of ftattn: the Python package, the Triton kernels (as ``ftattn.kernels``)
+and the C++ extension ``ftattn._C`` (op schemas + CPU kernels).
+
+Install with ``pip install --no-build-isolation -e .`` so the extension builds
+against the torch already installed (see README).
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    link = ["-fopenmp"]
+    if sys.platform == "darwin":  # Apple clang has no -fopenmp; ATen then runs its own pool.
+        cxx.remove("-fopenmp")
+        link.remove("-fopenmp")
+    if os.environ.get("FTATTN_DEBUG_BUILD"):  # debugging only: asserts on, no optimisation
+        cxx = [c for c in cxx if c != "-O3"] + ["-O0", "-g", "-UNDEBUG"]
+    return CppExtension(
+        name="ftattn._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+        py_limited_api=True,
+    )
+
+
+EVAL = ["scikit-learn", "matplotlib", "tqdm", "transformers>=4.48", "pillow"]
+ONNX = ["onnx", "onnxruntime>=1.20", "onnxscript", "tokenizers>=0.20", "transformers>=4.48"]
+DEV = ["pytest", "pytest-benchmark", "hypothesis", "ml_dtypes"] + EVAL + ONNX
+
+setup(
+    name="ftattn",
+    version="0.1.0",
+    description="Fault-tolerant fused attention and MX quantization kernels for PyTorch",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ftattn", "ftattn.*"]) + ["ftattn.kernels"],
+    # kernels/ lives at the top of the repository (design card) but ships as
+    # ftattn.kernels: a top-level `kernels` module would shadow Hugging Face's.
+    package_dir={"ftattn.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "tqdm",
+        "triton>=3.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={"eval": EVAL, "onnx": ONNX, "dev": DEV},
+    entry_points={"console_scripts": ["ftattn=ftattn.__main__:main"]},
+    include_package_data=True,
+)
