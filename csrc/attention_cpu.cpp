@@ -525,7 +525,7 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       // each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
       const double osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);
       const double ref = acc_sum / static_cast<double>(l);
-      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300)) bad |= kOutputCheck;
+      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300) || !std::isfinite(oabs)) bad |= kOutputCheck;
     }
   }
   return bad;

@@ -190,15 +190,21 @@ class Report:
     def __post_init__(self):
         self.flags = self.flags.detach().to("cpu")
 
+    def _fault_bits(self) -> torch.Tensor:
+        """Check bits of the blocks whose inputs were finite (non-finite input is not a fault)."""
+        finite = (self.flags & int(Check.NONFINITE_INPUT)) == 0
+        return (self.flags & CHECK_MASK) * finite
+
     @property
     def detected(self) -> int:
-        """Number of failed checks (one per check kind per flagged block)."""
-        bits = self.flags & CHECK_MASK
+        """Number of failed checks (one per check kind per flagged block), non-finite input excluded."""
+        bits = self._fault_bits()
         return int(sum(((bits >> i) & 1).sum().item() for i in range(8)))
 
     @property
     def flagged_blocks(self) -> int:
-        return int(((self.flags & CHECK_MASK) != 0).sum().item())
+        """Number of query blocks with at least one failed check, non-finite input excluded."""
+        return int((self._fault_bits() != 0).sum().item())
 
     @property
     def corrected(self) -> int:

@@ -1,0 +1,406 @@
+"""Fault-injection campaign (``python -m ftattn campaign``): the figures of
+FAULT_MODEL.md per site and protection level.
+
+1. Clean runs on the data FAULT_MODEL.md names (uniform [-1, 1), normal, peaky
+   |q.k| up to 1e4, causal rows with a single visible key, long key sequences,
+   GQA, odd head dims): any flag is a false alarm.
+2. Random single faults over every site, bit 0..31 and the replacement values
+   NaN, +-Inf, +-1e30, 0: each is classified harmful / benign (against the clean
+   output, tau = 2^-10 for fp16/fp32, 2^-7 for bf16), detected or not, and, when
+   detected, whether ``on_fault="correct"`` returns the clean output.
+
+Exit status is non-zero when, at a protection level, a site it claims to cover
+has a harmful fault missed, when a clean run raised a flag, or when a detected
+fault was not corrected. "abft" claims every site but ``probs`` (a corrupted
+probability feeds the PV product and its checksum consistently); "off" claims none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from .attention import attention
+from .faults import Fault, Site
+
+SITES = [s.name.lower() for s in Site]
+VALUES = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+COVERED = {"off": set(), "abft": set(SITES) - {"probs"}, "full": set(SITES)}
+
+
+@dataclasses.dataclass
+class Shape:
+    batch: int = 1
+    heads: int = 4
+    kv_heads: int = 2
+    seq: int = 97
+    kv_seq: int = 131
+    head_dim: int = 59
+    causal: bool = True
+
+
+@dataclasses.dataclass
+class SiteStats:
+    injected: int = 0
+    harmful: int = 0
+    detected: int = 0
+    harmful_missed: int = 0
+    benign_flagged: int = 0
+    corrected: int = 0
+
+    def add(self, harmful: bool, detected: bool, corrected: bool) -> None:
+        self.injected += 1
+        self.harmful += harmful
+        self.detected += detected
+        self.harmful_missed += harmful and not detected
+        self.benign_flagged += detected and not harmful
+        self.corrected += detected and corrected
+
+
+@dataclasses.dataclass
+class Result:
+    backend: str
+    device: str
+    dtype: str
+    protection: str
+    shape: Shape
+    clean_runs: int = 0
+    false_alarms: int = 0
+    false_alarm_cases: List[str] = dataclasses.field(default_factory=list)
+    sites: Dict[str, SiteStats] = dataclasses.field(default_factory=lambda: {s: SiteStats() for s in SITES})
+    seconds: float = 0.0
+
+    def failures(self) -> List[str]:
+        out = []
+        if self.false_alarms:
+            out.append(f"{self.false_alarms} false alarms over {self.clean_runs} clean runs")
+        for site, st in self.sites.items():
+            if site in COVERED[self.protection] and st.harmful_missed:
+                out.append(f"{st.harmful_missed} harmful faults missed at site {site}")
+            if st.corrected != st.detected:
+                out.append(f"{st.detected - st.corrected} detected faults not corrected at site {site}")
+        return out
+
+
+def make_data(kind: str, shape: Shape, dtype, device, gen: torch.Generator):
+    """q, k, v of one of the clean-run kinds of FAULT_MODEL.md."""
+    B, Hq, Hkv, N, M, D = shape.batch, shape.heads, shape.kv_heads, shape.seq, shape.kv_seq, shape.head_dim
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float32)
+
+    if kind == "uniform":  # the seed benchmark's data
+        q, k, v = (torch.rand(*s, generator=gen) * 2 - 1 for s in ((B, Hq, N, D), (B, Hkv, M, D), (B, Hkv, M, D)))
+    elif kind == "normal":
+        q, k, v = rnd(B, Hq, N, D), rnd(B, Hkv, M, D), rnd(B, Hkv, M, D)
+    elif kind == "peaky":  # |q.k| up to about 1e4: a near one-hot softmax
+        amp = math.sqrt(1e4 / (3 * math.sqrt(D)))
+        q, k, v = rnd(B, Hq, N, D) * amp, rnd(B, Hkv, M, D) * amp, rnd(B, Hkv, M, D)
+    elif kind == "constant":  # identical rows: rounding errors line up instead of cancelling
+        q = torch.full((B, Hq, N, D), 0.37)
+        k = torch.full((B, Hkv, M, D), -1.3)
+        v = torch.full((B, Hkv, M, D), 2.1)
+    elif kind == "offset":  # large common offset in v, small spread: |o| >> its variation
+        q, k = rnd(B, Hq, N, D), rnd(B, Hkv, M, D)
+        v = 100.0 + 0.01 * rnd(B, Hkv, M, D)
+    else:
+        raise ValueError(f"unknown data kind {kind!r}")
+    return tuple(t.to(dtype=dtype, device=device) for t in (q, k, v))
+
+
+CLEAN_KINDS = ["uniform", "normal", "peaky", "constant", "offset"]
+FAULT_KINDS = ["uniform", "normal"]
+
+
+def clean_shapes(base: Shape, long_kv: int) -> List[Shape]:
+    """The clean-run grid: the base shape, single-visible-key causal rows,
+    a long key sequence, head dims from 16 to 256, GQA 4:1, decode (N = 1)."""
+    return [
+        base,
+        dataclasses.replace(base, seq=base.kv_seq, causal=True),  # row 0 sees key 0 only
+        dataclasses.replace(base, seq=17, kv_seq=long_kv, causal=False),
+        dataclasses.replace(base, seq=33, kv_seq=long_kv, causal=True),
+        dataclasses.replace(base, head_dim=16),
+        dataclasses.replace(base, head_dim=256, seq=33, kv_seq=65),
+        dataclasses.replace(base, heads=8, kv_heads=2, head_dim=80),
+        dataclasses.replace(base, seq=1, kv_seq=long_kv, causal=True),
+    ]
+
+
+def _random_fault(rng: random.Random, shape: Shape, site: str) -> Fault:
+    N, M = shape.seq, shape.kv_seq
+    row = rng.randrange(N)
+    last = row + (M - N) if shape.causal else M - 1  # last visible key of the row
+    if last < 0:  # this row sees no key: only the output can be hit
+        site = "output"
+        last = 0
+    col = rng.randint(0, min(last, M - 1))
+    kw = dict(
+        site=site,
+        batch=rng.randrange(shape.batch),
+        head=rng.randrange(shape.heads),
+        row=row,
+        col=col,
+        dim=rng.randrange(shape.head_dim),
+    )
+    if rng.random() < 0.8:
+        kw["bit"] = rng.randrange(32)
+    else:
+        kw["value"] = rng.choice(VALUES)
+    return Fault(**kw)
+
+
+def _harmful(raw: torch.Tensor, clean: torch.Tensor, tau: float) -> bool:
+    raw64, clean64 = raw.double(), clean.double()
+    if bool((~raw64.isfinite() & clean64.isfinite()).any()):
+        return True
+    bound = tau * max(1.0, float(clean64.abs().max()))
+    return float((raw64 - clean64).abs().max()) > bound
+
+
+def run(
+    backend: str = "cpp",
+    device: str = "cpu",
+    dtype: str = "float32",
+    protection: str = "full",
+    faults: int = 1000,
+    shape: Optional[Shape] = None,
+    long_kv: int = 1024,
+    seed: int = 0,
+    faults_per_input: int = 25,
+    progress: bool = True,
+) -> Result:
+    shape = shape or Shape()
+    dt = DTYPES[dtype]
+    tau = TAU[dt]
+    res = Result(backend, device, dtype, protection, shape)
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    bar = _progress(len(CLEAN_KINDS) * 8 + faults, f"{dtype}/{protection}", progress)
+
+    def call(q, k, v, sh, **kw):
+        return attention(q, k, v, causal=sh.causal, protection=protection, backend=backend, return_report=True, **kw)
+
+    with torch.inference_mode():
+        # 1. clean runs: any flag is a false alarm
+        for sh in clean_shapes(shape, long_kv):
+            for kind in CLEAN_KINDS:
+                q, k, v = make_data(kind, sh, dt, device, gen)
+                _, rep = call(q, k, v, sh)
+                res.clean_runs += 1
+                if rep.detected or rep.uncorrected:
+                    res.false_alarms += 1
+                    res.false_alarm_cases.append(f"{kind} {dataclasses.asdict(sh)}: {rep}")
+                bar.update(1)
+        # 2. faults, a fresh input every `faults_per_input`
+        clean = q = k = v = None
+        for i in range(faults):
+            if i % faults_per_input == 0:
+                q, k, v = make_data(FAULT_KINDS[(i // faults_per_input) % len(FAULT_KINDS)], shape, dt, device, gen)
+                clean, rep = call(q, k, v, shape)
+                res.clean_runs += 1
+                if rep.detected:
+                    res.false_alarms += 1
+                    res.false_alarm_cases.append(f"fault-run input {i // faults_per_input}: {rep}")
+            fault = _random_fault(rng, shape, SITES[i % len(SITES)])
+            raw, rep = call(q, k, v, shape, fault=fault, on_fault="report")
+            detected = rep.detected > 0
+            corrected = False
+            if detected:
+                fixed, rep2 = call(q, k, v, shape, fault=fault, on_fault="correct")
+                corrected = rep2.corrected == rep2.flagged_blocks and torch.equal(fixed, clean)
+            res.sites[fault.site].add(_harmful(raw, clean, tau), detected, corrected)
+            bar.update(1)
+    bar.close()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr)
+
+
+HEADER = ("site", "injected", "harmful", "detected", "harmful&missed", "benign&flagged", "corrected")
+
+
+def format_table(res: Result) -> str:
+    sh = res.shape
+    lines = [
+        f"backend={res.backend} device={res.device} dtype={res.dtype} protection={res.protection} "
+        f"B={sh.batch} Hq={sh.heads} Hkv={sh.kv_heads} N={sh.seq} M={sh.kv_seq} D={sh.head_dim} "
+        f"causal={sh.causal} ({res.seconds:.1f} s)",
+    ]
+    widths = [8, 9, 8, 9, 15, 15, 10]
+    lines.append(" ".join(h.rjust(w) for h, w in zip(HEADER, widths)))
+    tot = SiteStats()
+    for site, st in res.sites.items():
+        row = [site] + [getattr(st, f.name) for f in dataclasses.fields(SiteStats)]
+        mark = "" if site in COVERED[res.protection] else "  (not covered at this level)"
+        lines.append(" ".join(str(x).rjust(w) for x, w in zip(row, widths)) + mark)
+        for f in dataclasses.fields(SiteStats):
+            setattr(tot, f.name, getattr(tot, f.name) + getattr(st, f.name))
+    row = ["total"] + [getattr(tot, f.name) for f in dataclasses.fields(SiteStats)]
+    lines.append(" ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    lines.append(f"false alarms: {res.false_alarms} over {res.clean_runs} clean runs")
+    return "\n".join(lines)
+
+
+def to_json(results: List[Result]) -> dict:
+    return {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "device": _device_name(results[0].device) if results else None},
+        "tau": {"float32": TAU[torch.float32], "float16": TAU[torch.float16], "bfloat16": TAU[torch.bfloat16]},
+        "results": [
+            {
+                "backend": r.backend, "device": r.device, "dtype": r.dtype, "protection": r.protection,
+                "shape": dataclasses.asdict(r.shape), "clean_runs": r.clean_runs, "false_alarms": r.false_alarms,
+                "false_alarm_cases": r.false_alarm_cases, "seconds": r.seconds,
+                "sites": {s: dataclasses.asdict(st) for s, st in r.sites.items()}, "failures": r.failures(),
+            }
+            for r in results
+        ],
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------
+# the comparison `make demo` prints after the campaign
+
+
+def compare(device: str, dtype: str, shape: Shape, repeats: int = 5) -> str:
+    """Median time and peak memory of ftattn (off / full) vs the reference backend
+    and torch's scaled_dot_product_attention on one input."""
+    from .memory import peak_memory
+
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make_data("normal", shape, dt, device, gen)
+    group = shape.heads // shape.kv_heads
+    N, M = shape.seq, shape.kv_seq
+    mask = None
+    if shape.causal:  # bottom-right alignment for SDPA, as ftattn's
+        mask = torch.ones(N, M, dtype=torch.bool, device=device).tril(diagonal=M - N)
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    auto = "triton" if device.startswith("cuda") else "cpp"
+    cases = {
+        f"ftattn {auto}, protection off": lambda: attention(q, k, v, causal=shape.causal, protection="off"),
+        f"ftattn {auto}, protection abft": lambda: attention(q, k, v, causal=shape.causal, protection="abft"),
+        f"ftattn {auto}, protection full": lambda: attention(q, k, v, causal=shape.causal, protection="full"),
+        "reference (PyTorch ops + checks)": lambda: attention(q, k, v, causal=shape.causal, backend="reference"),
+        "torch SDPA (no checks)": lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask),
+    }
+    lines = [f"{'':36} {'median ms':>10} {'peak MiB':>10}   (B={shape.batch} H={shape.heads} "
+             f"N={N} M={M} D={shape.head_dim} {dtype}, causal={shape.causal}, {device})"]
+    with torch.inference_mode():
+        for name, fn in cases.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            peak = peak_memory(fn, device)
+            times.sort()
+            lines.append(f"{name:36} {1e3 * times[len(times) // 2]:10.2f} {peak / 2**20:10.1f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "reference"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="all", help="float32, bfloat16, float16, or 'all' (default)")
+    p.add_argument("--protection", default="full", help="off, abft, full, or 'all' (default: full)")
+    p.add_argument("--faults", type=int, default=700, help="faults per dtype and protection (default 700)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--seq", type=int, default=97, help="N, query length")
+    p.add_argument("--kv-seq", type=int, default=131, help="M, key length")
+    p.add_argument("--head-dim", type=int, default=59)
+    p.add_argument("--no-causal", action="store_true", help="non-causal attention (default causal)")
+    p.add_argument("--long-kv", type=int, default=1024, help="M of the long clean runs (>= 1024 on CPU, 8192 on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the figures as JSON to this path")
+    p.add_argument("--demo", action="store_true",
+                   help="the `make demo` run: all dtypes, protection abft and full, then a timing comparison")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = args.backend
+    if backend == "auto":
+        backend = "triton" if device.startswith("cuda") else "cpp"
+    dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
+    protections = ["off", "abft", "full"] if args.protection == "all" else [args.protection]
+    if args.demo and args.protection == "full":
+        protections = ["abft", "full"]
+    for name in dtypes:
+        if name not in DTYPES:
+            raise SystemExit(f"--dtype {name!r} is not supported; use {', '.join(DTYPES)} or all")
+    for name in protections:
+        if name not in COVERED:
+            raise SystemExit(f"--protection {name!r} is not supported; use off, abft, full or all")
+    shape = Shape(args.batch, args.heads, args.kv_heads, args.seq, args.kv_seq, args.head_dim, not args.no_causal)
+    long_kv = args.long_kv if device == "cpu" or args.long_kv != 1024 else 8192
+    results = []
+    failed = []
+    for prot in protections:
+        for name in dtypes:
+            res = run(backend, device, name, prot, args.faults, shape, long_kv, args.seed, progress=not args.no_progress)
+            results.append(res)
+            print(format_table(res))
+            print()
+            failed += [f"{name}/{prot}: {f}" for f in res.failures()]
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(to_json(results), fh, indent=2)
+        print(f"wrote {args.json}")
+    if args.demo:
+        big = Shape(1, 8, 8, 1024, 1024, 64, causal=True)
+        if device.startswith("cuda"):
+            big = Shape(4, 32, 32, 4096, 4096, 128, causal=True)
+        print(compare(device, "float32" if device == "cpu" else "float16", big))
+        print()
+    if failed:
+        print("CAMPAIGN FAILED:\n  " + "\n  ".join(failed))
+        return 1
+    print("campaign passed: no harmful fault missed at a covered site, no false alarm, every detected fault corrected")
+    return 0
