@@ -1,0 +1,517 @@
+"""Hugging Face transformers backend: ``attn_implementation="ftattn"``.
+
+After `register()` (run by ``import ftattn`` once transformers is imported)
+``AutoModel.from_pretrained(path, attn_implementation="ftattn")`` sends every
+attention layer through ``ftattn.attention`` (``torch.ops.ftattn``), and
+``configure(model, protection=..., on_fault=...)`` chooses the protection and
+fault policy of one model and keeps its counters of detected and corrected faults.
+
+Masks. The op has no mask argument: it takes a causal flag aligned at the bottom
+right (key j visible for query i iff j <= i + M - N). transformers hands this
+backend the boolean 4-D masks of its sdpa backend (``sdpa_mask``, registered for
+"ftattn" below), ``None`` when the mask is plain causal or absent, or a model's own
+boolean / additive (0 / -inf) mask. Each sample's mask is decoded into one range
+[start, stop) of visible keys plus the causal flag:
+  * left padding (decoders, with or without a KV cache): keys [start, M), causal;
+  * right padding (BERT-style encoders): keys [0, stop), not causal;
+  * a StaticCache (empty slots after the seen tokens): keys [start, seen), causal.
+With the keys of a sample cut to its range, bottom-right causality reproduces the
+mask exactly (the query at the last row sees keys up to ``stop - 1``), so the op
+runs once per distinct range (once per batch when nothing is padded). Any other
+pattern (sliding window, ALiBi biases, packed sequences, holes) raises ValueError
+rather than silently attending to the wrong keys. Query rows that the mask leaves
+without any visible key (the padding positions of a left-padded prompt) get zeros
+where eager attention returns a uniform average; both are discarded downstream.
+
+Decoding: the query is the newest token (N = 1) against M cached keys: the mask
+is [B, 1, 1, M] (or None), and bottom-right causality lets it see every key.
+
+Counters: every call adds its flags to the model's counters as tensor arithmetic
+(no ``.item()``), so a compiled forward keeps counting and stays one graph;
+`counters(model)` reads them. Fault injection (`inject`) runs eagerly only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..attention import attention as _ftattn_attention
+from ..faults import CHECK_MASK, Check, Fault, OnFault, Protection, Site
+
+__all__ = [
+    "IMPLEMENTATION",
+    "register",
+    "attention_forward",
+    "configure",
+    "unconfigure",
+    "counters",
+    "reset_counters",
+    "Counters",
+    "ScheduledFault",
+    "inject",
+    "injected",
+]
+
+IMPLEMENTATION = "ftattn"  # the name passed as attn_implementation=
+_STATE_ATTR = "_ftattn_state"  # attribute of every submodule of a configured model
+
+# additive masks: entries at or below this (finfo(dtype).min in transformers' masks, or -inf)
+# mean "masked"; 0 means "visible"; anything else is a bias the op cannot apply.
+_ADDITIVE_MASKED_BELOW = -1e4
+
+
+# ---------------------------------------------------------------------------
+# configuration and counters
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How one model's attention runs: the op's ``protection``, ``on_fault`` and
+    ``backend``, and whether calls add to the counters (``count``; off saves the
+    flags' copy to the host on CUDA)."""
+
+    protection: str = "full"
+    on_fault: str = "correct"
+    backend: str = "auto"
+    count: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.protection, str) or self.protection.upper() not in Protection.__members__:
+            raise ValueError(
+                f"protection={self.protection!r} is not supported; use one of "
+                f"{', '.join(repr(p.name.lower()) for p in Protection)}"
+            )
+        object.__setattr__(self, "protection", self.protection.lower())
+        try:
+            OnFault(self.on_fault)
+        except ValueError:
+            raise ValueError(
+                f"on_fault={self.on_fault!r} is not supported; use one of "
+                f"{', '.join(repr(p.value) for p in OnFault)}"
+            ) from None
+        from ..attention import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}")
+        if not isinstance(self.count, bool):
+            raise TypeError(f"count must be a bool, got {self.count!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Counters:
+    """Totals over the attention calls of one model since `configure` / `reset_counters`.
+
+    calls: attention calls (one per layer per forward, more when padded samples
+        with different key ranges are run one by one);
+    detected: blocks of ``REPORT_BLOCK_M`` query rows of one head in which a check
+        failed (one injected fault flags one block);
+    corrected: of those, blocks recomputed with every check passing;
+    uncorrected: blocks that failed again when recomputed (a persistent error);
+    nonfinite_input: blocks whose checks failed because q, k or v hold NaN/Inf
+        (bad input, not a fault; not counted in ``detected``);
+    injected: faults placed by `inject` (eager runs only).
+    """
+
+    calls: int = 0
+    detected: int = 0
+    corrected: int = 0
+    uncorrected: int = 0
+    nonfinite_input: int = 0
+    injected: int = 0
+
+
+_TOTALS = ("calls", "detected", "corrected", "uncorrected", "nonfinite_input")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledFault:
+    """A fault to inject into the attention call of layer ``layer`` at forward ``step``
+    (0 = the first forward after `inject`: the prefill of ``generate()``; 1, 2, ...:
+    the decoding steps). ``site`` and exactly one of ``bit`` / ``value`` as in
+    `ftattn.Fault`; a coordinate left None is drawn at random, at the call, among the
+    valid ones (``col`` among the keys the row sees). ``batch`` and ``col`` index the
+    model's batch and its whole key sequence (cache included)."""
+
+    step: int
+    layer: int
+    site: str
+    bit: Optional[int] = None
+    value: Optional[float] = None
+    batch: Optional[int] = None
+    head: Optional[int] = None
+    row: Optional[int] = None
+    col: Optional[int] = None
+    dim: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "site", Site.parse(self.site).name.lower())
+        for name in ("step", "layer"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"ScheduledFault.{name}={val!r} must be an int >= 0")
+        # Fault's own checks of bit / value and of the given coordinates
+        Fault(self.site, 0, 0, 0, bit=self.bit, value=self.value)
+        for name in ("batch", "head", "row", "col", "dim"):
+            val = getattr(self, name)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+                raise ValueError(f"ScheduledFault.{name}={val!r} must be None (random) or an int >= 0")
+
+
+class _State:
+    """Shared by every submodule of one configured model (or the default, below)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.totals = torch.zeros(len(_TOTALS), dtype=torch.int64)  # flags are reported on the CPU
+        self.plan: Dict[Tuple[int, int], ScheduledFault] = {}
+        self.steps: Dict[int, int] = {}  # layer -> forwards seen since inject()
+        self.layer_of: Dict[int, int] = {}  # id(module) -> layer, for modules without layer_idx
+        self.injected: List[dict] = []
+        self.rng = random.Random(0)
+        self.mask_cache: Optional[tuple] = None  # (mask, version, layout): one mask serves every layer
+
+
+# Modules of a model loaded with attn_implementation="ftattn" but never configured.
+_DEFAULT_STATE = _State(Policy())
+
+
+def _state_of(model: torch.nn.Module) -> _State:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError(
+            f"{type(model).__name__} is not configured for ftattn; call "
+            f"ftattn.integrations.transformers.configure(model) first"
+        )
+    return state
+
+
+def configure(
+    model: torch.nn.Module,
+    *,
+    protection: str = "full",
+    on_fault: str = "correct",
+    backend: str = "auto",
+    count: bool = True,
+) -> torch.nn.Module:
+    """Run ``model``'s attention through ftattn with this protection and fault policy.
+
+    Switches the model to ``attn_implementation="ftattn"`` when it uses another one,
+    attaches one policy and one set of counters to every submodule (reversible with
+    `unconfigure`) and resets the counters. Returns the model.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"configure() needs a torch.nn.Module, got {type(model).__name__}")
+    register()
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) != IMPLEMENTATION:
+        if not hasattr(model, "set_attn_implementation"):
+            raise ValueError(
+                f"{type(model).__name__} uses attn_implementation={config._attn_implementation!r} and cannot "
+                f"switch; load it with attn_implementation={IMPLEMENTATION!r}"
+            )
+        model.set_attn_implementation(IMPLEMENTATION)
+    state = _State(Policy(protection, on_fault, backend, count))
+    for module in model.modules():
+        object.__setattr__(module, _STATE_ATTR, state)
+    return model
+
+
+def unconfigure(model: torch.nn.Module) -> None:
+    """Remove what `configure` attached (the attention implementation stays ftattn,
+    with the default policy: full protection, on_fault="correct")."""
+    for module in model.modules():
+        module.__dict__.pop(_STATE_ATTR, None)
+
+
+def counters(model: Optional[torch.nn.Module] = None) -> Counters:
+    """The counters of a configured model (None: of the unconfigured ftattn models)."""
+    state = _DEFAULT_STATE if model is None else _state_of(model)
+    values = dict(zip(_TOTALS, state.totals.tolist()))
+    return Counters(injected=len(state.injected), **values)
+
+
+def reset_counters(model: Optional[torch.nn.Module] = None) -> None:
+    state = _DEFAULT_STATE if model is None else _state_of(model)
+    state.totals.zero_()
+    state.injected.clear()
+
+
+def inject(model: torch.nn.Module, faults: Sequence[ScheduledFault], seed: int = 0) -> None:
+    """Schedule ``faults`` (one per (step, layer) at most: the kernel takes one fault
+    per call) for the next forwards of a configured model; steps count from now.
+    An empty list stops injection. ``seed`` draws the coordinates left None."""
+    state = _state_of(model)
+    plan: Dict[Tuple[int, int], ScheduledFault] = {}
+    for f in faults:
+        if not isinstance(f, ScheduledFault):
+            raise TypeError(f"inject() takes ScheduledFault items, got {type(f).__name__}")
+        if (f.step, f.layer) in plan:
+            raise ValueError(
+                f"two faults at step {f.step}, layer {f.layer}; the kernel injects one fault per call, "
+                f"so schedule at most one per (step, layer)"
+            )
+        plan[(f.step, f.layer)] = f
+    state.plan = plan
+    state.steps = {}
+    state.rng = random.Random(seed)
+
+
+def injected(model: torch.nn.Module) -> List[dict]:
+    """The faults placed so far: step, layer, the ftattn.Fault of the call, and its
+    coordinates in the model's batch and key sequence."""
+    return list(_state_of(model).injected)
+
+
+# ---------------------------------------------------------------------------
+# masks -> key ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Per sample: visible keys [start, stop) and the causal flag; empty: stop <= start."""
+
+    start: Tuple[int, ...]
+    stop: Tuple[int, ...]
+    causal: Tuple[bool, ...]
+
+
+def _mask_layout(mask: torch.Tensor, batch: int, n: int, m: int) -> _Layout:
+    if mask.dim() != 4:
+        raise ValueError(
+            f"ftattn: attention_mask must be 4-D [batch, 1 or heads, queries, keys], got shape {tuple(mask.shape)}; "
+            f"transformers builds it with the mask function registered for {IMPLEMENTATION!r}"
+        )
+    if mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, n) or mask.shape[3] < m:
+        raise ValueError(
+            f"ftattn: attention_mask of shape {tuple(mask.shape)} does not fit batch={batch}, queries={n}, keys={m}"
+        )
+    mask = mask[..., :m]
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        allowed = mask == 0
+        if not bool(((mask <= _ADDITIVE_MASKED_BELOW) | allowed).all()):
+            raise ValueError(
+                "ftattn: the additive attention_mask holds biases other than 0 (visible) and a large negative value "
+                "(masked), e.g. ALiBi or relative-position terms; ftattn applies no bias: use another "
+                "attn_implementation for this model"
+            )
+    else:
+        raise TypeError(f"ftattn: attention_mask.dtype={mask.dtype} is not supported; pass a bool or float mask")
+    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
+        raise ValueError("ftattn: attention_mask differs between heads; ftattn supports one mask for all heads")
+    allowed = allowed[:, 0].to("cpu").expand(batch, n, m)  # [B, N, M]
+
+    j = torch.arange(m)
+    i = torch.arange(n)
+    keys = allowed.any(1)  # [B, M]
+    rows = allowed.any(2)  # [B, N]
+    count = keys.sum(1)
+    start = torch.where(count > 0, keys.int().argmax(1), torch.zeros_like(count))
+    stop = torch.where(count > 0, m - keys.flip(1).int().argmax(1), torch.zeros_like(count))
+    in_range = (j >= start[:, None, None]) & (j < stop[:, None, None])  # [B, 1, M]
+    visible = j[None, None, :] <= i[None, :, None] + (stop - n)[:, None, None]  # bottom right, [B, N, M]
+    ignore = ~rows[:, :, None]  # rows with no visible key: output unused (padding queries)
+    plain = ((allowed == in_range) | ignore).all(2).all(1)
+    causal = ((allowed == (in_range & visible)) | ignore).all(2).all(1)
+    contiguous = count == stop - start
+    bad = ~(contiguous & (plain | causal))
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"ftattn: the attention mask of sample {b} is not a key-padding mask (one contiguous range of visible "
+            f"keys, all rows alike or causal): ftattn supports left/right padding, a KV cache and causal masks, not "
+            f"sliding windows, packed sequences or holes; use another attn_implementation for this model"
+        )
+    return _Layout(tuple(start.tolist()), tuple(stop.tolist()), tuple((~plain).tolist()))
+
+
+def _cached_layout(state: _State, mask: torch.Tensor, batch: int, n: int, m: int) -> _Layout:
+    """Every layer of one forward gets the same mask object: decode it once."""
+    cached = state.mask_cache
+    if cached is not None and cached[0] is mask and cached[1] == mask._version and cached[2] == (batch, n, m):
+        return cached[3]
+    layout = _mask_layout(mask, batch, n, m)
+    state.mask_cache = (mask, mask._version, (batch, n, m), layout)
+    return layout
+
+
+# ---------------------------------------------------------------------------
+# fault injection (eager only)
+
+
+def _layer_index(state: _State, module: torch.nn.Module) -> int:
+    layer = getattr(module, "layer_idx", None)
+    if isinstance(layer, int):
+        return layer
+    return state.layer_of.setdefault(id(module), len(state.layer_of))
+
+
+def _resolve(
+    state: _State, f: ScheduledFault, q_shape, layout: Optional[_Layout], causal: bool, m: int
+) -> Tuple[int, int, Fault]:
+    """Draw the coordinates left None; returns (batch, key offset of its call, Fault in model coordinates)."""
+    B, Hq, N, D = q_shape
+    rng = state.rng
+    batch = f.batch if f.batch is not None else rng.randrange(B)
+    if batch >= B:
+        raise ValueError(f"ScheduledFault.batch={batch} is out of range: batch size {B}")
+    start, stop, row_causal = 0, m, causal
+    if layout is not None:
+        start, stop, row_causal = layout.start[batch], layout.stop[batch], layout.causal[batch]
+    mb = stop - start
+    lo_row = max(0, N - mb) if row_causal else 0  # rows that see at least one key
+    row = f.row if f.row is not None else rng.randrange(lo_row, N) if lo_row < N else 0
+    seen = min(mb, row + mb - N + 1) if row_causal else mb
+    col = f.col if f.col is not None else start + rng.randrange(max(seen, 1))
+    head = f.head if f.head is not None else rng.randrange(Hq)
+    dim = f.dim if f.dim is not None else rng.randrange(D)
+    fault = Fault(f.site, batch, head, row, col, dim, bit=f.bit, value=f.value)
+    return batch, start, fault
+
+
+# ---------------------------------------------------------------------------
+# the attention function transformers calls
+
+
+def _unsupported(module, dropout, kwargs, n_keys) -> None:
+    if dropout:
+        raise NotImplementedError(
+            f"ftattn attention is forward-only: dropout={dropout} (the model is in training mode) needs a backward "
+            f"pass that does not exist yet; call model.eval() or use another attn_implementation for training"
+        )
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            f"ftattn does not support logit soft-capping (softcap={kwargs['softcap']}); use attn_implementation='eager'"
+        )
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError("ftattn applies no position bias (T5-style models); use attn_implementation='eager'")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("ftattn does not support attention sinks (s_aux); use attn_implementation='eager'")
+    window = kwargs.get("sliding_window")
+    if window is not None and n_keys > window:
+        raise NotImplementedError(
+            f"ftattn does not support sliding-window attention (window {window} < {n_keys} keys); "
+            f"use attn_implementation='sdpa' for this model or keep sequences within the window"
+        )
+
+
+def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault]) -> torch.Tensor:
+    policy = state.policy
+    if not policy.count:
+        return _ftattn_attention(
+            q, k, v, causal=causal, scale=scale, protection=policy.protection, on_fault=policy.on_fault,
+            fault=fault, backend=policy.backend,
+        )
+    out, report = _ftattn_attention(
+        q, k, v, causal=causal, scale=scale, protection=policy.protection, on_fault=policy.on_fault,
+        fault=fault, backend=policy.backend, return_report=True,
+    )
+    flags = report.flags
+    nonfinite = (flags & int(Check.NONFINITE_INPUT)) != 0
+    failed = ((flags & CHECK_MASK) != 0) & ~nonfinite
+    stats = torch.stack(
+        [
+            torch.ones((), dtype=torch.int64),
+            failed.sum(),
+            ((flags & int(Check.CORRECTED)) != 0).sum(),
+            ((flags & int(Check.UNCORRECTED)) != 0).sum(),
+            ((flags & CHECK_MASK) != 0).logical_and(nonfinite).sum(),
+        ]
+    )
+    state.totals.add_(stats)
+    return out
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, None]:
+    """transformers' attention interface: query [B, Hq, N, D], key/value [B, Hkv, M, D]
+    (Hq a multiple of Hkv), a 4-D bool or additive mask or None; returns ([B, N, Hq, D], None)."""
+    state = getattr(module, _STATE_ATTR, None) or _DEFAULT_STATE
+    B, Hq, N, D = query.shape
+    M = key.shape[2]
+    _unsupported(module, dropout, kwargs, M)
+    if scaling is not None:
+        scaling = float(scaling)
+
+    layout = None
+    if attention_mask is None:
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        causal = bool(is_causal) and N > 1
+        if causal and M > N:
+            # Only a prefill into an empty StaticCache gets here (transformers materialises the mask
+            # otherwise); its keys past N are empty slots, as transformers' sdpa backend assumes.
+            key, value, M = key[:, :, :N], value[:, :, :N], N
+    else:
+        layout = _cached_layout(state, attention_mask, B, N, M)
+        causal = False
+
+    fault_at = None  # (batch, key offset of its call, Fault)
+    if state.plan and not torch.compiler.is_compiling():
+        layer = _layer_index(state, module)
+        step = state.steps.get(layer, 0)
+        state.steps[layer] = step + 1
+        scheduled = state.plan.get((step, layer))
+        if scheduled is not None:
+            fault_at = _resolve(state, scheduled, query.shape, layout, causal, M)
+            state.injected.append({"step": step, "layer": layer, "fault": fault_at[2]})
+
+    if layout is None or (len(set(layout.start)) == 1 and len(set(layout.stop)) == 1 and len(set(layout.causal)) == 1):
+        start, stop = (0, M) if layout is None else (layout.start[0], layout.stop[0])
+        causal = causal if layout is None else layout.causal[0]
+        if stop <= start:
+            out = query.new_zeros(query.shape)
+        else:
+            fault = None
+            if fault_at is not None:
+                fault = dataclasses.replace(fault_at[2], col=fault_at[2].col - start)
+            if (start, stop) != (0, M):
+                key, value = key[:, :, start:stop], value[:, :, start:stop]
+            out = _run(state, query, key, value, causal, scaling, fault)
+    else:
+        # Padded samples see different keys: one call per sample (see the module docstring).
+        outs = []
+        for b in range(B):
+            start, stop = layout.start[b], layout.stop[b]
+            if stop <= start:
+                outs.append(query.new_zeros((1, Hq, N, D)))
+                continue
+            fault = None
+            if fault_at is not None and fault_at[0] == b:
+                fault = dataclasses.replace(fault_at[2], batch=0, col=fault_at[2].col - start)
+            outs.append(
+                _run(state, query[b : b + 1], key[b : b + 1, :, start:stop], value[b : b + 1, :, start:stop],
+                     layout.causal[b], scaling, fault)
+            )
+        out = torch.cat(outs, 0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---------------------------------------------------------------------------
+# registration
+
+
+def register() -> None:
+    """Make ``attn_implementation="ftattn"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is attention_forward:
+        return
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    # Without a mask function transformers passes no mask at all (padding would be lost);
+    # sdpa's is the boolean [B, 1, N, M] mask, None when plain causal / unpadded.
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
