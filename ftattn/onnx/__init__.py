@@ -1,0 +1,14 @@
+"""ONNX generator harness: KV-cache token generation on onnxruntime (issue 5).
+
+``Generator.from_pretrained(folder)`` loads a decoder exported by
+``ftattn.onnx.export`` (optimum layout) or by onnxruntime-genai's model builder
+(GroupQueryAttention layout) with its ``tokenizer.json``; ``generate`` runs
+greedy search or sampling over a batch of prompts. Needs the ``onnx`` extra
+(``pip install 'ftattn[onnx]'``); ``python -m ftattn generate`` is the command.
+"""
+from .generator import Generation, Generator  # noqa: F401
+from .model import ModelSpec, Padding  # noqa: F401
+from .sampling import SamplingConfig  # noqa: F401
+from .export import export  # noqa: F401
+
+__all__ = ["Generator", "Generation", "ModelSpec", "Padding", "SamplingConfig", "export"]

@@ -1,0 +1,110 @@
+"""Export a local Hugging Face causal LM to the decoder layout the generator loads.
+
+The layout is optimum's: inputs ``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_values.{i}.key/value`` (batch, kv_heads, past,
+head_size); outputs ``logits`` and ``present.{i}.key/value`` (batch, kv_heads,
+past + sequence, head_size). A small wrapper turns the flat past tensors into the
+model's cache: with transformers 5 that is ``DynamicCache(config=...)`` filled
+with ``cache.update`` (``from_legacy_cache`` is gone), and the presents are read
+back from ``cache.layers``. The graph comes from ``torch.onnx.export`` (the
+torch.export-based exporter) with batch, sequence and past length dynamic.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "generation_config.json")
+
+
+def _cache_wrapper(model):
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    num_layers = model.config.num_hidden_layers
+
+    class DecoderWithCache(torch.nn.Module):
+        """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.model.config)
+            for layer in range(num_layers):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in range(num_layers):
+                present += [cache.layers[layer].keys, cache.layers[layer].values]
+            return (out.logits, *present)
+
+    return DecoderWithCache()
+
+
+def export(hf_model_dir: str, out_dir: str, opset: int | None = None) -> str:
+    """Export ``hf_model_dir`` (a local transformers causal LM) to ``out_dir``; returns the .onnx path.
+
+    Writes ``model.onnx`` (weights inline below 2 GB, else ``model.onnx.data``),
+    ``config.json`` and the tokenizer files found in ``hf_model_dir``. Only fp32
+    export; the model is traced on CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_model_dir = os.fspath(hf_model_dir)
+    out_dir = os.fspath(out_dir)
+    if not os.path.isfile(os.path.join(hf_model_dir, "config.json")):
+        raise FileNotFoundError(f"{hf_model_dir!r} has no config.json; pass a local Hugging Face model folder "
+                                f"(save_pretrained output)")
+    if not os.path.isfile(os.path.join(hf_model_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"{hf_model_dir!r} has no tokenizer.json; the generator needs a fast tokenizer: "
+                                f"AutoTokenizer.from_pretrained(...).save_pretrained({hf_model_dir!r})")
+    model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    config = model.config
+    num_layers = config.num_hidden_layers
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+
+    # example shapes: all > 1 and distinct, so torch.export specialises none of them
+    batch, sequence, past_length = 2, 3, 4
+    input_ids = torch.randint(0, config.vocab_size, (batch, sequence))
+    attention_mask = torch.ones(batch, past_length + sequence, dtype=torch.int64)
+    position_ids = torch.arange(past_length, past_length + sequence).expand(batch, sequence).contiguous()
+    past = tuple(torch.zeros(batch, num_kv_heads, past_length, head_size) for _ in range(2 * num_layers))
+
+    batch_dim = torch.export.Dim("batch_size")
+    sequence_dim = torch.export.Dim("sequence_length")
+    past_dim = torch.export.Dim("past_sequence_length")
+    total_dim = torch.export.Dim("total_sequence_length")
+    dynamic_shapes = {
+        "input_ids": {0: batch_dim, 1: sequence_dim},
+        "attention_mask": {0: batch_dim, 1: total_dim},
+        "position_ids": {0: batch_dim, 1: sequence_dim},
+        "past": tuple({0: batch_dim, 2: past_dim} for _ in range(2 * num_layers)),
+    }
+    input_names = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "model.onnx")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _cache_wrapper(model), (input_ids, attention_mask, position_ids, *past), None,
+            input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+            dynamo=True, optimize=True, opset_version=opset, verbose=False)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(path, external_data=size >= 2 ** 31)  # protobuf's 2 GB limit
+
+    config.save_pretrained(out_dir)
+    for name in _TOKENIZER_FILES:
+        source = os.path.join(hf_model_dir, name)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(out_dir, name))
+    return path

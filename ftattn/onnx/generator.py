@@ -1,0 +1,405 @@
+"""KV-cache token generation with an ONNX decoder on onnxruntime.
+
+The seed notebook's loop (issue 5) rebuilt the KV dictionary from numpy copies
+every step, softmaxed the whole vocabulary, decoded the whole text every step,
+looked up an EOS token that did not exist and divided max_tokens by the elapsed
+time even when it stopped early. This loop instead:
+
+- keeps the cache in onnxruntime: the present tensors of one step are bound as
+  the next step's past as OrtValues (IO binding), never copied to numpy; for
+  GroupQueryAttention models past and present are one preallocated buffer that
+  GQA updates in place, sized to this request (longest prompt + max_new_tokens),
+  not to the model's context length;
+- writes each decode step's logits into one preallocated array bound as the
+  output, and reads the next input ids from another;
+- picks tokens with an argmax (greedy) or a top-k partition (sampling), see
+  ``sampling.py``;
+- decodes incrementally with the tokenizer's streaming decoder, so a multi-byte
+  character split across tokens is emitted once it is whole;
+- stops each prompt on any EOS id or stop string, and counts decode tokens/s over
+  the tokens actually made.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .model import ModelSpec, Padding, find_decoder, load_spec
+from .sampling import SamplingConfig, apply_repetition_penalty, sample_row
+
+# prompt tokens given to the streaming decoder before the first new token, so that
+# decoders that drop a leading space on the first token (Metaspace) keep it
+_STREAM_PRIMING_TOKENS = 4
+
+
+@dataclass
+class Generation:
+    """What ``Generator.generate`` returns for one prompt.
+
+    ``token_ids`` are the new tokens (an EOS that stopped generation included, as
+    in transformers); ``text`` is their decoded text without special tokens, cut
+    before a stop string. ``finish_reason`` is "eos", "stop" or "length".
+    ``time_to_first_token_s`` runs from the ``generate`` call to this prompt's first
+    token (tokenisation and prefill included); ``decode_tokens_per_s`` counts the
+    tokens after the first over the time after the first (0.0 when only one token
+    was made).
+    """
+
+    token_ids: list[int]
+    text: str
+    prompt_token_ids: list[int]
+    finish_reason: str
+    time_to_first_token_s: float
+    decode_time_s: float
+    decode_tokens_per_s: float
+
+
+@dataclass
+class _Row:
+    """Per-prompt state of a running batch."""
+
+    index: int  # position in the caller's list of prompts
+    prompt: list[int]
+    stream: object  # tokenizers.decoders.DecodeStream
+    tokens: list[int] = field(default_factory=list)
+    emitted: list[str] = field(default_factory=list)
+    pending: str = ""  # decoded text held back because it may begin a stop string
+    finish_reason: str | None = None
+    first_token_time: float = 0.0
+    last_token_time: float = 0.0
+
+
+class Generator:
+    """A decoder session, its tokenizer and the model facts the loop needs.
+
+    Build with ``Generator.from_pretrained(folder)``; see ``generate``.
+    """
+
+    def __init__(self, session, spec: ModelSpec, tokenizer, shared_buffer: bool | None = None):
+        if shared_buffer and not spec.shared_buffer:
+            raise ValueError(
+                f"shared_buffer=True: {spec.folder} does not use GroupQueryAttention, whose past and "
+                f"present can share one buffer; leave shared_buffer=None (automatic) for this model")
+        self.session = session
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.shared_buffer = spec.shared_buffer if shared_buffer is None else bool(shared_buffer)
+        vocab = session.get_outputs()[[o.name for o in session.get_outputs()].index(spec.logits_name)].shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else None
+
+    @classmethod
+    def from_pretrained(cls, path: str, threads: int | None = None, providers: Sequence[str] | None = None,
+                        shared_buffer: bool | None = None) -> "Generator":
+        """Load a model folder (decoder .onnx, tokenizer.json, genai_config.json or config.json).
+
+        threads: intra-op threads (None: onnxruntime's default, one per core);
+        providers: onnxruntime execution providers (None: CPU); shared_buffer: one
+        past/present buffer (None: when the model supports it, i.e. GQA models).
+        """
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        path = os.fspath(path)
+        decoder_path = find_decoder(path)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads={threads!r}: must be an integer >= 1, or None for onnxruntime's default")
+        available = ort.get_available_providers()
+        providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise ValueError(f"providers {missing} are not available in this onnxruntime build; available: "
+                             f"{available}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        session = ort.InferenceSession(decoder_path, sess_options=options, providers=providers)
+        spec = load_spec(path, decoder_path, session)
+        tokenizer = Tokenizer.from_file(spec.tokenizer_path)
+        return cls(session, spec, tokenizer, shared_buffer=shared_buffer)
+
+    # -- prompts ------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the tokenizer config's chat template (as transformers does)."""
+        if self.spec.chat_template is None:
+            raise ValueError(
+                f"{self.spec.folder}: the tokenizer config has no chat_template, so conversations (lists of "
+                f"{{'role', 'content'}} messages) cannot be rendered; pass the prompt as a string")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.spec.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.spec.bos_token or "", eos_token=self.spec.eos_token or "")
+
+    def encode(self, prompt) -> list[int]:
+        """Token ids of one prompt: a string, a conversation (list of message dicts) or token ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt).ids
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            # the template writes the BOS itself, as in transformers' apply_chat_template
+            return self.tokenizer.encode(self.apply_chat_template(prompt), add_special_tokens=False).ids
+        if isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            return [int(t) for t in prompt]
+        raise TypeError(f"prompt {prompt!r:.80}: expected a string, a conversation (a list of "
+                        f"{{'role', 'content'}} dicts) or a list of token ids")
+
+    def _prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict):
+            prompts = [prompts]  # one conversation
+        elif isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer)):
+            prompts = [prompts]  # one prompt as token ids
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts={prompts!r:.80}: give a string or a non-empty list of prompts")
+        encoded = [self.encode(p) for p in prompts]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"prompt {i} encodes to no tokens; give at least one token")
+            if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size}): {min(ids)}..{max(ids)}")
+        return encoded
+
+    # -- generation -----------------------------------------------------------------
+
+    def generate(self, prompts, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: Callable[[int, str], None] | None = None,
+                 eos_token_id: int | Sequence[int] | None = None) -> list[Generation]:
+        """Generate up to ``max_new_tokens`` tokens for each prompt; one ``Generation`` per prompt.
+
+        prompts: a string, a conversation (list of {"role", "content"} dicts, rendered
+        with the chat template), token ids, or a list of these (one batch, padded).
+        do_sample=False is greedy search; True samples with temperature, top_k (0:
+        off) and top_p (1: off) from a numpy generator seeded with ``seed``.
+        repetition_penalty follows transformers. stop: strings that end a prompt's
+        generation (its text is cut before them). stream(index, piece) receives
+        each prompt's text as it is decoded; the pieces join to ``text``.
+        eos_token_id overrides the model's EOS ids.
+        """
+        start = time.perf_counter()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+        max_new_tokens = int(max_new_tokens)
+        config = SamplingConfig(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
+        eos = self.spec.eos_token_ids if eos_token_id is None else (
+            (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id))
+        if stream is not None and not callable(stream):
+            raise TypeError(f"stream={stream!r}: must be a callable stream(index, piece) or None")
+
+        encoded = self._prompts(prompts)
+        for i, ids in enumerate(encoded):
+            if len(ids) + max_new_tokens > self.spec.context_length:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                    f"{len(ids) + max_new_tokens} > the model's context length {self.spec.context_length}; "
+                    f"shorten the prompt or lower max_new_tokens")
+
+        rng = np.random.default_rng(seed)
+        results: list[Generation | None] = [None] * len(encoded)
+        if self.spec.padding is Padding.NONE and len({len(ids) for ids in encoded}) > 1:
+            # without position_ids or GQA, pads would shift the positions: run the prompts one by one
+            groups = [[i] for i in range(len(encoded))]
+        else:
+            groups = [list(range(len(encoded)))]
+        for group in groups:
+            rows = [self._new_row(i, encoded[i]) for i in group]
+            self._run(rows, max_new_tokens, config, stop, stream, set(eos), rng)
+            for row in rows:
+                decode_time = row.last_token_time - row.first_token_time
+                made = len(row.tokens)
+                results[row.index] = Generation(
+                    token_ids=row.tokens,
+                    text="".join(row.emitted),
+                    prompt_token_ids=row.prompt,
+                    finish_reason=row.finish_reason or "length",
+                    time_to_first_token_s=row.first_token_time - start,
+                    decode_time_s=decode_time,
+                    decode_tokens_per_s=(made - 1) / decode_time if made > 1 and decode_time > 0 else 0.0,
+                )
+        return results
+
+    def _new_row(self, index: int, prompt: list[int]) -> _Row:
+        from tokenizers.decoders import DecodeStream
+
+        return _Row(index=index, prompt=prompt,
+                    stream=DecodeStream(ids=prompt[-_STREAM_PRIMING_TOKENS:], skip_special_tokens=True))
+
+    def _accept(self, row: _Row, token: int, now: float, stop: tuple[str, ...], stream, eos: set[int]):
+        """Record one new token of a row: text, stop strings, EOS, streaming."""
+        if not row.tokens:
+            row.first_token_time = now
+        row.last_token_time = now
+        row.tokens.append(token)
+        piece = row.stream.step(self.tokenizer, token)
+        if piece:
+            row.pending += piece
+        if stop and row.pending:
+            # a stop string can only start in the held-back text: earlier text was emitted
+            # only once no stop string could begin in it
+            cut = min((i for i in (row.pending.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                row.pending = row.pending[:cut]
+                row.finish_reason = "stop"
+        if row.finish_reason is None and token in eos:
+            row.finish_reason = "eos"
+        if row.finish_reason is not None:
+            hold = 0
+        else:
+            hold = max((k for s in stop for k in range(min(len(s) - 1, len(row.pending)), 0, -1)
+                        if row.pending.endswith(s[:k])), default=0)
+        ready = row.pending[:len(row.pending) - hold]
+        row.pending = row.pending[len(row.pending) - hold:]
+        if ready:
+            row.emitted.append(ready)
+            if stream is not None:
+                stream(row.index, ready)
+
+    def _flush(self, row: _Row, stream):
+        if row.pending:
+            row.emitted.append(row.pending)
+            if stream is not None:
+                stream(row.index, row.pending)
+            row.pending = ""
+
+    def _run(self, rows: list[_Row], max_new_tokens: int, config: SamplingConfig, stop, stream, eos, rng):
+        """Prefill and decode one batch of rows in place."""
+        import onnxruntime as ort
+
+        spec = self.spec
+        batch = len(rows)
+        lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
+        width = int(lengths.max())
+        capacity = width + max_new_tokens  # KV positions this request can reach
+        right = spec.padding is Padding.RIGHT
+
+        # -- prefill inputs: pads on the right for GQA, on the left otherwise
+        input_ids = np.full((batch, width), spec.pad_token_id, dtype=spec.input_ids_dtype)
+        mask = np.zeros((batch, capacity), dtype=spec.mask_dtype)
+        for b, row in enumerate(rows):
+            if right:
+                input_ids[b, :lengths[b]] = row.prompt
+                mask[b, :lengths[b]] = 1
+            else:
+                input_ids[b, width - lengths[b]:] = row.prompt
+                mask[b, width - lengths[b]:width] = 1
+
+        kv_names_in = [n for pair in zip(spec.past_key_names, spec.past_value_names) for n in pair]
+        kv_names_out = [n for pair in zip(spec.present_key_names, spec.present_value_names) for n in pair]
+        kv_shape = (batch, spec.num_kv_heads, capacity if self.shared_buffer else 0, spec.head_size)
+        # zeroed once per request: GQA reads only positions below each row's length, but
+        # uninitialised memory could hold NaNs that a kernel multiplies by a zero weight
+        kv_arrays = [np.zeros(kv_shape, dtype=spec.kv_dtype) for _ in kv_names_in]
+        past = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv_arrays]
+
+        seen = None
+        if config.repetition_penalty != 1.0:
+            vocab = self.vocab_size or int(self.session.get_outputs()[0].shape[-1])
+            seen = np.zeros((batch, vocab), dtype=bool)
+            for b, row in enumerate(rows):
+                seen[b, row.prompt] = True
+
+        def bind_common(io, ids_value, total: int, step_positions):
+            io.bind_ortvalue_input(spec.input_ids_name, ids_value)
+            if spec.attention_mask_name is not None:
+                if right:  # GQA reads each row's length from the row sum
+                    step_mask = (np.arange(total)[None, :] < (lengths + (total - width))[:, None])
+                    io.bind_cpu_input(spec.attention_mask_name, step_mask.astype(spec.mask_dtype))
+                else:
+                    io.bind_cpu_input(spec.attention_mask_name, np.ascontiguousarray(mask[:, :total]))
+            if spec.position_ids_name is not None:
+                io.bind_cpu_input(spec.position_ids_name, step_positions.astype(spec.input_ids_dtype))
+            for name, value in zip(kv_names_in, past):
+                io.bind_ortvalue_input(name, value)
+
+        # -- prefill
+        io = self.session.io_binding()
+        prefill_positions = np.clip(np.cumsum(mask[:, :width], axis=1) - 1, 0, None)
+        if right:
+            prefill_positions = np.broadcast_to(np.arange(width), (batch, width))
+        bind_common(io, ort.OrtValue.ortvalue_from_numpy(input_ids), width, prefill_positions)
+        io.bind_output(spec.logits_name, "cpu")
+        for name, value in zip(kv_names_out, past):
+            if self.shared_buffer:
+                io.bind_ortvalue_output(name, value)
+            else:
+                io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        prefill_logits = outputs[0].numpy()
+        last = (lengths - 1) if right else np.full(batch, width - 1)
+        logits = prefill_logits[np.arange(batch), last][:, None, :]  # (batch, 1, vocab)
+        if not self.shared_buffer:
+            past = outputs[1:]
+        del io, outputs, prefill_logits
+
+        # -- decode buffers, bound once: ids in, logits out
+        next_ids = np.full((batch, 1), spec.pad_token_id, dtype=spec.input_ids_dtype)
+        next_ids_value = ort.OrtValue.ortvalue_from_numpy(next_ids)
+        step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=spec.logits_dtype)
+        step_logits_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
+        active = np.ones(batch, dtype=bool)
+
+        for step in range(max_new_tokens):
+            scores = logits[:, 0, :]
+            if seen is not None:
+                scores = apply_repetition_penalty(scores.astype(np.float32, copy=True), seen, config.repetition_penalty)
+            if config.do_sample:
+                chosen = [sample_row(scores[b], config, rng) if active[b] else spec.pad_token_id
+                          for b in range(batch)]
+            else:
+                chosen = scores.argmax(axis=-1).tolist()
+            now = time.perf_counter()
+            for b, row in enumerate(rows):
+                if not active[b]:
+                    chosen[b] = spec.pad_token_id
+                    continue
+                self._accept(row, int(chosen[b]), now, stop, stream, eos)
+                if seen is not None:
+                    seen[b, chosen[b]] = True
+                if row.finish_reason is not None:
+                    active[b] = False
+            if not active.any() or step == max_new_tokens - 1:
+                break
+            # -- one decode step: the new token of every row (pads for finished ones)
+            next_ids[:, 0] = chosen
+            total = width + step + 1
+            if not right:
+                mask[:, total - 1] = 1
+            io = self.session.io_binding()
+            bind_common(io, next_ids_value, total, (lengths + step)[:, None])
+            io.bind_ortvalue_output(spec.logits_name, step_logits_value)
+            for name, value in zip(kv_names_out, past):
+                if self.shared_buffer:
+                    io.bind_ortvalue_output(name, value)
+                else:
+                    io.bind_output(name, "cpu")
+            self.session.run_with_iobinding(io)
+            if not self.shared_buffer:
+                past = io.get_outputs()[1:]
+            logits = step_logits
+        for row in rows:
+            self._flush(row, stream)

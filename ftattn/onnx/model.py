@@ -1,0 +1,311 @@
+"""Model folder loading: what the generation loop needs to know about a decoder.
+
+A model folder holds one ONNX decoder (``model.onnx`` or the file named in
+``genai_config.json``), its ``tokenizer.json`` and ``genai_config.json`` (the
+onnxruntime-genai model builder) or ``config.json`` (a Hugging Face / optimum
+export). The input and output names, the KV-cache layout and the element types
+are read from the onnxruntime session; the configs only fill in what a session
+cannot tell (symbolic head size, EOS and pad ids, context length).
+
+Two layouts are supported, both with ``past_key_values.{i}.key/value`` inputs and
+``present.{i}.key/value`` outputs of shape (batch, kv_heads, sequence, head_size):
+
+- GroupQueryAttention models (the builder's): no ``position_ids``; GQA derives
+  each row's position from the attention mask's row sum, so prompts are padded on
+  the right, and past and present can share one preallocated buffer.
+- Models with ``position_ids`` (optimum, ``ftattn.onnx.export``): prompts are
+  padded on the left and positions count only the real tokens, as in
+  transformers' ``generate()``.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# onnx tensor type strings as onnxruntime reports them -> numpy dtypes
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+# optimum and the builder both use these; genai_config.json may override them
+_PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PRESENT_FORMAT = "present.{layer}.{kind}"
+
+
+class Padding(enum.Enum):
+    """Where pad tokens go in a batch of prompts of different lengths."""
+
+    LEFT = "left"  # position_ids models: positions skip the pads
+    RIGHT = "right"  # GroupQueryAttention models: positions come from mask row sums
+    NONE = "none"  # neither: positions would count the pads, so prompts run one by one
+
+
+@dataclass
+class ModelSpec:
+    """Everything the generation loop reads from a model folder."""
+
+    folder: str
+    decoder_path: str
+    tokenizer_path: str
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    # names, in layer order
+    past_key_names: list[str] = field(default_factory=list)
+    past_value_names: list[str] = field(default_factory=list)
+    present_key_names: list[str] = field(default_factory=list)
+    present_value_names: list[str] = field(default_factory=list)
+    input_ids_name: str = "input_ids"
+    attention_mask_name: str | None = "attention_mask"
+    position_ids_name: str | None = None
+    logits_name: str = "logits"
+    # element types
+    kv_dtype: type = np.float32
+    logits_dtype: type = np.float32
+    input_ids_dtype: type = np.int64
+    mask_dtype: type = np.int64
+    group_query_attention: bool = False
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    @property
+    def padding(self) -> Padding:
+        if self.group_query_attention:
+            return Padding.RIGHT
+        if self.position_ids_name is not None:
+            return Padding.LEFT
+        return Padding.NONE
+
+    @property
+    def shared_buffer(self) -> bool:
+        """Past and present can be one preallocated buffer (GQA writes in place)."""
+        return self.group_query_attention
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _as_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def find_decoder(folder: str) -> str:
+    """Path of the folder's ONNX decoder (genai_config.json's name, else model.onnx or the only .onnx)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder!r} is not a folder; pass the folder holding the .onnx decoder, "
+                                f"tokenizer.json and genai_config.json or config.json")
+    genai_path = os.path.join(folder, "genai_config.json")
+    genai = _read_json(genai_path) if os.path.isfile(genai_path) else None
+    if genai is not None:
+        filename = genai.get("model", {}).get("decoder", {}).get("filename")
+        if filename:
+            path = os.path.join(folder, filename)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{folder}: genai_config.json names the decoder {filename!r}, which is not in the "
+                    f"folder; copy it there or fix model.decoder.filename")
+            return path
+    candidates = sorted(f for f in os.listdir(folder) if f.endswith(".onnx"))
+    for preferred in ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx"):
+        if preferred in candidates:
+            return os.path.join(folder, preferred)
+    if len(candidates) == 1:
+        return os.path.join(folder, candidates[0])
+    if not candidates:
+        raise FileNotFoundError(
+            f"{folder}: no .onnx decoder in the folder; export one with ftattn.onnx.export(hf_dir, "
+            f"out_dir) or onnxruntime-genai's builder (python -m onnxruntime_genai.models.builder)")
+    raise FileNotFoundError(
+        f"{folder}: several .onnx files ({', '.join(candidates)}) and none is model.onnx; rename the "
+        f"decoder to model.onnx or name it in genai_config.json (model.decoder.filename)")
+
+
+def _chat_template(folder: str) -> str | None:
+    # transformers 5 writes the template to its own file; older ones into tokenizer_config.json
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as handle:
+            return handle.read()
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        template = _read_json(config_path).get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template
+    return None
+
+
+def _token_string(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised by older transformers
+        return value.get("content")
+    return value
+
+
+def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
+    """Read a model folder's configs and the session's inputs/outputs into a ModelSpec.
+
+    ``session`` is an ``onnxruntime.InferenceSession`` on ``decoder_path``.
+    """
+    genai_path = os.path.join(folder, "genai_config.json")
+    config_path = os.path.join(folder, "config.json")
+    genai = _read_json(genai_path) if os.path.isfile(genai_path) else None
+    config = _read_json(config_path) if os.path.isfile(config_path) else None
+    if genai is None and config is None:
+        raise FileNotFoundError(
+            f"{folder}: neither genai_config.json nor config.json; the generator needs one for head "
+            f"sizes and EOS ids (ftattn.onnx.export and the genai builder both write one)")
+
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+
+    decoder_cfg = (genai or {}).get("model", {}).get("decoder", {})
+    in_names = decoder_cfg.get("inputs", {})
+    out_names = decoder_cfg.get("outputs", {})
+    input_ids_name = in_names.get("input_ids", "input_ids")
+    mask_name = in_names.get("attention_mask", "attention_mask")
+    position_name = in_names.get("position_ids", "position_ids")
+    logits_name = out_names.get("logits", "logits")
+    for needed, where, kind in ((input_ids_name, inputs, "input"), (logits_name, outputs, "output")):
+        if needed not in where:
+            raise ValueError(
+                f"{folder}: the decoder has no {kind} {needed!r} (it has {sorted(where)}); the generator "
+                f"supports decoders with input_ids -> logits and a KV cache (optimum or genai layout)")
+
+    # KV names: genai_config's formats when given, else the optimum pattern
+    past_layers: dict[int, dict[str, str]] = {}
+    key_format = in_names.get("past_key_names")
+    value_format = in_names.get("past_value_names")
+    for name in inputs:
+        match = _PAST_PATTERN.match(name)
+        if match:
+            past_layers.setdefault(int(match.group(1)), {})[match.group(2)] = name
+    if key_format and value_format:
+        past_layers = {}
+        layer = 0
+        while key_format % layer in inputs and value_format % layer in inputs:
+            past_layers[layer] = {"key": key_format % layer, "value": value_format % layer}
+            layer += 1
+    if not past_layers:
+        raise ValueError(
+            f"{folder}: the decoder has no KV-cache inputs (past_key_values.{{i}}.key/value); its inputs "
+            f"are {sorted(inputs)}. Export it with the cache (ftattn.onnx.export, optimum's "
+            f"'text-generation-with-past' task or the genai builder)")
+    num_layers = len(past_layers)
+    if sorted(past_layers) != list(range(num_layers)) or any(len(v) != 2 for v in past_layers.values()):
+        raise ValueError(f"{folder}: KV-cache inputs are incomplete: {past_layers}; every layer needs a key "
+                         f"and a value input")
+    present_key_format = out_names.get("present_key_names")
+    present_value_format = out_names.get("present_value_names")
+    present_keys, present_values = [], []
+    for layer in range(num_layers):
+        key = present_key_format % layer if present_key_format else _PRESENT_FORMAT.format(layer=layer, kind="key")
+        value = (present_value_format % layer if present_value_format
+                 else _PRESENT_FORMAT.format(layer=layer, kind="value"))
+        for name in (key, value):
+            if name not in outputs:
+                raise ValueError(f"{folder}: the decoder has no output {name!r} for layer {layer}'s KV "
+                                 f"cache (outputs: {sorted(outputs)})")
+        present_keys.append(key)
+        present_values.append(value)
+
+    # head counts: the session's shape when it is a number, else the config
+    past_shape = inputs[past_layers[0]["key"]].shape
+    model_cfg = (genai or {}).get("model", {})
+    cfg_kv_heads = decoder_cfg.get("num_key_value_heads") or (config or {}).get("num_key_value_heads") \
+        or (config or {}).get("num_attention_heads")
+    cfg_heads = decoder_cfg.get("num_attention_heads") or (config or {}).get("num_attention_heads")
+    cfg_head_size = decoder_cfg.get("head_size") or (config or {}).get("head_dim")
+    if not cfg_head_size and config and cfg_heads:
+        cfg_head_size = config["hidden_size"] // cfg_heads
+    num_kv_heads = past_shape[1] if isinstance(past_shape[1], int) else cfg_kv_heads
+    head_size = past_shape[3] if isinstance(past_shape[3], int) else cfg_head_size
+    if not num_kv_heads or not head_size:
+        raise ValueError(f"{folder}: cannot tell the KV heads / head size: the session's past shape is "
+                         f"{past_shape} and the configs do not give num_key_value_heads / head_size")
+
+    context_length = model_cfg.get("context_length") or (config or {}).get("max_position_embeddings")
+    if not context_length:
+        raise ValueError(f"{folder}: no context length (genai_config model.context_length or config.json "
+                         f"max_position_embeddings); add one to the config")
+
+    eos = _as_ids(model_cfg.get("eos_token_id")) if genai else ()
+    generation_path = os.path.join(folder, "generation_config.json")
+    if not eos and os.path.isfile(generation_path):
+        eos = _as_ids(_read_json(generation_path).get("eos_token_id"))
+    if not eos and config:
+        eos = _as_ids(config.get("eos_token_id"))
+    pad = model_cfg.get("pad_token_id") if genai else None
+    if pad is None and config:
+        pad = config.get("pad_token_id")
+    if pad is None:
+        pad = eos[0] if eos else 0
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+
+    tokenizer_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer.json; save the model's fast tokenizer there "
+            f"(AutoTokenizer.from_pretrained(hf_dir).save_pretrained(folder))")
+    tokenizer_config_path = os.path.join(folder, "tokenizer_config.json")
+    tokenizer_config = _read_json(tokenizer_config_path) if os.path.isfile(tokenizer_config_path) else {}
+
+    group_query_attention = _uses_group_query_attention(decoder_path)
+    return ModelSpec(
+        folder=folder,
+        decoder_path=decoder_path,
+        tokenizer_path=tokenizer_path,
+        num_layers=num_layers,
+        num_kv_heads=int(num_kv_heads),
+        head_size=int(head_size),
+        context_length=int(context_length),
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+        past_key_names=[past_layers[i]["key"] for i in range(num_layers)],
+        past_value_names=[past_layers[i]["value"] for i in range(num_layers)],
+        present_key_names=present_keys,
+        present_value_names=present_values,
+        input_ids_name=input_ids_name,
+        attention_mask_name=mask_name if mask_name in inputs else None,
+        position_ids_name=position_name if position_name in inputs else None,
+        logits_name=logits_name,
+        kv_dtype=_ORT_TO_NUMPY[inputs[past_layers[0]["key"]].type],
+        logits_dtype=_ORT_TO_NUMPY[outputs[logits_name].type],
+        input_ids_dtype=_ORT_TO_NUMPY[inputs[input_ids_name].type],
+        mask_dtype=_ORT_TO_NUMPY[inputs[mask_name].type] if mask_name in inputs else np.int64,
+        group_query_attention=group_query_attention,
+        chat_template=_chat_template(folder),
+        bos_token=_token_string(tokenizer_config.get("bos_token")),
+        eos_token=_token_string(tokenizer_config.get("eos_token")),
+    )
+
+
+def _uses_group_query_attention(decoder_path: str) -> bool:
+    """Whether the decoder's attention is com.microsoft GroupQueryAttention.
+
+    Reads the graph without its external weights (a few kB for the builder's models).
+    """
+    import onnx
+
+    model = onnx.load(decoder_path, load_external_data=False)
+    return any(node.op_type == "GroupQueryAttention" for node in model.graph.node)

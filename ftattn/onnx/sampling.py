@@ -1,0 +1,84 @@
+"""Next-token choice from one step's logits, in numpy, following transformers' order.
+
+transformers applies the repetition penalty (a logits processor) before the
+warpers temperature -> top-k -> top-p, and so does this module, so greedy search
+with a penalty gives the same tokens as ``model.generate(repetition_penalty=...)``.
+
+The seed notebook softmaxed the whole vocabulary every step; here greedy search
+is an argmax (no softmax at all) and sampling with top-k softmaxes only the k
+candidates (``np.argpartition`` is O(vocab), the sort O(k log k)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingConfig:
+    """How ``Generator.generate`` picks each token; validated on construction."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 turns top-k filtering off)")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
+                raise TypeError(f"{name}={value!r}: must be a finite number")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature!r}: sampling needs temperature > 0; use "
+                             f"do_sample=False for greedy search")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]; 1 turns nucleus filtering off")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1 is no penalty, "
+                             f"> 1 discourages repeats)")
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)):
+            raise TypeError(f"seed={self.seed!r}: must be an int or None")
+
+
+def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor on every token in ``seen``.
+
+    scores: (batch, vocab) float32, modified in place; seen: (batch, vocab) bool,
+    the tokens of the prompt and of what was generated so far.
+    """
+    chosen = scores[seen]
+    scores[seen] = np.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return scores
+
+
+def sample_row(scores: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
+    """One token from one row of (already penalised) logits: temperature, top-k, top-p, draw.
+
+    scores: (vocab,) float32. Filtering matches transformers' warpers: top-k keeps
+    the k largest (ties at the k-th value kept), top-p drops the tokens whose
+    cumulative probability from the least likely up is <= 1 - top_p.
+    """
+    scores = scores.astype(np.float64) / config.temperature
+    if 0 < config.top_k < scores.shape[0]:
+        candidates = np.argpartition(scores, -config.top_k)[-config.top_k:]
+        kth = scores[candidates].min()
+        candidates = np.flatnonzero(scores >= kth)  # ties with the k-th are kept, as in transformers
+    else:
+        candidates = np.arange(scores.shape[0])
+    values = scores[candidates]
+    if config.top_p < 1.0:
+        order = np.argsort(values, kind="stable")  # ascending, as transformers sorts
+        probs = np.exp(values[order] - values[order[-1]])
+        probs /= probs.sum()
+        remove = np.cumsum(probs) <= 1.0 - config.top_p
+        remove[-1] = False  # min_tokens_to_keep = 1
+        keep = order[~remove]
+        candidates, values = candidates[keep], values[keep]
+    probs = np.exp(values - values.max())
+    probs /= probs.sum()
+    return int(candidates[rng.choice(probs.shape[0], p=probs)])
