@@ -56,12 +56,13 @@ def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: floa
     return scores
 
 
-def sample_row(scores: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
-    """One token from one row of (already penalised) logits: temperature, top-k, top-p, draw.
+def candidate_distribution(scores: np.ndarray, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens sampling may pick from one row of logits, and their probabilities.
 
-    scores: (vocab,) float32. Filtering matches transformers' warpers: top-k keeps
+    scores: (vocab,) logits, already penalised. Returns (token ids, probabilities)
+    after temperature, top-k and top-p, matching transformers' warpers: top-k keeps
     the k largest (ties at the k-th value kept), top-p drops the tokens whose
-    cumulative probability from the least likely up is <= 1 - top_p.
+    cumulative probability from the least likely up is <= 1 - top_p, keeping one.
     """
     scores = scores.astype(np.float64) / config.temperature
     if 0 < config.top_k < scores.shape[0]:
@@ -80,5 +81,10 @@ def sample_row(scores: np.ndarray, config: SamplingConfig, rng: np.random.Genera
         keep = order[~remove]
         candidates, values = candidates[keep], values[keep]
     probs = np.exp(values - values.max())
-    probs /= probs.sum()
+    return candidates, probs / probs.sum()
+
+
+def sample_row(scores: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
+    """One token drawn from ``candidate_distribution(scores, config)`` with ``rng``."""
+    candidates, probs = candidate_distribution(scores, config)
     return int(candidates[rng.choice(probs.shape[0], p=probs)])
