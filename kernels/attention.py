@@ -1,0 +1,736 @@
+"""
+Fault-tolerant fused attention (Triton)
+=======================================
+
+Algorithm: the flash-attention 2 forward pass (Dao 2023, arXiv 2307.08691; the
+Triton tutorial python/tutorials/06-fused-attention.py is the model): one program
+per (BLOCK_M query rows, batch x query head), an online softmax over BLOCK_N-key
+tiles in fp32, exp2 with log2(e) folded into the scale, the causal range split into
+an unmasked off-band loop and a masked diagonal / boundary loop. Extra memory is
+O(B * H * N): the flags, never an N x M score matrix.
+
+Fault tolerance (../shared/FAULT_MODEL.md, in the spirit of EFTA, arXiv
+2504.02211), all on fp32 values the kernel actually uses, before any down-cast,
+with thresholds that scale with the data like the C++ kernel (csrc/attention_cpu.cpp,
+the semantic reference for every check and injection point):
+  PROTECTION >= 1 ("abft"), per KV tile:
+    row checksum     sum_j S_ij  vs q_i . sum_j k_j          (kappa u sqrt(depth) |q_i| . sum_j |k_j|)
+    column checksum  sum_i S_ij  vs (sum_i q_i) . k_j, per 64-row report block
+    PV checksum      c_i <- alpha_i c_i + sum_j p_ij vsum_j with the same alpha and the
+                     same rounded p as the accumulator, vs sum_d acc_id at the end
+    invariants       m == max(m_old, rowmax), m finite, max p == 1 or alpha == 1,
+                     0 <= p <= 1, l vs an independent accumulation (of the rounded p
+                     that feeds PV), 1 <= l <= #visible keys, and the final
+                     normalisation sum_d O_id vs (sum_d acc_id) / l in fp64.
+  PROTECTION == 2 ("full"): a redundant softmax p2 = exp(s - m) in natural units by a
+    Cody-Waite + minimax polynomial on the FMA pipes, against p = exp2(...) on the
+    special-function unit: two formulations the compiler cannot merge, compared
+    within the error bound of both (a few ulp plus the argument roundings).
+A program ORs its failed checks into flags[B, Hq, ceil(N / 64)] (REPORT_BLOCK_M of
+ftattn/faults.py; BLOCK_M is 64 or 128, so a program owns whole report blocks).
+
+Correction: a second launch of the same block code (`_attn_replay`, same
+BLOCK_M / BLOCK_N / warps as the first pass, so the recomputation is bit for bit the
+clean result) visits every program, returns at once unless one of its report blocks
+is flagged, classifies NaN/Inf in that block's q rows and visible k/v keys as
+NONFINITE_INPUT (bad input, never corrected, as in C++), and otherwise recomputes
+the block and sets CORRECTED / UNCORRECTED. No host synchronisation: the launcher
+never reads the flags, so the op stays capturable (CUDA graphs, torch.compile).
+
+Fault injection (testing, campaigns): constexpr INJECT; the fault is one fp32 value
+of S, P~, m, l, acc or O, hit after its update in the KV tile holding `col`, by an
+XOR mask (bit flip) or a replacement value. INJECT=False compiles every site out.
+
+Limits: head_dim 1..256 (padded to the next power of two >= 16 inside the kernel,
+loads masked); any N, M (causal: key j visible to query i iff j <= i + M - N,
+bottom-right aligned; a row with no visible key returns zeros); GQA with Hq a
+multiple of Hkv; float16 / bfloat16 (tensor-core products, fp32 accumulation) and
+float32 (IEEE fp32 products, never tf32: the checksum thresholds assume u = 2^-24);
+forward only. Plain pointer loads (cp.async pipelined by num_stages): Hopper
+tensor descriptors (TMA) are not used yet; see the note at the configs. The
+checksum products run on CUDA cores in fp32 (see the note at `_attn_fwd_inner`).
+
+On CPU tensors the same kernels run under the Triton interpreter
+(TRITON_INTERPRET=1; small shapes only) with a fixed configuration.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_fwd", "REPORT_BLOCK_M"]
+
+REPORT_BLOCK_M = 64  # rows of q per flag: ftattn/faults.py
+BLOCK_REPORT = tl.constexpr(REPORT_BLOCK_M)  # the same, inside kernels
+
+# Check bits: ftattn/faults.py (Check) and csrc/attention_cpu.cpp (CheckBit).
+ROW_CHECKSUM = tl.constexpr(1 << 0)
+COL_CHECKSUM = tl.constexpr(1 << 1)
+PV_CHECKSUM = tl.constexpr(1 << 2)
+SOFTMAX_DMR = tl.constexpr(1 << 3)
+ROWMAX_INVARIANT = tl.constexpr(1 << 4)
+ROWSUM_INVARIANT = tl.constexpr(1 << 5)
+OUTPUT_CHECK = tl.constexpr(1 << 6)
+PROBS_RANGE = tl.constexpr(1 << 7)
+CHECK_MASK = tl.constexpr(0xFF)
+NONFINITE_INPUT = tl.constexpr(1 << 24)
+CORRECTED = tl.constexpr(1 << 25)
+UNCORRECTED = tl.constexpr(1 << 26)
+
+# Fault sites: ftattn/faults.py (Site).
+SITE_SCORES = tl.constexpr(0)
+SITE_PROBS = tl.constexpr(1)
+SITE_ROWMAX = tl.constexpr(2)
+SITE_ROWSUM = tl.constexpr(3)
+SITE_ACC = tl.constexpr(4)
+SITE_OUTPUT = tl.constexpr(5)
+
+LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+U32 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, unit roundoff of fp32
+# Statistical thresholds: kappa standard deviations of the rounding noise, as the
+# C++ kernel (kappa = 8 left no alarm over its clean-run grid). The depth under the
+# square root counts the fp32 roundings on both sides of each comparison.
+KAPPA = tl.constexpr(8.0)
+
+
+# ---------------------------------------------------------------------------
+# element-wise helpers
+
+
+@triton.jit
+def _exp_poly(x):
+    """exp(x) for x <= ~0 without the special-function unit: Cody-Waite reduction by
+    ln 2 and the Cephes expf minimax polynomial (about 1 ulp), 0 below -87.3 (and for
+    -inf / NaN). The independent formulation of the redundant softmax."""
+    ok = x > -87.3
+    xc = tl.where(ok, x, -87.3)
+    n = (xc * 1.4426950408889634 + 12582912.0) - 12582912.0  # round to nearest: 1.5 * 2^23 trick
+    r = xc - n * 0.693359375  # ln 2, high part (exact product)
+    r = r + n * 2.12194440e-4  # ln 2, low part
+    z = r * r
+    p = 1.9875691500e-4
+    p = p * r + 1.3981999507e-3
+    p = p * r + 8.3334519073e-3
+    p = p * r + 4.1665795894e-2
+    p = p * r + 1.6666665459e-1
+    p = p * r + 5.0000001201e-1
+    p = p * z + r + 1.0
+    e = n.to(tl.int32) + 127
+    e = tl.maximum(e, 1)
+    two_n = (e << 23).to(tl.float32, bitcast=True)
+    return tl.where(ok, p * two_n, 0.0)
+
+
+@triton.jit
+def _corrupt(x, f_xor, f_use_value, f_value):
+    """The fault: flip bits `f_xor` of the fp32 encoding, or replace by `f_value`."""
+    flipped = (x.to(tl.int32, bitcast=True) ^ f_xor).to(tl.float32, bitcast=True)
+    return tl.where(f_use_value != 0, f_value, flipped)
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _finite(x):
+    return tl.abs(x) < float("inf")  # False for NaN and +-Inf
+
+
+@triton.jit
+def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, HEAD_DIM_PAD] tile; masked only where the shapes need it."""
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# inner loop: one stage (off-band or masked) over key tiles [lo, hi)
+#
+# The checksum products (q_i . sum_j k_j, (sum_i q_i) . k_j, sum_j p_ij vsum_j) run on
+# CUDA cores in fp32. The tensor-core alternative (a [D, 16] or [BLOCK_N, 16] checksum
+# operand beside K or V) needs its operand in fp16/bf16: a sum of 128 fp16 keys can
+# overflow fp16, and the fp32 checksum needs a hi/lo split (3 terms for bf16) to keep
+# the thresholds at u = 2^-24; tf32x3 keeps fp32 range but costs three passes. Which is
+# cheaper on the H200 is for benchmarks/ to measure (not measurable in this session).
+
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
+                    q, qf, qabs, qsum0, qabs0, qsum1, qabs1,  #
+                    k_base, v_base,  #
+                    stride_kn, stride_kd, stride_vn, stride_vd,  #
+                    offs_m, offs_d, d_ok, rep, lo, hi, M, shift, sm_scale, qk_scale,  #
+                    f_here, f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+                    NUM_REPORT: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,  #
+                    PROTECTION: tl.constexpr, INJECT: tl.constexpr, EVEN_D: tl.constexpr,  #
+                    DOT_F32: tl.constexpr, LOW_PRECISION_P: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    # fp32 roundings on both sides of the S checksums: the D-term products, the sums over
+    # the tile (row) or the 64-row report block (column), and the reference dot products.
+    row_tol = tl.sqrt(tl.full([], 2.0 * (HEAD_DIM + BLOCK_N), tl.float32)) * (KAPPA * U32)
+    col_tol = tl.sqrt(tl.full([], 2.0 * (HEAD_DIM + BLOCK_REPORT), tl.float32)) * (KAPPA * U32)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        key_ok = cols < M
+        # -- S = Q K^T, fp32 accumulation ----
+        k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, key_ok, d_ok,
+                       MASKED, EVEN_D)
+        if DOT_F32:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        if INJECT:
+            in_tile = f_here & (f_col >= start_n) & (f_col < start_n + BLOCK_N)
+            hit_row = in_tile & (offs_m == f_row)
+            hit = hit_row[:, None] & (cols[None, :] == f_col)
+            qk = tl.where(hit & (f_site == SITE_SCORES), _corrupt(qk, f_xor, f_use_value, f_value), qk)
+        # -- ABFT on S: row and column checksums of the raw tile (masked keys included) ----
+        if PROTECTION >= 1:
+            kf = k.to(tl.float32)
+            kfabs = tl.abs(kf)
+            ksum = tl.sum(kf, 0)
+            kabs = tl.sum(kfabs, 0)
+            row_ref = tl.sum(qf * ksum[None, :], 1)
+            row_mag = tl.sum(qabs * kabs[None, :], 1)
+            row_fail = ~(tl.abs(tl.sum(qk, 1) - row_ref) <= row_tol * row_mag)
+            bad = bad | tl.where(row_fail, ROW_CHECKSUM, 0)
+            col_sum0 = tl.sum(tl.where((rep == 0)[:, None], qk, 0.0), 0)
+            col_ref0 = tl.sum(kf * qsum0[None, :], 1)
+            col_mag0 = tl.sum(kfabs * qabs0[None, :], 1)
+            col_fail0 = tl.max((~(tl.abs(col_sum0 - col_ref0) <= col_tol * col_mag0)).to(tl.int32), 0)
+            bad = bad | tl.where((rep == 0) & (col_fail0 != 0), COL_CHECKSUM, 0)
+            if NUM_REPORT == 2:
+                col_sum1 = tl.sum(tl.where((rep == 1)[:, None], qk, 0.0), 0)
+                col_ref1 = tl.sum(kf * qsum1[None, :], 1)
+                col_mag1 = tl.sum(kfabs * qabs1[None, :], 1)
+                col_fail1 = tl.max((~(tl.abs(col_sum1 - col_ref1) <= col_tol * col_mag1)).to(tl.int32), 0)
+                bad = bad | tl.where((rep == 1) & (col_fail1 != 0), COL_CHECKSUM, 0)
+        # -- online softmax in log2 units: m, p = 2^(s - m), alpha = 2^(m_old - m) ----
+        s2 = qk * qk_scale
+        if MASKED:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+            s2 = tl.where(visible, s2, float("-inf"))
+        m_tile = tl.max(s2, 1)
+        m_new = tl.maximum(m_i, m_tile)
+        if INJECT:
+            m_new = tl.where(hit_row & (f_site == SITE_ROWMAX), _corrupt(m_new, f_xor, f_use_value, f_value), m_new)
+        dead = m_new == float("-inf")  # no visible key yet: the row adds nothing
+        m_sub = tl.where(dead, 0.0, m_new)
+        p = tl.math.exp2(s2 - m_sub[:, None])
+        alpha = tl.where(dead, 1.0, tl.math.exp2(m_i - m_sub))
+        if INJECT:
+            p = tl.where(hit & (f_site == SITE_PROBS), _corrupt(p, f_xor, f_use_value, f_value), p)
+        # the probabilities that feed PV, rounded once; the PV checksum and l2 use these
+        if LOW_PRECISION_P:
+            p_lp = p.to(v_base.dtype.element_ty)
+        else:
+            p_lp = p
+        l_new = alpha * l_i + tl.sum(p, 1)
+        if INJECT:
+            l_new = tl.where(hit_row & (f_site == SITE_ROWSUM), _corrupt(l_new, f_xor, f_use_value, f_value), l_new)
+        v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, key_ok, d_ok,
+                       MASKED, EVEN_D)
+        if PROTECTION >= 1:
+            # -- invariants on m and p ----
+            bad_m = (m_new != tl.maximum(m_i, m_tile)) | ~((m_new == float("-inf")) | _finite(m_new))
+            p_max = tl.max(p, 1)
+            bad_m = bad_m | (~dead & ~((alpha == 1.0) | (p_max == 1.0))) | ~((alpha >= 0.0) & (alpha <= 1.0))
+            bad = bad | tl.where(bad_m, ROWMAX_INVARIANT, 0)
+            bad_p = ~((p >= 0.0) & (p <= 1.0)) | (dead[:, None] & (p != 0.0))
+            bad = bad | tl.where(tl.max(bad_p.to(tl.int32), 1) != 0, PROBS_RANGE, 0)
+            if PROTECTION >= 2:
+                # -- redundant softmax: natural units, polynomial exp on the FMA pipes ----
+                s_nat = qk * sm_scale
+                m_nat = m_sub * LN2
+                x = s_nat - m_nat[:, None]
+                p2 = _exp_poly(x)
+                if MASKED:
+                    p2 = tl.where(visible, p2, 0.0)
+                # argument roundings ~u(|s| + |m| + |s - m|) in both paths, ~2 ulp per exponential
+                err = tl.abs(s_nat) + tl.abs(m_nat)[:, None] + tl.abs(x)
+                tol = (32.0 + 4.0 * err) * U32 * tl.maximum(p, p2) + 1e-30
+                bad_dmr = ~(tl.abs(p - p2) <= tol)
+                bad_dmr = (tl.max(bad_dmr.to(tl.int32), 1) != 0) & ~dead
+                bad = bad | tl.where(bad_dmr, SOFTMAX_DMR, 0)
+            # -- independent bookkeeping of l and of the PV checksum, same alpha and rounded p ----
+            pf = p_lp.to(tl.float32)
+            vf = v.to(tl.float32)
+            vsum = tl.sum(vf, 1)
+            vabs = tl.sum(tl.abs(vf), 1)
+            l2_i = alpha * l2_i + tl.sum(pf, 1)
+            c_i = alpha * c_i + tl.sum(pf * vsum[None, :], 1)
+            bv_i = alpha * bv_i + tl.sum(pf * vabs[None, :], 1)
+        # -- acc = alpha acc + P V ----
+        acc = acc * alpha[:, None]
+        if DOT_F32:
+            acc = tl.dot(p_lp.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p_lp, v, acc)
+        if INJECT:
+            hit_acc = hit_row[:, None] & (offs_d[None, :] == f_dim) & (f_site == SITE_ACC)
+            acc = tl.where(hit_acc, _corrupt(acc, f_xor, f_use_value, f_value), acc)
+        m_i = m_new
+        l_i = l_new
+    return acc, m_i, l_i, l2_i, c_i, bv_i, bad
+
+
+# ---------------------------------------------------------------------------
+# one program's block of query rows through every visible key tile
+
+
+@triton.jit
+def _attn_block(Q, K, V, q_base, k_base, v_base,  #
+                stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,  #
+                start_m, N, M, sm_scale,  #
+                f_here, f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  #
+                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PROTECTION: tl.constexpr,  #
+                INJECT: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
+    """Returns (O tile in fp32 [BLOCK_M, HEAD_DIM_PAD], failed-check bits per row)."""
+    NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    IS_FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
+    # fp32 inputs: IEEE fp32 products (never tf32). EMULATE_BF16_DOT: the interpreter's
+    # tl.dot multiplies raw bfloat16 bits, so there the (exact) fp32 upcast stands in.
+    DOT_F32: tl.constexpr = IS_FP32 or EMULATE_BF16_DOT
+    r0 = start_m * BLOCK_M
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rep = tl.arange(0, BLOCK_M) // BLOCK_REPORT
+    row_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+    shift = M - N  # bottom-right causal alignment: key j visible to query i iff j <= i + shift
+    qk_scale = sm_scale * LOG2E
+    q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, row_ok, d_ok, True, EVEN_D)
+    qf = q.to(tl.float32)
+    qabs = tl.abs(qf)
+    qsum0 = tl.sum(tl.where((rep == 0)[:, None], qf, 0.0), 0)
+    qabs0 = tl.sum(tl.where((rep == 0)[:, None], qabs, 0.0), 0)
+    if NUM_REPORT == 2:
+        qsum1 = tl.sum(tl.where((rep == 1)[:, None], qf, 0.0), 0)
+        qabs1 = tl.sum(tl.where((rep == 1)[:, None], qabs, 0.0), 0)
+    else:
+        qsum1 = qsum0
+        qabs1 = qabs0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l2_i = tl.zeros([BLOCK_M], tl.float32)
+    c_i = tl.zeros([BLOCK_M], tl.float32)
+    bv_i = tl.zeros([BLOCK_M], tl.float32)
+    bad = tl.zeros([BLOCK_M], tl.int32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # key ranges: [0, full_end) is visible to every row of the block and inside M (no
+    # mask); [full_end, kv_end) is the causal diagonal and/or the ragged end of M.
+    if CAUSAL:
+        r_last = tl.minimum(N, r0 + BLOCK_M) - 1
+        kv_end = tl.minimum(tl.maximum(r_last + shift + 1, 0), M)
+        full_end = tl.minimum(tl.maximum(r0 + shift + 1, 0), M)
+    else:
+        kv_end = M
+        full_end = M
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    kv_end = tl.maximum(kv_end, full_end)
+    # stage 1: off-band, unmasked
+    acc, m_i, l_i, l2_i, c_i, bv_i, bad = _attn_fwd_inner(
+        acc, m_i, l_i, l2_i, c_i, bv_i, bad, q, qf, qabs, qsum0, qabs0, qsum1, qabs1, k_base, v_base,  #
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok, rep, 0, full_end, M, shift, sm_scale,
+        qk_scale, f_here, f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, False, PROTECTION, INJECT, EVEN_D, DOT_F32,
+        not IS_FP32)
+    # stage 2: the diagonal band and the boundary tile, masked
+    acc, m_i, l_i, l2_i, c_i, bv_i, bad = _attn_fwd_inner(
+        acc, m_i, l_i, l2_i, c_i, bv_i, bad, q, qf, qabs, qsum0, qabs0, qsum1, qabs1, k_base, v_base,  #
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok, rep, full_end, kv_end, M, shift,
+        sm_scale, qk_scale, f_here, f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, True, PROTECTION, INJECT, EVEN_D, DOT_F32,
+        not IS_FP32)
+
+    # -- epilogue: final normalisation; rows with no visible key are zeros by definition ----
+    if CAUSAL:
+        n_visible = tl.minimum(tl.maximum(offs_m + shift + 1, 0), M)
+    else:
+        n_visible = tl.zeros([BLOCK_M], tl.int32) + M
+    live = n_visible > 0
+    out = acc / tl.where(live, l_i, 1.0)[:, None]
+    out = tl.where(live[:, None], out, 0.0)
+    if INJECT:
+        hit_out = f_here & (f_site == SITE_OUTPUT) & (offs_m[:, None] == f_row) & (offs_d[None, :] == f_dim)
+        out = tl.where(hit_out, _corrupt(out, f_xor, f_use_value, f_value), out)
+    if PROTECTION >= 1:
+        ntiles = tl.cdiv(kv_end, BLOCK_N)
+        # l (fp32 p) vs l2 (fp32 sum of the rounded p): apart by the rounding of p to the
+        # PV dtype plus the fp32 roundings of both sums; fp16 subnormal p add 2^-25 each.
+        if not IS_FP32:
+            if V.dtype.element_ty == tl.float16:
+                p_round = 4.8828125e-04  # 2^-11
+                p_abs = 2.9802322387695312e-08  # 2^-25
+            else:
+                p_round = 3.90625e-03  # 2^-8, bfloat16
+                p_abs = 0.0
+        else:
+            p_round = 0.0
+            p_abs = 0.0
+        tol_l = p_round + (2.0 * (BLOCK_N + 2 * ntiles) + 8.0) * U32
+        vis_f = n_visible.to(tl.float32)
+        bad_l = ~(tl.abs(l_i - l2_i) <= l2_i * tol_l + vis_f * p_abs)
+        bad_l = bad_l | ~((l2_i >= 1.0 - tol_l) & (l2_i <= vis_f * (1.0 + tol_l) + vis_f * p_abs))
+        bad = bad | tl.where(live & bad_l, ROWSUM_INVARIANT, 0)
+        acc_sum = tl.sum(acc.to(tl.float64), 1)
+        depth_pv = tl.sqrt(tl.full([], 2.0 * BLOCK_N + HEAD_DIM, tl.float32) + 4.0 * ntiles)
+        bad_pv = ~(tl.abs(acc_sum - c_i.to(tl.float64)) <= (bv_i * depth_pv * (KAPPA * U32)).to(tl.float64))
+        bad = bad | tl.where(live & bad_pv, PV_CHECKSUM, 0)
+        # each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
+        out64 = out.to(tl.float64)
+        o_sum = tl.sum(out64, 1)
+        o_abs = tl.sum(tl.abs(out64), 1)
+        o_ref = acc_sum / l_i.to(tl.float64)
+        bad_o = ~(tl.abs(o_sum - o_ref) <= o_abs * (4.0 * U32))
+        bad_zero = tl.max((out != 0.0).to(tl.int32), 1) != 0
+        bad_o = tl.where(live, bad_o, bad_zero)
+        bad = bad | tl.where(bad_o, OUTPUT_CHECK, 0)
+    bad = tl.where(row_ok, bad, 0)
+    return out, bad
+
+
+@triton.jit
+def _report_bits(bad, r: tl.constexpr, BLOCK_M: tl.constexpr):
+    rep = tl.arange(0, BLOCK_M) // BLOCK_REPORT
+    return tl.reduce(tl.where(rep == r, bad, 0), 0, _bit_or)
+
+
+# ---------------------------------------------------------------------------
+# configs
+#
+# The tutorial's space (BLOCK_M 64/128, BLOCK_N 32..128, 4/8 warps, 2..4 stages);
+# BLOCK_M stays a multiple of REPORT_BLOCK_M so a program owns whole report blocks.
+# No pre_hook (unsupported under torch.compile). TMA descriptors (Hopper) would need a
+# pre_hook to set block shapes or device-side tl.make_tensor_descriptor with a global
+# allocator; left out until benchmarks/ shows plain cp.async loads are the limit.
+configs = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+    for bm in (64, 128)
+    for bn in (32, 64, 128)
+    for s in (2, 3, 4)
+    for w in (4, 8)
+]
+
+
+def keep(conf: triton.Config) -> bool:
+    # the tutorial's rule: small tiles do not feed 8 warps
+    return not (conf.kwargs["BLOCK_M"] * conf.kwargs["BLOCK_N"] < 128 * 128 and conf.num_warps == 8)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose Q tile + pipelined K/V tiles exceed the H200's 227 KiB of shared
+    memory, and the 128 x 128 tiles at head dim 256 (register spills)."""
+    args = {**named_args, **kwargs}
+    head = args["HEAD_DIM_PAD"]
+    elem = args["Q"].element_size() if hasattr(args["Q"], "element_size") else 2
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = (bm * head + 2 * c.num_stages * bn * head) * elem
+        if smem > 220 * 1024:
+            continue
+        if head >= 256 and bm * bn >= 128 * 128:
+            continue
+        out.append(c)
+    return out or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4)]
+
+
+# ---------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Flags,  #
+              stride_qb, stride_qh, stride_qm, stride_qd,  #
+              stride_kb, stride_kh, stride_kn, stride_kd,  #
+              stride_vb, stride_vh, stride_vn, stride_vd,  #
+              stride_ob, stride_oh, stride_om, stride_od,  #
+              Hq, GROUP, N, M, NUM_FLAGS, sm_scale,  #
+              # fault (used only when INJECT)
+              F_SITE, F_BATCH, F_HEAD, F_ROW, F_COL, F_DIM, F_XOR, F_USE_VALUE, F_VALUE,  #
+              # autotune keys (power-of-two buckets of N and M)
+              N_BUCKET, M_BUCKET,  #
+              # meta-parameters
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,  #
+              PROTECTION: tl.constexpr, INJECT: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,  #
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // Hq
+    off_h = off_bh % Hq
+    off_hk = off_h // GROUP  # grouped-query attention
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    f_here = (off_b == F_BATCH) & (off_h == F_HEAD)
+    out, bad = _attn_block(Q, K, V, q_base, k_base, v_base, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
+                           stride_vd, start_m, N, M, sm_scale,  #
+                           f_here, F_SITE, F_ROW, F_COL, F_DIM, F_XOR, F_USE_VALUE, F_VALUE,  #
+                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, CAUSAL, PROTECTION, INJECT, EMULATE_BF16_DOT)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if PROTECTION >= 1:
+        f_base = Flags + off_bh * NUM_FLAGS + start_m * NUM_REPORT
+        tl.store(f_base, _report_bits(bad, 0, BLOCK_M), mask=start_m * NUM_REPORT < NUM_FLAGS)
+        if NUM_REPORT == 2:
+            tl.store(f_base + 1, _report_bits(bad, 1, BLOCK_M), mask=start_m * NUM_REPORT + 1 < NUM_FLAGS)
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=list(filter(keep, configs)),
+    key=["N_BUCKET", "M_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "PROTECTION", "INJECT"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_attn_fwd)
+
+
+@triton.jit
+def _attn_replay(Q, K, V, Out, Flags,  #
+                 stride_qb, stride_qh, stride_qm, stride_qd,  #
+                 stride_kb, stride_kh, stride_kn, stride_kd,  #
+                 stride_vb, stride_vh, stride_vn, stride_vd,  #
+                 stride_ob, stride_oh, stride_om, stride_od,  #
+                 Hq, GROUP, N, M, NUM_FLAGS, sm_scale,  #
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,  #
+                 PROTECTION: tl.constexpr, RECOMPUTE: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,  #
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Second pass over the first pass's flags: non-finite input classification and the
+    recomputation of flagged report blocks (same block code, no injection)."""
+    NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1).to(tl.int64)
+    f_base = Flags + off_bh * NUM_FLAGS + start_m * NUM_REPORT
+    flag0 = tl.load(f_base, mask=start_m * NUM_REPORT < NUM_FLAGS, other=0)
+    if NUM_REPORT == 2:
+        flag1 = tl.load(f_base + 1, mask=start_m * NUM_REPORT + 1 < NUM_FLAGS, other=0)
+    else:
+        flag1 = flag0 * 0
+    need0 = (flag0 & CHECK_MASK) != 0
+    need1 = (flag1 & CHECK_MASK) != 0
+    if need0 | need1:
+        off_b = off_bh // Hq
+        off_h = off_bh % Hq
+        off_hk = off_h // GROUP
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_hk * stride_kh
+        v_base = V + off_b * stride_vb + off_hk * stride_vh
+        r0 = start_m * BLOCK_M
+        offs_m = r0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        offs_n = tl.arange(0, BLOCK_N)
+        rep = tl.arange(0, BLOCK_M) // BLOCK_REPORT
+        d_ok = offs_d < HEAD_DIM
+        shift = M - N
+        # -- non-finite input of each report block: its q rows, k/v keys up to its kv_end ----
+        q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m < N, d_ok, True,
+                       EVEN_D).to(tl.float32)
+        q_bad = tl.max((~_finite(q)).to(tl.int32), 1)
+        bad_in0 = tl.max(tl.where(rep == 0, q_bad, 0), 0)
+        bad_in1 = tl.max(tl.where(rep == 1, q_bad, 0), 0)
+        if CAUSAL:
+            kv_end0 = tl.minimum(tl.maximum(tl.minimum(N, r0 + BLOCK_REPORT) + shift, 0), M)
+            kv_end1 = tl.minimum(tl.maximum(tl.minimum(N, r0 + 2 * BLOCK_REPORT) + shift, 0), M)
+        else:
+            kv_end0 = M
+            kv_end1 = M
+        kv_end = tl.maximum(kv_end0, kv_end1)
+        for start_n in range(0, kv_end, BLOCK_N):
+            cols = start_n + offs_n
+            key_ok = cols < M
+            k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, key_ok, d_ok, True,
+                           EVEN_D).to(tl.float32)
+            v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, key_ok, d_ok, True,
+                           EVEN_D).to(tl.float32)
+            key_bad = tl.max((~(_finite(k) & _finite(v))).to(tl.int32), 1)
+            bad_in0 = bad_in0 | tl.max(tl.where(cols < kv_end0, key_bad, 0), 0)
+            bad_in1 = bad_in1 | tl.max(tl.where(cols < kv_end1, key_bad, 0), 0)
+        flag0 = flag0 | tl.where(need0 & (bad_in0 != 0), NONFINITE_INPUT, 0)
+        flag1 = flag1 | tl.where(need1 & (bad_in1 != 0), NONFINITE_INPUT, 0)
+        redo0 = need0 & (bad_in0 == 0)
+        redo1 = need1 & (bad_in1 == 0)
+        if RECOMPUTE:
+            if redo0 | redo1:
+                out, bad = _attn_block(Q, K, V, q_base, k_base, v_base, stride_qm, stride_qd, stride_kn, stride_kd,
+                                       stride_vn, stride_vd, start_m, N, M, sm_scale,  #
+                                       False, 0, 0, 0, 0, 0, 0, 0.0,  #
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, CAUSAL, PROTECTION, False,
+                                       EMULATE_BF16_DOT)
+                again0 = (_report_bits(bad, 0, BLOCK_M) & CHECK_MASK) != 0
+                flag0 = flag0 | tl.where(redo0, tl.where(again0, UNCORRECTED, CORRECTED), 0)
+                # (int32 selectors: the interpreter turns int1 & scalar int1 into int32)
+                rows = tl.where(rep == 0, redo0.to(tl.int32), 0)
+                if NUM_REPORT == 2:
+                    again1 = (_report_bits(bad, 1, BLOCK_M) & CHECK_MASK) != 0
+                    flag1 = flag1 | tl.where(redo1, tl.where(again1, UNCORRECTED, CORRECTED), 0)
+                    rows = rows | tl.where(rep == 1, redo1.to(tl.int32), 0)
+                o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om +
+                          offs_d[None, :] * stride_od)
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                         mask=((rows != 0) & (offs_m < N))[:, None] & d_ok[None, :])
+        tl.store(f_base, flag0, mask=start_m * NUM_REPORT < NUM_FLAGS)
+        if NUM_REPORT == 2:
+            tl.store(f_base + 1, flag1, mask=start_m * NUM_REPORT + 1 < NUM_FLAGS)
+
+
+# ---------------------------------------------------------------------------
+# launcher
+
+# Under the interpreter (CPU tensors) one fixed config: autotuning would time every
+# config on the numpy emulation. 64 x 32 gives several key tiles on small test shapes.
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal):
+    """(INJECT, fault args) from the op's encoding [site, batch, head, row, col, dim, bit]."""
+    none = (False, (0, 0, 0, 0, 0, 0, 0, 0, 0.0))
+    if fault is None:
+        return none
+    fault = [int(x) for x in fault]
+    if len(fault) != 7:
+        raise ValueError(f"ftattn.attention: fault must be [site, batch, head, row, col, dim, bit], got {fault}")
+    site, b, h, row, col, dim, bit = fault
+    if not 0 <= site <= 5:
+        raise ValueError(f"ftattn.attention: fault site {site} must be 0..5 (ftattn.faults.Site)")
+    if not (0 <= b < B and 0 <= h < Hq and 0 <= row < N and 0 <= dim < D and col >= 0 and (col < M or site == 5)):
+        raise ValueError(
+            f"ftattn.attention: fault coordinates (batch {b}, head {h}, row {row}, col {col}, dim {dim}) are out "
+            f"of range for q [B={B}, Hq={Hq}, N={N}, D={D}] and k/v with M={M} keys")
+    if not -1 <= bit <= 31:
+        raise ValueError(f"ftattn.attention: fault bit {bit} must be 0..31, or -1 with fault_value")
+    if bit < 0 and fault_value is None:
+        raise ValueError("ftattn.attention: a fault with bit -1 needs fault_value (the replacement value)")
+    if site != 5:
+        # as the C++ kernel: a fault lands only in a key tile its 64-row block visits
+        r1 = min(N, (row // REPORT_BLOCK_M + 1) * REPORT_BLOCK_M)
+        kv_end = min(M, r1 + M - N) if causal else M
+        if col >= kv_end:
+            return none
+    xor = 0 if bit < 0 else ((1 << bit) if bit < 31 else -(1 << 31))
+    use_value = 1 if bit < 0 else 0
+    value = float(fault_value) if bit < 0 else 0.0
+    return True, (site, b, h, row, col, dim, xor, use_value, value)
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    protection: int,
+    recompute: bool,
+    fault: Optional[List[int]] = None,
+    fault_value: Optional[float] = None,
+    *,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Triton implementation of ``ftattn::attention_fwd``.
+
+    Args:
+        q: [B, Hq, N, D]; k, v: [B, Hkv, M, D]; one dtype of float16 / bfloat16 /
+            float32; D in 1..256; Hq a multiple of Hkv. CUDA tensors, or CPU tensors
+            under TRITON_INTERPRET=1.
+        causal: key j visible to query i iff j <= i + M - N.
+        scale: multiplier of q k^T.
+        protection: 0 off, 1 abft, 2 full.
+        recompute: recompute flagged blocks (``on_fault="correct"``).
+        fault: [site, batch, head, row, col, dim, bit] (bit -1: replace by
+            ``fault_value``), or None.
+        block_m, block_n: force a tile shape (tests); default autotuned on CUDA,
+            ``INTERPRETER_CONFIG`` on CPU.
+
+    Returns:
+        (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"ftattn.attention: {name} must be 4-D [batch, heads, seq, head_dim], got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"ftattn.attention: q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, "
+            f"{k.dtype}, {v.dtype}")
+    B, Hq, N, D = q.shape
+    Bk, Hkv, M, Dk = k.shape
+    if tuple(k.shape) != tuple(v.shape) or Bk != B or Dk != D:
+        raise ValueError(f"ftattn.attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do "
+                         f"not fit [B, Hq, N, D] / [B, Hkv, M, D]")
+    if not 1 <= D <= 256:
+        raise ValueError(f"ftattn.attention: head_dim={D} is not supported by the Triton kernel; use 1..256")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"ftattn.attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if not 0 <= int(protection) <= 2:
+        raise ValueError(f"ftattn.attention: protection {protection} must be 0 (off), 1 (abft) or 2 (full)")
+    if not math.isfinite(scale):
+        raise ValueError(f"ftattn.attention: scale must be finite, got {scale}")
+    protection = int(protection)
+    nblk = triton.cdiv(N, REPORT_BLOCK_M)
+    out = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
+    flags = torch.zeros((B, Hq, nblk), dtype=torch.int32, device=q.device)
+    if B * Hq * N == 0:
+        return out, flags
+    inject, fargs = _decode_fault(fault, fault_value, B, Hq, N, M, D, causal)
+    head_pad = max(16, _next_pow2(D))
+    common = (
+        q, k, v, out, flags,  #
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
+        Hq, Hq // Hkv, N, M, nblk, float(scale),
+    )
+    interpreted = q.device.type == "cpu"
+    emulate = interpreted and q.dtype == torch.bfloat16
+    if block_m is not None or block_n is not None or interpreted:
+        meta = dict(INTERPRETER_CONFIG) if interpreted else {"num_warps": 4, "num_stages": 2}
+        meta["BLOCK_M"] = block_m or meta.get("BLOCK_M", 64)
+        meta["BLOCK_N"] = block_n or meta.get("BLOCK_N", 64)
+        if meta["BLOCK_M"] not in (64, 128) or meta["BLOCK_N"] not in (16, 32, 64, 128):
+            raise ValueError(f"ftattn.attention: block_m must be 64 or 128 and block_n 16..128, got {meta}")
+        grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
+        _attn_fwd[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
+                        HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
+                        INJECT=inject, EMULATE_BF16_DOT=emulate, **meta)
+    else:
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        _attn_fwd_tuned[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
+                              HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
+                              INJECT=inject, EMULATE_BF16_DOT=False)
+        best = _attn_fwd_tuned.best_config
+        meta = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
+    if protection >= 1:
+        # Always launched (no host read of the flags): programs with clean flags return at once.
+        _attn_replay[grid](*common, HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
+                           RECOMPUTE=bool(recompute), EMULATE_BF16_DOT=emulate, **meta)
+    return out, flags
