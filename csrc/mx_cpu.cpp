@@ -1,0 +1,258 @@
+// MX (microscaling) quantization, fused single-pass CPU kernel.
+//
+// Reproduces Microsoft microxcaling's _quantize_mx (shared_exp_method "max",
+// scale_bits 8) bit for bit, in one pass over memory: per block of block_size
+// elements along the blocked axis, amax -> shared exponent -> scaled element
+// rounding -> dequantization, all in registers. The reference in
+// ftattn/mx/quantize.py runs the same arithmetic as ~20 whole-tensor torch ops.
+//
+// Exactness: every multiplication below is by a power of two and exact, except
+// the last one (element * 2^shared_exp), which rounds into the fp32 subnormals
+// exactly as torch's does; the additions (+0.5, -0.5) are the reference's own
+// float32 additions, quirks included (0.49999997 + 0.5 rounds to 1.0). The one
+// transcendental of the reference, floor(torch.log2(v)), is replaced by the
+// exponent field plus a per-binade threshold table computed from torch.log2
+// itself (ftattn/mx/quantize.py, _log2_thresholds): torch.log2 rounds values 1-2
+// ulp below a power of two up to that power, and the table reproduces it.
+//
+// Layout: x is viewed as [outer, K, inner] (contiguous), blocks run along K.
+// inner == 1 (the blocked axis is the last one) is the fast path; inner > 1 (any
+// other axis) keeps a per-column running max so no transpose copy is needed.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#define FTATTN_MX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FTATTN_MX_CLONES
+#endif
+
+namespace ftattn {
+namespace {
+
+constexpr int kScaleEmax = 127;     // scale_bits = 8: shared exponent in [-127, 127]
+constexpr uint8_t kE8M0Nan = 0xFF;  // E8M0 NaN
+constexpr uint32_t kExpMask = 0x7F800000u;
+
+enum Rounding : int64_t { kNearest = 0, kFloor = 1, kEven = 2 };
+
+struct Params {
+  int ebits;       // 0: integer element
+  int mbits;       // sign + implicit + mantissa bits (microxcaling)
+  int emax;        // largest element exponent
+  int min_exp;     // smallest normal element exponent
+  float max_norm;  // saturation bound
+  int64_t rounding;
+  const uint32_t* thr;  // [256] log2 round-up thresholds per biased exponent
+};
+
+inline uint32_t bits_of(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
+}
+
+inline float float_of(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+// 2^k as an exact float for k in [-149, 127].
+inline float exp2i(int k) {
+  return k >= -126 ? float_of(static_cast<uint32_t>(k + 127) << 23) : float_of(1u << (k + 149));
+}
+
+// floor(torch.log2(v)) for finite v > 0 given its bits, clamped below at -127
+// (callers clamp to >= -127 anyway: subnormals only matter when they round up).
+inline int floor_log2(uint32_t abits, const uint32_t* thr) {
+  const int b = static_cast<int>(abits >> 23);
+  const int e = b == 0 ? -127 : b - 127;
+  return e + (abits >= thr[b] ? 1 : 0);
+}
+
+// floor() of v in [0, 2^31): truncation (SSE2 cvttps2dq, no libm call).
+inline float floor_pos(float v) { return static_cast<float>(static_cast<int32_t>(v)); }
+
+// One element in the scaled domain -> its quantized value (still scaled),
+// microxcaling's _quantize_elemwise_core with saturate_normals=True.
+inline float quantize_element(float a, const Params& P) {
+  const float absa = std::fabs(a);
+  int p = 0;  // element exponent (a == 0: log2(0 + 1) = 0)
+  float up;
+  if (P.ebits) {
+    const uint32_t ab = bits_of(absa);
+    if (ab != 0) p = floor_log2(ab, P.thr);
+    if (p < P.min_exp) p = P.min_exp;
+    up = absa * exp2i(P.mbits - 2 - p);
+  } else {
+    up = absa * exp2i(P.mbits - 2);
+  }
+  float r;
+  if (P.rounding == kFloor) {
+    r = floor_pos(up);
+  } else {
+    r = floor_pos(up + 0.5f);
+    if (P.rounding == kEven) {
+      const float t = up - 0.5f;  // (|A| - 0.5) % 2 == 0 finds 0.5, 2.5, 4.5, ...
+      if (t >= 0.0f && floor_pos(t * 0.5f) * 2.0f == t) r -= 1.0f;
+    }
+  }
+  float q = r * exp2i(P.ebits ? p - (P.mbits - 2) : -(P.mbits - 2));
+  q = std::min(q, P.max_norm);
+  // sign(a) * q: sign(+-0) is 0, a tiny negative value that rounds to 0 gives -0.
+  return a < 0.0f ? -q : (a > 0.0f ? q : 0.0f);
+}
+
+// Shared exponent of a block from its amax (finite, >= 0).
+inline int shared_exponent(float amax, const Params& P) {
+  const int e = amax == 0.0f ? -126 : floor_log2(bits_of(amax), P.thr);  // log2(amax + 2^-126 [amax == 0])
+  return std::max(e - P.emax, -kScaleEmax);  // > 127 is impossible for finite amax except e = 128
+}
+
+// Quantizes n contiguous values sharing one scale; returns the E8M0 byte.
+FTATTN_MX_CLONES
+uint8_t quantize_block_contig(const float* x, float* out, int64_t n, const Params& P, bool scaled) {
+  float amax = 0.0f;
+  uint32_t nonfinite = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t b = bits_of(x[j]) & 0x7FFFFFFFu;
+    nonfinite |= static_cast<uint32_t>((b & kExpMask) == kExpMask);
+    amax = std::max(amax, float_of(b));
+  }
+  int s = nonfinite ? kScaleEmax + 1 : shared_exponent(amax, P);
+  if (s > kScaleEmax) {  // NaN/Inf in the block (or amax rounds to 2^128): the whole block is NaN
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t j = 0; j < n; ++j) out[j] = nan;
+    return kE8M0Nan;
+  }
+  const float down = exp2i(-s);  // x / 2^s
+  const float back = scaled ? 1.0f : exp2i(s);
+  for (int64_t j = 0; j < n; ++j) out[j] = quantize_element(x[j] * down, P) * back;
+  return static_cast<uint8_t>(s + kScaleEmax);
+}
+
+// Block of n rows x inner columns (row stride `inner`), one scale per column.
+FTATTN_MX_CLONES
+void quantize_block_strided(const float* x, float* out, uint8_t* scale, int64_t n, int64_t inner,
+                            const Params& P, bool scaled, float* amax, uint32_t* nonfinite, float* down,
+                            float* back) {
+  std::fill(amax, amax + inner, 0.0f);
+  std::fill(nonfinite, nonfinite + inner, 0u);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = x + j * inner;
+    for (int64_t i = 0; i < inner; ++i) {
+      const uint32_t b = bits_of(row[i]) & 0x7FFFFFFFu;
+      nonfinite[i] |= static_cast<uint32_t>((b & kExpMask) == kExpMask);
+      amax[i] = std::max(amax[i], float_of(b));
+    }
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t i = 0; i < inner; ++i) {
+    const int s = nonfinite[i] ? kScaleEmax + 1 : shared_exponent(amax[i], P);
+    if (s > kScaleEmax) {
+      scale[i] = kE8M0Nan;
+      down[i] = nan;
+      back[i] = nan;
+    } else {
+      scale[i] = static_cast<uint8_t>(s + kScaleEmax);
+      down[i] = exp2i(-s);
+      back[i] = scaled ? 1.0f : exp2i(s);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = x + j * inner;
+    float* orow = out + j * inner;
+    for (int64_t i = 0; i < inner; ++i) orow[i] = quantize_element(row[i] * down[i], P) * back[i];
+  }
+}
+
+// x [outer, K, inner] float32 -> (values [outer, K, inner] float32, scale_e8m0 [outer, nblk, inner] uint8).
+// scaled: return the elements before the multiplication by 2^shared_exp (what pack() encodes).
+std::tuple<at::Tensor, at::Tensor> mx_quantize_cpu(const at::Tensor& x, const at::Tensor& log2_thresholds,
+                                                   int64_t ebits, int64_t mbits, int64_t emax, double max_norm,
+                                                   int64_t block_size, int64_t rounding, bool scaled) {
+  TORCH_CHECK(x.dim() == 3, "ftattn::mx_quantize: x must be 3-D [outer, K, inner], got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "ftattn::mx_quantize: x must be float32, got ", x.scalar_type(),
+              "; cast with x.float()");
+  TORCH_CHECK(block_size >= 1, "ftattn::mx_quantize: block_size must be >= 1, got ", block_size);
+  TORCH_CHECK(rounding >= 0 && rounding <= 2, "ftattn::mx_quantize: rounding code must be 0, 1 or 2, got ",
+              rounding);
+  TORCH_CHECK(ebits >= 0 && ebits <= 5 && mbits >= 2 && mbits <= 9,
+              "ftattn::mx_quantize: element format out of range (ebits ", ebits, ", mbits ", mbits, ")");
+  TORCH_CHECK(log2_thresholds.scalar_type() == at::kInt && log2_thresholds.numel() == 256 &&
+                  log2_thresholds.device().is_cpu(),
+              "ftattn::mx_quantize: log2_thresholds must be a CPU int32 tensor of 256 entries");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor thr = log2_thresholds.contiguous();
+  const int64_t outer = xc.size(0), K = xc.size(1), inner = xc.size(2);
+  const int64_t nblk = (K + block_size - 1) / block_size;
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor scale = at::empty({outer, nblk, inner}, xc.options().dtype(at::kByte));
+  if (xc.numel() == 0) return {out, scale};
+
+  Params P;
+  P.ebits = static_cast<int>(ebits);
+  P.mbits = static_cast<int>(mbits);
+  P.emax = static_cast<int>(emax);
+  P.min_exp = ebits ? 2 - (1 << (ebits - 1)) : 0;
+  P.max_norm = static_cast<float>(max_norm);
+  P.rounding = rounding;
+  P.thr = reinterpret_cast<const uint32_t*>(thr.data_ptr<int32_t>());
+
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  uint8_t* sp = scale.data_ptr<uint8_t>();
+  const int64_t nblocks = outer * nblk;
+  if (inner == 1) {
+    // ~16 KiB of input per task keeps the parallel overhead under 1 %.
+    const int64_t grain = std::max<int64_t>(1, 4096 / block_size);
+    at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t o = blk / nblk, b = blk % nblk;
+        const int64_t k0 = b * block_size, n = std::min(block_size, K - k0);
+        const int64_t off = o * K + k0;
+        sp[blk] = quantize_block_contig(xp + off, op + off, n, P, scaled);
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 4096 / (block_size * inner));
+    at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> amax(inner), down(inner), back(inner);
+      std::vector<uint32_t> nonfinite(inner);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t o = blk / nblk, b = blk % nblk;
+        const int64_t k0 = b * block_size, n = std::min(block_size, K - k0);
+        const int64_t off = (o * K + k0) * inner;
+        quantize_block_strided(xp + off, op + off, sp + blk * inner, n, inner, P, scaled, amax.data(),
+                               nonfinite.data(), down.data(), back.data());
+      }
+    });
+  }
+  return {out, scale};
+}
+
+}  // namespace
+}  // namespace ftattn
+
+TORCH_LIBRARY_FRAGMENT(ftattn, m) {
+  // MX quantize (fake quantization): x [outer, K, inner] float32, blocks of
+  // block_size along K; returns (values, scale_e8m0 [outer, ceil(K / block_size), inner]).
+  // Element format as microxcaling's (ebits, mbits, emax, max_norm); rounding
+  // 0 nearest (half away) / 1 floor / 2 even; log2_thresholds: int32 [256],
+  // ftattn/mx/quantize.py. scaled: values stay divided by the block scale.
+  m.def(
+      "mx_quantize(Tensor x, Tensor log2_thresholds, int ebits, int mbits, int emax, float max_norm, "
+      "int block_size, int rounding, bool scaled) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ftattn, CPU, m) { m.impl("mx_quantize", &ftattn::mx_quantize_cpu); }
