@@ -1,0 +1,51 @@
+"""``python -m ftattn info``: versions, devices, and which backends run here (and why not)."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # report, never fail: this is the diagnostic command
+        return f"not available ({type(exc).__name__}: {exc})"
+    return getattr(mod, "__version__", "unknown")
+
+
+def _parallel_backend() -> str:
+    for line in torch.__config__.parallel_info().splitlines():
+        if "parallel backend" in line:
+            return line.strip()
+    return "ATen parallel backend unknown"
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def main(args) -> int:
+    import ftattn
+    from ftattn.attention import backend_status
+
+    print(f"ftattn {ftattn.__version__} ({os.path.dirname(ftattn.__file__)})")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    print(f"torch {torch.__version__}, triton {_version('triton')}, numpy {_version('numpy')}")
+    print(f"C++ extension: {ftattn._C.__file__}")
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}, {_parallel_backend()}")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            print(f"cuda:{i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+            devices.append(f"cuda:{i}")
+    else:
+        print("CUDA: not available (CPU-only torch build or no GPU)")
+    for dev in devices:
+        print(f"backends on {dev}:")
+        for name, reason in backend_status(dev).items():
+            print(f"  {name:10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0

@@ -1,0 +1,305 @@
+"""ftattn.attention on the CPU backends (C++ kernel and the PyTorch reference):
+correctness against fp64, the three protection levels, every fault site, the
+three fault policies, the op's registration (opcheck, torch.compile), bad input.
+The Triton backend runs the same grid in tests/test_attention_triton.py."""
+import math
+
+import pytest
+import torch
+
+import ftattn
+from ftattn import Check, Fault, FaultDetectedError
+from conftest import attention_ref
+
+BACKENDS = ["cpp", "reference"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SITES = ["scores", "probs", "rowmax", "rowsum", "acc", "output"]
+SIZES = [1, 17, 97, 257, 1025]
+
+
+def assert_close_to_ref(out, q, k, v, causal, scale=None):
+    """Flash-attention rule: error vs fp64 at most 2x torch's own attention in the same dtype
+    (plus one unit of the dtype at the output's magnitude, for cases where torch is exact)."""
+    ref = attention_ref(q, k, v, causal, scale)
+    pt = attention_ref(q, k, v, causal, scale, upcast=False)
+    err = (out.double() - ref).abs().max().item()
+    err_pt = (pt.double() - ref).abs().max().item()
+    floor = torch.finfo(q.dtype).eps * max(1.0, ref.abs().max().item())
+    assert err <= 2 * err_pt + floor, f"error {err:.3g} > 2 x torch's {err_pt:.3g} + {floor:.3g}"
+
+
+def run_all_protections(q, k, v, causal, backend):
+    outs = {}
+    for prot in ("off", "abft", "full"):
+        out, rep = ftattn.attention(q, k, v, causal=causal, protection=prot, backend=backend, return_report=True)
+        assert rep.detected == 0 and rep.uncorrected == 0, f"false alarm at protection {prot}: {rep.failures()}"
+        outs[prot] = out
+    assert torch.equal(outs["off"], outs["abft"]) and torch.equal(outs["off"], outs["full"])
+    return outs["full"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", SIZES)
+@pytest.mark.parametrize("M", SIZES)
+def test_sizes(make_qkv, backend, dtype, N, M):
+    causal = (N + M) % 2 == 0 or N != M  # both flavours across the grid, causal wherever N != M
+    q, k, v = make_qkv(B=1, Hq=2, N=N, M=M, D=59, dtype=dtype, seed=N * 7 + M)
+    out = run_all_protections(q, k, v, causal, backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_to_ref(out, q, k, v, causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [16, 59, 64, 80, 128, 256])
+@pytest.mark.parametrize("N,M", [(97, 257), (257, 97)])
+def test_head_dims_causal_gqa(make_qkv, backend, dtype, D, N, M):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=1, N=N, M=M, D=D, dtype=dtype, seed=D, kind="uniform")
+    out = run_all_protections(q, k, v, True, backend)
+    assert_close_to_ref(out, q, k, v, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_and_non_causal_gqa(make_qkv, backend):
+    q, k, v = make_qkv(B=3, Hq=6, Hkv=2, N=33, M=70, D=40)
+    out = run_all_protections(q, k, v, False, backend)
+    assert_close_to_ref(out, q, k, v, False)
+    out = ftattn.attention(q, k, v, scale=0.3, backend=backend)
+    assert_close_to_ref(out, q, k, v, False, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_visible_key_are_zero(make_qkv, backend):
+    # causal with N > M: query i sees key j iff j <= i + (M - N); rows 0..2 see nothing
+    q, k, v = make_qkv(N=5, M=2, D=8)
+    out, rep = ftattn.attention(q, k, v, causal=True, backend=backend, return_report=True)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    assert rep.detected == 0
+    assert_close_to_ref(out, q, k, v, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_is_bottom_right_aligned(make_qkv, backend):
+    # decoding: one query against M keys sees all of them under bottom-right alignment
+    q, k, v = make_qkv(N=1, M=40, D=16)
+    causal = ftattn.attention(q, k, v, causal=True, backend=backend)
+    full = ftattn.attention(q, k, v, causal=False, backend=backend)
+    assert torch.equal(causal, full)
+    # with N == M it is torch SDPA's (top-left) is_causal
+    q, k, v = make_qkv(N=23, M=23, D=16)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ftattn.attention(q, k, v, causal=True, backend=backend), sdpa, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(make_qkv, backend):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, N=37, M=45, D=24)
+    # the [B, N, H, D] layout of most models, viewed as [B, H, N, D]
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    assert torch.equal(ftattn.attention(qt, kt, vt, causal=True, backend=backend),
+                       ftattn.attention(q, k, v, causal=True, backend=backend))
+    # a strided slice of a bigger tensor
+    big = torch.randn(2, 4, 37, 48)
+    qs = big[..., ::2]
+    torch.testing.assert_close(ftattn.attention(qs, k, v, backend=backend),
+                               ftattn.attention(qs.contiguous(), k, v, backend=backend), rtol=0, atol=0)
+
+
+def test_backends_agree(make_qkv):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, N=130, M=200, D=48)
+    a = ftattn.attention(q, k, v, causal=True, backend="cpp")
+    b = ftattn.attention(q, k, v, causal=True, backend="reference")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# faults
+
+
+FAULTS = [dict(bit=30), dict(bit=23), dict(value=float("nan")), dict(value=float("inf")), dict(value=-1e30)]
+
+
+def _faulty_call(q, k, v, backend, site, spec, prot="full", **kw):
+    fault = Fault(site, batch=1, head=2, row=70, col=150, dim=5, **spec)
+    return ftattn.attention(q, k, v, causal=True, fault=fault, protection=prot, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("spec", FAULTS, ids=lambda s: f"{list(s)[0]}={list(s.values())[0]}")
+def test_fault_detected_and_corrected(make_qkv, backend, dtype, site, spec):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, N=97, M=200, D=64, dtype=dtype, seed=3)
+    clean = ftattn.attention(q, k, v, causal=True, backend=backend)
+    raw, rep = _faulty_call(q, k, v, backend, site, spec, on_fault="report", return_report=True)
+    # a shifted running max cancels in acc / l (softmax is shift-invariant), so a
+    # rowmax fault may be benign; every other fault here changes the output
+    if site != "rowmax":
+        assert not torch.equal(raw, clean), "the fault did not change the output: injection missed"
+    assert rep.detected >= 1
+    (fail,) = rep.failures()
+    assert (fail["batch"], fail["head"]) == (1, 2) and 70 in fail["rows"] and not fail["corrected"]
+    fixed, rep = _faulty_call(q, k, v, backend, site, spec, return_report=True)
+    assert torch.equal(fixed, clean)
+    assert rep.corrected == 1 and rep.uncorrected == 0
+    assert rep.flags[1, 2, 1] & int(Check.CORRECTED)
+    with pytest.raises(FaultDetectedError, match=r"batch 1, head 2, rows 64\.\.96"):
+        _faulty_call(q, k, v, backend, site, spec, on_fault="raise")
+    # protection off: the same fault goes through unseen
+    raw_off, rep_off = _faulty_call(q, k, v, backend, site, spec, prot="off", on_fault="correct", return_report=True)
+    assert rep_off.detected == 0 and (site == "rowmax" or not torch.equal(raw_off, clean))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abft_leaves_probs_uncovered(make_qkv, backend):
+    """A mid-mantissa flip of a probability feeds PV and its checksum alike: only the
+    redundant softmax of protection "full" sees it (FAULT_MODEL.md)."""
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, N=97, M=200, D=64, seed=3)
+    clean = ftattn.attention(q, k, v, causal=True, backend=backend)
+    fault = Fault("probs", batch=1, head=2, row=70, col=150, bit=22)
+    raw, rep = ftattn.attention(q, k, v, causal=True, fault=fault, protection="abft", on_fault="report",
+                                backend=backend, return_report=True)
+    assert not torch.equal(raw, clean) and rep.detected == 0
+    _, rep = ftattn.attention(q, k, v, causal=True, fault=fault, protection="full", on_fault="report",
+                              backend=backend, return_report=True)
+    assert rep.detected >= 1 and "redundant softmax" in rep.failures()[0]["checks"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_input_is_not_a_fault(make_qkv, backend, where, bad):
+    q, k, v = make_qkv(B=1, Hq=2, N=70, M=90, D=16)
+    {"q": q, "k": k, "v": v}[where][0, 0, 3, 5] = bad
+    out, rep = ftattn.attention(q, k, v, backend=backend, return_report=True)
+    assert rep.nonfinite_input
+    assert rep.detected == 0 and rep.corrected == 0
+    # raise policy: bad input is not a fault
+    ftattn.attention(q, k, v, backend=backend, on_fault="raise")
+    # torch's answer has non-finite values in the same places
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+    assert torch.equal(out.isfinite(), ref.isfinite())
+
+
+# ---------------------------------------------------------------------------
+# the op
+
+
+def test_op_defaults_are_full_protection_and_correct(make_qkv):
+    schema = torch.ops.ftattn.attention.default._schema
+    defaults = {a.name: a.default_value for a in schema.arguments if a.kwarg_only}
+    assert defaults["protection"] == "full" and defaults["on_fault"] == "correct"
+    q, k, v = make_qkv(B=1, Hq=2, N=33, M=45, D=24)
+    assert torch.equal(torch.ops.ftattn.attention(q, k, v), ftattn.attention(q, k, v))
+    out = torch.ops.ftattn.attention(q, k, v, causal=True, scale=0.2, protection="abft", on_fault="raise")
+    assert torch.equal(out, ftattn.attention(q, k, v, causal=True, scale=0.2, protection="abft"))
+    with pytest.raises(RuntimeError, match="protection='most'"):
+        torch.ops.ftattn.attention(q, k, v, protection="most")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(make_qkv, dtype):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, N=17, M=33, D=59, dtype=dtype)
+    torch.library.opcheck(torch.ops.ftattn.attention.default, (q, k, v), {"causal": True})
+    torch.library.opcheck(torch.ops.ftattn.attention_fwd.default, (q, k, v, True, 0.125, 2, True, None, None))
+    torch.library.opcheck(torch.ops.ftattn.attention_fwd.default,
+                          (q, k, v, False, 0.125, 1, False, [1, 1, 1, 3, 4, 5, 30], None))
+
+
+def test_torch_compile_fullgraph(make_qkv):
+    q, k, v = make_qkv(B=1, Hq=4, Hkv=2, N=37, M=50, D=32)
+
+    def block(q, k, v):
+        return torch.ops.ftattn.attention(q * 2, k, v, causal=True).relu() + 1
+
+    def public(q, k, v):
+        return ftattn.attention(q, k, v, causal=True, protection="abft") * 3
+
+    torch._dynamo.reset()
+    for fn in (block, public):
+        compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=0, atol=0)
+
+
+def test_grad_is_refused_clearly(make_qkv):
+    q, k, v = make_qkv(N=5, M=5, D=8)
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        ftattn.attention(q, k, v)
+    with torch.no_grad():
+        ftattn.attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------
+# bad input
+
+
+def _bad_cases():
+    f32 = dict(dtype=torch.float32)
+    q = torch.randn(1, 4, 8, 16)
+    k = torch.randn(1, 2, 9, 16)
+    v = torch.randn(1, 2, 9, 16)
+    return [
+        ("3-D q", (q[0], k, v), {}, ValueError, "4-D"),
+        ("k/v shapes", (q, k, v[:, :, :5]), {}, ValueError, "same shape"),
+        ("batch", (q, torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)), {}, ValueError, "batch"),
+        ("head dim", (q, torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)), {}, ValueError, "head_dim"),
+        ("head dim 300", (torch.randn(1, 2, 3, 300), torch.randn(1, 2, 3, 300), torch.randn(1, 2, 3, 300)), {},
+         ValueError, "head_dim=300 is not supported; use 1..256"),
+        ("gqa", (q, torch.randn(1, 3, 9, 16), torch.randn(1, 3, 9, 16)), {}, ValueError, "multiple of key/value heads"),
+        ("int dtype", (q.to(torch.int32), k, v), {}, TypeError, "int32 is not supported"),
+        ("float64", (q.double(), k.double(), v.double()), {}, TypeError, "float64 is not supported"),
+        ("mixed dtypes", (q, k.half(), v), {}, TypeError, "share one dtype"),
+        ("devices", (q, k.to("meta"), v), {}, ValueError, "one device"),
+        ("scale nan", (q, k, v), {"scale": float("nan")}, ValueError, "not finite"),
+        ("scale inf", (q, k, v), {"scale": float("inf")}, ValueError, "not finite"),
+        ("protection", (q, k, v), {"protection": "max"}, ValueError, "protection='max'"),
+        ("on_fault", (q, k, v), {"on_fault": "ignore"}, ValueError, "on_fault='ignore'"),
+        ("backend", (q, k, v), {"backend": "cuda"}, ValueError, "backend='cuda'"),
+        ("fault type", (q, k, v), {"fault": ("scores", 0, 0, 0, 0)}, TypeError, "ftattn.Fault"),
+        ("fault row", (q, k, v), {"fault": Fault("scores", 0, 0, 8, 0, bit=3)}, ValueError, "Fault.row=8"),
+        ("fault head", (q, k, v), {"fault": Fault("acc", 0, 4, 0, 0, bit=3)}, ValueError, "Fault.head=4"),
+        ("fault col", (q, k, v), {"fault": Fault("probs", 0, 0, 0, 9, bit=3)}, ValueError, "Fault.col=9"),
+        ("fault dim", (q, k, v), {"fault": Fault("output", 0, 0, 0, 0, dim=16, bit=3)}, ValueError, "Fault.dim=16"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input(case):
+    _, args, kwargs, exc, match = case
+    with pytest.raises(exc, match=match):
+        ftattn.attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(site="weights", batch=0, head=0, row=0), "unknown fault site 'weights'"),
+        (dict(site="scores", batch=0, head=0, row=0), "exactly one of bit"),
+        (dict(site="scores", batch=0, head=0, row=0, bit=1, value=1.0), "exactly one of bit"),
+        (dict(site="scores", batch=0, head=0, row=0, bit=32), "use 0..31"),
+        (dict(site="scores", batch=-1, head=0, row=0, bit=3), "negative"),
+    ],
+)
+def test_bad_fault(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Fault(**kwargs)
+
+
+def test_raw_op_rejects_bad_input_clearly(make_qkv):
+    q, k, v = make_qkv(N=4, M=4, D=8)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        torch.ops.ftattn.attention(q, k.half(), v)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.ftattn.attention_fwd(q, k, v, False, math.inf, 2, True)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.ftattn.attention_fwd(q, k, v, False, 1.0, 2, True, [0, 0, 0, 9, 0, 0, 1])
+
+
+def test_triton_backend_unavailable_message(make_qkv, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = make_qkv(N=4, M=4, D=8)
+    with pytest.raises(NotImplementedError, match="backend='triton' cannot run here"):
+        ftattn.attention(q, k, v, backend="triton")
