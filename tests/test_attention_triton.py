@@ -1,0 +1,325 @@
+"""Tests of kernels/attention.py, the Triton fault-tolerant attention kernel.
+
+On a CPU-only machine the kernel runs under the Triton interpreter
+(TRITON_INTERPRET=1, set below before anything creates a triton.jit function), so
+shapes stay tiny and odd: N, M in {1, 17, 40, 70}, head dims 16, 59 (padded to 64
+inside the kernel) and 64. On a CUDA machine the same tests run the compiled kernel.
+
+Mirrors the file's sections: correctness against an fp64 reference (the
+flash-attention 2x rule), protection levels, every fault site injected, detected and
+corrected, the flags contract, non-finite input, the replay on 128-row programs.
+"""
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit runs in ftattn.kernels.attention
+
+triton = pytest.importorskip("triton")
+
+import ftattn  # noqa: E402
+from ftattn.faults import CHECK_MASK, Check, Fault, Site  # noqa: E402
+
+kernel = importlib.import_module("ftattn.kernels.attention")
+if DEVICE == "cpu" and not isinstance(kernel._attn_fwd, triton.runtime.interpreter.InterpretedFunction):
+    # imported earlier in this process without the interpreter: rebuild its jit functions
+    kernel = importlib.reload(kernel)
+
+attention_fwd = kernel.attention_fwd
+
+PROTECTION = {"off": 0, "abft": 1, "full": 2}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# Error floor added to the 2x rule, per dtype: about 4 ulp at magnitude 1 of the dtype
+# (the rule alone is too strict where plain PyTorch happens to round exactly).
+FLOOR = {torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8, torch.float32: 4 * 2.0**-24}
+# FAULT_MODEL.md: a fault is harmful above tau * max(1, max|O|)
+TAU = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-10}
+
+
+# the interpreter's numpy emulation warns on -inf - -inf and 0/0 in masked lanes,
+# which the kernel discards with tl.where
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def make_inputs(B, Hq, Hkv, N, M, D, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, Hq, N, D, generator=g) * scale).to(dtype)
+    k = (torch.randn(B, Hkv, M, D, generator=g) * scale).to(dtype)
+    v = torch.randn(B, Hkv, M, D, generator=g).to(dtype)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def attention_math(q, k, v, causal, scale, dtype):
+    """Plain PyTorch attention computed in `dtype` (float64 for the reference);
+    bottom-right causal alignment; rows with no visible key are zeros."""
+    q, k, v = q.cpu().to(dtype), k.cpu().to(dtype), v.cpu().to(dtype)
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(N)[:, None]
+        j = torch.arange(M)[None, :]
+        s = s.masked_fill(j > i + (M - N), float("-inf"))
+    p = torch.softmax(s.float() if dtype != torch.float64 else s, dim=-1).to(dtype).nan_to_num(0.0)
+    return p @ v
+
+
+def run(q, k, v, causal=False, protection="full", recompute=True, fault=None, **blocks):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    enc, value = fault.encode() if fault is not None else (None, None)
+    out, flags = attention_fwd(q, k, v, causal, scale, PROTECTION[protection], recompute, enc, value, **blocks)
+    return out.cpu(), flags.cpu()
+
+
+# ---------------------------------------------------------------------------
+# correctness: the 2x rule against fp64, no false alarm
+
+
+SHAPES = [  # B, Hq, Hkv, N, M, D, causal
+    (1, 2, 1, 17, 17, 16, False),
+    (1, 2, 2, 1, 70, 59, True),  # decoding: one query at the end of 70 keys
+    (2, 4, 1, 70, 17, 64, True),  # N > M: the first 53 rows see no key -> zeros; GQA 4:1
+    (1, 2, 1, 17, 70, 16, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}N{}M{}D{}{}".format(*s[:6], "c" if s[6] else ""))
+def test_matches_fp64_reference(shape, dtype):
+    B, Hq, Hkv, N, M, D, causal = shape
+    q, k, v = make_inputs(B, Hq, Hkv, N, M, D, dtype, seed=N + M + D)
+    out, flags = run(q, k, v, causal)
+    assert out.dtype == dtype and out.shape == (B, Hq, N, D)
+    scale = 1.0 / math.sqrt(D)
+    ref = attention_math(q, k, v, causal, scale, torch.float64)
+    plain = attention_math(q, k, v, causal, scale, dtype)
+    err = (out.double() - ref).abs().max().item()
+    err_plain = (plain.double() - ref).abs().max().item()
+    assert err <= 2 * err_plain + FLOOR[dtype], f"kernel error {err:.3g} vs plain {dtype} {err_plain:.3g}"
+    assert torch.count_nonzero(flags) == 0, f"false alarm on clean data: {flags}"
+    if causal and N > M:  # rows i with i + M - N < 0 attend to nothing
+        assert torch.count_nonzero(out[:, :, : N - M]) == 0
+
+
+def test_peaky_softmax_and_long_keys_raise_no_alarm():
+    # |q.k| up to ~1e4 (FAULT_MODEL.md clean data), 200 keys, causal with one key visible
+    # to the first row
+    q, k, v = make_inputs(1, 1, 1, 70, 200, 16, torch.float16, seed=3, scale=12.0)
+    out, flags = run(q, k, v, causal=True)
+    ref = attention_math(q, k, v, True, 0.25, torch.float64)
+    assert torch.count_nonzero(flags) == 0
+    assert (out.double() - ref).abs().max().item() <= 2 * (attention_math(q, k, v, True, 0.25, torch.float16).double()
+                                                          - ref).abs().max().item() + FLOOR[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_protection_levels_give_the_same_output(dtype):
+    q, k, v = make_inputs(1, 2, 1, 70, 40, 59, dtype, seed=1)
+    outs = {p: run(q, k, v, causal=True, protection=p) for p in PROTECTION}
+    for p, (out, flags) in outs.items():
+        assert torch.count_nonzero(flags) == 0, p
+        assert torch.equal(out, outs["off"][0]), f"protection={p} changed the output"
+
+
+def test_public_function_triton_backend_matches_cpp():
+    q, k, v = make_inputs(1, 4, 2, 17, 40, 16, torch.float16, seed=2)
+    if DEVICE == "cpu":
+        out_t, rep_t = ftattn.attention(q, k, v, causal=True, backend="triton", return_report=True)
+        out_c = ftattn.attention(q, k, v, causal=True, backend="cpp")
+        assert rep_t.detected == 0
+        assert (out_t.double() - out_c.double()).abs().max().item() <= 2.0**-10
+    else:
+        out_t = ftattn.attention(q, k, v, causal=True)  # auto: Triton on CUDA
+        ref = attention_math(q, k, v, True, 0.25, torch.float64)
+        assert (out_t.cpu().double() - ref).abs().max().item() <= 2.0**-9
+
+
+# ---------------------------------------------------------------------------
+# faults: every site injectable, detected at "full", corrected to the clean output
+
+N_F, M_F, D_F = 70, 40, 16  # two report blocks; the fault row 66 lies in block 1
+# A big fault at each site and the check that must see it (FAULT_MODEL.md sites, the
+# checks of kernels/attention.py's header). The bit: 30 (top exponent bit) everywhere
+# but the running max, where softmax's shift invariance makes m -> ~0 harmless: bit 29
+# sends m (about 2 in log2 units) to ~2^33 instead.
+BIG_BIT = {"rowmax": 29}
+SITE_CHECK = {
+    "scores": Check.ROW_CHECKSUM | Check.COL_CHECKSUM,
+    "probs": Check.PROBS_RANGE,
+    "rowmax": Check.ROWMAX_INVARIANT,
+    "rowsum": Check.ROWSUM_INVARIANT,
+    "acc": Check.PV_CHECKSUM,
+    "output": Check.OUTPUT_CHECK,
+}
+
+
+@pytest.fixture(scope="module")
+def fault_inputs():
+    q, k, v = make_inputs(1, 2, 1, N_F, M_F, D_F, torch.float16, seed=7)
+    clean, flags = run(q, k, v, causal=True)
+    assert torch.count_nonzero(flags) == 0
+    return q, k, v, clean
+
+
+@pytest.mark.parametrize("how", ["bit30", "nan"])
+@pytest.mark.parametrize("site", list(SITE_CHECK))
+def test_every_site_is_detected_and_corrected(fault_inputs, site, how):
+    q, k, v, clean = fault_inputs
+    kw = {"bit": BIG_BIT.get(site, 30)} if how == "bit30" else {"value": float("nan")}
+    fault = Fault(site, batch=0, head=1, row=66, col=33, dim=5, **kw)
+    raw, flags = run(q, k, v, causal=True, recompute=False, fault=fault)
+    tau = TAU[torch.float16] * max(1.0, clean.abs().max().item())
+    diff = (raw.float() - clean.float()).abs().nan_to_num(float("inf"))
+    assert diff.max().item() > tau, "the fault did not land (harmless), the test would prove nothing"
+    assert flags[0, 1, 1] & CHECK_MASK, f"{site} fault missed: flags {flags.tolist()}"
+    if how == "bit30":
+        assert flags[0, 1, 1] & int(SITE_CHECK[site]), f"{site}: {Check(int(flags[0, 1, 1]))!r}"
+    # only the struck block is flagged, and not as bad input, nor corrected without recompute
+    others = flags.clone()
+    others[0, 1, 1] = 0
+    assert torch.count_nonzero(others) == 0
+    assert not flags[0, 1, 1] & int(Check.NONFINITE_INPUT | Check.CORRECTED | Check.UNCORRECTED)
+    fixed, flags_c = run(q, k, v, causal=True, recompute=True, fault=fault)
+    assert flags_c[0, 1, 1] & int(Check.CORRECTED) and not flags_c[0, 1, 1] & int(Check.UNCORRECTED)
+    assert flags_c[0, 1, 1] & CHECK_MASK == flags[0, 1, 1] & CHECK_MASK  # the first pass's findings are kept
+    assert torch.equal(fixed, clean), "the recomputation is deterministic: it must equal the clean output"
+
+
+def test_small_softmax_fault_needs_the_redundant_softmax(fault_inputs):
+    # A mantissa flip of p (bit 22: p * 1.5) keeps 0 <= p <= 1, feeds PV and its checksum
+    # alike, so "abft" misses it (FAULT_MODEL.md allows that, reported) and "full" sees it.
+    q, k, v, clean = fault_inputs
+    fault = Fault("probs", batch=0, head=1, row=66, col=33, bit=22)
+    raw_abft, flags_abft = run(q, k, v, causal=True, protection="abft", recompute=False, fault=fault)
+    raw_full, flags_full = run(q, k, v, causal=True, protection="full", recompute=False, fault=fault)
+    assert torch.equal(raw_abft, raw_full)
+    assert (raw_full.float() - clean.float()).abs().max().item() > 0
+    assert flags_full[0, 1, 1] & int(Check.SOFTMAX_DMR)
+    assert not flags_abft[0, 1, 1] & int(Check.SOFTMAX_DMR)
+
+
+def test_fault_outside_visible_keys_does_not_land(fault_inputs):
+    # causal, N=70, M=40: block 0 (rows 0..63) sees keys < 34; a rowsum fault named at key
+    # 37 strikes no tile of block 0, as in the C++ kernel
+    q, k, v, clean = fault_inputs
+    out, flags = run(q, k, v, causal=True, recompute=False, fault=Fault("rowsum", batch=0, head=0, row=10, col=37,
+                                                                        bit=30))
+    assert torch.count_nonzero(flags) == 0
+    assert torch.equal(out, clean)
+
+
+def test_protection_off_sees_nothing(fault_inputs):
+    q, k, v, clean = fault_inputs
+    fault = Fault("acc", batch=0, head=1, row=66, col=33, dim=5, bit=30)
+    out, flags = run(q, k, v, causal=True, protection="off", fault=fault)
+    assert torch.count_nonzero(flags) == 0
+    assert not torch.equal(out, clean)
+
+
+@pytest.mark.parametrize("site", ["scores", "acc"])
+def test_128_row_programs_flag_and_replay_only_the_struck_block(site):
+    # BLOCK_M = 128: one program owns report blocks 0 and 1; the fault in row 66 must flag
+    # block 1 only, and the replay must rewrite only block 1's rows
+    q, k, v = make_inputs(1, 1, 1, 130, 70, 16, torch.float16, seed=11)
+    blocks = {"block_m": 128, "block_n": 64}
+    clean, flags0 = run(q, k, v, causal=False, **blocks)
+    assert torch.count_nonzero(flags0) == 0
+    fault = Fault(site, batch=0, head=0, row=66, col=65, dim=3, bit=30)
+    raw, flags = run(q, k, v, causal=False, recompute=False, fault=fault, **blocks)
+    assert flags.shape == (1, 1, 3)
+    assert flags[0, 0, 1] & CHECK_MASK and flags[0, 0, 0] == 0 and flags[0, 0, 2] == 0
+    assert torch.equal(raw[:, :, :64], clean[:, :, :64])
+    fixed, flags_c = run(q, k, v, causal=False, recompute=True, fault=fault, **blocks)
+    assert flags_c[0, 0, 1] & int(Check.CORRECTED) and flags_c[0, 0, 0] == 0
+    assert torch.equal(fixed, clean)
+
+
+def test_public_function_correct_raise_report():
+    if DEVICE == "cpu":
+        kw = {"backend": "triton"}
+    else:
+        kw = {}
+    q, k, v = make_inputs(1, 2, 1, 17, 17, 16, torch.float16, seed=5)
+    fault = Fault("output", batch=0, head=1, row=3, dim=2, value=1e30)
+    clean = ftattn.attention(q, k, v, **kw)
+    fixed, report = ftattn.attention(q, k, v, fault=fault, return_report=True, **kw)
+    assert report.detected >= 1 and report.corrected == 1 and torch.equal(fixed, clean)
+    with pytest.raises(ftattn.FaultDetectedError):
+        ftattn.attention(q, k, v, fault=fault, on_fault="raise", **kw)
+    raw = ftattn.attention(q, k, v, fault=fault, on_fault="report", **kw)
+    assert raw[0, 1, 3, 2].item() == float("inf")  # 1e30 does not fit float16
+
+
+# ---------------------------------------------------------------------------
+# the flags contract and non-finite input
+
+
+def test_flags_shape_dtype_and_blocks():
+    q, k, v = make_inputs(2, 2, 1, 129, 17, 16, torch.float16, seed=9)
+    out, flags = run(q, k, v, protection="abft")
+    assert flags.dtype == torch.int32 and flags.shape == (2, 2, 3)  # ceil(129 / 64)
+    assert torch.count_nonzero(flags) == 0
+    fault = Fault("output", batch=1, head=0, row=128, dim=0, bit=30)  # the lone row of block 2
+    _, flags = run(q, k, v, protection="abft", recompute=False, fault=fault)
+    assert flags[1, 0, 2] == int(Check.OUTPUT_CHECK)
+    flags[1, 0, 2] = 0
+    assert torch.count_nonzero(flags) == 0
+
+
+@pytest.mark.parametrize("where", ["q", "v"])
+def test_nonfinite_input_is_reported_not_corrected(where):
+    q, k, v = make_inputs(1, 1, 1, 70, 17, 16, torch.float16, seed=4)
+    t = {"q": q, "v": v}[where]
+    t[0, 0, 5, 3] = float("nan")  # q row 5 (block 0) or key 5 (seen by every row)
+    out, flags = run(q, k, v, recompute=True)
+    bits = flags[0, 0].tolist()
+    assert bits[0] & int(Check.NONFINITE_INPUT) and bits[0] & CHECK_MASK
+    assert not bits[0] & int(Check.CORRECTED | Check.UNCORRECTED)
+    if where == "q":  # block 1 has finite rows and keys: nothing to report there
+        assert bits[1] == 0
+    else:
+        assert bits[1] & int(Check.NONFINITE_INPUT)
+    _, flags_off = run(q, k, v, protection="off")
+    assert torch.count_nonzero(flags_off) == 0  # no checks, no flags
+
+
+def test_rejects_what_it_cannot_run():
+    q, k, v = make_inputs(1, 1, 1, 4, 4, 16, torch.float16)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_fwd(q.new_zeros(1, 1, 4, 300), k.new_zeros(1, 1, 4, 300), v.new_zeros(1, 1, 4, 300), False, 1.0, 2,
+                      True)
+    with pytest.raises(ValueError, match="multiple"):
+        attention_fwd(q.expand(1, 3, 4, 16), k.expand(1, 2, 4, 16).contiguous(), v.expand(1, 2, 4, 16).contiguous(),
+                      False, 1.0, 2, True)
+    with pytest.raises(ValueError, match="out of range"):
+        attention_fwd(q, k, v, False, 1.0, 2, True, [0, 0, 0, 9, 0, 0, 3], None)
+
+
+def test_empty_sequences():
+    q, k, v = make_inputs(1, 2, 1, 17, 0, 16, torch.float16)
+    out, flags = run(q, k, v)
+    assert torch.count_nonzero(out) == 0 and torch.count_nonzero(flags) == 0
+    q0 = q[:, :, :0]
+    out, flags = run(q0, k, v)
+    assert out.shape == (1, 2, 0, 16) and flags.shape == (1, 2, 0)
+
+
+# ---------------------------------------------------------------------------
+# CUDA only: the registered op under torch.compile
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_torch_compile_fullgraph():
+    q, k, v = make_inputs(2, 4, 2, 130, 257, 128, torch.float16, seed=13)
+    fn = torch.compile(lambda q, k, v: ftattn.attention(q, k, v, causal=True), fullgraph=True)
+    eager = ftattn.attention(q, k, v, causal=True)
+    assert torch.equal(fn(q, k, v), eager)
