@@ -96,7 +96,7 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None) -> str:
     path = os.path.join(out_dir, "model.onnx")
     with torch.no_grad():
         program = torch.onnx.export(
-            _cache_wrapper(model), (input_ids, attention_mask, position_ids, *past), None,
+            _cache_wrapper(model).eval(), (input_ids, attention_mask, position_ids, *past), None,
             input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
             dynamo=True, optimize=True, opset_version=opset, verbose=False)
     size = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -279,6 +279,15 @@ class Generator:
                 stream(row.index, ready)
 
     def _flush(self, row: _Row, stream):
+        if row.finish_reason != "stop" and row.tokens:
+            # bytes the streaming decoder still holds (a character never completed, as a
+            # random or cut-off model can leave) come out as the full decode writes them
+            prime = row.prompt[-_STREAM_PRIMING_TOKENS:]
+            head = self.tokenizer.decode(prime, skip_special_tokens=True)
+            full = self.tokenizer.decode(prime + row.tokens, skip_special_tokens=True)
+            so_far = "".join(row.emitted) + row.pending
+            if full.startswith(head) and full[len(head):].startswith(so_far):
+                row.pending += full[len(head) + len(so_far):]
         if row.pending:
             row.emitted.append(row.pending)
             if stream is not None:

@@ -1,0 +1,258 @@
+"""ftattn.onnx.Generator against transformers' generate() on the same weights.
+
+Two decoders of one tiny random Llama (conftest.py): the ``ftattn.onnx.export``
+one (position_ids, left padding, ORT-allocated presents) and the genai builder's
+fp32 one (GroupQueryAttention, right padding, with and without the shared
+past/present buffer).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ftattn.onnx import Generator, Padding, SamplingConfig
+from ftattn.onnx.sampling import candidate_distribution
+
+from conftest import EOS_ID, PAD_ID, copy_folder
+
+PROMPTS = [
+    "def main(args) -> int:",
+    "Café",
+    "The fault-tolerant attention kernel checks every block of",
+]
+NEW_TOKENS = 24
+
+# (model kind, Generator.from_pretrained kwargs): every KV-cache path of the loop
+KINDS = [
+    pytest.param("exported", {}, id="exported"),
+    pytest.param("builder", {"shared_buffer": True}, id="builder-shared"),
+    pytest.param("builder", {"shared_buffer": False, "threads": 1}, id="builder-unshared-1thread"),
+]
+
+
+def hf_generate(model, tokenizer, prompts, max_new_tokens, **kwargs):
+    """transformers' new tokens per prompt, with the pads after an early EOS removed."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=PAD_ID, **kwargs)
+    eos = kwargs.get("eos_token_id", EOS_ID)
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    results = []
+    for row in out[:, encoded.input_ids.shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        results.append(row[:cut])
+    return results
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_greedy_single_prompt_matches_transformers(generators, hf_model, hf_tokenizer, kind, options):
+    generator = generators(kind, **options)
+    for prompt in PROMPTS:
+        expected = hf_generate(hf_model, hf_tokenizer, [prompt], NEW_TOKENS)[0]
+        result = generator.generate(prompt, NEW_TOKENS)[0]
+        assert result.prompt_token_ids == hf_tokenizer(prompt).input_ids
+        assert result.token_ids == expected, prompt
+        assert result.text == hf_tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_greedy_batch_of_different_lengths_matches_transformers(generators, hf_model, hf_tokenizer, kind, options):
+    generator = generators(kind, **options)
+    assert generator.spec.padding is (Padding.LEFT if kind == "exported" else Padding.RIGHT)
+    assert generator.shared_buffer is options.get("shared_buffer", False)
+    expected = hf_generate(hf_model, hf_tokenizer, PROMPTS, NEW_TOKENS)
+    results = generator.generate(PROMPTS, NEW_TOKENS)
+    assert len({len(r.prompt_token_ids) for r in results}) == len(PROMPTS)  # really different lengths
+    assert [r.token_ids for r in results] == expected
+    # and each row equals the prompt run alone
+    assert [generator.generate(p, NEW_TOKENS)[0].token_ids for p in PROMPTS] == expected
+
+
+@pytest.mark.parametrize("kind,options", KINDS[:2])
+def test_eos_stops_like_transformers(generators, hf_model, hf_tokenizer, kind, options):
+    generator = generators(kind, **options)
+    free = hf_generate(hf_model, hf_tokenizer, PROMPTS, NEW_TOKENS, eos_token_id=[])
+    # an EOS id that the first prompt makes at step 5 (and not before), the others maybe never
+    eos = next(t for i, t in enumerate(free[0]) if i >= 4 and t not in free[0][:i])
+    expected = hf_generate(hf_model, hf_tokenizer, PROMPTS, NEW_TOKENS, eos_token_id=eos)
+    results = generator.generate(PROMPTS, NEW_TOKENS, eos_token_id=eos)
+    assert [r.token_ids for r in results] == expected
+    assert results[0].token_ids[-1] == eos and len(results[0].token_ids) < NEW_TOKENS
+    assert results[0].finish_reason == "eos"
+    for result in results:
+        assert result.finish_reason == ("eos" if result.token_ids[-1] == eos else "length")
+    # with the model's own EOS id list (config) nothing changes unless id 1 appears
+    assert [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS)] == \
+        hf_generate(hf_model, hf_tokenizer, PROMPTS, NEW_TOKENS)
+
+
+def test_decode_rate_counts_tokens_made(generators, hf_model, hf_tokenizer):
+    generator = generators("exported")
+    free = hf_generate(hf_model, hf_tokenizer, PROMPTS[:1], NEW_TOKENS, eos_token_id=[])[0]
+    eos = next(t for i, t in enumerate(free) if i >= 4 and t not in free[:i])
+    stopped = generator.generate(PROMPTS[0], NEW_TOKENS, eos_token_id=eos)[0]
+    made = len(stopped.token_ids)
+    assert made < NEW_TOKENS
+    assert stopped.decode_tokens_per_s == pytest.approx((made - 1) / stopped.decode_time_s)
+    assert 0 < stopped.time_to_first_token_s
+    one = generator.generate(PROMPTS[0], 1)[0]
+    assert len(one.token_ids) == 1 and one.decode_tokens_per_s == 0.0 and one.finish_reason == "length"
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+@pytest.mark.parametrize("kind,options", KINDS[:2])
+def test_repetition_penalty_matches_transformers(generators, hf_model, hf_tokenizer, kind, options, penalty):
+    generator = generators(kind, **options)
+    for prompt in PROMPTS:
+        expected = hf_generate(hf_model, hf_tokenizer, [prompt], NEW_TOKENS, repetition_penalty=penalty)[0]
+        assert generator.generate(prompt, NEW_TOKENS, repetition_penalty=penalty)[0].token_ids == expected
+    plain = hf_generate(hf_model, hf_tokenizer, PROMPTS[:1], NEW_TOKENS)[0]
+    assert expected != plain or penalty != 1.3  # the penalty changes something on this model
+
+
+@pytest.mark.parametrize("kind,options", KINDS[:2])
+def test_seeded_sampling_reproduces(generators, kind, options):
+    generator = generators(kind, **options)
+    kwargs = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
+    first = [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, seed=1234, **kwargs)]
+    again = [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, seed=1234, **kwargs)]
+    other = [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, seed=4321, **kwargs)]
+    greedy = [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS)]
+    assert first == again
+    assert first != other
+    assert first != greedy
+
+
+@pytest.mark.parametrize("kind,options", KINDS[:2])
+def test_top_k_1_and_tiny_top_p_equal_greedy(generators, kind, options):
+    generator = generators(kind, **options)
+    greedy = [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS)]
+    top_k = generator.generate(PROMPTS, NEW_TOKENS, do_sample=True, top_k=1, temperature=2.0, seed=0)
+    top_p = generator.generate(PROMPTS, NEW_TOKENS, do_sample=True, top_p=1e-9, temperature=2.0, seed=0)
+    assert [r.token_ids for r in top_k] == greedy
+    assert [r.token_ids for r in top_p] == greedy
+
+
+@pytest.mark.parametrize("config", [
+    SamplingConfig(do_sample=True, temperature=0.7),
+    SamplingConfig(do_sample=True, top_k=10),
+    SamplingConfig(do_sample=True, top_p=0.9),
+    SamplingConfig(do_sample=True, temperature=1.3, top_k=40, top_p=0.8),
+    SamplingConfig(do_sample=True, top_k=600),  # more than the vocabulary: no filtering
+], ids=["temperature", "top_k", "top_p", "all", "top_k>vocab"])
+def test_candidate_distribution_matches_transformers_warpers(config):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        logits = rng.normal(0, 3, size=512).astype(np.float32)
+        logits[rng.integers(0, 512, 4)] = logits.max()  # ties at the top
+        scores = torch.from_numpy(logits.astype(np.float64))[None]
+        for warper in (TemperatureLogitsWarper(config.temperature), TopKLogitsWarper(config.top_k) if config.top_k
+                       else None, TopPLogitsWarper(config.top_p) if config.top_p < 1 else None):
+            if warper is not None:
+                scores = warper(None, scores)
+        expected = torch.softmax(scores[0], dim=-1).numpy()
+        candidates, probs = candidate_distribution(logits, config)
+        got = np.zeros(512)
+        got[candidates] = probs
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,options", KINDS[:2])
+def test_streamed_pieces_join_to_text(generators, kind, options):
+    generator = generators(kind, **options)
+    pieces = {}
+    results = generator.generate(PROMPTS, NEW_TOKENS, stream=lambda i, piece: pieces.setdefault(i, []).append(piece))
+    for i, result in enumerate(results):
+        assert "".join(pieces.get(i, [])) == result.text
+        assert result.text == generator.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_stream_waits_for_whole_multibyte_characters(generators):
+    generator = generators("exported")
+    text = "Café 東京 😀🚀 Zürich"
+    ids = generator.tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text.split())  # some characters span several tokens
+    row = generator._new_row(0, generator.encode("x"))
+    pieces = []
+    for token in ids:
+        generator._accept(row, token, 0.0, (), lambda i, piece: pieces.append(piece), set())
+    generator._flush(row, lambda i, piece: pieces.append(piece))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert len(pieces) > 1
+
+
+@pytest.mark.parametrize("kind,options", KINDS[:2])
+def test_stop_string_cuts_text_and_stream(generators, kind, options):
+    generator = generators(kind, **options)
+    full = generator.generate(PROMPTS[0], NEW_TOKENS, eos_token_id=[])[0]
+    text = full.text
+    # a stop string from the middle of the text, spanning a token boundary
+    start = len(generator.tokenizer.decode(full.token_ids[:5], skip_special_tokens=True)) - 1
+    stop = text[start:start + 3]
+    assert len(stop) == 3 and text.find(stop) >= 0
+    pieces = []
+    result = generator.generate(PROMPTS[0], NEW_TOKENS, eos_token_id=[], stop=["never-made-string", stop],
+                                stream=lambda i, piece: pieces.append(piece))[0]
+    assert result.finish_reason == "stop"
+    assert result.text == text[:text.find(stop)]
+    assert "".join(pieces) == result.text
+    assert result.token_ids == full.token_ids[:len(result.token_ids)] and len(result.token_ids) < NEW_TOKENS
+    # a stop string that never appears changes nothing
+    assert generator.generate(PROMPTS[0], NEW_TOKENS, eos_token_id=[], stop="never-made-string")[0].text == text
+
+
+def test_chat_template_matches_transformers(generators, hf_tokenizer, hf_model):
+    generator = generators("exported")
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Café?"}]
+    expected_ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False)
+    assert generator.encode(messages) == list(expected_ids)
+    assert generator.apply_chat_template(messages) == hf_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    results = generator.generate([messages, "Café?"], 8)
+    assert results[0].prompt_token_ids == list(expected_ids)
+    assert results[1].prompt_token_ids == hf_tokenizer("Café?").input_ids
+
+
+def test_chat_template_from_tokenizer_config_and_missing(exported, tmp_path):
+    # older transformers keep the template in tokenizer_config.json instead of chat_template.jinja
+    folder = copy_folder(exported, tmp_path / "config_template", skip=("chat_template.jinja",))
+    with open(os.path.join(exported, "chat_template.jinja"), encoding="utf-8") as handle:
+        template = handle.read()
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["chat_template"] = template
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    messages = [{"role": "user", "content": "hi"}]
+    with_config = Generator.from_pretrained(folder)
+    with_jinja = Generator.from_pretrained(exported)
+    assert with_config.encode(messages) == with_jinja.encode(messages)
+
+    bare = copy_folder(exported, tmp_path / "no_template", skip=("chat_template.jinja",))
+    with pytest.raises(ValueError, match="no chat_template"):
+        Generator.from_pretrained(bare).generate([messages], 4)
+
+
+def test_threads_and_providers(exported):
+    import onnxruntime as ort
+
+    one = Generator.from_pretrained(exported, threads=1, providers=["CPUExecutionProvider"])
+    default = Generator.from_pretrained(exported)
+    assert one.session.get_providers() == ["CPUExecutionProvider"]
+    assert one.generate(PROMPTS, 8)[0].token_ids == default.generate(PROMPTS, 8)[0].token_ids
+    assert "CPUExecutionProvider" in ort.get_available_providers()
+
+
+def test_token_id_prompts(generators):
+    generator = generators("exported")
+    ids = generator.encode(PROMPTS[0])
+    assert generator.generate([ids], 8)[0].token_ids == generator.generate(PROMPTS[0], 8)[0].token_ids
+    assert generator.generate(ids, 8)[0].prompt_token_ids == ids
