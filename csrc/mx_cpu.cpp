@@ -83,45 +83,51 @@ inline int floor_log2(uint32_t abits, const uint32_t* thr) {
 // floor() of v in [0, 2^31): truncation (SSE2 cvttps2dq, no libm call).
 inline float floor_pos(float v) { return static_cast<float>(static_cast<int32_t>(v)); }
 
+// 2^k for k in the normal range [-126, 127] (integer ops only: vectorises).
+inline float exp2n(int k) { return float_of(static_cast<uint32_t>(k + 127) << 23); }
+
 // One element in the scaled domain -> its quantized value (still scaled),
-// microxcaling's _quantize_elemwise_core with saturate_normals=True.
-inline float quantize_element(float a, const Params& P) {
+// microxcaling's _quantize_elemwise_core with saturate_normals=True. Branch-free
+// so the loops below vectorise (the threshold lookup becomes a gather).
+template <int ROUND, bool INT>
+inline __attribute__((always_inline)) float quantize_element(float a, const Params& P) {
   const float absa = std::fabs(a);
-  int p = 0;  // element exponent (a == 0: log2(0 + 1) = 0)
-  float up;
-  if (P.ebits) {
-    const uint32_t ab = bits_of(absa);
-    if (ab != 0) p = floor_log2(ab, P.thr);
-    if (p < P.min_exp) p = P.min_exp;
-    up = absa * exp2i(P.mbits - 2 - p);
+  float up, unit;
+  if (INT) {
+    up = absa * exp2n(P.mbits - 2);
+    unit = exp2n(-(P.mbits - 2));
   } else {
-    up = absa * exp2i(P.mbits - 2);
+    const uint32_t ab = bits_of(absa);
+    int p = ab == 0 ? 0 : floor_log2(ab, P.thr);  // a == 0: log2(0 + 1) = 0
+    p = std::max(p, P.min_exp);
+    up = absa * exp2n(P.mbits - 2 - p);
+    unit = exp2n(p - (P.mbits - 2));
   }
   float r;
-  if (P.rounding == kFloor) {
+  if (ROUND == kFloor) {
     r = floor_pos(up);
   } else {
     r = floor_pos(up + 0.5f);
-    if (P.rounding == kEven) {
+    if (ROUND == kEven) {
       const float t = up - 0.5f;  // (|A| - 0.5) % 2 == 0 finds 0.5, 2.5, 4.5, ...
-      if (t >= 0.0f && floor_pos(t * 0.5f) * 2.0f == t) r -= 1.0f;
+      r -= (t >= 0.0f && floor_pos(t * 0.5f) * 2.0f == t) ? 1.0f : 0.0f;
     }
   }
-  float q = r * exp2i(P.ebits ? p - (P.mbits - 2) : -(P.mbits - 2));
-  q = std::min(q, P.max_norm);
-  // sign(a) * q: sign(+-0) is 0, a tiny negative value that rounds to 0 gives -0.
-  return a < 0.0f ? -q : (a > 0.0f ? q : 0.0f);
+  const float q = std::min(r * unit, P.max_norm);
+  // sign(a) * q: sign(+-0) is 0 (q is +0 then), a tiny negative value rounding to 0 gives -0.
+  return a < 0.0f ? -q : q;
 }
 
 // Shared exponent of a block from its amax (finite, >= 0).
 inline int shared_exponent(float amax, const Params& P) {
   const int e = amax == 0.0f ? -126 : floor_log2(bits_of(amax), P.thr);  // log2(amax + 2^-126 [amax == 0])
-  return std::max(e - P.emax, -kScaleEmax);  // > 127 is impossible for finite amax except e = 128
+  return std::max(e - P.emax, -kScaleEmax);  // > 127 only for amax rounding up to 2^128
 }
 
 // Quantizes n contiguous values sharing one scale; returns the E8M0 byte.
-FTATTN_MX_CLONES
-uint8_t quantize_block_contig(const float* x, float* out, int64_t n, const Params& P, bool scaled) {
+template <int ROUND, bool INT>
+inline __attribute__((always_inline)) uint8_t block_contig(const float* x, float* out, int64_t n,
+                                                           const Params& P, bool scaled) {
   float amax = 0.0f;
   uint32_t nonfinite = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -129,23 +135,57 @@ uint8_t quantize_block_contig(const float* x, float* out, int64_t n, const Param
     nonfinite |= static_cast<uint32_t>((b & kExpMask) == kExpMask);
     amax = std::max(amax, float_of(b));
   }
-  int s = nonfinite ? kScaleEmax + 1 : shared_exponent(amax, P);
+  const int s = nonfinite ? kScaleEmax + 1 : shared_exponent(amax, P);
   if (s > kScaleEmax) {  // NaN/Inf in the block (or amax rounds to 2^128): the whole block is NaN
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (int64_t j = 0; j < n; ++j) out[j] = nan;
     return kE8M0Nan;
   }
-  const float down = exp2i(-s);  // x / 2^s
-  const float back = scaled ? 1.0f : exp2i(s);
-  for (int64_t j = 0; j < n; ++j) out[j] = quantize_element(x[j] * down, P) * back;
+  const float down = exp2i(-s);  // x / 2^s, exact
+  if (scaled) {
+    for (int64_t j = 0; j < n; ++j) out[j] = quantize_element<ROUND, INT>(x[j] * down, P);
+  } else {
+    const float back = exp2i(s);  // rounds into the subnormals like the reference's A * 2**shared_exp
+    for (int64_t j = 0; j < n; ++j) out[j] = quantize_element<ROUND, INT>(x[j] * down, P) * back;
+  }
   return static_cast<uint8_t>(s + kScaleEmax);
 }
 
-// Block of n rows x inner columns (row stride `inner`), one scale per column.
+template <int ROUND, bool INT>
+inline __attribute__((always_inline)) void rows_contig(const float* x, float* out, uint8_t* scale, int64_t begin,
+                                                       int64_t end, int64_t nblk, int64_t K, int64_t block_size,
+                                                       const Params& P, bool scaled) {
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t o = blk / nblk, b = blk % nblk;
+    const int64_t k0 = b * block_size, n = std::min(block_size, K - k0);
+    const int64_t off = o * K + k0;
+    scale[blk] = block_contig<ROUND, INT>(x + off, out + off, n, P, scaled);
+  }
+}
+
+// Blocks [begin, end) of the contiguous layout; one clone per ISA.
 FTATTN_MX_CLONES
-void quantize_block_strided(const float* x, float* out, uint8_t* scale, int64_t n, int64_t inner,
-                            const Params& P, bool scaled, float* amax, uint32_t* nonfinite, float* down,
-                            float* back) {
+void run_contig(const float* x, float* out, uint8_t* scale, int64_t begin, int64_t end, int64_t nblk, int64_t K,
+                int64_t block_size, const Params& P, bool scaled) {
+  const bool is_int = P.ebits == 0;
+  switch (P.rounding) {
+    case kNearest:
+      return is_int ? rows_contig<kNearest, true>(x, out, scale, begin, end, nblk, K, block_size, P, scaled)
+                    : rows_contig<kNearest, false>(x, out, scale, begin, end, nblk, K, block_size, P, scaled);
+    case kFloor:
+      return is_int ? rows_contig<kFloor, true>(x, out, scale, begin, end, nblk, K, block_size, P, scaled)
+                    : rows_contig<kFloor, false>(x, out, scale, begin, end, nblk, K, block_size, P, scaled);
+    default:
+      return is_int ? rows_contig<kEven, true>(x, out, scale, begin, end, nblk, K, block_size, P, scaled)
+                    : rows_contig<kEven, false>(x, out, scale, begin, end, nblk, K, block_size, P, scaled);
+  }
+}
+
+// Block of n rows x inner columns (row stride `inner`), one scale per column.
+template <int ROUND, bool INT>
+inline __attribute__((always_inline)) void block_strided(const float* x, float* out, uint8_t* scale, int64_t n,
+                                                         int64_t inner, const Params& P, bool scaled, float* amax,
+                                                         uint32_t* nonfinite, float* down, float* back) {
   std::fill(amax, amax + inner, 0.0f);
   std::fill(nonfinite, nonfinite + inner, 0u);
   for (int64_t j = 0; j < n; ++j) {
@@ -172,8 +212,24 @@ void quantize_block_strided(const float* x, float* out, uint8_t* scale, int64_t 
   for (int64_t j = 0; j < n; ++j) {
     const float* row = x + j * inner;
     float* orow = out + j * inner;
-    for (int64_t i = 0; i < inner; ++i) orow[i] = quantize_element(row[i] * down[i], P) * back[i];
+    for (int64_t i = 0; i < inner; ++i) orow[i] = quantize_element<ROUND, INT>(row[i] * down[i], P) * back[i];
   }
+}
+
+FTATTN_MX_CLONES
+void run_strided(const float* x, float* out, uint8_t* scale, int64_t n, int64_t inner, const Params& P, bool scaled,
+                 float* amax, uint32_t* nonfinite, float* down, float* back) {
+  const bool is_int = P.ebits == 0;
+#define FTATTN_MX_STRIDED(R, I) block_strided<R, I>(x, out, scale, n, inner, P, scaled, amax, nonfinite, down, back)
+  switch (P.rounding) {
+    case kNearest:
+      return is_int ? FTATTN_MX_STRIDED(kNearest, true) : FTATTN_MX_STRIDED(kNearest, false);
+    case kFloor:
+      return is_int ? FTATTN_MX_STRIDED(kFloor, true) : FTATTN_MX_STRIDED(kFloor, false);
+    default:
+      return is_int ? FTATTN_MX_STRIDED(kEven, true) : FTATTN_MX_STRIDED(kEven, false);
+  }
+#undef FTATTN_MX_STRIDED
 }
 
 // x [outer, K, inner] float32 -> (values [outer, K, inner] float32, scale_e8m0 [outer, nblk, inner] uint8).
@@ -217,12 +273,7 @@ std::tuple<at::Tensor, at::Tensor> mx_quantize_cpu(const at::Tensor& x, const at
     // ~16 KiB of input per task keeps the parallel overhead under 1 %.
     const int64_t grain = std::max<int64_t>(1, 4096 / block_size);
     at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t o = blk / nblk, b = blk % nblk;
-        const int64_t k0 = b * block_size, n = std::min(block_size, K - k0);
-        const int64_t off = o * K + k0;
-        sp[blk] = quantize_block_contig(xp + off, op + off, n, P, scaled);
-      }
+      run_contig(xp, op, sp, begin, end, nblk, K, block_size, P, scaled);
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, 4096 / (block_size * inner));
@@ -233,8 +284,8 @@ std::tuple<at::Tensor, at::Tensor> mx_quantize_cpu(const at::Tensor& x, const at
         const int64_t o = blk / nblk, b = blk % nblk;
         const int64_t k0 = b * block_size, n = std::min(block_size, K - k0);
         const int64_t off = (o * K + k0) * inner;
-        quantize_block_strided(xp + off, op + off, sp + blk * inner, n, inner, P, scaled, amax.data(),
-                               nonfinite.data(), down.data(), back.data());
+        run_strided(xp + off, op + off, sp + blk * inner, n, inner, P, scaled, amax.data(), nonfinite.data(),
+                    down.data(), back.data());
       }
     });
   }
