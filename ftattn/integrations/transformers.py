@@ -329,6 +329,7 @@ def _mask_layout(mask: torch.Tensor, batch: int, n: int, m: int) -> _Layout:
     return _Layout(tuple(start.tolist()), tuple(stop.tolist()), tuple((~plain).tolist()))
 
 
+@torch.compiler.disable  # reads the mask's values: data-dependent, a clean graph break under compile
 def _cached_layout(state: _State, mask: torch.Tensor, batch: int, n: int, m: int) -> _Layout:
     """Every layer of one forward gets the same mask object: decode it once."""
     cached = state.mask_cache
