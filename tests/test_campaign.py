@@ -1,0 +1,68 @@
+"""The campaign of FAULT_MODEL.md on the C++ backend, at CI size: 700 faults per
+dtype at protection "full" (2,100 in all) over every site, bit and replacement value."""
+import json
+
+import pytest
+
+from ftattn import campaign
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_campaign_full_protection(dtype):
+    res = campaign.run("cpp", "cpu", dtype, "full", faults=700, seed=1, progress=False)
+    assert sum(st.injected for st in res.sites.values()) == 700
+    assert res.failures() == [], campaign.format_table(res)
+    assert res.false_alarms == 0 and res.clean_runs >= 60
+    for site, st in res.sites.items():
+        assert st.harmful_missed == 0, site
+        assert st.corrected == st.detected, site
+        assert st.harmful > 0 and st.detected >= st.harmful, site  # the campaign does inject harm
+
+
+def test_campaign_abft_shows_probs_uncovered():
+    res = campaign.run("cpp", "cpu", "float32", "abft", faults=240, seed=2, progress=False)
+    table = campaign.format_table(res)
+    assert res.sites["probs"].harmful_missed > 0  # shown, not hidden
+    assert "probs" in table and "(not covered at this level)" in table
+    assert res.failures() == []  # abft does not claim probs
+
+
+def test_campaign_off_misses_everything_and_is_not_a_failure():
+    res = campaign.run("cpp", "cpu", "float32", "off", faults=60, seed=3, progress=False)
+    assert all(st.detected == 0 for st in res.sites.values())
+    assert sum(st.harmful_missed for st in res.sites.values()) > 0
+    assert res.failures() == []
+
+
+def test_campaign_reference_backend():
+    res = campaign.run("reference", "cpu", "float32", "full", faults=48, long_kv=300, seed=4, progress=False)
+    assert res.failures() == [], campaign.format_table(res)
+
+
+def test_campaign_cli_json(tmp_path, capsys):
+    from ftattn.__main__ import main
+
+    out = tmp_path / "c.json"
+    rc = main(["campaign", "--dtype", "bfloat16", "--faults", "60", "--no-progress", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "harmful&missed" in text and "campaign passed" in text
+    data = json.loads(out.read_text())
+    (r,) = data["results"]
+    assert r["dtype"] == "bfloat16" and r["protection"] == "full" and r["failures"] == []
+    assert sum(s["injected"] for s in r["sites"].values()) == 60
+
+
+def test_campaign_cli_fails_on_a_missed_fault(monkeypatch, capsys):
+    """The exit status is what CI trusts: a kernel whose checks are blind must fail it."""
+    from ftattn.__main__ import main
+
+    real = campaign.attention
+
+    def blind(*args, **kwargs):  # protection silently off
+        kwargs["protection"] = "off"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(campaign, "attention", blind)
+    rc = main(["campaign", "--dtype", "float32", "--faults", "30", "--no-progress"])
+    assert rc == 1 and "CAMPAIGN FAILED" in capsys.readouterr().out
