@@ -270,10 +270,12 @@ def _mx_3d(x3: torch.Tensor, f: ElementFormat, block_size: int, rounding: Roundi
     if backend is Backend.CPP:
         return torch.ops.ftattn.mx_quantize(x3, thr, f.ebits, f.mbits, f.emax, f.max_norm, block_size,
                                             ROUNDING_CODE[rounding], scaled)
-    from ..kernels.mx import mx_quantize as triton_mx_quantize
+    args = (thr, f.ebits, f.mbits, f.emax, f.max_norm, block_size, ROUNDING_CODE[rounding], scaled)
+    if x3.device.type == "cuda":
+        return torch.ops.ftattn.mx_quantize(x3, *args)
+    from ..kernels.mx import mx_quantize as triton_mx_quantize  # the Triton interpreter, on CPU tensors
 
-    return triton_mx_quantize(x3, thr, f.ebits, f.mbits, f.emax, f.max_norm, block_size,
-                              ROUNDING_CODE[rounding], scaled)
+    return triton_mx_quantize(x3, *args)
 
 
 def quantize_with_scales(x: torch.Tensor, fmt: Union[str, ElementFormat], block_size: int = 32, axis: int = -1,
@@ -467,3 +469,31 @@ def unpack(t: MXTensor) -> torch.Tensor:
     out = values * 2**shared  # NaN scale -> NaN block, as the quantizer
     out = out.view(rows, nblk * t.block_size)[:, :K].reshape(moved)
     return out.movedim(-1, t.axis).to(t.dtype)
+
+
+# ---------------------------------------------------------------------------
+# op registration: fake (meta) kernel; the Triton kernel as the CUDA implementation
+
+
+def _register() -> None:
+    if _cpp_reason() is not None:  # the schema lives in the C++ extension
+        return
+
+    @torch.library.register_fake("ftattn::mx_quantize")
+    def _mx_quantize_fake(x, log2_thresholds, ebits, mbits, emax, max_norm, block_size, rounding, scaled):
+        outer, K, inner = x.shape
+        nblk = -(-K // block_size)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((outer, nblk, inner),
+                                                                                        dtype=torch.uint8)
+
+    try:
+        from ..kernels.mx import mx_quantize as triton_mx_quantize
+    except ImportError:
+        return
+
+    @torch.library.impl("ftattn::mx_quantize", "CUDA")
+    def _mx_quantize_cuda(x, log2_thresholds, ebits, mbits, emax, max_norm, block_size, rounding, scaled):
+        return triton_mx_quantize(x, log2_thresholds, ebits, mbits, emax, max_norm, block_size, rounding, scaled)
+
+
+_register()
