@@ -22,7 +22,7 @@ PROMPTS = [
     "Café",
     "The fault-tolerant attention kernel checks every block of",
 ]
-NEW_TOKENS = 24
+NEW_TOKENS = 20
 
 # (model kind, Generator.from_pretrained kwargs): every KV-cache path of the loop
 KINDS = [
@@ -32,8 +32,14 @@ KINDS = [
 ]
 
 
+_HF_CACHE = {}
+
+
 def hf_generate(model, tokenizer, prompts, max_new_tokens, **kwargs):
-    """transformers' new tokens per prompt, with the pads after an early EOS removed."""
+    """transformers' new tokens per prompt, with the pads after an early EOS removed (memoised)."""
+    key = (id(model), tuple(prompts), max_new_tokens, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+    if key in _HF_CACHE:
+        return _HF_CACHE[key]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=PAD_ID, **kwargs)
@@ -43,6 +49,7 @@ def hf_generate(model, tokenizer, prompts, max_new_tokens, **kwargs):
     for row in out[:, encoded.input_ids.shape[1]:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         results.append(row[:cut])
+    _HF_CACHE[key] = results
     return results
 
 
@@ -105,11 +112,10 @@ def test_decode_rate_counts_tokens_made(generators, hf_model, hf_tokenizer):
 @pytest.mark.parametrize("kind,options", KINDS[:2])
 def test_repetition_penalty_matches_transformers(generators, hf_model, hf_tokenizer, kind, options, penalty):
     generator = generators(kind, **options)
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:2]:
         expected = hf_generate(hf_model, hf_tokenizer, [prompt], NEW_TOKENS, repetition_penalty=penalty)[0]
         assert generator.generate(prompt, NEW_TOKENS, repetition_penalty=penalty)[0].token_ids == expected
-    plain = hf_generate(hf_model, hf_tokenizer, PROMPTS[:1], NEW_TOKENS)[0]
-    assert expected != plain or penalty != 1.3  # the penalty changes something on this model
+    assert expected != hf_generate(hf_model, hf_tokenizer, [prompt], NEW_TOKENS)[0]  # the penalty acts here
 
 
 @pytest.mark.parametrize("kind,options", KINDS[:2])

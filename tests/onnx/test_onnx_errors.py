@@ -1,0 +1,114 @@
+"""Bad input to ftattn.onnx gives errors that name the value and the fix."""
+import os
+
+import numpy as np
+import pytest
+
+from ftattn.onnx import Generator, export
+
+from conftest import copy_folder
+
+PROMPT = "def main(args) -> int:"
+
+
+@pytest.fixture(scope="module")
+def generator(exported):
+    return Generator.from_pretrained(exported)
+
+
+def test_folder_without_decoder(exported, tmp_path):
+    folder = copy_folder(exported, tmp_path / "no_decoder", skip=("model.onnx",))
+    with pytest.raises(FileNotFoundError, match="no .onnx decoder"):
+        Generator.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        Generator.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_folder_without_tokenizer(exported, tmp_path):
+    folder = copy_folder(exported, tmp_path / "no_tokenizer", skip=("tokenizer.json",))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        Generator.from_pretrained(folder)
+
+
+def test_folder_without_config(exported, tmp_path):
+    folder = copy_folder(exported, tmp_path / "no_config", skip=("config.json",))
+    with pytest.raises(FileNotFoundError, match="neither genai_config.json nor config.json"):
+        Generator.from_pretrained(folder)
+
+
+def test_model_without_kv_inputs(exported, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # input_ids -> embedding Gather -> logits: a decoder with no cache
+    embedding = numpy_helper.from_array(np.zeros((16, 8), dtype=np.float32), "embedding")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embedding", "input_ids"], ["logits"])], "no_cache",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", 8])],
+        initializer=[embedding])
+    folder = copy_folder(exported, tmp_path / "no_cache", skip=("model.onnx",))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, os.path.join(folder, "model.onnx"))
+    with pytest.raises(ValueError, match="no KV-cache inputs"):
+        Generator.from_pretrained(folder)
+
+
+def test_prompt_longer_than_context(generator):
+    context = generator.spec.context_length
+    with pytest.raises(ValueError, match=f"context length {context}"):
+        generator.generate([0] * (context + 1), 1)
+    with pytest.raises(ValueError, match="lower max_new_tokens"):
+        generator.generate([0] * (context - 4), 5)
+    assert len(generator.generate([0] * (context - 4), 4)[0].token_ids) <= 4  # fits exactly
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "8"])
+def test_max_new_tokens(generator, value):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generator.generate(PROMPT, value)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.0), "top_k"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(seed="7"), "seed"),
+    (dict(stop=""), "stop"),
+    (dict(stop=["ok", 3]), "stop"),
+    (dict(stream="print"), "stream"),
+])
+def test_invalid_generation_values(generator, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        generator.generate(PROMPT, 4, **kwargs)
+
+
+def test_temperature_zero_is_fine_for_greedy(generator):
+    assert generator.generate(PROMPT, 4, temperature=0.0)[0].token_ids == generator.generate(PROMPT, 4)[0].token_ids
+
+
+@pytest.mark.parametrize("prompts,error", [
+    ([], ValueError), ([3.5], TypeError), ([["a", "b"]], TypeError), ([[10 ** 6]], ValueError), (None, ValueError),
+])
+def test_bad_prompts(generator, prompts, error):
+    with pytest.raises(error):
+        generator.generate(prompts, 4)
+
+
+def test_bad_loader_options(exported):
+    with pytest.raises(ValueError, match="threads"):
+        Generator.from_pretrained(exported, threads=0)
+    with pytest.raises(ValueError, match="not available"):
+        Generator.from_pretrained(exported, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(ValueError, match="GroupQueryAttention"):
+        Generator.from_pretrained(exported, shared_buffer=True)
+
+
+def test_export_needs_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        export(str(tmp_path), str(tmp_path / "out"))

@@ -1,0 +1,77 @@
+"""ftattn.onnx.export's graph against the transformers forward, and `python -m ftattn generate`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ftattn.__main__ import main as ftattn_main
+from ftattn.onnx import Generator
+
+
+def test_exported_logits_and_cache_match_transformers(exported, hf_model):
+    import onnxruntime as ort
+    from transformers.cache_utils import DynamicCache
+
+    session = ort.InferenceSession(f"{exported}/model.onnx", providers=["CPUExecutionProvider"])
+    config = hf_model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_size = config.hidden_size // config.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    batch, past_length, length = 3, 5, 4  # left-padded rows over a non-empty past
+    ids = torch.randint(3, config.vocab_size, (batch, length), generator=generator)
+    mask = torch.ones(batch, past_length + length, dtype=torch.int64)
+    mask[1, :2] = 0
+    mask[2, :6] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_length:]
+    past = [torch.randn(batch, kv_heads, past_length, head_size, generator=generator) for _ in range(2 * layers)]
+    cache = DynamicCache(config=config)
+    for layer in range(layers):
+        cache.update(past[2 * layer].clone(), past[2 * layer + 1].clone(), layer)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    for layer in range(layers):
+        feed[f"past_key_values.{layer}.key"] = past[2 * layer].numpy()
+        feed[f"past_key_values.{layer}.value"] = past[2 * layer + 1].numpy()
+    names = ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    got = dict(zip(names, session.run(names, feed)))
+    keep = mask[:, past_length:].bool().numpy()  # rows' real positions (fully padded query rows differ)
+    np.testing.assert_allclose(got["logits"][keep], expected.logits.numpy()[keep], rtol=1e-4, atol=1e-4)
+    # cache slots of real tokens (pad slots are masked forever and not compared)
+    slots = mask.bool().numpy()
+    for layer in range(layers):
+        for kind, reference in (("key", cache.layers[layer].keys), ("value", cache.layers[layer].values)):
+            present = got[f"present.{layer}.{kind}"].transpose(0, 2, 1, 3)  # (batch, slot, heads, size)
+            np.testing.assert_allclose(present[slots], reference.numpy().transpose(0, 2, 1, 3)[slots],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_cli_json_matches_api(exported, capsys):
+    prompts = ["def main(args) -> int:", "Café"]
+    assert ftattn_main(["generate", exported, *prompts, "--max-new-tokens", "6", "--threads", "1", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = Generator.from_pretrained(exported).generate(prompts, 6)
+    assert [p["token_ids"] for p in printed] == [r.token_ids for r in expected]
+    assert [p["text"] for p in printed] == [r.text for r in expected]
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-stream"]], ids=["stream", "no-stream"])
+def test_cli_text(exported, capsys, extra):
+    assert ftattn_main(["generate", exported, "Café", "--max-new-tokens", "6", "--do-sample", "--seed", "3",
+                        "--top-k", "20", *extra]) == 0
+    captured = capsys.readouterr()
+    expected = Generator.from_pretrained(exported).generate("Café", 6, do_sample=True, seed=3, top_k=20)[0]
+    assert captured.out == expected.text + "\n"
+    assert "tokens/s" in captured.err and "6 new" in captured.err
+
+
+def test_cli_chat_and_errors(exported, tmp_path, capsys):
+    assert ftattn_main(["generate", exported, "Café?", "--chat", "--max-new-tokens", "3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    generator = Generator.from_pretrained(exported)
+    assert printed[0]["prompt_tokens"] == len(generator.encode([{"role": "user", "content": "Café?"}]))
+    assert ftattn_main(["generate", str(tmp_path), "x"]) == 2
+    assert "no .onnx decoder" in capsys.readouterr().err
+    assert ftattn_main(["generate", exported, "x", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""The harness on onnxruntime-genai builder models gives genai's own greedy tokens.
+
+The peer is onnxruntime-genai's Generator on the same model folder (fp32 and int4
+MatMulNBits), fed the same token ids (genai's tokenizer does not add the BOS that
+tokenizer.json's post-processor adds, so both get the ids from ours). Skips when
+onnxruntime-genai is not installed.
+"""
+import pytest
+
+from ftattn.onnx import Generator, Padding
+
+PROMPTS = ["def main(args) -> int:", "Café", "The fault-tolerant attention kernel checks every block of"]
+NEW_TOKENS = 20
+
+
+def genai_greedy(folder, ids, new_tokens):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=0)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("shared_buffer", [True, False])
+def test_builder_model_greedy_matches_genai(precision, shared_buffer, request):
+    folder = request.getfixturevalue(f"builder_{precision}")
+    generator = Generator.from_pretrained(folder, shared_buffer=shared_buffer)
+    assert generator.spec.group_query_attention and generator.spec.padding is Padding.RIGHT
+    assert generator.shared_buffer is shared_buffer
+    ids = [generator.encode(p) for p in PROMPTS]
+    expected = [genai_greedy(folder, row, NEW_TOKENS) for row in ids]
+    # genai stops at the model's EOS id (1) as the harness does; both run to 20 here
+    assert [r.token_ids for r in generator.generate(ids, NEW_TOKENS)] == expected  # one padded batch
+    assert generator.generate(ids[0], NEW_TOKENS)[0].token_ids == expected[0]
+
+
+def test_int4_model_is_quantised(builder_int4):
+    import onnx
+
+    model = onnx.load(f"{builder_int4}/model.onnx", load_external_data=False)
+    assert any(node.op_type == "MatMulNBits" for node in model.graph.node)
