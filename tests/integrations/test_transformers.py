@@ -302,6 +302,26 @@ def test_compiled_forward_with_padding(llama_pair):
     assert torch.allclose(out[keep], ref[keep], atol=1e-6, rtol=1e-5)
 
 
+def test_faults_corrected_under_compile(llama_pair):
+    """Injection bookkeeping runs eagerly under compile (graph breaks); the faults still land and are corrected."""
+    _, model = llama_pair
+    ids, mask = _prompts(1, 7, seed=5)
+    ft_hf.configure(model)
+    clean = generate(model, ids, mask, 4)
+    ft_hf.inject(model, _every_site_plan(model.config.num_hidden_layers)[:3], seed=5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="eager")  # dynamo only: the point is the tracing
+    forward, model.forward = model.forward, compiled
+    try:
+        out = generate(model, ids, mask, 4)
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
+    c = ft_hf.counters(model)
+    assert c.injected == 3 and c.detected == 3 and c.corrected == 3
+    assert torch.equal(out, clean)
+
+
 # ---------------------------------------------------------------------------
 # the real all-MiniLM-L6-v2 on real text
 
