@@ -160,8 +160,8 @@ def weight_sqnr_db(model: torch.nn.Module, fmt: str, block_size: int = 32, round
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             w = m.weight.detach().float()
             q = quantize(w, fmt, block_size, -1 if isinstance(m, torch.nn.Linear) else 1, rounding)
-            signal += float((w.double() ** 2).sum())
-            noise += float(((w.double() - q.double()) ** 2).sum())
+            signal += float((w * w).sum(dtype=torch.float64))
+            noise += float(((w - q) ** 2).sum(dtype=torch.float64))  # w - q is exact in fp32 (same binade)
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise)
