@@ -331,8 +331,8 @@ class Generator:
             for b, row in enumerate(rows):
                 seen[b, row.prompt] = True
 
-        def bind_common(io, ids_value, total: int, step_positions):
-            io.bind_ortvalue_input(spec.input_ids_name, ids_value)
+        def bind_step(io, total: int, step_positions):
+            """The inputs that change shape every step: attention mask, position ids."""
             if spec.attention_mask_name is not None:
                 if right:  # GQA reads each row's length from the row sum
                     step_mask = (np.arange(total)[None, :] < (lengths + (total - width))[:, None])
@@ -341,6 +341,10 @@ class Generator:
                     io.bind_cpu_input(spec.attention_mask_name, np.ascontiguousarray(mask[:, :total]))
             if spec.position_ids_name is not None:
                 io.bind_cpu_input(spec.position_ids_name, step_positions.astype(spec.input_ids_dtype))
+
+        def bind_common(io, ids_value, total: int, step_positions):
+            io.bind_ortvalue_input(spec.input_ids_name, ids_value)
+            bind_step(io, total, step_positions)
             for name, value in zip(kv_names_in, past):
                 io.bind_ortvalue_input(name, value)
 
@@ -371,6 +375,7 @@ class Generator:
         step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=spec.logits_dtype)
         step_logits_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
         active = np.ones(batch, dtype=bool)
+        shared_io = None
 
         for step in range(max_new_tokens):
             scores = logits[:, 0, :]
@@ -398,17 +403,24 @@ class Generator:
             total = width + step + 1
             if not right:
                 mask[:, total - 1] = 1
-            io = self.session.io_binding()
-            bind_common(io, next_ids_value, total, (lengths + step)[:, None])
-            io.bind_ortvalue_output(spec.logits_name, step_logits_value)
-            for name, value in zip(kv_names_out, past):
+            positions = (lengths + step)[:, None]
+            if shared_io is not None:  # shared buffer: ids, KV and logits stay bound
+                bind_step(shared_io, total, positions)
+                self.session.run_with_iobinding(shared_io)
+            else:
+                io = self.session.io_binding()
+                bind_common(io, next_ids_value, total, positions)
+                io.bind_ortvalue_output(spec.logits_name, step_logits_value)
+                for name, value in zip(kv_names_out, past):
+                    if self.shared_buffer:
+                        io.bind_ortvalue_output(name, value)
+                    else:
+                        io.bind_output(name, "cpu")
+                self.session.run_with_iobinding(io)
                 if self.shared_buffer:
-                    io.bind_ortvalue_output(name, value)
+                    shared_io = io
                 else:
-                    io.bind_output(name, "cpu")
-            self.session.run_with_iobinding(io)
-            if not self.shared_buffer:
-                past = io.get_outputs()[1:]
+                    past = io.get_outputs()[1:]
             logits = step_logits
         for row in rows:
             self._flush(row, stream)
