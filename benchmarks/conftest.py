@@ -1,0 +1,131 @@
+"""Shared pieces of the benchmarks: the environment recorded with every figure,
+CPU peak memory, and the load average of the machine that took the numbers.
+
+Every pytest-benchmark JSON written from this folder carries, in ``machine_info``,
+the torch / triton versions, the CPU and GPU names, the thread count and the load
+average at the start and the end of the run (a shared 2-core CI machine can halve a
+CPU figure; the load says whether it did).
+"""
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # recorded, never fatal: a benchmark without triton still runs
+        return f"not available ({type(exc).__name__})"
+    return getattr(mod, "__version__", "unknown")
+
+
+@lru_cache(maxsize=None)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not on every platform
+        return []
+
+
+def environment(device: str) -> dict:
+    """What every figure is recorded with (house style rule 8)."""
+    info = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.startswith("cuda"):
+        info["cuda"] = torch.version.cuda
+        info["capability"] = "sm_%d%d" % torch.cuda.get_device_capability(device)
+    return info
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Bytes allocated by torch's CPU allocator at the peak of ``fn()``, above what was
+    allocated before it: the profiler's allocation records replayed in time order.
+
+    ftattn.memory.peak_memory reads ``prof.events()``; with torch 2.13 that list no
+    longer holds the ``[memory]`` records, so it returns 0 on CPU. The records are in
+    the profiler's event tree, read here. Scratch the C++ kernel takes with
+    std::vector is not counted (as in ftattn.memory).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if size is not None and node.extra_fields.device.type == "cpu":
+            allocations.append((node.start_time_ns, size))
+    allocations.sort()
+    current = peak = 0
+    for _, size in allocations:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def peak_bytes(fn, device: str) -> tuple:
+    """(peak bytes of one call of ``fn``, how they were counted)."""
+    if device.startswith("cuda"):
+        from ftattn.memory import peak_memory
+
+        return peak_memory(fn, device), "torch.cuda.max_memory_allocated above the allocation before the call"
+    return cpu_peak_bytes(fn), "torch CPU allocator, profiler allocation records replayed (C++ kernel scratch not counted)"
+
+
+_LOAD_AT_START = load_average()  # this conftest is imported when the run starts
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("ftattn benchmarks")
+    group.addoption("--bench-device", default="all", choices=["all", "cpu", "cuda"],
+                    help="which grid of benchmarks/test_bench_attention.py runs: the CPU grid, the CUDA "
+                         "grid (skipped without a CUDA device), or both (default)")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["ftattn_environment"] = environment("cpu")
+    if torch.cuda.is_available():
+        machine_info["ftattn_gpu"] = environment("cuda:0")
+    # pytest-benchmark builds machine_info when it saves, at the end of the run
+    machine_info["load_average_start"] = _LOAD_AT_START
+    machine_info["load_average_end"] = load_average()
+
+
+@pytest.fixture(scope="session")
+def bench_device(request) -> str:
+    return request.config.getoption("--bench-device")
+
+
+@pytest.fixture(scope="session")
+def measure():
+    """The helpers above, for the benchmark modules (a fixture, not an import: two
+    folders' ``conftest`` modules share one name in sys.modules)."""
+    return SimpleNamespace(environment=environment, load_average=load_average, peak_bytes=peak_bytes)
