@@ -149,18 +149,18 @@ static inline float corrupt(float x, int64_t bit, double value) {
 FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __restrict s, int64_t n,
                                           float scale, int64_t limit) {
   float mx = -std::numeric_limits<float>::infinity();
+  int nan_seen = 0;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
-#pragma omp simd reduction(max : mx)
+#pragma omp simd reduction(max : mx) reduction(| : nan_seen)
   for (int64_t j = 0; j < visible; ++j) {
     const float v = S[j] * scale;
     s[j] = v;
     mx = v > mx ? v : mx;
+    nan_seen |= (v != v);
   }
   for (int64_t j = visible; j < n; ++j) s[j] = -std::numeric_limits<float>::infinity();
   // NaN in the row: max would skip it; make it visible to the checks.
-  for (int64_t j = 0; j < visible; ++j)
-    if (s[j] != s[j]) return s[j];
-  return mx;
+  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : mx;
 }
 
 // p = exp(s - m) in place.
@@ -169,40 +169,101 @@ FTATTN_CLONES static void exp_row(float* __restrict p, int64_t n, float m) {
   for (int64_t j = 0; j < n; ++j) p[j] = exp_neg(p[j] - m);
 }
 
-// (sum p, max p) in fp32, the values the kernel uses.
-FTATTN_CLONES static float sum_max(const float* __restrict p, int64_t n, float* __restrict pmax) {
-  float sum = 0.f, mx = 0.f;
-#pragma omp simd reduction(+ : sum) reduction(max : mx)
+// sum p in fp32 (the normaliser update), with max p and min p for the invariants.
+FTATTN_CLONES static float sum_max(const float* __restrict p, int64_t n, float* __restrict pmax,
+                                   float* __restrict pmin) {
+  float sum = 0.f, mx = 0.f, mn = 1.f;
+#pragma omp simd reduction(+ : sum) reduction(max : mx) reduction(min : mn)
   for (int64_t j = 0; j < n; ++j) {
     sum += p[j];
     mx = p[j] > mx ? p[j] : mx;
+    mn = p[j] < mn ? p[j] : mn;
   }
   *pmax = mx;
+  *pmin = mn;
   return sum;
 }
 
-// Redundant softmax: p2 = 2^(S * scale*log2e - m*log2e), compared with p within
-// the error bound of both formulations; also checks 0 <= p <= 1 (NaN fails).
-// Returns the failed-check bits.
-FTATTN_CLONES static int32_t check_probs(const float* __restrict S, const float* __restrict p, int64_t n,
-                                         int64_t limit, float scale, float m, bool dmr) {
-  const float scale2 = scale * LOG2E, m2 = m * LOG2E;
+// Redundant softmax of one row: p2 = 2^(S * scale*log2e - m*log2e), compared with
+// p within the error bound of both formulations; masked keys must have p == 0.
+FTATTN_CLONES static bool dmr_row_ok(const float* __restrict S, const float* __restrict p, int64_t n,
+                                     int64_t limit, float scale, float m) {
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
-  int bad_range = 0, bad_dmr = 0;
-#pragma omp simd reduction(| : bad_range, bad_dmr)
-  for (int64_t j = 0; j < n; ++j) {
-    const float pj = p[j];
-    bad_range |= !(pj >= 0.f && pj <= 1.f);
-    if (dmr) {
-      const float s = S[j] * scale;
-      const float p2 = j < visible ? exp2_neg(S[j] * scale2 - m2) : 0.f;
-      // error of both paths: argument roundings ~u(|s| + |m| + |s - m|), polynomials ~2 ulp each
-      const float err = std::fabs(s) + std::fabs(m) + std::fabs(s - m);
-      const float tol = 5.9604645e-08f * (16.f + 4.f * err) * std::max(pj, p2) + 1e-30f;
-      bad_dmr |= !(std::fabs(pj - p2) <= tol);
+  const float scale2 = scale * LOG2E, m2 = m * LOG2E, am = std::fabs(m);
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < visible; ++j) {
+    const float s = S[j] * scale;
+    const float p2 = exp2_neg(S[j] * scale2 - m2);
+    // argument roundings ~u(|s| + |m| + |s - m|), the two polynomials ~2 ulp each
+    const float err = std::fabs(s) + am + std::fabs(s - m);
+    const float pm = p[j] > p2 ? p[j] : p2;
+    const float tol = 5.9604645e-08f * (16.f + 4.f * err) * pm + 1e-30f;
+    bad |= !(std::fabs(p[j] - p2) <= tol);
+  }
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = visible; j < n; ++j) bad |= !(p[j] == 0.f);
+  return !bad;
+}
+
+// Row sums rs[i] and column sums cs[j] of a tile, in fp64, in one pass.
+FTATTN_CLONES static void tile_sums(const float* __restrict S, int64_t rows, int64_t cols, int64_t ld,
+                                    double* __restrict rs, double* __restrict cs) {
+  for (int64_t j = 0; j < cols; ++j) cs[j] = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* Si = S + i * ld;
+    double r = 0.0;
+#pragma omp simd reduction(+ : r)
+    for (int64_t j = 0; j < cols; ++j) {
+      const double x = static_cast<double>(Si[j]);
+      r += x;
+      cs[j] += x;
+    }
+    rs[i] = r;
+  }
+}
+
+// For rows x_i of X [n x D] (fp32): ref[i * ld + t] = x_i . y_t and
+// mag[i * ld + t] = |x_i| . yabs_t for t < nt, with y, yabs [nt x D] fp64.
+FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D, const double* __restrict y,
+                                 const double* __restrict yabs, int64_t nt, int64_t ld, double* __restrict ref,
+                                 double* __restrict mag) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = X + i * D;
+    for (int64_t t = 0; t < nt; ++t) {
+      const double* yt = y + t * D;
+      const double* at = yabs + t * D;
+      double s = 0.0, a = 0.0;
+#pragma omp simd reduction(+ : s, a)
+      for (int64_t d = 0; d < D; ++d) {
+        const double x = static_cast<double>(xi[d]);
+        s += x * yt[d];
+        a += std::fabs(x) * at[d];
+      }
+      ref[i * ld + t] = s;
+      mag[i * ld + t] = a;
     }
   }
-  return (bad_range ? kProbsRange : 0) | (bad_dmr ? kSoftmaxDmr : 0);
+}
+
+// Per row of P [rows x cols]: sum_j p_ij a_j, sum_j p_ij b_j, sum_j p_ij in fp64.
+FTATTN_CLONES static void tile_weighted(const float* __restrict Pm, int64_t rows, int64_t cols, int64_t ld,
+                                        const double* __restrict a, const double* __restrict b,
+                                        double* __restrict wa, double* __restrict wb, double* __restrict ws) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* Pi = Pm + i * ld;
+    double sa = 0.0, sb = 0.0, ss = 0.0;
+#pragma omp simd reduction(+ : sa, sb, ss)
+    for (int64_t j = 0; j < cols; ++j) {
+      const double pj = static_cast<double>(Pi[j]);
+      sa += pj * a[j];
+      sb += pj * b[j];
+      ss += pj;
+    }
+    wa[i] = sa;
+    wb[i] = sb;
+    ws[i] = ss;
+  }
 }
 
 FTATTN_CLONES static double sum_d(const float* __restrict x, int64_t n) {
@@ -219,38 +280,9 @@ FTATTN_CLONES static double sum_abs_d(const float* __restrict x, int64_t n) {
   return s;
 }
 
-// (x . y, |x| . |y|) with x fp32, y fp64 (y holds |.| sums where needed).
-FTATTN_CLONES static void dot2_d(const float* __restrict x, const double* __restrict y, const double* __restrict yabs,
-                                 int64_t n, double* dot, double* dotabs) {
-  double s = 0.0, a = 0.0;
-#pragma omp simd reduction(+ : s, a)
-  for (int64_t i = 0; i < n; ++i) {
-    const double xi = static_cast<double>(x[i]);
-    s += xi * y[i];
-    a += std::fabs(xi) * yabs[i];
-  }
-  *dot = s;
-  *dotabs = a;
-}
-
-// acc_row *= alpha
 FTATTN_CLONES static void scale_row(float* __restrict x, int64_t n, float alpha) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
-}
-
-// (sum_j p_j a_j, sum_j p_j b_j) in fp64
-FTATTN_CLONES static void weighted2_d(const float* __restrict p, const double* __restrict a, const double* __restrict b,
-                                      int64_t n, double* wa, double* wb) {
-  double sa = 0.0, sb = 0.0;
-#pragma omp simd reduction(+ : sa, sb)
-  for (int64_t j = 0; j < n; ++j) {
-    const double pj = static_cast<double>(p[j]);
-    sa += pj * a[j];
-    sb += pj * b[j];
-  }
-  *wa = sa;
-  *wb = sb;
 }
 
 FTATTN_CLONES static void add_d(double* __restrict acc, const float* __restrict x, int64_t n) {
@@ -337,11 +369,21 @@ struct Problem {
 
 struct Scratch {
   std::vector<float> S, P, acc, m, m_old, alpha, l;
-  std::vector<double> l2, c, bv, qsum, qabs, kcut_sum, kcut_abs, colsum;
-  explicit Scratch(int64_t D)
+  // fp64 bookkeeping of the checks (protection >= abft)
+  std::vector<double> l2, c, bv, qsum, qabs, kcut_sum, kcut_abs, rowref, rowmag, colref, colmag, rs, cs, wv, wa, ws;
+  Scratch(int64_t D, int64_t M, bool abft)
       : S(BLOCK_M * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), m_old(BLOCK_M),
-        alpha(BLOCK_M), l(BLOCK_M), l2(BLOCK_M), c(BLOCK_M), bv(BLOCK_M), qsum(D), qabs(D),
-        kcut_sum(D), kcut_abs(D), colsum(BLOCK_N) {}
+        alpha(BLOCK_M), l(BLOCK_M) {
+    if (!abft) return;
+    const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
+    for (auto* v : {&l2, &c, &bv, &rs, &wv, &wa, &ws}) v->resize(BLOCK_M);
+    for (auto* v : {&qsum, &qabs, &kcut_sum, &kcut_abs}) v->resize(D);
+    rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
+    rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
+    colref.resize(std::max<int64_t>(M, 1));
+    colmag.resize(std::max<int64_t>(M, 1));
+    cs.resize(BLOCK_N);
+  }
 };
 
 // One query block (b, h, rows r0..r1) through every visible key tile; writes the
@@ -379,6 +421,12 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       add_d(w.qsum.data(), Q + i * D, D);
       add_abs_d(w.qabs.data(), Q + i * D, D);
     }
+    // references of the checksums for every tile this block visits, in fp64:
+    // rows: q_i . sum_j k_j (and |q_i| . sum_j |k_j|) per key tile; columns: (sum_i q_i) . k_j
+    const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
+    const int64_t base = (b * P.Hkv + hk) * ntiles_all;
+    dots_d(Q, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
+    dots_d(K, std::max<int64_t>(kv_end, 0), D, w.qsum.data(), w.qabs.data(), 1, 1, w.colref.data(), w.colmag.data());
   }
   int64_t ntiles = 0;
   float* S = w.S.data();
@@ -399,35 +447,27 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
     // |error of S_ij| ~ u sqrt(D) sum_d |q_id k_jd| (random rounding), so a row sum
     // is bounded by kappa u sqrt(D) |q_i| . sum_j |k_j| (and likewise per column).
     if (abft) {
-      const double* ksum_t;
-      const double* kabs_t;
-      if (cols == std::min<int64_t>(BLOCK_N, M - n0)) {
-        const int64_t t = (b * P.Hkv + hk) * ntiles_all + n0 / BLOCK_N;
-        ksum_t = P.ksum + t * D;
-        kabs_t = P.kabs + t * D;
-      } else {  // a tile cut by the causal limit: sums over its prefix
+      const int64_t t = n0 / BLOCK_N;
+      const double* ref = w.rowref.data() + t;  // stride ntiles_all
+      const double* mag = w.rowmag.data() + t;
+      int64_t ld = ntiles_all;
+      if (cols != std::min<int64_t>(BLOCK_N, M - n0)) {  // a tile cut by the causal limit: its prefix
         std::fill(w.kcut_sum.begin(), w.kcut_sum.end(), 0.0);
         std::fill(w.kcut_abs.begin(), w.kcut_abs.end(), 0.0);
         for (int64_t j = 0; j < cols; ++j) {
           add_d(w.kcut_sum.data(), K + (n0 + j) * D, D);
           add_abs_d(w.kcut_abs.data(), K + (n0 + j) * D, D);
         }
-        ksum_t = w.kcut_sum.data();
-        kabs_t = w.kcut_abs.data();
+        dots_d(Q, rows, D, w.kcut_sum.data(), w.kcut_abs.data(), 1, 1, w.wv.data(), w.wa.data());
+        ref = w.wv.data();
+        mag = w.wa.data();
+        ld = 1;
       }
-      std::fill(w.colsum.begin(), w.colsum.begin() + cols, 0.0);
-      for (int64_t i = 0; i < rows; ++i) {
-        double ref, mag;
-        dot2_d(Q + i * D, ksum_t, kabs_t, D, &ref, &mag);
-        const double rs = sum_d(S + i * BLOCK_N, cols);
-        if (!(std::fabs(rs - ref) <= KAPPA * U32 * sqrtD * mag)) bad |= kRowChecksum;
-        add_d(w.colsum.data(), S + i * BLOCK_N, cols);
-      }
-      for (int64_t j = 0; j < cols; ++j) {
-        double ref, mag;
-        dot2_d(K + (n0 + j) * D, w.qsum.data(), w.qabs.data(), D, &ref, &mag);
-        if (!(std::fabs(w.colsum[j] - ref) <= KAPPA * U32 * sqrtD * mag)) bad |= kColChecksum;
-      }
+      tile_sums(S, rows, cols, BLOCK_N, w.rs.data(), w.cs.data());
+      for (int64_t i = 0; i < rows; ++i)
+        if (!(std::fabs(w.rs[i] - ref[i * ld]) <= KAPPA * U32 * sqrtD * mag[i * ld])) bad |= kRowChecksum;
+      for (int64_t j = 0; j < cols; ++j)
+        if (!(std::fabs(w.cs[j] - w.colref[n0 + j]) <= KAPPA * U32 * sqrtD * w.colmag[n0 + j])) bad |= kColChecksum;
     }
     // ---- online softmax: running max, p = exp(s - m), alpha = exp(m_old - m) ----
     for (int64_t i = 0; i < rows; ++i) {
@@ -457,32 +497,39 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
     memory_barrier();
     // ---- normaliser, checks on p, rescale the accumulator ----
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;
       const float* Pi = Pm + i * BLOCK_N;
       const float alpha = w.alpha[i];
-      float pmax;
-      const float psum = sum_max(Pi, cols, &pmax);
+      float pmax, pmin;
+      const float psum = sum_max(Pi, cols, &pmax, &pmin);
       float l_new = alpha * w.l[i] + psum;
       if (in_tile && f.site == kRowsum && f.row == r0 + i) l_new = corrupt(l_new, f.bit, f.value);
       opaque(l_new);
       w.l[i] = l_new;
       if (abft) {
+        if (!(pmin >= 0.f && pmax <= 1.f && std::isfinite(psum))) bad |= kProbsRange;
         if (w.m[i] != NEG_INF) {
-          bad |= check_probs(S + i * BLOCK_N, Pi, cols, limit, P.scale, w.m[i], full);
           // the tile either raised the max (its argmax gets p == 1) or kept it (alpha == 1)
           if (!(alpha == 1.f || pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad |= kRowmaxInvariant;
+          if (full) {
+            const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;
+            if (!dmr_row_ok(S + i * BLOCK_N, Pi, cols, limit, P.scale, w.m[i])) bad |= kSoftmaxDmr;
+          }
         } else if (!(pmax == 0.f)) {
           bad |= kProbsRange;
         }
-        // independent fp64 bookkeeping of l and of the PV checksum, same alpha and p
-        const double a = static_cast<double>(alpha);
-        double wv, wa;
-        weighted2_d(Pi, P.vsum + (b * P.Hkv + hk) * M + n0, P.vabs + (b * P.Hkv + hk) * M + n0, cols, &wv, &wa);
-        w.l2[i] = a * w.l2[i] + sum_d(Pi, cols);
-        w.c[i] = a * w.c[i] + wv;
-        w.bv[i] = a * w.bv[i] + wa;
       }
       if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
+    }
+    if (abft) {
+      // independent fp64 bookkeeping of l and of the PV checksum, same alpha and p
+      const int64_t vo = (b * P.Hkv + hk) * M + n0;
+      tile_weighted(Pm, rows, cols, BLOCK_N, P.vsum + vo, P.vabs + vo, w.wv.data(), w.wa.data(), w.ws.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        const double a = static_cast<double>(w.alpha[i]);
+        w.l2[i] = a * w.l2[i] + w.ws[i];
+        w.c[i] = a * w.c[i] + w.wv[i];
+        w.bv[i] = a * w.bv[i] + w.wa[i];
+      }
     }
     // ---- acc += P V in fp32 ----
     gemm_nn_acc(rows, D, cols, Pm, BLOCK_N, V + n0 * D, D, w.acc.data(), D);
@@ -655,7 +702,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 
   if (N > 0) {
     at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(D);
+      Scratch w(D, M, protection >= 1);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t blk = idx % nblk, bh = idx / nblk;
         P.flags[idx] = process_block(P, w, recompute, bh / Hq, bh % Hq, blk, f);

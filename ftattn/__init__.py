@@ -11,6 +11,10 @@ import torch  # noqa: F401  (the extension links against it)
 from . import _C  # noqa: F401  registers ftattn::attention and ftattn::attention_fwd
 from .faults import Check, Fault, FaultDetectedError, Report, REPORT_BLOCK_M  # noqa: F401
 from .attention import attention  # noqa: F401
+from .integrations import register_on_import as _register_transformers
+
+# attn_implementation="ftattn" once transformers' model code loads; never imports it
+_register_transformers()
 
 __version__ = "0.1.0"
 

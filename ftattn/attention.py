@@ -2,7 +2,7 @@
 
 The op schemas live in csrc/ftattn.cpp (``ftattn::attention``,
 ``ftattn::attention_fwd``); the CPU kernels in csrc/attention_cpu.cpp; the CUDA
-kernel in kernels/attention.py (Triton), registered below when Triton imports;
+kernel in kernels/attention.py (Triton), registered below and imported on first use;
 the pure-PyTorch reference with the same checks in ftattn/reference.py. This file
 holds the fake (meta) kernels, input validation, backend choice and the public
 function.
@@ -46,14 +46,22 @@ def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=Non
 
 
 def _triton_reason() -> Optional[str]:
-    """None when the Triton backend can run, else why not."""
-    try:
-        from .kernels import attention as _kernel  # noqa: F401
-    except ImportError as exc:
-        return f"the Triton kernel does not import: {exc}"
-    except NotImplementedError as exc:
-        return str(exc)
+    """None when the Triton backend can run, else why not. Cheap: finds triton without
+    importing it; the kernel module is imported on first use (so TRITON_INTERPRET
+    set after ``import ftattn`` still takes effect)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; it ships with CUDA builds of torch)"
     return None
+
+
+def _triton_kernel():
+    try:
+        from .kernels import attention as kernel
+    except ImportError as exc:
+        raise NotImplementedError(f"backend='triton' cannot run here: the Triton kernel does not import: {exc}") from exc
+    return kernel
 
 
 def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
@@ -95,9 +103,7 @@ def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, faul
 
         return attention_reference(q, k, v, causal, scale, protection, recompute, fault, fault_value)
     if backend == "triton" and q.device.type == "cpu":  # Triton interpreter: call the launcher directly
-        from .kernels.attention import attention_fwd as triton_fwd
-
-        return triton_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+        return _triton_kernel().attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
     return torch.ops.ftattn.attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
 
 
@@ -235,13 +241,12 @@ def attention(
 
 
 def _register_cuda() -> None:
-    if _triton_reason() is not None:
-        return
-    from .kernels.attention import attention_fwd as triton_fwd
-
     @torch.library.impl("ftattn::attention_fwd", "CUDA")
     def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None):
-        return triton_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+        reason = _triton_reason()
+        if reason is not None:
+            raise NotImplementedError(f"ftattn.attention on CUDA needs the Triton kernel: {reason}")
+        return _triton_kernel().attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
 
     @torch.library.impl("ftattn::attention", "CUDA")
     def _attention_cuda(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct"):
