@@ -93,12 +93,15 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path: str, threads: int | None = None, providers: Sequence[str] | None = None,
-                        shared_buffer: bool | None = None) -> "Generator":
+                        shared_buffer: bool | None = None, allow_spinning: bool = True) -> "Generator":
         """Load a model folder (decoder .onnx, tokenizer.json, genai_config.json or config.json).
 
         threads: intra-op threads (None: onnxruntime's default, one per core);
         providers: onnxruntime execution providers (None: CPU); shared_buffer: one
-        past/present buffer (None: when the model supports it, i.e. GQA models).
+        past/present buffer (None: when the model supports it, i.e. GQA models);
+        allow_spinning=False stops idle onnxruntime threads from busy-waiting, which
+        on a machine shared with other jobs raised int4 decode tokens/s from about
+        45 to 78 (2 cores, load average 6; benchmarks/test_bench_generate.py).
         """
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -118,6 +121,9 @@ class Generator:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not isinstance(allow_spinning, bool):
+            raise TypeError(f"allow_spinning={allow_spinning!r}: must be True or False")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         session = ort.InferenceSession(decoder_path, sess_options=options, providers=providers)
         spec = load_spec(path, decoder_path, session)
         tokenizer = Tokenizer.from_file(spec.tokenizer_path)

@@ -49,7 +49,8 @@ def test_exported_logits_and_cache_match_transformers(exported, hf_model):
 
 def test_cli_json_matches_api(exported, capsys):
     prompts = ["def main(args) -> int:", "Café"]
-    assert ftattn_main(["generate", exported, *prompts, "--max-new-tokens", "6", "--threads", "1", "--json"]) == 0
+    assert ftattn_main(["generate", exported, *prompts, "--max-new-tokens", "6", "--threads", "1", "--no-spin",
+                        "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     expected = Generator.from_pretrained(exported).generate(prompts, 6)
     assert [p["token_ids"] for p in printed] == [r.token_ids for r in expected]

@@ -247,14 +247,17 @@ def test_chat_template_from_tokenizer_config_and_missing(exported, tmp_path):
         Generator.from_pretrained(bare).generate([messages], 4)
 
 
-def test_threads_and_providers(exported):
-    import onnxruntime as ort
-
-    one = Generator.from_pretrained(exported, threads=1, providers=["CPUExecutionProvider"])
+def test_threads_providers_and_spinning(exported):
+    one = Generator.from_pretrained(exported, threads=1, providers=["CPUExecutionProvider"], allow_spinning=False)
     default = Generator.from_pretrained(exported)
     assert one.session.get_providers() == ["CPUExecutionProvider"]
-    assert one.generate(PROMPTS, 8)[0].token_ids == default.generate(PROMPTS, 8)[0].token_ids
-    assert "CPUExecutionProvider" in ort.get_available_providers()
+    assert one.session.get_session_options().intra_op_num_threads == 1
+    spinning = "session.intra_op.allow_spinning"
+    assert one.session.get_session_options().get_session_config_entry(spinning) == "0"
+    assert default.session.get_session_options().get_session_config_entry(spinning) == "1"
+    assert [r.token_ids for r in one.generate(PROMPTS, 8)] == [r.token_ids for r in default.generate(PROMPTS, 8)]
+    with pytest.raises(TypeError, match="allow_spinning"):
+        Generator.from_pretrained(exported, allow_spinning="no")
 
 
 def test_token_id_prompts(generators):
