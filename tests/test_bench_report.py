@@ -55,12 +55,12 @@ def test_report_figures(tmp_path):
     assert rows, text
     summary = next(iter(rows.values()))
     cells = [c.strip() for c in summary.strip("|").split("|")]
-    # case, PyTorch, reference, SDPA, SDPA flash, off, abft, full, full/SDPA, speed-up, TFLOP/s, peak
+    # case, PyTorch, reference, SDPA, SDPA flash, off, abft, full, off/SDPA, full/SDPA, speed-up, TFLOP/s, peak
     assert cells[:6] == ["cpu-fp32-N256", "30", "100", "10", "–", "10"]
     assert cells[6] == "11 (+10 %)" and cells[7] == "12 (+20 %)"
-    assert cells[8] == "1.20x"  # 12 ms / 10 ms
-    assert cells[9] == "8.33x"  # 100 ms / 12 ms
-    assert float(cells[10]) == pytest.approx(4 * 8 * 256 * 256 * 64 / 0.012 / 1e12, rel=1e-2)
+    assert cells[8] == "1.00x" and cells[9] == "1.20x"  # 10 ms / 10 ms, 12 ms / 10 ms
+    assert cells[10] == "8.33x"  # 100 ms / 12 ms
+    assert float(cells[11]) == pytest.approx(4 * 8 * 256 * 256 * 64 / 0.012 / 1e12, rel=1e-2)
     # the 4x slower case: TFLOP/s from its own FLOPs and median, overheads unchanged
     case = bench_report._by_case(runs[0].rows)["cpu-fp32-N512"]
     assert case["full"].tflops == pytest.approx(4 * 8 * 512 * 512 * 64 / 0.048 / 1e12)
@@ -80,7 +80,7 @@ def test_missing_providers_show_dashes(tmp_path):
     line = next(l for l in text.splitlines() if l.startswith("| c1 | –"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     # no overhead without off, no ratio without SDPA, no speed-up without the reference
-    assert cells[1:10] == ["–", "–", "–", "–", "–", "–", "10", "–", "–"]
+    assert cells[1:11] == ["–", "–", "–", "–", "–", "–", "10", "–", "–", "–"]
 
 
 def test_cli_writes_markdown_and_png(tmp_path, capsys):
