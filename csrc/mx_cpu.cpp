@@ -292,6 +292,36 @@ std::tuple<at::Tensor, at::Tensor> mx_quantize_cpu(const at::Tensor& x, const at
   return {out, scale};
 }
 
+// bfloat16 element-wise rounding of microxcaling's quantize_elemwise_op (bfloat=16),
+// on the bit pattern: its mantissa rounding at 7 explicit bits is rounding at bit
+// 16 of the fp32 pattern, subnormals included (the element exponent is clipped at
+// -126, the fp32 subnormal grid); overflow gives Inf; sign(+-0) is 0, so -0 -> +0.
+FTATTN_MX_CLONES
+void bfloat16_round(const uint32_t* x, uint32_t* out, int64_t n, bool even) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = x[i];
+    const uint32_t mag = b & 0x7FFFFFFFu;
+    uint32_t r = even ? mag + 0x7FFFu + ((mag >> 16) & 1u) : mag + 0x8000u;
+    r = std::min(r & 0xFFFF0000u, 0x7F800000u);
+    const uint32_t sign = mag == 0 ? 0u : (b & 0x80000000u);
+    out[i] = mag >= 0x7F800000u ? b : (r | sign);
+  }
+}
+
+at::Tensor bfloat16_quantize_cpu(const at::Tensor& x, int64_t rounding) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "ftattn::bfloat16_quantize: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(rounding == kNearest || rounding == kEven,
+              "ftattn::bfloat16_quantize: rounding must be 0 (nearest) or 2 (even), got ", rounding);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr<float>());
+  auto* op = reinterpret_cast<uint32_t*>(out.data_ptr<float>());
+  at::parallel_for(0, xc.numel(), 32768, [&](int64_t begin, int64_t end) {
+    bfloat16_round(xp + begin, op + begin, end - begin, rounding == kEven);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace ftattn
 
@@ -304,6 +334,11 @@ TORCH_LIBRARY_FRAGMENT(ftattn, m) {
   m.def(
       "mx_quantize(Tensor x, Tensor log2_thresholds, int ebits, int mbits, int emax, float max_norm, "
       "int block_size, int rounding, bool scaled) -> (Tensor, Tensor)");
+  // bfloat16 rounding of float32 x as microxcaling's bfloat=16 (rounding 0 nearest / 2 even), as float32.
+  m.def("bfloat16_quantize(Tensor x, int rounding) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ftattn, CPU, m) { m.impl("mx_quantize", &ftattn::mx_quantize_cpu); }
+TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
+  m.impl("mx_quantize", &ftattn::mx_quantize_cpu);
+  m.impl("bfloat16_quantize", &ftattn::bfloat16_quantize_cpu);
+}

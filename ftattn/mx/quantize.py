@@ -161,7 +161,7 @@ def _mx_reference_3d(x3, f: ElementFormat, block_size, rounding, scaled):
     q = _quantize_elements_reference(a, f.mbits, f.ebits, f.max_norm, rounding)
     if not scaled:
         q = q * 2**shared
-    q = q.reshape(outer, -1, inner)[:, :K]
+    q = q.reshape(outer, xb.shape[1] * block_size, inner)[:, :K]
     return q, shared.squeeze(2)
 
 
@@ -331,7 +331,14 @@ def quantize_bfloat(x: torch.Tensor, bfloat: int = 16, rounding: Union[str, Roun
     r = get_rounding(rounding)
     if bfloat != 16 or r is Rounding.FLOOR or x.dtype != torch.float32:
         return quantize_bfloat_reference(x, bfloat, r)
-    bits = x.view(torch.int32)
+    if x.device.type == "cpu" and _cpp_reason() is None and hasattr(torch.ops.ftattn, "bfloat16_quantize"):
+        return torch.ops.ftattn.bfloat16_quantize(x, ROUNDING_CODE[r]).view(x.shape)
+    return _bfloat16_bits(x, r)
+
+
+def _bfloat16_bits(x: torch.Tensor, r: Rounding) -> torch.Tensor:
+    """quantize_bfloat for float32 x and bfloat=16 nearest/even, in torch integer ops (any device)."""
+    bits = x.contiguous().view(torch.int32)
     mag = bits & 0x7FFFFFFF
     if r is Rounding.NEAREST:
         rounded = (mag + 0x8000) & ~0xFFFF  # half away from zero
@@ -485,6 +492,10 @@ def _register() -> None:
         nblk = -(-K // block_size)
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((outer, nblk, inner),
                                                                                         dtype=torch.uint8)
+
+    @torch.library.register_fake("ftattn::bfloat16_quantize")
+    def _bfloat16_quantize_fake(x, rounding):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     try:
         from ..kernels.mx import mx_quantize as triton_mx_quantize

@@ -9,6 +9,7 @@ import torch
 import ftattn  # noqa: F401  (loads the C++ ops)
 from ftattn import mx
 from ftattn.mx.formats import e8m0_to_scale_exp, scale_exp_to_e8m0
+from ftattn.mx.quantize import _bfloat16_bits
 
 from conftest import FORMATS, ROUNDINGS, assert_bitexact, special_values_tensor
 
@@ -153,7 +154,9 @@ def test_bfloat16_matches_golden(golden, case, rounding):
 def test_bfloat16_fast_matches_reference_special_values(rounding):
     x = special_values_tensor(seed=5)
     x[0, :4] = torch.tensor([3.3895e38, 3.4e38, float("inf"), -0.0])
-    assert_bitexact(mx.quantize_bfloat(x, 16, rounding), mx.quantize_bfloat_reference(x, 16, rounding), rounding)
+    ref = mx.quantize_bfloat_reference(x, 16, rounding)
+    assert_bitexact(mx.quantize_bfloat(x, 16, rounding), ref, rounding)  # C++ op on CPU
+    assert_bitexact(_bfloat16_bits(x, mx.Rounding(rounding)), ref, rounding)  # the torch integer path (CUDA)
     if rounding == "even":  # microxcaling's 'even' is torch's own round-to-nearest-even bfloat16 cast
         finite = torch.isfinite(x)
         assert torch.equal(mx.quantize_bfloat(x, 16, "even")[finite], x.bfloat16().float()[finite])
@@ -257,3 +260,19 @@ def test_bad_backend():
 def test_format_aliases_and_case():
     assert mx.get_format("FP4").name == "fp4_e2m1"
     assert mx.get_format("mxfp8_e4m3") is mx.FORMATS["fp8_e4m3"]
+
+
+def test_opcheck_cpu_op():
+    from ftattn.mx.quantize import _log2_thresholds
+
+    thr = _log2_thresholds("cpu")
+    for shape, scaled in (((3, 70, 1), False), ((2, 33, 5), True)):
+        x = torch.randn(*shape)
+        torch.library.opcheck(torch.ops.ftattn.mx_quantize.default, (x, thr, 4, 5, 8, 448.0, 32, 0, scaled))
+    with pytest.raises(RuntimeError, match="must be 3-D"):
+        torch.ops.ftattn.mx_quantize(torch.randn(4, 4), thr, 4, 5, 8, 448.0, 32, 0, False)
+
+
+def test_quantize_of_a_tensor_requiring_grad_runs():
+    x = torch.randn(3, 40, requires_grad=True)
+    assert_bitexact(mx.quantize(x, "int8"), mx.quantize_reference(x.detach(), "int8").numpy())
