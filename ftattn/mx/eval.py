@@ -190,7 +190,7 @@ def _evaluate_configs(model, evaluate, args, name: str, metric: str, info) -> Wo
         baseline = evaluate(model)
     for r in rows:
         r["drop"] = baseline - r["value"]
-    sqnr = {f: weight_sqnr_db(model, f, args.block_size, args.rounding) for f in SQNR_FORMATS}
+    sqnr = {f: weight_sqnr_db(model, f, args.block_size, args.rounding) for f in args.sqnr_formats}
     return WorkloadResult(name, metric, rows, sqnr, info)
 
 
@@ -488,6 +488,14 @@ def _configs(text: str) -> List[str]:
     return names
 
 
+def _formats(text: str) -> List[str]:
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    for f in names:
+        if f not in FORMATS:
+            raise argparse.ArgumentTypeError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", type=_workloads, default=None,
                         help=f"comma-separated, from {', '.join(WORKLOADS)} (default: classifier,minilm, "
@@ -498,6 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minilm-path", default=None, help="all-MiniLM-L6-v2 folder (default: the registry package)")
     parser.add_argument("--configs", type=_configs, default=None,
                         help="comma-separated subset of the configurations (default: all, in the seed's order)")
+    parser.add_argument("--sqnr-formats", type=_formats, default=list(SQNR_FORMATS),
+                        help=f"formats of the weight SQNR table (default: {','.join(SQNR_FORMATS)}; '' for none)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--rounding", default="nearest", choices=["nearest", "even", "floor"])
     parser.add_argument("--bfloat", type=int, default=16, help="bfloatN around the MX products (0: off)")

