@@ -34,7 +34,7 @@ def _extension():
 
 
 EVAL = ["scikit-learn", "matplotlib", "tqdm", "transformers>=4.48", "pillow"]
-ONNX = ["onnx", "onnxruntime>=1.20", "onnxscript", "tokenizers>=0.20", "transformers>=4.48"]
+ONNX = ["onnx", "onnxruntime>=1.20", "onnxscript", "tokenizers>=0.22", "transformers>=4.56", "onnxruntime-genai>=0.18; platform_machine == 'x86_64' or platform_machine == 'AMD64'"]
 DEV = ["pytest", "pytest-benchmark", "hypothesis", "ml_dtypes"] + EVAL + ONNX
 
 setup(

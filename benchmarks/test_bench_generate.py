@@ -137,7 +137,7 @@ def run_seed_loop(session, tokenizer, ids, layers, kv_heads, head_size):
         probs = probs / np.sum(probs)
         next_id = int(np.argmax(probs))
         generated.append(next_id)
-        _text = tokenizer.decode(generated)  # the whole text, every step
+        tokenizer.decode(generated)  # the whole text, every step, as the seed loop did to print it
         if not first:
             first = time.perf_counter()
         input_ids = np.array([[next_id]], dtype=np.int64)
