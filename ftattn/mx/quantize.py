@@ -207,6 +207,11 @@ def _log2_thresholds(device: str) -> torch.Tensor:
                                    "the fused MX kernels cannot reproduce it; use backend='torch'")
             thr[i] = cand[i, first]
     thr[255] = 0x7FFFFFFF
+    # the scheme also needs floor(log2) == e at the bottom of each binade (exact powers of two)
+    powers = (torch.arange(1, 255, dtype=torch.int64) << 23).to(torch.int32).view(torch.float32).to(device)
+    if not torch.equal(torch.floor(torch.log2(powers)).cpu(), torch.arange(-126, 128, dtype=torch.float32)):
+        raise RuntimeError(f"torch.log2 on {device} is not exact on powers of two; the fused MX kernels cannot "
+                           "reproduce it; use backend='torch'")
     return thr.to(torch.int32).to(device)
 
 

@@ -2,12 +2,11 @@
 forward and gradients bit-exact with microxcaling's goldens."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import ftattn  # noqa: F401
+import ftattn  # noqa: F401  (loads the C++ ops)
 from ftattn import mx
 from ftattn.mx.config import MXConfig
 from ftattn.mx.linear import MXConv2d, MXLinear, conv2d, linear, matmul
@@ -114,6 +113,9 @@ def test_conv2d_forward_is_the_conv_of_channel_quantized_operands():
                                                                                        "fp8_e5m2", axis=1),
                          bf(conv.bias.detach()), 2, 1))
     assert_bitexact(out, expect.numpy())
+    assert_bitexact(conv2d(x, conv.weight, conv.bias, config, stride=2, padding=1), expect.numpy(), "functional")
+    with pytest.raises(NotImplementedError, match="padding='same'"):
+        conv2d(x, conv.weight, conv.bias, config, padding="same")
     out.sum().backward()
     assert x.grad.shape == x.shape and conv.weight.grad.shape == conv.weight.shape
     # gradients near the fp32 ones of the same quantized forward
