@@ -25,6 +25,9 @@ from .quantize import (  # noqa: F401
     quantize_with_scales,
     unpack,
 )
+from .config import MXConfig  # noqa: F401
+from .linear import MXConv2d, MXLinear, conv2d, linear, matmul  # noqa: F401
+from .workflow import is_quantized, quantize_, restore_  # noqa: F401
 
 __all__ = [
     "FORMATS",
@@ -41,4 +44,13 @@ __all__ = [
     "quantize_with_scales",
     "quantize_bfloat",
     "quantize_bfloat_reference",
+    "MXConfig",
+    "MXLinear",
+    "MXConv2d",
+    "linear",
+    "matmul",
+    "conv2d",
+    "quantize_",
+    "restore_",
+    "is_quantized",
 ]

@@ -192,6 +192,11 @@ def test_config_validation(kwargs, exc, match):
         MXConfig(**kwargs)
 
 
+def test_public_api():
+    assert mx.quantize_ is quantize_ and mx.restore_ is restore_ and mx.MXConfig is MXConfig
+    assert mx.MXLinear is MXLinear and mx.matmul is matmul
+
+
 def test_config_normalises_names():
     c = MXConfig(weight="FP4", activation="mxfp8_e4m3")
     assert (c.weight, c.activation, c.label) == ("fp4_e2m1", "fp8_e4m3", "w:fp4_e2m1/a:fp8_e4m3")
