@@ -76,3 +76,10 @@ def test_cli_chat_and_errors(exported, tmp_path, capsys):
     assert "no .onnx decoder" in capsys.readouterr().err
     assert ftattn_main(["generate", exported, "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_export_command_errors(tmp_path, capsys):
+    from ftattn.onnx.__main__ import main as export_main
+
+    assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "has no config.json" in capsys.readouterr().err

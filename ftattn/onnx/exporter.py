@@ -109,13 +109,3 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None) -> str:
             shutil.copyfile(source, os.path.join(out_dir, name))
     return path
 
-
-if __name__ == "__main__":  # python -m ftattn.onnx.export HF_DIR OUT_DIR
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m ftattn.onnx.export", description=__doc__.splitlines()[0])
-    parser.add_argument("hf_model_dir", help="local Hugging Face causal LM folder (config.json, weights, tokenizer.json)")
-    parser.add_argument("out_dir", help="folder to write model.onnx, config.json and the tokenizer files to")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    arguments = parser.parse_args()
-    print(export(arguments.hf_model_dir, arguments.out_dir, opset=arguments.opset))
