@@ -280,7 +280,7 @@ def plot(runs: List[Run], device: str, path: str) -> bool:
     first = rows[0].extra
     fig.suptitle(f"ftattn attention on {first.get('device_name', device)} ({device}), torch {first.get('torch', '?')}"
                  f", FLOPs = 4 B Hq N M D (halved for causal)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
