@@ -6,7 +6,7 @@ import pytest
 
 from ftattn.onnx import Generator, export
 
-from conftest import copy_folder
+from onnx_helpers import copy_folder
 
 PROMPT = "def main(args) -> int:"
 

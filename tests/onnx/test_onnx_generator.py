@@ -15,7 +15,7 @@ import torch
 from ftattn.onnx import Generator, Padding, SamplingConfig
 from ftattn.onnx.sampling import candidate_distribution
 
-from conftest import EOS_ID, PAD_ID, copy_folder
+from onnx_helpers import EOS_ID, PAD_ID, copy_folder
 
 PROMPTS = [
     "def main(args) -> int:",

@@ -1,0 +1,80 @@
+"""Helpers of the ONNX generator tests: the tiny model and tokenizer, the genai builder, folder copies.
+
+(A module of its own, not conftest.py: several test folders have a conftest.)
+"""
+import os
+import subprocess
+import sys
+
+# Local training text for the tokenizer; the non-ASCII words give multi-byte tokens.
+CORPUS = [
+    "The fault-tolerant attention kernel checks every block of the softmax against a checksum.",
+    "def main(args) -> int:\n    return generate(args.model, args.prompts, max_new_tokens=128)\n",
+    "Quantised weights in MX formats share one power-of-two scale per block of 32 values.",
+    "Tokens are decoded as they arrive; a multi-byte character waits until it is whole.",
+    "Café, naïve, Zürich, Ångström, 東京, 😀 and 🚀 are words and symbols in UTF-8.",
+    "import numpy as np\nimport onnxruntime as ort\nsession = ort.InferenceSession(path)\n",
+    "for step in range(max_new_tokens): logits = run(ids); ids = argmax(logits)",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+EOS_ID, PAD_ID, BOS_ID = 1, 2, 0
+
+
+def build_tiny_llama(folder, *, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512,
+                     context=256, seed=0, chat_template=CHAT_TEMPLATE):
+    """Write a random Llama-style model and a trained byte-level BPE tokenizer to ``folder``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=context, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # wider weights than the 0.02 init, so greedy tokens are not near-ties
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_builder(hf_dir, out_dir, precision):
+    """onnxruntime-genai's model builder, offline from the local folder."""
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
+         "-p", precision, "-e", "cpu", "-c", str(out_dir) + "_cache"],
+        capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"genai builder failed ({precision}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return str(out_dir)
+
+
+def copy_folder(source, destination, skip=()):
+    import shutil
+
+    os.makedirs(destination, exist_ok=True)
+    for name in os.listdir(source):
+        if name not in skip:
+            shutil.copyfile(os.path.join(source, name), os.path.join(destination, name))
+    return str(destination)
