@@ -9,7 +9,7 @@ import torch
 
 import ftattn
 from ftattn import Check, Fault, FaultDetectedError
-from conftest import attention_ref
+from attention_reference import attention_ref
 
 BACKENDS = ["cpp", "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -6,7 +6,7 @@ import pytest
 from ftattn.__main__ import main
 from ftattn.integrations.generate_hf import plan_faults
 
-from conftest import tiny_llama
+from hf_models import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ftattn.faults import Site
 from ftattn.integrations import transformers as ft_hf
 from ftattn.integrations.generate_hf import generate
 
-from conftest import tiny_llama
+from hf_models import tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEXT = pathlib.Path(__file__).parent / "data" / "real_text.txt"
