@@ -76,8 +76,8 @@ inline float exp2i(int k) {
 // (callers clamp to >= -127 anyway: subnormals only matter when they round up).
 inline int floor_log2(uint32_t abits, const uint32_t* thr) {
   const int b = static_cast<int>(abits >> 23);
-  const int e = b == 0 ? -127 : b - 127;
-  return e + (abits >= thr[b] ? 1 : 0);
+  // b == 0 (subnormals): -127, the clamp every caller applies anyway
+  return b - 127 + static_cast<int>(abits >= thr[b]);
 }
 
 // floor() of v in [0, 2^31): truncation (SSE2 cvttps2dq, no libm call).
@@ -89,8 +89,16 @@ inline float exp2n(int k) { return float_of(static_cast<uint32_t>(k + 127) << 23
 // One element in the scaled domain -> its quantized value (still scaled),
 // microxcaling's _quantize_elemwise_core with saturate_normals=True. Branch-free
 // so the loops below vectorise (the threshold lookup becomes a gather).
-template <int ROUND, bool INT>
-inline __attribute__((always_inline)) float quantize_element(float a, const Params& P) {
+// Values whose floor(torch.log2) may round up to the next power of two: the top 512
+// ulp of a binade (the window _log2_thresholds checks; the widest band is ~44 ulp).
+constexpr uint32_t kNearTop = 0x800000u - 512u;
+inline uint32_t near_top(float a) { return static_cast<uint32_t>((bits_of(a) & 0x7FFFFFu) >= kNearTop); }
+
+// EXACT = false skips the threshold table (exponent field only): GCC does not
+// vectorise table lookups into gathers (slow since the GDS microcode fix), so the
+// vector loop runs without it and the rare near-top elements are redone with it.
+template <int ROUND, bool INT, bool EXACT = true>
+inline __attribute__((always_inline)) float quantize_element(float a, const Params P) {
   const float absa = std::fabs(a);
   float up, unit;
   if (INT) {
@@ -98,7 +106,8 @@ inline __attribute__((always_inline)) float quantize_element(float a, const Para
     unit = exp2n(-(P.mbits - 2));
   } else {
     const uint32_t ab = bits_of(absa);
-    int p = ab == 0 ? 0 : floor_log2(ab, P.thr);  // a == 0: log2(0 + 1) = 0
+    const int e = EXACT ? floor_log2(ab, P.thr) : static_cast<int>(ab >> 23) - 127;
+    int p = ab == 0 ? 0 : e;              // a == 0: log2(0 + 1) = 0
     p = std::max(p, P.min_exp);
     up = absa * exp2n(P.mbits - 2 - p);
     unit = exp2n(p - (P.mbits - 2));
@@ -110,7 +119,7 @@ inline __attribute__((always_inline)) float quantize_element(float a, const Para
     r = floor_pos(up + 0.5f);
     if (ROUND == kEven) {
       const float t = up - 0.5f;  // (|A| - 0.5) % 2 == 0 finds 0.5, 2.5, 4.5, ...
-      r -= (t >= 0.0f && floor_pos(t * 0.5f) * 2.0f == t) ? 1.0f : 0.0f;
+      r -= static_cast<float>(static_cast<int>(t >= 0.0f) & static_cast<int>(floor_pos(t * 0.5f) * 2.0f == t));
     }
   }
   const float q = std::min(r * unit, P.max_norm);
@@ -119,7 +128,7 @@ inline __attribute__((always_inline)) float quantize_element(float a, const Para
 }
 
 // Shared exponent of a block from its amax (finite, >= 0).
-inline int shared_exponent(float amax, const Params& P) {
+inline __attribute__((always_inline)) int shared_exponent(float amax, const Params P) {
   const int e = amax == 0.0f ? -126 : floor_log2(bits_of(amax), P.thr);  // log2(amax + 2^-126 [amax == 0])
   return std::max(e - P.emax, -kScaleEmax);  // > 127 only for amax rounding up to 2^128
 }
@@ -127,7 +136,7 @@ inline int shared_exponent(float amax, const Params& P) {
 // Quantizes n contiguous values sharing one scale; returns the E8M0 byte.
 template <int ROUND, bool INT>
 inline __attribute__((always_inline)) uint8_t block_contig(const float* x, float* out, int64_t n,
-                                                           const Params& P, bool scaled) {
+                                                           const Params P, bool scaled) {
   float amax = 0.0f;
   uint32_t nonfinite = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -142,11 +151,18 @@ inline __attribute__((always_inline)) uint8_t block_contig(const float* x, float
     return kE8M0Nan;
   }
   const float down = exp2i(-s);  // x / 2^s, exact
-  if (scaled) {
-    for (int64_t j = 0; j < n; ++j) out[j] = quantize_element<ROUND, INT>(x[j] * down, P);
-  } else {
-    const float back = exp2i(s);  // rounds into the subnormals like the reference's A * 2**shared_exp
-    for (int64_t j = 0; j < n; ++j) out[j] = quantize_element<ROUND, INT>(x[j] * down, P) * back;
+  const float back = scaled ? 1.0f : exp2i(s);  // rounds into the subnormals like the reference's A * 2**shared_exp
+  uint32_t top = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = x[j] * down;
+    top |= near_top(a);
+    out[j] = quantize_element<ROUND, INT, INT>(a, P) * back;
+  }
+  if (!INT && top) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = x[j] * down;
+      if (near_top(a)) out[j] = quantize_element<ROUND, INT, true>(a, P) * back;
+    }
   }
   return static_cast<uint8_t>(s + kScaleEmax);
 }
@@ -184,7 +200,7 @@ void run_contig(const float* x, float* out, uint8_t* scale, int64_t begin, int64
 // Block of n rows x inner columns (row stride `inner`), one scale per column.
 template <int ROUND, bool INT>
 inline __attribute__((always_inline)) void block_strided(const float* x, float* out, uint8_t* scale, int64_t n,
-                                                         int64_t inner, const Params& P, bool scaled, float* amax,
+                                                         int64_t inner, const Params P, bool scaled, float* amax,
                                                          uint32_t* nonfinite, float* down, float* back) {
   std::fill(amax, amax + inner, 0.0f);
   std::fill(nonfinite, nonfinite + inner, 0u);
@@ -212,7 +228,18 @@ inline __attribute__((always_inline)) void block_strided(const float* x, float* 
   for (int64_t j = 0; j < n; ++j) {
     const float* row = x + j * inner;
     float* orow = out + j * inner;
-    for (int64_t i = 0; i < inner; ++i) orow[i] = quantize_element<ROUND, INT>(row[i] * down[i], P) * back[i];
+    uint32_t top = 0;
+    for (int64_t i = 0; i < inner; ++i) {
+      const float a = row[i] * down[i];
+      top |= near_top(a);
+      orow[i] = quantize_element<ROUND, INT, INT>(a, P) * back[i];
+    }
+    if (!INT && top) {
+      for (int64_t i = 0; i < inner; ++i) {
+        const float a = row[i] * down[i];
+        if (near_top(a)) orow[i] = quantize_element<ROUND, INT, true>(a, P) * back[i];
+      }
+    }
   }
 }
 
