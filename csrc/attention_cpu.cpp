@@ -27,7 +27,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <limits>
 #include <string>
 #include <vector>
@@ -45,6 +47,9 @@ extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
 namespace ftattn {
@@ -70,7 +75,10 @@ constexpr int32_t kCheckMask = 0xFF;
 // Query rows per tile == REPORT_BLOCK_M of the flags contract.
 constexpr int64_t BLOCK_M = 64;
 // Keys per tile: 128 keeps S and P (2 x 32 KiB) and a K/V tile in L2 for D <= 256.
-constexpr int64_t BLOCK_N = 128;
+constexpr int64_t BLOCK_N = 512;
+// Query blocks per task: their column-checksum references (sum_i q_i) . k_j come
+// from one fp64 GEMM over K instead of one matrix-vector product per block.
+constexpr int64_t GROUP = 8;
 
 constexpr double U32 = 5.9604644775390625e-08;  // 2^-24, unit roundoff of fp32
 // Statistical thresholds: kappa standard deviations of the rounding noise.
@@ -323,6 +331,24 @@ static void gemm_nt(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda
   at::mm_out(c, a, b.t());
 }
 
+// fp64 C[m x n] = A[m x k] * B[n x k]^T: the references of the checksums.
+static void gemm_nt_d(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B, int64_t ldb,
+                      double* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (dgemm_ != nullptr) {
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const double one = 1.0, zero = 0.0;
+    dgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor a = at::from_blob(const_cast<double*>(A), {m, k}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<double*>(B), {n, k}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  at::mm_out(c, a, b.t());
+}
+
 // C[m x n] += A[m x k] * B[k x n]   (acc += P V)
 static void gemm_nn_acc(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
                         int64_t ldb, float* C, int64_t ldc) {
@@ -365,23 +391,54 @@ struct Problem {
   const double* kabs;
   const double* vsum;
   const double* vabs;
+  // K and |K| in fp64 [B, Hkv, M, D] for the column references
+  const double* kd;
+  const double* kad;
+};
+
+// 64-byte aligned storage: MKL's sgemm may take a different path (and round
+// differently) for a differently aligned buffer, and protection off / abft / full
+// must give the same bits; seen as ulp differences between them before this.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
 };
 
 struct Scratch {
-  std::vector<float> S, P, acc, m, m_old, alpha, l;
+  std::vector<float, Aligned64<float>> S, P, acc;
+  std::vector<float> m, m_old, alpha, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, kcut_sum, kcut_abs, rowref, rowmag, colref, colmag, rs, cs, wv, wa, ws;
+  std::vector<double> l2, c, bv, qsum, qabs, kcut_sum, kcut_abs, rowref, rowmag, colref, colmag, rs, cs, wv, wa, ws,
+      qd, qad;
+  int64_t slot = 0;  // which query block of the group run_block is on (row of colref / colmag)
   Scratch(int64_t D, int64_t M, bool abft)
       : S(BLOCK_M * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), m_old(BLOCK_M),
         alpha(BLOCK_M), l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
     for (auto* v : {&l2, &c, &bv, &rs, &wv, &wa, &ws}) v->resize(BLOCK_M);
-    for (auto* v : {&qsum, &qabs, &kcut_sum, &kcut_abs}) v->resize(D);
+    for (auto* v : {&kcut_sum, &kcut_abs}) v->resize(D);
+    qd.resize(BLOCK_M * D);
+    qad.resize(BLOCK_M * D);
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
-    colref.resize(std::max<int64_t>(M, 1));
-    colmag.resize(std::max<int64_t>(M, 1));
+    colref.resize(GROUP * std::max<int64_t>(M, 1));
+    colmag.resize(GROUP * std::max<int64_t>(M, 1));
+    qsum.resize(GROUP * D);
+    qabs.resize(GROUP * D);
     cs.resize(BLOCK_N);
   }
 };
@@ -415,18 +472,16 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
     std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
     std::fill(w.c.begin(), w.c.begin() + rows, 0.0);
     std::fill(w.bv.begin(), w.bv.begin() + rows, 0.0);
-    std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
-    std::fill(w.qabs.begin(), w.qabs.end(), 0.0);
-    for (int64_t i = 0; i < rows; ++i) {
-      add_d(w.qsum.data(), Q + i * D, D);
-      add_abs_d(w.qabs.data(), Q + i * D, D);
-    }
-    // references of the checksums for every tile this block visits, in fp64:
-    // rows: q_i . sum_j k_j (and |q_i| . sum_j |k_j|) per key tile; columns: (sum_i q_i) . k_j
+    // row-checksum references for every key tile this block visits, in fp64:
+    // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile (column ones: group_col_refs)
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
-    dots_d(Q, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
-    dots_d(K, std::max<int64_t>(kv_end, 0), D, w.qsum.data(), w.qabs.data(), 1, 1, w.colref.data(), w.colmag.data());
+    for (int64_t x = 0; x < rows * D; ++x) {
+      w.qd[x] = static_cast<double>(Q[x]);
+      w.qad[x] = std::fabs(w.qd[x]);
+    }
+    gemm_nt_d(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
+    gemm_nt_d(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
   }
   int64_t ntiles = 0;
   float* S = w.S.data();
@@ -464,10 +519,12 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
         ld = 1;
       }
       tile_sums(S, rows, cols, BLOCK_N, w.rs.data(), w.cs.data());
+      const double* colref = w.colref.data() + w.slot * M;
+      const double* colmag = w.colmag.data() + w.slot * M;
       for (int64_t i = 0; i < rows; ++i)
         if (!(std::fabs(w.rs[i] - ref[i * ld]) <= KAPPA * U32 * sqrtD * mag[i * ld])) bad |= kRowChecksum;
       for (int64_t j = 0; j < cols; ++j)
-        if (!(std::fabs(w.cs[j] - w.colref[n0 + j]) <= KAPPA * U32 * sqrtD * w.colmag[n0 + j])) bad |= kColChecksum;
+        if (!(std::fabs(w.cs[j] - colref[n0 + j]) <= KAPPA * U32 * sqrtD * colmag[n0 + j])) bad |= kColChecksum;
     }
     // ---- online softmax: running max, p = exp(s - m), alpha = exp(m_old - m) ----
     for (int64_t i = 0; i < rows; ++i) {
@@ -588,6 +645,27 @@ bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int
          all_finite(P.v + (b * P.Hkv + hk) * M * D, keys * D);
 }
 
+// Column-checksum references of query blocks blk0 .. blk0 + nb - 1 of (b, h):
+// colref[g, j] = (sum_i q_i) . k_j and colmag[g, j] = (sum_i |q_i|) . |k_j| in fp64.
+void group_col_refs(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t blk0, int64_t nb) {
+  const int64_t D = P.D, M = P.M, N = P.N;
+  const int64_t hk = h / (P.Hq / P.Hkv);
+  std::fill(w.qsum.begin(), w.qsum.begin() + nb * D, 0.0);
+  std::fill(w.qabs.begin(), w.qabs.begin() + nb * D, 0.0);
+  int64_t keys = 0;
+  for (int64_t g = 0; g < nb; ++g) {
+    const int64_t r0 = (blk0 + g) * BLOCK_M, r1 = std::min<int64_t>(N, r0 + BLOCK_M);
+    const float* Q = P.q + ((b * P.Hq + h) * N + r0) * D;
+    for (int64_t i = 0; i < r1 - r0; ++i) {
+      add_d(w.qsum.data() + g * D, Q + i * D, D);
+      add_abs_d(w.qabs.data() + g * D, Q + i * D, D);
+    }
+    keys = std::max<int64_t>(keys, P.causal ? std::min<int64_t>(M, r1 + M - N) : M);
+  }
+  gemm_nt_d(nb, keys, D, w.qsum.data(), D, P.kd + (b * P.Hkv + hk) * M * D, D, w.colref.data(), M);
+  gemm_nt_d(nb, keys, D, w.qabs.data(), D, P.kad + (b * P.Hkv + hk) * M * D, D, w.colmag.data(), M);
+}
+
 // First pass, then on a failed check: non-finite input is reported as such;
 // anything else is recomputed once (a transient fault does not repeat).
 int32_t process_block(const Problem& P, Scratch& w, bool recompute, int64_t b, int64_t h, int64_t blk,
@@ -605,13 +683,15 @@ int32_t process_block(const Problem& P, Scratch& w, bool recompute, int64_t b, i
 }
 
 void precompute_sums(Problem& P, std::vector<double>& ksum, std::vector<double>& kabs, std::vector<double>& vsum,
-                     std::vector<double>& vabs) {
+                     std::vector<double>& vabs, std::vector<double>& kd, std::vector<double>& kad) {
   const int64_t D = P.D, M = P.M;
   const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
   ksum.assign(P.B * P.Hkv * ntiles * D, 0.0);
   kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
   vsum.assign(P.B * P.Hkv * M, 0.0);
   vabs.assign(P.B * P.Hkv * M, 0.0);
+  kd.resize(P.B * P.Hkv * M * D);
+  kad.resize(P.B * P.Hkv * M * D);
   at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / ntiles, t = idx % ntiles;
@@ -621,6 +701,10 @@ void precompute_sums(Problem& P, std::vector<double>& ksum, std::vector<double>&
       for (int64_t j = t * BLOCK_N; j < j1; ++j) {
         add_d(&ksum[idx * D], K + j * D, D);
         add_abs_d(&kabs[idx * D], K + j * D, D);
+        for (int64_t d = 0; d < D; ++d) {
+          kd[(bh * M + j) * D + d] = static_cast<double>(K[j * D + d]);
+          kad[(bh * M + j) * D + d] = std::fabs(static_cast<double>(K[j * D + d]));
+        }
         vsum[bh * M + j] = sum_d(V + j * D, D);
         vabs[bh * M + j] = sum_abs_d(V + j * D, D);
       }
@@ -630,6 +714,8 @@ void precompute_sums(Problem& P, std::vector<double>& ksum, std::vector<double>&
   P.kabs = kabs.data();
   P.vsum = vsum.data();
   P.vabs = vabs.data();
+  P.kd = kd.data();
+  P.kad = kad.data();
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -697,15 +783,26 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);
-  std::vector<double> ksum, kabs, vsum, vabs;
-  if (protection >= 1 && M > 0) precompute_sums(P, ksum, kabs, vsum, vabs);
+  std::vector<double> ksum, kabs, vsum, vabs, kd, kad;
+  if (protection >= 1 && M > 0) precompute_sums(P, ksum, kabs, vsum, vabs, kd, kad);
 
   if (N > 0) {
-    at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t ngroups = (nblk + GROUP - 1) / GROUP;
+    // at least ~4 MFLOP per task: small (decode-sized) calls stay on one thread,
+    // where waking the pool costs more than the work (and spins under load)
+    const int64_t task_flops = 4 * std::min<int64_t>(N, GROUP * BLOCK_M) * std::max<int64_t>(M, 1) * D;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(task_flops, 1));
+    at::parallel_for(0, B * Hq * ngroups, grain, [&](int64_t begin, int64_t end) {
       Scratch w(D, M, protection >= 1);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t blk = idx % nblk, bh = idx / nblk;
-        P.flags[idx] = process_block(P, w, recompute, bh / Hq, bh % Hq, blk, f);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / ngroups, blk0 = (task % ngroups) * GROUP;
+        const int64_t nb = std::min<int64_t>(GROUP, nblk - blk0);
+        const int64_t b = bh / Hq, h = bh % Hq;
+        if (protection >= 1 && M > 0) group_col_refs(P, w, b, h, blk0, nb);
+        for (int64_t g = 0; g < nb; ++g) {
+          w.slot = g;
+          P.flags[bh * nblk + blk0 + g] = process_block(P, w, recompute, b, h, blk0 + g, f);
+        }
       }
     });
   }
