@@ -36,7 +36,8 @@ def _synthetic(path):
     benches = []
     for n, factor in ((256, 1.0), (512, 4.0)):
         case = f"cpu-fp32-N{n}"
-        targets = [{"target": "full / sdpa time <= 1.3", "measured": 1.2, "limit": 1.3, "holds": True}] if n == 512 else []
+        targets = [{"target": "full / sdpa time <= 1.3", "measured": 1.2, "limit": 1.3, "holds": True,
+                    "how": "interleaved"}] if n == 512 else []
         for provider, t in times.items():
             benches.append(_bench(case, provider, t * factor, n=n, targets=targets if provider == "full" else ()))
     benches.append({"name": "test_clone", "fullname": "b/test_bench_mx.py::test_clone", "extra_info": {},
@@ -67,7 +68,7 @@ def test_report_figures(tmp_path):
     assert bench_report.overhead(case, "abft") == pytest.approx(0.1)
     assert bench_report.speedup_over_reference(case, "off") == pytest.approx(10.0)
     # targets, environment and the other benchmark are carried into the report
-    assert "| cpu-fp32-N512 | full / sdpa time <= 1.3 | 1.200 | yes |" in text
+    assert "| cpu-fp32-N512 | full / sdpa time <= 1.3 | 1.200 | yes | interleaved |" in text
     assert "torch 9.9, triton 8.8" in text and "[0.5, 0.4, 0.3] at the start" in text
     assert "| b/test_bench_mx.py::test_clone | 2.5 | 10 |" in text
 
