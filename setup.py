@@ -35,7 +35,7 @@ def _extension():
 
 EVAL = ["scikit-learn", "matplotlib", "tqdm", "transformers>=4.48", "pillow"]
 ONNX = ["onnx", "onnxruntime>=1.20", "onnxscript", "tokenizers>=0.22", "transformers>=4.56", "onnxruntime-genai>=0.18; platform_machine == 'x86_64' or platform_machine == 'AMD64'"]
-DEV = ["pytest", "pytest-benchmark", "hypothesis", "ml_dtypes"] + EVAL + ONNX
+DEV = ["pytest", "pytest-benchmark", "hypothesis"] + EVAL + ONNX
 
 setup(
     name="ftattn",
@@ -55,6 +55,7 @@ setup(
         "torch>=2.6",
         "numpy",
         "tqdm",
+        "ml_dtypes",  # fp6 / fp4 storage codes of ftattn.mx.pack
         "triton>=3.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
     ],
     extras_require={"eval": EVAL, "onnx": ONNX, "dev": DEV},

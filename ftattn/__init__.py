@@ -18,6 +18,17 @@ _register_transformers()
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # ftattn.mx, ftattn.onnx, ftattn.integrations: imported on first use, so
+    # `import ftattn` stays cheap and pulls in neither triton nor onnxruntime
+    if name in ("mx", "onnx", "integrations", "campaign", "reference"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ftattn' has no attribute {name!r}")
+
+
 __all__ = [
     "attention",
     "Fault",

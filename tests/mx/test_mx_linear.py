@@ -12,7 +12,7 @@ from ftattn.mx.config import MXConfig
 from ftattn.mx.linear import MXConv2d, MXLinear, conv2d, linear, matmul
 from ftattn.mx.workflow import is_quantized, quantize_, restore_
 
-from conftest import FORMATS, assert_bitexact
+from mx_helpers import FORMATS, assert_bitexact
 
 
 def _t(golden, key, grad=False):

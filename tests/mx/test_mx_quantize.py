@@ -11,7 +11,7 @@ from ftattn import mx
 from ftattn.mx.formats import e8m0_to_scale_exp, scale_exp_to_e8m0
 from ftattn.mx.quantize import _bfloat16_bits
 
-from conftest import FORMATS, ROUNDINGS, assert_bitexact, special_values_tensor
+from mx_helpers import FORMATS, ROUNDINGS, assert_bitexact, special_values_tensor
 
 CPU_BACKENDS = ("torch", "cpp")
 

@@ -15,7 +15,7 @@ BODY = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     import ftattn
     from ftattn import mx
-    from conftest import assert_bitexact, special_values_tensor
+    from mx_helpers import assert_bitexact, special_values_tensor
     device = {device!r}
     d = np.load({golden!r})
     for case in ("edge", "rand"):
