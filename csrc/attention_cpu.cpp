@@ -31,6 +31,7 @@
 #include <cstring>
 #include <new>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -76,9 +77,6 @@ constexpr int32_t kCheckMask = 0xFF;
 constexpr int64_t BLOCK_M = 64;
 // Keys per tile: 128 keeps S and P (2 x 32 KiB) and a K/V tile in L2 for D <= 256.
 constexpr int64_t BLOCK_N = 512;
-// Query blocks per task: their column-checksum references (sum_i q_i) . k_j come
-// from one fp64 GEMM over K instead of one matrix-vector product per block.
-constexpr int64_t GROUP = 8;
 
 constexpr double U32 = 5.9604644775390625e-08;  // 2^-24, unit roundoff of fp32
 // Statistical thresholds: kappa standard deviations of the rounding noise.
@@ -254,6 +252,18 @@ FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D
   }
 }
 
+// out[j] = x . k_j for the rows k_j of K [n x D], accumulated in fp32 SIMD lanes.
+FTATTN_CLONES static void col_dots_f32(const float* __restrict K, int64_t n, int64_t D, const float* __restrict x,
+                                       double* __restrict out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = K + j * D;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) s += x[d] * kj[d];
+    out[j] = static_cast<double>(s);
+  }
+}
+
 // Per row of P [rows x cols]: sum_j p_ij a_j, sum_j p_ij b_j, sum_j p_ij in fp64.
 FTATTN_CLONES static void tile_weighted(const float* __restrict Pm, int64_t rows, int64_t cols, int64_t ld,
                                         const double* __restrict a, const double* __restrict b,
@@ -391,9 +401,12 @@ struct Problem {
   const double* kabs;
   const double* vsum;
   const double* vabs;
-  // K and |K| in fp64 [B, Hkv, M, D] for the column references
-  const double* kd;
-  const double* kad;
+  // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound), and, when
+  // causal, inclusive prefix sums of k_j and |k_j| within each key tile [B, Hkv, M, D]
+  // (a tile cut by the causal limit)
+  const double* knorm;
+  const double* kpre;
+  const double* kpre_abs;
 };
 
 // 64-byte aligned storage: MKL's sgemm may take a different path (and round
@@ -421,24 +434,21 @@ struct Scratch {
   std::vector<float, Aligned64<float>> S, P, acc;
   std::vector<float> m, m_old, alpha, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, kcut_sum, kcut_abs, rowref, rowmag, colref, colmag, rs, cs, wv, wa, ws,
-      qd, qad;
-  int64_t slot = 0;  // which query block of the group run_block is on (row of colref / colmag)
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, colref, rs, cs, wv, wa, ws, qd, qad;
+  std::vector<float> qsum_f;
   Scratch(int64_t D, int64_t M, bool abft)
       : S(BLOCK_M * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), m_old(BLOCK_M),
         alpha(BLOCK_M), l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
     for (auto* v : {&l2, &c, &bv, &rs, &wv, &wa, &ws}) v->resize(BLOCK_M);
-    for (auto* v : {&kcut_sum, &kcut_abs}) v->resize(D);
     qd.resize(BLOCK_M * D);
     qad.resize(BLOCK_M * D);
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
-    colref.resize(GROUP * std::max<int64_t>(M, 1));
-    colmag.resize(GROUP * std::max<int64_t>(M, 1));
-    qsum.resize(GROUP * D);
-    qabs.resize(GROUP * D);
+    colref.resize(BLOCK_N);
+    for (auto* v : {&qsum, &qabs}) v->resize(D);
+    qsum_f.resize(D);
     cs.resize(BLOCK_N);
   }
 };
@@ -463,6 +473,7 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
   const int64_t ntiles_all = (M + BLOCK_N - 1) / BLOCK_N;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   const double sqrtD = std::sqrt(static_cast<double>(D));
+  double qabs_norm = 0.0;
   int32_t bad = 0;
 
   std::fill(w.m.begin(), w.m.begin() + rows, NEG_INF);
@@ -473,18 +484,34 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
     std::fill(w.c.begin(), w.c.begin() + rows, 0.0);
     std::fill(w.bv.begin(), w.bv.begin() + rows, 0.0);
     // row-checksum references for every key tile this block visits, in fp64:
-    // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile (column ones: group_col_refs)
+    // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
     for (int64_t x = 0; x < rows * D; ++x) {
       w.qd[x] = static_cast<double>(Q[x]);
       w.qad[x] = std::fabs(w.qd[x]);
     }
+    // column references: (sum_i q_i) . k_j per tile from the K tile still in cache
+    std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
+    std::fill(w.qabs.begin(), w.qabs.end(), 0.0);
+    for (int64_t i = 0; i < rows; ++i) {
+      add_d(w.qsum.data(), Q + i * D, D);
+      add_abs_d(w.qabs.data(), Q + i * D, D);
+    }
+    double qq = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      w.qsum_f[d] = static_cast<float>(w.qsum[d]);
+      qq += w.qabs[d] * w.qabs[d];
+    }
+    qabs_norm = std::sqrt(qq);
     gemm_nt_d(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
     gemm_nt_d(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
   }
   int64_t ntiles = 0;
   float* S = w.S.data();
+  // fp32 reference of the column sums: error <= (D / lanes + 3) u (sum_i |q_i|) . |k_j|
+  // with at least 4 SIMD lanes, on top of the rounding of S itself
+  const double col_factor = (KAPPA * sqrtD + D / 4.0 + 3.0) * U32;
   float* Pm = w.P.data();
 
   for (int64_t n0 = 0; n0 < std::max<int64_t>(kv_end, 0); n0 += BLOCK_N) {
@@ -507,24 +534,20 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       const double* mag = w.rowmag.data() + t;
       int64_t ld = ntiles_all;
       if (cols != std::min<int64_t>(BLOCK_N, M - n0)) {  // a tile cut by the causal limit: its prefix
-        std::fill(w.kcut_sum.begin(), w.kcut_sum.end(), 0.0);
-        std::fill(w.kcut_abs.begin(), w.kcut_abs.end(), 0.0);
-        for (int64_t j = 0; j < cols; ++j) {
-          add_d(w.kcut_sum.data(), K + (n0 + j) * D, D);
-          add_abs_d(w.kcut_abs.data(), K + (n0 + j) * D, D);
-        }
-        dots_d(Q, rows, D, w.kcut_sum.data(), w.kcut_abs.data(), 1, 1, w.wv.data(), w.wa.data());
+        const int64_t last = ((b * P.Hkv + hk) * M + n0 + cols - 1) * D;  // within-tile prefix sums
+        dots_d(Q, rows, D, P.kpre + last, P.kpre_abs + last, 1, 1, w.wv.data(), w.wa.data());
         ref = w.wv.data();
         mag = w.wa.data();
         ld = 1;
       }
       tile_sums(S, rows, cols, BLOCK_N, w.rs.data(), w.cs.data());
-      const double* colref = w.colref.data() + w.slot * M;
-      const double* colmag = w.colmag.data() + w.slot * M;
+      col_dots_f32(K + n0 * D, cols, D, w.qsum_f.data(), w.colref.data());
+      const double* knorm = P.knorm + (b * P.Hkv + hk) * M + n0;
       for (int64_t i = 0; i < rows; ++i)
         if (!(std::fabs(w.rs[i] - ref[i * ld]) <= KAPPA * U32 * sqrtD * mag[i * ld])) bad |= kRowChecksum;
       for (int64_t j = 0; j < cols; ++j)
-        if (!(std::fabs(w.cs[j] - colref[n0 + j]) <= KAPPA * U32 * sqrtD * colmag[n0 + j])) bad |= kColChecksum;
+        // (sum_i |q_i|) . |k_j| <= ||sum_i |q_i| ||_2 ||k_j||_2
+        if (!(std::fabs(w.cs[j] - w.colref[j]) <= col_factor * qabs_norm * knorm[j])) bad |= kColChecksum;
     }
     // ---- online softmax: running max, p = exp(s - m), alpha = exp(m_old - m) ----
     for (int64_t i = 0; i < rows; ++i) {
@@ -645,27 +668,6 @@ bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int
          all_finite(P.v + (b * P.Hkv + hk) * M * D, keys * D);
 }
 
-// Column-checksum references of query blocks blk0 .. blk0 + nb - 1 of (b, h):
-// colref[g, j] = (sum_i q_i) . k_j and colmag[g, j] = (sum_i |q_i|) . |k_j| in fp64.
-void group_col_refs(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t blk0, int64_t nb) {
-  const int64_t D = P.D, M = P.M, N = P.N;
-  const int64_t hk = h / (P.Hq / P.Hkv);
-  std::fill(w.qsum.begin(), w.qsum.begin() + nb * D, 0.0);
-  std::fill(w.qabs.begin(), w.qabs.begin() + nb * D, 0.0);
-  int64_t keys = 0;
-  for (int64_t g = 0; g < nb; ++g) {
-    const int64_t r0 = (blk0 + g) * BLOCK_M, r1 = std::min<int64_t>(N, r0 + BLOCK_M);
-    const float* Q = P.q + ((b * P.Hq + h) * N + r0) * D;
-    for (int64_t i = 0; i < r1 - r0; ++i) {
-      add_d(w.qsum.data() + g * D, Q + i * D, D);
-      add_abs_d(w.qabs.data() + g * D, Q + i * D, D);
-    }
-    keys = std::max<int64_t>(keys, P.causal ? std::min<int64_t>(M, r1 + M - N) : M);
-  }
-  gemm_nt_d(nb, keys, D, w.qsum.data(), D, P.kd + (b * P.Hkv + hk) * M * D, D, w.colref.data(), M);
-  gemm_nt_d(nb, keys, D, w.qabs.data(), D, P.kad + (b * P.Hkv + hk) * M * D, D, w.colmag.data(), M);
-}
-
 // First pass, then on a failed check: non-finite input is reported as such;
 // anything else is recomputed once (a transient fault does not repeat).
 int32_t process_block(const Problem& P, Scratch& w, bool recompute, int64_t b, int64_t h, int64_t blk,
@@ -682,40 +684,56 @@ int32_t process_block(const Problem& P, Scratch& w, bool recompute, int64_t b, i
   return bits;
 }
 
-void precompute_sums(Problem& P, std::vector<double>& ksum, std::vector<double>& kabs, std::vector<double>& vsum,
-                     std::vector<double>& vabs, std::vector<double>& kd, std::vector<double>& kad) {
+// Per-call sums over K and V shared by every query block (protection >= abft).
+struct KvSums {
+  std::vector<double> ksum, kabs, vsum, vabs, knorm;
+  std::unique_ptr<double[]> kpre, kpre_abs;  // uninitialised: every entry is written
+};
+
+void precompute_sums(Problem& P, KvSums& sums) {
   const int64_t D = P.D, M = P.M;
   const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
-  ksum.assign(P.B * P.Hkv * ntiles * D, 0.0);
-  kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
-  vsum.assign(P.B * P.Hkv * M, 0.0);
-  vabs.assign(P.B * P.Hkv * M, 0.0);
-  kd.resize(P.B * P.Hkv * M * D);
-  kad.resize(P.B * P.Hkv * M * D);
+  sums.ksum.assign(P.B * P.Hkv * ntiles * D, 0.0);
+  sums.kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
+  sums.vsum.resize(P.B * P.Hkv * M);
+  sums.vabs.resize(P.B * P.Hkv * M);
+  sums.knorm.resize(P.B * P.Hkv * M);
+  if (P.causal) {
+    sums.kpre.reset(new double[P.B * P.Hkv * M * D]);
+    sums.kpre_abs.reset(new double[P.B * P.Hkv * M * D]);
+  }
+  double* kpre = sums.kpre.get();
+  double* kpre_abs = sums.kpre_abs.get();
   at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / ntiles, t = idx % ntiles;
       const float* K = P.k + bh * M * D;
       const float* V = P.v + bh * M * D;
       const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
+      double* ks = &sums.ksum[idx * D];
+      double* ka = &sums.kabs[idx * D];
       for (int64_t j = t * BLOCK_N; j < j1; ++j) {
-        add_d(&ksum[idx * D], K + j * D, D);
-        add_abs_d(&kabs[idx * D], K + j * D, D);
-        for (int64_t d = 0; d < D; ++d) {
-          kd[(bh * M + j) * D + d] = static_cast<double>(K[j * D + d]);
-          kad[(bh * M + j) * D + d] = std::fabs(static_cast<double>(K[j * D + d]));
+        add_d(ks, K + j * D, D);
+        add_abs_d(ka, K + j * D, D);
+        if (kpre != nullptr) {
+          std::copy(ks, ks + D, kpre + (bh * M + j) * D);
+          std::copy(ka, ka + D, kpre_abs + (bh * M + j) * D);
         }
-        vsum[bh * M + j] = sum_d(V + j * D, D);
-        vabs[bh * M + j] = sum_abs_d(V + j * D, D);
+        double kk = 0.0;
+        for (int64_t d = 0; d < D; ++d) kk += static_cast<double>(K[j * D + d]) * K[j * D + d];
+        sums.knorm[bh * M + j] = std::sqrt(kk);
+        sums.vsum[bh * M + j] = sum_d(V + j * D, D);
+        sums.vabs[bh * M + j] = sum_abs_d(V + j * D, D);
       }
     }
   });
-  P.ksum = ksum.data();
-  P.kabs = kabs.data();
-  P.vsum = vsum.data();
-  P.vabs = vabs.data();
-  P.kd = kd.data();
-  P.kad = kad.data();
+  P.ksum = sums.ksum.data();
+  P.kabs = sums.kabs.data();
+  P.vsum = sums.vsum.data();
+  P.vabs = sums.vabs.data();
+  P.knorm = sums.knorm.data();
+  P.kpre = kpre;
+  P.kpre_abs = kpre_abs;
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -783,26 +801,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);
-  std::vector<double> ksum, kabs, vsum, vabs, kd, kad;
-  if (protection >= 1 && M > 0) precompute_sums(P, ksum, kabs, vsum, vabs, kd, kad);
+  KvSums sums;
+  if (protection >= 1 && M > 0) precompute_sums(P, sums);
 
   if (N > 0) {
-    const int64_t ngroups = (nblk + GROUP - 1) / GROUP;
     // at least ~4 MFLOP per task: small (decode-sized) calls stay on one thread,
     // where waking the pool costs more than the work (and spins under load)
-    const int64_t task_flops = 4 * std::min<int64_t>(N, GROUP * BLOCK_M) * std::max<int64_t>(M, 1) * D;
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(task_flops, 1));
-    at::parallel_for(0, B * Hq * ngroups, grain, [&](int64_t begin, int64_t end) {
+    const int64_t block_flops = 4 * std::min<int64_t>(N, BLOCK_M) * std::max<int64_t>(M, 1) * D;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(block_flops, 1));
+    at::parallel_for(0, B * Hq * nblk, grain, [&](int64_t begin, int64_t end) {
       Scratch w(D, M, protection >= 1);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / ngroups, blk0 = (task % ngroups) * GROUP;
-        const int64_t nb = std::min<int64_t>(GROUP, nblk - blk0);
-        const int64_t b = bh / Hq, h = bh % Hq;
-        if (protection >= 1 && M > 0) group_col_refs(P, w, b, h, blk0, nb);
-        for (int64_t g = 0; g < nb; ++g) {
-          w.slot = g;
-          P.flags[bh * nblk + blk0 + g] = process_block(P, w, recompute, b, h, blk0 + g, f);
-        }
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t blk = idx % nblk, bh = idx / nblk;
+        P.flags[idx] = process_block(P, w, recompute, bh / Hq, bh % Hq, blk, f);
       }
     });
   }

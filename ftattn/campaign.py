@@ -347,7 +347,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="all", help="float32, bfloat16, float16, or 'all' (default)")
     p.add_argument("--protection", default="full", help="off, abft, full, or 'all' (default: full)")
-    p.add_argument("--faults", type=int, default=700, help="faults per dtype and protection (default 700)")
+    p.add_argument("--faults", type=int, default=None,
+                   help="faults per dtype and protection (default 700; 2000 with --demo)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -378,13 +379,14 @@ def main(args) -> int:
     for name in protections:
         if name not in COVERED:
             raise SystemExit(f"--protection {name!r} is not supported; use off, abft, full or all")
+    faults = args.faults if args.faults is not None else (2000 if args.demo else 700)
     shape = Shape(args.batch, args.heads, args.kv_heads, args.seq, args.kv_seq, args.head_dim, not args.no_causal)
     long_kv = args.long_kv if device == "cpu" or args.long_kv != 1024 else 8192
     results = []
     failed = []
     for prot in protections:
         for name in dtypes:
-            res = run(backend, device, name, prot, args.faults, shape, long_kv, args.seed, progress=not args.no_progress)
+            res = run(backend, device, name, prot, faults, shape, long_kv, args.seed, progress=not args.no_progress)
             results.append(res)
             print(format_table(res))
             print()
