@@ -73,8 +73,12 @@ enum CheckBit : int32_t {
 };
 constexpr int32_t kCheckMask = 0xFF;
 
-// Query rows per tile == REPORT_BLOCK_M of the flags contract.
-constexpr int64_t BLOCK_M = 64;
+// Query rows per tile: 256, as torch's CPU flash attention, so each packed K tile
+// serves 256 rows. Checks and flags are kept per sub-block of SUB_M = 64 rows
+// (REPORT_BLOCK_M of the flags contract); a failed check recomputes the tile.
+constexpr int64_t BLOCK_M = 256;
+constexpr int64_t SUB_M = 64;
+constexpr int64_t NSUB = BLOCK_M / SUB_M;
 // Keys per tile: 128 keeps S and P (2 x 32 KiB) and a K/V tile in L2 for D <= 256.
 constexpr int64_t BLOCK_N = 512;
 
@@ -434,8 +438,8 @@ struct Scratch {
   std::vector<float, Aligned64<float>> S, P, acc;
   std::vector<float> m, m_old, alpha, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, colref, rs, cs, wv, wa, ws, qd, qad;
-  std::vector<float> qsum_f;
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, colref, rs, cs, wv, wa, ws, qd, qad, qabs_norm;
+  std::vector<float> qsum_f;  // per sub-block [NSUB, D]
   Scratch(int64_t D, int64_t M, bool abft)
       : S(BLOCK_M * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), m_old(BLOCK_M),
         alpha(BLOCK_M), l(BLOCK_M) {
@@ -447,18 +451,19 @@ struct Scratch {
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     colref.resize(BLOCK_N);
-    for (auto* v : {&qsum, &qabs}) v->resize(D);
-    qsum_f.resize(D);
+    for (auto* v : {&qsum, &qabs}) v->resize(NSUB * D);
+    qsum_f.resize(NSUB * D);
+    qabs_norm.resize(NSUB);
     cs.resize(BLOCK_N);
   }
 };
 
-// One query block (b, h, rows r0..r1) through every visible key tile; writes the
-// block's output rows and returns the failed-check bits. INJECT compiles the
-// fault sites in (false in production).
+// One query tile (b, h, rows r0..r1) through every visible key tile; writes the
+// tile's output rows and the failed-check bits of each 64-row sub-block to bad[].
+// INJECT compiles the fault sites in (false in production).
 template <bool INJECT>
-int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, int64_t r1,
-                  const FaultSpec& f) {
+void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, int64_t r1, const FaultSpec& f,
+               int32_t* bad) {
   const int64_t D = P.D, M = P.M, N = P.N;
   const int64_t rows = r1 - r0;
   const int64_t hk = h / (P.Hq / P.Hkv);
@@ -473,8 +478,8 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
   const int64_t ntiles_all = (M + BLOCK_N - 1) / BLOCK_N;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   const double sqrtD = std::sqrt(static_cast<double>(D));
-  double qabs_norm = 0.0;
-  int32_t bad = 0;
+  const int64_t nsub = (rows + SUB_M - 1) / SUB_M;
+  for (int64_t sb = 0; sb < NSUB; ++sb) bad[sb] = 0;
 
   std::fill(w.m.begin(), w.m.begin() + rows, NEG_INF);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
@@ -491,19 +496,22 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       w.qd[x] = static_cast<double>(Q[x]);
       w.qad[x] = std::fabs(w.qd[x]);
     }
-    // column references: (sum_i q_i) . k_j per tile from the K tile still in cache
+    // column references, per 64-row sub-block: (sum_i q_i) . k_j per key tile,
+    // from the K tile still in cache
     std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
     std::fill(w.qabs.begin(), w.qabs.end(), 0.0);
     for (int64_t i = 0; i < rows; ++i) {
-      add_d(w.qsum.data(), Q + i * D, D);
-      add_abs_d(w.qabs.data(), Q + i * D, D);
+      add_d(w.qsum.data() + (i / SUB_M) * D, Q + i * D, D);
+      add_abs_d(w.qabs.data() + (i / SUB_M) * D, Q + i * D, D);
     }
-    double qq = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      w.qsum_f[d] = static_cast<float>(w.qsum[d]);
-      qq += w.qabs[d] * w.qabs[d];
+    for (int64_t sb = 0; sb < nsub; ++sb) {
+      double qq = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        w.qsum_f[sb * D + d] = static_cast<float>(w.qsum[sb * D + d]);
+        qq += w.qabs[sb * D + d] * w.qabs[sb * D + d];
+      }
+      w.qabs_norm[sb] = std::sqrt(qq);
     }
-    qabs_norm = std::sqrt(qq);
     gemm_nt_d(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
     gemm_nt_d(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
   }
@@ -540,14 +548,17 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
         mag = w.wa.data();
         ld = 1;
       }
-      tile_sums(S, rows, cols, BLOCK_N, w.rs.data(), w.cs.data());
-      col_dots_f32(K + n0 * D, cols, D, w.qsum_f.data(), w.colref.data());
       const double* knorm = P.knorm + (b * P.Hkv + hk) * M + n0;
+      for (int64_t sb = 0; sb < nsub; ++sb) {
+        const int64_t i0 = sb * SUB_M, i1 = std::min<int64_t>(rows, i0 + SUB_M);
+        tile_sums(S + i0 * BLOCK_N, i1 - i0, cols, BLOCK_N, w.rs.data() + i0, w.cs.data());
+        col_dots_f32(K + n0 * D, cols, D, w.qsum_f.data() + sb * D, w.colref.data());
+        for (int64_t j = 0; j < cols; ++j)
+          // (sum_i |q_i|) . |k_j| <= ||sum_i |q_i| ||_2 ||k_j||_2
+          if (!(std::fabs(w.cs[j] - w.colref[j]) <= col_factor * w.qabs_norm[sb] * knorm[j])) bad[sb] |= kColChecksum;
+      }
       for (int64_t i = 0; i < rows; ++i)
-        if (!(std::fabs(w.rs[i] - ref[i * ld]) <= KAPPA * U32 * sqrtD * mag[i * ld])) bad |= kRowChecksum;
-      for (int64_t j = 0; j < cols; ++j)
-        // (sum_i |q_i|) . |k_j| <= ||sum_i |q_i| ||_2 ||k_j||_2
-        if (!(std::fabs(w.cs[j] - w.colref[j]) <= col_factor * qabs_norm * knorm[j])) bad |= kColChecksum;
+        if (!(std::fabs(w.rs[i] - ref[i * ld]) <= KAPPA * U32 * sqrtD * mag[i * ld])) bad[i / SUB_M] |= kRowChecksum;
     }
     // ---- online softmax: running max, p = exp(s - m), alpha = exp(m_old - m) ----
     for (int64_t i = 0; i < rows; ++i) {
@@ -561,7 +572,7 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       w.m_old[i] = m_old;
       w.m[i] = m_new;
       if (abft && !(m_new == std::max(m_old, mx) && (m_new == NEG_INF || std::isfinite(m_new))))
-        bad |= kRowmaxInvariant;
+        bad[i / SUB_M] |= kRowmaxInvariant;
       if (m_new == NEG_INF) {  // no visible key yet: the row adds nothing
         std::fill(Pi, Pi + cols, 0.f);
         w.alpha[i] = 1.f;
@@ -586,16 +597,16 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       opaque(l_new);
       w.l[i] = l_new;
       if (abft) {
-        if (!(pmin >= 0.f && pmax <= 1.f && std::isfinite(psum))) bad |= kProbsRange;
+        if (!(pmin >= 0.f && pmax <= 1.f && std::isfinite(psum))) bad[i / SUB_M] |= kProbsRange;
         if (w.m[i] != NEG_INF) {
           // the tile either raised the max (its argmax gets p == 1) or kept it (alpha == 1)
-          if (!(alpha == 1.f || pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad |= kRowmaxInvariant;
+          if (!(alpha == 1.f || pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad[i / SUB_M] |= kRowmaxInvariant;
           if (full) {
             const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;
-            if (!dmr_row_ok(S + i * BLOCK_N, Pi, cols, limit, P.scale, w.m[i])) bad |= kSoftmaxDmr;
+            if (!dmr_row_ok(S + i * BLOCK_N, Pi, cols, limit, P.scale, w.m[i])) bad[i / SUB_M] |= kSoftmaxDmr;
           }
         } else if (!(pmax == 0.f)) {
-          bad |= kProbsRange;
+          bad[i / SUB_M] |= kProbsRange;
         }
       }
       if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
@@ -632,8 +643,8 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       std::fill(Oi, Oi + D, 0.f);
       if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
       memory_barrier();
-      if (abft && !all_finite(Oi, D)) bad |= kOutputCheck;
-      if (abft && sum_abs_d(Oi, D) != 0.0) bad |= kOutputCheck;
+      if (abft && !all_finite(Oi, D)) bad[i / SUB_M] |= kOutputCheck;
+      if (abft && sum_abs_d(Oi, D) != 0.0) bad[i / SUB_M] |= kOutputCheck;
       continue;
     }
     double acc_sum = 0.0;
@@ -642,8 +653,8 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       const double l2 = w.l2[i];
       if (!(std::fabs(static_cast<double>(l) - l2) <= depth_l * U32 * l2) ||
           !(l2 >= 1.0 - depth_l * U32 && l2 <= static_cast<double>(visible) * (1.0 + depth_l * U32)))
-        bad |= kRowsumInvariant;
-      if (!(std::fabs(acc_sum - w.c[i]) <= KAPPA * U32 * depth_pv * w.bv[i])) bad |= kPvChecksum;
+        bad[i / SUB_M] |= kRowsumInvariant;
+      if (!(std::fabs(acc_sum - w.c[i]) <= KAPPA * U32 * depth_pv * w.bv[i])) bad[i / SUB_M] |= kPvChecksum;
     }
     for (int64_t d = 0; d < D; ++d) Oi[d] = Ai[d] / l;
     if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
@@ -652,36 +663,52 @@ int32_t run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0
       // each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
       const double osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);
       const double ref = acc_sum / static_cast<double>(l);
-      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300) || !std::isfinite(oabs)) bad |= kOutputCheck;
+      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300) || !std::isfinite(oabs)) bad[i / SUB_M] |= kOutputCheck;
     }
   }
-  return bad;
 }
 
-bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int64_t r1) {
+// q rows r0..r1 and every key / value the tile ending at row tile_end reads.
+bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t tile_end) {
   const int64_t D = P.D, M = P.M;
   const int64_t hk = h / (P.Hq / P.Hkv);
-  const int64_t kv_end = P.causal ? std::min<int64_t>(M, r1 + M - P.N) : M;
+  const int64_t kv_end = P.causal ? std::min<int64_t>(M, tile_end + M - P.N) : M;
   const int64_t keys = std::max<int64_t>(kv_end, 0);
   return all_finite(P.q + ((b * P.Hq + h) * P.N + r0) * D, (r1 - r0) * D) &&
          all_finite(P.k + (b * P.Hkv + hk) * M * D, keys * D) &&
          all_finite(P.v + (b * P.Hkv + hk) * M * D, keys * D);
 }
 
-// First pass, then on a failed check: non-finite input is reported as such;
-// anything else is recomputed once (a transient fault does not repeat).
-int32_t process_block(const Problem& P, Scratch& w, bool recompute, int64_t b, int64_t h, int64_t blk,
-                      const FaultSpec& f) {
-  const int64_t r0 = blk * BLOCK_M, r1 = std::min<int64_t>(P.N, r0 + BLOCK_M);
+// First pass, then, per 64-row sub-block with a failed check: non-finite input is
+// reported as such; anything else makes the tile recompute once (a transient fault
+// does not repeat) and the sub-block is CORRECTED or, if it fails again, UNCORRECTED.
+void process_tile(const Problem& P, Scratch& w, bool recompute, int64_t b, int64_t h, int64_t tile,
+                  const FaultSpec& f) {
+  const int64_t r0 = tile * BLOCK_M, r1 = std::min<int64_t>(P.N, r0 + BLOCK_M);
+  const int64_t nsub = (r1 - r0 + SUB_M - 1) / SUB_M;
   const bool targeted = f.active && f.batch == b && f.head == h && f.row >= r0 && f.row < r1;
-  int32_t bits = targeted ? run_block<true>(P, w, b, h, r0, r1, f) : run_block<false>(P, w, b, h, r0, r1, f);
-  if (!(bits & kCheckMask)) return bits;
-  if (!block_inputs_finite(P, b, h, r0, r1)) return bits | kNonfiniteInput;
-  if (recompute) {
-    const int32_t again = run_block<false>(P, w, b, h, r0, r1, f);
-    bits |= (again & kCheckMask) ? kUncorrected : kCorrected;
+  int32_t bits[NSUB], again[NSUB];
+  if (targeted)
+    run_block<true>(P, w, b, h, r0, r1, f, bits);
+  else
+    run_block<false>(P, w, b, h, r0, r1, f, bits);
+  bool redo = false;
+  for (int64_t sb = 0; sb < nsub; ++sb) {
+    if (!(bits[sb] & kCheckMask)) continue;
+    const int64_t s0 = r0 + sb * SUB_M, s1 = std::min<int64_t>(r1, s0 + SUB_M);
+    if (!block_inputs_finite(P, b, h, s0, s1, r1))
+      bits[sb] |= kNonfiniteInput;
+    else
+      redo = true;
   }
-  return bits;
+  if (redo && recompute) {
+    run_block<false>(P, w, b, h, r0, r1, f, again);
+    for (int64_t sb = 0; sb < nsub; ++sb)
+      if ((bits[sb] & kCheckMask) && !(bits[sb] & kNonfiniteInput))
+        bits[sb] |= (again[sb] & kCheckMask) ? kUncorrected : kCorrected;
+  }
+  int32_t* flags = P.flags + (b * P.Hq + h) * P.nblk + r0 / SUB_M;
+  for (int64_t sb = 0; sb < nsub; ++sb) flags[sb] = bits[sb];
 }
 
 // Per-call sums over K and V shared by every query block (protection >= abft).
@@ -770,7 +797,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   const at::Tensor kf = k.to(at::kFloat).contiguous();
   const at::Tensor vf = v.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);
-  const int64_t nblk = (N + BLOCK_M - 1) / BLOCK_M;
+  const int64_t nblk = (N + SUB_M - 1) / SUB_M;  // report blocks
+  const int64_t ntile_m = (N + BLOCK_M - 1) / BLOCK_M;
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
 
@@ -809,11 +837,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     // where waking the pool costs more than the work (and spins under load)
     const int64_t block_flops = 4 * std::min<int64_t>(N, BLOCK_M) * std::max<int64_t>(M, 1) * D;
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(block_flops, 1));
-    at::parallel_for(0, B * Hq * nblk, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * Hq * ntile_m, grain, [&](int64_t begin, int64_t end) {
       Scratch w(D, M, protection >= 1);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t blk = idx % nblk, bh = idx / nblk;
-        P.flags[idx] = process_block(P, w, recompute, bh / Hq, bh % Hq, blk, f);
+        const int64_t tile = idx % ntile_m, bh = idx / ntile_m;
+        process_tile(P, w, recompute, bh / Hq, bh % Hq, tile, f);
       }
     });
   }
@@ -845,7 +873,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       const auto idx = at::nonzero(faulty)[0];
       const int64_t bb = idx[0].item<int64_t>(), hh = idx[1].item<int64_t>(), kk = idx[2].item<int64_t>();
       TORCH_CHECK(false, "ftattn: fault detected in attention at batch ", bb, ", head ", hh, ", rows ",
-                  kk * BLOCK_M, "..", std::min<int64_t>(q.size(2), (kk + 1) * BLOCK_M) - 1, " (check bits 0x",
+                  kk * SUB_M, "..", std::min<int64_t>(q.size(2), (kk + 1) * SUB_M) - 1, " (check bits 0x",
                   std::hex, flags[bb][hh][kk].item<int32_t>() & kCheckMask, std::dec,
                   "); use on_fault='correct' to recompute or 'report' for the raw output");
     }

@@ -303,3 +303,27 @@ def test_triton_backend_unavailable_message(make_qkv, monkeypatch):
     q, k, v = make_qkv(N=4, M=4, D=8)
     with pytest.raises(NotImplementedError, match="backend='triton' cannot run here"):
         ftattn.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_flags_name_only_the_struck_64_row_block(make_qkv, site):
+    """The C++ kernel computes 256-row tiles but checks and reports per 64 rows: a
+    fault at row 200 flags report block 3 only, and the recomputed tile equals the
+    clean output everywhere."""
+    q, k, v = make_qkv(B=1, Hq=2, N=300, M=333, D=48, seed=11)
+    clean = ftattn.attention(q, k, v, causal=True)
+    fault = Fault(site, batch=0, head=1, row=200, col=150, dim=7, bit=30)
+    out, rep = ftattn.attention(q, k, v, causal=True, fault=fault, return_report=True)
+    flagged = ((rep.flags & 0xFF) != 0).nonzero().tolist()
+    assert flagged == [[0, 1, 3]], rep.failures()
+    assert rep.corrected == 1 and torch.equal(out, clean)
+
+
+def test_nonfinite_key_seen_only_by_later_rows_of_the_tile(make_qkv):
+    """Causal: a NaN key visible only to the last rows of a tile still enters the
+    earlier rows' raw scores; it is non-finite input there too, never uncorrected."""
+    q, k, v = make_qkv(B=1, Hq=1, N=256, M=256, D=16, seed=5)
+    k[0, 0, 200, 3] = float("nan")
+    out, rep = ftattn.attention(q, k, v, causal=True, return_report=True)
+    assert rep.nonfinite_input and rep.uncorrected == 0 and rep.detected == 0
+    assert out[0, 0, :200].isfinite().all() and not out[0, 0, 200:].isfinite().all()
