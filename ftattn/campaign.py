@@ -296,7 +296,7 @@ def _device_name(device: str) -> str:
 # the comparison `make demo` prints after the campaign
 
 
-def compare(device: str, dtype: str, shape: Shape, repeats: int = 5) -> str:
+def compare(device: str, dtype: str, shape: Shape, repeats: int = 11) -> str:
     """Median time and peak memory of ftattn (off / full) vs the reference backend
     and torch's scaled_dot_product_attention on one input."""
     from .memory import peak_memory
@@ -316,25 +316,32 @@ def compare(device: str, dtype: str, shape: Shape, repeats: int = 5) -> str:
         f"ftattn {auto}, protection abft": lambda: attention(q, k, v, causal=shape.causal, protection="abft"),
         f"ftattn {auto}, protection full": lambda: attention(q, k, v, causal=shape.causal, protection="full"),
         "reference (PyTorch ops + checks)": lambda: attention(q, k, v, causal=shape.causal, backend="reference"),
-        "torch SDPA (no checks)": lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask),
+        # is_causal (top-left) equals bottom-right when N == M and keeps SDPA on its fused path
+        "torch SDPA (no checks)": (
+            (lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True))
+            if shape.causal and N == M
+            else (lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask))
+        ),
     }
     lines = [f"{'':36} {'median ms':>10} {'peak MiB':>10}   (B={shape.batch} H={shape.heads} "
              f"N={N} M={M} D={shape.head_dim} {dtype}, causal={shape.causal}, {device})"]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = {name: [] for name in cases}
     with torch.inference_mode():
-        for name, fn in cases.items():
+        for fn in cases.values():
             fn()
-            times = []
-            for _ in range(repeats):
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
+        # round-robin, so a neighbour's load on a shared machine falls on every provider alike
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                sync()
                 t = time.perf_counter()
                 fn()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
+                sync()
+                times[name].append(time.perf_counter() - t)
+        for name, fn in cases.items():
+            ts = sorted(times[name])
             peak = peak_memory(fn, device)
-            times.sort()
-            lines.append(f"{name:36} {1e3 * times[len(times) // 2]:10.2f} {peak / 2**20:10.1f}")
+            lines.append(f"{name:36} {1e3 * ts[len(ts) // 2]:10.2f} {peak / 2**20:10.1f}")
     return "\n".join(lines)
 
 
