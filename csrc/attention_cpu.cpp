@@ -1,16 +1,18 @@
 // Fault-tolerant attention, CPU kernel.
 //
 // Algorithm: flash-attention forward (Dao et al. 2022, online softmax) tiled
-// BLOCK_M query rows x BLOCK_N keys, parallel over batch x head x query block,
-// O(N) extra memory (no N x M score matrix). The two products run on the BLAS
+// BLOCK_M = 256 query rows x BLOCK_N = 512 keys, parallel over batch x head x
+// query tile, no N x M score matrix (extra memory O(M D) for fp32 copies of
+// non-fp32 inputs and the per-key sums of the checks). The two products run on the BLAS
 // sgemm that torch links (MKL on x86); the element-wise phases are plain loops
 // the compiler vectorises, cloned per ISA (target_clones).
 //
 // Checks (FAULT_MODEL.md), all in fp32 values the kernel actually uses, compared
 // in fp64 against an independent formulation, with thresholds that scale with
 // the data:
-//   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j, column sums vs
-//     (sum_i q_i) . k_j; bound kappa * u * sqrt(D) * sum |q||k|.
+//   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j (fp64 reference),
+//     column sums per 64-row block vs (sum_i q_i) . k_j (fp32 SIMD reference,
+//     its own error bound added); bound kappa * u * sqrt(D) * sum |q||k|.
 //   ABFT on P V: c_i <- alpha_i c_i + sum_j p_ij vsum_j (same alpha, same p as
 //     the accumulator), compared with sum_d acc_id before the division.
 //   Invariants: m == max(m_old, rowmax) exactly, 0 <= p <= 1, max_j p == 1 or
@@ -18,8 +20,9 @@
 //   Redundant softmax ("full"): exp2 formulation with its own polynomial,
 //     compared with the exp path within the error bound of both.
 //   Final normalisation: sum_d O_id vs (sum_d acc_id) / l.
-// A failed check makes the kernel recompute the whole query block (transient
-// faults do not repeat); NaN/Inf in the inputs is reported as such, not as a fault.
+// Flags are per 64-row block (REPORT_BLOCK_M). A failed check makes the kernel
+// recompute the query tile (transient faults do not repeat); NaN/Inf in the
+// inputs is reported as such, not as a fault.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
