@@ -5,7 +5,8 @@ FAULT_MODEL.md per site and protection level.
    |q.k| up to 1e4, causal rows with a single visible key, long key sequences,
    GQA, odd head dims): any flag is a false alarm.
 2. Random single faults over every site, bit 0..31 and the replacement values
-   NaN, +-Inf, +-1e30, 0: each is classified harmful / benign (against the clean
+   NaN, +-Inf, +-1e30, 0, on uniform, normal, peaky and offset inputs in turn
+   (a fresh input every 25 faults): each is classified harmful / benign (against the clean
    output, tau = 2^-10 for fp16/fp32, 2^-7 for bf16), detected or not, and, when
    detected, whether ``on_fault="correct"`` returns the clean output.
 
@@ -118,7 +119,7 @@ def make_data(kind: str, shape: Shape, dtype, device, gen: torch.Generator):
 
 
 CLEAN_KINDS = ["uniform", "normal", "peaky", "constant", "offset"]
-FAULT_KINDS = ["uniform", "normal"]
+FAULT_KINDS = ["uniform", "normal", "peaky", "offset"]
 
 
 def clean_shapes(base: Shape, long_kv: int) -> List[Shape]:
