@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-cpu bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ test: install
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+# the attention grid of one device, its JSON, markdown table and plot under
+# benchmarks/results/ (the leading - keeps the report when a target is missed)
+bench-cpu: install
+	-$(BIN)/python -m pytest benchmarks/test_bench_attention.py --benchmark-only --bench-device=cpu \
+		--benchmark-json=benchmarks/results/attention_cpu.json
+	$(BIN)/python -m ftattn bench-report benchmarks/results/attention_cpu.json --out benchmarks/results/
+
+bench-gpu: install
+	-$(BIN)/python -m pytest benchmarks/test_bench_attention.py --benchmark-only --bench-device=cuda \
+		--benchmark-json=benchmarks/results/attention_cuda.json
+	$(BIN)/python -m ftattn bench-report benchmarks/results/attention_cuda.json --out benchmarks/results/
 
 clean:
 	rm -rf build *.egg-info ftattn/_C*.so $(VENV)

@@ -62,42 +62,13 @@ def environment(device: str) -> dict:
     return info
 
 
-def cpu_peak_bytes(fn) -> int:
-    """Bytes allocated by torch's CPU allocator at the peak of ``fn()``, above what was
-    allocated before it: the profiler's allocation records replayed in time order.
-
-    ftattn.memory.peak_memory reads ``prof.events()``; with torch 2.13 that list no
-    longer holds the ``[memory]`` records, so it returns 0 on CPU. The records are in
-    the profiler's event tree, read here. Scratch the C++ kernel takes with
-    std::vector is not counted (as in ftattn.memory).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocations = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        size = getattr(node.extra_fields, "alloc_size", None)
-        if size is not None and node.extra_fields.device.type == "cpu":
-            allocations.append((node.start_time_ns, size))
-    allocations.sort()
-    current = peak = 0
-    for _, size in allocations:
-        current += size
-        peak = max(peak, current)
-    return peak
-
-
 def peak_bytes(fn, device: str) -> tuple:
     """(peak bytes of one call of ``fn``, how they were counted)."""
-    if device.startswith("cuda"):
-        from ftattn.memory import peak_memory
+    from ftattn.memory import peak_memory
 
+    if device.startswith("cuda"):
         return peak_memory(fn, device), "torch.cuda.max_memory_allocated above the allocation before the call"
-    return cpu_peak_bytes(fn), "torch CPU allocator, profiler allocation records replayed (C++ kernel scratch not counted)"
+    return peak_memory(fn, device), "torch CPU allocator, profiler allocation records replayed (C++ kernel scratch not counted)"
 
 
 _LOAD_AT_START = load_average()  # this conftest is imported when the run starts

@@ -728,7 +728,8 @@ void precompute_sums(Problem& P, KvSums& sums) {
   sums.vsum.resize(P.B * P.Hkv * M);
   sums.vabs.resize(P.B * P.Hkv * M);
   sums.knorm.resize(P.B * P.Hkv * M);
-  if (P.causal) {
+  // a key tile is cut by the causal limit only when some query tile ends before N
+  if (P.causal && P.N > BLOCK_M) {
     sums.kpre.reset(new double[P.B * P.Hkv * M * D]);
     sums.kpre_abs.reset(new double[P.B * P.Hkv * M * D]);
   }
