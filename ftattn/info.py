@@ -44,8 +44,19 @@ def main(args) -> int:
             devices.append(f"cuda:{i}")
     else:
         print("CUDA: not available (CPU-only torch build or no GPU)")
+    from ftattn.mx.quantize import backend_status as mx_backend_status
+
     for dev in devices:
-        print(f"backends on {dev}:")
-        for name, reason in backend_status(dev).items():
-            print(f"  {name:10} {'available' if reason is None else 'unavailable: ' + reason}")
+        for what, status in (("attention", backend_status(dev)), ("mx quantizer", mx_backend_status(dev))):
+            print(f"{what} backends on {dev}:")
+            for name, reason in status.items():
+                print(f"  {name:10} {'available' if reason is None else 'unavailable: ' + reason}")
+    for module, extra in (("onnxruntime", "onnx"), ("onnxruntime_genai", "onnx"), ("transformers", "eval")):
+        print(f"{module}: {_version(module)}" + ("" if _has(module) else f" (pip install 'ftattn[{extra}]')"))
     return 0
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
