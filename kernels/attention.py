@@ -407,7 +407,8 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
         o_sum = tl.sum(out64, 1)
         o_abs = tl.sum(tl.abs(out64), 1)
         o_ref = acc_sum / l_i.to(tl.float64)
-        bad_o = ~(tl.abs(o_sum - o_ref) <= o_abs * (4.0 * U32))
+        # (an Inf in O would make the bound Inf too: require a finite sum |O|)
+        bad_o = ~(tl.abs(o_sum - o_ref) <= o_abs * (4.0 * U32)) | ~(o_abs <= 1.0e308)
         bad_zero = tl.max((out != 0.0).to(tl.int32), 1) != 0
         bad_o = tl.where(live, bad_o, bad_zero)
         bad = bad | tl.where(bad_o, OUTPUT_CHECK, 0)

@@ -169,11 +169,11 @@ def fault_inputs():
     return q, k, v, clean
 
 
-@pytest.mark.parametrize("how", ["bit30", "nan"])
+@pytest.mark.parametrize("how", ["bit30", "nan", "inf"])
 @pytest.mark.parametrize("site", list(SITE_CHECK))
 def test_every_site_is_detected_and_corrected(fault_inputs, site, how):
     q, k, v, clean = fault_inputs
-    kw = {"bit": BIG_BIT.get(site, 30)} if how == "bit30" else {"value": float("nan")}
+    kw = {"bit": BIG_BIT.get(site, 30)} if how == "bit30" else {"value": float(how)}
     fault = Fault(site, batch=0, head=1, row=66, col=33, dim=5, **kw)
     raw, flags = run(q, k, v, causal=True, recompute=False, fault=fault)
     tau = TAU[torch.float16] * max(1.0, clean.abs().max().item())
