@@ -81,7 +81,8 @@ constexpr int32_t kCheckMask = 0xFF;
 // (REPORT_BLOCK_M of the flags contract); a failed check recomputes the tile.
 constexpr int64_t BLOCK_M = 256;
 constexpr int64_t SUB_M = 64;
-constexpr int64_t NSUB = BLOCK_M / SUB_M;
+constexpr int64_t NSUB = BLOCK_M / SUB_M;  // col_dots_f32 handles up to 4
+static_assert(NSUB <= 4, "col_dots_f32 takes at most 4 vectors");
 // Keys per tile: 128 keeps S and P (2 x 32 KiB) and a K/V tile in L2 for D <= 256.
 constexpr int64_t BLOCK_N = 512;
 
@@ -199,20 +200,21 @@ FTATTN_CLONES static float sum_max(const float* __restrict p, int64_t n, float* 
 
 // Redundant softmax of one row: p2 = 2^(S * scale*log2e - m*log2e), compared with
 // p within the error bound of both formulations; masked keys must have p == 0.
+// Both arguments carry rounding errors of at most u (3|s| + |m| + 2|x|) relative
+// to p (x = s - m <= 0, |s| <= |m| + |x|), the polynomials about 2 ulp each, so
+// |p - p2| <= u (16 + 4|m| + 5|x|) max(p, p2) <= u ((16 + 4|m|) max(p, p2) + 2),
+// since |x| e^x <= 1/e: one multiply-add per element instead of the exact bound.
 FTATTN_CLONES static bool dmr_row_ok(const float* __restrict S, const float* __restrict p, int64_t n,
                                      int64_t limit, float scale, float m) {
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
-  const float scale2 = scale * LOG2E, m2 = m * LOG2E, am = std::fabs(m);
+  const float scale2 = scale * LOG2E, m2 = m * LOG2E;
+  const float rel = 5.9604645e-08f * (16.f + 4.f * std::fabs(m)), abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
   int bad = 0;
 #pragma omp simd reduction(| : bad)
   for (int64_t j = 0; j < visible; ++j) {
-    const float s = S[j] * scale;
     const float p2 = exp2_neg(S[j] * scale2 - m2);
-    // argument roundings ~u(|s| + |m| + |s - m|), the two polynomials ~2 ulp each
-    const float err = std::fabs(s) + am + std::fabs(s - m);
     const float pm = p[j] > p2 ? p[j] : p2;
-    const float tol = 5.9604645e-08f * (16.f + 4.f * err) * pm + 1e-30f;
-    bad |= !(std::fabs(p[j] - p2) <= tol);
+    bad |= !(std::fabs(p[j] - p2) <= rel * pm + abs_tol);
   }
 #pragma omp simd reduction(| : bad)
   for (int64_t j = visible; j < n; ++j) bad |= !(p[j] == 0.f);
@@ -259,15 +261,26 @@ FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D
   }
 }
 
-// out[j] = x . k_j for the rows k_j of K [n x D], accumulated in fp32 SIMD lanes.
+// out[g * ld + j] = x_g . k_j for the rows k_j of K [n x D] and nx <= 4 vectors x_g
+// (one per 64-row block), each k_j read once; fp32 SIMD lanes.
 FTATTN_CLONES static void col_dots_f32(const float* __restrict K, int64_t n, int64_t D, const float* __restrict x,
-                                       double* __restrict out) {
+                                       int64_t nx, double* __restrict out, int64_t ld) {
+  const float* x0 = x;
+  const float* x1 = x + (nx > 1 ? D : 0);
+  const float* x2 = x + (nx > 2 ? 2 * D : 0);
+  const float* x3 = x + (nx > 3 ? 3 * D : 0);
   for (int64_t j = 0; j < n; ++j) {
     const float* kj = K + j * D;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; ++d) s += x[d] * kj[d];
-    out[j] = static_cast<double>(s);
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < D; ++d) {
+      s0 += x0[d] * kj[d];
+      s1 += x1[d] * kj[d];
+      s2 += x2[d] * kj[d];
+      s3 += x3[d] * kj[d];
+    }
+    const float r[4] = {s0, s1, s2, s3};
+    for (int64_t g = 0; g < nx; ++g) out[g * ld + j] = static_cast<double>(r[g]);
   }
 }
 
@@ -453,7 +466,7 @@ struct Scratch {
     qad.resize(BLOCK_M * D);
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
-    colref.resize(BLOCK_N);
+    colref.resize(NSUB * BLOCK_N);
     for (auto* v : {&qsum, &qabs}) v->resize(NSUB * D);
     qsum_f.resize(NSUB * D);
     qabs_norm.resize(NSUB);
@@ -552,13 +565,14 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         ld = 1;
       }
       const double* knorm = P.knorm + (b * P.Hkv + hk) * M + n0;
+      col_dots_f32(K + n0 * D, cols, D, w.qsum_f.data(), nsub, w.colref.data(), BLOCK_N);
       for (int64_t sb = 0; sb < nsub; ++sb) {
         const int64_t i0 = sb * SUB_M, i1 = std::min<int64_t>(rows, i0 + SUB_M);
+        const double* colref = w.colref.data() + sb * BLOCK_N;
         tile_sums(S + i0 * BLOCK_N, i1 - i0, cols, BLOCK_N, w.rs.data() + i0, w.cs.data());
-        col_dots_f32(K + n0 * D, cols, D, w.qsum_f.data() + sb * D, w.colref.data());
         for (int64_t j = 0; j < cols; ++j)
           // (sum_i |q_i|) . |k_j| <= ||sum_i |q_i| ||_2 ||k_j||_2
-          if (!(std::fabs(w.cs[j] - w.colref[j]) <= col_factor * w.qabs_norm[sb] * knorm[j])) bad[sb] |= kColChecksum;
+          if (!(std::fabs(w.cs[j] - colref[j]) <= col_factor * w.qabs_norm[sb] * knorm[j])) bad[sb] |= kColChecksum;
       }
       for (int64_t i = 0; i < rows; ++i)
         if (!(std::fabs(w.rs[i] - ref[i * ld]) <= KAPPA * U32 * sqrtD * mag[i * ld])) bad[i / SUB_M] |= kRowChecksum;

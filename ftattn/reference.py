@@ -105,8 +105,8 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         p2 = torch.exp2(S * (scale * LOG2E) - (m_safe * LOG2E)[..., None])
         if causal:
             p2 = p2.masked_fill(s == float("-inf"), 0.0)
-        err = s.abs().nan_to_num(posinf=0.0) + m_safe.abs()[..., None] + (s - m_safe[..., None]).abs().nan_to_num(posinf=0.0)
-        tol = U32 * (16.0 + 4.0 * err) * torch.maximum(p, p2) + 1e-30
+        # as csrc/attention_cpu.cpp: u ((16 + 4|m|) max(p, p2) + 2), since |x| e^x <= 1/e
+        tol = U32 * ((16.0 + 4.0 * m_safe.abs()[..., None]) * torch.maximum(p, p2) + 2.0) + 1e-30
         bad = ~((p - p2).abs() <= tol).all(-1)
         flag(int(Check.SOFTMAX_DMR), _rows_to_blocks(bad, N))
 
