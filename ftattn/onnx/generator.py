@@ -354,6 +354,14 @@ class Generator:
             for name, value in zip(kv_names_in, past):
                 io.bind_ortvalue_input(name, value)
 
+        def bind_kv_outputs(io):
+            # shared buffer: present is written in place into the bound past; else new OrtValues
+            for name, value in zip(kv_names_out, past):
+                if self.shared_buffer:
+                    io.bind_ortvalue_output(name, value)
+                else:
+                    io.bind_output(name, "cpu")
+
         # -- prefill
         io = self.session.io_binding()
         prefill_positions = np.clip(np.cumsum(mask[:, :width], axis=1) - 1, 0, None)
@@ -361,11 +369,7 @@ class Generator:
             prefill_positions = np.broadcast_to(np.arange(width), (batch, width))
         bind_common(io, ort.OrtValue.ortvalue_from_numpy(input_ids), width, prefill_positions)
         io.bind_output(spec.logits_name, "cpu")
-        for name, value in zip(kv_names_out, past):
-            if self.shared_buffer:
-                io.bind_ortvalue_output(name, value)
-            else:
-                io.bind_output(name, "cpu")
+        bind_kv_outputs(io)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
         prefill_logits = outputs[0].numpy()
@@ -417,11 +421,7 @@ class Generator:
                 io = self.session.io_binding()
                 bind_common(io, next_ids_value, total, positions)
                 io.bind_ortvalue_output(spec.logits_name, step_logits_value)
-                for name, value in zip(kv_names_out, past):
-                    if self.shared_buffer:
-                        io.bind_ortvalue_output(name, value)
-                    else:
-                        io.bind_output(name, "cpu")
+                bind_kv_outputs(io)
                 self.session.run_with_iobinding(io)
                 if self.shared_buffer:
                     shared_io = io
