@@ -81,9 +81,9 @@ constexpr int32_t kCheckMask = 0xFF;
 // (REPORT_BLOCK_M of the flags contract); a failed check recomputes the tile.
 constexpr int64_t BLOCK_M = 256;
 constexpr int64_t SUB_M = 64;
-constexpr int64_t NSUB = BLOCK_M / SUB_M;  // col_dots_f32 handles up to 4
-static_assert(NSUB <= 4, "col_dots_f32 takes at most 4 vectors");
-// Keys per tile: 128 keeps S and P (2 x 32 KiB) and a K/V tile in L2 for D <= 256.
+constexpr int64_t NSUB = BLOCK_M / SUB_M;
+// Keys per tile: 512 (as torch's CPU flash attention); the element-wise work walks S
+// and P one row (2 KiB) at a time, so it runs from L1.
 constexpr int64_t BLOCK_N = 512;
 
 constexpr double U32 = 5.9604644775390625e-08;  // 2^-24, unit roundoff of fp32
@@ -177,65 +177,183 @@ FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __re
   return nan_seen ? std::numeric_limits<float>::quiet_NaN() : mx;
 }
 
-// p = exp(s - m) in place.
-FTATTN_CLONES static void exp_row(float* __restrict p, int64_t n, float m) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) p[j] = exp_neg(p[j] - m);
+// ---------------------------------------------------------------------------
+// The ABFT sums, written with explicit 16-lane vectors (GCC vector extensions,
+// lowered to whatever the clone's ISA has): fp32 partial sums of at most CHUNK
+// terms per lane, flushed into fp64 accumulators. Each partial sum is within
+// gamma_CHUNK ~ CHUNK u of the exact one relative to the sum of magnitudes, and
+// the fp64 part adds nothing of note, so the bounds of the checks grow by CHUNK u
+// (vs fp64 throughout, which costs two conversions per vector and does not
+// vectorise fused with fp32 work).
+namespace vec {
+typedef float f16 __attribute__((vector_size(64)));
+typedef float f8 __attribute__((vector_size(32)));
+typedef double d8 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+constexpr int64_t W = 16;
+constexpr int64_t CHUNK = 8;  // vectors (per-lane terms) per fp32 partial sum
+static inline f16 load(const float* p) {
+  f16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
+static inline void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
+// sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
+static inline d8 widen_sum(f16 x) {
+  f8 a, b;
+  std::memcpy(&a, &x, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
+  return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
+}
+static inline double hsum(d8 x) {
+  double s = 0.0;
+  for (int i = 0; i < 8; ++i) s += x[i];
+  return s;
+}
+}  // namespace vec
 
-// sum p in fp32 (the normaliser update), with max p and min p for the invariants.
-FTATTN_CLONES static float sum_max(const float* __restrict p, int64_t n, float* __restrict pmax,
-                                   float* __restrict pmin) {
-  float sum = 0.f, mx = 0.f, mn = 1.f;
-#pragma omp simd reduction(+ : sum) reduction(max : mx) reduction(min : mn)
-  for (int64_t j = 0; j < n; ++j) {
-    sum += p[j];
-    mx = p[j] > mx ? p[j] : mx;
-    mn = p[j] < mn ? p[j] : mn;
+// scale_mask_max plus the ABFT sums of the raw scores, from the same loads: the row
+// sum *rs = sum_j S_j and the column partial sums cs32[j] += S_j (fp32, flushed to
+// fp64 by flush_cols every CHUNK rows), over every column of the tile.
+FTATTN_CLONES static float scale_mask_max_sums(const float* __restrict S, float* __restrict s, int64_t n,
+                                               float scale, int64_t limit, double* __restrict rs,
+                                               float* __restrict cs32) {
+  using namespace vec;
+  const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  f16 mxv = f16{} + NEG_INF;
+  i16 nanv = i16{};
+  d8 racc = d8{};
+  double rtail = 0.0;
+  float mx = NEG_INF;
+  int nan_seen = 0;
+  int64_t j = 0;
+  // whole vectors of visible keys, CHUNK at a time per partial sum
+  while (j + W <= visible) {
+    f16 part = f16{};
+    for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
+      const f16 x = load(S + j);
+      const f16 v = x * scale;
+      store(s + j, v);
+      mxv = v > mxv ? v : mxv;
+      nanv |= (v != v);
+      part += x;
+      store(cs32 + j, load(cs32 + j) + x);
+    }
+    racc += widen_sum(part);
   }
-  *pmax = mx;
-  *pmin = mn;
-  return sum;
+  for (; j < visible; ++j) {
+    const float x = S[j], v = x * scale;
+    s[j] = v;
+    mx = v > mx ? v : mx;
+    nan_seen |= (v != v);
+    rtail += static_cast<double>(x);
+    cs32[j] += x;
+  }
+  // masked keys: s = -inf, still in the sums (the references cover the whole tile)
+  while (j + W <= n) {
+    f16 part = f16{};
+    for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
+      const f16 x = load(S + j);
+      store(s + j, f16{} + NEG_INF);
+      part += x;
+      store(cs32 + j, load(cs32 + j) + x);
+    }
+    racc += widen_sum(part);
+  }
+  for (; j < n; ++j) {
+    const float x = S[j];
+    s[j] = NEG_INF;
+    rtail += static_cast<double>(x);
+    cs32[j] += x;
+  }
+  for (int i = 0; i < W; ++i) {
+    mx = mxv[i] > mx ? mxv[i] : mx;
+    nan_seen |= nanv[i];
+  }
+  *rs = hsum(racc) + rtail;
+  // NaN in the row: max would skip it; make it visible to the checks.
+  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : mx;
 }
 
-// Redundant softmax of one row: p2 = 2^(S * scale*log2e - m*log2e), compared with
-// p within the error bound of both formulations; masked keys must have p == 0.
-// Both arguments carry rounding errors of at most u (3|s| + |m| + 2|x|) relative
-// to p (x = s - m <= 0, |s| <= |m| + |x|), the polynomials about 2 ulp each, so
+// cs[j] += cs32[j] in fp64, cs32[j] = 0: ends a CHUNK of rows of column sums.
+FTATTN_CLONES static void flush_cols(float* __restrict cs32, double* __restrict cs, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    cs[j] += static_cast<double>(cs32[j]);
+    cs32[j] = 0.f;
+  }
+}
+
+// Where a probs fault lands in one row (col < 0: none).
+struct RowFault {
+  int64_t col = -1, bit = -1;
+  double value = 0.0;
+};
+
+// One row of the online softmax, in place: p_j = exp(s_j - m) for the visible keys
+// (j <= limit), 0 for the masked ones. DMR adds the redundant softmax of the row,
+// p2 = 2^(S * scale*log2e - m*log2e), from the raw scores S, compared with p within
+// the error bound of both formulations (masked keys must have p == 0); returns
+// true when they disagree. Both arguments carry rounding errors of at most
+// u (3|s| + |m| + 2|x|) relative to p (x = s - m <= 0, |s| <= |m| + |x|), the
+// polynomials about 2 ulp each, so
 // |p - p2| <= u (16 + 4|m| + 5|x|) max(p, p2) <= u ((16 + 4|m|) max(p, p2) + 2),
 // since |x| e^x <= 1/e: one multiply-add per element instead of the exact bound.
-FTATTN_CLONES static bool dmr_row_ok(const float* __restrict S, const float* __restrict p, int64_t n,
-                                     int64_t limit, float scale, float m) {
+// INJECT hits p_{fault.col} after the exponential, before anything reads it.
+template <bool DMR, bool INJECT>
+__attribute__((always_inline)) static inline bool softmax_row_body(const float* __restrict S, float* __restrict p,
+                                                                   int64_t n, int64_t limit, float scale, float m,
+                                                                   const RowFault& fault) {
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float scale2 = scale * LOG2E, m2 = m * LOG2E;
   const float rel = 5.9604645e-08f * (16.f + 4.f * std::fabs(m)), abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
   int bad = 0;
 #pragma omp simd reduction(| : bad)
   for (int64_t j = 0; j < visible; ++j) {
-    const float p2 = exp2_neg(S[j] * scale2 - m2);
-    const float pm = p[j] > p2 ? p[j] : p2;
-    bad |= !(std::fabs(p[j] - p2) <= rel * pm + abs_tol);
+    float pj = exp_neg(p[j] - m);
+    if constexpr (INJECT) {
+      if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
+    }
+    p[j] = pj;
+    if constexpr (DMR) {
+      const float p2 = exp2_neg(S[j] * scale2 - m2);
+      const float pm = pj > p2 ? pj : p2;
+      bad |= !(std::fabs(pj - p2) <= rel * pm + abs_tol);
+    }
   }
-#pragma omp simd reduction(| : bad)
-  for (int64_t j = visible; j < n; ++j) bad |= !(p[j] == 0.f);
-  return !bad;
+  if constexpr (INJECT) {
+    for (int64_t j = visible; j < n; ++j) {
+      float pj = 0.f;
+      if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
+      p[j] = pj;
+      if constexpr (DMR) bad |= !(pj == 0.f);
+    }
+  } else {  // masked keys (checked above only under injection: a fill cannot compute wrong)
+    std::fill(p + visible, p + n, 0.f);
+  }
+  return bad != 0;
 }
 
-// Row sums rs[i] and column sums cs[j] of a tile, in fp64, in one pass.
-FTATTN_CLONES static void tile_sums(const float* __restrict S, int64_t rows, int64_t cols, int64_t ld,
-                                    double* __restrict rs, double* __restrict cs) {
-  for (int64_t j = 0; j < cols; ++j) cs[j] = 0.0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* Si = S + i * ld;
-    double r = 0.0;
-#pragma omp simd reduction(+ : r)
-    for (int64_t j = 0; j < cols; ++j) {
-      const double x = static_cast<double>(Si[j]);
-      r += x;
-      cs[j] += x;
-    }
-    rs[i] = r;
+// One clone set per variant (the template body is inlined into each).
+#define FTATTN_SOFTMAX_ROW(name, DMR, INJECT)                                                                    \
+  FTATTN_CLONES static bool name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,      \
+                                 float scale, float m, const RowFault& fault) {                                 \
+    return softmax_row_body<DMR, INJECT>(S, p, n, limit, scale, m, fault);                                     \
   }
+FTATTN_SOFTMAX_ROW(softmax_row, false, false)
+FTATTN_SOFTMAX_ROW(softmax_row_dmr, true, false)
+FTATTN_SOFTMAX_ROW(softmax_row_inject, false, true)
+FTATTN_SOFTMAX_ROW(softmax_row_dmr_inject, true, true)
+#undef FTATTN_SOFTMAX_ROW
+
+// sum of one row of P in fp32: the normaliser update. One function for every
+// protection level, so off / abft / full round l (and the output) the same way.
+FTATTN_CLONES static float sum_row(const float* __restrict p, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += p[j];
+  return sum;
 }
 
 // For rows x_i of X [n x D] (fp32): ref[i * ld + t] = x_i . y_t and
@@ -261,47 +379,54 @@ FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D
   }
 }
 
-// out[g * ld + j] = x_g . k_j for the rows k_j of K [n x D] and nx <= 4 vectors x_g
-// (one per 64-row block), each k_j read once; fp32 SIMD lanes.
-FTATTN_CLONES static void col_dots_f32(const float* __restrict K, int64_t n, int64_t D, const float* __restrict x,
-                                       int64_t nx, double* __restrict out, int64_t ld) {
-  const float* x0 = x;
-  const float* x1 = x + (nx > 1 ? D : 0);
-  const float* x2 = x + (nx > 2 ? 2 * D : 0);
-  const float* x3 = x + (nx > 3 ? 3 * D : 0);
-  for (int64_t j = 0; j < n; ++j) {
-    const float* kj = K + j * D;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t d = 0; d < D; ++d) {
-      s0 += x0[d] * kj[d];
-      s1 += x1[d] * kj[d];
-      s2 += x2[d] * kj[d];
-      s3 += x3[d] * kj[d];
-    }
-    const float r[4] = {s0, s1, s2, s3};
-    for (int64_t g = 0; g < nx; ++g) out[g * ld + j] = static_cast<double>(r[g]);
-  }
-}
+// What the checks take from one row of P: max p and min p, and the independent
+// sums sum_j p_j, sum_j p_j a_j, sum_j p_j b_j, fp32 partials of CHUNK vectors
+// flushed to fp64 (a, b: fp32 copies of the per-key sums of V, so each product
+// carries one more rounding of a or b).
+struct RowStats {
+  float pmax, pmin;
+  double ws, wa, wb;
+};
 
-// Per row of P [rows x cols]: sum_j p_ij a_j, sum_j p_ij b_j, sum_j p_ij in fp64.
-FTATTN_CLONES static void tile_weighted(const float* __restrict Pm, int64_t rows, int64_t cols, int64_t ld,
-                                        const double* __restrict a, const double* __restrict b,
-                                        double* __restrict wa, double* __restrict wb, double* __restrict ws) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* Pi = Pm + i * ld;
-    double sa = 0.0, sb = 0.0, ss = 0.0;
-#pragma omp simd reduction(+ : sa, sb, ss)
-    for (int64_t j = 0; j < cols; ++j) {
-      const double pj = static_cast<double>(Pi[j]);
-      sa += pj * a[j];
-      sb += pj * b[j];
-      ss += pj;
+FTATTN_CLONES static void row_stats(const float* __restrict p, int64_t n, const float* __restrict a,
+                                    const float* __restrict b, RowStats* __restrict st) {
+  using namespace vec;
+  d8 s_acc = d8{}, a_acc = d8{}, b_acc = d8{};
+  f16 mxv = f16{}, mnv = f16{} + 1.f;
+  double s_tail = 0.0, a_tail = 0.0, b_tail = 0.0;
+  float mx = 0.f, mn = 1.f;
+  int64_t j = 0;
+  while (j + W <= n) {
+    f16 sp = f16{}, ap = f16{}, bp = f16{};
+    for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
+      const f16 x = load(p + j);
+      mxv = x > mxv ? x : mxv;
+      mnv = x < mnv ? x : mnv;
+      sp += x;
+      ap += x * load(a + j);
+      bp += x * load(b + j);
     }
-    wa[i] = sa;
-    wb[i] = sb;
-    ws[i] = ss;
+    s_acc += widen_sum(sp);
+    a_acc += widen_sum(ap);
+    b_acc += widen_sum(bp);
   }
+  for (; j < n; ++j) {
+    mx = p[j] > mx ? p[j] : mx;
+    mn = p[j] < mn ? p[j] : mn;
+    const double x = static_cast<double>(p[j]);
+    s_tail += x;
+    a_tail += x * a[j];
+    b_tail += x * b[j];
+  }
+  for (int i = 0; i < W; ++i) {
+    mx = mxv[i] > mx ? mxv[i] : mx;
+    mn = mnv[i] < mn ? mnv[i] : mn;
+  }
+  st->pmax = mx;
+  st->pmin = mn;
+  st->ws = hsum(s_acc) + s_tail;
+  st->wa = hsum(a_acc) + a_tail;
+  st->wb = hsum(b_acc) + b_tail;
 }
 
 FTATTN_CLONES static double sum_d(const float* __restrict x, int64_t n) {
@@ -338,6 +463,30 @@ FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
 #pragma omp simd reduction(| : bad)
   for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(x[i]);
   return !bad;
+}
+
+// For n keys and values: ks += sum_j k_j, ka += sum_j |k_j| (fp64, [D]), and per key
+// knorm_j = ||k_j||_2, vsum_j = sum_d v_jd, vabs_j = sum_d |v_jd| (rounded to fp32).
+FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
+                                         double* __restrict ks, double* __restrict ka, double* __restrict knorm,
+                                         float* __restrict vsum, float* __restrict vabs) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = K + j * D;
+    const float* vj = V + j * D;
+    double kk = 0.0, vs = 0.0, va = 0.0;
+#pragma omp simd reduction(+ : kk, vs, va)
+    for (int64_t d = 0; d < D; ++d) {
+      const double x = static_cast<double>(kj[d]), y = static_cast<double>(vj[d]);
+      ks[d] += x;
+      ka[d] += std::fabs(x);
+      kk += x * x;
+      vs += y;
+      va += std::fabs(y);
+    }
+    knorm[j] = std::sqrt(kk);
+    vsum[j] = static_cast<float>(vs);
+    vabs[j] = static_cast<float>(va);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -419,14 +568,10 @@ struct Problem {
   // sum_d v_jd and sum_d |v_jd| [M] (fp64), shared by every query block.
   const double* ksum;
   const double* kabs;
-  const double* vsum;
-  const double* vabs;
-  // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound), and, when
-  // causal, inclusive prefix sums of k_j and |k_j| within each key tile [B, Hkv, M, D]
-  // (a tile cut by the causal limit)
+  const float* vsum;
+  const float* vabs;
+  // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound)
   const double* knorm;
-  const double* kpre;
-  const double* kpre_abs;
 };
 
 // 64-byte aligned storage: MKL's sgemm may take a different path (and round
@@ -451,26 +596,31 @@ struct Aligned64 {
 };
 
 struct Scratch {
-  std::vector<float, Aligned64<float>> S, P, acc;
-  std::vector<float> m, m_old, alpha, l;
+  // S has NSUB rows beyond the tile's: the GEMM that makes S also makes the
+  // column-checksum references (sum_i q_i) . k_j of each 64-row sub-block, from the
+  // sub-block sums appended to the query rows in Qx (zeros at protection off, so
+  // every level runs the same GEMM shape and rounds S the same way).
+  std::vector<float, Aligned64<float>> Qx, S, P, acc;
+  std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, colref, rs, cs, wv, wa, ws, qd, qad, qabs_norm;
-  std::vector<float> qsum_f;  // per sub-block [NSUB, D]
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, cutref, cutmag, kcut, kcut_abs, qd, qad, qabs_norm;
+  std::vector<float> cs32;
   Scratch(int64_t D, int64_t M, bool abft)
-      : S(BLOCK_M * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), m_old(BLOCK_M),
-        alpha(BLOCK_M), l(BLOCK_M) {
+      : Qx((BLOCK_M + NSUB) * D), S((BLOCK_M + NSUB) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
+        l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
-    for (auto* v : {&l2, &c, &bv, &rs, &wv, &wa, &ws}) v->resize(BLOCK_M);
+    for (auto* v : {&l2, &c, &bv, &cutref, &cutmag}) v->resize(BLOCK_M);
     qd.resize(BLOCK_M * D);
+    kcut.resize(D);
+    kcut_abs.resize(D);
     qad.resize(BLOCK_M * D);
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
-    colref.resize(NSUB * BLOCK_N);
     for (auto* v : {&qsum, &qabs}) v->resize(NSUB * D);
-    qsum_f.resize(NSUB * D);
     qabs_norm.resize(NSUB);
     cs.resize(BLOCK_N);
+    cs32.resize(BLOCK_N);
   }
 };
 
@@ -500,6 +650,9 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
   std::fill(w.m.begin(), w.m.begin() + rows, NEG_INF);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
   std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
+  float* Qx = w.Qx.data();
+  std::copy(Q, Q + rows * D, Qx);
+  std::fill(Qx + rows * D, Qx + (rows + nsub) * D, 0.f);
   if (abft) {
     std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
     std::fill(w.c.begin(), w.c.begin() + rows, 0.0);
@@ -512,8 +665,8 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       w.qd[x] = static_cast<double>(Q[x]);
       w.qad[x] = std::fabs(w.qd[x]);
     }
-    // column references, per 64-row sub-block: (sum_i q_i) . k_j per key tile,
-    // from the K tile still in cache
+    // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to
+    // fp32) as an extra row of Qx, and || sum_i |q_i| ||_2 for the bound
     std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
     std::fill(w.qabs.begin(), w.qabs.end(), 0.0);
     for (int64_t i = 0; i < rows; ++i) {
@@ -523,7 +676,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     for (int64_t sb = 0; sb < nsub; ++sb) {
       double qq = 0.0;
       for (int64_t d = 0; d < D; ++d) {
-        w.qsum_f[sb * D + d] = static_cast<float>(w.qsum[sb * D + d]);
+        Qx[(rows + sb) * D + d] = static_cast<float>(w.qsum[sb * D + d]);
         qq += w.qabs[sb * D + d] * w.qabs[sb * D + d];
       }
       w.qabs_norm[sb] = std::sqrt(qq);
@@ -533,110 +686,123 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
   }
   int64_t ntiles = 0;
   float* S = w.S.data();
-  // fp32 reference of the column sums: error <= (D / lanes + 3) u (sum_i |q_i|) . |k_j|
-  // with at least 4 SIMD lanes, on top of the rounding of S itself
-  const double col_factor = (KAPPA * sqrtD + D / 4.0 + 3.0) * U32;
   float* Pm = w.P.data();
+  // Column sums of S per sub-block against the extra rows of the same GEMM: S_ij
+  // carries kappa u sqrt(D) |q_i| . |k_j| (random rounding, as the row check), the
+  // reference, a length-D fp32 dot product, at most min(kappa sqrt(D), D) u
+  // (sum_i |q_i|) . |k_j| (statistically or in the worst case), plus the rounding
+  // of sum_i q_i to fp32 and the fp32 partial sums over CHUNK rows;
+  // (sum_i |q_i|) . |k_j| <= || sum_i |q_i| ||_2 ||k_j||_2.
+  const double col_factor =
+      (KAPPA * sqrtD + std::min(KAPPA * sqrtD, static_cast<double>(D)) + 4.0 + vec::CHUNK) * U32;
+  // row sums: the noise of S and the fp32 partial sums of CHUNK terms
+  const double row_factor = (KAPPA * sqrtD + 1.0 + vec::CHUNK) * U32;
 
   for (int64_t n0 = 0; n0 < std::max<int64_t>(kv_end, 0); n0 += BLOCK_N) {
     const int64_t cols = std::min<int64_t>(BLOCK_N, kv_end - n0);
     const bool in_tile = hit && f.col >= n0 && f.col < n0 + cols;
     ++ntiles;
-    // ---- S = Q K^T in fp32 ----
-    gemm_nt(rows, cols, D, Q, D, K + n0 * D, D, S, BLOCK_N);
+    // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
+    gemm_nt(rows + nsub, cols, D, Qx, D, K + n0 * D, D, S, BLOCK_N);
     if (in_tile && f.site == kScores) {
       float& x = S[(f.row - r0) * BLOCK_N + (f.col - n0)];
       x = corrupt(x, f.bit, f.value);
     }
     memory_barrier();
-    // ---- ABFT on S: row and column checksums vs fp64 references ----
-    // |error of S_ij| ~ u sqrt(D) sum_d |q_id k_jd| (random rounding), so a row sum
-    // is bounded by kappa u sqrt(D) |q_i| . sum_j |k_j| (and likewise per column).
-    if (abft) {
-      const int64_t t = n0 / BLOCK_N;
-      const double* ref = w.rowref.data() + t;  // stride ntiles_all
-      const double* mag = w.rowmag.data() + t;
-      int64_t ld = ntiles_all;
-      if (cols != std::min<int64_t>(BLOCK_N, M - n0)) {  // a tile cut by the causal limit: its prefix
-        const int64_t last = ((b * P.Hkv + hk) * M + n0 + cols - 1) * D;  // within-tile prefix sums
-        dots_d(Q, rows, D, P.kpre + last, P.kpre_abs + last, 1, 1, w.wv.data(), w.wa.data());
-        ref = w.wv.data();
-        mag = w.wa.data();
-        ld = 1;
+    // row-checksum references of this tile: |error of S_ij| ~ u sqrt(D) sum_d
+    // |q_id k_jd| (random rounding), so a row sum is bounded by
+    // kappa u sqrt(D) |q_i| . sum_j |k_j|
+    const double* ref = w.rowref.data() + n0 / BLOCK_N;  // stride ntiles_all
+    const double* mag = w.rowmag.data() + n0 / BLOCK_N;
+    int64_t ld = ntiles_all;
+    if (abft && cols != std::min<int64_t>(BLOCK_N, M - n0)) {
+      // the one tile of this block cut by the causal limit: sums over its first cols keys
+      std::fill(w.kcut.begin(), w.kcut.end(), 0.0);
+      std::fill(w.kcut_abs.begin(), w.kcut_abs.end(), 0.0);
+      for (int64_t j = n0; j < n0 + cols; ++j) {
+        add_d(w.kcut.data(), K + j * D, D);
+        add_abs_d(w.kcut_abs.data(), K + j * D, D);
       }
-      const double* knorm = P.knorm + (b * P.Hkv + hk) * M + n0;
-      col_dots_f32(K + n0 * D, cols, D, w.qsum_f.data(), nsub, w.colref.data(), BLOCK_N);
-      for (int64_t sb = 0; sb < nsub; ++sb) {
-        const int64_t i0 = sb * SUB_M, i1 = std::min<int64_t>(rows, i0 + SUB_M);
-        const double* colref = w.colref.data() + sb * BLOCK_N;
-        tile_sums(S + i0 * BLOCK_N, i1 - i0, cols, BLOCK_N, w.rs.data() + i0, w.cs.data());
-        for (int64_t j = 0; j < cols; ++j)
-          // (sum_i |q_i|) . |k_j| <= ||sum_i |q_i| ||_2 ||k_j||_2
-          if (!(std::fabs(w.cs[j] - colref[j]) <= col_factor * w.qabs_norm[sb] * knorm[j])) bad[sb] |= kColChecksum;
-      }
-      for (int64_t i = 0; i < rows; ++i)
-        if (!(std::fabs(w.rs[i] - ref[i * ld]) <= KAPPA * U32 * sqrtD * mag[i * ld])) bad[i / SUB_M] |= kRowChecksum;
+      dots_d(Q, rows, D, w.kcut.data(), w.kcut_abs.data(), 1, 1, w.cutref.data(), w.cutmag.data());
+      ref = w.cutref.data();
+      mag = w.cutmag.data();
+      ld = 1;
     }
-    // ---- online softmax: running max, p = exp(s - m), alpha = exp(m_old - m) ----
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;  // last visible key of the tile
-      float* Pi = Pm + i * BLOCK_N;
-      const float m_old = w.m[i];
-      const float mx = scale_mask_max(S + i * BLOCK_N, Pi, cols, P.scale, limit);
-      float m_new = (mx != mx) ? mx : std::max(m_old, mx);
-      if (in_tile && f.site == kRowmax && f.row == r0 + i) m_new = corrupt(m_new, f.bit, f.value);
-      opaque(m_new);
-      w.m_old[i] = m_old;
-      w.m[i] = m_new;
-      if (abft && !(m_new == std::max(m_old, mx) && (m_new == NEG_INF || std::isfinite(m_new))))
-        bad[i / SUB_M] |= kRowmaxInvariant;
-      if (m_new == NEG_INF) {  // no visible key yet: the row adds nothing
-        std::fill(Pi, Pi + cols, 0.f);
-        w.alpha[i] = 1.f;
-        continue;
-      }
-      w.alpha[i] = exp_neg(m_old - m_new);
-      exp_row(Pi, cols, m_new);
-    }
-    if (in_tile && f.site == kProbs) {
-      float& x = Pm[(f.row - r0) * BLOCK_N + (f.col - n0)];
-      x = corrupt(x, f.bit, f.value);
-    }
-    memory_barrier();
-    // ---- normaliser, checks on p, rescale the accumulator ----
-    for (int64_t i = 0; i < rows; ++i) {
-      const float* Pi = Pm + i * BLOCK_N;
-      const float alpha = w.alpha[i];
-      float pmax, pmin;
-      const float psum = sum_max(Pi, cols, &pmax, &pmin);
-      float l_new = alpha * w.l[i] + psum;
-      if (in_tile && f.site == kRowsum && f.row == r0 + i) l_new = corrupt(l_new, f.bit, f.value);
-      opaque(l_new);
-      w.l[i] = l_new;
+    const double* knorm = abft ? P.knorm + (b * P.Hkv + hk) * M + n0 : nullptr;
+    const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * M + n0 : nullptr;
+    const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * M + n0 : nullptr;
+    // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
+    // ABFT sums; the online softmax with its checks; the normaliser ----
+    for (int64_t sb = 0; sb < nsub; ++sb) {
+      const int64_t i0 = sb * SUB_M, i1 = std::min<int64_t>(rows, i0 + SUB_M);
       if (abft) {
-        if (!(pmin >= 0.f && pmax <= 1.f && std::isfinite(psum))) bad[i / SUB_M] |= kProbsRange;
-        if (w.m[i] != NEG_INF) {
-          // the tile either raised the max (its argmax gets p == 1) or kept it (alpha == 1)
-          if (!(alpha == 1.f || pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad[i / SUB_M] |= kRowmaxInvariant;
-          if (full) {
-            const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;
-            if (!dmr_row_ok(S + i * BLOCK_N, Pi, cols, limit, P.scale, w.m[i])) bad[i / SUB_M] |= kSoftmaxDmr;
-          }
-        } else if (!(pmax == 0.f)) {
-          bad[i / SUB_M] |= kProbsRange;
-        }
+        std::fill(w.cs.begin(), w.cs.begin() + cols, 0.0);
+        std::fill(w.cs32.begin(), w.cs32.begin() + cols, 0.f);
       }
-      if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
-    }
-    if (abft) {
-      // independent fp64 bookkeeping of l and of the PV checksum, same alpha and p
-      const int64_t vo = (b * P.Hkv + hk) * M + n0;
-      tile_weighted(Pm, rows, cols, BLOCK_N, P.vsum + vo, P.vabs + vo, w.wv.data(), w.wa.data(), w.ws.data());
-      for (int64_t i = 0; i < rows; ++i) {
-        const double a = static_cast<double>(w.alpha[i]);
-        w.l2[i] = a * w.l2[i] + w.ws[i];
-        w.c[i] = a * w.c[i] + w.wv[i];
-        w.bv[i] = a * w.bv[i] + w.wa[i];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;  // last visible key of the tile
+        const float* Si = S + i * BLOCK_N;
+        float* Pi = Pm + i * BLOCK_N;
+        const float m_old = w.m[i];
+        float mx;
+        if (abft) {
+          double rs;
+          mx = scale_mask_max_sums(Si, Pi, cols, P.scale, limit, &rs, w.cs32.data());
+          if ((i - i0) % vec::CHUNK == vec::CHUNK - 1 || i == i1 - 1) flush_cols(w.cs32.data(), w.cs.data(), cols);
+          if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld])) bad[sb] |= kRowChecksum;
+        } else {
+          mx = scale_mask_max(Si, Pi, cols, P.scale, limit);
+        }
+        float m_new = (mx != mx) ? mx : std::max(m_old, mx);
+        if (in_tile && f.site == kRowmax && f.row == r0 + i) m_new = corrupt(m_new, f.bit, f.value);
+        opaque(m_new);
+        w.m[i] = m_new;
+        if (abft && !(m_new == std::max(m_old, mx) && (m_new == NEG_INF || std::isfinite(m_new))))
+          bad[sb] |= kRowmaxInvariant;
+        // no visible key yet: the row adds nothing (p == 0, alpha == 1)
+        const bool empty = m_new == NEG_INF;
+        const float alpha = empty ? 1.f : exp_neg(m_old - m_new);
+        RowFault rf;
+        const bool hit_p = in_tile && f.site == kProbs && f.row == r0 + i;
+        if (hit_p) rf = RowFault{f.col - n0, f.bit, f.value};
+        const int64_t lim = empty ? -1 : limit;
+        bool dmr_bad = false;
+        if (hit_p)
+          dmr_bad = full ? softmax_row_dmr_inject(Si, Pi, cols, lim, P.scale, m_new, rf)
+                         : softmax_row_inject(Si, Pi, cols, lim, P.scale, m_new, rf);
+        else
+          dmr_bad = full ? softmax_row_dmr(Si, Pi, cols, lim, P.scale, m_new, rf)
+                         : softmax_row(Si, Pi, cols, lim, P.scale, m_new, rf);
+        memory_barrier();
+        const float psum = sum_row(Pi, cols);
+        float l_new = alpha * w.l[i] + psum;
+        if (in_tile && f.site == kRowsum && f.row == r0 + i) l_new = corrupt(l_new, f.bit, f.value);
+        opaque(l_new);
+        w.l[i] = l_new;
+        if (abft) {
+          RowStats st;
+          row_stats(Pi, cols, vsum, vabs, &st);
+          if (!(st.pmin >= 0.f && st.pmax <= 1.f && std::isfinite(psum))) bad[sb] |= kProbsRange;
+          if (!empty) {
+            // the tile either raised the max (its argmax gets p == 1) or kept it (alpha == 1)
+            if (!(alpha == 1.f || st.pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad[sb] |= kRowmaxInvariant;
+            if (dmr_bad) bad[sb] |= kSoftmaxDmr;
+          } else if (!(st.pmax == 0.f)) {
+            bad[sb] |= kProbsRange;
+          }
+          // independent fp64 bookkeeping of l and of the PV checksum, same alpha and p
+          const double a = static_cast<double>(alpha);
+          w.l2[i] = a * w.l2[i] + st.ws;
+          w.c[i] = a * w.c[i] + st.wa;
+          w.bv[i] = a * w.bv[i] + st.wb;
+        }
+        if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
+      }
+      if (abft) {
+        const float* colref = S + (rows + sb) * BLOCK_N;
+        const double bound = col_factor * w.qabs_norm[sb];
+        for (int64_t j = 0; j < cols; ++j)
+          if (!(std::fabs(w.cs[j] - static_cast<double>(colref[j])) <= bound * knorm[j])) bad[sb] |= kColChecksum;
       }
     }
     // ---- acc += P V in fp32 ----
@@ -649,8 +815,11 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
   }
 
   // ---- final normalisation and the end-of-row checks ----
-  const double depth_pv = std::sqrt(static_cast<double>(BLOCK_N + 2 * ntiles));
-  const double depth_l = static_cast<double>(BLOCK_N + 2 * ntiles + 8);
+  // PV checksum: kappa sqrt(depth) of random rounding in acc, plus the fp32 partials
+  // of c (CHUNK terms) and the fp32 rounding of the per-key sums of V;
+  // l: worst-case fp32 summation of l itself, plus the partials of l2
+  const double pv_factor = (KAPPA * std::sqrt(static_cast<double>(BLOCK_N + 2 * ntiles)) + 2.0 + vec::CHUNK) * U32;
+  const double depth_l = static_cast<double>(BLOCK_N + 2 * ntiles + 9 + vec::CHUNK);
   for (int64_t i = 0; i < rows; ++i) {
     float* Oi = O + i * D;
     const float* Ai = w.acc.data() + i * D;
@@ -671,7 +840,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       if (!(std::fabs(static_cast<double>(l) - l2) <= depth_l * U32 * l2) ||
           !(l2 >= 1.0 - depth_l * U32 && l2 <= static_cast<double>(visible) * (1.0 + depth_l * U32)))
         bad[i / SUB_M] |= kRowsumInvariant;
-      if (!(std::fabs(acc_sum - w.c[i]) <= KAPPA * U32 * depth_pv * w.bv[i])) bad[i / SUB_M] |= kPvChecksum;
+      if (!(std::fabs(acc_sum - w.c[i]) <= pv_factor * w.bv[i])) bad[i / SUB_M] |= kPvChecksum;
     }
     for (int64_t d = 0; d < D; ++d) Oi[d] = Ai[d] / l;
     if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
@@ -730,8 +899,8 @@ void process_tile(const Problem& P, Scratch& w, bool recompute, int64_t b, int64
 
 // Per-call sums over K and V shared by every query block (protection >= abft).
 struct KvSums {
-  std::vector<double> ksum, kabs, vsum, vabs, knorm;
-  std::unique_ptr<double[]> kpre, kpre_abs;  // uninitialised: every entry is written
+  std::vector<double> ksum, kabs, knorm;
+  std::vector<float> vsum, vabs;
 };
 
 void precompute_sums(Problem& P, KvSums& sums) {
@@ -742,34 +911,15 @@ void precompute_sums(Problem& P, KvSums& sums) {
   sums.vsum.resize(P.B * P.Hkv * M);
   sums.vabs.resize(P.B * P.Hkv * M);
   sums.knorm.resize(P.B * P.Hkv * M);
-  // a key tile is cut by the causal limit only when some query tile ends before N
-  if (P.causal && P.N > BLOCK_M) {
-    sums.kpre.reset(new double[P.B * P.Hkv * M * D]);
-    sums.kpre_abs.reset(new double[P.B * P.Hkv * M * D]);
-  }
-  double* kpre = sums.kpre.get();
-  double* kpre_abs = sums.kpre_abs.get();
   at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / ntiles, t = idx % ntiles;
       const float* K = P.k + bh * M * D;
       const float* V = P.v + bh * M * D;
       const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
-      double* ks = &sums.ksum[idx * D];
-      double* ka = &sums.kabs[idx * D];
-      for (int64_t j = t * BLOCK_N; j < j1; ++j) {
-        add_d(ks, K + j * D, D);
-        add_abs_d(ka, K + j * D, D);
-        if (kpre != nullptr) {
-          std::copy(ks, ks + D, kpre + (bh * M + j) * D);
-          std::copy(ka, ka + D, kpre_abs + (bh * M + j) * D);
-        }
-        double kk = 0.0;
-        for (int64_t d = 0; d < D; ++d) kk += static_cast<double>(K[j * D + d]) * K[j * D + d];
-        sums.knorm[bh * M + j] = std::sqrt(kk);
-        sums.vsum[bh * M + j] = sum_d(V + j * D, D);
-        sums.vabs[bh * M + j] = sum_abs_d(V + j * D, D);
-      }
+      const int64_t j0 = t * BLOCK_N;
+      key_value_sums(K + j0 * D, V + j0 * D, j1 - j0, D, &sums.ksum[idx * D], &sums.kabs[idx * D],
+                     &sums.knorm[bh * M + j0], &sums.vsum[bh * M + j0], &sums.vabs[bh * M + j0]);
     }
   });
   P.ksum = sums.ksum.data();
@@ -777,8 +927,6 @@ void precompute_sums(Problem& P, KvSums& sums) {
   P.vsum = sums.vsum.data();
   P.vabs = sums.vabs.data();
   P.knorm = sums.knorm.data();
-  P.kpre = kpre;
-  P.kpre_abs = kpre_abs;
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
