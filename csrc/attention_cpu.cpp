@@ -97,13 +97,30 @@ constexpr float LOG2E = 1.4426950408889634f;  // 1 / ln(2)
 // Element-wise math. Two exponentials with different reductions and different
 // polynomials, so the redundant softmax cannot be merged with the first one.
 
+// Both are branch-free. Rounding by adding C = 1.5 * 2^23 + 127 leaves n + 127 in
+// the low mantissa bits of the sum, so shifting its bits left by 23 gives 2^n with
+// no float-to-int conversion; the argument is clamped where n + 127 reaches 0, and
+// the result there is 0 (or a value below 2^-125, far inside every tolerance).
+constexpr float ROUND_C = 12583039.0f;  // 1.5 * 2^23 + 127
+
+static inline float pow2_bits(float t) {  // 2^n from t = n + ROUND_C
+  uint32_t u;
+  std::memcpy(&u, &t, sizeof(u));
+  u <<= 23;
+  float r;
+  std::memcpy(&r, &u, sizeof(r));
+  return r;
+}
+
 // exp(x) for x <= 0 (x = s - m): Cody-Waite reduction by ln 2 and the Cephes
 // expf minimax polynomial (relative error about 1 ulp on [-87, 0]); 0 below
-// -87.3 and for -inf. exp(0) == 1 exactly, which the invariants rely on.
+// -88. exp(0) == 1 exactly, which the invariants rely on.
 static inline float exp_neg(float x) {
-  const float n = (x * LOG2E + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  float r = x - n * 0.693359375f;                          // ln2, high part (exact product)
-  r = r + n * 2.12194440e-4f;                              // ln2, low part
+  x = x < -88.0f ? -88.0f : x;
+  const float t = x * LOG2E + ROUND_C;
+  const float n = t - ROUND_C;
+  float r = x - n * 0.693359375f;  // ln2, high part (exact product)
+  r = r + n * 2.12194440e-4f;      // ln2, low part
   const float z = r * r;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -112,20 +129,15 @@ static inline float exp_neg(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * z + r + 1.0f;
-  int32_t e = static_cast<int32_t>(n) + 127;
-  e = e < 1 ? 1 : e;
-  const int32_t bits = e << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
-  return x < -87.3f ? 0.0f : y;
+  return p * pow2_bits(t);
 }
 
 // 2^y for y <= 0: y = n + f with f in [-1/2, 1/2] and the Cephes exp2f minimax
-// polynomial for 2^f (relative error about 1 ulp).
+// polynomial for 2^f (relative error about 1 ulp); 0 below -127.
 static inline float exp2_neg(float y) {
-  const float n = (y + 12582912.0f) - 12582912.0f;
-  const float f = y - n;
+  y = y < -127.0f ? -127.0f : y;
+  const float t = y + ROUND_C;
+  const float f = y - (t - ROUND_C);
   float p = 1.535336188319500e-4f;
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
@@ -133,13 +145,7 @@ static inline float exp2_neg(float y) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  int32_t e = static_cast<int32_t>(n) + 127;
-  e = e < 1 ? 1 : e;
-  const int32_t bits = e << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float v = p * scale;
-  return y < -126.0f ? 0.0f : v;
+  return p * pow2_bits(t);
 }
 
 // Keep the compiler from assuming a value is what it just computed, so a check
@@ -185,27 +191,32 @@ FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __re
 // the fp64 part adds nothing of note, so the bounds of the checks grow by CHUNK u
 // (vs fp64 throughout, which costs two conversions per vector and does not
 // vectorise fused with fp32 work).
+// Always inlined: a 64-byte vector passed to a function compiled for a narrower
+// ISA (target_clones' default clone) would change the calling convention.
+#define FTATTN_VEC_INLINE __attribute__((always_inline)) static inline
 namespace vec {
 typedef float f16 __attribute__((vector_size(64)));
 typedef float f8 __attribute__((vector_size(32)));
 typedef double d8 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
 constexpr int64_t W = 16;
-constexpr int64_t CHUNK = 8;  // vectors (per-lane terms) per fp32 partial sum
-static inline f16 load(const float* p) {
+constexpr int64_t CHUNK = 8;       // vectors (per-lane terms) per fp32 partial sum
+constexpr int64_t ROW_CHUNK = 16;  // rows per fp32 partial column sum
+FTATTN_VEC_INLINE f16 load(const float* p) {
   f16 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-static inline void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
+FTATTN_VEC_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
 // sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
-static inline d8 widen_sum(f16 x) {
+FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
   f8 a, b;
   std::memcpy(&a, &x, sizeof(a));
   std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
   return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
 }
-static inline double hsum(d8 x) {
+FTATTN_VEC_INLINE double hsum(d8 x) {
   double s = 0.0;
   for (int i = 0; i < 8; ++i) s += x[i];
   return s;
@@ -214,7 +225,7 @@ static inline double hsum(d8 x) {
 
 // scale_mask_max plus the ABFT sums of the raw scores, from the same loads: the row
 // sum *rs = sum_j S_j and the column partial sums cs32[j] += S_j (fp32, flushed to
-// fp64 by flush_cols every CHUNK rows), over every column of the tile.
+// fp64 by flush_cols every ROW_CHUNK rows), over every column of the tile.
 FTATTN_CLONES static float scale_mask_max_sums(const float* __restrict S, float* __restrict s, int64_t n,
                                                float scale, int64_t limit, double* __restrict rs,
                                                float* __restrict cs32) {
@@ -276,7 +287,26 @@ FTATTN_CLONES static float scale_mask_max_sums(const float* __restrict S, float*
   return nan_seen ? std::numeric_limits<float>::quiet_NaN() : mx;
 }
 
-// cs[j] += cs32[j] in fp64, cs32[j] = 0: ends a CHUNK of rows of column sums.
+// true when some |cs_j - ref_j| > bound * knorm_j (or is NaN): the column check.
+FTATTN_CLONES static bool col_check_fails(const double* __restrict cs, const float* __restrict ref,
+                                          const double* __restrict knorm, double bound, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= bound * knorm[j]);
+  return bad != 0;
+}
+
+// xd = x and xad = |x| in fp64.
+FTATTN_CLONES static void widen_abs(const float* __restrict x, int64_t n, double* __restrict xd,
+                                    double* __restrict xad) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    xd[i] = static_cast<double>(x[i]);
+    xad[i] = std::fabs(xd[i]);
+  }
+}
+
+// cs[j] += cs32[j] in fp64, cs32[j] = 0: ends a ROW_CHUNK of rows of column sums.
 FTATTN_CLONES static void flush_cols(float* __restrict cs32, double* __restrict cs, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -291,69 +321,201 @@ struct RowFault {
   double value = 0.0;
 };
 
+// What one row of the online softmax gives: the fp32 row sum of p (the normaliser
+// update) and, for the checks, max p and min p, the independent sums sum_j p_j,
+// sum_j p_j a_j, sum_j p_j b_j (fp32 partials of CHUNK vectors flushed to fp64; a, b:
+// fp32 copies of the per-key sums of V, so each product carries one more rounding),
+// and whether the redundant softmax disagreed.
+struct RowStats {
+  float psum = 0.f, pmax = 0.f, pmin = 1.f;
+  double ws = 0.0, wa = 0.0, wb = 0.0;
+  bool dmr_bad = false;
+};
+
+namespace vec {
+// exp_neg and exp2_neg on 16 lanes, the same arithmetic as the scalar versions.
+FTATTN_VEC_INLINE f16 pow2_bits(f16 t) { return reinterpret_cast<f16>(reinterpret_cast<u16>(t) << 23); }
+FTATTN_VEC_INLINE f16 exp_neg(f16 x) {
+  x = x < -88.0f ? f16{} - 88.0f : x;
+  const f16 t = x * LOG2E + ROUND_C;
+  const f16 n = t - ROUND_C;
+  f16 r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const f16 z = r * r;
+  f16 p = f16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * z + r + 1.0f;
+  return p * pow2_bits(t);
+}
+FTATTN_VEC_INLINE f16 exp2_neg(f16 y) {
+  y = y < -127.0f ? f16{} - 127.0f : y;
+  const f16 t = y + ROUND_C;
+  const f16 f = y - (t - ROUND_C);
+  f16 p = f16{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p * pow2_bits(t);
+}
+FTATTN_VEC_INLINE float hsum(f16 x) {  // fixed order: the same at every protection level
+  f8 a, b;
+  std::memcpy(&a, &x, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
+  const f8 s8 = a + b;
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += s8[i];
+  return s;
+}
+}  // namespace vec
+
 // One row of the online softmax, in place: p_j = exp(s_j - m) for the visible keys
-// (j <= limit), 0 for the masked ones. DMR adds the redundant softmax of the row,
-// p2 = 2^(S * scale*log2e - m*log2e), from the raw scores S, compared with p within
-// the error bound of both formulations (masked keys must have p == 0); returns
-// true when they disagree. Both arguments carry rounding errors of at most
+// (j <= limit), 0 for the masked ones, and its RowStats, in one pass with p in
+// registers. PROT 0 gives only psum; PROT >= 1 the statistics of the checks;
+// PROT 2 adds the redundant softmax, p2 = 2^(S * scale*log2e - m*log2e) from the
+// raw scores S, compared with p within the error bound of both formulations (masked
+// keys must have p == 0). Both arguments carry rounding errors of at most
 // u (3|s| + |m| + 2|x|) relative to p (x = s - m <= 0, |s| <= |m| + |x|), the
 // polynomials about 2 ulp each, so
 // |p - p2| <= u (16 + 4|m| + 5|x|) max(p, p2) <= u ((16 + 4|m|) max(p, p2) + 2),
-// since |x| e^x <= 1/e: one multiply-add per element instead of the exact bound.
-// INJECT hits p_{fault.col} after the exponential, before anything reads it.
-template <bool DMR, bool INJECT>
-__attribute__((always_inline)) static inline bool softmax_row_body(const float* __restrict S, float* __restrict p,
+// since |x| e^x <= 1/e: one multiply-add per element instead of the exact bound;
+// |p - p2| <= r max(p, p2) is |p - p2| <= r / (1 - r) p2, so the loop keeps the
+// largest |p - p2| - r / (1 - r) p2 and compares it once with the absolute term.
+// psum adds the lanes in a fixed order, the same at every level, so off, abft and
+// full round l (and the output) alike. INJECT hits p_{fault.col} after the
+// exponential, before anything reads it.
+template <int PROT, bool INJECT>
+__attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
                                                                    int64_t n, int64_t limit, float scale, float m,
-                                                                   const RowFault& fault) {
+                                                                   const float* __restrict a,
+                                                                   const float* __restrict b, const RowFault& fault,
+                                                                   RowStats& st) {
+  using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float scale2 = scale * LOG2E, m2 = m * LOG2E;
   const float rel = 5.9604645e-08f * (16.f + 4.f * std::fabs(m)), abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
-  int bad = 0;
-#pragma omp simd reduction(| : bad)
-  for (int64_t j = 0; j < visible; ++j) {
-    float pj = exp_neg(p[j] - m);
+  const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
+  f16 psum_v = f16{}, mx_v = f16{}, mn_v = f16{} + 1.f, viol_v = f16{};
+  d8 s_acc = d8{}, a_acc = d8{}, b_acc = d8{};
+  int64_t j = 0;
+  while (j + W <= visible) {
+    f16 sp = f16{}, ap = f16{}, bp = f16{};
+    for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
+      f16 pv = exp_neg(load(p + j) - m);
+      if constexpr (INJECT) {
+        if (fault.col >= j && fault.col < j + W) pv[fault.col - j] = corrupt(pv[fault.col - j], fault.bit, fault.value);
+      }
+      store(p + j, pv);
+      psum_v += pv;
+      if constexpr (PROT >= 1) {
+        mx_v = pv > mx_v ? pv : mx_v;
+        mn_v = pv < mn_v ? pv : mn_v;
+        sp += pv;
+        ap += pv * load(a + j);
+        bp += pv * load(b + j);
+      }
+      if constexpr (PROT >= 2) {
+        const f16 p2 = exp2_neg(load(S + j) * scale2 - m2);
+        f16 d = pv - p2;
+        d = d < 0.f ? -d : d;
+        d = d - rel2 * p2;
+        viol_v = d > viol_v ? d : viol_v;
+      }
+    }
+    if constexpr (PROT >= 1) {
+      s_acc += widen_sum(sp);
+      a_acc += widen_sum(ap);
+      b_acc += widen_sum(bp);
+    }
+  }
+  // the rest, one element at a time: the visible tail, then the masked keys
+  float psum_t = 0.f, mx = 0.f, mn = 1.f, viol = 0.f;
+  double s_t = 0.0, a_t = 0.0, b_t = 0.0;
+  int masked_bad = 0;
+  // (masked keys are walked only under injection; else they are a fill of zeros,
+  // which cannot compute anything wrong)
+  const int64_t tail_end = INJECT ? n : visible;
+  for (; j < tail_end; ++j) {
+    const bool vis = j < visible;
+    float pj = vis ? ::ftattn::exp_neg(p[j] - m) : 0.f;
     if constexpr (INJECT) {
       if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
     }
     p[j] = pj;
-    if constexpr (DMR) {
-      const float p2 = exp2_neg(S[j] * scale2 - m2);
-      const float pm = pj > p2 ? pj : p2;
-      bad |= !(std::fabs(pj - p2) <= rel * pm + abs_tol);
+    psum_t += pj;
+    if constexpr (PROT >= 1) {
+      mx = pj > mx ? pj : mx;
+      mn = pj < mn ? pj : mn;
+      const double x = static_cast<double>(pj);
+      s_t += x;
+      a_t += x * a[j];
+      b_t += x * b[j];
+    }
+    if constexpr (PROT >= 2) {
+      if (vis) {
+        const float p2 = ::ftattn::exp2_neg(S[j] * scale2 - m2);
+        const float d = std::fabs(pj - p2) - rel2 * p2;
+        viol = d > viol ? d : viol;
+      } else {
+        masked_bad |= !(pj == 0.f);
+      }
     }
   }
-  if constexpr (INJECT) {
-    for (int64_t j = visible; j < n; ++j) {
-      float pj = 0.f;
-      if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
-      p[j] = pj;
-      if constexpr (DMR) bad |= !(pj == 0.f);
-    }
-  } else {  // masked keys (checked above only under injection: a fill cannot compute wrong)
-    std::fill(p + visible, p + n, 0.f);
+  if (j < n) {
+    std::fill(p + j, p + n, 0.f);
+    mn = 0.f;
   }
-  return bad != 0;
+  st.psum = hsum(psum_v) + psum_t;
+  if constexpr (PROT >= 1) {
+    for (int i = 0; i < W; ++i) {
+      mx = mx_v[i] > mx ? mx_v[i] : mx;
+      mn = mn_v[i] < mn ? mn_v[i] : mn;
+    }
+    st.pmax = mx;
+    st.pmin = mn;
+    st.ws = vec::hsum(s_acc) + s_t;
+    st.wa = vec::hsum(a_acc) + a_t;
+    st.wb = vec::hsum(b_acc) + b_t;
+  }
+  if constexpr (PROT >= 2) {
+    for (int i = 0; i < W; ++i) viol = viol_v[i] > viol ? viol_v[i] : viol;
+    // NaN in p or p2 passes the max; a NaN p makes the row sum non-finite, which
+    // the probs-range check reports
+    st.dmr_bad = !(viol <= abs_tol) || masked_bad;
+  }
 }
 
 // One clone set per variant (the template body is inlined into each).
-#define FTATTN_SOFTMAX_ROW(name, DMR, INJECT)                                                                    \
-  FTATTN_CLONES static bool name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,      \
-                                 float scale, float m, const RowFault& fault) {                                 \
-    return softmax_row_body<DMR, INJECT>(S, p, n, limit, scale, m, fault);                                     \
+#define FTATTN_SOFTMAX_ROW(name, PROT, INJECT)                                                                 \
+  FTATTN_CLONES static void name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,    \
+                                 float scale, float m, const float* __restrict a, const float* __restrict b,  \
+                                 const RowFault& fault, RowStats& st) {                                       \
+    softmax_row_body<PROT, INJECT>(S, p, n, limit, scale, m, a, b, fault, st);                               \
   }
-FTATTN_SOFTMAX_ROW(softmax_row, false, false)
-FTATTN_SOFTMAX_ROW(softmax_row_dmr, true, false)
-FTATTN_SOFTMAX_ROW(softmax_row_inject, false, true)
-FTATTN_SOFTMAX_ROW(softmax_row_dmr_inject, true, true)
+FTATTN_SOFTMAX_ROW(softmax_row_off, 0, false)
+FTATTN_SOFTMAX_ROW(softmax_row_abft, 1, false)
+FTATTN_SOFTMAX_ROW(softmax_row_full, 2, false)
+FTATTN_SOFTMAX_ROW(softmax_row_off_inject, 0, true)
+FTATTN_SOFTMAX_ROW(softmax_row_abft_inject, 1, true)
+FTATTN_SOFTMAX_ROW(softmax_row_full_inject, 2, true)
 #undef FTATTN_SOFTMAX_ROW
 
-// sum of one row of P in fp32: the normaliser update. One function for every
-// protection level, so off / abft / full round l (and the output) the same way.
-FTATTN_CLONES static float sum_row(const float* __restrict p, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += p[j];
-  return sum;
+static void softmax_row(int protection, bool inject, const float* S, float* p, int64_t n, int64_t limit, float scale,
+                        float m, const float* a, const float* b, const RowFault& fault, RowStats& st) {
+  switch (protection + (inject ? 3 : 0)) {
+    case 0: return softmax_row_off(S, p, n, limit, scale, m, a, b, fault, st);
+    case 1: return softmax_row_abft(S, p, n, limit, scale, m, a, b, fault, st);
+    case 2: return softmax_row_full(S, p, n, limit, scale, m, a, b, fault, st);
+    case 3: return softmax_row_off_inject(S, p, n, limit, scale, m, a, b, fault, st);
+    case 4: return softmax_row_abft_inject(S, p, n, limit, scale, m, a, b, fault, st);
+    default: return softmax_row_full_inject(S, p, n, limit, scale, m, a, b, fault, st);
+  }
 }
 
 // For rows x_i of X [n x D] (fp32): ref[i * ld + t] = x_i . y_t and
@@ -377,56 +539,6 @@ FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D
       mag[i * ld + t] = a;
     }
   }
-}
-
-// What the checks take from one row of P: max p and min p, and the independent
-// sums sum_j p_j, sum_j p_j a_j, sum_j p_j b_j, fp32 partials of CHUNK vectors
-// flushed to fp64 (a, b: fp32 copies of the per-key sums of V, so each product
-// carries one more rounding of a or b).
-struct RowStats {
-  float pmax, pmin;
-  double ws, wa, wb;
-};
-
-FTATTN_CLONES static void row_stats(const float* __restrict p, int64_t n, const float* __restrict a,
-                                    const float* __restrict b, RowStats* __restrict st) {
-  using namespace vec;
-  d8 s_acc = d8{}, a_acc = d8{}, b_acc = d8{};
-  f16 mxv = f16{}, mnv = f16{} + 1.f;
-  double s_tail = 0.0, a_tail = 0.0, b_tail = 0.0;
-  float mx = 0.f, mn = 1.f;
-  int64_t j = 0;
-  while (j + W <= n) {
-    f16 sp = f16{}, ap = f16{}, bp = f16{};
-    for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
-      const f16 x = load(p + j);
-      mxv = x > mxv ? x : mxv;
-      mnv = x < mnv ? x : mnv;
-      sp += x;
-      ap += x * load(a + j);
-      bp += x * load(b + j);
-    }
-    s_acc += widen_sum(sp);
-    a_acc += widen_sum(ap);
-    b_acc += widen_sum(bp);
-  }
-  for (; j < n; ++j) {
-    mx = p[j] > mx ? p[j] : mx;
-    mn = p[j] < mn ? p[j] : mn;
-    const double x = static_cast<double>(p[j]);
-    s_tail += x;
-    a_tail += x * a[j];
-    b_tail += x * b[j];
-  }
-  for (int i = 0; i < W; ++i) {
-    mx = mxv[i] > mx ? mxv[i] : mx;
-    mn = mnv[i] < mn ? mnv[i] : mn;
-  }
-  st->pmax = mx;
-  st->pmin = mn;
-  st->ws = hsum(s_acc) + s_tail;
-  st->wa = hsum(a_acc) + a_tail;
-  st->wb = hsum(b_acc) + b_tail;
 }
 
 FTATTN_CLONES static double sum_d(const float* __restrict x, int64_t n) {
@@ -661,10 +773,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
-    for (int64_t x = 0; x < rows * D; ++x) {
-      w.qd[x] = static_cast<double>(Q[x]);
-      w.qad[x] = std::fabs(w.qd[x]);
-    }
+    widen_abs(Q, rows * D, w.qd.data(), w.qad.data());
     // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to
     // fp32) as an extra row of Qx, and || sum_i |q_i| ||_2 for the bound
     std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
@@ -691,10 +800,10 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
   // carries kappa u sqrt(D) |q_i| . |k_j| (random rounding, as the row check), the
   // reference, a length-D fp32 dot product, at most min(kappa sqrt(D), D) u
   // (sum_i |q_i|) . |k_j| (statistically or in the worst case), plus the rounding
-  // of sum_i q_i to fp32 and the fp32 partial sums over CHUNK rows;
+  // of sum_i q_i to fp32 and the fp32 partial sums over ROW_CHUNK rows;
   // (sum_i |q_i|) . |k_j| <= || sum_i |q_i| ||_2 ||k_j||_2.
   const double col_factor =
-      (KAPPA * sqrtD + std::min(KAPPA * sqrtD, static_cast<double>(D)) + 4.0 + vec::CHUNK) * U32;
+      (KAPPA * sqrtD + std::min(KAPPA * sqrtD, static_cast<double>(D)) + 4.0 + vec::ROW_CHUNK) * U32;
   // row sums: the noise of S and the fp32 partial sums of CHUNK terms
   const double row_factor = (KAPPA * sqrtD + 1.0 + vec::CHUNK) * U32;
 
@@ -748,7 +857,8 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         if (abft) {
           double rs;
           mx = scale_mask_max_sums(Si, Pi, cols, P.scale, limit, &rs, w.cs32.data());
-          if ((i - i0) % vec::CHUNK == vec::CHUNK - 1 || i == i1 - 1) flush_cols(w.cs32.data(), w.cs.data(), cols);
+          if ((i - i0) % vec::ROW_CHUNK == vec::ROW_CHUNK - 1 || i == i1 - 1)
+            flush_cols(w.cs32.data(), w.cs.data(), cols);
           if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld])) bad[sb] |= kRowChecksum;
         } else {
           mx = scale_mask_max(Si, Pi, cols, P.scale, limit);
@@ -765,28 +875,20 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         RowFault rf;
         const bool hit_p = in_tile && f.site == kProbs && f.row == r0 + i;
         if (hit_p) rf = RowFault{f.col - n0, f.bit, f.value};
-        const int64_t lim = empty ? -1 : limit;
-        bool dmr_bad = false;
-        if (hit_p)
-          dmr_bad = full ? softmax_row_dmr_inject(Si, Pi, cols, lim, P.scale, m_new, rf)
-                         : softmax_row_inject(Si, Pi, cols, lim, P.scale, m_new, rf);
-        else
-          dmr_bad = full ? softmax_row_dmr(Si, Pi, cols, lim, P.scale, m_new, rf)
-                         : softmax_row(Si, Pi, cols, lim, P.scale, m_new, rf);
+        RowStats st;
+        softmax_row(P.protection, hit_p, Si, Pi, cols, empty ? -1 : limit, P.scale, m_new, vsum, vabs, rf, st);
         memory_barrier();
-        const float psum = sum_row(Pi, cols);
+        const float psum = st.psum;
         float l_new = alpha * w.l[i] + psum;
         if (in_tile && f.site == kRowsum && f.row == r0 + i) l_new = corrupt(l_new, f.bit, f.value);
         opaque(l_new);
         w.l[i] = l_new;
         if (abft) {
-          RowStats st;
-          row_stats(Pi, cols, vsum, vabs, &st);
           if (!(st.pmin >= 0.f && st.pmax <= 1.f && std::isfinite(psum))) bad[sb] |= kProbsRange;
           if (!empty) {
             // the tile either raised the max (its argmax gets p == 1) or kept it (alpha == 1)
             if (!(alpha == 1.f || st.pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad[sb] |= kRowmaxInvariant;
-            if (dmr_bad) bad[sb] |= kSoftmaxDmr;
+            if (st.dmr_bad) bad[sb] |= kSoftmaxDmr;
           } else if (!(st.pmax == 0.f)) {
             bad[sb] |= kProbsRange;
           }
@@ -801,8 +903,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       if (abft) {
         const float* colref = S + (rows + sb) * BLOCK_N;
         const double bound = col_factor * w.qabs_norm[sb];
-        for (int64_t j = 0; j < cols; ++j)
-          if (!(std::fabs(w.cs[j] - static_cast<double>(colref[j])) <= bound * knorm[j])) bad[sb] |= kColChecksum;
+        if (col_check_fails(w.cs.data(), colref, knorm, bound, cols)) bad[sb] |= kColChecksum;
       }
     }
     // ---- acc += P V in fp32 ----
