@@ -317,19 +317,22 @@ TARGETS = (
     Target("cuda", 4096, "full", "off", 1.15),
     Target("cuda", 4096, "full", "reference", 0.2, interleave=False),
 )
-INTERLEAVED_ROUNDS = 10  # per provider; about 4 s on the CPU grid's N=2048
+INTERLEAVED_ROUNDS = 15  # pairs of calls; about 5 s on the CPU grid's N=2048
 
 
 def _interleaved_ratio(fn: Callable, other: Callable, rounds: int) -> float:
-    """median time of fn / median time of other, the calls in turn A B B A A B ..."""
-    times = {fn: [], other: []}
+    """median over rounds of (time of fn / time of other), the two calls of a round
+    back to back, their order alternating (A B, B A, ...): a shared machine's load
+    drifts over seconds, and each ratio sees the load of one moment."""
+    ratios = []
     for r in range(rounds):
+        t = {}
         for f in ((fn, other) if r % 2 == 0 else (other, fn)):
             start = time.perf_counter()
             f()
-            times[f].append(time.perf_counter() - start)
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return median(times[fn]) / median(times[other])
+            t[f] = time.perf_counter() - start
+        ratios.append(t[fn] / t[other])
+    return sorted(ratios)[len(ratios) // 2]
 
 
 def _targets(case: Case, provider: str, fn: Callable) -> list:
@@ -347,7 +350,7 @@ def _targets(case: Case, provider: str, fn: Callable) -> list:
                                 "how": f"{target.other} does not run here: {str(exc).splitlines()[0][:200]}"})
                 continue
             ratio = _interleaved_ratio(fn, other, INTERLEAVED_ROUNDS)
-            how = f"medians of {INTERLEAVED_ROUNDS} calls each, interleaved"
+            how = f"median of {INTERLEAVED_ROUNDS} paired ratios, calls back to back"
         elif target.other in _MEDIANS.get(case.name, {}):
             ratio = _MEDIANS[case.name][provider] / _MEDIANS[case.name][target.other]
             how = "medians of the two benchmarks"
