@@ -272,7 +272,7 @@ class Generator:
                 row.finish_reason = "stop"
         if row.finish_reason is None and token in eos:
             row.finish_reason = "eos"
-        if row.finish_reason is not None:
+        if row.finish_reason is not None or not stop:
             hold = 0
         else:
             hold = max((k for s in stop for k in range(min(len(s) - 1, len(row.pending)), 0, -1)
@@ -337,20 +337,42 @@ class Generator:
             for b, row in enumerate(rows):
                 seen[b, row.prompt] = True
 
-        def bind_step(io, total: int, step_positions):
-            """The inputs that change shape every step: attention mask, position ids."""
+        # decode-step mask and position ids live in buffers allocated once and are bound by
+        # address with the step's shape: no array is made or copied per token
+        step_mask = np.zeros(batch * capacity, dtype=spec.mask_dtype)
+        step_positions = np.zeros((batch, 1), dtype=spec.input_ids_dtype)
+        if right and batch == 1:
+            step_mask[:] = 1  # a single row attends to every position so far
+
+        def bind_step(io, total: int, step: int, bound: bool = False):
+            """The decode inputs that change every step: attention mask, position ids
+            (bound: io already holds the position buffer, whose shape never changes)."""
             if spec.attention_mask_name is not None:
                 if right:  # GQA reads each row's length from the row sum
-                    step_mask = (np.arange(total)[None, :] < (lengths + (total - width))[:, None])
-                    io.bind_cpu_input(spec.attention_mask_name, step_mask.astype(spec.mask_dtype))
+                    if batch > 1:
+                        view = step_mask[:batch * total].reshape(batch, total)
+                        np.less(np.arange(total)[None, :], (lengths + (total - width))[:, None], out=view,
+                                casting="unsafe")
+                elif batch == 1:
+                    step_mask[:total] = mask[0, :total]
                 else:
-                    io.bind_cpu_input(spec.attention_mask_name, np.ascontiguousarray(mask[:, :total]))
+                    step_mask[:batch * total].reshape(batch, total)[:] = mask[:, :total]
+                io.bind_input(spec.attention_mask_name, "cpu", 0, step_mask.dtype, [batch, total],
+                              step_mask.ctypes.data)
             if spec.position_ids_name is not None:
-                io.bind_cpu_input(spec.position_ids_name, step_positions.astype(spec.input_ids_dtype))
+                np.add(lengths[:, None], step, out=step_positions, casting="unsafe")
+                if not bound:
+                    io.bind_input(spec.position_ids_name, "cpu", 0, step_positions.dtype, [batch, 1],
+                                  step_positions.ctypes.data)
 
-        def bind_common(io, ids_value, total: int, step_positions):
+        def bind_prefill(io, total: int, prefill_positions):
+            if spec.attention_mask_name is not None:
+                io.bind_cpu_input(spec.attention_mask_name, np.ascontiguousarray(mask[:, :total]))
+            if spec.position_ids_name is not None:
+                io.bind_cpu_input(spec.position_ids_name, prefill_positions.astype(spec.input_ids_dtype))
+
+        def bind_ids_and_past(io, ids_value):
             io.bind_ortvalue_input(spec.input_ids_name, ids_value)
-            bind_step(io, total, step_positions)
             for name, value in zip(kv_names_in, past):
                 io.bind_ortvalue_input(name, value)
 
@@ -367,7 +389,8 @@ class Generator:
         prefill_positions = np.clip(np.cumsum(mask[:, :width], axis=1) - 1, 0, None)
         if right:
             prefill_positions = np.broadcast_to(np.arange(width), (batch, width))
-        bind_common(io, ort.OrtValue.ortvalue_from_numpy(input_ids), width, prefill_positions)
+        bind_ids_and_past(io, ort.OrtValue.ortvalue_from_numpy(input_ids))
+        bind_prefill(io, width, prefill_positions)
         io.bind_output(spec.logits_name, "cpu")
         bind_kv_outputs(io)
         self.session.run_with_iobinding(io)
@@ -384,7 +407,8 @@ class Generator:
         next_ids_value = ort.OrtValue.ortvalue_from_numpy(next_ids)
         step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=spec.logits_dtype)
         step_logits_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
-        active = np.ones(batch, dtype=bool)
+        active = [True] * batch
+        n_active = batch
         shared_io = None
 
         for step in range(max_new_tokens):
@@ -406,20 +430,21 @@ class Generator:
                     seen[b, chosen[b]] = True
                 if row.finish_reason is not None:
                     active[b] = False
-            if not active.any() or step == max_new_tokens - 1:
+                    n_active -= 1
+            if n_active == 0 or step == max_new_tokens - 1:
                 break
             # -- one decode step: the new token of every row (pads for finished ones)
             next_ids[:, 0] = chosen
             total = width + step + 1
             if not right:
                 mask[:, total - 1] = 1
-            positions = (lengths + step)[:, None]
             if shared_io is not None:  # shared buffer: ids, KV and logits stay bound
-                bind_step(shared_io, total, positions)
+                bind_step(shared_io, total, step, bound=True)
                 self.session.run_with_iobinding(shared_io)
             else:
                 io = self.session.io_binding()
-                bind_common(io, next_ids_value, total, positions)
+                bind_ids_and_past(io, next_ids_value)
+                bind_step(io, total, step)
                 io.bind_ortvalue_output(spec.logits_name, step_logits_value)
                 bind_kv_outputs(io)
                 self.session.run_with_iobinding(io)
