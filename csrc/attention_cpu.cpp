@@ -97,13 +97,26 @@ constexpr float LOG2E = 1.4426950408889634f;  // 1 / ln(2)
 // Element-wise math. Two exponentials with different reductions and different
 // polynomials, so the redundant softmax cannot be merged with the first one.
 
-// Both are branch-free. Rounding by adding C = 1.5 * 2^23 + 127 leaves n + 127 in
-// the low mantissa bits of the sum, so shifting its bits left by 23 gives 2^n with
-// no float-to-int conversion; the argument is clamped where n + 127 reaches 0, and
-// the result there is 0 (or a value below 2^-125, far inside every tolerance).
+// 16-lane vectors (GCC vector extensions, lowered to whatever the clone's ISA has).
+// Always inlined: a 64-byte vector passed to a function compiled for a narrower
+// ISA (target_clones' default clone) would change the calling convention.
+#define FTATTN_VEC_INLINE __attribute__((always_inline)) static inline
+namespace vec {
+typedef float f16 __attribute__((vector_size(64)));
+typedef float f8 __attribute__((vector_size(32)));
+typedef double d8 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+}  // namespace vec
+
+// Both exponentials are branch-free and written once for a float and for 16 lanes.
+// Rounding by adding C = 1.5 * 2^23 + 127 leaves n + 127 in the low mantissa bits of
+// the sum, so shifting its bits left by 23 gives 2^n with no float-to-int
+// conversion; the argument is clamped where n + 127 reaches 0, and the result there
+// is 0 (or a value below 2^-125, far inside every tolerance).
 constexpr float ROUND_C = 12583039.0f;  // 1.5 * 2^23 + 127
 
-static inline float pow2_bits(float t) {  // 2^n from t = n + ROUND_C
+FTATTN_VEC_INLINE float pow2_bits(float t) {  // 2^n from t = n + ROUND_C
   uint32_t u;
   std::memcpy(&u, &t, sizeof(u));
   u <<= 23;
@@ -111,18 +124,22 @@ static inline float pow2_bits(float t) {  // 2^n from t = n + ROUND_C
   std::memcpy(&r, &u, sizeof(r));
   return r;
 }
+FTATTN_VEC_INLINE vec::f16 pow2_bits(vec::f16 t) {
+  return reinterpret_cast<vec::f16>(reinterpret_cast<vec::u16>(t) << 23);
+}
 
 // exp(x) for x <= 0 (x = s - m): Cody-Waite reduction by ln 2 and the Cephes
 // expf minimax polynomial (relative error about 1 ulp on [-87, 0]); 0 below
 // -88. exp(0) == 1 exactly, which the invariants rely on.
-static inline float exp_neg(float x) {
-  x = x < -88.0f ? -88.0f : x;
-  const float t = x * LOG2E + ROUND_C;
-  const float n = t - ROUND_C;
-  float r = x - n * 0.693359375f;  // ln2, high part (exact product)
-  r = r + n * 2.12194440e-4f;      // ln2, low part
-  const float z = r * r;
-  float p = 1.9875691500e-4f;
+template <typename T>
+FTATTN_VEC_INLINE T exp_neg(T x) {
+  x = x < -88.0f ? T{} - 88.0f : x;
+  const T t = x * LOG2E + ROUND_C;
+  const T n = t - ROUND_C;
+  T r = x - n * 0.693359375f;  // ln2, high part (exact product)
+  r = r + n * 2.12194440e-4f;  // ln2, low part
+  const T z = r * r;
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
@@ -134,11 +151,12 @@ static inline float exp_neg(float x) {
 
 // 2^y for y <= 0: y = n + f with f in [-1/2, 1/2] and the Cephes exp2f minimax
 // polynomial for 2^f (relative error about 1 ulp); 0 below -127.
-static inline float exp2_neg(float y) {
-  y = y < -127.0f ? -127.0f : y;
-  const float t = y + ROUND_C;
-  const float f = y - (t - ROUND_C);
-  float p = 1.535336188319500e-4f;
+template <typename T>
+FTATTN_VEC_INLINE T exp2_neg(T y) {
+  y = y < -127.0f ? T{} - 127.0f : y;
+  const T t = y + ROUND_C;
+  const T f = y - (t - ROUND_C);
+  T p = T{} + 1.535336188319500e-4f;
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
@@ -191,15 +209,7 @@ FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __re
 // the fp64 part adds nothing of note, so the bounds of the checks grow by CHUNK u
 // (vs fp64 throughout, which costs two conversions per vector and does not
 // vectorise fused with fp32 work).
-// Always inlined: a 64-byte vector passed to a function compiled for a narrower
-// ISA (target_clones' default clone) would change the calling convention.
-#define FTATTN_VEC_INLINE __attribute__((always_inline)) static inline
 namespace vec {
-typedef float f16 __attribute__((vector_size(64)));
-typedef float f8 __attribute__((vector_size(32)));
-typedef double d8 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
 constexpr int64_t W = 16;
 constexpr int64_t CHUNK = 8;       // vectors (per-lane terms) per fp32 partial sum
 constexpr int64_t ROW_CHUNK = 16;  // rows per fp32 partial column sum
@@ -333,37 +343,6 @@ struct RowStats {
 };
 
 namespace vec {
-// exp_neg and exp2_neg on 16 lanes, the same arithmetic as the scalar versions.
-FTATTN_VEC_INLINE f16 pow2_bits(f16 t) { return reinterpret_cast<f16>(reinterpret_cast<u16>(t) << 23); }
-FTATTN_VEC_INLINE f16 exp_neg(f16 x) {
-  x = x < -88.0f ? f16{} - 88.0f : x;
-  const f16 t = x * LOG2E + ROUND_C;
-  const f16 n = t - ROUND_C;
-  f16 r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  const f16 z = r * r;
-  f16 p = f16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * z + r + 1.0f;
-  return p * pow2_bits(t);
-}
-FTATTN_VEC_INLINE f16 exp2_neg(f16 y) {
-  y = y < -127.0f ? f16{} - 127.0f : y;
-  const f16 t = y + ROUND_C;
-  const f16 f = y - (t - ROUND_C);
-  f16 p = f16{} + 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  return p * pow2_bits(t);
-}
 FTATTN_VEC_INLINE float hsum(f16 x) {  // fixed order: the same at every protection level
   f8 a, b;
   std::memcpy(&a, &x, sizeof(a));
@@ -443,7 +422,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   const int64_t tail_end = INJECT ? n : visible;
   for (; j < tail_end; ++j) {
     const bool vis = j < visible;
-    float pj = vis ? ::ftattn::exp_neg(p[j] - m) : 0.f;
+    float pj = vis ? exp_neg(p[j] - m) : 0.f;
     if constexpr (INJECT) {
       if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
     }
@@ -459,7 +438,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     }
     if constexpr (PROT >= 2) {
       if (vis) {
-        const float p2 = ::ftattn::exp2_neg(S[j] * scale2 - m2);
+        const float p2 = exp2_neg(S[j] * scale2 - m2);
         const float d = std::fabs(pj - p2) - rel2 * p2;
         viol = d > viol ? d : viol;
       } else {
