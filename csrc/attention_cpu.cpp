@@ -133,7 +133,8 @@ FTATTN_VEC_INLINE vec::f16 pow2_bits(vec::f16 t) {
 // -88. exp(0) == 1 exactly, which the invariants rely on.
 template <typename T>
 FTATTN_VEC_INLINE T exp_neg(T x) {
-  x = x < -88.0f ? T{} - 88.0f : x;
+  const T lo = T{} - 88.0f;
+  x = lo > x ? lo : x;  // the form of a max instruction; NaN passes through
   const T t = x * LOG2E + ROUND_C;
   const T n = t - ROUND_C;
   T r = x - n * 0.693359375f;  // ln2, high part (exact product)
@@ -153,7 +154,8 @@ FTATTN_VEC_INLINE T exp_neg(T x) {
 // polynomial for 2^f (relative error about 1 ulp); 0 below -127.
 template <typename T>
 FTATTN_VEC_INLINE T exp2_neg(T y) {
-  y = y < -127.0f ? T{} - 127.0f : y;
+  const T lo = T{} - 127.0f;
+  y = lo > y ? lo : y;
   const T t = y + ROUND_C;
   const T f = y - (t - ROUND_C);
   T p = T{} + 1.535336188319500e-4f;
@@ -401,9 +403,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       }
       if constexpr (PROT >= 2) {
         const f16 p2 = exp2_neg(load(S + j) * scale2 - m2);
-        f16 d = pv - p2;
-        d = d < 0.f ? -d : d;
-        d = d - rel2 * p2;
+        const f16 d = reinterpret_cast<f16>(reinterpret_cast<u16>(pv - p2) & 0x7fffffffu) - rel2 * p2;
         viol_v = d > viol_v ? d : viol_v;
       }
     }
