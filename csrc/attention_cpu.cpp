@@ -13,8 +13,10 @@
 //   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j (fp64 reference),
 //     column sums per 64-row block vs (sum_i q_i) . k_j (fp32 SIMD reference,
 //     its own error bound added); bound kappa * u * sqrt(D) * sum |q||k|.
-//   ABFT on P V: c_i <- alpha_i c_i + sum_j p_ij vsum_j (same alpha, same p as
-//     the accumulator), compared with sum_d acc_id before the division.
+//   ABFT on P V, per group of 64 head dims: c_ig <- alpha_i c_ig + sum_j p_ij vsum_jg
+//     (same alpha, same p as the accumulator), compared with sum_{d in g} acc_id
+//     before the division. Per group, so that the bound, which grows with the
+//     dims summed, stays below the harm one accumulator element can do at D = 256.
 //   Invariants: m == max(m_old, rowmax) exactly, 0 <= p <= 1, max_j p == 1 or
 //     alpha == 1; l vs an fp64 accumulation of the same p, 1 <= l <= #keys.
 //   Redundant softmax ("full"): exp2 formulation with its own polynomial,
@@ -85,6 +87,10 @@ constexpr int64_t NSUB = BLOCK_M / SUB_M;
 // Keys per tile: 512 (as torch's CPU flash attention); the element-wise work walks S
 // and P one row (2 KiB) at a time, so it runs from L1.
 constexpr int64_t BLOCK_N = 512;
+
+// Head dims per PV-checksum group: at most 4 groups for D <= 256.
+constexpr int64_t PV_GROUP = 64;
+constexpr int MAX_GROUPS = 4;
 
 constexpr double U32 = 5.9604644775390625e-08;  // 2^-24, unit roundoff of fp32
 // Statistical thresholds: kappa standard deviations of the rounding noise.
@@ -334,13 +340,14 @@ struct RowFault {
 };
 
 // What one row of the online softmax gives: the fp32 row sum of p (the normaliser
-// update) and, for the checks, max p and min p, the independent sums sum_j p_j,
-// sum_j p_j a_j, sum_j p_j b_j (fp32 partials of CHUNK vectors flushed to fp64; a, b:
-// fp32 copies of the per-key sums of V, so each product carries one more rounding),
-// and whether the redundant softmax disagreed.
+// update) and, for the checks, max p and min p, the independent sums sum_j p_j and,
+// per group g of head dims, sum_j p_j a_gj and sum_j p_j b_gj (fp32 partials of CHUNK
+// vectors flushed to fp64; a, b: fp32 copies of the per-key, per-group sums of V and
+// of |V|, so each product carries one more rounding), and whether the redundant
+// softmax disagreed.
 struct RowStats {
   float psum = 0.f, pmax = 0.f, pmin = 1.f;
-  double ws = 0.0, wa = 0.0, wb = 0.0;
+  double ws = 0.0, wa[MAX_GROUPS] = {}, wb[MAX_GROUPS] = {};
   bool dmr_bad = false;
 };
 
@@ -370,23 +377,25 @@ FTATTN_VEC_INLINE float hsum(f16 x) {  // fixed order: the same at every protect
 // largest |p - p2| - r / (1 - r) p2 and compares it once with the absolute term.
 // psum adds the lanes in a fixed order, the same at every level, so off, abft and
 // full round l (and the output) alike. INJECT hits p_{fault.col} after the
-// exponential, before anything reads it.
-template <int PROT, bool INJECT>
+// exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs.
+template <int PROT, bool INJECT, int NG>
 __attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
                                                                    int64_t n, int64_t limit, float scale, float m,
                                                                    const float* __restrict a,
-                                                                   const float* __restrict b, const RowFault& fault,
-                                                                   RowStats& st) {
+                                                                   const float* __restrict b, int64_t gs,
+                                                                   const RowFault& fault, RowStats& st) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float scale2 = scale * LOG2E, m2 = m * LOG2E;
   const float rel = 5.9604645e-08f * (16.f + 4.f * std::fabs(m)), abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
   const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
   f16 psum_v = f16{}, mx_v = f16{}, mn_v = f16{} + 1.f, viol_v = f16{};
-  d8 s_acc = d8{}, a_acc = d8{}, b_acc = d8{};
+  d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
+  for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
   int64_t j = 0;
   while (j + W <= visible) {
-    f16 sp = f16{}, ap = f16{}, bp = f16{};
+    f16 sp = f16{}, ap[NG], bp[NG];
+    for (int g = 0; g < NG; ++g) ap[g] = bp[g] = f16{};
     for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
       f16 pv = exp_neg(load(p + j) - m);
       if constexpr (INJECT) {
@@ -398,8 +407,10 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
         mx_v = pv > mx_v ? pv : mx_v;
         mn_v = pv < mn_v ? pv : mn_v;
         sp += pv;
-        ap += pv * load(a + j);
-        bp += pv * load(b + j);
+        for (int g = 0; g < NG; ++g) {
+          ap[g] += pv * load(a + g * gs + j);
+          bp[g] += pv * load(b + g * gs + j);
+        }
       }
       if constexpr (PROT >= 2) {
         const f16 p2 = exp2_neg(load(S + j) * scale2 - m2);
@@ -409,13 +420,15 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     }
     if constexpr (PROT >= 1) {
       s_acc += widen_sum(sp);
-      a_acc += widen_sum(ap);
-      b_acc += widen_sum(bp);
+      for (int g = 0; g < NG; ++g) {
+        a_acc[g] += widen_sum(ap[g]);
+        b_acc[g] += widen_sum(bp[g]);
+      }
     }
   }
   // the rest, one element at a time: the visible tail, then the masked keys
   float psum_t = 0.f, mx = 0.f, mn = 1.f, viol = 0.f;
-  double s_t = 0.0, a_t = 0.0, b_t = 0.0;
+  double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {};
   int masked_bad = 0;
   // (masked keys are walked only under injection; else they are a fill of zeros,
   // which cannot compute anything wrong)
@@ -433,8 +446,10 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       mn = pj < mn ? pj : mn;
       const double x = static_cast<double>(pj);
       s_t += x;
-      a_t += x * a[j];
-      b_t += x * b[j];
+      for (int g = 0; g < NG; ++g) {
+        a_t[g] += x * a[g * gs + j];
+        b_t[g] += x * b[g * gs + j];
+      }
     }
     if constexpr (PROT >= 2) {
       if (vis) {
@@ -459,8 +474,10 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     st.pmax = mx;
     st.pmin = mn;
     st.ws = vec::hsum(s_acc) + s_t;
-    st.wa = vec::hsum(a_acc) + a_t;
-    st.wb = vec::hsum(b_acc) + b_t;
+    for (int g = 0; g < NG; ++g) {
+      st.wa[g] = vec::hsum(a_acc[g]) + a_t[g];
+      st.wb[g] = vec::hsum(b_acc[g]) + b_t[g];
+    }
   }
   if constexpr (PROT >= 2) {
     for (int i = 0; i < W; ++i) viol = viol_v[i] > viol ? viol_v[i] : viol;
@@ -471,30 +488,38 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
 }
 
 // One clone set per variant (the template body is inlined into each).
-#define FTATTN_SOFTMAX_ROW(name, PROT, INJECT)                                                                 \
-  FTATTN_CLONES static void name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,    \
-                                 float scale, float m, const float* __restrict a, const float* __restrict b,  \
-                                 const RowFault& fault, RowStats& st) {                                       \
-    softmax_row_body<PROT, INJECT>(S, p, n, limit, scale, m, a, b, fault, st);                               \
+#define FTATTN_SOFTMAX_ROW(name, PROT, INJECT, NG)                                                            \
+  FTATTN_CLONES static void name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,   \
+                                 float scale, float m, const float* __restrict a, const float* __restrict b, \
+                                 int64_t gs, const RowFault& fault, RowStats& st) {                          \
+    softmax_row_body<PROT, INJECT, NG>(S, p, n, limit, scale, m, a, b, gs, fault, st);                      \
   }
-FTATTN_SOFTMAX_ROW(softmax_row_off, 0, false)
-FTATTN_SOFTMAX_ROW(softmax_row_abft, 1, false)
-FTATTN_SOFTMAX_ROW(softmax_row_full, 2, false)
-FTATTN_SOFTMAX_ROW(softmax_row_off_inject, 0, true)
-FTATTN_SOFTMAX_ROW(softmax_row_abft_inject, 1, true)
-FTATTN_SOFTMAX_ROW(softmax_row_full_inject, 2, true)
+#define FTATTN_SOFTMAX_ROWS(PROT, INJECT, suffix)                 \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##1, PROT, INJECT, 1)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##2, PROT, INJECT, 2)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##3, PROT, INJECT, 3)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##4, PROT, INJECT, 4)
+FTATTN_SOFTMAX_ROW(softmax_row_off, 0, false, 1)
+FTATTN_SOFTMAX_ROW(softmax_row_off_inject, 0, true, 1)
+FTATTN_SOFTMAX_ROWS(1, false, abft)
+FTATTN_SOFTMAX_ROWS(2, false, full)
+FTATTN_SOFTMAX_ROWS(1, true, abft_inject)
+FTATTN_SOFTMAX_ROWS(2, true, full_inject)
+#undef FTATTN_SOFTMAX_ROWS
 #undef FTATTN_SOFTMAX_ROW
 
-static void softmax_row(int protection, bool inject, const float* S, float* p, int64_t n, int64_t limit, float scale,
-                        float m, const float* a, const float* b, const RowFault& fault, RowStats& st) {
-  switch (protection + (inject ? 3 : 0)) {
-    case 0: return softmax_row_off(S, p, n, limit, scale, m, a, b, fault, st);
-    case 1: return softmax_row_abft(S, p, n, limit, scale, m, a, b, fault, st);
-    case 2: return softmax_row_full(S, p, n, limit, scale, m, a, b, fault, st);
-    case 3: return softmax_row_off_inject(S, p, n, limit, scale, m, a, b, fault, st);
-    case 4: return softmax_row_abft_inject(S, p, n, limit, scale, m, a, b, fault, st);
-    default: return softmax_row_full_inject(S, p, n, limit, scale, m, a, b, fault, st);
-  }
+using SoftmaxRowFn = void (*)(const float*, float*, int64_t, int64_t, float, float, const float*, const float*,
+                              int64_t, const RowFault&, RowStats&);
+
+// The variant for a protection level, injection or not, and the number of groups.
+static SoftmaxRowFn softmax_row_fn(int protection, bool inject, int groups) {
+  if (protection == 0) return inject ? softmax_row_off_inject : softmax_row_off;
+  static const SoftmaxRowFn table[2][2][MAX_GROUPS] = {
+      {{softmax_row_abft1, softmax_row_abft2, softmax_row_abft3, softmax_row_abft4},
+       {softmax_row_full1, softmax_row_full2, softmax_row_full3, softmax_row_full4}},
+      {{softmax_row_abft_inject1, softmax_row_abft_inject2, softmax_row_abft_inject3, softmax_row_abft_inject4},
+       {softmax_row_full_inject1, softmax_row_full_inject2, softmax_row_full_inject3, softmax_row_full_inject4}}};
+  return table[inject ? 1 : 0][protection - 1][groups - 1];
 }
 
 // For rows x_i of X [n x D] (fp32): ref[i * ld + t] = x_i . y_t and
@@ -557,26 +582,35 @@ FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
 }
 
 // For n keys and values: ks += sum_j k_j, ka += sum_j |k_j| (fp64, [D]), and per key
-// knorm_j = ||k_j||_2, vsum_j = sum_d v_jd, vabs_j = sum_d |v_jd| (rounded to fp32).
+// knorm_j = ||k_j||_2 and, per group g of PV_GROUP head dims, vsum[g * gs + j] =
+// sum_{d in g} v_jd and vabs[g * gs + j] = sum_{d in g} |v_jd| (rounded to fp32).
 FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
                                          double* __restrict ks, double* __restrict ka, double* __restrict knorm,
-                                         float* __restrict vsum, float* __restrict vabs) {
+                                         float* __restrict vsum, float* __restrict vabs, int64_t gs) {
   for (int64_t j = 0; j < n; ++j) {
     const float* kj = K + j * D;
     const float* vj = V + j * D;
-    double kk = 0.0, vs = 0.0, va = 0.0;
-#pragma omp simd reduction(+ : kk, vs, va)
+    double kk = 0.0;
+#pragma omp simd reduction(+ : kk)
     for (int64_t d = 0; d < D; ++d) {
-      const double x = static_cast<double>(kj[d]), y = static_cast<double>(vj[d]);
+      const double x = static_cast<double>(kj[d]);
       ks[d] += x;
       ka[d] += std::fabs(x);
       kk += x * x;
-      vs += y;
-      va += std::fabs(y);
     }
     knorm[j] = std::sqrt(kk);
-    vsum[j] = static_cast<float>(vs);
-    vabs[j] = static_cast<float>(va);
+    for (int64_t g = 0, d0 = 0; d0 < D; ++g, d0 += PV_GROUP) {
+      const int64_t d1 = std::min<int64_t>(D, d0 + PV_GROUP);
+      double vs = 0.0, va = 0.0;
+#pragma omp simd reduction(+ : vs, va)
+      for (int64_t d = d0; d < d1; ++d) {
+        const double y = static_cast<double>(vj[d]);
+        vs += y;
+        va += std::fabs(y);
+      }
+      vsum[g * gs + j] = static_cast<float>(vs);
+      vabs[g * gs + j] = static_cast<float>(va);
+    }
   }
 }
 
@@ -652,6 +686,7 @@ struct Problem {
   float* out;      // [B, Hq, N, D] fp32
   int32_t* flags;  // [B, Hq, nblk]
   int64_t B, Hq, Hkv, N, M, D, nblk;
+  int groups;  // PV-checksum groups of PV_GROUP head dims
   bool causal;
   float scale;
   int protection;  // 0 off, 1 abft, 2 full
@@ -659,7 +694,7 @@ struct Problem {
   // sum_d v_jd and sum_d |v_jd| [M] (fp64), shared by every query block.
   const double* ksum;
   const double* kabs;
-  const float* vsum;
+  const float* vsum;  // [B, Hkv, groups, M]
   const float* vabs;
   // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound)
   const double* knorm;
@@ -701,7 +736,8 @@ struct Scratch {
         l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
-    for (auto* v : {&l2, &c, &bv, &cutref, &cutmag}) v->resize(BLOCK_M);
+    for (auto* v : {&l2, &cutref, &cutmag}) v->resize(BLOCK_M);
+    for (auto* v : {&c, &bv}) v->resize(BLOCK_M * MAX_GROUPS);  // [row, group]
     qd.resize(BLOCK_M * D);
     kcut.resize(D);
     kcut_abs.resize(D);
@@ -746,8 +782,8 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
   std::fill(Qx + rows * D, Qx + (rows + nsub) * D, 0.f);
   if (abft) {
     std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
-    std::fill(w.c.begin(), w.c.begin() + rows, 0.0);
-    std::fill(w.bv.begin(), w.bv.begin() + rows, 0.0);
+    std::fill(w.c.begin(), w.c.begin() + rows * MAX_GROUPS, 0.0);
+    std::fill(w.bv.begin(), w.bv.begin() + rows * MAX_GROUPS, 0.0);
     // row-checksum references for every key tile this block visits, in fp64:
     // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
@@ -817,8 +853,9 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       ld = 1;
     }
     const double* knorm = abft ? P.knorm + (b * P.Hkv + hk) * M + n0 : nullptr;
-    const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * M + n0 : nullptr;
-    const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * M + n0 : nullptr;
+    const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;  // group stride M
+    const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
+    const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups);
     // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
     // ABFT sums; the online softmax with its checks; the normaliser ----
     for (int64_t sb = 0; sb < nsub; ++sb) {
@@ -855,7 +892,8 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         const bool hit_p = in_tile && f.site == kProbs && f.row == r0 + i;
         if (hit_p) rf = RowFault{f.col - n0, f.bit, f.value};
         RowStats st;
-        softmax_row(P.protection, hit_p, Si, Pi, cols, empty ? -1 : limit, P.scale, m_new, vsum, vabs, rf, st);
+        (hit_p ? softmax_row_fn(P.protection, true, P.groups) : row_fn)(Si, Pi, cols, empty ? -1 : limit, P.scale,
+                                                                        m_new, vsum, vabs, M, rf, st);
         memory_barrier();
         const float psum = st.psum;
         float l_new = alpha * w.l[i] + psum;
@@ -874,8 +912,10 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
           // independent fp64 bookkeeping of l and of the PV checksum, same alpha and p
           const double a = static_cast<double>(alpha);
           w.l2[i] = a * w.l2[i] + st.ws;
-          w.c[i] = a * w.c[i] + st.wa;
-          w.bv[i] = a * w.bv[i] + st.wb;
+          for (int g = 0; g < P.groups; ++g) {
+            w.c[i * MAX_GROUPS + g] = a * w.c[i * MAX_GROUPS + g] + st.wa[g];
+            w.bv[i * MAX_GROUPS + g] = a * w.bv[i * MAX_GROUPS + g] + st.wb[g];
+          }
         }
         if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
       }
@@ -915,12 +955,18 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     }
     double acc_sum = 0.0;
     if (abft) {
-      acc_sum = sum_d(Ai, D);
+      bool pv_bad = false;
+      for (int g = 0; g < P.groups; ++g) {
+        const int64_t d0 = g * PV_GROUP, d1 = std::min<int64_t>(D, d0 + PV_GROUP);
+        const double part = sum_d(Ai + d0, d1 - d0);
+        acc_sum += part;
+        pv_bad |= !(std::fabs(part - w.c[i * MAX_GROUPS + g]) <= pv_factor * w.bv[i * MAX_GROUPS + g]);
+      }
+      if (pv_bad) bad[i / SUB_M] |= kPvChecksum;
       const double l2 = w.l2[i];
       if (!(std::fabs(static_cast<double>(l) - l2) <= depth_l * U32 * l2) ||
           !(l2 >= 1.0 - depth_l * U32 && l2 <= static_cast<double>(visible) * (1.0 + depth_l * U32)))
         bad[i / SUB_M] |= kRowsumInvariant;
-      if (!(std::fabs(acc_sum - w.c[i]) <= pv_factor * w.bv[i])) bad[i / SUB_M] |= kPvChecksum;
     }
     for (int64_t d = 0; d < D; ++d) Oi[d] = Ai[d] / l;
     if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
@@ -988,8 +1034,8 @@ void precompute_sums(Problem& P, KvSums& sums) {
   const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
   sums.ksum.assign(P.B * P.Hkv * ntiles * D, 0.0);
   sums.kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
-  sums.vsum.resize(P.B * P.Hkv * M);
-  sums.vabs.resize(P.B * P.Hkv * M);
+  sums.vsum.resize(P.B * P.Hkv * P.groups * M);
+  sums.vabs.resize(P.B * P.Hkv * P.groups * M);
   sums.knorm.resize(P.B * P.Hkv * M);
   at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -999,7 +1045,8 @@ void precompute_sums(Problem& P, KvSums& sums) {
       const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
       const int64_t j0 = t * BLOCK_N;
       key_value_sums(K + j0 * D, V + j0 * D, j1 - j0, D, &sums.ksum[idx * D], &sums.kabs[idx * D],
-                     &sums.knorm[bh * M + j0], &sums.vsum[bh * M + j0], &sums.vabs[bh * M + j0]);
+                     &sums.knorm[bh * M + j0], &sums.vsum[bh * P.groups * M + j0],
+                     &sums.vabs[bh * P.groups * M + j0], M);
     }
   });
   P.ksum = sums.ksum.data();
@@ -1072,6 +1119,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.out = out.data_ptr<float>();
   P.flags = flags.data_ptr<int32_t>();
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;
+  P.groups = static_cast<int>((D + PV_GROUP - 1) / PV_GROUP);
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);

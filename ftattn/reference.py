@@ -17,6 +17,7 @@ from .faults import CHECK_MASK, Check, REPORT_BLOCK_M, Site
 
 U32 = 2.0**-24  # unit roundoff of fp32
 KAPPA = 8.0  # as in csrc/attention_cpu.cpp
+PV_GROUP = 64  # head dims per PV-checksum group, as in csrc/attention_cpu.cpp and kernels/attention.py
 LOG2E = 1.4426950408889634  # 1 / ln(2)
 
 
@@ -127,10 +128,16 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         bad_l = ~((l.double() - l2).abs() <= depth * U32 * l2)
         bad_l |= ~(empty | ((l2 >= 1.0 - depth * U32) & (l2 <= visible * (1.0 + depth * U32))))
         flag(int(Check.ROWSUM_INVARIANT), _rows_to_blocks(bad_l, N))
+        # per group of PV_GROUP head dims (as the kernels): the bound grows with the dims
+        # summed, and one group of 64 keeps it below the harm of one accumulator element
         vd = vf.double()
-        c = (pd @ vd.sum(-1, keepdim=True)).squeeze(-1)
-        bv = (pd @ vd.abs().sum(-1, keepdim=True)).squeeze(-1)
-        bad_pv = ~((acc.double().sum(-1) - c).abs() <= KAPPA * U32 * math.sqrt(M + 2) * bv)
+        accd = acc.double()
+        bad_pv = torch.zeros_like(empty)
+        for d0 in range(0, D, PV_GROUP):
+            vg = vd[..., d0:d0 + PV_GROUP]
+            c = (pd @ vg.sum(-1, keepdim=True)).squeeze(-1)
+            bv = (pd @ vg.abs().sum(-1, keepdim=True)).squeeze(-1)
+            bad_pv |= ~((accd[..., d0:d0 + PV_GROUP].sum(-1) - c).abs() <= KAPPA * U32 * math.sqrt(M + 2) * bv)
         flag(int(Check.PV_CHECKSUM), _rows_to_blocks(bad_pv, N))
 
     out = torch.where(empty[..., None], torch.zeros_like(acc), acc / l[..., None])

@@ -19,6 +19,20 @@ def test_campaign_full_protection(dtype):
         assert st.harmful > 0 and st.detected >= st.harmful, site  # the campaign does inject harm
 
 
+@pytest.mark.parametrize("backend, head_dim", [("cpp", 200), ("cpp", 256), ("reference", 256)])
+def test_campaign_wide_heads_accumulator(backend, head_dim):
+    """At D = 256 one checksum over all head dims had a bound above the harm of one
+    accumulator element (6 of 150 harmful acc faults missed); the PV checksum is kept
+    per group of 64 dims. Wide heads, every site, with the acc faults among them."""
+    shape = campaign.Shape(seq=64, kv_seq=300, head_dim=head_dim)
+    faults = 600 if backend == "cpp" else 100
+    res = campaign.run(backend, "cpu", "float32", "full", faults=faults, shape=shape, long_kv=300, seed=3,
+                       progress=False)
+    assert res.failures() == [], campaign.format_table(res)
+    assert res.sites["acc"].harmful > 0 and res.sites["acc"].harmful_missed == 0
+    assert res.false_alarms == 0
+
+
 def test_campaign_abft_shows_probs_uncovered():
     res = campaign.run("cpp", "cpu", "float32", "abft", faults=240, seed=2, progress=False)
     table = campaign.format_table(res)
