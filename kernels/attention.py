@@ -16,8 +16,9 @@ the semantic reference for every check and injection point):
   PROTECTION >= 1 ("abft"), per KV tile:
     row checksum     sum_j S_ij  vs q_i . sum_j k_j          (kappa u sqrt(depth) |q_i| . sum_j |k_j|)
     column checksum  sum_i S_ij  vs (sum_i q_i) . k_j, per 64-row report block
-    PV checksum      c_i <- alpha_i c_i + sum_j p_ij vsum_j with the same alpha and the
-                     same rounded p as the accumulator, vs sum_d acc_id at the end
+    PV checksum      per group g of 64 head dims, c_ig <- alpha_i c_ig + sum_j p_ij vsum_jg
+                     with the same alpha and the same rounded p as the accumulator, vs
+                     sum_{d in g} acc_id at the end
     invariants       m == max(m_old, rowmax), m finite, max p == 1 or alpha == 1,
                      0 <= p <= 1, l vs an independent accumulation (of the rounded p
                      that feeds PV), 1 <= l <= #visible keys, and the final
@@ -67,6 +68,10 @@ __all__ = ["attention_fwd", "REPORT_BLOCK_M"]
 
 REPORT_BLOCK_M = 64  # rows of q per flag: ftattn/faults.py
 BLOCK_REPORT = tl.constexpr(REPORT_BLOCK_M)  # the same, inside kernels
+# Head dims per PV-checksum group (as csrc/attention_cpu.cpp and ftattn/reference.py):
+# the bound of sum_d acc_id grows with the dims summed, and one group of 64 keeps it
+# below the harm of a single accumulator element up to D = 256.
+PV_GROUP = tl.constexpr(64)
 
 # Check bits: ftattn/faults.py (Check) and csrc/attention_cpu.cpp (CheckBit).
 ROW_CHECKSUM = tl.constexpr(1 << 0)
@@ -181,8 +186,10 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
                     NUM_REPORT: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,  #
                     PROTECTION: tl.constexpr, INJECT: tl.constexpr, EVEN_D: tl.constexpr,  #
-                    DOT_F32: tl.constexpr, LOW_PRECISION_P: tl.constexpr):
+                    DOT_F32: tl.constexpr, LOW_PRECISION_P: tl.constexpr, NUM_GROUPS: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
+    group_of_d = offs_d // PV_GROUP  # PV-checksum group of each head dim
+    group_ids = tl.arange(0, NUM_GROUPS)
     # fp32 roundings on both sides of the S checksums: the D-term products, the sums over
     # the tile (row) or the 64-row report block (column), and the reference dot products.
     row_tol = tl.sqrt(tl.full([], 2.0 * (HEAD_DIM + BLOCK_N), tl.float32)) * (KAPPA * U32)
@@ -276,11 +283,16 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
             # -- independent bookkeeping of l and of the PV checksum, same alpha and rounded p ----
             pf = p_lp.to(tl.float32)
             vf = v.to(tl.float32)
-            vsum = tl.sum(vf, 1)
-            vabs = tl.sum(tl.abs(vf), 1)
             l2_i = alpha * l2_i + tl.sum(pf, 1)
-            c_i = alpha * c_i + tl.sum(pf * vsum[None, :], 1)
-            bv_i = alpha * bv_i + tl.sum(pf * vabs[None, :], 1)
+            c_i = c_i * alpha[:, None]  # [BLOCK_M, NUM_GROUPS]
+            bv_i = bv_i * alpha[:, None]
+            for g in tl.static_range(NUM_GROUPS):
+                in_g = (group_of_d == g)[None, :]
+                vsum = tl.sum(tl.where(in_g, vf, 0.0), 1)
+                vabs = tl.sum(tl.where(in_g, tl.abs(vf), 0.0), 1)
+                sel = (group_ids == g)[None, :]
+                c_i = c_i + tl.where(sel, tl.sum(pf * vsum[None, :], 1)[:, None], 0.0)
+                bv_i = bv_i + tl.where(sel, tl.sum(pf * vabs[None, :], 1)[:, None], 0.0)
         # -- acc = alpha acc + P V ----
         acc = acc * alpha[:, None]
         if DOT_F32:
@@ -310,6 +322,7 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
     """Returns (O tile in fp32 [BLOCK_M, HEAD_DIM_PAD], failed-check bits per row)."""
     NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    NUM_GROUPS: tl.constexpr = (HEAD_DIM_PAD + PV_GROUP - 1) // PV_GROUP
     IS_FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
     # fp32 inputs: IEEE fp32 products (never tf32). EMULATE_BF16_DOT: the interpreter's
     # tl.dot multiplies raw bfloat16 bits, so there the (exact) fp32 upcast stands in.
@@ -337,8 +350,8 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     l2_i = tl.zeros([BLOCK_M], tl.float32)
-    c_i = tl.zeros([BLOCK_M], tl.float32)
-    bv_i = tl.zeros([BLOCK_M], tl.float32)
+    c_i = tl.zeros([BLOCK_M, NUM_GROUPS], tl.float32)  # PV checksum per group of head dims
+    bv_i = tl.zeros([BLOCK_M, NUM_GROUPS], tl.float32)
     bad = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
@@ -359,14 +372,14 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
         stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok, rep, 0, full_end, M, shift, sm_scale,
         qk_scale, f_here, f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
         HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, False, PROTECTION, INJECT, EVEN_D, DOT_F32,
-        not IS_FP32)
+        not IS_FP32, NUM_GROUPS)
     # stage 2: the diagonal band and the boundary tile, masked
     acc, m_i, l_i, l2_i, c_i, bv_i, bad = _attn_fwd_inner(
         acc, m_i, l_i, l2_i, c_i, bv_i, bad, q, qf, qabs, qsum0, qabs0, qsum1, qabs1, k_base, v_base,  #
         stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, d_ok, rep, full_end, kv_end, M, shift,
         sm_scale, qk_scale, f_here, f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
         HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, True, PROTECTION, INJECT, EVEN_D, DOT_F32,
-        not IS_FP32)
+        not IS_FP32, NUM_GROUPS)
 
     # -- epilogue: final normalisation; rows with no visible key are zeros by definition ----
     if CAUSAL:
@@ -398,9 +411,18 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
         bad_l = ~(tl.abs(l_i - l2_i) <= l2_i * tol_l + vis_f * p_abs)
         bad_l = bad_l | ~((l2_i >= 1.0 - tol_l) & (l2_i <= vis_f * (1.0 + tol_l) + vis_f * p_abs))
         bad = bad | tl.where(live & bad_l, ROWSUM_INVARIANT, 0)
-        acc_sum = tl.sum(acc.to(tl.float64), 1)
+        acc64 = acc.to(tl.float64)
+        acc_sum = tl.sum(acc64, 1)
         depth_pv = tl.sqrt(tl.full([], 2.0 * BLOCK_N + HEAD_DIM, tl.float32) + 4.0 * ntiles)
-        bad_pv = ~(tl.abs(acc_sum - c_i.to(tl.float64)) <= (bv_i * depth_pv * (KAPPA * U32)).to(tl.float64))
+        group_of_d = offs_d // PV_GROUP
+        group_ids = tl.arange(0, NUM_GROUPS)
+        bad_pv = tl.zeros([BLOCK_M], tl.int1)
+        for g in tl.static_range(NUM_GROUPS):
+            part = tl.sum(tl.where((group_of_d == g)[None, :], acc64, 0.0), 1)
+            sel = (group_ids == g)[None, :]
+            c_g = tl.sum(tl.where(sel, c_i, 0.0), 1)
+            bv_g = tl.sum(tl.where(sel, bv_i, 0.0), 1)
+            bad_pv = bad_pv | ~(tl.abs(part - c_g.to(tl.float64)) <= (bv_g * depth_pv * (KAPPA * U32)).to(tl.float64))
         bad = bad | tl.where(live & bad_pv, PV_CHECKSUM, 0)
         # each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
         out64 = out.to(tl.float64)
