@@ -18,20 +18,23 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "generation_config.json")
 
 
-def _cache_wrapper(model):
+def _cache_wrapper(model, with_position_ids: bool = True):
     import torch
     from transformers.cache_utils import DynamicCache
 
     num_layers = model.config.num_hidden_layers
 
     class DecoderWithCache(torch.nn.Module):
-        """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
+        """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present);
+        without position_ids: forward(input_ids, attention_mask, *past), the positions
+        counted on from the cache length (as transformers does when none are given)."""
 
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, position_ids, *past):
+        def forward(self, input_ids, attention_mask, *rest):
+            position_ids, past = (rest[0], rest[1:]) if with_position_ids else (None, rest)
             cache = DynamicCache(config=self.model.config)
             for layer in range(num_layers):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
@@ -45,12 +48,14 @@ def _cache_wrapper(model):
     return DecoderWithCache()
 
 
-def export(hf_model_dir: str, out_dir: str, opset: int | None = None) -> str:
+def export(hf_model_dir: str, out_dir: str, opset: int | None = None, position_ids: bool = True) -> str:
     """Export ``hf_model_dir`` (a local transformers causal LM) to ``out_dir``; returns the .onnx path.
 
     Writes ``model.onnx`` (weights inline below 2 GB, else ``model.onnx.data``),
     ``config.json`` and the tokenizer files found in ``hf_model_dir``. Only fp32
-    export; the model is traced on CPU.
+    export; the model is traced on CPU. ``position_ids=False`` leaves that input out,
+    as some exports do: positions then follow the cache length, so a batch of prompts
+    of different lengths cannot be padded, and the generator runs them one by one.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -75,7 +80,7 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None) -> str:
     batch, sequence, past_length = 2, 3, 4
     input_ids = torch.randint(0, config.vocab_size, (batch, sequence))
     attention_mask = torch.ones(batch, past_length + sequence, dtype=torch.int64)
-    position_ids = torch.arange(past_length, past_length + sequence).expand(batch, sequence).contiguous()
+    positions = torch.arange(past_length, past_length + sequence).expand(batch, sequence).contiguous()
     past = tuple(torch.zeros(batch, num_kv_heads, past_length, head_size) for _ in range(2 * num_layers))
 
     batch_dim = torch.export.Dim("batch_size")
@@ -85,10 +90,10 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None) -> str:
     dynamic_shapes = {
         "input_ids": {0: batch_dim, 1: sequence_dim},
         "attention_mask": {0: batch_dim, 1: total_dim},
-        "position_ids": {0: batch_dim, 1: sequence_dim},
-        "past": tuple({0: batch_dim, 2: past_dim} for _ in range(2 * num_layers)),
+        "rest": ((({0: batch_dim, 1: sequence_dim},) if position_ids else ())
+                 + tuple({0: batch_dim, 2: past_dim} for _ in range(2 * num_layers))),
     }
-    input_names = ["input_ids", "attention_mask", "position_ids"] + [
+    input_names = ["input_ids", "attention_mask"] + (["position_ids"] if position_ids else []) + [
         f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
@@ -96,7 +101,8 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None) -> str:
     path = os.path.join(out_dir, "model.onnx")
     with torch.no_grad():
         program = torch.onnx.export(
-            _cache_wrapper(model).eval(), (input_ids, attention_mask, position_ids, *past), None,
+            _cache_wrapper(model, position_ids).eval(),
+            (input_ids, attention_mask, *((positions,) if position_ids else ()), *past), None,
             input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
             dynamo=True, optimize=True, opset_version=opset, verbose=False)
     size = sum(p.numel() * p.element_size() for p in model.parameters())

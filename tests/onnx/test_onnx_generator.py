@@ -265,3 +265,25 @@ def test_token_id_prompts(generators):
     ids = generator.encode(PROMPTS[0])
     assert generator.generate([ids], 8)[0].token_ids == generator.generate(PROMPTS[0], 8)[0].token_ids
     assert generator.generate(ids, 8)[0].prompt_token_ids == ids
+
+
+def test_model_without_position_ids_runs_prompts_one_by_one(tiny_hf, tmp_path, hf_model, hf_tokenizer, monkeypatch):
+    """An export without position_ids (positions follow the cache length) cannot pad a
+    batch: the generator runs prompts of different lengths one at a time, and each
+    gives transformers' tokens for that prompt alone."""
+    from ftattn.onnx import export
+
+    out = str(tmp_path / "no_positions")
+    export(tiny_hf, out, position_ids=False)
+    generator = Generator.from_pretrained(out)
+    assert generator.spec.position_ids_name is None and generator.spec.padding is Padding.NONE
+    runs = []
+    real_run = Generator._run
+    monkeypatch.setattr(Generator, "_run", lambda self, rows, *a: (runs.append(len(rows)), real_run(self, rows, *a)))
+    results = generator.generate(PROMPTS, NEW_TOKENS)
+    assert runs == [1] * len(PROMPTS)  # one prompt per run
+    expected = [hf_generate(hf_model, hf_tokenizer, [p], NEW_TOKENS)[0] for p in PROMPTS]
+    assert [r.token_ids for r in results] == expected
+    runs.clear()
+    same_length = generator.generate([PROMPTS[0], PROMPTS[0]], NEW_TOKENS)  # equal lengths: one batch
+    assert runs == [2] and [r.token_ids for r in same_length] == [expected[0]] * 2
