@@ -23,6 +23,9 @@ def _extension():
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; ATen then runs its own pool.
         cxx.remove("-fopenmp")
         link.remove("-fopenmp")
+    # testing only, e.g. "-DFTATTN_NO_CLONES -march=x86-64-v3" to run the AVX2 path on an
+    # AVX-512 machine (the kernels otherwise pick their clone by the CPU at load time)
+    cxx += os.environ.get("FTATTN_EXTRA_CXXFLAGS", "").split()
     if os.environ.get("FTATTN_DEBUG_BUILD"):  # debugging only: asserts on, no optimisation
         cxx = [c for c in cxx if c != "-O3"] + ["-O0", "-g", "-UNDEBUG"]
     return CppExtension(

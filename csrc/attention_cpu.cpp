@@ -40,8 +40,9 @@
 #include <string>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
 // One clone per ISA, chosen at load time: AVX-512 / AVX2+FMA / baseline SSE2.
+// (-DFTATTN_NO_CLONES builds one version for the -march given, to test each path.)
 #define FTATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FTATTN_CLONES
