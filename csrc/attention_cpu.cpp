@@ -4,21 +4,22 @@
 // BLOCK_M = 256 query rows x BLOCK_N = 512 keys, parallel over batch x head x
 // query tile, no N x M score matrix (extra memory O(M D) for fp32 copies of
 // non-fp32 inputs and the per-key sums of the checks). The two products run on the BLAS
-// sgemm that torch links (MKL on x86); the element-wise phases are plain loops
-// the compiler vectorises, cloned per ISA (target_clones).
+// sgemm that torch links (MKL on x86); the element-wise work walks the tile one
+// row at a time (in L1) in 16-lane vector code, cloned per ISA (target_clones).
 //
-// Checks (FAULT_MODEL.md), all in fp32 values the kernel actually uses, compared
-// in fp64 against an independent formulation, with thresholds that scale with
-// the data:
+// Checks (FAULT_MODEL.md), all on fp32 values the kernel actually uses, compared
+// against an independent formulation (sums in fp32 partials of at most 8-16 terms
+// flushed to fp64), with thresholds that scale with the data:
 //   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j (fp64 reference),
-//     column sums per 64-row block vs (sum_i q_i) . k_j (fp32 SIMD reference,
-//     its own error bound added); bound kappa * u * sqrt(D) * sum |q||k|.
+//     column sums per 64-row block vs (sum_i q_i) . k_j, which the QK^T GEMM makes
+//     from extra query rows (its own error bound added); bound
+//     kappa * u * sqrt(D) * sum |q||k|.
 //   ABFT on P V, per group of 64 head dims: c_ig <- alpha_i c_ig + sum_j p_ij vsum_jg
 //     (same alpha, same p as the accumulator), compared with sum_{d in g} acc_id
 //     before the division. Per group, so that the bound, which grows with the
 //     dims summed, stays below the harm one accumulator element can do at D = 256.
 //   Invariants: m == max(m_old, rowmax) exactly, 0 <= p <= 1, max_j p == 1 or
-//     alpha == 1; l vs an fp64 accumulation of the same p, 1 <= l <= #keys.
+//     alpha == 1; l vs an independent accumulation of the same p, 1 <= l <= #keys.
 //   Redundant softmax ("full"): exp2 formulation with its own polynomial,
 //     compared with the exp path within the error bound of both.
 //   Final normalisation: sum_d O_id vs (sum_d acc_id) / l.
