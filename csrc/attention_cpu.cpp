@@ -39,6 +39,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
@@ -191,30 +192,9 @@ static inline float corrupt(float x, int64_t bit, double value) {
 }
 
 // ---------------------------------------------------------------------------
-// Vectorised row kernels (one clone per ISA).
-
-// s = S * scale with causal mask (j > limit -> -inf); returns max over the row.
-FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __restrict s, int64_t n,
-                                          float scale, int64_t limit) {
-  float mx = -std::numeric_limits<float>::infinity();
-  int nan_seen = 0;
-  const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
-#pragma omp simd reduction(max : mx) reduction(| : nan_seen)
-  for (int64_t j = 0; j < visible; ++j) {
-    const float v = S[j] * scale;
-    s[j] = v;
-    mx = v > mx ? v : mx;
-    nan_seen |= (v != v);
-  }
-  for (int64_t j = visible; j < n; ++j) s[j] = -std::numeric_limits<float>::infinity();
-  // NaN in the row: max would skip it; make it visible to the checks.
-  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : mx;
-}
-
-// ---------------------------------------------------------------------------
-// The ABFT sums, written with explicit 16-lane vectors (GCC vector extensions,
-// lowered to whatever the clone's ISA has): fp32 partial sums of at most CHUNK
-// terms per lane, flushed into fp64 accumulators. Each partial sum is within
+// Vectorised row kernels (one clone per ISA), written with explicit 16-lane vectors
+// (GCC vector extensions, lowered to whatever the clone's ISA has). The ABFT sums are
+// fp32 partial sums of at most CHUNK terms per lane, flushed into fp64 accumulators. Each partial sum is within
 // gamma_CHUNK ~ CHUNK u of the exact one relative to the sum of magnitudes, and
 // the fp64 part adds nothing of note, so the bounds of the checks grow by CHUNK u
 // (vs fp64 throughout, which costs two conversions per vector and does not
@@ -243,12 +223,13 @@ FTATTN_VEC_INLINE double hsum(d8 x) {
 }
 }  // namespace vec
 
-// scale_mask_max plus the ABFT sums of the raw scores, from the same loads: the row
-// sum *rs = sum_j S_j and the column partial sums cs32[j] += S_j (fp32, flushed to
-// fp64 by flush_cols every ROW_CHUNK rows), over every column of the tile.
-FTATTN_CLONES static float scale_mask_max_sums(const float* __restrict S, float* __restrict s, int64_t n,
-                                               float scale, int64_t limit, double* __restrict rs,
-                                               float* __restrict cs32) {
+// s = S * scale with causal mask (j > limit -> -inf); returns max over the visible
+// keys (NaN if one is NaN). SUMS adds the ABFT sums of the raw scores, from the same
+// loads: the row sum *rs = sum_j S_j and the column partial sums cs32[j] += S_j (fp32,
+// flushed to fp64 by flush_cols every ROW_CHUNK rows), over every column of the tile.
+template <bool SUMS>
+FTATTN_VEC_INLINE float scale_mask_max_body(const float* __restrict S, float* __restrict s, int64_t n, float scale,
+                                            int64_t limit, double* __restrict rs, float* __restrict cs32) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -268,43 +249,61 @@ FTATTN_CLONES static float scale_mask_max_sums(const float* __restrict S, float*
       store(s + j, v);
       mxv = v > mxv ? v : mxv;
       nanv |= (v != v);
-      part += x;
-      store(cs32 + j, load(cs32 + j) + x);
+      if constexpr (SUMS) {
+        part += x;
+        store(cs32 + j, load(cs32 + j) + x);
+      }
     }
-    racc += widen_sum(part);
+    if constexpr (SUMS) racc += widen_sum(part);
   }
   for (; j < visible; ++j) {
     const float x = S[j], v = x * scale;
     s[j] = v;
     mx = v > mx ? v : mx;
     nan_seen |= (v != v);
-    rtail += static_cast<double>(x);
-    cs32[j] += x;
+    if constexpr (SUMS) {
+      rtail += static_cast<double>(x);
+      cs32[j] += x;
+    }
   }
   // masked keys: s = -inf, still in the sums (the references cover the whole tile)
   while (j + W <= n) {
     f16 part = f16{};
     for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
-      const f16 x = load(S + j);
       store(s + j, f16{} + NEG_INF);
-      part += x;
-      store(cs32 + j, load(cs32 + j) + x);
+      if constexpr (SUMS) {
+        const f16 x = load(S + j);
+        part += x;
+        store(cs32 + j, load(cs32 + j) + x);
+      }
     }
-    racc += widen_sum(part);
+    if constexpr (SUMS) racc += widen_sum(part);
   }
   for (; j < n; ++j) {
-    const float x = S[j];
     s[j] = NEG_INF;
-    rtail += static_cast<double>(x);
-    cs32[j] += x;
+    if constexpr (SUMS) {
+      rtail += static_cast<double>(S[j]);
+      cs32[j] += S[j];
+    }
   }
   for (int i = 0; i < W; ++i) {
     mx = mxv[i] > mx ? mxv[i] : mx;
     nan_seen |= nanv[i];
   }
-  *rs = hsum(racc) + rtail;
+  if constexpr (SUMS) *rs = hsum(racc) + rtail;
   // NaN in the row: max would skip it; make it visible to the checks.
   return nan_seen ? std::numeric_limits<float>::quiet_NaN() : mx;
+}
+
+FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __restrict s, int64_t n, float scale,
+                                          int64_t limit) {
+  return scale_mask_max_body<false>(S, s, n, scale, limit, nullptr, nullptr);
+}
+
+FTATTN_CLONES static float scale_mask_max_sums(const float* __restrict S, float* __restrict s, int64_t n,
+                                               float scale, int64_t limit, double* __restrict rs,
+                                               float* __restrict cs32) {
+  return scale_mask_max_body<true>(S, s, n, scale, limit, rs, cs32);
 }
 
 // true when some |cs_j - ref_j| > bound * knorm_j (or is NaN): the column check.
@@ -619,38 +618,27 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
 // ---------------------------------------------------------------------------
 // GEMMs on row-major fp32 blocks.
 
-// C[m x n] = A[m x k] * B[n x k]^T   (S = Q K^T)
-static void gemm_nt(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
-                    float* C, int64_t ldc) {
-  if (sgemm_ != nullptr) {
+// C[m x n] = A[m x k] * B[n x k]^T: S = Q K^T in fp32, and in fp64 the references
+// of the checksums. BLAS sgemm_ / dgemm_ where torch exports them, else at::mm.
+template <typename T>
+static void gemm_nt(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                    int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const bool have_blas = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+  if (have_blas) {
     // column-major view: C^T (n x m) = B (n x k) * A^T
     const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const float one = 1.f, zero = 0.f;
-    sgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
+    const T one = 1, zero = 0;
+    if constexpr (std::is_same_v<T, float>)
+      sgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
+    else
+      dgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
     return;
   }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor a = at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<float*>(B), {n, k}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  at::mm_out(c, a, b.t());
-}
-
-// fp64 C[m x n] = A[m x k] * B[n x k]^T: the references of the checksums.
-static void gemm_nt_d(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B, int64_t ldb,
-                      double* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (dgemm_ != nullptr) {
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const double one = 1.0, zero = 0.0;
-    dgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor a = at::from_blob(const_cast<double*>(A), {m, k}, {lda, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<double*>(B), {n, k}, {ldb, 1}, opts);
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts);
   at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
   at::mm_out(c, a, b.t());
 }
@@ -766,7 +754,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
   const float* K = P.k + (b * P.Hkv + hk) * M * D;
   const float* V = P.v + (b * P.Hkv + hk) * M * D;
   float* O = P.out + ((b * P.Hq + h) * N + r0) * D;
-  const bool abft = P.protection >= 1, full = P.protection >= 2;
+  const bool abft = P.protection >= 1;
   const int64_t shift = M - N;  // bottom-right causal alignment: key j visible iff j <= i + shift
   const int64_t kv_end = P.causal ? std::min<int64_t>(M, r1 + shift) : M;
   const bool hit = INJECT && f.active && f.batch == b && f.head == h && f.row >= r0 && f.row < r1;
@@ -807,8 +795,8 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       }
       w.qabs_norm[sb] = std::sqrt(qq);
     }
-    gemm_nt_d(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
-    gemm_nt_d(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
+    gemm_nt(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
+    gemm_nt(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
   }
   int64_t ntiles = 0;
   float* S = w.S.data();
