@@ -33,7 +33,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -471,29 +471,22 @@ def run(args) -> List[WorkloadResult]:
 # CLI
 
 
-def _workloads(text: str) -> List[str]:
-    names = [w.strip() for w in text.split(",") if w.strip()]
-    for w in names:
-        if w not in WORKLOADS:
-            raise argparse.ArgumentTypeError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
-    return names
+def _names(kind: str, known: Sequence[str]) -> Callable[[str], List[str]]:
+    """An argparse type: a comma-separated list of names, each one of ``known``."""
+
+    def parse(text: str) -> List[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        for n in names:
+            if n not in known:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {n!r}; choose from {', '.join(known)}")
+        return names
+
+    return parse
 
 
-def _configs(text: str) -> List[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    known = [c[0] for c in CONFIGS]
-    for c in names:
-        if c not in known:
-            raise argparse.ArgumentTypeError(f"unknown configuration {c!r}; choose from {', '.join(known)}")
-    return names
-
-
-def _formats(text: str) -> List[str]:
-    names = [f.strip() for f in text.split(",") if f.strip()]
-    for f in names:
-        if f not in FORMATS:
-            raise argparse.ArgumentTypeError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
-    return names
+_workloads = _names("workload", WORKLOADS)
+_configs = _names("configuration", [c[0] for c in CONFIGS])
+_formats = _names("format", FORMATS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
