@@ -8,7 +8,7 @@
 // row at a time (in L1) in 16-lane vector code, cloned per ISA (target_clones).
 //
 // Checks (FAULT_MODEL.md), all on fp32 values the kernel actually uses, compared
-// against an independent formulation (sums in fp32 partials of at most 8-16 terms
+// against an independent formulation (sums in fp32 partials of at most 32 terms
 // flushed to fp64), with thresholds that scale with the data:
 //   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j (fp64 reference),
 //     column sums per 64-row block vs (sum_i q_i) . k_j, which the QK^T GEMM makes
@@ -143,7 +143,7 @@ FTATTN_VEC_INLINE vec::f16 pow2_bits(vec::f16 t) {
 template <typename T>
 FTATTN_VEC_INLINE T exp_neg(T x) {
   const T lo = T{} - 88.0f;
-  x = lo > x ? lo : x;  // the form of a max instruction; NaN passes through
+  x = x < lo ? lo : x;  // NaN passes through
   const T t = x * LOG2E + ROUND_C;
   const T n = t - ROUND_C;
   T r = x - n * 0.693359375f;  // ln2, high part (exact product)
@@ -164,7 +164,7 @@ FTATTN_VEC_INLINE T exp_neg(T x) {
 template <typename T>
 FTATTN_VEC_INLINE T exp2_neg(T y) {
   const T lo = T{} - 127.0f;
-  y = lo > y ? lo : y;
+  y = y < lo ? lo : y;
   const T t = y + ROUND_C;
   const T f = y - (t - ROUND_C);
   T p = T{} + 1.535336188319500e-4f;
@@ -201,54 +201,103 @@ static inline float corrupt(float x, int64_t bit, double value) {
 // vectorise fused with fp32 work).
 namespace vec {
 constexpr int64_t W = 16;
-constexpr int64_t CHUNK = 8;       // vectors (per-lane terms) per fp32 partial sum
-constexpr int64_t ROW_CHUNK = 16;  // rows per fp32 partial column sum
+// vectors (per-lane terms) per fp32 partial sum: one partial per lane per row of a
+// tile, flushed to fp64 once per row (flushing every 8 cost ~5 instructions per
+// vector of the softmax loop)
+constexpr int64_t CHUNK = BLOCK_N / W;
+constexpr int64_t ROW_CHUNK = 32;  // rows per fp32 partial column sum
 FTATTN_VEC_INLINE f16 load(const float* p) {
   f16 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 FTATTN_VEC_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
+typedef float f4 __attribute__((vector_size(16)));
+typedef float f2 __attribute__((vector_size(8)));
+typedef double d4 __attribute__((vector_size(32)));
+typedef double d2 __attribute__((vector_size(16)));
+// the low and high halves of a vector
+template <typename H, typename V>
+FTATTN_VEC_INLINE void halves(V x, H& lo, H& hi) {
+  static_assert(2 * sizeof(H) == sizeof(V), "halves");
+  std::memcpy(&lo, &x, sizeof(H));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(H), sizeof(H));
+}
 // sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
 FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
   f8 a, b;
-  std::memcpy(&a, &x, sizeof(a));
-  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
+  halves(x, a, b);
   return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
 }
+// Horizontal reductions as trees of halves (a fixed order, so the same at every
+// protection level; 4 steps instead of 15 dependent scalar ones). hmax / hmin are
+// for lanes that hold no NaN.
 FTATTN_VEC_INLINE double hsum(d8 x) {
-  double s = 0.0;
-  for (int i = 0; i < 8; ++i) s += x[i];
-  return s;
+  d4 a, b;
+  halves(x, a, b);
+  d2 c, d;
+  halves(a + b, c, d);
+  const d2 e = c + d;
+  return e[0] + e[1];
+}
+FTATTN_VEC_INLINE float hsum(f16 x) {
+  f8 a, b;
+  halves(x, a, b);
+  f4 c, d;
+  halves(a + b, c, d);
+  f2 e, f;
+  halves(c + d, e, f);
+  const f2 g = e + f;
+  return g[0] + g[1];
+}
+FTATTN_VEC_INLINE float hmax(f16 x) {
+  f8 a, b;
+  halves(x, a, b);
+  f4 c, d;
+  halves(b > a ? b : a, c, d);
+  f2 e, f;
+  halves(d > c ? d : c, e, f);
+  const f2 g = f > e ? f : e;
+  return g[1] > g[0] ? g[1] : g[0];
+}
+FTATTN_VEC_INLINE float hmin(f16 x) {
+  f8 a, b;
+  halves(x, a, b);
+  f4 c, d;
+  halves(b < a ? b : a, c, d);
+  f2 e, f;
+  halves(d < c ? d : c, e, f);
+  const f2 g = f < e ? f : e;
+  return g[1] < g[0] ? g[1] : g[0];
 }
 }  // namespace vec
 
-// s = S * scale with causal mask (j > limit -> -inf); returns max over the visible
-// keys (NaN if one is NaN). SUMS adds the ABFT sums of the raw scores, from the same
-// loads: the row sum *rs = sum_j S_j and the column partial sums cs32[j] += S_j (fp32,
-// flushed to fp64 by flush_cols every ROW_CHUNK rows), over every column of the tile.
+// The maximum of the raw scores S_j over the visible keys (j <= limit). Scores
+// are scaled later, as (S_j - max) * scale, so the argmax gives exp(0) == 1 exactly
+// and no scaled copy of the row is stored (scale >= 0; the caller flips the sign of
+// q for a negative one). A NaN score does not enter the max (it makes its p NaN,
+// and so the row sum and the output); a row whose visible scores are all NaN
+// returns NaN, so that it cannot be taken for a row with no visible key. SUMS adds
+// the ABFT sums of the raw scores, from the same loads: the row sum
+// *rs = sum_j S_j and the column partial sums cs32[j] += S_j (fp32, flushed to fp64
+// by flush_cols every ROW_CHUNK rows), over every column of the tile.
 template <bool SUMS>
-FTATTN_VEC_INLINE float scale_mask_max_body(const float* __restrict S, float* __restrict s, int64_t n, float scale,
-                                            int64_t limit, double* __restrict rs, float* __restrict cs32) {
+FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
+                                     float* __restrict cs32) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   f16 mxv = f16{} + NEG_INF;
-  i16 nanv = i16{};
   d8 racc = d8{};
   double rtail = 0.0;
   float mx = NEG_INF;
-  int nan_seen = 0;
   int64_t j = 0;
   // whole vectors of visible keys, CHUNK at a time per partial sum
   while (j + W <= visible) {
     f16 part = f16{};
     for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
       const f16 x = load(S + j);
-      const f16 v = x * scale;
-      store(s + j, v);
-      mxv = v > mxv ? v : mxv;
-      nanv |= (v != v);
+      mxv = x > mxv ? x : mxv;
       if constexpr (SUMS) {
         part += x;
         store(cs32 + j, load(cs32 + j) + x);
@@ -257,53 +306,46 @@ FTATTN_VEC_INLINE float scale_mask_max_body(const float* __restrict S, float* __
     if constexpr (SUMS) racc += widen_sum(part);
   }
   for (; j < visible; ++j) {
-    const float x = S[j], v = x * scale;
-    s[j] = v;
-    mx = v > mx ? v : mx;
-    nan_seen |= (v != v);
+    const float x = S[j];
+    mx = x > mx ? x : mx;
     if constexpr (SUMS) {
       rtail += static_cast<double>(x);
       cs32[j] += x;
     }
   }
-  // masked keys: s = -inf, still in the sums (the references cover the whole tile)
-  while (j + W <= n) {
-    f16 part = f16{};
-    for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
-      store(s + j, f16{} + NEG_INF);
-      if constexpr (SUMS) {
+  // masked keys: still in the sums (the references cover the whole tile)
+  if constexpr (SUMS) {
+    while (j + W <= n) {
+      f16 part = f16{};
+      for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
         const f16 x = load(S + j);
         part += x;
         store(cs32 + j, load(cs32 + j) + x);
       }
+      racc += widen_sum(part);
     }
-    if constexpr (SUMS) racc += widen_sum(part);
-  }
-  for (; j < n; ++j) {
-    s[j] = NEG_INF;
-    if constexpr (SUMS) {
+    for (; j < n; ++j) {
       rtail += static_cast<double>(S[j]);
       cs32[j] += S[j];
     }
+    *rs = hsum(racc) + rtail;
   }
-  for (int i = 0; i < W; ++i) {
-    mx = mxv[i] > mx ? mxv[i] : mx;
-    nan_seen |= nanv[i];
+  const float vmx = hmax(mxv);  // (NaN never enters a lane)
+  mx = vmx > mx ? vmx : mx;
+  if (mx == NEG_INF) {  // rare: every visible score -inf or NaN
+    for (int64_t t = 0; t < visible; ++t)
+      if (S[t] != S[t]) return std::numeric_limits<float>::quiet_NaN();
   }
-  if constexpr (SUMS) *rs = hsum(racc) + rtail;
-  // NaN in the row: max would skip it; make it visible to the checks.
-  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : mx;
+  return mx;
 }
 
-FTATTN_CLONES static float scale_mask_max(const float* __restrict S, float* __restrict s, int64_t n, float scale,
-                                          int64_t limit) {
-  return scale_mask_max_body<false>(S, s, n, scale, limit, nullptr, nullptr);
+FTATTN_CLONES static float row_max(const float* __restrict S, int64_t n, int64_t limit) {
+  return row_max_body<false>(S, n, limit, nullptr, nullptr);
 }
 
-FTATTN_CLONES static float scale_mask_max_sums(const float* __restrict S, float* __restrict s, int64_t n,
-                                               float scale, int64_t limit, double* __restrict rs,
-                                               float* __restrict cs32) {
-  return scale_mask_max_body<true>(S, s, n, scale, limit, rs, cs32);
+FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
+                                        float* __restrict cs32) {
+  return row_max_body<true>(S, n, limit, rs, cs32);
 }
 
 // true when some |cs_j - ref_j| > bound * knorm_j (or is NaN): the column check.
@@ -352,25 +394,15 @@ struct RowStats {
   bool dmr_bad = false;
 };
 
-namespace vec {
-FTATTN_VEC_INLINE float hsum(f16 x) {  // fixed order: the same at every protection level
-  f8 a, b;
-  std::memcpy(&a, &x, sizeof(a));
-  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
-  const f8 s8 = a + b;
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += s8[i];
-  return s;
-}
-}  // namespace vec
-
-// One row of the online softmax, in place: p_j = exp(s_j - m) for the visible keys
-// (j <= limit), 0 for the masked ones, and its RowStats, in one pass with p in
-// registers. PROT 0 gives only psum; PROT >= 1 the statistics of the checks;
-// PROT 2 adds the redundant softmax, p2 = 2^(S * scale*log2e - m*log2e) from the
-// raw scores S, compared with p within the error bound of both formulations (masked
-// keys must have p == 0). Both arguments carry rounding errors of at most
-// u (3|s| + |m| + 2|x|) relative to p (x = s - m <= 0, |s| <= |m| + |x|), the
+// One row of the online softmax: p_j = exp((S_j - mr) * scale) for the visible keys
+// (j <= limit), 0 for the masked ones, written to p, and its RowStats, in one pass
+// with p in registers (mr: the running max of the raw scores, scale >= 0).
+// PROT 0 gives only psum; PROT >= 1 the statistics of the checks;
+// PROT 2 adds the redundant softmax, p2 = 2^(S * scale*log2e - mr*scale*log2e) from
+// the same raw scores, compared with p within the error bound of both formulations
+// (masked keys must have p == 0). With x = (S - mr) * scale <= 0 and m = mr * scale,
+// the argument of p carries at most 2u|x|, that of p2 u (|m| + 2.5|x|) (scale*log2e
+// and m*log2e rounded, the multiply-add), together below u (4|m| + 5|x|), and the
 // polynomials about 2 ulp each, so
 // |p - p2| <= u (16 + 4|m| + 5|x|) max(p, p2) <= u ((16 + 4|m|) max(p, p2) + 2),
 // since |x| e^x <= 1/e: one multiply-add per element instead of the exact bound;
@@ -381,14 +413,14 @@ FTATTN_VEC_INLINE float hsum(f16 x) {  // fixed order: the same at every protect
 // exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs.
 template <int PROT, bool INJECT, int NG>
 __attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
-                                                                   int64_t n, int64_t limit, float scale, float m,
+                                                                   int64_t n, int64_t limit, float scale, float mr,
                                                                    const float* __restrict a,
                                                                    const float* __restrict b, int64_t gs,
                                                                    const RowFault& fault, RowStats& st) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
-  const float scale2 = scale * LOG2E, m2 = m * LOG2E;
-  const float rel = 5.9604645e-08f * (16.f + 4.f * std::fabs(m)), abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
+  const float scale2 = scale * LOG2E, m2 = mr * scale2;
+  const float rel = 5.9604645e-08f * (16.f + 4.f * std::fabs(mr * scale)), abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
   const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
   f16 psum_v = f16{}, mx_v = f16{}, mn_v = f16{} + 1.f, viol_v = f16{};
   d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
@@ -398,7 +430,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     f16 sp = f16{}, ap[NG], bp[NG];
     for (int g = 0; g < NG; ++g) ap[g] = bp[g] = f16{};
     for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
-      f16 pv = exp_neg(load(p + j) - m);
+      const f16 sv = load(S + j);
+      f16 pv = exp_neg((sv - mr) * scale);
       if constexpr (INJECT) {
         if (fault.col >= j && fault.col < j + W) pv[fault.col - j] = corrupt(pv[fault.col - j], fault.bit, fault.value);
       }
@@ -414,7 +447,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
         }
       }
       if constexpr (PROT >= 2) {
-        const f16 p2 = exp2_neg(load(S + j) * scale2 - m2);
+        const f16 p2 = exp2_neg(sv * scale2 - m2);
         const f16 d = reinterpret_cast<f16>(reinterpret_cast<u16>(pv - p2) & 0x7fffffffu) - rel2 * p2;
         viol_v = d > viol_v ? d : viol_v;
       }
@@ -436,7 +469,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   const int64_t tail_end = INJECT ? n : visible;
   for (; j < tail_end; ++j) {
     const bool vis = j < visible;
-    float pj = vis ? exp_neg(p[j] - m) : 0.f;
+    float pj = vis ? exp_neg((S[j] - mr) * scale) : 0.f;
     if constexpr (INJECT) {
       if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
     }
@@ -468,12 +501,9 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   }
   st.psum = hsum(psum_v) + psum_t;
   if constexpr (PROT >= 1) {
-    for (int i = 0; i < W; ++i) {
-      mx = mx_v[i] > mx ? mx_v[i] : mx;
-      mn = mn_v[i] < mn ? mn_v[i] : mn;
-    }
-    st.pmax = mx;
-    st.pmin = mn;
+    const float vmx = hmax(mx_v), vmn = hmin(mn_v);  // (NaN never enters a lane)
+    st.pmax = vmx > mx ? vmx : mx;
+    st.pmin = vmn < mn ? vmn : mn;
     st.ws = vec::hsum(s_acc) + s_t;
     for (int g = 0; g < NG; ++g) {
       st.wa[g] = vec::hsum(a_acc[g]) + a_t[g];
@@ -481,7 +511,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     }
   }
   if constexpr (PROT >= 2) {
-    for (int i = 0; i < W; ++i) viol = viol_v[i] > viol ? viol_v[i] : viol;
+    const float vviol = hmax(viol_v);
+    viol = vviol > viol ? vviol : viol;
     // NaN in p or p2 passes the max; a NaN p makes the row sum non-finite, which
     // the probs-range check reports
     st.dmr_bad = !(viol <= abs_tol) || masked_bad;
@@ -862,12 +893,12 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         float mx;
         if (abft) {
           double rs;
-          mx = scale_mask_max_sums(Si, Pi, cols, P.scale, limit, &rs, w.cs32.data());
+          mx = row_max_sums(Si, cols, limit, &rs, w.cs32.data());
           if ((i - i0) % vec::ROW_CHUNK == vec::ROW_CHUNK - 1 || i == i1 - 1)
             flush_cols(w.cs32.data(), w.cs.data(), cols);
           if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld])) bad[sb] |= kRowChecksum;
         } else {
-          mx = scale_mask_max(Si, Pi, cols, P.scale, limit);
+          mx = row_max(Si, cols, limit);
         }
         float m_new = (mx != mx) ? mx : std::max(m_old, mx);
         if (in_tile && f.site == kRowmax && f.row == r0 + i) m_new = corrupt(m_new, f.bit, f.value);
@@ -875,9 +906,10 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         w.m[i] = m_new;
         if (abft && !(m_new == std::max(m_old, mx) && (m_new == NEG_INF || std::isfinite(m_new))))
           bad[sb] |= kRowmaxInvariant;
-        // no visible key yet: the row adds nothing (p == 0, alpha == 1)
+        // no visible key yet: the row adds nothing (p == 0, alpha == 1); the first
+        // visible one zeroes the (empty) history: alpha == 0, also at scale 0
         const bool empty = m_new == NEG_INF;
-        const float alpha = empty ? 1.f : exp_neg(m_old - m_new);
+        const float alpha = empty ? 1.f : m_old == NEG_INF ? 0.f : exp_neg((m_old - m_new) * P.scale);
         RowFault rf;
         const bool hit_p = in_tile && f.site == kProbs && f.row == r0 + i;
         if (hit_p) rf = RowFault{f.col - n0, f.bit, f.value};
@@ -1076,7 +1108,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   TORCH_CHECK(std::isfinite(scale), "ftattn.attention: scale must be finite, got ", scale);
   TORCH_CHECK(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,
               " must be 0 (off), 1 (abft) or 2 (full)");
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  // the kernel scales (S - max) and so needs scale >= 0: softmax(q k^T scale) ==
+  // softmax((-q) k^T |scale|)
+  const at::Tensor qf = scale < 0 ? q.to(at::kFloat).neg().contiguous() : q.to(at::kFloat).contiguous();
+  if (scale < 0) scale = -scale;
   const at::Tensor kf = k.to(at::kFloat).contiguous();
   const at::Tensor vf = v.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);

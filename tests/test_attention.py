@@ -70,6 +70,32 @@ def test_scale_and_non_causal_gqa(make_qkv, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [-0.45, 0.0, 1e-3], ids=["negative", "zero", "tiny"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_negative_and_zero_scale(make_qkv, backend, scale, causal):
+    # the C++ kernel scales (S - max) and so flips q for a negative scale; M = 600
+    # spans two key tiles, so the running max is rescaled (alpha) at scale 0 too
+    q, k, v = make_qkv(B=1, Hq=2, N=37, M=600, D=24, seed=11)
+    for prot in ("off", "abft", "full"):
+        out, rep = ftattn.attention(q, k, v, causal=causal, scale=scale, protection=prot, backend=backend,
+                                    return_report=True)
+        assert rep.detected == 0, f"false alarm at {prot}: {rep.failures()}"
+        assert_close_to_ref(out, q, k, v, causal, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("protection", ["off", "full"])
+def test_key_tile_of_nan_scores_gives_nan(make_qkv, backend, protection):
+    # every score of the first 512-key tile is NaN: the tile's max is no number, and
+    # the rows must come out NaN (as torch's), not as if those keys were masked
+    q, k, v = make_qkv(B=1, Hq=1, N=5, M=600, D=8, seed=3)
+    k[0, 0, :512] = float("nan")
+    out, rep = ftattn.attention(q, k, v, protection=protection, backend=backend, return_report=True)
+    assert out.isnan().all()
+    assert rep.detected == 0 and (protection == "off" or rep.nonfinite_input)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_visible_key_are_zero(make_qkv, backend):
     # causal with N > M: query i sees key j iff j <= i + (M - N); rows 0..2 see nothing
     q, k, v = make_qkv(N=5, M=2, D=8)
