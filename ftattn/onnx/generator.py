@@ -73,13 +73,54 @@ class _Row:
     last_token_time: float = 0.0
 
 
+class _StepRunner:
+    """The per-token calls on an IOBinding: rebind an input by address, run.
+
+    onnxruntime's Python wrappers build a device object for every bind and check
+    graph-capture state on every run, about 6 us a token (10% of a small model's decode
+    step on 2 cores). Given the C-level CPU device (``cpu_device``), this calls the
+    bindings underneath them (``IOBinding._iobinding``, ``InferenceSession._sess``),
+    else the public API.
+    """
+
+    @staticmethod
+    def cpu_device(direct: bool):
+        """onnxruntime's C-level CPU device, or None where not wanted or not there."""
+        if not direct:
+            return None
+        try:
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+            return OrtDevice.make("cpu", 0)._get_c_device()
+        except (ImportError, AttributeError, TypeError):
+            return None
+
+    def __init__(self, session, io, device=None):
+        self.session, self.io, self._device = session, io, device
+        self._c_io, self._c_session = getattr(io, "_iobinding", None), getattr(session, "_sess", None)
+        self.direct = device is not None and self._c_io is not None and self._c_session is not None
+
+    def bind_input(self, name: str, dtype, shape, address: int):
+        if self.direct:
+            self._c_io.bind_input(name, self._device, dtype, shape, address)
+        else:
+            self.io.bind_input(name, "cpu", 0, dtype, shape, address)
+
+    def run(self):
+        if self.direct:
+            self._c_session.run_with_iobinding(self._c_io, None)
+        else:
+            self.session.run_with_iobinding(self.io)
+
+
 class Generator:
     """A decoder session, its tokenizer and the model facts the loop needs.
 
     Build with ``Generator.from_pretrained(folder)``; see ``generate``.
     """
 
-    def __init__(self, session, spec: ModelSpec, tokenizer, shared_buffer: bool | None = None):
+    def __init__(self, session, spec: ModelSpec, tokenizer, shared_buffer: bool | None = None,
+                 direct_binding: bool = True):
         if shared_buffer and not spec.shared_buffer:
             raise ValueError(
                 f"shared_buffer=True: {spec.folder} does not use GroupQueryAttention, whose past and "
@@ -88,12 +129,16 @@ class Generator:
         self.spec = spec
         self.tokenizer = tokenizer
         self.shared_buffer = spec.shared_buffer if shared_buffer is None else bool(shared_buffer)
+        if not isinstance(direct_binding, bool):
+            raise TypeError(f"direct_binding={direct_binding!r}: must be True or False")
+        self.direct_binding = direct_binding
         vocab = session.get_outputs()[[o.name for o in session.get_outputs()].index(spec.logits_name)].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
 
     @classmethod
     def from_pretrained(cls, path: str, threads: int | None = None, providers: Sequence[str] | None = None,
-                        shared_buffer: bool | None = None, allow_spinning: bool = True) -> "Generator":
+                        shared_buffer: bool | None = None, allow_spinning: bool = True,
+                        direct_binding: bool = True) -> "Generator":
         """Load a model folder (decoder .onnx, tokenizer.json, genai_config.json or config.json).
 
         threads: intra-op threads (None: onnxruntime's default, one per core);
@@ -102,6 +147,9 @@ class Generator:
         allow_spinning=False stops idle onnxruntime threads from busy-waiting, which
         on a machine shared with other jobs raised int4 decode tokens/s from about
         45 to 78 (2 cores, load average 6; benchmarks/test_bench_generate.py).
+        direct_binding=False makes the per-token binds and runs go through
+        onnxruntime's public Python API only (True: its C bindings where present,
+        about 6 us a token less).
         """
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -127,7 +175,7 @@ class Generator:
         session = ort.InferenceSession(decoder_path, sess_options=options, providers=providers)
         spec = load_spec(path, decoder_path, session)
         tokenizer = Tokenizer.from_file(spec.tokenizer_path)
-        return cls(session, spec, tokenizer, shared_buffer=shared_buffer)
+        return cls(session, spec, tokenizer, shared_buffer=shared_buffer, direct_binding=direct_binding)
 
     # -- prompts ------------------------------------------------------------------
 
@@ -344,9 +392,11 @@ class Generator:
         if right and batch == 1:
             step_mask[:] = 1  # a single row attends to every position so far
 
-        def bind_step(io, total: int, step: int, bound: bool = False):
+        mask_address, positions_address = step_mask.ctypes.data, step_positions.ctypes.data
+
+        def bind_step(runner, total: int, step: int, bound: bool = False):
             """The decode inputs that change every step: attention mask, position ids
-            (bound: io already holds the position buffer, whose shape never changes)."""
+            (bound: the binding already holds the position buffer, whose shape never changes)."""
             if spec.attention_mask_name is not None:
                 if right:  # GQA reads each row's length from the row sum
                     if batch > 1:
@@ -357,13 +407,11 @@ class Generator:
                     step_mask[:total] = mask[0, :total]
                 else:
                     step_mask[:batch * total].reshape(batch, total)[:] = mask[:, :total]
-                io.bind_input(spec.attention_mask_name, "cpu", 0, step_mask.dtype, [batch, total],
-                              step_mask.ctypes.data)
+                runner.bind_input(spec.attention_mask_name, step_mask.dtype, [batch, total], mask_address)
             if spec.position_ids_name is not None:
                 np.add(lengths[:, None], step, out=step_positions, casting="unsafe")
                 if not bound:
-                    io.bind_input(spec.position_ids_name, "cpu", 0, step_positions.dtype, [batch, 1],
-                                  step_positions.ctypes.data)
+                    runner.bind_input(spec.position_ids_name, step_positions.dtype, [batch, 1], positions_address)
 
         def bind_prefill(io, total: int, prefill_positions):
             if spec.attention_mask_name is not None:
@@ -410,6 +458,7 @@ class Generator:
         active = [True] * batch
         n_active = batch
         shared_io = None
+        device = _StepRunner.cpu_device(self.direct_binding)
 
         for step in range(max_new_tokens):
             scores = logits[:, 0, :]
@@ -440,16 +489,17 @@ class Generator:
                 mask[:, total - 1] = 1
             if shared_io is not None:  # shared buffer: ids, KV and logits stay bound
                 bind_step(shared_io, total, step, bound=True)
-                self.session.run_with_iobinding(shared_io)
+                shared_io.run()
             else:
                 io = self.session.io_binding()
+                runner = _StepRunner(self.session, io, device)
                 bind_ids_and_past(io, next_ids_value)
-                bind_step(io, total, step)
+                bind_step(runner, total, step)
                 io.bind_ortvalue_output(spec.logits_name, step_logits_value)
                 bind_kv_outputs(io)
-                self.session.run_with_iobinding(io)
+                runner.run()
                 if self.shared_buffer:
-                    shared_io = io
+                    shared_io = runner
                 else:
                     past = io.get_outputs()[1:]
             logits = step_logits

@@ -28,6 +28,7 @@ NEW_TOKENS = 20
 KINDS = [
     pytest.param("exported", {}, id="exported"),
     pytest.param("builder", {"shared_buffer": True}, id="builder-shared"),
+    pytest.param("builder", {"shared_buffer": True, "direct_binding": False}, id="builder-shared-public-api"),
     pytest.param("builder", {"shared_buffer": False, "threads": 1}, id="builder-unshared-1thread"),
 ]
 
@@ -258,6 +259,33 @@ def test_threads_providers_and_spinning(exported):
     assert [r.token_ids for r in one.generate(PROMPTS, 8)] == [r.token_ids for r in default.generate(PROMPTS, 8)]
     with pytest.raises(TypeError, match="allow_spinning"):
         Generator.from_pretrained(exported, allow_spinning="no")
+
+
+def test_direct_binding_both_ways(exported, monkeypatch):
+    """The per-token binds and runs through onnxruntime's C bindings (default) and
+    through its public API give the same tokens; the installed onnxruntime has the
+    C bindings, so the default really takes them."""
+    from ftattn.onnx import generator as module
+
+    assert module._StepRunner.cpu_device(True) is not None and module._StepRunner.cpu_device(False) is None
+    used = []
+    real_run = module._StepRunner.run
+
+    def run(self):
+        used.append(self.direct)
+        return real_run(self)
+
+    monkeypatch.setattr(module._StepRunner, "run", run)
+    direct = Generator.from_pretrained(exported, threads=1)
+    public = Generator.from_pretrained(exported, threads=1, direct_binding=False)
+    assert direct.direct_binding and not public.direct_binding
+    tokens = [r.token_ids for r in direct.generate(PROMPTS, 8)]
+    assert used and all(used)
+    used.clear()
+    assert [r.token_ids for r in public.generate(PROMPTS, 8)] == tokens
+    assert used and not any(used)
+    with pytest.raises(TypeError, match="direct_binding"):
+        Generator.from_pretrained(exported, direct_binding=1)
 
 
 def test_token_id_prompts(generators):
