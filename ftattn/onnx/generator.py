@@ -303,11 +303,19 @@ class Generator:
                     stream=DecodeStream(ids=prompt[-_STREAM_PRIMING_TOKENS:], skip_special_tokens=True))
 
     def _accept(self, row: _Row, token: int, now: float, stop: tuple[str, ...], stream, eos: set[int]):
-        """Record one new token of a row: text, stop strings, EOS, streaming."""
+        """Record one new token of a row: its time, its text (when streaming or watching
+        for stop strings; else _flush decodes the tokens after the loop), EOS."""
         if not row.tokens:
             row.first_token_time = now
         row.last_token_time = now
         row.tokens.append(token)
+        if token in eos:
+            row.finish_reason = "eos"  # (a stop string the same token completes takes precedence)
+        if stream is not None or stop:
+            self._decode(row, token, stop, stream)
+
+    def _decode(self, row: _Row, token: int, stop: tuple[str, ...], stream):
+        """One token's text: the streaming decoder, stop strings, the text emitted."""
         piece = row.stream.step(self.tokenizer, token)
         if piece:
             row.pending += piece
@@ -318,8 +326,6 @@ class Generator:
             if cut >= 0:
                 row.pending = row.pending[:cut]
                 row.finish_reason = "stop"
-        if row.finish_reason is None and token in eos:
-            row.finish_reason = "eos"
         if row.finish_reason is not None or not stop:
             hold = 0
         else:
@@ -332,7 +338,13 @@ class Generator:
             if stream is not None:
                 stream(row.index, ready)
 
-    def _flush(self, row: _Row, stream):
+    def _flush(self, row: _Row, stream, stop: tuple[str, ...]):
+        if stream is None and not stop:
+            # the text was left for now: the same streaming decode, token by token, after
+            # the loop (between two decode steps the model's weights have pushed the
+            # tokenizer out of the caches: it cost more there than the decoding itself)
+            for token in row.tokens:
+                self._decode(row, token, stop, stream)
         if row.finish_reason != "stop" and row.tokens:
             # bytes the streaming decoder still holds (a character never completed, as a
             # random or cut-off model can leave) come out as the full decode writes them
@@ -504,4 +516,4 @@ class Generator:
                     past = io.get_outputs()[1:]
             logits = step_logits
         for row in rows:
-            self._flush(row, stream)
+            self._flush(row, stream, stop)

@@ -177,6 +177,8 @@ def test_streamed_pieces_join_to_text(generators, kind, options):
     for i, result in enumerate(results):
         assert "".join(pieces.get(i, [])) == result.text
         assert result.text == generator.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    # without a stream (or stop strings) the same decoder runs after the loop: same text
+    assert [r.text for r in generator.generate(PROMPTS, NEW_TOKENS)] == [r.text for r in results]
 
 
 def test_stream_waits_for_whole_multibyte_characters(generators):
@@ -188,10 +190,17 @@ def test_stream_waits_for_whole_multibyte_characters(generators):
     pieces = []
     for token in ids:
         generator._accept(row, token, 0.0, (), lambda i, piece: pieces.append(piece), set())
-    generator._flush(row, lambda i, piece: pieces.append(piece))
+    generator._flush(row, lambda i, piece: pieces.append(piece), ())
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert len(pieces) > 1
+    # no stream: the text is decoded at the end, to the same string
+    row = generator._new_row(0, generator.encode("x"))
+    for token in ids:
+        generator._accept(row, token, 0.0, (), None, set())
+    assert row.emitted == [] and row.pending == ""
+    generator._flush(row, None, ())
+    assert "".join(row.emitted) == text
 
 
 @pytest.mark.parametrize("kind,options", KINDS[:2])
