@@ -2,8 +2,8 @@
 
 Same model folder (random Llama-style models built here and converted by
 onnxruntime-genai's builder: GroupQueryAttention; a 58M-parameter one in fp32 and
-int4, and the tests' tiny one), same thread count, one prompt of 128 token ids, 128
-new tokens (greedy, EOS never stops). Decode tokens/s = 127 tokens after the first
+int4, and the tests' tiny one), same thread count, one prompt of 128 token ids (and
+of 768 in one more int4 case), 128 new tokens (greedy, EOS never stops). Decode tokens/s = 127 tokens after the first
 / the time after the first token, for all three. The three loops run in turn inside
 each round so that a shared machine's load hits them alike. Issue 5's targets: the
 harness at least as fast as genai and at least 2x the seed loop. Writes
@@ -42,7 +42,11 @@ MODEL_58M = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, n
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024)
 MODEL_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-CASES = {"tiny-fp32": (MODEL_TINY, "fp32"), "58M-fp32": (MODEL_58M, "fp32"), "58M-int4": (MODEL_58M, "int4")}
+# case: (model, precision, prompt tokens). Issue 5's shape is 128 + 128; the long-prompt
+# case shows where the seed loop's per-step copies of the whole KV cache (which grow with
+# the context) weigh against the model step.
+CASES = {"tiny-fp32": (MODEL_TINY, "fp32", PROMPT_TOKENS), "58M-fp32": (MODEL_58M, "fp32", PROMPT_TOKENS),
+         "58M-int4": (MODEL_58M, "int4", PROMPT_TOKENS), "58M-int4-prompt768": (MODEL_58M, "int4", 768)}
 
 _measured: dict = {}
 
@@ -87,8 +91,12 @@ def models(tmp_path_factory):
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai builds the benchmark model")
     root = tmp_path_factory.mktemp("bench_generate")
     hf_dirs = {"tiny": _build_hf(str(root / "hf_tiny"), MODEL_TINY), "58M": _build_hf(str(root / "hf_58M"), MODEL_58M)}
-    built = {case: _build_genai(hf_dirs[case.split("-")[0]], str(root / case), precision)
-             for case, (_, precision) in CASES.items()}
+    folders = {}  # one builder run per (model, precision)
+    for case, (_, precision, _) in CASES.items():
+        key = (case.split("-")[0], precision)
+        if key not in folders:
+            folders[key] = _build_genai(hf_dirs[key[0]], str(root / f"{key[0]}-{precision}"), precision)
+    built = {case: folders[(case.split("-")[0], precision)] for case, (_, precision, _) in CASES.items()}
     yield built
     _write_results(built)
 
@@ -148,7 +156,7 @@ def run_seed_loop(session, tokenizer, ids, layers, kv_heads, head_size):
     return generated, first - start, time.perf_counter() - first
 
 
-def _setup(folder, model):
+def _setup(folder, model, prompt_tokens):
     """The three loops on one model folder, each a () -> (tokens, TTFT s, decode s)."""
     import onnxruntime as ort
     import onnxruntime_genai as og
@@ -167,7 +175,7 @@ def _setup(folder, model):
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    ids = np.random.default_rng(0).integers(3, model["vocab_size"], PROMPT_TOKENS).tolist()
+    ids = np.random.default_rng(0).integers(3, model["vocab_size"], prompt_tokens).tolist()
     head_size = model["hidden_size"] // model["num_attention_heads"]
     return {
         "ftattn": lambda: run_ftattn(generator, ids),
@@ -182,7 +190,7 @@ def _setup(folder, model):
 def test_bench_generate(benchmark, models, case):
     """One round runs the loops in turn (rotating who goes first), so that the load
     of a shared machine falls on all three alike; medians over the rounds."""
-    loops = _setup(models[case], CASES[case][0])
+    loops = _setup(models[case], CASES[case][0], CASES[case][2])
     names = list(loops)
     runs = {name: [] for name in names}
     rotation = [0]
@@ -245,12 +253,13 @@ def _write_results(built):
         genai_version = None
     cases = {}
     for case, entry in _measured.items():
-        model, precision = CASES[case]
+        model, precision, prompt_tokens = CASES[case]
         folder = built[case]
         cases[case] = {
             "model": dict(model, parameters=_parameters(model), precision=precision,
                           bytes=sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                                     if f.startswith("model.onnx"))),
+            "prompt_tokens": prompt_tokens,
             **entry,
         }
     record = {
@@ -264,7 +273,7 @@ def _write_results(built):
         "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": genai_version,
                      "numpy": np.__version__, "tokenizers": tokenizers.__version__,
                      "transformers": transformers.__version__},
-        "threads": THREADS, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": ROUNDS,
+        "threads": THREADS, "new_tokens": NEW_TOKENS, "rounds": ROUNDS,
         "cases": cases,
     }
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
