@@ -15,7 +15,9 @@ time even when it stopped early. This loop instead:
 - picks tokens with an argmax (greedy) or a top-k partition (sampling), see
   ``sampling.py``;
 - decodes incrementally with the tokenizer's streaming decoder, so a multi-byte
-  character split across tokens is emitted once it is whole;
+  character split across tokens is emitted once it is whole (token by token while
+  streaming or watching for stop strings, else the same way after the loop);
+- binds and runs each decode step through onnxruntime's C bindings where present;
 - stops each prompt on any EOS id or stop string, and counts decode tokens/s over
   the tokens actually made.
 """
