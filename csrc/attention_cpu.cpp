@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1158,9 +1159,17 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     // where waking the pool costs more than the work (and spins under load)
     const int64_t block_flops = 4 * std::min<int64_t>(N, BLOCK_M) * std::max<int64_t>(M, 1) * D;
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(block_flops, 1));
-    at::parallel_for(0, B * Hq * ntile_m, grain, [&](int64_t begin, int64_t end) {
+    // Tiles are handed out one at a time from a shared counter, not as one static
+    // range per thread: on a machine shared with other jobs a thread that loses its
+    // core for a while leaves its tiles to the others instead of holding up the call
+    // (each tile is computed independently, so the result does not depend on which
+    // thread takes it).
+    const int64_t ntasks = B * Hq * ntile_m;
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), (ntasks + grain - 1) / grain);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
       Scratch w(D, M, protection >= 1);
-      for (int64_t idx = begin; idx < end; ++idx) {
+      for (int64_t idx = next.fetch_add(1); idx < ntasks; idx = next.fetch_add(1)) {
         const int64_t tile = idx % ntile_m, bh = idx / ntile_m;
         process_tile(P, w, recompute, bh / Hq, bh % Hq, tile, f);
       }
