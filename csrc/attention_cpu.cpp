@@ -234,44 +234,44 @@ FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
 // Horizontal reductions as trees of halves (a fixed order, so the same at every
 // protection level; 4 steps instead of 15 dependent scalar ones). hmax / hmin are
 // for lanes that hold no NaN.
-FTATTN_VEC_INLINE double hsum(d8 x) {
-  d4 a, b;
-  halves(x, a, b);
-  d2 c, d;
-  halves(a + b, c, d);
-  const d2 e = c + d;
-  return e[0] + e[1];
+template <typename V>
+struct Half;
+template <>
+struct Half<f16> { using type = f8; };
+template <>
+struct Half<f8> { using type = f4; };
+template <>
+struct Half<f4> { using type = f2; };
+template <>
+struct Half<d8> { using type = d4; };
+template <>
+struct Half<d4> { using type = d2; };
+struct Add {
+  template <typename T>
+  __attribute__((always_inline)) T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+  template <typename T>
+  __attribute__((always_inline)) T operator()(T a, T b) const { return b > a ? b : a; }
+};
+struct Min {
+  template <typename T>
+  __attribute__((always_inline)) T operator()(T a, T b) const { return b < a ? b : a; }
+};
+template <typename Op, typename V>
+FTATTN_VEC_INLINE auto tree(V x, Op op) {
+  if constexpr (sizeof(V) == 2 * sizeof(x[0])) {
+    return op(x[0], x[1]);
+  } else {
+    typename Half<V>::type lo, hi;
+    halves(x, lo, hi);
+    return tree(op(lo, hi), op);
+  }
 }
-FTATTN_VEC_INLINE float hsum(f16 x) {
-  f8 a, b;
-  halves(x, a, b);
-  f4 c, d;
-  halves(a + b, c, d);
-  f2 e, f;
-  halves(c + d, e, f);
-  const f2 g = e + f;
-  return g[0] + g[1];
-}
-FTATTN_VEC_INLINE float hmax(f16 x) {
-  f8 a, b;
-  halves(x, a, b);
-  f4 c, d;
-  halves(b > a ? b : a, c, d);
-  f2 e, f;
-  halves(d > c ? d : c, e, f);
-  const f2 g = f > e ? f : e;
-  return g[1] > g[0] ? g[1] : g[0];
-}
-FTATTN_VEC_INLINE float hmin(f16 x) {
-  f8 a, b;
-  halves(x, a, b);
-  f4 c, d;
-  halves(b < a ? b : a, c, d);
-  f2 e, f;
-  halves(d < c ? d : c, e, f);
-  const f2 g = f < e ? f : e;
-  return g[1] < g[0] ? g[1] : g[0];
-}
+FTATTN_VEC_INLINE double hsum(d8 x) { return tree(x, Add{}); }
+FTATTN_VEC_INLINE float hsum(f16 x) { return tree(x, Add{}); }
+FTATTN_VEC_INLINE float hmax(f16 x) { return tree(x, Max{}); }
+FTATTN_VEC_INLINE float hmin(f16 x) { return tree(x, Min{}); }
 }  // namespace vec
 
 // The maximum of the raw scores S_j over the visible keys (j <= limit). Scores
