@@ -617,34 +617,72 @@ FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
 }
 
 // For n keys and values: ks += sum_j k_j, ka += sum_j |k_j| (fp64, [D]), and per key
-// knorm_j = ||k_j||_2 and, per group g of PV_GROUP head dims, vsum[g * gs + j] =
-// sum_{d in g} v_jd and vabs[g * gs + j] = sum_{d in g} |v_jd| (rounded to fp32).
+// knorm_j >= ||k_j||_2 and, per group g of PV_GROUP head dims, vsum[g * gs + j] =
+// sum_{d in g} v_jd and vabs[g * gs + j] = sum_{d in g} |v_jd|, in 16-lane fp32
+// vector code (for decoding, where each key serves one query row, these sums were
+// the largest part of a call in fp64). ks and ka: fp32 partials of KV_CHUNK keys per
+// dim, flushed to fp64 (within KV_CHUNK u of the exact sums relative to ka, which the
+// row check's bound adds). vsum and vabs: at most 5 terms per lane (a group is 4
+// whole vectors and a zero-padded tail) and a tree of 4 levels, so within 9 u of the
+// exact sums relative to vabs (the PV bound adds 10 u). knorm: the fp32 square root of
+// an fp32 sum of squares, within about 12 + D / 16 u, raised by 2^-15 to stay above
+// the true norm it scales a bound with.
+constexpr int64_t KV_CHUNK = 8;
 FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
                                          double* __restrict ks, double* __restrict ka, double* __restrict knorm,
                                          float* __restrict vsum, float* __restrict vabs, int64_t gs) {
+  using namespace vec;
+  alignas(64) float ks32[256 + W], ka32[256 + W], tail[W];
+  const int64_t Dv = (D / W) * W;  // dims in whole vectors
+  std::fill(ks32, ks32 + D, 0.f);
+  std::fill(ka32, ka32 + D, 0.f);
+  const u16 abs_mask = u16{} + 0x7fffffffu;
+  auto vabsf = [&](f16 x) __attribute__((always_inline)) {
+    return reinterpret_cast<f16>(reinterpret_cast<u16>(x) & abs_mask);
+  };
   for (int64_t j = 0; j < n; ++j) {
     const float* kj = K + j * D;
     const float* vj = V + j * D;
-    double kk = 0.0;
-#pragma omp simd reduction(+ : kk)
-    for (int64_t d = 0; d < D; ++d) {
-      const double x = static_cast<double>(kj[d]);
-      ks[d] += x;
-      ka[d] += std::fabs(x);
-      kk += x * x;
+    f16 sq = f16{};
+    float sq_t = 0.f;
+    for (int64_t d = 0; d < Dv; d += W) {
+      const f16 x = load(kj + d);
+      store(ks32 + d, load(ks32 + d) + x);
+      store(ka32 + d, load(ka32 + d) + vabsf(x));
+      sq += x * x;
     }
-    knorm[j] = std::sqrt(kk);
+    for (int64_t d = Dv; d < D; ++d) {
+      const float x = kj[d];
+      ks32[d] += x;
+      ka32[d] += std::fabs(x);
+      sq_t += x * x;
+    }
+    knorm[j] = static_cast<double>(std::sqrt(hsum(sq) + sq_t)) * (1.0 + 0x1p-15);
+    if ((j + 1) % KV_CHUNK == 0 || j == n - 1) {
+      for (int64_t d = 0; d < D; ++d) {
+        ks[d] += static_cast<double>(ks32[d]);
+        ka[d] += static_cast<double>(ka32[d]);
+        ks32[d] = ka32[d] = 0.f;
+      }
+    }
     for (int64_t g = 0, d0 = 0; d0 < D; ++g, d0 += PV_GROUP) {
       const int64_t d1 = std::min<int64_t>(D, d0 + PV_GROUP);
-      double vs = 0.0, va = 0.0;
-#pragma omp simd reduction(+ : vs, va)
-      for (int64_t d = d0; d < d1; ++d) {
-        const double y = static_cast<double>(vj[d]);
+      f16 vs = f16{}, va = f16{};
+      int64_t d = d0;
+      for (; d + W <= d1; d += W) {
+        const f16 y = load(vj + d);
         vs += y;
-        va += std::fabs(y);
+        va += vabsf(y);
       }
-      vsum[g * gs + j] = static_cast<float>(vs);
-      vabs[g * gs + j] = static_cast<float>(va);
+      if (d < d1) {
+        std::fill(tail, tail + W, 0.f);
+        std::copy(vj + d, vj + d1, tail);
+        const f16 y = load(tail);
+        vs += y;
+        va += vabsf(y);
+      }
+      vsum[g * gs + j] = hsum(vs);
+      vabs[g * gs + j] = hsum(va);
     }
   }
 }
@@ -722,6 +760,9 @@ struct Problem {
   const float* vabs;
   // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound)
   const double* knorm;
+  // the key sums above made per tile inside run_block instead, while the tile is in
+  // cache (one query tile per head: nothing to share across query tiles)
+  bool inline_sums;
 };
 
 // 64-byte aligned storage: MKL's sgemm may take a different path (and round
@@ -755,6 +796,10 @@ struct Scratch {
   // fp64 bookkeeping of the checks (protection >= abft)
   std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, cutref, cutmag, kcut, kcut_abs, qd, qad, qabs_norm;
   std::vector<float> cs32;
+  // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
+  // per-group sums of v_j and |v_j| at group stride BLOCK_N
+  std::vector<double> tile_ks, tile_ka, tile_knorm;
+  std::vector<float> tile_vsum, tile_vabs;
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB) * D), S((BLOCK_M + NSUB) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
@@ -772,6 +817,11 @@ struct Scratch {
     qabs_norm.resize(NSUB);
     cs.resize(BLOCK_N);
     cs32.resize(BLOCK_N);
+    tile_ks.resize(D);
+    tile_ka.resize(D);
+    tile_knorm.resize(BLOCK_N);
+    tile_vsum.resize(MAX_GROUPS * BLOCK_N);
+    tile_vabs.resize(MAX_GROUPS * BLOCK_N);
   }
 };
 
@@ -812,7 +862,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
-    widen_abs(Q, rows * D, w.qd.data(), w.qad.data());
+    if (!P.inline_sums) widen_abs(Q, rows * D, w.qd.data(), w.qad.data());
     // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to
     // fp32) as an extra row of Qx, and || sum_i |q_i| ||_2 for the bound
     std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
@@ -829,8 +879,10 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       }
       w.qabs_norm[sb] = std::sqrt(qq);
     }
-    gemm_nt(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
-    gemm_nt(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
+    if (!P.inline_sums) {
+      gemm_nt(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
+      gemm_nt(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
+    }
   }
   int64_t ntiles = 0;
   float* S = w.S.data();
@@ -843,8 +895,9 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
   // (sum_i |q_i|) . |k_j| <= || sum_i |q_i| ||_2 ||k_j||_2.
   const double col_factor =
       (KAPPA * sqrtD + std::min(KAPPA * sqrtD, static_cast<double>(D)) + 4.0 + vec::ROW_CHUNK) * U32;
-  // row sums: the noise of S and the fp32 partial sums of CHUNK terms
-  const double row_factor = (KAPPA * sqrtD + 1.0 + vec::CHUNK) * U32;
+  // row sums: the noise of S, the fp32 partial sums of CHUNK terms, and those of
+  // KV_CHUNK keys in the per-tile key sums of the reference
+  const double row_factor = (KAPPA * sqrtD + 1.0 + vec::CHUNK + KV_CHUNK) * U32;
 
   for (int64_t n0 = 0; n0 < std::max<int64_t>(kv_end, 0); n0 += BLOCK_N) {
     const int64_t cols = std::min<int64_t>(BLOCK_N, kv_end - n0);
@@ -863,7 +916,26 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     const double* ref = w.rowref.data() + n0 / BLOCK_N;  // stride ntiles_all
     const double* mag = w.rowmag.data() + n0 / BLOCK_N;
     int64_t ld = ntiles_all;
-    if (abft && cols != std::min<int64_t>(BLOCK_N, M - n0)) {
+    const double* knorm = abft ? P.knorm + (b * P.Hkv + hk) * M + n0 : nullptr;
+    const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
+    const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
+    int64_t gs = M;  // group stride of vsum, vabs
+    if (abft && P.inline_sums) {
+      // this tile's key sums (over its visible keys: the causal cut included) and
+      // the row references from them
+      std::fill(w.tile_ks.begin(), w.tile_ks.end(), 0.0);
+      std::fill(w.tile_ka.begin(), w.tile_ka.end(), 0.0);
+      key_value_sums(K + n0 * D, V + n0 * D, cols, D, w.tile_ks.data(), w.tile_ka.data(), w.tile_knorm.data(),
+                     w.tile_vsum.data(), w.tile_vabs.data(), BLOCK_N);
+      dots_d(Q, rows, D, w.tile_ks.data(), w.tile_ka.data(), 1, 1, w.cutref.data(), w.cutmag.data());
+      ref = w.cutref.data();
+      mag = w.cutmag.data();
+      ld = 1;
+      knorm = w.tile_knorm.data();
+      vsum = w.tile_vsum.data();
+      vabs = w.tile_vabs.data();
+      gs = BLOCK_N;
+    } else if (abft && cols != std::min<int64_t>(BLOCK_N, M - n0)) {
       // the one tile of this block cut by the causal limit: sums over its first cols keys
       std::fill(w.kcut.begin(), w.kcut.end(), 0.0);
       std::fill(w.kcut_abs.begin(), w.kcut_abs.end(), 0.0);
@@ -876,9 +948,6 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       mag = w.cutmag.data();
       ld = 1;
     }
-    const double* knorm = abft ? P.knorm + (b * P.Hkv + hk) * M + n0 : nullptr;
-    const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;  // group stride M
-    const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
     const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups);
     // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
     // ABFT sums; the online softmax with its checks; the normaliser ----
@@ -918,7 +987,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         if (hit_p) rf = RowFault{f.col - n0, f.bit, f.value};
         RowStats st;
         (hit_p ? softmax_row_fn(P.protection, true, P.groups) : row_fn)(Si, Pi, cols, empty ? -1 : limit, P.scale,
-                                                                        m_new, vsum, vabs, M, rf, st);
+                                                                        m_new, vsum, vabs, gs, rf, st);
         memory_barrier();
         const float psum = st.psum;
         float l_new = alpha * w.l[i] + psum;
@@ -961,9 +1030,9 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
 
   // ---- final normalisation and the end-of-row checks ----
   // PV checksum: kappa sqrt(depth) of random rounding in acc, plus the fp32 partials
-  // of c (CHUNK terms) and the fp32 rounding of the per-key sums of V;
+  // of c (CHUNK terms), the fp32 per-key sums of V (9 u) and their products (1 u);
   // l: worst-case fp32 summation of l itself, plus the partials of l2
-  const double pv_factor = (KAPPA * std::sqrt(static_cast<double>(BLOCK_N + 2 * ntiles)) + 2.0 + vec::CHUNK) * U32;
+  const double pv_factor = (KAPPA * std::sqrt(static_cast<double>(BLOCK_N + 2 * ntiles)) + 10.0 + vec::CHUNK) * U32;
   const double depth_l = static_cast<double>(BLOCK_N + 2 * ntiles + 9 + vec::CHUNK);
   for (int64_t i = 0; i < rows; ++i) {
     float* Oi = O + i * D;
@@ -1152,7 +1221,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);
   KvSums sums;
-  if (protection >= 1 && M > 0) precompute_sums(P, sums);
+  P.inline_sums = ntile_m == 1;
+  if (protection >= 1 && M > 0 && !P.inline_sums) precompute_sums(P, sums);
 
   if (N > 0) {
     // at least ~4 MFLOP per task: small (decode-sized) calls stay on one thread,
