@@ -2,10 +2,12 @@
 //
 // Algorithm: flash-attention forward (Dao et al. 2022, online softmax) tiled
 // BLOCK_M = 256 query rows x BLOCK_N = 512 keys, parallel over batch x head x
-// query tile, no N x M score matrix (extra memory O(M D) for fp32 copies of
-// non-fp32 inputs and the per-key sums of the checks). The two products run on the BLAS
-// sgemm that torch links (MKL on x86); the element-wise work walks the tile one
-// row at a time (in L1) in 16-lane vector code, cloned per ISA (target_clones).
+// query tile (handed out from a shared counter), no N x M score matrix (extra
+// memory O(M D) for fp32 copies of non-fp32 inputs and the per-key sums of the
+// checks; those sums are made per key tile inside the block when a head has one
+// query tile, as in decoding). The two products run on the BLAS sgemm that torch
+// links (MKL on x86); the element-wise work walks the tile one row at a time (in L1)
+// in 16-lane vector code, cloned per ISA (target_clones).
 //
 // Checks (FAULT_MODEL.md), all on fp32 values the kernel actually uses, compared
 // against an independent formulation (sums in fp32 partials of at most 32 terms
