@@ -18,7 +18,8 @@ Providers (one setup factory each, ``make_<provider>(case) -> callable``):
 
 Grids: on CUDA the seed's shapes plus N=16384, causal, bf16, D=64, GQA and a decode
 case (N=1 query against M up to 32k keys); on CPU a small grid (fp32 and bf16, H=8,
-D=64 / 128, N = 256..2048, GQA, decode N=1 vs M up to 32k) that runs in a few minutes.
+D=64 / 128, N = 256..2048, GQA, decode N=1 vs M up to 32k, GQA and MHA) that runs in a few
+minutes.
 A grid whose device is missing is skipped, with the reason.
 
 Figures, in every benchmark's ``extra_info``: median ms, TFLOP/s with
@@ -106,6 +107,7 @@ def _cpu_grid():
     cases += [Case("cpu", fp32, 1, 8, 2, 1024, 1024, 64, True, "fp32 B=1 H=8 Hkv=2 D=64 causal (GQA)")]
     cases += [Case("cpu", fp32, 4, 8, 2, 1, m, 128, False, "decode fp32 B=4 H=8 Hkv=2 D=128 N=1", "M")
               for m in (1024, 4096, 32768)]
+    cases += [Case("cpu", fp32, 4, 8, 8, 1, 4096, 128, False, "decode fp32 B=4 H=8 D=128 N=1 (MHA)", "M")]
     return cases
 
 
