@@ -95,6 +95,23 @@ def test_key_tile_of_nan_scores_gives_nan(make_qkv, backend, protection):
     assert rep.detected == 0 and (protection == "off" or rep.nonfinite_input)
 
 
+def test_cpp_result_does_not_depend_on_threads(make_qkv):
+    # query tiles go to whichever thread asks next: the output and flags must not
+    # depend on the thread count or on which thread took a tile
+    q, k, v = make_qkv(B=2, Hq=3, Hkv=3, N=600, M=611, D=40, seed=21)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.ftattn.attention_fwd(q, k, v, True, 0.2, 2, True, None, None))
+    finally:
+        torch.set_num_threads(threads)
+    for out, flags in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(flags, results[0][1])
+    assert not results[0][1].any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_visible_key_are_zero(make_qkv, backend):
     # causal with N > M: query i sees key j iff j <= i + (M - N); rows 0..2 see nothing
