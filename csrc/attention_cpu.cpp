@@ -42,7 +42,6 @@
 #include <limits>
 #include <memory>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
@@ -59,9 +58,6 @@ extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
 namespace ftattn {
@@ -359,16 +355,6 @@ FTATTN_CLONES static bool col_check_fails(const double* __restrict cs, const flo
 #pragma omp simd reduction(| : bad)
   for (int64_t j = 0; j < n; ++j) bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= bound * knorm[j]);
   return bad != 0;
-}
-
-// xd = x and xad = |x| in fp64.
-FTATTN_CLONES static void widen_abs(const float* __restrict x, int64_t n, double* __restrict xd,
-                                    double* __restrict xad) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    xd[i] = static_cast<double>(x[i]);
-    xad[i] = std::fabs(xd[i]);
-  }
 }
 
 // cs[j] += cs32[j] in fp64, cs32[j] = 0: ends a ROW_CHUNK of rows of column sums.
@@ -692,27 +678,22 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
 // ---------------------------------------------------------------------------
 // GEMMs on row-major fp32 blocks.
 
-// C[m x n] = A[m x k] * B[n x k]^T: S = Q K^T in fp32, and in fp64 the references
-// of the checksums. BLAS sgemm_ / dgemm_ where torch exports them, else at::mm.
-template <typename T>
-static void gemm_nt(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                    int64_t ldc) {
+// C[m x n] = A[m x k] * B[n x k]^T (S = Q K^T). BLAS sgemm_ where torch exports it,
+// else at::mm.
+static void gemm_nt(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    float* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  const bool have_blas = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
-  if (have_blas) {
+  if (sgemm_ != nullptr) {
     // column-major view: C^T (n x m) = B (n x k) * A^T
     const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const T one = 1, zero = 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
-    else
-      dgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
+    const float one = 1, zero = 0;
+    sgemm_("T", "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &zero, C, &lc);
     return;
   }
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<float*>(B), {n, k}, {ldb, 1}, opts);
   at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
   at::mm_out(c, a, b.t());
 }
@@ -796,7 +777,7 @@ struct Scratch {
   std::vector<float, Aligned64<float>> Qx, S, P, acc;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, cutref, cutmag, kcut, kcut_abs, qd, qad, qabs_norm;
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, cutref, cutmag, kcut, kcut_abs, qabs_norm;
   std::vector<float> cs32;
   // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
   // per-group sums of v_j and |v_j| at group stride BLOCK_N
@@ -809,10 +790,8 @@ struct Scratch {
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
     for (auto* v : {&l2, &cutref, &cutmag}) v->resize(BLOCK_M);
     for (auto* v : {&c, &bv}) v->resize(BLOCK_M * MAX_GROUPS);  // [row, group]
-    qd.resize(BLOCK_M * D);
     kcut.resize(D);
     kcut_abs.resize(D);
-    qad.resize(BLOCK_M * D);
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     for (auto* v : {&qsum, &qabs}) v->resize(NSUB * D);
@@ -864,7 +843,6 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
-    if (!P.inline_sums) widen_abs(Q, rows * D, w.qd.data(), w.qad.data());
     // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to
     // fp32) as an extra row of Qx, and || sum_i |q_i| ||_2 for the bound
     std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
@@ -881,10 +859,8 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
       }
       w.qabs_norm[sb] = std::sqrt(qq);
     }
-    if (!P.inline_sums) {
-      gemm_nt(rows, nt, D, w.qd.data(), D, P.ksum + base * D, D, w.rowref.data(), ntiles_all);
-      gemm_nt(rows, nt, D, w.qad.data(), D, P.kabs + base * D, D, w.rowmag.data(), ntiles_all);
-    }
+    if (!P.inline_sums)
+      dots_d(Q, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
   }
   int64_t ntiles = 0;
   float* S = w.S.data();
