@@ -212,6 +212,7 @@ FTATTN_VEC_INLINE f16 load(const float* p) {
   return v;
 }
 FTATTN_VEC_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
+FTATTN_VEC_INLINE f16 abs(f16 x) { return reinterpret_cast<f16>(reinterpret_cast<u16>(x) & 0x7fffffffu); }
 typedef float f4 __attribute__((vector_size(16)));
 typedef float f2 __attribute__((vector_size(8)));
 typedef double d4 __attribute__((vector_size(32)));
@@ -439,7 +440,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       }
       if constexpr (PROT >= 2) {
         const f16 p2 = exp2_neg(sv * scale2 - m2);
-        const f16 d = reinterpret_cast<f16>(reinterpret_cast<u16>(pv - p2) & 0x7fffffffu) - rel2 * p2;
+        const f16 d = vec::abs(pv - p2) - rel2 * p2;
         viol_v = d > viol_v ? d : viol_v;
       }
     }
@@ -624,10 +625,6 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
   const int64_t Dv = (D / W) * W;  // dims in whole vectors
   std::fill(ks32, ks32 + D, 0.f);
   std::fill(ka32, ka32 + D, 0.f);
-  const u16 abs_mask = u16{} + 0x7fffffffu;
-  auto vabsf = [&](f16 x) __attribute__((always_inline)) {
-    return reinterpret_cast<f16>(reinterpret_cast<u16>(x) & abs_mask);
-  };
   for (int64_t j = 0; j < n; ++j) {
     const float* kj = K + j * D;
     const float* vj = V + j * D;
@@ -636,7 +633,7 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
     for (int64_t d = 0; d < Dv; d += W) {
       const f16 x = load(kj + d);
       store(ks32 + d, load(ks32 + d) + x);
-      store(ka32 + d, load(ka32 + d) + vabsf(x));
+      store(ka32 + d, load(ka32 + d) + vec::abs(x));
       sq += x * x;
     }
     for (int64_t d = Dv; d < D; ++d) {
@@ -660,14 +657,14 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
       for (; d + W <= d1; d += W) {
         const f16 y = load(vj + d);
         vs += y;
-        va += vabsf(y);
+        va += vec::abs(y);
       }
       if (d < d1) {
         std::fill(tail, tail + W, 0.f);
         std::copy(vj + d, vj + d1, tail);
         const f16 y = load(tail);
         vs += y;
-        va += vabsf(y);
+        va += vec::abs(y);
       }
       vsum[g * gs + j] = hsum(vs);
       vabs[g * gs + j] = hsum(va);
@@ -777,7 +774,7 @@ struct Scratch {
   std::vector<float, Aligned64<float>> Qx, S, P, acc;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, cutref, cutmag, kcut, kcut_abs, qabs_norm;
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, tileref, tilemag, qabs_norm;
   std::vector<float> cs32;
   // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
   // per-group sums of v_j and |v_j| at group stride BLOCK_N
@@ -788,10 +785,8 @@ struct Scratch {
         l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
-    for (auto* v : {&l2, &cutref, &cutmag}) v->resize(BLOCK_M);
+    for (auto* v : {&l2, &tileref, &tilemag}) v->resize(BLOCK_M);
     for (auto* v : {&c, &bv}) v->resize(BLOCK_M * MAX_GROUPS);  // [row, group]
-    kcut.resize(D);
-    kcut_abs.resize(D);
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     for (auto* v : {&qsum, &qabs}) v->resize(NSUB * D);
@@ -898,33 +893,23 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
     const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
     int64_t gs = M;  // group stride of vsum, vabs
-    if (abft && P.inline_sums) {
-      // this tile's key sums (over its visible keys: the causal cut included) and
-      // the row references from them
+    if (abft && (P.inline_sums || cols != std::min<int64_t>(BLOCK_N, M - n0))) {
+      // this tile's key sums over its visible keys and the row references from them:
+      // every tile when the sums are made per tile, else the one tile of this block
+      // cut by the causal limit (per key, knorm and the sums of v are those of the
+      // per-call sums; the sums over keys cover only its first cols keys)
       std::fill(w.tile_ks.begin(), w.tile_ks.end(), 0.0);
       std::fill(w.tile_ka.begin(), w.tile_ka.end(), 0.0);
       key_value_sums(K + n0 * D, V + n0 * D, cols, D, w.tile_ks.data(), w.tile_ka.data(), w.tile_knorm.data(),
                      w.tile_vsum.data(), w.tile_vabs.data(), BLOCK_N);
-      dots_d(Q, rows, D, w.tile_ks.data(), w.tile_ka.data(), 1, 1, w.cutref.data(), w.cutmag.data());
-      ref = w.cutref.data();
-      mag = w.cutmag.data();
+      dots_d(Q, rows, D, w.tile_ks.data(), w.tile_ka.data(), 1, 1, w.tileref.data(), w.tilemag.data());
+      ref = w.tileref.data();
+      mag = w.tilemag.data();
       ld = 1;
       knorm = w.tile_knorm.data();
       vsum = w.tile_vsum.data();
       vabs = w.tile_vabs.data();
       gs = BLOCK_N;
-    } else if (abft && cols != std::min<int64_t>(BLOCK_N, M - n0)) {
-      // the one tile of this block cut by the causal limit: sums over its first cols keys
-      std::fill(w.kcut.begin(), w.kcut.end(), 0.0);
-      std::fill(w.kcut_abs.begin(), w.kcut_abs.end(), 0.0);
-      for (int64_t j = n0; j < n0 + cols; ++j) {
-        add_d(w.kcut.data(), K + j * D, D);
-        add_abs_d(w.kcut_abs.data(), K + j * D, D);
-      }
-      dots_d(Q, rows, D, w.kcut.data(), w.kcut_abs.data(), 1, 1, w.cutref.data(), w.cutmag.data());
-      ref = w.cutref.data();
-      mag = w.cutmag.data();
-      ld = 1;
     }
     const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups);
     // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
