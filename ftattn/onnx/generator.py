@@ -9,7 +9,9 @@ time even when it stopped early. This loop instead:
   the next step's past as OrtValues (IO binding), never copied to numpy; for
   GroupQueryAttention models past and present are one preallocated buffer that
   GQA updates in place, sized to this request (longest prompt + max_new_tokens),
-  not to the model's context length;
+  not to the model's context length; its decode attention mask has the buffer's
+  width too (zeros past each row's length, as genai binds it for static buffers), so
+  nothing is rebound between two steps of one request;
 - writes each decode step's logits into one preallocated array bound as the
   output, and reads the next input ids from another;
 - picks tokens with an argmax (greedy) or a top-k partition (sampling), see
@@ -405,13 +407,26 @@ class Generator:
         step_positions = np.zeros((batch, 1), dtype=spec.input_ids_dtype)
         if right and batch == 1:
             step_mask[:] = 1  # a single row attends to every position so far
+        # shared buffer: the decode mask keeps the buffer's width (batch, capacity), zeros past
+        # each row's length, as onnxruntime-genai's static-buffer mode binds it: GQA takes the
+        # row lengths from the row sums, so the mask is bound once and gains a 1 per row a step
+        static_mask = self.shared_buffer and spec.attention_mask_name is not None
+        row_index = np.arange(batch)
+        mask_cells = memoryview(mask).cast("B").cast(mask.dtype.char)  # flat; a cheap store for one row
 
         mask_address, positions_address = step_mask.ctypes.data, step_positions.ctypes.data
 
         def bind_step(runner, total: int, step: int, bound: bool = False):
             """The decode inputs that change every step: attention mask, position ids
-            (bound: the binding already holds the position buffer, whose shape never changes)."""
-            if spec.attention_mask_name is not None:
+            (bound: the binding already holds the mask and position buffers)."""
+            if static_mask:
+                if batch == 1:
+                    mask_cells[total - 1] = 1
+                else:
+                    mask[row_index, lengths + step] = 1
+                if not bound:
+                    runner.bind_input(spec.attention_mask_name, mask.dtype, [batch, capacity], mask.ctypes.data)
+            elif spec.attention_mask_name is not None:
                 if right:  # GQA reads each row's length from the row sum
                     if batch > 1:
                         view = step_mask[:batch * total].reshape(batch, total)
@@ -459,7 +474,7 @@ class Generator:
         outputs = io.get_outputs()
         prefill_logits = outputs[0].numpy()
         last = (lengths - 1) if right else np.full(batch, width - 1)
-        logits = prefill_logits[np.arange(batch), last][:, None, :]  # (batch, 1, vocab)
+        logits = prefill_logits[np.arange(batch), last]  # (batch, vocab)
         if not self.shared_buffer:
             past = outputs[1:]
         del io, outputs, prefill_logits
@@ -469,13 +484,17 @@ class Generator:
         next_ids_value = ort.OrtValue.ortvalue_from_numpy(next_ids)
         step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=spec.logits_dtype)
         step_logits_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
+        step_scores = step_logits[:, 0, :]
+        # one-element stores through memoryviews: a numpy item assignment costs several times
+        # more between two model steps, when the interpreter's own data is out of the caches
+        ids_cells = memoryview(next_ids).cast("B").cast(next_ids.dtype.char)
         active = [True] * batch
         n_active = batch
         shared_io = None
         device = _StepRunner.cpu_device(self.direct_binding)
 
         for step in range(max_new_tokens):
-            scores = logits[:, 0, :]
+            scores = logits
             if seen is not None:
                 scores = apply_repetition_penalty(scores.astype(np.float32, copy=True), seen, config.repetition_penalty)
             if config.do_sample:
@@ -497,7 +516,8 @@ class Generator:
             if n_active == 0 or step == max_new_tokens - 1:
                 break
             # -- one decode step: the new token of every row (pads for finished ones)
-            next_ids[:, 0] = chosen
+            for b, token in enumerate(chosen):
+                ids_cells[b] = token
             total = width + step + 1
             if not right:
                 mask[:, total - 1] = 1
@@ -516,6 +536,6 @@ class Generator:
                     shared_io = runner
                 else:
                     past = io.get_outputs()[1:]
-            logits = step_logits
+            logits = step_scores
         for row in rows:
             self._flush(row, stream, stop)

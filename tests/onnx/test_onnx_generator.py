@@ -297,6 +297,33 @@ def test_direct_binding_both_ways(exported, monkeypatch):
         Generator.from_pretrained(exported, direct_binding=1)
 
 
+@pytest.mark.parametrize("shared_buffer", [True, False])
+def test_decode_mask_binds(generators, hf_model, hf_tokenizer, monkeypatch, shared_buffer):
+    """With the shared buffer the decode mask has the buffer's width and is bound once
+    (each step writes one 1 per row into it); without, a mask of the step's width is
+    bound every step. Same tokens as transformers both ways, single and padded batch."""
+    from ftattn.onnx import generator as module
+
+    generator = generators("builder", shared_buffer=shared_buffer)
+    binds = []
+    real_bind = module._StepRunner.bind_input
+
+    def bind_input(self, name, dtype, shape, address):
+        binds.append((name, tuple(shape)))
+        return real_bind(self, name, dtype, shape, address)
+
+    monkeypatch.setattr(module._StepRunner, "bind_input", bind_input)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        binds.clear()
+        results = generator.generate(prompts, NEW_TOKENS)
+        assert [r.token_ids for r in results] == hf_generate(hf_model, hf_tokenizer, prompts, NEW_TOKENS)
+        width = max(len(r.prompt_token_ids) for r in results)
+        if shared_buffer:
+            assert binds == [("attention_mask", (len(prompts), width + NEW_TOKENS))]
+        else:
+            assert binds == [("attention_mask", (len(prompts), width + step)) for step in range(1, NEW_TOKENS)]
+
+
 def test_token_id_prompts(generators):
     generator = generators("exported")
     ids = generator.encode(PROMPTS[0])
