@@ -86,6 +86,12 @@ constexpr int32_t kCheckMask = 0xFF;
 constexpr int64_t BLOCK_M = 256;
 constexpr int64_t SUB_M = 64;
 constexpr int64_t NSUB = BLOCK_M / SUB_M;
+// Grouped-query attention with few query rows (decode): the query heads of one key
+// head are stacked into one block, up to MAX_STACK heads of N <= SUB_M rows each, so
+// that each K and V tile is read once for all of them; each head's rows are then
+// one sub-block of the checks and flags. Sub-blocks per block: at most NSUB_MAX.
+constexpr int64_t MAX_STACK = 16;
+constexpr int64_t NSUB_MAX = NSUB > MAX_STACK ? NSUB : MAX_STACK;
 // Keys per tile: 512 (as torch's CPU flash attention); the element-wise work walks S
 // and P one row (2 KiB) at a time, so it runs from L1.
 constexpr int64_t BLOCK_N = 512;
@@ -767,7 +773,7 @@ struct Aligned64 {
 };
 
 struct Scratch {
-  // S has NSUB rows beyond the tile's: the GEMM that makes S also makes the
+  // S has NSUB_MAX rows beyond the tile's: the GEMM that makes S also makes the
   // column-checksum references (sum_i q_i) . k_j of each 64-row sub-block, from the
   // sub-block sums appended to the query rows in Qx (zeros at protection off, so
   // every level runs the same GEMM shape and rounds S the same way).
@@ -781,7 +787,7 @@ struct Scratch {
   std::vector<double> tile_ks, tile_ka, tile_knorm;
   std::vector<float> tile_vsum, tile_vabs;
   Scratch(int64_t D, int64_t M, bool abft)
-      : Qx((BLOCK_M + NSUB) * D), S((BLOCK_M + NSUB) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
+      : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
@@ -789,8 +795,8 @@ struct Scratch {
     for (auto* v : {&c, &bv}) v->resize(BLOCK_M * MAX_GROUPS);  // [row, group]
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
-    for (auto* v : {&qsum, &qabs}) v->resize(NSUB * D);
-    qabs_norm.resize(NSUB);
+    for (auto* v : {&qsum, &qabs}) v->resize(NSUB_MAX * D);
+    qabs_norm.resize(NSUB_MAX);
     cs.resize(BLOCK_N);
     cs32.resize(BLOCK_N);
     tile_ks.resize(D);
@@ -801,28 +807,47 @@ struct Scratch {
   }
 };
 
-// One query tile (b, h, rows r0..r1) through every visible key tile; writes the
-// tile's output rows and the failed-check bits of each 64-row sub-block to bad[].
-// INJECT compiles the fault sites in (false in production).
+// The query rows of one block: rows r0..r1 of the heads h0..h0+hs-1 of batch b,
+// which share one key head. hs > 1 only with r0 = 0 and r1 = N <= SUB_M (whole heads,
+// stacked: contiguous in q and out); then each head is a sub-block, else sub-blocks
+// are SUB_M rows.
+struct Block {
+  int64_t b, h0, hs, r0, r1;
+  int64_t per_head() const { return r1 - r0; }
+  int64_t rows() const { return hs * (r1 - r0); }
+  int64_t sub_rows() const { return hs > 1 ? r1 - r0 : SUB_M; }
+  int64_t nsub() const { return (rows() + sub_rows() - 1) / sub_rows(); }
+  // the head and first row (in that head) of sub-block sb
+  int64_t head_of(int64_t sb) const { return h0 + sb * sub_rows() / per_head(); }
+  int64_t row_of(int64_t sb) const { return r0 + sb * sub_rows() % per_head(); }
+  bool holds(int64_t batch, int64_t head, int64_t row) const {
+    return batch == b && head >= h0 && head < h0 + hs && row >= r0 && row < r1;
+  }
+};
+
+// One block through every visible key tile; writes its output rows and the
+// failed-check bits of each sub-block to bad[]. INJECT compiles the fault sites in
+// (false in production).
 template <bool INJECT>
-void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, int64_t r1, const FaultSpec& f,
-               int32_t* bad) {
+void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& f, int32_t* bad) {
   const int64_t D = P.D, M = P.M, N = P.N;
-  const int64_t rows = r1 - r0;
-  const int64_t hk = h / (P.Hq / P.Hkv);
-  const float* Q = P.q + ((b * P.Hq + h) * N + r0) * D;
+  const int64_t b = blk.b, r0 = blk.r0, r1 = blk.r1;
+  const int64_t rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
+  const int64_t hk = blk.h0 / (P.Hq / P.Hkv);
+  const float* Q = P.q + ((b * P.Hq + blk.h0) * N + r0) * D;
   const float* K = P.k + (b * P.Hkv + hk) * M * D;
   const float* V = P.v + (b * P.Hkv + hk) * M * D;
-  float* O = P.out + ((b * P.Hq + h) * N + r0) * D;
+  float* O = P.out + ((b * P.Hq + blk.h0) * N + r0) * D;
   const bool abft = P.protection >= 1;
   const int64_t shift = M - N;  // bottom-right causal alignment: key j visible iff j <= i + shift
   const int64_t kv_end = P.causal ? std::min<int64_t>(M, r1 + shift) : M;
-  const bool hit = INJECT && f.active && f.batch == b && f.head == h && f.row >= r0 && f.row < r1;
+  const bool hit = INJECT && f.active && blk.holds(f.batch, f.head, f.row);
+  const int64_t fi = hit ? (f.head - blk.h0) * per_head + f.row - r0 : -1;  // the fault's row in the block
   const int64_t ntiles_all = (M + BLOCK_N - 1) / BLOCK_N;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   const double sqrtD = std::sqrt(static_cast<double>(D));
-  const int64_t nsub = (rows + SUB_M - 1) / SUB_M;
-  for (int64_t sb = 0; sb < NSUB; ++sb) bad[sb] = 0;
+  const int64_t nsub = blk.nsub();
+  for (int64_t sb = 0; sb < NSUB_MAX; ++sb) bad[sb] = 0;
 
   std::fill(w.m.begin(), w.m.begin() + rows, NEG_INF);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
@@ -840,11 +865,11 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
     // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to
     // fp32) as an extra row of Qx, and || sum_i |q_i| ||_2 for the bound
-    std::fill(w.qsum.begin(), w.qsum.end(), 0.0);
-    std::fill(w.qabs.begin(), w.qabs.end(), 0.0);
+    std::fill(w.qsum.begin(), w.qsum.begin() + nsub * D, 0.0);
+    std::fill(w.qabs.begin(), w.qabs.begin() + nsub * D, 0.0);
     for (int64_t i = 0; i < rows; ++i) {
-      add_d(w.qsum.data() + (i / SUB_M) * D, Q + i * D, D);
-      add_abs_d(w.qabs.data() + (i / SUB_M) * D, Q + i * D, D);
+      add_d(w.qsum.data() + (i / sub_rows) * D, Q + i * D, D);
+      add_abs_d(w.qabs.data() + (i / sub_rows) * D, Q + i * D, D);
     }
     for (int64_t sb = 0; sb < nsub; ++sb) {
       double qq = 0.0;
@@ -879,7 +904,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
     gemm_nt(rows + nsub, cols, D, Qx, D, K + n0 * D, D, S, BLOCK_N);
     if (in_tile && f.site == kScores) {
-      float& x = S[(f.row - r0) * BLOCK_N + (f.col - n0)];
+      float& x = S[fi * BLOCK_N + (f.col - n0)];
       x = corrupt(x, f.bit, f.value);
     }
     memory_barrier();
@@ -915,13 +940,14 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
     // ABFT sums; the online softmax with its checks; the normaliser ----
     for (int64_t sb = 0; sb < nsub; ++sb) {
-      const int64_t i0 = sb * SUB_M, i1 = std::min<int64_t>(rows, i0 + SUB_M);
+      const int64_t i0 = sb * sub_rows, i1 = std::min<int64_t>(rows, i0 + sub_rows);
       if (abft) {
         std::fill(w.cs.begin(), w.cs.begin() + cols, 0.0);
         std::fill(w.cs32.begin(), w.cs32.begin() + cols, 0.f);
       }
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t limit = P.causal ? (r0 + i + shift - n0) : cols - 1;  // last visible key of the tile
+        // last visible key of the tile
+        const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
         const float* Si = S + i * BLOCK_N;
         float* Pi = Pm + i * BLOCK_N;
         const float m_old = w.m[i];
@@ -936,7 +962,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
           mx = row_max(Si, cols, limit);
         }
         float m_new = (mx != mx) ? mx : std::max(m_old, mx);
-        if (in_tile && f.site == kRowmax && f.row == r0 + i) m_new = corrupt(m_new, f.bit, f.value);
+        if (in_tile && f.site == kRowmax && fi == i) m_new = corrupt(m_new, f.bit, f.value);
         opaque(m_new);
         w.m[i] = m_new;
         if (abft && !(m_new == std::max(m_old, mx) && (m_new == NEG_INF || std::isfinite(m_new))))
@@ -946,7 +972,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         const bool empty = m_new == NEG_INF;
         const float alpha = empty ? 1.f : m_old == NEG_INF ? 0.f : exp_neg((m_old - m_new) * P.scale);
         RowFault rf;
-        const bool hit_p = in_tile && f.site == kProbs && f.row == r0 + i;
+        const bool hit_p = in_tile && f.site == kProbs && fi == i;
         if (hit_p) rf = RowFault{f.col - n0, f.bit, f.value};
         RowStats st;
         (hit_p ? softmax_row_fn(P.protection, true, P.groups) : row_fn)(Si, Pi, cols, empty ? -1 : limit, P.scale,
@@ -954,7 +980,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         memory_barrier();
         const float psum = st.psum;
         float l_new = alpha * w.l[i] + psum;
-        if (in_tile && f.site == kRowsum && f.row == r0 + i) l_new = corrupt(l_new, f.bit, f.value);
+        if (in_tile && f.site == kRowsum && fi == i) l_new = corrupt(l_new, f.bit, f.value);
         opaque(l_new);
         w.l[i] = l_new;
         if (abft) {
@@ -985,7 +1011,7 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     // ---- acc += P V in fp32 ----
     gemm_nn_acc(rows, D, cols, Pm, BLOCK_N, V + n0 * D, D, w.acc.data(), D);
     if (in_tile && f.site == kAcc) {
-      float& x = w.acc[(f.row - r0) * D + f.dim];
+      float& x = w.acc[fi * D + f.dim];
       x = corrupt(x, f.bit, f.value);
     }
     memory_barrier();
@@ -1001,13 +1027,14 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
     float* Oi = O + i * D;
     const float* Ai = w.acc.data() + i * D;
     const float l = w.l[i];
-    const int64_t visible = P.causal ? std::min<int64_t>(M, std::max<int64_t>(r0 + i + shift + 1, 0)) : M;
+    const int64_t visible =
+        P.causal ? std::min<int64_t>(M, std::max<int64_t>(r0 + i % per_head + shift + 1, 0)) : M;
     if (visible == 0) {  // no key to attend to: zeros, by definition
       std::fill(Oi, Oi + D, 0.f);
-      if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+      if (hit && f.site == kOutput && fi == i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
       memory_barrier();
-      if (abft && !all_finite(Oi, D)) bad[i / SUB_M] |= kOutputCheck;
-      if (abft && sum_abs_d(Oi, D) != 0.0) bad[i / SUB_M] |= kOutputCheck;
+      if (abft && !all_finite(Oi, D)) bad[i / sub_rows] |= kOutputCheck;
+      if (abft && sum_abs_d(Oi, D) != 0.0) bad[i / sub_rows] |= kOutputCheck;
       continue;
     }
     double acc_sum = 0.0;
@@ -1019,20 +1046,20 @@ void run_block(const Problem& P, Scratch& w, int64_t b, int64_t h, int64_t r0, i
         acc_sum += part;
         pv_bad |= !(std::fabs(part - w.c[i * MAX_GROUPS + g]) <= pv_factor * w.bv[i * MAX_GROUPS + g]);
       }
-      if (pv_bad) bad[i / SUB_M] |= kPvChecksum;
+      if (pv_bad) bad[i / sub_rows] |= kPvChecksum;
       const double l2 = w.l2[i];
       if (!(std::fabs(static_cast<double>(l) - l2) <= depth_l * U32 * l2) ||
           !(l2 >= 1.0 - depth_l * U32 && l2 <= static_cast<double>(visible) * (1.0 + depth_l * U32)))
-        bad[i / SUB_M] |= kRowsumInvariant;
+        bad[i / sub_rows] |= kRowsumInvariant;
     }
     for (int64_t d = 0; d < D; ++d) Oi[d] = Ai[d] / l;
-    if (hit && f.site == kOutput && f.row == r0 + i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+    if (hit && f.site == kOutput && fi == i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
     memory_barrier();
     if (abft) {
       // each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
       const double osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);
       const double ref = acc_sum / static_cast<double>(l);
-      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300) || !std::isfinite(oabs)) bad[i / SUB_M] |= kOutputCheck;
+      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300) || !std::isfinite(oabs)) bad[i / sub_rows] |= kOutputCheck;
     }
   }
 }
@@ -1051,33 +1078,31 @@ bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int
 // First pass, then, per 64-row sub-block with a failed check: non-finite input is
 // reported as such; anything else makes the tile recompute once (a transient fault
 // does not repeat) and the sub-block is CORRECTED or, if it fails again, UNCORRECTED.
-void process_tile(const Problem& P, Scratch& w, bool recompute, int64_t b, int64_t h, int64_t tile,
-                  const FaultSpec& f) {
-  const int64_t r0 = tile * BLOCK_M, r1 = std::min<int64_t>(P.N, r0 + BLOCK_M);
-  const int64_t nsub = (r1 - r0 + SUB_M - 1) / SUB_M;
-  const bool targeted = f.active && f.batch == b && f.head == h && f.row >= r0 && f.row < r1;
-  int32_t bits[NSUB], again[NSUB];
+void process_block(const Problem& P, Scratch& w, bool recompute, const Block& blk, const FaultSpec& f) {
+  const int64_t nsub = blk.nsub();
+  const bool targeted = f.active && blk.holds(f.batch, f.head, f.row);
+  int32_t bits[NSUB_MAX], again[NSUB_MAX];
   if (targeted)
-    run_block<true>(P, w, b, h, r0, r1, f, bits);
+    run_block<true>(P, w, blk, f, bits);
   else
-    run_block<false>(P, w, b, h, r0, r1, f, bits);
+    run_block<false>(P, w, blk, f, bits);
   bool redo = false;
   for (int64_t sb = 0; sb < nsub; ++sb) {
     if (!(bits[sb] & kCheckMask)) continue;
-    const int64_t s0 = r0 + sb * SUB_M, s1 = std::min<int64_t>(r1, s0 + SUB_M);
-    if (!block_inputs_finite(P, b, h, s0, s1, r1))
+    const int64_t s0 = blk.row_of(sb), s1 = std::min<int64_t>(blk.r1, s0 + blk.sub_rows());
+    if (!block_inputs_finite(P, blk.b, blk.head_of(sb), s0, s1, blk.r1))
       bits[sb] |= kNonfiniteInput;
     else
       redo = true;
   }
   if (redo && recompute) {
-    run_block<false>(P, w, b, h, r0, r1, f, again);
+    run_block<false>(P, w, blk, f, again);
     for (int64_t sb = 0; sb < nsub; ++sb)
       if ((bits[sb] & kCheckMask) && !(bits[sb] & kNonfiniteInput))
         bits[sb] |= (again[sb] & kCheckMask) ? kUncorrected : kCorrected;
   }
-  int32_t* flags = P.flags + (b * P.Hq + h) * P.nblk + r0 / SUB_M;
-  for (int64_t sb = 0; sb < nsub; ++sb) flags[sb] = bits[sb];
+  for (int64_t sb = 0; sb < nsub; ++sb)
+    P.flags[(blk.b * P.Hq + blk.head_of(sb)) * P.nblk + blk.row_of(sb) / SUB_M] = bits[sb];
 }
 
 // Per-call sums over K and V shared by every query block (protection >= abft).
@@ -1183,32 +1208,40 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);
+  // the query heads of a key head: stacked into blocks of `stack` heads when each has
+  // at most SUB_M rows, in `chunks` blocks per key head (per query tile)
+  const int64_t group = Hq / Hkv;
+  const int64_t stack = N >= 1 && N <= SUB_M ? std::min({group, MAX_STACK, BLOCK_M / N}) : 1;
+  const int64_t chunks = (group + stack - 1) / stack;
   KvSums sums;
-  // per tile in the block when each head has one query tile and at most two query
-  // heads share a key head (decode, B4 H8 D128 at M 4096 / 32768: Hkv 8 full 19.5 ->
-  // 10.5 / 155 -> 94 ms, Hkv 4 12.0 -> 12.0 / 111 -> 75 ms; with 4 sharing, making
-  // the sums once per key head was faster: 4.6 vs 5.7 / 82 vs 85 ms)
-  P.inline_sums = ntile_m == 1 && Hq <= 2 * Hkv;
+  // per tile in the block when a key head has at most two blocks (decode, B4 H8 D128
+  // at M 4096 / 32768, unstacked: Hkv 8 full 19.5 -> 10.5 / 155 -> 94 ms, Hkv 4 12.0
+  // -> 12.0 / 111 -> 75 ms; with 4 blocks sharing, making the sums once per key head
+  // was faster: 4.6 vs 5.7 / 82 vs 85 ms)
+  P.inline_sums = ntile_m == 1 && chunks <= 2;
   if (protection >= 1 && M > 0 && !P.inline_sums) precompute_sums(P, sums);
 
   if (N > 0) {
     // at least ~4 MFLOP per task: small (decode-sized) calls stay on one thread,
     // where waking the pool costs more than the work (and spins under load)
-    const int64_t block_flops = 4 * std::min<int64_t>(N, BLOCK_M) * std::max<int64_t>(M, 1) * D;
+    const int64_t block_flops = 4 * std::min<int64_t>(stack * N, BLOCK_M) * std::max<int64_t>(M, 1) * D;
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(block_flops, 1));
     // Tiles are handed out one at a time from a shared counter, not as one static
     // range per thread: on a machine shared with other jobs a thread that loses its
     // core for a while leaves its tiles to the others instead of holding up the call
     // (each tile is computed independently, so the result does not depend on which
     // thread takes it).
-    const int64_t ntasks = B * Hq * ntile_m;
+    const int64_t ntasks = B * Hkv * chunks * ntile_m;
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), (ntasks + grain - 1) / grain);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
       Scratch w(D, M, protection >= 1);
       for (int64_t idx = next.fetch_add(1); idx < ntasks; idx = next.fetch_add(1)) {
-        const int64_t tile = idx % ntile_m, bh = idx / ntile_m;
-        process_tile(P, w, recompute, bh / Hq, bh % Hq, tile, f);
+        const int64_t tile = idx % ntile_m, chunk = idx / ntile_m % chunks, bk = idx / ntile_m / chunks;
+        const int64_t h0 = bk % Hkv * group + chunk * stack;
+        const int64_t r0 = tile * BLOCK_M;
+        process_block(P, w, recompute, Block{bk / Hkv, h0, std::min(stack, group - chunk * stack), r0,
+                                             std::min<int64_t>(N, r0 + BLOCK_M)}, f);
       }
     });
   }

@@ -9,6 +9,7 @@ import torch
 
 import ftattn
 from ftattn import Check, Fault, FaultDetectedError
+from ftattn.faults import CHECK_MASK
 from attention_reference import attention_ref
 
 BACKENDS = ["cpp", "reference"]
@@ -360,6 +361,56 @@ def test_flags_name_only_the_struck_64_row_block(make_qkv, site):
     flagged = ((rep.flags & 0xFF) != 0).nonzero().tolist()
     assert flagged == [[0, 1, 3]], rep.failures()
     assert rep.corrected == 1 and torch.equal(out, clean)
+
+
+# ---------------------------------------------------------------------------
+# grouped-query attention with few query rows: the C++ kernel stacks the query heads
+# of a key head into one block (each head one sub-block of the checks)
+
+# (Hq, Hkv, N, M): 4 heads a block; 20 = 16 + 4 and 40 = 16 + 16 + 8 (key sums
+# precomputed, more than 2 blocks a key head); N 50: 5 heads of a 256-row block, 5 + 3;
+# N 64: 4 x 64 rows, a full block
+STACKED = [(8, 2, 1, 600), (20, 1, 1, 97), (40, 1, 3, 611), (16, 2, 50, 257), (4, 1, 64, 530)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Hq,Hkv,N,M", STACKED, ids=lambda x: str(x))
+def test_stacked_query_heads(make_qkv, backend, dtype, causal, Hq, Hkv, N, M):
+    q, k, v = make_qkv(B=2, Hq=Hq, Hkv=Hkv, N=N, M=M, D=40, dtype=dtype, seed=Hq + N)
+    out = run_all_protections(q, k, v, causal, backend)
+    assert_close_to_ref(out, q, k, v, causal)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_stacked_fault_names_only_its_head(make_qkv, site):
+    """A fault in the third head of a stacked block flags that head only; the
+    recomputed block equals the clean output (decode-like: 3 rows, 2 key tiles)."""
+    q, k, v = make_qkv(B=2, Hq=8, Hkv=2, N=3, M=600, D=64, seed=13)
+    clean = ftattn.attention(q, k, v, causal=True)
+    fault = Fault(site, batch=1, head=6, row=2, col=550, dim=7, bit=30)
+    raw, rep = ftattn.attention(q, k, v, causal=True, fault=fault, on_fault="report", return_report=True)
+    flagged = ((rep.flags & CHECK_MASK) != 0).nonzero().tolist()
+    assert flagged == [[1, 6, 0]], rep.failures()
+    if site != "rowmax":
+        assert not torch.equal(raw[1, 6], clean[1, 6])
+    others = torch.ones(2, 8, dtype=torch.bool)
+    others[1, 6] = False
+    assert torch.equal(raw[others], clean[others])  # the other heads of the block are untouched
+    out, rep = ftattn.attention(q, k, v, causal=True, fault=fault, return_report=True)
+    assert rep.corrected == 1 and rep.uncorrected == 0 and torch.equal(out, clean)
+
+
+def test_stacked_nonfinite_query_names_only_its_head(make_qkv):
+    q, k, v = make_qkv(B=2, Hq=8, Hkv=2, N=1, M=300, D=32, seed=17)
+    q[1, 5, 0, 3] = float("nan")
+    out, rep = ftattn.attention(q, k, v, return_report=True)
+    assert rep.detected == 0 and rep.uncorrected == 0
+    assert ((rep.flags & int(Check.NONFINITE_INPUT)) != 0).nonzero().tolist() == [[1, 5, 0]]
+    assert (rep.flags[rep.flags != rep.flags[1, 5, 0]] == 0).all()
+    finite = out.isfinite().flatten(2).all(-1)
+    assert finite.sum() == 15 and not finite[1, 5]
 
 
 def test_nonfinite_key_seen_only_by_later_rows_of_the_tile(make_qkv):
