@@ -623,6 +623,7 @@ FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
 // an fp32 sum of squares, within about 12 + D / 16 u, raised by 2^-15 to stay above
 // the true norm it scales a bound with.
 constexpr int64_t KV_CHUNK = 8;
+constexpr int64_t KV_PREFETCH = 16;
 FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
                                          double* __restrict ks, double* __restrict ka, double* __restrict knorm,
                                          float* __restrict vsum, float* __restrict vabs, int64_t gs) {
@@ -634,6 +635,11 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
   for (int64_t j = 0; j < n; ++j) {
     const float* kj = K + j * D;
     const float* vj = V + j * D;
+    if (j + KV_PREFETCH < n)  // the first pass over the tile when decoding: fetch ahead
+      for (int64_t d = 0; d < D; d += 16) {
+        __builtin_prefetch(kj + KV_PREFETCH * D + d);
+        __builtin_prefetch(vj + KV_PREFETCH * D + d);
+      }
     f16 sq = f16{};
     float sq_t = 0.f;
     for (int64_t d = 0; d < Dv; d += W) {
@@ -901,13 +907,6 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     const int64_t cols = std::min<int64_t>(BLOCK_N, kv_end - n0);
     const bool in_tile = hit && f.col >= n0 && f.col < n0 + cols;
     ++ntiles;
-    // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
-    gemm_nt(rows + nsub, cols, D, Qx, D, K + n0 * D, D, S, BLOCK_N);
-    if (in_tile && f.site == kScores) {
-      float& x = S[fi * BLOCK_N + (f.col - n0)];
-      x = corrupt(x, f.bit, f.value);
-    }
-    memory_barrier();
     // row-checksum references of this tile: |error of S_ij| ~ u sqrt(D) sum_d
     // |q_id k_jd| (random rounding), so a row sum is bounded by
     // kappa u sqrt(D) |q_i| . sum_j |k_j|
@@ -922,7 +921,8 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       // this tile's key sums over its visible keys and the row references from them:
       // every tile when the sums are made per tile, else the one tile of this block
       // cut by the causal limit (per key, knorm and the sums of v are those of the
-      // per-call sums; the sums over keys cover only its first cols keys)
+      // per-call sums; the sums over keys cover only its first cols keys). Before the
+      // GEMM: the first read of the tile, with prefetching, leaving K and V in cache
       std::fill(w.tile_ks.begin(), w.tile_ks.end(), 0.0);
       std::fill(w.tile_ka.begin(), w.tile_ka.end(), 0.0);
       key_value_sums(K + n0 * D, V + n0 * D, cols, D, w.tile_ks.data(), w.tile_ka.data(), w.tile_knorm.data(),
@@ -936,6 +936,13 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       vabs = w.tile_vabs.data();
       gs = BLOCK_N;
     }
+    // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
+    gemm_nt(rows + nsub, cols, D, Qx, D, K + n0 * D, D, S, BLOCK_N);
+    if (in_tile && f.site == kScores) {
+      float& x = S[fi * BLOCK_N + (f.col - n0)];
+      x = corrupt(x, f.bit, f.value);
+    }
+    memory_barrier();
     const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups);
     // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
     // ABFT sums; the online softmax with its checks; the normaliser ----
