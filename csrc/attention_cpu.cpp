@@ -636,7 +636,7 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
     const float* kj = K + j * D;
     const float* vj = V + j * D;
     if (j + KV_PREFETCH < n)  // the first pass over the tile when decoding: fetch ahead
-      for (int64_t d = 0; d < D; d += 16) {
+      for (int64_t d = 0; d < D; d += 64 / sizeof(float)) {  // one 64-byte line at a time
         __builtin_prefetch(kj + KV_PREFETCH * D + d);
         __builtin_prefetch(vj + KV_PREFETCH * D + d);
       }

@@ -77,6 +77,13 @@ class _Row:
     last_token_time: float = 0.0
 
 
+def _cells(array: np.ndarray) -> memoryview:
+    """A flat memoryview of a contiguous array, for one-element stores: a numpy item
+    assignment costs several times more between two model steps, when the
+    interpreter's own data is out of the caches."""
+    return memoryview(array).cast("B").cast(array.dtype.char)
+
+
 class _StepRunner:
     """The per-token calls on an IOBinding: rebind an input by address, run.
 
@@ -411,8 +418,8 @@ class Generator:
         # each row's length, as onnxruntime-genai's static-buffer mode binds it: GQA takes the
         # row lengths from the row sums, so the mask is bound once and gains a 1 per row a step
         static_mask = self.shared_buffer and spec.attention_mask_name is not None
-        row_index = np.arange(batch)
-        mask_cells = memoryview(mask).cast("B").cast(mask.dtype.char)  # flat; a cheap store for one row
+        mask_cells = _cells(mask)
+        row_starts = [b * capacity + int(n) for b, n in enumerate(lengths)]  # each row's first new position
 
         mask_address, positions_address = step_mask.ctypes.data, step_positions.ctypes.data
 
@@ -420,10 +427,8 @@ class Generator:
             """The decode inputs that change every step: attention mask, position ids
             (bound: the binding already holds the mask and position buffers)."""
             if static_mask:
-                if batch == 1:
-                    mask_cells[total - 1] = 1
-                else:
-                    mask[row_index, lengths + step] = 1
+                for start in row_starts:
+                    mask_cells[start + step] = 1
                 if not bound:
                     runner.bind_input(spec.attention_mask_name, mask.dtype, [batch, capacity], mask.ctypes.data)
             elif spec.attention_mask_name is not None:
@@ -485,9 +490,7 @@ class Generator:
         step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=spec.logits_dtype)
         step_logits_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
         step_scores = step_logits[:, 0, :]
-        # one-element stores through memoryviews: a numpy item assignment costs several times
-        # more between two model steps, when the interpreter's own data is out of the caches
-        ids_cells = memoryview(next_ids).cast("B").cast(next_ids.dtype.char)
+        ids_cells = _cells(next_ids)
         active = [True] * batch
         n_active = batch
         shared_io = None
