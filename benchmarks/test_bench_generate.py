@@ -3,8 +3,11 @@
 Same model folder (random Llama-style models built here and converted by
 onnxruntime-genai's builder: GroupQueryAttention; a 58M-parameter one in fp32 and
 int4, and the tests' tiny one), same thread count, one prompt of 128 token ids (and
-of 768 in one more int4 case), 128 new tokens (greedy, EOS never stops). Decode tokens/s = 127 tokens after the first
-/ the time after the first token, for all three. The three loops run in turn inside
+of 768 in one more int4 case), 128 new tokens (greedy, EOS never stops). Decode
+tokens/s = 127 tokens after the first / the time after the first token, for all
+three; beside it, the median time between two tokens over all rounds' steps, which
+leaves out the stalls that other jobs on a shared host put into a few steps of a run
+(they dominate the mean on a 2-core machine). The three loops run in turn inside
 each round so that a shared machine's load hits them alike. Issue 5's targets: the
 harness at least as fast as genai and at least 2x the seed loop. Writes
 ``benchmarks/results/generate_cpu.json``.
@@ -101,11 +104,12 @@ def models(tmp_path_factory):
     _write_results(built)
 
 
-# -- the three loops; each returns (new tokens, time to first token, decode seconds) -----
+# -- the three loops; each returns (new tokens, time to first token, decode seconds,
+# the times between two new tokens) -------------------------------------------------
 
 def run_ftattn(generator, ids):
     result = generator.generate([ids], NEW_TOKENS, eos_token_id=[])[0]
-    return result.token_ids, result.time_to_first_token_s, result.decode_time_s
+    return result.token_ids, result.time_to_first_token_s, result.decode_time_s, np.diff(result.token_times_s)
 
 
 def run_genai(model, ids):
@@ -116,13 +120,12 @@ def run_genai(model, ids):
     params.set_search_options(do_sample=False, max_length=len(ids) + NEW_TOKENS, min_length=len(ids) + NEW_TOKENS)
     generator = og.Generator(model, params)
     generator.append_tokens(ids)
-    tokens, first = [], 0.0
+    tokens, stamps = [], []
     while not generator.is_done():
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
-        if len(tokens) == 1:
-            first = time.perf_counter()
-    return tokens, first - start, time.perf_counter() - first
+        stamps.append(time.perf_counter())
+    return tokens, stamps[0] - start, stamps[-1] - stamps[0], np.diff(stamps)
 
 
 def run_seed_loop(session, tokenizer, ids, layers, kv_heads, head_size):
@@ -135,7 +138,7 @@ def run_seed_loop(session, tokenizer, ids, layers, kv_heads, head_size):
     input_ids = np.array([ids], dtype=np.int64)
     attention_mask = np.ones_like(input_ids)
     names = [o.name for o in session.get_outputs()]
-    generated, first = [], 0.0
+    generated, stamps = [], []
     for _ in range(NEW_TOKENS):
         outputs = dict(zip(names, session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask,
                                                      **past})))
@@ -149,15 +152,14 @@ def run_seed_loop(session, tokenizer, ids, layers, kv_heads, head_size):
         next_id = int(np.argmax(probs))
         generated.append(next_id)
         tokenizer.decode(generated)  # the whole text, every step, as the seed loop did to print it
-        if not first:
-            first = time.perf_counter()
+        stamps.append(time.perf_counter())
         input_ids = np.array([[next_id]], dtype=np.int64)
         attention_mask = np.concatenate([attention_mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-    return generated, first - start, time.perf_counter() - first
+    return generated, stamps[0] - start, stamps[-1] - stamps[0], np.diff(stamps)
 
 
 def _setup(folder, model, prompt_tokens):
-    """The three loops on one model folder, each a () -> (tokens, TTFT s, decode s)."""
+    """The three loops on one model folder, each a () -> (tokens, TTFT s, decode s, step s)."""
     import onnxruntime as ort
     import onnxruntime_genai as og
     from tokenizers import Tokenizer
@@ -203,15 +205,21 @@ def test_bench_generate(benchmark, models, case):
         rotation[0] += 1
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    entry, rates_of = {}, {}
+    entry, rates_of, steps_of = {}, {}, {}
     for name in names:
         measured = runs[name][1:]  # the warm-up round
-        assert all(len(tokens) == NEW_TOKENS for tokens, _, _ in measured)
-        rates = rates_of[name] = [(NEW_TOKENS - 1) / decode for _, _, decode in measured]
+        assert all(len(tokens) == NEW_TOKENS and len(steps) == NEW_TOKENS - 1 for tokens, _, _, steps in measured)
+        rates = rates_of[name] = [(NEW_TOKENS - 1) / decode for _, _, decode, _ in measured]
+        steps = steps_of[name] = np.concatenate([steps for _, _, _, steps in measured])
         entry[name] = {
             "decode_tokens_per_s_median": float(np.median(rates)),
             "decode_tokens_per_s_all": [round(r, 2) for r in rates],
-            "time_to_first_token_ms_median": float(np.median([first for _, first, _ in measured]) * 1e3),
+            "time_to_first_token_ms_median": float(np.median([first for _, first, _, _ in measured]) * 1e3),
+            # the time between two tokens, over all rounds' steps: its median leaves out the
+            # stalls (1-100 ms) that other jobs on the host put into a few steps of a run
+            "inter_token_ms_median": float(np.median(steps) * 1e3),
+            "inter_token_ms_p90": float(np.percentile(steps, 90) * 1e3),
+            "decode_tokens_per_s_from_median_step": float(1 / np.median(steps)),
         }
     # same model, same greedy tokens: the three loops compute the same thing
     assert len({tuple(run[-1][0]) for run in runs.values()}) == 1
@@ -223,6 +231,7 @@ def test_bench_generate(benchmark, models, case):
             # steadier than the ratio of medians when the machine's load drifts
             entry[f"{ours}_over_{other}_paired"] = float(np.median(
                 np.array(rates_of[ours]) / np.array(rates_of[other])))
+            entry[f"{ours}_over_{other}_median_step"] = float(np.median(steps_of[other]) / np.median(steps_of[ours]))
     _measured[case] = entry
     benchmark.extra_info.update({f"{name}_decode_tokens_per_s": entry[name]["decode_tokens_per_s_median"]
                                  for name in names})
@@ -270,7 +279,9 @@ def _write_results(built):
         "benchmark": "greedy decode, batch 1, random LlamaForCausalLM converted by the genai builder "
                      "(GroupQueryAttention); the loops interleaved round by round, a pause of "
                      f"{SETTLE_S} s before each",
-        "formula": "decode tokens/s = (new tokens - 1) / (time from first to last new token); median of rounds",
+        "formula": "decode tokens/s = (new tokens - 1) / (time from first to last new token); median of rounds. "
+                   "inter_token_ms_*: the times between two new tokens, all rounds' steps pooled; "
+                   "*_median_step ratios: the other loop's median inter-token time / ours",
         "machine": {"platform": platform.platform(), "cpu": _cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},

@@ -50,7 +50,10 @@ class Generation:
     ``time_to_first_token_s`` runs from the ``generate`` call to this prompt's first
     token (tokenisation and prefill included); ``decode_tokens_per_s`` counts the
     tokens after the first over the time after the first (0.0 when only one token
-    was made).
+    was made). ``token_times_s`` holds, per new token, the time from the ``generate``
+    call to the token (its first entry is ``time_to_first_token_s``): the differences
+    are the inter-token latencies, whose median is steadier than the mean rate on a
+    machine shared with other jobs.
     """
 
     token_ids: list[int]
@@ -60,6 +63,7 @@ class Generation:
     time_to_first_token_s: float
     decode_time_s: float
     decode_tokens_per_s: float
+    token_times_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -73,8 +77,7 @@ class _Row:
     emitted: list[str] = field(default_factory=list)
     pending: str = ""  # decoded text held back because it may begin a stop string
     finish_reason: str | None = None
-    first_token_time: float = 0.0
-    last_token_time: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # perf_counter() at each new token
 
 
 def _cells(array: np.ndarray) -> memoryview:
@@ -294,16 +297,17 @@ class Generator:
             rows = [self._new_row(i, encoded[i]) for i in group]
             self._run(rows, max_new_tokens, config, stop, stream, set(eos), rng)
             for row in rows:
-                decode_time = row.last_token_time - row.first_token_time
+                decode_time = row.token_times[-1] - row.token_times[0]
                 made = len(row.tokens)
                 results[row.index] = Generation(
                     token_ids=row.tokens,
                     text="".join(row.emitted),
                     prompt_token_ids=row.prompt,
                     finish_reason=row.finish_reason or "length",
-                    time_to_first_token_s=row.first_token_time - start,
+                    time_to_first_token_s=row.token_times[0] - start,
                     decode_time_s=decode_time,
                     decode_tokens_per_s=(made - 1) / decode_time if made > 1 and decode_time > 0 else 0.0,
+                    token_times_s=[t - start for t in row.token_times],
                 )
         return results
 
@@ -316,9 +320,7 @@ class Generator:
     def _accept(self, row: _Row, token: int, now: float, stop: tuple[str, ...], stream, eos: set[int]):
         """Record one new token of a row: its time, its text (when streaming or watching
         for stop strings; else _flush decodes the tokens after the loop), EOS."""
-        if not row.tokens:
-            row.first_token_time = now
-        row.last_token_time = now
+        row.token_times.append(now)
         row.tokens.append(token)
         if token in eos:
             row.finish_reason = "eos"  # (a stop string the same token completes takes precedence)

@@ -105,8 +105,17 @@ def test_decode_rate_counts_tokens_made(generators, hf_model, hf_tokenizer):
     assert made < NEW_TOKENS
     assert stopped.decode_tokens_per_s == pytest.approx((made - 1) / stopped.decode_time_s)
     assert 0 < stopped.time_to_first_token_s
+    times = stopped.token_times_s  # one per token made, from the call, non-decreasing
+    assert len(times) == made and times == sorted(times)
+    assert times[0] == stopped.time_to_first_token_s
+    assert times[-1] - times[0] == pytest.approx(stopped.decode_time_s)
     one = generator.generate(PROMPTS[0], 1)[0]
     assert len(one.token_ids) == 1 and one.decode_tokens_per_s == 0.0 and one.finish_reason == "length"
+    assert one.token_times_s == [one.time_to_first_token_s]
+    batch = generator.generate(PROMPTS, NEW_TOKENS)  # rows of a batch share the step's stamps
+    assert all(len(r.token_times_s) == len(r.token_ids) for r in batch)
+    longest = max(batch, key=lambda r: len(r.token_ids))
+    assert all(r.token_times_s == longest.token_times_s[:len(r.token_ids)] for r in batch)
 
 
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
