@@ -12,6 +12,12 @@ import json
 import sys
 
 
+def _unescape(text: str) -> str:
+    r"""A command-line string with its backslash escapes (\n, \t, \u00e9) read as characters;
+    other characters, non-ASCII ones included, stay as they are."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder: .onnx decoder, tokenizer.json, genai_config.json or config.json")
     parser.add_argument("prompts", nargs="+", help="one or more prompts (several run as one padded batch)")
@@ -22,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering (1: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--stop", action="append", default=None, type=_unescape,
+                        help=r"stop string (repeatable); backslash escapes such as \n and \t are read as the "
+                             r"characters")
     parser.add_argument("--chat", action="store_true",
                         help="wrap each prompt as a user message and apply the tokenizer's chat template")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")

@@ -68,6 +68,9 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None, position_i
     if not os.path.isfile(os.path.join(hf_model_dir, "tokenizer.json")):
         raise FileNotFoundError(f"{hf_model_dir!r} has no tokenizer.json; the generator needs a fast tokenizer: "
                                 f"AutoTokenizer.from_pretrained(...).save_pretrained({hf_model_dir!r})")
+    if os.path.isdir(out_dir) and os.path.samefile(hf_model_dir, out_dir):
+        raise ValueError(f"out_dir={out_dir!r} is the model folder itself; export into a new folder (the "
+                         f"export writes its own config.json and model.onnx beside a copy of the tokenizer)")
     model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
     config = model.config

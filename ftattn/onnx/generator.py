@@ -25,6 +25,8 @@ time even when it stopped early. This loop instead:
 """
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -72,6 +74,7 @@ class _Row:
 
     index: int  # position in the caller's list of prompts
     prompt: list[int]
+    prime: list[int]  # the prompt's last tokens, which the streaming decoder starts from
     stream: object  # tokenizers.decoders.DecodeStream
     tokens: list[int] = field(default_factory=list)
     emitted: list[str] = field(default_factory=list)
@@ -139,10 +142,17 @@ class Generator:
             raise ValueError(
                 f"shared_buffer=True: {spec.folder} does not use GroupQueryAttention, whose past and "
                 f"present can share one buffer; leave shared_buffer=None (automatic) for this model")
+        # the loop's buffers live in host memory: with another provider onnxruntime would copy
+        # the bound past to the device and the present back, and GQA would not see one buffer
+        on_cpu = list(session.get_providers()) == ["CPUExecutionProvider"]
+        if shared_buffer and not on_cpu:
+            raise ValueError(
+                f"shared_buffer=True: the shared past/present buffer is in host memory and needs the CPU "
+                f"provider alone (the session has {session.get_providers()}); leave shared_buffer=None")
         self.session = session
         self.spec = spec
         self.tokenizer = tokenizer
-        self.shared_buffer = spec.shared_buffer if shared_buffer is None else bool(shared_buffer)
+        self.shared_buffer = (spec.shared_buffer and on_cpu) if shared_buffer is None else bool(shared_buffer)
         if not isinstance(direct_binding, bool):
             raise TypeError(f"direct_binding={direct_binding!r}: must be True or False")
         self.direct_binding = direct_binding
@@ -173,6 +183,8 @@ class Generator:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads={threads!r}: must be an integer >= 1, or None for onnxruntime's default")
         available = ort.get_available_providers()
+        if isinstance(providers, str):
+            providers = [providers]
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         missing = [p for p in providers if p not in available]
         if missing:
@@ -205,9 +217,19 @@ class Generator:
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
 
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # transformers' filter: jinja's own escapes HTML characters and non-ASCII
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        def strftime_now(format):
+            return datetime.datetime.now().strftime(format)
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
         return env.from_string(self.spec.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             bos_token=self.spec.bos_token or "", eos_token=self.spec.eos_token or "")
@@ -232,6 +254,8 @@ class Generator:
             prompts = [prompts]  # one conversation
         elif isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer)):
             prompts = [prompts]  # one prompt as token ids
+        elif isinstance(prompts, np.ndarray) and prompts.ndim in (1, 2):
+            prompts = [prompts] if prompts.ndim == 1 else list(prompts)  # token ids: one prompt, a batch
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"prompts={prompts!r:.80}: give a string or a non-empty list of prompts")
         encoded = [self.encode(p) for p in prompts]
@@ -264,6 +288,8 @@ class Generator:
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
         max_new_tokens = int(max_new_tokens)
+        if not isinstance(do_sample, (bool, np.bool_)):
+            raise TypeError(f"do_sample={do_sample!r}: must be True (sample) or False (greedy search)")
         config = SamplingConfig(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         if stop is None:
@@ -273,8 +299,7 @@ class Generator:
         stop = tuple(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
-        eos = self.spec.eos_token_ids if eos_token_id is None else (
-            (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id))
+        eos = self.spec.eos_token_ids if eos_token_id is None else self._eos_ids(eos_token_id)
         if stream is not None and not callable(stream):
             raise TypeError(f"stream={stream!r}: must be a callable stream(index, piece) or None")
 
@@ -311,11 +336,29 @@ class Generator:
                 )
         return results
 
+    def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
+        values = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else eos_token_id
+        if isinstance(values, (list, tuple, set, np.ndarray)) and all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            ids = tuple(int(v) for v in values)
+            if self.vocab_size is None or all(0 <= i < self.vocab_size for i in ids):
+                return ids
+        vocab = f" in [0, {self.vocab_size})" if self.vocab_size is not None else ""
+        raise ValueError(f"eos_token_id={eos_token_id!r}: must be a token id or a list of token ids{vocab} "
+                         f"([] never stops on a token; None uses the model's EOS ids {self.spec.eos_token_ids})")
+
     def _new_row(self, index: int, prompt: list[int]) -> _Row:
         from tokenizers.decoders import DecodeStream
 
-        return _Row(index=index, prompt=prompt,
-                    stream=DecodeStream(ids=prompt[-_STREAM_PRIMING_TOKENS:], skip_special_tokens=True))
+        # the streaming decoder starts from the prompt's last tokens, so that the first new
+        # token's text (a leading space, say) reads as it would after the prompt; a window
+        # that decodes to a replacement character (the prompt cut inside a multi-byte
+        # character) would write prompt bytes into the text: shorten it, down to nothing
+        prime = prompt[-_STREAM_PRIMING_TOKENS:]
+        while prime and "\ufffd" in self.tokenizer.decode(prime, skip_special_tokens=True):
+            prime = prime[1:]
+        return _Row(index=index, prompt=prompt, prime=prime,
+                    stream=DecodeStream(ids=prime, skip_special_tokens=True))
 
     def _accept(self, row: _Row, token: int, now: float, stop: tuple[str, ...], stream, eos: set[int]):
         """Record one new token of a row: its time, its text (when streaming or watching
@@ -361,9 +404,8 @@ class Generator:
         if row.finish_reason != "stop" and row.tokens:
             # bytes the streaming decoder still holds (a character never completed, as a
             # random or cut-off model can leave) come out as the full decode writes them
-            prime = row.prompt[-_STREAM_PRIMING_TOKENS:]
-            head = self.tokenizer.decode(prime, skip_special_tokens=True)
-            full = self.tokenizer.decode(prime + row.tokens, skip_special_tokens=True)
+            head = self.tokenizer.decode(row.prime, skip_special_tokens=True)
+            full = self.tokenizer.decode(row.prime + row.tokens, skip_special_tokens=True)
             so_far = "".join(row.emitted) + row.pending
             if full.startswith(head) and full[len(head):].startswith(so_far):
                 row.pending += full[len(head) + len(so_far):]
@@ -413,7 +455,7 @@ class Generator:
         # decode-step mask and position ids live in buffers allocated once and are bound by
         # address with the step's shape: no array is made or copied per token
         step_mask = np.zeros(batch * capacity, dtype=spec.mask_dtype)
-        step_positions = np.zeros((batch, 1), dtype=spec.input_ids_dtype)
+        step_positions = np.zeros((batch, 1), dtype=spec.position_ids_dtype)
         if right and batch == 1:
             step_mask[:] = 1  # a single row attends to every position so far
         # shared buffer: the decode mask keeps the buffer's width (batch, capacity), zeros past
@@ -453,10 +495,12 @@ class Generator:
             if spec.attention_mask_name is not None:
                 io.bind_cpu_input(spec.attention_mask_name, np.ascontiguousarray(mask[:, :total]))
             if spec.position_ids_name is not None:
-                io.bind_cpu_input(spec.position_ids_name, prefill_positions.astype(spec.input_ids_dtype))
+                io.bind_cpu_input(spec.position_ids_name, prefill_positions.astype(spec.position_ids_dtype))
 
-        def bind_ids_and_past(io, ids_value):
+        def bind_ids_and_past(io, ids_value, cached: bool):
             io.bind_ortvalue_input(spec.input_ids_name, ids_value)
+            if spec.use_cache_branch_name is not None:  # optimum's merged decoder: which branch
+                io.bind_cpu_input(spec.use_cache_branch_name, np.array([cached]))
             for name, value in zip(kv_names_in, past):
                 io.bind_ortvalue_input(name, value)
 
@@ -473,7 +517,7 @@ class Generator:
         prefill_positions = np.clip(np.cumsum(mask[:, :width], axis=1) - 1, 0, None)
         if right:
             prefill_positions = np.broadcast_to(np.arange(width), (batch, width))
-        bind_ids_and_past(io, ort.OrtValue.ortvalue_from_numpy(input_ids))
+        bind_ids_and_past(io, ort.OrtValue.ortvalue_from_numpy(input_ids), False)
         bind_prefill(io, width, prefill_positions)
         io.bind_output(spec.logits_name, "cpu")
         bind_kv_outputs(io)
@@ -532,7 +576,7 @@ class Generator:
             else:
                 io = self.session.io_binding()
                 runner = _StepRunner(self.session, io, device)
-                bind_ids_and_past(io, next_ids_value)
+                bind_ids_and_past(io, next_ids_value, True)
                 bind_step(runner, total, step)
                 io.bind_ortvalue_output(spec.logits_name, step_logits_value)
                 bind_kv_outputs(io)

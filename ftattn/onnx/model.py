@@ -39,6 +39,12 @@ _ORT_TO_NUMPY = {
 # optimum and the builder both use these; genai_config.json may override them
 _PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT_FORMAT = "present.{layer}.{kind}"
+# optimum's merged decoders (decoder_model_merged.onnx) pick their branch with this input:
+# False for the first pass (an empty past), True once the cache holds tokens
+_USE_CACHE_BRANCH = "use_cache_branch"
+# which element types each input or output may have
+_INTEGER_TYPES = ("tensor(int64)", "tensor(int32)")
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 class Padding(enum.Enum):
@@ -70,12 +76,14 @@ class ModelSpec:
     input_ids_name: str = "input_ids"
     attention_mask_name: str | None = "attention_mask"
     position_ids_name: str | None = None
+    use_cache_branch_name: str | None = None
     logits_name: str = "logits"
     # element types
     kv_dtype: type = np.float32
     logits_dtype: type = np.float32
     input_ids_dtype: type = np.int64
     mask_dtype: type = np.int64
+    position_ids_dtype: type = np.int64
     group_query_attention: bool = False
     chat_template: str | None = None
     bos_token: str | None = None
@@ -262,6 +270,26 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
     if isinstance(pad, (list, tuple)):
         pad = pad[0]
 
+    # every input must be one the loop feeds: another one would fail at the first run
+    known = {input_ids_name, mask_name, position_name, _USE_CACHE_BRANCH}
+    known.update(name for layer in past_layers.values() for name in layer.values())
+    unknown = sorted(set(inputs) - known)
+    if unknown:
+        raise ValueError(
+            f"{folder}: the decoder has inputs the generator does not know how to feed: {unknown}; it feeds "
+            f"input_ids, attention_mask, position_ids, past_key_values.{{i}}.key/value and optimum's "
+            f"use_cache_branch. Export the model with ftattn.onnx.export or the genai builder")
+    if _USE_CACHE_BRANCH in inputs and inputs[_USE_CACHE_BRANCH].type != "tensor(bool)":
+        raise ValueError(f"{folder}: the decoder's {_USE_CACHE_BRANCH} input is "
+                         f"{inputs[_USE_CACHE_BRANCH].type}; optimum's merged decoders take tensor(bool)")
+    typed = [(input_ids_name, inputs, _INTEGER_TYPES), (logits_name, outputs, _FLOAT_TYPES),
+             (past_layers[0]["key"], inputs, _FLOAT_TYPES)]
+    typed += [(name, inputs, _INTEGER_TYPES) for name in (mask_name, position_name) if name in inputs]
+    for name, where, supported in typed:
+        if where[name].type not in supported:
+            raise ValueError(f"{folder}: the decoder's {name!r} is {where[name].type}; the generator supports "
+                             f"{', '.join(supported)} there")
+
     tokenizer_path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(
@@ -288,11 +316,13 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
         input_ids_name=input_ids_name,
         attention_mask_name=mask_name if mask_name in inputs else None,
         position_ids_name=position_name if position_name in inputs else None,
+        use_cache_branch_name=_USE_CACHE_BRANCH if _USE_CACHE_BRANCH in inputs else None,
         logits_name=logits_name,
         kv_dtype=_ORT_TO_NUMPY[inputs[past_layers[0]["key"]].type],
         logits_dtype=_ORT_TO_NUMPY[outputs[logits_name].type],
         input_ids_dtype=_ORT_TO_NUMPY[inputs[input_ids_name].type],
         mask_dtype=_ORT_TO_NUMPY[inputs[mask_name].type] if mask_name in inputs else np.int64,
+        position_ids_dtype=_ORT_TO_NUMPY[inputs[position_name].type] if position_name in inputs else np.int64,
         group_query_attention=group_query_attention,
         chat_template=_chat_template(folder),
         bos_token=_token_string(tokenizer_config.get("bos_token")),

@@ -31,7 +31,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 turns top-k filtering off)")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(value):
                 raise TypeError(f"{name}={value!r}: must be a finite number")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature!r}: sampling needs temperature > 0; use "
@@ -42,7 +43,10 @@ class SamplingConfig:
             raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1 is no penalty, "
                              f"> 1 discourages repeats)")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)):
-            raise TypeError(f"seed={self.seed!r}: must be an int or None")
+            raise TypeError(f"seed={self.seed!r}: must be an int >= 0 or None")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed={self.seed!r}: must be an int >= 0 (numpy's generators take no negative "
+                             f"seeds) or None for a fresh one")
 
 
 def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

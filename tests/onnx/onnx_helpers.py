@@ -78,3 +78,28 @@ def copy_folder(source, destination, skip=()):
         if name not in skip:
             shutil.copyfile(os.path.join(source, name), os.path.join(destination, name))
     return str(destination)
+
+
+def edit_decoder(source, destination, edit):
+    """Copy a model folder and rewrite its model.onnx with ``edit(graph)`` (weights inline)."""
+    import onnx
+
+    folder = copy_folder(source, destination)
+    path = os.path.join(folder, "model.onnx")
+    model = onnx.load(path)
+    edit(model.graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return folder
+
+
+def rename_uses(graph, old, new):
+    """Make every node that reads ``old`` read ``new`` instead."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+
+
+def rename_output(graph, old, new):
+    """Make the node that writes ``old`` write ``new`` (a node added after it writes ``old``)."""
+    producer = next(node for node in graph.node if old in node.output)
+    producer.output[:] = [new if name == old else name for name in producer.output]

@@ -61,7 +61,7 @@ def test_prompt_longer_than_context(generator):
         generator.generate([0] * (context + 1), 1)
     with pytest.raises(ValueError, match="lower max_new_tokens"):
         generator.generate([0] * (context - 4), 5)
-    assert len(generator.generate([0] * (context - 4), 4)[0].token_ids) <= 4  # fits exactly
+    assert len(generator.generate([0] * (context - 4), 4, eos_token_id=[])[0].token_ids) == 4  # fits exactly
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "8"])
@@ -79,6 +79,12 @@ def test_max_new_tokens(generator, value):
     (dict(top_k=2.0), "top_k"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(seed="7"), "seed"),
+    (dict(seed=-1), "seed=-1: must be an int >= 0"),
+    (dict(do_sample="no"), "do_sample='no': must be True"),
+    (dict(eos_token_id=2.5), "eos_token_id=2.5"),
+    (dict(eos_token_id=[None]), "eos_token_id"),
+    (dict(eos_token_id="12"), "eos_token_id"),
+    (dict(eos_token_id=[10 ** 6]), r"eos_token_id=\[1000000\]: must be a token id .* in \[0, "),
     (dict(stop=""), "stop"),
     (dict(stop=["ok", 3]), "stop"),
     (dict(stream="print"), "stream"),
@@ -90,6 +96,15 @@ def test_invalid_generation_values(generator, kwargs, match):
 
 def test_temperature_zero_is_fine_for_greedy(generator):
     assert generator.generate(PROMPT, 4, temperature=0.0)[0].token_ids == generator.generate(PROMPT, 4)[0].token_ids
+
+
+def test_numpy_values_are_accepted(generator):
+    ids = generator.encode(PROMPT)
+    expected = generator.generate(ids, 4, do_sample=True, seed=5, temperature=1.0)[0].token_ids
+    assert generator.generate(np.array(ids), 4, do_sample=np.bool_(True), seed=np.int64(5),
+                              temperature=np.int64(1))[0].token_ids == expected
+    batch = generator.generate(np.array([ids, ids]), 4)  # a 2-D array: a batch
+    assert len(batch) == 2 and batch[0].token_ids == batch[1].token_ids
 
 
 @pytest.mark.parametrize("prompts,error", [
@@ -109,6 +124,8 @@ def test_bad_loader_options(exported):
         Generator.from_pretrained(exported, shared_buffer=True)
 
 
-def test_export_needs_a_model_folder(tmp_path):
+def test_export_needs_a_model_folder(tmp_path, tiny_hf):
     with pytest.raises(FileNotFoundError, match="config.json"):
         export(str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="is the model folder itself"):
+        export(tiny_hf, tiny_hf + "/.")

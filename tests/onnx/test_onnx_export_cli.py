@@ -67,6 +67,17 @@ def test_cli_text(exported, capsys, extra):
     assert "tokens/s" in captured.err and "6 new" in captured.err
 
 
+def test_cli_stop_reads_escapes(exported, capsys):
+    """--stop "\\n" stops at a newline: backslash escapes in the argument are characters."""
+    free = Generator.from_pretrained(exported).generate("Café", 30)[0].text
+    assert len(free) >= 8
+    stop = free[6:8]
+    written = "".join(f"\\u{ord(c):04x}" for c in stop)  # the stop string as escapes only
+    assert ftattn_main(["generate", exported, "Café", "--max-new-tokens", "30", "--stop", written, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)[0]
+    assert printed["finish_reason"] == "stop" and printed["text"] == free[:free.find(stop)]
+
+
 def test_cli_chat_and_errors(exported, tmp_path, capsys):
     assert ftattn_main(["generate", exported, "Café?", "--chat", "--max-new-tokens", "3", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)

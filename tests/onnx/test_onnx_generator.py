@@ -212,6 +212,23 @@ def test_stream_waits_for_whole_multibyte_characters(generators):
     assert "".join(row.emitted) == text
 
 
+def test_token_prompt_cut_inside_a_character(generators):
+    """A prompt of token ids that ends inside a multi-byte character: the streaming
+    decoder must not start from it (the prompt's bytes would enter the text), so the
+    text is the new tokens' own decode, as transformers' decode(new tokens)."""
+    generator = generators("exported")
+    tokenizer = generator.tokenizer
+    ids = tokenizer.encode("Zürich 東京 😀", add_special_tokens=False).ids
+    cuts = [k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd")]
+    assert cuts  # the tokenizer splits some character across tokens
+    for k in cuts:
+        pieces = []
+        result = generator.generate(ids[:k], 8, eos_token_id=[], stream=lambda i, piece: pieces.append(piece))[0]
+        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        assert "".join(pieces) == result.text
+        assert generator.generate(ids[:k], 8, eos_token_id=[])[0].text == result.text
+
+
 @pytest.mark.parametrize("kind,options", KINDS[:2])
 def test_stop_string_cuts_text_and_stream(generators, kind, options):
     generator = generators(kind, **options)
@@ -243,6 +260,21 @@ def test_chat_template_matches_transformers(generators, hf_tokenizer, hf_model):
     results = generator.generate([messages, "Café?"], 8)
     assert results[0].prompt_token_ids == list(expected_ids)
     assert results[1].prompt_token_ids == hf_tokenizer("Café?").input_ids
+
+
+def test_chat_template_filters_as_transformers(generators, hf_tokenizer):
+    """transformers' tojson (no HTML or non-ASCII escapes) and strftime_now, which
+    current templates use (Llama 3.x dates, tool calls as JSON)."""
+    import dataclasses
+
+    generator = generators("exported")
+    template = ("{% for m in messages %}{{ m | tojson }}|{{ m['content'] | tojson(indent=2) }}\n{% endfor %}"
+                "{{ strftime_now('%Y-%m-%d') }}")
+    messages = [{"role": "user", "content": "a<b & 'é' \"東京\""}]
+    with_template = Generator(generator.session, dataclasses.replace(generator.spec, chat_template=template),
+                              generator.tokenizer)
+    assert with_template.apply_chat_template(messages) == hf_tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False)
 
 
 def test_chat_template_from_tokenizer_config_and_missing(exported, tmp_path):
