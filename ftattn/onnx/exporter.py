@@ -8,6 +8,13 @@ model's cache: with transformers 5 that is ``DynamicCache(config=...)`` filled
 with ``cache.update`` (``from_legacy_cache`` is gone), and the presents are read
 back from ``cache.layers``. The graph comes from ``torch.onnx.export`` (the
 torch.export-based exporter) with batch, sequence and past length dynamic.
+
+Sliding-window (and chunked) layers get full caches: filled from a past input, such a
+layer would count the window it keeps as the tokens it has seen and misplace its mask
+once rows are padded; the model's masks apply the window. Models without an SDPA path
+(Gemma 2) export with eager attention. Tested against transformers' generate() on tiny
+Llama, Mistral (sliding window), Gemma 2 (sliding and full layers) and GPT-2 models;
+Qwen2/3, Phi-3, Gemma, Gemma 3, Granite and OLMo 2 gave the same tokens too.
 """
 from __future__ import annotations
 
@@ -18,9 +25,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "generation_config.json")
 
 
+# layer types (transformers' config.layer_types) whose cache is one key and one value tensor
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
 def _cache_wrapper(model, with_position_ids: bool = True):
     import torch
-    from transformers.cache_utils import DynamicCache
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     num_layers = model.config.num_hidden_layers
 
@@ -36,6 +47,12 @@ def _cache_wrapper(model, with_position_ids: bool = True):
         def forward(self, input_ids, attention_mask, *rest):
             position_ids, past = (rest[0], rest[1:]) if with_position_ids else (None, rest)
             cache = DynamicCache(config=self.model.config)
+            # a sliding-window (or chunked) layer keeps only its window and counts the tokens it
+            # has seen; filled from a past input it would count the window, not the tokens, and
+            # place its mask wrongly once rows are padded: full layers here, the window applied
+            # by the model's masks alone (the presents then keep every position, as full layers do)
+            cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
+                            for layer in cache.layers]
             for layer in range(num_layers):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -71,8 +88,18 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None, position_i
     if os.path.isdir(out_dir) and os.path.samefile(hf_model_dir, out_dir):
         raise ValueError(f"out_dir={out_dir!r} is the model folder itself; export into a new folder (the "
                          f"export writes its own config.json and model.onnx beside a copy of the tokenizer)")
-    model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    try:  # one fused SDPA node per layer in the graph where the model has it
+        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+    except ValueError:  # models that need their own attention (Gemma 2's soft-capping, say)
+        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32,
+                                                     attn_implementation="eager")
+    model.eval()
+    layer_types = set(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ())
+    unsupported = sorted(layer_types - _ATTENTION_LAYER_TYPES)
+    if unsupported:
+        raise ValueError(f"{hf_model_dir!r} has {unsupported} layers; the export's layout holds one key and one "
+                         f"value tensor per layer, for attention layers ({sorted(_ATTENTION_LAYER_TYPES)}) only")
     config = model.config
     num_layers = config.num_hidden_layers
     num_heads = config.num_attention_heads

@@ -108,6 +108,26 @@ def _read_json(path: str) -> dict:
         return json.load(handle)
 
 
+# config.json spells some facts differently per model family (GPT-2's n_positions, n_head...)
+_CONFIG_ALIASES = {
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                                "seq_length"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "num_kv_heads", "multi_query_group_num"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "head_dim": ("head_dim", "kv_channels"),
+}
+
+
+def _config_value(config: dict | None, key: str):
+    """A config.json fact under any of its spellings, in the config or its text_config."""
+    for scope in (config or {}, (config or {}).get("text_config") or {}):
+        for name in _CONFIG_ALIASES.get(key, (key,)):
+            if scope.get(name) is not None:
+                return scope[name]
+    return None
+
+
 def _as_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -239,19 +259,19 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
     # head counts: the session's shape when it is a number, else the config
     past_shape = inputs[past_layers[0]["key"]].shape
     model_cfg = (genai or {}).get("model", {})
-    cfg_kv_heads = decoder_cfg.get("num_key_value_heads") or (config or {}).get("num_key_value_heads") \
-        or (config or {}).get("num_attention_heads")
-    cfg_heads = decoder_cfg.get("num_attention_heads") or (config or {}).get("num_attention_heads")
-    cfg_head_size = decoder_cfg.get("head_size") or (config or {}).get("head_dim")
-    if not cfg_head_size and config and cfg_heads:
-        cfg_head_size = config["hidden_size"] // cfg_heads
+    cfg_heads = decoder_cfg.get("num_attention_heads") or _config_value(config, "num_attention_heads")
+    cfg_kv_heads = decoder_cfg.get("num_key_value_heads") or _config_value(config, "num_key_value_heads") \
+        or cfg_heads
+    cfg_head_size = decoder_cfg.get("head_size") or _config_value(config, "head_dim")
+    if not cfg_head_size and cfg_heads and _config_value(config, "hidden_size"):
+        cfg_head_size = _config_value(config, "hidden_size") // cfg_heads
     num_kv_heads = past_shape[1] if isinstance(past_shape[1], int) else cfg_kv_heads
     head_size = past_shape[3] if isinstance(past_shape[3], int) else cfg_head_size
     if not num_kv_heads or not head_size:
         raise ValueError(f"{folder}: cannot tell the KV heads / head size: the session's past shape is "
                          f"{past_shape} and the configs do not give num_key_value_heads / head_size")
 
-    context_length = model_cfg.get("context_length") or (config or {}).get("max_position_embeddings")
+    context_length = model_cfg.get("context_length") or _config_value(config, "max_position_embeddings")
     if not context_length:
         raise ValueError(f"{folder}: no context length (genai_config model.context_length or config.json "
                          f"max_position_embeddings); add one to the config")
@@ -261,10 +281,10 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
     if not eos and os.path.isfile(generation_path):
         eos = _as_ids(_read_json(generation_path).get("eos_token_id"))
     if not eos and config:
-        eos = _as_ids(config.get("eos_token_id"))
+        eos = _as_ids(_config_value(config, "eos_token_id"))
     pad = model_cfg.get("pad_token_id") if genai else None
     if pad is None and config:
-        pad = config.get("pad_token_id")
+        pad = _config_value(config, "pad_token_id")
     if pad is None:
         pad = eos[0] if eos else 0
     if isinstance(pad, (list, tuple)):

@@ -1,7 +1,8 @@
 """Decoder layouts beyond the two of the main tests: element types and inputs read
 from the session (int32 position ids, optimum's merged-decoder use_cache_branch),
-inputs the loop cannot feed, a sliding-window (Mistral) export, and a session with
-a provider before the CPU one."""
+inputs the loop cannot feed, other model families' exports (sliding windows, mixed
+layers, GPT-2), and a session with a provider before the CPU one."""
+import json
 import os
 
 import numpy as np
@@ -97,45 +98,73 @@ def test_unsupported_element_type(exported, tmp_path):
         Generator.from_pretrained(edit_decoder(exported, tmp_path / "bf16", edit))
 
 
-@pytest.fixture(scope="module")
-def sliding_hf(tmp_path_factory):
-    """A tiny Mistral with a 6-token sliding window: transformers keeps the last 5 keys of
-    a layer in its cache, so the exported presents stop growing past the window."""
-    from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
+# model families beyond Llama, exported and run against transformers: Mistral's sliding
+# window (6 tokens, so the prompts and new tokens run past it), Gemma 2's sliding and full
+# layers mixed (with eager attention: it has no SDPA path), GPT-2's config spellings
+# (n_positions, n_head) and fused projections
+FAMILIES = {
+    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    "gemma2-mixed": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=6)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
+}
 
-    folder = build_tiny_llama(str(tmp_path_factory.mktemp("mistral_hf")))
-    llama = LlamaConfig.from_pretrained(folder)
-    config = MistralConfig(vocab_size=llama.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
-                           sliding_window=6)
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_family_matches_transformers(family, tmp_path):
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftattn.onnx import export
+
+    config_name, model_name, options = FAMILIES[family]
+    folder = build_tiny_llama(str(tmp_path / "hf"))  # its tokenizer; the model is replaced
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    vocab = len(AutoTokenizer.from_pretrained(folder))
+    ids = dict(bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    if options is None:  # GPT-2 spells its sizes its own way
+        config = getattr(transformers, config_name)(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
+                                                    n_positions=256, **ids)
+    else:
+        config = getattr(transformers, config_name)(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **ids, **options)
     torch.manual_seed(1)
-    model = MistralForCausalLM(config)
+    model = getattr(transformers, model_name)(config)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0.0, 0.2)
     model.save_pretrained(folder)
-    return folder
+    export(folder, str(tmp_path / "onnx"))
+    generator = Generator.from_pretrained(str(tmp_path / "onnx"))
+    assert generator.spec.context_length == 256 and generator.spec.eos_token_ids == (EOS_ID,)
 
-
-def test_sliding_window_model_matches_transformers(sliding_hf, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftattn.onnx import export
-
-    out = str(tmp_path / "mistral_onnx")
-    export(sliding_hf, out)
-    generator = Generator.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(sliding_hf).eval()
-    tokenizer = AutoTokenizer.from_pretrained(sliding_hf)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
-    prompt = PROMPTS[2]  # 11 tokens and 12 new: past the window both ways
-    encoded = tokenizer([prompt], return_tensors="pt")
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # 9, 3 and 12 tokens
     with torch.no_grad():
         expected = model.generate(**encoded, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD_ID,
-                                  eos_token_id=[])[0, encoded.input_ids.shape[1]:].tolist()
-    assert generator.generate(prompt, NEW_TOKENS, eos_token_id=[])[0].token_ids == expected
+                                  eos_token_id=[])[:, encoded.input_ids.shape[1]:].tolist()
+    assert [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, eos_token_id=[])] == expected
+    assert generator.generate(PROMPTS[1], NEW_TOKENS, eos_token_id=[])[0].token_ids == expected[1]
+
+
+def test_export_refuses_layers_without_a_kv_cache(tmp_path):
+    from ftattn.onnx import exporter
+
+    assert exporter._ATTENTION_LAYER_TYPES == {"full_attention", "sliding_attention", "chunked_attention"}
+    folder = build_tiny_llama(str(tmp_path / "hf"))
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["layer_types"] = ["full_attention", "linear_attention"]
+    with open(config_path, "w") as handle:
+        json.dump(config, handle)
+    with pytest.raises(ValueError, match=r"\['linear_attention'\] layers; the export's layout holds one key"):
+        exporter.export(folder, str(tmp_path / "onnx"))
 
 
 def test_provider_before_cpu_turns_the_shared_buffer_off(builder_fp32):
