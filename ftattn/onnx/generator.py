@@ -153,6 +153,11 @@ class Generator:
         self.spec = spec
         self.tokenizer = tokenizer
         self.shared_buffer = (spec.shared_buffer and on_cpu) if shared_buffer is None else bool(shared_buffer)
+        if spec.sliding_window_in_graph and not self.shared_buffer:
+            raise ValueError(
+                f"{spec.folder}: the model's windowed attention layers (GQA local_window_size "
+                f"{spec.sliding_window}) need a preallocated past/present buffer of at least the window, "
+                f"which the shared buffer is (CPU provider alone); leave shared_buffer=None")
         if not isinstance(direct_binding, bool):
             raise TypeError(f"direct_binding={direct_binding!r}: must be True or False")
         self.direct_binding = direct_binding
@@ -304,18 +309,30 @@ class Generator:
             raise TypeError(f"stream={stream!r}: must be a callable stream(index, piece) or None")
 
         encoded = self._prompts(prompts)
+        window = self.spec.sliding_window if not self.spec.sliding_window_in_graph else None
         for i, ids in enumerate(encoded):
             if len(ids) + max_new_tokens > self.spec.context_length:
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                     f"{len(ids) + max_new_tokens} > the model's context length {self.spec.context_length}; "
                     f"shorten the prompt or lower max_new_tokens")
+            if window is not None and len(ids) + max_new_tokens > window:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                    f"{len(ids) + max_new_tokens} > the model's sliding window {window}, which this graph "
+                    f"leaves to onnxruntime-genai's runtime (genai_config sliding_window.layers is empty) and "
+                    f"this loop does not apply; stay within the window, or export the model with "
+                    f"ftattn.onnx.export, whose graphs apply it")
 
         rng = np.random.default_rng(seed)
         results: list[Generation | None] = [None] * len(encoded)
-        if self.spec.padding is Padding.NONE and len({len(ids) for ids in encoded}) > 1:
-            # without position_ids or GQA, pads would shift the positions: run the prompts one by one
-            groups = [[i] for i in range(len(encoded))]
+        if self.spec.padding is Padding.NONE or self.spec.sliding_window_in_graph:
+            # without position_ids or GQA, pads would shift the positions, and GQA's windowed
+            # layers take no padded prompt rows: each length runs as a batch of its own
+            by_length: dict[int, list[int]] = {}
+            for i, ids in enumerate(encoded):
+                by_length.setdefault(len(ids), []).append(i)
+            groups = list(by_length.values())
         else:
             groups = [list(range(len(encoded)))]
         for group in groups:
@@ -424,6 +441,8 @@ class Generator:
         lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
         width = int(lengths.max())
         capacity = width + max_new_tokens  # KV positions this request can reach
+        if spec.sliding_window_in_graph:  # GQA's windowed layers want a buffer of at least the window
+            capacity = max(capacity, spec.sliding_window)
         right = spec.padding is Padding.RIGHT
 
         # -- prefill inputs: pads on the right for GQA, on the left otherwise

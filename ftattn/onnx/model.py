@@ -85,6 +85,10 @@ class ModelSpec:
     mask_dtype: type = np.int64
     position_ids_dtype: type = np.int64
     group_query_attention: bool = False
+    # genai builder's sliding window: its size, and whether the graph applies it (GQA's
+    # local_window_size on the layers genai_config lists) or leaves it to the runtime
+    sliding_window: int | None = None
+    sliding_window_in_graph: bool = False
     chat_template: str | None = None
     bos_token: str | None = None
     eos_token: str | None = None
@@ -319,6 +323,8 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
     tokenizer_config = _read_json(tokenizer_config_path) if os.path.isfile(tokenizer_config_path) else {}
 
     group_query_attention = _uses_group_query_attention(decoder_path)
+    sliding = decoder_cfg.get("sliding_window") or {}
+    sliding_window = sliding.get("window_size")
     return ModelSpec(
         folder=folder,
         decoder_path=decoder_path,
@@ -344,6 +350,8 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
         mask_dtype=_ORT_TO_NUMPY[inputs[mask_name].type] if mask_name in inputs else np.int64,
         position_ids_dtype=_ORT_TO_NUMPY[inputs[position_name].type] if position_name in inputs else np.int64,
         group_query_attention=group_query_attention,
+        sliding_window=int(sliding_window) if sliding_window else None,
+        sliding_window_in_graph=bool(sliding_window and sliding.get("layers")),
         chat_template=_chat_template(folder),
         bos_token=_token_string(tokenizer_config.get("bos_token")),
         eos_token=_token_string(tokenizer_config.get("eos_token")),

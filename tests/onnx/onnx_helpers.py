@@ -103,3 +103,58 @@ def rename_output(graph, old, new):
     """Make the node that writes ``old`` write ``new`` (a node added after it writes ``old``)."""
     producer = next(node for node in graph.node if old in node.output)
     producer.output[:] = [new if name == old else name for name in producer.output]
+
+
+# model families beyond Llama, for exports and builder models against transformers:
+# Mistral's sliding window (6 tokens, so the test prompts and new tokens run past it),
+# Gemma 2's sliding and full layers mixed (eager attention: it has no SDPA path), GPT-2's
+# config spellings (n_positions, n_head) and fused projections
+FAMILIES = {
+    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    "gemma2-mixed": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=6)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
+}
+
+
+def build_family(folder, family):
+    """A tiny random model of one of FAMILIES with build_tiny_llama's tokenizer, in ``folder``."""
+    import torch
+    import transformers
+
+    config_name, model_name, options = FAMILIES[family]
+    build_tiny_llama(folder)
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    if options is None:  # GPT-2 spells its sizes its own way
+        config = getattr(transformers, config_name)(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
+                                                    n_positions=256, **ids)
+    else:
+        config = getattr(transformers, config_name)(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **ids, **options)
+    torch.manual_seed(1)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def transformers_greedy(folder, prompts, new_tokens, padding_side="left"):
+    """transformers' greedy new tokens for a padded batch of ``prompts`` (EOS never stops)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = padding_side
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
+                             eos_token_id=[])
+    return out[:, encoded.input_ids.shape[1]:].tolist()

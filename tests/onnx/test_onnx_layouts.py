@@ -7,11 +7,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from ftattn.onnx import Generator
 
-from onnx_helpers import EOS_ID, PAD_ID, build_tiny_llama, edit_decoder, rename_output, rename_uses
+from onnx_helpers import (EOS_ID, FAMILIES, build_family, build_tiny_llama, edit_decoder, rename_output,
+                          rename_uses, run_builder, transformers_greedy)
 
 PROMPTS = ["def main(args) -> int:", "Café", "The fault-tolerant attention kernel checks every block of"]
 NEW_TOKENS = 12
@@ -98,58 +98,60 @@ def test_unsupported_element_type(exported, tmp_path):
         Generator.from_pretrained(edit_decoder(exported, tmp_path / "bf16", edit))
 
 
-# model families beyond Llama, exported and run against transformers: Mistral's sliding
-# window (6 tokens, so the prompts and new tokens run past it), Gemma 2's sliding and full
-# layers mixed (with eager attention: it has no SDPA path), GPT-2's config spellings
-# (n_positions, n_head) and fused projections
-FAMILIES = {
-    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
-    "gemma2-mixed": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=6)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
-}
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_model_family_matches_transformers(family, tmp_path):
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ftattn.onnx import export
 
-    config_name, model_name, options = FAMILIES[family]
-    folder = build_tiny_llama(str(tmp_path / "hf"))  # its tokenizer; the model is replaced
-    for name in ("config.json", "model.safetensors", "generation_config.json"):
-        if os.path.exists(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
-    vocab = len(AutoTokenizer.from_pretrained(folder))
-    ids = dict(bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    if options is None:  # GPT-2 spells its sizes its own way
-        config = getattr(transformers, config_name)(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
-                                                    n_positions=256, **ids)
-    else:
-        config = getattr(transformers, config_name)(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **ids, **options)
-    torch.manual_seed(1)
-    model = getattr(transformers, model_name)(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
+    folder = build_family(str(tmp_path / "hf"), family)
     export(folder, str(tmp_path / "onnx"))
     generator = Generator.from_pretrained(str(tmp_path / "onnx"))
     assert generator.spec.context_length == 256 and generator.spec.eos_token_ids == (EOS_ID,)
-
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # 9, 3 and 12 tokens
-    with torch.no_grad():
-        expected = model.generate(**encoded, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD_ID,
-                                  eos_token_id=[])[:, encoded.input_ids.shape[1]:].tolist()
+    expected = transformers_greedy(folder, PROMPTS, NEW_TOKENS)  # 9, 3 and 12 tokens, left-padded
     assert [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, eos_token_id=[])] == expected
     assert generator.generate(PROMPTS[1], NEW_TOKENS, eos_token_id=[])[0].token_ids == expected[1]
+
+
+@pytest.fixture(scope="module")
+def builder_family(tmp_path_factory):
+    """genai builder (fp32) models of FAMILIES, built once per family."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (it builds the model)")
+    built = {}
+
+    def build(family):
+        if family not in built:
+            root = tmp_path_factory.mktemp(family)
+            hf = build_family(str(root / "hf"), family)
+            built[family] = (hf, run_builder(hf, root / "genai", "fp32"))
+        return built[family]
+    return build
+
+
+def test_builder_windowed_layers_match_transformers(builder_family):
+    """Gemma 2 from the builder: GQA applies the 6-token window on layer 0 and wants a
+    buffer of at least the window, and takes no padded prompt rows on that layer: the
+    prompts (9, 3, 12 tokens) run one length at a time and give transformers' tokens."""
+    hf, folder = builder_family("gemma2-mixed")
+    generator = Generator.from_pretrained(folder)
+    assert generator.spec.sliding_window == 6 and generator.spec.sliding_window_in_graph
+    expected = [transformers_greedy(hf, [p], NEW_TOKENS)[0] for p in PROMPTS]
+    assert [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, eos_token_id=[])] == expected
+    # a request shorter than the window (3 + 2 tokens) still gets a buffer of the window's size
+    assert generator.generate(PROMPTS[1], 2, eos_token_id=[])[0].token_ids == expected[1][:2]
+    with pytest.raises(ValueError, match="need a preallocated past/present buffer of at least the window"):
+        Generator.from_pretrained(folder, shared_buffer=False)
+
+
+def test_builder_window_left_to_the_runtime_is_refused_past_it(builder_family):
+    """Mistral from the builder: the graph attends to every position and genai_config
+    leaves the 6-token window to genai's runtime, so a request longer than the window is
+    refused; one within it gives transformers' tokens."""
+    hf, folder = builder_family("mistral-sliding")
+    generator = Generator.from_pretrained(folder)
+    assert generator.spec.sliding_window == 6 and not generator.spec.sliding_window_in_graph
+    with pytest.raises(ValueError, match="> the model's sliding window 6, which this graph leaves to"):
+        generator.generate(PROMPTS, NEW_TOKENS)
+    short = "Café"  # 3 tokens + 3 new = the window
+    assert generator.generate(short, 3, eos_token_id=[])[0].token_ids == transformers_greedy(hf, [short], 3)[0]
 
 
 def test_export_refuses_layers_without_a_kv_cache(tmp_path):
