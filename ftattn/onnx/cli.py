@@ -18,6 +18,16 @@ def _unescape(text: str) -> str:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+def _median_gap(times: list[float]) -> float:
+    """The median time between two new tokens (0.0 with fewer than two): steadier than the
+    mean rate when other jobs stall a few steps."""
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    if not gaps:
+        return 0.0
+    middle = len(gaps) // 2
+    return gaps[middle] if len(gaps) % 2 else (gaps[middle - 1] + gaps[middle]) / 2
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder: .onnx decoder, tokenizer.json, genai_config.json or config.json")
     parser.add_argument("prompts", nargs="+", help="one or more prompts (several run as one padded batch)")
@@ -71,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
             "prompt": args.prompts[i], "text": r.text, "token_ids": r.token_ids,
             "prompt_tokens": len(r.prompt_token_ids), "finish_reason": r.finish_reason,
             "time_to_first_token_s": r.time_to_first_token_s, "decode_tokens_per_s": r.decode_tokens_per_s,
+            "inter_token_s_median": _median_gap(r.token_times_s),
         } for i, r in enumerate(results)], indent=2))
         return 0
     for i, result in enumerate(results):
@@ -82,5 +93,6 @@ def main(args: argparse.Namespace) -> int:
             print(result.text)
         print(f"[{len(result.prompt_token_ids)} prompt tokens, {len(result.token_ids)} new, "
               f"finish: {result.finish_reason}, TTFT {result.time_to_first_token_s * 1e3:.1f} ms, "
-              f"decode {result.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+              f"decode {result.decode_tokens_per_s:.1f} tokens/s, median inter-token "
+              f"{_median_gap(result.token_times_s) * 1e3:.2f} ms]", file=sys.stderr)
     return 0

@@ -55,6 +55,15 @@ def test_cli_json_matches_api(exported, capsys):
     expected = Generator.from_pretrained(exported).generate(prompts, 6)
     assert [p["token_ids"] for p in printed] == [r.token_ids for r in expected]
     assert [p["text"] for p in printed] == [r.text for r in expected]
+    assert all(p["inter_token_s_median"] > 0 for p in printed)
+
+
+def test_median_gap():
+    from ftattn.onnx.cli import _median_gap
+
+    assert _median_gap([0.0, 1.0, 3.0, 6.0]) == 2.0  # gaps 1, 2, 3
+    assert _median_gap([0.0, 1.0, 3.0]) == 1.5  # gaps 1, 2
+    assert _median_gap([0.5]) == 0.0 and _median_gap([]) == 0.0
 
 
 @pytest.mark.parametrize("extra", [[], ["--no-stream"]], ids=["stream", "no-stream"])
