@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
+_ESCAPE = re.compile(r"\\(?:[nrt0\\'\"]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})")
+
+
 def _unescape(text: str) -> str:
-    r"""A command-line string with its backslash escapes (\n, \t, \u00e9) read as characters;
-    other characters, non-ASCII ones included, stay as they are."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    r"""A command-line string with its backslash escapes (\n \r \t \0 \\ \' \" \xhh \uhhhh
+    \Uhhhhhhhh) read as characters; any other backslash and every other character stay."""
+    return _ESCAPE.sub(lambda match: match.group(0).encode("ascii").decode("unicode_escape"), text)
 
 
 def _median_gap(times: list[float]) -> float:
@@ -40,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, type=_unescape,
                         help=r"stop string (repeatable); backslash escapes such as \n and \t are read as the "
-                             r"characters")
+                             r"characters (write \\ for a backslash)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap each prompt as a user message and apply the tokenizer's chat template")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")

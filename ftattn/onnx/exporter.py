@@ -25,8 +25,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "generation_config.json")
 
 
-# layer types (transformers' config.layer_types) whose cache is one key and one value tensor
-_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
 def _cache_wrapper(model, with_position_ids: bool = True):
@@ -95,11 +93,16 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None, position_i
         model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32,
                                                      attn_implementation="eager")
     model.eval()
-    layer_types = set(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ())
-    unsupported = sorted(layer_types - _ATTENTION_LAYER_TYPES)
-    if unsupported:
-        raise ValueError(f"{hf_model_dir!r} has {unsupported} layers; the export's layout holds one key and one "
-                         f"value tensor per layer, for attention layers ({sorted(_ATTENTION_LAYER_TYPES)}) only")
+    # the layout holds one key and one value tensor per layer: attention layers' caches only
+    # (not linear-attention or convolution states, nor layers that reuse another's cache)
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    kinds = sorted({type(layer).__name__ for layer in DynamicCache(config=model.config).layers
+                    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})
+    if kinds:
+        raise ValueError(f"{hf_model_dir!r} has cache layers of kind {kinds}; the export's layout holds one key and "
+                         f"one value tensor per layer, for attention layers (DynamicLayer, "
+                         f"DynamicSlidingWindowLayer) only")
     config = model.config
     num_layers = config.num_hidden_layers
     num_heads = config.num_attention_heads

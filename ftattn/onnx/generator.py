@@ -316,10 +316,11 @@ class Generator:
                     f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                     f"{len(ids) + max_new_tokens} > the model's context length {self.spec.context_length}; "
                     f"shorten the prompt or lower max_new_tokens")
-            if window is not None and len(ids) + max_new_tokens > window:
+            # the last new token is never fed back: the last query sees len + new - 1 positions
+            if window is not None and len(ids) + max_new_tokens - 1 > window:
                 raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                    f"{len(ids) + max_new_tokens} > the model's sliding window {window}, which this graph "
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the last step "
+                    f"attends to {len(ids) + max_new_tokens - 1} > the model's sliding window {window}, which this graph "
                     f"leaves to onnxruntime-genai's runtime (genai_config sliding_window.layers is empty) and "
                     f"this loop does not apply; stay within the window, or export the model with "
                     f"ftattn.onnx.export, whose graphs apply it")
@@ -354,11 +355,14 @@ class Generator:
         return results
 
     def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
-        values = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else eos_token_id
+        one = isinstance(eos_token_id, (int, np.integer)) or (isinstance(eos_token_id, np.ndarray)
+                                                                and eos_token_id.ndim == 0)
+        values = [eos_token_id.item() if isinstance(eos_token_id, np.ndarray) else eos_token_id] if one \
+            else eos_token_id
         if isinstance(values, (list, tuple, set, np.ndarray)) and all(
                 isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
             ids = tuple(int(v) for v in values)
-            if self.vocab_size is None or all(0 <= i < self.vocab_size for i in ids):
+            if all(0 <= i < (self.vocab_size or 2 ** 63) for i in ids):
                 return ids
         vocab = f" in [0, {self.vocab_size})" if self.vocab_size is not None else ""
         raise ValueError(f"eos_token_id={eos_token_id!r}: must be a token id or a list of token ids{vocab} "
@@ -372,8 +376,10 @@ class Generator:
         # that decodes to a replacement character (the prompt cut inside a multi-byte
         # character) would write prompt bytes into the text: shorten it, down to nothing
         prime = prompt[-_STREAM_PRIMING_TOKENS:]
-        while prime and "\ufffd" in self.tokenizer.decode(prime, skip_special_tokens=True):
-            prime = prime[1:]
+        while prime and self.tokenizer.decode(prime, skip_special_tokens=True).startswith("\ufffd"):
+            prime = prime[1:]  # the window began inside a character
+        if prime and self.tokenizer.decode(prime, skip_special_tokens=True).endswith("\ufffd"):
+            prime = []  # the prompt ends inside one (or with a literal U+FFFD: the same bytes out)
         return _Row(index=index, prompt=prompt, prime=prime,
                     stream=DecodeStream(ids=prime, skip_special_tokens=True))
 

@@ -86,7 +86,7 @@ class ModelSpec:
     position_ids_dtype: type = np.int64
     group_query_attention: bool = False
     # genai builder's sliding window: its size, and whether the graph applies it (GQA's
-    # local_window_size on the layers genai_config lists) or leaves it to the runtime
+    # local_window_size) or leaves it to genai's runtime (genai_config's window only)
     sliding_window: int | None = None
     sliding_window_in_graph: bool = False
     chat_template: str | None = None
@@ -322,9 +322,17 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
     tokenizer_config_path = os.path.join(folder, "tokenizer_config.json")
     tokenizer_config = _read_json(tokenizer_config_path) if os.path.isfile(tokenizer_config_path) else {}
 
-    group_query_attention = _uses_group_query_attention(decoder_path)
-    sliding = decoder_cfg.get("sliding_window") or {}
-    sliding_window = sliding.get("window_size")
+    group_query_attention, graph_window = _group_query_attention(decoder_path)
+    # the window: the graph's when its GQA nodes apply one, else genai_config's, which then
+    # leaves it to genai's runtime (the builder's Mistral: local_window_size -1 in the graph)
+    config_window = (decoder_cfg.get("sliding_window") or {}).get("window_size") or 0
+    sliding_window = graph_window or (config_window if config_window > 0 else 0)
+    if graph_window and graph_window > int(context_length):
+        raise ValueError(
+            f"{folder}: the decoder's GroupQueryAttention applies a window of {graph_window} tokens, more than "
+            f"its context length {context_length}; onnxruntime needs a KV buffer of at least the window and "
+            f"rotary caches as long as the buffer, so no request can run; rebuild the model with a context "
+            f"length of at least the window")
     return ModelSpec(
         folder=folder,
         decoder_path=decoder_path,
@@ -351,19 +359,22 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
         position_ids_dtype=_ORT_TO_NUMPY[inputs[position_name].type] if position_name in inputs else np.int64,
         group_query_attention=group_query_attention,
         sliding_window=int(sliding_window) if sliding_window else None,
-        sliding_window_in_graph=bool(sliding_window and sliding.get("layers")),
+        sliding_window_in_graph=bool(graph_window),
         chat_template=_chat_template(folder),
         bos_token=_token_string(tokenizer_config.get("bos_token")),
         eos_token=_token_string(tokenizer_config.get("eos_token")),
     )
 
 
-def _uses_group_query_attention(decoder_path: str) -> bool:
-    """Whether the decoder's attention is com.microsoft GroupQueryAttention.
+def _group_query_attention(decoder_path: str) -> tuple[bool, int]:
+    """Whether the decoder's attention is com.microsoft GroupQueryAttention, and the
+    largest local_window_size its nodes apply (0: none).
 
     Reads the graph without its external weights (a few kB for the builder's models).
     """
     import onnx
 
     model = onnx.load(decoder_path, load_external_data=False)
-    return any(node.op_type == "GroupQueryAttention" for node in model.graph.node)
+    nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
+    windows = [attribute.i for node in nodes for attribute in node.attribute if attribute.name == "local_window_size"]
+    return bool(nodes), max([w for w in windows if w > 0], default=0)

@@ -85,6 +85,7 @@ def test_max_new_tokens(generator, value):
     (dict(eos_token_id=[None]), "eos_token_id"),
     (dict(eos_token_id="12"), "eos_token_id"),
     (dict(eos_token_id=[10 ** 6]), r"eos_token_id=\[1000000\]: must be a token id .* in \[0, "),
+    (dict(eos_token_id=-5), "eos_token_id=-5"),
     (dict(stop=""), "stop"),
     (dict(stop=["ok", 3]), "stop"),
     (dict(stream="print"), "stream"),
@@ -103,6 +104,8 @@ def test_numpy_values_are_accepted(generator):
     expected = generator.generate(ids, 4, do_sample=True, seed=5, temperature=1.0)[0].token_ids
     assert generator.generate(np.array(ids), 4, do_sample=np.bool_(True), seed=np.int64(5),
                               temperature=np.int64(1))[0].token_ids == expected
+    eos = generator.generate(ids, 4)[0].token_ids[1]
+    assert generator.generate(ids, 4, eos_token_id=np.array(eos))[0].token_ids[-1] == eos  # a 0-d array: one id
     batch = generator.generate(np.array([ids, ids]), 4)  # a 2-D array: a batch
     assert len(batch) == 2 and batch[0].token_ids == batch[1].token_ids
 

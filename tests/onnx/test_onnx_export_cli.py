@@ -58,6 +58,14 @@ def test_cli_json_matches_api(exported, capsys):
     assert all(p["inter_token_s_median"] > 0 for p in printed)
 
 
+def test_stop_escapes():
+    from ftattn.onnx.cli import _unescape
+
+    assert _unescape(r"\n\n") == "\n\n" and _unescape(r"a\tb\u00e9\x41\\") == "a\tbéA\\"
+    for kept in (r"\begin{x}", "\\東", "end\\", "Café 😀"):  # not an escape: as written
+        assert _unescape(kept) == kept
+
+
 def test_median_gap():
     from ftattn.onnx.cli import _median_gap
 
@@ -103,3 +111,7 @@ def test_export_command_errors(tmp_path, capsys):
 
     assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+    assert export_main([str(tmp_path), str(tmp_path)]) == 2  # a ValueError: a message, no traceback
+    assert "is the model folder itself" in capsys.readouterr().err

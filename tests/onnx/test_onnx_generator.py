@@ -227,6 +227,17 @@ def test_token_prompt_cut_inside_a_character(generators):
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
         assert "".join(pieces) == result.text
         assert generator.generate(ids[:k], 8, eos_token_id=[])[0].text == result.text
+    # the priming window: empty after a cut character, shortened when it begins inside one
+    # (a literal U+FFFD before the prompt's end leaves it non-empty)
+    assert generator._new_row(0, ids[:cuts[0]]).prime == []
+    ids = tokenizer.encode("東京 😀🚀 Zürich ab", add_special_tokens=False).ids
+    starts_inside = next(k for k in range(1, len(ids) - 3) if tokenizer.decode(ids[k:k + 4]).startswith("\ufffd")
+                         and not tokenizer.decode(ids[:k + 4]).endswith("\ufffd"))
+    prime = generator._new_row(0, ids[:starts_inside + 4]).prime
+    assert 0 < len(prime) < 4 and prime == ids[starts_inside + 4 - len(prime):starts_inside + 4]
+    literal = tokenizer.encode("x\ufffd ok", add_special_tokens=False).ids  # a literal U+FFFD is 3 byte tokens
+    prime = generator._new_row(0, literal).prime
+    assert prime and prime == literal[-len(prime):] and not tokenizer.decode(prime).startswith("\ufffd")
 
 
 @pytest.mark.parametrize("kind,options", KINDS[:2])

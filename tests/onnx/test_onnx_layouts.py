@@ -10,8 +10,8 @@ import pytest
 
 from ftattn.onnx import Generator
 
-from onnx_helpers import (EOS_ID, FAMILIES, build_family, build_tiny_llama, edit_decoder, rename_output,
-                          rename_uses, run_builder, transformers_greedy)
+from onnx_helpers import (EOS_ID, FAMILIES, build_family, build_tiny_llama, copy_folder, edit_decoder,
+                          rename_output, rename_uses, run_builder, transformers_greedy)
 
 PROMPTS = ["def main(args) -> int:", "Café", "The fault-tolerant attention kernel checks every block of"]
 NEW_TOKENS = 12
@@ -150,14 +150,28 @@ def test_builder_window_left_to_the_runtime_is_refused_past_it(builder_family):
     assert generator.spec.sliding_window == 6 and not generator.spec.sliding_window_in_graph
     with pytest.raises(ValueError, match="> the model's sliding window 6, which this graph leaves to"):
         generator.generate(PROMPTS, NEW_TOKENS)
-    short = "Café"  # 3 tokens + 3 new = the window
-    assert generator.generate(short, 3, eos_token_id=[])[0].token_ids == transformers_greedy(hf, [short], 3)[0]
+    short = "Café"  # 3 tokens + 4 new: the last step (the 4th token is not fed back) sees 6 positions
+    assert generator.generate(short, 4, eos_token_id=[])[0].token_ids == transformers_greedy(hf, [short], 4)[0]
+    with pytest.raises(ValueError, match="attends to 7 > the model's sliding window 6"):
+        generator.generate(short, 5)
+
+
+def test_builder_window_longer_than_the_context_is_refused(builder_family, tmp_path):
+    _, folder = builder_family("gemma2-mixed")
+    folder = copy_folder(folder, tmp_path / "short_context")
+    config_path = os.path.join(folder, "genai_config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["model"]["context_length"] = 5  # below the graph's window of 6
+    with open(config_path, "w") as handle:
+        json.dump(config, handle)
+    with pytest.raises(ValueError, match="applies a window of 6 tokens, more than its context length 5"):
+        Generator.from_pretrained(folder)
 
 
 def test_export_refuses_layers_without_a_kv_cache(tmp_path):
     from ftattn.onnx import exporter
 
-    assert exporter._ATTENTION_LAYER_TYPES == {"full_attention", "sliding_attention", "chunked_attention"}
     folder = build_tiny_llama(str(tmp_path / "hf"))
     config_path = os.path.join(folder, "config.json")
     with open(config_path) as handle:
@@ -165,7 +179,7 @@ def test_export_refuses_layers_without_a_kv_cache(tmp_path):
     config["layer_types"] = ["full_attention", "linear_attention"]
     with open(config_path, "w") as handle:
         json.dump(config, handle)
-    with pytest.raises(ValueError, match=r"\['linear_attention'\] layers; the export's layout holds one key"):
+    with pytest.raises(ValueError, match=r"cache layers of kind \['LinearAttentionLayer'\]; the export's layout"):
         exporter.export(folder, str(tmp_path / "onnx"))
 
 
