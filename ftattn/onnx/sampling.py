@@ -67,28 +67,59 @@ def candidate_distribution(scores: np.ndarray, config: SamplingConfig) -> tuple[
     after temperature, top-k and top-p, matching transformers' warpers: top-k keeps
     the k largest (ties at the k-th value kept), top-p drops the tokens whose
     cumulative probability from the least likely up is <= 1 - top_p, keeping one.
+
+    top-p sorts only the most likely tokens: the nucleus is looked for among the
+    64 largest, then 4x as many, and so on (a full sort of a 32000-token vocabulary
+    costs milliseconds, more than an int4 model step); every token outside the
+    sorted set is strictly less likely than all in it, so their cumulative sum is
+    one number and the rule gives the same tokens as transformers' full sort.
     """
-    scores = scores.astype(np.float64) / config.temperature
-    if 0 < config.top_k < scores.shape[0]:
-        candidates = np.argpartition(scores, -config.top_k)[-config.top_k:]
-        kth = scores[candidates].min()
-        candidates = np.flatnonzero(scores >= kth)  # ties with the k-th are kept, as in transformers
+    size = scores.shape[0]
+    candidates = None  # None: the whole vocabulary, in order
+    if 0 < config.top_k < size:
+        # the k-th largest of the logits as given: dividing them by the temperature in float64
+        # keeps their order and their ties, so only the candidates need converting
+        kth = np.partition(scores, size - config.top_k)[size - config.top_k]
+        candidates = np.flatnonzero(scores >= kth)  # ties with the k-th kept, as transformers
+        values = scores[candidates].astype(np.float64) / config.temperature
     else:
-        candidates = np.arange(scores.shape[0])
-    values = scores[candidates]
+        values = scores.astype(np.float64) / config.temperature
     if config.top_p < 1.0:
-        order = np.argsort(values, kind="stable")  # ascending, as transformers sorts
-        probs = np.exp(values[order] - values[order[-1]])
+        probs = np.exp(values - values.max())
         probs /= probs.sum()
-        remove = np.cumsum(probs) <= 1.0 - config.top_p
+        count = values.shape[0]
+        take = min(count, 64)
+        while True:
+            if take < count:  # the `take` most likely, and every token tied with the last of them
+                edge = np.partition(values, count - take)[count - take]
+                inside = np.flatnonzero(values >= edge)
+                below = probs.sum() - probs[inside].sum()  # the mass of the tokens left out
+                # the boundary falls inside the set when its least likely token is removed
+                if below + probs[inside].min() > 1.0 - config.top_p:
+                    take *= 4
+                    continue
+            else:
+                inside, below = np.arange(count), 0.0
+            break
+        order = inside[np.argsort(values[inside], kind="stable")]  # ascending, ties by index
+        remove = below + np.cumsum(probs[order]) <= 1.0 - config.top_p
         remove[-1] = False  # min_tokens_to_keep = 1
-        keep = order[~remove]
-        candidates, values = candidates[keep], values[keep]
+        keep = order[~remove]  # ascending, as transformers' sort leaves them (the draw follows this order)
+        candidates = keep if candidates is None else candidates[keep]
+        values = values[keep]
     probs = np.exp(values - values.max())
-    return candidates, probs / probs.sum()
+    probs /= probs.sum()
+    return (np.arange(size) if candidates is None else candidates), probs
 
 
 def sample_row(scores: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
-    """One token drawn from ``candidate_distribution(scores, config)`` with ``rng``."""
+    """One token drawn from ``candidate_distribution(scores, config)`` with ``rng``.
+
+    The draw is numpy's ``rng.choice(n, p=probs)`` written out (one uniform number
+    against the cumulative distribution), so seeded results are the same, without
+    choice's checks of ``p``, which cost more than the draw on a large vocabulary.
+    """
     candidates, probs = candidate_distribution(scores, config)
-    return int(candidates[rng.choice(probs.shape[0], p=probs)])
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    return int(candidates[min(int(cdf.searchsorted(rng.random(), side="right")), cdf.shape[0] - 1)])

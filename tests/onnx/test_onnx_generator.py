@@ -178,6 +178,53 @@ def test_candidate_distribution_matches_transformers_warpers(config):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
 
 
+def _full_sort_distribution(scores, config):
+    """The warpers written plainly: top-k by a full argsort, top-p over the whole sorted
+    vocabulary (what candidate_distribution computes without sorting it all)."""
+    values = scores.astype(np.float64) / config.temperature
+    candidates = np.arange(values.shape[0])
+    if 0 < config.top_k < values.shape[0]:
+        kth = np.sort(values)[-config.top_k]
+        candidates = np.flatnonzero(values >= kth)
+    values = values[candidates]
+    if config.top_p < 1.0:
+        order = np.argsort(values, kind="stable")
+        probs = np.exp(values[order] - values[order[-1]])
+        probs /= probs.sum()
+        remove = np.cumsum(probs) <= 1.0 - config.top_p
+        remove[-1] = False
+        candidates, values = candidates[order[~remove]], values[order[~remove]]
+    probs = np.exp(values - values.max())
+    return candidates, probs / probs.sum()
+
+
+@pytest.mark.parametrize("vocab", [7, 511, 32000])
+def test_sampling_equals_full_sort_and_numpy_choice(vocab):
+    """On a large vocabulary top-p sorts only the most likely tokens, top-k selects on the
+    logits as given, and the draw is rng.choice written out: the same candidates, the
+    same probabilities and the same seeded tokens as the plain computation."""
+    from ftattn.onnx.sampling import sample_row
+
+    rng = np.random.default_rng(vocab)
+    configs = [SamplingConfig(do_sample=True, **kwargs) for kwargs in (
+        dict(top_p=0.9), dict(top_p=0.5), dict(top_p=0.999), dict(top_p=1e-9), dict(top_k=50, top_p=0.9),
+        dict(top_k=50), dict(top_k=1), dict(temperature=0.3, top_p=0.95), dict())]
+    for trial in range(6):
+        logits = (rng.standard_normal(vocab) * (0.5, 3.0, 10.0)[trial % 3]).astype(np.float32)
+        if trial % 2:  # ties, at the top and inside the nucleus
+            logits[rng.integers(0, vocab, 5)] = logits.max()
+            logits[rng.integers(0, vocab, 20)] = np.sort(logits)[-max(1, vocab // 3)]
+        for config in configs:
+            candidates, probs = candidate_distribution(logits, config)
+            expected_candidates, expected_probs = _full_sort_distribution(logits, config)
+            np.testing.assert_array_equal(candidates, expected_candidates)
+            np.testing.assert_allclose(probs, expected_probs, rtol=1e-12, atol=0)
+            draws, expected_draws = np.random.default_rng(trial), np.random.default_rng(trial)
+            assert [sample_row(logits, config, draws) for _ in range(4)] == \
+                [int(expected_candidates[expected_draws.choice(len(expected_probs), p=expected_probs)])
+                 for _ in range(4)]
+
+
 @pytest.mark.parametrize("kind,options", KINDS[:2])
 def test_streamed_pieces_join_to_text(generators, kind, options):
     generator = generators(kind, **options)
