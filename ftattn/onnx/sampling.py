@@ -60,6 +60,28 @@ def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: floa
     return scores
 
 
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices, in order, of the logits >= the k-th largest (ties kept).
+
+    The logits fall into vocab/64 disjoint groups of 64 (strided, so that their maxima take
+    one vectorised pass). The k largest group maxima are k distinct logits, so the k-th
+    largest logit is at least the smallest of them: only the logits above that bound (a
+    few times k) are partitioned, not the whole vocabulary (25 us instead of 55 for k 50
+    of 32000).
+    """
+    size = scores.shape[0]
+    blocks = size // 64
+    if blocks >= 4 * k:
+        maxima = scores[:blocks * 64].reshape(64, blocks).max(axis=0)  # strided groups: one fast pass
+        bound = np.partition(maxima, blocks - k)[blocks - k]
+        above = np.flatnonzero(scores >= bound)
+        values = scores[above]
+        kth = np.partition(values, values.shape[0] - k)[values.shape[0] - k]
+        return above[values >= kth]
+    kth = np.partition(scores, size - k)[size - k]
+    return np.flatnonzero(scores >= kth)
+
+
 def candidate_distribution(scores: np.ndarray, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
     """The tokens sampling may pick from one row of logits, and their probabilities.
 
@@ -79,8 +101,7 @@ def candidate_distribution(scores: np.ndarray, config: SamplingConfig) -> tuple[
     if 0 < config.top_k < size:
         # the k-th largest of the logits as given: dividing them by the temperature in float64
         # keeps their order and their ties, so only the candidates need converting
-        kth = np.partition(scores, size - config.top_k)[size - config.top_k]
-        candidates = np.flatnonzero(scores >= kth)  # ties with the k-th kept, as transformers
+        candidates = _top_k(scores, config.top_k)  # ties with the k-th kept, as transformers
         values = scores[candidates].astype(np.float64) / config.temperature
     else:
         values = scores.astype(np.float64) / config.temperature
