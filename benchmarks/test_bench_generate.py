@@ -49,7 +49,11 @@ MODEL_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 # case shows where the seed loop's per-step copies of the whole KV cache (which grow with
 # the context) weigh against the model step.
 CASES = {"tiny-fp32": (MODEL_TINY, "fp32", PROMPT_TOKENS), "58M-fp32": (MODEL_58M, "fp32", PROMPT_TOKENS),
-         "58M-int4": (MODEL_58M, "int4", PROMPT_TOKENS), "58M-int4-prompt768": (MODEL_58M, "int4", 768)}
+         "58M-int4": (MODEL_58M, "int4", PROMPT_TOKENS), "58M-int4-prompt768": (MODEL_58M, "int4", 768),
+         "58M-int4-sampled": (MODEL_58M, "int4", PROMPT_TOKENS)}
+# cases that sample (ftattn and genai with the same settings, each its own seeded generator,
+# so their tokens differ); the seed loop only did greedy search and sits these out
+SAMPLED = {"58M-int4-sampled": dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)}
 
 _measured: dict = {}
 
@@ -107,17 +111,18 @@ def models(tmp_path_factory):
 # -- the three loops; each returns (new tokens, time to first token, decode seconds,
 # the times between two new tokens) -------------------------------------------------
 
-def run_ftattn(generator, ids):
-    result = generator.generate([ids], NEW_TOKENS, eos_token_id=[])[0]
+def run_ftattn(generator, ids, sampling=None):
+    result = generator.generate([ids], NEW_TOKENS, eos_token_id=[], seed=0, **(sampling or {}))[0]
     return result.token_ids, result.time_to_first_token_s, result.decode_time_s, np.diff(result.token_times_s)
 
 
-def run_genai(model, ids):
+def run_genai(model, ids, sampling=None):
     import onnxruntime_genai as og
 
     start = time.perf_counter()
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + NEW_TOKENS, min_length=len(ids) + NEW_TOKENS)
+    params.set_search_options(**(dict(sampling, random_seed=0) if sampling else dict(do_sample=False)),
+                              max_length=len(ids) + NEW_TOKENS, min_length=len(ids) + NEW_TOKENS)
     generator = og.Generator(model, params)
     generator.append_tokens(ids)
     tokens, stamps = [], []
@@ -158,7 +163,7 @@ def run_seed_loop(session, tokenizer, ids, layers, kv_heads, head_size):
     return generated, stamps[0] - start, stamps[-1] - stamps[0], np.diff(stamps)
 
 
-def _setup(folder, model, prompt_tokens):
+def _setup(folder, model, prompt_tokens, sampling=None):
     """The three loops on one model folder, each a () -> (tokens, TTFT s, decode s, step s)."""
     import onnxruntime as ort
     import onnxruntime_genai as og
@@ -179,20 +184,23 @@ def _setup(folder, model, prompt_tokens):
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     ids = np.random.default_rng(0).integers(3, model["vocab_size"], prompt_tokens).tolist()
     head_size = model["hidden_size"] // model["num_attention_heads"]
-    return {
-        "ftattn": lambda: run_ftattn(generator, ids),
-        "ftattn_no_spin": lambda: run_ftattn(no_spin, ids),
-        "onnxruntime_genai": lambda: run_genai(genai_model, ids),
+    loops = {
+        "ftattn": lambda: run_ftattn(generator, ids, sampling),
+        "ftattn_no_spin": lambda: run_ftattn(no_spin, ids, sampling),
+        "onnxruntime_genai": lambda: run_genai(genai_model, ids, sampling),
         "seed_loop": lambda: run_seed_loop(session, tokenizer, ids, model["num_hidden_layers"],
                                            model["num_key_value_heads"], head_size),
     }
+    if sampling:
+        del loops["seed_loop"]
+    return loops
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bench_generate(benchmark, models, case):
     """One round runs the loops in turn (rotating who goes first), so that the load
     of a shared machine falls on all three alike; medians over the rounds."""
-    loops = _setup(models[case], CASES[case][0], CASES[case][2])
+    loops = _setup(models[case], CASES[case][0], CASES[case][2], SAMPLED.get(case))
     names = list(loops)
     runs = {name: [] for name in names}
     rotation = [0]
@@ -221,10 +229,10 @@ def test_bench_generate(benchmark, models, case):
             "inter_token_ms_p90": float(np.percentile(steps, 90) * 1e3),
             "decode_tokens_per_s_from_median_step": float(1 / np.median(steps)),
         }
-    # same model, same greedy tokens: the three loops compute the same thing
-    assert len({tuple(run[-1][0]) for run in runs.values()}) == 1
+    if case not in SAMPLED:  # same model, same greedy tokens: the loops compute the same thing
+        assert len({tuple(run[-1][0]) for run in runs.values()}) == 1
     for ours in ("ftattn", "ftattn_no_spin"):
-        for other in ("onnxruntime_genai", "seed_loop"):
+        for other in [name for name in ("onnxruntime_genai", "seed_loop") if name in names]:
             entry[f"{ours}_over_{other}"] = (entry[ours]["decode_tokens_per_s_median"]
                                              / entry[other]["decode_tokens_per_s_median"])
             # the ratio within each round (the two loops seconds apart), then its median:
@@ -273,10 +281,11 @@ def _write_results(built):
                           bytes=sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                                     if f.startswith("model.onnx"))),
             "prompt_tokens": prompt_tokens,
+            "sampling": SAMPLED.get(case),
             **entry,
         }
     record = {
-        "benchmark": "greedy decode, batch 1, random LlamaForCausalLM converted by the genai builder "
+        "benchmark": "decode (greedy; sampled where a case says), batch 1, random LlamaForCausalLM converted by the genai builder "
                      "(GroupQueryAttention); the loops interleaved round by round, a pause of "
                      f"{SETTLE_S} s before each",
         "formula": "decode tokens/s = (new tokens - 1) / (time from first to last new token); median of rounds. "
