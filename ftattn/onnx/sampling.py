@@ -105,9 +105,9 @@ def candidate_distribution(scores: np.ndarray, config: SamplingConfig) -> tuple[
         values = scores[candidates].astype(np.float64) / config.temperature
     else:
         values = scores.astype(np.float64) / config.temperature
+    weights = np.exp(values - values.max())  # the unnormalised softmax
     if config.top_p < 1.0:
-        probs = np.exp(values - values.max())
-        probs /= probs.sum()
+        probs = weights / weights.sum()
         count = values.shape[0]
         take = min(count, 64)
         while True:
@@ -119,18 +119,18 @@ def candidate_distribution(scores: np.ndarray, config: SamplingConfig) -> tuple[
                 if below + probs[inside].min() > 1.0 - config.top_p:
                     take *= 4
                     continue
-            else:
-                inside, below = np.arange(count), 0.0
+                order = inside[np.argsort(values[inside], kind="stable")]  # ascending, ties by index
+                remove = below + np.cumsum(probs[order]) <= 1.0 - config.top_p
+            else:  # the whole set (few tokens after top-k, say): fewer numpy calls between two steps
+                order = np.argsort(values, kind="stable")
+                remove = np.cumsum(probs[order]) <= 1.0 - config.top_p
             break
-        order = inside[np.argsort(values[inside], kind="stable")]  # ascending, ties by index
-        remove = below + np.cumsum(probs[order]) <= 1.0 - config.top_p
         remove[-1] = False  # min_tokens_to_keep = 1
         keep = order[~remove]  # ascending, as transformers' sort leaves them (the draw follows this order)
         candidates = keep if candidates is None else candidates[keep]
-        values = values[keep]
-    probs = np.exp(values - values.max())
-    probs /= probs.sum()
-    return (np.arange(size) if candidates is None else candidates), probs
+        # the most likely token is kept, so the kept weights are exp(kept - their max) as they stand
+        weights = weights[keep]
+    return (np.arange(size) if candidates is None else candidates), weights / weights.sum()
 
 
 def sample_row(scores: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
