@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 
 
@@ -25,11 +26,8 @@ def _unescape(text: str) -> str:
 def _median_gap(times: list[float]) -> float:
     """The median time between two new tokens (0.0 with fewer than two): steadier than the
     mean rate when other jobs stall a few steps."""
-    gaps = sorted(b - a for a, b in zip(times, times[1:]))
-    if not gaps:
-        return 0.0
-    middle = len(gaps) // 2
-    return gaps[middle] if len(gaps) % 2 else (gaps[middle - 1] + gaps[middle]) / 2
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps) if gaps else 0.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -321,7 +321,7 @@ class Generator:
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the last step "
                     f"attends to {len(ids) + max_new_tokens - 1} > the model's sliding window {window}, which this graph "
-                    f"leaves to onnxruntime-genai's runtime (genai_config sliding_window.layers is empty) and "
+                    f"leaves to onnxruntime-genai's runtime (its GroupQueryAttention applies no window) and "
                     f"this loop does not apply; stay within the window, or export the model with "
                     f"ftattn.onnx.export, whose graphs apply it")
 
@@ -376,9 +376,11 @@ class Generator:
         # that decodes to a replacement character (the prompt cut inside a multi-byte
         # character) would write prompt bytes into the text: shorten it, down to nothing
         prime = prompt[-_STREAM_PRIMING_TOKENS:]
-        while prime and self.tokenizer.decode(prime, skip_special_tokens=True).startswith("\ufffd"):
-            prime = prime[1:]  # the window began inside a character
-        if prime and self.tokenizer.decode(prime, skip_special_tokens=True).endswith("\ufffd"):
+        text = self.tokenizer.decode(prime, skip_special_tokens=True)
+        while prime and text.startswith("\ufffd"):  # the window began inside a character
+            prime = prime[1:]
+            text = self.tokenizer.decode(prime, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
             prime = []  # the prompt ends inside one (or with a literal U+FFFD: the same bytes out)
         return _Row(index=index, prompt=prompt, prime=prime,
                     stream=DecodeStream(ids=prime, skip_special_tokens=True))

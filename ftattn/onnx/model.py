@@ -267,8 +267,9 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
     cfg_kv_heads = decoder_cfg.get("num_key_value_heads") or _config_value(config, "num_key_value_heads") \
         or cfg_heads
     cfg_head_size = decoder_cfg.get("head_size") or _config_value(config, "head_dim")
-    if not cfg_head_size and cfg_heads and _config_value(config, "hidden_size"):
-        cfg_head_size = _config_value(config, "hidden_size") // cfg_heads
+    hidden_size = _config_value(config, "hidden_size")
+    if not cfg_head_size and cfg_heads and hidden_size:
+        cfg_head_size = hidden_size // cfg_heads
     num_kv_heads = past_shape[1] if isinstance(past_shape[1], int) else cfg_kv_heads
     head_size = past_shape[3] if isinstance(past_shape[3], int) else cfg_head_size
     if not num_kv_heads or not head_size:
@@ -303,12 +304,10 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
             f"{folder}: the decoder has inputs the generator does not know how to feed: {unknown}; it feeds "
             f"input_ids, attention_mask, position_ids, past_key_values.{{i}}.key/value and optimum's "
             f"use_cache_branch. Export the model with ftattn.onnx.export or the genai builder")
-    if _USE_CACHE_BRANCH in inputs and inputs[_USE_CACHE_BRANCH].type != "tensor(bool)":
-        raise ValueError(f"{folder}: the decoder's {_USE_CACHE_BRANCH} input is "
-                         f"{inputs[_USE_CACHE_BRANCH].type}; optimum's merged decoders take tensor(bool)")
     typed = [(input_ids_name, inputs, _INTEGER_TYPES), (logits_name, outputs, _FLOAT_TYPES),
              (past_layers[0]["key"], inputs, _FLOAT_TYPES)]
     typed += [(name, inputs, _INTEGER_TYPES) for name in (mask_name, position_name) if name in inputs]
+    typed += [(_USE_CACHE_BRANCH, inputs, ("tensor(bool)",))] if _USE_CACHE_BRANCH in inputs else []
     for name, where, supported in typed:
         if where[name].type not in supported:
             raise ValueError(f"{folder}: the decoder's {name!r} is {where[name].type}; the generator supports "

@@ -25,12 +25,10 @@ CHAT_TEMPLATE = (
 EOS_ID, PAD_ID, BOS_ID = 1, 2, 0
 
 
-def build_tiny_llama(folder, *, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512,
-                     context=256, seed=0, chat_template=CHAT_TEMPLATE):
-    """Write a random Llama-style model and a trained byte-level BPE tokenizer to ``folder``."""
-    import torch
+def build_tokenizer(folder, vocab=512, chat_template=CHAT_TEMPLATE):
+    """Train a byte-level BPE tokenizer on CORPUS and save it to ``folder``; returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -43,20 +41,34 @@ def build_tiny_llama(folder, *, hidden=64, layers=2, heads=4, kv_heads=2, interm
     if chat_template:
         fast.chat_template = chat_template
     fast.save_pretrained(folder)
+    return tokenizer.get_vocab_size()
+
+
+def save_random_model(folder, model_class, config, seed):
+    """A randomly initialised ``model_class(config)`` saved to ``folder``."""
+    import torch
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=context, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     with torch.no_grad():  # wider weights than the 0.02 init, so greedy tokens are not near-ties
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0.0, 0.2)
     model.save_pretrained(folder)
     return folder
+
+
+def build_tiny_llama(folder, *, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512,
+                     context=256, seed=0, chat_template=CHAT_TEMPLATE):
+    """Write a random Llama-style model and a trained byte-level BPE tokenizer to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=build_tokenizer(folder, vocab, chat_template), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=context, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        tie_word_embeddings=False)
+    return save_random_model(folder, LlamaForCausalLM, config, seed)
 
 
 def run_builder(hf_dir, out_dir, precision):
@@ -118,15 +130,10 @@ FAMILIES = {
 
 def build_family(folder, family):
     """A tiny random model of one of FAMILIES with build_tiny_llama's tokenizer, in ``folder``."""
-    import torch
     import transformers
 
     config_name, model_name, options = FAMILIES[family]
-    build_tiny_llama(folder)
-    for name in ("config.json", "model.safetensors", "generation_config.json"):
-        if os.path.exists(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
-    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    vocab = build_tokenizer(folder)
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     if options is None:  # GPT-2 spells its sizes its own way
         config = getattr(transformers, config_name)(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
@@ -135,14 +142,7 @@ def build_family(folder, family):
         config = getattr(transformers, config_name)(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **ids, **options)
-    torch.manual_seed(1)
-    model = getattr(transformers, model_name)(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_model(folder, getattr(transformers, model_name), config, seed=1)
 
 
 def transformers_greedy(folder, prompts, new_tokens, padding_side="left"):
