@@ -44,13 +44,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
-// One clone per ISA, chosen at load time: AVX-512 / AVX2+FMA / baseline SSE2.
-// (-DFTATTN_NO_CLONES builds one version for the -march given, to test each path.)
-#define FTATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FTATTN_CLONES
-#endif
+#include "vec.h"  // FTATTN_CLONES, the 16-lane vector types and their reductions
 
 extern "C" {
 // Fortran BLAS entry point; torch's CPU library exports it (MKL or OpenBLAS).
@@ -111,17 +105,6 @@ constexpr float LOG2E = 1.4426950408889634f;  // 1 / ln(2)
 // Element-wise math. Two exponentials with different reductions and different
 // polynomials, so the redundant softmax cannot be merged with the first one.
 
-// 16-lane vectors (GCC vector extensions, lowered to whatever the clone's ISA has).
-// Always inlined: a 64-byte vector passed to a function compiled for a narrower
-// ISA (target_clones' default clone) would change the calling convention.
-#define FTATTN_VEC_INLINE __attribute__((always_inline)) static inline
-namespace vec {
-typedef float f16 __attribute__((vector_size(64)));
-typedef float f8 __attribute__((vector_size(32)));
-typedef double d8 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
-}  // namespace vec
 
 // Both exponentials are branch-free and written once for a float and for 16 lanes.
 // Rounding by adding C = 1.5 * 2^23 + 127 leaves n + 127 in the low mantissa bits of
@@ -206,77 +189,19 @@ static inline float corrupt(float x, int64_t bit, double value) {
 // (vs fp64 throughout, which costs two conversions per vector and does not
 // vectorise fused with fp32 work).
 namespace vec {
+using namespace ::ftattn::vec;  // vec.h
 constexpr int64_t W = 16;
 // vectors (per-lane terms) per fp32 partial sum: one partial per lane per row of a
 // tile, flushed to fp64 once per row (flushing every 8 cost ~5 instructions per
 // vector of the softmax loop)
 constexpr int64_t CHUNK = BLOCK_N / W;
 constexpr int64_t ROW_CHUNK = 32;  // rows per fp32 partial column sum
-FTATTN_VEC_INLINE f16 load(const float* p) {
-  f16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-FTATTN_VEC_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
-FTATTN_VEC_INLINE f16 abs(f16 x) { return reinterpret_cast<f16>(reinterpret_cast<u16>(x) & 0x7fffffffu); }
-typedef float f4 __attribute__((vector_size(16)));
-typedef float f2 __attribute__((vector_size(8)));
-typedef double d4 __attribute__((vector_size(32)));
-typedef double d2 __attribute__((vector_size(16)));
-// the low and high halves of a vector
-template <typename H, typename V>
-FTATTN_VEC_INLINE void halves(V x, H& lo, H& hi) {
-  static_assert(2 * sizeof(H) == sizeof(V), "halves");
-  std::memcpy(&lo, &x, sizeof(H));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(H), sizeof(H));
-}
 // sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
 FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
   f8 a, b;
   halves(x, a, b);
   return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
 }
-// Horizontal reductions as trees of halves (a fixed order, so the same at every
-// protection level; 4 steps instead of 15 dependent scalar ones). hmax / hmin are
-// for lanes that hold no NaN.
-template <typename V>
-struct Half;
-template <>
-struct Half<f16> { using type = f8; };
-template <>
-struct Half<f8> { using type = f4; };
-template <>
-struct Half<f4> { using type = f2; };
-template <>
-struct Half<d8> { using type = d4; };
-template <>
-struct Half<d4> { using type = d2; };
-struct Add {
-  template <typename T>
-  __attribute__((always_inline)) T operator()(T a, T b) const { return a + b; }
-};
-struct Max {
-  template <typename T>
-  __attribute__((always_inline)) T operator()(T a, T b) const { return b > a ? b : a; }
-};
-struct Min {
-  template <typename T>
-  __attribute__((always_inline)) T operator()(T a, T b) const { return b < a ? b : a; }
-};
-template <typename Op, typename V>
-FTATTN_VEC_INLINE auto tree(V x, Op op) {
-  if constexpr (sizeof(V) == 2 * sizeof(x[0])) {
-    return op(x[0], x[1]);
-  } else {
-    typename Half<V>::type lo, hi;
-    halves(x, lo, hi);
-    return tree(op(lo, hi), op);
-  }
-}
-FTATTN_VEC_INLINE double hsum(d8 x) { return tree(x, Add{}); }
-FTATTN_VEC_INLINE float hsum(f16 x) { return tree(x, Add{}); }
-FTATTN_VEC_INLINE float hmax(f16 x) { return tree(x, Max{}); }
-FTATTN_VEC_INLINE float hmin(f16 x) { return tree(x, Min{}); }
 }  // namespace vec
 
 // The maximum of the raw scores S_j over the visible keys (j <= limit). Scores

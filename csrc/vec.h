@@ -1,0 +1,88 @@
+// 16-lane vector helpers shared by the CPU kernels (attention_cpu.cpp, sampling_cpu.cpp):
+// GCC vector extensions, lowered to whatever each target_clones clone's ISA has.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
+// One clone per ISA, chosen at load time: AVX-512 / AVX2+FMA / baseline SSE2.
+// (-DFTATTN_NO_CLONES builds one version for the -march given, to test each path.)
+#define FTATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FTATTN_CLONES
+#endif
+
+// 16-lane vectors (GCC vector extensions, lowered to whatever the clone's ISA has).
+// Always inlined: a 64-byte vector passed to a function compiled for a narrower
+// ISA (target_clones' default clone) would change the calling convention.
+#define FTATTN_VEC_INLINE __attribute__((always_inline)) static inline
+namespace ftattn {
+namespace vec {
+typedef float f16 __attribute__((vector_size(64)));
+typedef float f8 __attribute__((vector_size(32)));
+typedef double d8 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+FTATTN_VEC_INLINE f16 load(const float* p) {
+  f16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FTATTN_VEC_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
+FTATTN_VEC_INLINE f16 abs(f16 x) { return reinterpret_cast<f16>(reinterpret_cast<u16>(x) & 0x7fffffffu); }
+typedef float f4 __attribute__((vector_size(16)));
+typedef float f2 __attribute__((vector_size(8)));
+typedef double d4 __attribute__((vector_size(32)));
+typedef double d2 __attribute__((vector_size(16)));
+
+// the low and high halves of a vector
+template <typename H, typename V>
+FTATTN_VEC_INLINE void halves(V x, H& lo, H& hi) {
+  static_assert(2 * sizeof(H) == sizeof(V), "halves");
+  std::memcpy(&lo, &x, sizeof(H));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(H), sizeof(H));
+}
+// Horizontal reductions as trees of halves (a fixed order, so the same at every
+// protection level; 4 steps instead of 15 dependent scalar ones). hmax / hmin are
+// for lanes that hold no NaN.
+template <typename V>
+struct Half;
+template <>
+struct Half<f16> { using type = f8; };
+template <>
+struct Half<f8> { using type = f4; };
+template <>
+struct Half<f4> { using type = f2; };
+template <>
+struct Half<d8> { using type = d4; };
+template <>
+struct Half<d4> { using type = d2; };
+struct Add {
+  template <typename T>
+  __attribute__((always_inline)) T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+  template <typename T>
+  __attribute__((always_inline)) T operator()(T a, T b) const { return b > a ? b : a; }
+};
+struct Min {
+  template <typename T>
+  __attribute__((always_inline)) T operator()(T a, T b) const { return b < a ? b : a; }
+};
+template <typename Op, typename V>
+FTATTN_VEC_INLINE auto tree(V x, Op op) {
+  if constexpr (sizeof(V) == 2 * sizeof(x[0])) {
+    return op(x[0], x[1]);
+  } else {
+    typename Half<V>::type lo, hi;
+    halves(x, lo, hi);
+    return tree(op(lo, hi), op);
+  }
+}
+FTATTN_VEC_INLINE double hsum(d8 x) { return tree(x, Add{}); }
+FTATTN_VEC_INLINE float hsum(f16 x) { return tree(x, Add{}); }
+FTATTN_VEC_INLINE float hmax(f16 x) { return tree(x, Max{}); }
+FTATTN_VEC_INLINE float hmin(f16 x) { return tree(x, Min{}); }
+}  // namespace vec
+}  // namespace ftattn
