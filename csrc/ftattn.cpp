@@ -8,14 +8,23 @@
 #include <torch/library.h>
 
 extern "C" {
-// The module has no methods: its import only loads this shared object.
+PyObject* ftattn_sample_tokens(PyObject* module, PyObject* args);  // sampling_cpu.cpp
+
+// One method, the ONNX generator's sampler (not a torch op: see sampling_cpu.cpp); the ops
+// register when the import loads this shared object.
 PyObject* PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"sample_tokens", ftattn_sample_tokens, METH_VARARGS,
+       "sample_tokens(scores, row_stride, batch, vocab, dtype, uniform, temperature, top_k, top_p, out): "
+       "one token per row into out (addresses; see csrc/sampling_cpu.cpp)"},
+      {NULL, NULL, 0, NULL},
+  };
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "_C",  // name
-      NULL,  // doc
-      -1,    // size of per-interpreter state
-      NULL,  // methods
+      "_C",     // name
+      NULL,     // doc
+      -1,       // size of per-interpreter state
+      methods,  // methods
   };
   return PyModule_Create(&module_def);
 }

@@ -14,7 +14,7 @@ time even when it stopped early. This loop instead:
   nothing is rebound between two steps of one request;
 - writes each decode step's logits into one preallocated array bound as the
   output, and reads the next input ids from another;
-- picks tokens with an argmax (greedy) or a top-k partition (sampling), see
+- picks tokens with an argmax (greedy) or one C++ call per step (sampling), see
   ``sampling.py``;
 - decodes incrementally with the tokenizer's streaming decoder, so a multi-byte
   character split across tokens is emitted once it is whole (token by token while
@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .model import ModelSpec, Padding, find_decoder, load_spec
-from .sampling import SamplingConfig, apply_repetition_penalty, sample_row
+from .sampling import SamplingConfig, apply_repetition_penalty, TokenSampler
 
 # prompt tokens given to the streaming decoder before the first new token, so that
 # decoders that drop a leading space on the first token (Metaspace) keep it
@@ -566,6 +566,7 @@ class Generator:
         ids_cells = _cells(next_ids)
         active = [True] * batch
         n_active = batch
+        sampler = TokenSampler(config, batch, rng) if config.do_sample else None
         shared_io = None
         device = _StepRunner.cpu_device(self.direct_binding)
 
@@ -574,8 +575,7 @@ class Generator:
             if seen is not None:
                 scores = apply_repetition_penalty(scores.astype(np.float32, copy=True), seen, config.repetition_penalty)
             if config.do_sample:
-                chosen = [sample_row(scores[b], config, rng) if active[b] else spec.pad_token_id
-                          for b in range(batch)]
+                chosen = sampler(scores)  # finished rows' tokens are replaced by pads below
             else:
                 chosen = scores.argmax(axis=-1).tolist()
             now = time.perf_counter()

@@ -1,18 +1,21 @@
-"""Next-token choice from one step's logits, in numpy, following transformers' order.
+"""Next-token choice from one step's logits, following transformers' order.
 
 transformers applies the repetition penalty (a logits processor) before the
 warpers temperature -> top-k -> top-p, and so does this module, so greedy search
 with a penalty gives the same tokens as ``model.generate(repetition_penalty=...)``.
 
 The seed notebook softmaxed the whole vocabulary every step; here greedy search
-is an argmax (no softmax at all) and sampling with top-k softmaxes only the k
-candidates (``np.argpartition`` is O(vocab), the sort O(k log k)).
+is an argmax (no softmax at all) and sampling is one C++ call per step
+(``ftattn._C.sample_tokens``): a single pass over the logits for top-k and a
+weighted selection, not a sort, for top-p.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from .. import _C  # sample_tokens
 
 
 @dataclass
@@ -60,87 +63,70 @@ def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: floa
     return scores
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices, in order, of the logits >= the k-th largest (ties kept).
+_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.float64): 2}
 
-    The logits fall into vocab/64 disjoint groups of 64 (strided, so that their maxima take
-    one vectorised pass). The k largest group maxima are k distinct logits, so the k-th
-    largest logit is at least the smallest of them: only the logits above that bound (a
-    few times k) are partitioned, not the whole vocabulary (25 us instead of 55 for k 50
-    of 32000).
+
+def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """The token of each row of ``scores`` (batch, vocab) at its uniform number in [0, 1).
+
+    After temperature, top-k keeps the logits >= the k-th largest (ties kept) and top-p
+    drops the tokens whose cumulative probability from the least likely up is <= 1 - top_p
+    (keeping the most likely), as transformers' warpers; the token is the inverse of the
+    kept tokens' cumulative distribution, in token-id order, at ``uniform[b]``. One call of
+    ``ftattn._C.sample_tokens`` (csrc/sampling_cpu.cpp) for the whole batch.
     """
-    size = scores.shape[0]
-    blocks = size // 64
-    if blocks >= 4 * k:
-        maxima = scores[:blocks * 64].reshape(64, blocks).max(axis=0)  # strided groups: one fast pass
-        bound = np.partition(maxima, blocks - k)[blocks - k]
-        above = np.flatnonzero(scores >= bound)
-        values = scores[above]
-        kth = np.partition(values, values.shape[0] - k)[values.shape[0] - k]
-        return above[values >= kth]
-    kth = np.partition(scores, size - k)[size - k]
-    return np.flatnonzero(scores >= kth)
+    if scores.ndim != 2 or scores.dtype not in _DTYPE_CODES:
+        raise TypeError(f"scores: must be a 2-D float32, float16 or float64 array, got {scores.dtype} "
+                        f"{scores.shape}")
+    if scores.strides[1] != scores.itemsize or scores.strides[0] % scores.itemsize:
+        scores = np.ascontiguousarray(scores)
+    uniform = np.ascontiguousarray(uniform, dtype=np.float64)
+    if uniform.shape != scores.shape[:1]:
+        raise ValueError(f"uniform: shape {uniform.shape} must be ({scores.shape[0]},), one number per row")
+    if out is None:
+        out = np.empty(scores.shape[0], dtype=np.int64)
+    _C.sample_tokens(scores.ctypes.data, scores.strides[0] // scores.itemsize, scores.shape[0], scores.shape[1],
+                     _DTYPE_CODES[scores.dtype], uniform.ctypes.data, float(config.temperature),
+                     int(config.top_k), float(config.top_p), out.ctypes.data)
+    return out
 
 
-def candidate_distribution(scores: np.ndarray, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens sampling may pick from one row of logits, and their probabilities.
+class TokenSampler:
+    """Each step's sampled tokens for a batch of ``batch`` rows: ``sampler(scores)``.
 
-    scores: (vocab,) logits, already penalised. Returns (token ids, probabilities)
-    after temperature, top-k and top-p, matching transformers' warpers: top-k keeps
-    the k largest (ties at the k-th value kept), top-p drops the tokens whose
-    cumulative probability from the least likely up is <= 1 - top_p, keeping one.
-
-    top-p sorts only the most likely tokens: the nucleus is looked for among the
-    64 largest, then 4x as many, and so on (a full sort of a 32000-token vocabulary
-    costs milliseconds, more than an int4 model step); every token outside the
-    sorted set is strictly less likely than all in it, so their cumulative sum is
-    one number and the rule gives the same tokens as transformers' full sort.
+    Every step takes ``batch`` uniform numbers from ``rng`` (drawn ahead, 64 steps at a
+    time: the same numbers as one ``rng.random(batch)`` a step), so a row's draws do not
+    depend on when the other rows finish. The generator calls it between two model steps,
+    when the caches are cold and every numpy call costs 10-20 us, so the common case (the
+    same logits buffer every step) is one C call with addresses worked out once.
     """
-    size = scores.shape[0]
-    candidates = None  # None: the whole vocabulary, in order
-    if 0 < config.top_k < size:
-        # the k-th largest of the logits as given: dividing them by the temperature in float64
-        # keeps their order and their ties, so only the candidates need converting
-        candidates = _top_k(scores, config.top_k)  # ties with the k-th kept, as transformers
-        values = scores[candidates].astype(np.float64) / config.temperature
-    else:
-        values = scores.astype(np.float64) / config.temperature
-    weights = np.exp(values - values.max())  # the unnormalised softmax
-    if config.top_p < 1.0:
-        probs = weights / weights.sum()
-        count = values.shape[0]
-        take = min(count, 64)
-        while True:
-            if take < count:  # the `take` most likely, and every token tied with the last of them
-                edge = np.partition(values, count - take)[count - take]
-                inside = np.flatnonzero(values >= edge)
-                below = probs.sum() - probs[inside].sum()  # the mass of the tokens left out
-                # the boundary falls inside the set when its least likely token is removed
-                if below + probs[inside].min() > 1.0 - config.top_p:
-                    take *= 4
-                    continue
-                order = inside[np.argsort(values[inside], kind="stable")]  # ascending, ties by index
-                remove = below + np.cumsum(probs[order]) <= 1.0 - config.top_p
-            else:  # the whole set (few tokens after top-k, say): fewer numpy calls between two steps
-                order = np.argsort(values, kind="stable")
-                remove = np.cumsum(probs[order]) <= 1.0 - config.top_p
-            break
-        remove[-1] = False  # min_tokens_to_keep = 1
-        keep = order[~remove]  # ascending, as transformers' sort leaves them (the draw follows this order)
-        candidates = keep if candidates is None else candidates[keep]
-        # the most likely token is kept, so the kept weights are exp(kept - their max) as they stand
-        weights = weights[keep]
-    return (np.arange(size) if candidates is None else candidates), weights / weights.sum()
 
+    STEPS = 64  # steps of uniform numbers drawn at a time
 
-def sample_row(scores: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
-    """One token drawn from ``candidate_distribution(scores, config)`` with ``rng``.
+    def __init__(self, config: SamplingConfig, batch: int, rng: np.random.Generator):
+        self.config, self.rng, self.batch = config, rng, batch
+        self.uniform = np.empty((self.STEPS, batch), dtype=np.float64)
+        self.tokens = np.empty(batch, dtype=np.int64)
+        self._step = self.STEPS  # the next row of uniform numbers to use; STEPS: draw more first
+        self._scores = self._args = None
 
-    The draw is numpy's ``rng.choice(n, p=probs)`` written out (one uniform number
-    against the cumulative distribution), so seeded results are the same, without
-    choice's checks of ``p``, which cost more than the draw on a large vocabulary.
-    """
-    candidates, probs = candidate_distribution(scores, config)
-    cdf = np.cumsum(probs)
-    cdf /= cdf[-1]
-    return int(candidates[min(int(cdf.searchsorted(rng.random(), side="right")), cdf.shape[0] - 1)])
+    def __call__(self, scores: np.ndarray) -> list[int]:
+        if self._step == self.STEPS:
+            self.rng.random(out=self.uniform)
+            self._step = 0
+        step = self._step
+        self._step = step + 1
+        if scores is not self._scores:  # a new logits array: check it and work out its address once
+            if scores.ndim != 2 or scores.dtype not in _DTYPE_CODES or scores.strides[1] != scores.itemsize \
+                    or scores.strides[0] % scores.itemsize or scores.shape[0] != self.batch:
+                return draw_tokens(scores, self.uniform[step], self.config, out=self.tokens).tolist()
+            config = self.config
+            self._scores = scores  # kept alive, so its address stays valid
+            self._args = (scores.ctypes.data, scores.strides[0] // scores.itemsize, self.batch, scores.shape[1],
+                          _DTYPE_CODES[scores.dtype], self.uniform.ctypes.data, float(config.temperature),
+                          int(config.top_k), float(config.top_p), self.tokens.ctypes.data)
+        args = self._args
+        _C.sample_tokens(args[0], args[1], args[2], args[3], args[4], args[5] + 8 * self.batch * step, args[6],
+                         args[7], args[8], args[9])
+        return self.tokens.tolist()

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from ftattn.onnx import Generator, Padding, SamplingConfig
-from ftattn.onnx.sampling import candidate_distribution
 
 from onnx_helpers import EOS_ID, PAD_ID, copy_folder
 
@@ -149,80 +148,6 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(generators, kind, options):
     top_p = generator.generate(PROMPTS, NEW_TOKENS, do_sample=True, top_p=1e-9, temperature=2.0, seed=0)
     assert [r.token_ids for r in top_k] == greedy
     assert [r.token_ids for r in top_p] == greedy
-
-
-@pytest.mark.parametrize("config", [
-    SamplingConfig(do_sample=True, temperature=0.7),
-    SamplingConfig(do_sample=True, top_k=10),
-    SamplingConfig(do_sample=True, top_p=0.9),
-    SamplingConfig(do_sample=True, temperature=1.3, top_k=40, top_p=0.8),
-    SamplingConfig(do_sample=True, top_k=600),  # more than the vocabulary: no filtering
-], ids=["temperature", "top_k", "top_p", "all", "top_k>vocab"])
-def test_candidate_distribution_matches_transformers_warpers(config):
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
-
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        logits = rng.normal(0, 3, size=512).astype(np.float32)
-        logits[rng.integers(0, 512, 4)] = logits.max()  # ties at the top
-        scores = torch.from_numpy(logits.astype(np.float64))[None]
-        for warper in (TemperatureLogitsWarper(config.temperature), TopKLogitsWarper(config.top_k) if config.top_k
-                       else None, TopPLogitsWarper(config.top_p) if config.top_p < 1 else None):
-            if warper is not None:
-                scores = warper(None, scores)
-        expected = torch.softmax(scores[0], dim=-1).numpy()
-        candidates, probs = candidate_distribution(logits, config)
-        got = np.zeros(512)
-        got[candidates] = probs
-        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
-
-
-def _full_sort_distribution(scores, config):
-    """The warpers written plainly: top-k by a full argsort, top-p over the whole sorted
-    vocabulary (what candidate_distribution computes without sorting it all)."""
-    values = scores.astype(np.float64) / config.temperature
-    candidates = np.arange(values.shape[0])
-    if 0 < config.top_k < values.shape[0]:
-        kth = np.sort(values)[-config.top_k]
-        candidates = np.flatnonzero(values >= kth)
-    values = values[candidates]
-    if config.top_p < 1.0:
-        order = np.argsort(values, kind="stable")
-        probs = np.exp(values[order] - values[order[-1]])
-        probs /= probs.sum()
-        remove = np.cumsum(probs) <= 1.0 - config.top_p
-        remove[-1] = False
-        candidates, values = candidates[order[~remove]], values[order[~remove]]
-    probs = np.exp(values - values.max())
-    return candidates, probs / probs.sum()
-
-
-@pytest.mark.parametrize("vocab", [7, 511, 32000])
-def test_sampling_equals_full_sort_and_numpy_choice(vocab):
-    """On a large vocabulary top-p sorts only the most likely tokens, top-k selects on the
-    logits as given, and the draw is rng.choice written out: the same candidates, the
-    same probabilities and the same seeded tokens as the plain computation."""
-    from ftattn.onnx.sampling import sample_row
-
-    rng = np.random.default_rng(vocab)
-    configs = [SamplingConfig(do_sample=True, **kwargs) for kwargs in (
-        dict(top_p=0.9), dict(top_p=0.5), dict(top_p=0.999), dict(top_p=1e-9), dict(top_k=50, top_p=0.9),
-        dict(top_k=50), dict(top_k=1), dict(temperature=0.3, top_p=0.95), dict())]
-    for trial in range(6):
-        logits = (rng.standard_normal(vocab) * (0.5, 3.0, 10.0)[trial % 3]).astype(np.float32)
-        if trial % 2:  # ties, at the top and inside the nucleus
-            logits[rng.integers(0, vocab, 5)] = logits.max()
-            logits[rng.integers(0, vocab, 20)] = np.sort(logits)[-max(1, vocab // 3)]
-        for config in configs:
-            candidates, probs = candidate_distribution(logits, config)
-            expected_candidates, expected_probs = _full_sort_distribution(logits, config)
-            np.testing.assert_array_equal(candidates, expected_candidates)
-            np.testing.assert_allclose(probs, expected_probs, rtol=1e-12, atol=0)
-            draws, expected_draws = np.random.default_rng(trial), np.random.default_rng(trial)
-            assert [sample_row(logits, config, draws) for _ in range(4)] == \
-                [int(expected_candidates[expected_draws.choice(len(expected_probs), p=expected_probs)])
-                 for _ in range(4)]
 
 
 @pytest.mark.parametrize("kind,options", KINDS[:2])

@@ -1,0 +1,294 @@
+// Next-token sampling for the ONNX generator (ftattn/onnx/sampling.py), one call per step.
+//
+// ftattn::sample_tokens(scores [B, V], uniform [B]) draws one token per row after
+// transformers' warpers temperature -> top-k -> top-p. In numpy the same work took
+// about 40 calls between two model steps (150-300 us a token in the loop against
+// an int4 model step of 1.6 ms); here it is one pass over the logits for top-k and
+// a weighted selection, not a sort, for top-p.
+//
+// The rules, the same as transformers' and as the plain full-sort reference in
+// tests/onnx/test_onnx_sampling.py:
+// - top-k keeps every logit >= the k-th largest (ties with the k-th are kept);
+// - weights are exp((x - max) / temperature) in double;
+// - top-p orders the candidates ascending by (logit, index) and drops the prefix
+//   whose cumulative probability is <= 1 - top_p, always keeping the most likely;
+// - the draw is the inverse CDF of the kept weights in token-index order at the
+//   row's uniform number u in [0, 1): the first kept token whose cumulative weight
+//   exceeds u * their sum.
+// Top-p finds the dropped prefix by a quickselect that carries the mass below the
+// pivot (expected O(candidates)); only the last <= 32 candidates are sorted. Its
+// sums run in another order than a sorted cumulative sum, so a token whose
+// cumulative probability is within rounding (~1e-16) of 1 - top_p may fall on
+// the other side than in the reference.
+#include <Python.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <c10/util/StringUtil.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "vec.h"  // FTATTN_CLONES, 16-lane vectors
+
+
+namespace ftattn {
+namespace {
+
+constexpr int64_t kLanes = 16;  // the scans below run 16 independent lanes, which GCC vectorises
+
+// A top-p candidate: its logit, token id and unnormalised probability.
+struct Item {
+  float x;
+  int32_t id;
+  double w;
+};
+
+inline bool item_less(const Item& a, const Item& b) { return a.x < b.x || (a.x == b.x && a.id < b.id); }
+
+// Scratch reused across calls (the loop calls once per token).
+struct Scratch {
+  std::vector<float> logits;   // the row as float, when it is not float already
+  std::vector<float> heap;     // top-k selection
+  std::vector<int32_t> cand;   // candidate token ids, ascending
+  std::vector<double> weight;  // their unnormalised probabilities
+  std::vector<Item> items;     // the candidates, permuted by the top-p selection
+};
+
+// The largest of x[0, n) (NaNs skipped) and the number of NaNs.
+FTATTN_CLONES
+float scan_max(const float* x, int64_t n, int64_t* nans) {
+  using namespace vec;
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  f16 lane = f16{} + NEG_INF;
+  i16 bad = i16{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const f16 v = load(x + i);
+    bad -= v != v;  // -1 where NaN
+    lane = v > lane ? v : lane;
+  }
+  float best = hmax(lane);
+  int64_t count = 0;
+  for (int64_t j = 0; j < kLanes; ++j) count += bad[j];
+  for (; i < n; ++i) {
+    count += x[i] != x[i];
+    best = x[i] > best ? x[i] : best;
+  }
+  *nans = count;
+  return best;
+}
+
+// The largest of the 64 logits at p (no NaN among them)
+FTATTN_VEC_INLINE float block_max(const float* p) {
+  using namespace vec;
+  const f16 a = load(p), b = load(p + 16), c = load(p + 32), d = load(p + 48);
+  const f16 ab = a > b ? a : b, cd = c > d ? c : d;
+  return hmax(ab > cd ? ab : cd);
+}
+constexpr int64_t kBlock = 64;
+
+// The k-th largest of x[0, n), 0 < k < n: a min-heap of k, updated only in the 64-logit
+// blocks whose largest is above the heap's smallest (one vector test per block).
+FTATTN_CLONES
+float kth_largest(const float* x, int64_t n, int64_t k, std::vector<float>& heap) {
+  heap.assign(x, x + k);
+  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+  float low = heap.front();
+  auto scan = [&](int64_t from, int64_t to) {
+    for (int64_t i = from; i < to; ++i)
+      if (x[i] > low) {
+        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+        heap.back() = x[i];
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+        low = heap.front();
+      }
+  };
+  int64_t i = k;
+  for (; i + kBlock <= n; i += kBlock)
+    if (block_max(x + i) > low) scan(i, i + kBlock);
+  scan(i, n);
+  return low;
+}
+
+// Appends to out the ids of x[0, n) that are >= bound, ascending.
+FTATTN_CLONES
+void collect_at_least(const float* x, int64_t n, float bound, std::vector<int32_t>& out) {
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock)
+    if (block_max(x + i) >= bound)
+      for (int64_t j = i; j < i + kBlock; ++j)
+        if (x[j] >= bound) out.push_back(static_cast<int32_t>(j));
+  for (; i < n; ++i)
+    if (x[i] >= bound) out.push_back(static_cast<int32_t>(i));
+}
+
+// The largest candidate top-p drops (by (logit, id)), or false when it drops none.
+bool top_p_boundary(Scratch& s, const float* x, double top_p, Item* edge) {
+  const int64_t m = static_cast<int64_t>(s.cand.size());
+  std::vector<Item>& items = s.items;
+  items.resize(m);
+  double total = 0.0;
+  for (int64_t j = 0; j < m; ++j) {
+    items[j] = Item{x[s.cand[j]], s.cand[j], s.weight[j]};
+    total += s.weight[j];
+  }
+  const double tau = (1.0 - top_p) * total;  // drop while the cumulative weight is <= tau
+  int64_t lo = 0, hi = m;  // items[0, lo): dropped (weight `below`); items[hi, m): kept
+  double below = 0.0;
+  bool dropped = false;
+  uint64_t state = 0x9E3779B97F4A7C15ull;  // pivots from a fixed xorshift: results are deterministic
+  while (hi - lo > 32) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    std::swap(items[lo + static_cast<int64_t>(state % static_cast<uint64_t>(hi - lo))], items[hi - 1]);
+    const Item pivot = items[hi - 1];
+    int64_t p = lo;  // Lomuto: items[lo, p) < pivot, summing their weights on the way
+    double mass = pivot.w;
+    for (int64_t i = lo; i < hi - 1; ++i)
+      if (item_less(items[i], pivot)) {
+        mass += items[i].w;
+        std::swap(items[i], items[p++]);
+      }
+    std::swap(items[p], items[hi - 1]);  // the pivot at p, the greater ones after it
+    if (below + mass <= tau) {           // the pivot and all below it are dropped
+      below += mass;
+      *edge = pivot;
+      dropped = true;
+      lo = p + 1;
+    } else {                             // the pivot is kept, and so is all above it
+      hi = p;
+    }
+  }
+  std::sort(items.begin() + lo, items.begin() + hi, item_less);
+  for (; lo < hi && below + items[lo].w <= tau; ++lo) {
+    below += items[lo].w;
+    *edge = items[lo];
+    dropped = true;
+  }
+  if (lo == m) {  // rounding dropped them all: keep the most likely (min_tokens_to_keep = 1)
+    const Item top = *std::max_element(items.begin(), items.end(), item_less);
+    dropped = false;
+    for (const Item& item : items)
+      if (item_less(item, top) && (!dropped || item_less(*edge, item))) {
+        *edge = item;
+        dropped = true;
+      }
+  }
+  return dropped;
+}
+
+int64_t sample_row(const float* x, int64_t size, int64_t index, double u, double temperature, int64_t top_k,
+                   double top_p, Scratch& s) {
+  int64_t nans = 0;
+  const float best = scan_max(x, size, &nans);
+  TORCH_CHECK(nans == 0, "ftattn::sample_tokens: the logits of row ", index, " contain ", nans, " NaN; the "
+              "model's output is broken (check its precision and inputs), no token can be sampled from it");
+  TORCH_CHECK(std::isfinite(best), "ftattn::sample_tokens: the largest logit of row ", index, " is ", best,
+              "; sampling needs a finite largest logit (all -inf masks every token, +inf has no softmax)");
+
+  s.cand.clear();
+  if (top_k > 0 && top_k < size) {  // every logit >= the k-th largest (ties kept), ascending ids
+    collect_at_least(x, size, kth_largest(x, size, top_k, s.heap), s.cand);
+  } else {
+    s.cand.resize(size);
+    for (int64_t i = 0; i < size; ++i) s.cand[i] = static_cast<int32_t>(i);
+  }
+  const int64_t m = static_cast<int64_t>(s.cand.size());
+  s.weight.resize(m);
+  const double top = best;
+  for (int64_t j = 0; j < m; ++j) s.weight[j] = std::exp((static_cast<double>(x[s.cand[j]]) - top) / temperature);
+
+  Item edge{0.0f, 0, 0.0};  // top-p drops the candidates at or below it in (logit, id) order
+  const bool filter = top_p < 1.0 && top_p_boundary(s, x, top_p, &edge);
+  auto kept = [&](int64_t j) {
+    return !filter || item_less(edge, Item{x[s.cand[j]], s.cand[j], 0.0});
+  };
+  double sum = 0.0;
+  for (int64_t j = 0; j < m; ++j)
+    if (kept(j)) sum += s.weight[j];
+  const double target = u * sum;
+  double acc = 0.0;
+  int64_t last = -1;
+  for (int64_t j = 0; j < m; ++j) {
+    if (s.weight[j] == 0.0 || !kept(j)) continue;
+    acc += s.weight[j];
+    if (acc > target) return s.cand[j];
+    last = s.cand[j];
+  }
+  return last;  // u * sum rounded up to the sum: the last kept token with a weight
+}
+
+// Checks an argument of ftattn._C.sample_tokens; raised to Python as ValueError.
+template <typename... Args>
+void check(bool ok, const Args&... message) {
+  if (!ok) throw std::invalid_argument(c10::str("ftattn._C.sample_tokens: ", message...));
+}
+
+void sample_tokens(uintptr_t scores, int64_t row_stride, int64_t batch, int64_t size, int dtype, uintptr_t uniform,
+                   double temperature, int64_t top_k, double top_p, uintptr_t out) {
+  check(batch >= 0, "batch=", batch, " must be >= 0");
+  check(size >= 1 && size <= std::numeric_limits<int32_t>::max(), "vocab size ", size, " must be in [1, 2^31)");
+  check(dtype >= 0 && dtype <= 2, "dtype code ", dtype, " must be 0 (float32), 1 (float16) or 2 (float64)");
+  check(std::isfinite(temperature) && temperature > 0, "temperature=", temperature, " must be finite and > 0");
+  check(top_k >= 0, "top_k=", top_k, " must be >= 0 (0 turns top-k off)");
+  check(top_p > 0 && top_p <= 1, "top_p=", top_p, " must be in (0, 1]");
+  const double* draws = reinterpret_cast<const double*>(uniform);
+  for (int64_t b = 0; b < batch; ++b)
+    check(draws[b] >= 0.0 && draws[b] < 1.0, "uniform[", b, "]=", draws[b], " must be in [0, 1)");
+  int64_t* tokens = reinterpret_cast<int64_t*>(out);
+  thread_local Scratch scratch;
+  Scratch& s = scratch;  // one TLS lookup: the thread_local named inside the loops cost __tls_get_addr per use
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* x;
+    if (dtype == 0) {
+      x = reinterpret_cast<const float*>(scores) + b * row_stride;
+    } else {  // float16 / float64 logits: the row as float
+      s.logits.resize(size);
+      if (dtype == 1) {
+        const c10::Half* row = reinterpret_cast<const c10::Half*>(scores) + b * row_stride;
+        for (int64_t i = 0; i < size; ++i) s.logits[i] = static_cast<float>(row[i]);
+      } else {
+        const double* row = reinterpret_cast<const double*>(scores) + b * row_stride;
+        for (int64_t i = 0; i < size; ++i) s.logits[i] = static_cast<float>(row[i]);
+      }
+      x = s.logits.data();
+    }
+    tokens[b] = sample_row(x, size, b, draws[b], temperature, top_k, top_p, s);
+  }
+}
+
+}  // namespace
+}  // namespace ftattn
+
+// ftattn._C.sample_tokens(scores, row_stride, batch, vocab, dtype, uniform, temperature, top_k, top_p, out):
+// addresses (ints) of scores [batch, vocab] rows row_stride elements apart (any stride: 0 repeats a row) (dtype 0 float32,
+// 1 float16, 2 float64), uniform float64 [batch] and out int64 [batch]. A plain module method, not a
+// torch op: the generator calls it between two model steps, when the caches are cold, and the
+// dispatcher's path cost 45 us there (this call: a few). ftattn/onnx/sampling.py passes the
+// addresses of numpy arrays it has checked.
+extern "C" PyObject* ftattn_sample_tokens(PyObject* /*module*/, PyObject* args) {
+  unsigned long long scores, uniform, out;
+  Py_ssize_t row_stride, batch, size, top_k;
+  int dtype;
+  double temperature, top_p;
+  if (!PyArg_ParseTuple(args, "KnnniKdndK", &scores, &row_stride, &batch, &size, &dtype, &uniform, &temperature,
+                        &top_k, &top_p, &out))
+    return nullptr;
+  try {
+    ftattn::sample_tokens(static_cast<uintptr_t>(scores), row_stride, batch, size, dtype,
+                          static_cast<uintptr_t>(uniform), temperature, top_k, top_p, static_cast<uintptr_t>(out));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}

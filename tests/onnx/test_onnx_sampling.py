@@ -1,0 +1,181 @@
+"""ftattn.onnx.sampling: the C sampler (csrc/sampling_cpu.cpp) against a plain full-sort
+reference, and the reference against transformers' warpers.
+
+The sampler returns tokens, not probabilities, so the tests probe it: at uniform numbers
+just inside both ends of every kept token's interval of the reference's cumulative
+distribution (token-id order), it must return that token. That pins the candidate set
+and each probability to within the probe's margin.
+"""
+import numpy as np
+import pytest
+import torch
+
+from ftattn.onnx.sampling import SamplingConfig, TokenSampler, draw_tokens
+
+MARGIN = 1e-9  # probes this far inside each interval: probabilities agree to about this
+
+
+def reference_distribution(scores, config):
+    """The warpers written plainly: temperature, top-k by a full sort (ties with the k-th
+    kept), top-p over the whole candidate set sorted by (logit, id). Returns the kept ids
+    ascending and their probabilities."""
+    values = scores.astype(np.float64) / config.temperature
+    candidates = np.arange(values.shape[0])
+    if 0 < config.top_k < values.shape[0]:
+        kth = np.sort(values)[-config.top_k]
+        candidates = np.flatnonzero(values >= kth)
+    values = values[candidates]
+    if config.top_p < 1.0:
+        order = np.argsort(values, kind="stable")
+        probs = np.exp(values[order] - values[order[-1]])
+        probs /= probs.sum()
+        remove = np.cumsum(probs) <= 1.0 - config.top_p
+        remove[-1] = False
+        keep = np.sort(order[~remove])
+        candidates, values = candidates[keep], values[keep]
+    probs = np.exp(values - values.max())
+    return candidates, probs / probs.sum()
+
+
+def reference_draw(logits, config, u):
+    """The token at uniform number u: the inverse of the kept tokens' cumulative distribution."""
+    candidates, probs = reference_distribution(logits, config)
+    cdf = np.cumsum(probs)
+    return int(candidates[min(np.searchsorted(cdf / cdf[-1], u, side="right"), cdf.shape[0] - 1)])
+
+
+def probes(probs, limit=None, rng=None):
+    """(uniform numbers, index of the kept token each must give): both ends of every interval
+    wider than 4 margins (of `limit` intervals, the widest and a random rest, when given)."""
+    upper = np.cumsum(probs)
+    upper /= upper[-1]
+    lower = np.concatenate([[0.0], upper[:-1]])
+    wide = np.flatnonzero(upper - lower > 4 * MARGIN)
+    if limit is not None and wide.shape[0] > limit:
+        widest = wide[np.argsort(upper[wide] - lower[wide])[-limit // 2:]]
+        wide = np.union1d(widest, rng.choice(wide, limit // 2, replace=False))
+    u = np.concatenate([lower[wide] + MARGIN, upper[wide] - MARGIN])
+    return np.clip(u, 0.0, np.nextafter(1.0, 0.0)), np.concatenate([wide, wide])
+
+
+def check_against_reference(logits, config, limit=None, rng=None):
+    candidates, probs = reference_distribution(logits, config)
+    u, index = probes(probs, limit, rng)
+    rows = np.broadcast_to(logits, (u.shape[0], logits.shape[0]))  # one row, repeated (row stride 0)
+    np.testing.assert_array_equal(draw_tokens(rows, u, config), candidates[index])
+
+
+CONFIGS = [dict(top_p=0.9), dict(top_p=0.5), dict(top_p=0.999), dict(top_p=1e-9), dict(top_k=50, top_p=0.9),
+           dict(top_k=50), dict(top_k=1), dict(temperature=0.3, top_p=0.95), dict(temperature=2.5, top_k=7),
+           dict()]
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 511, 32000])
+def test_draws_equal_full_sort_reference(vocab):
+    """Every config on logits of three spreads, with ties at the top and inside the nucleus;
+    top-p alone over 32000 tokens runs the quickselect through many pivots."""
+    rng = np.random.default_rng(vocab)
+    for trial in range(6):
+        logits = (rng.standard_normal(vocab) * (0.5, 3.0, 10.0)[trial % 3]).astype(np.float32)
+        if trial % 2:
+            logits[rng.integers(0, vocab, 5)] = logits.max()
+            logits[rng.integers(0, vocab, 20)] = np.sort(logits)[-max(1, vocab // 3)]
+        for kwargs in CONFIGS:
+            check_against_reference(logits, SamplingConfig(do_sample=True, **kwargs), limit=120, rng=rng)
+
+
+def test_all_tied_and_masked_logits():
+    """All equal: top-k keeps every tie, top-p keeps the highest ids (ties go by id); -inf
+    tokens (masked) are never drawn and count as zero mass."""
+    flat = np.zeros(97, dtype=np.float32)
+    for kwargs in CONFIGS:
+        check_against_reference(flat, SamplingConfig(do_sample=True, **kwargs))
+    for size in (64, 128, 256, 1024, 4096):  # cumulative masses hit 1 - top_p exactly (powers of two): dropped
+        for top_p in (0.5, 0.25, 0.75, 0.125, 0.875, 0.0625):
+            check_against_reference(np.zeros(size, dtype=np.float32), SamplingConfig(do_sample=True, top_p=top_p))
+    masked = np.random.default_rng(0).standard_normal(97).astype(np.float32)
+    masked[::3] = -np.inf
+    for kwargs in CONFIGS + [dict(top_k=90)]:  # top-k past the finite ones: -inf ties kept, never drawn
+        config = SamplingConfig(do_sample=True, **kwargs)
+        check_against_reference(masked, config)
+        drawn = draw_tokens(np.broadcast_to(masked, (999, 97)), np.linspace(0, 1, 999, endpoint=False), config)
+        assert np.isfinite(masked[drawn]).all()
+
+
+def test_reference_matches_transformers_warpers():
+    """(Configs whose top-p boundary does not split the tied top tokens: which of a split tie
+    torch.sort keeps first is not defined; the reference breaks ties by id.)"""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    rng = np.random.default_rng(0)
+    for kwargs in (dict(temperature=0.7), dict(top_k=10), dict(top_p=0.9), dict(temperature=2.5, top_k=7),
+                   dict(temperature=1.3, top_k=40, top_p=0.8), dict(top_k=600)):
+        config = SamplingConfig(do_sample=True, **kwargs)
+        for _ in range(5):
+            logits = rng.normal(0, 3, size=512).astype(np.float32)
+            logits[rng.integers(0, 512, 4)] = logits.max()  # ties at the top
+            scores = torch.from_numpy(logits.astype(np.float64))[None]
+            for warper in (TemperatureLogitsWarper(config.temperature),
+                           TopKLogitsWarper(config.top_k) if config.top_k else None,
+                           TopPLogitsWarper(config.top_p) if config.top_p < 1 else None):
+                if warper is not None:
+                    scores = warper(None, scores)
+            expected = torch.softmax(scores[0], dim=-1).numpy()
+            candidates, probs = reference_distribution(logits, config)
+            got = np.zeros(512)
+            got[candidates] = probs
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_float16_and_float64_logits(dtype):
+    """Rows are read as float32 (float16 exactly; float64 rounded), with any row stride."""
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((3, 1000)) * 3).astype(dtype)
+    wide = np.zeros((3, 1013), dtype=dtype)
+    wide[:, :1000] = logits
+    config = SamplingConfig(do_sample=True, top_k=20, top_p=0.9)
+    u = rng.random(3)
+    expected = [reference_draw(row.astype(np.float32), config, u[b]) for b, row in enumerate(logits)]
+    assert draw_tokens(wide[:, :1000], u, config).tolist() == expected  # strided rows, read in place
+    assert draw_tokens(logits, u, config).tolist() == expected
+
+
+def test_token_sampler_draws_ahead_like_one_draw_per_step():
+    """Uniform numbers drawn 64 steps at a time are the numbers of one rng.random(batch) per
+    step; a new logits array (prefill, then the decode buffer, then a copy) is picked up."""
+    config = SamplingConfig(do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
+    rng = np.random.default_rng(3)
+    steps = [(rng.standard_normal((3, 501)) * 2).astype(np.float32) for _ in range(150)]
+    buffer = np.empty((3, 501), dtype=np.float32)
+    sampler, twin = TokenSampler(config, 3, np.random.default_rng(7)), np.random.default_rng(7)
+    for i, logits in enumerate(steps):
+        if i == 0 or i % 50 == 49:
+            scores = logits  # a fresh array
+        else:
+            buffer[:] = logits  # the same buffer, rewritten
+            scores = buffer
+        assert sampler(scores) == draw_tokens(logits, twin.random(3), config).tolist()
+    transposed = np.asfortranarray(steps[0])  # rows not contiguous: copied, same tokens
+    assert sampler(transposed) == draw_tokens(steps[0], twin.random(3), config).tolist()
+
+
+def test_bad_logits_and_arguments_are_refused():
+    config = SamplingConfig(do_sample=True, top_k=5)
+    logits = np.zeros((2, 10), dtype=np.float32)
+    logits[1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"logits of row 1 contain 1 NaN"):
+        draw_tokens(logits, np.zeros(2), config)
+    with pytest.raises(ValueError, match=r"largest logit of row 0 is -inf"):
+        draw_tokens(np.full((1, 10), -np.inf, dtype=np.float32), np.zeros(1), config)
+    with pytest.raises(ValueError, match=r"largest logit of row 0 is inf"):
+        draw_tokens(np.full((1, 10), np.inf, dtype=np.float32), np.zeros(1), config)
+    with pytest.raises(ValueError, match=r"uniform\[0\]=1 must be in \[0, 1\)"):
+        draw_tokens(np.zeros((1, 10), dtype=np.float32), np.ones(1), config)
+    with pytest.raises(ValueError, match=r"uniform: shape \(3,\) must be \(1,\)"):
+        draw_tokens(np.zeros((1, 10), dtype=np.float32), np.zeros(3), config)
+    with pytest.raises(TypeError, match="float32, float16 or float64"):
+        draw_tokens(np.zeros((1, 10), dtype=np.int32), np.zeros(1), config)
+    with pytest.raises(TypeError, match="2-D"):
+        draw_tokens(np.zeros(10, dtype=np.float32), np.zeros(1), config)
