@@ -102,6 +102,22 @@ def test_all_tied_and_masked_logits():
         assert np.isfinite(masked[drawn]).all()
 
 
+def test_top_p_boundary_between_two_bins():
+    """Over 2048 candidates top-p first sums 1/16-wide bins of (top - logit) / temperature; here
+    the boundary falls exactly between two bins: every token of the lower bin (distinct logits
+    in shuffled ids) is dropped and none of the top bin."""
+    rng = np.random.default_rng(5)
+    logits = np.zeros(4099, dtype=np.float32)
+    low = rng.permutation(4099)[:2050]
+    logits[low] = -1.0 - rng.uniform(0, 0.03, low.shape[0]).astype(np.float32)
+    weights = np.exp(logits.astype(np.float64))
+    top_p = 1.0 - (weights[low].sum() + 0.5) / weights.sum()  # half a top token past the lower bin
+    config = SamplingConfig(do_sample=True, top_p=top_p)
+    candidates, _ = reference_distribution(logits, config)
+    assert np.array_equal(candidates, np.flatnonzero(logits == 0))
+    check_against_reference(logits, config)
+
+
 def test_reference_matches_transformers_warpers():
     """(Configs whose top-p boundary does not split the tied top tokens: which of a split tie
     torch.sort keeps first is not defined; the reference breaks ties by id.)"""
