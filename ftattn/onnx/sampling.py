@@ -66,6 +66,23 @@ def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: floa
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.float64): 2}
 
 
+def _rows(scores: np.ndarray) -> np.ndarray:
+    """scores as the C call reads them: 2-D float32/16/64 with contiguous rows (else a copy)."""
+    if scores.ndim != 2 or scores.dtype not in _DTYPE_CODES:
+        raise TypeError(f"scores: must be a 2-D float32, float16 or float64 array, got {scores.dtype} "
+                        f"{scores.shape}")
+    if scores.strides[1] != scores.itemsize or scores.strides[0] % scores.itemsize:
+        return np.ascontiguousarray(scores)
+    return scores
+
+
+def _call_args(rows: np.ndarray, uniform_address: int, config: SamplingConfig, out_address: int) -> tuple:
+    """The arguments of ftattn._C.sample_tokens for ``rows`` (from ``_rows``)."""
+    return (rows.ctypes.data, rows.strides[0] // rows.itemsize, rows.shape[0], rows.shape[1],
+            _DTYPE_CODES[rows.dtype], uniform_address, float(config.temperature), int(config.top_k),
+            float(config.top_p), out_address)
+
+
 def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
                 out: np.ndarray | None = None) -> np.ndarray:
     """The token of each row of ``scores`` (batch, vocab) at its uniform number in [0, 1).
@@ -76,19 +93,13 @@ def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
     kept tokens' cumulative distribution, in token-id order, at ``uniform[b]``. One call of
     ``ftattn._C.sample_tokens`` (csrc/sampling_cpu.cpp) for the whole batch.
     """
-    if scores.ndim != 2 or scores.dtype not in _DTYPE_CODES:
-        raise TypeError(f"scores: must be a 2-D float32, float16 or float64 array, got {scores.dtype} "
-                        f"{scores.shape}")
-    if scores.strides[1] != scores.itemsize or scores.strides[0] % scores.itemsize:
-        scores = np.ascontiguousarray(scores)
+    rows = _rows(scores)
     uniform = np.ascontiguousarray(uniform, dtype=np.float64)
-    if uniform.shape != scores.shape[:1]:
-        raise ValueError(f"uniform: shape {uniform.shape} must be ({scores.shape[0]},), one number per row")
+    if uniform.shape != rows.shape[:1]:
+        raise ValueError(f"uniform: shape {uniform.shape} must be ({rows.shape[0]},), one number per row")
     if out is None:
-        out = np.empty(scores.shape[0], dtype=np.int64)
-    _C.sample_tokens(scores.ctypes.data, scores.strides[0] // scores.itemsize, scores.shape[0], scores.shape[1],
-                     _DTYPE_CODES[scores.dtype], uniform.ctypes.data, float(config.temperature),
-                     int(config.top_k), float(config.top_p), out.ctypes.data)
+        out = np.empty(rows.shape[0], dtype=np.int64)
+    _C.sample_tokens(*_call_args(rows, uniform.ctypes.data, config, out.ctypes.data))
     return out
 
 
@@ -117,16 +128,16 @@ class TokenSampler:
             self._step = 0
         step = self._step
         self._step = step + 1
-        if scores is not self._scores:  # a new logits array: check it and work out its address once
-            if scores.ndim != 2 or scores.dtype not in _DTYPE_CODES or scores.strides[1] != scores.itemsize \
-                    or scores.strides[0] % scores.itemsize or scores.shape[0] != self.batch:
-                return draw_tokens(scores, self.uniform[step], self.config, out=self.tokens).tolist()
-            config = self.config
-            self._scores = scores  # kept alive, so its address stays valid
-            self._args = (scores.ctypes.data, scores.strides[0] // scores.itemsize, self.batch, scores.shape[1],
-                          _DTYPE_CODES[scores.dtype], self.uniform.ctypes.data, float(config.temperature),
-                          int(config.top_k), float(config.top_p), self.tokens.ctypes.data)
         args = self._args
+        if scores is not self._scores:  # a new logits array: check it and work out its address once
+            rows = _rows(scores)
+            if rows.shape[0] != self.batch:
+                raise ValueError(f"scores: {rows.shape[0]} rows, the sampler draws for {self.batch}")
+            args = _call_args(rows, self.uniform.ctypes.data, self.config, self.tokens.ctypes.data)
+            if rows is scores:  # kept alive, so its address stays valid
+                self._scores, self._args = scores, args
+            else:  # a copy is not kept: the array it copies may be rewritten in place
+                self._scores = None
         _C.sample_tokens(args[0], args[1], args[2], args[3], args[4], args[5] + 8 * self.batch * step, args[6],
                          args[7], args[8], args[9])
         return self.tokens.tolist()
