@@ -2,7 +2,8 @@
 
 Same model folder (random Llama-style models built here and converted by
 onnxruntime-genai's builder: GroupQueryAttention; a 58M-parameter one in fp32 and
-int4, and the tests' tiny one), same thread count, one prompt of 128 token ids (and
+int4, and the tests' tiny one, also in fp32 and int4: the model of the tests'
+peer check against genai), same thread count, one prompt of 128 token ids (and
 of 768 in one more int4 case), 128 new tokens (greedy, EOS never stops). Decode
 tokens/s = 127 tokens after the first / the time after the first token, for all
 three; beside it, the median time between two tokens over all rounds' steps, which
@@ -48,7 +49,8 @@ MODEL_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 # case: (model, precision, prompt tokens). Issue 5's shape is 128 + 128; the long-prompt
 # case shows where the seed loop's per-step copies of the whole KV cache (which grow with
 # the context) weigh against the model step.
-CASES = {"tiny-fp32": (MODEL_TINY, "fp32", PROMPT_TOKENS), "58M-fp32": (MODEL_58M, "fp32", PROMPT_TOKENS),
+CASES = {"tiny-fp32": (MODEL_TINY, "fp32", PROMPT_TOKENS), "tiny-int4": (MODEL_TINY, "int4", PROMPT_TOKENS),
+         "58M-fp32": (MODEL_58M, "fp32", PROMPT_TOKENS),
          "58M-int4": (MODEL_58M, "int4", PROMPT_TOKENS), "58M-int4-prompt768": (MODEL_58M, "int4", 768),
          "58M-int4-sampled": (MODEL_58M, "int4", PROMPT_TOKENS)}
 # cases that sample (ftattn and genai with the same settings, each its own seeded generator,
