@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .model import ModelSpec, Padding, find_decoder, load_spec
+from .model import ModelSpec, Padding, find_decoder, load_spec, read_decoder_graph
 from .sampling import SamplingConfig, apply_repetition_penalty, TokenSampler
 
 # prompt tokens given to the streaming decoder before the first new token, so that
@@ -153,10 +153,10 @@ class Generator:
         self.spec = spec
         self.tokenizer = tokenizer
         self.shared_buffer = (spec.shared_buffer and on_cpu) if shared_buffer is None else bool(shared_buffer)
-        if spec.sliding_window_in_graph and not self.shared_buffer:
+        if spec.sliding_window_ring and not self.shared_buffer:
             raise ValueError(
                 f"{spec.folder}: the model's windowed attention layers (GQA local_window_size "
-                f"{spec.sliding_window}) need a preallocated past/present buffer of at least the window, "
+                f"{spec.sliding_window}, sliding_window_cache=1) need a preallocated past/present buffer of at least the window, "
                 f"which the shared buffer is (CPU provider alone); leave shared_buffer=None")
         if not isinstance(direct_binding, bool):
             raise TypeError(f"direct_binding={direct_binding!r}: must be True or False")
@@ -203,8 +203,13 @@ class Generator:
         if not isinstance(allow_spinning, bool):
             raise TypeError(f"allow_spinning={allow_spinning!r}: must be True or False")
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        session = ort.InferenceSession(decoder_path, sess_options=options, providers=providers)
-        spec = load_spec(path, decoder_path, session)
+        graph = read_decoder_graph(path, decoder_path)
+        if graph.model_bytes is not None:  # the graph with the window the loader set; weights from the file's folder
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             os.path.dirname(os.path.abspath(decoder_path)))
+        session = ort.InferenceSession(graph.model_bytes if graph.model_bytes is not None else decoder_path,
+                                       sess_options=options, providers=providers)
+        spec = load_spec(path, decoder_path, session, graph)
         tokenizer = Tokenizer.from_file(spec.tokenizer_path)
         return cls(session, spec, tokenizer, shared_buffer=shared_buffer, direct_binding=direct_binding)
 
@@ -320,16 +325,16 @@ class Generator:
             if window is not None and len(ids) + max_new_tokens - 1 > window:
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the last step "
-                    f"attends to {len(ids) + max_new_tokens - 1} > the model's sliding window {window}, which this graph "
-                    f"leaves to onnxruntime-genai's runtime (its GroupQueryAttention applies no window) and "
-                    f"this loop does not apply; stay within the window, or export the model with "
+                    f"attends to {len(ids) + max_new_tokens - 1} > the model's sliding window {window} (genai_config.json), "
+                    f"which its graph does not apply (no GroupQueryAttention node to set it on) and this loop "
+                    f"does not apply either; stay within the window, or export the model with "
                     f"ftattn.onnx.export, whose graphs apply it")
 
         rng = np.random.default_rng(seed)
         results: list[Generation | None] = [None] * len(encoded)
-        if self.spec.padding is Padding.NONE or self.spec.sliding_window_in_graph:
-            # without position_ids or GQA, pads would shift the positions, and GQA's windowed
-            # layers take no padded prompt rows: each length runs as a batch of its own
+        if self.spec.padding is Padding.NONE or self.spec.sliding_window_ring:
+            # without position_ids or GQA, pads would shift the positions, and GQA's window-sized
+            # rings take no padded prompt rows: each length runs as a batch of its own
             by_length: dict[int, list[int]] = {}
             for i, ids in enumerate(encoded):
                 by_length.setdefault(len(ids), []).append(i)
@@ -449,7 +454,7 @@ class Generator:
         lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
         width = int(lengths.max())
         capacity = width + max_new_tokens  # KV positions this request can reach
-        if spec.sliding_window_in_graph:  # GQA's windowed layers want a buffer of at least the window
+        if spec.sliding_window_ring:  # GQA's window-sized rings want a buffer of at least the window
             capacity = max(capacity, spec.sliding_window)
         right = spec.padding is Padding.RIGHT
 

@@ -85,10 +85,14 @@ class ModelSpec:
     mask_dtype: type = np.int64
     position_ids_dtype: type = np.int64
     group_query_attention: bool = False
-    # genai builder's sliding window: its size, and whether the graph applies it (GQA's
-    # local_window_size) or leaves it to genai's runtime (genai_config's window only)
+    # genai builder's sliding window: its size; whether the graph applies it (GQA's
+    # local_window_size: the builder's, or the one the loader set, see read_decoder_graph);
+    # whether windowed layers keep a window-sized ring buffer (GQA sliding_window_cache=1,
+    # which needs a buffer of at least the window)
     sliding_window: int | None = None
     sliding_window_in_graph: bool = False
+    sliding_window_ring: bool = False
+    sliding_window_set_by_loader: bool = False
     chat_template: str | None = None
     bos_token: str | None = None
     eos_token: str | None = None
@@ -140,13 +144,17 @@ def _as_ids(value) -> tuple[int, ...]:
     return (int(value),)
 
 
+def _genai_config(folder: str) -> dict | None:
+    genai_path = os.path.join(folder, "genai_config.json")
+    return _read_json(genai_path) if os.path.isfile(genai_path) else None
+
+
 def find_decoder(folder: str) -> str:
     """Path of the folder's ONNX decoder (genai_config.json's name, else model.onnx or the only .onnx)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder!r} is not a folder; pass the folder holding the .onnx decoder, "
                                 f"tokenizer.json and genai_config.json or config.json")
-    genai_path = os.path.join(folder, "genai_config.json")
-    genai = _read_json(genai_path) if os.path.isfile(genai_path) else None
+    genai = _genai_config(folder)
     if genai is not None:
         filename = genai.get("model", {}).get("decoder", {}).get("filename")
         if filename:
@@ -193,14 +201,65 @@ def _token_string(value) -> str | None:
     return value
 
 
-def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
+@dataclass
+class DecoderGraph:
+    """What the loader reads from the decoder's graph (without its external weights).
+
+    group_query_attention: its attention is com.microsoft GroupQueryAttention;
+    window: the largest local_window_size its GQA nodes apply (0: none);
+    ring: some GQA node keeps a window-sized ring (sliding_window_cache=1);
+    window_set: a window the graph did not apply and the loader set on every GQA node
+    (0: none), with the edited graph in ``model_bytes`` to load instead of the file.
+
+    The builder gives a layer a window only where the Hugging Face config's
+    ``layer_types`` marks it "sliding_attention"; a config with ``sliding_window`` and no
+    ``layer_types`` (Mistral, Phi-3, Starcoder2) gets full attention in every layer and
+    the window in genai_config.json with no layers, which onnxruntime-genai 0.18 then
+    does not apply either. Transformers applies such a window in every layer, so the
+    loader sets it there.
+    """
+
+    group_query_attention: bool = False
+    window: int = 0
+    ring: bool = False
+    window_set: int = 0
+    model_bytes: bytes | None = None
+
+
+def read_decoder_graph(folder: str, decoder_path: str) -> DecoderGraph:
+    """The decoder's attention facts, and the graph with a config-only window applied."""
+    import onnx
+
+    model = onnx.load(decoder_path, load_external_data=False)
+    nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
+    attributes = [{a.name: a for a in node.attribute} for node in nodes]
+    windows = [a["local_window_size"].i for a in attributes if "local_window_size" in a]
+    graph = DecoderGraph(group_query_attention=bool(nodes), window=max([w for w in windows if w > 0], default=0),
+                         ring=any(a["sliding_window_cache"].i for a in attributes if "sliding_window_cache" in a))
+    model_cfg = (_genai_config(folder) or {}).get("model") or {}
+    window_cfg = (model_cfg.get("decoder") or {}).get("sliding_window") or {}
+    window = int(window_cfg.get("window_size") or 0)
+    context = int(model_cfg.get("context_length") or 0)
+    # a window that reaches the whole context is no window
+    if nodes and not graph.window and not window_cfg.get("layers") and 0 < window and (not context or window < context):
+        for node, attrs in zip(nodes, attributes):
+            if "local_window_size" in attrs:
+                attrs["local_window_size"].i = window
+            else:
+                node.attribute.append(onnx.helper.make_attribute("local_window_size", window))
+        graph.window, graph.window_set, graph.model_bytes = window, window, model.SerializeToString()
+    return graph
+
+
+def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | None = None) -> ModelSpec:
     """Read a model folder's configs and the session's inputs/outputs into a ModelSpec.
 
-    ``session`` is an ``onnxruntime.InferenceSession`` on ``decoder_path``.
+    ``session`` is an ``onnxruntime.InferenceSession`` on ``decoder_path`` (or on
+    ``graph.model_bytes``, the graph with the window the loader set; ``graph``: the
+    folder's ``read_decoder_graph``, read here when None).
     """
-    genai_path = os.path.join(folder, "genai_config.json")
     config_path = os.path.join(folder, "config.json")
-    genai = _read_json(genai_path) if os.path.isfile(genai_path) else None
+    genai = _genai_config(folder)
     config = _read_json(config_path) if os.path.isfile(config_path) else None
     if genai is None and config is None:
         raise FileNotFoundError(
@@ -321,11 +380,13 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
     tokenizer_config_path = os.path.join(folder, "tokenizer_config.json")
     tokenizer_config = _read_json(tokenizer_config_path) if os.path.isfile(tokenizer_config_path) else {}
 
-    group_query_attention, graph_window = _group_query_attention(decoder_path)
-    # the window: the graph's when its GQA nodes apply one, else genai_config's, which then
-    # leaves it to genai's runtime (the builder's Mistral: local_window_size -1 in the graph)
+    if graph is None:
+        graph = read_decoder_graph(folder, decoder_path)
+    graph_window = graph.window
+    # the window: the graph's when its GQA nodes apply one (the builder's or the loader's), else
+    # genai_config's, which the graph then does not apply (no GQA nodes to set it on)
     config_window = (decoder_cfg.get("sliding_window") or {}).get("window_size") or 0
-    sliding_window = graph_window or (config_window if config_window > 0 else 0)
+    sliding_window = graph_window or (config_window if 0 < config_window < int(context_length) else 0)
     if graph_window and graph_window > int(context_length):
         raise ValueError(
             f"{folder}: the decoder's GroupQueryAttention applies a window of {graph_window} tokens, more than "
@@ -356,24 +417,12 @@ def load_spec(folder: str, decoder_path: str, session) -> ModelSpec:
         input_ids_dtype=_ORT_TO_NUMPY[inputs[input_ids_name].type],
         mask_dtype=_ORT_TO_NUMPY[inputs[mask_name].type] if mask_name in inputs else np.int64,
         position_ids_dtype=_ORT_TO_NUMPY[inputs[position_name].type] if position_name in inputs else np.int64,
-        group_query_attention=group_query_attention,
+        group_query_attention=graph.group_query_attention,
         sliding_window=int(sliding_window) if sliding_window else None,
         sliding_window_in_graph=bool(graph_window),
+        sliding_window_ring=graph.ring,
+        sliding_window_set_by_loader=bool(graph.window_set),
         chat_template=_chat_template(folder),
         bos_token=_token_string(tokenizer_config.get("bos_token")),
         eos_token=_token_string(tokenizer_config.get("eos_token")),
     )
-
-
-def _group_query_attention(decoder_path: str) -> tuple[bool, int]:
-    """Whether the decoder's attention is com.microsoft GroupQueryAttention, and the
-    largest local_window_size its nodes apply (0: none).
-
-    Reads the graph without its external weights (a few kB for the builder's models).
-    """
-    import onnx
-
-    model = onnx.load(decoder_path, load_external_data=False)
-    nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
-    windows = [attribute.i for node in nodes for attribute in node.attribute if attribute.name == "local_window_size"]
-    return bool(nodes), max([w for w in windows if w > 0], default=0)

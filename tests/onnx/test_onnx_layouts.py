@@ -132,7 +132,9 @@ def test_builder_windowed_layers_match_transformers(builder_family):
     prompts (9, 3, 12 tokens) run one length at a time and give transformers' tokens."""
     hf, folder = builder_family("gemma2-mixed")
     generator = Generator.from_pretrained(folder)
-    assert generator.spec.sliding_window == 6 and generator.spec.sliding_window_in_graph
+    spec = generator.spec
+    assert (spec.sliding_window, spec.sliding_window_in_graph, spec.sliding_window_ring,
+            spec.sliding_window_set_by_loader) == (6, True, True, False)
     expected = [transformers_greedy(hf, [p], NEW_TOKENS)[0] for p in PROMPTS]
     assert [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, eos_token_id=[])] == expected
     # a request shorter than the window (3 + 2 tokens) still gets a buffer of the window's size
@@ -141,14 +143,51 @@ def test_builder_windowed_layers_match_transformers(builder_family):
         Generator.from_pretrained(folder, shared_buffer=False)
 
 
-def test_builder_window_left_to_the_runtime_is_refused_past_it(builder_family):
-    """Mistral from the builder: the graph attends to every position and genai_config
-    leaves the 6-token window to genai's runtime, so a request longer than the window is
-    refused; one within it gives transformers' tokens."""
+def _edit_json(folder, name, edit):
+    path = os.path.join(folder, name)
+    with open(path) as handle:
+        config = json.load(handle)
+    edit(config)
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+
+
+def test_builder_window_the_graph_leaves_out_is_applied_by_the_loader(builder_family, tmp_path):
+    """Mistral from the builder: the config has a 6-token window and no layer_types, so the
+    builder gives every layer full attention and puts the window in genai_config with no
+    layers (onnxruntime-genai 0.18 then attends to every position too). Transformers
+    applies the window in every layer; the loader sets it on every GQA node, and a padded
+    batch past the window (9, 3, 12 prompt tokens + 12) gives transformers' tokens."""
     hf, folder = builder_family("mistral-sliding")
     generator = Generator.from_pretrained(folder)
+    spec = generator.spec
+    assert (spec.sliding_window, spec.sliding_window_in_graph, spec.sliding_window_set_by_loader,
+            spec.sliding_window_ring) == (6, True, True, False)
+    expected = transformers_greedy(hf, PROMPTS, NEW_TOKENS)
+    full = copy_folder(hf, tmp_path / "hf_full_attention")
+    _edit_json(full, "config.json", lambda config: config.update(sliding_window=None))
+    assert transformers_greedy(full, PROMPTS, NEW_TOKENS) != expected  # the window changes these tokens
+    batches = []
+    run = generator._run
+    generator._run = lambda rows, *args: (batches.append(len(rows)), run(rows, *args))
+    assert [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, eos_token_id=[])] == expected
+    assert batches == [3]  # one padded batch: no window-sized ring, so GQA takes padded rows
+    # a request shorter than the window (3 + 2), and presents that onnxruntime allocates
+    # (no shared buffer), give the same tokens
+    assert generator.generate(PROMPTS[1], 2, eos_token_id=[])[0].token_ids == expected[1][:2]
+    unshared = Generator.from_pretrained(folder, shared_buffer=False)
+    assert [r.token_ids for r in unshared.generate(PROMPTS, NEW_TOKENS, eos_token_id=[])] == expected
+
+
+def test_builder_config_window_the_loader_cannot_place_is_refused_past_it(builder_family, tmp_path):
+    """genai_config names the layers of a window that the graph does not apply: the loader
+    does not guess, and a request longer than the window is refused; one within it runs."""
+    hf, folder = builder_family("mistral-sliding")
+    folder = copy_folder(folder, tmp_path / "layers_named")
+    _edit_json(folder, "genai_config.json", lambda c: c["model"]["decoder"]["sliding_window"].update(layers=[0]))
+    generator = Generator.from_pretrained(folder)
     assert generator.spec.sliding_window == 6 and not generator.spec.sliding_window_in_graph
-    with pytest.raises(ValueError, match="> the model's sliding window 6, which this graph leaves to"):
+    with pytest.raises(ValueError, match=r"> the model's sliding window 6 \(genai_config.json\), which its graph"):
         generator.generate(PROMPTS, NEW_TOKENS)
     short = "Café"  # 3 tokens + 4 new: the last step (the 4th token is not fed back) sees 6 positions
     assert generator.generate(short, 4, eos_token_id=[])[0].token_ids == transformers_greedy(hf, [short], 4)[0]
@@ -156,15 +195,20 @@ def test_builder_window_left_to_the_runtime_is_refused_past_it(builder_family):
         generator.generate(short, 5)
 
 
+def test_builder_config_window_of_the_whole_context_is_no_window(builder_family, tmp_path):
+    _, folder = builder_family("mistral-sliding")
+    folder = copy_folder(folder, tmp_path / "window_is_context")
+    _edit_json(folder, "genai_config.json",
+               lambda c: c["model"]["decoder"]["sliding_window"].update(window_size=c["model"]["context_length"]))
+    spec = Generator.from_pretrained(folder).spec
+    assert spec.sliding_window is None and not spec.sliding_window_in_graph and not spec.sliding_window_set_by_loader
+
+
 def test_builder_window_longer_than_the_context_is_refused(builder_family, tmp_path):
     _, folder = builder_family("gemma2-mixed")
     folder = copy_folder(folder, tmp_path / "short_context")
-    config_path = os.path.join(folder, "genai_config.json")
-    with open(config_path) as handle:
-        config = json.load(handle)
-    config["model"]["context_length"] = 5  # below the graph's window of 6
-    with open(config_path, "w") as handle:
-        json.dump(config, handle)
+    # below the graph's window of 6
+    _edit_json(folder, "genai_config.json", lambda config: config["model"].update(context_length=5))
     with pytest.raises(ValueError, match="applies a window of 6 tokens, more than its context length 5"):
         Generator.from_pretrained(folder)
 
