@@ -454,8 +454,6 @@ class Generator:
         lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
         width = int(lengths.max())
         capacity = width + max_new_tokens  # KV positions this request can reach
-        if spec.sliding_window_ring:  # GQA's window-sized rings want a buffer of at least the window
-            capacity = max(capacity, spec.sliding_window)
         right = spec.padding is Padding.RIGHT
 
         # -- prefill inputs: pads on the right for GQA, on the left otherwise
@@ -471,10 +469,10 @@ class Generator:
 
         kv_names_in = [n for pair in zip(spec.past_key_names, spec.past_value_names) for n in pair]
         kv_names_out = [n for pair in zip(spec.present_key_names, spec.present_value_names) for n in pair]
-        kv_shape = (batch, spec.num_kv_heads, capacity if self.shared_buffer else 0, spec.head_size)
         # zeroed once per request: GQA reads only positions below each row's length, but
         # uninitialised memory could hold NaNs that a kernel multiplies by a zero weight
-        kv_arrays = [np.zeros(kv_shape, dtype=spec.kv_dtype) for _ in kv_names_in]
+        kv_arrays = [np.zeros((batch, spec.num_kv_heads, spec.kv_capacity(name, capacity) if self.shared_buffer else 0,
+                               spec.head_size), dtype=spec.kv_dtype) for name in kv_names_in]
         past = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv_arrays]
 
         seen = None

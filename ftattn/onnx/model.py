@@ -91,8 +91,8 @@ class ModelSpec:
     # which needs a buffer of at least the window)
     sliding_window: int | None = None
     sliding_window_in_graph: bool = False
-    sliding_window_ring: bool = False
     sliding_window_set_by_loader: bool = False
+    ring_past_names: frozenset = frozenset()  # past inputs of the GQA nodes that keep a ring
     chat_template: str | None = None
     bos_token: str | None = None
     eos_token: str | None = None
@@ -104,6 +104,17 @@ class ModelSpec:
         if self.position_ids_name is not None:
             return Padding.LEFT
         return Padding.NONE
+
+    @property
+    def sliding_window_ring(self) -> bool:
+        """Some layers keep a window-sized ring (GQA sliding_window_cache=1)."""
+        return bool(self.ring_past_names)
+
+    def kv_capacity(self, name: str, request: int) -> int:
+        """Positions of the preallocated buffer for the past input ``name`` when a request can
+        reach ``request`` positions: the window for a ring (GQA needs at least the window,
+        and evicts within it), the request for the others."""
+        return self.sliding_window if name in self.ring_past_names else request
 
     @property
     def shared_buffer(self) -> bool:
@@ -207,7 +218,8 @@ class DecoderGraph:
 
     group_query_attention: its attention is com.microsoft GroupQueryAttention;
     window: the largest local_window_size its GQA nodes apply (0: none);
-    ring: some GQA node keeps a window-sized ring (sliding_window_cache=1);
+    ring_past_names: the past inputs of the GQA nodes that keep a window-sized ring
+    (sliding_window_cache=1);
     window_set: a window the graph did not apply and the loader set on every GQA node
     (0: none), with the edited graph in ``model_bytes`` to load instead of the file.
 
@@ -221,7 +233,7 @@ class DecoderGraph:
 
     group_query_attention: bool = False
     window: int = 0
-    ring: bool = False
+    ring_past_names: frozenset = frozenset()
     window_set: int = 0
     model_bytes: bytes | None = None
 
@@ -234,8 +246,11 @@ def read_decoder_graph(folder: str, decoder_path: str) -> DecoderGraph:
     nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
     attributes = [{a.name: a for a in node.attribute} for node in nodes]
     windows = [a["local_window_size"].i for a in attributes if "local_window_size" in a]
+    # GQA's inputs: query, key, value, past_key, past_value, ...
+    ring = frozenset(name for node, a in zip(nodes, attributes)
+                     if "sliding_window_cache" in a and a["sliding_window_cache"].i for name in node.input[3:5])
     graph = DecoderGraph(group_query_attention=bool(nodes), window=max([w for w in windows if w > 0], default=0),
-                         ring=any(a["sliding_window_cache"].i for a in attributes if "sliding_window_cache" in a))
+                         ring_past_names=ring)
     model_cfg = (_genai_config(folder) or {}).get("model") or {}
     window_cfg = (model_cfg.get("decoder") or {}).get("sliding_window") or {}
     window = int(window_cfg.get("window_size") or 0)
@@ -420,7 +435,7 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
         group_query_attention=graph.group_query_attention,
         sliding_window=int(sliding_window) if sliding_window else None,
         sliding_window_in_graph=bool(graph_window),
-        sliding_window_ring=graph.ring,
+        ring_past_names=graph.ring_past_names,
         sliding_window_set_by_loader=bool(graph.window_set),
         chat_template=_chat_template(folder),
         bos_token=_token_string(tokenizer_config.get("bos_token")),

@@ -127,17 +127,23 @@ def builder_family(tmp_path_factory):
 
 
 def test_builder_windowed_layers_match_transformers(builder_family):
-    """Gemma 2 from the builder: GQA applies the 6-token window on layer 0 and wants a
-    buffer of at least the window, and takes no padded prompt rows on that layer: the
-    prompts (9, 3, 12 tokens) run one length at a time and give transformers' tokens."""
+    """Gemma 2 from the builder: GQA applies the 6-token window on layer 0 in a window-sized
+    ring (sliding_window_cache=1), which wants a buffer of at least the window and takes no
+    padded prompt rows: the prompts (9, 3, 12 tokens) run one length at a time and give
+    transformers' tokens, with layer 0's buffer of 6 positions and layer 1's of the request."""
     hf, folder = builder_family("gemma2-mixed")
     generator = Generator.from_pretrained(folder)
     spec = generator.spec
     assert (spec.sliding_window, spec.sliding_window_in_graph, spec.sliding_window_ring,
             spec.sliding_window_set_by_loader) == (6, True, True, False)
-    expected = [transformers_greedy(hf, [p], NEW_TOKENS)[0] for p in PROMPTS]
-    assert [r.token_ids for r in generator.generate(PROMPTS, NEW_TOKENS, eos_token_id=[])] == expected
-    # a request shorter than the window (3 + 2 tokens) still gets a buffer of the window's size
+    assert spec.ring_past_names == {"past_key_values.0.key", "past_key_values.0.value"}
+    assert [spec.kv_capacity(f"past_key_values.{i}.{kind}", 50) for i in (0, 1) for kind in ("key", "value")] \
+        == [6, 6, 50, 50]
+    assert [spec.kv_capacity(f"past_key_values.{i}.key", 5) for i in (0, 1)] == [6, 5]
+    long = 40  # the ring turns over several times
+    expected = [transformers_greedy(hf, [p], long)[0] for p in PROMPTS]
+    assert [r.token_ids for r in generator.generate(PROMPTS, long, eos_token_id=[])] == expected
+    # a request shorter than the window (3 + 2 tokens): the ring still holds the window
     assert generator.generate(PROMPTS[1], 2, eos_token_id=[])[0].token_ids == expected[1][:2]
     with pytest.raises(ValueError, match="need a preallocated past/present buffer of at least the window"):
         Generator.from_pretrained(folder, shared_buffer=False)
