@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     arguments = parser.parse_args(argv)
     try:
         print(export(arguments.hf_model_dir, arguments.out_dir, opset=arguments.opset))
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"python -m ftattn.onnx: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         generator = Generator.from_pretrained(args.model, threads=args.threads, providers=args.provider,
                                                allow_spinning=not args.no_spin)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         print(f"ftattn generate: {exc}", file=sys.stderr)
         return 2
     prompts = [[{"role": "user", "content": p}] for p in args.prompts] if args.chat else list(args.prompts)
@@ -78,6 +78,9 @@ def main(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"ftattn generate: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # onnxruntime's failures while running the model
+        print(f"ftattn generate: onnxruntime failed while generating: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps([{
             "prompt": args.prompts[i], "text": r.text, "token_ids": r.token_ids,

@@ -83,6 +83,12 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None, position_i
     if not os.path.isfile(os.path.join(hf_model_dir, "tokenizer.json")):
         raise FileNotFoundError(f"{hf_model_dir!r} has no tokenizer.json; the generator needs a fast tokenizer: "
                                 f"AutoTokenizer.from_pretrained(...).save_pretrained({hf_model_dir!r})")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 18):
+        raise ValueError(f"opset={opset!r}: torch.onnx.export's dynamo exporter writes opset 18 or later "
+                         f"(an older one came out as 18); pass an integer >= 18 or None for its default")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir={out_dir!r} is a file; pass a folder to write model.onnx into (it is made "
+                         f"when missing)")
     if os.path.isdir(out_dir) and os.path.samefile(hf_model_dir, out_dir):
         raise ValueError(f"out_dir={out_dir!r} is the model folder itself; export into a new folder (the "
                          f"export writes its own config.json and model.onnx beside a copy of the tokenizer)")

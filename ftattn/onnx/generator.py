@@ -185,11 +185,17 @@ class Generator:
 
         path = os.fspath(path)
         decoder_path = find_decoder(path)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
             raise ValueError(f"threads={threads!r}: must be an integer >= 1, or None for onnxruntime's default")
+        threads = int(threads) if threads is not None else None
         available = ort.get_available_providers()
         if isinstance(providers, str):
             providers = [providers]
+        if providers is not None and not (isinstance(providers, (list, tuple))
+                                          and all(isinstance(p, str) for p in providers) and providers):
+            raise TypeError(f"providers={providers!r:.80}: must be a provider name or a non-empty list of names "
+                            f"(available: {available}), or None for the CPU provider")
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         missing = [p for p in providers if p not in available]
         if missing:
@@ -204,13 +210,28 @@ class Generator:
             raise TypeError(f"allow_spinning={allow_spinning!r}: must be True or False")
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         graph = read_decoder_graph(path, decoder_path)
+        if graph.float16 and providers[0] == "CPUExecutionProvider":
+            # onnxruntime (1.31) reuses the buffer of a Cast it inserts for float16 graphs on CPU across
+            # shapes and stops at the first decode step ("Shape mismatch attempting to re-use buffer";
+            # onnxruntime-genai 0.18 stops the same way on the builder's fp16 CPU models)
+            options.enable_mem_reuse = False
         if graph.model_bytes is not None:  # the graph with the window the loader set; weights from the file's folder
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                              os.path.dirname(os.path.abspath(decoder_path)))
-        session = ort.InferenceSession(graph.model_bytes if graph.model_bytes is not None else decoder_path,
-                                       sess_options=options, providers=providers)
+        try:
+            session = ort.InferenceSession(graph.model_bytes if graph.model_bytes is not None else decoder_path,
+                                           sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, ...), not exported by name
+            raise ValueError(f"{decoder_path}: onnxruntime cannot load the decoder ({type(exc).__name__}: "
+                             f"{str(exc).strip()[:500]}); check that the file and its external data "
+                             f"(.onnx.data) are complete, or export the model again") from exc
         spec = load_spec(path, decoder_path, session, graph)
-        tokenizer = Tokenizer.from_file(spec.tokenizer_path)
+        try:
+            tokenizer = Tokenizer.from_file(spec.tokenizer_path)
+        except Exception as exc:  # the tokenizers library raises plain Exception
+            raise ValueError(f"{spec.tokenizer_path}: the tokenizers library cannot read it ({exc}); save the "
+                             f"model's fast tokenizer there again (AutoTokenizer.from_pretrained(hf_dir)"
+                             f".save_pretrained(folder))") from exc
         return cls(session, spec, tokenizer, shared_buffer=shared_buffer, direct_binding=direct_binding)
 
     # -- prompts ------------------------------------------------------------------
@@ -302,13 +323,14 @@ class Generator:
             raise TypeError(f"do_sample={do_sample!r}: must be True (sample) or False (greedy search)")
         config = SamplingConfig(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
+        given_stop = stop
         if stop is None:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop={given_stop!r:.80}: must be a non-empty string or a list of non-empty strings")
         stop = tuple(stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
         eos = self.spec.eos_token_ids if eos_token_id is None else self._eos_ids(eos_token_id)
         if stream is not None and not callable(stream):
             raise TypeError(f"stream={stream!r}: must be a callable stream(index, piece) or None")
@@ -405,13 +427,7 @@ class Generator:
         piece = row.stream.step(self.tokenizer, token)
         if piece:
             row.pending += piece
-        if stop and row.pending:
-            # a stop string can only start in the held-back text: earlier text was emitted
-            # only once no stop string could begin in it
-            cut = min((i for i in (row.pending.find(s) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                row.pending = row.pending[:cut]
-                row.finish_reason = "stop"
+        self._cut_at_stop(row, stop)
         if row.finish_reason is not None or not stop:
             hold = 0
         else:
@@ -423,6 +439,16 @@ class Generator:
             row.emitted.append(ready)
             if stream is not None:
                 stream(row.index, ready)
+
+    @staticmethod
+    def _cut_at_stop(row: _Row, stop: tuple[str, ...]):
+        """Cut the held-back text before the first stop string in it (a stop string can only
+        start there: earlier text was emitted only once no stop string could begin in it)."""
+        if stop and row.pending:
+            cut = min((i for i in (row.pending.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                row.pending = row.pending[:cut]
+                row.finish_reason = "stop"
 
     def _flush(self, row: _Row, stream, stop: tuple[str, ...]):
         if stream is None and not stop:
@@ -439,6 +465,7 @@ class Generator:
             so_far = "".join(row.emitted) + row.pending
             if full.startswith(head) and full[len(head):].startswith(so_far):
                 row.pending += full[len(head) + len(so_far):]
+                self._cut_at_stop(row, stop)  # (a stop string of U+FFFD can be in those bytes' text)
         if row.pending:
             row.emitted.append(row.pending)
             if stream is not None:
@@ -581,6 +608,11 @@ class Generator:
                 chosen = sampler(scores)  # finished rows' tokens are replaced by pads below
             else:
                 chosen = scores.argmax(axis=-1).tolist()
+                for b, token in enumerate(chosen):  # argmax picks the first NaN when there is one
+                    if scores[b, token] != scores[b, token]:
+                        raise ValueError(
+                            f"the logits of row {b} contain NaN at new token {step}; the model's output is "
+                            f"broken (check its precision and inputs), no token can be chosen from it")
             now = time.perf_counter()
             for b, row in enumerate(rows):
                 if not active[b]:

@@ -123,8 +123,38 @@ class ModelSpec:
 
 
 def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); fix the file or write it again (the exporter "
+                         f"or the genai builder writes it)") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not an object; fix the file or write "
+                         f"it again")
+    return value
+
+
+def _section(config: dict | None, path: str, *keys: str) -> dict:
+    """config[keys[0]][keys[1]]... ({} where absent or null); a value that is not an object raises."""
+    for depth, key in enumerate(keys):
+        value = (config or {}).get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: {'.'.join(keys[:depth + 1])} is {value!r:.60}, not an object; fix the file "
+                             f"or write it again")
+        config = value
+    return config or {}
+
+
+def _integer(value, path: str, key: str, minimum: int = 0) -> int:
+    """A config's integer (a float with no fraction too), or an error naming the file and key."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{path}: {key} is {value!r:.60}; it must be an integer >= {minimum}")
+    return value
 
 
 # config.json spells some facts differently per model family (GPT-2's n_positions, n_head...)
@@ -140,19 +170,18 @@ _CONFIG_ALIASES = {
 
 def _config_value(config: dict | None, key: str):
     """A config.json fact under any of its spellings, in the config or its text_config."""
-    for scope in (config or {}, (config or {}).get("text_config") or {}):
+    text = (config or {}).get("text_config")
+    for scope in (config or {}, text if isinstance(text, dict) else {}):
         for name in _CONFIG_ALIASES.get(key, (key,)):
             if scope.get(name) is not None:
                 return scope[name]
     return None
 
 
-def _as_ids(value) -> tuple[int, ...]:
+def _as_ids(value, path: str, key: str) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+    return tuple(_integer(v, path, key) for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
 def _genai_config(folder: str) -> dict | None:
@@ -167,7 +196,7 @@ def find_decoder(folder: str) -> str:
                                 f"tokenizer.json and genai_config.json or config.json")
     genai = _genai_config(folder)
     if genai is not None:
-        filename = genai.get("model", {}).get("decoder", {}).get("filename")
+        filename = _section(genai, os.path.join(folder, "genai_config.json"), "model", "decoder").get("filename")
         if filename:
             path = os.path.join(folder, filename)
             if not os.path.isfile(path):
@@ -236,25 +265,34 @@ class DecoderGraph:
     ring_past_names: frozenset = frozenset()
     window_set: int = 0
     model_bytes: bytes | None = None
+    float16: bool = False  # some graph input or output is float16
 
 
 def read_decoder_graph(folder: str, decoder_path: str) -> DecoderGraph:
     """The decoder's attention facts, and the graph with a config-only window applied."""
     import onnx
 
-    model = onnx.load(decoder_path, load_external_data=False)
+    try:
+        model = onnx.load(decoder_path, load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and others
+        raise ValueError(f"{decoder_path}: not an ONNX model that onnx can read ({type(exc).__name__}: "
+                         f"{str(exc)[:300]}); export the model again") from exc
     nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
     attributes = [{a.name: a for a in node.attribute} for node in nodes]
     windows = [a["local_window_size"].i for a in attributes if "local_window_size" in a]
     # GQA's inputs: query, key, value, past_key, past_value, ...
     ring = frozenset(name for node, a in zip(nodes, attributes)
                      if "sliding_window_cache" in a and a["sliding_window_cache"].i for name in node.input[3:5])
+    float16 = any(value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+                  for value in list(model.graph.input) + list(model.graph.output))
     graph = DecoderGraph(group_query_attention=bool(nodes), window=max([w for w in windows if w > 0], default=0),
-                         ring_past_names=ring)
-    model_cfg = (_genai_config(folder) or {}).get("model") or {}
-    window_cfg = (model_cfg.get("decoder") or {}).get("sliding_window") or {}
-    window = int(window_cfg.get("window_size") or 0)
-    context = int(model_cfg.get("context_length") or 0)
+                         ring_past_names=ring, float16=float16)
+    genai_path = os.path.join(folder, "genai_config.json")
+    genai = _genai_config(folder)
+    window_cfg = _section(genai, genai_path, "model", "decoder", "sliding_window")
+    window = _integer(window_cfg.get("window_size") or 0, genai_path, "model.decoder.sliding_window.window_size")
+    context = _section(genai, genai_path, "model").get("context_length") or 0
+    context = _integer(context, genai_path, "model.context_length")
     # a window that reaches the whole context is no window
     if nodes and not graph.window and not window_cfg.get("layers") and 0 < window and (not context or window < context):
         for node, attrs in zip(nodes, attributes):
@@ -284,9 +322,10 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
 
-    decoder_cfg = (genai or {}).get("model", {}).get("decoder", {})
-    in_names = decoder_cfg.get("inputs", {})
-    out_names = decoder_cfg.get("outputs", {})
+    genai_path = os.path.join(folder, "genai_config.json")
+    decoder_cfg = _section(genai, genai_path, "model", "decoder")
+    in_names = _section(genai, genai_path, "model", "decoder", "inputs")
+    out_names = _section(genai, genai_path, "model", "decoder", "outputs")
     input_ids_name = in_names.get("input_ids", "input_ids")
     mask_name = in_names.get("attention_mask", "attention_mask")
     position_name = in_names.get("position_ids", "position_ids")
@@ -336,12 +375,16 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
 
     # head counts: the session's shape when it is a number, else the config
     past_shape = inputs[past_layers[0]["key"]].shape
-    model_cfg = (genai or {}).get("model", {})
+    model_cfg = _section(genai, genai_path, "model")
     cfg_heads = decoder_cfg.get("num_attention_heads") or _config_value(config, "num_attention_heads")
     cfg_kv_heads = decoder_cfg.get("num_key_value_heads") or _config_value(config, "num_key_value_heads") \
         or cfg_heads
     cfg_head_size = decoder_cfg.get("head_size") or _config_value(config, "head_dim")
     hidden_size = _config_value(config, "hidden_size")
+    for key, value in (("num_attention_heads", cfg_heads), ("num_key_value_heads", cfg_kv_heads),
+                       ("head_size", cfg_head_size), ("hidden_size", hidden_size)):
+        if value is not None:  # (0: not given)
+            _integer(value, genai_path if decoder_cfg.get(key) else config_path, key)
     if not cfg_head_size and cfg_heads and hidden_size:
         cfg_head_size = hidden_size // cfg_heads
     num_kv_heads = past_shape[1] if isinstance(past_shape[1], int) else cfg_kv_heads
@@ -354,20 +397,24 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
     if not context_length:
         raise ValueError(f"{folder}: no context length (genai_config model.context_length or config.json "
                          f"max_position_embeddings); add one to the config")
+    context_length = _integer(context_length, genai_path if model_cfg.get("context_length") else config_path,
+                              "the context length", minimum=1)
 
-    eos = _as_ids(model_cfg.get("eos_token_id")) if genai else ()
+    eos = _as_ids(model_cfg.get("eos_token_id"), genai_path, "model.eos_token_id") if genai else ()
     generation_path = os.path.join(folder, "generation_config.json")
     if not eos and os.path.isfile(generation_path):
-        eos = _as_ids(_read_json(generation_path).get("eos_token_id"))
+        eos = _as_ids(_read_json(generation_path).get("eos_token_id"), generation_path, "eos_token_id")
     if not eos and config:
-        eos = _as_ids(_config_value(config, "eos_token_id"))
+        eos = _as_ids(_config_value(config, "eos_token_id"), config_path, "eos_token_id")
     pad = model_cfg.get("pad_token_id") if genai else None
+    pad_path = genai_path
     if pad is None and config:
-        pad = _config_value(config, "pad_token_id")
+        pad, pad_path = _config_value(config, "pad_token_id"), config_path
     if pad is None:
         pad = eos[0] if eos else 0
-    if isinstance(pad, (list, tuple)):
+    if isinstance(pad, (list, tuple)) and pad:
         pad = pad[0]
+    pad = _integer(pad, pad_path, "pad_token_id")
 
     # every input must be one the loop feeds: another one would fail at the first run
     known = {input_ids_name, mask_name, position_name, _USE_CACHE_BRANCH}

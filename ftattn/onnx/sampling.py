@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from .. import _C  # sample_tokens
@@ -34,9 +36,14 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 turns top-k filtering off)")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not np.isfinite(value):
-                raise TypeError(f"{name}={value!r}: must be a finite number")
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name}={value!r:.60}: must be a finite number")
+            try:
+                finite = math.isfinite(value)  # (an int past float's range raises OverflowError)
+            except OverflowError:
+                finite = False
+            if not finite:
+                raise ValueError(f"{name}={value!r:.60}: must be a finite number")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature!r}: sampling needs temperature > 0; use "
                              f"do_sample=False for greedy search")
@@ -79,7 +86,7 @@ def _rows(scores: np.ndarray) -> np.ndarray:
 def _call_args(rows: np.ndarray, uniform_address: int, config: SamplingConfig, out_address: int) -> tuple:
     """The arguments of ftattn._C.sample_tokens for ``rows`` (from ``_rows``)."""
     return (rows.ctypes.data, rows.strides[0] // rows.itemsize, rows.shape[0], rows.shape[1],
-            _DTYPE_CODES[rows.dtype], uniform_address, float(config.temperature), int(config.top_k),
+            _DTYPE_CODES[rows.dtype], uniform_address, float(config.temperature), min(int(config.top_k), 2 ** 62),
             float(config.top_p), out_address)
 
 
@@ -99,6 +106,10 @@ def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
         raise ValueError(f"uniform: shape {uniform.shape} must be ({rows.shape[0]},), one number per row")
     if out is None:
         out = np.empty(rows.shape[0], dtype=np.int64)
+    elif not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.shape == rows.shape[:1]
+              and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"out: must be a writeable contiguous int64 array of shape ({rows.shape[0]},), got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
     _C.sample_tokens(*_call_args(rows, uniform.ctypes.data, config, out.ctypes.data))
     return out
 

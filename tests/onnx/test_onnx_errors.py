@@ -88,6 +88,8 @@ def test_max_new_tokens(generator, value):
     (dict(eos_token_id=-5), "eos_token_id=-5"),
     (dict(stop=""), "stop"),
     (dict(stop=["ok", 3]), "stop"),
+    (dict(stop=5), "stop=5: must be a non-empty string"),
+    (dict(stop=b"ab"), r"stop=b'ab': must be a non-empty string"),
     (dict(stream="print"), "stream"),
 ])
 def test_invalid_generation_values(generator, kwargs, match):
@@ -121,8 +123,13 @@ def test_bad_prompts(generator, prompts, error):
 def test_bad_loader_options(exported):
     with pytest.raises(ValueError, match="threads"):
         Generator.from_pretrained(exported, threads=0)
+    assert Generator.from_pretrained(exported, threads=np.int64(1)).session.get_session_options() \
+        .intra_op_num_threads == 1
     with pytest.raises(ValueError, match="not available"):
         Generator.from_pretrained(exported, providers=["NoSuchExecutionProvider"])
+    for providers in (5, [], [None]):
+        with pytest.raises(TypeError, match="providers=.*: must be a provider name or a non-empty list"):
+            Generator.from_pretrained(exported, providers=providers)
     with pytest.raises(ValueError, match="GroupQueryAttention"):
         Generator.from_pretrained(exported, shared_buffer=True)
 
@@ -132,3 +139,69 @@ def test_export_needs_a_model_folder(tmp_path, tiny_hf):
         export(str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="is the model folder itself"):
         export(tiny_hf, tiny_hf + "/.")
+
+
+def _write(folder, name, text):
+    with open(os.path.join(folder, name), "w") as handle:
+        handle.write(text)
+
+
+def _broken(folder, name, edit):
+    import json
+
+    path = os.path.join(folder, name)
+    with open(path) as handle:
+        config = json.load(handle)
+    edit(config)
+    _write(folder, name, json.dumps(config))
+
+
+@pytest.mark.parametrize("source,name,damage,match", [
+    ("exported", "config.json", lambda f: _write(f, "config.json", "[1, 2"), r"config.json: not valid JSON \("),
+    ("exported", "config.json", lambda f: _write(f, "config.json", "[1, 2]"), r"config.json: holds a JSON list"),
+    ("exported", "tokenizer_config.json", lambda f: _write(f, "tokenizer_config.json", "nope"),
+     r"tokenizer_config.json: not valid JSON"),
+    ("exported", "generation_config.json", lambda f: _write(f, "generation_config.json", "nope"),
+     r"generation_config.json: not valid JSON"),
+    ("exported", "tokenizer.json", lambda f: _write(f, "tokenizer.json", "{}"),
+     r"tokenizer.json: the tokenizers library cannot read it"),
+    ("exported", "model.onnx", lambda f: _write(f, "model.onnx", "garbage"), r"model.onnx: not an ONNX model"),
+    ("builder_fp32", "genai_config.json", lambda f: _write(f, "genai_config.json", "{oops"),
+     r"genai_config.json: not valid JSON"),
+    ("builder_fp32", "genai_config.json", lambda f: _write(f, "genai_config.json", '{"model": 3}'),
+     r"genai_config.json: model is 3, not an object"),
+    ("builder_fp32", "genai_config.json",
+     lambda f: _broken(f, "genai_config.json", lambda c: c["model"].update(eos_token_id="</s>")),
+     r"genai_config.json: model.eos_token_id is '</s>'; it must be an integer >= 0"),
+    ("builder_fp32", "genai_config.json",
+     lambda f: _broken(f, "genai_config.json", lambda c: c["model"].update(context_length="long")),
+     r"genai_config.json: model.context_length is 'long'"),
+    ("builder_fp32", "model.onnx.data", lambda f: os.remove(os.path.join(f, "model.onnx.data")),
+     r"model.onnx: onnxruntime cannot load the decoder \(.*\); check that the file and its external data"),
+])
+def test_broken_model_folder_files(source, name, damage, match, request, tmp_path):
+    """A broken config, tokenizer or decoder file: a ValueError naming the file and the fix."""
+    folder = copy_folder(request.getfixturevalue(source), tmp_path / "broken")
+    damage(folder)
+    with pytest.raises(ValueError, match=match):
+        Generator.from_pretrained(folder)
+
+
+def test_greedy_search_refuses_nan_logits(exported, tmp_path):
+    """argmax would pick a NaN's token id: greedy search raises instead, as sampling does."""
+    import onnx
+    from onnx import helper
+
+    from onnx_helpers import edit_decoder, rename_output
+
+    def edit(graph):  # logits * NaN
+        rename_output(graph, "logits", "raw_logits")
+        graph.node.extend([
+            helper.make_node("Constant", [], ["nan"], value=onnx.numpy_helper.from_array(np.array(np.nan, np.float32))),
+            helper.make_node("Mul", ["raw_logits", "nan"], ["logits"])])
+    folder = edit_decoder(exported, tmp_path / "nan", edit)
+    generator = Generator.from_pretrained(folder)
+    with pytest.raises(ValueError, match="the logits of row 0 contain NaN at new token 0"):
+        generator.generate(PROMPT, 3)
+    with pytest.raises(ValueError, match=r"the logits of row 0 contain \d+ NaN"):  # sampling: the C sampler's check
+        generator.generate(PROMPT, 3, do_sample=True, seed=0)

@@ -1,5 +1,6 @@
 """ftattn.onnx.export's graph against the transformers forward, and `python -m ftattn generate`."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from ftattn.__main__ import main as ftattn_main
 from ftattn.onnx import Generator
+
+from onnx_helpers import copy_folder
 
 
 def test_exported_logits_and_cache_match_transformers(exported, hf_model):
@@ -104,6 +107,11 @@ def test_cli_chat_and_errors(exported, tmp_path, capsys):
     assert "no .onnx decoder" in capsys.readouterr().err
     assert ftattn_main(["generate", exported, "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+    broken = copy_folder(exported, tmp_path / "broken")
+    with open(os.path.join(broken, "tokenizer.json"), "w") as handle:
+        handle.write("{}")
+    assert ftattn_main(["generate", broken, "x"]) == 2  # the tokenizers library's error, as a message
+    assert "tokenizer.json: the tokenizers library cannot read it" in capsys.readouterr().err
 
 
 def test_export_command_errors(tmp_path, capsys):
@@ -115,3 +123,7 @@ def test_export_command_errors(tmp_path, capsys):
         (tmp_path / name).write_text("{}")
     assert export_main([str(tmp_path), str(tmp_path)]) == 2  # a ValueError: a message, no traceback
     assert "is the model folder itself" in capsys.readouterr().err
+    assert export_main([str(tmp_path), str(tmp_path / "config.json")]) == 2
+    assert "is a file; pass a folder" in capsys.readouterr().err
+    assert export_main([str(tmp_path), str(tmp_path / "out"), "--opset", "3"]) == 2
+    assert "opset=3: torch.onnx.export's dynamo exporter writes opset 18 or later" in capsys.readouterr().err

@@ -375,3 +375,17 @@ def test_model_without_position_ids_runs_prompts_one_by_one(tiny_hf, tmp_path, h
     runs.clear()
     same_length = generator.generate([PROMPTS[0], PROMPTS[0]], NEW_TOKENS)  # equal lengths: one batch
     assert runs == [2] and [r.token_ids for r in same_length] == [expected[0]] * 2
+
+
+def test_stop_string_in_bytes_left_at_the_end(exported):
+    """The bytes the streaming decoder still holds when generation ends (a character never
+    completed) come out as the full decode writes them (U+FFFD): a stop string is looked for
+    in them too, so the text never holds one."""
+    generator = Generator.from_pretrained(exported)
+    prompts = ["Café, naïve, Zürich, Ångström, 東", "😀 and", "The fault-tolerant", "東京, 😀 and 🚀"]
+    stopped = 0
+    for seed in (3, 22):
+        for result in generator.generate(prompts, 16, do_sample=True, temperature=1.5, seed=seed, stop=["\ufffd"]):
+            assert "\ufffd" not in result.text
+            stopped += result.finish_reason == "stop"
+    assert stopped

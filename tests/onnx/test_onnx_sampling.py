@@ -195,3 +195,19 @@ def test_bad_logits_and_arguments_are_refused():
         draw_tokens(np.zeros((1, 10), dtype=np.int32), np.zeros(1), config)
     with pytest.raises(TypeError, match="2-D"):
         draw_tokens(np.zeros(10, dtype=np.float32), np.zeros(1), config)
+    for out in (np.zeros(2, dtype=np.int32), np.zeros(4, dtype=np.int64)[::2], np.zeros(3, dtype=np.int64)):
+        with pytest.raises(ValueError, match=r"out: must be a writeable contiguous int64 array of shape \(2,\)"):
+            draw_tokens(np.zeros((2, 10), dtype=np.float32), np.zeros(2), config, out=out)
+    out = np.full(2, -1, dtype=np.int64)
+    assert draw_tokens(np.eye(2, 10, dtype=np.float32) * 50, np.full(2, 0.5), config, out=out) is out
+    assert out.tolist() == [0, 1]
+    # a top_k past any vocabulary (past int64 too) keeps every token, as top_k >= vocab does
+    logits = np.random.default_rng(3).standard_normal((1, 50)).astype(np.float32)
+    u = np.linspace(0, 1, 40, endpoint=False)
+    rows = np.broadcast_to(logits, (40, 50))
+    np.testing.assert_array_equal(draw_tokens(rows, u, SamplingConfig(do_sample=True, top_k=2 ** 70)),
+                                  draw_tokens(rows, u, SamplingConfig(do_sample=True, top_k=50)))
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        for value in (10 ** 400, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name}=.*: must be a finite number"):
+                SamplingConfig(do_sample=True, **{name: value})
