@@ -3,8 +3,8 @@
 // ftattn._C.sample_tokens(scores [B, V], uniform [B]) draws one token per row after
 // transformers' warpers temperature -> top-k -> top-p. In numpy the same work took
 // about 40 calls between two model steps (150-300 us a token in the loop against
-// an int4 model step of 1.6 ms); here it is one call (~55 us in the loop, 28 warm,
-// for top-k 50 and top-p 0.9 over 32000 logits).
+// an int4 model step of 1.6 ms); here it is one call (~55 us in the loop, 20-35 warm,
+// for top-k 50 and top-p 0.9 over 32000 logits; top-p 0.9 alone 135-145 us warm).
 //
 // The rules, the same as transformers' and as the plain full-sort reference in
 // tests/onnx/test_onnx_sampling.py:
@@ -18,9 +18,11 @@
 // Top-p finds the dropped prefix without sorting: over 2048 candidates it first sums
 // the weights in 1024 bins of the logit and keeps only the bin where the cumulative
 // mass crosses 1 - top_p; then a quickselect that carries the mass below the pivot
-// (expected O(candidates)); only the last <= 32 candidates are sorted. Its sums run in another order than a sorted cumulative sum, so a token whose
-// cumulative probability is within rounding (~1e-16) of 1 - top_p may fall on
-// the other side than in the reference.
+// (expected O(candidates)); only the last <= 32 candidates are sorted. The draw walks
+// sums of 64 weights before the weights themselves. Long sums run in 8 lanes added in a
+// fixed tree (the same bits on every instruction set), so they run in another order than a
+// sorted cumulative sum: a token whose cumulative probability is within rounding (~1e-16)
+// of 1 - top_p, or of u, may fall on the other side than in the reference.
 #include <Python.h>
 #include <c10/util/Half.h>
 #include <c10/util/StringUtil.h>
@@ -59,7 +61,124 @@ struct Scratch {
   std::vector<double> weight;  // their unnormalised probabilities
   std::vector<Item> items;     // the candidates, permuted by the top-p selection
   std::vector<int16_t> bins;   // each candidate's bin
+  std::vector<double> block;   // sums of the kept weights, kSumBlock candidates each
 };
+
+// Top-p on more candidates than this first narrows to one bin of (top - x) / temperature.
+constexpr int64_t kNarrowAbove = 2048;
+constexpr int kBins = 1024;
+constexpr double kBinsPerUnit = 16.0;  // bins per unit of (top - x) / temperature at least; the last holds the rest
+constexpr int kBinsLast = kBins - 1;
+
+// Sums of many weights run in kSumLanes independent lanes (the lane of candidate j: j % kSumLanes,
+// within blocks of kSumBlock), added up in a fixed tree: an order that does not depend on the
+// instruction set, and vector adds instead of one chain of dependent ones (4 cycles each).
+constexpr int64_t kSumLanes = 8;
+constexpr int64_t kSumBlock = 64;
+
+FTATTN_VEC_INLINE double lanes_total(const double* lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// The logit and id of candidate j: x[ids[j]] and ids[j], or x[j] and j when ids is null (all tokens).
+template <bool kIds>
+FTATTN_VEC_INLINE float cand_x(const float* x, const int32_t* ids, int64_t j) { return kIds ? x[ids[j]] : x[j]; }
+template <bool kIds>
+FTATTN_VEC_INLINE int32_t cand_id(const int32_t* ids, int64_t j) { return kIds ? ids[j] : static_cast<int32_t>(j); }
+
+// Zeroes the weights of the candidates at or below `edge` in (logit, id) order when `filter`, and
+// writes the sums of the weights of each kSumBlock candidates to block[]; returns their total
+// (the block sums added in order).
+template <bool kIds>
+FTATTN_VEC_INLINE double keep_and_sum(const float* x, const int32_t* ids, int64_t m, bool filter, float edge_x,
+                                      int32_t edge_id, double* w, double* block) {
+  using vec::d8;
+  using vec::f8;
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  typedef int64_t l8 __attribute__((vector_size(64)));
+  static_assert(kSumLanes == 8, "one 8-lane vector of sums");
+  const f8 ex = f8{} + edge_x;
+  const i8 eid = i8{} + edge_id;
+  const i8 iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int64_t blocks = (m + kSumBlock - 1) / kSumBlock;
+  double total = 0.0;
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t from = k * kSumBlock, to = std::min(m, from + kSumBlock);
+    d8 lanes = d8{};
+    int64_t j = from;
+    for (; j + kSumLanes <= to; j += kSumLanes) {
+      d8 wv;
+      std::memcpy(&wv, w + j, sizeof(wv));
+      if (filter) {
+        f8 xv;
+        i8 id;
+        if (kIds) {
+          for (int64_t l = 0; l < kSumLanes; ++l) {
+            xv[l] = x[ids[j + l]];
+            id[l] = ids[j + l];
+          }
+        } else {
+          std::memcpy(&xv, x + j, sizeof(xv));
+          id = iota + static_cast<int32_t>(j);
+        }
+        const i8 keep = (xv > ex) | ((xv == ex) & (id > eid));
+        wv = __builtin_convertvector(keep, l8) ? wv : d8{};
+        std::memcpy(w + j, &wv, sizeof(wv));
+      }
+      lanes += wv;
+    }
+    double lane[kSumLanes];
+    std::memcpy(lane, &lanes, sizeof(lane));
+    for (; j < to; ++j) {
+      if (filter) {
+        const float xi = cand_x<kIds>(x, ids, j);
+        const bool keep = (xi > edge_x) | ((xi == edge_x) & (cand_id<kIds>(ids, j) > edge_id));
+        w[j] = keep ? w[j] : 0.0;
+      }
+      lane[0] += w[j];
+    }
+    block[k] = lanes_total(lane);
+    total += block[k];
+  }
+  return total;
+}
+
+FTATTN_CLONES
+double kept_block_sums(const float* x, const int32_t* ids, int64_t m, bool filter, float edge_x, int32_t edge_id,
+                       double* w, double* block) {
+  return ids ? keep_and_sum<true>(x, ids, m, filter, edge_x, edge_id, w, block)
+             : keep_and_sum<false>(x, ids, m, filter, edge_x, edge_id, w, block);
+}
+
+// The smallest finite candidate logit (top when there is none).
+template <bool kIds>
+FTATTN_VEC_INLINE float finite_min(const float* x, const int32_t* ids, int64_t m, float top) {
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  float lane[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = top;
+  int64_t j = 0;
+  for (; j + kLanes <= m; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = cand_x<kIds>(x, ids, j + l);
+      lane[l] = (v < lane[l]) & (v > NEG_INF) ? v : lane[l];
+    }
+  float low = top;
+  for (; j < m; ++j) {
+    const float v = cand_x<kIds>(x, ids, j);
+    low = (v < low) & (v > NEG_INF) ? v : low;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) low = lane[l] < low ? lane[l] : low;
+  return low;
+}
+
+// Each candidate's bin: (top - x) * scale truncated, the last bin holding the rest (and -inf).
+template <bool kIds>
+FTATTN_VEC_INLINE void bin_of(const float* x, const int32_t* ids, int64_t m, float top, double scale, int16_t* bins) {
+  for (int64_t j = 0; j < m; ++j) {
+    const double t = (static_cast<double>(top) - cand_x<kIds>(x, ids, j)) * scale;  // +inf for a -inf logit
+    bins[j] = static_cast<int16_t>(t < kBinsLast ? static_cast<int32_t>(t) : kBinsLast);
+  }
+}
 
 // The largest of x[0, n) (NaNs skipped) and the number of NaNs.
 FTATTN_CLONES
@@ -129,19 +248,65 @@ void collect_at_least(const float* x, int64_t n, float bound, std::vector<int32_
     if (x[i] >= bound) out.push_back(static_cast<int32_t>(i));
 }
 
-// Top-p on more candidates than this first narrows to one bin of (top - x) / temperature.
-constexpr int64_t kNarrowAbove = 2048;
-constexpr int kBins = 1024;
-constexpr double kBinsPerUnit = 16.0;  // bins per unit of (top - x) / temperature at least; the last holds the rest
+
+// Bins the candidates (bins[j]) and sums their weights (mass) and counts per bin. 16 bins per unit
+// of (top - x) / temperature, or more where the finite logits span less than 64 units, so that the
+// bins cover them: the logits a random model makes (std ~0.05) fill 1024 bins instead of 7. Four
+// interleaved partial histograms (candidate j in copy j % 4, added in a fixed order) keep
+// consecutive candidates of one bin from waiting on each other's store.
+template <bool kIds>
+FTATTN_VEC_INLINE void histogram_of(const float* x, const int32_t* ids, int64_t m, float top, double temperature,
+                                    const double* w, int16_t* bins, double* mass, int32_t* count) {
+  const float low = finite_min<kIds>(x, ids, m, top);
+  const double spread = static_cast<double>(top) - low;
+  const double scale = spread > 0.0 ? std::max(kBinsPerUnit / temperature, kBinsLast / spread)
+                                    : kBinsPerUnit / temperature;
+  bin_of<kIds>(x, ids, m, top, scale, bins);
+  double part[4][kBins] = {};
+  int32_t counts[4][kBins] = {};
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4)
+    for (int c = 0; c < 4; ++c) {
+      part[c][bins[j + c]] += w[j + c];
+      ++counts[c][bins[j + c]];
+    }
+  for (; j < m; ++j) {
+    part[0][bins[j]] += w[j];
+    ++counts[0][bins[j]];
+  }
+  for (int b = 0; b < kBins; ++b) {
+    mass[b] = (part[0][b] + part[1][b]) + (part[2][b] + part[3][b]);
+    count[b] = (counts[0][b] + counts[1][b]) + (counts[2][b] + counts[3][b]);
+  }
+}
+
+FTATTN_CLONES
+void histogram(const float* x, const int32_t* ids, int64_t m, float top, double temperature, const double* w,
+               int16_t* bins, double* mass, int32_t* count) {
+  if (ids)
+    histogram_of<true>(x, ids, m, top, temperature, w, bins, mass, count);
+  else
+    histogram_of<false>(x, ids, m, top, temperature, w, bins, mass, count);
+}
+
+// The sum of w[0, m) in kSumLanes lanes.
+FTATTN_CLONES
+double lane_sum(const double* w, int64_t m) {
+  double lane[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= m; j += kSumLanes)
+    for (int64_t l = 0; l < kSumLanes; ++l) lane[l] += w[j + l];
+  for (; j < m; ++j) lane[0] += w[j];
+  return lanes_total(lane);
+}
 
 // The largest candidate top-p drops (by (logit, id)), or false when it drops none.
-bool top_p_boundary(Scratch& s, const float* x, float top, double temperature, double top_p, Item* edge) {
+bool top_p_boundary(Scratch& s, const float* x, bool all, float top, double temperature, double top_p, Item* edge) {
   const int64_t m = static_cast<int64_t>(s.cand.size());
   const std::vector<int32_t>& cand = s.cand;
   const std::vector<double>& weight = s.weight;
   std::vector<Item>& items = s.items;  // the candidates the search below runs over
-  double total = 0.0;
-  for (int64_t j = 0; j < m; ++j) total += weight[j];
+  const double total = lane_sum(weight.data(), m);
   const double tau = (1.0 - top_p) * total;  // drop while the cumulative weight is <= tau
   double below = 0.0;                        // the weight dropped so far
   bool dropped = false;
@@ -152,27 +317,10 @@ bool top_p_boundary(Scratch& s, const float* x, float top, double temperature, d
     // are dropped, the boundary lies in the next one, and only that bin's candidates are
     // searched (a few hundred of 32000 random logits, against ~3 MB of memory traffic
     // for a search over all).
-    double mass[kBins] = {};
-    int64_t count[kBins] = {};
+    double mass[kBins];
+    int32_t count[kBins];
     s.bins.resize(m);
-    // 16 bins per unit of (top - x) / temperature, or more where the finite logits span less
-    // than 64 units, so that the bins cover them: logits a random model makes (std ~0.05)
-    // fill 1024 bins instead of 7
-    float low = top;
-    for (int64_t j = 0; j < m; ++j) {
-      const float v = x[cand[j]];
-      low = v < low && v > -std::numeric_limits<float>::infinity() ? v : low;
-    }
-    const double spread = static_cast<double>(top) - low;
-    const double scale = spread > 0.0 ? std::max(kBinsPerUnit / temperature, (kBins - 1) / spread)
-                                      : kBinsPerUnit / temperature;
-    for (int64_t j = 0; j < m; ++j) {
-      const double t = (static_cast<double>(top) - x[cand[j]]) * scale;  // +inf for a -inf logit
-      const int b = t < kBins - 1 ? static_cast<int>(t) : kBins - 1;
-      s.bins[j] = static_cast<int16_t>(b);
-      mass[b] += weight[j];
-      ++count[b];
-    }
+    histogram(x, all ? nullptr : cand.data(), m, top, temperature, weight.data(), s.bins.data(), mass, count);
     int boundary = kBins - 1;
     for (; boundary > 0 && below + mass[boundary] <= tau; --boundary) below += mass[boundary];
     int below_bin = boundary + 1;  // the dropped bin next to the boundary one: it holds the largest dropped
@@ -322,27 +470,25 @@ int64_t sample_row(const float* x, int64_t size, int64_t index, double u, double
   exp_weights(x, all ? nullptr : s.cand.data(), m, best, temperature, s.weight.data());
 
   Item edge{0.0f, 0, 0.0};  // top-p drops the candidates at or below it in (logit, id) order
-  const bool filter = top_p < 1.0 && top_p_boundary(s, x, best, temperature, top_p, &edge);
-  double sum = 0.0;  // of the kept weights; top-p's dropped ones are zeroed (no branch: they interleave by id)
-  if (filter) {
-    for (int64_t j = 0; j < m; ++j) {
-      const float xj = x[s.cand[j]];
-      const bool keep = (xj > edge.x) | ((xj == edge.x) & (s.cand[j] > edge.id));
-      s.weight[j] = keep ? s.weight[j] : 0.0;
-      sum += s.weight[j];
-    }
-  } else {
-    for (int64_t j = 0; j < m; ++j) sum += s.weight[j];
-  }
+  const bool filter = top_p < 1.0 && top_p_boundary(s, x, all, best, temperature, top_p, &edge);
+  // the kept weights (top-p's dropped ones zeroed: they interleave by id) and their block sums
+  s.block.resize((m + kSumBlock - 1) / kSumBlock);
+  const double sum = kept_block_sums(x, all ? nullptr : s.cand.data(), m, filter, edge.x, edge.id, s.weight.data(),
+                                     s.block.data());
+  // the inverse CDF: whole blocks while the cumulative weight stays <= the target, then one by one
   const double target = u * sum;
+  const double* w = s.weight.data();
   double acc = 0.0;
-  int64_t last = -1;
-  for (int64_t j = 0; j < m; ++j) {  // a zero weight never moves acc past the target
-    acc += s.weight[j];
+  int64_t k = 0;
+  const int64_t blocks = static_cast<int64_t>(s.block.size());
+  for (; k < blocks && acc + s.block[k] <= target; ++k) acc += s.block[k];
+  for (int64_t j = k * kSumBlock; j < m; ++j) {  // a zero weight never moves acc past the target
+    acc += w[j];
     if (acc > target) return s.cand[j];
-    last = s.weight[j] > 0.0 ? s.cand[j] : last;
   }
-  return last;  // u * sum rounded up to the sum: the last kept token with a weight
+  for (int64_t j = m - 1; j > 0; --j)  // u * sum rounded up to the sum: the last kept token with a weight
+    if (w[j] > 0.0) return s.cand[j];
+  return s.cand[0];
 }
 
 void sample_tokens(uintptr_t scores, int64_t row_stride, int64_t batch, int64_t size, int dtype, uintptr_t uniform,
