@@ -42,7 +42,54 @@
 namespace ftattn {
 namespace {
 
-constexpr int64_t kLanes = 16;  // the scans below run 16 independent lanes, which GCC vectorises
+constexpr int64_t kLanes = 16;  // the scans below run 16 independent lanes (two 8-lane vectors)
+
+// 32-byte vectors: one register with AVX2 and AVX-512. GCC splits 64-byte vectors for AVX2 into
+// scalars wherever they are compared or selected (a scan of 32000 logits then took 4x longer
+// in the AVX2 clone), while 32-byte ones stay whole there.
+namespace v32 {
+using vec::d4;
+using vec::f4;
+using vec::f8;
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef int32_t i4 __attribute__((vector_size(16)));
+typedef int16_t s4 __attribute__((vector_size(8)));
+template <typename V, typename T>
+FTATTN_VEC_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V, typename T>
+FTATTN_VEC_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+FTATTN_VEC_INLINE f8 vmax(f8 a, f8 b) { return b > a ? b : a; }
+FTATTN_VEC_INLINE float hmax(f8 v) {
+  float best = v[0];
+  for (int l = 1; l < 8; ++l) best = v[l] > best ? v[l] : best;
+  return best;
+}
+}  // namespace v32
+
+// The weight loops (exp, sums) run W doubles to a vector, one register: 8 with AVX-512, 4 with
+// AVX2, 2 with the baseline's SSE2 (see v32). Each lane computes the same operations, so W does not
+// change a bit.
+template <int W>
+struct Wide {
+  typedef double d __attribute__((vector_size(8 * W)));
+  typedef int64_t l __attribute__((vector_size(8 * W)));
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+};
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
+#define FTATTN_WIDE_VERSIONS 1  // one version per ISA (GCC function multiversioning), as FTATTN_CLONES
+#endif
+#if defined(__AVX512F__)
+constexpr int kNativeWide = 8;  // a build for one -march (FTATTN_NO_CLONES, or another compiler)
+#elif defined(__AVX__)
+constexpr int kNativeWide = 4;
+#else
+constexpr int kNativeWide = 2;
+#endif
 
 // A top-p candidate: its logit, token id and unnormalised probability.
 struct Item {
@@ -89,14 +136,16 @@ FTATTN_VEC_INLINE int32_t cand_id(const int32_t* ids, int64_t j) { return kIds ?
 // Zeroes the weights of the candidates at or below `edge` in (logit, id) order when `filter`, and
 // writes the sums of the weights of each kSumBlock candidates to block[]; returns their total
 // (the block sums added in order).
-template <bool kIds>
+template <int W, bool kIds>
 FTATTN_VEC_INLINE double keep_and_sum(const float* x, const int32_t* ids, int64_t m, bool filter, float edge_x,
                                       int32_t edge_id, double* w, double* block) {
-  using vec::d8;
-  using vec::f8;
-  typedef int32_t i8 __attribute__((vector_size(32)));
-  typedef int64_t l8 __attribute__((vector_size(64)));
-  static_assert(kSumLanes == 8, "one 8-lane vector of sums");
+  using v32::f8;
+  using v32::i8;
+  typedef typename Wide<W>::d d;
+  typedef typename Wide<W>::l l;
+  typedef typename Wide<W>::i i;
+  constexpr int Q = kSumLanes / W;  // vectors of sums
+  static_assert(kSumLanes % W == 0, "whole vectors of sums");
   const f8 ex = f8{} + edge_x;
   const i8 eid = i8{} + edge_id;
   const i8 iota = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -104,31 +153,35 @@ FTATTN_VEC_INLINE double keep_and_sum(const float* x, const int32_t* ids, int64_
   double total = 0.0;
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t from = k * kSumBlock, to = std::min(m, from + kSumBlock);
-    d8 lanes = d8{};
+    d lanes[Q] = {};  // lane l of the block's sums: lanes[l / W][l % W]
     int64_t j = from;
     for (; j + kSumLanes <= to; j += kSumLanes) {
-      d8 wv;
-      std::memcpy(&wv, w + j, sizeof(wv));
+      d wv[Q];
+      for (int q = 0; q < Q; ++q) wv[q] = v32::load<d>(w + j + q * W);
       if (filter) {
         f8 xv;
         i8 id;
         if (kIds) {
-          for (int64_t l = 0; l < kSumLanes; ++l) {
-            xv[l] = x[ids[j + l]];
-            id[l] = ids[j + l];
+          for (int64_t u = 0; u < kSumLanes; ++u) {
+            xv[u] = x[ids[j + u]];
+            id[u] = ids[j + u];
           }
         } else {
-          std::memcpy(&xv, x + j, sizeof(xv));
+          xv = v32::load<f8>(x + j);
           id = iota + static_cast<int32_t>(j);
         }
         const i8 keep = (xv > ex) | ((xv == ex) & (id > eid));
-        wv = __builtin_convertvector(keep, l8) ? wv : d8{};
-        std::memcpy(w + j, &wv, sizeof(wv));
+        for (int q = 0; q < Q; ++q) {
+          i part;
+          std::memcpy(&part, reinterpret_cast<const char*>(&keep) + q * sizeof(part), sizeof(part));
+          wv[q] = __builtin_convertvector(part, l) ? wv[q] : d{};
+          v32::store(w + j + q * W, wv[q]);
+        }
       }
-      lanes += wv;
+      for (int q = 0; q < Q; ++q) lanes[q] += wv[q];
     }
     double lane[kSumLanes];
-    std::memcpy(lane, &lanes, sizeof(lane));
+    std::memcpy(lane, lanes, sizeof(lane));
     for (; j < to; ++j) {
       if (filter) {
         const float xi = cand_x<kIds>(x, ids, j);
@@ -143,39 +196,76 @@ FTATTN_VEC_INLINE double keep_and_sum(const float* x, const int32_t* ids, int64_
   return total;
 }
 
-FTATTN_CLONES
-double kept_block_sums(const float* x, const int32_t* ids, int64_t m, bool filter, float edge_x, int32_t edge_id,
-                       double* w, double* block) {
-  return ids ? keep_and_sum<true>(x, ids, m, filter, edge_x, edge_id, w, block)
-             : keep_and_sum<false>(x, ids, m, filter, edge_x, edge_id, w, block);
+template <int W>
+FTATTN_VEC_INLINE double kept_block_sums_of(const float* x, const int32_t* ids, int64_t m, bool filter, float edge_x,
+                                            int32_t edge_id, double* w, double* block) {
+  return ids ? keep_and_sum<W, true>(x, ids, m, filter, edge_x, edge_id, w, block)
+             : keep_and_sum<W, false>(x, ids, m, filter, edge_x, edge_id, w, block);
 }
+
+#define FTATTN_KEPT_ARGS const float *x, const int32_t *ids, int64_t m, bool filter, float edge_x, int32_t edge_id, \
+                         double *w, double *block
+#ifdef FTATTN_WIDE_VERSIONS
+__attribute__((target("arch=x86-64-v4"))) double kept_block_sums(FTATTN_KEPT_ARGS) {
+  return kept_block_sums_of<8>(x, ids, m, filter, edge_x, edge_id, w, block);
+}
+__attribute__((target("arch=x86-64-v3"))) double kept_block_sums(FTATTN_KEPT_ARGS) {
+  return kept_block_sums_of<4>(x, ids, m, filter, edge_x, edge_id, w, block);
+}
+__attribute__((target("default"))) double kept_block_sums(FTATTN_KEPT_ARGS) {
+  return kept_block_sums_of<2>(x, ids, m, filter, edge_x, edge_id, w, block);
+}
+#else
+double kept_block_sums(FTATTN_KEPT_ARGS) {
+  return kept_block_sums_of<kNativeWide>(x, ids, m, filter, edge_x, edge_id, w, block);
+}
+#endif
+#undef FTATTN_KEPT_ARGS
 
 // The smallest finite candidate logit (top when there is none).
 template <bool kIds>
 FTATTN_VEC_INLINE float finite_min(const float* x, const int32_t* ids, int64_t m, float top) {
+  using namespace v32;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  float lane[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lane[l] = top;
+  f8 lane = f8{} + top;
   int64_t j = 0;
-  for (; j + kLanes <= m; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float v = cand_x<kIds>(x, ids, j + l);
-      lane[l] = (v < lane[l]) & (v > NEG_INF) ? v : lane[l];
+  for (; j + 8 <= m; j += 8) {
+    f8 v;
+    if (kIds) {
+      for (int l = 0; l < 8; ++l) v[l] = x[ids[j + l]];
+    } else {
+      v = load<f8>(x + j);
     }
+    lane = (v < lane) & (v > NEG_INF) ? v : lane;
+  }
   float low = top;
+  for (int l = 0; l < 8; ++l) low = lane[l] < low ? lane[l] : low;
   for (; j < m; ++j) {
     const float v = cand_x<kIds>(x, ids, j);
     low = (v < low) & (v > NEG_INF) ? v : low;
   }
-  for (int64_t l = 0; l < kLanes; ++l) low = lane[l] < low ? lane[l] : low;
   return low;
 }
 
 // Each candidate's bin: (top - x) * scale truncated, the last bin holding the rest (and -inf).
 template <bool kIds>
 FTATTN_VEC_INLINE void bin_of(const float* x, const int32_t* ids, int64_t m, float top, double scale, int16_t* bins) {
-  for (int64_t j = 0; j < m; ++j) {
-    const double t = (static_cast<double>(top) - cand_x<kIds>(x, ids, j)) * scale;  // +inf for a -inf logit
+  using namespace v32;
+  const d4 last = d4{} + static_cast<double>(kBinsLast);
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    f4 v;
+    if (kIds) {
+      for (int l = 0; l < 4; ++l) v[l] = x[ids[j + l]];
+    } else {
+      v = load<f4>(x + j);
+    }
+    d4 t = (static_cast<double>(top) - __builtin_convertvector(v, d4)) * scale;  // +inf for a -inf logit
+    t = t < last ? t : last;
+    store(bins + j, __builtin_convertvector(__builtin_convertvector(t, i4), s4));
+  }
+  for (; j < m; ++j) {
+    const double t = (static_cast<double>(top) - cand_x<kIds>(x, ids, j)) * scale;
     bins[j] = static_cast<int16_t>(t < kBinsLast ? static_cast<int32_t>(t) : kBinsLast);
   }
 }
@@ -183,19 +273,20 @@ FTATTN_VEC_INLINE void bin_of(const float* x, const int32_t* ids, int64_t m, flo
 // The largest of x[0, n) (NaNs skipped) and the number of NaNs.
 FTATTN_CLONES
 float scan_max(const float* x, int64_t n, int64_t* nans) {
-  using namespace vec;
+  using namespace v32;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  f16 lane = f16{} + NEG_INF;
-  i16 bad = i16{};
+  f8 lane0 = f8{} + NEG_INF, lane1 = lane0;
+  i8 bad = i8{};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const f16 v = load(x + i);
-    bad -= v != v;  // -1 where NaN
-    lane = v > lane ? v : lane;
+    const f8 a = load<f8>(x + i), b = load<f8>(x + i + 8);
+    bad -= (a != a) + (b != b);  // -1 where NaN
+    lane0 = a > lane0 ? a : lane0;
+    lane1 = b > lane1 ? b : lane1;
   }
-  float best = hmax(lane);
+  float best = hmax(vmax(lane0, lane1));
   int64_t count = 0;
-  for (int64_t j = 0; j < kLanes; ++j) count += bad[j];
+  for (int64_t j = 0; j < 8; ++j) count += bad[j];
   for (; i < n; ++i) {
     count += x[i] != x[i];
     best = x[i] > best ? x[i] : best;
@@ -206,10 +297,10 @@ float scan_max(const float* x, int64_t n, int64_t* nans) {
 
 // The largest of the 64 logits at p (no NaN among them)
 FTATTN_VEC_INLINE float block_max(const float* p) {
-  using namespace vec;
-  const f16 a = load(p), b = load(p + 16), c = load(p + 32), d = load(p + 48);
-  const f16 ab = a > b ? a : b, cd = c > d ? c : d;
-  return hmax(ab > cd ? ab : cd);
+  using namespace v32;
+  f8 v[8];
+  for (int q = 0; q < 8; ++q) v[q] = load<f8>(p + 8 * q);
+  return hmax(vmax(vmax(vmax(v[0], v[1]), vmax(v[2], v[3])), vmax(vmax(v[4], v[5]), vmax(v[6], v[7]))));
 }
 constexpr int64_t kBlock = 64;
 
@@ -391,23 +482,24 @@ bool top_p_boundary(Scratch& s, const float* x, bool all, float top, double temp
   return dropped;
 }
 
-// The weights exp((x - top) / temperature), t = (x - top) / temperature <= 0, in double. A
-// branch-free exp that GCC vectorises (std::exp cost 8 ns a logit, 0.26 ms for a 32000-token
-// vocabulary; this ~1.5 ns): round t / ln2 to n, exp(r) for r = t - n ln2 (|r| <= ln2 / 2, ln2
+// The weights exp((x - top) / temperature), t = (x - top) / temperature <= 0, in double, by an
+// exp in vectors of W lanes (std::exp cost 8 ns a logit, 0.26 ms for a 32000-token vocabulary;
+// this ~1.5 ns with AVX-512): round t / ln2 to n, exp(r) for r = t - n ln2 (|r| <= ln2 / 2, ln2
 // in two parts) by Taylor to degree 13, times 2^n from the exponent bits. Within 1 ulp of
-// glibc's exp over [-708, 0] (2e7 random points); 0 below -708 (exp(-708) is 3e-308; -inf
-// logits give 0). FMA contraction is off here, so every clone (AVX-512, AVX2, the default)
-// gives the same bits.
+// glibc's exp over [-708, 0] (2e7 random points, the same operations one at a time); 0 below
+// -708 (exp(-708) is 3e-308; -inf logits give 0). FMA contraction is off here, so every version
+// (AVX-512, AVX2, the baseline) gives the same bits.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-FTATTN_VEC_INLINE double exp_nonpositive(double t) {
-  const bool tiny = !(t >= -708.0);
-  t = tiny ? 0.0 : t;
+template <typename D, typename L>
+FTATTN_VEC_INLINE D exp_nonpositive_v(D t) {
+  const L ok = t >= -708.0;
+  t = ok ? t : D{};
   const double shift = 6755399441055744.0;  // 1.5 * 2^52: t / ln2 + shift holds round(t / ln2) in its low bits
-  const double k = t * 1.4426950408889634 + shift;
-  const double n = k - shift;
-  const double r = (t - n * 0.693147180369123816490) - n * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;  // 1 / 13!
+  const D k = t * 1.4426950408889634 + shift;
+  const D n = k - shift;
+  const D r = (t - n * 0.693147180369123816490) - n * 1.90821492927058770002e-10;
+  D p = D{} + 1.0 / 6227020800.0;  // 1 / 13!
   p = p * r + 1.0 / 479001600.0;
   p = p * r + 1.0 / 39916800.0;
   p = p * r + 1.0 / 3628800.0;
@@ -421,25 +513,68 @@ FTATTN_VEC_INLINE double exp_nonpositive(double t) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  int64_t bits;
-  std::memcpy(&bits, &k, sizeof(bits));
-  bits = (bits + 1023) << 52;  // 2^n: n + 1023 in the exponent field (n >= -1022 here)
-  double scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.0 : p * scale;
+  // 2^n: n + 1023 in the exponent field (n >= -1022 here)
+  const D scale = reinterpret_cast<D>((reinterpret_cast<L>(k) + 1023) << 52);
+  return ok ? p * scale : D{};
 }
 
 // w[j] = exp((x[ids[j]] - top) / temperature), or of x[j] when ids is null.
-FTATTN_CLONES
-void exp_weights(const float* x, const int32_t* ids, int64_t m, double top, double temperature, double* w) {
-  if (ids == nullptr && temperature == 1.0) {
-    for (int64_t j = 0; j < m; ++j) w[j] = exp_nonpositive(static_cast<double>(x[j]) - top);
-  } else if (ids == nullptr) {
-    for (int64_t j = 0; j < m; ++j) w[j] = exp_nonpositive((static_cast<double>(x[j]) - top) / temperature);
-  } else {
-    for (int64_t j = 0; j < m; ++j) w[j] = exp_nonpositive((static_cast<double>(x[ids[j]]) - top) / temperature);
+template <int W, bool kIds>
+FTATTN_VEC_INLINE void exp_weights_of(const float* x, const int32_t* ids, int64_t m, double top, double temperature,
+                                      double* w) {
+  typedef typename Wide<W>::d d;
+  typedef typename Wide<W>::l l;
+  typedef typename Wide<W>::f f;
+  const bool divide = temperature != 1.0;  // (x - top) / 1 is x - top: skip the division
+  int64_t j = 0;
+  for (; j + W <= m; j += W) {
+    f v;
+    if (kIds) {
+      for (int u = 0; u < W; ++u) v[u] = x[ids[j + u]];
+    } else {
+      v = v32::load<f>(x + j);
+    }
+    d t = __builtin_convertvector(v, d) - top;
+    if (divide) t = t / temperature;
+    v32::store(w + j, exp_nonpositive_v<d, l>(t));
+  }
+  if (j < m) {  // the last m - j < W: one vector, its other lanes at the top (t = 0), not stored
+    f v = f{} + static_cast<float>(top);
+    for (int64_t u = 0; u < m - j; ++u) v[u] = cand_x<kIds>(x, ids, j + u);
+    d t = __builtin_convertvector(v, d) - top;
+    if (divide) t = t / temperature;
+    const d e = exp_nonpositive_v<d, l>(t);
+    for (int64_t u = 0; u < m - j; ++u) w[j + u] = e[u];
   }
 }
+
+template <int W>
+FTATTN_VEC_INLINE void exp_weights_w(const float* x, const int32_t* ids, int64_t m, double top, double temperature,
+                                     double* w) {
+  if (ids)
+    exp_weights_of<W, true>(x, ids, m, top, temperature, w);
+  else
+    exp_weights_of<W, false>(x, ids, m, top, temperature, w);
+}
+
+#ifdef FTATTN_WIDE_VERSIONS
+__attribute__((target("arch=x86-64-v4"))) void exp_weights(const float* x, const int32_t* ids, int64_t m, double top,
+                                                            double temperature, double* w) {
+  exp_weights_w<8>(x, ids, m, top, temperature, w);
+}
+__attribute__((target("arch=x86-64-v3"))) void exp_weights(const float* x, const int32_t* ids, int64_t m, double top,
+                                                            double temperature, double* w) {
+  exp_weights_w<4>(x, ids, m, top, temperature, w);
+}
+__attribute__((target("default"))) void exp_weights(const float* x, const int32_t* ids, int64_t m, double top,
+                                                    double temperature, double* w) {
+  exp_weights_w<2>(x, ids, m, top, temperature, w);
+}
+#else
+void exp_weights(const float* x, const int32_t* ids, int64_t m, double top, double temperature, double* w) {
+  exp_weights_w<kNativeWide>(x, ids, m, top, temperature, w);
+}
+#endif
 #pragma GCC pop_options
 
 // Checks an argument of ftattn._C.sample_tokens; raised to Python as ValueError.
