@@ -80,15 +80,23 @@ struct Wide {
   typedef float f __attribute__((vector_size(4 * W)));
   typedef int32_t i __attribute__((vector_size(4 * W)));
 };
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
-#define FTATTN_WIDE_VERSIONS 1  // one version per ISA (GCC function multiversioning), as FTATTN_CLONES
-#endif
 #if defined(__AVX512F__)
 constexpr int kNativeWide = 8;  // a build for one -march (FTATTN_NO_CLONES, or another compiler)
 #elif defined(__AVX__)
 constexpr int kNativeWide = 4;
 #else
 constexpr int kNativeWide = 2;
+#endif
+// `ret name params` calling impl<W> args: one version per ISA (GCC function multiversioning, as
+// FTATTN_CLONES, but with the width each ISA takes), or one for the -march of the build.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
+#define FTATTN_WIDE_FUNCTION(ret, name, params, impl, args)                       \
+  __attribute__((target("arch=x86-64-v4"))) ret name params { return impl<8> args; } \
+  __attribute__((target("arch=x86-64-v3"))) ret name params { return impl<4> args; } \
+  __attribute__((target("default"))) ret name params { return impl<2> args; }
+#else
+#define FTATTN_WIDE_FUNCTION(ret, name, params, impl, args) \
+  ret name params { return impl<kNativeWide> args; }
 #endif
 
 // A top-p candidate: its logit, token id and unnormalised probability.
@@ -203,24 +211,10 @@ FTATTN_VEC_INLINE double kept_block_sums_of(const float* x, const int32_t* ids, 
              : keep_and_sum<W, false>(x, ids, m, filter, edge_x, edge_id, w, block);
 }
 
-#define FTATTN_KEPT_ARGS const float *x, const int32_t *ids, int64_t m, bool filter, float edge_x, int32_t edge_id, \
-                         double *w, double *block
-#ifdef FTATTN_WIDE_VERSIONS
-__attribute__((target("arch=x86-64-v4"))) double kept_block_sums(FTATTN_KEPT_ARGS) {
-  return kept_block_sums_of<8>(x, ids, m, filter, edge_x, edge_id, w, block);
-}
-__attribute__((target("arch=x86-64-v3"))) double kept_block_sums(FTATTN_KEPT_ARGS) {
-  return kept_block_sums_of<4>(x, ids, m, filter, edge_x, edge_id, w, block);
-}
-__attribute__((target("default"))) double kept_block_sums(FTATTN_KEPT_ARGS) {
-  return kept_block_sums_of<2>(x, ids, m, filter, edge_x, edge_id, w, block);
-}
-#else
-double kept_block_sums(FTATTN_KEPT_ARGS) {
-  return kept_block_sums_of<kNativeWide>(x, ids, m, filter, edge_x, edge_id, w, block);
-}
-#endif
-#undef FTATTN_KEPT_ARGS
+FTATTN_WIDE_FUNCTION(double, kept_block_sums,
+                     (const float* x, const int32_t* ids, int64_t m, bool filter, float edge_x, int32_t edge_id,
+                      double* w, double* block),
+                     kept_block_sums_of, (x, ids, m, filter, edge_x, edge_id, w, block))
 
 // The smallest finite candidate logit (top when there is none).
 template <bool kIds>
@@ -380,24 +374,14 @@ void histogram(const float* x, const int32_t* ids, int64_t m, float top, double 
     histogram_of<false>(x, ids, m, top, temperature, w, bins, mass, count);
 }
 
-// The sum of w[0, m) in kSumLanes lanes.
-FTATTN_CLONES
-double lane_sum(const double* w, int64_t m) {
-  double lane[kSumLanes] = {};
-  int64_t j = 0;
-  for (; j + kSumLanes <= m; j += kSumLanes)
-    for (int64_t l = 0; l < kSumLanes; ++l) lane[l] += w[j + l];
-  for (; j < m; ++j) lane[0] += w[j];
-  return lanes_total(lane);
-}
-
-// The largest candidate top-p drops (by (logit, id)), or false when it drops none.
-bool top_p_boundary(Scratch& s, const float* x, bool all, float top, double temperature, double top_p, Item* edge) {
+// The largest candidate top-p drops (by (logit, id)), or false when it drops none; total: the
+// candidates' weights summed.
+bool top_p_boundary(Scratch& s, const float* x, bool all, float top, double temperature, double top_p, double total,
+                    Item* edge) {
   const int64_t m = static_cast<int64_t>(s.cand.size());
   const std::vector<int32_t>& cand = s.cand;
   const std::vector<double>& weight = s.weight;
   std::vector<Item>& items = s.items;  // the candidates the search below runs over
-  const double total = lane_sum(weight.data(), m);
   const double tau = (1.0 - top_p) * total;  // drop while the cumulative weight is <= tau
   double below = 0.0;                        // the weight dropped so far
   bool dropped = false;
@@ -557,24 +541,9 @@ FTATTN_VEC_INLINE void exp_weights_w(const float* x, const int32_t* ids, int64_t
     exp_weights_of<W, false>(x, ids, m, top, temperature, w);
 }
 
-#ifdef FTATTN_WIDE_VERSIONS
-__attribute__((target("arch=x86-64-v4"))) void exp_weights(const float* x, const int32_t* ids, int64_t m, double top,
-                                                            double temperature, double* w) {
-  exp_weights_w<8>(x, ids, m, top, temperature, w);
-}
-__attribute__((target("arch=x86-64-v3"))) void exp_weights(const float* x, const int32_t* ids, int64_t m, double top,
-                                                            double temperature, double* w) {
-  exp_weights_w<4>(x, ids, m, top, temperature, w);
-}
-__attribute__((target("default"))) void exp_weights(const float* x, const int32_t* ids, int64_t m, double top,
-                                                    double temperature, double* w) {
-  exp_weights_w<2>(x, ids, m, top, temperature, w);
-}
-#else
-void exp_weights(const float* x, const int32_t* ids, int64_t m, double top, double temperature, double* w) {
-  exp_weights_w<kNativeWide>(x, ids, m, top, temperature, w);
-}
-#endif
+FTATTN_WIDE_FUNCTION(void, exp_weights,
+                     (const float* x, const int32_t* ids, int64_t m, double top, double temperature, double* w),
+                     exp_weights_w, (x, ids, m, top, temperature, w))
 #pragma GCC pop_options
 
 // Checks an argument of ftattn._C.sample_tokens; raised to Python as ValueError.
@@ -602,14 +571,16 @@ int64_t sample_row(const float* x, int64_t size, int64_t index, double u, double
   }
   const int64_t m = static_cast<int64_t>(s.cand.size());
   s.weight.resize(m);
-  exp_weights(x, all ? nullptr : s.cand.data(), m, best, temperature, s.weight.data());
+  const int32_t* ids = all ? nullptr : s.cand.data();
+  exp_weights(x, ids, m, best, temperature, s.weight.data());
 
   Item edge{0.0f, 0, 0.0};  // top-p drops the candidates at or below it in (logit, id) order
-  const bool filter = top_p < 1.0 && top_p_boundary(s, x, all, best, temperature, top_p, &edge);
-  // the kept weights (top-p's dropped ones zeroed: they interleave by id) and their block sums
+  // the weights' block sums and total; again for the kept weights when top-p drops some (zeroed:
+  // they interleave by id)
   s.block.resize((m + kSumBlock - 1) / kSumBlock);
-  const double sum = kept_block_sums(x, all ? nullptr : s.cand.data(), m, filter, edge.x, edge.id, s.weight.data(),
-                                     s.block.data());
+  double sum = kept_block_sums(x, ids, m, false, 0.0f, 0, s.weight.data(), s.block.data());
+  if (top_p < 1.0 && top_p_boundary(s, x, all, best, temperature, top_p, sum, &edge))
+    sum = kept_block_sums(x, ids, m, true, edge.x, edge.id, s.weight.data(), s.block.data());
   // the inverse CDF: whole blocks while the cumulative weight stays <= the target, then one by one
   const double target = u * sum;
   const double* w = s.weight.data();
