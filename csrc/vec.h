@@ -13,6 +13,27 @@
 #define FTATTN_CLONES
 #endif
 
+namespace ftattn {
+// The instruction set the FTATTN_CLONES functions run: the clone the loader picks
+// (the same priority as target_clones' resolver), or the -march of a one-target build.
+inline const char* kernel_isa() {
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FTATTN_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
+  return "x86-64";
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  return "x86-64-v4";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "x86-64-v3";
+#elif defined(__x86_64__)
+  return "x86-64";
+#else
+  return "native";
+#endif
+}
+}  // namespace ftattn
+
 // 16-lane vectors (GCC vector extensions, lowered to whatever the clone's ISA has).
 // Always inlined: a 64-byte vector passed to a function compiled for a narrower
 // ISA (target_clones' default clone) would change the calling convention.

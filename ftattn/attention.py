@@ -85,6 +85,8 @@ def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}")
+    if device.type == "meta":  # shapes only: the op's fake kernel, whatever the backend
+        return "meta"
     if backend == "auto":
         if device.type == "cpu":
             return "cpp"
@@ -98,6 +100,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value):
+    if backend == "meta":
+        return _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault, fault_value)
     if backend == "reference":
         from .reference import attention_reference
 
@@ -227,7 +231,7 @@ def attention(
     out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value)
     if policy is OnFault.RAISE or return_report:
         report = Report(flags, REPORT_BLOCK_M, q.shape[2])
-        if policy is OnFault.RAISE:
+        if policy is OnFault.RAISE and not flags.is_meta:  # (meta: no kernel ran, nothing to raise)
             faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
             if bool(faulty.any()):
                 raise FaultDetectedError(report)

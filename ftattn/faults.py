@@ -188,12 +188,25 @@ class Report:
     n: int = 0
 
     def __post_init__(self):
-        self.flags = self.flags.detach().to("cpu")
+        # a call on meta tensors (shapes only) ran no kernel: its flags stay meta, and
+        # every count below refuses them (_data) instead of answering "no fault"
+        self.flags = self.flags.detach()
+        if not self.flags.is_meta:
+            self.flags = self.flags.to("cpu")
+
+    def _data(self) -> torch.Tensor:
+        if self.flags.is_meta:
+            raise ValueError(
+                "this Report comes from a call on meta tensors: no kernel ran, so no check did; "
+                "run the call on cpu or cuda tensors to count faults"
+            )
+        return self.flags
 
     def _fault_bits(self) -> torch.Tensor:
         """Check bits of the blocks whose inputs were finite (non-finite input is not a fault)."""
-        finite = (self.flags & int(Check.NONFINITE_INPUT)) == 0
-        return (self.flags & CHECK_MASK) * finite
+        flags = self._data()
+        finite = (flags & int(Check.NONFINITE_INPUT)) == 0
+        return (flags & CHECK_MASK) * finite
 
     @property
     def detected(self) -> int:
@@ -209,20 +222,20 @@ class Report:
     @property
     def corrected(self) -> int:
         """Number of flagged blocks that were recomputed and passed every check."""
-        return int(((self.flags & int(Check.CORRECTED)) != 0).sum().item())
+        return int(((self._data() & int(Check.CORRECTED)) != 0).sum().item())
 
     @property
     def uncorrected(self) -> int:
-        return int(((self.flags & int(Check.UNCORRECTED)) != 0).sum().item())
+        return int(((self._data() & int(Check.UNCORRECTED)) != 0).sum().item())
 
     @property
     def nonfinite_input(self) -> bool:
-        return bool(((self.flags & int(Check.NONFINITE_INPUT)) != 0).any().item())
+        return bool(((self._data() & int(Check.NONFINITE_INPUT)) != 0).any().item())
 
     def failures(self) -> List[dict]:
         """One dict per flagged block: batch, head, rows (range), checks (names)."""
         out = []
-        idx = torch.nonzero((self.flags & CHECK_MASK) != 0, as_tuple=False).tolist()
+        idx = torch.nonzero((self._data() & CHECK_MASK) != 0, as_tuple=False).tolist()
         for b, h, blk in idx:
             bits = int(self.flags[b, h, blk])
             lo = blk * self.block_m
@@ -240,6 +253,8 @@ class Report:
         return out
 
     def __repr__(self) -> str:
+        if self.flags.is_meta:
+            return f"Report(meta: no kernel ran, blocks={tuple(self.flags.shape)})"
         return (
             f"Report(detected={self.detected}, corrected={self.corrected}, "
             f"uncorrected={self.uncorrected}, nonfinite_input={self.nonfinite_input}, "

@@ -200,3 +200,15 @@ def test_public_api():
 def test_config_normalises_names():
     c = MXConfig(weight="FP4", activation="mxfp8_e4m3")
     assert (c.weight, c.activation, c.label) == ("fp4_e2m1", "fp8_e4m3", "w:fp4_e2m1/a:fp8_e4m3")
+
+
+def test_meta_tensors_give_empty_results_of_the_shape():
+    config = MXConfig(weight="fp8_e4m3", activation="fp4_e2m1")
+    x = torch.empty(3, 5, 64, device="meta")
+    w = torch.empty(7, 64, device="meta")
+    y = linear(x, w, torch.empty(7, device="meta"), config)
+    assert y.is_meta and y.shape == (3, 5, 7)
+    y = matmul(x, w.t(), config)
+    assert y.is_meta and y.shape == (3, 5, 7)
+    y = MXLinear(64, 7, config=config, device="meta")(x)
+    assert y.is_meta and y.shape == (3, 5, 7)

@@ -276,3 +276,15 @@ def test_opcheck_cpu_op():
 def test_quantize_of_a_tensor_requiring_grad_runs():
     x = torch.randn(3, 40, requires_grad=True)
     assert_bitexact(mx.quantize(x, "int8"), mx.quantize_reference(x.detach(), "int8").numpy())
+
+
+def test_meta_tensors_give_empty_results_of_the_shape():
+    x = torch.empty(4, 70, device="meta")
+    for fmt in ("fp8_e4m3", "fp4_e2m1", "int8"):
+        y = mx.quantize(x, fmt)
+        assert y.is_meta and y.shape == x.shape
+        y, scales = mx.quantize_with_scales(x, fmt)
+        assert y.is_meta and y.shape == x.shape and scales.is_meta
+        packed = mx.pack(x, fmt)
+        assert mx.unpack(packed).is_meta and mx.unpack(packed).shape == x.shape
+    assert mx.quantize_bfloat(x).is_meta

@@ -1,0 +1,68 @@
+"""The CPU kernels' correctness grid under every instruction set the build has clones for,
+each with the BLAS code path such a processor gets (a difference between
+processors must show up on any machine).
+
+Two things differ between x86 processors: the target_clones clone the loader picks (AVX-512,
+AVX2 or baseline x86-64) and the code path MKL's sgemm takes (on AMD, MKL takes its AVX2 path
+whatever the processor has). The second alone made make test fail on an AMD Zen 5 (AVX-512
+clone, MKL's AVX2 path): MKL_CBWR=AVX2,STRICT reproduces that failure on an Intel AVX-512
+machine. Each case below is a processor class: the clone, built as a one-target extension
+(FTATTN_EXTRA_CXXFLAGS="-DFTATTN_NO_CLONES -march=...", under build/isa/, rebuilt only when
+a source changes; the installed build where its clone is the one this CPU runs), with MKL
+held to that class's path (MKL_CBWR, STRICT so that the thread count cannot change the
+bits). The attention grid (tests/test_attention.py, C++ backend) and the sampler's tests
+run in a subprocess that loads the extension through FTATTN_EXTENSION.
+"""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ftattn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISAS = ["x86-64-v4", "x86-64-v3", "x86-64"]  # target_clones' order in csrc/vec.h
+# (clone, MKL_CBWR): AMD Zen 4/5, AVX2 machines (Intel Haswell..., AMD Zen 1-3), baseline
+CASES = [("x86-64-v4", "AVX2,STRICT"), ("x86-64-v3", "AVX2,STRICT"), ("x86-64", "COMPATIBLE")]
+# what the CPU kernels' tests cover: the attention grid on the C++ backend (the reference
+# backend has no clones) and the sampler
+GRID = ["tests/test_attention.py", "tests/onnx/test_onnx_sampling.py"]
+GRID_FILTER = "not reference"
+
+
+def _build(isa: str) -> str:
+    out = os.path.join(ROOT, "build", "isa", isa)
+    env = dict(os.environ, FTATTN_EXTRA_CXXFLAGS=f"-DFTATTN_NO_CLONES -march={isa}")
+    env.pop("FTATTN_EXTENSION", None)
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", os.path.join(out, "lib"),
+           "--build-temp", os.path.join(out, "tmp")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"one-target build for {isa} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    (path,) = glob.glob(os.path.join(out, "lib", "ftattn", "_C*.so"))
+    return path
+
+
+def _run(env, *args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa,mkl_path", CASES, ids=lambda x: str(x))
+def test_grid_under_isa(isa, mkl_path):
+    native = ftattn._C.cpu_isa()
+    if native not in ISAS:
+        pytest.skip(f"the build runs {native!r}: no x86-64 clones to test")
+    if ISAS.index(isa) < ISAS.index(native):
+        pytest.skip(f"this CPU cannot run {isa} (its best clone is {native})")
+    path = ftattn._C.__file__ if isa == native else _build(isa)
+    env = dict(os.environ, FTATTN_EXTENSION=path, MKL_CBWR=mkl_path)
+    # the extension must run the instruction set it was built for
+    got = _run(env, "-c", "import ftattn; print(ftattn._C.__file__, ftattn._C.cpu_isa())")
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.split() == [path, isa], got.stdout
+    grid = _run(env, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", GRID_FILTER, *GRID)
+    tail = grid.stdout[-6000:]
+    assert grid.returncode == 0, f"the grid fails under {isa}:\n{tail}\n{grid.stderr[-2000:]}"
+    assert " passed" in tail and " failed" not in tail, tail
