@@ -1137,6 +1137,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   const int64_t ntile_m = (N + BLOCK_M - 1) / BLOCK_M;
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
+  if (B * Hq * N == 0) return {out.to(q.scalar_type()), flags};  // no query row (Hq = 0 too: no key-head group)
 
   FaultSpec f;
   if (fault.has_value()) {

@@ -294,6 +294,29 @@ def test_meta_tensors_give_an_empty_result_of_the_shape(dtype, backend, causal):
         ftattn.attention(q, k[..., :3], k[..., :3])
 
 
+EMPTY = [((0, 2, 3, 8), (0, 2, 5, 8)), ((1, 2, 0, 8), (1, 2, 5, 8)), ((1, 0, 3, 8), (1, 1, 5, 8)),
+         ((1, 0, 1, 8), (1, 3, 5, 8))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("q_shape,kv_shape", EMPTY, ids=str)
+def test_no_query_row_gives_an_empty_result(backend, causal, q_shape, kv_shape):
+    # zero query heads passed the head-count check (0 % Hkv == 0) and divided by zero
+    # (SIGFPE) in the C++ kernel, on the op path too
+    q, k = torch.randn(*q_shape), torch.randn(*kv_shape)
+    out, rep = ftattn.attention(q, k, k, causal=causal, backend=backend, return_report=True)
+    assert out.shape == q.shape and rep.detected == 0 and rep.flags.shape == (*q_shape[:2], 1 if q_shape[2] else 0)
+    assert torch.ops.ftattn.attention(q, k, k, causal=causal).shape == q.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_key_gives_zeros(backend):
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 0, 8)
+    out, rep = ftattn.attention(q, k, k, backend=backend, return_report=True)
+    assert torch.equal(out, torch.zeros_like(q)) and rep.detected == 0
+
+
 def test_grad_is_refused_clearly(make_qkv):
     q, k, v = make_qkv(N=5, M=5, D=8)
     q.requires_grad_(True)

@@ -181,7 +181,7 @@ class _State:
         self.layer_of: Dict[int, int] = {}  # id(module) -> layer, for modules without layer_idx
         self.injected: List[dict] = []
         self.rng = random.Random(0)
-        self.mask_cache: Optional[tuple] = None  # (mask, version, layout): one mask serves every layer
+        self.mask_cache: Optional[tuple] = None  # (mask, version or copy, shape, layout): one mask serves every layer
 
 
 # Modules of a model loaded with attn_implementation="ftattn" but never configured.
@@ -341,12 +341,16 @@ def _mask_layout(mask: torch.Tensor, batch: int, n: int, m: int) -> _Layout:
 
 @torch.compiler.disable  # reads the mask's values: data-dependent, a clean graph break under compile
 def _cached_layout(state: _State, mask: torch.Tensor, batch: int, n: int, m: int) -> _Layout:
-    """Every layer of one forward gets the same mask object: decode it once."""
+    """Every layer of one forward gets the same mask object: decode it once. A mask made
+    under torch.inference_mode() has no version counter: its contents are compared with
+    a copy instead (one pass over the mask, against the decode's several)."""
     cached = state.mask_cache
-    if cached is not None and cached[0] is mask and cached[1] == mask._version and cached[2] == (batch, n, m):
-        return cached[3]
+    inference = mask.is_inference()
+    if cached is not None and cached[0] is mask and cached[2] == (batch, n, m):
+        if torch.equal(mask, cached[1]) if inference else cached[1] == mask._version:
+            return cached[3]
     layout = _mask_layout(mask, batch, n, m)
-    state.mask_cache = (mask, mask._version, (batch, n, m), layout)
+    state.mask_cache = (mask, mask.clone() if inference else mask._version, (batch, n, m), layout)
     return layout
 
 

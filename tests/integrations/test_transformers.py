@@ -180,14 +180,16 @@ def test_generate_single_prompt_equals_eager(llama_pair):
     assert (c.detected, c.corrected, c.nonfinite_input) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_left_padded_batch_equals_eager(llama_pair, cache):
+def test_generate_left_padded_batch_equals_eager(llama_pair, cache, grad_mode):
+    # inference_mode: the masks are inference tensors, which have no version counter
     eager, model = llama_pair
     ft_hf.configure(model)
     ids, mask = _prompts(4, 11, seed=1)
     kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
                   min_new_tokens=NEW_TOKENS, cache_implementation=cache)
-    with torch.no_grad():
+    with grad_mode():
         ref = eager.generate(**kwargs)
         out = model.generate(**kwargs)
     assert torch.equal(out, ref)
