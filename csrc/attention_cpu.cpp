@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <numeric>
 #include <limits>
 #include <memory>
 #include <string>
@@ -113,6 +114,12 @@ constexpr double U32 = 5.9604644775390625e-08;  // 2^-24, unit roundoff of fp32
 // (uniform, normal, |q.k| up to 1e4, constant rows, M up to 4096).
 constexpr double KAPPA = 8.0;
 constexpr float LOG2E = 1.4426950408889634f;  // 1 / ln(2)
+// Underflow: fl(x op y) = (x op y)(1 + d) + e with |d| <= u and |e| <= 2^-150 in fp32
+// (Higham, Accuracy and Stability of Numerical Algorithms, 2.8; no flush to zero). The
+// relative bounds above cover d; ETA, two e (a multiply-add), per operation is each
+// bound's absolute term. Without it, subnormal keys or values (k * 1e-39, v * 1e-40)
+// failed the column-checksum, PV and final-normalisation checks on clean input.
+constexpr double ETA = 0x1p-149;
 
 // ---------------------------------------------------------------------------
 // Element-wise math. Two exponentials with different reductions and different
@@ -293,12 +300,14 @@ FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, in
   return row_max_body<true>(S, n, limit, rs, cs32);
 }
 
-// true when some |cs_j - ref_j| > bound * knorm_j (or is NaN): the column check.
+// true when some |cs_j - ref_j| > bound * knorm_j + abs_term (or is NaN): the column check.
 FTATTN_CLONES static bool col_check_fails(const double* __restrict cs, const float* __restrict ref,
-                                          const double* __restrict knorm, double bound, int64_t n) {
+                                          const double* __restrict knorm, double bound, double abs_term,
+                                          int64_t n) {
   int bad = 0;
 #pragma omp simd reduction(| : bad)
-  for (int64_t j = 0; j < n; ++j) bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= bound * knorm[j]);
+  for (int64_t j = 0; j < n; ++j)
+    bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= bound * knorm[j] + abs_term);
   return bad != 0;
 }
 
@@ -333,15 +342,17 @@ struct RowStats {
 // (j <= limit), 0 for the masked ones, written to p, and its RowStats, in one pass
 // with p in registers (mr: the running max of the raw scores, scale >= 0).
 // PROT 0 gives only psum; PROT >= 1 the statistics of the checks;
-// PROT 2 adds the redundant softmax, p2 = 2^(S * scale*log2e - mr*scale*log2e) from
-// the same raw scores, compared with p within the error bound of both formulations
-// (masked keys must have p == 0). With x = (S - mr) * scale <= 0 and m = mr * scale,
-// the argument of p carries at most 2u|x|, that of p2 u (|m| + 2.5|x|) (scale*log2e
-// and m*log2e rounded, the multiply-add), together below u (4|m| + 5|x|); the
-// polynomial of exp about 1 ulp, that of exp2 49, their rounding 2 more (log2 e's
-// rounding in exp adds u|x|/2, covered where p counts: |p - p2| <= 2u once |x| > 60), so
-// |p - p2| <= u (64 + 4|m| + 5|x|) max(p, p2) <= u ((64 + 4|m|) max(p, p2) + 2),
-// since |x| e^x <= 1/e: one multiply-add per element instead of the exact bound;
+// PROT 2 adds the redundant softmax, p2 = 2^((S - mr) * scale*log2e) from the same raw
+// scores, compared with p within the error bound of both formulations (masked keys
+// must have p == 0). The difference S - mr is rounded once for both; after it, with
+// x = (S - mr) * scale <= 0, the argument of p carries 1.2u|x| (the product, log2 e's
+// rounding), that of p2 2.3u|x| (scale*log2e and the product rounded), together below
+// 5u|x| in p; the polynomial of exp about 1 ulp, that of exp2 49, their rounding 2
+// more, so |p - p2| <= u (64 + 5|x|) max(p, p2) <= u (64 max(p, p2) + 2), since
+// |x| e^x <= 1/e: one multiply-add per element instead of the exact bound. (p2 as
+// 2^(S * scale*log2e - mr*scale*log2e) carried u|mr * scale| more: at logits above ~1e6
+// that exceeded p itself and the check fired on clean input, and from |mr * scale| ~ 1e4
+// its tolerance passed changes of p that harm the output.)
 // |p - p2| <= r max(p, p2) is |p - p2| <= r / (1 - r) p2, so the loop keeps the
 // largest |p - p2| - r / (1 - r) p2 and compares it once with the absolute term.
 // psum adds the lanes in a fixed order, the same at every level, so off, abft and
@@ -355,8 +366,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
                                                                    const RowFault& fault, RowStats& st) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
-  const float scale2 = scale * LOG2E, m2 = mr * scale2;
-  const float rel = 5.9604645e-08f * (64.f + 4.f * std::fabs(mr * scale)), abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
+  const float scale2 = scale * LOG2E;
+  const float rel = 5.9604645e-08f * 64.f, abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
   const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
   f16 psum_v = f16{}, mx_v = f16{}, mn_v = f16{} + 1.f, viol_v = f16{};
   d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
@@ -383,7 +394,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
         }
       }
       if constexpr (PROT >= 2) {
-        const f16 p2 = exp2_neg(sv * scale2 - m2);
+        const f16 p2 = exp2_neg((sv - mr) * scale2);
         const f16 d = vec::abs(pv - p2) - rel2 * p2;
         viol_v = d > viol_v ? d : viol_v;
       }
@@ -423,7 +434,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     }
     if constexpr (PROT >= 2) {
       if (vis) {
-        const float p2 = exp2_neg(S[j] * scale2 - m2);
+        const float p2 = exp2_neg((S[j] - mr) * scale2);
         const float d = std::fabs(pj - p2) - rel2 * p2;
         viol = d > viol ? d : viol;
       } else {
@@ -559,7 +570,8 @@ FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
 // whole vectors and a zero-padded tail) and a tree of 4 levels, so within 9 u of the
 // exact sums relative to vabs (the PV bound adds 10 u). knorm: the fp32 square root of
 // an fp32 sum of squares, within about 12 + D / 16 u, raised by 2^-15 to stay above
-// the true norm it scales a bound with.
+// the true norm it scales a bound with, plus sqrt(D) 2^-74 for the squares lost to
+// underflow (each square loses at most 2^-149: sum |k_d|^2 <= sq + D 2^-148).
 constexpr int64_t KV_CHUNK = 8;
 constexpr int64_t KV_PREFETCH = 16;
 FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
@@ -568,6 +580,7 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
   using namespace vec;
   alignas(64) float ks32[256 + W], ka32[256 + W], tail[W];
   const int64_t Dv = (D / W) * W;  // dims in whole vectors
+  const double sqrt_d_floor = std::sqrt(static_cast<double>(D)) * 0x1p-74;
   std::fill(ks32, ks32 + D, 0.f);
   std::fill(ka32, ka32 + D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
@@ -592,7 +605,7 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
       ka32[d] += std::fabs(x);
       sq_t += x * x;
     }
-    knorm[j] = static_cast<double>(std::sqrt(hsum(sq) + sq_t)) * (1.0 + 0x1p-15);
+    knorm[j] = static_cast<double>(std::sqrt(hsum(sq) + sq_t)) * (1.0 + 0x1p-15) + sqrt_d_floor;
     if ((j + 1) % KV_CHUNK == 0 || j == n - 1) {
       for (int64_t d = 0; d < D; ++d) {
         ks[d] += static_cast<double>(ks32[d]);
@@ -737,7 +750,7 @@ struct Scratch {
   std::vector<float, Aligned64<float>> Qx, S, P, acc;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, tileref, tilemag, qabs_norm;
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, tileref, tilemag, qabs_norm, qabs1;
   std::vector<float> cs32;
   // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
   // per-group sums of v_j and |v_j| at group stride BLOCK_N
@@ -754,6 +767,7 @@ struct Scratch {
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     for (auto* v : {&qsum, &qabs}) v->resize(NSUB_MAX * D);
     qabs_norm.resize(NSUB_MAX);
+    qabs1.resize(NSUB_MAX);
     cs.resize(BLOCK_N);
     cs32.resize(BLOCK_N);
     tile_ks.resize(D);
@@ -835,6 +849,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
         qq += w.qabs[sb * D + d] * w.qabs[sb * D + d];
       }
       w.qabs_norm[sb] = std::sqrt(qq);
+      w.qabs1[sb] = std::accumulate(w.qabs.begin() + sb * D, w.qabs.begin() + (sb + 1) * D, 0.0);
     }
     if (!P.inline_sums)
       dots_d(Q, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
@@ -915,7 +930,10 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
           mx = row_max_sums(Si, cols, limit, &rs, w.cs32.data());
           if ((i - i0) % vec::ROW_CHUNK == vec::ROW_CHUNK - 1 || i == i1 - 1)
             flush_cols(w.cs32.data(), w.cs.data(), cols);
-          if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld])) bad[sb] |= kRowChecksum;
+          // underflow: D + 1 operations per S_ij; the reference's fp32 key sums, 2^-150
+          // per key and dim, times |q_id| (sum_d |q_id| <= qabs1 of the sub-block)
+          const double row_abs = ETA * static_cast<double>(cols) * (static_cast<double>(D + 1) + w.qabs1[sb]);
+          if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld] + row_abs)) bad[sb] |= kRowChecksum;
         } else {
           mx = row_max(Si, cols, limit);
         }
@@ -962,8 +980,11 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       }
       if (abft) {
         const float* colref = S + (rows + sb) * BLOCK_N;
-        const double bound = col_factor * w.qabs_norm[sb];
-        if (col_check_fails(w.cs.data(), colref, knorm, bound, cols)) bad[sb] |= kColChecksum;
+        // underflow: D + 1 operations per S_ij, i1 - i0 + 1 values of S per column, and
+        // sum_i q_i rounded to fp32 (2^-150 per dim, times |k_jd| <= ||k_j||)
+        const double bound = col_factor * w.qabs_norm[sb] + static_cast<double>(D) * 0x1p-150;
+        const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1) + vec::ROW_CHUNK);
+        if (col_check_fails(w.cs.data(), colref, knorm, bound, col_abs, cols)) bad[sb] |= kColChecksum;
       }
     }
     // ---- acc += P V in fp32 ----
@@ -1002,7 +1023,10 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
         const int64_t d0 = g * PV_GROUP, d1 = std::min<int64_t>(D, d0 + PV_GROUP);
         const double part = sum_d(Ai + d0, d1 - d0);
         acc_sum += part;
-        pv_bad |= !(std::fabs(part - w.c[i * MAX_GROUPS + g]) <= pv_factor * w.bv[i * MAX_GROUPS + g]);
+        // underflow: per key, the product and sum of acc and of c, the per-key sum of v
+        // over the group's dims; per tile, the rescale of acc and c
+        const double pv_abs = ETA * static_cast<double>((d1 - d0 + 2) * (visible + 2 * ntiles + vec::CHUNK));
+        pv_bad |= !(std::fabs(part - w.c[i * MAX_GROUPS + g]) <= pv_factor * w.bv[i * MAX_GROUPS + g] + pv_abs);
       }
       if (pv_bad) bad[i / sub_rows] |= kPvChecksum;
       const double l2 = w.l2[i];
@@ -1014,10 +1038,12 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     if (hit && f.site == kOutput && fi == i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
     memory_barrier();
     if (abft) {
-      // each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
+      // each O_d = fl(acc_d / l) is within u |O_d| + 2^-150: the sums agree within
+      // u sum |O| + D 2^-150
       const double osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);
       const double ref = acc_sum / static_cast<double>(l);
-      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + 1e-300) || !std::isfinite(oabs)) bad[i / sub_rows] |= kOutputCheck;
+      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + ETA * static_cast<double>(D)) || !std::isfinite(oabs))
+        bad[i / sub_rows] |= kOutputCheck;
     }
   }
 }

@@ -19,6 +19,9 @@ U32 = 2.0**-24  # unit roundoff of fp32
 KAPPA = 8.0  # as in csrc/attention_cpu.cpp
 PV_GROUP = 64  # head dims per PV-checksum group, as in csrc/attention_cpu.cpp and kernels/attention.py
 LOG2E = 1.4426950408889634  # 1 / ln(2)
+# absolute term per fp32 operation under gradual underflow, as csrc/attention_cpu.cpp
+# (fl(x op y) = (x op y)(1 + d) + e, |e| <= 2^-150; two per multiply-add)
+ETA = 2.0**-149
 
 
 def _corrupt(t: torch.Tensor, index: tuple, bit: int, value: Optional[float]) -> None:
@@ -68,7 +71,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         # row checksum: sum_j S_ij vs q_i . sum_j k_j, bound kappa u sqrt(D) |q_i| . sum_j |k_j|
         ref = (qd @ kd.sum(2, keepdim=True).transpose(-1, -2)).squeeze(-1)
         mag = (qd.abs() @ kd.abs().sum(2, keepdim=True).transpose(-1, -2)).squeeze(-1)
-        bad = ~((S.double().sum(-1) - ref).abs() <= KAPPA * U32 * sqrt_d * mag)
+        bad = ~((S.double().sum(-1) - ref).abs() <= KAPPA * U32 * sqrt_d * mag + ETA * M * (D + 1))
         flag(int(Check.ROW_CHECKSUM), _rows_to_blocks(bad, N))
         # column checksum per block of 64 query rows: sum_i S_ij vs (sum_i q_i) . k_j
         pad = nblk * REPORT_BLOCK_M - N
@@ -76,7 +79,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         qb = torch.nn.functional.pad(qd, (0, 0, 0, pad)).view(B, Hq, nblk, REPORT_BLOCK_M, D)
         ref_c = qb.sum(3) @ kd.transpose(-1, -2)  # [B, H, nblk, M]
         mag_c = qb.abs().sum(3) @ kd.abs().transpose(-1, -2)
-        bad_c = ~((Sb.sum(3) - ref_c).abs() <= KAPPA * U32 * sqrt_d * mag_c)
+        bad_c = ~((Sb.sum(3) - ref_c).abs() <= KAPPA * U32 * sqrt_d * mag_c + ETA * REPORT_BLOCK_M * (D + 1))
         flag(int(Check.COL_CHECKSUM), bad_c.any(-1))
 
     # softmax over the whole row
@@ -102,12 +105,15 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         flag(int(Check.PROBS_RANGE), _rows_to_blocks(bad_range, N))
         flag(int(Check.ROWMAX_INVARIANT), _rows_to_blocks(bad_max, N))
     if full:
-        # redundant softmax: exp2 formulation in fp32 vs the exp path, within both error bounds
-        p2 = torch.exp2(S * (scale * LOG2E) - (m_safe * LOG2E)[..., None])
+        # redundant softmax: exp2 of the same x = s - m in fp32 vs the exp path, within both
+        # error bounds, u (8 + 2|x|) max(p, p2) <= u (16 max(p, p2) + 2), since |x| e^x <= 1/e;
+        # independent of |m|, as csrc/attention_cpu.cpp (2^(s log2 e - m log2 e) carried
+        # u|m| more, which passed harmful changes of p at large logits)
+        x = s - m_safe[..., None]
+        p2 = torch.exp2(x * LOG2E)
         if causal:
             p2 = p2.masked_fill(s == float("-inf"), 0.0)
-        # as csrc/attention_cpu.cpp: u ((16 + 4|m|) max(p, p2) + 2), since |x| e^x <= 1/e
-        tol = U32 * ((16.0 + 4.0 * m_safe.abs()[..., None]) * torch.maximum(p, p2) + 2.0) + 1e-30
+        tol = U32 * (16.0 * torch.maximum(p, p2) + 2.0) + 1e-30
         bad = ~((p - p2).abs() <= tol).all(-1)
         flag(int(Check.SOFTMAX_DMR), _rows_to_blocks(bad, N))
 
@@ -137,7 +143,9 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
             vg = vd[..., d0:d0 + PV_GROUP]
             c = (pd @ vg.sum(-1, keepdim=True)).squeeze(-1)
             bv = (pd @ vg.abs().sum(-1, keepdim=True)).squeeze(-1)
-            bad_pv |= ~((accd[..., d0:d0 + PV_GROUP].sum(-1) - c).abs() <= KAPPA * U32 * math.sqrt(M + 2) * bv)
+            gd = vg.shape[-1]
+            bound = KAPPA * U32 * math.sqrt(M + 2) * bv + ETA * (gd + 2) * (M + 2)
+            bad_pv |= ~((accd[..., d0:d0 + PV_GROUP].sum(-1) - c).abs() <= bound)
         flag(int(Check.PV_CHECKSUM), _rows_to_blocks(bad_pv, N))
 
     out = torch.where(empty[..., None], torch.zeros_like(acc), acc / l[..., None])
@@ -146,7 +154,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
     if abft:
         od = out.double()
         ref_o = torch.where(empty, torch.zeros_like(l2), acc.double().sum(-1) / l.double())
-        bad_o = ~((od.sum(-1) - ref_o).abs() <= 4.0 * U32 * od.abs().sum(-1) + 1e-300) | ~od.abs().sum(-1).isfinite()
+        bad_o = ~((od.sum(-1) - ref_o).abs() <= 4.0 * U32 * od.abs().sum(-1) + ETA * D) | ~od.abs().sum(-1).isfinite()
         bad_o |= empty & ~(od.abs().sum(-1) == 0)
         flag(int(Check.OUTPUT_CHECK), _rows_to_blocks(bad_o, N))
     return out, flags

@@ -102,6 +102,11 @@ U32 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, unit roundoff of fp32
 # C++ kernel (kappa = 8 left no alarm over its clean-run grid). The depth under the
 # square root counts the fp32 roundings on both sides of each comparison.
 KAPPA = tl.constexpr(8.0)
+# Underflow: the absolute error of one fp32 operation on values near zero, a flush to
+# zero included (GPUs may flush subnormals): each check's absolute term counts its
+# operations. Without one, subnormal keys or values (k * 1e-39, v * 1e-40) failed the
+# checks on clean input.
+UNDERFLOW = tl.constexpr(2.350988701644575e-38)  # 2^-125
 
 
 # ---------------------------------------------------------------------------
@@ -218,18 +223,20 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
             kabs = tl.sum(kfabs, 0)
             row_ref = tl.sum(qf * ksum[None, :], 1)
             row_mag = tl.sum(qabs * kabs[None, :], 1)
-            row_fail = ~(tl.abs(tl.sum(qk, 1) - row_ref) <= row_tol * row_mag)
+            row_abs = UNDERFLOW * BLOCK_N * (HEAD_DIM + 1 + tl.sum(qabs, 1))
+            row_fail = ~(tl.abs(tl.sum(qk, 1) - row_ref) <= row_tol * row_mag + row_abs)
             bad = bad | tl.where(row_fail, ROW_CHECKSUM, 0)
             col_sum0 = tl.sum(tl.where((rep == 0)[:, None], qk, 0.0), 0)
             col_ref0 = tl.sum(kf * qsum0[None, :], 1)
             col_mag0 = tl.sum(kfabs * qabs0[None, :], 1)
-            col_fail0 = tl.max((~(tl.abs(col_sum0 - col_ref0) <= col_tol * col_mag0)).to(tl.int32), 0)
+            col_abs = UNDERFLOW * BLOCK_REPORT * (HEAD_DIM + 1 + tl.sum(kfabs, 1))
+            col_fail0 = tl.max((~(tl.abs(col_sum0 - col_ref0) <= col_tol * col_mag0 + col_abs)).to(tl.int32), 0)
             bad = bad | tl.where((rep == 0) & (col_fail0 != 0), COL_CHECKSUM, 0)
             if NUM_REPORT == 2:
                 col_sum1 = tl.sum(tl.where((rep == 1)[:, None], qk, 0.0), 0)
                 col_ref1 = tl.sum(kf * qsum1[None, :], 1)
                 col_mag1 = tl.sum(kfabs * qabs1[None, :], 1)
-                col_fail1 = tl.max((~(tl.abs(col_sum1 - col_ref1) <= col_tol * col_mag1)).to(tl.int32), 0)
+                col_fail1 = tl.max((~(tl.abs(col_sum1 - col_ref1) <= col_tol * col_mag1 + col_abs)).to(tl.int32), 0)
                 bad = bad | tl.where((rep == 1) & (col_fail1 != 0), COL_CHECKSUM, 0)
         # -- online softmax in log2 units: m, p = 2^(s - m), alpha = 2^(m_old - m) ----
         s2 = qk * qk_scale
@@ -268,15 +275,16 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
             bad = bad | tl.where(tl.max(bad_p.to(tl.int32), 1) != 0, PROBS_RANGE, 0)
             if PROTECTION >= 2:
                 # -- redundant softmax: natural units, polynomial exp on the FMA pipes ----
-                s_nat = qk * sm_scale
-                m_nat = m_sub * LN2
-                x = s_nat - m_nat[:, None]
+                # of the same argument s2 - m (rounded once for both): ~2 ulp per
+                # exponential and u|x| for the conversion to natural units, whatever the
+                # logits' magnitude (from s and m separately the tolerance grew with |m|
+                # and passed harmful changes of p at large logits); (32 + 4|x|) u max(p, p2)
+                # <= u (32 max(p, p2) + 2), since |x| e^x <= 1/e (and finite for x = -inf)
+                x = (s2 - m_sub[:, None]) * LN2
                 p2 = _exp_poly(x)
                 if MASKED:
                     p2 = tl.where(visible, p2, 0.0)
-                # argument roundings ~u(|s| + |m| + |s - m|) in both paths, ~2 ulp per exponential
-                err = tl.abs(s_nat) + tl.abs(m_nat)[:, None] + tl.abs(x)
-                tol = (32.0 + 4.0 * err) * U32 * tl.maximum(p, p2) + 1e-30
+                tol = (32.0 * tl.maximum(p, p2) + 2.0) * U32 + 1e-30
                 bad_dmr = ~(tl.abs(p - p2) <= tol)
                 bad_dmr = (tl.max(bad_dmr.to(tl.int32), 1) != 0) & ~dead
                 bad = bad | tl.where(bad_dmr, SOFTMAX_DMR, 0)
@@ -422,15 +430,18 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
             sel = (group_ids == g)[None, :]
             c_g = tl.sum(tl.where(sel, c_i, 0.0), 1)
             bv_g = tl.sum(tl.where(sel, bv_i, 0.0), 1)
-            bad_pv = bad_pv | ~(tl.abs(part - c_g.to(tl.float64)) <= (bv_g * depth_pv * (KAPPA * U32)).to(tl.float64))
+            pv_abs = UNDERFLOW * (PV_GROUP + 2) * (BLOCK_N + 2) * ntiles
+            pv_tol = (bv_g * depth_pv * (KAPPA * U32)).to(tl.float64) + pv_abs
+            bad_pv = bad_pv | ~(tl.abs(part - c_g.to(tl.float64)) <= pv_tol)
         bad = bad | tl.where(live & bad_pv, PV_CHECKSUM, 0)
-        # each O_d = fl(acc_d / l) is within u |O_d|: the sums agree within u sum |O|
+        # each O_d = fl(acc_d / l) is within u |O_d| (+ the underflow term): the sums agree
+        # within u sum |O| + D UNDERFLOW
         out64 = out.to(tl.float64)
         o_sum = tl.sum(out64, 1)
         o_abs = tl.sum(tl.abs(out64), 1)
         o_ref = acc_sum / l_i.to(tl.float64)
         # (an Inf in O would make the bound Inf too: require a finite sum |O|)
-        bad_o = ~(tl.abs(o_sum - o_ref) <= o_abs * (4.0 * U32)) | ~(o_abs <= 1.0e308)
+        bad_o = ~(tl.abs(o_sum - o_ref) <= o_abs * (4.0 * U32) + UNDERFLOW * HEAD_DIM) | ~(o_abs <= 1.0e308)
         bad_zero = tl.max((out != 0.0).to(tl.int32), 1) != 0
         bad_o = tl.where(live, bad_o, bad_zero)
         bad = bad | tl.where(bad_o, OUTPUT_CHECK, 0)

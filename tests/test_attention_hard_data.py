@@ -1,0 +1,107 @@
+"""Clean data at the edges of the number range, in every backend (C++, reference, and the
+Triton kernel, under the interpreter on a CPU-only machine): subnormal inputs and huge
+logits raise no alarm and give the fp64 result; at huge logits the redundant softmax
+still catches a harmful fault on a probability."""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ftattn  # noqa: E402
+from ftattn import Fault  # noqa: E402
+from attention_reference import attention_ref, make_qkv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["cpp", "reference", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TAU = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-10}
+# (N, M, D, causal): several key tiles on the CPU kernels, tiny under the interpreter
+SHAPES = {"cpp": [(5, 7, 16, False), (33, 70, 40, True), (17, 600, 64, False), (1, 1100, 128, True)],
+          "reference": [(5, 7, 16, False), (33, 70, 40, True), (17, 600, 64, False)],
+          "triton": [(5, 7, 16, False), (9, 70, 40, True)]}
+
+
+def _backend_ok(backend):
+    if backend == "triton" and DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter was not enabled before triton loaded")
+    return "cpu" if backend != "triton" else DEVICE
+
+
+def _cases(backend):
+    return [(backend, *shape) for shape in SHAPES[backend]]
+
+
+ALL_SHAPES = [c for b in BACKENDS for c in _cases(b)]
+
+
+def _run(q, k, v, causal, backend, **kw):
+    device = _backend_ok(backend)
+    out, rep = ftattn.attention(q.to(device), k.to(device), v.to(device), causal=causal, backend=backend,
+                                return_report=True, **kw)
+    return out.cpu(), rep
+
+
+# fp32 only: the subnormal inputs of the other dtypes round to zero on the way in
+SUBNORMAL = {"k x 1e-39": (1.0, 1e-39, 1.0), "v x 1e-40": (1.0, 1.0, 1e-40), "q x 1e-39": (1e-39, 1.0, 1.0),
+             "q, k, v x 1e-30": (1e-30, 1e-30, 1e-30)}
+
+
+@pytest.mark.parametrize("case", list(SUBNORMAL), ids=str)
+@pytest.mark.parametrize("backend,N,M,D,causal", ALL_SHAPES, ids=str)
+def test_subnormal_inputs_raise_no_alarm(backend, N, M, D, causal, case):
+    fq, fk, fv = SUBNORMAL[case]
+    q, k, v = make_qkv(B=1, Hq=2, N=N, M=M, D=D, seed=N + M)
+    q, k, v = q * fq, k * fk, v * fv
+    for protection in ("abft", "full"):
+        out, rep = _run(q, k, v, causal, backend, protection=protection, on_fault="raise")
+        assert rep.detected == 0 and rep.uncorrected == 0, rep.failures()
+    ref = attention_ref(q, k, v, causal)
+    assert (out.double() - ref).abs().max().item() <= 1e-6 * max(ref.abs().max().item(), 1e-300) + 1e-44
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e6, 1e7, 1e9], ids=lambda s: f"scale{s:g}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,N,M,D,causal", ALL_SHAPES, ids=str)
+def test_huge_logits_raise_no_alarm(backend, N, M, D, causal, dtype, scale):
+    q, k, v = make_qkv(B=1, Hq=2, N=N, M=M, D=D, dtype=dtype, seed=N * M)
+    for protection in ("abft", "full"):
+        out, rep = _run(q, k, v, causal, backend, protection=protection, scale=scale, on_fault="raise")
+        assert rep.detected == 0 and rep.uncorrected == 0, rep.failures()
+    ref = attention_ref(q, k, v, causal, scale)
+    if backend == "triton" and scale > 1e6:
+        return  # its scores are scaled before the max is taken: ulps of a 1e8 logit are whole units
+    assert (out.double() - ref).abs().max().item() <= TAU[dtype] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bit", [17, 19, 21])
+@pytest.mark.parametrize("scale", [1e4, 1e5], ids=lambda s: f"scale{s:g}")
+@pytest.mark.parametrize("backend,N,M,D,causal", ALL_SHAPES, ids=str)
+def test_huge_logits_probability_fault_is_caught(backend, N, M, D, causal, scale, bit):
+    """The redundant softmax's tolerance once grew with the logits (u |m|): a mantissa
+    flip of a probability of 0.1..0.9 passed it from |m| ~ 1e5 on (a flip of the top
+    probability, 1, leaves [0, 1] and fails the range check instead)."""
+    q, k, v = make_qkv(B=1, Hq=2, N=N, M=M, D=D, seed=N * M + 1)
+    # row N - 1 sees every key; at these logits its softmax is one-hot: a second key
+    # 0.7 / scale below the top one gets a probability of about 1/2 of the top's
+    qi = q[0, 1, N - 1]
+    s = (qi @ k[0, 1].T).double()
+    top = int(s.argmax())
+    col = (top + 1) % M
+    k[0, 1, col] = k[0, 1, top] - (0.7 / scale) * qi / qi.dot(qi)
+    v[0, 1, col] = v[0, 1, top] + 4.0  # the two values apart: a change of weight shows
+    s = (qi.double() @ k[0, 1].double().T) * scale
+    p_col = math.exp(s[col] - s.max())
+    assert 0.1 < p_col < 0.9, p_col
+    clean, _ = _run(q, k, v, causal, backend, scale=scale)
+    fault = Fault("probs", 0, 1, row=N - 1, col=col, bit=bit)
+    raw, rep = _run(q, k, v, causal, backend, scale=scale, fault=fault, on_fault="report")
+    harm = (raw.double() - clean.double()).abs().max().item() > TAU[torch.float32] * max(1.0, clean.abs().max().item())
+    assert harm, "the fault should be harmful"
+    assert rep.detected >= 1, "harmful probability fault missed"
+    out, rep = _run(q, k, v, causal, backend, scale=scale, fault=fault)
+    assert rep.corrected == rep.flagged_blocks >= 1 and rep.uncorrected == 0
+    assert torch.equal(out, clean)
