@@ -69,11 +69,12 @@ enum CheckBit : int32_t {
   kRowsumInvariant = 1 << 5,
   kOutputCheck = 1 << 6,
   kProbsRange = 1 << 7,
+  kScoreRecompute = 1 << 8,
   kNonfiniteInput = 1 << 24,
   kCorrected = 1 << 25,
   kUncorrected = 1 << 26,
 };
-constexpr int32_t kCheckMask = 0xFF;
+constexpr int32_t kCheckMask = 0x1FF;
 
 // Query rows per tile: 256, as torch's CPU flash attention, so each packed K tile
 // serves 256 rows. Checks and flags are kept per sub-block of SUB_M = 64 rows
@@ -231,11 +232,11 @@ FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
 // and so the row sum and the output); a row whose visible scores are all NaN
 // returns NaN, so that it cannot be taken for a row with no visible key. SUMS adds
 // the ABFT sums of the raw scores, from the same loads: the row sum
-// *rs = sum_j S_j and the column partial sums cs32[j] += S_j (fp32, flushed to fp64
-// by flush_cols every ROW_CHUNK rows), over every column of the tile.
+// *rs = sum_j S_j and the column partial sums cs32[j] += S_j and ca32[j] += |S_j| (fp32,
+// flushed to fp64 by flush_cols every ROW_CHUNK rows), over every column of the tile.
 template <bool SUMS>
 FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
-                                     float* __restrict cs32) {
+                                     float* __restrict cs32, float* __restrict ca32) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -253,6 +254,7 @@ FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64
       if constexpr (SUMS) {
         part += x;
         store(cs32 + j, load(cs32 + j) + x);
+        store(ca32 + j, load(ca32 + j) + vec::abs(x));
       }
     }
     if constexpr (SUMS) racc += widen_sum(part);
@@ -263,6 +265,7 @@ FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64
     if constexpr (SUMS) {
       rtail += static_cast<double>(x);
       cs32[j] += x;
+      ca32[j] += std::fabs(x);
     }
   }
   // masked keys: still in the sums (the references cover the whole tile)
@@ -273,12 +276,14 @@ FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64
         const f16 x = load(S + j);
         part += x;
         store(cs32 + j, load(cs32 + j) + x);
+        store(ca32 + j, load(ca32 + j) + vec::abs(x));
       }
       racc += widen_sum(part);
     }
     for (; j < n; ++j) {
       rtail += static_cast<double>(S[j]);
       cs32[j] += S[j];
+      ca32[j] += std::fabs(S[j]);
     }
     *rs = hsum(racc) + rtail;
   }
@@ -292,31 +297,120 @@ FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64
 }
 
 FTATTN_CLONES static float row_max(const float* __restrict S, int64_t n, int64_t limit) {
-  return row_max_body<false>(S, n, limit, nullptr, nullptr);
+  return row_max_body<false>(S, n, limit, nullptr, nullptr, nullptr);
 }
 
 FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
-                                        float* __restrict cs32) {
-  return row_max_body<true>(S, n, limit, rs, cs32);
+                                        float* __restrict cs32, float* __restrict ca32) {
+  return row_max_body<true>(S, n, limit, rs, cs32, ca32);
 }
 
-// true when some |cs_j - ref_j| > bound * knorm_j + abs_term (or is NaN): the column check.
+// true when some |cs_j - ref_j| > colb_j (or is NaN): the column check.
 FTATTN_CLONES static bool col_check_fails(const double* __restrict cs, const float* __restrict ref,
-                                          const double* __restrict knorm, double bound, double abs_term,
-                                          int64_t n) {
+                                          const double* __restrict colb, int64_t n) {
   int bad = 0;
 #pragma omp simd reduction(| : bad)
-  for (int64_t j = 0; j < n; ++j)
-    bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= bound * knorm[j] + abs_term);
+  for (int64_t j = 0; j < n; ++j) bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= colb[j]);
   return bad != 0;
 }
 
-// cs[j] += cs32[j] in fp64, cs32[j] = 0: ends a ROW_CHUNK of rows of column sums.
-FTATTN_CLONES static void flush_cols(float* __restrict cs32, double* __restrict cs, int64_t n) {
+// Score verification. A fault that moves S_ij by d changes the output row by at most
+// p^_ij (e^{|d| scale} - 1) (|v_j|_inf + |O_i|_inf), where p^_ij <= p_ij / l_i (p relative
+// to the running max, l the running normaliser after this tile: the final max and l only
+// scale both alike), and the column check sees every |d| > 2 colb_j. So a fault the
+// checksums miss stays below TAU_VERIFY max(1, |O_i|) unless p_ij / l_i >= theta_j =
+// TAU_VERIFY / ((|v_j|_inf + 1) (e^{2 colb_j scale} - 1)); for those keys S_ij is
+// recomputed in fp64 (products exact) and must agree within KAPPA sqrt(D) u
+// (||q_i o k_j||_2 + |S_ij|): the fp32 GEMM's rounding noise per score, at most 3.6 sqrt(D)
+// u ||q_i o k_j||_2 over zero-mean normal and outlier-channel data (D 64..256, x1..x150),
+// and the drift of partial sums whose products share a sign (sum_t |partial_t| ~ D |S| / 2,
+// e.g. constant rows: ~sqrt(D / 3) |S| in quadrature). Few keys qualify: 0-1 per row on
+// normal or uniform data, up to ~17 on data with outlier channels (whose softmax is
+// peaked). TAU_VERIFY: a quarter of the smallest harm threshold of FAULT_MODEL.md (2^-10).
+constexpr double TAU_VERIFY = 0x1p-12;
+// The column check's bound for key j of a sub-block of n rows. Per score, the fp32 GEMM
+// leaves at most noise (||q_i o k_j||_2 + |S_ij|), noise = KAPPA sqrt(D) u (see
+// scores_mismatch); summed over the rows, sum_i ||q_i o k_j||_2 <= sqrt(n sum_i ||q_i o
+// k_j||^2) <= sqrt(n max_d sum_i q_id^2) ||k_j|| (linear in the rows, so identical rows,
+// whose errors add up, stay inside) and sum_i |S_ij| = ca_j, the column sum of |S|; the
+// reference row (sum_i q_i) . k_j likewise, with ||(sum q) o k_j|| <= max_d |sum_i q_id|
+// ||k_j||; the fp32 partial sums over ROW_CHUNK rows add ROW_CHUNK u ca_j. On normal
+// data, D = 64, 64 rows: ~6x below the former kappa u sqrt(D) || sum_i |q_i| || ||k_j||
+// (which bounded the sum over rows by Cauchy-Schwarz on absolute values).
+struct ColumnBound {
+  double noise;  // KAPPA sqrt(D) u
+  double rows;   // sqrt(n max_d sum_i q_id^2)
+  double ref;    // max_d |sum_i q_id|
+  double abs;    // underflow
+};
+
+// Each key's column bound colb_j and verification threshold theta_j; returns the smallest
+// theta_j: a row whose largest p is below it times l has no key to verify. e^x - 1 <=
+// x (1 + x) for x <= 1/2 (and <= e^x): a smaller theta, more keys verified, never fewer.
+FTATTN_CLONES static float score_thresholds(const ColumnBound& cb, const double* __restrict knorm,
+                                            const double* __restrict ca, const float* __restrict ref,
+                                            const float* __restrict vmax, float scale, int64_t n,
+                                            double* __restrict colb, float* __restrict theta) {
+  float tmin = 3.0e38f;
+  const double chunk = vec::ROW_CHUNK * U32;
+#pragma omp simd reduction(min : tmin)
+  for (int64_t j = 0; j < n; ++j) {
+    const double a = ca[j] * (1.0 + 0x1p-10);
+    colb[j] = cb.noise * ((cb.rows + cb.ref) * knorm[j] + a + std::fabs(static_cast<double>(ref[j]))) +
+              chunk * a + cb.abs;
+    const double x = 2.0 * colb[j] * static_cast<double>(scale);
+    const double grow = x <= 0.5 ? x * (1.0 + x) : std::exp(x);
+    const double t = TAU_VERIFY / ((static_cast<double>(vmax[j]) + 1.0) * grow);
+    // (inf where no score change the check misses can matter; NaN bounds verify every key)
+    const float tf = t == t ? static_cast<float>(t < 3.0e38 ? t : 3.0e38) : 0.f;
+    theta[j] = tf;
+    tmin = tf < tmin ? tf : tmin;
+  }
+  return tmin;
+}
+
+// true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
+// recomputed in fp64 (keys j < n: the visible ones of the tile).
+FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
+                                          const float* __restrict S, const float* __restrict p,
+                                          const float* __restrict theta, float l, int64_t n) {
+  using namespace vec;
+  const double noise = KAPPA * std::sqrt(static_cast<double>(D)) * U32;
+  const double floor = ETA * static_cast<double>(D + 1);
+  bool bad = false;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j % W == 0 && j + W <= n) {  // skip whole vectors with no key to verify
+      const i16 hit = load(p + j) >= load(theta + j) * l;
+      bool any = false;
+      for (int t = 0; t < W; ++t) any |= hit[t] != 0;
+      if (!any) {
+        j += W - 1;
+        continue;
+      }
+    }
+    if (!(p[j] >= theta[j] * l)) continue;
+    const float* k = K + j * D;
+    double s = 0.0, n2 = 0.0;
+#pragma omp simd reduction(+ : s, n2)
+    for (int64_t d = 0; d < D; ++d) {
+      const double x = static_cast<double>(q[d]) * static_cast<double>(k[d]);
+      s += x;
+      n2 += x * x;
+    }
+    bad |= !(std::fabs(static_cast<double>(S[j]) - s) <= noise * (std::sqrt(n2) + std::fabs(s)) + floor);
+  }
+  return bad;
+}
+
+// cs[j] += cs32[j], ca[j] += ca32[j] in fp64, cs32[j] = ca32[j] = 0: ends a ROW_CHUNK of
+// rows of column sums.
+FTATTN_CLONES static void flush_cols(float* __restrict cs32, double* __restrict cs, float* __restrict ca32,
+                                     double* __restrict ca, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     cs[j] += static_cast<double>(cs32[j]);
-    cs32[j] = 0.f;
+    ca[j] += static_cast<double>(ca32[j]);
+    cs32[j] = ca32[j] = 0.f;
   }
 }
 
@@ -553,6 +647,11 @@ FTATTN_CLONES static void add_abs_d(double* __restrict acc, const float* __restr
   for (int64_t i = 0; i < n; ++i) acc[i] += std::fabs(static_cast<double>(x[i]));
 }
 
+FTATTN_CLONES static void add_sq_d(double* __restrict acc, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+}
+
 FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
   int bad = 0;
 #pragma omp simd reduction(| : bad)
@@ -576,7 +675,8 @@ constexpr int64_t KV_CHUNK = 8;
 constexpr int64_t KV_PREFETCH = 16;
 FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
                                          double* __restrict ks, double* __restrict ka, double* __restrict knorm,
-                                         float* __restrict vsum, float* __restrict vabs, int64_t gs) {
+                                         float* __restrict vsum, float* __restrict vabs, float* __restrict vmax,
+                                         int64_t gs) {
   using namespace vec;
   alignas(64) float ks32[256 + W], ka32[256 + W], tail[W];
   const int64_t Dv = (D / W) * W;  // dims in whole vectors
@@ -613,6 +713,7 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
         ks32[d] = ka32[d] = 0.f;
       }
     }
+    f16 vm = f16{};
     for (int64_t g = 0, d0 = 0; d0 < D; ++g, d0 += PV_GROUP) {
       const int64_t d1 = std::min<int64_t>(D, d0 + PV_GROUP);
       f16 vs = f16{}, va = f16{};
@@ -621,6 +722,7 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
         const f16 y = load(vj + d);
         vs += y;
         va += vec::abs(y);
+        vm = vec::abs(y) > vm ? vec::abs(y) : vm;
       }
       if (d < d1) {
         std::fill(tail, tail + W, 0.f);
@@ -628,10 +730,12 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
         const f16 y = load(tail);
         vs += y;
         va += vec::abs(y);
+        vm = vec::abs(y) > vm ? vec::abs(y) : vm;
       }
       vsum[g * gs + j] = hsum(vs);
       vabs[g * gs + j] = hsum(va);
     }
+    vmax[j] = hmax(vm);  // (a NaN lane is dropped: the value's NaN reaches the output anyway)
   }
 }
 
@@ -714,6 +818,7 @@ struct Problem {
   const double* kabs;
   const float* vsum;  // [B, Hkv, groups, M]
   const float* vabs;
+  const float* vmax;  // per key max_d |v_jd| [B, Hkv, M]
   // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound)
   const double* knorm;
   // the key sums above made per tile inside run_block instead, while the tile is in
@@ -750,12 +855,17 @@ struct Scratch {
   std::vector<float, Aligned64<float>> Qx, S, P, acc;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, tileref, tilemag, qabs_norm, qabs1;
-  std::vector<float> cs32;
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
+  std::vector<double> q2, q2max, qs2max;  // per sub-block: sum_i q_id^2 per dim, its max, max_d (sum_i q_id)^2
+  std::vector<float> cs32, ca32, pmax;
   // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
   // per-group sums of v_j and |v_j| at group stride BLOCK_N
   std::vector<double> tile_ks, tile_ka, tile_knorm;
-  std::vector<float> tile_vsum, tile_vabs;
+  std::vector<float> tile_vsum, tile_vabs, tile_vmax;
+  // per key of the tile: the column check's bound and the probability from which the
+  // key's score is recomputed (score verification)
+  std::vector<double> colb;
+  std::vector<float> theta;
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
@@ -766,15 +876,23 @@ struct Scratch {
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     for (auto* v : {&qsum, &qabs}) v->resize(NSUB_MAX * D);
-    qabs_norm.resize(NSUB_MAX);
     qabs1.resize(NSUB_MAX);
     cs.resize(BLOCK_N);
+    ca.resize(BLOCK_N);
     cs32.resize(BLOCK_N);
+    ca32.resize(BLOCK_N);
+    pmax.resize(BLOCK_M + NSUB_MAX);
+    q2.resize(NSUB_MAX * D);
+    q2max.resize(NSUB_MAX);
+    qs2max.resize(NSUB_MAX);
     tile_ks.resize(D);
     tile_ka.resize(D);
     tile_knorm.resize(BLOCK_N);
     tile_vsum.resize(MAX_GROUPS * BLOCK_N);
     tile_vabs.resize(MAX_GROUPS * BLOCK_N);
+    tile_vmax.resize(BLOCK_N);
+    colb.resize(BLOCK_N);
+    theta.resize(BLOCK_N);
   }
 };
 
@@ -834,21 +952,26 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
-    // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to
-    // fp32) as an extra row of Qx, and || sum_i |q_i| ||_2 for the bound
+    // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to fp32) as
+    // an extra row of Qx; for the bounds, sum_i |q_i| and sum_i q_i^2 per dim
     std::fill(w.qsum.begin(), w.qsum.begin() + nsub * D, 0.0);
     std::fill(w.qabs.begin(), w.qabs.begin() + nsub * D, 0.0);
+    std::fill(w.q2.begin(), w.q2.begin() + nsub * D, 0.0);
     for (int64_t i = 0; i < rows; ++i) {
       add_d(w.qsum.data() + (i / sub_rows) * D, Q + i * D, D);
       add_abs_d(w.qabs.data() + (i / sub_rows) * D, Q + i * D, D);
+      add_sq_d(w.q2.data() + (i / sub_rows) * D, Q + i * D, D);
     }
     for (int64_t sb = 0; sb < nsub; ++sb) {
-      double qq = 0.0;
+      double q2max = 0.0, qs2max = 0.0;
       for (int64_t d = 0; d < D; ++d) {
         Qx[(rows + sb) * D + d] = static_cast<float>(w.qsum[sb * D + d]);
-        qq += w.qabs[sb * D + d] * w.qabs[sb * D + d];
+        const double qs = static_cast<double>(Qx[(rows + sb) * D + d]);
+        q2max = std::max(q2max, w.q2[sb * D + d]);
+        qs2max = std::max(qs2max, qs * qs);
       }
-      w.qabs_norm[sb] = std::sqrt(qq);
+      w.q2max[sb] = q2max;
+      w.qs2max[sb] = qs2max;
       w.qabs1[sb] = std::accumulate(w.qabs.begin() + sb * D, w.qabs.begin() + (sb + 1) * D, 0.0);
     }
     if (!P.inline_sums)
@@ -857,14 +980,6 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   int64_t ntiles = 0;
   float* S = w.S.data();
   float* Pm = w.P.data();
-  // Column sums of S per sub-block against the extra rows of the same GEMM: S_ij
-  // carries kappa u sqrt(D) |q_i| . |k_j| (random rounding, as the row check), the
-  // reference, a length-D fp32 dot product, at most min(kappa sqrt(D), D) u
-  // (sum_i |q_i|) . |k_j| (statistically or in the worst case), plus the rounding
-  // of sum_i q_i to fp32 and the fp32 partial sums over ROW_CHUNK rows;
-  // (sum_i |q_i|) . |k_j| <= || sum_i |q_i| ||_2 ||k_j||_2.
-  const double col_factor =
-      (KAPPA * sqrtD + std::min(KAPPA * sqrtD, static_cast<double>(D)) + 4.0 + vec::ROW_CHUNK) * U32;
   // row sums: the noise of S, the fp32 partial sums of CHUNK terms, and those of
   // KV_CHUNK keys in the per-tile key sums of the reference
   const double row_factor = (KAPPA * sqrtD + 1.0 + vec::CHUNK + KV_CHUNK) * U32;
@@ -882,6 +997,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     const double* knorm = abft ? P.knorm + (b * P.Hkv + hk) * M + n0 : nullptr;
     const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
     const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
+    const float* vmax = abft ? P.vmax + (b * P.Hkv + hk) * M + n0 : nullptr;
     int64_t gs = M;  // group stride of vsum, vabs
     if (abft && (P.inline_sums || cols != std::min<int64_t>(BLOCK_N, M - n0))) {
       // this tile's key sums over its visible keys and the row references from them:
@@ -892,7 +1008,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       std::fill(w.tile_ks.begin(), w.tile_ks.end(), 0.0);
       std::fill(w.tile_ka.begin(), w.tile_ka.end(), 0.0);
       key_value_sums(K + n0 * D, V + n0 * D, cols, D, w.tile_ks.data(), w.tile_ka.data(), w.tile_knorm.data(),
-                     w.tile_vsum.data(), w.tile_vabs.data(), BLOCK_N);
+                     w.tile_vsum.data(), w.tile_vabs.data(), w.tile_vmax.data(), BLOCK_N);
       dots_d(Q, rows, D, w.tile_ks.data(), w.tile_ka.data(), 1, 1, w.tileref.data(), w.tilemag.data());
       ref = w.tileref.data();
       mag = w.tilemag.data();
@@ -900,6 +1016,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       knorm = w.tile_knorm.data();
       vsum = w.tile_vsum.data();
       vabs = w.tile_vabs.data();
+      vmax = w.tile_vmax.data();
       gs = BLOCK_N;
     }
     // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
@@ -914,9 +1031,15 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     // ABFT sums; the online softmax with its checks; the normaliser ----
     for (int64_t sb = 0; sb < nsub; ++sb) {
       const int64_t i0 = sb * sub_rows, i1 = std::min<int64_t>(rows, i0 + sub_rows);
+      // the column check's bound per key (underflow: D + 1 operations per S_ij, i1 - i0 + 1
+      // values of S per column, and sum_i q_i rounded to fp32: 2^-150 per dim, times
+      // |k_jd| <= ||k_j||), and from it the probability above which a key's score is
+      // recomputed (score_threshold)
       if (abft) {
         std::fill(w.cs.begin(), w.cs.begin() + cols, 0.0);
+        std::fill(w.ca.begin(), w.ca.begin() + cols, 0.0);
         std::fill(w.cs32.begin(), w.cs32.begin() + cols, 0.f);
+        std::fill(w.ca32.begin(), w.ca32.begin() + cols, 0.f);
       }
       for (int64_t i = i0; i < i1; ++i) {
         // last visible key of the tile
@@ -927,9 +1050,9 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
         float mx;
         if (abft) {
           double rs;
-          mx = row_max_sums(Si, cols, limit, &rs, w.cs32.data());
+          mx = row_max_sums(Si, cols, limit, &rs, w.cs32.data(), w.ca32.data());
           if ((i - i0) % vec::ROW_CHUNK == vec::ROW_CHUNK - 1 || i == i1 - 1)
-            flush_cols(w.cs32.data(), w.cs.data(), cols);
+            flush_cols(w.cs32.data(), w.cs.data(), w.ca32.data(), w.ca.data(), cols);
           // underflow: D + 1 operations per S_ij; the reference's fp32 key sums, 2^-150
           // per key and dim, times |q_id| (sum_d |q_id| <= qabs1 of the sub-block)
           const double row_abs = ETA * static_cast<double>(cols) * (static_cast<double>(D + 1) + w.qabs1[sb]);
@@ -976,15 +1099,28 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
             w.bv[i * MAX_GROUPS + g] = a * w.bv[i * MAX_GROUPS + g] + st.wb[g];
           }
         }
+        if (abft) w.pmax[i] = empty ? 0.f : st.pmax;
         if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
       }
       if (abft) {
+        // the column check, with each key's bound (underflow: D + 1 operations per S_ij,
+        // i1 - i0 + 1 values of S per column, and sum_i q_i rounded to fp32, 2^-150 per
+        // dim times |k_jd| <= ||k_j||), and the score verification of the keys whose
+        // score a fault could move harmfully within that bound
         const float* colref = S + (rows + sb) * BLOCK_N;
-        // underflow: D + 1 operations per S_ij, i1 - i0 + 1 values of S per column, and
-        // sum_i q_i rounded to fp32 (2^-150 per dim, times |k_jd| <= ||k_j||)
-        const double bound = col_factor * w.qabs_norm[sb] + static_cast<double>(D) * 0x1p-150;
-        const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1) + vec::ROW_CHUNK);
-        if (col_check_fails(w.cs.data(), colref, knorm, bound, col_abs, cols)) bad[sb] |= kColChecksum;
+        const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1)) + static_cast<double>(D) * 0x1p-150;
+        const ColumnBound cb{KAPPA * sqrtD * U32, std::sqrt(static_cast<double>(i1 - i0) * w.q2max[sb]),
+                             std::sqrt(w.qs2max[sb]), col_abs};
+        const float theta_min = score_thresholds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols,
+                                                 w.colb.data(), w.theta.data());
+        if (col_check_fails(w.cs.data(), colref, w.colb.data(), cols)) bad[sb] |= kColChecksum;
+        for (int64_t i = i0; i < i1; ++i) {
+          if (!(w.pmax[i] >= theta_min * w.l[i]) || w.m[i] == NEG_INF) continue;
+          const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
+          if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), w.l[i],
+                              std::min<int64_t>(cols, limit + 1)))
+            bad[sb] |= kScoreRecompute;
+        }
       }
     }
     // ---- acc += P V in fp32 ----
@@ -1092,7 +1228,7 @@ void process_block(const Problem& P, Scratch& w, bool recompute, const Block& bl
 // Per-call sums over K and V shared by every query block (protection >= abft).
 struct KvSums {
   std::vector<double> ksum, kabs, knorm;
-  std::vector<float> vsum, vabs;
+  std::vector<float> vsum, vabs, vmax;
 };
 
 void precompute_sums(Problem& P, KvSums& sums) {
@@ -1102,6 +1238,7 @@ void precompute_sums(Problem& P, KvSums& sums) {
   sums.kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
   sums.vsum.resize(P.B * P.Hkv * P.groups * M);
   sums.vabs.resize(P.B * P.Hkv * P.groups * M);
+  sums.vmax.resize(P.B * P.Hkv * M);
   sums.knorm.resize(P.B * P.Hkv * M);
   at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -1112,13 +1249,14 @@ void precompute_sums(Problem& P, KvSums& sums) {
       const int64_t j0 = t * BLOCK_N;
       key_value_sums(K + j0 * D, V + j0 * D, j1 - j0, D, &sums.ksum[idx * D], &sums.kabs[idx * D],
                      &sums.knorm[bh * M + j0], &sums.vsum[bh * P.groups * M + j0],
-                     &sums.vabs[bh * P.groups * M + j0], M);
+                     &sums.vabs[bh * P.groups * M + j0], &sums.vmax[bh * M + j0], M);
     }
   });
   P.ksum = sums.ksum.data();
   P.kabs = sums.kabs.data();
   P.vsum = sums.vsum.data();
   P.vabs = sums.vabs.data();
+  P.vmax = sums.vmax.data();
   P.knorm = sums.knorm.data();
 }
 

@@ -10,6 +10,13 @@ FAULT_MODEL.md per site and protection level.
    output, tau = 2^-10 for fp16/fp32, 2^-7 for bf16), detected or not, and, when
    detected, whether ``on_fault="correct"`` returns the clean output.
 
+3. ``--targeted``: an adversary's campaign instead of dice. The data carry what real
+   LLM activations carry (a few outlier channels 5..150x larger in q and k, with or
+   without the sign pattern that cancels them in q.k; huge logits; subnormal keys and
+   values), the faults hit the three most probable keys of a row (sites with a key) or
+   random head dims, in the mid-mantissa bits 10..22 where a flip is small enough to
+   hide in a loose checksum bound and large enough to matter. Clean runs on the same data.
+
 Exit status is non-zero when, at a protection level, a site it claims to cover
 has a harmful fault missed, when a clean run raised a flag, or when a detected
 fault was not corrected. "abft" claims every site but ``probs`` (a corrupted
@@ -75,6 +82,7 @@ class Result:
     protection: str
     shape: Shape
     clean_runs: int = 0
+    mode: str = "random"  # or "targeted"
     false_alarms: int = 0
     false_alarm_cases: List[str] = dataclasses.field(default_factory=list)
     sites: Dict[str, SiteStats] = dataclasses.field(default_factory=lambda: {s: SiteStats() for s in SITES})
@@ -113,6 +121,26 @@ def make_data(kind: str, shape: Shape, dtype, device, gen: torch.Generator):
     elif kind == "offset":  # large common offset in v, small spread: |o| >> its variation
         q, k = rnd(B, Hq, N, D), rnd(B, Hkv, M, D)
         v = 100.0 + 0.01 * rnd(B, Hkv, M, D)
+    elif kind in ("outlier", "outlier-cancel"):
+        # LLM-like: 1..4 channels 5..150x larger in q and k; "cancel" puts opposite signs in
+        # two channels of k (q . k stays moderate while sum |q||k| is huge)
+        q, k, v = rnd(B, Hq, N, D), rnd(B, Hkv, M, D), rnd(B, Hkv, M, D)
+        pick = torch.randint(0, 4, (3,), generator=gen).tolist()
+        amp = (5.0, 20.0, 50.0, 150.0)[pick[0]]
+        channels = torch.randperm(D, generator=gen)[: min(D, 1 + pick[1])].tolist()
+        if kind == "outlier-cancel" and D >= 2:
+            a, b = channels[0], channels[-1] if len(channels) > 1 else (channels[0] + 1) % D
+            q[..., a] = q[..., b] = amp
+            sign = torch.randn(B, Hkv, M, generator=gen).sign() * amp
+            k[..., a], k[..., b] = sign, -sign
+        else:
+            for c in channels:
+                q[..., c] *= amp
+                k[..., c] *= amp
+    elif kind == "huge-logits":  # |q.k| ~ 1e5 sqrt(D): a one-hot softmax far from 0
+        q, k, v = rnd(B, Hq, N, D) * 300.0, rnd(B, Hkv, M, D) * 300.0, rnd(B, Hkv, M, D)
+    elif kind == "subnormal":  # fp32 keys and values below 2^-126 (they round to 0 in 16-bit types)
+        q, k, v = rnd(B, Hq, N, D), rnd(B, Hkv, M, D) * 1e-39, rnd(B, Hkv, M, D) * 1e-40
     else:
         raise ValueError(f"unknown data kind {kind!r}")
     return tuple(t.to(dtype=dtype, device=device) for t in (q, k, v))
@@ -120,6 +148,9 @@ def make_data(kind: str, shape: Shape, dtype, device, gen: torch.Generator):
 
 CLEAN_KINDS = ["uniform", "normal", "peaky", "constant", "offset"]
 FAULT_KINDS = ["uniform", "normal", "peaky", "offset"]
+TARGETED_CLEAN_KINDS = ["outlier", "outlier-cancel", "huge-logits", "subnormal"]
+TARGETED_FAULT_KINDS = ["outlier", "outlier-cancel", "normal", "huge-logits"]
+TARGETED_BITS = range(10, 23)  # mid-mantissa
 
 
 def clean_shapes(base: Shape, long_kv: int) -> List[Shape]:
@@ -160,6 +191,27 @@ def _random_fault(rng: random.Random, shape: Shape, site: str) -> Fault:
     return Fault(**kw)
 
 
+def _top_keys(q, k, shape: Shape, batch: int, head: int, row: int, n: int = 3) -> List[int]:
+    """The n most probable visible keys of one row (fp64 scores)."""
+    group = shape.heads // shape.kv_heads
+    s = k[batch, head // group].double() @ q[batch, head, row].double()
+    last = row + (shape.kv_seq - shape.seq) if shape.causal else shape.kv_seq - 1
+    s[last + 1:] = float("-inf")
+    return s.topk(min(n, last + 1)).indices.tolist()
+
+
+def _targeted_fault(rng: random.Random, shape: Shape, site: str, q, k) -> Fault:
+    """A mid-mantissa flip at one of the three most probable keys of a random row (for
+    the sites without a key, that key's block; acc / output at a random head dim)."""
+    N, M = shape.seq, shape.kv_seq
+    rows = [r for r in range(N) if not shape.causal or r + (M - N) >= 0]
+    row = rng.choice(rows)
+    batch, head = rng.randrange(shape.batch), rng.randrange(shape.heads)
+    col = rng.choice(_top_keys(q, k, shape, batch, head, row))
+    return Fault(site=site, batch=batch, head=head, row=row, col=col, dim=rng.randrange(shape.head_dim),
+                 bit=rng.choice(TARGETED_BITS))
+
+
 def _harmful(raw: torch.Tensor, clean: torch.Tensor, tau: float) -> bool:
     raw64, clean64 = raw.double(), clean.double()
     if bool((~raw64.isfinite() & clean64.isfinite()).any()):
@@ -179,15 +231,20 @@ def run(
     seed: int = 0,
     faults_per_input: int = 25,
     progress: bool = True,
+    targeted: bool = False,
 ) -> Result:
+    """The campaign of one dtype and protection level; ``targeted``: the adversary's data,
+    keys and bits (module docstring, 3.) instead of random ones."""
     shape = shape or Shape()
+    clean_kinds = TARGETED_CLEAN_KINDS if targeted else CLEAN_KINDS
+    fault_kinds = TARGETED_FAULT_KINDS if targeted else FAULT_KINDS
     dt = DTYPES[dtype]
     tau = TAU[dt]
-    res = Result(backend, device, dtype, protection, shape)
+    res = Result(backend, device, dtype, protection, shape, mode="targeted" if targeted else "random")
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     t0 = time.perf_counter()
-    bar = _progress(len(CLEAN_KINDS) * 8 + faults, f"{dtype}/{protection}", progress)
+    bar = _progress(len(clean_kinds) * 8 + faults, f"{dtype}/{protection}", progress)
 
     def call(q, k, v, sh, **kw):
         return attention(q, k, v, causal=sh.causal, protection=protection, backend=backend, return_report=True, **kw)
@@ -195,7 +252,7 @@ def run(
     with torch.inference_mode():
         # 1. clean runs: any flag is a false alarm
         for sh in clean_shapes(shape, long_kv):
-            for kind in CLEAN_KINDS:
+            for kind in clean_kinds:
                 q, k, v = make_data(kind, sh, dt, device, gen)
                 _, rep = call(q, k, v, sh)
                 res.clean_runs += 1
@@ -207,13 +264,14 @@ def run(
         clean = q = k = v = None
         for i in range(faults):
             if i % faults_per_input == 0:
-                q, k, v = make_data(FAULT_KINDS[(i // faults_per_input) % len(FAULT_KINDS)], shape, dt, device, gen)
+                q, k, v = make_data(fault_kinds[(i // faults_per_input) % len(fault_kinds)], shape, dt, device, gen)
                 clean, rep = call(q, k, v, shape)
                 res.clean_runs += 1
                 if rep.detected:
                     res.false_alarms += 1
                     res.false_alarm_cases.append(f"fault-run input {i // faults_per_input}: {rep}")
-            fault = _random_fault(rng, shape, SITES[i % len(SITES)])
+            site = SITES[i % len(SITES)]
+            fault = _targeted_fault(rng, shape, site, q, k) if targeted else _random_fault(rng, shape, site)
             raw, rep = call(q, k, v, shape, fault=fault, on_fault="report")
             detected = rep.detected > 0
             corrected = False
@@ -251,7 +309,7 @@ HEADER = ("site", "injected", "harmful", "detected", "harmful&missed", "benign&f
 def format_table(res: Result) -> str:
     sh = res.shape
     lines = [
-        f"backend={res.backend} device={res.device} dtype={res.dtype} protection={res.protection} "
+        f"{res.mode} campaign: backend={res.backend} device={res.device} dtype={res.dtype} protection={res.protection} "
         f"B={sh.batch} Hq={sh.heads} Hkv={sh.kv_heads} N={sh.seq} M={sh.kv_seq} D={sh.head_dim} "
         f"causal={sh.causal} ({res.seconds:.1f} s)",
     ]
@@ -277,7 +335,7 @@ def to_json(results: List[Result]) -> dict:
         "tau": {"float32": TAU[torch.float32], "float16": TAU[torch.float16], "bfloat16": TAU[torch.bfloat16]},
         "results": [
             {
-                "backend": r.backend, "device": r.device, "dtype": r.dtype, "protection": r.protection,
+                "mode": r.mode, "backend": r.backend, "device": r.device, "dtype": r.dtype, "protection": r.protection,
                 "shape": dataclasses.asdict(r.shape), "clean_runs": r.clean_runs, "false_alarms": r.false_alarms,
                 "false_alarm_cases": r.false_alarm_cases, "seconds": r.seconds,
                 "sites": {s: dataclasses.asdict(st) for s, st in r.sites.items()}, "failures": r.failures(),
@@ -370,6 +428,9 @@ def add_arguments(p) -> None:
     p.add_argument("--demo", action="store_true",
                    help="the `make demo` run: all dtypes, protection abft and full, then a timing comparison")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--targeted", action="store_true",
+                   help="an adversary's campaign: outlier-channel, huge-logit and subnormal data, faults on the "
+                        "most probable keys, mid-mantissa bits 10..22")
 
 
 def main(args) -> int:
@@ -394,7 +455,8 @@ def main(args) -> int:
     failed = []
     for prot in protections:
         for name in dtypes:
-            res = run(backend, device, name, prot, faults, shape, long_kv, args.seed, progress=not args.no_progress)
+            res = run(backend, device, name, prot, faults, shape, long_kv, args.seed, progress=not args.no_progress,
+                      targeted=args.targeted)
             results.append(res)
             print(format_table(res))
             print()

@@ -7,7 +7,7 @@ kernel in kernels/, the pure-PyTorch reference) and the Python API: every
 backend encodes faults and writes flags exactly as described here.
 
 Flags: every backend returns, beside the output, an int32 tensor
-``flags[B, Hq, ceil(N / REPORT_BLOCK_M)]``. Bits 0..7 name the checks that failed
+``flags[B, Hq, ceil(N / REPORT_BLOCK_M)]``. Bits 0..8 name the checks that failed
 on the first pass over that block of query rows; ``CORRECTED`` says the block was
 recomputed and the recomputation passed every check; ``UNCORRECTED`` says it was
 recomputed and failed again (a persistent error, not a transient fault);
@@ -73,12 +73,13 @@ class Check(enum.IntFlag):
     ROWSUM_INVARIANT = 1 << 5  # l vs an independent accumulation, 1 <= l <= #keys
     OUTPUT_CHECK = 1 << 6  # sum_d O_id vs (sum_d acc_id) / l
     PROBS_RANGE = 1 << 7  # 0 <= p <= 1
+    SCORE_RECOMPUTE = 1 << 8  # a high-probability key's score vs q . k recomputed in fp64
     NONFINITE_INPUT = 1 << 24
     CORRECTED = 1 << 25
     UNCORRECTED = 1 << 26
 
 
-CHECK_MASK = 0xFF  # the bits that name failed checks
+CHECK_MASK = 0x1FF  # the bits that name failed checks
 
 _CHECK_NAMES = {
     Check.ROW_CHECKSUM: "row checksum of QK^T",
@@ -89,6 +90,7 @@ _CHECK_NAMES = {
     Check.ROWSUM_INVARIANT: "normaliser invariant",
     Check.OUTPUT_CHECK: "final normalisation check",
     Check.PROBS_RANGE: "probability range",
+    Check.SCORE_RECOMPUTE: "recomputed score of a likely key",
 }
 
 
@@ -212,7 +214,7 @@ class Report:
     def detected(self) -> int:
         """Number of failed checks (one per check kind per flagged block), non-finite input excluded."""
         bits = self._fault_bits()
-        return int(sum(((bits >> i) & 1).sum().item() for i in range(8)))
+        return int(sum(((bits >> i) & 1).sum().item() for i in range(CHECK_MASK.bit_length())))
 
     @property
     def flagged_blocks(self) -> int:

@@ -105,3 +105,94 @@ def test_huge_logits_probability_fault_is_caught(backend, N, M, D, causal, scale
     out, rep = _run(q, k, v, causal, backend, scale=scale, fault=fault)
     assert rep.corrected == rep.flagged_blocks >= 1 and rep.uncorrected == 0
     assert torch.equal(out, clean)
+
+
+# ---------------------------------------------------------------------------
+# faults an adversary picks: the most probable keys, mid-mantissa bits, LLM-like data
+
+VERIFYING = ["cpp"]  # the backends with the score verification (Triton: not yet)
+
+
+def _reproducer_outliers(dtype):
+    """q has two channels at 100, k the same two at +-100 with opposite signs: q . k stays
+    moderate while sum |q||k| is 2e4, so the checksums' bounds were loose (0.79..11)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 64, 64, generator=g) for _ in range(3))
+    q[..., 0] = q[..., 1] = 100
+    s = torch.randn(1, 1, 64, generator=g).sign() * 100
+    k[..., 0] = s
+    k[..., 1] = -s
+    return q.to(dtype), k.to(dtype), v.to(dtype), 0
+
+
+def _reproducer_wide(dtype):
+    """Plain normal data at D = 256 (bits 13..17 of the top score were the window)."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 1, 16, 256, generator=g)
+    k = torch.randn(1, 1, 64, 256, generator=g)
+    v = torch.randn(1, 1, 64, 256, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype), 9
+
+
+def _faults_on_top_keys(q, k, v, row, causal, backend, bits, keys=3, head=0):
+    """(harm / tau, detected) of each flip of the given bits of the scores of the `keys`
+    most probable keys of one row; also asserts the clean call raises no alarm."""
+    tau = TAU[q.dtype]
+    clean, rep = _run(q, k, v, causal, backend)
+    assert rep.detected == 0, rep.failures()
+    group = q.shape[1] // k.shape[1]
+    s = k[0, head // group].double() @ q[0, head, row].double()
+    N, M = q.shape[2], k.shape[2]
+    if causal:
+        s[row + M - N + 1:] = float("-inf")
+    out = []
+    for col in s.topk(keys).indices.tolist():
+        for bit in bits:
+            fault = Fault("scores", 0, head, row=row, col=col, bit=bit)
+            raw, rep = _run(q, k, v, causal, backend, fault=fault, on_fault="report")
+            harm = (raw.double() - clean.double()).abs().max().item() / (tau * max(1.0, clean.abs().max().item()))
+            out.append((col, bit, harm, rep.detected > 0))
+    return out
+
+
+@pytest.mark.parametrize("backend", VERIFYING)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("make", [_reproducer_outliers, _reproducer_wide], ids=["outliers", "D256"])
+def test_reproducer_faults_on_the_top_score_are_caught(backend, dtype, make):
+    q, k, v, row = make(dtype)
+    results = _faults_on_top_keys(q, k, v, row, False, backend, range(10, 23), keys=1)
+    missed = [(bit, round(h, 1)) for _, bit, h, det in results if h > 1 and not det]
+    assert not missed, f"harmful flips of the top score missed (bit, harm/tau): {missed}"
+    assert any(h > 10 for *_, h, _ in results)  # bit 21 moves the output by > 10 tau (> 100 in fp32)
+
+
+@pytest.mark.parametrize("backend", VERIFYING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("amp", [5, 20, 50, 150])
+def test_outlier_channel_families(backend, dtype, D, amp):
+    """1, 2 or 4 channels amp x larger in q and k (with and without cancelling signs), GQA
+    4:1, causal and not: no harmful flip of a top-3 key's score (bits 10..22) is missed and
+    no clean call alarms."""
+    missed = []
+    for seed, (count, cancel, causal) in enumerate([(1, False, False), (2, True, True), (4, False, True)]):
+        g = torch.Generator().manual_seed(1000 * D + amp + seed)
+        q = torch.randn(1, 4, 16, D, generator=g)
+        k = torch.randn(1, 1, 200, D, generator=g)
+        v = torch.randn(1, 1, 200, D, generator=g)
+        channels = torch.randperm(D, generator=g)[:count].tolist()
+        for c in channels:
+            q[..., c] *= amp
+            k[..., c] *= amp
+        if cancel:
+            sign = torch.randn(1, 1, 200, generator=g).sign()
+            k[..., channels[1]] = -k[..., channels[0]].abs() * sign
+            k[..., channels[0]] = k[..., channels[0]].abs() * sign
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        for head in (0, 3):
+            row = int(torch.randint(0, 16, (1,), generator=g))
+            for col, bit, harm, det in _faults_on_top_keys(q, k, v, row, causal, backend, range(10, 23, 2),
+                                                          head=head):
+                if harm > 1 and not det:
+                    missed.append((count, cancel, causal, head, row, col, bit, round(harm, 1)))
+    assert not missed, f"harmful flips missed: {missed}"
