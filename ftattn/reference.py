@@ -22,6 +22,8 @@ LOG2E = 1.4426950408889634  # 1 / ln(2)
 # absolute term per fp32 operation under gradual underflow, as csrc/attention_cpu.cpp
 # (fl(x op y) = (x op y)(1 + d) + e, |e| <= 2^-150; two per multiply-add)
 ETA = 2.0**-149
+# score verification, as csrc/attention_cpu.cpp: a quarter of the smallest harm threshold
+TAU_VERIFY = 2.0**-12
 
 
 def _corrupt(t: torch.Tensor, index: tuple, bit: int, value: Optional[float]) -> None:
@@ -79,7 +81,8 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         qb = torch.nn.functional.pad(qd, (0, 0, 0, pad)).view(B, Hq, nblk, REPORT_BLOCK_M, D)
         ref_c = qb.sum(3) @ kd.transpose(-1, -2)  # [B, H, nblk, M]
         mag_c = qb.abs().sum(3) @ kd.abs().transpose(-1, -2)
-        bad_c = ~((Sb.sum(3) - ref_c).abs() <= KAPPA * U32 * sqrt_d * mag_c + ETA * REPORT_BLOCK_M * (D + 1))
+        colb = KAPPA * U32 * sqrt_d * mag_c + ETA * REPORT_BLOCK_M * (D + 1)  # [B, H, nblk, M]
+        bad_c = ~((Sb.sum(3) - ref_c).abs() <= colb)
         flag(int(Check.COL_CHECKSUM), bad_c.any(-1))
 
     # softmax over the whole row
@@ -116,6 +119,22 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         tol = U32 * (16.0 * torch.maximum(p, p2) + 2.0) + 1e-30
         bad = ~((p - p2).abs() <= tol).all(-1)
         flag(int(Check.SOFTMAX_DMR), _rows_to_blocks(bad, N))
+
+    if abft and M > 0:
+        # score verification (csrc/attention_cpu.cpp, scores_mismatch): the keys whose score
+        # a fault could move harmfully within the column check's bound (p_ij / l_i >= theta_j)
+        # against q . k in fp64, within KAPPA sqrt(D) u (||q o k||_2 + |S|)
+        colb_rows = colb.repeat_interleave(REPORT_BLOCK_M, dim=2)[:, :, :N]  # [B, H, N, M]
+        vmax = vf.abs().amax(-1).double()[:, :, None, :]
+        theta = TAU_VERIFY / ((vmax + 1.0) * torch.expm1(2.0 * colb_rows * abs(scale)))
+        pd_ = p.double()
+        verify = (pd_ >= theta * pd_.sum(-1, keepdim=True)) & ~empty[..., None]
+        if bool(verify.any()):
+            S64 = qd @ kd.transpose(-1, -2)
+            n2 = (qd * qd) @ (kd * kd).transpose(-1, -2)
+            noise = KAPPA * U32 * sqrt_d * (n2.sqrt() + S64.abs()) + ETA * (D + 1)
+            bad_s = (verify & ~((S.double() - S64).abs() <= noise)).any(-1)
+            flag(int(Check.SCORE_RECOMPUTE), _rows_to_blocks(bad_s, N))
 
     l = p.sum(-1)
     if site == Site.ROWSUM:

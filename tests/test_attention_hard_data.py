@@ -110,7 +110,7 @@ def test_huge_logits_probability_fault_is_caught(backend, N, M, D, causal, scale
 # ---------------------------------------------------------------------------
 # faults an adversary picks: the most probable keys, mid-mantissa bits, LLM-like data
 
-VERIFYING = ["cpp"]  # the backends with the score verification (Triton: not yet)
+VERIFYING = ["cpp", "reference"]  # the backends with the score verification (Triton: not yet)
 
 
 def _reproducer_outliers(dtype):

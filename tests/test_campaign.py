@@ -99,3 +99,10 @@ def test_targeted_campaign_full_protection(dtype, shape):
     assert res.sites["scores"].harmful > 0 and res.sites["scores"].harmful_missed == 0
     for site, st in res.sites.items():
         assert st.corrected == st.detected, site
+
+
+def test_targeted_campaign_reference_backend():
+    res = campaign.run("reference", "cpu", "float32", "full", faults=150, long_kv=300, seed=6, progress=False,
+                       targeted=True)
+    assert res.failures() == [], campaign.format_table(res)
+    assert res.sites["scores"].harmful > 0 and res.false_alarms == 0
