@@ -344,43 +344,52 @@ struct ColumnBound {
   double abs;    // underflow
 };
 
-// Each key's column bound colb_j and verification threshold theta_j; returns the smallest
-// theta_j: a row whose largest p is below it times l has no key to verify. e^x - 1 <=
-// x (1 + x) for x <= 1/2 (and <= e^x): a smaller theta, more keys verified, never fewer.
-FTATTN_CLONES static float score_thresholds(const ColumnBound& cb, const double* __restrict knorm,
-                                            const double* __restrict ca, const float* __restrict ref,
-                                            const float* __restrict vmax, float scale, int64_t n,
-                                            double* __restrict colb, float* __restrict theta) {
-  float tmin = 3.0e38f;
+// theta for a column bound colb and |v_j|_inf (see TAU_VERIFY).
+static float verify_threshold(double colb, float vmax, float scale) {
+  const double x = 2.0 * colb * static_cast<double>(scale);
+  const double grow = x <= 0.5 ? x * (1.0 + x) : std::exp(x);
+  const double t = TAU_VERIFY / ((static_cast<double>(vmax) + 1.0) * grow);
+  // (inf where no score change the check misses can matter; NaN bounds verify every key)
+  return t == t ? static_cast<float>(t < 3.0e38 ? t : 3.0e38) : 0.f;
+}
+
+// Each key's column bound colb_j; returns a lower bound of every theta_j (from the
+// largest colb_j and |v_j|_inf): a row whose largest p is below it times l has no key to
+// verify (most rows), and only the keys above it get their own theta_j (scores_mismatch).
+// e^x - 1 <= x (1 + x) for x <= 1/2 (and <= e^x): a smaller theta, more keys verified,
+// never fewer.
+FTATTN_CLONES static float column_bounds(const ColumnBound& cb, const double* __restrict knorm,
+                                         const double* __restrict ca, const float* __restrict ref,
+                                         const float* __restrict vmax, float scale, int64_t n,
+                                         double* __restrict colb) {
   const double chunk = vec::ROW_CHUNK * U32;
-#pragma omp simd reduction(min : tmin)
+  double bmax = 0.0;
+  float vm = 0.f;
+#pragma omp simd reduction(max : bmax, vm)
   for (int64_t j = 0; j < n; ++j) {
     const double a = ca[j] * (1.0 + 0x1p-10);
     colb[j] = cb.noise * ((cb.rows + cb.ref) * knorm[j] + a + std::fabs(static_cast<double>(ref[j]))) +
               chunk * a + cb.abs;
-    const double x = 2.0 * colb[j] * static_cast<double>(scale);
-    const double grow = x <= 0.5 ? x * (1.0 + x) : std::exp(x);
-    const double t = TAU_VERIFY / ((static_cast<double>(vmax[j]) + 1.0) * grow);
-    // (inf where no score change the check misses can matter; NaN bounds verify every key)
-    const float tf = t == t ? static_cast<float>(t < 3.0e38 ? t : 3.0e38) : 0.f;
-    theta[j] = tf;
-    tmin = tf < tmin ? tf : tmin;
+    bmax = colb[j] > bmax ? colb[j] : bmax;
+    vm = vmax[j] > vm ? vmax[j] : vm;
   }
-  return tmin;
+  return verify_threshold(bmax, vm, scale);
 }
 
 // true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
-// recomputed in fp64 (keys j < n: the visible ones of the tile).
+// recomputed in fp64 (keys j < n: the visible ones of the tile; theta_low <= every theta_j).
 FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
                                           const float* __restrict S, const float* __restrict p,
-                                          const float* __restrict theta, float l, int64_t n) {
+                                          const double* __restrict colb, const float* __restrict vmax, float scale,
+                                          float theta_low, float l, int64_t n) {
   using namespace vec;
   const double noise = KAPPA * std::sqrt(static_cast<double>(D)) * U32;
   const double floor = ETA * static_cast<double>(D + 1);
   bool bad = false;
   for (int64_t j = 0; j < n; ++j) {
-    if (j % W == 0 && j + W <= n) {  // skip whole vectors with no key to verify
-      const i16 hit = load(p + j) >= load(theta + j) * l;
+    const float low = theta_low * l;
+    if (j % W == 0 && j + W <= n) {  // skip whole vectors with no candidate
+      const i16 hit = load(p + j) >= low;
       bool any = false;
       for (int t = 0; t < W; ++t) any |= hit[t] != 0;
       if (!any) {
@@ -388,7 +397,7 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
         continue;
       }
     }
-    if (!(p[j] >= theta[j] * l)) continue;
+    if (!(p[j] >= low) || !(p[j] >= verify_threshold(colb[j], vmax[j], scale) * l)) continue;
     const float* k = K + j * D;
     double s = 0.0, n2 = 0.0;
 #pragma omp simd reduction(+ : s, n2)
@@ -865,7 +874,6 @@ struct Scratch {
   // per key of the tile: the column check's bound and the probability from which the
   // key's score is recomputed (score verification)
   std::vector<double> colb;
-  std::vector<float> theta;
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
@@ -892,7 +900,6 @@ struct Scratch {
     tile_vabs.resize(MAX_GROUPS * BLOCK_N);
     tile_vmax.resize(BLOCK_N);
     colb.resize(BLOCK_N);
-    theta.resize(BLOCK_N);
   }
 };
 
@@ -1111,14 +1118,13 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
         const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1)) + static_cast<double>(D) * 0x1p-150;
         const ColumnBound cb{KAPPA * sqrtD * U32, std::sqrt(static_cast<double>(i1 - i0) * w.q2max[sb]),
                              std::sqrt(w.qs2max[sb]), col_abs};
-        const float theta_min = score_thresholds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols,
-                                                 w.colb.data(), w.theta.data());
+        const float theta_low = column_bounds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols, w.colb.data());
         if (col_check_fails(w.cs.data(), colref, w.colb.data(), cols)) bad[sb] |= kColChecksum;
         for (int64_t i = i0; i < i1; ++i) {
-          if (!(w.pmax[i] >= theta_min * w.l[i]) || w.m[i] == NEG_INF) continue;
+          if (!(w.pmax[i] >= theta_low * w.l[i]) || w.m[i] == NEG_INF) continue;
           const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
-          if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), w.l[i],
-                              std::min<int64_t>(cols, limit + 1)))
+          if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.colb.data(), vmax,
+                              P.scale, theta_low, w.l[i], std::min<int64_t>(cols, limit + 1)))
             bad[sb] |= kScoreRecompute;
         }
       }
