@@ -82,6 +82,7 @@ ROWMAX_INVARIANT = tl.constexpr(1 << 4)
 ROWSUM_INVARIANT = tl.constexpr(1 << 5)
 OUTPUT_CHECK = tl.constexpr(1 << 6)
 PROBS_RANGE = tl.constexpr(1 << 7)
+SCORE_RECOMPUTE = tl.constexpr(1 << 8)
 CHECK_MASK = tl.constexpr(0x1FF)
 NONFINITE_INPUT = tl.constexpr(1 << 24)
 CORRECTED = tl.constexpr(1 << 25)
@@ -107,6 +108,12 @@ KAPPA = tl.constexpr(8.0)
 # operations. Without one, subnormal keys or values (k * 1e-39, v * 1e-40) failed the
 # checks on clean input.
 UNDERFLOW = tl.constexpr(2.350988701644575e-38)  # 2^-125
+# Score verification (as csrc/attention_cpu.cpp, scores_mismatch): a key whose score a
+# fault could move by more than the column check sees, harmfully (p / l >= theta_j, with
+# theta_j from the key's column bound and max |v_j|), has its score recomputed; the tile's
+# scores are recomputed with an IEEE fp32 dot only when one of its keys qualifies (0-1 a
+# row on normal data). TAU_VERIFY: a quarter of the smallest harm threshold (2^-10).
+TAU_VERIFY = tl.constexpr(2.44140625e-04)  # 2^-12
 
 
 # ---------------------------------------------------------------------------
@@ -199,6 +206,8 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
     # the tile (row) or the 64-row report block (column), and the reference dot products.
     row_tol = tl.sqrt(tl.full([], 2.0 * (HEAD_DIM + BLOCK_N), tl.float32)) * (KAPPA * U32)
     col_tol = tl.sqrt(tl.full([], 2.0 * (HEAD_DIM + BLOCK_REPORT), tl.float32)) * (KAPPA * U32)
+    # two fp32 computations of one score, each within KAPPA sqrt(D) u (||q o k||_2 + |S|)
+    verify_tol = tl.sqrt(tl.full([], 1.0 * HEAD_DIM, tl.float32)) * (2.0 * KAPPA * U32)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -238,6 +247,10 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                 col_mag1 = tl.sum(kfabs * qabs1[None, :], 1)
                 col_fail1 = tl.max((~(tl.abs(col_sum1 - col_ref1) <= col_tol * col_mag1 + col_abs)).to(tl.int32), 0)
                 bad = bad | tl.where((rep == 1) & (col_fail1 != 0), COL_CHECKSUM, 0)
+            # each row's column bound per key: the one of its report block
+            colb = (col_tol * col_mag0 + col_abs)[None, :]
+            if NUM_REPORT == 2:
+                colb = tl.where((rep == 0)[:, None], colb, (col_tol * col_mag1 + col_abs)[None, :])
         # -- online softmax in log2 units: m, p = 2^(s - m), alpha = 2^(m_old - m) ----
         s2 = qk * qk_scale
         if MASKED:
@@ -273,6 +286,22 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
             bad = bad | tl.where(bad_m, ROWMAX_INVARIANT, 0)
             bad_p = ~((p >= 0.0) & (p <= 1.0)) | (dead[:, None] & (p != 0.0))
             bad = bad | tl.where(tl.max(bad_p.to(tl.int32), 1) != 0, PROBS_RANGE, 0)
+            # -- score verification: e^x - 1 <= x (1 + x) for x <= 1/2, else <= e^x ----
+            xg = 2.0 * colb * tl.abs(sm_scale)
+            grow = tl.where(xg <= 0.5, xg * (1.0 + xg), tl.exp(xg))
+            v_max = tl.max(tl.abs(v.to(tl.float32)), 1)
+            theta = TAU_VERIFY / ((v_max[None, :] + 1.0) * grow)
+            verify = (p >= theta * l_new[:, None]) & ~dead[:, None]
+            if MASKED:
+                verify = verify & visible
+            if tl.max(verify.to(tl.int32)) != 0:
+                s_chk = tl.dot(qf, tl.trans(kf), input_precision="ieee")
+                # ||q_i o k_j||_2 <= max_d |q_id| ||k_j||_2
+                k_norm = tl.sqrt(tl.sum(kf * kf, 1))
+                q_max = tl.max(qabs, 1)
+                noise = verify_tol * (q_max[:, None] * k_norm[None, :] + tl.abs(s_chk)) + UNDERFLOW * (HEAD_DIM + 1)
+                bad_s = verify & ~(tl.abs(qk - s_chk) <= noise)
+                bad = bad | tl.where(tl.max(bad_s.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)
             if PROTECTION >= 2:
                 # -- redundant softmax: natural units, polynomial exp on the FMA pipes ----
                 # of the same argument s2 - m (rounded once for both): ~2 ulp per

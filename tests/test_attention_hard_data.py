@@ -110,7 +110,16 @@ def test_huge_logits_probability_fault_is_caught(backend, N, M, D, causal, scale
 # ---------------------------------------------------------------------------
 # faults an adversary picks: the most probable keys, mid-mantissa bits, LLM-like data
 
-VERIFYING = ["cpp", "reference"]  # the backends with the score verification (Triton: not yet)
+VERIFYING = ["cpp", "reference", "triton"]
+# (backend, dtype, D, amp): the whole grid on the CPU backends, a corner of it under the
+# Triton interpreter (about 0.2 s a call)
+FAMILIES = [(b, dt, D, amp) for b in ("cpp", "reference") for dt in (torch.float32, torch.bfloat16)
+            for D in (64, 128, 256) for amp in (5, 20, 50, 150)]
+FAMILIES += [("triton", torch.float32, 64, 20)]
+# Triton recomputes a score in fp32, not fp64: two roundings against one, so its bound is
+# twice the C++ one and a flip within 2 tau can pass (bit 15 of the outlier reproducer's
+# top score: 1.4 tau)
+MISS_ALLOWED = {"cpp": 1.0, "reference": 1.0, "triton": 2.0}
 
 
 def _reproducer_outliers(dtype):
@@ -161,21 +170,22 @@ def _faults_on_top_keys(q, k, v, row, causal, backend, bits, keys=3, head=0):
 def test_reproducer_faults_on_the_top_score_are_caught(backend, dtype, make):
     q, k, v, row = make(dtype)
     results = _faults_on_top_keys(q, k, v, row, False, backend, range(10, 23), keys=1)
-    missed = [(bit, round(h, 1)) for _, bit, h, det in results if h > 1 and not det]
+    missed = [(bit, round(h, 1)) for _, bit, h, det in results if h > MISS_ALLOWED[backend] and not det]
     assert not missed, f"harmful flips of the top score missed (bit, harm/tau): {missed}"
     assert any(h > 10 for *_, h, _ in results)  # bit 21 moves the output by > 10 tau (> 100 in fp32)
 
 
-@pytest.mark.parametrize("backend", VERIFYING)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("amp", [5, 20, 50, 150])
+@pytest.mark.parametrize("backend,dtype,D,amp", FAMILIES, ids=str)
 def test_outlier_channel_families(backend, dtype, D, amp):
     """1, 2 or 4 channels amp x larger in q and k (with and without cancelling signs), GQA
     4:1, causal and not: no harmful flip of a top-3 key's score (bits 10..22) is missed and
     no clean call alarms."""
     missed = []
-    for seed, (count, cancel, causal) in enumerate([(1, False, False), (2, True, True), (4, False, True)]):
+    configs = [(1, False, False), (2, True, True), (4, False, True)]
+    heads, bits = (0, 3), range(10, 23, 2)
+    if backend == "triton":  # the interpreter: one configuration, a few bits
+        configs, heads, bits = configs[1:2], (3,), (13, 17, 21)
+    for seed, (count, cancel, causal) in enumerate(configs):
         g = torch.Generator().manual_seed(1000 * D + amp + seed)
         q = torch.randn(1, 4, 16, D, generator=g)
         k = torch.randn(1, 1, 200, D, generator=g)
@@ -189,10 +199,9 @@ def test_outlier_channel_families(backend, dtype, D, amp):
             k[..., channels[1]] = -k[..., channels[0]].abs() * sign
             k[..., channels[0]] = k[..., channels[0]].abs() * sign
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        for head in (0, 3):
+        for head in heads:
             row = int(torch.randint(0, 16, (1,), generator=g))
-            for col, bit, harm, det in _faults_on_top_keys(q, k, v, row, causal, backend, range(10, 23, 2),
-                                                          head=head):
-                if harm > 1 and not det:
+            for col, bit, harm, det in _faults_on_top_keys(q, k, v, row, causal, backend, bits, head=head):
+                if harm > MISS_ALLOWED[backend] and not det:
                     missed.append((count, cancel, causal, head, row, col, bit, round(harm, 1)))
     assert not missed, f"harmful flips missed: {missed}"
