@@ -12,18 +12,21 @@
 // Checks (FAULT_MODEL.md), all on fp32 values the kernel actually uses, compared
 // against an independent formulation (sums in fp32 partials of at most 32 terms
 // flushed to fp64), with thresholds that scale with the data:
-//   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j (fp64 reference),
-//     column sums per 64-row block vs (sum_i q_i) . k_j, which the QK^T GEMM makes
-//     from extra query rows (its own error bound added); bound
-//     kappa * u * sqrt(D) * sum |q||k|.
+//   ABFT on S = Q K^T, per tile: row sums vs q_i . sum_j k_j (fp64 reference; bound
+//     kappa * u * sqrt(D) * sum |q||k|), column sums per 64-row block vs
+//     (sum_i q_i) . k_j, which the QK^T GEMM makes from extra query rows (a bound per
+//     key from the rows' per-dim sums of squares and sum_i |S_ij|: ColumnBound).
+//   Score verification: the keys probable enough for a fault within the column bound
+//     to matter get q_i . k_j recomputed in fp64 (scores_mismatch).
 //   ABFT on P V, per group of 64 head dims: c_ig <- alpha_i c_ig + sum_j p_ij vsum_jg
 //     (same alpha, same p as the accumulator), compared with sum_{d in g} acc_id
 //     before the division. Per group, so that the bound, which grows with the
 //     dims summed, stays below the harm one accumulator element can do at D = 256.
 //   Invariants: m == max(m_old, rowmax) exactly, 0 <= p <= 1, max_j p == 1 or
 //     alpha == 1; l vs an independent accumulation of the same p, 1 <= l <= #keys.
-//   Redundant softmax ("full"): exp2 formulation with its own polynomial,
-//     compared with the exp path within the error bound of both.
+//   Redundant softmax ("full"): exp2 formulation with its own polynomial, of the
+//     same rounded argument, compared with the exp path within the error bound of both.
+//   Every bound has an absolute term for underflow (ETA).
 //   Final normalisation: sum_d O_id vs (sum_d acc_id) / l.
 // Flags are per 64-row block (REPORT_BLOCK_M). A failed check makes the kernel
 // recompute the query tile (transient faults do not repeat); NaN/Inf in the
