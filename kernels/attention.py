@@ -16,6 +16,8 @@ the semantic reference for every check and injection point):
   PROTECTION >= 1 ("abft"), per KV tile:
     row checksum     sum_j S_ij  vs q_i . sum_j k_j          (kappa u sqrt(depth) |q_i| . sum_j |k_j|)
     column checksum  sum_i S_ij  vs (sum_i q_i) . k_j, per 64-row report block
+    score check      where p_ij / l_i >= theta_j (a fault within the column bound could
+                     matter), S_ij vs an IEEE fp32 recomputation of the tile (TAU_VERIFY)
     PV checksum      per group g of 64 head dims, c_ig <- alpha_i c_ig + sum_j p_ij vsum_jg
                      with the same alpha and the same rounded p as the accumulator, vs
                      sum_{d in g} acc_id at the end
