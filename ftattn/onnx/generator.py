@@ -232,6 +232,12 @@ class Generator:
             raise ValueError(f"{spec.tokenizer_path}: the tokenizers library cannot read it ({exc}); save the "
                              f"model's fast tokenizer there again (AutoTokenizer.from_pretrained(hf_dir)"
                              f".save_pretrained(folder))") from exc
+        # A saved tokenizer.json may carry the padding and truncation of its last batch
+        # encode (e.g. padding Fixed(128), truncation 128): applied here they would feed
+        # [PAD] tokens as input and cut long prompts silently. transformers switches both
+        # off when it loads a tokenizer; so do we (a prompt past the context is an error).
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         return cls(session, spec, tokenizer, shared_buffer=shared_buffer, direct_binding=direct_binding)
 
     # -- prompts ------------------------------------------------------------------

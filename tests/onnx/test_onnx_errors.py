@@ -55,6 +55,29 @@ def test_model_without_kv_inputs(exported, tmp_path):
         Generator.from_pretrained(folder)
 
 
+def test_saved_padding_and_truncation_are_not_applied(exported, tmp_path, generator):
+    """A tokenizer.json saved with fixed padding and a truncation (what a batch encode
+    leaves in it) turned the prompt "a" into 128 tokens of [PAD] and cut long prompts."""
+    import json
+
+    folder = copy_folder(exported, tmp_path / "padded_tokenizer")
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path) as fh:
+        tok = json.load(fh)
+    tok["padding"] = {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                      "pad_type_id": 0, "pad_token": "[PAD]"}
+    tok["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0}
+    with open(path, "w") as fh:
+        json.dump(tok, fh)
+    loaded = Generator.from_pretrained(folder)
+    long_prompt = " ".join(["hello world how are you"] * 20)
+    for prompt in ("a", PROMPT, long_prompt):
+        assert loaded.encode(prompt) == generator.encode(prompt)
+    assert len(loaded.encode("a")) < 8 and len(loaded.encode(long_prompt)) > 16
+    out = loaded.generate("a", 3, eos_token_id=[])[0]
+    assert out.token_ids == generator.generate("a", 3, eos_token_id=[])[0].token_ids
+
+
 def test_prompt_longer_than_context(generator):
     context = generator.spec.context_length
     with pytest.raises(ValueError, match=f"context length {context}"):
