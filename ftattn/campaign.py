@@ -415,15 +415,15 @@ def add_arguments(p) -> None:
     p.add_argument("--protection", default="full", help="off, abft, full, or 'all' (default: full)")
     p.add_argument("--faults", type=int, default=None,
                    help="faults per dtype and protection (default 700; 2000 with --demo)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="B, batch size (default 1)")
+    p.add_argument("--heads", type=int, default=4, help="query heads (default 4)")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads, dividing --heads (default 2)")
     p.add_argument("--seq", type=int, default=97, help="N, query length")
     p.add_argument("--kv-seq", type=int, default=131, help="M, key length")
-    p.add_argument("--head-dim", type=int, default=59)
+    p.add_argument("--head-dim", type=int, default=59, help="D, 1..256 (default 59)")
     p.add_argument("--no-causal", action="store_true", help="non-causal attention (default causal)")
     p.add_argument("--long-kv", type=int, default=1024, help="M of the long clean runs (>= 1024 on CPU, 8192 on GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of the faults (default 0)")
     p.add_argument("--json", default=None, help="write the figures as JSON to this path")
     p.add_argument("--demo", action="store_true",
                    help="the `make demo` run: all dtypes, protection abft and full, then a timing comparison")
@@ -433,8 +433,28 @@ def add_arguments(p) -> None:
                         "most probable keys, mid-mantissa bits 10..22")
 
 
+def _check_arguments(args, device: str) -> None:
+    """One clear line (SystemExit) for what the campaign cannot run, before any work."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device here (torch {torch.__version__}, CUDA build: "
+                         f"{torch.version.cuda or 'no'}); use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise SystemExit(f"--device {device!r} is not supported; use cpu or cuda")
+    for name in ("batch", "heads", "kv_heads", "seq", "kv_seq", "long_kv"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not 1 <= args.head_dim <= 256:
+        raise SystemExit(f"--head-dim {args.head_dim}: the kernels support head dims 1..256")
+    if args.heads % args.kv_heads:
+        raise SystemExit(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (grouped-query "
+                         f"attention); e.g. --heads {args.kv_heads * max(1, args.heads // args.kv_heads)}")
+    if args.faults is not None and args.faults < 0:
+        raise SystemExit(f"--faults {args.faults}: must be 0 or more")
+
+
 def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_arguments(args, device)
     backend = args.backend
     if backend == "auto":
         backend = "triton" if device.startswith("cuda") else "cpp"

@@ -106,3 +106,20 @@ def test_targeted_campaign_reference_backend():
                        targeted=True)
     assert res.failures() == [], campaign.format_table(res)
     assert res.sites["scores"].harmful > 0 and res.false_alarms == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq", "0"], "--seq 0: must be at least 1"),
+    (["--kv-seq", "-2"], "--kv-seq -2: must be at least 1"),
+    (["--head-dim", "300"], "head dims 1..256"),
+    (["--heads", "3", "--kv-heads", "2"], "not a multiple of --kv-heads 2"),
+    (["--faults", "-1"], "--faults -1"),
+    (["--device", "tpu"], "'tpu' is not supported"),
+] + ([] if __import__("torch").cuda.is_available() else [(["--device", "cuda"], "no CUDA device here")]))
+def test_campaign_cli_bad_arguments_give_one_line(argv, message):
+    """They gave tracebacks (empty randrange, an assertion in torch.cuda, a kernel's error
+    after the clean runs had started)."""
+    from ftattn.__main__ import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["campaign", "--no-progress", *argv])
