@@ -15,9 +15,12 @@ class MXConfig:
     """MX quantization of a Linear / Conv2d / matmul, forward and backward.
 
     weight, activation: element format of the weights and of the activations
-        (and of the gradients), one of ftattn.mx.FORMATS, or None to leave that
-        operand unquantized; at least one must be set.
-    block_size: values per shared E8M0 scale (OCP MX: 32).
+        (and of the gradients), one of ftattn.mx.FORMATS (case-insensitive; the OCP
+        names "mxfp8_e4m3", "mxfp4", "mxint8", ... and "fp4" are aliases), or None to
+        leave that operand unquantized; at least one must be set.
+    block_size: values per shared E8M0 scale. The OCP MX formats fix 32; any size >= 1
+        is accepted, as in microxcaling (the last block of an axis may be shorter), for
+        studies of the block size.
     rounding: "nearest" (half away from zero, microxcaling's default), "even" or "floor".
     bfloat: element-wise bfloatN rounding of inputs, weights, outputs and
         gradients around the MX products (microxcaling's ``bfloat``; 16 is

@@ -31,8 +31,11 @@ def quantize_(model: torch.nn.Module, config: MXConfig,
               filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None) -> torch.nn.Module:
     """Replace, in place, every ``torch.nn.Linear`` and ``torch.nn.Conv2d`` of ``model`` for
     which ``filter_fn(module, fully_qualified_name)`` is true (all when None) by its MX
-    version; returns ``model``. Modules already swapped, subclasses of Linear/Conv2d and
-    Conv2d with non-zero padding modes or string padding are left alone.
+    version; returns ``model``. Subclasses of Linear/Conv2d and Conv2d with non-zero
+    padding modes or string padding are left alone, and so are modules already swapped:
+    they keep the config they were swapped with. A second call therefore quantizes only
+    what the first left (mixed formats: a first call with a ``filter_fn`` for some layers,
+    a second for the rest); to change a swapped module's format, ``restore_`` first.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize_ expects a torch.nn.Module, got {type(model).__name__}")

@@ -212,3 +212,37 @@ def test_meta_tensors_give_empty_results_of_the_shape():
     assert y.is_meta and y.shape == (3, 5, 7)
     y = MXLinear(64, 7, config=config, device="meta")(x)
     assert y.is_meta and y.shape == (3, 5, 7)
+
+
+def test_a_second_quantize_keeps_swapped_modules_and_swaps_the_rest():
+    """Documented meaning of quantizing twice: mixed formats, one call per group of layers."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    quantize_(model, MXConfig(weight="fp8_e4m3"), filter_fn=lambda module, fqn: fqn == "0")
+    assert type(model[2]) is torch.nn.Linear
+    quantize_(model, MXConfig(weight="fp4_e2m1"))
+    assert model[0].config.weight == "fp8_e4m3" and model[2].config.weight == "fp4_e2m1"
+    restore_(model)
+    quantize_(model, MXConfig(weight="int8"))
+    assert model[0].config.weight == "int8" and model[2].config.weight == "int8"
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 30, 33])
+def test_any_block_size_is_microxcaling_s_meaning(block_size):
+    """Block sizes other than the OCP 32 are accepted on purpose (as microxcaling): the
+    last block of an axis is shorter; the fast path equals the reference."""
+    x = torch.randn(5, 70)
+    config = MXConfig(weight="fp8_e4m3", block_size=block_size)
+    assert config.block_size == block_size
+    assert torch.equal(mx.quantize(x, "fp8_e4m3", block_size=block_size),
+                       mx.quantize_reference(x, "fp8_e4m3", block_size=block_size))
+    # each block has its own scale: the block holding only large values loses nothing to the others
+    y = torch.zeros(1, block_size * 2)
+    y[0, :block_size] = 1e-3
+    y[0, block_size:] = 1e3
+    q = mx.quantize(y, "fp8_e4m3", block_size=block_size)
+    assert torch.allclose(q[0, :block_size], y[0, :block_size], rtol=0.07)
+
+
+def test_format_aliases():
+    for alias, name in (("fp4", "fp4_e2m1"), ("mxfp4", "fp4_e2m1"), ("MXFP8_E4M3", "fp8_e4m3"), ("mxint8", "int8")):
+        assert MXConfig(weight=alias).weight == name
