@@ -237,7 +237,10 @@ def unconfigure(model: torch.nn.Module) -> None:
 
 
 def counters(model: Optional[torch.nn.Module] = None) -> Counters:
-    """The counters of a configured model (None: of the unconfigured ftattn models)."""
+    """The counters of a configured model; zeros for a model never configured (its calls
+    count into ``counters()``, the totals of every unconfigured ftattn model)."""
+    if model is not None and getattr(model, _STATE_ATTR, None) is None:
+        return Counters(injected=0, **{name: 0 for name in _TOTALS})
     state = _DEFAULT_STATE if model is None else _state_of(model)
     values = dict(zip(_TOTALS, state.totals.tolist()))
     return Counters(injected=len(state.injected), **values)

@@ -157,8 +157,13 @@ def test_policy_validation():
         ft_hf.configure(model, protection="most")
     with pytest.raises(ValueError, match="on_fault='ignore'"):
         ft_hf.configure(model, on_fault="ignore")
+    # a model that ran through ftattn without configure: zero counters (it raised)
+    fresh = tiny_llama("ftattn", seed=1)
+    with torch.no_grad():
+        fresh(input_ids=torch.tensor([[3, 4, 5]]))
+    assert ft_hf.counters(fresh) == ft_hf.Counters(0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="configure"):
-        ft_hf.counters(tiny_llama("ftattn", seed=1))
+        ft_hf.inject(fresh, [])
     ft_hf.configure(model)
     with pytest.raises(ValueError, match="one fault per call"):
         ft_hf.inject(model, [ft_hf.ScheduledFault(1, 0, "acc", bit=30), ft_hf.ScheduledFault(1, 0, "probs", bit=30)])
