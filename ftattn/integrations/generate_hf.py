@@ -84,6 +84,9 @@ def _load(args):
     from . import transformers as ft_hf
 
     ft_hf.register()
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ValueError(f"--model {args.model!r} is not a folder with a config.json; give the local folder of a "
+                         f"Hugging Face causal LM (model.save_pretrained(folder)): nothing is downloaded")
     model = AutoModelForCausalLM.from_pretrained(
         args.model, attn_implementation=ft_hf.IMPLEMENTATION, dtype=_DTYPES[args.dtype]
     ).eval()

@@ -501,14 +501,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of the configurations (default: all, in the seed's order)")
     parser.add_argument("--sqnr-formats", type=_formats, default=list(SQNR_FORMATS),
                         help=f"formats of the weight SQNR table (default: {','.join(SQNR_FORMATS)}; '' for none)")
-    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=32, help="values per shared scale (default 32, OCP MX)")
     parser.add_argument("--rounding", default="nearest", choices=["nearest", "even", "floor"])
     parser.add_argument("--bfloat", type=int, default=16, help="bfloatN around the MX products (0: off)")
     parser.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"])
     parser.add_argument("--hidden", default="512,256,128,64", help="hidden sizes of the classifier MLP")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs of the classifier (default 30)")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the classifier (default 0.05)")
+    parser.add_argument("--batch-size", type=int, default=64, help="classifier training batch (default 64)")
     parser.add_argument("--max-samples", type=int, default=None, help="cap on train/test samples, images or texts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "ftattn", "mx-eval"))
@@ -522,6 +522,10 @@ def main(args) -> int:
         args.workloads = ["classifier", "minilm"] + (["hf"] if args.model else [])
     if args.block_size < 1:
         print(f"mx-eval: --block-size {args.block_size} must be >= 1", file=sys.stderr)
+        return 2
+    if args.minilm_path is not None and not os.path.isfile(os.path.join(args.minilm_path, "config.json")):
+        print(f"mx-eval: --minilm-path {args.minilm_path!r} is not a folder with a config.json; give a local "
+              f"all-MiniLM-L6-v2 folder, or leave it out for the registry package's copy", file=sys.stderr)
         return 2
     try:
         results = run(args)

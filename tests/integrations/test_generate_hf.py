@@ -48,3 +48,11 @@ def test_generate_hf_rejects_bad_arguments(model_dir, capsys, argv, message):
     rc = main(["generate-hf", "--model", model_dir, "--prompt-ids", "5,6,7"] + argv)
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_hf_model_that_is_not_a_folder(tmp_path, capsys):
+    """It gave transformers' traceback about hub repo ids."""
+    for model in ("nope", str(tmp_path)):
+        rc = main(["generate-hf", "--model", model, "--prompt-ids", "5,6,7"])
+        assert rc == 2
+        assert "is not a folder with a config.json" in capsys.readouterr().err

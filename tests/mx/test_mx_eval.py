@@ -138,3 +138,13 @@ def test_cli_errors(tmp_path, capsys):
         parser.parse_args(["--sqnr-formats", "fp3"])
     assert mx_eval.main(_args(tmp_path, "--workloads", "hf")) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_minilm_path_that_is_not_a_model_folder(tmp_path, capsys):
+    """It gave an OSError about hub repo ids."""
+    from ftattn.__main__ import main
+
+    for path in ("/nope", str(tmp_path)):
+        rc = main(["mx-eval", "--workloads", "minilm", "--minilm-path", path])
+        assert rc == 2
+        assert "is not a folder with a config.json" in capsys.readouterr().err
