@@ -1,4 +1,4 @@
-"""The fault model of ../shared/FAULT_MODEL.md as code: injection sites, check
+"""The fault model of docs/fault_model.md as code: injection sites, check
 flags, the `Fault` a caller injects, the `Report` a call returns and the error it
 raises.
 
@@ -38,7 +38,7 @@ REPORT_BLOCK_M = 64
 
 
 class Site(enum.IntEnum):
-    """Where a fault hits (FAULT_MODEL.md, "Injection sites"). Values are the op's encoding."""
+    """Where a fault hits (docs/fault_model.md, "Injection sites"). Values are the op's encoding."""
 
     SCORES = 0  # S[row, col] = q_row . k_col, after the QK^T product of the KV block holding col
     PROBS = 1  # P~[row, col] = exp(scaled S - running max), before PV and the row sum
@@ -58,7 +58,7 @@ class Site(enum.IntEnum):
                 pass
         raise ValueError(
             f"unknown fault site {value!r}; supported sites: "
-            f"{', '.join(s.name.lower() for s in cls)} (see FAULT_MODEL.md)"
+            f"{', '.join(s.name.lower() for s in cls)} (see docs/fault_model.md)"
         )
 
 

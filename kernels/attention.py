@@ -9,7 +9,7 @@ tiles in fp32, exp2 with log2(e) folded into the scale, the causal range split i
 an unmasked off-band loop and a masked diagonal / boundary loop. Extra memory is
 O(B * H * N): the flags, never an N x M score matrix.
 
-Fault tolerance (../shared/FAULT_MODEL.md, in the spirit of EFTA, arXiv
+Fault tolerance (docs/fault_model.md, in the spirit of EFTA, arXiv
 2504.02211), all on fp32 values the kernel actually uses, before any down-cast,
 with thresholds that scale with the data like the C++ kernel (csrc/attention_cpu.cpp,
 the semantic reference for every check and injection point):
