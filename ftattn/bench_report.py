@@ -76,8 +76,14 @@ def _load_file(path: str) -> Run:
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-        raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' list); "
-                         f"write one with pytest --benchmark-json={path}")
+        own = ""
+        if isinstance(data, dict) and ("measured" in data or "formula" in data):
+            own = (" It is one of the benchmarks' own result files (benchmarks/test_bench_mx.py writes "
+                   "mx_*.json, benchmarks/test_bench_generate.py generate_cpu.json): read it as it is; its "
+                   "figures are in ftattn/mx/README.md and ftattn/onnx/README.md.")
+        raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' list); bench-report reads "
+                         f"the files of pytest --benchmark-json (make bench-cpu writes "
+                         f"benchmarks/results/attention_cpu.json).{own}")
     rows, others = [], []
     for bench in data["benchmarks"]:
         info, stats = bench.get("extra_info") or {}, bench.get("stats") or {}

@@ -108,7 +108,8 @@ def test_bad_input(tmp_path, capsys):
     not_bench = tmp_path / "mx_cpu.json"
     not_bench.write_text(json.dumps({"env": {}, "measured": {}}))
     assert cli(["bench-report", str(not_bench), "--out", str(tmp_path)]) == 2
-    assert "not a pytest-benchmark JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a pytest-benchmark JSON" in err and "attention_cpu.json" in err and "ftattn/mx/README.md" in err
     no_attention = tmp_path / "other.json"
     no_attention.write_text(json.dumps({"benchmarks": [{"name": "t", "extra_info": {}, "stats": {"median": 1.0}}]}))
     assert cli(["bench-report", str(no_attention), "--out", str(tmp_path)]) == 2
