@@ -754,54 +754,35 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
 // ---------------------------------------------------------------------------
 // GEMMs on row-major fp32 blocks.
 
-// C[m x n] = A[m x k] * B[n x k]^T (S = Q K^T). BLAS sgemm_ where torch exports it,
-// else at::mm. k_slice > 0 sums the product over slices of k_slice columns, one
-// GEMM each (beta = 1 after the first): see STACK_D_SLICE.
-static void gemm_nt(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
-                    float* C, int64_t ldc, int64_t k_slice = 0) {
+// C[m x n] (+)= A[m x k] * B, with B [n x k] (transposed, S = Q K^T) or [k x n]
+// (acc += P V) in row-major fp32 blocks. BLAS sgemm_ where torch exports it, else
+// at::mm. k_slice > 0 sums the product over slices of k_slice of the inner dimension,
+// one GEMM each with beta = 1 after the first: see STACK_D_SLICE.
+static void gemm(bool b_transposed, bool accumulate, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float* C, int64_t ldc, int64_t k_slice) {
   if (m == 0 || n == 0) return;
-  const int64_t step = k_slice > 0 ? k_slice : k;
-  for (int64_t k0 = 0; k0 < k; k0 += step) {
-    const int64_t kk = std::min(step, k - k0);
-    if (sgemm_ != nullptr) {
-      // column-major view: C^T (n x m) = B (n x k) * A^T
-      const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(kk);
-      const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-      const float one = 1, beta = k0 == 0 ? 0.f : 1.f;
-      sgemm_("T", "N", &mi, &ni, &ki, &one, B + k0, &la, A + k0, &lb, &beta, C, &lc);
-      continue;
-    }
-    auto opts = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor a = at::from_blob(const_cast<float*>(A + k0), {m, kk}, {lda, 1}, opts);
-    at::Tensor b = at::from_blob(const_cast<float*>(B + k0), {n, kk}, {ldb, 1}, opts);
-    at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-    if (k0 == 0)
-      at::mm_out(c, a, b.t());
-    else
-      c.addmm_(a, b.t());
-  }
-}
-
-// C[m x n] += A[m x k] * B[k x n]   (acc += P V); k_slice as in gemm_nt (every slice
-// a GEMM with beta = 1).
-static void gemm_nn_acc(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
-                        int64_t ldb, float* C, int64_t ldc, int64_t k_slice = 0) {
   const int64_t step = k_slice > 0 ? k_slice : std::max<int64_t>(k, 1);
   for (int64_t k0 = 0; k0 < k; k0 += step) {
     const int64_t kk = std::min(step, k - k0);
+    const float* Bk = b_transposed ? B + k0 : B + k0 * ldb;
+    const bool add = accumulate || k0 > 0;
     if (sgemm_ != nullptr) {
-      // column-major view: C^T (n x m) += B^T (n x k) * A^T (k x m)
+      // column-major view: C^T (n x m) (+)= B' (n x k) * A^T (k x m)
       const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(kk);
       const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-      const float one = 1.f;
-      sgemm_("N", "N", &mi, &ni, &ki, &one, B + k0 * ldb, &la, A + k0, &lb, &one, C, &lc);
+      const float one = 1.f, beta = add ? 1.f : 0.f;
+      sgemm_(b_transposed ? "T" : "N", "N", &mi, &ni, &ki, &one, Bk, &la, A + k0, &lb, &beta, C, &lc);
       continue;
     }
     auto opts = at::TensorOptions().dtype(at::kFloat);
     at::Tensor a = at::from_blob(const_cast<float*>(A + k0), {m, kk}, {lda, 1}, opts);
-    at::Tensor b = at::from_blob(const_cast<float*>(B + k0 * ldb), {kk, n}, {ldb, 1}, opts);
+    at::Tensor b = b_transposed ? at::from_blob(const_cast<float*>(Bk), {n, kk}, {ldb, 1}, opts).t()
+                                : at::from_blob(const_cast<float*>(Bk), {kk, n}, {ldb, 1}, opts);
     at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-    c.addmm_(a, b);
+    if (add)
+      c.addmm_(a, b);
+    else
+      at::mm_out(c, a, b);
   }
 }
 
@@ -869,13 +850,12 @@ struct Scratch {
   // fp64 bookkeeping of the checks (protection >= abft)
   std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
   std::vector<double> q2, q2max, qs2max;  // per sub-block: sum_i q_id^2 per dim, its max, max_d (sum_i q_id)^2
-  std::vector<float> cs32, ca32, pmax;
+  std::vector<float> cs32, ca32, pmax;  // pmax: each row's largest p of the tile
   // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
   // per-group sums of v_j and |v_j| at group stride BLOCK_N
   std::vector<double> tile_ks, tile_ka, tile_knorm;
   std::vector<float> tile_vsum, tile_vabs, tile_vmax;
-  // per key of the tile: the column check's bound and the probability from which the
-  // key's score is recomputed (score verification)
+  // per key of the tile: the column check's bound (score verification reads it too)
   std::vector<double> colb;
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
@@ -892,7 +872,7 @@ struct Scratch {
     ca.resize(BLOCK_N);
     cs32.resize(BLOCK_N);
     ca32.resize(BLOCK_N);
-    pmax.resize(BLOCK_M + NSUB_MAX);
+    pmax.resize(BLOCK_M);
     q2.resize(NSUB_MAX * D);
     q2max.resize(NSUB_MAX);
     qs2max.resize(NSUB_MAX);
@@ -1030,7 +1010,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       gs = BLOCK_N;
     }
     // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
-    gemm_nt(rows + nsub, cols, D, Qx, D, K + n0 * D, D, S, BLOCK_N, blk.hs > 1 ? STACK_D_SLICE : 0);
+    gemm(true, false, rows + nsub, cols, D, Qx, D, K + n0 * D, D, S, BLOCK_N, blk.hs > 1 ? STACK_D_SLICE : 0);
     if (in_tile && f.site == kScores) {
       float& x = S[fi * BLOCK_N + (f.col - n0)];
       x = corrupt(x, f.bit, f.value);
@@ -1041,10 +1021,6 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     // ABFT sums; the online softmax with its checks; the normaliser ----
     for (int64_t sb = 0; sb < nsub; ++sb) {
       const int64_t i0 = sb * sub_rows, i1 = std::min<int64_t>(rows, i0 + sub_rows);
-      // the column check's bound per key (underflow: D + 1 operations per S_ij, i1 - i0 + 1
-      // values of S per column, and sum_i q_i rounded to fp32: 2^-150 per dim, times
-      // |k_jd| <= ||k_j||), and from it the probability above which a key's score is
-      // recomputed (score_threshold)
       if (abft) {
         std::fill(w.cs.begin(), w.cs.begin() + cols, 0.0);
         std::fill(w.ca.begin(), w.ca.begin() + cols, 0.0);
@@ -1133,7 +1109,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       }
     }
     // ---- acc += P V in fp32 ----
-    gemm_nn_acc(rows, D, cols, Pm, BLOCK_N, V + n0 * D, D, w.acc.data(), D, blk.hs > 1 ? STACK_KEY_SLICE : 0);
+    gemm(false, true, rows, D, cols, Pm, BLOCK_N, V + n0 * D, D, w.acc.data(), D, blk.hs > 1 ? STACK_KEY_SLICE : 0);
     if (in_tile && f.site == kAcc) {
       float& x = w.acc[fi * D + f.dim];
       x = corrupt(x, f.bit, f.value);

@@ -154,6 +154,15 @@ def _corrupt(x, f_xor, f_use_value, f_value):
 
 
 @triton.jit
+def _verify_threshold(colb, v_max, sm_scale):
+    """theta_j of the score verification from a key's column bound and max |v_j|
+    (e^x - 1 <= x (1 + x) for x <= 1/2, else <= e^x: a smaller theta, never a larger)."""
+    x = 2.0 * colb * tl.abs(sm_scale)
+    grow = tl.where(x <= 0.5, x * (1.0 + x), tl.exp(x))
+    return TAU_VERIFY / ((v_max + 1.0) * grow)
+
+
+@triton.jit
 def _bit_or(a, b):
     return a | b
 
@@ -249,10 +258,9 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                 col_mag1 = tl.sum(kfabs * qabs1[None, :], 1)
                 col_fail1 = tl.max((~(tl.abs(col_sum1 - col_ref1) <= col_tol * col_mag1 + col_abs)).to(tl.int32), 0)
                 bad = bad | tl.where((rep == 1) & (col_fail1 != 0), COL_CHECKSUM, 0)
-            # each row's column bound per key: the one of its report block
-            colb = (col_tol * col_mag0 + col_abs)[None, :]
+            colb0 = col_tol * col_mag0 + col_abs  # the column bound per key, each report block
             if NUM_REPORT == 2:
-                colb = tl.where((rep == 0)[:, None], colb, (col_tol * col_mag1 + col_abs)[None, :])
+                colb1 = col_tol * col_mag1 + col_abs
         # -- online softmax in log2 units: m, p = 2^(s - m), alpha = 2^(m_old - m) ----
         s2 = qk * qk_scale
         if MASKED:
@@ -288,11 +296,13 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
             bad = bad | tl.where(bad_m, ROWMAX_INVARIANT, 0)
             bad_p = ~((p >= 0.0) & (p <= 1.0)) | (dead[:, None] & (p != 0.0))
             bad = bad | tl.where(tl.max(bad_p.to(tl.int32), 1) != 0, PROBS_RANGE, 0)
-            # -- score verification: e^x - 1 <= x (1 + x) for x <= 1/2, else <= e^x ----
-            xg = 2.0 * colb * tl.abs(sm_scale)
-            grow = tl.where(xg <= 0.5, xg * (1.0 + xg), tl.exp(xg))
+            # -- score verification: theta per key (per report block), then per row ----
             v_max = tl.max(tl.abs(v.to(tl.float32)), 1)
-            theta = TAU_VERIFY / ((v_max[None, :] + 1.0) * grow)
+            theta0 = _verify_threshold(colb0, v_max, sm_scale)
+            theta = theta0[None, :]
+            if NUM_REPORT == 2:
+                theta1 = _verify_threshold(colb1, v_max, sm_scale)
+                theta = tl.where((rep == 0)[:, None], theta, theta1[None, :])
             verify = (p >= theta * l_new[:, None]) & ~dead[:, None]
             if MASKED:
                 verify = verify & visible
