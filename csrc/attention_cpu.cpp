@@ -48,6 +48,7 @@
 #include <string>
 #include <vector>
 
+#include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
 #include "vec.h"  // FTATTN_CLONES, the 16-lane vector types and their reductions
 
 extern "C" {
@@ -61,29 +62,13 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace ftattn {
 namespace {
 
-// Mirrors ftattn/faults.py.
-enum Site : int64_t { kScores = 0, kProbs = 1, kRowmax = 2, kRowsum = 3, kAcc = 4, kOutput = 5 };
-enum CheckBit : int32_t {
-  kRowChecksum = 1 << 0,
-  kColChecksum = 1 << 1,
-  kPvChecksum = 1 << 2,
-  kSoftmaxDmr = 1 << 3,
-  kRowmaxInvariant = 1 << 4,
-  kRowsumInvariant = 1 << 5,
-  kOutputCheck = 1 << 6,
-  kProbsRange = 1 << 7,
-  kScoreRecompute = 1 << 8,
-  kNonfiniteInput = 1 << 24,
-  kCorrected = 1 << 25,
-  kUncorrected = 1 << 26,
-};
-constexpr int32_t kCheckMask = 0x1FF;
 
 // Query rows per tile: 256, as torch's CPU flash attention, so each packed K tile
 // serves 256 rows. Checks and flags are kept per sub-block of SUB_M = 64 rows
 // (REPORT_BLOCK_M of the flags contract); a failed check recomputes the tile.
 constexpr int64_t BLOCK_M = 256;
 constexpr int64_t SUB_M = 64;
+static_assert(SUB_M == kReportBlockM, "a sub-block of the checks is a report block");
 constexpr int64_t NSUB = BLOCK_M / SUB_M;
 // Grouped-query attention with few query rows (decode): the query heads of one key
 // head are stacked into one block, up to MAX_STACK heads of N <= SUB_M rows each, so
@@ -1291,17 +1276,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   FaultSpec f;
   if (fault.has_value()) {
     const auto fv = *fault;
-    TORCH_CHECK(fv.size() == 7, "ftattn.attention: fault must be [site, batch, head, row, col, dim, bit], got ",
-                fv.size(), " values");
+    TORCH_CHECK(static_cast<int64_t>(fv.size()) == kFaultFields,
+                "ftattn.attention: fault must be [site, batch, head, row, col, dim, bit], got ", fv.size(), " values");
     f.active = true;
     f.site = fv[0], f.batch = fv[1], f.head = fv[2], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
-    TORCH_CHECK(f.site >= 0 && f.site <= 5, "ftattn.attention: fault site ", f.site, " must be 0..5");
+    TORCH_CHECK(f.site >= 0 && f.site < kNumSites, "ftattn.attention: fault site ", f.site, " must be 0..",
+                kNumSites - 1);
     TORCH_CHECK(f.batch >= 0 && f.batch < B && f.head >= 0 && f.head < Hq && f.row >= 0 && f.row < N &&
                     f.dim >= 0 && f.dim < D && f.col >= 0 && (f.col < M || f.site == kOutput),
                 "ftattn.attention: fault coordinates (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ",
                 f.col, ", dim ", f.dim, ") out of range for q ", q.sizes(), " and k ", k.sizes());
-    TORCH_CHECK(f.bit >= -1 && f.bit <= 31, "ftattn.attention: fault bit ", f.bit, " must be 0..31 (or -1)");
-    TORCH_CHECK(f.bit >= 0 || fault_value.has_value(), "ftattn.attention: fault with bit -1 needs fault_value");
+    TORCH_CHECK(f.bit >= kBitReplace && f.bit <= 31, "ftattn.attention: fault bit ", f.bit, " must be 0..31 (or ",
+                kBitReplace, ")");
+    TORCH_CHECK(f.bit != kBitReplace || fault_value.has_value(), "ftattn.attention: fault with bit ", kBitReplace,
+                " needs fault_value");
     f.value = fault_value.value_or(0.0);
   }
 
@@ -1356,43 +1344,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   return {out.to(q.scalar_type()), flags};
 }
 
-int64_t parse_choice(const std::string& value, const char* name, std::initializer_list<const char*> choices) {
-  int64_t i = 0;
-  std::string listed;
-  for (const char* c : choices) {
-    if (value == c) return i;
-    listed += (i ? ", " : "") + std::string("'") + c + "'";
-    ++i;
-  }
-  TORCH_CHECK(false, "ftattn.attention: ", name, "='", value, "' is not supported; use one of ", listed);
-  return -1;
-}
-
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                         std::optional<double> scale, c10::string_view protection, c10::string_view on_fault) {
-  check_inputs(q, k, v);
-  const int64_t prot = parse_choice(std::string(protection), "protection", {"off", "abft", "full"});
-  const int64_t policy = parse_choice(std::string(on_fault), "on_fault", {"correct", "raise", "report"});
-  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  auto [out, flags] = attention_fwd_cpu(q, k, v, causal, s, prot, policy == 0, std::nullopt, std::nullopt);
-  if (policy == 1) {
-    const auto faulty = ((flags.bitwise_and(kCheckMask) != 0).logical_and(flags.bitwise_and(kNonfiniteInput) == 0));
-    if (faulty.any().item<bool>()) {
-      const auto idx = at::nonzero(faulty)[0];
-      const int64_t bb = idx[0].item<int64_t>(), hh = idx[1].item<int64_t>(), kk = idx[2].item<int64_t>();
-      TORCH_CHECK(false, "ftattn: fault detected in attention at batch ", bb, ", head ", hh, ", rows ",
-                  kk * SUB_M, "..", std::min<int64_t>(q.size(2), (kk + 1) * SUB_M) - 1, " (check bits 0x",
-                  std::hex, flags[bb][hh][kk].item<int32_t>() & kCheckMask, std::dec,
-                  "); use on_fault='correct' to recompute or 'report' for the raw output");
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
-  m.impl("attention", &attention_cpu);
   m.impl("attention_fwd", &attention_fwd_cpu);
 }
 

@@ -2,8 +2,9 @@
 //
 // As in pytorch/extension-cpp: no pybind; importing `ftattn._C` runs the static
 // registrars below (TORCH_LIBRARY here, TORCH_LIBRARY_IMPL in the per-backend
-// files). Fake (meta) kernels are registered from Python (ftattn/attention.py),
-// the CUDA implementation from Python too (Triton, kernels/attention.py).
+// files). From Python (ftattn/attention.py): the fake (meta) kernels, `attention`
+// on CPU and CUDA (validation and the on_fault policy in one place, around
+// `attention_fwd`), and `attention_fwd` on CUDA (the Triton kernel).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,11 +1,12 @@
 """ftattn.attention: fault-tolerant scaled-dot-product attention.
 
 The op schemas live in csrc/ftattn.cpp (``ftattn::attention``,
-``ftattn::attention_fwd``); the CPU kernels in csrc/attention_cpu.cpp; the CUDA
-kernel in kernels/attention.py (Triton), registered below and imported on first use;
-the pure-PyTorch reference with the same checks in ftattn/reference.py. This file
-holds the fake (meta) kernels, input validation, backend choice and the public
-function.
+``ftattn::attention_fwd``); the CPU kernel of ``attention_fwd`` in
+csrc/attention_cpu.cpp; the CUDA one in kernels/attention.py (Triton, launched by
+ftattn/_launch/attention.py, imported on first use); the pure-PyTorch reference with
+the same checks in ftattn/reference.py. This file holds the fake (meta) kernels, input
+validation, backend choice, the ``on_fault`` policy and the public function, which
+``ftattn::attention`` runs on CPU and CUDA tensors too.
 """
 from __future__ import annotations
 
@@ -57,11 +58,12 @@ def _triton_reason() -> Optional[str]:
 
 
 def _triton_kernel():
+    """The Triton launcher (ftattn/_launch/attention.py)."""
     try:
-        from .kernels import attention as kernel
+        from ._launch import attention as launcher
     except ImportError as exc:
         raise NotImplementedError(f"backend='triton' cannot run here: the Triton kernel does not import: {exc}") from exc
-    return kernel
+    return launcher
 
 
 def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
@@ -99,14 +101,17 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value):
+def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, in_op=False):
+    """(out, flags) of one backend. The public function calls the op ``attention_fwd``
+    (opaque to torch.compile); inside ``ftattn::attention`` (in_op) the Triton launcher
+    is called directly, not through the dispatcher a second time."""
     if backend == "meta":
         return _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault, fault_value)
     if backend == "reference":
         from .reference import attention_reference
 
         return attention_reference(q, k, v, causal, scale, protection, recompute, fault, fault_value)
-    if backend == "triton" and q.device.type == "cpu":  # Triton interpreter: call the launcher directly
+    if backend == "triton" and (in_op or q.device.type == "cpu"):  # (CPU: the Triton interpreter)
         return _triton_kernel().attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
     return torch.ops.ftattn.attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
 
@@ -115,7 +120,10 @@ def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, faul
 # validation
 
 
-def _validate(q, k, v, scale, protection, on_fault, fault, backend):
+def validate_inputs(q, k, v, scale) -> None:
+    """The one validation of an attention call's tensors and scale (every backend, the
+    public function and the ops' Python kernels): an error that names the value, what
+    is supported and the fix."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"ftattn.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -157,6 +165,9 @@ def _validate(q, k, v, scale, protection, on_fault, fault, backend):
             raise TypeError(f"ftattn.attention: scale must be a float or None, got {scale!r}")
         if not math.isfinite(scale):
             raise ValueError(f"ftattn.attention: scale={scale} is not finite; pass a finite float or None (1/sqrt(D))")
+
+
+def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
     try:
         prot = Protection[protection.upper()] if isinstance(protection, str) else None
     except KeyError:
@@ -169,11 +180,21 @@ def _validate(q, k, v, scale, protection, on_fault, fault, backend):
         raise ValueError(
             f"ftattn.attention: on_fault={on_fault!r} is not supported; use 'correct', 'raise' or 'report'"
         ) from None
-    if fault is not None:
-        if not isinstance(fault, Fault):
-            raise TypeError(f"ftattn.attention: fault must be an ftattn.Fault, got {type(fault).__name__}")
-        fault.validate(B, Hq, N, M, D)
     return prot, policy
+
+
+def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: bool) -> Optional[Report]:
+    """The ``on_fault`` policy, in one place: "raise" raises FaultDetectedError when a
+    check failed on finite input ("correct" and "report" return; the kernel recomputed
+    or not). Returns the Report when asked for."""
+    if policy is not OnFault.RAISE and not want_report:
+        return None
+    report = Report(flags, REPORT_BLOCK_M, n)
+    if policy is OnFault.RAISE and not flags.is_meta:  # (meta: no kernel ran, nothing to raise)
+        faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+        if bool(faulty.any()):
+            raise FaultDetectedError(report)
+    return report
 
 
 def attention(
@@ -216,7 +237,16 @@ def attention(
     never as a fault and never "corrected"; the output then holds what the
     arithmetic gives, as in torch.
     """
-    prot, policy = _validate(q, k, v, scale, protection, on_fault, fault, backend)
+    return _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report)
+
+
+def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report, in_op=False):
+    validate_inputs(q, k, v, scale)
+    prot, policy = _parse_options(protection, on_fault)
+    if fault is not None:
+        if not isinstance(fault, Fault):
+            raise TypeError(f"ftattn.attention: fault must be an ftattn.Fault, got {type(fault).__name__}")
+        fault.validate(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3])
     backend = _resolve_backend(backend, q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -228,34 +258,32 @@ def attention(
                 "ftattn.attention is forward-only (inference); call it under torch.no_grad() / "
                 "torch.inference_mode(), or detach q, k, v"
             )
-    out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value)
-    if policy is OnFault.RAISE or return_report:
-        report = Report(flags, REPORT_BLOCK_M, q.shape[2])
-        if policy is OnFault.RAISE and not flags.is_meta:  # (meta: no kernel ran, nothing to raise)
-            faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
-            if bool(faulty.any()):
-                raise FaultDetectedError(report)
-        if return_report:
-            return out, report
-    return out
+    out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value,
+                          in_op)
+    report = _apply_policy(flags, policy, q.shape[2], return_report)
+    return (out, report) if return_report else out
 
 
 # ---------------------------------------------------------------------------
-# CUDA: the Triton kernel behind the same op (registered only when it imports)
+# the ops' Python kernels: ftattn::attention on CPU and CUDA (the public function,
+# with its validation and policy), ftattn::attention_fwd on CUDA (the Triton launcher)
 
 
-def _register_cuda() -> None:
+def _register_kernels() -> None:
+    for device in ("CPU", "CUDA"):
+        @torch.library.impl("ftattn::attention", device)
+        def _attention_op(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct"):
+            return _attention(q, k, v, causal, scale, protection, on_fault, None, "auto", False, in_op=True)
+
     @torch.library.impl("ftattn::attention_fwd", "CUDA")
     def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None):
         reason = _triton_reason()
         if reason is not None:
             raise NotImplementedError(f"ftattn.attention on CUDA needs the Triton kernel: {reason}")
+        validate_inputs(q, k, v, scale)
+        if not 0 <= int(protection) <= 2:
+            raise ValueError(f"ftattn.attention: protection {protection} must be 0 (off), 1 (abft) or 2 (full)")
         return _triton_kernel().attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
 
-    @torch.library.impl("ftattn::attention", "CUDA")
-    def _attention_cuda(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct"):
-        return attention(q, k, v, causal=causal, scale=scale, protection=protection, on_fault=on_fault,
-                         backend="triton")
 
-
-_register_cuda()
+_register_kernels()

@@ -1,26 +1,16 @@
-"""The fault model of docs/fault_model.md as code: injection sites, check
-flags, the `Fault` a caller injects, the `Report` a call returns and the error it
-raises.
-
-This file is the contract between the backends (C++ CPU kernel in csrc/, Triton
-kernel in kernels/, the pure-PyTorch reference) and the Python API: every
-backend encodes faults and writes flags exactly as described here.
-
-Flags: every backend returns, beside the output, an int32 tensor
-``flags[B, Hq, ceil(N / REPORT_BLOCK_M)]``. Bits 0..8 name the checks that failed
-on the first pass over that block of query rows; ``CORRECTED`` says the block was
-recomputed and the recomputation passed every check; ``UNCORRECTED`` says it was
-recomputed and failed again (a persistent error, not a transient fault);
-``NONFINITE_INPUT`` says the block's checks failed because q, k or v hold NaN/Inf
-(reported as bad input, never as a fault, never "corrected").
+"""The Python face of the fault contract (ftattn/contract.py: sites, check bits,
+report blocks, the fault encoding) and of docs/fault_model.md: the `Fault` a caller
+injects, the `Report` a call returns and the error `on_fault="raise"` raises.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+
+from .contract import BIT_REPLACE, CHECK_MASK, CHECK_NAMES, REPORT_BLOCK_M, Check, Site
 
 __all__ = [
     "Site",
@@ -32,70 +22,9 @@ __all__ = [
     "CHECK_MASK",
 ]
 
-# Rows of q per report flag. Kernels tile queries by 64 (CPU) or 64/128 (Triton),
-# so a flagged tile maps to whole report blocks and no two programs share one.
-REPORT_BLOCK_M = 64
-
-
-class Site(enum.IntEnum):
-    """Where a fault hits (docs/fault_model.md, "Injection sites"). Values are the op's encoding."""
-
-    SCORES = 0  # S[row, col] = q_row . k_col, after the QK^T product of the KV block holding col
-    PROBS = 1  # P~[row, col] = exp(scaled S - running max), before PV and the row sum
-    ROWMAX = 2  # running max m[row], after its update in the KV block holding col
-    ROWSUM = 3  # running normaliser l[row], after its update in the KV block holding col
-    ACC = 4  # accumulator acc[row, dim], after the PV update of the KV block holding col
-    OUTPUT = 5  # O[row, dim] = acc / l, after the final normalisation, before the store
-
-    @classmethod
-    def parse(cls, value) -> "Site":
-        if isinstance(value, Site):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls[value.upper()]
-            except KeyError:
-                pass
-        raise ValueError(
-            f"unknown fault site {value!r}; supported sites: "
-            f"{', '.join(s.name.lower() for s in cls)} (see docs/fault_model.md)"
-        )
-
-
-class Check(enum.IntFlag):
-    """Bits of the flags tensor."""
-
-    ROW_CHECKSUM = 1 << 0  # sum_j S_ij vs q_i . sum_j k_j
-    COL_CHECKSUM = 1 << 1  # sum_i S_ij vs (sum_i q_i) . k_j
-    PV_CHECKSUM = 1 << 2  # sum_d acc_id vs c_i carried through the rescaling
-    SOFTMAX_DMR = 1 << 3  # redundant softmax (independent formulation) disagrees
-    ROWMAX_INVARIANT = 1 << 4  # m finite, m == max(m_old, rowmax), max p == 1 or alpha == 1
-    ROWSUM_INVARIANT = 1 << 5  # l vs an independent accumulation, 1 <= l <= #keys
-    OUTPUT_CHECK = 1 << 6  # sum_d O_id vs (sum_d acc_id) / l
-    PROBS_RANGE = 1 << 7  # 0 <= p <= 1
-    SCORE_RECOMPUTE = 1 << 8  # a high-probability key's score vs q . k recomputed in fp64
-    NONFINITE_INPUT = 1 << 24
-    CORRECTED = 1 << 25
-    UNCORRECTED = 1 << 26
-
-
-CHECK_MASK = 0x1FF  # the bits that name failed checks
-
-_CHECK_NAMES = {
-    Check.ROW_CHECKSUM: "row checksum of QK^T",
-    Check.COL_CHECKSUM: "column checksum of QK^T",
-    Check.PV_CHECKSUM: "checksum of PV",
-    Check.SOFTMAX_DMR: "redundant softmax",
-    Check.ROWMAX_INVARIANT: "running-max invariant",
-    Check.ROWSUM_INVARIANT: "normaliser invariant",
-    Check.OUTPUT_CHECK: "final normalisation check",
-    Check.PROBS_RANGE: "probability range",
-    Check.SCORE_RECOMPUTE: "recomputed score of a likely key",
-}
-
 
 def check_names(bits: int) -> List[str]:
-    return [name for flag, name in _CHECK_NAMES.items() if bits & int(flag)]
+    return [name for flag, name in CHECK_NAMES.items() if bits & int(flag)]
 
 
 class Protection(enum.IntEnum):
@@ -163,18 +92,11 @@ class Fault:
     def encode(self) -> Tuple[List[int], Optional[float]]:
         """The op's encoding: ``[site, batch, head, row, col, dim, bit]`` (bit -1: use
         ``value``) and the replacement value."""
-        bit = -1 if self.bit is None else self.bit
+        bit = BIT_REPLACE if self.bit is None else self.bit
         return (
             [int(Site.parse(self.site)), self.batch, self.head, self.row, self.col, self.dim, bit],
             None if self.value is None else float(self.value),
         )
-
-
-def flip_bit_fp32(x: float, bit: int) -> float:
-    """Python model of a bit flip of an fp32 value (used by the reference backend's tests)."""
-    t = torch.tensor([x], dtype=torch.float32).view(torch.int32)
-    t ^= torch.tensor([1 << bit if bit < 31 else -(1 << 31)], dtype=torch.int32)
-    return float(t.view(torch.float32)[0])
 
 
 @dataclasses.dataclass

@@ -59,45 +59,27 @@ On CPU tensors the same kernels run under the Triton interpreter
 """
 from __future__ import annotations
 
-import math
-import os
-from typing import List, Optional, Tuple
-
-import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_fwd", "REPORT_BLOCK_M"]
+from ..contract import CHECK_MASK as _CHECK_MASK
+from ..contract import REPORT_BLOCK_M, Check, Site
 
-REPORT_BLOCK_M = 64  # rows of q per flag: ftattn/faults.py
-BLOCK_REPORT = tl.constexpr(REPORT_BLOCK_M)  # the same, inside kernels
+BLOCK_REPORT = tl.constexpr(REPORT_BLOCK_M)  # rows of q per flag (ftattn/contract.py)
 # Head dims per PV-checksum group (as csrc/attention_cpu.cpp and ftattn/reference.py):
 # the bound of sum_d acc_id grows with the dims summed, and one group of 64 keeps it
 # below the harm of a single accumulator element up to D = 256.
 PV_GROUP = tl.constexpr(64)
 
-# Check bits: ftattn/faults.py (Check) and csrc/attention_cpu.cpp (CheckBit).
-ROW_CHECKSUM = tl.constexpr(1 << 0)
-COL_CHECKSUM = tl.constexpr(1 << 1)
-PV_CHECKSUM = tl.constexpr(1 << 2)
-SOFTMAX_DMR = tl.constexpr(1 << 3)
-ROWMAX_INVARIANT = tl.constexpr(1 << 4)
-ROWSUM_INVARIANT = tl.constexpr(1 << 5)
-OUTPUT_CHECK = tl.constexpr(1 << 6)
-PROBS_RANGE = tl.constexpr(1 << 7)
-SCORE_RECOMPUTE = tl.constexpr(1 << 8)
-CHECK_MASK = tl.constexpr(0x1FF)
-NONFINITE_INPUT = tl.constexpr(1 << 24)
-CORRECTED = tl.constexpr(1 << 25)
-UNCORRECTED = tl.constexpr(1 << 26)
-
-# Fault sites: ftattn/faults.py (Site).
-SITE_SCORES = tl.constexpr(0)
-SITE_PROBS = tl.constexpr(1)
-SITE_ROWMAX = tl.constexpr(2)
-SITE_ROWSUM = tl.constexpr(3)
-SITE_ACC = tl.constexpr(4)
-SITE_OUTPUT = tl.constexpr(5)
+# The check bits and fault sites of ftattn/contract.py as constexprs: ROW_CHECKSUM ..
+# SCORE_RECOMPUTE, CHECK_MASK, NONFINITE_INPUT, CORRECTED, UNCORRECTED and SITE_SCORES
+# .. SITE_OUTPUT, so a site or check is added in that one table.
+for _c in Check:
+    globals()[_c.name] = tl.constexpr(int(_c))
+for _s in Site:
+    globals()[f"SITE_{_s.name}"] = tl.constexpr(int(_s))
+CHECK_MASK = tl.constexpr(_CHECK_MASK)
+del _c, _s
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
@@ -703,135 +685,8 @@ def _attn_replay(Q, K, V, Out, Flags,  #
 
 
 # ---------------------------------------------------------------------------
-# launcher
+# launch configs (the launcher: ftattn/_launch/attention.py)
 
 # Under the interpreter (CPU tensors) one fixed config: autotuning would time every
 # config on the numpy emulation. 64 x 32 gives several key tiles on small test shapes.
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal):
-    """(INJECT, fault args) from the op's encoding [site, batch, head, row, col, dim, bit]."""
-    none = (False, (0, 0, 0, 0, 0, 0, 0, 0, 0.0))
-    if fault is None:
-        return none
-    fault = [int(x) for x in fault]
-    if len(fault) != 7:
-        raise ValueError(f"ftattn.attention: fault must be [site, batch, head, row, col, dim, bit], got {fault}")
-    site, b, h, row, col, dim, bit = fault
-    if not 0 <= site <= 5:
-        raise ValueError(f"ftattn.attention: fault site {site} must be 0..5 (ftattn.faults.Site)")
-    if not (0 <= b < B and 0 <= h < Hq and 0 <= row < N and 0 <= dim < D and col >= 0 and (col < M or site == 5)):
-        raise ValueError(
-            f"ftattn.attention: fault coordinates (batch {b}, head {h}, row {row}, col {col}, dim {dim}) are out "
-            f"of range for q [B={B}, Hq={Hq}, N={N}, D={D}] and k/v with M={M} keys")
-    if not -1 <= bit <= 31:
-        raise ValueError(f"ftattn.attention: fault bit {bit} must be 0..31, or -1 with fault_value")
-    if bit < 0 and fault_value is None:
-        raise ValueError("ftattn.attention: a fault with bit -1 needs fault_value (the replacement value)")
-    if site != 5:
-        # as the C++ kernel: a fault lands only in a key tile its 64-row block visits
-        r1 = min(N, (row // REPORT_BLOCK_M + 1) * REPORT_BLOCK_M)
-        kv_end = min(M, r1 + M - N) if causal else M
-        if col >= kv_end:
-            return none
-    xor = 0 if bit < 0 else ((1 << bit) if bit < 31 else -(1 << 31))
-    use_value = 1 if bit < 0 else 0
-    value = float(fault_value) if bit < 0 else 0.0
-    return True, (site, b, h, row, col, dim, xor, use_value, value)
-
-
-def attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    scale: float,
-    protection: int,
-    recompute: bool,
-    fault: Optional[List[int]] = None,
-    fault_value: Optional[float] = None,
-    *,
-    block_m: Optional[int] = None,
-    block_n: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The Triton implementation of ``ftattn::attention_fwd``.
-
-    Args:
-        q: [B, Hq, N, D]; k, v: [B, Hkv, M, D]; one dtype of float16 / bfloat16 /
-            float32; D in 1..256; Hq a multiple of Hkv. CUDA tensors, or CPU tensors
-            under TRITON_INTERPRET=1.
-        causal: key j visible to query i iff j <= i + M - N.
-        scale: multiplier of q k^T.
-        protection: 0 off, 1 abft, 2 full.
-        recompute: recompute flagged blocks (``on_fault="correct"``).
-        fault: [site, batch, head, row, col, dim, bit] (bit -1: replace by
-            ``fault_value``), or None.
-        block_m, block_n: force a tile shape (tests); default autotuned on CUDA,
-            ``INTERPRETER_CONFIG`` on CPU.
-
-    Returns:
-        (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"ftattn.attention: {name} must be 4-D [batch, heads, seq, head_dim], got {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(
-            f"ftattn.attention: q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, "
-            f"{k.dtype}, {v.dtype}")
-    B, Hq, N, D = q.shape
-    Bk, Hkv, M, Dk = k.shape
-    if tuple(k.shape) != tuple(v.shape) or Bk != B or Dk != D:
-        raise ValueError(f"ftattn.attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do "
-                         f"not fit [B, Hq, N, D] / [B, Hkv, M, D]")
-    if not 1 <= D <= 256:
-        raise ValueError(f"ftattn.attention: head_dim={D} is not supported by the Triton kernel; use 1..256")
-    if Hkv < 1 or Hq % Hkv != 0:
-        raise ValueError(f"ftattn.attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if not 0 <= int(protection) <= 2:
-        raise ValueError(f"ftattn.attention: protection {protection} must be 0 (off), 1 (abft) or 2 (full)")
-    if not math.isfinite(scale):
-        raise ValueError(f"ftattn.attention: scale must be finite, got {scale}")
-    protection = int(protection)
-    nblk = triton.cdiv(N, REPORT_BLOCK_M)
-    out = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
-    flags = torch.zeros((B, Hq, nblk), dtype=torch.int32, device=q.device)
-    if B * Hq * N == 0:
-        return out, flags
-    inject, fargs = _decode_fault(fault, fault_value, B, Hq, N, M, D, causal)
-    head_pad = max(16, _next_pow2(D))
-    common = (
-        q, k, v, out, flags,  #
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
-        Hq, Hq // Hkv, N, M, nblk, float(scale),
-    )
-    interpreted = q.device.type == "cpu"
-    emulate = interpreted and q.dtype == torch.bfloat16
-    if block_m is not None or block_n is not None or interpreted:
-        meta = dict(INTERPRETER_CONFIG) if interpreted else {"num_warps": 4, "num_stages": 2}
-        meta["BLOCK_M"] = block_m or meta.get("BLOCK_M", 64)
-        meta["BLOCK_N"] = block_n or meta.get("BLOCK_N", 64)
-        if meta["BLOCK_M"] not in (64, 128) or meta["BLOCK_N"] not in (16, 32, 64, 128):
-            raise ValueError(f"ftattn.attention: block_m must be 64 or 128 and block_n 16..128, got {meta}")
-        grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
-        _attn_fwd[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
-                        HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
-                        INJECT=inject, EMULATE_BF16_DOT=emulate, **meta)
-    else:
-        grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * Hq)  # noqa: E731
-        _attn_fwd_tuned[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
-                              HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
-                              INJECT=inject, EMULATE_BF16_DOT=False)
-        best = _attn_fwd_tuned.best_config
-        meta = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
-        grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
-    if protection >= 1:
-        # Always launched (no host read of the flags): programs with clean flags return at once.
-        _attn_replay[grid](*common, HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
-                           RECOMPUTE=bool(recompute), EMULATE_BF16_DOT=emulate, **meta)
-    return out, flags

@@ -239,7 +239,7 @@ def test_op_defaults_are_full_protection_and_correct(make_qkv):
     assert torch.equal(torch.ops.ftattn.attention(q, k, v), ftattn.attention(q, k, v))
     out = torch.ops.ftattn.attention(q, k, v, causal=True, scale=0.2, protection="abft", on_fault="raise")
     assert torch.equal(out, ftattn.attention(q, k, v, causal=True, scale=0.2, protection="abft"))
-    with pytest.raises(RuntimeError, match="protection='most'"):
+    with pytest.raises(ValueError, match="protection='most'"):
         torch.ops.ftattn.attention(q, k, v, protection="most")
 
 
@@ -384,8 +384,11 @@ def test_bad_fault(kwargs, match):
 
 def test_raw_op_rejects_bad_input_clearly(make_qkv):
     q, k, v = make_qkv(N=4, M=4, D=8)
-    with pytest.raises(RuntimeError, match="share one dtype"):
+    # the op gives the public function's errors (one validation)
+    with pytest.raises(TypeError, match="share one dtype"):
         torch.ops.ftattn.attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="head_dim=300"):
+        torch.ops.ftattn.attention(*(q.new_zeros(1, 1, 2, 300),) * 3)
     with pytest.raises(RuntimeError, match="scale must be finite"):
         torch.ops.ftattn.attention_fwd(q, k, v, False, math.inf, 2, True)
     with pytest.raises(RuntimeError, match="out of range"):

@@ -1,4 +1,5 @@
-"""Tests of kernels/attention.py, the Triton fault-tolerant attention kernel.
+"""Tests of kernels/attention.py, the Triton fault-tolerant attention kernel (launched by
+ftattn/_launch/attention.py).
 
 On a CPU-only machine the kernel runs under the Triton interpreter
 (TRITON_INTERPRET=1, set below before anything creates a triton.jit function), so
@@ -27,11 +28,13 @@ import ftattn  # noqa: E402
 from ftattn.faults import CHECK_MASK, Check, Fault, Site  # noqa: E402
 
 kernel = importlib.import_module("ftattn.kernels.attention")
+launcher = importlib.import_module("ftattn._launch.attention")
 if DEVICE == "cpu" and not isinstance(kernel._attn_fwd, triton.runtime.interpreter.InterpretedFunction):
     # imported earlier in this process without the interpreter: rebuild its jit functions
     kernel = importlib.reload(kernel)
+    launcher = importlib.reload(launcher)
 
-attention_fwd = kernel.attention_fwd
+attention_fwd = launcher.attention_fwd
 
 PROTECTION = {"off": 0, "abft": 1, "full": 2}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -292,15 +295,21 @@ def test_nonfinite_input_is_reported_not_corrected(where):
 
 
 def test_rejects_what_it_cannot_run():
+    # inputs are validated once, in ftattn/attention.py, for every backend; the launcher
+    # validates the fault encoding (ftattn/contract.py)
     q, k, v = make_inputs(1, 1, 1, 4, 4, 16, torch.float16)
+    wide = q.new_zeros(1, 1, 4, 300)
     with pytest.raises(ValueError, match="head_dim"):
-        attention_fwd(q.new_zeros(1, 1, 4, 300), k.new_zeros(1, 1, 4, 300), v.new_zeros(1, 1, 4, 300), False, 1.0, 2,
-                      True)
+        ftattn.attention(wide, wide, wide, backend="triton")
     with pytest.raises(ValueError, match="multiple"):
-        attention_fwd(q.expand(1, 3, 4, 16), k.expand(1, 2, 4, 16).contiguous(), v.expand(1, 2, 4, 16).contiguous(),
-                      False, 1.0, 2, True)
-    with pytest.raises(ValueError, match="out of range"):
+        ftattn.attention(q.expand(1, 3, 4, 16), k.expand(1, 2, 4, 16).contiguous(),
+                         v.expand(1, 2, 4, 16).contiguous(), backend="triton")
+    with pytest.raises(ValueError, match="row=9 is out of range"):
         attention_fwd(q, k, v, False, 1.0, 2, True, [0, 0, 0, 9, 0, 0, 3], None)
+    with pytest.raises(ValueError, match="site 6"):
+        attention_fwd(q, k, v, False, 1.0, 2, True, [6, 0, 0, 0, 0, 0, 3], None)
+    with pytest.raises(ValueError, match="needs fault_value"):
+        attention_fwd(q, k, v, False, 1.0, 2, True, [0, 0, 0, 0, 0, 0, -1], None)
 
 
 def test_empty_sequences():

@@ -1,0 +1,40 @@
+// The fault contract of ftattn's ops in C++: the copy of ftattn/contract.py (sites,
+// check bits, rows per flag, the fault encoding) that the CPU kernels use.
+// tests/test_contract.py parses this file and compares it with that module.
+#pragma once
+
+#include <cstdint>
+
+namespace ftattn {
+
+// Rows of q per flag.
+constexpr int64_t kReportBlockM = 64;
+
+// Where a fault hits.
+enum Site : int64_t { kScores = 0, kProbs = 1, kRowmax = 2, kRowsum = 3, kAcc = 4, kOutput = 5 };
+constexpr int64_t kNumSites = 6;
+
+// Bits of the flags tensor.
+enum CheckBit : int32_t {
+  kRowChecksum = 1 << 0,
+  kColChecksum = 1 << 1,
+  kPvChecksum = 1 << 2,
+  kSoftmaxDmr = 1 << 3,
+  kRowmaxInvariant = 1 << 4,
+  kRowsumInvariant = 1 << 5,
+  kOutputCheck = 1 << 6,
+  kProbsRange = 1 << 7,
+  kScoreRecompute = 1 << 8,
+  kNonfiniteInput = 1 << 24,
+  kCorrected = 1 << 25,
+  kUncorrected = 1 << 26,
+};
+// the bits that name failed checks
+constexpr int32_t kCheckMask = 0x1FF;
+
+// An op's `fault` argument: [site, batch, head, row, col, dim, bit]; bit kBitReplace
+// replaces the value by `fault_value` instead of flipping bit 0..31.
+constexpr int64_t kFaultFields = 7;
+constexpr int64_t kBitReplace = -1;
+
+}  // namespace ftattn

@@ -1,0 +1,111 @@
+"""The launcher of the Triton attention kernel (ftattn.kernels.attention): the Triton
+implementation of ``ftattn::attention_fwd``, on CUDA tensors, or CPU tensors under the
+Triton interpreter (TRITON_INTERPRET=1). Inputs are validated by the caller
+(ftattn/attention.py, ``validate_inputs``); the fault encoding by ftattn/contract.py.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+
+from ..contract import BIT_REPLACE, REPORT_BLOCK_M, Site, check_fault_encoding
+from ..kernels.attention import INTERPRETER_CONFIG, _attn_fwd, _attn_fwd_tuned, _attn_replay
+
+__all__ = ["attention_fwd"]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal):
+    """(INJECT, the kernel's fault arguments) from the op's encoding."""
+    none = (False, (0, 0, 0, 0, 0, 0, 0, 0, 0.0))
+    if fault is None:
+        return none
+    site, b, h, row, col, dim, bit = check_fault_encoding(fault, fault_value, B, Hq, N, M, D)
+    if site != Site.OUTPUT:
+        # as the C++ kernel: a fault lands only in a key tile its 64-row block visits
+        r1 = min(N, (row // REPORT_BLOCK_M + 1) * REPORT_BLOCK_M)
+        kv_end = min(M, r1 + M - N) if causal else M
+        if col >= kv_end:
+            return none
+    replace = bit == BIT_REPLACE
+    xor = 0 if replace else ((1 << bit) if bit < 31 else -(1 << 31))
+    value = float(fault_value) if replace else 0.0
+    return True, (site, b, h, row, col, dim, xor, int(replace), value)
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    protection: int,
+    recompute: bool,
+    fault: Optional[List[int]] = None,
+    fault_value: Optional[float] = None,
+    *,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Triton implementation of ``ftattn::attention_fwd``.
+
+    Args:
+        q: [B, Hq, N, D]; k, v: [B, Hkv, M, D]; one dtype of float16 / bfloat16 /
+            float32; D in 1..256; Hq a multiple of Hkv (validated by the caller).
+        causal: key j visible to query i iff j <= i + M - N.
+        scale: multiplier of q k^T.
+        protection: 0 off, 1 abft, 2 full.
+        recompute: recompute flagged blocks (``on_fault="correct"``).
+        fault: [site, batch, head, row, col, dim, bit] (bit -1: replace by
+            ``fault_value``), or None.
+        block_m, block_n: force a tile shape (tests); default autotuned on CUDA,
+            ``INTERPRETER_CONFIG`` on CPU.
+
+    Returns:
+        (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
+    """
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    protection = int(protection)
+    nblk = triton.cdiv(N, REPORT_BLOCK_M)
+    out = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
+    flags = torch.zeros((B, Hq, nblk), dtype=torch.int32, device=q.device)
+    if B * Hq * N == 0:
+        return out, flags
+    inject, fargs = _decode_fault(fault, fault_value, B, Hq, N, M, D, causal)
+    head_pad = max(16, _next_pow2(D))
+    common = (
+        q, k, v, out, flags,  #
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
+        Hq, Hq // Hkv, N, M, nblk, float(scale),
+    )
+    interpreted = q.device.type == "cpu"
+    emulate = interpreted and q.dtype == torch.bfloat16
+    if block_m is not None or block_n is not None or interpreted:
+        meta = dict(INTERPRETER_CONFIG) if interpreted else {"num_warps": 4, "num_stages": 2}
+        meta["BLOCK_M"] = block_m or meta.get("BLOCK_M", 64)
+        meta["BLOCK_N"] = block_n or meta.get("BLOCK_N", 64)
+        if meta["BLOCK_M"] not in (64, 128) or meta["BLOCK_N"] not in (16, 32, 64, 128):
+            raise ValueError(f"ftattn.attention: block_m must be 64 or 128 and block_n 16..128, got {meta}")
+        grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
+        _attn_fwd[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
+                        HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
+                        INJECT=inject, EMULATE_BF16_DOT=emulate, **meta)
+    else:
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        _attn_fwd_tuned[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
+                              HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
+                              INJECT=inject, EMULATE_BF16_DOT=False)
+        best = _attn_fwd_tuned.best_config
+        meta = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
+    if protection >= 1:
+        # Always launched (no host read of the flags): programs with clean flags return at once.
+        _attn_replay[grid](*common, HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
+                           RECOMPUTE=bool(recompute), EMULATE_BF16_DOT=emulate, **meta)
+    return out, flags

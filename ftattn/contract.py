@@ -1,0 +1,114 @@
+"""The fault contract of ftattn's ops, as plain ints: where a fault can be injected
+(sites), which check saw it (flag bits), the rows of q per flag, and how a fault is
+encoded for an op. No torch here: the Python API (faults.py, its face), the Triton
+kernels (ftattn.kernels), the reference backend and the tests import it, and
+csrc/fault_contract.h is its C++ copy, checked against this module by
+tests/test_contract.py. A new site or check is added here, there, and where a kernel
+does something with it.
+
+The flags an op returns: int32 ``[B, Hq, ceil(N / REPORT_BLOCK_M)]``; the bits in
+CHECK_MASK name the checks that failed on the first pass over that block of query
+rows; CORRECTED: the block was recomputed and passed every check; UNCORRECTED: it was
+recomputed and failed again (a persistent error, not a transient fault);
+NONFINITE_INPUT: the checks failed because q, k or v hold NaN/Inf (bad input, never a
+fault, never corrected).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Optional, Sequence, Tuple
+
+__all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE",
+           "check_fault_encoding"]
+
+# Rows of q per flag. Kernels tile queries by 64 (CPU sub-blocks) or 64/128 (Triton),
+# so a flagged tile maps to whole report blocks and no two programs share one.
+REPORT_BLOCK_M = 64
+
+
+class Site(enum.IntEnum):
+    """Where a fault hits (docs/fault_model.md, "Injection sites")."""
+
+    SCORES = 0  # S[row, col] = q_row . k_col, after the QK^T product of the KV block holding col
+    PROBS = 1  # P~[row, col] = exp(scaled S - running max), before PV and the row sum
+    ROWMAX = 2  # running max m[row], after its update in the KV block holding col
+    ROWSUM = 3  # running normaliser l[row], after its update in the KV block holding col
+    ACC = 4  # accumulator acc[row, dim], after the PV update of the KV block holding col
+    OUTPUT = 5  # O[row, dim] = acc / l, after the final normalisation, before the store
+
+    @classmethod
+    def parse(cls, value) -> "Site":
+        if isinstance(value, Site):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                pass
+        raise ValueError(
+            f"unknown fault site {value!r}; supported sites: "
+            f"{', '.join(s.name.lower() for s in cls)} (see docs/fault_model.md)"
+        )
+
+
+class Check(enum.IntFlag):
+    """Bits of the flags tensor."""
+
+    ROW_CHECKSUM = 1 << 0  # sum_j S_ij vs q_i . sum_j k_j
+    COL_CHECKSUM = 1 << 1  # sum_i S_ij vs (sum_i q_i) . k_j
+    PV_CHECKSUM = 1 << 2  # sum_d acc_id vs c_i carried through the rescaling
+    SOFTMAX_DMR = 1 << 3  # redundant softmax (independent formulation) disagrees
+    ROWMAX_INVARIANT = 1 << 4  # m finite, m == max(m_old, rowmax), max p == 1 or alpha == 1
+    ROWSUM_INVARIANT = 1 << 5  # l vs an independent accumulation, 1 <= l <= #keys
+    OUTPUT_CHECK = 1 << 6  # sum_d O_id vs (sum_d acc_id) / l
+    PROBS_RANGE = 1 << 7  # 0 <= p <= 1
+    SCORE_RECOMPUTE = 1 << 8  # a high-probability key's score vs q . k recomputed in fp64
+    NONFINITE_INPUT = 1 << 24
+    CORRECTED = 1 << 25
+    UNCORRECTED = 1 << 26
+
+
+# what each check bit means, for reports and errors; its keys are the bits that name
+# failed checks
+CHECK_NAMES = {
+    Check.ROW_CHECKSUM: "row checksum of QK^T",
+    Check.COL_CHECKSUM: "column checksum of QK^T",
+    Check.PV_CHECKSUM: "checksum of PV",
+    Check.SOFTMAX_DMR: "redundant softmax",
+    Check.ROWMAX_INVARIANT: "running-max invariant",
+    Check.ROWSUM_INVARIANT: "normaliser invariant",
+    Check.OUTPUT_CHECK: "final normalisation check",
+    Check.PROBS_RANGE: "probability range",
+    Check.SCORE_RECOMPUTE: "recomputed score of a likely key",
+}
+CHECK_MASK = sum(int(c) for c in CHECK_NAMES)  # 0x1FF
+
+# An op's `fault` argument: these seven ints, in this order; bit BIT_REPLACE (-1)
+# replaces the value by the op's `fault_value` instead of flipping bit 0..31.
+FAULT_FIELDS = ("site", "batch", "head", "row", "col", "dim", "bit")
+BIT_REPLACE = -1
+
+
+def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], batch: int, q_heads: int, n: int,
+                         m: int, head_dim: int) -> Tuple[int, ...]:
+    """The seven ints of an op's ``fault`` argument, validated against the call's shapes
+    (ValueError naming the field, its range and the fix); the C++ kernel checks the same
+    before it writes anything."""
+    fault = tuple(int(x) for x in fault)
+    if len(fault) != len(FAULT_FIELDS):
+        raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}], got {list(fault)}")
+    site, b, h, row, col, dim, bit = fault
+    if site not in {int(s) for s in Site}:
+        raise ValueError(f"ftattn: fault site {site} must be one of {[int(s) for s in Site]} (ftattn.faults.Site)")
+    limits = (("batch", b, batch), ("head", h, q_heads), ("row", row, n), ("dim", dim, head_dim),
+              ("col", col, m if site != Site.OUTPUT else None))
+    for name, val, limit in limits:
+        if val < 0 or (limit is not None and val >= limit):
+            raise ValueError(
+                f"ftattn: fault {name}={val} is out of range: it must be {f'0..{limit - 1}' if limit is not None else '>= 0'} for q "
+                f"[B={batch}, Hq={q_heads}, N={n}, D={head_dim}] and k/v with M={m} keys")
+    if not BIT_REPLACE <= bit <= 31:
+        raise ValueError(f"ftattn: fault bit {bit} must be 0..31, or {BIT_REPLACE} with fault_value")
+    if bit == BIT_REPLACE and fault_value is None:
+        raise ValueError(f"ftattn: a fault with bit {BIT_REPLACE} needs fault_value (the replacement value)")
+    return fault

@@ -1,0 +1,99 @@
+"""The fault contract is one table per language: ftattn/contract.py (Python, Triton,
+the reference, the tests) and csrc/fault_contract.h (the C++ kernels). These tests
+fail when the two drift apart, or when the Python face or the Triton kernel stop
+taking their values from the contract."""
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ftattn import contract, faults
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HEADER = (ROOT / "csrc" / "fault_contract.h").read_text()
+
+
+def _camel(name: str) -> str:
+    return "k" + "".join(part.capitalize() for part in name.lower().split("_"))
+
+
+def _cpp_enum(name: str) -> dict:
+    body = re.search(r"enum " + name + r" : \w+ \{(.*?)\};", HEADER, re.S).group(1)
+    out = {}
+    for key, expr in re.findall(r"(k\w+) = ([^,]+)", body):
+        shift = re.fullmatch(r"1 << (\d+)", expr.strip())
+        out[key] = 1 << int(shift.group(1)) if shift else int(expr, 0)
+    return out
+
+
+def _cpp_const(name: str) -> int:
+    return int(re.search(r"constexpr \w+ " + name + r" = (-?\w+);", HEADER).group(1), 0)
+
+
+def test_cpp_sites_match():
+    assert _cpp_enum("Site") == {"k" + s.name.capitalize(): int(s) for s in contract.Site}
+    assert _cpp_const("kNumSites") == len(contract.Site)
+
+
+def test_cpp_check_bits_match():
+    assert _cpp_enum("CheckBit") == {_camel(c.name): int(c) for c in contract.Check}
+    assert _cpp_const("kCheckMask") == contract.CHECK_MASK == 0x1FF
+
+
+def test_cpp_encoding_and_blocks_match():
+    assert _cpp_const("kReportBlockM") == contract.REPORT_BLOCK_M
+    assert _cpp_const("kFaultFields") == len(contract.FAULT_FIELDS)
+    assert _cpp_const("kBitReplace") == contract.BIT_REPLACE
+
+
+def test_every_check_bit_has_a_name_and_the_mask_covers_exactly_them():
+    named = {int(c) for c in contract.CHECK_NAMES}
+    status = {int(contract.Check.NONFINITE_INPUT), int(contract.Check.CORRECTED), int(contract.Check.UNCORRECTED)}
+    assert named | status == {int(c) for c in contract.Check} and not named & status
+    assert all(not (s & contract.CHECK_MASK) for s in status)
+
+
+def test_python_face_and_triton_take_the_contract():
+    assert faults.Site is contract.Site and faults.Check is contract.Check
+    assert faults.CHECK_MASK == contract.CHECK_MASK and faults.REPORT_BLOCK_M == contract.REPORT_BLOCK_M
+    pytest.importorskip("triton")
+    kern = importlib.import_module("ftattn.kernels.attention")
+    for c in contract.Check:
+        assert getattr(kern, c.name).value == int(c)
+    for s in contract.Site:
+        assert getattr(kern, f"SITE_{s.name}").value == int(s)
+    assert kern.CHECK_MASK.value == contract.CHECK_MASK and kern.BLOCK_REPORT.value == contract.REPORT_BLOCK_M
+
+
+def test_contract_needs_no_torch():
+    # loaded as a file of its own, as the C++ side's build tools or a campaign worker could
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('c', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'triton', 'numpy')))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "ftattn" / "contract.py")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("fault,fault_value,match", [
+    ([0, 0, 0, 0, 0, 0], None, "must be \\[site, batch"),
+    ([6, 0, 0, 0, 0, 0, 3], None, "site 6"),
+    ([0, 2, 0, 0, 0, 0, 3], None, "batch=2 is out of range: it must be 0..1"),
+    ([0, 0, 0, 0, 11, 0, 3], None, "col=11"),
+    ([0, 0, 0, 0, 0, 0, 32], None, "bit 32"),
+    ([0, 0, 0, 0, 0, 0, -1], None, "needs fault_value"),
+])
+def test_fault_encoding_is_validated_with_the_field_named(fault, fault_value, match):
+    with pytest.raises(ValueError, match=match):
+        contract.check_fault_encoding(fault, fault_value, 2, 3, 5, 11, 8)
+
+
+def test_fault_encoding_roundtrip():
+    f = faults.Fault("output", 1, 2, row=4, col=99, dim=7, value=float("nan"))
+    enc, value = f.encode()
+    # an output fault ignores col (any value), and a replacement carries its value
+    assert contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 8) == (int(contract.Site.OUTPUT), 1, 2, 4, 99, 7,
+                                                                          contract.BIT_REPLACE)
