@@ -28,7 +28,7 @@ for causal; peak memory of one call; device name, torch / triton versions, threa
 the load average when the case ran; the shapes. ``python -m ftattn bench-report``
 turns the JSON into tables and plots.
 
-Targets (issue 6, ``TARGETS``), asserted in the ftattn benchmarks; the ratios with
+Targets (``TARGETS``), asserted in the ftattn benchmarks; the ratios with
 SDPA and with off are timed interleaved, call by call, in that benchmark:
   CPU, N=2048: protection full within 1.3x of torch SDPA and faster than the reference.
   CUDA, N=4096: off at least as fast as SDPA flash, abft <= 5 % and full <= 15 % over

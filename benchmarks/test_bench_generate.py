@@ -9,7 +9,7 @@ tokens/s = 127 tokens after the first / the time after the first token, for all
 three; beside it, the median time between two tokens over all rounds' steps, which
 leaves out the stalls that other jobs on a shared host put into a few steps of a run
 (they dominate the mean on a 2-core machine). The three loops run in turn inside
-each round so that a shared machine's load hits them alike. Issue 5's targets: the
+each round so that a shared machine's load hits them alike. The targets: the
 harness at least as fast as genai and at least 2x the seed loop. Writes
 ``benchmarks/results/generate_cpu.json``.
 
@@ -46,7 +46,7 @@ MODEL_58M = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, n
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024)
 MODEL_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-# case: (model, precision, prompt tokens). Issue 5's shape is 128 + 128; the long-prompt
+# case: (model, precision, prompt tokens). The reference shape is 128 + 128; the long-prompt
 # case shows where the seed loop's per-step copies of the whole KV cache (which grow with
 # the context) weigh against the model step.
 CASES = {"tiny-fp32": (MODEL_TINY, "fp32", PROMPT_TOKENS), "tiny-int4": (MODEL_TINY, "int4", PROMPT_TOKENS),

@@ -2,7 +2,7 @@
 
 Shape 4096 x 4096 float32 (64 MiB in, 64 MiB out), fp8_e4m3 and fp4_e2m1, block 32
 along the last axis, rounding "nearest". Bytes moved per call = 2 * 4 * numel
-(read x, write the dequantized copy), the same as x.clone(). Issue 4's target:
+(read x, write the dequantized copy), the same as x.clone(). The target:
 quantize-dequantize within 6x the time of x.clone() in the same run (microxcaling's
 emulation takes about 42x); on a CUDA device, the Triton kernel at >= 70 % of the
 copy bandwidth measured the same way.

@@ -15,13 +15,15 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import backends
 from .faults import CHECK_MASK, Check, Fault, FaultDetectedError, OnFault, Protection, Report, REPORT_BLOCK_M
 
 __all__ = ["attention", "BACKENDS", "backend_status"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-BACKENDS = ("auto", "cpp", "triton", "reference")
+BACKENDS = tuple(b.value for b in (backends.Backend.AUTO, backends.Backend.CPP, backends.Backend.TRITON,
+                                   backends.Backend.REFERENCE))
 
 
 # ---------------------------------------------------------------------------
@@ -46,17 +48,6 @@ def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=Non
 # backends
 
 
-def _triton_reason() -> Optional[str]:
-    """None when the Triton backend can run, else why not. Cheap: finds triton without
-    importing it; the kernel module is imported on first use (so TRITON_INTERPRET
-    set after ``import ftattn`` still takes effect)."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton; it ships with CUDA builds of torch)"
-    return None
-
-
 def _triton_kernel():
     """The Triton launcher (ftattn/_launch/attention.py)."""
     try:
@@ -66,39 +57,25 @@ def _triton_kernel():
     return launcher
 
 
-def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
-    """{backend: None if usable on ``device`` else the reason} (used by ``python -m ftattn info``)."""
-    device = torch.device(device)
-    status = {"cpp": None, "reference": None}
-    if device.type != "cpu":
-        status["cpp"] = f"the C++ kernel runs on CPU tensors; these are on {device.type}"
-    reason = _triton_reason()
-    if reason is None and device.type == "cpu":
-        import os
+def _cpp_reason(device: torch.device) -> Optional[str]:
+    return backends.extension_reason(device, "attention_fwd")
 
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            reason = "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter; small shapes only)"
-    elif reason is None and device.type != "cuda":
-        reason = f"Triton runs on CUDA devices, not {device.type}"
-    status["triton"] = reason
-    return status
+
+backends.register("attention", "cpp", _cpp_reason)
+backends.register("attention", "triton", backends.triton_reason)
+backends.register("attention", "reference", lambda device: None, fallback=True)
+
+
+def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
+    """{backend: None if usable on ``device`` else the reason} (``python -m ftattn info``)."""
+    return backends.status("attention", device)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}")
     if device.type == "meta":  # shapes only: the op's fake kernel, whatever the backend
+        backends.parse("attention", backend)
         return "meta"
-    if backend == "auto":
-        if device.type == "cpu":
-            return "cpp"
-        if device.type == "cuda":
-            return "triton"
-        return "reference"
-    status = backend_status(device)
-    if status[backend] is not None:
-        raise NotImplementedError(f"backend={backend!r} cannot run here: {status[backend]}")
-    return backend
+    return backends.resolve("attention", backend, device).value
 
 
 def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, in_op=False):
@@ -277,7 +254,7 @@ def _register_kernels() -> None:
 
     @torch.library.impl("ftattn::attention_fwd", "CUDA")
     def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None):
-        reason = _triton_reason()
+        reason = backends.triton_reason(q.device)
         if reason is not None:
             raise NotImplementedError(f"ftattn.attention on CUDA needs the Triton kernel: {reason}")
         validate_inputs(q, k, v, scale)

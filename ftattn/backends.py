@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["Backend", "register", "status", "resolve", "ops", "triton_reason", "extension_reason"]
+__all__ = ["Backend", "register", "status", "parse", "resolve", "ops", "names", "triton_reason", "extension_reason"]
 
 
 class Backend(str, enum.Enum):
@@ -51,29 +51,40 @@ def ops() -> List[str]:
     return list(_REGISTRY)
 
 
+def names(op: str) -> List[str]:
+    """The ``backend=`` values ``op`` takes, "auto" first."""
+    return [Backend.AUTO.value] + [b.value for b in _REGISTRY[op]]
+
+
 def status(op: str, device: Union[str, torch.device] = "cpu") -> Dict[str, Optional[str]]:
     """{backend name: None if it runs on ``device`` else the reason}."""
     device = torch.device(device)
     return {b.value: reason(device) for b, reason in _REGISTRY[op].items()}
 
 
-def resolve(op: str, backend: Union[str, Backend], device: torch.device) -> Backend:
-    """The backend that runs ``op`` for ``backend=`` on ``device`` (the one "auto" rule;
-    an explicit one that cannot run raises NotImplementedError with the reason)."""
-    names = _REGISTRY[op]
+def parse(op: str, backend: Union[str, Backend]) -> Backend:
+    """``backend=`` as a Backend of ``op`` (ValueError naming the ones it has)."""
     try:
         chosen = Backend(backend)
     except ValueError:
         chosen = None
-    if chosen is None or (chosen is not Backend.AUTO and chosen not in names):
-        supported = ", ".join(repr(b.value) for b in [Backend.AUTO, *names])
+    if chosen is None or (chosen is not Backend.AUTO and chosen not in _REGISTRY[op]):
+        supported = ", ".join(map(repr, names(op)))
         raise ValueError(f"backend={backend!r} is not supported by {op}; use one of {supported}")
+    return chosen
+
+
+def resolve(op: str, backend: Union[str, Backend], device: torch.device) -> Backend:
+    """The backend that runs ``op`` for ``backend=`` on ``device`` (the one "auto" rule;
+    an explicit one that cannot run raises NotImplementedError with the reason)."""
+    registered = _REGISTRY[op]
+    chosen = parse(op, backend)
     if chosen is Backend.AUTO:
         native = NATIVE.get(device.type)
-        if native in names and names[native](device) is None:
+        if native in registered and registered[native](device) is None:
             return native
         return _FALLBACK[op]
-    reason = names[chosen](device)
+    reason = registered[chosen](device)
     if reason is not None:
         raise NotImplementedError(f"backend={chosen.value!r} cannot run here ({op}): {reason}")
     return chosen

@@ -182,7 +182,7 @@ def markdown(runs: List[Run], device: str) -> str:
     # targets, as the benchmarks checked them
     targets = [(row.case, t) for row in rows for t in row.extra.get("targets", [])]
     if targets:
-        out += ["## Targets (issue 6)", "", "| case | target | measured | holds | how |", "|---|---|---|---|---|"]
+        out += ["## Targets", "", "| case | target | measured | holds | how |", "|---|---|---|---|---|"]
         for case, t in targets:
             measured = "–" if t.get("measured") is None else f"{t['measured']:.3f}"
             holds = {True: "yes", False: "**no**"}.get(t.get("holds"), "not measured")

@@ -28,7 +28,6 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     import ftattn
-    from ftattn.attention import backend_status
 
     print(f"ftattn {ftattn.__version__} ({os.path.dirname(ftattn.__file__)})")
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -44,12 +43,13 @@ def main(args) -> int:
             devices.append(f"cuda:{i}")
     else:
         print("CUDA: not available (CPU-only torch build or no GPU)")
-    from ftattn.mx.quantize import backend_status as mx_backend_status
+    import ftattn.mx  # noqa: F401  (registers the MX quantizer's backends)
+    from ftattn import backends
 
     for dev in devices:
-        for what, status in (("attention", backend_status(dev)), ("mx quantizer", mx_backend_status(dev))):
-            print(f"{what} backends on {dev}:")
-            for name, reason in status.items():
+        for op in backends.ops():
+            print(f"{op} backends on {dev}:")
+            for name, reason in backends.status(op, dev).items():
                 print(f"  {name:10} {'available' if reason is None else 'unavailable: ' + reason}")
     for module, extra in (("onnxruntime", "onnx"), ("onnxruntime_genai", "onnx"), ("transformers", "eval")):
         print(f"{module}: {_version(module)}" + ("" if _has(module) else f" (pip install 'ftattn[{extra}]')"))

@@ -1,7 +1,6 @@
 """The pure-PyTorch reference backend: the same checks as the fused kernels, done
 as separate ops on the whole N x M score matrix (matmul, softmax twice, checksums),
-like the seed notebooks' ABFT / DMR cells but with tolerances that scale with the
-data instead of exact equality. It is the baseline the benchmarks beat, it
+with tolerances that scale with the data rather than exact equality. It is the baseline the benchmarks beat, it
 supports every fault site, and it returns the same flags as the kernels.
 
 Memory is O(N * M) per head: this is what a user would write by hand.

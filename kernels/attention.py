@@ -193,7 +193,7 @@ def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
 # operand beside K or V) needs its operand in fp16/bf16: a sum of 128 fp16 keys can
 # overflow fp16, and the fp32 checksum needs a hi/lo split (3 terms for bf16) to keep
 # the thresholds at u = 2^-24; tf32x3 keeps fp32 range but costs three passes. Which is
-# cheaper on the H200 is for benchmarks/ to measure (not measurable in this session).
+# cheaper on a GPU is for benchmarks/ to measure.
 
 
 @triton.jit

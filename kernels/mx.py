@@ -17,15 +17,12 @@ shared_exp_method "max", scale_bits 8) on the same device:
   ``element * 2**shared_exp`` rounds into the subnormals as torch does.
 
 Limits: float32 in and out; blocks along the last axis of a 2-D [rows, K] view
-(the launcher transposes other axes); block_size up to 4096.
+(the launcher, ftattn/_launch/mx.py, transposes other axes); block_size up to 4096.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-__all__ = ["mx_quantize"]
 
 SCALE_EMAX = 127  # E8M0 exponent range [-127, 127]; 0xFF is NaN
 E8M0_NAN = 255
@@ -108,37 +105,3 @@ def _mx_quantize_kernel(
     tl.store(out_ptr + row * stride_out + k, q, mask=mask)
     scale = tl.where(nan_block, E8M0_NAN, s + SCALE_EMAX).to(tl.uint8)
     tl.store(scale_ptr + row * stride_scale + blk, scale, mask=blk < nblk)
-
-
-def mx_quantize(x3: torch.Tensor, log2_thresholds: torch.Tensor, ebits: int, mbits: int, emax: int,
-                max_norm: float, block_size: int, rounding: int, scaled: bool):
-    """x3 [outer, K, inner] float32 -> (values [outer, K, inner] float32,
-    scale_e8m0 [outer, ceil(K / block_size), inner] uint8); blocks along K.
-    Same contract as the C++ op ``ftattn::mx_quantize``."""
-    if x3.dim() != 3 or x3.dtype != torch.float32:
-        raise ValueError(f"mx_quantize: x must be a 3-D float32 tensor, got {tuple(x3.shape)} {x3.dtype}")
-    if not 1 <= block_size <= 4096:
-        raise ValueError(f"mx_quantize (Triton): block_size={block_size} must be in [1, 4096]")
-    outer, K, inner = x3.shape
-    nblk = -(-K // block_size)
-    x2 = x3.transpose(1, 2).reshape(outer * inner, K).contiguous()  # blocked axis last
-    out = torch.empty_like(x2)
-    scale = torch.empty((outer * inner, nblk), dtype=torch.uint8, device=x3.device)
-    if x2.numel():
-        bs_p2 = triton.next_power_of_2(block_size)
-        # 1-4 K values per program: enough loads in flight to hide latency, few registers.
-        blocks = max(1, min(triton.next_power_of_2(nblk), 2048 // bs_p2))
-        grid = (outer * inner, triton.cdiv(nblk, blocks))
-        min_exp = 2 - 2 ** (ebits - 1) if ebits else 0
-        _mx_quantize_kernel[grid](
-            x2, out, scale, log2_thresholds,
-            K, nblk,
-            x2.stride(0), out.stride(0), scale.stride(0),
-            emax, float(max_norm),
-            EBITS=ebits, MBITS=mbits, MIN_EXP=min_exp,
-            ROUNDING=rounding, SCALED=bool(scaled),
-            BLOCK_SIZE=block_size, BLOCK_SIZE_P2=bs_p2, BLOCKS=blocks,
-        )
-    out = out.view(outer, inner, K).transpose(1, 2).contiguous()
-    scale = scale.view(outer, inner, nblk).transpose(1, 2).contiguous()
-    return out, scale

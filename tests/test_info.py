@@ -6,7 +6,7 @@ def test_info_lists_backends_and_why_not(capsys, monkeypatch):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch " in out and "C++ extension:" in out
-    assert "attention backends on cpu:" in out and "mx quantizer backends on cpu:" in out
+    assert "attention backends on cpu:" in out and "mx_quantize backends on cpu:" in out
     assert "cpp        available" in out
     assert "triton     unavailable: CPU tensors need TRITON_INTERPRET=1" in out
 

@@ -38,7 +38,7 @@ ranges are specialised in the graph. With faults scheduled (`inject`) the
 bookkeeping of every call runs eagerly (a graph break per call) and each injected
 fault is a constant of its own graph (a recompile per fault): fine for a campaign,
 refused by ``fullgraph=True``. A key-padding argument of the op (per-sample
-key start / stop tensors) would remove both; see the issue 7 note.
+key start / stop tensors) would remove both.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .formats import FORMATS, get_format, get_rounding
-from .quantize import Backend
+from .. import backends
+from .quantize import Backend  # noqa: F401  (re-exported as ftattn.mx.Backend)
 
 __all__ = ["MXConfig"]
 
@@ -58,10 +59,10 @@ class MXConfig:
         if not isinstance(self.quantize_backprop, bool):
             raise TypeError(f"MXConfig.quantize_backprop must be a bool, got {self.quantize_backprop!r}")
         try:
-            object.__setattr__(self, "backend", Backend(self.backend).value)
+            object.__setattr__(self, "backend", backends.parse("mx_quantize", self.backend).value)
         except ValueError:
             raise ValueError(f"MXConfig.backend={self.backend!r} is not supported; use one of "
-                             f"{', '.join(repr(b.value) for b in Backend)}") from None
+                             f"{', '.join(map(repr, backends.names('mx_quantize')))}") from None
 
     @property
     def label(self) -> str:

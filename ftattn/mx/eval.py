@@ -1,6 +1,6 @@
 """``python -m ftattn mx-eval``: what each MX format costs in accuracy.
 
-Reproduces the seed notebook's experiment: one model, evaluated unquantized
+One model, evaluated unquantized
 ("baseline") and with its Linear/Conv2d layers swapped for MX ones (quantize_,
 then restore_) for each configuration of ``CONFIGS``, in the seed's order;
 prints the metric and its drop per configuration, plus the SQNR of the

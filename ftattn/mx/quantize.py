@@ -28,6 +28,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .. import backends
+from ..backends import Backend
+
 from .formats import (
     E8M0_NAN,
     ROUNDING_CODE,
@@ -56,15 +59,6 @@ __all__ = [
 
 FP32_MIN_NORMAL = 2.0**-126
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-class Backend(str, enum.Enum):
-    """Which implementation runs ``quantize``; AUTO: C++ on CPU, Triton on CUDA, else torch."""
-
-    AUTO = "auto"
-    CPP = "cpp"
-    TRITON = "triton"
-    TORCH = "torch"  # quantize_reference
 
 
 # ---------------------------------------------------------------------------
@@ -215,54 +209,32 @@ def _log2_thresholds(device: str) -> torch.Tensor:
     return thr.to(torch.int32).to(device)
 
 
-def _cpp_reason() -> Optional[str]:
-    try:
-        from .. import _C  # noqa: F401
-    except ImportError as exc:  # pragma: no cover
-        return f"the C++ extension does not import: {exc}"
-    if not hasattr(torch.ops.ftattn, "mx_quantize"):
-        return "the C++ extension was built without csrc/mx_cpu.cpp; reinstall ftattn"
-    return None
+def _cpp_reason(device: torch.device) -> Optional[str]:
+    return backends.extension_reason(device, "mx_quantize")
 
 
 def _triton_reason(device: torch.device) -> Optional[str]:
-    try:
-        from ..kernels import mx as _kernel  # noqa: F401
-    except ImportError as exc:
-        return f"the Triton kernel does not import: {exc}"
-    if device.type == "cuda":
-        return None
-    import os
+    reason = backends.triton_reason(device)
+    if reason is None:
+        try:
+            from .._launch import mx as _launcher  # noqa: F401
+        except ImportError as exc:
+            return f"the Triton kernel does not import: {exc}"
+    return reason
 
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"Triton runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), not {device.type}"
+
+backends.register("mx_quantize", "cpp", _cpp_reason)
+backends.register("mx_quantize", "triton", _triton_reason)
+backends.register("mx_quantize", "torch", lambda device: None, fallback=True)
 
 
 def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
     """{backend: None if usable on ``device`` else why not}."""
-    device = torch.device(device)
-    cpp = _cpp_reason()
-    if cpp is None and device.type != "cpu":
-        cpp = f"the C++ kernel runs on CPU tensors, not {device.type}"
-    return {Backend.CPP.value: cpp, Backend.TRITON.value: _triton_reason(device), Backend.TORCH.value: None}
+    return backends.status("mx_quantize", device)
 
 
 def _resolve_backend(backend, device: torch.device) -> Backend:
-    try:
-        backend = Backend(backend)
-    except ValueError:
-        raise ValueError(f"backend={backend!r} is not supported; use one of "
-                         f"{', '.join(repr(b.value) for b in Backend)}") from None
-    status = backend_status(device)
-    if backend is Backend.AUTO:
-        for cand in ((Backend.CPP,) if device.type == "cpu" else (Backend.TRITON,) if device.type == "cuda" else ()):
-            if status[cand.value] is None:
-                return cand
-        return Backend.TORCH
-    if status[backend.value] is not None:
-        raise NotImplementedError(f"backend={backend.value!r} cannot run here: {status[backend.value]}")
-    return backend
+    return backends.resolve("mx_quantize", backend, device)
 
 
 def _mx_3d(x3: torch.Tensor, f: ElementFormat, block_size: int, rounding: Rounding, scaled: bool,
@@ -278,7 +250,7 @@ def _mx_3d(x3: torch.Tensor, f: ElementFormat, block_size: int, rounding: Roundi
     args = (thr, f.ebits, f.mbits, f.emax, f.max_norm, block_size, ROUNDING_CODE[rounding], scaled)
     if x3.device.type == "cuda":
         return torch.ops.ftattn.mx_quantize(x3, *args)
-    from ..kernels.mx import mx_quantize as triton_mx_quantize  # the Triton interpreter, on CPU tensors
+    from .._launch.mx import mx_quantize as triton_mx_quantize  # the Triton interpreter, on CPU tensors
 
     return triton_mx_quantize(x3, *args)
 
@@ -336,7 +308,7 @@ def quantize_bfloat(x: torch.Tensor, bfloat: int = 16, rounding: Union[str, Roun
     r = get_rounding(rounding)
     if bfloat != 16 or r is Rounding.FLOOR or x.dtype != torch.float32:
         return quantize_bfloat_reference(x, bfloat, r)
-    if x.device.type == "cpu" and _cpp_reason() is None and hasattr(torch.ops.ftattn, "bfloat16_quantize"):
+    if backends.extension_reason(x.device, "bfloat16_quantize") is None:
         return torch.ops.ftattn.bfloat16_quantize(x, ROUNDING_CODE[r]).view(x.shape)
     return _bfloat16_bits(x, r)
 
@@ -488,7 +460,7 @@ def unpack(t: MXTensor) -> torch.Tensor:
 
 
 def _register() -> None:
-    if _cpp_reason() is not None:  # the schema lives in the C++ extension
+    if _cpp_reason(torch.device("cpu")) is not None:  # the schema lives in the C++ extension
         return
 
     @torch.library.register_fake("ftattn::mx_quantize")
@@ -503,7 +475,7 @@ def _register() -> None:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     try:
-        from ..kernels.mx import mx_quantize as triton_mx_quantize
+        from .._launch.mx import mx_quantize as triton_mx_quantize
     except ImportError:
         return
 

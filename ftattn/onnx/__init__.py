@@ -1,4 +1,4 @@
-"""ONNX generator harness: KV-cache token generation on onnxruntime (issue 5).
+"""ONNX generator harness: KV-cache token generation on onnxruntime.
 
 ``Generator.from_pretrained(folder)`` loads a decoder exported by
 ``ftattn.onnx.export`` (optimum layout) or by onnxruntime-genai's model builder

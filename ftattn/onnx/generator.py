@@ -1,9 +1,6 @@
 """KV-cache token generation with an ONNX decoder on onnxruntime.
 
-The seed notebook's loop (issue 5) rebuilt the KV dictionary from numpy copies
-every step, softmaxed the whole vocabulary, decoded the whole text every step,
-looked up an EOS token that did not exist and divided max_tokens by the elapsed
-time even when it stopped early. This loop instead:
+The loop:
 
 - keeps the cache in onnxruntime: the present tensors of one step are bound as
   the next step's past as OrtValues (IO binding), never copied to numpy; for

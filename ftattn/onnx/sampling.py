@@ -4,8 +4,7 @@ transformers applies the repetition penalty (a logits processor) before the
 warpers temperature -> top-k -> top-p, and so does this module, so greedy search
 with a penalty gives the same tokens as ``model.generate(repetition_penalty=...)``.
 
-The seed notebook softmaxed the whole vocabulary every step; here greedy search
-is an argmax (no softmax at all) and sampling is one C++ call per step
+Greedy search is an argmax (no softmax at all) and sampling is one C++ call per step
 (``ftattn._C.sample_tokens``): a single pass over the logits for top-k and a
 weighted selection, not a sort, for top-p.
 """
