@@ -211,3 +211,12 @@ def test_bad_logits_and_arguments_are_refused():
         for value in (10 ** 400, float("nan"), float("inf")):
             with pytest.raises(ValueError, match=f"{name}=.*: must be a finite number"):
                 SamplingConfig(do_sample=True, **{name: value})
+
+
+def test_importing_the_onnx_package_loads_no_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, ftattn.onnx; print(sorted(m for m in ('transformers', 'onnxruntime_genai') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
