@@ -341,51 +341,67 @@ static float verify_threshold(double colb, float vmax, float scale) {
   return t == t ? static_cast<float>(t < 3.0e38 ? t : 3.0e38) : 0.f;
 }
 
-// Each key's column bound colb_j; returns a lower bound of every theta_j (from the
-// largest colb_j and |v_j|_inf): a row whose largest p is below it times l has no key to
-// verify (most rows), and only the keys above it get their own theta_j (scores_mismatch).
-// e^x - 1 <= x (1 + x) for x <= 1/2 (and <= e^x): a smaller theta, more keys verified,
-// never fewer.
+// Each key's column bound colb_j and verification threshold theta_j; returns the
+// smallest theta_j: a row whose largest p is below it times l has no key to verify
+// (most rows). e^x - 1 <= x (1 + x) for x <= 1/2 (and <= e^x): a smaller theta, more
+// keys verified, never fewer.
 FTATTN_CLONES static float column_bounds(const ColumnBound& cb, const double* __restrict knorm,
                                          const double* __restrict ca, const float* __restrict ref,
                                          const float* __restrict vmax, float scale, int64_t n,
-                                         double* __restrict colb) {
+                                         double* __restrict colb, float* __restrict theta) {
   const double chunk = vec::ROW_CHUNK * U32;
-  double bmax = 0.0;
-  float vm = 0.f;
-#pragma omp simd reduction(max : bmax, vm)
+  const double s2 = 2.0 * static_cast<double>(scale);
+  // theta_j as verify_threshold, vectorised for x = 2 colb_j scale <= 1/2 (no exp),
+  // then exactly verify_threshold's for every key when some x is larger
+  double xmax = 0.0;
+#pragma omp simd reduction(max : xmax)
   for (int64_t j = 0; j < n; ++j) {
     const double a = ca[j] * (1.0 + 0x1p-10);
     colb[j] = cb.noise * ((cb.rows + cb.ref) * knorm[j] + a + std::fabs(static_cast<double>(ref[j]))) +
               chunk * a + cb.abs;
-    bmax = colb[j] > bmax ? colb[j] : bmax;
-    vm = vmax[j] > vm ? vmax[j] : vm;
+    const double x = colb[j] * s2;
+    xmax = x > xmax ? x : xmax;  // (a NaN x gives theta 0 both ways)
   }
-  return verify_threshold(bmax, vm, scale);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const double x = colb[j] * s2;
+    const double t = TAU_VERIFY / ((static_cast<double>(vmax[j]) + 1.0) * (x * (1.0 + x)));
+    const double c = t < 3.0e38 ? t : 3.0e38;
+    theta[j] = static_cast<float>(t == t ? c : 0.0);
+  }
+  float low = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : low)
+  for (int64_t j = 0; j < n; ++j) low = theta[j] < low ? theta[j] : low;
+  if (!(xmax <= 0.5)) {
+    low = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      theta[j] = verify_threshold(colb[j], vmax[j], scale);
+      low = theta[j] < low ? theta[j] : low;
+    }
+  }
+  return low;
 }
 
 // true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
-// recomputed in fp64 (keys j < n: the visible ones of the tile; theta_low <= every theta_j).
+// recomputed in fp64 (keys j < n: the visible ones of the tile).
 FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
                                           const float* __restrict S, const float* __restrict p,
-                                          const double* __restrict colb, const float* __restrict vmax, float scale,
-                                          float theta_low, float l, int64_t n) {
+                                          const float* __restrict theta, float l, int64_t n) {
   using namespace vec;
   const double noise = KAPPA * std::sqrt(static_cast<double>(D)) * U32;
   const double floor = ETA * static_cast<double>(D + 1);
+  // candidates p_j >= theta_j l, a vector at a time (most vectors have none; a NaN p
+  // is the probability-range check's, as elsewhere)
   bool bad = false;
   for (int64_t j = 0; j < n; ++j) {
-    const float low = theta_low * l;
-    if (j % W == 0 && j + W <= n) {  // skip whole vectors with no candidate
-      const i16 hit = load(p + j) >= low;
-      bool any = false;
-      for (int t = 0; t < W; ++t) any |= hit[t] != 0;
-      if (!any) {
+    if (j % W == 0 && j + W <= n) {
+      const i16 hit = load(p + j) >= load(theta + j) * l;  // (a compare: no fused multiply-add)
+      if (!(hmax(reinterpret_cast<f16>(reinterpret_cast<u16>(hit) & 0x3f800000u)) > 0.f)) {
         j += W - 1;
         continue;
       }
     }
-    if (!(p[j] >= low) || !(p[j] >= verify_threshold(colb[j], vmax[j], scale) * l)) continue;
+    if (!(p[j] >= theta[j] * l)) continue;
     const float* k = K + j * D;
     double s = 0.0, n2 = 0.0;
 #pragma omp simd reduction(+ : s, n2)
@@ -840,8 +856,9 @@ struct Scratch {
   // per-group sums of v_j and |v_j| at group stride BLOCK_N
   std::vector<double> tile_ks, tile_ka, tile_knorm;
   std::vector<float> tile_vsum, tile_vabs, tile_vmax;
-  // per key of the tile: the column check's bound (score verification reads it too)
+  // per key of the tile: the column check's bound and the score verification's threshold
   std::vector<double> colb;
+  std::vector<float> theta;
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
@@ -868,6 +885,7 @@ struct Scratch {
     tile_vabs.resize(MAX_GROUPS * BLOCK_N);
     tile_vmax.resize(BLOCK_N);
     colb.resize(BLOCK_N);
+    theta.resize(BLOCK_N);
   }
 };
 
@@ -1082,13 +1100,14 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
         const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1)) + static_cast<double>(D) * 0x1p-150;
         const ColumnBound cb{KAPPA * sqrtD * U32, std::sqrt(static_cast<double>(i1 - i0) * w.q2max[sb]),
                              std::sqrt(w.qs2max[sb]), col_abs};
-        const float theta_low = column_bounds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols, w.colb.data());
+        const float theta_low =
+            column_bounds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols, w.colb.data(), w.theta.data());
         if (col_check_fails(w.cs.data(), colref, w.colb.data(), cols)) bad[sb] |= kColChecksum;
         for (int64_t i = i0; i < i1; ++i) {
           if (!(w.pmax[i] >= theta_low * w.l[i]) || w.m[i] == NEG_INF) continue;
           const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
-          if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.colb.data(), vmax,
-                              P.scale, theta_low, w.l[i], std::min<int64_t>(cols, limit + 1)))
+          if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), w.l[i],
+                              std::min<int64_t>(cols, limit + 1)))
             bad[sb] |= kScoreRecompute;
         }
       }
