@@ -11,17 +11,12 @@
 #include "vec.h"  // kernel_isa
 
 extern "C" {
-PyObject* ftattn_sample_tokens(PyObject* module, PyObject* args);  // sampling_cpu.cpp
-
 static PyObject* ftattn_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ftattn::kernel_isa()); }
 
-// Two methods, the ONNX generator's sampler (not a torch op: see sampling_cpu.cpp) and the
-// instruction set of the CPU kernels; the ops register when the import loads this shared object.
+// One method, the instruction set of the CPU kernels; the ops register when the import loads
+// this shared object. (The ONNX generator's sampler is its own extension: csrc/onnx/.)
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
-      {"sample_tokens", ftattn_sample_tokens, METH_VARARGS,
-       "sample_tokens(scores, row_stride, batch, vocab, dtype, uniform, temperature, top_k, top_p, out): "
-       "one token per row into out (addresses; see csrc/sampling_cpu.cpp)"},
       {"cpu_isa", ftattn_cpu_isa, METH_NOARGS,
        "cpu_isa(): the instruction set the CPU kernels run (x86-64-v4, x86-64-v3, x86-64 or native)"},
       {NULL, NULL, 0, NULL},

@@ -9,29 +9,9 @@ from __future__ import annotations
 import torch  # noqa: F401  (the extension links against it)
 
 
-def _load_extension():
-    """The C++ extension ``ftattn._C`` (its import registers the ops). The environment
-    variable FTATTN_EXTENSION (testing only) names another build of it to load instead,
-    e.g. a one-ISA build: tests/test_isa_builds.py runs the kernels' grid under each."""
-    import os
+from . import _extension
 
-    path = os.environ.get("FTATTN_EXTENSION")
-    if not path:
-        from . import _C
-        return _C
-    import importlib.util
-    import sys
-
-    if not os.path.isfile(path):
-        raise ImportError(f"FTATTN_EXTENSION={path!r} is not a file; unset it to load the installed ftattn._C")
-    spec = importlib.util.spec_from_file_location(f"{__name__}._C", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_C = _load_extension()  # registers ftattn::attention and ftattn::attention_fwd
+_C = _extension.load(f"{__name__}._C", "FTATTN_EXTENSION")  # registers the ftattn:: ops
 from .faults import Check, Fault, FaultDetectedError, Report, REPORT_BLOCK_M  # noqa: F401
 from .attention import attention  # noqa: F401
 from .integrations import register_on_import as _register_transformers

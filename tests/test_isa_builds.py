@@ -11,7 +11,8 @@ machine. Each case below is a processor class: the clone, built as a one-target 
 a source changes; the installed build where its clone is the one this CPU runs), with MKL
 held to that class's path (MKL_CBWR, STRICT so that the thread count cannot change the
 bits). The attention grid (tests/test_attention.py, C++ backend) and the sampler's tests
-run in a subprocess that loads the extension through FTATTN_EXTENSION.
+run in a subprocess that loads the extensions through FTATTN_EXTENSION and
+FTATTN_SAMPLING_EXTENSION.
 """
 import glob
 import os
@@ -41,7 +42,8 @@ def _build(isa: str) -> str:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"one-target build for {isa} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     (path,) = glob.glob(os.path.join(out, "lib", "ftattn", "_C*.so"))
-    return path
+    (sampling,) = glob.glob(os.path.join(out, "lib", "ftattn", "onnx", "_sampling*.so"))
+    return path, sampling
 
 
 def _run(env, *args):
@@ -56,12 +58,18 @@ def test_grid_under_isa(isa, mkl_path):
         pytest.skip(f"the build runs {native!r}: no x86-64 clones to test")
     if ISAS.index(isa) < ISAS.index(native):
         pytest.skip(f"this CPU cannot run {isa} (its best clone is {native})")
-    path = ftattn._C.__file__ if isa == native else _build(isa)
-    env = dict(os.environ, FTATTN_EXTENSION=path, MKL_CBWR=mkl_path)
-    # the extension must run the instruction set it was built for
-    got = _run(env, "-c", "import ftattn; print(ftattn._C.__file__, ftattn._C.cpu_isa())")
+    if isa == native:
+        from ftattn.onnx import sampling
+
+        path, sampling_path = ftattn._C.__file__, sampling._sampling.__file__
+    else:
+        path, sampling_path = _build(isa)
+    env = dict(os.environ, FTATTN_EXTENSION=path, FTATTN_SAMPLING_EXTENSION=sampling_path, MKL_CBWR=mkl_path)
+    # the extensions must run the instruction set they were built for
+    got = _run(env, "-c", "import ftattn; from ftattn.onnx import sampling as s; "
+                          "print(ftattn._C.__file__, ftattn._C.cpu_isa(), s._sampling.__file__, s._sampling.cpu_isa())")
     assert got.returncode == 0, got.stderr[-3000:]
-    assert got.stdout.split() == [path, isa], got.stdout
+    assert got.stdout.split() == [path, isa, sampling_path, isa], got.stdout
     grid = _run(env, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", GRID_FILTER, *GRID)
     tail = grid.stdout[-6000:]
     assert grid.returncode == 0, f"the grid fails under {isa}:\n{tail}\n{grid.stderr[-2000:]}"

@@ -5,7 +5,7 @@ warpers temperature -> top-k -> top-p, and so does this module, so greedy search
 with a penalty gives the same tokens as ``model.generate(repetition_penalty=...)``.
 
 Greedy search is an argmax (no softmax at all) and sampling is one C++ call per step
-(``ftattn._C.sample_tokens``): a single pass over the logits for top-k and a
+(``ftattn.onnx._sampling.sample_tokens``, csrc/onnx/sampling.cpp): a single pass over the logits for top-k and a
 weighted selection, not a sort, for top-p.
 """
 from __future__ import annotations
@@ -16,7 +16,9 @@ import math
 
 import numpy as np
 
-from .. import _C  # sample_tokens
+from .. import _extension
+
+_sampling = _extension.load(f"{__package__}._sampling", "FTATTN_SAMPLING_EXTENSION")  # its own extension, no torch
 
 
 @dataclass
@@ -69,24 +71,17 @@ def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: floa
     return scores
 
 
-_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.float64): 2}
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 
 
 def _rows(scores: np.ndarray) -> np.ndarray:
     """scores as the C call reads them: 2-D float32/16/64 with contiguous rows (else a copy)."""
-    if scores.ndim != 2 or scores.dtype not in _DTYPE_CODES:
-        raise TypeError(f"scores: must be a 2-D float32, float16 or float64 array, got {scores.dtype} "
-                        f"{scores.shape}")
+    if not isinstance(scores, np.ndarray) or scores.ndim != 2 or scores.dtype not in _DTYPES:
+        raise TypeError(f"scores: must be a 2-D float32, float16 or float64 array, got "
+                        f"{getattr(scores, 'dtype', type(scores).__name__)} {getattr(scores, 'shape', '')}")
     if scores.strides[1] != scores.itemsize or scores.strides[0] % scores.itemsize:
         return np.ascontiguousarray(scores)
     return scores
-
-
-def _call_args(rows: np.ndarray, uniform_address: int, config: SamplingConfig, out_address: int) -> tuple:
-    """The arguments of ftattn._C.sample_tokens for ``rows`` (from ``_rows``)."""
-    return (rows.ctypes.data, rows.strides[0] // rows.itemsize, rows.shape[0], rows.shape[1],
-            _DTYPE_CODES[rows.dtype], uniform_address, float(config.temperature), min(int(config.top_k), 2 ** 62),
-            float(config.top_p), out_address)
 
 
 def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
@@ -97,7 +92,7 @@ def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
     drops the tokens whose cumulative probability from the least likely up is <= 1 - top_p
     (keeping the most likely), as transformers' warpers; the token is the inverse of the
     kept tokens' cumulative distribution, in token-id order, at ``uniform[b]``. One call of
-    ``ftattn._C.sample_tokens`` (csrc/sampling_cpu.cpp) for the whole batch.
+    ``ftattn.onnx._sampling.sample_tokens`` (csrc/onnx/sampling.cpp) for the whole batch.
     """
     rows = _rows(scores)
     uniform = np.ascontiguousarray(uniform, dtype=np.float64)
@@ -109,8 +104,13 @@ def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
               and out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"out: must be a writeable contiguous int64 array of shape ({rows.shape[0]},), got "
                          f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
-    _C.sample_tokens(*_call_args(rows, uniform.ctypes.data, config, out.ctypes.data))
+    _sample(rows, uniform, out, config)
     return out
+
+
+def _sample(rows: np.ndarray, uniform: np.ndarray, out: np.ndarray, config: SamplingConfig) -> None:
+    _sampling.sample_tokens(rows, uniform, out, float(config.temperature), min(int(config.top_k), 2 ** 62),
+                            float(config.top_p))
 
 
 class TokenSampler:
@@ -120,7 +120,7 @@ class TokenSampler:
     time: the same numbers as one ``rng.random(batch)`` a step), so a row's draws do not
     depend on when the other rows finish. The generator calls it between two model steps,
     when the caches are cold and every numpy call costs 10-20 us, so the common case (the
-    same logits buffer every step) is one C call with addresses worked out once.
+    same logits buffer every step) is one C call on arrays checked once.
     """
 
     STEPS = 64  # steps of uniform numbers drawn at a time
@@ -130,7 +130,8 @@ class TokenSampler:
         self.uniform = np.empty((self.STEPS, batch), dtype=np.float64)
         self.tokens = np.empty(batch, dtype=np.int64)
         self._step = self.STEPS  # the next row of uniform numbers to use; STEPS: draw more first
-        self._scores = self._args = None
+        self._scores = None  # the last logits array checked (kept: the same buffer every step)
+        self._args = (float(config.temperature), min(int(config.top_k), 2 ** 62), float(config.top_p))
 
     def __call__(self, scores: np.ndarray) -> list[int]:
         if self._step == self.STEPS:
@@ -138,16 +139,12 @@ class TokenSampler:
             self._step = 0
         step = self._step
         self._step = step + 1
-        args = self._args
-        if scores is not self._scores:  # a new logits array: check it and work out its address once
+        rows = scores
+        if scores is not self._scores:  # a new logits array: check it once
             rows = _rows(scores)
             if rows.shape[0] != self.batch:
                 raise ValueError(f"scores: {rows.shape[0]} rows, the sampler draws for {self.batch}")
-            args = _call_args(rows, self.uniform.ctypes.data, self.config, self.tokens.ctypes.data)
-            if rows is scores:  # kept alive, so its address stays valid
-                self._scores, self._args = scores, args
-            else:  # a copy is not kept: the array it copies may be rewritten in place
-                self._scores = None
-        _C.sample_tokens(args[0], args[1], args[2], args[3], args[4], args[5] + 8 * self.batch * step, args[6],
-                         args[7], args[8], args[9])
+            # a copy is not kept: the array it copies may be rewritten in place
+            self._scores = scores if rows is scores else None
+        _sampling.sample_tokens(rows, self.uniform, self.tokens, *self._args, step)
         return self.tokens.tolist()

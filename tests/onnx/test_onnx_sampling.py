@@ -220,3 +220,40 @@ def test_importing_the_onnx_package_loads_no_transformers():
     code = "import sys, ftattn.onnx; print(sorted(m for m in ('transformers', 'onnxruntime_genai') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_sampler_is_its_own_extension_and_checks_its_arrays():
+    import numpy as np
+
+    from ftattn import _C
+    from ftattn.onnx import _sampling
+
+    assert not hasattr(_C, "sample_tokens")  # the attention extension carries no sampler
+    scores = np.zeros((2, 5), dtype=np.float32)
+    scores[0, 3] = scores[1, 1] = 9.0
+    out = np.empty(2, dtype=np.int64)
+    _sampling.sample_tokens(scores, np.array([0.5, 0.5]), out, 1.0, 1, 1.0)
+    assert out.tolist() == [3, 1]
+    # anything but checked arrays is refused with the argument named (no addresses)
+    cases = [((12345, np.zeros(2), out), "scores: must be a numpy array"),
+             ((scores.astype(np.int32), np.zeros(2), out), "scores: must be a 2-D float32"),
+             ((scores[:, ::2], np.zeros(2), out), "vocabulary axis must be contiguous"),
+             ((scores, np.zeros(3), out), r"uniform: must be a contiguous float64 array of shape \(2,\)"),
+             ((scores, np.zeros(2), out.astype(np.int32)), "out: must be a writeable contiguous int64"),
+             ((scores, np.zeros(2), np.frombuffer(bytes(16), dtype=np.int64)), "out: must be a writeable")]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _sampling.sample_tokens(*args, 1.0, 0, 1.0)
+    with pytest.raises(ValueError, match=r"uniform\[0\]=1.5 must be in \[0, 1\)"):
+        _sampling.sample_tokens(scores, np.array([1.5, 0.5]), out, 1.0, 0, 1.0)
+    # a 2-D uniform gives the draws of step `row`; the same arrays again are read from the cache
+    draws = np.array([[0.5, 0.5], [1.5, 0.5]])
+    for _ in range(2):
+        _sampling.sample_tokens(scores, draws, out, 1.0, 1, 1.0, 0)
+        assert out.tolist() == [3, 1]
+    with pytest.raises(ValueError, match="uniform\\[0\\]=1.5"):
+        _sampling.sample_tokens(scores, draws, out, 1.0, 1, 1.0, 1)
+    with pytest.raises(ValueError, match="row=2 is out of range for uniform with 2 rows"):
+        _sampling.sample_tokens(scores, draws, out, 1.0, 1, 1.0, 2)
+    with pytest.raises(ValueError, match="row=1 needs a 2-D uniform"):
+        _sampling.sample_tokens(scores, np.array([0.5, 0.5]), out, 1.0, 1, 1.0, 1)

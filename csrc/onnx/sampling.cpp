@@ -1,6 +1,6 @@
 // Next-token sampling for the ONNX generator (ftattn/onnx/sampling.py), one call per step.
 //
-// ftattn._C.sample_tokens(scores [B, V], uniform [B]) draws one token per row after
+// ftattn.onnx._sampling.sample_tokens(scores [B, V], uniform [B], out [B]) draws one token per row after
 // transformers' warpers temperature -> top-k -> top-p. In numpy the same work took
 // about 40 calls between two model steps (150-300 us a token in the loop against
 // an int4 model step of 1.6 ms); here it is one call (~55 us in the loop, 20-35 warm,
@@ -23,9 +23,10 @@
 // fixed tree (the same bits on every instruction set), so they run in another order than a
 // sorted cumulative sum: a token whose cumulative probability is within rounding (~1e-16)
 // of 1 - top_p, or of u, may fall on the other side than in the reference.
+// Its own small extension (no torch: numpy arrays in, read through their
+// __array_interface__ and checked here), so the ONNX package needs neither the
+// attention extension nor torch's op registrations.
 #include <Python.h>
-#include <c10/util/Half.h>
-#include <c10/util/StringUtil.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,10 +34,12 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <sstream>
+#include <string>
 #include <stdexcept>
 #include <vector>
 
-#include "vec.h"  // FTATTN_CLONES, 16-lane vectors
+#include "../vec.h"  // FTATTN_CLONES, 16-lane vectors
 
 
 namespace ftattn {
@@ -546,10 +549,33 @@ FTATTN_WIDE_FUNCTION(void, exp_weights,
                      exp_weights_w, (x, ids, m, top, temperature, w))
 #pragma GCC pop_options
 
-// Checks an argument of ftattn._C.sample_tokens; raised to Python as ValueError.
+// Checks an argument of sample_tokens; raised to Python as ValueError.
 template <typename... Args>
 void check(bool ok, const Args&... message) {
-  if (!ok) throw std::invalid_argument(c10::str("ftattn._C.sample_tokens: ", message...));
+  if (ok) return;
+  std::ostringstream text;
+  text << "ftattn.onnx._sampling.sample_tokens: ";
+  (text << ... << message);
+  throw std::invalid_argument(text.str());
+}
+
+// IEEE binary16 -> float, exactly (subnormals, Inf and NaN included).
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else {  // zero or subnormal: man * 2^-24, exact in float
+    const float f = static_cast<float>(man) * 0x1p-24f;
+    std::memcpy(&bits, &f, sizeof(bits));
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
 }
 
 int64_t sample_row(const float* x, int64_t size, int64_t index, double u, double temperature, int64_t top_k,
@@ -620,8 +646,8 @@ void sample_tokens(uintptr_t scores, int64_t row_stride, int64_t batch, int64_t 
     } else {  // float16 / float64 logits: the row as float
       s.logits.resize(size);
       if (dtype == 1) {
-        const c10::Half* row = reinterpret_cast<const c10::Half*>(scores) + b * row_stride;
-        for (int64_t i = 0; i < size; ++i) s.logits[i] = static_cast<float>(row[i]);
+        const uint16_t* row = reinterpret_cast<const uint16_t*>(scores) + b * row_stride;
+        for (int64_t i = 0; i < size; ++i) s.logits[i] = half_to_float(row[i]);
       } else {
         const double* row = reinterpret_cast<const double*>(scores) + b * row_stride;
         for (int64_t i = 0; i < size; ++i) s.logits[i] = static_cast<float>(row[i]);
@@ -635,26 +661,150 @@ void sample_tokens(uintptr_t scores, int64_t row_stride, int64_t batch, int64_t 
 }  // namespace
 }  // namespace ftattn
 
-// ftattn._C.sample_tokens(scores, row_stride, batch, vocab, dtype, uniform, temperature, top_k, top_p, out):
-// addresses (ints) of scores [batch, vocab] rows row_stride elements apart (any stride: 0 repeats a row) (dtype 0 float32,
-// 1 float16, 2 float64), uniform float64 [batch] and out int64 [batch]. A plain module method, not a
-// torch op: the generator calls it between two model steps, when the caches are cold, and the
-// dispatcher's path cost 45 us there (this call: a few). ftattn/onnx/sampling.py passes the
-// addresses of numpy arrays it has checked.
+// ---------------------------------------------------------------------------
+// the Python module: numpy arrays (or anything with a numpy __array_interface__)
+
+namespace {
+
+// One array argument as the sampler reads it: its address, dims and strides, checked.
+struct Array {
+  uintptr_t data = 0;
+  int64_t dims[2] = {0, 0}, strides[2] = {0, 0};  // strides in bytes
+  int ndim = 0;
+  std::string type;
+  bool readonly = true;
+};
+
+int64_t as_int(PyObject* o, const char* what) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw std::invalid_argument(std::string(what) + " is not an integer");
+  return v;
+}
+
+// arr.__array_interface__ (numpy's protocol, version 3), or an error naming the argument.
+Array read_array(PyObject* arr, const char* name) {
+  Array a;
+  auto fail = [&](const std::string& why) {
+    PyErr_Clear();
+    throw std::invalid_argument(std::string("ftattn.onnx._sampling.sample_tokens: ") + name + ": " + why);
+  };
+  PyObject* iface = PyObject_GetAttrString(arr, "__array_interface__");
+  if (iface == nullptr || !PyDict_Check(iface)) {
+    Py_XDECREF(iface);
+    fail("must be a numpy array");
+  }
+  PyObject* data = PyDict_GetItemString(iface, "data");  // borrowed
+  PyObject* shape = PyDict_GetItemString(iface, "shape");
+  PyObject* strides = PyDict_GetItemString(iface, "strides");
+  PyObject* typestr = PyDict_GetItemString(iface, "typestr");
+  bool ok = data && PyTuple_Check(data) && PyTuple_Size(data) == 2 && shape && PyTuple_Check(shape) && typestr &&
+            PyUnicode_Check(typestr);
+  if (ok) {
+    a.data = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(PyTuple_GetItem(data, 0)));
+    a.readonly = PyObject_IsTrue(PyTuple_GetItem(data, 1)) != 0;
+    a.ndim = static_cast<int>(PyTuple_Size(shape));
+    PyObject* bytes = PyUnicode_AsUTF8String(typestr);
+    ok = bytes != nullptr && a.ndim >= 1 && a.ndim <= 2 && !PyErr_Occurred();
+    if (ok) a.type = PyBytes_AsString(bytes);
+    Py_XDECREF(bytes);
+  }
+  if (ok) {
+    const int64_t item = a.type.size() >= 3 ? std::stoll(a.type.substr(2)) : 0;
+    for (int d = 0; d < a.ndim; ++d) a.dims[d] = as_int(PyTuple_GetItem(shape, d), "a dimension");
+    if (strides == nullptr || strides == Py_None) {  // C-contiguous
+      a.strides[a.ndim - 1] = item;
+      if (a.ndim == 2) a.strides[0] = item * a.dims[1];
+    } else {
+      for (int d = 0; d < a.ndim; ++d) a.strides[d] = as_int(PyTuple_GetItem(strides, d), "a stride");
+    }
+  }
+  Py_DECREF(iface);
+  if (!ok) fail("must be a 1-D or 2-D numpy array");
+  return a;
+}
+
+// The last array seen in one argument, read once and held (a reference), so the generator's
+// loop, which passes the same arrays every step, reads no __array_interface__ (~1 us each)
+// after the first. (A numpy array holds its data while referenced.)
+struct Cached {
+  PyObject* obj = nullptr;
+  Array array;
+};
+
+const Array& read_cached(Cached& c, PyObject* obj, const char* name) {
+  if (obj != c.obj) {
+    Array a = read_array(obj, name);
+    Py_INCREF(obj);
+    Py_XDECREF(c.obj);
+    c.obj = obj;
+    c.array = a;
+  }
+  return c.array;
+}
+
+}  // namespace
+
+// sample_tokens(scores, uniform, out, temperature, top_k, top_p, row=0): scores [batch, vocab]
+// float32, float16 or float64 with unit stride along the vocabulary (any row stride: 0 repeats
+// a row), uniform float64 [batch] or [steps, batch] (then its row `row`), out int64 [batch]
+// (writeable), both contiguous. A plain module method, not a torch op: the generator calls it
+// between two model steps, when the caches are cold, and the dispatcher's path cost 45 us
+// there (this call: under a microsecond besides the sampling).
 extern "C" PyObject* ftattn_sample_tokens(PyObject* /*module*/, PyObject* args) {
-  unsigned long long scores, uniform, out;
-  Py_ssize_t row_stride, batch, size, top_k;
-  int dtype;
+  PyObject *scores_obj, *uniform_obj, *out_obj;
+  Py_ssize_t top_k, row = 0;
   double temperature, top_p;
-  if (!PyArg_ParseTuple(args, "KnnniKdndK", &scores, &row_stride, &batch, &size, &dtype, &uniform, &temperature,
-                        &top_k, &top_p, &out))
+  if (!PyArg_ParseTuple(args, "OOOdnd|n", &scores_obj, &uniform_obj, &out_obj, &temperature, &top_k, &top_p, &row))
     return nullptr;
+  static Cached cache[3];  // (the call holds the GIL)
   try {
-    ftattn::sample_tokens(static_cast<uintptr_t>(scores), row_stride, batch, size, dtype,
-                          static_cast<uintptr_t>(uniform), temperature, top_k, top_p, static_cast<uintptr_t>(out));
+    const Array& sc = read_cached(cache[0], scores_obj, "scores");
+    Array un = read_cached(cache[1], uniform_obj, "uniform");
+    const Array& out = read_cached(cache[2], out_obj, "out");
+    if (un.ndim == 2) {  // one row of the draws
+      ftattn::check(row >= 0 && row < un.dims[0], "row=", row, " is out of range for uniform with ", un.dims[0],
+                    " rows");
+      un.data += static_cast<uintptr_t>(row * un.strides[0]);
+      un.ndim = 1;
+      un.dims[0] = un.dims[1];
+      un.strides[0] = un.strides[1];
+    } else {
+      ftattn::check(row == 0, "row=", row, " needs a 2-D uniform");
+    }
+    int dtype = -1;
+    if (sc.type == "<f4") dtype = 0;
+    if (sc.type == "<f2") dtype = 1;
+    if (sc.type == "<f8") dtype = 2;
+    const int64_t item = dtype == 0 ? 4 : dtype == 1 ? 2 : 8;
+    ftattn::check(sc.ndim == 2 && dtype >= 0, "scores: must be a 2-D float32, float16 or float64 array, got ",
+                  sc.type, " with ", sc.ndim, " dims");
+    ftattn::check(sc.strides[1] == item && sc.strides[0] % item == 0,
+                  "scores: the vocabulary axis must be contiguous (np.ascontiguousarray)");
+    const int64_t batch = sc.dims[0];
+    ftattn::check(un.ndim == 1 && un.type == "<f8" && un.dims[0] == batch && (batch <= 1 || un.strides[0] == 8),
+                  "uniform: must be a contiguous float64 array of shape (", batch, ",)");
+    ftattn::check(out.ndim == 1 && out.type == "<i8" && out.dims[0] == batch && (batch <= 1 || out.strides[0] == 8) &&
+                      !out.readonly,
+                  "out: must be a writeable contiguous int64 array of shape (", batch, ",)");
+    ftattn::sample_tokens(sc.data, sc.strides[0] / item, batch, sc.dims[1], dtype, un.data, temperature, top_k, top_p,
+                          out.data);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
   }
   Py_RETURN_NONE;
+}
+
+static PyObject* ftattn_sampling_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ftattn::kernel_isa()); }
+
+extern "C" PyObject* PyInit__sampling(void) {
+  static PyMethodDef methods[] = {
+      {"sample_tokens", ftattn_sample_tokens, METH_VARARGS,
+       "sample_tokens(scores, uniform, out, temperature, top_k, top_p): one token per row of scores into out "
+       "(see csrc/onnx/sampling.cpp)"},
+      {"cpu_isa", ftattn_sampling_isa, METH_NOARGS, "cpu_isa(): the instruction set the sampler runs"},
+      {NULL, NULL, 0, NULL},
+  };
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_sampling", NULL, -1, methods};
+  return PyModule_Create(&module_def);
 }
