@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    headers = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))  # a change rebuilds
     # -Wno-psabi: the 64-byte vectors of the CPU kernel live only inside always-inlined
     # helpers, so the calling-convention note GCC gives for them does not apply
     cxx = ["-O3", "-fopenmp", "-Wno-psabi", "-DPy_LIMITED_API=0x03090000"]
@@ -33,6 +34,7 @@ def _extensions():
         CppExtension(
             name="ftattn._C",
             sources=sources,
+            depends=headers,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
@@ -42,6 +44,7 @@ def _extensions():
         Extension(
             name="ftattn.onnx._sampling",
             sources=sorted(glob.glob(os.path.join("csrc", "onnx", "*.cpp"))),
+            depends=headers,
             include_dirs=[os.path.join(ROOT, "csrc")],
             # C++20 as torch builds _C: in C++17 mode libstdc++'s heap (top-k) ran 3x slower
             extra_compile_args=[c for c in cxx if c not in ("-fopenmp",)] + ["-std=c++20"],

@@ -64,7 +64,7 @@ def environment(device: str) -> dict:
 
 def peak_bytes(fn, device: str) -> tuple:
     """(peak bytes of one call of ``fn``, how they were counted)."""
-    from ftattn.memory import peak_memory
+    from ftattn.tools.memory import peak_memory
 
     if device.startswith("cuda"):
         return peak_memory(fn, device), "torch.cuda.max_memory_allocated above the allocation before the call"

@@ -25,10 +25,14 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # ftattn.mx, ftattn.onnx, ftattn.integrations: imported on first use, so
     # `import ftattn` stays cheap and pulls in neither triton nor onnxruntime
-    if name in ("mx", "onnx", "integrations", "campaign", "reference"):
+    if name in ("mx", "onnx", "integrations", "reference", "tools"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
+    if name == "campaign":  # the campaign library lives with its command, in ftattn.tools
+        import importlib
+
+        return importlib.import_module(".tools.campaign", __name__)
     raise AttributeError(f"module 'ftattn' has no attribute {name!r}")
 
 

@@ -1,7 +1,8 @@
 """Command line: ``python -m ftattn <command> ...`` (also the ``ftattn`` script).
 
-Each command lives in its own module, imported only when it runs, which defines
-``add_arguments(parser)`` and ``main(args) -> int``.
+Each command lives in its own module (the tools in ftattn/tools/, generation with the
+ONNX and Hugging Face harnesses in their packages), imported only when it runs, which
+defines ``add_arguments(parser)`` and ``main(args) -> int``.
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "info": ("ftattn.info", "versions, devices and which backends are available (and why not)"),
-    "campaign": ("ftattn.campaign", "fault-injection campaign: detection and correction per site"),
-    "mx-eval": ("ftattn.mx.eval", "accuracy of MX formats on a classifier / transformer"),
+    "info": ("ftattn.tools.info", "versions, devices and which backends are available (and why not)"),
+    "campaign": ("ftattn.tools.campaign", "fault-injection campaign: detection and correction per site"),
+    "mx-eval": ("ftattn.tools.mx_eval", "accuracy of MX formats on a classifier / transformer"),
     "generate": ("ftattn.onnx.cli", "token generation with an ONNX decoder on onnxruntime"),
-    "bench-report": ("ftattn.bench_report", "turn pytest-benchmark JSON into a table and plots"),
+    "bench-report": ("ftattn.tools.bench_report", "turn pytest-benchmark JSON into a table and plots"),
     "generate-hf": ("ftattn.integrations.generate_hf", "fault-injected generation with a Hugging Face LM"),
 }
 

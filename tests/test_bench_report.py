@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ftattn import bench_report
+from ftattn.tools import bench_report
 from ftattn.__main__ import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

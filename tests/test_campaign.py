@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ftattn import campaign
+from ftattn.tools import campaign
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftattn.mx import eval as mx_eval
+from ftattn.tools import mx_eval
 
 
 def _args(tmp_path, *extra):

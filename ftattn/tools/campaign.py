@@ -35,8 +35,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .attention import attention
-from .faults import Fault, Site
+from ..attention import attention
+from ..faults import Fault, Site
 
 SITES = [s.name.lower() for s in Site]
 VALUES = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0]

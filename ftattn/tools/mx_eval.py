@@ -38,10 +38,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .config import MXConfig
-from .formats import FORMATS
-from .quantize import quantize
-from .workflow import quantize_, restore_
+from ..mx.config import MXConfig
+from ..mx.formats import FORMATS
+from ..mx.quantize import quantize
+from ..mx.workflow import quantize_, restore_
 
 __all__ = ["CONFIGS", "add_arguments", "main", "load_mnist_idx", "run"]
 

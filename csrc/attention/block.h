@@ -1,0 +1,547 @@
+// One block of query rows through its key tiles (run_block), its recomputation
+// (process_block) and the per-call key sums.
+// Part of the CPU attention kernel: included once, by csrc/attention_cpu.cpp (one
+// translation unit, so every helper stays inlinable).
+#pragma once
+
+#include "checks.h"
+#include "softmax.h"
+#include "sums.h"
+
+namespace ftattn {
+namespace {
+
+// ---------------------------------------------------------------------------
+
+struct FaultSpec {
+  bool active = false;
+  int64_t site = 0, batch = 0, head = 0, row = 0, col = 0, dim = 0, bit = -1;
+  double value = 0.0;
+};
+
+struct Problem {
+  const float* q;  // [B, Hq, N, D] fp32 contiguous
+  const float* k;  // [B, Hkv, M, D]
+  const float* v;
+  float* out;      // [B, Hq, N, D] fp32
+  int32_t* flags;  // [B, Hq, nblk]
+  int64_t B, Hq, Hkv, N, M, D, nblk;
+  int groups;  // PV-checksum groups of PV_GROUP head dims
+  bool causal;
+  float scale;
+  int protection;  // 0 off, 1 abft, 2 full
+  // Per (b, hkv): sum_j k_j and sum_j |k_j| per key tile [ntiles, D], and per key
+  // sum_d v_jd and sum_d |v_jd| [M] (fp64), shared by every query block.
+  const double* ksum;
+  const double* kabs;
+  const float* vsum;  // [B, Hkv, groups, M]
+  const float* vabs;
+  const float* vmax;  // per key max_d |v_jd| [B, Hkv, M]
+  // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound)
+  const double* knorm;
+  // the key sums above made per tile inside run_block instead, while the tile is in
+  // cache (one query tile per head: nothing to share across query tiles)
+  bool inline_sums;
+};
+
+// 64-byte aligned storage: MKL's sgemm may take a different path (and round
+// differently) for a differently aligned buffer, and protection off / abft / full
+// must give the same bits; seen as ulp differences between them before this.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
+struct Scratch {
+  // S has NSUB_MAX rows beyond the tile's: the GEMM that makes S also makes the
+  // column-checksum references (sum_i q_i) . k_j of each 64-row sub-block, from the
+  // sub-block sums appended to the query rows in Qx (zeros at protection off, so
+  // every level runs the same GEMM shape and rounds S the same way).
+  std::vector<float, Aligned64<float>> Qx, S, P, acc;
+  std::vector<float> m, l;
+  // fp64 bookkeeping of the checks (protection >= abft)
+  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
+  std::vector<double> q2, q2max, qs2max;  // per sub-block: sum_i q_id^2 per dim, its max, max_d (sum_i q_id)^2
+  std::vector<float> cs32, ca32, pmax;  // pmax: each row's largest p of the tile
+  // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
+  // per-group sums of v_j and |v_j| at group stride BLOCK_N
+  std::vector<double> tile_ks, tile_ka, tile_knorm;
+  std::vector<float> tile_vsum, tile_vabs, tile_vmax;
+  // per key of the tile: the column check's bound and the score verification's threshold
+  std::vector<double> colb;
+  std::vector<float> theta;
+  Scratch(int64_t D, int64_t M, bool abft)
+      : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
+        l(BLOCK_M) {
+    if (!abft) return;
+    const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
+    for (auto* v : {&l2, &tileref, &tilemag}) v->resize(BLOCK_M);
+    for (auto* v : {&c, &bv}) v->resize(BLOCK_M * MAX_GROUPS);  // [row, group]
+    rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
+    rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
+    for (auto* v : {&qsum, &qabs}) v->resize(NSUB_MAX * D);
+    qabs1.resize(NSUB_MAX);
+    cs.resize(BLOCK_N);
+    ca.resize(BLOCK_N);
+    cs32.resize(BLOCK_N);
+    ca32.resize(BLOCK_N);
+    pmax.resize(BLOCK_M);
+    q2.resize(NSUB_MAX * D);
+    q2max.resize(NSUB_MAX);
+    qs2max.resize(NSUB_MAX);
+    tile_ks.resize(D);
+    tile_ka.resize(D);
+    tile_knorm.resize(BLOCK_N);
+    tile_vsum.resize(MAX_GROUPS * BLOCK_N);
+    tile_vabs.resize(MAX_GROUPS * BLOCK_N);
+    tile_vmax.resize(BLOCK_N);
+    colb.resize(BLOCK_N);
+    theta.resize(BLOCK_N);
+  }
+};
+
+// The query rows of one block: rows r0..r1 of the heads h0..h0+hs-1 of batch b,
+// which share one key head. hs > 1 only with r0 = 0 and r1 = N <= SUB_M (whole heads,
+// stacked: contiguous in q and out); then each head is a sub-block, else sub-blocks
+// are SUB_M rows.
+struct Block {
+  int64_t b, h0, hs, r0, r1;
+  int64_t per_head() const { return r1 - r0; }
+  int64_t rows() const { return hs * (r1 - r0); }
+  int64_t sub_rows() const { return hs > 1 ? r1 - r0 : SUB_M; }
+  int64_t nsub() const { return (rows() + sub_rows() - 1) / sub_rows(); }
+  // the head and first row (in that head) of sub-block sb
+  int64_t head_of(int64_t sb) const { return h0 + sb * sub_rows() / per_head(); }
+  int64_t row_of(int64_t sb) const { return r0 + sb * sub_rows() % per_head(); }
+  bool holds(int64_t batch, int64_t head, int64_t row) const {
+    return batch == b && head >= h0 && head < h0 + hs && row >= r0 && row < r1;
+  }
+};
+
+// One block of query rows, phase by phase: prepare_block (the block's rows and their
+// check references), per visible key tile tile_refs (the tile's key sums and row
+// references), S = Q K^T, tile_rows (the online softmax row by row with its checks),
+// acc += P V; then finish_block (normalisation and the end-of-row checks).
+
+// The per-key and per-row references of the checks for one key tile.
+struct TileRefs {
+  const double* ref;  // q_i . sum_j k_j of the tile, row i at ref[i * ld]
+  const double* mag;  // |q_i| . sum_j |k_j|
+  int64_t ld;
+  const double* knorm;  // ||k_j||
+  const float* vsum;    // per group g: sum over the group's dims of v_j, at g * gs
+  const float* vabs;    // ... of |v_j|
+  const float* vmax;    // max |v_j|
+  int64_t gs;
+};
+
+// Loads the block's query rows into w.Qx (plus one row per sub-block, sum_i q_i: the
+// column references) and resets the running state; with the checks, the per-sub-block
+// sums of q for the bounds and the row references of every tile from per-call sums.
+void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* Q, int64_t hk, int64_t kv_end) {
+  const int64_t D = P.D;
+  const int64_t rows = blk.rows(), sub_rows = blk.sub_rows(), nsub = blk.nsub();
+  const int64_t ntiles_all = (P.M + BLOCK_N - 1) / BLOCK_N;
+  const bool abft = P.protection >= 1;
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const int64_t b = blk.b;
+  std::fill(w.m.begin(), w.m.begin() + rows, NEG_INF);
+  std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
+  std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
+  float* Qx = w.Qx.data();
+  std::copy(Q, Q + rows * D, Qx);
+  std::fill(Qx + rows * D, Qx + (rows + nsub) * D, 0.f);
+  if (abft) {
+    std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
+    std::fill(w.c.begin(), w.c.begin() + rows * MAX_GROUPS, 0.0);
+    std::fill(w.bv.begin(), w.bv.begin() + rows * MAX_GROUPS, 0.0);
+    // row-checksum references for every key tile this block visits, in fp64:
+    // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
+    const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
+    const int64_t base = (b * P.Hkv + hk) * ntiles_all;
+    // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to fp32) as
+    // an extra row of Qx; for the bounds, sum_i |q_i| and sum_i q_i^2 per dim
+    std::fill(w.qsum.begin(), w.qsum.begin() + nsub * D, 0.0);
+    std::fill(w.qabs.begin(), w.qabs.begin() + nsub * D, 0.0);
+    std::fill(w.q2.begin(), w.q2.begin() + nsub * D, 0.0);
+    for (int64_t i = 0; i < rows; ++i) {
+      add_d(w.qsum.data() + (i / sub_rows) * D, Q + i * D, D);
+      add_abs_d(w.qabs.data() + (i / sub_rows) * D, Q + i * D, D);
+      add_sq_d(w.q2.data() + (i / sub_rows) * D, Q + i * D, D);
+    }
+    for (int64_t sb = 0; sb < nsub; ++sb) {
+      double q2max = 0.0, qs2max = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        Qx[(rows + sb) * D + d] = static_cast<float>(w.qsum[sb * D + d]);
+        const double qs = static_cast<double>(Qx[(rows + sb) * D + d]);
+        q2max = std::max(q2max, w.q2[sb * D + d]);
+        qs2max = std::max(qs2max, qs * qs);
+      }
+      w.q2max[sb] = q2max;
+      w.qs2max[sb] = qs2max;
+      w.qabs1[sb] = std::accumulate(w.qabs.begin() + sb * D, w.qabs.begin() + (sb + 1) * D, 0.0);
+    }
+    if (!P.inline_sums)
+      dots_d(Q, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
+  }
+}
+
+// The references of the key tile at n0 (cols keys): the per-call sums, or, when the sums
+// are made per tile (or the causal limit cuts this tile), this tile's key sums and the
+// row references from them. Before the GEMM: the first read of the tile, with
+// prefetching, leaving K and V in cache.
+TileRefs tile_refs(const Problem& P, Scratch& w, const Block& blk, const float* Q, const float* K, const float* V,
+                   int64_t hk, int64_t n0, int64_t cols) {
+  const int64_t D = P.D, M = P.M, b = blk.b, rows = blk.rows();
+  const int64_t ntiles_all = (M + BLOCK_N - 1) / BLOCK_N;
+  const bool abft = P.protection >= 1;
+  // row-checksum references of this tile: |error of S_ij| ~ u sqrt(D) sum_d
+  // |q_id k_jd| (random rounding), so a row sum is bounded by
+  // kappa u sqrt(D) |q_i| . sum_j |k_j|
+  const double* ref = w.rowref.data() + n0 / BLOCK_N;  // stride ntiles_all
+  const double* mag = w.rowmag.data() + n0 / BLOCK_N;
+  int64_t ld = ntiles_all;
+  const double* knorm = abft ? P.knorm + (b * P.Hkv + hk) * M + n0 : nullptr;
+  const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
+  const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
+  const float* vmax = abft ? P.vmax + (b * P.Hkv + hk) * M + n0 : nullptr;
+  int64_t gs = M;  // group stride of vsum, vabs
+  if (abft && (P.inline_sums || cols != std::min<int64_t>(BLOCK_N, M - n0))) {
+    // this tile's key sums over its visible keys and the row references from them:
+    // every tile when the sums are made per tile, else the one tile of this block
+    // cut by the causal limit (per key, knorm and the sums of v are those of the
+    // per-call sums; the sums over keys cover only its first cols keys). Before the
+    // GEMM: the first read of the tile, with prefetching, leaving K and V in cache
+    std::fill(w.tile_ks.begin(), w.tile_ks.end(), 0.0);
+    std::fill(w.tile_ka.begin(), w.tile_ka.end(), 0.0);
+    key_value_sums(K + n0 * D, V + n0 * D, cols, D, w.tile_ks.data(), w.tile_ka.data(), w.tile_knorm.data(),
+                   w.tile_vsum.data(), w.tile_vabs.data(), w.tile_vmax.data(), BLOCK_N);
+    dots_d(Q, rows, D, w.tile_ks.data(), w.tile_ka.data(), 1, 1, w.tileref.data(), w.tilemag.data());
+    ref = w.tileref.data();
+    mag = w.tilemag.data();
+    ld = 1;
+    knorm = w.tile_knorm.data();
+    vsum = w.tile_vsum.data();
+    vabs = w.tile_vabs.data();
+    vmax = w.tile_vmax.data();
+    gs = BLOCK_N;
+  }
+  return TileRefs{ref, mag, ld, knorm, vsum, vabs, vmax, gs};
+}
+
+// The rows of one tile, while a row of S and P is in L1: max and the ABFT sums, the
+// online softmax with its checks, the normaliser; per sub-block, the column check and
+// the score verification. Writes P and ORs failed checks into bad[].
+template <bool INJECT>
+void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t, const float* K, int64_t n0,
+               int64_t cols, const FaultSpec& f, bool in_tile, int64_t fi, int32_t* bad) {
+  const int64_t D = P.D, M = P.M, N = P.N;
+  const int64_t r0 = blk.r0, rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
+  const int64_t nsub = blk.nsub();
+  const bool abft = P.protection >= 1;
+  const int64_t shift = M - N;
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const double sqrtD = std::sqrt(static_cast<double>(D));
+  // row sums: the noise of S, the fp32 partial sums of CHUNK terms, and those of
+  // KV_CHUNK keys in the per-tile key sums of the reference
+  const double row_factor = (KAPPA * sqrtD + 1.0 + vec::CHUNK + KV_CHUNK) * U32;
+  const float* Qx = w.Qx.data();
+  const float* S = w.S.data();
+  float* Pm = w.P.data();
+  const double *ref = t.ref, *mag = t.mag, *knorm = t.knorm;
+  const float *vsum = t.vsum, *vabs = t.vabs, *vmax = t.vmax;
+  const int64_t ld = t.ld, gs = t.gs;
+  const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups);
+  // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
+  // ABFT sums; the online softmax with its checks; the normaliser ----
+  for (int64_t sb = 0; sb < nsub; ++sb) {
+    const int64_t i0 = sb * sub_rows, i1 = std::min<int64_t>(rows, i0 + sub_rows);
+    if (abft) {
+      std::fill(w.cs.begin(), w.cs.begin() + cols, 0.0);
+      std::fill(w.ca.begin(), w.ca.begin() + cols, 0.0);
+      std::fill(w.cs32.begin(), w.cs32.begin() + cols, 0.f);
+      std::fill(w.ca32.begin(), w.ca32.begin() + cols, 0.f);
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+      // last visible key of the tile
+      const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
+      const float* Si = S + i * BLOCK_N;
+      float* Pi = Pm + i * BLOCK_N;
+      const float m_old = w.m[i];
+      float mx;
+      if (abft) {
+        double rs;
+        mx = row_max_sums(Si, cols, limit, &rs, w.cs32.data(), w.ca32.data());
+        if ((i - i0) % vec::ROW_CHUNK == vec::ROW_CHUNK - 1 || i == i1 - 1)
+          flush_cols(w.cs32.data(), w.cs.data(), w.ca32.data(), w.ca.data(), cols);
+        // underflow: D + 1 operations per S_ij; the reference's fp32 key sums, 2^-150
+        // per key and dim, times |q_id| (sum_d |q_id| <= qabs1 of the sub-block)
+        const double row_abs = ETA * static_cast<double>(cols) * (static_cast<double>(D + 1) + w.qabs1[sb]);
+        if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld] + row_abs)) bad[sb] |= kRowChecksum;
+      } else {
+        mx = row_max(Si, cols, limit);
+      }
+      float m_new = (mx != mx) ? mx : std::max(m_old, mx);
+      if (in_tile && f.site == kRowmax && fi == i) m_new = corrupt(m_new, f.bit, f.value);
+      opaque(m_new);
+      w.m[i] = m_new;
+      if (abft && !(m_new == std::max(m_old, mx) && (m_new == NEG_INF || std::isfinite(m_new))))
+        bad[sb] |= kRowmaxInvariant;
+      // no visible key yet: the row adds nothing (p == 0, alpha == 1); the first
+      // visible one zeroes the (empty) history: alpha == 0, also at scale 0
+      const bool empty = m_new == NEG_INF;
+      const float alpha = empty ? 1.f : m_old == NEG_INF ? 0.f : exp_neg((m_old - m_new) * P.scale);
+      RowFault rf;
+      const bool hit_p = in_tile && f.site == kProbs && fi == i;
+      if (hit_p) rf = RowFault{f.col - n0, f.bit, f.value};
+      RowStats st;
+      (hit_p ? softmax_row_fn(P.protection, true, P.groups) : row_fn)(Si, Pi, cols, empty ? -1 : limit, P.scale,
+                                                                      m_new, vsum, vabs, gs, rf, st);
+      memory_barrier();
+      const float psum = st.psum;
+      float l_new = alpha * w.l[i] + psum;
+      if (in_tile && f.site == kRowsum && fi == i) l_new = corrupt(l_new, f.bit, f.value);
+      opaque(l_new);
+      w.l[i] = l_new;
+      if (abft) {
+        if (!(st.pmin >= 0.f && st.pmax <= 1.f && std::isfinite(psum))) bad[sb] |= kProbsRange;
+        if (!empty) {
+          // the tile either raised the max (its argmax gets p == 1) or kept it (alpha == 1)
+          if (!(alpha == 1.f || st.pmax == 1.f) || !(alpha >= 0.f && alpha <= 1.f)) bad[sb] |= kRowmaxInvariant;
+          if (st.dmr_bad) bad[sb] |= kSoftmaxDmr;
+        } else if (!(st.pmax == 0.f)) {
+          bad[sb] |= kProbsRange;
+        }
+        // independent fp64 bookkeeping of l and of the PV checksum, same alpha and p
+        const double a = static_cast<double>(alpha);
+        w.l2[i] = a * w.l2[i] + st.ws;
+        for (int g = 0; g < P.groups; ++g) {
+          w.c[i * MAX_GROUPS + g] = a * w.c[i * MAX_GROUPS + g] + st.wa[g];
+          w.bv[i * MAX_GROUPS + g] = a * w.bv[i * MAX_GROUPS + g] + st.wb[g];
+        }
+      }
+      if (abft) w.pmax[i] = empty ? 0.f : st.pmax;
+      if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
+    }
+    if (abft) {
+      // the column check, with each key's bound (underflow: D + 1 operations per S_ij,
+      // i1 - i0 + 1 values of S per column, and sum_i q_i rounded to fp32, 2^-150 per
+      // dim times |k_jd| <= ||k_j||), and the score verification of the keys whose
+      // score a fault could move harmfully within that bound
+      const float* colref = S + (rows + sb) * BLOCK_N;
+      const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1)) + static_cast<double>(D) * 0x1p-150;
+      const ColumnBound cb{KAPPA * sqrtD * U32, std::sqrt(static_cast<double>(i1 - i0) * w.q2max[sb]),
+                           std::sqrt(w.qs2max[sb]), col_abs};
+      const float theta_low =
+          column_bounds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols, w.colb.data(), w.theta.data());
+      if (col_check_fails(w.cs.data(), colref, w.colb.data(), cols)) bad[sb] |= kColChecksum;
+      for (int64_t i = i0; i < i1; ++i) {
+        if (!(w.pmax[i] >= theta_low * w.l[i]) || w.m[i] == NEG_INF) continue;
+        const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
+        if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), w.l[i],
+                            std::min<int64_t>(cols, limit + 1)))
+          bad[sb] |= kScoreRecompute;
+      }
+    }
+  }
+}
+
+// Final normalisation O = acc / l and the end-of-row checks (PV checksum, normaliser,
+// final normalisation), after ntiles key tiles.
+template <bool INJECT>
+void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int64_t ntiles, const FaultSpec& f,
+                  bool hit, int64_t fi, int32_t* bad) {
+  const int64_t D = P.D, M = P.M, N = P.N;
+  const int64_t r0 = blk.r0, rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
+  const bool abft = P.protection >= 1;
+  const int64_t shift = M - N;
+  // PV checksum: kappa sqrt(depth) of random rounding in acc, plus the fp32 partials
+  // of c (CHUNK terms), the fp32 per-key sums of V (9 u) and their products (1 u);
+  // l: worst-case fp32 summation of l itself, plus the partials of l2
+  const double pv_factor = (KAPPA * std::sqrt(static_cast<double>(BLOCK_N + 2 * ntiles)) + 10.0 + vec::CHUNK) * U32;
+  const double depth_l = static_cast<double>(BLOCK_N + 2 * ntiles + 9 + vec::CHUNK);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* Oi = O + i * D;
+    const float* Ai = w.acc.data() + i * D;
+    const float l = w.l[i];
+    const int64_t visible =
+        P.causal ? std::min<int64_t>(M, std::max<int64_t>(r0 + i % per_head + shift + 1, 0)) : M;
+    if (visible == 0) {  // no key to attend to: zeros, by definition
+      std::fill(Oi, Oi + D, 0.f);
+      if (hit && f.site == kOutput && fi == i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+      memory_barrier();
+      if (abft && !all_finite(Oi, D)) bad[i / sub_rows] |= kOutputCheck;
+      if (abft && sum_abs_d(Oi, D) != 0.0) bad[i / sub_rows] |= kOutputCheck;
+      continue;
+    }
+    double acc_sum = 0.0;
+    if (abft) {
+      bool pv_bad = false;
+      for (int g = 0; g < P.groups; ++g) {
+        const int64_t d0 = g * PV_GROUP, d1 = std::min<int64_t>(D, d0 + PV_GROUP);
+        const double part = sum_d(Ai + d0, d1 - d0);
+        acc_sum += part;
+        // underflow: per key, the product and sum of acc and of c, the per-key sum of v
+        // over the group's dims; per tile, the rescale of acc and c
+        const double pv_abs = ETA * static_cast<double>((d1 - d0 + 2) * (visible + 2 * ntiles + vec::CHUNK));
+        pv_bad |= !(std::fabs(part - w.c[i * MAX_GROUPS + g]) <= pv_factor * w.bv[i * MAX_GROUPS + g] + pv_abs);
+      }
+      if (pv_bad) bad[i / sub_rows] |= kPvChecksum;
+      const double l2 = w.l2[i];
+      if (!(std::fabs(static_cast<double>(l) - l2) <= depth_l * U32 * l2) ||
+          !(l2 >= 1.0 - depth_l * U32 && l2 <= static_cast<double>(visible) * (1.0 + depth_l * U32)))
+        bad[i / sub_rows] |= kRowsumInvariant;
+    }
+    for (int64_t d = 0; d < D; ++d) Oi[d] = Ai[d] / l;
+    if (hit && f.site == kOutput && fi == i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+    memory_barrier();
+    if (abft) {
+      // each O_d = fl(acc_d / l) is within u |O_d| + 2^-150: the sums agree within
+      // u sum |O| + D 2^-150
+      const double osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);
+      const double ref = acc_sum / static_cast<double>(l);
+      if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + ETA * static_cast<double>(D)) || !std::isfinite(oabs))
+        bad[i / sub_rows] |= kOutputCheck;
+    }
+  }
+}
+
+// One block through every visible key tile; writes its output rows and the
+// failed-check bits of each sub-block to bad[]. INJECT compiles the fault sites in
+// (false in production).
+template <bool INJECT>
+void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& f, int32_t* bad) {
+  const int64_t D = P.D, M = P.M, N = P.N;
+  const int64_t b = blk.b, r0 = blk.r0, r1 = blk.r1;
+  const int64_t rows = blk.rows(), per_head = blk.per_head(), nsub = blk.nsub();
+  const int64_t hk = blk.h0 / (P.Hq / P.Hkv);
+  const float* Q = P.q + ((b * P.Hq + blk.h0) * N + r0) * D;
+  const float* K = P.k + (b * P.Hkv + hk) * M * D;
+  const float* V = P.v + (b * P.Hkv + hk) * M * D;
+  float* O = P.out + ((b * P.Hq + blk.h0) * N + r0) * D;
+  const int64_t shift = M - N;  // bottom-right causal alignment: key j visible iff j <= i + shift
+  const int64_t kv_end = P.causal ? std::min<int64_t>(M, r1 + shift) : M;
+  const bool hit = INJECT && f.active && blk.holds(f.batch, f.head, f.row);
+  const int64_t fi = hit ? (f.head - blk.h0) * per_head + f.row - r0 : -1;  // the fault's row in the block
+  for (int64_t sb = 0; sb < NSUB_MAX; ++sb) bad[sb] = 0;
+
+  prepare_block(P, w, blk, Q, hk, kv_end);
+  int64_t ntiles = 0;
+  for (int64_t n0 = 0; n0 < std::max<int64_t>(kv_end, 0); n0 += BLOCK_N) {
+    const int64_t cols = std::min<int64_t>(BLOCK_N, kv_end - n0);
+    const bool in_tile = hit && f.col >= n0 && f.col < n0 + cols;
+    ++ntiles;
+    const TileRefs t = tile_refs(P, w, blk, Q, K, V, hk, n0, cols);
+    // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
+    float* S = w.S.data();
+    gemm(true, false, rows + nsub, cols, D, w.Qx.data(), D, K + n0 * D, D, S, BLOCK_N,
+         blk.hs > 1 ? STACK_D_SLICE : 0);
+    if (in_tile && f.site == kScores) {
+      float& x = S[fi * BLOCK_N + (f.col - n0)];
+      x = corrupt(x, f.bit, f.value);
+    }
+    memory_barrier();
+    tile_rows<INJECT>(P, w, blk, t, K, n0, cols, f, in_tile, fi, bad);
+    // ---- acc += P V in fp32 ----
+    gemm(false, true, rows, D, cols, w.P.data(), BLOCK_N, V + n0 * D, D, w.acc.data(), D,
+         blk.hs > 1 ? STACK_KEY_SLICE : 0);
+    if (in_tile && f.site == kAcc) {
+      float& x = w.acc[fi * D + f.dim];
+      x = corrupt(x, f.bit, f.value);
+    }
+    memory_barrier();
+  }
+  finish_block<INJECT>(P, w, blk, O, ntiles, f, hit, fi, bad);
+}
+
+// q rows r0..r1 and every key / value the tile ending at row tile_end reads.
+bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t tile_end) {
+  const int64_t D = P.D, M = P.M;
+  const int64_t hk = h / (P.Hq / P.Hkv);
+  const int64_t kv_end = P.causal ? std::min<int64_t>(M, tile_end + M - P.N) : M;
+  const int64_t keys = std::max<int64_t>(kv_end, 0);
+  return all_finite(P.q + ((b * P.Hq + h) * P.N + r0) * D, (r1 - r0) * D) &&
+         all_finite(P.k + (b * P.Hkv + hk) * M * D, keys * D) &&
+         all_finite(P.v + (b * P.Hkv + hk) * M * D, keys * D);
+}
+
+// First pass, then, per 64-row sub-block with a failed check: non-finite input is
+// reported as such; anything else makes the tile recompute once (a transient fault
+// does not repeat) and the sub-block is CORRECTED or, if it fails again, UNCORRECTED.
+void process_block(const Problem& P, Scratch& w, bool recompute, const Block& blk, const FaultSpec& f) {
+  const int64_t nsub = blk.nsub();
+  const bool targeted = f.active && blk.holds(f.batch, f.head, f.row);
+  int32_t bits[NSUB_MAX], again[NSUB_MAX];
+  if (targeted)
+    run_block<true>(P, w, blk, f, bits);
+  else
+    run_block<false>(P, w, blk, f, bits);
+  bool redo = false;
+  for (int64_t sb = 0; sb < nsub; ++sb) {
+    if (!(bits[sb] & kCheckMask)) continue;
+    const int64_t s0 = blk.row_of(sb), s1 = std::min<int64_t>(blk.r1, s0 + blk.sub_rows());
+    if (!block_inputs_finite(P, blk.b, blk.head_of(sb), s0, s1, blk.r1))
+      bits[sb] |= kNonfiniteInput;
+    else
+      redo = true;
+  }
+  if (redo && recompute) {
+    run_block<false>(P, w, blk, f, again);
+    for (int64_t sb = 0; sb < nsub; ++sb)
+      if ((bits[sb] & kCheckMask) && !(bits[sb] & kNonfiniteInput))
+        bits[sb] |= (again[sb] & kCheckMask) ? kUncorrected : kCorrected;
+  }
+  for (int64_t sb = 0; sb < nsub; ++sb)
+    P.flags[(blk.b * P.Hq + blk.head_of(sb)) * P.nblk + blk.row_of(sb) / SUB_M] = bits[sb];
+}
+
+// Per-call sums over K and V shared by every query block (protection >= abft).
+struct KvSums {
+  std::vector<double> ksum, kabs, knorm;
+  std::vector<float> vsum, vabs, vmax;
+};
+
+void precompute_sums(Problem& P, KvSums& sums) {
+  const int64_t D = P.D, M = P.M;
+  const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
+  sums.ksum.assign(P.B * P.Hkv * ntiles * D, 0.0);
+  sums.kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
+  sums.vsum.resize(P.B * P.Hkv * P.groups * M);
+  sums.vabs.resize(P.B * P.Hkv * P.groups * M);
+  sums.vmax.resize(P.B * P.Hkv * M);
+  sums.knorm.resize(P.B * P.Hkv * M);
+  at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / ntiles, t = idx % ntiles;
+      const float* K = P.k + bh * M * D;
+      const float* V = P.v + bh * M * D;
+      const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
+      const int64_t j0 = t * BLOCK_N;
+      key_value_sums(K + j0 * D, V + j0 * D, j1 - j0, D, &sums.ksum[idx * D], &sums.kabs[idx * D],
+                     &sums.knorm[bh * M + j0], &sums.vsum[bh * P.groups * M + j0],
+                     &sums.vabs[bh * P.groups * M + j0], &sums.vmax[bh * M + j0], M);
+    }
+  });
+  P.ksum = sums.ksum.data();
+  P.kabs = sums.kabs.data();
+  P.vsum = sums.vsum.data();
+  P.vabs = sums.vabs.data();
+  P.vmax = sums.vmax.data();
+  P.knorm = sums.knorm.data();
+}
+
+}  // namespace
+}  // namespace ftattn

@@ -1,0 +1,227 @@
+// The checks on S: row maxima with the ABFT sums, the column check, the column bounds
+// and the score verification.
+// Part of the CPU attention kernel: included once, by csrc/attention_cpu.cpp (one
+// translation unit, so every helper stays inlinable).
+#pragma once
+
+#include "common.h"
+
+namespace ftattn {
+namespace {
+
+// The maximum of the raw scores S_j over the visible keys (j <= limit). Scores
+// are scaled later, as (S_j - max) * scale, so the argmax gives exp(0) == 1 exactly
+// and no scaled copy of the row is stored (scale >= 0; the caller flips the sign of
+// q for a negative one). A NaN score does not enter the max (it makes its p NaN,
+// and so the row sum and the output); a row whose visible scores are all NaN
+// returns NaN, so that it cannot be taken for a row with no visible key. SUMS adds
+// the ABFT sums of the raw scores, from the same loads: the row sum
+// *rs = sum_j S_j and the column partial sums cs32[j] += S_j and ca32[j] += |S_j| (fp32,
+// flushed to fp64 by flush_cols every ROW_CHUNK rows), over every column of the tile.
+template <bool SUMS>
+FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
+                                     float* __restrict cs32, float* __restrict ca32) {
+  using namespace vec;
+  const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  f16 mxv = f16{} + NEG_INF;
+  d8 racc = d8{};
+  double rtail = 0.0;
+  float mx = NEG_INF;
+  int64_t j = 0;
+  // whole vectors of visible keys, CHUNK at a time per partial sum
+  while (j + W <= visible) {
+    f16 part = f16{};
+    for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
+      const f16 x = load(S + j);
+      mxv = x > mxv ? x : mxv;
+      if constexpr (SUMS) {
+        part += x;
+        store(cs32 + j, load(cs32 + j) + x);
+        store(ca32 + j, load(ca32 + j) + vec::abs(x));
+      }
+    }
+    if constexpr (SUMS) racc += widen_sum(part);
+  }
+  for (; j < visible; ++j) {
+    const float x = S[j];
+    mx = x > mx ? x : mx;
+    if constexpr (SUMS) {
+      rtail += static_cast<double>(x);
+      cs32[j] += x;
+      ca32[j] += std::fabs(x);
+    }
+  }
+  // masked keys: still in the sums (the references cover the whole tile)
+  if constexpr (SUMS) {
+    while (j + W <= n) {
+      f16 part = f16{};
+      for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
+        const f16 x = load(S + j);
+        part += x;
+        store(cs32 + j, load(cs32 + j) + x);
+        store(ca32 + j, load(ca32 + j) + vec::abs(x));
+      }
+      racc += widen_sum(part);
+    }
+    for (; j < n; ++j) {
+      rtail += static_cast<double>(S[j]);
+      cs32[j] += S[j];
+      ca32[j] += std::fabs(S[j]);
+    }
+    *rs = hsum(racc) + rtail;
+  }
+  const float vmx = hmax(mxv);  // (NaN never enters a lane)
+  mx = vmx > mx ? vmx : mx;
+  if (mx == NEG_INF) {  // rare: every visible score -inf or NaN
+    for (int64_t t = 0; t < visible; ++t)
+      if (S[t] != S[t]) return std::numeric_limits<float>::quiet_NaN();
+  }
+  return mx;
+}
+
+FTATTN_CLONES static float row_max(const float* __restrict S, int64_t n, int64_t limit) {
+  return row_max_body<false>(S, n, limit, nullptr, nullptr, nullptr);
+}
+
+FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
+                                        float* __restrict cs32, float* __restrict ca32) {
+  return row_max_body<true>(S, n, limit, rs, cs32, ca32);
+}
+
+// true when some |cs_j - ref_j| > colb_j (or is NaN): the column check.
+FTATTN_CLONES static bool col_check_fails(const double* __restrict cs, const float* __restrict ref,
+                                          const double* __restrict colb, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= colb[j]);
+  return bad != 0;
+}
+
+// Score verification. A fault that moves S_ij by d changes the output row by at most
+// p^_ij (e^{|d| scale} - 1) (|v_j|_inf + |O_i|_inf), where p^_ij <= p_ij / l_i (p relative
+// to the running max, l the running normaliser after this tile: the final max and l only
+// scale both alike), and the column check sees every |d| > 2 colb_j. So a fault the
+// checksums miss stays below TAU_VERIFY max(1, |O_i|) unless p_ij / l_i >= theta_j =
+// TAU_VERIFY / ((|v_j|_inf + 1) (e^{2 colb_j scale} - 1)); for those keys S_ij is
+// recomputed in fp64 (products exact) and must agree within KAPPA sqrt(D) u
+// (||q_i o k_j||_2 + |S_ij|): the fp32 GEMM's rounding noise per score, at most 3.6 sqrt(D)
+// u ||q_i o k_j||_2 over zero-mean normal and outlier-channel data (D 64..256, x1..x150),
+// and the drift of partial sums whose products share a sign (sum_t |partial_t| ~ D |S| / 2,
+// e.g. constant rows: ~sqrt(D / 3) |S| in quadrature). Few keys qualify: 0-1 per row on
+// normal or uniform data, up to ~17 on data with outlier channels (whose softmax is
+// peaked). TAU_VERIFY: a quarter of the smallest harm threshold of FAULT_MODEL.md (2^-10).
+constexpr double TAU_VERIFY = 0x1p-12;
+// The column check's bound for key j of a sub-block of n rows. Per score, the fp32 GEMM
+// leaves at most noise (||q_i o k_j||_2 + |S_ij|), noise = KAPPA sqrt(D) u (see
+// scores_mismatch); summed over the rows, sum_i ||q_i o k_j||_2 <= sqrt(n sum_i ||q_i o
+// k_j||^2) <= sqrt(n max_d sum_i q_id^2) ||k_j|| (linear in the rows, so identical rows,
+// whose errors add up, stay inside) and sum_i |S_ij| = ca_j, the column sum of |S|; the
+// reference row (sum_i q_i) . k_j likewise, with ||(sum q) o k_j|| <= max_d |sum_i q_id|
+// ||k_j||; the fp32 partial sums over ROW_CHUNK rows add ROW_CHUNK u ca_j. On normal
+// data, D = 64, 64 rows: ~6x below the former kappa u sqrt(D) || sum_i |q_i| || ||k_j||
+// (which bounded the sum over rows by Cauchy-Schwarz on absolute values).
+struct ColumnBound {
+  double noise;  // KAPPA sqrt(D) u
+  double rows;   // sqrt(n max_d sum_i q_id^2)
+  double ref;    // max_d |sum_i q_id|
+  double abs;    // underflow
+};
+
+// theta for a column bound colb and |v_j|_inf (see TAU_VERIFY).
+static float verify_threshold(double colb, float vmax, float scale) {
+  const double x = 2.0 * colb * static_cast<double>(scale);
+  const double grow = x <= 0.5 ? x * (1.0 + x) : std::exp(x);
+  const double t = TAU_VERIFY / ((static_cast<double>(vmax) + 1.0) * grow);
+  // (inf where no score change the check misses can matter; NaN bounds verify every key)
+  return t == t ? static_cast<float>(t < 3.0e38 ? t : 3.0e38) : 0.f;
+}
+
+// Each key's column bound colb_j and verification threshold theta_j; returns the
+// smallest theta_j: a row whose largest p is below it times l has no key to verify
+// (most rows). e^x - 1 <= x (1 + x) for x <= 1/2 (and <= e^x): a smaller theta, more
+// keys verified, never fewer.
+FTATTN_CLONES static float column_bounds(const ColumnBound& cb, const double* __restrict knorm,
+                                         const double* __restrict ca, const float* __restrict ref,
+                                         const float* __restrict vmax, float scale, int64_t n,
+                                         double* __restrict colb, float* __restrict theta) {
+  const double chunk = vec::ROW_CHUNK * U32;
+  const double s2 = 2.0 * static_cast<double>(scale);
+  // theta_j as verify_threshold, vectorised for x = 2 colb_j scale <= 1/2 (no exp),
+  // then exactly verify_threshold's for every key when some x is larger
+  double xmax = 0.0;
+#pragma omp simd reduction(max : xmax)
+  for (int64_t j = 0; j < n; ++j) {
+    const double a = ca[j] * (1.0 + 0x1p-10);
+    colb[j] = cb.noise * ((cb.rows + cb.ref) * knorm[j] + a + std::fabs(static_cast<double>(ref[j]))) +
+              chunk * a + cb.abs;
+    const double x = colb[j] * s2;
+    xmax = x > xmax ? x : xmax;  // (a NaN x gives theta 0 both ways)
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const double x = colb[j] * s2;
+    const double t = TAU_VERIFY / ((static_cast<double>(vmax[j]) + 1.0) * (x * (1.0 + x)));
+    const double c = t < 3.0e38 ? t : 3.0e38;
+    theta[j] = static_cast<float>(t == t ? c : 0.0);
+  }
+  float low = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : low)
+  for (int64_t j = 0; j < n; ++j) low = theta[j] < low ? theta[j] : low;
+  if (!(xmax <= 0.5)) {
+    low = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      theta[j] = verify_threshold(colb[j], vmax[j], scale);
+      low = theta[j] < low ? theta[j] : low;
+    }
+  }
+  return low;
+}
+
+// true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
+// recomputed in fp64 (keys j < n: the visible ones of the tile).
+FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
+                                          const float* __restrict S, const float* __restrict p,
+                                          const float* __restrict theta, float l, int64_t n) {
+  using namespace vec;
+  const double noise = KAPPA * std::sqrt(static_cast<double>(D)) * U32;
+  const double floor = ETA * static_cast<double>(D + 1);
+  // candidates p_j >= theta_j l, a vector at a time (most vectors have none; a NaN p
+  // is the probability-range check's, as elsewhere)
+  bool bad = false;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j % W == 0 && j + W <= n) {
+      const i16 hit = load(p + j) >= load(theta + j) * l;  // (a compare: no fused multiply-add)
+      if (!(hmax(reinterpret_cast<f16>(reinterpret_cast<u16>(hit) & 0x3f800000u)) > 0.f)) {
+        j += W - 1;
+        continue;
+      }
+    }
+    if (!(p[j] >= theta[j] * l)) continue;
+    const float* k = K + j * D;
+    double s = 0.0, n2 = 0.0;
+#pragma omp simd reduction(+ : s, n2)
+    for (int64_t d = 0; d < D; ++d) {
+      const double x = static_cast<double>(q[d]) * static_cast<double>(k[d]);
+      s += x;
+      n2 += x * x;
+    }
+    bad |= !(std::fabs(static_cast<double>(S[j]) - s) <= noise * (std::sqrt(n2) + std::fabs(s)) + floor);
+  }
+  return bad;
+}
+
+// cs[j] += cs32[j], ca[j] += ca32[j] in fp64, cs32[j] = ca32[j] = 0: ends a ROW_CHUNK of
+// rows of column sums.
+FTATTN_CLONES static void flush_cols(float* __restrict cs32, double* __restrict cs, float* __restrict ca32,
+                                     double* __restrict ca, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    cs[j] += static_cast<double>(cs32[j]);
+    ca[j] += static_cast<double>(ca32[j]);
+    cs32[j] = ca32[j] = 0.f;
+  }
+}
+
+}  // namespace
+}  // namespace ftattn

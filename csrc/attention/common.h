@@ -1,0 +1,189 @@
+// Tiles, thresholds, the two exponentials and the fault corruption.
+// Part of the CPU attention kernel: included once, by csrc/attention_cpu.cpp (one
+// translation unit, so every helper stays inlinable).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <numeric>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
+#include "vec.h"  // FTATTN_CLONES, the 16-lane vector types and their reductions
+
+extern "C" {
+// Fortran BLAS entry point; torch's CPU library exports it (MKL or OpenBLAS).
+// Weak, so a torch without it falls back to at::mm.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+}
+
+
+namespace ftattn {
+namespace {
+
+// Query rows per tile: 256, as torch's CPU flash attention, so each packed K tile
+// serves 256 rows. Checks and flags are kept per sub-block of SUB_M = 64 rows
+// (REPORT_BLOCK_M of the flags contract); a failed check recomputes the tile.
+constexpr int64_t BLOCK_M = 256;
+constexpr int64_t SUB_M = 64;
+static_assert(SUB_M == kReportBlockM, "a sub-block of the checks is a report block");
+constexpr int64_t NSUB = BLOCK_M / SUB_M;
+// Grouped-query attention with few query rows (decode): the query heads of one key
+// head are stacked into one block, up to MAX_STACK heads of N <= SUB_M rows each, so
+// that each K and V tile is read once for all of them; each head's rows are then
+// one sub-block of the checks and flags. Sub-blocks per block: at most NSUB_MAX.
+constexpr int64_t MAX_STACK = 16;
+constexpr int64_t NSUB_MAX = NSUB > MAX_STACK ? NSUB : MAX_STACK;
+// A stacked block (decode) runs its two products as sums of GEMMs over slices of
+// STACK_D_SLICE head dims (S = Q K^T) and of STACK_KEY_SLICE keys (acc += P V).
+// A BLAS GEMM kernel accumulates each element over the whole inner dimension in one
+// register, while torch's one-row attention runs matrix-vector products with several
+// partial sums; the stacked block was then less accurate than torch by 1.5x (D = 40)
+// to 2.2x (D = 128) in S (rms relative error 1.9u vs 1.3u at D = 40) and 1.4x in P V
+// (97 keys: 3.0u vs 2.2u), enough for the output to exceed 2x torch's error on one
+// seed in five at D = 128 and on AMD's BLAS path at D = 40. Slices bring S to 1.33u at
+// D = 40, 1.55u at D = 128 (gemv: 1.30u, 1.52u) and P V to 1.9u (97 keys) and 2.1u
+// (512 keys; gemv 4.9u). Decode reads K and V once per block either way; the extra
+// calls cost 0-5 % (B=4 Hq=8 Hkv=2 D=128 N=1 fp32, M = 512 / 4096 / 32768, 2 threads).
+constexpr int64_t STACK_D_SLICE = 16;
+constexpr int64_t STACK_KEY_SLICE = 32;
+// Keys per tile: 512 (as torch's CPU flash attention); the element-wise work walks S
+// and P one row (2 KiB) at a time, so it runs from L1.
+constexpr int64_t BLOCK_N = 512;
+
+// Head dims per PV-checksum group: at most 4 groups for D <= 256.
+constexpr int64_t PV_GROUP = 64;
+constexpr int MAX_GROUPS = 4;
+
+constexpr double U32 = 5.9604644775390625e-08;  // 2^-24, unit roundoff of fp32
+// Statistical thresholds: kappa standard deviations of the rounding noise.
+// kappa = 8 left no alarm over the clean-run grid of tests/test_attention_cpu.py
+// (uniform, normal, |q.k| up to 1e4, constant rows, M up to 4096).
+constexpr double KAPPA = 8.0;
+constexpr float LOG2E = 1.4426950408889634f;  // 1 / ln(2)
+// Underflow: fl(x op y) = (x op y)(1 + d) + e with |d| <= u and |e| <= 2^-150 in fp32
+// (Higham, Accuracy and Stability of Numerical Algorithms, 2.8; no flush to zero). The
+// relative bounds above cover d; ETA, two e (a multiply-add), per operation is each
+// bound's absolute term. Without it, subnormal keys or values (k * 1e-39, v * 1e-40)
+// failed the column-checksum, PV and final-normalisation checks on clean input.
+constexpr double ETA = 0x1p-149;
+
+// ---------------------------------------------------------------------------
+// Element-wise math. Two exponentials with different reductions and different
+// polynomials, so the redundant softmax cannot be merged with the first one.
+
+
+// Both exponentials are branch-free and written once for a float and for 16 lanes.
+// Rounding by adding C = 1.5 * 2^23 + 127 leaves n + 127 in the low mantissa bits of
+// the sum, so shifting its bits left by 23 gives 2^n with no float-to-int
+// conversion; the argument is clamped where n + 127 reaches 0, and the result there
+// is 0 (or a value below 2^-125, far inside every tolerance).
+constexpr float ROUND_C = 12583039.0f;  // 1.5 * 2^23 + 127
+
+FTATTN_VEC_INLINE float pow2_bits(float t) {  // 2^n from t = n + ROUND_C
+  uint32_t u;
+  std::memcpy(&u, &t, sizeof(u));
+  u <<= 23;
+  float r;
+  std::memcpy(&r, &u, sizeof(r));
+  return r;
+}
+FTATTN_VEC_INLINE vec::f16 pow2_bits(vec::f16 t) {
+  return reinterpret_cast<vec::f16>(reinterpret_cast<vec::u16>(t) << 23);
+}
+
+// exp(x) for x <= 0 (x = (S - max) * scale) as 2^(x log2 e): n = round(x log2 e),
+// f = x log2 e - n in one multiply-add, and the Cephes exp2f minimax polynomial for
+// 2^f (about 1 ulp); 0 below -88. Against a Cody-Waite reduction by ln 2 with the
+// expf polynomial, three operations fewer per element; the rounding of log2 e adds
+// u|x|/2 to the argument, nothing where p is large enough to count (|x| small).
+// exp(0) == 1 exactly, which the invariants rely on.
+template <typename T>
+FTATTN_VEC_INLINE T exp_neg(T x) {
+  const T lo = T{} - 88.0f;
+  x = x < lo ? lo : x;  // NaN passes through
+  const T t = x * LOG2E + ROUND_C;
+  const T n = t - ROUND_C;
+  const T f = x * LOG2E - n;
+  T p = T{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p * pow2_bits(t);
+}
+
+// 2^y for y <= 0: y = n + f with f in [-1/2, 1/2] and a degree-4 polynomial for
+// 2^f with p(0) = 1, fitted here for least maximum relative error (2.9e-6, 49 ulp,
+// in fp32 arithmetic: the redundant softmax's only use, whose bound allows for it;
+// two multiply-adds fewer than a 1-ulp one); 0 below -127.
+template <typename T>
+FTATTN_VEC_INLINE T exp2_neg(T y) {
+  const T lo = T{} - 127.0f;
+  y = y < lo ? lo : y;
+  const T t = y + ROUND_C;
+  const T f = y - (t - ROUND_C);
+  T p = T{} + 9.5828203484416e-3f;
+  p = p * f + 5.590633675456047e-2f;
+  p = p * f + 2.4024099111557007e-1f;
+  p = p * f + 6.931241750717163e-1f;
+  p = p * f + 1.0f;
+  return p * pow2_bits(t);
+}
+
+// Keep the compiler from assuming a value is what it just computed, so a check
+// after an injection point (or a real upset) re-reads it.
+static inline void opaque(float& x) { asm volatile("" : "+m"(x)); }
+static inline void memory_barrier() { asm volatile("" ::: "memory"); }
+
+static inline float corrupt(float x, int64_t bit, double value) {
+  if (bit < 0) return static_cast<float>(value);
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u ^= (1u << bit);
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+// ---------------------------------------------------------------------------
+// Vectorised row kernels (one clone per ISA), written with explicit 16-lane vectors
+// (GCC vector extensions, lowered to whatever the clone's ISA has). The ABFT sums are
+// fp32 partial sums of at most CHUNK terms per lane, flushed into fp64 accumulators. Each partial sum is within
+// gamma_CHUNK ~ CHUNK u of the exact one relative to the sum of magnitudes, and
+// the fp64 part adds nothing of note, so the bounds of the checks grow by CHUNK u
+// (vs fp64 throughout, which costs two conversions per vector and does not
+// vectorise fused with fp32 work).
+namespace vec {
+using namespace ::ftattn::vec;  // vec.h
+constexpr int64_t W = 16;
+// vectors (per-lane terms) per fp32 partial sum: one partial per lane per row of a
+// tile, flushed to fp64 once per row (flushing every 8 cost ~5 instructions per
+// vector of the softmax loop)
+constexpr int64_t CHUNK = BLOCK_N / W;
+constexpr int64_t ROW_CHUNK = 32;  // rows per fp32 partial column sum
+// sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
+FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
+  f8 a, b;
+  halves(x, a, b);
+  return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
+}
+}  // namespace vec
+
+}  // namespace
+}  // namespace ftattn

@@ -1,0 +1,193 @@
+// One row of the online softmax with its statistics (and the redundant softmax).
+// Part of the CPU attention kernel: included once, by csrc/attention_cpu.cpp (one
+// translation unit, so every helper stays inlinable).
+#pragma once
+
+#include "common.h"
+
+namespace ftattn {
+namespace {
+
+// Where a probs fault lands in one row (col < 0: none).
+struct RowFault {
+  int64_t col = -1, bit = -1;
+  double value = 0.0;
+};
+
+// What one row of the online softmax gives: the fp32 row sum of p (the normaliser
+// update) and, for the checks, max p and min p, the independent sums sum_j p_j and,
+// per group g of head dims, sum_j p_j a_gj and sum_j p_j b_gj (fp32 partials of CHUNK
+// vectors flushed to fp64; a, b: fp32 copies of the per-key, per-group sums of V and
+// of |V|, so each product carries one more rounding), and whether the redundant
+// softmax disagreed.
+struct RowStats {
+  float psum = 0.f, pmax = 0.f, pmin = 1.f;
+  double ws = 0.0, wa[MAX_GROUPS] = {}, wb[MAX_GROUPS] = {};
+  bool dmr_bad = false;
+};
+
+// One row of the online softmax: p_j = exp((S_j - mr) * scale) for the visible keys
+// (j <= limit), 0 for the masked ones, written to p, and its RowStats, in one pass
+// with p in registers (mr: the running max of the raw scores, scale >= 0).
+// PROT 0 gives only psum; PROT >= 1 the statistics of the checks;
+// PROT 2 adds the redundant softmax, p2 = 2^((S - mr) * scale*log2e) from the same raw
+// scores, compared with p within the error bound of both formulations (masked keys
+// must have p == 0). The difference S - mr is rounded once for both; after it, with
+// x = (S - mr) * scale <= 0, the argument of p carries 1.2u|x| (the product, log2 e's
+// rounding), that of p2 2.3u|x| (scale*log2e and the product rounded), together below
+// 5u|x| in p; the polynomial of exp about 1 ulp, that of exp2 49, their rounding 2
+// more, so |p - p2| <= u (64 + 5|x|) max(p, p2) <= u (64 max(p, p2) + 2), since
+// |x| e^x <= 1/e: one multiply-add per element instead of the exact bound. (p2 as
+// 2^(S * scale*log2e - mr*scale*log2e) carried u|mr * scale| more: at logits above ~1e6
+// that exceeded p itself and the check fired on clean input, and from |mr * scale| ~ 1e4
+// its tolerance passed changes of p that harm the output.)
+// |p - p2| <= r max(p, p2) is |p - p2| <= r / (1 - r) p2, so the loop keeps the
+// largest |p - p2| - r / (1 - r) p2 and compares it once with the absolute term.
+// psum adds the lanes in a fixed order, the same at every level, so off, abft and
+// full round l (and the output) alike. INJECT hits p_{fault.col} after the
+// exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs.
+template <int PROT, bool INJECT, int NG>
+__attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
+                                                                   int64_t n, int64_t limit, float scale, float mr,
+                                                                   const float* __restrict a,
+                                                                   const float* __restrict b, int64_t gs,
+                                                                   const RowFault& fault, RowStats& st) {
+  using namespace vec;
+  const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
+  const float scale2 = scale * LOG2E;
+  const float rel = 5.9604645e-08f * 64.f, abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
+  const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
+  f16 psum_v = f16{}, mx_v = f16{}, mn_v = f16{} + 1.f, viol_v = f16{};
+  d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
+  for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
+  int64_t j = 0;
+  while (j + W <= visible) {
+    f16 sp = f16{}, ap[NG], bp[NG];
+    for (int g = 0; g < NG; ++g) ap[g] = bp[g] = f16{};
+    for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
+      const f16 sv = load(S + j);
+      f16 pv = exp_neg((sv - mr) * scale);
+      if constexpr (INJECT) {
+        if (fault.col >= j && fault.col < j + W) pv[fault.col - j] = corrupt(pv[fault.col - j], fault.bit, fault.value);
+      }
+      store(p + j, pv);
+      psum_v += pv;
+      if constexpr (PROT >= 1) {
+        mx_v = pv > mx_v ? pv : mx_v;
+        mn_v = pv < mn_v ? pv : mn_v;
+        sp += pv;
+        for (int g = 0; g < NG; ++g) {
+          ap[g] += pv * load(a + g * gs + j);
+          bp[g] += pv * load(b + g * gs + j);
+        }
+      }
+      if constexpr (PROT >= 2) {
+        const f16 p2 = exp2_neg((sv - mr) * scale2);
+        const f16 d = vec::abs(pv - p2) - rel2 * p2;
+        viol_v = d > viol_v ? d : viol_v;
+      }
+    }
+    if constexpr (PROT >= 1) {
+      s_acc += widen_sum(sp);
+      for (int g = 0; g < NG; ++g) {
+        a_acc[g] += widen_sum(ap[g]);
+        b_acc[g] += widen_sum(bp[g]);
+      }
+    }
+  }
+  // the rest, one element at a time: the visible tail, then the masked keys
+  float psum_t = 0.f, mx = 0.f, mn = 1.f, viol = 0.f;
+  double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {};
+  int masked_bad = 0;
+  // (masked keys are walked only under injection; else they are a fill of zeros,
+  // which cannot compute anything wrong)
+  const int64_t tail_end = INJECT ? n : visible;
+  for (; j < tail_end; ++j) {
+    const bool vis = j < visible;
+    float pj = vis ? exp_neg((S[j] - mr) * scale) : 0.f;
+    if constexpr (INJECT) {
+      if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
+    }
+    p[j] = pj;
+    psum_t += pj;
+    if constexpr (PROT >= 1) {
+      mx = pj > mx ? pj : mx;
+      mn = pj < mn ? pj : mn;
+      const double x = static_cast<double>(pj);
+      s_t += x;
+      for (int g = 0; g < NG; ++g) {
+        a_t[g] += x * a[g * gs + j];
+        b_t[g] += x * b[g * gs + j];
+      }
+    }
+    if constexpr (PROT >= 2) {
+      if (vis) {
+        const float p2 = exp2_neg((S[j] - mr) * scale2);
+        const float d = std::fabs(pj - p2) - rel2 * p2;
+        viol = d > viol ? d : viol;
+      } else {
+        masked_bad |= !(pj == 0.f);
+      }
+    }
+  }
+  if (j < n) {
+    std::fill(p + j, p + n, 0.f);
+    mn = 0.f;
+  }
+  st.psum = hsum(psum_v) + psum_t;
+  if constexpr (PROT >= 1) {
+    const float vmx = hmax(mx_v), vmn = hmin(mn_v);  // (NaN never enters a lane)
+    st.pmax = vmx > mx ? vmx : mx;
+    st.pmin = vmn < mn ? vmn : mn;
+    st.ws = vec::hsum(s_acc) + s_t;
+    for (int g = 0; g < NG; ++g) {
+      st.wa[g] = vec::hsum(a_acc[g]) + a_t[g];
+      st.wb[g] = vec::hsum(b_acc[g]) + b_t[g];
+    }
+  }
+  if constexpr (PROT >= 2) {
+    const float vviol = hmax(viol_v);
+    viol = vviol > viol ? vviol : viol;
+    // NaN in p or p2 passes the max; a NaN p makes the row sum non-finite, which
+    // the probs-range check reports
+    st.dmr_bad = !(viol <= abs_tol) || masked_bad;
+  }
+}
+
+// One clone set per variant (the template body is inlined into each).
+#define FTATTN_SOFTMAX_ROW(name, PROT, INJECT, NG)                                                            \
+  FTATTN_CLONES static void name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,   \
+                                 float scale, float m, const float* __restrict a, const float* __restrict b, \
+                                 int64_t gs, const RowFault& fault, RowStats& st) {                          \
+    softmax_row_body<PROT, INJECT, NG>(S, p, n, limit, scale, m, a, b, gs, fault, st);                      \
+  }
+#define FTATTN_SOFTMAX_ROWS(PROT, INJECT, suffix)                 \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##1, PROT, INJECT, 1)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##2, PROT, INJECT, 2)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##3, PROT, INJECT, 3)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##4, PROT, INJECT, 4)
+FTATTN_SOFTMAX_ROW(softmax_row_off, 0, false, 1)
+FTATTN_SOFTMAX_ROW(softmax_row_off_inject, 0, true, 1)
+FTATTN_SOFTMAX_ROWS(1, false, abft)
+FTATTN_SOFTMAX_ROWS(2, false, full)
+FTATTN_SOFTMAX_ROWS(1, true, abft_inject)
+FTATTN_SOFTMAX_ROWS(2, true, full_inject)
+#undef FTATTN_SOFTMAX_ROWS
+#undef FTATTN_SOFTMAX_ROW
+
+using SoftmaxRowFn = void (*)(const float*, float*, int64_t, int64_t, float, float, const float*, const float*,
+                              int64_t, const RowFault&, RowStats&);
+
+// The variant for a protection level, injection or not, and the number of groups.
+static SoftmaxRowFn softmax_row_fn(int protection, bool inject, int groups) {
+  if (protection == 0) return inject ? softmax_row_off_inject : softmax_row_off;
+  static const SoftmaxRowFn table[2][2][MAX_GROUPS] = {
+      {{softmax_row_abft1, softmax_row_abft2, softmax_row_abft3, softmax_row_abft4},
+       {softmax_row_full1, softmax_row_full2, softmax_row_full3, softmax_row_full4}},
+      {{softmax_row_abft_inject1, softmax_row_abft_inject2, softmax_row_abft_inject3, softmax_row_abft_inject4},
+       {softmax_row_full_inject1, softmax_row_full_inject2, softmax_row_full_inject3, softmax_row_full_inject4}}};
+  return table[inject ? 1 : 0][protection - 1][groups - 1];
+}
+
+}  // namespace
+}  // namespace ftattn

@@ -1,0 +1,191 @@
+// Per-block and per-tile sums of q, k and v, and the sliced GEMM.
+// Part of the CPU attention kernel: included once, by csrc/attention_cpu.cpp (one
+// translation unit, so every helper stays inlinable).
+#pragma once
+
+#include "common.h"
+
+namespace ftattn {
+namespace {
+
+// For rows x_i of X [n x D] (fp32): ref[i * ld + t] = x_i . y_t and
+// mag[i * ld + t] = |x_i| . yabs_t for t < nt, with y, yabs [nt x D] fp64.
+FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D, const double* __restrict y,
+                                 const double* __restrict yabs, int64_t nt, int64_t ld, double* __restrict ref,
+                                 double* __restrict mag) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = X + i * D;
+    for (int64_t t = 0; t < nt; ++t) {
+      const double* yt = y + t * D;
+      const double* at = yabs + t * D;
+      double s = 0.0, a = 0.0;
+#pragma omp simd reduction(+ : s, a)
+      for (int64_t d = 0; d < D; ++d) {
+        const double x = static_cast<double>(xi[d]);
+        s += x * yt[d];
+        a += std::fabs(x) * at[d];
+      }
+      ref[i * ld + t] = s;
+      mag[i * ld + t] = a;
+    }
+  }
+}
+
+FTATTN_CLONES static double sum_d(const float* __restrict x, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]);
+  return s;
+}
+
+FTATTN_CLONES static double sum_abs_d(const float* __restrict x, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += std::fabs(static_cast<double>(x[i]));
+  return s;
+}
+
+FTATTN_CLONES static void scale_row(float* __restrict x, int64_t n, float alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+}
+
+FTATTN_CLONES static void add_d(double* __restrict acc, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(x[i]);
+}
+
+FTATTN_CLONES static void add_abs_d(double* __restrict acc, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += std::fabs(static_cast<double>(x[i]));
+}
+
+FTATTN_CLONES static void add_sq_d(double* __restrict acc, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+}
+
+FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(x[i]);
+  return !bad;
+}
+
+// For n keys and values: ks += sum_j k_j, ka += sum_j |k_j| (fp64, [D]), and per key
+// knorm_j >= ||k_j||_2 and, per group g of PV_GROUP head dims, vsum[g * gs + j] =
+// sum_{d in g} v_jd and vabs[g * gs + j] = sum_{d in g} |v_jd|, in 16-lane fp32
+// vector code (for decoding, where each key serves one query row, these sums were
+// the largest part of a call in fp64). ks and ka: fp32 partials of KV_CHUNK keys per
+// dim, flushed to fp64 (within KV_CHUNK u of the exact sums relative to ka, which the
+// row check's bound adds). vsum and vabs: at most 5 terms per lane (a group is 4
+// whole vectors and a zero-padded tail) and a tree of 4 levels, so within 9 u of the
+// exact sums relative to vabs (the PV bound adds 10 u). knorm: the fp32 square root of
+// an fp32 sum of squares, within about 12 + D / 16 u, raised by 2^-15 to stay above
+// the true norm it scales a bound with, plus sqrt(D) 2^-74 for the squares lost to
+// underflow (each square loses at most 2^-149: sum |k_d|^2 <= sq + D 2^-148).
+constexpr int64_t KV_CHUNK = 8;
+constexpr int64_t KV_PREFETCH = 16;
+FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
+                                         double* __restrict ks, double* __restrict ka, double* __restrict knorm,
+                                         float* __restrict vsum, float* __restrict vabs, float* __restrict vmax,
+                                         int64_t gs) {
+  using namespace vec;
+  alignas(64) float ks32[256 + W], ka32[256 + W], tail[W];
+  const int64_t Dv = (D / W) * W;  // dims in whole vectors
+  const double sqrt_d_floor = std::sqrt(static_cast<double>(D)) * 0x1p-74;
+  std::fill(ks32, ks32 + D, 0.f);
+  std::fill(ka32, ka32 + D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = K + j * D;
+    const float* vj = V + j * D;
+    if (j + KV_PREFETCH < n)  // the first pass over the tile when decoding: fetch ahead
+      for (int64_t d = 0; d < D; d += 64 / sizeof(float)) {  // one 64-byte line at a time
+        __builtin_prefetch(kj + KV_PREFETCH * D + d);
+        __builtin_prefetch(vj + KV_PREFETCH * D + d);
+      }
+    f16 sq = f16{};
+    float sq_t = 0.f;
+    for (int64_t d = 0; d < Dv; d += W) {
+      const f16 x = load(kj + d);
+      store(ks32 + d, load(ks32 + d) + x);
+      store(ka32 + d, load(ka32 + d) + vec::abs(x));
+      sq += x * x;
+    }
+    for (int64_t d = Dv; d < D; ++d) {
+      const float x = kj[d];
+      ks32[d] += x;
+      ka32[d] += std::fabs(x);
+      sq_t += x * x;
+    }
+    knorm[j] = static_cast<double>(std::sqrt(hsum(sq) + sq_t)) * (1.0 + 0x1p-15) + sqrt_d_floor;
+    if ((j + 1) % KV_CHUNK == 0 || j == n - 1) {
+      for (int64_t d = 0; d < D; ++d) {
+        ks[d] += static_cast<double>(ks32[d]);
+        ka[d] += static_cast<double>(ka32[d]);
+        ks32[d] = ka32[d] = 0.f;
+      }
+    }
+    f16 vm = f16{};
+    for (int64_t g = 0, d0 = 0; d0 < D; ++g, d0 += PV_GROUP) {
+      const int64_t d1 = std::min<int64_t>(D, d0 + PV_GROUP);
+      f16 vs = f16{}, va = f16{};
+      int64_t d = d0;
+      for (; d + W <= d1; d += W) {
+        const f16 y = load(vj + d);
+        vs += y;
+        va += vec::abs(y);
+        vm = vec::abs(y) > vm ? vec::abs(y) : vm;
+      }
+      if (d < d1) {
+        std::fill(tail, tail + W, 0.f);
+        std::copy(vj + d, vj + d1, tail);
+        const f16 y = load(tail);
+        vs += y;
+        va += vec::abs(y);
+        vm = vec::abs(y) > vm ? vec::abs(y) : vm;
+      }
+      vsum[g * gs + j] = hsum(vs);
+      vabs[g * gs + j] = hsum(va);
+    }
+    vmax[j] = hmax(vm);  // (a NaN lane is dropped: the value's NaN reaches the output anyway)
+  }
+}
+
+// ---------------------------------------------------------------------------
+// GEMMs on row-major fp32 blocks.
+
+// C[m x n] (+)= A[m x k] * B, with B [n x k] (transposed, S = Q K^T) or [k x n]
+// (acc += P V) in row-major fp32 blocks. BLAS sgemm_ where torch exports it, else
+// at::mm. k_slice > 0 sums the product over slices of k_slice of the inner dimension,
+// one GEMM each with beta = 1 after the first: see STACK_D_SLICE.
+static void gemm(bool b_transposed, bool accumulate, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float* C, int64_t ldc, int64_t k_slice) {
+  if (m == 0 || n == 0) return;
+  const int64_t step = k_slice > 0 ? k_slice : std::max<int64_t>(k, 1);
+  for (int64_t k0 = 0; k0 < k; k0 += step) {
+    const int64_t kk = std::min(step, k - k0);
+    const float* Bk = b_transposed ? B + k0 : B + k0 * ldb;
+    const bool add = accumulate || k0 > 0;
+    if (sgemm_ != nullptr) {
+      // column-major view: C^T (n x m) (+)= B' (n x k) * A^T (k x m)
+      const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(kk);
+      const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+      const float one = 1.f, beta = add ? 1.f : 0.f;
+      sgemm_(b_transposed ? "T" : "N", "N", &mi, &ni, &ki, &one, Bk, &la, A + k0, &lb, &beta, C, &lc);
+      continue;
+    }
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor a = at::from_blob(const_cast<float*>(A + k0), {m, kk}, {lda, 1}, opts);
+    at::Tensor b = b_transposed ? at::from_blob(const_cast<float*>(Bk), {n, kk}, {ldb, 1}, opts).t()
+                                : at::from_blob(const_cast<float*>(Bk), {kk, n}, {ldb, 1}, opts);
+    at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+    if (add)
+      c.addmm_(a, b);
+    else
+      at::mm_out(c, a, b);
+  }
+}
+
+}  // namespace
+}  // namespace ftattn
