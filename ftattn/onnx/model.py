@@ -304,39 +304,9 @@ def read_decoder_graph(folder: str, decoder_path: str) -> DecoderGraph:
     return graph
 
 
-def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | None = None) -> ModelSpec:
-    """Read a model folder's configs and the session's inputs/outputs into a ModelSpec.
-
-    ``session`` is an ``onnxruntime.InferenceSession`` on ``decoder_path`` (or on
-    ``graph.model_bytes``, the graph with the window the loader set; ``graph``: the
-    folder's ``read_decoder_graph``, read here when None).
-    """
-    config_path = os.path.join(folder, "config.json")
-    genai = _genai_config(folder)
-    config = _read_json(config_path) if os.path.isfile(config_path) else None
-    if genai is None and config is None:
-        raise FileNotFoundError(
-            f"{folder}: neither genai_config.json nor config.json; the generator needs one for head "
-            f"sizes and EOS ids (ftattn.onnx.export and the genai builder both write one)")
-
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name: o for o in session.get_outputs()}
-
-    genai_path = os.path.join(folder, "genai_config.json")
-    decoder_cfg = _section(genai, genai_path, "model", "decoder")
-    in_names = _section(genai, genai_path, "model", "decoder", "inputs")
-    out_names = _section(genai, genai_path, "model", "decoder", "outputs")
-    input_ids_name = in_names.get("input_ids", "input_ids")
-    mask_name = in_names.get("attention_mask", "attention_mask")
-    position_name = in_names.get("position_ids", "position_ids")
-    logits_name = out_names.get("logits", "logits")
-    for needed, where, kind in ((input_ids_name, inputs, "input"), (logits_name, outputs, "output")):
-        if needed not in where:
-            raise ValueError(
-                f"{folder}: the decoder has no {kind} {needed!r} (it has {sorted(where)}); the generator "
-                f"supports decoders with input_ids -> logits and a KV cache (optimum or genai layout)")
-
-    # KV names: genai_config's formats when given, else the optimum pattern
+def _kv_names(folder: str, inputs: dict, outputs: dict, in_names: dict, out_names: dict):
+    """(past names per layer {"key", "value"}, present key names, present value names):
+    genai_config's formats when given, else the optimum pattern."""
     past_layers: dict[int, dict[str, str]] = {}
     key_format = in_names.get("past_key_names")
     value_format = in_names.get("past_value_names")
@@ -372,10 +342,12 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
                                  f"cache (outputs: {sorted(outputs)})")
         present_keys.append(key)
         present_values.append(value)
+    return past_layers, present_keys, present_values
 
-    # head counts: the session's shape when it is a number, else the config
-    past_shape = inputs[past_layers[0]["key"]].shape
-    model_cfg = _section(genai, genai_path, "model")
+
+def _kv_shape(folder: str, past_shape, decoder_cfg: dict, config: dict | None, genai_path: str,
+              config_path: str) -> tuple[int, int]:
+    """(KV heads, head size): the session's shape where it is a number, else the configs."""
     cfg_heads = decoder_cfg.get("num_attention_heads") or _config_value(config, "num_attention_heads")
     cfg_kv_heads = decoder_cfg.get("num_key_value_heads") or _config_value(config, "num_key_value_heads") \
         or cfg_heads
@@ -392,14 +364,22 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
     if not num_kv_heads or not head_size:
         raise ValueError(f"{folder}: cannot tell the KV heads / head size: the session's past shape is "
                          f"{past_shape} and the configs do not give num_key_value_heads / head_size")
+    return int(num_kv_heads), int(head_size)
 
+
+def _context_length(folder: str, model_cfg: dict, config: dict | None, genai_path: str, config_path: str) -> int:
     context_length = model_cfg.get("context_length") or _config_value(config, "max_position_embeddings")
     if not context_length:
         raise ValueError(f"{folder}: no context length (genai_config model.context_length or config.json "
                          f"max_position_embeddings); add one to the config")
     context_length = _integer(context_length, genai_path if model_cfg.get("context_length") else config_path,
                               "the context length", minimum=1)
+    return int(context_length)
 
+
+def _special_tokens(folder: str, genai: dict | None, model_cfg: dict, config: dict | None, genai_path: str,
+                    config_path: str) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id): genai_config, generation_config.json, config.json, in that order."""
     eos = _as_ids(model_cfg.get("eos_token_id"), genai_path, "model.eos_token_id") if genai else ()
     generation_path = os.path.join(folder, "generation_config.json")
     if not eos and os.path.isfile(generation_path):
@@ -415,8 +395,13 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
     if isinstance(pad, (list, tuple)) and pad:
         pad = pad[0]
     pad = _integer(pad, pad_path, "pad_token_id")
+    return eos, pad
 
-    # every input must be one the loop feeds: another one would fail at the first run
+
+def _check_feeds(folder: str, inputs: dict, outputs: dict, input_ids_name: str, mask_name: str, position_name: str,
+                 logits_name: str, past_layers: dict) -> None:
+    """Every input must be one the loop feeds (another one would fail at the first run),
+    with a type the loop feeds."""
     known = {input_ids_name, mask_name, position_name, _USE_CACHE_BRANCH}
     known.update(name for layer in past_layers.values() for name in layer.values())
     unknown = sorted(set(inputs) - known)
@@ -434,16 +419,9 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
             raise ValueError(f"{folder}: the decoder's {name!r} is {where[name].type}; the generator supports "
                              f"{', '.join(supported)} there")
 
-    tokenizer_path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(
-            f"{folder}: no tokenizer.json; save the model's fast tokenizer there "
-            f"(AutoTokenizer.from_pretrained(hf_dir).save_pretrained(folder))")
-    tokenizer_config_path = os.path.join(folder, "tokenizer_config.json")
-    tokenizer_config = _read_json(tokenizer_config_path) if os.path.isfile(tokenizer_config_path) else {}
 
-    if graph is None:
-        graph = read_decoder_graph(folder, decoder_path)
+
+def _sliding_window(folder: str, graph: DecoderGraph, decoder_cfg: dict, context_length: int) -> int:
     graph_window = graph.window
     # the window: the graph's when its GQA nodes apply one (the builder's or the loader's), else
     # genai_config's, which the graph then does not apply (no GQA nodes to set it on)
@@ -455,6 +433,62 @@ def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | Non
             f"its context length {context_length}; onnxruntime needs a KV buffer of at least the window and "
             f"rotary caches as long as the buffer, so no request can run; rebuild the model with a context "
             f"length of at least the window")
+    return int(sliding_window or 0)
+
+
+def load_spec(folder: str, decoder_path: str, session, graph: DecoderGraph | None = None) -> ModelSpec:
+    """Read a model folder's configs and the session's inputs/outputs into a ModelSpec.
+
+    ``session`` is an ``onnxruntime.InferenceSession`` on ``decoder_path`` (or on
+    ``graph.model_bytes``, the graph with the window the loader set; ``graph``: the
+    folder's ``read_decoder_graph``, read here when None).
+    """
+    config_path = os.path.join(folder, "config.json")
+    genai = _genai_config(folder)
+    config = _read_json(config_path) if os.path.isfile(config_path) else None
+    if genai is None and config is None:
+        raise FileNotFoundError(
+            f"{folder}: neither genai_config.json nor config.json; the generator needs one for head "
+            f"sizes and EOS ids (ftattn.onnx.export and the genai builder both write one)")
+
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+
+    genai_path = os.path.join(folder, "genai_config.json")
+    model_cfg = _section(genai, genai_path, "model")
+    decoder_cfg = _section(genai, genai_path, "model", "decoder")
+    in_names = _section(genai, genai_path, "model", "decoder", "inputs")
+    out_names = _section(genai, genai_path, "model", "decoder", "outputs")
+    input_ids_name = in_names.get("input_ids", "input_ids")
+    mask_name = in_names.get("attention_mask", "attention_mask")
+    position_name = in_names.get("position_ids", "position_ids")
+    logits_name = out_names.get("logits", "logits")
+    for needed, where, kind in ((input_ids_name, inputs, "input"), (logits_name, outputs, "output")):
+        if needed not in where:
+            raise ValueError(
+                f"{folder}: the decoder has no {kind} {needed!r} (it has {sorted(where)}); the generator "
+                f"supports decoders with input_ids -> logits and a KV cache (optimum or genai layout)")
+
+    past_layers, present_keys, present_values = _kv_names(folder, inputs, outputs, in_names, out_names)
+    num_layers = len(past_layers)
+    num_kv_heads, head_size = _kv_shape(folder, inputs[past_layers[0]["key"]].shape, decoder_cfg, config, genai_path,
+                                        config_path)
+    context_length = _context_length(folder, model_cfg, config, genai_path, config_path)
+    eos, pad = _special_tokens(folder, genai, model_cfg, config, genai_path, config_path)
+    _check_feeds(folder, inputs, outputs, input_ids_name, mask_name, position_name, logits_name, past_layers)
+
+    tokenizer_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer.json; save the model's fast tokenizer there "
+            f"(AutoTokenizer.from_pretrained(hf_dir).save_pretrained(folder))")
+    tokenizer_config_path = os.path.join(folder, "tokenizer_config.json")
+    tokenizer_config = _read_json(tokenizer_config_path) if os.path.isfile(tokenizer_config_path) else {}
+
+    if graph is None:
+        graph = read_decoder_graph(folder, decoder_path)
+    sliding_window = _sliding_window(folder, graph, decoder_cfg, context_length)
+    graph_window = graph.window
     return ModelSpec(
         folder=folder,
         decoder_path=decoder_path,
