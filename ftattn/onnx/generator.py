@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .binding import KVRequest
 from .model import ModelSpec, Padding, find_decoder, load_spec, read_decoder_graph
 from .sampling import SamplingConfig, apply_repetition_penalty, TokenSampler
 
@@ -78,53 +79,6 @@ class _Row:
     pending: str = ""  # decoded text held back because it may begin a stop string
     finish_reason: str | None = None
     token_times: list[float] = field(default_factory=list)  # perf_counter() at each new token
-
-
-def _cells(array: np.ndarray) -> memoryview:
-    """A flat memoryview of a contiguous array, for one-element stores: a numpy item
-    assignment costs several times more between two model steps, when the
-    interpreter's own data is out of the caches."""
-    return memoryview(array).cast("B").cast(array.dtype.char)
-
-
-class _StepRunner:
-    """The per-token calls on an IOBinding: rebind an input by address, run.
-
-    onnxruntime's Python wrappers build a device object for every bind and check
-    graph-capture state on every run, about 6 us a token (10% of a small model's decode
-    step on 2 cores). Given the C-level CPU device (``cpu_device``), this calls the
-    bindings underneath them (``IOBinding._iobinding``, ``InferenceSession._sess``),
-    else the public API.
-    """
-
-    @staticmethod
-    def cpu_device(direct: bool):
-        """onnxruntime's C-level CPU device, or None where not wanted or not there."""
-        if not direct:
-            return None
-        try:
-            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
-
-            return OrtDevice.make("cpu", 0)._get_c_device()
-        except (ImportError, AttributeError, TypeError):
-            return None
-
-    def __init__(self, session, io, device=None):
-        self.session, self.io, self._device = session, io, device
-        self._c_io, self._c_session = getattr(io, "_iobinding", None), getattr(session, "_sess", None)
-        self.direct = device is not None and self._c_io is not None and self._c_session is not None
-
-    def bind_input(self, name: str, dtype, shape, address: int):
-        if self.direct:
-            self._c_io.bind_input(name, self._device, dtype, shape, address)
-        else:
-            self.io.bind_input(name, "cpu", 0, dtype, shape, address)
-
-    def run(self):
-        if self.direct:
-            self._c_session.run_with_iobinding(self._c_io, None)
-        else:
-            self.session.run_with_iobinding(self.io)
 
 
 class Generator:
@@ -476,132 +430,22 @@ class Generator:
             row.pending = ""
 
     def _run(self, rows: list[_Row], max_new_tokens: int, config: SamplingConfig, stop, stream, eos, rng):
-        """Prefill and decode one batch of rows in place."""
-        import onnxruntime as ort
-
+        """Prefill and decode one batch of rows in place: the decode loop (the KV cache and
+        its bindings: binding.KVRequest)."""
         spec = self.spec
         batch = len(rows)
-        lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
-        width = int(lengths.max())
-        capacity = width + max_new_tokens  # KV positions this request can reach
-        right = spec.padding is Padding.RIGHT
-
-        # -- prefill inputs: pads on the right for GQA, on the left otherwise
-        input_ids = np.full((batch, width), spec.pad_token_id, dtype=spec.input_ids_dtype)
-        mask = np.zeros((batch, capacity), dtype=spec.mask_dtype)
-        for b, row in enumerate(rows):
-            if right:
-                input_ids[b, :lengths[b]] = row.prompt
-                mask[b, :lengths[b]] = 1
-            else:
-                input_ids[b, width - lengths[b]:] = row.prompt
-                mask[b, width - lengths[b]:width] = 1
-
-        kv_names_in = [n for pair in zip(spec.past_key_names, spec.past_value_names) for n in pair]
-        kv_names_out = [n for pair in zip(spec.present_key_names, spec.present_value_names) for n in pair]
-        # zeroed once per request: GQA reads only positions below each row's length, but
-        # uninitialised memory could hold NaNs that a kernel multiplies by a zero weight
-        kv_arrays = [np.zeros((batch, spec.num_kv_heads, spec.kv_capacity(name, capacity) if self.shared_buffer else 0,
-                               spec.head_size), dtype=spec.kv_dtype) for name in kv_names_in]
-        past = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv_arrays]
-
+        request = KVRequest(self.session, spec, [r.prompt for r in rows], max_new_tokens, self.shared_buffer,
+                            self.direct_binding)
         seen = None
         if config.repetition_penalty != 1.0:
             vocab = self.vocab_size or int(self.session.get_outputs()[0].shape[-1])
             seen = np.zeros((batch, vocab), dtype=bool)
             for b, row in enumerate(rows):
                 seen[b, row.prompt] = True
-
-        # decode-step mask and position ids live in buffers allocated once and are bound by
-        # address with the step's shape: no array is made or copied per token
-        step_mask = np.zeros(batch * capacity, dtype=spec.mask_dtype)
-        step_positions = np.zeros((batch, 1), dtype=spec.position_ids_dtype)
-        if right and batch == 1:
-            step_mask[:] = 1  # a single row attends to every position so far
-        # shared buffer: the decode mask keeps the buffer's width (batch, capacity), zeros past
-        # each row's length, as onnxruntime-genai's static-buffer mode binds it: GQA takes the
-        # row lengths from the row sums, so the mask is bound once and gains a 1 per row a step
-        static_mask = self.shared_buffer and spec.attention_mask_name is not None
-        mask_cells = _cells(mask)
-        row_starts = [b * capacity + int(n) for b, n in enumerate(lengths)]  # each row's first new position
-
-        mask_address, positions_address = step_mask.ctypes.data, step_positions.ctypes.data
-
-        def bind_step(runner, total: int, step: int, bound: bool = False):
-            """The decode inputs that change every step: attention mask, position ids
-            (bound: the binding already holds the mask and position buffers)."""
-            if static_mask:
-                for start in row_starts:
-                    mask_cells[start + step] = 1
-                if not bound:
-                    runner.bind_input(spec.attention_mask_name, mask.dtype, [batch, capacity], mask.ctypes.data)
-            elif spec.attention_mask_name is not None:
-                if right:  # GQA reads each row's length from the row sum
-                    if batch > 1:
-                        view = step_mask[:batch * total].reshape(batch, total)
-                        np.less(np.arange(total)[None, :], (lengths + (total - width))[:, None], out=view,
-                                casting="unsafe")
-                elif batch == 1:
-                    step_mask[:total] = mask[0, :total]
-                else:
-                    step_mask[:batch * total].reshape(batch, total)[:] = mask[:, :total]
-                runner.bind_input(spec.attention_mask_name, step_mask.dtype, [batch, total], mask_address)
-            if spec.position_ids_name is not None:
-                np.add(lengths[:, None], step, out=step_positions, casting="unsafe")
-                if not bound:
-                    runner.bind_input(spec.position_ids_name, step_positions.dtype, [batch, 1], positions_address)
-
-        def bind_prefill(io, total: int, prefill_positions):
-            if spec.attention_mask_name is not None:
-                io.bind_cpu_input(spec.attention_mask_name, np.ascontiguousarray(mask[:, :total]))
-            if spec.position_ids_name is not None:
-                io.bind_cpu_input(spec.position_ids_name, prefill_positions.astype(spec.position_ids_dtype))
-
-        def bind_ids_and_past(io, ids_value, cached: bool):
-            io.bind_ortvalue_input(spec.input_ids_name, ids_value)
-            if spec.use_cache_branch_name is not None:  # optimum's merged decoder: which branch
-                io.bind_cpu_input(spec.use_cache_branch_name, np.array([cached]))
-            for name, value in zip(kv_names_in, past):
-                io.bind_ortvalue_input(name, value)
-
-        def bind_kv_outputs(io):
-            # shared buffer: present is written in place into the bound past; else new OrtValues
-            for name, value in zip(kv_names_out, past):
-                if self.shared_buffer:
-                    io.bind_ortvalue_output(name, value)
-                else:
-                    io.bind_output(name, "cpu")
-
-        # -- prefill
-        io = self.session.io_binding()
-        prefill_positions = np.clip(np.cumsum(mask[:, :width], axis=1) - 1, 0, None)
-        if right:
-            prefill_positions = np.broadcast_to(np.arange(width), (batch, width))
-        bind_ids_and_past(io, ort.OrtValue.ortvalue_from_numpy(input_ids), False)
-        bind_prefill(io, width, prefill_positions)
-        io.bind_output(spec.logits_name, "cpu")
-        bind_kv_outputs(io)
-        self.session.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        prefill_logits = outputs[0].numpy()
-        last = (lengths - 1) if right else np.full(batch, width - 1)
-        logits = prefill_logits[np.arange(batch), last]  # (batch, vocab)
-        if not self.shared_buffer:
-            past = outputs[1:]
-        del io, outputs, prefill_logits
-
-        # -- decode buffers, bound once: ids in, logits out
-        next_ids = np.full((batch, 1), spec.pad_token_id, dtype=spec.input_ids_dtype)
-        next_ids_value = ort.OrtValue.ortvalue_from_numpy(next_ids)
-        step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=spec.logits_dtype)
-        step_logits_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
-        step_scores = step_logits[:, 0, :]
-        ids_cells = _cells(next_ids)
+        logits = request.prefill()
         active = [True] * batch
         n_active = batch
         sampler = TokenSampler(config, batch, rng) if config.do_sample else None
-        shared_io = None
-        device = _StepRunner.cpu_device(self.direct_binding)
 
         for step in range(max_new_tokens):
             scores = logits
@@ -630,26 +474,6 @@ class Generator:
             if n_active == 0 or step == max_new_tokens - 1:
                 break
             # -- one decode step: the new token of every row (pads for finished ones)
-            for b, token in enumerate(chosen):
-                ids_cells[b] = token
-            total = width + step + 1
-            if not right:
-                mask[:, total - 1] = 1
-            if shared_io is not None:  # shared buffer: ids, KV and logits stay bound
-                bind_step(shared_io, total, step, bound=True)
-                shared_io.run()
-            else:
-                io = self.session.io_binding()
-                runner = _StepRunner(self.session, io, device)
-                bind_ids_and_past(io, next_ids_value, True)
-                bind_step(runner, total, step)
-                io.bind_ortvalue_output(spec.logits_name, step_logits_value)
-                bind_kv_outputs(io)
-                runner.run()
-                if self.shared_buffer:
-                    shared_io = runner
-                else:
-                    past = io.get_outputs()[1:]
-            logits = step_scores
+            logits = request.step(chosen, step)
         for row in rows:
             self._flush(row, stream, stop)

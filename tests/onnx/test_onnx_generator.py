@@ -298,7 +298,7 @@ def test_direct_binding_both_ways(exported, monkeypatch):
     """The per-token binds and runs through onnxruntime's C bindings (default) and
     through its public API give the same tokens; the installed onnxruntime has the
     C bindings, so the default really takes them."""
-    from ftattn.onnx import generator as module
+    from ftattn.onnx import binding as module
 
     assert module._StepRunner.cpu_device(True) is not None and module._StepRunner.cpu_device(False) is None
     used = []
@@ -326,7 +326,7 @@ def test_decode_mask_binds(generators, hf_model, hf_tokenizer, monkeypatch, shar
     """With the shared buffer the decode mask has the buffer's width and is bound once
     (each step writes one 1 per row into it); without, a mask of the step's width is
     bound every step. Same tokens as transformers both ways, single and padded batch."""
-    from ftattn.onnx import generator as module
+    from ftattn.onnx import binding as module
 
     generator = generators("builder", shared_buffer=shared_buffer)
     binds = []
