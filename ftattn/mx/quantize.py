@@ -20,7 +20,6 @@ the Triton kernel (kernels/mx.py, CUDA or the Triton interpreter).
 """
 from __future__ import annotations
 
-import enum
 import functools
 import math
 from dataclasses import dataclass
@@ -217,7 +216,7 @@ def _triton_reason(device: torch.device) -> Optional[str]:
     reason = backends.triton_reason(device)
     if reason is None:
         try:
-            from .._launch import mx as _launcher  # noqa: F401
+            from .._launch import mx  # noqa: F401  (the Triton kernel imports)
         except ImportError as exc:
             return f"the Triton kernel does not import: {exc}"
     return reason

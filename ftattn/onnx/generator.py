@@ -22,8 +22,6 @@ The loop:
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,10 +32,7 @@ import numpy as np
 from .binding import KVRequest
 from .model import ModelSpec, Padding, find_decoder, load_spec, read_decoder_graph
 from .sampling import SamplingConfig, apply_repetition_penalty, TokenSampler
-
-# prompt tokens given to the streaming decoder before the first new token, so that
-# decoders that drop a leading space on the first token (Metaspace) keep it
-_STREAM_PRIMING_TOKENS = 4
+from .text import Row, TextStreamer, render_chat_template
 
 
 @dataclass
@@ -66,21 +61,6 @@ class Generation:
     token_times_s: list[float] = field(default_factory=list)
 
 
-@dataclass
-class _Row:
-    """Per-prompt state of a running batch."""
-
-    index: int  # position in the caller's list of prompts
-    prompt: list[int]
-    prime: list[int]  # the prompt's last tokens, which the streaming decoder starts from
-    stream: object  # tokenizers.decoders.DecodeStream
-    tokens: list[int] = field(default_factory=list)
-    emitted: list[str] = field(default_factory=list)
-    pending: str = ""  # decoded text held back because it may begin a stop string
-    finish_reason: str | None = None
-    token_times: list[float] = field(default_factory=list)  # perf_counter() at each new token
-
-
 class Generator:
     """A decoder session, its tokenizer and the model facts the loop needs.
 
@@ -103,6 +83,7 @@ class Generator:
         self.session = session
         self.spec = spec
         self.tokenizer = tokenizer
+        self.text = TextStreamer(tokenizer)  # each row's text from its new tokens
         self.shared_buffer = (spec.shared_buffer and on_cpu) if shared_buffer is None else bool(shared_buffer)
         if spec.sliding_window_ring and not self.shared_buffer:
             raise ValueError(
@@ -199,28 +180,8 @@ class Generator:
             raise ValueError(
                 f"{self.spec.folder}: the tokenizer config has no chat_template, so conversations (lists of "
                 f"{{'role', 'content'}} messages) cannot be rendered; pass the prompt as a string")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            # transformers' filter: jinja's own escapes HTML characters and non-ASCII
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                              sort_keys=sort_keys)
-
-        def strftime_now(format):
-            return datetime.datetime.now().strftime(format)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = strftime_now
-        return env.from_string(self.spec.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.spec.bos_token or "", eos_token=self.spec.eos_token or "")
+        return render_chat_template(self.spec.chat_template, messages, add_generation_prompt,
+                                    self.spec.bos_token or "", self.spec.eos_token or "")
 
     def encode(self, prompt) -> list[int]:
         """Token ids of one prompt: a string, a conversation (list of message dicts) or token ids."""
@@ -321,7 +282,7 @@ class Generator:
         else:
             groups = [list(range(len(encoded)))]
         for group in groups:
-            rows = [self._new_row(i, encoded[i]) for i in group]
+            rows = [self.text.new_row(i, encoded[i]) for i in group]
             self._run(rows, max_new_tokens, config, stop, stream, set(eos), rng)
             for row in rows:
                 decode_time = row.token_times[-1] - row.token_times[0]
@@ -352,84 +313,7 @@ class Generator:
         raise ValueError(f"eos_token_id={eos_token_id!r}: must be a token id or a list of token ids{vocab} "
                          f"([] never stops on a token; None uses the model's EOS ids {self.spec.eos_token_ids})")
 
-    def _new_row(self, index: int, prompt: list[int]) -> _Row:
-        from tokenizers.decoders import DecodeStream
-
-        # the streaming decoder starts from the prompt's last tokens, so that the first new
-        # token's text (a leading space, say) reads as it would after the prompt; a window
-        # that decodes to a replacement character (the prompt cut inside a multi-byte
-        # character) would write prompt bytes into the text: shorten it, down to nothing
-        prime = prompt[-_STREAM_PRIMING_TOKENS:]
-        text = self.tokenizer.decode(prime, skip_special_tokens=True)
-        while prime and text.startswith("\ufffd"):  # the window began inside a character
-            prime = prime[1:]
-            text = self.tokenizer.decode(prime, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            prime = []  # the prompt ends inside one (or with a literal U+FFFD: the same bytes out)
-        return _Row(index=index, prompt=prompt, prime=prime,
-                    stream=DecodeStream(ids=prime, skip_special_tokens=True))
-
-    def _accept(self, row: _Row, token: int, now: float, stop: tuple[str, ...], stream, eos: set[int]):
-        """Record one new token of a row: its time, its text (when streaming or watching
-        for stop strings; else _flush decodes the tokens after the loop), EOS."""
-        row.token_times.append(now)
-        row.tokens.append(token)
-        if token in eos:
-            row.finish_reason = "eos"  # (a stop string the same token completes takes precedence)
-        if stream is not None or stop:
-            self._decode(row, token, stop, stream)
-
-    def _decode(self, row: _Row, token: int, stop: tuple[str, ...], stream):
-        """One token's text: the streaming decoder, stop strings, the text emitted."""
-        piece = row.stream.step(self.tokenizer, token)
-        if piece:
-            row.pending += piece
-        self._cut_at_stop(row, stop)
-        if row.finish_reason is not None or not stop:
-            hold = 0
-        else:
-            hold = max((k for s in stop for k in range(min(len(s) - 1, len(row.pending)), 0, -1)
-                        if row.pending.endswith(s[:k])), default=0)
-        ready = row.pending[:len(row.pending) - hold]
-        row.pending = row.pending[len(row.pending) - hold:]
-        if ready:
-            row.emitted.append(ready)
-            if stream is not None:
-                stream(row.index, ready)
-
-    @staticmethod
-    def _cut_at_stop(row: _Row, stop: tuple[str, ...]):
-        """Cut the held-back text before the first stop string in it (a stop string can only
-        start there: earlier text was emitted only once no stop string could begin in it)."""
-        if stop and row.pending:
-            cut = min((i for i in (row.pending.find(s) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                row.pending = row.pending[:cut]
-                row.finish_reason = "stop"
-
-    def _flush(self, row: _Row, stream, stop: tuple[str, ...]):
-        if stream is None and not stop:
-            # the text was left for now: the same streaming decode, token by token, after
-            # the loop (between two decode steps the model's weights have pushed the
-            # tokenizer out of the caches: it cost more there than the decoding itself)
-            for token in row.tokens:
-                self._decode(row, token, stop, stream)
-        if row.finish_reason != "stop" and row.tokens:
-            # bytes the streaming decoder still holds (a character never completed, as a
-            # random or cut-off model can leave) come out as the full decode writes them
-            head = self.tokenizer.decode(row.prime, skip_special_tokens=True)
-            full = self.tokenizer.decode(row.prime + row.tokens, skip_special_tokens=True)
-            so_far = "".join(row.emitted) + row.pending
-            if full.startswith(head) and full[len(head):].startswith(so_far):
-                row.pending += full[len(head) + len(so_far):]
-                self._cut_at_stop(row, stop)  # (a stop string of U+FFFD can be in those bytes' text)
-        if row.pending:
-            row.emitted.append(row.pending)
-            if stream is not None:
-                stream(row.index, row.pending)
-            row.pending = ""
-
-    def _run(self, rows: list[_Row], max_new_tokens: int, config: SamplingConfig, stop, stream, eos, rng):
+    def _run(self, rows: list[Row], max_new_tokens: int, config: SamplingConfig, stop, stream, eos, rng):
         """Prefill and decode one batch of rows in place: the decode loop (the KV cache and
         its bindings: binding.KVRequest)."""
         spec = self.spec
@@ -465,7 +349,7 @@ class Generator:
                 if not active[b]:
                     chosen[b] = spec.pad_token_id
                     continue
-                self._accept(row, int(chosen[b]), now, stop, stream, eos)
+                self.text.accept(row, int(chosen[b]), now, stop, stream, eos)
                 if seen is not None:
                     seen[b, chosen[b]] = True
                 if row.finish_reason is not None:
@@ -476,4 +360,4 @@ class Generator:
             # -- one decode step: the new token of every row (pads for finished ones)
             logits = request.step(chosen, step)
         for row in rows:
-            self._flush(row, stream, stop)
+            self.text.flush(row, stream, stop)

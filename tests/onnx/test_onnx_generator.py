@@ -167,20 +167,20 @@ def test_stream_waits_for_whole_multibyte_characters(generators):
     text = "Café 東京 😀🚀 Zürich"
     ids = generator.tokenizer.encode(text, add_special_tokens=False).ids
     assert len(ids) > len(text.split())  # some characters span several tokens
-    row = generator._new_row(0, generator.encode("x"))
+    row = generator.text.new_row(0, generator.encode("x"))
     pieces = []
     for token in ids:
-        generator._accept(row, token, 0.0, (), lambda i, piece: pieces.append(piece), set())
-    generator._flush(row, lambda i, piece: pieces.append(piece), ())
+        generator.text.accept(row, token, 0.0, (), lambda i, piece: pieces.append(piece), set())
+    generator.text.flush(row, lambda i, piece: pieces.append(piece), ())
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert len(pieces) > 1
     # no stream: the text is decoded at the end, to the same string
-    row = generator._new_row(0, generator.encode("x"))
+    row = generator.text.new_row(0, generator.encode("x"))
     for token in ids:
-        generator._accept(row, token, 0.0, (), None, set())
+        generator.text.accept(row, token, 0.0, (), None, set())
     assert row.emitted == [] and row.pending == ""
-    generator._flush(row, None, ())
+    generator.text.flush(row, None, ())
     assert "".join(row.emitted) == text
 
 
@@ -201,14 +201,14 @@ def test_token_prompt_cut_inside_a_character(generators):
         assert generator.generate(ids[:k], 8, eos_token_id=[])[0].text == result.text
     # the priming window: empty after a cut character, shortened when it begins inside one
     # (a literal U+FFFD before the prompt's end leaves it non-empty)
-    assert generator._new_row(0, ids[:cuts[0]]).prime == []
+    assert generator.text.new_row(0, ids[:cuts[0]]).prime == []
     ids = tokenizer.encode("東京 😀🚀 Zürich ab", add_special_tokens=False).ids
     starts_inside = next(k for k in range(1, len(ids) - 3) if tokenizer.decode(ids[k:k + 4]).startswith("\ufffd")
                          and not tokenizer.decode(ids[:k + 4]).endswith("\ufffd"))
-    prime = generator._new_row(0, ids[:starts_inside + 4]).prime
+    prime = generator.text.new_row(0, ids[:starts_inside + 4]).prime
     assert 0 < len(prime) < 4 and prime == ids[starts_inside + 4 - len(prime):starts_inside + 4]
     literal = tokenizer.encode("x\ufffd ok", add_special_tokens=False).ids  # a literal U+FFFD is 3 byte tokens
-    prime = generator._new_row(0, literal).prime
+    prime = generator.text.new_row(0, literal).prime
     assert prime and prime == literal[-len(prime):] and not tokenizer.decode(prime).startswith("\ufffd")
 
 
