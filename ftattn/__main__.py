@@ -15,6 +15,7 @@ COMMANDS = {
     "info": ("ftattn.tools.info", "versions, devices and which backends are available (and why not)"),
     "campaign": ("ftattn.tools.campaign", "fault-injection campaign: detection and correction per site"),
     "mx-eval": ("ftattn.tools.mx_eval", "accuracy of MX formats on a classifier / transformer"),
+    "export": ("ftattn.onnx.__main__", "export a Hugging Face causal LM to ONNX (ftattn and onnxruntime-genai layout)"),
     "generate": ("ftattn.onnx.cli", "token generation with an ONNX decoder on onnxruntime"),
     "bench-report": ("ftattn.tools.bench_report", "turn pytest-benchmark JSON into a table and plots"),
     "generate-hf": ("ftattn.integrations.generate_hf", "fault-injected generation with a Hugging Face LM"),

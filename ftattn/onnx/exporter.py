@@ -67,7 +67,8 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None, position_i
     """Export ``hf_model_dir`` (a local transformers causal LM) to ``out_dir``; returns the .onnx path.
 
     Writes ``model.onnx`` (weights inline below 2 GB, else ``model.onnx.data``),
-    ``config.json`` and the tokenizer files found in ``hf_model_dir``. Only fp32
+    ``config.json``, ``genai_config.json`` (so onnxruntime-genai runs the same folder) and
+    the tokenizer files found in ``hf_model_dir``. Only fp32
     export; the model is traced on CPU. ``position_ids=False`` leaves that input out,
     as some exports do: positions then follow the cache length, so a batch of prompts
     of different lengths cannot be padded, and the generator runs them one by one.
@@ -152,5 +153,64 @@ def export(hf_model_dir: str, out_dir: str, opset: int | None = None, position_i
         source = os.path.join(hf_model_dir, name)
         if os.path.isfile(source):
             shutil.copyfile(source, os.path.join(out_dir, name))
+    _write_genai_config(out_dir, config, model.generation_config, position_ids, num_kv_heads, head_size)
     return path
+
+
+# model types onnxruntime-genai runs as a plain decoder (its "decoder" type covers others)
+_GENAI_TYPES = ("gemma", "gemma2", "gemma3_text", "gpt2", "granite", "llama", "mistral", "olmo", "phi", "phi3",
+                "qwen2", "qwen3")
+
+
+def _write_genai_config(out_dir: str, config, generation_config, position_ids: bool, num_kv_heads: int,
+                        head_size: int) -> None:
+    """genai_config.json, so that onnxruntime-genai runs the same folder: the decoder's
+    file and tensor names (optimum's layout, with position_ids when exported), head
+    sizes, context length, special ids and greedy search defaults. Past and present are
+    separate tensors (the graph concatenates): past_present_share_buffer false."""
+    import json
+
+    def first(value):
+        return value[0] if isinstance(value, (list, tuple)) and value else value
+
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = config.eos_token_id
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = first(eos) if eos is not None else 0
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if position_ids:
+        inputs["position_ids"] = "position_ids"
+    inputs.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
+    genai = {
+        "model": {
+            "bos_token_id": first(getattr(config, "bos_token_id", None)) or 0,
+            "context_length": int(context),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": int(head_size),
+                "hidden_size": int(config.hidden_size),
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": int(config.num_attention_heads),
+                "num_hidden_layers": int(config.num_hidden_layers),
+                "num_key_value_heads": int(num_kv_heads),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": int(first(pad)),
+            "type": config.model_type if config.model_type in _GENAI_TYPES else "decoder",
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": {"do_sample": False, "max_length": int(context), "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+    with open(os.path.join(out_dir, "genai_config.json"), "w") as f:
+        json.dump(genai, f, indent=4)
 

@@ -18,6 +18,9 @@ def generator(exported):
 
 def test_folder_without_decoder(exported, tmp_path):
     folder = copy_folder(exported, tmp_path / "no_decoder", skip=("model.onnx",))
+    with pytest.raises(FileNotFoundError, match="genai_config.json names the decoder 'model.onnx', which is not"):
+        Generator.from_pretrained(folder)
+    folder = copy_folder(exported, tmp_path / "no_decoder_no_genai", skip=("model.onnx", "genai_config.json"))
     with pytest.raises(FileNotFoundError, match="no .onnx decoder"):
         Generator.from_pretrained(folder)
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -31,7 +34,7 @@ def test_folder_without_tokenizer(exported, tmp_path):
 
 
 def test_folder_without_config(exported, tmp_path):
-    folder = copy_folder(exported, tmp_path / "no_config", skip=("config.json",))
+    folder = copy_folder(exported, tmp_path / "no_config", skip=("config.json", "genai_config.json"))
     with pytest.raises(FileNotFoundError, match="neither genai_config.json nor config.json"):
         Generator.from_pretrained(folder)
 
@@ -184,7 +187,9 @@ def _broken(folder, name, edit):
     ("exported", "config.json", lambda f: _write(f, "config.json", "[1, 2]"), r"config.json: holds a JSON list"),
     ("exported", "tokenizer_config.json", lambda f: _write(f, "tokenizer_config.json", "nope"),
      r"tokenizer_config.json: not valid JSON"),
-    ("exported", "generation_config.json", lambda f: _write(f, "generation_config.json", "nope"),
+    ("exported", "generation_config.json",  # (read for the EOS ids when genai_config.json has none)
+     lambda f: (_broken(f, "genai_config.json", lambda c: c["model"].pop("eos_token_id")),
+                _write(f, "generation_config.json", "nope")),
      r"generation_config.json: not valid JSON"),
     ("exported", "tokenizer.json", lambda f: _write(f, "tokenizer.json", "{}"),
      r"tokenizer.json: the tokenizers library cannot read it"),

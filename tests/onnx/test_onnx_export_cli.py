@@ -127,3 +127,40 @@ def test_export_command_errors(tmp_path, capsys):
     assert "is a file; pass a folder" in capsys.readouterr().err
     assert export_main([str(tmp_path), str(tmp_path / "out"), "--opset", "3"]) == 2
     assert "opset=3: torch.onnx.export's dynamo exporter writes opset 18 or later" in capsys.readouterr().err
+    # the same command in the main CLI
+    assert ftattn_main(["export", str(tmp_path), str(tmp_path)]) == 2
+    assert "python -m ftattn export: " in capsys.readouterr().err
+    assert ftattn_main(["export", str(tmp_path), str(tmp_path / "out"), "--opset", "3"]) == 2
+    assert "opset=3" in capsys.readouterr().err
+
+
+def test_export_runs_in_onnxruntime_genai_too(exported, tiny_hf, tmp_path):
+    """The export writes genai_config.json: onnxruntime-genai runs the same folder and its
+    greedy tokens are the Generator's (one padded batch of prompts of different lengths);
+    the Generator reads the folder the same way with and without that file."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import json
+
+    with open(os.path.join(exported, "genai_config.json")) as handle:
+        genai = json.load(handle)
+    assert genai["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
+    assert genai["search"]["past_present_share_buffer"] is False
+    generator = Generator.from_pretrained(exported)
+    ids = [generator.encode(p) for p in ("def main(args) -> int:", "Café", "The attention kernel checks every")]
+
+    def genai_greedy(row, new_tokens):
+        model = og.Model(exported)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(row) + new_tokens, min_length=0)
+        runner = og.Generator(model, params)
+        runner.append_tokens(row)
+        tokens = []
+        while not runner.is_done():
+            runner.generate_next_token()
+            tokens.append(int(runner.get_next_tokens()[0]))
+        return tokens
+
+    expected = [genai_greedy(row, 12) for row in ids]
+    assert [r.token_ids for r in generator.generate(ids, 12)] == expected
+    without = copy_folder(exported, tmp_path / "no_genai", skip=("genai_config.json",))
+    assert [r.token_ids for r in Generator.from_pretrained(without).generate(ids, 12)] == expected
