@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..attention import attention as _ftattn_attention
-from ..faults import CHECK_MASK, Check, Fault, OnFault, Protection, Site
+from ..faults import CHECK_MASK, Check, Fault, FaultDetectedError, OnFault, Protection, Report, Site
 
 __all__ = [
     "IMPLEMENTATION",
@@ -431,17 +431,30 @@ def _unsupported(module, dropout, kwargs, n_keys) -> None:
         )
 
 
-def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault]) -> torch.Tensor:
+def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], sample: Optional[Tuple[int, int]] = None
+         ) -> torch.Tensor:
+    """One call of the kernel. ``sample`` = (b, B): q, k, v are sample b of a batch of B
+    (a padded batch runs one call per sample): a FaultDetectedError then names the
+    batch row of the whole batch, not 0 of the sub-call."""
     policy = state.policy
-    if not policy.count:
-        return _ftattn_attention(
+    try:
+        if not policy.count:
+            return _ftattn_attention(
+                q, k, v, causal=causal, scale=scale, protection=policy.protection, on_fault=policy.on_fault,
+                fault=fault, backend=policy.backend,
+            )
+        out, report = _ftattn_attention(
             q, k, v, causal=causal, scale=scale, protection=policy.protection, on_fault=policy.on_fault,
-            fault=fault, backend=policy.backend,
+            fault=fault, backend=policy.backend, return_report=True,
         )
-    out, report = _ftattn_attention(
-        q, k, v, causal=causal, scale=scale, protection=policy.protection, on_fault=policy.on_fault,
-        fault=fault, backend=policy.backend, return_report=True,
-    )
+    except FaultDetectedError as error:
+        if sample is None:
+            raise
+        b, batch = sample
+        flags = error.report.flags
+        whole = flags.new_zeros((batch, *flags.shape[1:]))
+        whole[b] = flags[0]
+        raise FaultDetectedError(Report(whole, error.report.block_m, error.report.n)) from None
     flags = report.flags
     nonfinite = (flags & int(Check.NONFINITE_INPUT)) != 0
     failed = ((flags & CHECK_MASK) != 0) & ~nonfinite
@@ -518,7 +531,7 @@ def attention_forward(
                 fault = dataclasses.replace(fault_at[2], batch=0, col=fault_at[2].col - start)
             outs.append(
                 _run(state, query[b : b + 1], key[b : b + 1, :, start:stop], value[b : b + 1, :, start:stop],
-                     layout.causal[b], scaling, fault)
+                     layout.causal[b], scaling, fault, sample=(b, B))
             )
         out = torch.cat(outs, 0)
     return out.transpose(1, 2).contiguous(), None

@@ -253,6 +253,21 @@ def test_on_fault_raise_stops_generation(llama_pair):
         generate(model, ids, mask, 4)
 
 
+def test_raise_in_a_padded_batch_names_the_batch_row(llama_pair):
+    """A padded batch runs one call per sample; a fault placed in sample 1 is reported at
+    batch 1 (it was batch 0, the sub-call's coordinates), its rows those of the query."""
+    _, model = llama_pair
+    ids, mask = _prompts(3, 9, seed=4)
+    assert not bool(mask.all())  # padded: per-sample calls
+    ft_hf.configure(model, on_fault="raise")
+    ft_hf.inject(model, [ft_hf.ScheduledFault(step=0, layer=1, site="scores", batch=1, row=7, bit=30)])
+    with pytest.raises(ftattn.FaultDetectedError, match=r"batch 1, head \d+, rows 0\.\.8: ") as info:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    assert [f["batch"] for f in info.value.report.failures()] == [1]
+    assert tuple(info.value.report.flags.shape[:1]) == (3,)
+
+
 def test_protection_off_lets_the_same_faults_change_tokens(llama_pair):
     """The same faults as the corrected runs above, without protection: they must change
     the tokens in at least some runs (the point of the checks) and raise no flag."""
