@@ -76,7 +76,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      bool causal, double scale, int64_t protection, bool recompute,
                                                      at::OptionalIntArrayRef fault,
-                                                     std::optional<double> fault_value) {
+                                                     std::optional<double> fault_value,
+                                                     const std::optional<at::Tensor>& key_start,
+                                                     const std::optional<at::Tensor>& key_end) {
   check_inputs(q, k, v);
   TORCH_CHECK(std::isfinite(scale), "ftattn.attention: scale must be finite, got ", scale);
   TORCH_CHECK(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,
@@ -136,6 +138,27 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   // -> 12.0 / 111 -> 75 ms; with 4 blocks sharing, making the sums once per key head
   // was faster: 4.6 vs 5.7 / 82 vs 85 ms)
   P.inline_sums = ntile_m == 1 && chunks <= 2;
+  // per-sample key ranges: checked here (they index k and v), then each sample runs on its
+  // range as on keys of its own, with the key sums made per tile
+  at::Tensor starts, ends;
+  TORCH_CHECK(key_start.has_value() == key_end.has_value(),
+              "ftattn.attention: key_start and key_end go together (both or neither)");
+  if (key_start.has_value()) {
+    for (const at::Tensor* t : {&*key_start, &*key_end})
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == B && !t->is_floating_point() && t->device().is_cpu(),
+                  "ftattn.attention: key_start / key_end must be integer tensors of shape [", B, "] on the CPU, got ",
+                  t->sizes(), " ", t->scalar_type());
+    starts = key_start->to(at::kLong).contiguous();
+    ends = key_end->to(at::kLong).contiguous();
+    const int64_t* s0 = starts.data_ptr<int64_t>();
+    const int64_t* e0 = ends.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(0 <= s0[b] && s0[b] <= e0[b] && e0[b] <= M, "ftattn.attention: sample ", b, " has keys [", s0[b],
+                  ", ", e0[b], "); they must satisfy 0 <= key_start <= key_end <= M = ", M);
+    P.key_start = s0;
+    P.key_end = e0;
+    P.inline_sums = true;
+  }
   if (protection >= 1 && M > 0 && !P.inline_sums) precompute_sums(P, sums);
 
   if (N > 0) {

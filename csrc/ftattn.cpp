@@ -39,12 +39,15 @@ TORCH_LIBRARY(ftattn, m) {
   // protection: "off" | "abft" | "full"; on_fault: "correct" | "raise" | "report".
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? scale=None, "
-      "str protection=\"full\", str on_fault=\"correct\") -> Tensor");
+      "str protection=\"full\", str on_fault=\"correct\", Tensor? key_start=None, Tensor? key_end=None) -> Tensor");
   // The engine behind it, with the per-block check flags (ftattn/faults.py):
   // protection 0 off / 1 abft / 2 full; recompute: recompute flagged blocks;
   // fault = [site, batch, head, row, col, dim, bit] (bit -1: replace by fault_value).
-  // Returns (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
+  // key_start / key_end (int64 [B], both or neither): sample b attends to keys
+  // key_start[b] <= j < key_end[b] only (a padded batch in one call), causal aligned at
+  // key_end[b]. Returns (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, int protection, "
-      "bool recompute, int[]? fault=None, float? fault_value=None) -> (Tensor, Tensor)");
+      "bool recompute, int[]? fault=None, float? fault_value=None, Tensor? key_start=None, "
+      "Tensor? key_end=None) -> (Tensor, Tensor)");
 }

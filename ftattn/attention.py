@@ -31,12 +31,14 @@ BACKENDS = tuple(b.value for b in (backends.Backend.AUTO, backends.Backend.CPP, 
 
 
 @torch.library.register_fake("ftattn::attention")
-def _attention_fake(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct"):
+def _attention_fake(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct", key_start=None,
+                    key_end=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ftattn::attention_fwd")
-def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None):
+def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None, key_start=None,
+                        key_end=None):
     B, Hq, N, D = q.shape
     nblk = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -78,19 +80,21 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backends.resolve("attention", backend, device).value
 
 
-def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, in_op=False):
+def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, key_start=None,
+             key_end=None, in_op=False):
     """(out, flags) of one backend. The public function calls the op ``attention_fwd``
     (opaque to torch.compile); inside ``ftattn::attention`` (in_op) the Triton launcher
     is called directly, not through the dispatcher a second time."""
+    args = (q, k, v, causal, scale, protection, recompute, fault, fault_value, key_start, key_end)
     if backend == "meta":
-        return _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+        return _attention_fwd_fake(*args)
     if backend == "reference":
         from .reference import attention_reference
 
-        return attention_reference(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+        return attention_reference(*args)
     if backend == "triton" and (in_op or q.device.type == "cpu"):  # (CPU: the Triton interpreter)
-        return _triton_kernel().attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
-    return torch.ops.ftattn.attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+        return _triton_kernel().attention_fwd(*args)
+    return torch.ops.ftattn.attention_fwd(*args)
 
 
 # ---------------------------------------------------------------------------
@@ -144,6 +148,30 @@ def validate_inputs(q, k, v, scale) -> None:
             raise ValueError(f"ftattn.attention: scale={scale} is not finite; pass a finite float or None (1/sqrt(D))")
 
 
+def validate_key_range(q, k, key_start, key_end) -> None:
+    """Per-sample key ranges: both or neither, integer tensors [B] on q's device, and
+    0 <= key_start <= key_end <= M (read on the host: the kernels index k and v with them)."""
+    if key_start is None and key_end is None:
+        return
+    if key_start is None or key_end is None:
+        raise ValueError("ftattn.attention: key_start and key_end go together; pass both (or neither)")
+    B, M = q.shape[0], k.shape[2]
+    for name, t in (("key_start", key_start), ("key_end", key_end)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != B or t.is_floating_point() or \
+                t.dtype == torch.bool:
+            raise TypeError(f"ftattn.attention: {name} must be an integer tensor of shape [{B}] (one key index per "
+                            f"sample), got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != q.device and not t.is_meta and not q.is_meta:
+            raise ValueError(f"ftattn.attention: {name} is on {t.device}, q on {q.device}; move it to q's device")
+    if q.is_meta or key_start.is_meta:
+        return
+    start, end = key_start.tolist(), key_end.tolist()
+    for b, (s, e) in enumerate(zip(start, end)):
+        if not 0 <= s <= e <= M:
+            raise ValueError(f"ftattn.attention: sample {b} has keys [{s}, {e}); they must satisfy "
+                             f"0 <= key_start <= key_end <= M = {M}")
+
+
 def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
     try:
         prot = Protection[protection.upper()] if isinstance(protection, str) else None
@@ -186,6 +214,8 @@ def attention(
     fault: Optional[Fault] = None,
     backend: str = "auto",
     return_report: bool = False,
+    key_start: Optional[torch.Tensor] = None,
+    key_end: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Report]]:
     """softmax(q k^T * scale) v, checked inside the kernel.
 
@@ -206,6 +236,10 @@ def attention(
         fault: an ``ftattn.Fault`` to inject (testing and campaigns).
         backend: "auto" (CUDA -> Triton, CPU -> C++), "cpp", "triton", "reference".
         return_report: also return an ``ftattn.Report``.
+        key_start, key_end: integer tensors [B] (both or neither): sample b attends to its
+            keys key_start[b] <= j < key_end[b] only, causal aligned at key_end[b], so a
+            padded batch runs as one call (flash-attention's varlen keys); a sample with
+            no key gets zeros. Faults and the report keep the whole batch's coordinates.
 
     Returns:
         out [B, Hq, N, D] in q's dtype, or ``(out, report)``.
@@ -214,11 +248,14 @@ def attention(
     never as a fault and never "corrected"; the output then holds what the
     arithmetic gives, as in torch.
     """
-    return _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report)
+    return _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report, key_start,
+                      key_end)
 
 
-def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report, in_op=False):
+def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report, key_start=None,
+               key_end=None, in_op=False):
     validate_inputs(q, k, v, scale)
+    validate_key_range(q, k, key_start, key_end)
     prot, policy = _parse_options(protection, on_fault)
     if fault is not None:
         if not isinstance(fault, Fault):
@@ -236,7 +273,7 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
                 "torch.inference_mode(), or detach q, k, v"
             )
     out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value,
-                          in_op)
+                          key_start, key_end, in_op)
     report = _apply_policy(flags, policy, q.shape[2], return_report)
     return (out, report) if return_report else out
 
@@ -249,18 +286,23 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
 def _register_kernels() -> None:
     for device in ("CPU", "CUDA"):
         @torch.library.impl("ftattn::attention", device)
-        def _attention_op(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct"):
-            return _attention(q, k, v, causal, scale, protection, on_fault, None, "auto", False, in_op=True)
+        def _attention_op(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct",
+                          key_start=None, key_end=None):
+            return _attention(q, k, v, causal, scale, protection, on_fault, None, "auto", False, key_start, key_end,
+                              in_op=True)
 
     @torch.library.impl("ftattn::attention_fwd", "CUDA")
-    def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None):
+    def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None,
+                            key_start=None, key_end=None):
         reason = backends.triton_reason(q.device)
         if reason is not None:
             raise NotImplementedError(f"ftattn.attention on CUDA needs the Triton kernel: {reason}")
         validate_inputs(q, k, v, scale)
+        validate_key_range(q, k, key_start, key_end)
         if not 0 <= int(protection) <= 2:
             raise ValueError(f"ftattn.attention: protection {protection} must be 0 (off), 1 (abft) or 2 (full)")
-        return _triton_kernel().attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value)
+        return _triton_kernel().attention_fwd(q, k, v, causal, scale, protection, recompute, fault, fault_value,
+                                              key_start, key_end)
 
 
 _register_kernels()

@@ -179,8 +179,22 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
 
 
 def attention_reference(q, k, v, causal: bool, scale: float, protection: int, recompute: bool,
-                        fault: Optional[List[int]] = None, fault_value: Optional[float] = None):
-    """Same contract as ``torch.ops.ftattn.attention_fwd``: returns (out in q.dtype, flags)."""
+                        fault: Optional[List[int]] = None, fault_value: Optional[float] = None,
+                        key_start: Optional[torch.Tensor] = None, key_end: Optional[torch.Tensor] = None):
+    """Same contract as ``torch.ops.ftattn.attention_fwd``: returns (out in q.dtype, flags).
+    With key ranges, by definition: each sample on its own keys, the fault moved to them."""
+    if key_start is not None:
+        outs, flag_list = [], []
+        for b, (start, end) in enumerate(zip(key_start.tolist(), key_end.tolist())):
+            f = None
+            if fault is not None and fault[1] == b and (fault[0] == Site.OUTPUT or start <= fault[4] < end):
+                f = [fault[0], 0, fault[2], fault[3], fault[4] - start if fault[0] != Site.OUTPUT else 0, fault[5],
+                     fault[6]]
+            o, fl = attention_reference(q[b:b + 1], k[b:b + 1, :, start:end], v[b:b + 1, :, start:end], causal,
+                                        scale, protection, recompute, f, fault_value)
+            outs.append(o)
+            flag_list.append(fl)
+        return torch.cat(outs), torch.cat(flag_list)
     out, flags = _forward(q, k, v, causal, scale, protection, fault, fault_value)
     failed = (flags & CHECK_MASK) != 0
     if bool(failed.any()):

@@ -549,7 +549,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Flags,  #
+def _attn_fwd(Q, K, V, Out, Flags, KStart, KEnd,  #
               stride_qb, stride_qh, stride_qm, stride_qd,  #
               stride_kb, stride_kh, stride_kn, stride_kd,  #
               stride_vb, stride_vh, stride_vn, stride_vd,  #
@@ -562,7 +562,7 @@ def _attn_fwd(Q, K, V, Out, Flags,  #
               # meta-parameters
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,  #
               PROTECTION: tl.constexpr, INJECT: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,  #
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              KEY_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1).to(tl.int64)
@@ -572,10 +572,17 @@ def _attn_fwd(Q, K, V, Out, Flags,  #
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
+    f_col = F_COL
+    if KEY_RANGE:  # this sample's keys [KStart[b], KEnd[b]): keys of its own
+        k0 = tl.load(KStart + off_b)
+        M = (tl.load(KEnd + off_b) - k0).to(tl.int32)
+        k_base += k0 * stride_kn
+        v_base += k0 * stride_vn
+        f_col = (F_COL - k0).to(tl.int32)
     f_here = (off_b == F_BATCH) & (off_h == F_HEAD)
     out, bad = _attn_block(Q, K, V, q_base, k_base, v_base, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
                            stride_vd, start_m, N, M, sm_scale,  #
-                           f_here, F_SITE, F_ROW, F_COL, F_DIM, F_XOR, F_USE_VALUE, F_VALUE,  #
+                           f_here, F_SITE, F_ROW, f_col, F_DIM, F_XOR, F_USE_VALUE, F_VALUE,  #
                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, CAUSAL, PROTECTION, INJECT, EMULATE_BF16_DOT)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -590,13 +597,13 @@ def _attn_fwd(Q, K, V, Out, Flags,  #
 
 _attn_fwd_tuned = triton.autotune(
     configs=list(filter(keep, configs)),
-    key=["N_BUCKET", "M_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "PROTECTION", "INJECT"],
+    key=["N_BUCKET", "M_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "PROTECTION", "INJECT", "KEY_RANGE"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_attn_fwd)
 
 
 @triton.jit
-def _attn_replay(Q, K, V, Out, Flags,  #
+def _attn_replay(Q, K, V, Out, Flags, KStart, KEnd,  #
                  stride_qb, stride_qh, stride_qm, stride_qd,  #
                  stride_kb, stride_kh, stride_kn, stride_kd,  #
                  stride_vb, stride_vh, stride_vn, stride_vd,  #
@@ -604,7 +611,7 @@ def _attn_replay(Q, K, V, Out, Flags,  #
                  Hq, GROUP, N, M, NUM_FLAGS, sm_scale,  #
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,  #
                  PROTECTION: tl.constexpr, RECOMPUTE: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,  #
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 KEY_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Second pass over the first pass's flags: non-finite input classification and the
     recomputation of flagged report blocks (same block code, no injection)."""
     NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
@@ -626,6 +633,11 @@ def _attn_replay(Q, K, V, Out, Flags,  #
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         k_base = K + off_b * stride_kb + off_hk * stride_kh
         v_base = V + off_b * stride_vb + off_hk * stride_vh
+        if KEY_RANGE:  # this sample's keys, as in _attn_fwd
+            k0 = tl.load(KStart + off_b)
+            M = (tl.load(KEnd + off_b) - k0).to(tl.int32)
+            k_base += k0 * stride_kn
+            v_base += k0 * stride_vn
         r0 = start_m * BLOCK_M
         offs_m = r0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)

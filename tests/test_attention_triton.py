@@ -395,8 +395,9 @@ from triton.compiler import ASTSource
 from ftattn.kernels import attention as kern
 for fn, extra in ((kern._attn_fwd, dict(INJECT=True)), (kern._attn_replay, dict(RECOMPUTE=True))):
     consts = dict(HEAD_DIM=13, HEAD_DIM_PAD=16, CAUSAL=True, PROTECTION=2, EMULATE_BF16_DOT=False,
-                  BLOCK_M=128, BLOCK_N=32, **extra)
-    sig = {n: "constexpr" if n in consts else ("*i32" if n == "Flags" else "*bf16") if n in ("Q", "K", "V", "Out", "Flags")
+                  KEY_RANGE=True, BLOCK_M=128, BLOCK_N=32, **extra)
+    sig = {n: "constexpr" if n in consts else "*i64" if n in ("KStart", "KEnd") else
+           ("*i32" if n == "Flags" else "*bf16") if n in ("Q", "K", "V", "Out", "Flags")
            else "fp32" if n in ("sm_scale", "F_VALUE") else "i32" for n in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 2})

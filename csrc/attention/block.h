@@ -42,6 +42,12 @@ struct Problem {
   // the key sums above made per tile inside run_block instead, while the tile is in
   // cache (one query tile per head: nothing to share across query tiles)
   bool inline_sums;
+  // per sample, its keys [key_start[b], key_end[b]) (both null: every sample has all M);
+  // the kernel then runs on that range as on keys of its own (inline sums)
+  const int64_t* key_start = nullptr;
+  const int64_t* key_end = nullptr;
+  int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
+  int64_t key_count(int64_t b) const { return key_start ? key_end[b] - key_start[b] : M; }
 };
 
 // 64-byte aligned storage: MKL's sgemm may take a different path (and round
@@ -205,7 +211,7 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
 // prefetching, leaving K and V in cache.
 TileRefs tile_refs(const Problem& P, Scratch& w, const Block& blk, const float* Q, const float* K, const float* V,
                    int64_t hk, int64_t n0, int64_t cols) {
-  const int64_t D = P.D, M = P.M, b = blk.b, rows = blk.rows();
+  const int64_t D = P.D, M = P.key_count(blk.b), b = blk.b, rows = blk.rows();
   const int64_t ntiles_all = (M + BLOCK_N - 1) / BLOCK_N;
   const bool abft = P.protection >= 1;
   // row-checksum references of this tile: |error of S_ij| ~ u sqrt(D) sum_d
@@ -248,7 +254,7 @@ TileRefs tile_refs(const Problem& P, Scratch& w, const Block& blk, const float* 
 template <bool INJECT>
 void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t, const float* K, int64_t n0,
                int64_t cols, const FaultSpec& f, bool in_tile, int64_t fi, int32_t* bad) {
-  const int64_t D = P.D, M = P.M, N = P.N;
+  const int64_t D = P.D, M = P.key_count(blk.b), N = P.N;
   const int64_t r0 = blk.r0, rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
   const int64_t nsub = blk.nsub();
   const bool abft = P.protection >= 1;
@@ -364,7 +370,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
 template <bool INJECT>
 void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int64_t ntiles, const FaultSpec& f,
                   bool hit, int64_t fi, int32_t* bad) {
-  const int64_t D = P.D, M = P.M, N = P.N;
+  const int64_t D = P.D, M = P.key_count(blk.b), N = P.N;
   const int64_t r0 = blk.r0, rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
   const bool abft = P.protection >= 1;
   const int64_t shift = M - N;
@@ -423,14 +429,17 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
 // failed-check bits of each sub-block to bad[]. INJECT compiles the fault sites in
 // (false in production).
 template <bool INJECT>
-void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& f, int32_t* bad) {
-  const int64_t D = P.D, M = P.M, N = P.N;
+void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& fault, int32_t* bad) {
+  const int64_t D = P.D, N = P.N;
   const int64_t b = blk.b, r0 = blk.r0, r1 = blk.r1;
+  const int64_t M = P.key_count(b), k0 = P.key_first(b);  // the sample's keys
   const int64_t rows = blk.rows(), per_head = blk.per_head(), nsub = blk.nsub();
   const int64_t hk = blk.h0 / (P.Hq / P.Hkv);
   const float* Q = P.q + ((b * P.Hq + blk.h0) * N + r0) * D;
-  const float* K = P.k + (b * P.Hkv + hk) * M * D;
-  const float* V = P.v + (b * P.Hkv + hk) * M * D;
+  const float* K = P.k + ((b * P.Hkv + hk) * P.M + k0) * D;
+  const float* V = P.v + ((b * P.Hkv + hk) * P.M + k0) * D;
+  FaultSpec f = fault;
+  f.col -= k0;  // (a fault on a key outside the sample's range lands in no tile)
   float* O = P.out + ((b * P.Hq + blk.h0) * N + r0) * D;
   const int64_t shift = M - N;  // bottom-right causal alignment: key j visible iff j <= i + shift
   const int64_t kv_end = P.causal ? std::min<int64_t>(M, r1 + shift) : M;
@@ -469,13 +478,13 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
 
 // q rows r0..r1 and every key / value the tile ending at row tile_end reads.
 bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t tile_end) {
-  const int64_t D = P.D, M = P.M;
+  const int64_t D = P.D, M = P.key_count(b), k0 = P.key_first(b);
   const int64_t hk = h / (P.Hq / P.Hkv);
   const int64_t kv_end = P.causal ? std::min<int64_t>(M, tile_end + M - P.N) : M;
   const int64_t keys = std::max<int64_t>(kv_end, 0);
   return all_finite(P.q + ((b * P.Hq + h) * P.N + r0) * D, (r1 - r0) * D) &&
-         all_finite(P.k + (b * P.Hkv + hk) * M * D, keys * D) &&
-         all_finite(P.v + (b * P.Hkv + hk) * M * D, keys * D);
+         all_finite(P.k + ((b * P.Hkv + hk) * P.M + k0) * D, keys * D) &&
+         all_finite(P.v + ((b * P.Hkv + hk) * P.M + k0) * D, keys * D);
 }
 
 // First pass, then, per 64-row sub-block with a failed check: non-finite input is

@@ -20,17 +20,22 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal):
+def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal, key_start=None, key_end=None):
     """(INJECT, the kernel's fault arguments) from the op's encoding."""
     none = (False, (0, 0, 0, 0, 0, 0, 0, 0, 0.0))
     if fault is None:
         return none
     site, b, h, row, col, dim, bit = check_fault_encoding(fault, fault_value, B, Hq, N, M, D)
     if site != Site.OUTPUT:
-        # as the C++ kernel: a fault lands only in a key tile its 64-row block visits
+        # as the C++ kernel: a fault lands only in a key tile its 64-row block visits (of
+        # its sample's keys, with key ranges)
+        k0, mb = 0, M
+        if key_start is not None:
+            k0 = int(key_start[b])
+            mb = int(key_end[b]) - k0
         r1 = min(N, (row // REPORT_BLOCK_M + 1) * REPORT_BLOCK_M)
-        kv_end = min(M, r1 + M - N) if causal else M
-        if col >= kv_end:
+        kv_end = min(mb, r1 + mb - N) if causal else mb
+        if not 0 <= col - k0 < kv_end:
             return none
     replace = bit == BIT_REPLACE
     xor = 0 if replace else ((1 << bit) if bit < 31 else -(1 << 31))
@@ -48,6 +53,8 @@ def attention_fwd(
     recompute: bool,
     fault: Optional[List[int]] = None,
     fault_value: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
+    key_end: Optional[torch.Tensor] = None,
     *,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
@@ -63,6 +70,8 @@ def attention_fwd(
         recompute: recompute flagged blocks (``on_fault="correct"``).
         fault: [site, batch, head, row, col, dim, bit] (bit -1: replace by
             ``fault_value``), or None.
+        key_start, key_end: int [B] on q's device (validated by the caller), or None:
+            sample b's keys are [key_start[b], key_end[b]).
         block_m, block_n: force a tile shape (tests); default autotuned on CUDA,
             ``INTERPRETER_CONFIG`` on CPU.
 
@@ -77,10 +86,14 @@ def attention_fwd(
     flags = torch.zeros((B, Hq, nblk), dtype=torch.int32, device=q.device)
     if B * Hq * N == 0:
         return out, flags
-    inject, fargs = _decode_fault(fault, fault_value, B, Hq, N, M, D, causal)
+    key_range = key_start is not None
+    inject, fargs = _decode_fault(fault, fault_value, B, Hq, N, M, D, causal,
+                                  *((key_start.cpu(), key_end.cpu()) if key_range and fault is not None else ()))
     head_pad = max(16, _next_pow2(D))
+    starts = key_start.to(torch.int64).contiguous() if key_range else flags  # (flags: unused when no range)
+    ends = key_end.to(torch.int64).contiguous() if key_range else flags
     common = (
-        q, k, v, out, flags,  #
+        q, k, v, out, flags, starts, ends,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         Hq, Hq // Hkv, N, M, nblk, float(scale),
     )
@@ -95,17 +108,17 @@ def attention_fwd(
         grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
         _attn_fwd[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
                         HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
-                        INJECT=inject, EMULATE_BF16_DOT=emulate, **meta)
+                        INJECT=inject, EMULATE_BF16_DOT=emulate, KEY_RANGE=key_range, **meta)
     else:
         grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * Hq)  # noqa: E731
         _attn_fwd_tuned[grid](*common, *fargs, _next_pow2(N), _next_pow2(M),  #
                               HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
-                              INJECT=inject, EMULATE_BF16_DOT=False)
+                              INJECT=inject, EMULATE_BF16_DOT=False, KEY_RANGE=key_range)
         best = _attn_fwd_tuned.best_config
         meta = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         grid = (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
     if protection >= 1:
         # Always launched (no host read of the flags): programs with clean flags return at once.
         _attn_replay[grid](*common, HEAD_DIM=D, HEAD_DIM_PAD=head_pad, CAUSAL=bool(causal), PROTECTION=protection,
-                           RECOMPUTE=bool(recompute), EMULATE_BF16_DOT=emulate, **meta)
+                           RECOMPUTE=bool(recompute), EMULATE_BF16_DOT=emulate, KEY_RANGE=key_range, **meta)
     return out, flags
