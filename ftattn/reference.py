@@ -198,7 +198,7 @@ def attention_reference(q, k, v, causal: bool, scale: float, protection: int, re
     out, flags = _forward(q, k, v, causal, scale, protection, fault, fault_value)
     failed = (flags & CHECK_MASK) != 0
     if bool(failed.any()):
-        N, M = q.shape[2], k.shape[2]
+        N = q.shape[2]
         group = q.shape[1] // k.shape[1]
         # non-finite input per block: the block's q rows, or any key/value it reads
         q_bad = _rows_to_blocks(~q.isfinite().all(-1), N)
