@@ -22,8 +22,6 @@ __all__ = ["attention", "BACKENDS", "backend_status"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-BACKENDS = tuple(b.value for b in (backends.Backend.AUTO, backends.Backend.CPP, backends.Backend.TRITON,
-                                   backends.Backend.REFERENCE))
 
 
 # ---------------------------------------------------------------------------
@@ -66,6 +64,7 @@ def _cpp_reason(device: torch.device) -> Optional[str]:
 backends.register("attention", "cpp", _cpp_reason)
 backends.register("attention", "triton", backends.triton_reason)
 backends.register("attention", "reference", lambda device: None, fallback=True)
+BACKENDS = tuple(backends.names("attention"))  # ("auto", "cpp", "triton", "reference")
 
 
 def backend_status(device: Union[str, torch.device] = "cpu") -> dict:

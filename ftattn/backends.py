@@ -10,6 +10,7 @@ explicitly that cannot run raises NotImplementedError with the reason.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.util
 import os
 from typing import Callable, Dict, List, Optional, Union
@@ -108,9 +109,14 @@ def triton_reason(device: torch.device) -> Optional[str]:
     return f"Triton runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
+@functools.lru_cache(maxsize=None)
+def _has_op(op_name: str) -> bool:
+    return hasattr(torch.ops.ftattn, op_name)  # (every call of "auto" asks: looked up once)
+
+
 def extension_reason(device: torch.device, op_name: str) -> Optional[str]:
     """Why the C++ kernel ``torch.ops.ftattn.<op_name>`` cannot run on ``device``."""
-    if not hasattr(torch.ops.ftattn, op_name):
+    if not _has_op(op_name):
         return f"the C++ extension was built without ftattn::{op_name}; reinstall ftattn"
     if device.type != "cpu":
         return f"the C++ kernels run on CPU tensors; these are on {device.type}"

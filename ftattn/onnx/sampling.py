@@ -100,17 +100,13 @@ def draw_tokens(scores: np.ndarray, uniform: np.ndarray, config: SamplingConfig,
         raise ValueError(f"uniform: shape {uniform.shape} must be ({rows.shape[0]},), one number per row")
     if out is None:
         out = np.empty(rows.shape[0], dtype=np.int64)
-    elif not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.shape == rows.shape[:1]
-              and out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"out: must be a writeable contiguous int64 array of shape ({rows.shape[0]},), got "
-                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
-    _sample(rows, uniform, out, config)
+    _sampling.sample_tokens(rows, uniform, out, *_warpers(config))  # (it checks out)
     return out
 
 
-def _sample(rows: np.ndarray, uniform: np.ndarray, out: np.ndarray, config: SamplingConfig) -> None:
-    _sampling.sample_tokens(rows, uniform, out, float(config.temperature), min(int(config.top_k), 2 ** 62),
-                            float(config.top_p))
+def _warpers(config: SamplingConfig) -> tuple:
+    """(temperature, top_k, top_p) as sample_tokens takes them."""
+    return float(config.temperature), min(int(config.top_k), 2 ** 62), float(config.top_p)
 
 
 class TokenSampler:
@@ -131,7 +127,7 @@ class TokenSampler:
         self.tokens = np.empty(batch, dtype=np.int64)
         self._step = self.STEPS  # the next row of uniform numbers to use; STEPS: draw more first
         self._scores = None  # the last logits array checked (kept: the same buffer every step)
-        self._args = (float(config.temperature), min(int(config.top_k), 2 ** 62), float(config.top_p))
+        self._args = _warpers(config)
 
     def __call__(self, scores: np.ndarray) -> list[int]:
         if self._step == self.STEPS:

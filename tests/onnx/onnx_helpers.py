@@ -158,3 +158,21 @@ def transformers_greedy(folder, prompts, new_tokens, padding_side="left"):
         out = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
                              eos_token_id=[])
     return out[:, encoded.input_ids.shape[1]:].tolist()
+
+
+def genai_greedy(folder, ids, new_tokens):
+    """onnxruntime-genai's own greedy tokens for one prompt of token ids (skips the test
+    when onnxruntime-genai is not installed)."""
+    import pytest
+
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=0)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens

@@ -9,7 +9,7 @@ import torch
 from ftattn.__main__ import main as ftattn_main
 from ftattn.onnx import Generator
 
-from onnx_helpers import copy_folder
+from onnx_helpers import copy_folder, genai_greedy
 
 
 def test_exported_logits_and_cache_match_transformers(exported, hf_model):
@@ -138,29 +138,14 @@ def test_export_runs_in_onnxruntime_genai_too(exported, tiny_hf, tmp_path):
     """The export writes genai_config.json: onnxruntime-genai runs the same folder and its
     greedy tokens are the Generator's (one padded batch of prompts of different lengths);
     the Generator reads the folder the same way with and without that file."""
-    og = pytest.importorskip("onnxruntime_genai")
-    import json
-
+    pytest.importorskip("onnxruntime_genai")
     with open(os.path.join(exported, "genai_config.json")) as handle:
         genai = json.load(handle)
     assert genai["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
     assert genai["search"]["past_present_share_buffer"] is False
     generator = Generator.from_pretrained(exported)
     ids = [generator.encode(p) for p in ("def main(args) -> int:", "Café", "The attention kernel checks every")]
-
-    def genai_greedy(row, new_tokens):
-        model = og.Model(exported)
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(row) + new_tokens, min_length=0)
-        runner = og.Generator(model, params)
-        runner.append_tokens(row)
-        tokens = []
-        while not runner.is_done():
-            runner.generate_next_token()
-            tokens.append(int(runner.get_next_tokens()[0]))
-        return tokens
-
-    expected = [genai_greedy(row, 12) for row in ids]
+    expected = [genai_greedy(exported, row, 12) for row in ids]
     assert [r.token_ids for r in generator.generate(ids, 12)] == expected
     without = copy_folder(exported, tmp_path / "no_genai", skip=("genai_config.json",))
     assert [r.token_ids for r in Generator.from_pretrained(without).generate(ids, 12)] == expected

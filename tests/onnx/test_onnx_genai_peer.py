@@ -9,22 +9,10 @@ import pytest
 
 from ftattn.onnx import Generator, Padding
 
+from onnx_helpers import genai_greedy
+
 PROMPTS = ["def main(args) -> int:", "Café", "The fault-tolerant attention kernel checks every block of"]
 NEW_TOKENS = 20
-
-
-def genai_greedy(folder, ids, new_tokens):
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(folder)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=0)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
