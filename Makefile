@@ -7,6 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# `python -m` from the repository root would put the root on sys.path, where the
+# top-level kernels/ (shipped as ftattn.kernels) shadows the `kernels` package that
+# transformers imports (Python >= 3.11 honours this; tests/conftest.py also guards)
+export PYTHONSAFEPATH = 1
 
 .PHONY: demo test install bench bench-cpu bench-gpu clean
 

@@ -10,8 +10,22 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from functools import lru_cache
 from types import SimpleNamespace
+
+# The repository's top-level kernels/ (the Triton kernels, shipped as ftattn.kernels)
+# shadows the `kernels` package that transformers (>= 5.x, which depends on it)
+# imports, whenever the repository root is on sys.path: `python -m pytest` from the
+# root puts it there, and transformers then fails with "cannot import name
+# 'CUDAProperties' from 'kernels'". ftattn itself comes from its installed (editable)
+# copy, so the root is taken off the path, for this process and (PYTHONSAFEPATH,
+# Python >= 3.11) for the `python -m ...` subprocesses the tests start from it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+if getattr(sys.modules.get("kernels"), "__file__", None) == os.path.join(_ROOT, "kernels", "__init__.py"):
+    del sys.modules["kernels"]
+os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest
 import torch

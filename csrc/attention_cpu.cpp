@@ -103,8 +103,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                 "ftattn.attention: fault must be [site, batch, head, row, col, dim, bit], got ", fv.size(), " values");
     f.active = true;
     f.site = fv[0], f.batch = fv[1], f.head = fv[2], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
-    TORCH_CHECK(f.site >= 0 && f.site < kNumSites, "ftattn.attention: fault site ", f.site, " must be 0..",
-                kNumSites - 1);
+    TORCH_CHECK(f.site >= 0 && f.site < kNumAttentionSites, "ftattn.attention: fault site ", f.site,
+                " must be 0..", kNumAttentionSites - 1, " (attention's sites)");
     TORCH_CHECK(f.batch >= 0 && f.batch < B && f.head >= 0 && f.head < Hq && f.row >= 0 && f.row < N &&
                     f.dim >= 0 && f.dim < D && f.col >= 0 && (f.col < M || f.site == kOutput),
                 "ftattn.attention: fault coordinates (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ",

@@ -11,8 +11,19 @@ namespace ftattn {
 constexpr int64_t kReportBlockM = 64;
 
 // Where a fault hits.
-enum Site : int64_t { kScores = 0, kProbs = 1, kRowmax = 2, kRowsum = 3, kAcc = 4, kOutput = 5 };
-constexpr int64_t kNumSites = 6;
+enum Site : int64_t {
+  kScores = 0,
+  kProbs = 1,
+  kRowmax = 2,
+  kRowsum = 3,
+  kAcc = 4,
+  kOutput = 5,
+  kGemm = 6,    // linear: the fp32 accumulator of y[row, col]
+  kWeight = 7,  // linear: W[row, dim] as the call reads it
+};
+constexpr int64_t kNumSites = 8;
+// attention's sites are 0 .. kNumAttentionSites - 1, the linear layer's kGemm and kWeight
+constexpr int64_t kNumAttentionSites = 6;
 
 // Bits of the flags tensor.
 enum CheckBit : int32_t {
@@ -25,12 +36,13 @@ enum CheckBit : int32_t {
   kOutputCheck = 1 << 6,
   kProbsRange = 1 << 7,
   kScoreRecompute = 1 << 8,
+  kGemmRowChecksum = 1 << 9,
   kNonfiniteInput = 1 << 24,
   kCorrected = 1 << 25,
   kUncorrected = 1 << 26,
 };
 // the bits that name failed checks
-constexpr int32_t kCheckMask = 0x1FF;
+constexpr int32_t kCheckMask = 0x3FF;
 
 // An op's `fault` argument: [site, batch, head, row, col, dim, bit]; bit kBitReplace
 // replaces the value by `fault_value` instead of flipping bit 0..31.

@@ -14,6 +14,7 @@ from . import _extension
 _C = _extension.load(f"{__name__}._C", "FTATTN_EXTENSION")  # registers the ftattn:: ops
 from .faults import Check, Fault, FaultDetectedError, Report, REPORT_BLOCK_M  # noqa: F401
 from .attention import attention  # noqa: F401
+from .linear import linear  # noqa: F401
 from .integrations import register_on_import as _register_transformers
 
 # attn_implementation="ftattn" once transformers' model code loads; never imports it
@@ -38,6 +39,7 @@ def __getattr__(name):
 
 __all__ = [
     "attention",
+    "linear",
     "Fault",
     "Report",
     "Check",

@@ -191,13 +191,14 @@ def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
     return prot, policy
 
 
-def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: bool) -> Optional[Report]:
-    """The ``on_fault`` policy, in one place: "raise" raises FaultDetectedError when a
-    check failed on finite input ("correct" and "report" return; the kernel recomputed
-    or not). Returns the Report when asked for."""
+def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: bool,
+                  op: str = "attention") -> Optional[Report]:
+    """The ``on_fault`` policy of every op, in one place: "raise" raises
+    FaultDetectedError when a check failed on finite input ("correct" and "report"
+    return; the kernel recomputed or not). Returns the Report when asked for."""
     if policy is not OnFault.RAISE and not want_report:
         return None
-    report = Report(flags, REPORT_BLOCK_M, n)
+    report = Report(flags, REPORT_BLOCK_M, n, op)
     if policy is OnFault.RAISE and not flags.is_meta:  # (meta: no kernel ran, nothing to raise)
         faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
         if bool(faulty.any()):

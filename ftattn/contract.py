@@ -19,7 +19,7 @@ import enum
 from typing import Optional, Sequence, Tuple
 
 __all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE",
-           "check_fault_encoding"]
+           "OP_SITES", "check_fault_encoding", "check_linear_fault_encoding"]
 
 # Rows of q per flag. Kernels tile queries by 64 (CPU sub-blocks) or 64/128 (Triton),
 # so a flagged tile maps to whole report blocks and no two programs share one.
@@ -35,6 +35,9 @@ class Site(enum.IntEnum):
     ROWSUM = 3  # running normaliser l[row], after its update in the KV block holding col
     ACC = 4  # accumulator acc[row, dim], after the PV update of the KV block holding col
     OUTPUT = 5  # O[row, dim] = acc / l, after the final normalisation, before the store
+    # linear layers, y = x W^T + b (row: a row of x flattened, col: an output feature)
+    GEMM = 6  # the fp32 accumulator of y[row, col], after the product, before bias and the down-cast
+    WEIGHT = 7  # W[row, dim] (row: an output feature) as this call reads it, before the product
 
     @classmethod
     def parse(cls, value) -> "Site":
@@ -63,6 +66,7 @@ class Check(enum.IntFlag):
     OUTPUT_CHECK = 1 << 6  # sum_d O_id vs (sum_d acc_id) / l
     PROBS_RANGE = 1 << 7  # 0 <= p <= 1
     SCORE_RECOMPUTE = 1 << 8  # a high-probability key's score vs q . k recomputed in fp64
+    GEMM_ROW_CHECKSUM = 1 << 9  # linear: sum of y_i over a block of outputs vs x_i . (W^T e_block), cached
     NONFINITE_INPUT = 1 << 24
     CORRECTED = 1 << 25
     UNCORRECTED = 1 << 26
@@ -80,8 +84,15 @@ CHECK_NAMES = {
     Check.OUTPUT_CHECK: "final normalisation check",
     Check.PROBS_RANGE: "probability range",
     Check.SCORE_RECOMPUTE: "recomputed score of a likely key",
+    Check.GEMM_ROW_CHECKSUM: "row checksum of the linear layer's product",
 }
-CHECK_MASK = sum(int(c) for c in CHECK_NAMES)  # 0x1FF
+CHECK_MASK = sum(int(c) for c in CHECK_NAMES)  # 0x3FF
+
+# The sites of each op: a fault names one of its op's sites, nothing else.
+OP_SITES = {
+    "attention": (Site.SCORES, Site.PROBS, Site.ROWMAX, Site.ROWSUM, Site.ACC, Site.OUTPUT),
+    "linear": (Site.GEMM, Site.WEIGHT),
+}
 
 # An op's `fault` argument: these seven ints, in this order; bit BIT_REPLACE (-1)
 # replaces the value by the op's `fault_value` instead of flipping bit 0..31.
@@ -98,8 +109,7 @@ def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], bat
     if len(fault) != len(FAULT_FIELDS):
         raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}], got {list(fault)}")
     site, b, h, row, col, dim, bit = fault
-    if site not in {int(s) for s in Site}:
-        raise ValueError(f"ftattn: fault site {site} must be one of {[int(s) for s in Site]} (ftattn.faults.Site)")
+    _check_site("attention", site)
     limits = (("batch", b, batch), ("head", h, q_heads), ("row", row, n), ("dim", dim, head_dim),
               ("col", col, m if site != Site.OUTPUT else None))
     for name, val, limit in limits:
@@ -107,8 +117,45 @@ def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], bat
             raise ValueError(
                 f"ftattn: fault {name}={val} is out of range: it must be {f'0..{limit - 1}' if limit is not None else '>= 0'} for q "
                 f"[B={batch}, Hq={q_heads}, N={n}, D={head_dim}] and k/v with M={m} keys")
+    _check_bit(bit, fault_value)
+    return fault
+
+
+def check_linear_fault_encoding(fault: Sequence[int], fault_value: Optional[float], rows: int, out_features: int,
+                                in_features: int) -> Tuple[int, ...]:
+    """The seven ints of a linear op's ``fault``: site gemm hits y[row, col] (row < rows
+    of x flattened, col < out_features), site weight W[row, dim] (row < out_features,
+    dim < in_features); batch and head are 0."""
+    fault = tuple(int(x) for x in fault)
+    if len(fault) != len(FAULT_FIELDS):
+        raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}], got {list(fault)}")
+    site, b, h, row, col, dim, bit = fault
+    _check_site("linear", site)
+    if site == Site.GEMM:
+        limits = (("batch", b, 1), ("head", h, 1), ("row", row, rows), ("col", col, out_features))
+    else:
+        limits = (("batch", b, 1), ("head", h, 1), ("row", row, out_features), ("dim", dim, in_features))
+    for name, val, limit in limits:
+        if not 0 <= val < limit:
+            raise ValueError(
+                f"ftattn: fault {name}={val} is out of range: it must be {f'0..{limit - 1}' if limit else 'absent'} "
+                f"for a linear layer with x of {rows} rows, weight [{out_features}, {in_features}] "
+                f"(site {Site(site).name.lower()}: " + ("row = a row of x, col = an output feature)"
+                                                        if site == Site.GEMM else
+                                                        "row = an output feature, dim = an input feature)"))
+    _check_bit(bit, fault_value)
+    return fault
+
+
+def _check_site(op: str, site: int) -> None:
+    if site not in {int(s) for s in OP_SITES[op]}:
+        names = ", ".join(f"{s.name.lower()} ({int(s)})" for s in OP_SITES[op])
+        raise ValueError(f"ftattn: fault site {site} is not a site of {op}; its sites are {names} "
+                         f"(ftattn.faults.Site)")
+
+
+def _check_bit(bit: int, fault_value: Optional[float]) -> None:
     if not BIT_REPLACE <= bit <= 31:
         raise ValueError(f"ftattn: fault bit {bit} must be 0..31, or {BIT_REPLACE} with fault_value")
     if bit == BIT_REPLACE and fault_value is None:
         raise ValueError(f"ftattn: a fault with bit {BIT_REPLACE} needs fault_value (the replacement value)")
-    return fault

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .contract import BIT_REPLACE, CHECK_MASK, CHECK_NAMES, REPORT_BLOCK_M, Check, Site
+from .contract import BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, Check, Site
 
 __all__ = [
     "Site",
@@ -20,7 +20,13 @@ __all__ = [
     "FaultDetectedError",
     "REPORT_BLOCK_M",
     "CHECK_MASK",
+    "ATTENTION_SITES",
+    "LINEAR_SITES",
 ]
+
+# the site names of each op, in the contract's order
+ATTENTION_SITES = [s.name.lower() for s in OP_SITES["attention"]]
+LINEAR_SITES = [s.name.lower() for s in OP_SITES["linear"]]
 
 
 def check_names(bits: int) -> List[str]:
@@ -44,15 +50,20 @@ class Fault:
     """One fault to inject: a bit flip of the fp32 value (``bit`` 0..31) or its
     replacement by ``value`` (NaN, +-Inf, 1e30, ...). Exactly one of the two.
 
-    Coordinates: ``batch``, ``head`` (query head), ``row`` (query index), ``col``
-    (key index; names the KV block in which the fault strikes; ignored for
-    ``output``), ``dim`` (head-dim index, for ``acc`` and ``output``).
+    Attention (sites scores, probs, rowmax, rowsum, acc, output): ``batch``, ``head``
+    (query head), ``row`` (query index), ``col`` (key index; names the KV block in which
+    the fault strikes; ignored for ``output``), ``dim`` (head-dim index, for ``acc`` and
+    ``output``).
+
+    Linear layers (``ftattn.linear``; ``batch`` and ``head`` stay 0): ``Fault("gemm",
+    row=i, col=o, bit=b)`` hits the fp32 accumulator of y[i, o] (i indexes the flattened
+    leading dims of x); ``Fault("weight", row=o, dim=j, bit=b)`` W[o, j] as the call reads it.
     """
 
     site: str
-    batch: int
-    head: int
-    row: int
+    batch: int = 0
+    head: int = 0
+    row: int = 0
     col: int = 0
     dim: int = 0
     bit: Optional[int] = None
@@ -77,7 +88,13 @@ class Fault:
             raise TypeError(f"Fault.value must be a float, got {self.value!r}")
 
     def validate(self, batch: int, q_heads: int, n: int, m: int, head_dim: int) -> None:
-        """Raise ValueError when a coordinate falls outside the call's shapes."""
+        """Raise ValueError when the site is not attention's or a coordinate falls outside
+        the call's shapes."""
+        if self.site not in ATTENTION_SITES:
+            raise ValueError(
+                f"Fault site {self.site!r} is a linear layer's, not attention's; attention's sites are "
+                f"{', '.join(ATTENTION_SITES)} (ftattn.linear takes {', '.join(LINEAR_SITES)})"
+            )
         limits = {"batch": batch, "head": q_heads, "row": n, "col": m, "dim": head_dim}
         for name, limit in limits.items():
             if name == "col" and self.site == "output":
@@ -87,6 +104,28 @@ class Fault:
                 raise ValueError(
                     f"Fault.{name}={val} is out of range for this call: {name} must be < {limit} "
                     f"(q is [B={batch}, Hq={q_heads}, N={n}, D={head_dim}], k/v have M={m} keys)"
+                )
+
+    def validate_linear(self, rows: int, out_features: int, in_features: int) -> None:
+        """Raise ValueError when the site is not a linear layer's or a coordinate falls
+        outside the call's shapes (x of ``rows`` rows flattened, weight [out, in])."""
+        if self.site not in LINEAR_SITES:
+            raise ValueError(
+                f"Fault site {self.site!r} is attention's, not a linear layer's; ftattn.linear's sites are "
+                f"{', '.join(LINEAR_SITES)}: Fault('gemm', row=i, col=o, bit=b) or Fault('weight', row=o, dim=j, bit=b)"
+            )
+        if self.batch or self.head:
+            raise ValueError(f"Fault.batch={self.batch} and Fault.head={self.head} must be 0 for a linear layer")
+        if self.site == "gemm":
+            limits = {"row": (rows, "a row of x, its leading dims flattened"), "col": (out_features, "an output feature")}
+        else:
+            limits = {"row": (out_features, "an output feature"), "dim": (in_features, "an input feature")}
+        for name, (limit, what) in limits.items():
+            val = getattr(self, name)
+            if val >= limit:
+                raise ValueError(
+                    f"Fault.{name}={val} is out of range for this call: {name} ({what}) must be < {limit} "
+                    f"(x has {rows} rows, weight is [{out_features}, {in_features}])"
                 )
 
     def encode(self) -> Tuple[List[int], Optional[float]]:
@@ -104,12 +143,14 @@ class Report:
     """What the checks saw in one call.
 
     flags: int32 tensor [B, Hq, ceil(N / block_m)] of `Check` bits per block of
-    ``block_m`` query rows (see the module docstring).
+    ``block_m`` query rows (see the module docstring); for ``ftattn.linear`` (``op``
+    "linear") [1, 1, ceil(rows / block_m)], per block of rows of x (leading dims flattened).
     """
 
     flags: torch.Tensor
     block_m: int = REPORT_BLOCK_M
     n: int = 0
+    op: str = "attention"
 
     def __post_init__(self):
         # a call on meta tensors (shapes only) ran no kernel: its flags stay meta, and
@@ -195,13 +236,11 @@ class FaultDetectedError(RuntimeError):
         for f in report.failures():
             if f["nonfinite_input"]:
                 continue
-            lines.append(
-                f"batch {f['batch']}, head {f['head']}, rows {f['rows'].start}..{f['rows'].stop - 1}: "
-                f"{', '.join(f['checks'])} failed"
-            )
+            where = "" if report.op == "linear" else f"batch {f['batch']}, head {f['head']}, "
+            lines.append(f"{where}rows {f['rows'].start}..{f['rows'].stop - 1}: {', '.join(f['checks'])} failed")
         shown = "; ".join(lines[:8]) + (f"; and {len(lines) - 8} more" if len(lines) > 8 else "")
         super().__init__(
-            f"ftattn: fault detected in attention ({report.detected} failed checks): {shown}. "
+            f"ftattn: fault detected in {report.op} ({report.detected} failed checks): {shown}. "
             f"Pass on_fault='correct' to recompute the affected blocks, or 'report' to get the raw output."
         )
 

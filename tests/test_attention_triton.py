@@ -25,7 +25,7 @@ if DEVICE == "cpu":
 triton = pytest.importorskip("triton")
 
 import ftattn  # noqa: E402
-from ftattn.faults import CHECK_MASK, Check, Fault, Site  # noqa: E402
+from ftattn.faults import ATTENTION_SITES, CHECK_MASK, Check, Fault, Site  # noqa: E402
 
 kernel = importlib.import_module("ftattn.kernels.attention")
 launcher = importlib.import_module("ftattn._launch.attention")
@@ -350,7 +350,7 @@ def test_random_campaign_full_protection(fault_inputs):
     values = [float("nan"), float("inf"), float("-inf"), 1e30, -1e4, 1e-30]
     harmful = missed = 0
     for trial in range(18):
-        site = list(Site)[trial % len(Site)].name.lower()
+        site = ATTENTION_SITES[trial % len(ATTENTION_SITES)]
         row = int(torch.randint(0, N_F, (1,), generator=g))
         visible = min(M_F, row + M_F - N_F + 1)  # causal: keys this row sees
         col = int(torch.randint(0, max(visible, 1), (1,), generator=g))

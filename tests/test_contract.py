@@ -36,11 +36,17 @@ def _cpp_const(name: str) -> int:
 def test_cpp_sites_match():
     assert _cpp_enum("Site") == {"k" + s.name.capitalize(): int(s) for s in contract.Site}
     assert _cpp_const("kNumSites") == len(contract.Site)
+    attention = sorted(int(s) for s in contract.OP_SITES["attention"])
+    assert attention == list(range(_cpp_const("kNumAttentionSites")))
+    assert sorted(int(s) for s in contract.OP_SITES["linear"]) == [_cpp_enum("Site")["kGemm"], _cpp_enum("Site")["kWeight"]]
+    # every site belongs to exactly one op
+    owned = [int(s) for sites in contract.OP_SITES.values() for s in sites]
+    assert sorted(owned) == sorted(int(s) for s in contract.Site)
 
 
 def test_cpp_check_bits_match():
     assert _cpp_enum("CheckBit") == {_camel(c.name): int(c) for c in contract.Check}
-    assert _cpp_const("kCheckMask") == contract.CHECK_MASK == 0x1FF
+    assert _cpp_const("kCheckMask") == contract.CHECK_MASK == 0x3FF
 
 
 def test_cpp_encoding_and_blocks_match():

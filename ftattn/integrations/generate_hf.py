@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-from ..faults import Site
+from ..faults import ATTENTION_SITES, Site
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--inject", type=int, default=1, metavar="N", help="faults to inject during decoding")
     parser.add_argument("--sites", default="all", help="comma-separated sites to draw from: "
-                        + ", ".join(s.name.lower() for s in Site) + " (default all)")
+                        + ", ".join(ATTENTION_SITES) + " (default all)")
     parser.add_argument("--bits", default="23-30", help="fp32 bits to flip, a range LO-HI within 0-31 (default: exponent)")
     parser.add_argument("--protection", default="full", choices=["off", "abft", "full"])
     parser.add_argument("--on-fault", default="correct", choices=["correct", "report"])
@@ -58,8 +58,12 @@ def _parse_bits(spec: str) -> List[int]:
 
 def _parse_sites(spec: str) -> List[str]:
     if spec == "all":
-        return [s.name.lower() for s in Site]
-    return [Site.parse(s.strip()).name.lower() for s in spec.split(",") if s.strip()]
+        return list(ATTENTION_SITES)
+    sites = [Site.parse(s.strip()).name.lower() for s in spec.split(",") if s.strip()]
+    for s in sites:
+        if s not in ATTENTION_SITES:
+            raise ValueError(f"--sites: {s} is not an attention site; use {', '.join(ATTENTION_SITES)}")
+    return sites
 
 
 def plan_faults(n: int, steps: int, layers: int, sites: List[str], bits: List[int], seed: int):

@@ -36,9 +36,9 @@ from typing import Dict, List, Optional
 import torch
 
 from ..attention import attention
-from ..faults import Fault, Site
+from ..faults import ATTENTION_SITES, Fault
 
-SITES = [s.name.lower() for s in Site]
+SITES = list(ATTENTION_SITES)
 VALUES = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}

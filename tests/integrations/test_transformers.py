@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ftattn
-from ftattn.faults import Site
+from ftattn.faults import ATTENTION_SITES, Site
 from ftattn.integrations import transformers as ft_hf
 from ftattn.integrations.generate_hf import generate
 
@@ -21,7 +21,7 @@ from hf_models import tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEXT = pathlib.Path(__file__).parent / "data" / "real_text.txt"
-SITES = [s.name.lower() for s in Site]
+SITES = ATTENTION_SITES
 NEW_TOKENS = 12
 
 

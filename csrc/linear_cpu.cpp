@@ -1,0 +1,272 @@
+// ftattn.linear on the CPU: y = x W^T + b with the product through the library GEMM
+// (MKL through torch: sgemm for fp32; MKL's bf16 x bf16 -> fp32 and fp16 x fp16 -> fp32
+// GEMMs for 16-bit inputs, so the checks see the fp32 accumulators before bias and the
+// down-cast), checked by row checksums over blocks of output features.
+//
+// The check, per row i of x and block b of block_o output features:
+//   sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
+// with W^T e_b cached per weight (ftattn/linear.py: computed in fp64, kept in fp32, or
+// as a bf16 hi + lo pair for bf16 inputs, so the reference runs on the same 16-bit GEMM).
+// The bound is statistical, from the data (never a fixed number): kappa standard
+// deviations of the rounding of the two fp32 dot products, kappa sqrt(K) u times
+// sqrt(sum_{o in b} ||x_i o W_o||^2 + ||x_i o W^T e_b||^2) = sqrt(x_i^2 . mag_b), where
+// mag_b = sum_{o in b} W_o^2 + (W^T e_b)^2 is cached with the checksums (a third small
+// GEMM gives x_i^2 . mag_b), plus the rounding of the cached checksums and an underflow
+// term. Outlier channels of x enter through x_i^2, as in the attention kernel's score
+// bound.
+//
+// A failed check recomputes the whole product (one more GEMM; bit-identical to a clean
+// call, the GEMM being deterministic) and checks it again: CORRECTED when it passes,
+// UNCORRECTED when it fails again (a weight corrupted in memory after its checksums were
+// cached: ftattn.scrub_weights repairs it).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
+
+extern "C" {
+// MKL's GEMMs with 16-bit inputs and an fp32 result (cblas, LP64). torch's CPU library
+// exports them when it links MKL; weak, so a torch without them runs the product on
+// fp32 copies instead (slower, as accurate).
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace ftattn {
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enums
+constexpr double kKappa = 8.0;                                 // standard deviations, as in attention
+constexpr double kU32 = 0x1p-24;                               // unit roundoff of fp32
+constexpr double kEta = 0x1p-149;                              // absolute error per fp32 multiply-add (underflow)
+
+using Gemm16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                        float*, int);
+
+Gemm16 gemm16(at::ScalarType st) {
+  if (st == at::kBFloat16) return cblas_gemm_bf16bf16f32;
+  if (st == at::kHalf) return cblas_gemm_f16f16f32;
+  return nullptr;
+}
+
+// a [T, K] times b^T for b [R, K] (a row-major, b either way round): fp32 [T, R], the
+// accumulators of the library GEMM.
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t T = a.size(0), K = a.size(1), R = b.size(0);
+  const Gemm16 fn = gemm16(a.scalar_type());
+  if (a.scalar_type() == at::kFloat) return at::mm(a, b.t());
+  if (fn == nullptr || T >= INT_MAX || K >= INT_MAX || R >= INT_MAX)
+    return at::mm(a.to(at::kFloat), b.to(at::kFloat).t());
+  at::Tensor out = at::empty({T, R}, a.options().dtype(at::kFloat));
+  if (T == 0 || R == 0) return out;
+  if (K == 0) return out.zero_();
+  const at::Tensor ac = a.is_contiguous() ? a : a.contiguous();
+  at::Tensor bc = b;
+  int transb = kTrans, ldb = static_cast<int>(K);
+  if (b.stride(1) == 1 && b.stride(0) >= K && b.stride(0) < INT_MAX) {
+    ldb = static_cast<int>(b.stride(0));
+  } else if (b.stride(0) == 1 && b.stride(1) >= R && b.stride(1) < INT_MAX) {  // b^T contiguous (a Conv1D weight)
+    transb = kNoTrans, ldb = static_cast<int>(b.stride(1));
+  } else {
+    bc = b.contiguous();
+  }
+  fn(kRowMajor, kNoTrans, transb, static_cast<int>(T), static_cast<int>(R), static_cast<int>(K), 1.f,
+     static_cast<const uint16_t*>(ac.data_ptr()), static_cast<int>(K), static_cast<const uint16_t*>(bc.data_ptr()),
+     ldb, 0.f, out.data_ptr<float>(), static_cast<int>(R));
+  return out;
+}
+
+float corrupt(float x, int64_t bit, double value) {
+  if (bit == kBitReplace) return static_cast<float>(value);
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u ^= (1u << bit);
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+struct LinearFault {
+  bool active = false;
+  int64_t site = -1, row = 0, col = 0, dim = 0, bit = 0;
+  double value = 0.0;
+};
+
+// What the checks compare, per row and block (see the top of the file).
+struct CheckRefs {
+  const float* acc;  // [T, out]
+  const float* ref;  // [T, nb] or [T, 2 nb] (hi + lo)
+  const float* mag;  // [T, nb], of x_i / scale_i
+  const float* scale;  // [T], powers of two
+  const at::Tensor* x;
+  int64_t T, out, bo, nb;
+  bool split;
+  double factor;  // times sqrt(mag)
+  double abs;     // underflow
+};
+
+bool row_finite(const at::Tensor& x, int64_t i) { return at::isfinite(x[i]).all().item<bool>(); }
+
+// The check bits of report block blk (rows blk * kReportBlockM ...).
+int32_t check_block(const CheckRefs& c, int64_t blk) {
+  int32_t bits = 0;
+  const int64_t i1 = std::min<int64_t>(c.T, (blk + 1) * kReportBlockM);
+  const int64_t ref_ld = c.split ? 2 * c.nb : c.nb;
+  for (int64_t i = blk * kReportBlockM; i < i1; ++i) {
+    const float* a = c.acc + i * c.out;
+    const double sc = static_cast<double>(c.scale[i]);
+    bool bad = false, nonfinite_ref = false;
+    for (int64_t b = 0; b < c.nb; ++b) {
+      const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
+      double s = 0.0;
+      for (int64_t o = o0; o < o1; ++o) s += static_cast<double>(a[o]);
+      double r = static_cast<double>(c.ref[i * ref_ld + b]);
+      if (c.split) r += static_cast<double>(c.ref[i * ref_ld + c.nb + b]);
+      const double m = static_cast<double>(c.mag[i * c.nb + b]);
+      if (!std::isfinite(r) || !std::isfinite(m)) nonfinite_ref = true;
+      if (!(std::fabs(s - r) <= c.factor * std::sqrt(m) * sc + c.abs)) bad = true;
+    }
+    // a failed comparison on non-finite x (or a weight with NaN/Inf: its checksums are
+    // not finite) is bad input, not a fault
+    if (bad) bits |= (nonfinite_ref || !row_finite(*c.x, i)) ? kNonfiniteInput : kGemmRowChecksum;
+  }
+  return bits;
+}
+
+void check_all(const CheckRefs& c, int32_t* flags, int64_t nblk) {
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) flags[blk] = check_block(c, blk);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& ref_cols,
+                                                  const std::optional<at::Tensor>& mag_cols, int64_t block_o,
+                                                  int64_t protection, bool recompute,
+                                                  std::optional<at::IntArrayRef> fault,
+                                                  std::optional<double> fault_value) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "ftattn.linear: x must be [rows, in] and weight [out, in], got ",
+              x.sizes(), " and ", weight.sizes());
+  const int64_t T = x.size(0), K = x.size(1), out = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "ftattn.linear: x has ", K, " features, weight ", weight.sizes(), " takes ",
+              weight.size(1));
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "ftattn.linear: dtype must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK(weight.scalar_type() == st, "ftattn.linear: x and weight must share one dtype, got ", st, " and ",
+              weight.scalar_type());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out && bias->scalar_type() == st,
+                "ftattn.linear: bias must be [", out, "] of dtype ", st, ", got ", bias->sizes(), " ",
+                bias->scalar_type());
+  TORCH_CHECK(protection >= 0 && protection <= 2, "ftattn.linear: protection ", protection,
+              " must be 0 (off) or 1 / 2 (abft)");
+  const bool checked = protection >= 1;
+  const int64_t nb = out > 0 && block_o > 0 ? (out + block_o - 1) / block_o : 0;
+  if (checked) {
+    TORCH_CHECK(block_o >= 1, "ftattn.linear: block_o must be >= 1, got ", block_o);
+    TORCH_CHECK(ref_cols.has_value() && mag_cols.has_value(),
+                "ftattn.linear: protection needs the weight's checksums (ref_cols, mag_cols)");
+    const bool split = ref_cols->scalar_type() != at::kFloat;
+    TORCH_CHECK(ref_cols->dim() == 2 && ref_cols->size(0) == (split ? 2 * nb : nb) && ref_cols->size(1) == K &&
+                    (!split || ref_cols->scalar_type() == st),
+                "ftattn.linear: ref_cols ", ref_cols->sizes(), " ", ref_cols->scalar_type(),
+                " do not match the weight's checksums for block_o ", block_o);
+    TORCH_CHECK(mag_cols->dim() == 2 && mag_cols->size(0) == nb && mag_cols->size(1) == K,
+                "ftattn.linear: mag_cols ", mag_cols->sizes(), " do not match block_o ", block_o);
+  }
+  LinearFault f;
+  if (fault.has_value()) {
+    const auto fv = *fault;
+    TORCH_CHECK(static_cast<int64_t>(fv.size()) == kFaultFields,
+                "ftattn.linear: fault must be [site, batch, head, row, col, dim, bit], got ", fv.size(), " values");
+    f.active = true;
+    f.site = fv[0], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
+    TORCH_CHECK(f.site == kGemm || f.site == kWeight, "ftattn.linear: fault site ", f.site, " must be ", kGemm,
+                " (gemm) or ", kWeight, " (weight)");
+    TORCH_CHECK(fv[1] == 0 && fv[2] == 0, "ftattn.linear: fault batch and head must be 0");
+    if (f.site == kGemm) {
+      TORCH_CHECK(f.row >= 0 && f.row < T && f.col >= 0 && f.col < out, "ftattn.linear: gemm fault at (", f.row,
+                  ", ", f.col, ") is outside y [", T, ", ", out, "]");
+    } else {
+      TORCH_CHECK(f.row >= 0 && f.row < out && f.dim >= 0 && f.dim < K, "ftattn.linear: weight fault at (", f.row,
+                  ", ", f.dim, ") is outside weight [", out, ", ", K, "]");
+    }
+    TORCH_CHECK(f.bit >= kBitReplace && f.bit <= 31, "ftattn.linear: fault bit ", f.bit, " must be 0..31 (or ",
+                kBitReplace, ")");
+    TORCH_CHECK(f.bit != kBitReplace || fault_value.has_value(), "ftattn.linear: fault with bit ", kBitReplace,
+                " needs fault_value");
+    f.value = fault_value.value_or(0.0);
+  }
+  const at::Tensor xc = x.contiguous();
+  // the weight as this call's product reads it: a weight fault hits the value read
+  at::Tensor w_read = weight;
+  if (f.active && f.site == kWeight) {
+    w_read = weight.clone();
+    const float w = w_read[f.row][f.dim].item<float>();
+    w_read[f.row][f.dim] = corrupt(w, f.bit, f.value);
+  }
+  at::Tensor acc = product(xc, w_read);
+  if (f.active && f.site == kGemm) {
+    float* p = acc.data_ptr<float>() + f.row * out + f.col;
+    *p = corrupt(*p, f.bit, f.value);
+  }
+  const int64_t nblk = (T + kReportBlockM - 1) / kReportBlockM;
+  at::Tensor flags = at::zeros({1, 1, nblk}, x.options().dtype(at::kInt));
+  if (checked && T > 0 && out > 0 && K > 0) {  // (K = 0: y is the bias, exactly)
+    const bool split = ref_cols->scalar_type() != at::kFloat;
+    const at::Tensor ref = product(split ? xc : xc.to(at::kFloat), *ref_cols);
+    // x_i^2 with each row scaled by a power of two near its largest |x_ij| (exact), so the
+    // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
+    const at::Tensor xf = xc.to(at::kFloat);
+    at::Tensor row_scale = at::exp2(at::floor(at::log2(xf.abs().amax(1))));
+    row_scale = at::where(at::isfinite(row_scale) & (row_scale > 0), row_scale, at::ones_like(row_scale));
+    at::Tensor x2 = (xf / row_scale.unsqueeze(1)).square();
+    if (mag_cols->scalar_type() != at::kFloat) x2 = x2.to(mag_cols->scalar_type());
+    const at::Tensor mag = product(x2, *mag_cols);
+    // kappa sqrt(K) u per dot product, the two of them within sqrt(x^2 . mag); the cached
+    // checksums' own rounding (fp32: u; a bf16 hi + lo pair: 2^-17), sum_j |x_j| |d_j|
+    // <= sqrt(K) sqrt(x^2 . mag); 2^-6 for magnitudes taken in bf16; underflow: K + 1
+    // operations per accumulator, a block of them and the reference
+    const double rep = split ? 0x1p-17 : kU32;
+    const double sqrtK = std::sqrt(static_cast<double>(std::max<int64_t>(K, 1)));
+    CheckRefs c{acc.data_ptr<float>(), ref.data_ptr<float>(), mag.data_ptr<float>(), row_scale.data_ptr<float>(),
+                &xc, T, out, block_o, nb,
+                split, (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
+                kEta * static_cast<double>((K + 1) * (block_o + 1))};
+    int32_t* fl = flags.data_ptr<int32_t>();
+    check_all(c, fl, nblk);
+    bool faulty = false;
+    for (int64_t b = 0; b < nblk; ++b) faulty |= (fl[b] & kCheckMask) != 0;
+    if (faulty && recompute) {
+      acc = product(xc, weight);  // the product again, the weight read anew
+      at::Tensor again = at::zeros_like(flags);
+      c.acc = acc.data_ptr<float>();
+      check_all(c, again.data_ptr<int32_t>(), nblk);
+      const int32_t* ag = again.data_ptr<int32_t>();
+      for (int64_t b = 0; b < nblk; ++b)
+        if (fl[b] & kCheckMask) fl[b] |= (ag[b] & kCheckMask) ? kUncorrected : kCorrected;
+    }
+  }
+  if (bias.has_value()) acc.add_(bias->to(at::kFloat));
+  return {st == at::kFloat ? acc : acc.to(st), flags};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
+  m.impl("linear_fwd", &linear_fwd_cpu);
+}
+
+}  // namespace ftattn

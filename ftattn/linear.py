@@ -1,0 +1,369 @@
+"""ftattn.linear: a fault-tolerant linear layer, y = x W^T + b.
+
+The op schemas live in csrc/ftattn.cpp (``ftattn::linear``, ``ftattn::linear_fwd``),
+the CPU kernel of ``linear_fwd`` in csrc/linear_cpu.cpp (the product through the library
+GEMM, the row checksums, the recomputation of a faulty product). This file holds the
+weight checksums and their cache, the fake (meta) kernels, input validation, backend
+choice, the ``on_fault`` policy, a pure-PyTorch reference backend with the same checks
+(any device) and the public function, which ``ftattn::linear`` runs.
+
+Weight checksums. Per block of ``BLOCK_O`` output features b: W^T e_b (the sum of the
+block's rows) and, for the bound, sum_{o in b} W_o^2 + (W^T e_b)^2, computed in fp64
+once per weight and cached, keyed on the weight tensor (weakly) and checked against its
+data pointer, shape, strides and version counter: an in-place update (an optimizer
+step, ``load_state_dict``) makes them anew, while a weight corrupted in memory behind
+the version counter (a bit flip in DRAM) fails the check on every later call, until
+``ftattn.scrub_weights`` repairs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import backends
+from .attention import _apply_policy
+from .faults import CHECK_MASK, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site
+
+__all__ = ["linear", "weight_checksums", "BLOCK_O", "BACKENDS", "backend_status"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# output features per checksum block: out / BLOCK_O extra columns in the check's GEMMs
+# (32 for out = 4096, 1.6 % of the product's work per GEMM)
+BLOCK_O = 128
+KAPPA = 8.0
+U32 = 2.0**-24
+ETA = 2.0**-149
+
+
+# ---------------------------------------------------------------------------
+# weight checksums and their cache
+
+
+@dataclasses.dataclass
+class WeightChecksums:
+    """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
+    ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads:
+    ``ref_cols`` (fp32 [nb, in], or a bf16 hi + lo pair [2 nb, in] for bf16 weights)
+    and ``mag_cols`` [nb, in] (fp32, bf16 for 16-bit weights)."""
+
+    key: tuple
+    block_o: int
+    sums: torch.Tensor
+    row_sums: torch.Tensor
+    ref_cols: torch.Tensor
+    mag_cols: torch.Tensor
+
+
+# id(weight tensor) -> (a weak reference to it, its checksums); the entry goes with the
+# tensor (a WeakKeyDictionary would compare tensors with ==, elementwise)
+_CACHE: dict = {}
+
+
+def _cached(base: torch.Tensor) -> Optional[WeightChecksums]:
+    item = _CACHE.get(id(base))
+    return item[1] if item is not None and item[0]() is base else None
+
+
+def _store(base: torch.Tensor, entry: WeightChecksums) -> None:
+    key = id(base)
+
+    def drop(ref, key=key):
+        if _CACHE.get(key, (None,))[0] is ref:
+            del _CACHE[key]
+
+    _CACHE[key] = (weakref.ref(base, drop), entry)
+
+
+def _base(weight: torch.Tensor) -> torch.Tensor:
+    return weight._base if weight._base is not None else weight
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor tracks no version
+        return None
+
+
+def _key(weight: torch.Tensor, block_o: int) -> tuple:
+    return (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device, block_o,
+            _version(_base(weight)))
+
+
+def _block_sums(weight: torch.Tensor, block_o: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W^T e_b [nb, in], sum_{o in b} W_o^2 [nb, in], W e [out]), fp64, a chunk of rows at a time."""
+    out, k = weight.shape
+    nb = -(-out // block_o)
+    sums = torch.zeros(nb, k, dtype=torch.float64, device=weight.device)
+    squares = torch.zeros_like(sums)
+    row_sums = torch.empty(out, dtype=torch.float64, device=weight.device)
+    rows_per_chunk = block_o * max(1, (1 << 22) // max(1, block_o * k))
+    for o0 in range(0, out, rows_per_chunk):
+        w = weight[o0:o0 + rows_per_chunk].to(torch.float64)
+        row_sums[o0:o0 + w.shape[0]] = w.sum(1)
+        blocks = torch.arange(o0 // block_o, o0 // block_o + -(-w.shape[0] // block_o), device=weight.device)
+        pad = blocks.numel() * block_o - w.shape[0]
+        if pad:
+            w = torch.cat([w, w.new_zeros(pad, k)])
+        w = w.view(blocks.numel(), block_o, k)
+        sums[blocks] = w.sum(1)
+        squares[blocks] = w.square().sum(1)
+    return sums, squares, row_sums
+
+
+def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O) -> WeightChecksums:
+    """The checksums of ``weight`` (cached; made anew when the weight changed through
+    torch: its data pointer, shape, strides or version counter)."""
+    base = _base(weight)
+    key = _key(weight, block_o)
+    entry = _cached(base)
+    if entry is not None and entry.key == key:
+        return entry
+    with torch.no_grad():
+        sums, squares, row_sums = _block_sums(weight.detach(), block_o)
+        mag = squares + sums.square()
+        if weight.dtype == torch.bfloat16:
+            hi = sums.to(torch.bfloat16)
+            lo = (sums - hi.to(torch.float64)).to(torch.bfloat16)
+            ref_cols = torch.cat([hi, lo]).contiguous()
+        else:  # fp32, and fp16 (whose sums can leave fp16's range): fp32, on x in fp32
+            ref_cols = sums.to(torch.float32).contiguous()
+        mag_cols = mag.to(torch.float32 if weight.dtype == torch.float32 else torch.bfloat16).contiguous()
+    entry = WeightChecksums(key, block_o, sums, row_sums, ref_cols, mag_cols)
+    _store(base, entry)
+    return entry
+
+
+# ---------------------------------------------------------------------------
+# fake (meta) kernels
+
+
+@torch.library.register_fake("ftattn::linear")
+def _linear_fake(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("ftattn::linear_fwd")
+def _linear_fwd_fake(x, weight, bias, ref_cols, mag_cols, block_o, protection, recompute, fault=None,
+                     fault_value=None):
+    nblk = (x.shape[0] + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((1, 1, nblk), dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------
+# backends
+
+
+backends.register("linear", "cpp", lambda device: backends.extension_reason(device, "linear_fwd"))
+backends.register("linear", "reference", lambda device: None, fallback=True)
+BACKENDS = tuple(backends.names("linear"))
+
+
+def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
+    """{backend: None if usable on ``device`` else the reason}."""
+    return backends.status("linear", device)
+
+
+def linear_reference(x, weight, bias, ref_cols, mag_cols, block_o, protection, recompute, fault=None,
+                     fault_value=None):
+    """The checked linear layer in PyTorch ops (any device): the same product (fp32
+    accumulators), checks, recomputation and flags as the C++ kernel, slower."""
+    T, out = x.shape[0], weight.shape[0]
+
+    def product(w):
+        return x.to(torch.float32) @ w.to(torch.float32).t()
+
+    w_read = weight
+    if fault is not None and fault[0] == int(Site.WEIGHT):
+        w_read = weight.clone()
+        w_read[fault[3], fault[5]] = _corrupt(w_read[fault[3], fault[5]].float(), fault[6], fault_value)
+    acc = product(w_read)
+    if fault is not None and fault[0] == int(Site.GEMM):
+        acc[fault[3], fault[4]] = _corrupt(acc[fault[3], fault[4]], fault[6], fault_value)
+    nblk = (T + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    flags = torch.zeros((1, 1, nblk), dtype=torch.int32)
+    if protection >= 1 and T > 0 and out > 0:
+        flags = _reference_check(acc, x, ref_cols, mag_cols, block_o)
+        faulty = (flags & CHECK_MASK) != 0
+        if recompute and bool(faulty.any()):
+            acc = product(weight)
+            again = _reference_check(acc, x, ref_cols, mag_cols, block_o)
+            flags = torch.where(faulty, flags | torch.where((again & CHECK_MASK) != 0, int(Check.UNCORRECTED),
+                                                            int(Check.CORRECTED)), flags)
+    if bias is not None:
+        acc = acc + bias.to(torch.float32)
+    return acc.to(x.dtype), flags
+
+
+def _corrupt(value: torch.Tensor, bit: int, fault_value) -> torch.Tensor:
+    if bit < 0:
+        return torch.full_like(value, float(fault_value))
+    as_int = value.to(torch.float32).view(torch.int32)
+    return (as_int ^ torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32)).view(torch.float32)
+
+
+def _reference_check(acc, x, ref_cols, mag_cols, block_o) -> torch.Tensor:
+    T, out = acc.shape
+    K = x.shape[1]
+    nb = -(-out // block_o)
+    pad = nb * block_o - out
+    s = torch.nn.functional.pad(acc.to(torch.float64), (0, pad)).view(T, nb, block_o).sum(-1)
+    split = ref_cols.dtype != torch.float32
+    ref = x.to(torch.float64) @ ref_cols.to(torch.float64).t()
+    if split:
+        ref = ref[:, :nb] + ref[:, nb:]
+    mag = x.to(torch.float64).square() @ mag_cols.to(torch.float64).t()
+    rep = 2.0**-17 if split else U32
+    sqrt_k = max(K, 1) ** 0.5
+    bound = (KAPPA * sqrt_k * U32 * 2**0.5 + rep * sqrt_k) * (1 + 2**-6) * mag.sqrt() + ETA * (K + 1) * (block_o + 1)
+    bad = ~((s - ref).abs() <= bound)
+    nonfinite = ~torch.isfinite(x).all(1) | ~torch.isfinite(ref).all(1) | ~torch.isfinite(mag).all(1)
+    row_bits = torch.where(bad.any(1), torch.where(nonfinite, int(Check.NONFINITE_INPUT),
+                                                   int(Check.GEMM_ROW_CHECKSUM)), 0).to(torch.int32)
+    nblk = (T + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    padded = torch.nn.functional.pad(row_bits, (0, nblk * REPORT_BLOCK_M - T)).view(nblk, REPORT_BLOCK_M)
+    out_bits = torch.zeros(nblk, dtype=torch.int32)
+    for bit in (int(Check.NONFINITE_INPUT), int(Check.GEMM_ROW_CHECKSUM)):
+        out_bits |= torch.where(((padded & bit) != 0).any(1).cpu(), bit, 0).to(torch.int32)
+    return out_bits.view(1, 1, nblk)
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def validate_inputs(x, weight, bias) -> None:
+    """The one validation of a linear call's tensors: an error that names the value,
+    what is supported and the fix."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ftattn.linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"ftattn.linear: weight must be 2-D [out_features, in_features], got shape "
+                         f"{tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("ftattn.linear: x must have at least one dim [..., in_features], got a 0-d tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"ftattn.linear: x has {x.shape[-1]} features (last dim of {tuple(x.shape)}) but weight "
+                         f"{tuple(weight.shape)} takes {weight.shape[1]}; pass x [..., {weight.shape[1]}]")
+    tensors = [("x", x), ("weight", weight)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"ftattn.linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"ftattn.linear: bias must be [{weight.shape[0]}] (one per output feature), got "
+                             f"{tuple(bias.shape)}")
+        tensors.append(("bias", bias))
+    for name, t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"ftattn.linear: {name}.dtype={t.dtype} is not supported; use float16, bfloat16 or "
+                            f"float32 (e.g. {name}.to(torch.float32))")
+    if len({t.dtype for _, t in tensors}) != 1:
+        raise TypeError("ftattn.linear: x, weight and bias must share one dtype, got "
+                        + ", ".join(f"{n} {t.dtype}" for n, t in tensors) + "; cast them to one (e.g. x.to(weight.dtype))")
+    if len({t.device for _, t in tensors}) != 1:
+        raise ValueError("ftattn.linear: x, weight and bias must be on one device, got "
+                         + ", ".join(f"{n} on {t.device}" for n, t in tensors) + "; move them")
+
+
+def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
+    prot = {"off": Protection.OFF, "abft": Protection.ABFT, "full": Protection.ABFT}.get(protection) \
+        if isinstance(protection, str) else None
+    if prot is None:
+        raise ValueError(f"ftattn.linear: protection={protection!r} is not supported; use 'off' or 'abft' "
+                         f"('full' means 'abft' for a linear layer)")
+    try:
+        policy = OnFault(on_fault)
+    except ValueError:
+        raise ValueError(f"ftattn.linear: on_fault={on_fault!r} is not supported; use 'correct', 'raise' or "
+                         f"'report'") from None
+    return prot, policy
+
+
+# ---------------------------------------------------------------------------
+# the public function
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    protection: str = "abft",
+    on_fault: str = "correct",
+    fault: Optional[Fault] = None,
+    backend: str = "auto",
+    return_report: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Report]]:
+    """y = x W^T + b, checked.
+
+    Args:
+        x: [..., in_features]; float32, bfloat16 or float16 (one dtype for x, weight, bias).
+        weight: [out_features, in_features] (a transposed view, as a GPT-2 Conv1D's
+            weight.t(), is read in place).
+        bias: [out_features] or None.
+        protection: "off" (the product only) or "abft" (row checksums over blocks of
+            output features against the weight's cached checksums); "full" means "abft".
+        on_fault: "correct" (recompute the product and return the clean result),
+            "raise" (``FaultDetectedError``), "report" (return y as computed).
+        fault: an ``ftattn.Fault`` with site "gemm" (the fp32 accumulator of y[row, col])
+            or "weight" (W[row, dim] as the call reads it), for tests and campaigns.
+        backend: "auto" (CPU: C++), "cpp", "reference" (PyTorch ops, any device).
+        return_report: also return an ``ftattn.Report`` (flags per block of 64 rows of x,
+            its leading dims flattened).
+
+    Returns:
+        y [..., out_features] in x's dtype, or ``(y, report)``.
+
+    NaN/Inf in x or weight are reported as non-finite input, never as a fault.
+    """
+    return _linear(x, weight, bias, protection, on_fault, fault, backend, return_report)
+
+
+def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report):
+    validate_inputs(x, weight, bias)
+    prot, policy = _parse_options(protection, on_fault)
+    lead, k, out = tuple(x.shape[:-1]), weight.shape[1], weight.shape[0]
+    x2 = x.reshape(math.prod(lead), k)
+    rows = x2.shape[0]
+    if fault is not None:
+        if not isinstance(fault, Fault):
+            raise TypeError(f"ftattn.linear: fault must be an ftattn.Fault, got {type(fault).__name__}")
+        fault.validate_linear(rows, out, k)
+    if any(t is not None and t.requires_grad for t in (x, weight, bias)) and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "ftattn.linear is forward-only (inference); call it under torch.no_grad() / torch.inference_mode(), "
+            "or detach its inputs"
+        )
+    if x.device.type == "meta":
+        backends.parse("linear", backend)
+        backend = "meta"
+    else:
+        backend = backends.resolve("linear", backend, x.device).value
+    fault_list, fault_value = fault.encode() if fault is not None else (None, None)
+    sums = weight_checksums(weight) if prot >= Protection.ABFT and backend != "meta" else None
+    args = (x2.contiguous(), weight, bias, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
+            sums.block_o if sums else BLOCK_O, int(prot), policy is OnFault.CORRECT, fault_list, fault_value)
+    if backend == "meta":
+        y, flags = _linear_fwd_fake(*args)
+    elif backend == "reference":
+        y, flags = linear_reference(*args)
+    else:
+        y, flags = torch.ops.ftattn.linear_fwd(*args)
+    report = _apply_policy(flags, policy, rows, return_report, op="linear")
+    y = y.reshape(*lead, out)
+    return (y, report) if return_report else y
+
+
+def _register_kernels() -> None:
+    for device in ("CPU", "CUDA"):
+        @torch.library.impl("ftattn::linear", device)
+        def _linear_op(x, weight, bias=None):
+            return _linear(x, weight, bias, "abft", "correct", None, "auto", False)
+
+
+_register_kernels()

@@ -1,0 +1,315 @@
+"""ftattn.linear: correctness against fp64, clean data without alarms, every injected
+harmful fault detected and corrected (gemm and weight sites, every dtype, random,
+outlier-channel and real MiniLM data), a weight corrupted in memory caught on every
+call, the op under opcheck and torch.compile, and clear errors for bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ftattn
+from ftattn import Fault, FaultDetectedError
+from ftattn.linear import BLOCK_O, weight_checksums
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # FAULT_MODEL.md
+# absolute slack of the correctness comparison, times max(1, max|y|): one rounding of
+# the output (F.linear's error can be 0 where ours is one ulp, e.g. in = 1)
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+BACKENDS = ["cpp", "reference"]
+
+
+def _data(lead, k, out, dtype, bias=True, seed=0, outliers=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g) * scale
+    if outliers:
+        ch = torch.randperm(k, generator=g)[:outliers]
+        x[..., ch] *= 50.0
+    w = torch.randn(out, k, generator=g) / math.sqrt(k)
+    b = torch.randn(out, generator=g) if bias else None
+    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+def _reference(x, w, b):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+def _harmful(y_bad, y_clean, dtype):
+    """Per row of y (leading dims flattened): FAULT_MODEL.md's rule for linear layers."""
+    a = y_bad.reshape(-1, y_bad.shape[-1]).double()
+    c = y_clean.reshape(-1, y_clean.shape[-1]).double()
+    if a.numel() == 0:
+        return False
+    if bool((~torch.isfinite(a) & torch.isfinite(c)).any()):
+        return True
+    diff = (a - c).abs().nan_to_num(0.0).amax(1)
+    limit = TAU[dtype] * c.abs().amax(1).clamp(min=1.0)
+    return bool((diff > limit).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k, out", [(1, 17), (17, 1), (97, 384), (384, 1000), (1000, 97), (4096, 17)])
+@pytest.mark.parametrize("lead", [(), (1,), (3, 7), (2, 5, 11)], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_fp64_within_twice_torch(dtype, k, out, lead, bias):
+    x, w, b = _data(lead, k, out, dtype, bias, seed=k * out + len(lead))
+    ref = _reference(x, w, b)
+    y, rep = ftattn.linear(x, w, b, return_report=True)
+    y_off = ftattn.linear(x, w, b, protection="off")
+    assert y.shape == (*lead, out) and y.dtype == dtype
+    assert torch.equal(y, y_off)  # the checks never touch y on clean data
+    assert rep.detected == 0 and not rep.nonfinite_input
+    err = (y.double() - ref).abs().max().item() if y.numel() else 0.0
+    err_torch = (F.linear(x, w, b).double() - ref).abs().max().item() if y.numel() else 0.0
+    slack = ULP[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= 2 * err_torch + slack, (err, err_torch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_x_and_transposed_weight(dtype):
+    x, w, b = _data((5, 9), 97, 130, dtype)
+    xt = x.transpose(0, 1)  # [9, 5, 97], non-contiguous
+    conv1d_weight = w.t().contiguous()  # GPT-2's Conv1D keeps [in, out]
+    y, rep = ftattn.linear(xt, conv1d_weight.t(), b, return_report=True)
+    assert rep.detected == 0
+    ref = _reference(xt, w, b)
+    err_torch = (F.linear(xt, w, b).double() - ref).abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= 2 * err_torch + ULP[dtype] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_shapes(backend, dtype):
+    w = torch.randn(7, 5).to(dtype)
+    y, rep = ftattn.linear(torch.randn(0, 5).to(dtype), w, return_report=True, backend=backend)
+    assert y.shape == (0, 7) and rep.flags.shape == (1, 1, 0)
+    y = ftattn.linear(torch.randn(3, 0).to(dtype), torch.randn(7, 0).to(dtype), backend=backend)
+    assert torch.equal(y, torch.zeros(3, 7, dtype=dtype))
+
+
+def _clean_data_kinds(dtype):
+    yield "normal", _data((61,), 384, 1536, dtype, seed=1)
+    yield "outliers", _data((61,), 384, 1536, dtype, seed=2, outliers=4)
+    yield "large", _data((61,), 384, 1536, dtype, seed=3, scale=1e3 if dtype != torch.float16 else 30.0)
+    yield "tiny", _data((61,), 384, 1536, dtype, seed=4, scale=1e-30 if dtype != torch.float16 else 1e-3)
+    x, w, b = _data((61,), 384, 1536, dtype, seed=5)
+    yield "constant", (torch.ones_like(x), w, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_alarm_on_clean_data(backend, dtype):
+    for kind, (x, w, b) in _clean_data_kinds(dtype):
+        _, rep = ftattn.linear(x, w, b, return_report=True, backend=backend)
+        assert rep.detected == 0, kind
+
+
+def _campaign(x, w, b, dtype, faults, backend="cpp"):
+    """Every fault: raw (report) and corrected runs; returns (harmful, missed, detected,
+    corrected-ok) counts."""
+    clean = ftattn.linear(x, w, b, backend=backend)
+    harmful = missed = detected = corrected_ok = 0
+    for f in faults:
+        raw, rep = ftattn.linear(x, w, b, fault=f, on_fault="report", return_report=True, backend=backend)
+        fixed, rep2 = ftattn.linear(x, w, b, fault=f, return_report=True, backend=backend)
+        h = _harmful(raw, clean, dtype)
+        harmful += h
+        detected += rep.detected > 0
+        missed += h and rep.detected == 0
+        if rep2.detected:
+            assert rep2.corrected == rep2.flagged_blocks and rep2.uncorrected == 0, f
+            assert torch.equal(fixed, clean), f  # recomputed: bit for bit
+            corrected_ok += 1
+        else:
+            assert torch.equal(fixed, raw), f
+        assert not _harmful(fixed, clean, dtype) or rep2.detected == 0, f
+    return harmful, missed, detected, corrected_ok
+
+
+def _faults(rows, out, k, n, seed, bits=range(0, 32), values=(float("nan"), float("inf"), -1e30, 1e4)):
+    g = torch.Generator().manual_seed(seed)
+    bits = list(bits)
+    faults = []
+    for t in range(n):
+        site = "gemm" if t % 2 == 0 else "weight"
+        if t % 7 == 6:
+            kw = {"value": values[t % len(values)]}
+        else:
+            kw = {"bit": bits[int(torch.randint(len(bits), (1,), generator=g))]}
+        if site == "gemm":
+            faults.append(Fault("gemm", row=int(torch.randint(rows, (1,), generator=g)),
+                                col=int(torch.randint(out, (1,), generator=g)), **kw))
+        else:
+            faults.append(Fault("weight", row=int(torch.randint(out, (1,), generator=g)),
+                                dim=int(torch.randint(k, (1,), generator=g)), **kw))
+    return faults
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["normal", "outliers"])
+def test_campaign_random_and_outlier_data(dtype, kind):
+    x, w, b = _data((3, 23), 384, 1000, dtype, seed=11, outliers=4 if kind == "outliers" else 0)
+    # all bits, and the mid-mantissa and exponent bits that matter most, 300 faults per case
+    faults = _faults(69, 1000, 384, 150, seed=1) + _faults(69, 1000, 384, 150, seed=2, bits=range(14, 31))
+    harmful, missed, detected, corrected = _campaign(x, w, b, dtype, faults)
+    assert missed == 0
+    assert harmful > 50  # the campaign hits things that matter
+    assert corrected == detected
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_targeted_faults_on_the_largest_products(dtype):
+    """The adversary's choice: the largest accumulators of rows with outlier channels, the
+    weights read by the outlier channels, bits 10..22 (mid-mantissa) where a fault is
+    smallest yet may still matter."""
+    x, w, b = _data((40,), 256, 300, dtype, seed=21, outliers=2)
+    y = (x.double() @ w.double().t())
+    ch = x.double().abs().amax(0).argmax().item()
+    faults = []
+    for row in range(0, 40, 3):
+        col = int(y[row].abs().argmax())
+        for bit in range(10, 23):
+            faults.append(Fault("gemm", row=row, col=col, bit=bit))
+            faults.append(Fault("weight", row=col, dim=ch, bit=bit))
+    harmful, missed, detected, corrected = _campaign(x, w, b, dtype, faults)
+    assert missed == 0 and corrected == detected
+    assert harmful > 10
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_backend_agrees(dtype):
+    x, w, b = _data((29,), 97, 200, dtype, seed=3)
+    clean_cpp = ftattn.linear(x, w, b)
+    clean_ref = ftattn.linear(x, w, b, backend="reference")
+    assert not _harmful(clean_ref, clean_cpp, dtype)
+    for f in _faults(29, 200, 97, 40, seed=5, bits=range(20, 31)):
+        _, r1 = ftattn.linear(x, w, b, fault=f, on_fault="report", return_report=True)
+        _, r2 = ftattn.linear(x, w, b, fault=f, on_fault="report", return_report=True, backend="reference")
+        # the two compute the accumulators differently (the library GEMM vs fp32 matmul of
+        # upcast copies); a fault far above rounding is seen by both
+        assert (r1.detected > 0) == (r2.detected > 0), f
+
+
+def test_on_fault_raise_names_the_rows():
+    x, w, b = _data((130,), 64, 96, torch.float32, seed=4)
+    with pytest.raises(FaultDetectedError, match=r"linear .*rows 64\.\.127: row checksum of the linear layer"):
+        ftattn.linear(x, w, b, fault=Fault("gemm", row=70, col=5, bit=30), on_fault="raise")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_corrupted_in_memory_fails_every_call(dtype):
+    x, w, b = _data((17,), 97, 300, dtype, seed=6)
+    ftattn.linear(x, w, b)  # checksums cached
+    clean = ftattn.linear(x, w, b)
+    bits = w.data.view(torch.int16 if dtype != torch.float32 else torch.int32)
+    bits[42, 7] ^= 1 << (14 if dtype != torch.float32 else 30)  # a DRAM upset: no version bump
+    for _ in range(2):
+        y, rep = ftattn.linear(x, w, b, return_report=True)
+        assert rep.detected > 0 and rep.uncorrected > 0 and rep.corrected == 0
+        assert _harmful(y, clean, dtype)
+    with pytest.raises(FaultDetectedError):
+        ftattn.linear(x, w, b, on_fault="raise")
+    bits[42, 7] ^= 1 << (14 if dtype != torch.float32 else 30)  # repaired: clean again
+    y, rep = ftattn.linear(x, w, b, return_report=True)
+    assert rep.detected == 0 and torch.equal(y, clean)
+
+
+def test_checksums_follow_in_place_updates():
+    x, w, b = _data((9,), 50, 70, torch.float32, seed=8)
+    first = weight_checksums(w)
+    assert weight_checksums(w) is first  # cached
+    with torch.no_grad():
+        w.mul_(1.5)  # an optimizer step: the version counter moves
+    y, rep = ftattn.linear(x, w, b, return_report=True)
+    assert rep.detected == 0 and weight_checksums(w) is not first
+    assert torch.allclose(weight_checksums(w).sums, 1.5 * first.sums, rtol=1e-6, atol=1e-6)
+    param = torch.nn.Parameter(w.clone())
+    with torch.no_grad():
+        _, rep = ftattn.linear(x, param, b, return_report=True)
+        param.copy_(torch.randn_like(param))  # load_state_dict copies in place
+        _, rep2 = ftattn.linear(x, param, b, return_report=True)
+    assert rep.detected == 0 and rep2.detected == 0
+
+
+def test_checksums_blocks():
+    w = torch.randn(300, 11, dtype=torch.float64).float()
+    c = weight_checksums(w)
+    nb = math.ceil(300 / BLOCK_O)
+    assert c.sums.shape == (nb, 11) and c.row_sums.shape == (300,)
+    for blk in range(nb):
+        exp = w[blk * BLOCK_O:(blk + 1) * BLOCK_O].double().sum(0)
+        assert torch.allclose(c.sums[blk], exp, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(c.row_sums, w.double().sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_nonfinite_input_is_not_a_fault():
+    x, w, b = _data((70,), 33, 40, torch.float32, seed=9)
+    x[65, 3] = float("nan")
+    y, rep = ftattn.linear(x, w, b, return_report=True, on_fault="raise")
+    assert rep.nonfinite_input and rep.detected == 0 and torch.isnan(y[65]).all()
+
+
+def test_faults_with_the_op_and_fault_validation():
+    x, w, b = _data((4,), 8, 6, torch.float32)
+    with pytest.raises(ValueError, match="attention's, not a linear layer's"):
+        ftattn.linear(x, w, b, fault=Fault("scores", 0, 0, 0, bit=3))
+    with pytest.raises(ValueError, match=r"Fault.col=6 is out of range.*an output feature"):
+        ftattn.linear(x, w, b, fault=Fault("gemm", row=0, col=6, bit=3))
+    with pytest.raises(ValueError, match=r"Fault.dim=8 is out of range.*an input feature"):
+        ftattn.linear(x, w, b, fault=Fault("weight", row=5, dim=8, bit=3))
+    with pytest.raises(ValueError, match="must be 0 for a linear layer"):
+        ftattn.linear(x, w, b, fault=Fault("gemm", batch=1, row=0, col=0, bit=3))
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="linear layer's, not attention's"):
+        ftattn.attention(q, q, q, fault=Fault("gemm", row=0, col=0, bit=3))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.randn(3, 5), torch.randn(4, 6)), r"x has 5 features .* takes 6"),
+        ((torch.randn(3, 5), torch.randn(4, 5, 1)), r"weight must be 2-D"),
+        ((torch.randn(3, 5), torch.randn(4, 5).double()), r"weight.dtype=torch.float64 is not supported"),
+        ((torch.randn(3, 5), torch.randn(4, 5).half()), r"share one dtype"),
+        ((torch.randn(3, 5), torch.randn(4, 5), torch.randn(5)), r"bias must be \[4\]"),
+        ((torch.randn(3, 5), torch.randn(4, 5), torch.randn(4).half()), r"share one dtype"),
+        ((torch.randn(3, 5), torch.randn(4, 5), None, "half"), r"protection='half' is not supported"),
+    ],
+)
+def test_bad_input_errors(args, match):
+    x, w, *rest = args
+    b = rest[0] if rest else None
+    prot = rest[1] if len(rest) > 1 else "abft"
+    with pytest.raises((ValueError, TypeError), match=match):
+        ftattn.linear(x, w, b, protection=prot)
+
+
+def test_bad_input_device_and_options():
+    with pytest.raises(ValueError, match="one device"):
+        ftattn.linear(torch.randn(3, 5), torch.randn(4, 5, device="meta"))
+    with pytest.raises(ValueError, match="on_fault='ignore'"):
+        ftattn.linear(torch.randn(3, 5), torch.randn(4, 5), on_fault="ignore")
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        ftattn.linear(torch.randn(3, 5, requires_grad=True), torch.randn(4, 5))
+
+
+def test_op_opcheck_and_compile():
+    x, w, b = _data((3, 7), 33, 40, torch.float32, seed=10)
+    y = torch.ops.ftattn.linear(x, w, b)
+    assert torch.equal(y, ftattn.linear(x, w, b))
+    torch.library.opcheck(torch.ops.ftattn.linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.ftattn.linear.default, (x, w, None))
+
+    @torch.compile(fullgraph=True)
+    def f(x, w, b):
+        return torch.ops.ftattn.linear(x, w, b).relu()
+
+    assert torch.equal(f(x, w, b), y.relu())
+
+
+def test_meta_shapes():
+    x = torch.empty(2, 3, 5, device="meta")
+    y, rep = ftattn.linear(x, torch.empty(4, 5, device="meta"), return_report=True)
+    assert y.shape == (2, 3, 4) and y.device.type == "meta"
