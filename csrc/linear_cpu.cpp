@@ -104,7 +104,8 @@ struct LinearFault {
 
 // What the checks compare, per row and block (see the top of the file).
 struct CheckRefs {
-  const float* acc;  // [T, out]
+  float* acc;        // [T, out]; the bias is added to each row once it is checked
+  const float* bias;  // [out] or nullptr
   const float* ref;  // [T, nb] or [T, 2 nb] (hi + lo)
   const float* mag;  // [T, nb], of x_i / scale_i
   const float* scale;  // [T], powers of two
@@ -115,6 +116,32 @@ struct CheckRefs {
   double abs;     // underflow
 };
 
+// x_i^2 / scale_i^2 into x2 (float or bfloat16) with scale_i a power of two near the
+// row's largest |x_ij| (exact scaling), so the squares neither underflow nor overflow;
+// the row's scale into scale (1 for a zero or non-finite row). One pass, rows in parallel.
+template <typename In, typename Out>
+void scaled_squares(const In* x, int64_t T, int64_t K, Out* x2, float* scale) {
+  at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const In* xi = x + i * K;
+      float m = 0.f;
+      for (int64_t j = 0; j < K; ++j) {  // (written so it vectorises: NaN never enters m)
+        const float v = std::fabs(static_cast<float>(xi[j]));
+        m = v > m ? v : m;
+      }
+      int e = 0;
+      std::frexp(m, &e);  // m = f 2^e, f in [1/2, 1)
+      const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
+      scale[i] = 1.f / inv;
+      Out* o = x2 + i * K;
+      for (int64_t j = 0; j < K; ++j) {
+        const float v = static_cast<float>(xi[j]) * inv;
+        o[j] = static_cast<Out>(v * v);
+      }
+    }
+  });
+}
+
 bool row_finite(const at::Tensor& x, int64_t i) { return at::isfinite(x[i]).all().item<bool>(); }
 
 // The check bits of report block blk (rows blk * kReportBlockM ...).
@@ -123,13 +150,20 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
   const int64_t i1 = std::min<int64_t>(c.T, (blk + 1) * kReportBlockM);
   const int64_t ref_ld = c.split ? 2 * c.nb : c.nb;
   for (int64_t i = blk * kReportBlockM; i < i1; ++i) {
-    const float* a = c.acc + i * c.out;
+    float* a = c.acc + i * c.out;
     const double sc = static_cast<double>(c.scale[i]);
     bool bad = false, nonfinite_ref = false;
     for (int64_t b = 0; b < c.nb; ++b) {
       const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
+      double lanes[8] = {};  // eight fp64 partial sums (vectorised; fp64 makes the order immaterial)
+      int64_t o = o0;
+      for (; o + 8 <= o1; o += 8)
+        for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(a[o + l]);
       double s = 0.0;
-      for (int64_t o = o0; o < o1; ++o) s += static_cast<double>(a[o]);
+      for (; o < o1; ++o) s += static_cast<double>(a[o]);
+      for (int l = 0; l < 8; ++l) s += lanes[l];
+      if (c.bias != nullptr)
+        for (int64_t o = o0; o < o1; ++o) a[o] += c.bias[o];
       double r = static_cast<double>(c.ref[i * ref_ld + b]);
       if (c.split) r += static_cast<double>(c.ref[i * ref_ld + c.nb + b]);
       const double m = static_cast<double>(c.mag[i * c.nb + b]);
@@ -222,6 +256,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     float* p = acc.data_ptr<float>() + f.row * out + f.col;
     *p = corrupt(*p, f.bit, f.value);
   }
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  bool bias_added = false;
   const int64_t nblk = (T + kReportBlockM - 1) / kReportBlockM;
   at::Tensor flags = at::zeros({1, 1, nblk}, x.options().dtype(at::kInt));
   if (checked && T > 0 && out > 0 && K > 0) {  // (K = 0: y is the bias, exactly)
@@ -229,11 +265,14 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     const at::Tensor ref = product(split ? xc : xc.to(at::kFloat), *ref_cols);
     // x_i^2 with each row scaled by a power of two near its largest |x_ij| (exact), so the
     // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
-    const at::Tensor xf = xc.to(at::kFloat);
-    at::Tensor row_scale = at::exp2(at::floor(at::log2(xf.abs().amax(1))));
-    row_scale = at::where(at::isfinite(row_scale) & (row_scale > 0), row_scale, at::ones_like(row_scale));
-    at::Tensor x2 = (xf / row_scale.unsqueeze(1)).square();
-    if (mag_cols->scalar_type() != at::kFloat) x2 = x2.to(mag_cols->scalar_type());
+    at::Tensor row_scale = at::empty({T}, xc.options().dtype(at::kFloat));
+    at::Tensor x2 = at::empty({T, K}, xc.options().dtype(mag_cols->scalar_type()));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "ftattn_linear_squares", [&] {
+      if (x2.scalar_type() == at::kFloat)
+        scaled_squares(xc.data_ptr<scalar_t>(), T, K, x2.data_ptr<float>(), row_scale.data_ptr<float>());
+      else
+        scaled_squares(xc.data_ptr<scalar_t>(), T, K, x2.data_ptr<at::BFloat16>(), row_scale.data_ptr<float>());
+    });
     const at::Tensor mag = product(x2, *mag_cols);
     // kappa sqrt(K) u per dot product, the two of them within sqrt(x^2 . mag); the cached
     // checksums' own rounding (fp32: u; a bf16 hi + lo pair: 2^-17), sum_j |x_j| |d_j|
@@ -241,12 +280,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     // operations per accumulator, a block of them and the reference
     const double rep = split ? 0x1p-17 : kU32;
     const double sqrtK = std::sqrt(static_cast<double>(std::max<int64_t>(K, 1)));
-    CheckRefs c{acc.data_ptr<float>(), ref.data_ptr<float>(), mag.data_ptr<float>(), row_scale.data_ptr<float>(),
+    CheckRefs c{acc.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, ref.data_ptr<float>(), mag.data_ptr<float>(), row_scale.data_ptr<float>(),
                 &xc, T, out, block_o, nb,
                 split, (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
                 kEta * static_cast<double>((K + 1) * (block_o + 1))};
     int32_t* fl = flags.data_ptr<int32_t>();
     check_all(c, fl, nblk);
+    bias_added = true;
     bool faulty = false;
     for (int64_t b = 0; b < nblk; ++b) faulty |= (fl[b] & kCheckMask) != 0;
     if (faulty && recompute) {
@@ -259,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
         if (fl[b] & kCheckMask) fl[b] |= (ag[b] & kCheckMask) ? kUncorrected : kCorrected;
     }
   }
-  if (bias.has_value()) acc.add_(bias->to(at::kFloat));
+  if (bias_f.defined() && !bias_added) acc.add_(bias_f);
   return {st == at::kFloat ? acc : acc.to(st), flags};
 }
 
