@@ -15,6 +15,7 @@ _C = _extension.load(f"{__name__}._C", "FTATTN_EXTENSION")  # registers the ftat
 from .faults import Check, Fault, FaultDetectedError, Report, REPORT_BLOCK_M  # noqa: F401
 from .attention import attention  # noqa: F401
 from .linear import linear  # noqa: F401
+from .protect import counters, protect_, reset_counters, scrub_weights, unprotect_  # noqa: F401
 from .integrations import register_on_import as _register_transformers
 
 # attn_implementation="ftattn" once transformers' model code loads; never imports it
@@ -40,6 +41,11 @@ def __getattr__(name):
 __all__ = [
     "attention",
     "linear",
+    "protect_",
+    "unprotect_",
+    "counters",
+    "reset_counters",
+    "scrub_weights",
     "Fault",
     "Report",
     "Check",

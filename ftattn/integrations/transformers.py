@@ -470,8 +470,8 @@ def _unsupported(module, dropout, kwargs, n_keys) -> None:
         )
 
 
-def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], key_start=None, key_end=None
-         ) -> torch.Tensor:
+def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], key_start=None, key_end=None,
+         module=None) -> torch.Tensor:
     """One call of the kernel for the whole batch (padded samples: key ranges)."""
     policy = state.policy
     kw = dict(causal=causal, scale=scale, protection=policy.protection, on_fault=policy.on_fault, fault=fault,
@@ -492,6 +492,9 @@ def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], ke
         ]
     )
     state.totals.add_(stats)
+    counts = module.__dict__.get("_ftattn_counts") if module is not None else None
+    if counts is not None:  # per-layer counts of a model under ftattn.protect_
+        counts.add_(stats)
     return out
 
 
@@ -537,7 +540,7 @@ def attention_forward(
     fault = fault_at[2] if fault_at is not None else None
     if layout is not None and layout.full and layout.stop[0] < M:  # every sample sees keys [0, stop): cut them
         key, value = key[:, :, :layout.stop[0]], value[:, :, :layout.stop[0]]
-    out = _run(state, query, key, value, causal, scaling, fault, key_start, key_end)
+    out = _run(state, query, key, value, causal, scaling, fault, key_start, key_end, module)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -51,6 +51,11 @@ def quantize_(model: torch.nn.Module, config: MXConfig,
             fqn = f"{parent_name}.{name}" if parent_name else name
             if filter_fn is not None and not filter_fn(child, fqn):
                 continue
+            if type(child).__name__ == "ProtectedLinear" and type(child).__module__ == "ftattn.protect":
+                raise ValueError(
+                    f"{fqn} is protected by ftattn.protect_; MX layers and protected layers do not compose yet "
+                    f"(the checks would run over the unquantized weights). Call ftattn.unprotect_(model) first, "
+                    f"or pass filter_fn to leave protected layers out")
             new = _swap_for(child, config)
             if new is None:
                 continue

@@ -1,0 +1,266 @@
+"""Whole-model protection: ``protect_`` / ``unprotect_`` / ``counters`` /
+``reset_counters`` / ``scrub_weights``.
+
+``protect_(model)`` swaps, in place, every ``torch.nn.Linear`` (and Hugging Face's
+``Conv1D``, GPT-2's [in, out] linear) for a `ProtectedLinear` that shares the very same
+Parameters (so ``state_dict``, optimizers and tied weights see no change) and runs
+``ftattn.linear``; a Hugging Face model's attention switches to
+``attn_implementation="ftattn"`` with the same protection and policy. ``unprotect_``
+puts the original module objects and the previous attention implementation back.
+Counters: every protected call adds its flags to its module's counts (tensor arithmetic,
+no host read); ``counters(model)`` reads them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .faults import CHECK_MASK, Check, OnFault
+from .linear import _linear, weight_checksums
+
+__all__ = ["protect_", "unprotect_", "counters", "reset_counters", "scrub_weights", "ProtectedLinear",
+           "ModelCounters", "ModuleCounts", "WeightCorruptionError"]
+
+_PROTECT_ATTR = "_ftattn_protected"  # on the model: what protect_ changed
+_COUNTS = ("calls", "detected", "corrected", "uncorrected", "nonfinite_input")
+
+
+def _conv1d_type():
+    import sys
+
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def _flag_stats(flags: torch.Tensor) -> torch.Tensor:
+    """[calls, detected, corrected, uncorrected, nonfinite_input] of one call's flags."""
+    nonfinite = (flags & int(Check.NONFINITE_INPUT)) != 0
+    failed = ((flags & CHECK_MASK) != 0) & ~nonfinite
+    return torch.stack([
+        torch.ones((), dtype=torch.int64),
+        failed.sum(),
+        ((flags & int(Check.CORRECTED)) != 0).sum(),
+        ((flags & int(Check.UNCORRECTED)) != 0).sum(),
+        ((flags & CHECK_MASK) != 0).logical_and(nonfinite).sum(),
+    ])
+
+
+class ProtectedLinear(torch.nn.Module):
+    """A linear layer run by ``ftattn.linear``, sharing the Parameters of the module it
+    replaces (``torch.nn.Linear``: weight [out, in]; ``Conv1D``: weight [in, out], read
+    transposed in place). ``counts``: [calls, detected, corrected, uncorrected,
+    nonfinite_input] since the last reset."""
+
+    def __init__(self, original: torch.nn.Module, protection: str = "abft", on_fault: str = "correct"):
+        super().__init__()
+        self.transposed = not isinstance(original, torch.nn.Linear)  # Conv1D keeps [in, out]
+        self.weight = original.weight
+        self.bias = original.bias
+        self.protection = "abft" if protection == "full" else protection
+        self.on_fault = on_fault
+        self.fault = None  # an ftattn.Fault for the next call (campaigns), then cleared
+        object.__setattr__(self, "original", original)  # not a submodule: its Parameters are ours
+        self.counts = torch.zeros(len(_COUNTS), dtype=torch.int64)  # a plain attribute: not in state_dict
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0 if self.transposed else 1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1 if self.transposed else 0]
+
+    def _weight(self) -> torch.Tensor:
+        return self.weight.t() if self.transposed else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fault, self.fault = self.fault, None
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # no checked backward yet: training runs the plain layer (the forward unchecked)
+            return self.original(x)
+        y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, fault, "auto", True)
+        self.counts.add_(_flag_stats(report.flags))
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"protection={self.protection!r}, on_fault={self.on_fault!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCounts:
+    calls: int = 0
+    detected: int = 0
+    corrected: int = 0
+    uncorrected: int = 0
+    nonfinite_input: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCounters:
+    """Totals over every protected linear layer and attention call of one model since
+    `protect_` / `reset_counters`, and ``per_module`` (module name -> ModuleCounts; the
+    attention layers under their module names)."""
+
+    detected: int
+    corrected: int
+    uncorrected: int
+    nonfinite_input: int
+    per_module: Dict[str, ModuleCounts]
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, torch.nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def protect_(
+    model: torch.nn.Module,
+    *,
+    linear: bool = True,
+    attention: bool = True,
+    protection: str = "full",
+    on_fault: str = "correct",
+    filter_fn: Optional[Callable[[str, torch.nn.Module], bool]] = None,
+) -> torch.nn.Module:
+    """Protect ``model`` in place: every ``torch.nn.Linear`` / ``Conv1D`` (those for which
+    ``filter_fn(name, module)`` is true, when given) becomes a `ProtectedLinear` sharing its
+    Parameters, and a Hugging Face model's attention runs ``ftattn.attention`` with the same
+    ``protection`` ("off", "abft", "full"; linear layers run "abft" for "full") and
+    ``on_fault``. Returns the model; `unprotect_` undoes it."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"protect_() needs a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, _PROTECT_ATTR, None) is not None:
+        raise ValueError(f"{type(model).__name__} is already protected; call ftattn.unprotect_(model) first")
+    if protection not in ("off", "abft", "full"):
+        raise ValueError(f"protection={protection!r} is not supported; use 'off', 'abft' or 'full'")
+    try:
+        OnFault(on_fault)
+    except ValueError:
+        raise ValueError(f"on_fault={on_fault!r} is not supported; use 'correct', 'raise' or 'report'") from None
+    swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    if linear:
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if not _is_linear(child) or (filter_fn is not None and not filter_fn(full, child)):
+                    continue
+                if type(child) is not torch.nn.Linear and not _is_conv1d(child):
+                    raise ValueError(
+                        f"{full} is a {type(child).__name__} (a Linear subclass with its own forward, e.g. an MX "
+                        f"layer from ftattn.mx.quantize_): protect_ would drop what it adds, and MX layers do not "
+                        f"compose with protection yet. Undo quantize_ (ftattn.mx.restore_), or pass filter_fn "
+                        f"to leave it out")
+                setattr(module, child_name, ProtectedLinear(child, protection, on_fault))
+                swapped.append((module, child_name, child))
+    previous_attn = None
+    config = getattr(model, "config", None)
+    if attention and config is not None and hasattr(config, "_attn_implementation"):
+        from .integrations.transformers import configure
+
+        previous_attn = config._attn_implementation
+        configure(model, protection=protection, on_fault=on_fault)
+        for module in model.modules():
+            object.__setattr__(module, "_ftattn_counts", torch.zeros(len(_COUNTS), dtype=torch.int64))
+    object.__setattr__(model, _PROTECT_ATTR, {"swapped": swapped, "attention": previous_attn})
+    return model
+
+
+def _is_conv1d(module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and type(module) is conv1d
+
+
+def unprotect_(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `protect_`: the original module objects and the previous attention
+    implementation come back."""
+    state = getattr(model, _PROTECT_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not protected (ftattn.protect_ was not called on it)")
+    for parent, name, original in state["swapped"]:
+        setattr(parent, name, original)
+    if state["attention"] is not None:
+        from .integrations.transformers import unconfigure
+
+        unconfigure(model)
+        if model.config._attn_implementation != state["attention"]:
+            model.set_attn_implementation(state["attention"])
+        for module in model.modules():
+            module.__dict__.pop("_ftattn_counts", None)
+    model.__dict__.pop(_PROTECT_ATTR, None)
+    return model
+
+
+def _counted(model: torch.nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, ProtectedLinear):
+            yield name, module.counts
+        elif module.__dict__.get("_ftattn_counts") is not None and bool(module.__dict__["_ftattn_counts"][0] > 0):
+            yield name, module.__dict__["_ftattn_counts"]
+
+
+def counters(model: torch.nn.Module) -> ModelCounters:
+    """Detected and corrected faults of a protected model, in total and per module."""
+    if getattr(model, _PROTECT_ATTR, None) is None:
+        raise ValueError(f"{type(model).__name__} is not protected; call ftattn.protect_(model) first")
+    per_module = {name: ModuleCounts(*counts.tolist()) for name, counts in _counted(model)}
+    totals = [sum(getattr(c, f) for c in per_module.values()) for f in _COUNTS[1:]]
+    return ModelCounters(*totals, per_module=per_module)
+
+
+def reset_counters(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, ProtectedLinear):
+            module.counts.zero_()
+        counts = module.__dict__.get("_ftattn_counts")
+        if counts is not None:
+            counts.zero_()
+
+
+class WeightCorruptionError(RuntimeError):
+    """scrub_weights found more corruption in a weight than it can repair."""
+
+
+def scrub_weights(model: torch.nn.Module) -> List[dict]:
+    """Verify every protected weight against its cached checksums (per row: W e, per
+    block of output features: W^T e_b) and repair a single corrupted element per block
+    from them. Returns one dict per repaired element (module, row, col, old, new); raises
+    WeightCorruptionError naming the module when a weight holds more than it can repair."""
+    repaired = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ProtectedLinear):
+            continue
+        w = module._weight()
+        sums = weight_checksums(w)  # the cached checksums (made now when none are)
+        with torch.no_grad():
+            wd = w.detach().to(torch.float64)
+            tol = 64 * 2.0**-52 * wd.abs().sum(1) + 1e-300
+            bad_rows = torch.nonzero((wd.sum(1) - sums.row_sums).abs() > tol).flatten().tolist()
+            if not bad_rows:
+                continue
+            bo = sums.block_o
+            blocks = {}
+            for r in bad_rows:
+                blocks.setdefault(r // bo, []).append(r)
+            for blk, rows in blocks.items():
+                if len(rows) > 1:
+                    raise WeightCorruptionError(
+                        f"{name}: rows {rows} of its weight disagree with their checksums; more than one "
+                        f"element per block of {bo} rows cannot be repaired (reload the weights)")
+                r = rows[0]
+                lo, hi = blk * bo, min(wd.shape[0], (blk + 1) * bo)
+                col_diff = wd[lo:hi].sum(0) - sums.sums[blk]
+                col_tol = 64 * 2.0**-52 * wd[lo:hi].abs().sum(0) + 1e-300
+                cols = torch.nonzero(col_diff.abs() > col_tol).flatten().tolist()
+                if len(cols) != 1:
+                    raise WeightCorruptionError(
+                        f"{name}: row {r} of its weight disagrees with its checksum, but {len(cols)} columns do; "
+                        f"cannot locate one element to repair (reload the weights)")
+                c = cols[0]
+                new = sums.sums[blk, c] - (wd[lo:hi, c].sum() - wd[r, c])
+                old = float(w[r, c])
+                w[r, c] = new.to(w.dtype)
+                repaired.append({"module": name, "row": r, "col": c, "old": old, "new": float(w[r, c])})
+    return repaired
