@@ -1,0 +1,80 @@
+"""ftattn.linear (abft, and off) against torch.nn.functional.linear, paired in one run.
+
+Grid (issue 18): x [T, 4096] times W [4096, 4096] and [14336, 4096], T in {1, 16, 512,
+2048}, float32 and bfloat16, with a bias. Each figure is the median over rounds of the
+ratio of two calls made back to back, their order alternating (a shared machine's load
+drifts over seconds). Targets: abft / F.linear <= 1.05 at T >= 16, <= 1.10 at T = 1.
+
+Run: ``pytest benchmarks/test_bench_linear.py --benchmark-only`` (``-k "4096x4096"`` for
+the smaller weight). Writes ``benchmarks/results/linear_cpu.json``: device, versions,
+shapes, medians and ratios.
+"""
+import json
+import os
+import platform
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ftattn
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+OUT_FEATURES = (4096, 14336)
+ROWS = (1, 16, 512, 2048)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_records: list = []
+
+
+def _paired(fn, other, rounds):
+    ratios, times = [], {fn: [], other: []}
+    for r in range(rounds):
+        t = {}
+        for f in ((fn, other) if r % 2 == 0 else (other, fn)):
+            start = time.perf_counter()
+            f()
+            t[f] = time.perf_counter() - start
+            times[f].append(t[f])
+        ratios.append(t[fn] / t[other])
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return med(ratios), med(times[fn]), med(times[other])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out", OUT_FEATURES, ids=lambda o: f"{o}x4096")
+def test_linear(benchmark, out, rows, dtype):
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[dtype]
+    w = (torch.randn(out, 4096, generator=g) / 64).to(dt)
+    b = torch.randn(out, generator=g).to(dt)
+    x = torch.randn(rows, 4096, generator=g).to(dt)
+    abft = lambda: ftattn.linear(x, w, b)  # noqa: E731
+    off = lambda: ftattn.linear(x, w, b, protection="off")  # noqa: E731
+    torch_linear = lambda: F.linear(x, w, b)  # noqa: E731
+    assert ftattn.linear(x, w, b, return_report=True)[1].detected == 0
+    for f in (abft, off, torch_linear):
+        f()
+    flops = 2.0 * rows * 4096 * out
+    rounds = max(5, min(41, int(2e10 / flops)))  # about the same time per case
+    benchmark.pedantic(abft, rounds=rounds, iterations=1, warmup_rounds=1)
+    ratio, t_abft, t_torch = _paired(abft, torch_linear, rounds)
+    ratio_off, t_off, _ = _paired(off, torch_linear, rounds)
+    limit = 1.10 if rows == 1 else 1.05
+    record = {"shape": {"x": [rows, 4096], "weight": [out, 4096]}, "dtype": dtype, "rounds": rounds,
+              "median_s": {"abft": t_abft, "off": t_off, "F.linear": t_torch},
+              "abft_over_F.linear": ratio, "off_over_F.linear": ratio_off, "target": limit, "holds": ratio <= limit}
+    benchmark.extra_info.update(record)
+    _records.append(record)
+
+
+def teardown_module(module):
+    if not _records:
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    env = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "ftattn": ftattn.__version__, "load_average": os.getloadavg()}
+    with open(os.path.join(RESULTS, "linear_cpu.json"), "w") as fh:
+        json.dump({"machine": env, "cases": _records}, fh, indent=1)
