@@ -116,30 +116,56 @@ struct CheckRefs {
   double abs;     // underflow
 };
 
-// x_i^2 / scale_i^2 into x2 (float or bfloat16) with scale_i a power of two near the
-// row's largest |x_ij| (exact scaling), so the squares neither underflow nor overflow;
-// the row's scale into scale (1 for a zero or non-finite row). One pass, rows in parallel.
+// bfloat16 <-> float by their bits (raw uint16_t, so the loops vectorise; c10::BFloat16's
+// conversions do not here)
+inline float load_f(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float load_f(const at::Half& h) { return static_cast<float>(h); }
+inline float load_f(float f) { return f; }
+inline void store_f(float* o, float v) { *o = v; }
+inline void store_f(uint16_t* o, float v) {  // to bfloat16, round to nearest even (v is a square)
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  *o = static_cast<uint16_t>(u >> 16);
+}
+
+// x_i^2 / scale_i^2 into x2 (float, or bfloat16 as uint16_t) with scale_i a power of two
+// near the row's largest |x_ij| (exact scaling), so the squares neither underflow nor
+// overflow; the row's scale into scale (1 for a zero or non-finite row). Rows in parallel.
 template <typename In, typename Out>
-void scaled_squares(const In* x, int64_t T, int64_t K, Out* x2, float* scale) {
+void scaled_squares(const In* __restrict x, int64_t T, int64_t K, Out* __restrict x2, float* scale) {
   at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      const In* xi = x + i * K;
+      const In* __restrict xi = x + i * K;
       float m = 0.f;
       for (int64_t j = 0; j < K; ++j) {  // (written so it vectorises: NaN never enters m)
-        const float v = std::fabs(static_cast<float>(xi[j]));
+        const float v = std::fabs(load_f(xi[j]));
         m = v > m ? v : m;
       }
       int e = 0;
       std::frexp(m, &e);  // m = f 2^e, f in [1/2, 1)
       const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
       scale[i] = 1.f / inv;
-      Out* o = x2 + i * K;
+      Out* __restrict o = x2 + i * K;
       for (int64_t j = 0; j < K; ++j) {
-        const float v = static_cast<float>(xi[j]) * inv;
-        o[j] = static_cast<Out>(v * v);
+        const float v = load_f(xi[j]) * inv;
+        store_f(o + j, v * v);
       }
     }
   });
+}
+
+template <typename In>
+void scaled_squares_to(const In* x, int64_t T, int64_t K, at::Tensor& x2, float* scale) {
+  if (x2.scalar_type() == at::kFloat)
+    scaled_squares(x, T, K, x2.data_ptr<float>(), scale);
+  else
+    scaled_squares(x, T, K, reinterpret_cast<uint16_t*>(x2.data_ptr<at::BFloat16>()), scale);
 }
 
 bool row_finite(const at::Tensor& x, int64_t i) { return at::isfinite(x[i]).all().item<bool>(); }
@@ -267,12 +293,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
     at::Tensor row_scale = at::empty({T}, xc.options().dtype(at::kFloat));
     at::Tensor x2 = at::empty({T, K}, xc.options().dtype(mag_cols->scalar_type()));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "ftattn_linear_squares", [&] {
-      if (x2.scalar_type() == at::kFloat)
-        scaled_squares(xc.data_ptr<scalar_t>(), T, K, x2.data_ptr<float>(), row_scale.data_ptr<float>());
-      else
-        scaled_squares(xc.data_ptr<scalar_t>(), T, K, x2.data_ptr<at::BFloat16>(), row_scale.data_ptr<float>());
-    });
+    float* sc = row_scale.data_ptr<float>();
+    if (st == at::kBFloat16)
+      scaled_squares_to(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), T, K, x2, sc);
+    else if (st == at::kHalf)
+      scaled_squares_to(xc.data_ptr<at::Half>(), T, K, x2, sc);
+    else
+      scaled_squares_to(xc.data_ptr<float>(), T, K, x2, sc);
     const at::Tensor mag = product(x2, *mag_cols);
     // kappa sqrt(K) u per dot product, the two of them within sqrt(x^2 . mag); the cached
     // checksums' own rounding (fp32: u; a bf16 hi + lo pair: 2^-17), sum_j |x_j| |d_j|

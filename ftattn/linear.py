@@ -48,7 +48,7 @@ class WeightChecksums:
     """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
     ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads:
     ``ref_cols`` (fp32 [nb, in], or a bf16 hi + lo pair [2 nb, in] for bf16 weights)
-    and ``mag_cols`` [nb, in] (fp32, bf16 for 16-bit weights)."""
+    and ``mag_cols`` [nb, in] (bf16: the magnitudes of the bound, on the bf16 GEMM)."""
 
     key: tuple
     block_o: int
@@ -132,7 +132,7 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O) -> WeightChec
             ref_cols = torch.cat([hi, lo]).contiguous()
         else:  # fp32, and fp16 (whose sums can leave fp16's range): fp32, on x in fp32
             ref_cols = sums.to(torch.float32).contiguous()
-        mag_cols = mag.to(torch.float32 if weight.dtype == torch.float32 else torch.bfloat16).contiguous()
+        mag_cols = mag.to(torch.bfloat16).contiguous()  # magnitudes: bf16 is plenty (the bound allows 2^-6)
     entry = WeightChecksums(key, block_o, sums, row_sums, ref_cols, mag_cols)
     _store(base, entry)
     return entry
