@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "info": ("ftattn.tools.info", "versions, devices and which backends are available (and why not)"),
     "campaign": ("ftattn.tools.campaign", "fault-injection campaign: detection and correction per site"),
+    "model-campaign": ("ftattn.tools.model_campaign", "faults anywhere in a protected model: harm at the op and at the model"),
     "mx-eval": ("ftattn.tools.mx_eval", "accuracy of MX formats on a classifier / transformer"),
     "export": ("ftattn.onnx.__main__", "export a Hugging Face causal LM to ONNX (ftattn and onnxruntime-genai layout)"),
     "generate": ("ftattn.onnx.cli", "token generation with an ONNX decoder on onnxruntime"),
