@@ -159,6 +159,7 @@ def _linear_fwd_fake(x, weight, bias, ref_cols, mag_cols, block_o, protection, r
 
 
 backends.register("linear", "cpp", lambda device: backends.extension_reason(device, "linear_fwd"))
+backends.register("linear", "triton", backends.triton_reason)
 backends.register("linear", "reference", lambda device: None, fallback=True)
 BACKENDS = tuple(backends.names("linear"))
 
@@ -312,7 +313,8 @@ def linear(
             "raise" (``FaultDetectedError``), "report" (return y as computed).
         fault: an ``ftattn.Fault`` with site "gemm" (the fp32 accumulator of y[row, col])
             or "weight" (W[row, dim] as the call reads it), for tests and campaigns.
-        backend: "auto" (CPU: C++), "cpp", "reference" (PyTorch ops, any device).
+        backend: "auto" (CPU: C++, CUDA: Triton), "cpp", "triton" (CPU tensors: the Triton
+            interpreter), "reference" (PyTorch ops, any device).
         return_report: also return an ``ftattn.Report`` (flags per block of 64 rows of x,
             its leading dims flattened).
 
@@ -352,6 +354,13 @@ def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report
         y, flags = _linear_fwd_fake(*args)
     elif backend == "reference":
         y, flags = linear_reference(*args)
+    elif backend == "triton":
+        try:
+            from ._launch import linear as launcher
+        except ImportError as exc:
+            raise NotImplementedError(f"backend='triton' cannot run here: the Triton kernel does not import: {exc}") \
+                from exc
+        y, flags = launcher.linear_fwd(*args)
     else:
         y, flags = torch.ops.ftattn.linear_fwd(*args)
     report = _apply_policy(flags, policy, rows, return_report, op="linear")

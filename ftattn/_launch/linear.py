@@ -1,0 +1,97 @@
+"""The launcher of the Triton linear kernel (ftattn.kernels.linear): the Triton
+implementation of ``ftattn::linear_fwd``, on CUDA tensors, or CPU tensors under the
+Triton interpreter (TRITON_INTERPRET=1). Inputs are validated by the caller
+(ftattn/linear.py); the fault encoding by ftattn/contract.py."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+
+from ..contract import BIT_REPLACE, CHECK_MASK, Check, REPORT_BLOCK_M, check_linear_fault_encoding
+from ..kernels.linear import INTERPRETER_CONFIG, _linear_fwd
+
+__all__ = ["linear_fwd", "check_factor"]
+
+KAPPA = 8.0
+U32 = 2.0**-24
+ETA = 2.0**-149
+
+
+def check_factor(k: int, split: bool) -> float:
+    """The bound's factor on scale_i sqrt(x_i^2 / scale_i^2 . mag_b), as csrc/linear_cpu.cpp:
+    kappa sqrt(K) u per dot product (two of them), the cached checksums' rounding (fp32 u,
+    a bf16 hi + lo pair 2^-17) times sqrt(K), and 2^-6 for magnitudes taken in bf16."""
+    sqrt_k = math.sqrt(max(k, 1))
+    rep = 2.0**-17 if split else U32
+    return (KAPPA * sqrt_k * U32 * math.sqrt(2.0) + rep * sqrt_k) * (1.0 + 2.0**-6)
+
+
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    """A power of two near each row's largest |x_ij| (1 for a zero or non-finite row)."""
+    m = x.abs().amax(1).float() if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    scale = torch.exp2(torch.floor(torch.log2(m)) + 1)
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).contiguous()
+
+
+def _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args, inject):
+    T, K = x.shape
+    out = weight.shape[0]
+    y = torch.empty((T, out), dtype=x.dtype, device=x.device)
+    nblk = (T + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    flags = torch.zeros((1, 1, nblk), dtype=torch.int32, device=x.device)
+    if T == 0 or out == 0:
+        return y, flags
+    if K == 0:
+        y.copy_(bias.expand(T, out) if bias is not None else torch.zeros_like(y))
+        return y, flags
+    checked = protection >= 1
+    split = checked and ref_cols.dtype != torch.float32
+    nb = triton.cdiv(out, block_o)
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu":
+        cfg = INTERPRETER_CONFIG
+    else:
+        cfg = dict(BLOCK_M=64 if T >= 64 else 16, BLOCK_K=64 if x.dtype != torch.float32 else 32, num_warps=8)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), nb)
+    _linear_fwd[grid](
+        x, weight, bias if bias is not None else dummy, y,
+        ref_cols if checked else dummy, mag_cols if checked else dummy,
+        _row_scale(x) if checked else dummy, flags,
+        T, K, out, nb, x.stride(0), weight.stride(0), weight.stride(1),
+        check_factor(K, split), ETA * (K + 1) * (block_o + 1), *fault_args,
+        HAS_BIAS=bias is not None, PROTECTION=checked, SPLIT=split, INJECT=inject,
+        IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_o, BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"],
+    )
+    return y, flags
+
+
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ref_cols, mag_cols,
+               block_o: int, protection: int, recompute: bool, fault: Optional[List[int]] = None,
+               fault_value: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Triton implementation of ``ftattn::linear_fwd`` (x [T, K] contiguous, weight
+    [out, K] in either memory order). A faulty product is recomputed by a second launch
+    (the flags are read on the host when ``recompute``)."""
+    if block_o < 16 or block_o & (block_o - 1):
+        raise ValueError(f"ftattn.linear (triton): block_o={block_o} must be a power of two >= 16")
+    T, K = x.shape
+    out = weight.shape[0]
+    inject, fault_args = False, (0, 0, 0, 0, 0, 0, 0.0)
+    if fault is not None:
+        site, _, _, row, col, dim, bit = check_linear_fault_encoding(fault, fault_value, T, out, K)
+        replace = bit == BIT_REPLACE
+        xor = 0 if replace else ((1 << bit) if bit < 31 else -(1 << 31))
+        inject = True
+        fault_args = (site, row, col, dim, xor, int(replace), float(fault_value) if replace else 0.0)
+    y, flags = _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args, inject)
+    if protection >= 1 and recompute:
+        faulty = (flags & CHECK_MASK) != 0
+        if bool(faulty.any()):  # (a host read: a second launch only when a check failed)
+            y, again = _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, (0, 0, 0, 0, 0, 0, 0.0),
+                               False)
+            status = torch.where((again & CHECK_MASK) != 0, int(Check.UNCORRECTED), int(Check.CORRECTED))
+            flags = torch.where(faulty, flags | status.to(torch.int32), flags)
+    return y, flags

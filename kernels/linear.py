@@ -1,0 +1,120 @@
+"""
+Fault-tolerant linear layer (Triton)
+====================================
+
+y = x W^T + b as a tiled GEMM (one program per BLOCK_M rows x BLOCK_N output features,
+fp32 accumulation; fp32 inputs as IEEE fp32 products, never tf32: the bound assumes
+u = 2^-24), with the checksum columns riding along in the same K loop. BLOCK_N is the
+checksum block (ftattn/linear.py BLOCK_O, 128 output features), so a program owns the
+whole block b of its columns and checks, per row i of its tile,
+
+    sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
+
+against the weight's cached checksums (``ref_cols``: fp32 [nb, K], or a bf16 hi + lo
+pair [2 nb, K]), within the statistical bound of csrc/linear_cpu.cpp: factor *
+scale_i * sqrt(x_i^2 / scale_i^2 . mag_b) plus an underflow term, plus the tree
+summation of the block's 128 accumulators (log2(128) + 1 roundings of sum |acc|).
+``mag_cols`` (bf16 [nb, K]): sum_{o in b} W_o^2 + (W^T e_b)^2; ``row_scale`` [T]: a power
+of two near max_j |x_ij| (the launcher's), so the squares neither underflow nor overflow.
+The reference products are one K-wide dot per row and tile step (1/BLOCK_N of the tile's
+work) on CUDA cores in fp32.
+
+A row whose check fails ORs GEMM_ROW_CHECKSUM into flags[row // 64] (REPORT_BLOCK_M of
+ftattn/contract.py), or NONFINITE_INPUT when x_i holds NaN/Inf or the checksums are not
+finite (bad input, not a fault). The launcher (ftattn/_launch/linear.py) recomputes a
+faulty product by a second launch without the fault.
+
+Fault injection (INJECT constexpr; compiled out otherwise): site ``gemm`` flips a bit of
+(or replaces) the fp32 accumulator of y[row, col] after the K loop, before bias and the
+down-cast; site ``weight`` hits W[row, dim] as this program loads it.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..contract import REPORT_BLOCK_M, Check, Site
+
+BLOCK_REPORT = tl.constexpr(REPORT_BLOCK_M)
+GEMM_ROW_CHECKSUM = tl.constexpr(int(Check.GEMM_ROW_CHECKSUM))
+NONFINITE_INPUT = tl.constexpr(int(Check.NONFINITE_INPUT))
+SITE_GEMM = tl.constexpr(int(Site.GEMM))
+SITE_WEIGHT = tl.constexpr(int(Site.WEIGHT))
+U32 = tl.constexpr(5.9604644775390625e-08)  # 2^-24
+
+# one configuration under the interpreter (CPU tensors); on CUDA BLOCK_N is fixed by the
+# checksum block and BLOCK_M / BLOCK_K / warps are chosen by the launcher
+INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_K=32, num_warps=4)
+
+
+@triton.jit
+def _corrupt(x, f_xor, f_use_value, f_value):
+    flipped = (x.to(tl.int32, bitcast=True) ^ f_xor).to(tl.float32, bitcast=True)
+    return tl.where(f_use_value != 0, f_value, flipped)
+
+
+@triton.jit
+def _linear_fwd(
+    X, W, Bias, Y, RefCols, MagCols, RowScale, Flags,
+    T, K, OUT, NB,
+    stride_xm, stride_wo, stride_wk,
+    factor, abs_term,
+    f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,
+    HAS_BIAS: tl.constexpr, PROTECTION: tl.constexpr, SPLIT: tl.constexpr, INJECT: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    blk = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < T
+    n_ok = rn < OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ref = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mag = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    x_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    if PROTECTION:
+        inv = 1.0 / tl.load(RowScale + rm, mask=m_ok, other=1.0)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + rn[:, None] * stride_wo + kk[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        if INJECT:
+            hit = (f_site == SITE_WEIGHT) & (rn[:, None] == f_row) & (kk[None, :] == f_dim)
+            w = tl.where(hit, _corrupt(w.to(tl.float32), f_xor, f_use_value, f_value).to(w.dtype), w)
+        if IEEE:  # fp32 inputs, or bf16 under the interpreter (whose tl.dot multiplies raw bf16 bits)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        if PROTECTION:
+            xf = x.to(tl.float32)
+            r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+            if SPLIT:
+                r_lo = tl.load(RefCols + (NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                ref += tl.sum(xf * r[None, :], 1) + tl.sum(xf * r_lo[None, :], 1)
+            else:
+                ref += tl.sum(xf * r[None, :], 1)
+            mc = tl.load(MagCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+            xs = xf * inv[:, None]
+            mag += tl.sum(xs * xs * mc[None, :], 1)
+            x_bad = tl.maximum(x_bad, tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), 1))
+    if INJECT:
+        hit = (f_site == SITE_GEMM) & (rm[:, None] == f_row) & (rn[None, :] == f_col)
+        acc = tl.where(hit, _corrupt(acc, f_xor, f_use_value, f_value), acc)
+    if PROTECTION:
+        a = tl.where(n_ok[None, :], acc, 0.0)
+        s = tl.sum(a, 1)
+        scale = 1.0 / inv
+        bound = factor * tl.sqrt(mag) * scale + abs_term + 8.0 * U32 * tl.sum(tl.abs(a), 1)
+        # (a non-finite sum fails however large the bound: its sum |acc| term is then infinite too)
+        bad = ~(tl.abs(s - ref) <= bound) | (s != s) | (tl.abs(s) == float("inf"))
+        nonfinite = (x_bad != 0) | (ref != ref) | (tl.abs(ref) == float("inf")) | (mag != mag) | \
+            (mag == float("inf"))
+        bits = tl.where(bad, tl.where(nonfinite, NONFINITE_INPUT, GEMM_ROW_CHECKSUM), 0)
+        tl.atomic_or(Flags + rm // BLOCK_REPORT, bits, mask=m_ok & (bits != 0))
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rm[:, None] * OUT + rn[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

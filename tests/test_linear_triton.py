@@ -1,0 +1,123 @@
+"""kernels/linear.py, the Triton checked linear layer (launched by ftattn/_launch/linear.py):
+under the Triton interpreter on a CPU-only machine (small odd shapes), the compiled
+kernel on CUDA. Correctness against fp64 (2x F.linear plus one rounding), off == abft,
+no alarm on clean data, gemm and weight faults detected and corrected, non-finite input,
+a transposed (Conv1D) weight, and the same detections as the C++ kernel."""
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit runs in ftattn.kernels.linear
+
+triton = pytest.importorskip("triton")
+
+import ftattn  # noqa: E402
+from ftattn import Fault  # noqa: E402
+
+kernel = importlib.import_module("ftattn.kernels.linear")
+launcher = importlib.import_module("ftattn._launch.linear")
+if DEVICE == "cpu" and not isinstance(kernel._linear_fwd, triton.runtime.interpreter.InterpretedFunction):
+    kernel = importlib.reload(kernel)
+    launcher = importlib.reload(launcher)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _data(rows, k, out, dtype, seed=0, outliers=0, scale=1.0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * scale
+    if outliers:
+        x[:, torch.randperm(k, generator=g)[:outliers]] *= 50.0
+    w = torch.randn(out, k, generator=g) / k**0.5
+    b = torch.randn(out, generator=g) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype).to(DEVICE)  # noqa: E731
+    return cast(x), cast(w), cast(b)
+
+
+def _lin(x, w, b, **kw):
+    return ftattn.linear(x, w, b, backend="triton", **kw)
+
+
+def _harmful(raw, clean, dtype):
+    a, c = raw.double().cpu(), clean.double().cpu()
+    if bool((~torch.isfinite(a) & torch.isfinite(c)).any()):
+        return True
+    return bool(((a - c).abs().nan_to_num(0).amax(1) > TAU[dtype] * c.abs().amax(1).clamp(min=1)).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, k, out, bias", [(1, 17, 40, True), (37, 97, 130, True), (70, 64, 17, False),
+                                                (5, 1, 129, True)])
+def test_matches_fp64_and_off_equals_abft(dtype, rows, k, out, bias):
+    x, w, b = _data(rows, k, out, dtype, seed=rows + k, bias=bias)
+    y, rep = _lin(x, w, b, return_report=True)
+    assert rep.detected == 0 and not rep.nonfinite_input
+    assert torch.equal(y, _lin(x, w, b, protection="off"))
+    ref = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    err = (y.double() - ref).abs().max().item()
+    err_torch = (F.linear(x.cpu().float(), w.cpu().float(), None if b is None else b.cpu().float()).to(dtype).double()
+                 - ref.cpu()).abs().max().item()
+    assert err <= 2 * err_torch + ULP[dtype] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clean_hard_data_no_alarm(dtype):
+    for kw in (dict(outliers=3), dict(scale=1e-30 if dtype != torch.float16 else 1e-3), dict(scale=1e3 if dtype !=
+                                                                                              torch.float16 else 30)):
+        x, w, b = _data(33, 80, 150, dtype, seed=3, **kw)
+        _, rep = _lin(x, w, b, return_report=True)
+        assert rep.detected == 0, kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_faults_detected_and_corrected_as_cpp(dtype):
+    x, w, b = _data(37, 64, 140, dtype, seed=5, outliers=2)
+    clean = _lin(x, w, b)
+    g = torch.Generator().manual_seed(1)
+    harmful = 0
+    for t in range(24):
+        bit = [30, 29, 27, 22, 18, 14][t % 6]
+        kw = {"value": float("nan")} if t % 8 == 7 else {"bit": bit}
+        if t % 2:
+            f = Fault("gemm", row=int(torch.randint(37, (1,), generator=g)), col=int(torch.randint(140, (1,),
+                                                                                              generator=g)), **kw)
+        else:
+            f = Fault("weight", row=int(torch.randint(140, (1,), generator=g)), dim=int(torch.randint(64, (1,),
+                                                                                                generator=g)), **kw)
+        raw, rep = _lin(x, w, b, fault=f, on_fault="report", return_report=True)
+        fixed, rep2 = _lin(x, w, b, fault=f, return_report=True)
+        h = _harmful(raw, clean, dtype)
+        harmful += h
+        assert not h or rep.detected > 0, f
+        if rep2.detected:
+            assert rep2.corrected == rep2.flagged_blocks and torch.equal(fixed, clean), f
+        _, rep_cpp = ftattn.linear(x.cpu(), w.cpu(), None if b is None else b.cpu(), fault=f, on_fault="report",
+                                   return_report=True, backend="cpp")
+        if h:
+            assert rep_cpp.detected > 0, f
+    assert harmful >= 8
+
+
+def test_transposed_weight_and_nonfinite_input():
+    x, w, b = _data(20, 48, 33, torch.float32, seed=7)
+    wt = w.t().contiguous()  # a Conv1D keeps [in, out]
+    y, rep = _lin(x, wt.t(), b, return_report=True)
+    assert rep.detected == 0 and torch.equal(y, _lin(x, w, b))
+    x[3, 5] = float("inf")
+    _, rep = _lin(x, w, b, return_report=True, on_fault="raise")
+    assert rep.nonfinite_input and rep.detected == 0
+
+
+def test_block_o_must_suit_the_kernel():
+    x, w, b = _data(4, 16, 16, torch.float32)
+    c = ftattn.linear.__globals__["weight_checksums"](w, 24)
+    with pytest.raises(ValueError, match="block_o=24 must be a power of two"):
+        launcher.linear_fwd(x, w, b, c.ref_cols, c.mag_cols, 24, 1, True)
