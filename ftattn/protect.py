@@ -56,6 +56,10 @@ class ProtectedLinear(torch.nn.Module):
     def __init__(self, original: torch.nn.Module, protection: str = "abft", on_fault: str = "correct"):
         super().__init__()
         self.transposed = not isinstance(original, torch.nn.Linear)  # Conv1D keeps [in, out]
+        # an MX layer (ftattn.mx.quantize_): its arithmetic, with the product checked over
+        # its quantized weights (quantized once per weight version, then cached)
+        self.mx_config = getattr(original, "config", None) if _is_mx(original) else None
+        self._mx_weight: Optional[tuple] = None
         self.weight = original.weight
         self.bias = original.bias
         self.protection = "abft" if protection == "full" else protection
@@ -73,14 +77,46 @@ class ProtectedLinear(torch.nn.Module):
         return self.weight.shape[1 if self.transposed else 0]
 
     def _weight(self) -> torch.Tensor:
+        if self.mx_config is not None:
+            return self._quantized_weight()
         return self.weight.t() if self.transposed else self.weight
+
+    def _quantized_weight(self) -> torch.Tensor:
+        """MXLinear's quantized weight, made when the Parameter changes (its version or
+        data pointer) and kept: the checks then cover the weight the product reads."""
+        from .linear import _version
+        from .mx.linear import _bf, _mx
+
+        key = (self.weight.data_ptr(), _version(self.weight), self.weight.dtype)
+        if self._mx_weight is None or self._mx_weight[0] != key:
+            with torch.no_grad():
+                cfg = self.mx_config
+                self._mx_weight = (key, _mx(_bf(self.weight.detach(), cfg), cfg.weight, -1, cfg).contiguous())
+        return self._mx_weight[1]
+
+    def _mx_forward(self, x: torch.Tensor, fault):
+        """MXLinear's forward (ftattn/mx/linear.py) with the product checked."""
+        from .mx.linear import _bf, _mx
+
+        cfg = self.mx_config
+        squeeze = x.dim() == 1
+        x = x.unsqueeze(0) if squeeze else x
+        qx = _mx(_bf(x, cfg), cfg.activation, -1, cfg)
+        y, report = _linear(qx, self._quantized_weight(), None, self.protection, self.on_fault, fault, "auto", True)
+        y = _bf(y, cfg)
+        if self.bias is not None:
+            y = _bf(y + _bf(self.bias, cfg), cfg)
+        return (y.squeeze(0) if squeeze else y), report
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fault, self.fault = self.fault, None
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             # no checked backward yet: training runs the plain layer (the forward unchecked)
             return self.original(x)
-        y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, fault, "auto", True)
+        if self.mx_config is not None:
+            y, report = self._mx_forward(x, fault)
+        else:
+            y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, fault, "auto", True)
         self.counts.add_(_flag_stats(report.flags))
         return y
 
@@ -147,12 +183,10 @@ def protect_(
                 full = f"{name}.{child_name}" if name else child_name
                 if not _is_linear(child) or (filter_fn is not None and not filter_fn(full, child)):
                     continue
-                if type(child) is not torch.nn.Linear and not _is_conv1d(child):
+                if type(child) is not torch.nn.Linear and not _is_conv1d(child) and not _is_mx(child):
                     raise ValueError(
-                        f"{full} is a {type(child).__name__} (a Linear subclass with its own forward, e.g. an MX "
-                        f"layer from ftattn.mx.quantize_): protect_ would drop what it adds, and MX layers do not "
-                        f"compose with protection yet. Undo quantize_ (ftattn.mx.restore_), or pass filter_fn "
-                        f"to leave it out")
+                        f"{full} is a {type(child).__name__} (a Linear subclass with its own forward): protect_ "
+                        f"would drop what it adds. Pass filter_fn to leave it out")
                 setattr(module, child_name, ProtectedLinear(child, protection, on_fault))
                 swapped.append((module, child_name, child))
     previous_attn = None
@@ -166,6 +200,12 @@ def protect_(
             object.__setattr__(module, "_ftattn_counts", torch.zeros(len(_COUNTS), dtype=torch.int64))
     object.__setattr__(model, _PROTECT_ATTR, {"swapped": swapped, "attention": previous_attn})
     return model
+
+
+def _is_mx(module) -> bool:
+    from .mx.linear import MXLinear
+
+    return type(module) is MXLinear
 
 
 def _is_conv1d(module) -> bool:

@@ -53,9 +53,9 @@ def quantize_(model: torch.nn.Module, config: MXConfig,
                 continue
             if type(child).__name__ == "ProtectedLinear" and type(child).__module__ == "ftattn.protect":
                 raise ValueError(
-                    f"{fqn} is protected by ftattn.protect_; MX layers and protected layers do not compose yet "
-                    f"(the checks would run over the unquantized weights). Call ftattn.unprotect_(model) first, "
-                    f"or pass filter_fn to leave protected layers out")
+                    f"{fqn} is protected by ftattn.protect_, whose checks cover the weights it was given; quantize "
+                    f"first: ftattn.unprotect_(model), ftattn.mx.quantize_(model, config), then ftattn.protect_(model) "
+                    f"(the MX layers are then checked over their quantized weights)")
             new = _swap_for(child, config)
             if new is None:
                 continue

@@ -167,9 +167,41 @@ def test_protect_errors_and_filter():
     from ftattn.mx import MXConfig, quantize_
 
     ftattn.protect_(model)
-    with pytest.raises(ValueError, match="do not compose yet"):
+    with pytest.raises(ValueError, match="quantize first: ftattn.unprotect_"):
         quantize_(model, MXConfig(weight="fp8_e4m3", activation="fp8_e4m3"))
     ftattn.unprotect_(model)
-    quantize_(model, MXConfig(weight="fp8_e4m3", activation="fp8_e4m3"))
-    with pytest.raises(ValueError, match="MX layers do not compose"):
-        ftattn.protect_(model)
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    odd = torch.nn.Sequential(Scaled(4, 4))
+    with pytest.raises(ValueError, match="Linear subclass with its own forward"):
+        ftattn.protect_(odd)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1", "int8"])
+def test_mx_layers_are_checked_over_their_quantized_weights(fmt):
+    from ftattn.mx import MXConfig, quantize_, restore_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 300), torch.nn.GELU(), torch.nn.Linear(300, 40))
+    x = torch.randn(3, 11, 96)
+    quantize_(model, MXConfig(weight=fmt, activation=fmt))
+    with torch.no_grad():
+        mx_out = model(x)
+    mx_layers = [model[0], model[2]]
+    ftattn.protect_(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), mx_out)  # MX arithmetic, bit for bit
+        assert ftattn.counters(model).detected == 0
+        model[2].fault = Fault("gemm", row=7, col=13, bit=29)
+        assert torch.equal(model(x), mx_out)
+        model[0].fault = Fault("weight", row=100, dim=5, value=1e6)
+        assert torch.equal(model(x), mx_out)
+    c = ftattn.counters(model)
+    assert c.detected == c.corrected == 2 and c.per_module["0"].corrected == 1
+    ftattn.unprotect_(model)
+    assert [model[0], model[2]] == mx_layers
+    restore_(model)
+    assert isinstance(model[0], torch.nn.Linear)
