@@ -29,6 +29,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
 
@@ -114,6 +115,8 @@ struct CheckRefs {
   bool split;
   double factor;  // times sqrt(mag)
   double abs;     // underflow
+  int32_t* nbad = nullptr;    // [T]: blocks whose check failed in each row
+  int32_t* badblk = nullptr;  // [T]: the last of them
 };
 
 // bfloat16 <-> float by their bits (raw uint16_t, so the loops vectorise; c10::BFloat16's
@@ -179,6 +182,7 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
     float* a = c.acc + i * c.out;
     const double sc = static_cast<double>(c.scale[i]);
     bool bad = false, nonfinite_ref = false;
+    int32_t nbad = 0, badblk = -1;
     for (int64_t b = 0; b < c.nb; ++b) {
       const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
       double lanes[8] = {};  // eight fp64 partial sums (vectorised; fp64 makes the order immaterial)
@@ -194,8 +198,13 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
       if (c.split) r += static_cast<double>(c.ref[i * ref_ld + c.nb + b]);
       const double m = static_cast<double>(c.mag[i * c.nb + b]);
       if (!std::isfinite(r) || !std::isfinite(m)) nonfinite_ref = true;
-      if (!(std::fabs(s - r) <= c.factor * std::sqrt(m) * sc + c.abs)) bad = true;
+      if (!(std::fabs(s - r) <= c.factor * std::sqrt(m) * sc + c.abs)) {
+        bad = true;
+        ++nbad;
+        badblk = static_cast<int32_t>(b);
+      }
     }
+    if (c.nbad != nullptr) c.nbad[i] = nbad, c.badblk[i] = badblk;
     // a failed comparison on non-finite x (or a weight with NaN/Inf: its checksums are
     // not finite) is bad input, not a fault
     if (bad) bits |= (nonfinite_ref || !row_finite(*c.x, i)) ? kNonfiniteInput : kGemmRowChecksum;
@@ -207,6 +216,69 @@ void check_all(const CheckRefs& c, int32_t* flags, int64_t nblk) {
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) flags[blk] = check_block(c, blk);
   });
+}
+
+// One faulty accumulator (a transient fault in the product), corrected in place: its
+// row is the only one whose check failed, in one block b; its column the only one of
+// block b whose column checksum over the row's report block R fails,
+//   sum_{i in R} y[i, o]  vs  (sum_{i in R} x_i) . W_o + |R| b_o     (fp64),
+// within kappa sqrt(K) u sqrt(sum_j (sum_{i in R} x_ij^2) W_oj^2) (the fp32 accumulators)
+// plus u sum_i |y[i, o]| (the bias added in fp32). The element is recomputed in fp64 and
+// rounded once (not bit for bit the GEMM's value: within its rounding), and its row's
+// check runs again. Returns false when the faults are not one element (a weight read
+// fault spoils a whole column; several faults; a check that cannot locate): the caller
+// then recomputes the product. Runs only after a failed check.
+bool fix_one_element(const CheckRefs& c, const at::Tensor& xc, const at::Tensor& weight, int64_t K) {
+  int64_t row = -1;
+  for (int64_t i = 0; i < c.T; ++i) {
+    if (c.nbad[i] == 0) continue;
+    if (row >= 0 || c.nbad[i] != 1) return false;
+    row = i;
+  }
+  if (row < 0) return false;
+  const int64_t b = c.badblk[row];
+  const int64_t r0 = row / kReportBlockM * kReportBlockM, r1 = std::min<int64_t>(c.T, r0 + kReportBlockM);
+  const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
+  const at::Tensor xs = xc.slice(0, r0, r1).to(at::kDouble);
+  const at::Tensor wb = weight.slice(0, o0, o1).to(at::kDouble);
+  const at::Tensor ref = at::mv(wb, xs.sum(0)), mag = at::mv(wb.square(), xs.square().sum(0));
+  const double* rp = ref.data_ptr<double>();
+  const double* mp = mag.data_ptr<double>();
+  const double stat = kKappa * std::sqrt(static_cast<double>(K)) * kU32;
+  int64_t col = -1;
+  for (int64_t o = o0; o < o1; ++o) {
+    double s = 0.0, a = 0.0;
+    for (int64_t i = r0; i < r1; ++i) {
+      const double v = static_cast<double>(c.acc[i * c.out + o]);
+      s += v;
+      a += std::fabs(v);
+    }
+    if (c.bias != nullptr) s -= static_cast<double>(r1 - r0) * static_cast<double>(c.bias[o]);
+    const double bound = stat * std::sqrt(mp[o - o0]) + (c.bias != nullptr ? kU32 * a : 0.0) +
+                         kEta * static_cast<double>((K + 2) * (r1 - r0));
+    if (!(std::fabs(s - rp[o - o0]) <= bound)) {
+      if (col >= 0) return false;
+      col = o;
+    }
+  }
+  if (col < 0) return false;
+  double v = at::dot(xs[row - r0], wb[col - o0]).item<double>();
+  if (c.bias != nullptr) v += static_cast<double>(c.bias[col]);
+  float* y = c.acc + row * c.out;
+  y[col] = static_cast<float>(v);
+  // the row's check again (its y now holds the bias: taken off in fp64, with its rounding)
+  double s = 0.0, a = 0.0;
+  for (int64_t o = o0; o < o1; ++o) {
+    s += static_cast<double>(y[o]) - (c.bias != nullptr ? static_cast<double>(c.bias[o]) : 0.0);
+    a += std::fabs(static_cast<double>(y[o]));
+  }
+  const int64_t ref_ld = c.split ? 2 * c.nb : c.nb;
+  double r = static_cast<double>(c.ref[row * ref_ld + b]);
+  if (c.split) r += static_cast<double>(c.ref[row * ref_ld + c.nb + b]);
+  const double m = static_cast<double>(c.mag[row * c.nb + b]);
+  const double bound = c.factor * std::sqrt(m) * static_cast<double>(c.scale[row]) + c.abs +
+                       (c.bias != nullptr ? kU32 * a : 0.0);
+  return std::fabs(s - r) <= bound;
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -312,11 +384,20 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 split, (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
                 kEta * static_cast<double>((K + 1) * (block_o + 1))};
     int32_t* fl = flags.data_ptr<int32_t>();
+    std::vector<int32_t> nbad(T), badblk(T);
+    c.nbad = nbad.data(), c.badblk = badblk.data();
     check_all(c, fl, nblk);
+    c.nbad = c.badblk = nullptr;
     bias_added = true;
     bool faulty = false;
     for (int64_t b = 0; b < nblk; ++b) faulty |= (fl[b] & kCheckMask) != 0;
-    if (faulty && recompute) {
+    bool nonfinite = false;
+    for (int64_t b = 0; b < nblk; ++b) nonfinite |= (fl[b] & kNonfiniteInput) != 0;
+    c.nbad = nbad.data(), c.badblk = badblk.data();
+    if (faulty && recompute && !nonfinite && fix_one_element(c, xc, weight, K)) {
+      for (int64_t b = 0; b < nblk; ++b)
+        if (fl[b] & kCheckMask) fl[b] |= kCorrected;
+    } else if (faulty && recompute) {
       acc = product(xc, weight);  // the product again, the weight read anew
       at::Tensor again = at::zeros_like(flags);
       c.acc = acc.data_ptr<float>();

@@ -111,6 +111,7 @@ def _campaign(x, w, b, dtype, faults, backend="cpp"):
     corrected-ok) counts."""
     clean = ftattn.linear(x, w, b, backend=backend)
     harmful = missed = detected = corrected_ok = 0
+    _campaign.in_place = 0
     for f in faults:
         raw, rep = ftattn.linear(x, w, b, fault=f, on_fault="report", return_report=True, backend=backend)
         fixed, rep2 = ftattn.linear(x, w, b, fault=f, return_report=True, backend=backend)
@@ -120,7 +121,14 @@ def _campaign(x, w, b, dtype, faults, backend="cpp"):
         missed += h and rep.detected == 0
         if rep2.detected:
             assert rep2.corrected == rep2.flagged_blocks and rep2.uncorrected == 0, f
-            assert torch.equal(fixed, clean), f  # recomputed: bit for bit
+            assert not _harmful(fixed, clean, dtype), f
+            # one faulty accumulator is fixed in place (recomputed in fp64: within rounding
+            # of the GEMM's value); anything else recomputes the product (bit for bit). (A
+            # weight fault seen in one row only is fixed there; its column's other rows keep
+            # changes below the check's bound, benign.)
+            differ = (fixed != clean).sum().item()
+            assert f.site == "weight" or differ <= 1, (f, differ)
+            _campaign.in_place += differ == 1
             corrected_ok += 1
         else:
             assert torch.equal(fixed, raw), f
@@ -157,6 +165,8 @@ def test_campaign_random_and_outlier_data(dtype, kind):
     assert missed == 0
     assert harmful > 50  # the campaign hits things that matter
     assert corrected == detected
+    if dtype == torch.float32:  # (in bf16 / fp16 the fix rounds to the clean value: no trace)
+        assert _campaign.in_place > 10  # single faulty accumulators are fixed in place
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
