@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
+#include "vec.h"             // FTATTN_CLONES, the 16-lane vector types
 
 extern "C" {
 // MKL's GEMMs with 16-bit inputs and an fp32 result (cblas, LP64). torch's CPU library
@@ -51,6 +52,9 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enums
 constexpr double kKappa = 8.0;                                 // standard deviations, as in attention
 constexpr double kU32 = 0x1p-24;                               // unit roundoff of fp32
 constexpr double kEta = 0x1p-149;                              // absolute error per fp32 multiply-add (underflow)
+// up to this many checksum blocks (out <= 16 * 128) fp32 x gets its references per row,
+// without the skinny GEMMs (measured: 1024 x 1536 x 384 fp32, check overhead 1.3 -> ms)
+constexpr int64_t kFusedBlocks = 16;
 
 using Gemm16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
                         float*, int);
@@ -115,51 +119,186 @@ struct CheckRefs {
   bool split;
   double factor;  // times sqrt(mag)
   double abs;     // underflow
+  double sum_u;   // times sum |acc| of a block: the fp32 partial sums of the block sum
   int32_t* nbad = nullptr;    // [T]: blocks whose check failed in each row
   int32_t* badblk = nullptr;  // [T]: the last of them
 };
 
-// bfloat16 <-> float by their bits (raw uint16_t, so the loops vectorise; c10::BFloat16's
-// conversions do not here)
-inline float load_f(uint16_t bits) {
+// Row kernels with explicit 16-lane vectors (csrc/vec.h), one clone per ISA: the
+// default build targets baseline x86-64, where plain loops stay SSE2 (and a float max
+// reduction does not vectorise at all).
+typedef uint16_t h16 __attribute__((vector_size(32)));  // 16 bfloat16 bit patterns
+
+FTATTN_VEC_INLINE vec::f16 load16(const float* p) { return vec::load(p); }
+FTATTN_VEC_INLINE vec::f16 load16(const uint16_t* p) {  // bfloat16 -> float: the bits, shifted
+  h16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<vec::f16>(__builtin_convertvector(h, vec::u16) << 16);
+}
+FTATTN_VEC_INLINE void store16(float* p, vec::f16 v) { vec::store(p, v); }
+FTATTN_VEC_INLINE void store16(uint16_t* p, vec::f16 v) {  // float -> bfloat16, to nearest even (v: squares)
+  vec::u16 u = reinterpret_cast<vec::u16>(v);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  const h16 h = __builtin_convertvector(u >> 16, h16);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline float load1(float f) { return f; }
+inline float load1(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-inline float load_f(const at::Half& h) { return static_cast<float>(h); }
-inline float load_f(float f) { return f; }
-inline void store_f(float* o, float v) { *o = v; }
-inline void store_f(uint16_t* o, float v) {  // to bfloat16, round to nearest even (v is a square)
+inline void store1(float* o, float v) { *o = v; }
+inline void store1(uint16_t* o, float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
   u += 0x7FFFu + ((u >> 16) & 1u);
   *o = static_cast<uint16_t>(u >> 16);
 }
 
-// x_i^2 / scale_i^2 into x2 (float, or bfloat16 as uint16_t) with scale_i a power of two
-// near the row's largest |x_ij| (exact scaling), so the squares neither underflow nor
-// overflow; the row's scale into scale (1 for a zero or non-finite row). Rows in parallel.
+// One row: x_j^2 / scale^2 into o, scale a power of two near max_j |x_j| (exact scaling,
+// so the squares neither underflow nor overflow; 1 for a zero or non-finite row).
 template <typename In, typename Out>
-void scaled_squares(const In* __restrict x, int64_t T, int64_t K, Out* __restrict x2, float* scale) {
-  at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const In* __restrict xi = x + i * K;
-      float m = 0.f;
-      for (int64_t j = 0; j < K; ++j) {  // (written so it vectorises: NaN never enters m)
-        const float v = std::fabs(load_f(xi[j]));
-        m = v > m ? v : m;
-      }
-      int e = 0;
-      std::frexp(m, &e);  // m = f 2^e, f in [1/2, 1)
-      const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
-      scale[i] = 1.f / inv;
-      Out* __restrict o = x2 + i * K;
-      for (int64_t j = 0; j < K; ++j) {
-        const float v = load_f(xi[j]) * inv;
-        store_f(o + j, v * v);
-      }
+FTATTN_VEC_INLINE float row_squares(const In* __restrict x, int64_t K, Out* __restrict o) {
+  using namespace vec;
+  f16 mv = f16{};
+  int64_t j = 0;
+  for (; j + 16 <= K; j += 16) {
+    const f16 v = vec::abs(load16(x + j));
+    mv = v > mv ? v : mv;  // (NaN never enters: a NaN row's scale comes out 1 or its max)
+  }
+  float m = hmax(mv);
+  for (; j < K; ++j) {
+    const float v = std::fabs(load1(x[j]));
+    m = v > m ? v : m;
+  }
+  int e = 0;
+  std::frexp(m, &e);  // m = f 2^e, f in [1/2, 1)
+  const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
+  j = 0;
+  for (; j + 16 <= K; j += 16) {
+    const f16 v = load16(x + j) * inv;
+    store16(o + j, v * v);
+  }
+  for (; j < K; ++j) {
+    const float v = load1(x[j]) * inv;
+    store1(o + j, v * v);
+  }
+  return 1.f / inv;
+}
+#define FTATTN_ROW_SQUARES(name, In, Out)                                                          \
+  FTATTN_CLONES float name(const In* x, int64_t K, Out* o) { return row_squares<In, Out>(x, K, o); }
+FTATTN_ROW_SQUARES(row_squares_ff, float, float)
+FTATTN_ROW_SQUARES(row_squares_fb, float, uint16_t)
+FTATTN_ROW_SQUARES(row_squares_bb, uint16_t, uint16_t)
+FTATTN_ROW_SQUARES(row_squares_bf, uint16_t, float)
+#undef FTATTN_ROW_SQUARES
+inline float row_squares_any(const float* x, int64_t K, float* o) { return row_squares_ff(x, K, o); }
+inline float row_squares_any(const float* x, int64_t K, uint16_t* o) { return row_squares_fb(x, K, o); }
+inline float row_squares_any(const uint16_t* x, int64_t K, uint16_t* o) { return row_squares_bb(x, K, o); }
+inline float row_squares_any(const uint16_t* x, int64_t K, float* o) { return row_squares_bf(x, K, o); }
+inline float row_squares_any(const at::Half* x, int64_t K, float* o) {  // (fp16: scalar, rare)
+  float m = 0.f;
+  for (int64_t j = 0; j < K; ++j) m = std::max(m, std::fabs(static_cast<float>(x[j])));
+  int e = 0;
+  std::frexp(m, &e);
+  const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
+  for (int64_t j = 0; j < K; ++j) o[j] = (static_cast<float>(x[j]) * inv) * (static_cast<float>(x[j]) * inv);
+  return 1.f / inv;
+}
+inline float row_squares_any(const at::Half* x, int64_t K, uint16_t* o) {
+  std::vector<float> tmp(K);
+  const float sc = row_squares_any(x, K, tmp.data());
+  for (int64_t j = 0; j < K; ++j) store1(o + j, tmp[j]);
+  return sc;
+}
+
+// sum_o a_o and sum_o |a_o| of one block: sixteen fp32 partial sums (one vector) of at
+// most ceil(n / 16) terms each, added in fp64: within (ceil(n / 16) + 1) u sum |a| of the
+// exact sum.
+FTATTN_CLONES void block_sums(const float* a, int64_t n, double* sum, double* sum_abs) {
+  using namespace vec;
+  f16 s = f16{}, m = f16{};
+  int64_t o = 0;
+  for (; o + 16 <= n; o += 16) {
+    const f16 v = load(a + o);
+    s += v;
+    m += vec::abs(v);
+  }
+  double t = 0.0, ta = 0.0;
+  for (; o < n; ++o) t += static_cast<double>(a[o]), ta += std::fabs(static_cast<double>(a[o]));
+  float ls[16], lm[16];
+  std::memcpy(ls, &s, sizeof(ls));
+  std::memcpy(lm, &m, sizeof(lm));
+  for (int l = 0; l < 16; ++l) t += static_cast<double>(ls[l]), ta += static_cast<double>(lm[l]);
+  *sum = t;
+  *sum_abs = ta;
+}
+
+// The references of one row without a GEMM (few checksum blocks: x is read once, from L1,
+// instead of streamed through two skinny GEMMs and a buffer of squares):
+// ref_b = x . wsum_b and mag_b = (x / scale)^2 . magc_b for each of nb blocks, in sixteen
+// fp32 lanes each (the same rounding statistics as a GEMM's dot product). Returns scale.
+template <typename In>
+FTATTN_VEC_INLINE float row_refs(const In* __restrict x, int64_t K, const float* __restrict wsum,
+                                 const float* __restrict magc, int64_t nb, float* __restrict ref,
+                                 float* __restrict mag) {
+  using namespace vec;
+  f16 mv = f16{};
+  int64_t j = 0;
+  for (; j + 16 <= K; j += 16) {
+    const f16 v = vec::abs(load16(x + j));
+    mv = v > mv ? v : mv;
+  }
+  float m = hmax(mv);
+  for (; j < K; ++j) {
+    const float v = std::fabs(load1(x[j]));
+    m = v > m ? v : m;
+  }
+  int e = 0;
+  std::frexp(m, &e);
+  const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* ws = wsum + b * K;
+    const float* mc = magc + b * K;
+    f16 r = f16{}, q = f16{};
+    j = 0;
+    for (; j + 16 <= K; j += 16) {
+      const f16 v = load16(x + j), vs = v * inv;
+      r += v * load(ws + j);
+      q += vs * vs * load(mc + j);
     }
+    float rt = hsum(r), qt = hsum(q);
+    for (; j < K; ++j) {
+      const float v = load1(x[j]), vs = v * inv;
+      rt += v * ws[j];
+      qt += vs * vs * mc[j];
+    }
+    ref[b] = rt;
+    mag[b] = qt;
+  }
+  return 1.f / inv;
+}
+FTATTN_CLONES float row_refs_f(const float* x, int64_t K, const float* w, const float* m, int64_t nb, float* r,
+                               float* q) {
+  return row_refs(x, K, w, m, nb, r, q);
+}
+FTATTN_CLONES float row_refs_b(const uint16_t* x, int64_t K, const float* w, const float* m, int64_t nb, float* r,
+                               float* q) {
+  return row_refs(x, K, w, m, nb, r, q);
+}
+float row_refs_h(const at::Half* x, int64_t K, const float* w, const float* m, int64_t nb, float* r, float* q) {
+  std::vector<float> xf(K);
+  for (int64_t j = 0; j < K; ++j) xf[j] = static_cast<float>(x[j]);
+  return row_refs_f(xf.data(), K, w, m, nb, r, q);
+}
+
+// x_i^2 / scale_i^2 into x2 (float, or bfloat16 bits), the scales into scale; rows in parallel.
+template <typename In, typename Out>
+void scaled_squares(const In* x, int64_t T, int64_t K, Out* x2, float* scale) {
+  at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) scale[i] = row_squares_any(x + i * K, K, x2 + i * K);
   });
 }
 
@@ -185,20 +324,16 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
     int32_t nbad = 0, badblk = -1;
     for (int64_t b = 0; b < c.nb; ++b) {
       const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
-      double lanes[8] = {};  // eight fp64 partial sums (vectorised; fp64 makes the order immaterial)
-      int64_t o = o0;
-      for (; o + 8 <= o1; o += 8)
-        for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(a[o + l]);
-      double s = 0.0;
-      for (; o < o1; ++o) s += static_cast<double>(a[o]);
-      for (int l = 0; l < 8; ++l) s += lanes[l];
+      double s, sa;
+      block_sums(a + o0, o1 - o0, &s, &sa);
       if (c.bias != nullptr)
         for (int64_t o = o0; o < o1; ++o) a[o] += c.bias[o];
       double r = static_cast<double>(c.ref[i * ref_ld + b]);
       if (c.split) r += static_cast<double>(c.ref[i * ref_ld + c.nb + b]);
       const double m = static_cast<double>(c.mag[i * c.nb + b]);
       if (!std::isfinite(r) || !std::isfinite(m)) nonfinite_ref = true;
-      if (!(std::fabs(s - r) <= c.factor * std::sqrt(m) * sc + c.abs)) {
+      // (a non-finite sum fails however large its bound: sum |acc| is then infinite too)
+      if (!(std::fabs(s - r) <= c.factor * std::sqrt(m) * sc + c.abs + c.sum_u * sa) || !std::isfinite(s)) {
         bad = true;
         ++nbad;
         badblk = static_cast<int32_t>(b);
@@ -360,19 +495,44 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   at::Tensor flags = at::zeros({1, 1, nblk}, x.options().dtype(at::kInt));
   if (checked && T > 0 && out > 0 && K > 0) {  // (K = 0: y is the bias, exactly)
     const bool split = ref_cols->scalar_type() != at::kFloat;
-    const at::Tensor ref = product(split ? xc : xc.to(at::kFloat), *ref_cols);
     // x_i^2 with each row scaled by a power of two near its largest |x_ij| (exact), so the
     // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
     at::Tensor row_scale = at::empty({T}, xc.options().dtype(at::kFloat));
-    at::Tensor x2 = at::empty({T, K}, xc.options().dtype(mag_cols->scalar_type()));
     float* sc = row_scale.data_ptr<float>();
-    if (st == at::kBFloat16)
-      scaled_squares_to(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), T, K, x2, sc);
-    else if (st == at::kHalf)
-      scaled_squares_to(xc.data_ptr<at::Half>(), T, K, x2, sc);
-    else
-      scaled_squares_to(xc.data_ptr<float>(), T, K, x2, sc);
-    const at::Tensor mag = product(x2, *mag_cols);
+    at::Tensor ref, mag;
+    // fp32 checksums: per row without a GEMM (16-bit x, or few blocks); else skinny GEMMs
+    // through the library (fp32 x and many blocks; the bf16 hi + lo pair)
+    const bool fused = !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks);
+    if (fused) {
+      ref = at::empty({T, nb}, xc.options().dtype(at::kFloat));
+      mag = at::empty({T, nb}, xc.options().dtype(at::kFloat));
+      const at::Tensor wc = ref_cols->contiguous(), mc = mag_cols->contiguous();
+      const float *wp = wc.data_ptr<float>(), *mp = mc.data_ptr<float>();
+      float *rp = ref.data_ptr<float>(), *qp = mag.data_ptr<float>();
+      at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * nb, 1)),
+                       [&](int64_t r0, int64_t r1) {
+                         for (int64_t i = r0; i < r1; ++i) {
+                           if (st == at::kBFloat16)
+                             sc[i] = row_refs_b(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + i * K,
+                                                K, wp, mp, nb, rp + i * nb, qp + i * nb);
+                           else if (st == at::kHalf)
+                             sc[i] = row_refs_h(xc.data_ptr<at::Half>() + i * K, K, wp, mp, nb, rp + i * nb,
+                                                qp + i * nb);
+                           else
+                             sc[i] = row_refs_f(xc.data_ptr<float>() + i * K, K, wp, mp, nb, rp + i * nb, qp + i * nb);
+                         }
+                       });
+    } else {
+      ref = product(split ? xc : xc.to(at::kFloat), *ref_cols);
+      at::Tensor x2 = at::empty({T, K}, xc.options().dtype(mag_cols->scalar_type()));
+      if (st == at::kBFloat16)
+        scaled_squares_to(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), T, K, x2, sc);
+      else if (st == at::kHalf)
+        scaled_squares_to(xc.data_ptr<at::Half>(), T, K, x2, sc);
+      else
+        scaled_squares_to(xc.data_ptr<float>(), T, K, x2, sc);
+      mag = product(x2, *mag_cols);
+    }
     // kappa sqrt(K) u per dot product, the two of them within sqrt(x^2 . mag); the cached
     // checksums' own rounding (fp32: u; a bf16 hi + lo pair: 2^-17), sum_j |x_j| |d_j|
     // <= sqrt(K) sqrt(x^2 . mag); 2^-6 for magnitudes taken in bf16; underflow: K + 1
@@ -382,7 +542,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     CheckRefs c{acc.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, ref.data_ptr<float>(), mag.data_ptr<float>(), row_scale.data_ptr<float>(),
                 &xc, T, out, block_o, nb,
                 split, (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
-                kEta * static_cast<double>((K + 1) * (block_o + 1))};
+                kEta * static_cast<double>((K + 1) * (block_o + 1)),
+                static_cast<double>((block_o + 15) / 16 + 1) * kU32 * (1.0 + 0x1p-20)};
     int32_t* fl = flags.data_ptr<int32_t>();
     std::vector<int32_t> nbad(T), badblk(T);
     c.nbad = nbad.data(), c.badblk = badblk.data();

@@ -36,6 +36,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_O = 128
 KAPPA = 8.0
 U32 = 2.0**-24
+# up to this many checksum blocks the C++ kernel takes fp32 checksums per row (no GEMM);
+# csrc/linear_cpu.cpp kFusedBlocks
+FUSED_BLOCKS = 16
 ETA = 2.0**-149
 
 
@@ -48,7 +51,7 @@ class WeightChecksums:
     """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
     ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads:
     ``ref_cols`` (fp32 [nb, in], or a bf16 hi + lo pair [2 nb, in] for bf16 weights)
-    and ``mag_cols`` [nb, in] (bf16: the magnitudes of the bound, on the bf16 GEMM)."""
+    and ``mag_cols`` [nb, in] (the magnitudes of the bound: fp32, bf16 for 16-bit weights)."""
 
     key: tuple
     block_o: int
@@ -126,13 +129,17 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O) -> WeightChec
     with torch.no_grad():
         sums, squares, row_sums = _block_sums(weight.detach(), block_o)
         mag = squares + sums.square()
-        if weight.dtype == torch.bfloat16:
+        if weight.dtype == torch.bfloat16 and sums.shape[0] > FUSED_BLOCKS:
+            # many blocks: the references run on the bf16 GEMM, the checksums as a hi + lo
+            # pair; few blocks (or other dtypes): fp32, read per row by the kernel
             hi = sums.to(torch.bfloat16)
             lo = (sums - hi.to(torch.float64)).to(torch.bfloat16)
             ref_cols = torch.cat([hi, lo]).contiguous()
         else:  # fp32, and fp16 (whose sums can leave fp16's range): fp32, on x in fp32
             ref_cols = sums.to(torch.float32).contiguous()
-        mag_cols = mag.to(torch.bfloat16).contiguous()  # magnitudes: bf16 is plenty (the bound allows 2^-6)
+        # magnitudes: fp32 on fp32 x (MKL's sgemm), bf16 on 16-bit x (its bf16 GEMM); the
+        # bound allows 2^-6 for either
+        mag_cols = mag.to(torch.bfloat16 if ref_cols.dtype == torch.bfloat16 else torch.float32).contiguous()
     entry = WeightChecksums(key, block_o, sums, row_sums, ref_cols, mag_cols)
     _store(base, entry)
     return entry
