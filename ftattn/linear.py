@@ -258,6 +258,11 @@ def validate_inputs(x, weight, bias) -> None:
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"ftattn.linear: x has {x.shape[-1]} features (last dim of {tuple(x.shape)}) but weight "
                          f"{tuple(weight.shape)} takes {weight.shape[1]}; pass x [..., {weight.shape[1]}]")
+    dt, dev = weight.dtype, weight.device
+    if x.dtype is dt and x.device == dev and dt in SUPPORTED_DTYPES and (
+            bias is None or (type(bias) is torch.nn.Parameter or type(bias) is torch.Tensor) and bias.dtype is dt
+            and bias.device == dev and bias.dim() == 1 and bias.shape[0] == weight.shape[0]):
+        return  # the common case, in a few comparisons (the messages below name what is wrong)
     tensors = [("x", x), ("weight", weight)]
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
@@ -278,17 +283,20 @@ def validate_inputs(x, weight, bias) -> None:
                          + ", ".join(f"{n} on {t.device}" for n, t in tensors) + "; move them")
 
 
+_PROTECTION = {"off": Protection.OFF, "abft": Protection.ABFT, "full": Protection.ABFT}
+_ON_FAULT = {p.value: p for p in OnFault}
+_RESOLVED: dict = {}  # (backend, device) -> the backend "auto" or a name resolves to there
+
+
 def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
-    prot = {"off": Protection.OFF, "abft": Protection.ABFT, "full": Protection.ABFT}.get(protection) \
-        if isinstance(protection, str) else None
+    prot = _PROTECTION.get(protection) if isinstance(protection, str) else None
     if prot is None:
         raise ValueError(f"ftattn.linear: protection={protection!r} is not supported; use 'off' or 'abft' "
                          f"('full' means 'abft' for a linear layer)")
-    try:
-        policy = OnFault(on_fault)
-    except ValueError:
+    policy = _ON_FAULT.get(on_fault) if isinstance(on_fault, str) else None
+    if policy is None:
         raise ValueError(f"ftattn.linear: on_fault={on_fault!r} is not supported; use 'correct', 'raise' or "
-                         f"'report'") from None
+                         f"'report'")
     return prot, policy
 
 
@@ -336,14 +344,15 @@ def linear(
 def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report):
     validate_inputs(x, weight, bias)
     prot, policy = _parse_options(protection, on_fault)
-    lead, k, out = tuple(x.shape[:-1]), weight.shape[1], weight.shape[0]
-    x2 = x.reshape(math.prod(lead), k)
-    rows = x2.shape[0]
+    lead, (out, k) = x.shape[:-1], weight.shape
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, k)
     if fault is not None:
         if not isinstance(fault, Fault):
             raise TypeError(f"ftattn.linear: fault must be an ftattn.Fault, got {type(fault).__name__}")
         fault.validate_linear(rows, out, k)
-    if any(t is not None and t.requires_grad for t in (x, weight, bias)) and torch.is_grad_enabled():
+    if (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)) and \
+            torch.is_grad_enabled():
         raise NotImplementedError(
             "ftattn.linear is forward-only (inference); call it under torch.no_grad() / torch.inference_mode(), "
             "or detach its inputs"
@@ -352,10 +361,14 @@ def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report
         backends.parse("linear", backend)
         backend = "meta"
     else:
-        backend = backends.resolve("linear", backend, x.device).value
+        key = (backend, x.device)
+        resolved = _RESOLVED.get(key)
+        if resolved is None:
+            resolved = _RESOLVED[key] = backends.resolve("linear", backend, x.device).value
+        backend = resolved
     fault_list, fault_value = fault.encode() if fault is not None else (None, None)
     sums = weight_checksums(weight) if prot >= Protection.ABFT and backend != "meta" else None
-    args = (x2.contiguous(), weight, bias, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
+    args = (x2 if x2.is_contiguous() else x2.contiguous(), weight, bias, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
             sums.block_o if sums else BLOCK_O, int(prot), policy is OnFault.CORRECT, fault_list, fault_value)
     if backend == "meta":
         y, flags = _linear_fwd_fake(*args)

