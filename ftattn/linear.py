@@ -61,24 +61,27 @@ class WeightChecksums:
     mag_cols: torch.Tensor
 
 
-# id(weight tensor) -> (a weak reference to it, its checksums); the entry goes with the
-# tensor (a WeakKeyDictionary would compare tensors with ==, elementwise)
+# id(weight tensor) -> (a weak reference to it, {its views' keys: their checksums}): a
+# weight and its transpose (the backward's dX = dY W) keep one entry each; the entries go
+# with the tensor (a WeakKeyDictionary would compare tensors with ==, elementwise)
 _CACHE: dict = {}
 
 
-def _cached(base: torch.Tensor) -> Optional[WeightChecksums]:
+def _cached(base: torch.Tensor, view: tuple) -> Optional[WeightChecksums]:
     item = _CACHE.get(id(base))
-    return item[1] if item is not None and item[0]() is base else None
+    return item[1].get(view) if item is not None and item[0]() is base else None
 
 
-def _store(base: torch.Tensor, entry: WeightChecksums) -> None:
+def _store(base: torch.Tensor, view: tuple, entry: WeightChecksums) -> None:
     key = id(base)
+    item = _CACHE.get(key)
+    if item is None or item[0]() is not base:
+        def drop(ref, key=key):
+            if _CACHE.get(key, (None,))[0] is ref:
+                del _CACHE[key]
 
-    def drop(ref, key=key):
-        if _CACHE.get(key, (None,))[0] is ref:
-            del _CACHE[key]
-
-    _CACHE[key] = (weakref.ref(base, drop), entry)
+        item = _CACHE[key] = (weakref.ref(base, drop), {})
+    item[1][view] = entry
 
 
 def _base(weight: torch.Tensor) -> torch.Tensor:
@@ -118,12 +121,13 @@ def _block_sums(weight: torch.Tensor, block_o: int) -> Tuple[torch.Tensor, torch
     return sums, squares, row_sums
 
 
-def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O) -> WeightChecksums:
-    """The checksums of ``weight`` (cached; made anew when the weight changed through
-    torch: its data pointer, shape, strides or version counter)."""
+def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool = True) -> WeightChecksums:
+    """The checksums of ``weight`` (cached: made anew when the weight changed through
+    torch, its data pointer, shape, strides or version counter; ``cache=False`` for an
+    operand used once, such as the activations of the backward's dW = dY^T X)."""
     base = _base(weight)
     key = _key(weight, block_o)
-    entry = _cached(base)
+    entry = _cached(base, key[:-1]) if cache else None
     if entry is not None and entry.key == key:
         return entry
     with torch.no_grad():
@@ -141,7 +145,8 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O) -> WeightChec
         # bound allows 2^-6 for either
         mag_cols = mag.to(torch.bfloat16 if ref_cols.dtype == torch.bfloat16 else torch.float32).contiguous()
     entry = WeightChecksums(key, block_o, sums, row_sums, ref_cols, mag_cols)
-    _store(base, entry)
+    if cache:
+        _store(base, key[:-1], entry)
     return entry
 
 
@@ -341,7 +346,50 @@ def linear(
     return _linear(x, weight, bias, protection, on_fault, fault, backend, return_report)
 
 
+class _CheckedLinear(torch.autograd.Function):
+    """Autograd of the checked linear layer: the backward's two products are checked
+    linear layers too, with the call's protection and policy:
+    dX = dY W (the "weight" W^T, its checksums cached like W's) and dW = dY^T X (the
+    "weight" X^T, an operand used once: checksums made for the call); db = sum of dY."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, protection, on_fault, fault, backend):
+        y, report = _linear_impl(x, weight, bias, protection, on_fault, fault, backend, True)
+        ctx.save_for_backward(x, weight)
+        ctx.options = (protection, on_fault, backend, bias is not None)
+        flags = report.flags
+        ctx.mark_non_differentiable(flags)
+        return y, flags
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_flags):
+        x, weight = ctx.saved_tensors
+        protection, on_fault, backend, has_bias = ctx.options
+        out, k = weight.shape
+        grad_x = grad_w = grad_b = None
+        g2 = grad_y.reshape(-1, out)
+        if ctx.needs_input_grad[0]:
+            grad_x = _linear_impl(grad_y, weight.t(), None, protection, on_fault, None, backend, False)
+        if ctx.needs_input_grad[1]:
+            grad_w = _linear_impl(g2.t(), x.reshape(-1, k).t(), None, protection, on_fault, None, backend, False,
+                                  cache=False)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
 def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report):
+    if (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)) and \
+            torch.is_grad_enabled():
+        validate_inputs(x, weight, bias)
+        y, flags = _CheckedLinear.apply(x, weight, bias, protection, on_fault, fault, backend)
+        if return_report:
+            return y, Report(flags, REPORT_BLOCK_M, math.prod(x.shape[:-1]), "linear")
+        return y
+    return _linear_impl(x, weight, bias, protection, on_fault, fault, backend, return_report)
+
+
+def _linear_impl(x, weight, bias, protection, on_fault, fault, backend, return_report, cache=True):
     validate_inputs(x, weight, bias)
     prot, policy = _parse_options(protection, on_fault)
     lead, (out, k) = x.shape[:-1], weight.shape
@@ -351,12 +399,6 @@ def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report
         if not isinstance(fault, Fault):
             raise TypeError(f"ftattn.linear: fault must be an ftattn.Fault, got {type(fault).__name__}")
         fault.validate_linear(rows, out, k)
-    if (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)) and \
-            torch.is_grad_enabled():
-        raise NotImplementedError(
-            "ftattn.linear is forward-only (inference); call it under torch.no_grad() / torch.inference_mode(), "
-            "or detach its inputs"
-        )
     if x.device.type == "meta":
         backends.parse("linear", backend)
         backend = "meta"
@@ -367,7 +409,7 @@ def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report
             resolved = _RESOLVED[key] = backends.resolve("linear", backend, x.device).value
         backend = resolved
     fault_list, fault_value = fault.encode() if fault is not None else (None, None)
-    sums = weight_checksums(weight) if prot >= Protection.ABFT and backend != "meta" else None
+    sums = weight_checksums(weight, cache=cache) if prot >= Protection.ABFT and backend != "meta" else None
     args = (x2 if x2.is_contiguous() else x2.contiguous(), weight, bias, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
             sums.block_o if sums else BLOCK_O, int(prot), policy is OnFault.CORRECT, fault_list, fault_value)
     if backend == "meta":
@@ -392,7 +434,24 @@ def _register_kernels() -> None:
     for device in ("CPU", "CUDA"):
         @torch.library.impl("ftattn::linear", device)
         def _linear_op(x, weight, bias=None):
-            return _linear(x, weight, bias, "abft", "correct", None, "auto", False)
+            return _linear_impl(x, weight, bias, "abft", "correct", None, "auto", False)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_y):
+        # the backward's products through the op itself: checked (abft, correct) as the forward
+        x, weight = ctx.saved_tensors
+        out, k = weight.shape
+        g2 = grad_y.reshape(-1, out)
+        grad_x = torch.ops.ftattn.linear(grad_y, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = torch.ops.ftattn.linear(g2.t(), x.reshape(-1, k).t()) if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+    torch.library.register_autograd("ftattn::linear", backward, setup_context=setup_context)
 
 
 _register_kernels()

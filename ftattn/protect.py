@@ -111,8 +111,8 @@ class ProtectedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fault, self.fault = self.fault, None
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            # no checked backward yet: training runs the plain layer (the forward unchecked)
+        if self.mx_config is not None and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # training an MX layer: its own autograd (MX-quantized backward), unchecked
             return self.original(x)
         if self.mx_config is not None:
             y, report = self._mx_forward(x, fault)

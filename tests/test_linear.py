@@ -301,8 +301,6 @@ def test_bad_input_device_and_options():
         ftattn.linear(torch.randn(3, 5), torch.randn(4, 5, device="meta"))
     with pytest.raises(ValueError, match="on_fault='ignore'"):
         ftattn.linear(torch.randn(3, 5), torch.randn(4, 5), on_fault="ignore")
-    with pytest.raises(NotImplementedError, match="forward-only"):
-        ftattn.linear(torch.randn(3, 5, requires_grad=True), torch.randn(4, 5))
 
 
 def test_op_opcheck_and_compile():
@@ -323,3 +321,60 @@ def test_meta_shapes():
     x = torch.empty(2, 3, 5, device="meta")
     y, rep = ftattn.linear(x, torch.empty(4, 5, device="meta"), return_report=True)
     assert y.shape == (2, 3, 4) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead, k, out", [((1,), 17, 40), ((3, 7), 97, 130), ((2, 5, 11), 64, 300)], ids=str)
+def test_gradients_match_fp64_within_twice_torch(dtype, lead, k, out):
+    x, w, b = _data(lead, k, out, dtype, seed=k + out)
+    g = torch.randn(*lead, out, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def grads(fn, xx, ww, bb):
+        xx, ww, bb = (t.detach().clone().requires_grad_() for t in (xx, ww, bb))
+        fn(xx, ww, bb).backward(g.to(xx.dtype))
+        return xx.grad, ww.grad, bb.grad
+
+    ours = grads(lambda a, b_, c: ftattn.linear(a, b_, c), x, w, b)
+    theirs = grads(F.linear, x, w, b)
+    ref = grads(F.linear, x.double(), w.double(), b.double())
+    for name, o, t, r in zip(("x", "weight", "bias"), ours, theirs, ref):
+        assert o.dtype == dtype and o.shape == r.shape
+        err, err_t = (o.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        assert err <= 2 * err_t + ULP[dtype] * max(1.0, r.abs().max().item()), (name, err, err_t)
+    # protection off and abft: the same gradients, bit for bit
+    off = grads(lambda a, b_, c: ftattn.linear(a, b_, c, protection="off"), x, w, b)
+    assert all(torch.equal(o, p) for o, p in zip(ours, off))
+    # the op, with its registered autograd
+    op = grads(lambda a, b_, c: torch.ops.ftattn.linear(a, b_, c), x, w, b)
+    assert all(torch.equal(o, p) for o, p in zip(ours, op))
+
+
+def test_backward_is_checked():
+    """A weight corrupted in memory behind its cached checksums (those of W and of W^T,
+    which dX = dY W reads) fails the backward's check too: on_fault="raise" raises there."""
+    x, w, b = _data((9,), 33, 140, torch.float32, seed=12)
+    w.requires_grad_()
+    x.requires_grad_()  # dX = dY W reads the weight in the backward
+    ftattn.linear(x, w, b).sum().backward()  # both checksums cached, clean: no alarm
+    loss = ftattn.linear(x, w, b, on_fault="raise").sum()  # a clean forward
+    with torch.no_grad():
+        w.data.view(torch.int32)[100, 4] ^= 1 << 29  # then a DRAM upset, before the backward
+    with pytest.raises(FaultDetectedError, match="fault detected in linear"):
+        loss.backward()
+
+
+def test_opcheck_with_autograd_and_compiled_training_step():
+    x, w, b = _data((3, 7), 33, 40, torch.float32, seed=13)
+    w = w.requires_grad_()
+    b = b.requires_grad_()
+    torch.library.opcheck(torch.ops.ftattn.linear.default, (x.requires_grad_(), w, b))
+
+    @torch.compile(fullgraph=True)
+    def step(x, w, b):
+        return torch.ops.ftattn.linear(x, w, b).square().mean()
+
+    step(x, w, b).backward()
+    gw = w.grad.clone()
+    w.grad = None
+    F.linear(x, w, b).square().mean().backward()
+    assert torch.allclose(gw, w.grad, rtol=1e-4, atol=1e-6)
