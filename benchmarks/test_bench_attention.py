@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional
@@ -51,6 +52,9 @@ import torch
 import torch.nn.functional as F
 
 import ftattn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pairing import paired  # noqa: E402
 
 FLOP_FORMULA = "4 * B * Hq * N * M * D, halved for causal"
 PROVIDERS = ("torch", "reference", "sdpa", "sdpa_flash", "off", "abft", "full")
@@ -323,18 +327,8 @@ INTERLEAVED_ROUNDS = 15  # pairs of calls; about 5 s on the CPU grid's N=2048
 
 
 def _interleaved_ratio(fn: Callable, other: Callable, rounds: int) -> float:
-    """median over rounds of (time of fn / time of other), the two calls of a round
-    back to back, their order alternating (A B, B A, ...): a shared machine's load
-    drifts over seconds, and each ratio sees the load of one moment."""
-    ratios = []
-    for r in range(rounds):
-        t = {}
-        for f in ((fn, other) if r % 2 == 0 else (other, fn)):
-            start = time.perf_counter()
-            f()
-            t[f] = time.perf_counter() - start
-        ratios.append(t[fn] / t[other])
-    return sorted(ratios)[len(ratios) // 2]
+    """median over rounds of (time of fn / time of other), paired (benchmarks/pairing.py)."""
+    return paired(fn, other, rounds)[0]
 
 
 def _targets(case: Case, provider: str, fn: Callable) -> list:

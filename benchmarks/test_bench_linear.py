@@ -12,7 +12,7 @@ shapes, medians and ratios.
 import json
 import os
 import platform
-import time
+import sys
 
 import pytest
 import torch
@@ -20,25 +20,14 @@ import torch.nn.functional as F
 
 import ftattn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pairing import paired  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OUT_FEATURES = (4096, 14336)
 ROWS = (1, 16, 512, 2048)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _records: list = []
-
-
-def _paired(fn, other, rounds):
-    ratios, times = [], {fn: [], other: []}
-    for r in range(rounds):
-        t = {}
-        for f in ((fn, other) if r % 2 == 0 else (other, fn)):
-            start = time.perf_counter()
-            f()
-            t[f] = time.perf_counter() - start
-            times[f].append(t[f])
-        ratios.append(t[fn] / t[other])
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return med(ratios), med(times[fn]), med(times[other])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -59,8 +48,8 @@ def test_linear(benchmark, out, rows, dtype):
     flops = 2.0 * rows * 4096 * out
     rounds = max(5, min(41, int(2e10 / flops)))  # about the same time per case
     benchmark.pedantic(abft, rounds=rounds, iterations=1, warmup_rounds=1)
-    ratio, t_abft, t_torch = _paired(abft, torch_linear, rounds)
-    ratio_off, t_off, _ = _paired(off, torch_linear, rounds)
+    ratio, t_abft, t_torch = paired(abft, torch_linear, rounds)
+    ratio_off, t_off, _ = paired(off, torch_linear, rounds)
     limit = 1.10 if rows == 1 else 1.05
     record = {"shape": {"x": [rows, 4096], "weight": [out, 4096]}, "dtype": dtype, "rounds": rounds,
               "median_s": {"abft": t_abft, "off": t_off, "F.linear": t_torch},

@@ -16,12 +16,14 @@ import os
 import pathlib
 import platform
 import sys
-import time
 
 import pytest
 import torch
 
 import ftattn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pairing import paired  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "integrations"))
 from hf_models import tiny_llama  # noqa: E402
@@ -29,20 +31,6 @@ from hf_models import tiny_llama  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET = 1.10
 _records: list = []
-
-
-def _paired(fn, other, rounds):
-    ratios, times = [], {fn: [], other: []}
-    for r in range(rounds):
-        t = {}
-        for f in ((fn, other) if r % 2 == 0 else (other, fn)):
-            start = time.perf_counter()
-            f()
-            t[f] = time.perf_counter() - start
-            times[f].append(t[f])
-        ratios.append(t[fn] / t[other])
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return med(ratios), med(times[fn]), med(times[other])
 
 
 def _case(benchmark, name, model, run, rounds):
@@ -64,7 +52,7 @@ def _case(benchmark, name, model, run, rounds):
             return run(model)
 
     benchmark.pedantic(a, rounds=rounds, iterations=1, warmup_rounds=1)
-    ratio, t_p, t_u = _paired(a, b, rounds)
+    ratio, t_p, t_u = paired(a, b, rounds)
     record = {"case": name, "rounds": rounds, "median_s": {"protected": t_p, "unprotected": t_u},
               "protected_over_unprotected": ratio, "target": TARGET, "holds": ratio <= TARGET}
     benchmark.extra_info.update(record)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace ftattn {
 
@@ -48,5 +49,16 @@ constexpr int32_t kCheckMask = 0x3FF;
 // replaces the value by `fault_value` instead of flipping bit 0..31.
 constexpr int64_t kFaultFields = 7;
 constexpr int64_t kBitReplace = -1;
+
+// The fault itself: flip bit `bit` (0..31) of the fp32 encoding of x, or (bit
+// kBitReplace) replace x by `value`.
+static inline float corrupt(float x, int64_t bit, double value) {
+  if (bit < 0) return static_cast<float>(value);
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u ^= (1u << bit);
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
 
 }  // namespace ftattn

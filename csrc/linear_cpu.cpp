@@ -92,15 +92,6 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-float corrupt(float x, int64_t bit, double value) {
-  if (bit == kBitReplace) return static_cast<float>(value);
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  u ^= (1u << bit);
-  std::memcpy(&x, &u, sizeof(u));
-  return x;
-}
-
 struct LinearFault {
   bool active = false;
   int64_t site = -1, row = 0, col = 0, dim = 0, bit = 0;

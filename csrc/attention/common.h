@@ -152,14 +152,7 @@ FTATTN_VEC_INLINE T exp2_neg(T y) {
 static inline void opaque(float& x) { asm volatile("" : "+m"(x)); }
 static inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
-static inline float corrupt(float x, int64_t bit, double value) {
-  if (bit < 0) return static_cast<float>(value);
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  u ^= (1u << bit);
-  std::memcpy(&x, &u, sizeof(u));
-  return x;
-}
+// (the fault itself, corrupt(), is in fault_contract.h)
 
 // ---------------------------------------------------------------------------
 // Vectorised row kernels (one clone per ISA), written with explicit 16-lane vectors
