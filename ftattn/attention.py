@@ -274,7 +274,8 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
         if torch.is_grad_enabled():
             raise NotImplementedError(
                 "ftattn.attention is forward-only (inference); call it under torch.no_grad() / "
-                "torch.inference_mode(), or detach q, k, v"
+                "torch.inference_mode(), or detach q, k, v (to train a model under ftattn.protect_, "
+                "protect its linear layers only: ftattn.protect_(model, attention=False))"
             )
     out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value,
                           key_start, key_end, in_op)

@@ -127,6 +127,10 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
     operand used once, such as the activations of the backward's dW = dY^T X)."""
     base = _base(weight)
     key = _key(weight, block_o)
+    # an inference tensor has no version counter: an in-place update could not be told from
+    # a corruption, so its checksums are made for each call (no false alarm, but a weight
+    # corrupted in memory is then not caught across calls)
+    cache = cache and key[-1] is not None
     entry = _cached(base, key[:-1]) if cache else None
     if entry is not None and entry.key == key:
         return entry

@@ -378,3 +378,15 @@ def test_opcheck_with_autograd_and_compiled_training_step():
     w.grad = None
     F.linear(x, w, b).square().mean().backward()
     assert torch.allclose(gw, w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_inference_tensor_weights_are_never_stale():
+    """An inference tensor has no version counter: its checksums are made per call, so an
+    in-place update between calls raises no false alarm."""
+    with torch.inference_mode():
+        x, w, b = _data((5,), 16, 8, torch.float32, seed=14)
+        _, r1 = ftattn.linear(x, w, b, return_report=True)
+        w.mul_(2)
+        y, r2 = ftattn.linear(x, w, b, return_report=True)
+    assert r1.detected == r2.detected == 0
+    assert torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
