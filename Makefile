@@ -31,6 +31,8 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m ftattn info
 	$(BIN)/python -m ftattn campaign --demo
+	# whole-model protection: faults anywhere in the real MiniLM, off and full
+	$(BIN)/python -m ftattn model-campaign --faults 40 --no-progress
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
