@@ -53,10 +53,12 @@ TORCH_LIBRARY(ftattn, m) {
   // The checked linear layer: y = x W^T + b for x [..., in], weight [out, in], with its
   // row checksums (abft) and the recomputation of a faulty product (ftattn/linear.py).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
-  // The engine behind it: x [rows, in]; ref_cols / mag_cols: the weight's cached
+  // The engine behind it: x [..., in] (rows: its leading dims flattened; the C++ kernel
+  // takes any, the Python side gives the Triton and reference kernels [rows, in]);
+  // ref_cols / mag_cols: the weight's cached
   // checksums per block of block_o output features (ftattn/linear.py); protection 0 off,
   // 1 or 2 abft; fault = [site, 0, 0, row, col, dim, bit] (site gemm or weight).
-  // Returns (y [rows, out] in x's dtype, flags int32 [1, 1, ceil(rows / 64)]).
+  // Returns (y [..., out] in x's dtype, flags int32 [1, 1, ceil(rows / 64)]).
   m.def(
       "linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? ref_cols, Tensor? mag_cols, int block_o, "
       "int protection, bool recompute, int[]? fault=None, float? fault_value=None) -> (Tensor, Tensor)");

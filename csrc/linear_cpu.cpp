@@ -414,9 +414,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                                                   int64_t protection, bool recompute,
                                                   std::optional<at::IntArrayRef> fault,
                                                   std::optional<double> fault_value) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "ftattn.linear: x must be [rows, in] and weight [out, in], got ",
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2, "ftattn.linear: x must be [..., in] and weight [out, in], got ",
               x.sizes(), " and ", weight.sizes());
-  const int64_t T = x.size(0), K = x.size(1), out = weight.size(0);
+  const int64_t K = x.size(-1), out = weight.size(0);
+  int64_t T = 1;  // the rows: x's leading dims flattened
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) T *= x.size(d);
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end() - 1);
+  y_shape.push_back(out);
   TORCH_CHECK(weight.size(1) == K, "ftattn.linear: x has ", K, " features, weight ", weight.sizes(), " takes ",
               weight.size(1));
   const auto st = x.scalar_type();
@@ -467,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 " needs fault_value");
     f.value = fault_value.value_or(0.0);
   }
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = x.reshape({T, K}).contiguous();
   // the weight as this call's product reads it: a weight fault hits the value read
   at::Tensor w_read = weight;
   if (f.active && f.site == kWeight) {
@@ -560,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     }
   }
   if (bias_f.defined() && !bias_added) acc.add_(bias_f);
-  return {st == at::kFloat ? acc : acc.to(st), flags};
+  return {(st == at::kFloat ? acc : acc.to(st)).view(y_shape), flags};
 }
 
 }  // namespace

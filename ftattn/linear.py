@@ -166,8 +166,8 @@ def _linear_fake(x, weight, bias=None):
 @torch.library.register_fake("ftattn::linear_fwd")
 def _linear_fwd_fake(x, weight, bias, ref_cols, mag_cols, block_o, protection, recompute, fault=None,
                      fault_value=None):
-    nblk = (x.shape[0] + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((1, 1, nblk), dtype=torch.int32)
+    nblk = (math.prod(x.shape[:-1]) + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((1, 1, nblk), dtype=torch.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -295,6 +295,11 @@ def validate_inputs(x, weight, bias) -> None:
 _PROTECTION = {"off": Protection.OFF, "abft": Protection.ABFT, "full": Protection.ABFT}
 _ON_FAULT = {p.value: p for p in OnFault}
 _RESOLVED: dict = {}  # (backend, device) -> the backend "auto" or a name resolves to there
+_CPU = torch.device("cpu")
+_CPP_ON_CPU = False  # "auto" resolved to the C++ kernel on the CPU (the fast path's condition)
+# (protection, on_fault) -> (protection as an int, recompute, policy) for the fast path
+_EAGER_OPTIONS = {(name, policy.value): (int(prot), policy is OnFault.CORRECT, policy)
+                  for name, prot in _PROTECTION.items() for policy in OnFault}
 
 
 def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
@@ -382,7 +387,58 @@ class _CheckedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+def _resolve(backend: str, device: torch.device) -> str:
+    """The backend ``backend`` ("auto" or a name) runs on ``device`` (resolved once)."""
+    key = (backend, device)
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = backends.resolve("linear", backend, device).value
+        if key == ("auto", _CPU) and resolved == "cpp":
+            global _CPP_ON_CPU
+            _CPP_ON_CPU = True
+    return resolved
+
+
+def _eager_cpu(x, weight, bias, protection, on_fault):
+    """The common call (CPU tensors, the C++ kernel, no fault, no gradient) in a few Python
+    steps: (y, flags, rows, policy, whether a flag is set), or None where the general path
+    must run (anything else, and every input it would reject: it names the problem)."""
+    options = _EAGER_OPTIONS.get((protection, on_fault))
+    if not _CPP_ON_CPU and ("auto", _CPU) not in _RESOLVED:
+        _resolve("auto", _CPU)
+    if options is None or not _CPP_ON_CPU or x.device.type != "cpu" or weight.device.type != "cpu" \
+            or x.dtype is not weight.dtype or x.dtype not in SUPPORTED_DTYPES or weight.dim() != 2 or x.dim() < 1:
+        return None
+    out, k = weight.shape
+    if x.shape[-1] != k or type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor or (
+            bias is not None and (bias.dtype is not x.dtype or bias.device.type != "cpu" or bias.dim() != 1
+                                  or bias.shape[0] != out)):
+        return None
+    prot, recompute, policy = options
+    rows = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
+    if rows == 0:
+        return None
+    fwd = torch.ops.ftattn.linear_fwd.default  # (loaded: _CPP_ON_CPU); x [..., in] as it is
+    if prot:
+        sums = weight_checksums(weight)
+        y, flags = fwd(x, weight, bias, sums.ref_cols, sums.mag_cols, sums.block_o, prot, recompute, None, None)
+        flagged = (flags.item() if flags.shape[2] == 1 else flags.max().item()) != 0
+    else:
+        y, flags = fwd(x, weight, bias, None, None, BLOCK_O, 0, True, None, None)
+        flagged = False
+    return y, flags, rows, policy, flagged
+
+
 def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report):
+    if fault is None and backend == "auto" and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+        fast = _eager_cpu(x, weight, bias, protection, on_fault)
+        if fast is not None:
+            y, flags, rows, policy, flagged = fast
+            if flagged or return_report:
+                report = _apply_policy(flags, policy, rows, return_report, op="linear")
+                return (y, report) if return_report else y
+            return y
     if (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)) and \
             torch.is_grad_enabled():
         validate_inputs(x, weight, bias)
@@ -407,11 +463,7 @@ def _linear_impl(x, weight, bias, protection, on_fault, fault, backend, return_r
         backends.parse("linear", backend)
         backend = "meta"
     else:
-        key = (backend, x.device)
-        resolved = _RESOLVED.get(key)
-        if resolved is None:
-            resolved = _RESOLVED[key] = backends.resolve("linear", backend, x.device).value
-        backend = resolved
+        backend = _resolve(backend, x.device)
     fault_list, fault_value = fault.encode() if fault is not None else (None, None)
     sums = weight_checksums(weight, cache=cache) if prot >= Protection.ABFT and backend != "meta" else None
     args = (x2 if x2.is_contiguous() else x2.contiguous(), weight, bias, sums.ref_cols if sums else None, sums.mag_cols if sums else None,

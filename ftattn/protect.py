@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .faults import CHECK_MASK, Check, OnFault
-from .linear import _linear, weight_checksums
+from .attention import _apply_policy
+from .linear import _eager_cpu, _linear, weight_checksums
 
 __all__ = ["protect_", "unprotect_", "counters", "reset_counters", "scrub_weights", "ProtectedLinear",
            "ModelCounters", "ModuleCounts", "WeightCorruptionError"]
@@ -116,14 +117,29 @@ class ProtectedLinear(torch.nn.Module):
             return self.original(x)
         if self.mx_config is not None:
             y, report = self._mx_forward(x, fault)
+        elif fault is None and not (torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            # the common inference call: the C++ kernel straight, the report only when a flag is set
+            fast = _eager_cpu(x, self._weight(), self.bias, self.protection, self.on_fault)
+            if fast is None:
+                y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, None, "auto", True)
+            else:
+                y, flags, rows, policy, flagged = fast
+                self.counts[0] += 1
+                if flagged:
+                    self._tally(flags)
+                    _apply_policy(flags, policy, rows, False, op="linear")
+                return y
         else:
             y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, fault, "auto", True)
-        flags = report.flags  # (on the host)
         self.counts[0] += 1
+        self._tally(report.flags)  # (on the host)
+        return y
+
+    def _tally(self, flags: torch.Tensor) -> None:
         if flags.numel() and bool(flags.any()):  # the five counts only when a check failed
             for i, v in enumerate(_flag_stats(flags).tolist()[1:], start=1):
                 self.counts[i] += v
-        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

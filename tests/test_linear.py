@@ -226,6 +226,44 @@ def test_weight_corrupted_in_memory_fails_every_call(dtype):
     assert rep.detected == 0 and torch.equal(y, clean)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead", [(1,), (130,), (3, 47)], ids=str)
+def test_eager_fast_path_equals_the_general_path(dtype, lead):
+    """The common eager call (backend "auto", no fault, no gradient) runs the C++ kernel in
+    a few Python steps (linear._eager_cpu); it gives what the general path (backend "cpp")
+    gives, bit for bit, flags included: clean, every protection and policy, and with a
+    weight corrupted in memory (every block of rows flagged, "raise" raises)."""
+    from ftattn.linear import _eager_cpu
+
+    x, w, b = _data(lead, 97, 300, dtype, seed=11)
+    rows = math.prod(lead)
+    for corrupted in (False, True):
+        for protection in ("off", "abft"):
+            for on_fault in ("correct", "report"):
+                fast = _eager_cpu(x, w, b, protection, on_fault)
+                assert fast is not None and fast[2] == rows and fast[4] == (corrupted and protection == "abft")
+                y, rep = ftattn.linear(x, w, b, protection=protection, on_fault=on_fault, return_report=True)
+                yg, rg = ftattn.linear(x, w, b, protection=protection, on_fault=on_fault, backend="cpp",
+                                       return_report=True)
+                assert torch.equal(fast[0], yg) and torch.equal(y, yg) and y.shape == (*lead, 300)
+                assert torch.equal(fast[1], rg.flags) and torch.equal(rep.flags, rg.flags)
+                blocks = -(-rows // 64)
+                assert rep.detected == (blocks if corrupted and protection == "abft" else 0)
+        if corrupted:
+            with pytest.raises(FaultDetectedError):
+                ftattn.linear(x, w, b, on_fault="raise")
+        else:
+            ftattn.linear(x, w, b)  # checksums cached
+            bits = w.data.view(torch.int16 if dtype != torch.float32 else torch.int32)
+            bits[200, 7] ^= 1 << (14 if dtype != torch.float32 else 30)  # a DRAM upset: no version bump
+    # what the fast path leaves to the general one: gradients, faults, other backends, bad input
+    assert _eager_cpu(x, w, b, "abft", "never") is None
+    assert _eager_cpu(x.float() if dtype != torch.float32 else x.half(), w, b, "abft", "correct") is None
+    assert _eager_cpu(x[..., :5], w, b, "abft", "correct") is None
+    assert _eager_cpu(x, w, b[:7], "abft", "correct") is None
+    assert _eager_cpu(x[..., :0, :], w, b, "abft", "correct") is None
+
+
 def test_checksums_follow_in_place_updates():
     x, w, b = _data((9,), 50, 70, torch.float32, seed=8)
     first = weight_checksums(w)

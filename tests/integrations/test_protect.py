@@ -152,6 +152,26 @@ def test_scrub_weights_repairs_a_corrupted_element():
         ftattn.scrub_weights(model)
 
 
+def test_counts_of_the_eager_fast_path():
+    """Inference calls (no gradient, no fault) take the fast path: the counts are those of
+    the flags, per block of 64 rows, and on_fault="raise" raises there too."""
+    model = torch.nn.Sequential(torch.nn.Linear(40, 300))
+    x = torch.randn(2, 65, 40)  # 130 rows: 3 blocks
+    ftattn.protect_(model)
+    with torch.no_grad():
+        clean = model(x)
+        assert ftattn.counters(model).per_module["0"].calls == 1 and ftattn.counters(model).detected == 0
+        model[0].weight.data.view(torch.int32)[130, 17] ^= 1 << 28  # a DRAM upset
+        y = model(x)
+    c = ftattn.counters(model).per_module["0"]
+    assert (c.calls, c.detected, c.corrected, c.uncorrected) == (2, 3, 0, 3)
+    assert not torch.equal(y, clean)
+    ftattn.unprotect_(model)
+    ftattn.protect_(model, on_fault="raise")
+    with torch.no_grad(), pytest.raises(ftattn.FaultDetectedError, match="linear"):
+        model(x)
+
+
 def test_protect_errors_and_filter():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     ftattn.protect_(model, filter_fn=lambda name, m: name == "1")
