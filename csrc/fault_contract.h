@@ -21,8 +21,16 @@ enum Site : int64_t {
   kOutput = 5,
   kGemm = 6,    // linear: the fp32 accumulator of y[row, col]
   kWeight = 7,  // linear: W[row, dim] as the call reads it
+  // attention's backward
+  kBwdScores = 8,
+  kBwdProbs = 9,
+  kDp = 10,
+  kDs = 11,
+  kDq = 12,
+  kDk = 13,
+  kDv = 14,
 };
-constexpr int64_t kNumSites = 8;
+constexpr int64_t kNumSites = 15;
 // attention's sites are 0 .. kNumAttentionSites - 1, the linear layer's kGemm and kWeight
 constexpr int64_t kNumAttentionSites = 6;
 
@@ -38,12 +46,17 @@ enum CheckBit : int32_t {
   kProbsRange = 1 << 7,
   kScoreRecompute = 1 << 8,
   kGemmRowChecksum = 1 << 9,
+  kDpChecksum = 1 << 10,
+  kDsCheck = 1 << 11,
+  kDqChecksum = 1 << 12,
+  kDkChecksum = 1 << 13,
+  kDvChecksum = 1 << 14,
   kNonfiniteInput = 1 << 24,
   kCorrected = 1 << 25,
   kUncorrected = 1 << 26,
 };
 // the bits that name failed checks
-constexpr int32_t kCheckMask = 0x3FF;
+constexpr int32_t kCheckMask = 0x7FFF;
 
 // An op's `fault` argument: [site, batch, head, row, col, dim, bit]; bit kBitReplace
 // replaces the value by `fault_value` instead of flipping bit 0..31.

@@ -38,8 +38,8 @@ TORCH_LIBRARY(ftattn, m) {
   // for query i when j > i + (M - N) (bottom-right aligned, as flash-attention 2.1+).
   // protection: "off" | "abft" | "full"; on_fault: "correct" | "raise" | "report".
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? scale=None, "
-      "str protection=\"full\", str on_fault=\"correct\", Tensor? key_start=None, Tensor? key_end=None) -> Tensor");
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_start=None, Tensor? key_end=None, *, bool causal=False, "
+      "float? scale=None, str protection=\"full\", str on_fault=\"correct\") -> Tensor");
   // The engine behind it, with the per-block check flags (ftattn/faults.py):
   // protection 0 off / 1 abft / 2 full; recompute: recompute flagged blocks;
   // fault = [site, batch, head, row, col, dim, bit] (bit -1: replace by fault_value).
@@ -50,6 +50,15 @@ TORCH_LIBRARY(ftattn, m) {
       "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, int protection, "
       "bool recompute, int[]? fault=None, float? fault_value=None, Tensor? key_start=None, "
       "Tensor? key_end=None) -> (Tensor, Tensor)");
+  // Its backward, checked: out is the forward's output, grad_out dL/dout; a fault with a
+  // backward site (bwd_scores .. dv) is injected here. Returns (dq, dk, dv in the inputs'
+  // dtypes, flags int32 [B, Hq, ceil(N / 64) + ceil(M / 64)]: the blocks of query rows,
+  // then the blocks of keys of the dK / dV checks). Its kernel is ftattn/reference.py's
+  // for now (registered from ftattn/attention.py, CPU and CUDA).
+  m.def(
+      "attention_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, bool causal, float scale, "
+      "int protection, bool recompute, int[]? fault=None, float? fault_value=None, Tensor? key_start=None, "
+      "Tensor? key_end=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // The checked linear layer: y = x W^T + b for x [..., in], weight [out, in], with its
   // row checksums (abft) and the recomputation of a faulty product (ftattn/linear.py).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");

@@ -16,7 +16,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import backends
-from .faults import CHECK_MASK, Check, Fault, FaultDetectedError, OnFault, Protection, Report, REPORT_BLOCK_M
+from .contract import check_backward_fault_encoding
+from .faults import (ATTENTION_SITES, BACKWARD_SITES, CHECK_MASK, Check, Fault, FaultDetectedError, OnFault,
+                     Protection, Report, REPORT_BLOCK_M)
 
 __all__ = ["attention", "BACKENDS", "backend_status"]
 
@@ -29,8 +31,8 @@ MAX_HEAD_DIM = 256
 
 
 @torch.library.register_fake("ftattn::attention")
-def _attention_fake(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct", key_start=None,
-                    key_end=None):
+def _attention_fake(q, k, v, key_start=None, key_end=None, *, causal=False, scale=None, protection="full",
+                    on_fault="correct"):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -42,6 +44,17 @@ def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=Non
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     flags = q.new_empty((B, Hq, nblk), dtype=torch.int32)
     return out, flags
+
+
+@torch.library.register_fake("ftattn::attention_bwd")
+def _attention_bwd_fake(q, k, v, out, grad_out, causal, scale, protection, recompute, fault=None, fault_value=None,
+                        key_start=None, key_end=None):
+    B, Hq, N, D = q.shape
+    nblk = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M + (k.shape[2] + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty((B, Hq, nblk), dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -192,13 +205,13 @@ def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
 
 
 def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: bool,
-                  op: str = "attention") -> Optional[Report]:
+                  op: str = "attention", keys: int = 0) -> Optional[Report]:
     """The ``on_fault`` policy of every op, in one place: "raise" raises
     FaultDetectedError when a check failed on finite input ("correct" and "report"
     return; the kernel recomputed or not). Returns the Report when asked for."""
     if policy is not OnFault.RAISE and not want_report:
         return None
-    report = Report(flags, REPORT_BLOCK_M, n, op)
+    report = Report(flags, REPORT_BLOCK_M, n, op, keys)
     if policy is OnFault.RAISE and not flags.is_meta:  # (meta: no kernel ran, nothing to raise)
         faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
         if bool(faulty.any()):
@@ -270,17 +283,78 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
         scale = 1.0 / math.sqrt(q.shape[-1])
     fault_list, fault_value = fault.encode() if fault is not None else (None, None)
     recompute = policy is OnFault.CORRECT
-    if q.requires_grad or k.requires_grad or v.requires_grad:
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                "ftattn.attention is forward-only (inference); call it under torch.no_grad() / "
-                "torch.inference_mode(), or detach q, k, v (to train a model under ftattn.protect_, "
-                "protect its linear layers only: ftattn.protect_(model, attention=False))"
-            )
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    bwd_fault = None
+    if fault is not None and fault.site in BACKWARD_SITES:
+        if not grad:
+            raise ValueError(
+                f"ftattn.attention: fault site {fault.site!r} is in the backward, which this call will not run: "
+                f"q, k or v must require grad (with grad enabled); forward sites are {', '.join(ATTENTION_SITES)}")
+        bwd_fault, fault_list = (fault_list, fault_value), None
+    if grad:
+        holder = _BackwardHolder(policy, bwd_fault)
+        out, flags = _AttentionFunction.apply(q, k, v, key_start, key_end, (
+            backend, causal, float(scale), int(prot), recompute, fault_list, fault_value, in_op, holder))
+        report = _apply_policy(flags, policy, q.shape[2], return_report)
+        holder.report = report
+        return (out, report) if return_report else out
     out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value,
                           key_start, key_end, in_op)
     report = _apply_policy(flags, policy, q.shape[2], return_report)
     return (out, report) if return_report else out
+
+
+# ---------------------------------------------------------------------------
+# the backward
+
+
+def _run_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault, fault_value, key_start, key_end):
+    """(dq, dk, dv, flags) of the checked backward: the op ``attention_bwd`` (its kernel
+    is the reference's for now, on any device)."""
+    return torch.ops.ftattn.attention_bwd(q, k, v, out, grad_out.contiguous(), causal, scale, protection, recompute,
+                                          fault, fault_value, key_start, key_end)
+
+
+class _BackwardHolder:
+    """What a differentiable call's backward needs beyond its tensors: the policy, the
+    fault for the backward, the forward's report (gains ``.backward``) and callbacks
+    (counters) that get the backward's flags."""
+
+    def __init__(self, policy: OnFault, fault):
+        self.policy, self.fault = policy, fault
+        self.report: Optional[Report] = None
+        self.callbacks: list = []
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Autograd of ``ftattn.attention``: the forward saves q, k, v and its output (O(N)
+    beyond the inputs); the backward is the checked ``attention_bwd`` with the call's
+    protection and policy."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_start, key_end, options):
+        backend, causal, scale, prot, recompute, fault, fault_value, in_op, holder = options
+        out, flags = _run_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value, key_start,
+                              key_end, in_op)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.key_range = (key_start, key_end)
+        ctx.options = (causal, scale, prot, recompute, holder)
+        ctx.mark_non_differentiable(flags)
+        return out, flags
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_flags):
+        q, k, v, out = ctx.saved_tensors
+        causal, scale, prot, recompute, holder = ctx.options
+        fault, fault_value = holder.fault if holder.fault is not None else (None, None)
+        dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault, fault_value,
+                                     *ctx.key_range)
+        report = _apply_policy(flags, holder.policy, q.shape[2], True, op="attention backward", keys=k.shape[2])
+        if holder.report is not None:
+            holder.report.backward = report
+        for fn in holder.callbacks:
+            fn(flags)
+        return dq, dk, dv, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -291,10 +365,53 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
 def _register_kernels() -> None:
     for device in ("CPU", "CUDA"):
         @torch.library.impl("ftattn::attention", device)
-        def _attention_op(q, k, v, *, causal=False, scale=None, protection="full", on_fault="correct",
-                          key_start=None, key_end=None):
+        def _attention_op(q, k, v, key_start=None, key_end=None, *, causal=False, scale=None, protection="full",
+                          on_fault="correct"):
             return _attention(q, k, v, causal, scale, protection, on_fault, None, "auto", False, key_start, key_end,
                               in_op=True)
+
+    for device in ("CPU", "CUDA"):
+        @torch.library.impl("ftattn::attention_bwd", device)
+        def _attention_bwd_op(q, k, v, out, grad_out, causal, scale, protection, recompute, fault=None,
+                              fault_value=None, key_start=None, key_end=None):
+            validate_inputs(q, k, v, scale)
+            validate_key_range(q, k, key_start, key_end)
+            if tuple(out.shape) != tuple(q.shape) or tuple(grad_out.shape) != tuple(q.shape):
+                raise ValueError(f"ftattn.attention backward: out {tuple(out.shape)} and grad_out "
+                                 f"{tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
+            if not 0 <= int(protection) <= 2:
+                raise ValueError(f"ftattn.attention: protection {protection} must be 0 (off), 1 (abft) or 2 (full)")
+            if fault is not None:
+                B, Hq, N, D = q.shape
+                check_backward_fault_encoding(fault, fault_value, B, Hq, N, k.shape[2], D)
+            from .reference import attention_backward_reference
+
+            return attention_backward_reference(q, k, v, out, grad_out, causal, scale, int(protection), recompute,
+                                                fault, fault_value, key_start, key_end)
+
+    def setup_context(ctx, inputs, keyword_only_inputs, output):
+        q, k, v = inputs[:3]
+        ctx.save_for_backward(q, k, v, output)
+        ctx.key_range = (tuple(inputs[3:5]) + (None, None))[:2]
+        ctx.options = keyword_only_inputs
+
+    def backward(ctx, grad_out):
+        q, k, v, out = ctx.saved_tensors
+        kw = ctx.options
+        prot, policy = _parse_options(kw.get("protection", "full"), kw.get("on_fault", "correct"))
+        scale = kw.get("scale")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, kw.get("causal", False), scale, int(prot),
+                                     policy is OnFault.CORRECT, None, None, *ctx.key_range)
+        if policy is OnFault.RAISE:
+            if torch.compiler.is_compiling():  # no host read in a graph: an assertion when it runs
+                faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+                torch._assert_async(~faulty.any(), "ftattn.attention backward: a check failed (on_fault='raise')")
+            else:
+                _apply_policy(flags, policy, q.shape[2], False, op="attention backward", keys=k.shape[2])
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd("ftattn::attention", backward, setup_context=setup_context)
 
     @torch.library.impl("ftattn::attention_fwd", "CUDA")
     def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None,

@@ -19,7 +19,7 @@ import enum
 from typing import Optional, Sequence, Tuple
 
 __all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE",
-           "OP_SITES", "check_fault_encoding", "check_linear_fault_encoding"]
+           "OP_SITES", "check_fault_encoding", "check_backward_fault_encoding", "check_linear_fault_encoding"]
 
 # Rows of q per flag. Kernels tile queries by 64 (CPU sub-blocks) or 64/128 (Triton),
 # so a flagged tile maps to whole report blocks and no two programs share one.
@@ -38,6 +38,14 @@ class Site(enum.IntEnum):
     # linear layers, y = x W^T + b (row: a row of x flattened, col: an output feature)
     GEMM = 6  # the fp32 accumulator of y[row, col], after the product, before bias and the down-cast
     WEIGHT = 7  # W[row, dim] (row: an output feature) as this call reads it, before the product
+    # attention's backward (given to the forward call, injected during that call's backward)
+    BWD_SCORES = 8  # the recomputed S[row, col]
+    BWD_PROBS = 9  # the recomputed P[row, col]
+    DP = 10  # dP[row, col] = dO_row . v_col
+    DS = 11  # dS[row, col] = P (dP - D_row)
+    DQ = 12  # the dQ accumulator [row, dim]
+    DK = 13  # the dK accumulator [col, dim] of key col, query head `head`'s contribution
+    DV = 14  # the dV accumulator [col, dim] of key col, query head `head`'s contribution
 
     @classmethod
     def parse(cls, value) -> "Site":
@@ -67,6 +75,12 @@ class Check(enum.IntFlag):
     PROBS_RANGE = 1 << 7  # 0 <= p <= 1
     SCORE_RECOMPUTE = 1 << 8  # a high-probability key's score vs q . k recomputed in fp64
     GEMM_ROW_CHECKSUM = 1 << 9  # linear: sum of y_i over a block of outputs vs x_i . (W^T e_block), cached
+    # attention's backward (the recomputed S and P keep the forward's bits)
+    DP_CHECKSUM = 1 << 10  # dP = dO V^T: row / column checksums, likely keys' dP recomputed in fp64
+    DS_CHECK = 1 << 11  # rows of dS sum to 0 (this checks D too); full: dS recomputed another way
+    DQ_CHECKSUM = 1 << 12  # sum_d dQ_id vs scale dS_i . (K 1)
+    DK_CHECKSUM = 1 << 13  # sum_d dK_jd vs scale dS_:j . (Q 1), per query head
+    DV_CHECKSUM = 1 << 14  # sum_d dV_jd vs P_:j . (dO 1), per query head
     NONFINITE_INPUT = 1 << 24
     CORRECTED = 1 << 25
     UNCORRECTED = 1 << 26
@@ -85,13 +99,19 @@ CHECK_NAMES = {
     Check.PROBS_RANGE: "probability range",
     Check.SCORE_RECOMPUTE: "recomputed score of a likely key",
     Check.GEMM_ROW_CHECKSUM: "row checksum of the linear layer's product",
+    Check.DP_CHECKSUM: "checksum of dO V^T",
+    Check.DS_CHECK: "dS row sums",
+    Check.DQ_CHECKSUM: "checksum of dQ",
+    Check.DK_CHECKSUM: "checksum of dK",
+    Check.DV_CHECKSUM: "checksum of dV",
 }
-CHECK_MASK = sum(int(c) for c in CHECK_NAMES)  # 0x3FF
+CHECK_MASK = sum(int(c) for c in CHECK_NAMES)  # 0x7FFF
 
 # The sites of each op: a fault names one of its op's sites, nothing else.
 OP_SITES = {
     "attention": (Site.SCORES, Site.PROBS, Site.ROWMAX, Site.ROWSUM, Site.ACC, Site.OUTPUT),
     "linear": (Site.GEMM, Site.WEIGHT),
+    "attention_backward": (Site.BWD_SCORES, Site.BWD_PROBS, Site.DP, Site.DS, Site.DQ, Site.DK, Site.DV),
 }
 
 # An op's `fault` argument: these seven ints, in this order; bit BIT_REPLACE (-1)
@@ -116,6 +136,28 @@ def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], bat
         if val < 0 or (limit is not None and val >= limit):
             raise ValueError(
                 f"ftattn: fault {name}={val} is out of range: it must be {f'0..{limit - 1}' if limit is not None else '>= 0'} for q "
+                f"[B={batch}, Hq={q_heads}, N={n}, D={head_dim}] and k/v with M={m} keys")
+    _check_bit(bit, fault_value)
+    return fault
+
+
+def check_backward_fault_encoding(fault: Sequence[int], fault_value: Optional[float], batch: int, q_heads: int,
+                                  n: int, m: int, head_dim: int) -> Tuple[int, ...]:
+    """The seven ints of a fault for attention's backward: bwd_scores, bwd_probs, dp and
+    ds hit [row, col], dq [row, dim], dk and dv [col, dim] (key col, query head ``head``'s
+    contribution)."""
+    fault = tuple(int(x) for x in fault)
+    if len(fault) != len(FAULT_FIELDS):
+        raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}], got {list(fault)}")
+    site, b, h, row, col, dim, bit = fault
+    _check_site("attention_backward", site)
+    limits = [("batch", b, batch), ("head", h, q_heads)]
+    limits += {Site.DQ: [("row", row, n), ("dim", dim, head_dim)], Site.DK: [("col", col, m), ("dim", dim, head_dim)],
+               Site.DV: [("col", col, m), ("dim", dim, head_dim)]}.get(site, [("row", row, n), ("col", col, m)])
+    for name, val, limit in limits:
+        if not 0 <= val < limit:
+            raise ValueError(
+                f"ftattn: fault {name}={val} is out of range: it must be 0..{limit - 1} for q "
                 f"[B={batch}, Hq={q_heads}, N={n}, D={head_dim}] and k/v with M={m} keys")
     _check_bit(bit, fault_value)
     return fault

@@ -21,12 +21,15 @@ __all__ = [
     "REPORT_BLOCK_M",
     "CHECK_MASK",
     "ATTENTION_SITES",
+    "BACKWARD_SITES",
     "LINEAR_SITES",
 ]
 
 # the site names of each op, in the contract's order
 ATTENTION_SITES = [s.name.lower() for s in OP_SITES["attention"]]
 LINEAR_SITES = [s.name.lower() for s in OP_SITES["linear"]]
+# attention's backward: a fault given to the forward call, injected during its backward
+BACKWARD_SITES = [s.name.lower() for s in OP_SITES["attention_backward"]]
 
 
 def check_names(bits: int) -> List[str]:
@@ -90,14 +93,18 @@ class Fault:
     def validate(self, batch: int, q_heads: int, n: int, m: int, head_dim: int) -> None:
         """Raise ValueError when the site is not attention's or a coordinate falls outside
         the call's shapes."""
-        if self.site not in ATTENTION_SITES:
+        if self.site not in ATTENTION_SITES and self.site not in BACKWARD_SITES:
             raise ValueError(
                 f"Fault site {self.site!r} is a linear layer's, not attention's; attention's sites are "
-                f"{', '.join(ATTENTION_SITES)} (ftattn.linear takes {', '.join(LINEAR_SITES)})"
+                f"{', '.join(ATTENTION_SITES)} and, in its backward, {', '.join(BACKWARD_SITES)} "
+                f"(ftattn.linear takes {', '.join(LINEAR_SITES)})"
             )
         limits = {"batch": batch, "head": q_heads, "row": n, "col": m, "dim": head_dim}
+        # which coordinates name the value: dq [row, dim]; dk / dv [col, dim]; the other
+        # backward sites [row, col]; the forward's as documented above
+        unused = {"output": ("col",), "dq": ("col",), "dk": ("row",), "dv": ("row",)}.get(self.site, ())
         for name, limit in limits.items():
-            if name == "col" and self.site == "output":
+            if name in unused:
                 continue
             val = getattr(self, name)
             if val >= limit:
@@ -151,6 +158,12 @@ class Report:
     block_m: int = REPORT_BLOCK_M
     n: int = 0
     op: str = "attention"
+    # attention's backward: its flags hold ceil(n / block_m) blocks of query rows, then
+    # ceil(keys / block_m) blocks of keys (the dK / dV checks, per query head)
+    keys: int = 0
+    # an attention call's report, once that call's backward has run: the backward's own
+    # Report (op "attention backward"); None before (and for calls without a backward)
+    backward: Optional["Report"] = None
 
     def __post_init__(self):
         # a call on meta tensors (shapes only) ran no kernel: its flags stay meta, and
@@ -201,15 +214,19 @@ class Report:
         """One dict per flagged block: batch, head, rows (range), checks (names)."""
         out = []
         idx = torch.nonzero((self._data() & CHECK_MASK) != 0, as_tuple=False).tolist()
+        q_blocks = -(-self.n // self.block_m) if self.keys else None
         for b, h, blk in idx:
             bits = int(self.flags[b, h, blk])
+            kind, n = "rows", self.n
+            if q_blocks is not None and blk >= q_blocks:
+                kind, n, blk = "keys", self.keys, blk - q_blocks
             lo = blk * self.block_m
-            hi = min(lo + self.block_m, self.n) if self.n else lo + self.block_m
+            hi = min(lo + self.block_m, n) if n else lo + self.block_m
             out.append(
                 {
                     "batch": b,
                     "head": h,
-                    "rows": range(lo, hi),
+                    kind: range(lo, hi),
                     "checks": check_names(bits),
                     "corrected": bool(bits & int(Check.CORRECTED)),
                     "nonfinite_input": bool(bits & int(Check.NONFINITE_INPUT)),
@@ -237,7 +254,8 @@ class FaultDetectedError(RuntimeError):
             if f["nonfinite_input"]:
                 continue
             where = "" if report.op == "linear" else f"batch {f['batch']}, head {f['head']}, "
-            lines.append(f"{where}rows {f['rows'].start}..{f['rows'].stop - 1}: {', '.join(f['checks'])} failed")
+            kind = "rows" if "rows" in f else "keys"
+            lines.append(f"{where}{kind} {f[kind].start}..{f[kind].stop - 1}: {', '.join(f['checks'])} failed")
         shown = "; ".join(lines[:8]) + (f"; and {len(lines) - 8} more" if len(lines) > 8 else "")
         super().__init__(
             f"ftattn: fault detected in {report.op} ({report.detected} failed checks): {shown}. "

@@ -43,6 +43,29 @@ def _rows_to_blocks(bad_rows: torch.Tensor, n: int) -> torch.Tensor:
     return padded.view(*bad_rows.shape[:2], nblk, REPORT_BLOCK_M).any(-1)
 
 
+def _product_checks(prod: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor):
+    """Row and column checksums of an fp32 product prod = A B^T [.., N, M] (A [.., N, D],
+    B [.., M, D], given in fp64): the rows whose row checksum fails [.., N] (sum_j prod_ij vs
+    a_i . sum_j b_j, bound kappa u sqrt(D) |a_i| . sum_j |b_j|), the blocks of 64 rows
+    whose column checksum fails [.., nblk] (sum_i prod_ij vs (sum_i a_i) . b_j) and the
+    column bounds [.., nblk, M]. QK^T in the forward and the backward, dO V^T in the backward."""
+    N, D, M = ad.shape[-2], ad.shape[-1], bd.shape[-2]
+    sqrt_d = math.sqrt(D)
+    ref = (ad @ bd.sum(-2, keepdim=True).transpose(-1, -2)).squeeze(-1)
+    mag = (ad.abs() @ bd.abs().sum(-2, keepdim=True).transpose(-1, -2)).squeeze(-1)
+    bad = ~((prod.double().sum(-1) - ref).abs() <= KAPPA * U32 * sqrt_d * mag + ETA * M * (D + 1))
+    nblk = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    pad = nblk * REPORT_BLOCK_M - N
+    lead = prod.shape[:-2]
+    pb = torch.nn.functional.pad(prod.double(), (0, 0, 0, pad)).view(*lead, nblk, REPORT_BLOCK_M, M)
+    ab = torch.nn.functional.pad(ad, (0, 0, 0, pad)).view(*lead, nblk, REPORT_BLOCK_M, D)
+    ref_c = ab.sum(-2) @ bd.transpose(-1, -2)  # [.., nblk, M]
+    mag_c = ab.abs().sum(-2) @ bd.abs().transpose(-1, -2)
+    colb = KAPPA * U32 * sqrt_d * mag_c + ETA * REPORT_BLOCK_M * (D + 1)
+    bad_c = ~((pb.sum(-2) - ref_c).abs() <= colb)
+    return bad, bad_c.any(-1), colb
+
+
 def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Optional[List[int]],
              fault_value: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     """One unfused pass: fp32 output [B, Hq, N, D] and int32 flags [B, Hq, nblk]."""
@@ -69,20 +92,9 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
     if abft:
         qd, kd = qf.double(), kf.double()
         sqrt_d = math.sqrt(D)
-        # row checksum: sum_j S_ij vs q_i . sum_j k_j, bound kappa u sqrt(D) |q_i| . sum_j |k_j|
-        ref = (qd @ kd.sum(2, keepdim=True).transpose(-1, -2)).squeeze(-1)
-        mag = (qd.abs() @ kd.abs().sum(2, keepdim=True).transpose(-1, -2)).squeeze(-1)
-        bad = ~((S.double().sum(-1) - ref).abs() <= KAPPA * U32 * sqrt_d * mag + ETA * M * (D + 1))
+        bad, bad_c, colb = _product_checks(S, qd, kd)
         flag(int(Check.ROW_CHECKSUM), _rows_to_blocks(bad, N))
-        # column checksum per block of 64 query rows: sum_i S_ij vs (sum_i q_i) . k_j
-        pad = nblk * REPORT_BLOCK_M - N
-        Sb = torch.nn.functional.pad(S.double(), (0, 0, 0, pad)).view(B, Hq, nblk, REPORT_BLOCK_M, M)
-        qb = torch.nn.functional.pad(qd, (0, 0, 0, pad)).view(B, Hq, nblk, REPORT_BLOCK_M, D)
-        ref_c = qb.sum(3) @ kd.transpose(-1, -2)  # [B, H, nblk, M]
-        mag_c = qb.abs().sum(3) @ kd.abs().transpose(-1, -2)
-        colb = KAPPA * U32 * sqrt_d * mag_c + ETA * REPORT_BLOCK_M * (D + 1)  # [B, H, nblk, M]
-        bad_c = ~((Sb.sum(3) - ref_c).abs() <= colb)
-        flag(int(Check.COL_CHECKSUM), bad_c.any(-1))
+        flag(int(Check.COL_CHECKSUM), bad_c)
 
     # softmax over the whole row
     s = S * scale
@@ -112,7 +124,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         # independent of |m|, as csrc/attention_cpu.cpp (2^(s log2 e - m log2 e) carried
         # u|m| more, which passed harmful changes of p at large logits)
         x = s - m_safe[..., None]
-        p2 = torch.exp2(x * LOG2E)
+        p2 = torch.exp2(x.double() * LOG2E).float()
         if causal:
             p2 = p2.masked_fill(s == float("-inf"), 0.0)
         tol = U32 * (16.0 * torch.maximum(p, p2) + 2.0) + 1e-30
@@ -214,3 +226,234 @@ def attention_reference(q, k, v, causal: bool, scale: float, protection: int, re
             rows = redo.repeat_interleave(REPORT_BLOCK_M, dim=2)[..., :N, None]
             out = torch.where(rows, out2, out)
     return out.to(q.dtype), flags
+
+
+# ---------------------------------------------------------------------------
+# the backward
+
+
+BWD_GROUP = 16  # head dims per checksum group of dQ, dK and dV
+
+
+def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """acc = x @ w (fp32, [.., R, D]) against its checksum per group of BWD_GROUP columns:
+    sum_{d in g} acc_rd vs x_r . (sum_{d in g} w_:d) in fp64, within kappa u sqrt(K + 2)
+    |x_r| . (sum_{d in g} |w_:d|), the PV check's bound. Rows [.., R] whose check fails."""
+    K, D = w.shape[-2], w.shape[-1]
+    xd, wd, ad = x.double(), w.double(), acc.double()
+    bad = torch.zeros(acc.shape[:-1], dtype=torch.bool, device=acc.device)
+    for d0 in range(0, D, BWD_GROUP):
+        wg = wd[..., d0:d0 + BWD_GROUP]
+        ref = (xd @ wg.sum(-1, keepdim=True)).squeeze(-1)
+        mag = (xd.abs() @ wg.abs().sum(-1, keepdim=True)).squeeze(-1)
+        bound = KAPPA * U32 * math.sqrt(K + 2) * mag + ETA * (wg.shape[-1] + 2) * (K + 2)
+        bad |= ~((ad[..., d0:d0 + BWD_GROUP].sum(-1) - ref).abs() <= bound)
+    return bad
+
+
+def _verify(prod: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """The entries of the fp32 product prod = A B^T where ``which`` holds, against fp64:
+    within kappa sqrt(D) u (||a_i o b_j||_2 + |prod_ij|), as the forward's score
+    verification. Rows [.., N] with a mismatch."""
+    if not bool(which.any()):
+        return torch.zeros(which.shape[:-1], dtype=torch.bool, device=which.device)
+    D = ad.shape[-1]
+    exact = ad @ bd.transpose(-1, -2)
+    n2 = (ad * ad) @ (bd * bd).transpose(-1, -2)
+    noise = KAPPA * U32 * math.sqrt(D) * (n2.sqrt() + exact.abs()) + ETA * (D + 1)
+    return (which & ~((prod.double() - exact).abs() <= noise)).any(-1)
+
+
+def _again(prod: torch.Tensor, a: torch.Tensor, b: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """The entries of the fp32 product prod = a b^T where ``which`` holds against the same
+    product computed again (the same GEMM on the same operands: equal bit for bit when no
+    fault struck). The backward's gradients carry a score's error times |k| and |q|, so
+    with outlier channels a fault below the fp64 comparison's rounding bound can still
+    harm them; the second computation leaves no such window. Rows [.., N] that differ."""
+    if not bool(which.any()):
+        return torch.zeros(which.shape[:-1], dtype=torch.bool, device=which.device)
+    return (which & (prod != a @ b.transpose(-1, -2))).any(-1)
+
+
+def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, fault: Optional[List[int]],
+              fault_value: Optional[float]):
+    """One unfused backward pass in fp32: (dq, dk, dv) [fp32], the flags of the query
+    blocks [B, Hq, ceil(N / 64)] and the check bits per key [B, Hq, M] (dK, dV).
+
+    P is recomputed from S with the row log-sum-exp taken in fp64, D_i = dO_i . O_i from the
+    forward's O, dS = P (dP - D), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO (per query
+    head; a group's sum for GQA). Checks (abft): S and dP = dO V^T by row and column
+    checksums, and the entries a fault could move harmfully within the column bound
+    verified in fp64; P in [0, 1] and each row summing to 1; each row of dS summing to 0;
+    dQ, dK, dV by checksums per group of head dims. Full adds a second computation of P
+    (exp2) and of dS (P dP - P D)."""
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    qf, of, gf = q.float(), out.float(), dout.float()
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    site = batch = head = row = col = dim = bit = None
+    if fault is not None:
+        site, batch, head, row, col, dim, bit = fault
+    nq = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    flags = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+    keybits = torch.zeros(B, Hq, M, dtype=torch.int32, device=q.device)
+    abft, full = protection >= 1, protection >= 2
+
+    def flag(bits: int, bad_rows: torch.Tensor) -> None:
+        flags.bitwise_or_(_rows_to_blocks(bad_rows, N).to(torch.int32) * bits)
+
+    S = qf @ kf.transpose(-1, -2)
+    if site == Site.BWD_SCORES:
+        _corrupt(S, (batch, head, row, col), bit, fault_value)
+    s = S * scale
+    if causal:
+        i = torch.arange(N, device=q.device)[:, None]
+        j = torch.arange(M, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (M - N), float("-inf"))
+    m = s.amax(-1) if M > 0 else s.new_full((B, Hq, N), float("-inf"))
+    empty = m == float("-inf")
+    m_safe = torch.where(empty, torch.zeros_like(m), m)
+    # P and the row log-sum-exp from one exponential in fp64 (a kernel takes the forward's
+    # log-sum-exp; torch's fp32 exp was seen off by 7e-5 relative on a process's first
+    # backward here, a false alarm of the row sums), rounded to fp32
+    e = torch.exp((s - m_safe[..., None]).double())
+    l = torch.where(empty, torch.ones_like(m_safe, dtype=torch.float64), e.sum(-1))
+    lse = torch.where(empty, torch.zeros_like(l), m_safe.double() + l.log())
+    x = (s.double() - lse[..., None]).float()
+    p = (e / l[..., None]).float()
+    if site == Site.BWD_PROBS:
+        _corrupt(p, (batch, head, row, col), bit, fault_value)
+    dP = gf @ vf.transpose(-1, -2)
+    if site == Site.DP:
+        _corrupt(dP, (batch, head, row, col), bit, fault_value)
+    Dr = (gf * of).sum(-1)
+    dS = p * (dP - Dr[..., None])
+    if site == Site.DS:
+        _corrupt(dS, (batch, head, row, col), bit, fault_value)
+    dq = dS @ kf
+    if site == Site.DQ:
+        _corrupt(dq, (batch, head, row, dim), bit, fault_value)
+    dkh = dS.transpose(-1, -2) @ qf
+    if site == Site.DK:
+        _corrupt(dkh, (batch, head, col, dim), bit, fault_value)
+    dvh = p.transpose(-1, -2) @ gf
+    if site == Site.DV:
+        _corrupt(dvh, (batch, head, col, dim), bit, fault_value)
+
+    if abft:
+        qd, kd, vd, gd = qf.double(), kf.double(), vf.double(), gf.double()
+        pd = p.double()
+        bad, bad_c, colb_s = _product_checks(S, qd, kd)
+        flag(int(Check.ROW_CHECKSUM), bad)
+        flags.bitwise_or_(bad_c.to(torch.int32) * int(Check.COL_CHECKSUM))
+        # P: in [0, 1], rows summing to 1 (0 for a row with no visible key)
+        flag(int(Check.PROBS_RANGE), ~((p >= 0) & (p <= 1)).all(-1))
+        rs = pd.sum(-1)
+        ok_rs = torch.where(empty, rs == 0, (rs - 1.0).abs() <= (M + 8) * U32)
+        flag(int(Check.ROWSUM_INVARIANT), ~ok_rs)
+        # dP = dO V^T
+        bad, bad_c, colb_p = _product_checks(dP, gd, vd)
+        flag(int(Check.DP_CHECKSUM), bad)
+        flags.bitwise_or_(bad_c.to(torch.int32) * int(Check.DP_CHECKSUM))
+        # rows of dS sum to sum_j P_ij dP_ij - D_i sum_j P_ij, known from the (checked) P and
+        # dP: the invariant holds to dS's own rounding, whatever the forward's O carried
+        dsd, dpd = dS.double(), dP.double() - Dr.double()[..., None]
+        expect = (pd * dP.double()).sum(-1) - Dr.double() * rs
+        tol = (2 * U32 * (1 + 2**-20) * (pd * dpd.abs()).sum(-1) + 2 * ETA * (M + 1)
+               + (M + 4) * 2.0**-52 * ((pd * dP.double()).abs().sum(-1) + Dr.double().abs() * rs))  # (fp64's own)
+        flag(int(Check.DS_CHECK), ~((dsd.sum(-1) - expect).abs() <= tol) & ~empty)
+        # entries of S and dP a fault could move harmfully within the column bounds: fp64
+        colb_s = colb_s.repeat_interleave(REPORT_BLOCK_M, dim=2)[:, :, :N]  # [B, H, N, M]
+        colb_p = colb_p.repeat_interleave(REPORT_BLOCK_M, dim=2)[:, :, :N]
+        qmax = qd.abs().amax(-1)[..., None]  # [B, H, N, 1]
+        kmax = kd.abs().amax(-1)[:, :, None, :]  # [B, H, 1, M]
+        gmax = gd.abs().amax(-1)[..., None]
+        reach = abs(scale) * torch.maximum(qmax, kmax)  # dS_ij -> dQ_i, dK_j
+        g_s = 2 * gmax + 2 * reach * dpd.abs().amax(-1, keepdim=True)
+        verify_s = (pd * torch.expm1(2.0 * colb_s * abs(scale)) * g_s >= TAU_VERIFY) & ~empty[..., None]
+        flag(int(Check.SCORE_RECOMPUTE), _verify(S, qd, kd, verify_s) | _again(S, qf, kf, verify_s))
+        verify_p = (pd * colb_p * reach >= TAU_VERIFY) & ~empty[..., None]
+        flag(int(Check.DP_CHECKSUM), _verify(dP, gd, vd, verify_p) | _again(dP, gf, vf, verify_p))
+        # dQ, dK, dV by checksums per group of head dims
+        flag(int(Check.DQ_CHECKSUM), _group_checks(dq, dS, kf))
+        keybits |= _group_checks(dkh, dS.transpose(-1, -2), qf).to(torch.int32) * int(Check.DK_CHECKSUM)
+        keybits |= _group_checks(dvh, p.transpose(-1, -2), gf).to(torch.int32) * int(Check.DV_CHECKSUM)
+    if full:
+        # a second computation of P (exp2 of the same x) and of dS (P dP - P D)
+        p2 = torch.exp2(x.double() * LOG2E).float()
+        tol_p = U32 * (16.0 * torch.maximum(p, p2) + 2.0) + 1e-30
+        flag(int(Check.SOFTMAX_DMR), ~((p - p2).abs() <= tol_p).all(-1))
+        pdp, pD = p * dP, p * Dr[..., None]
+        dS2 = pdp - pD
+        tol_s = 2 * U32 * (pdp.abs() + pD.abs() + dS2.abs()).double() + 4 * ETA  # (5 roundings, underflow)
+        flag(int(Check.DS_CHECK), ~((dS.double() - dS2.double()).abs() <= tol_s).all(-1))
+    dq = dq * scale
+    dk = (dkh * scale).view(B, Hkv, group, M, D).sum(2)
+    dv = dvh.view(B, Hkv, group, M, D).sum(2)
+    return dq, dk, dv, flags, keybits
+
+
+def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float, protection: int, recompute: bool,
+                                 fault: Optional[List[int]] = None, fault_value: Optional[float] = None,
+                                 key_start: Optional[torch.Tensor] = None, key_end: Optional[torch.Tensor] = None):
+    """The checked backward of ``attention_reference``: (dq, dk, dv) in the inputs' dtypes and
+    int32 flags [B, Hq, ceil(N / 64) + ceil(M / 64)] (the query blocks, then the key blocks
+    of the dK / dV checks). A failed check recomputes the backward (deterministic: the
+    gradients then equal the clean ones bit for bit)."""
+    B, Hq, N, D = q.shape
+    M = k.shape[2]
+    group = Hq // k.shape[1]
+    if key_start is not None:  # each sample on its own keys, the fault's key moved to them
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        nq = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+        flags = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+        keybits = torch.zeros(B, Hq, M, dtype=torch.int32, device=q.device)
+        for b, (start, end) in enumerate(zip(key_start.tolist(), key_end.tolist())):
+            f = None
+            if fault is not None and fault[1] == b:
+                if fault[0] == Site.DQ:
+                    f = list(fault)
+                elif start <= fault[4] < end:
+                    f = [*fault[:4], fault[4] - start, *fault[5:]]
+                if f is not None:
+                    f[1] = 0
+            sl = slice(b, b + 1)
+            r = _backward(q[sl], k[sl, :, start:end], v[sl, :, start:end], out[sl], dout[sl], causal, scale,
+                          protection, f, fault_value)
+            dq[sl], dk[sl, :, start:end], dv[sl, :, start:end] = r[0], r[1], r[2]
+            flags[sl] = r[3]
+            keybits[sl, :, start:end] = r[4]
+        result = (dq, dk, dv, flags, keybits)
+    else:
+        result = _backward(q, k, v, out, dout, causal, scale, protection, fault, fault_value)
+    dq, dk, dv, qflags, keybits = result
+    flags = torch.cat([qflags, _key_blocks(keybits, M)], dim=2)
+    failed = (flags & CHECK_MASK) != 0
+    if bool(failed.any()):
+        finite = (q.isfinite().all(-1).all(-1) & out.isfinite().all(-1).all(-1) & dout.isfinite().all(-1).all(-1)
+                  & (k.isfinite().all(-1).all(-1) & v.isfinite().all(-1).all(-1)).repeat_interleave(group, dim=1))
+        nonfinite = ~finite[..., None] & failed
+        flags |= nonfinite.to(torch.int32) * int(Check.NONFINITE_INPUT)
+        redo = failed & ~nonfinite
+        if recompute and bool(redo.any()):
+            clean = attention_backward_reference(q, k, v, out, dout, causal, scale, protection, False, None, None,
+                                                 key_start, key_end)
+            again = (clean[3] & CHECK_MASK) != 0
+            flags |= (redo & ~again).to(torch.int32) * int(Check.CORRECTED)
+            flags |= (redo & again).to(torch.int32) * int(Check.UNCORRECTED)
+            dq, dk, dv = clean[0].float(), clean[1].float(), clean[2].float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), flags
+
+
+def _key_blocks(keybits: torch.Tensor, M: int) -> torch.Tensor:
+    """int32 check bits per key [B, H, M] -> per block of 64 keys [B, H, ceil(M / 64)]."""
+    nblk = (M + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+    padded = torch.nn.functional.pad(keybits, (0, nblk * REPORT_BLOCK_M - M))
+    out = torch.zeros(*keybits.shape[:2], nblk, dtype=torch.int32, device=keybits.device)
+    for c in (Check.DK_CHECKSUM, Check.DV_CHECKSUM):
+        out |= ((padded.view(*keybits.shape[:2], nblk, REPORT_BLOCK_M) & int(c)) != 0).any(-1).to(torch.int32) * int(c)
+    return out

@@ -317,15 +317,6 @@ def test_no_key_gives_zeros(backend):
     assert torch.equal(out, torch.zeros_like(q)) and rep.detected == 0
 
 
-def test_grad_is_refused_clearly(make_qkv):
-    q, k, v = make_qkv(N=5, M=5, D=8)
-    q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="forward-only"):
-        ftattn.attention(q, k, v)
-    with torch.no_grad():
-        ftattn.attention(q, k, v)
-
-
 # ---------------------------------------------------------------------------
 # bad input
 

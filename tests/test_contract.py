@@ -34,7 +34,7 @@ def _cpp_const(name: str) -> int:
 
 
 def test_cpp_sites_match():
-    assert _cpp_enum("Site") == {"k" + s.name.capitalize(): int(s) for s in contract.Site}
+    assert _cpp_enum("Site") == {_camel(s.name): int(s) for s in contract.Site}
     assert _cpp_const("kNumSites") == len(contract.Site)
     attention = sorted(int(s) for s in contract.OP_SITES["attention"])
     assert attention == list(range(_cpp_const("kNumAttentionSites")))
@@ -46,7 +46,7 @@ def test_cpp_sites_match():
 
 def test_cpp_check_bits_match():
     assert _cpp_enum("CheckBit") == {_camel(c.name): int(c) for c in contract.Check}
-    assert _cpp_const("kCheckMask") == contract.CHECK_MASK == 0x3FF
+    assert _cpp_const("kCheckMask") == contract.CHECK_MASK == 0x7FFF
 
 
 def test_cpp_encoding_and_blocks_match():

@@ -24,6 +24,7 @@ probability feeds the PV product and its checksum consistently); "off" claims no
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,13 +37,17 @@ from typing import Dict, List, Optional
 import torch
 
 from ..attention import attention
-from ..faults import ATTENTION_SITES, Fault
+from ..faults import ATTENTION_SITES, BACKWARD_SITES, Fault
 
 SITES = list(ATTENTION_SITES)
+BWD_SITES = list(BACKWARD_SITES)
 VALUES = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 COVERED = {"off": set(), "abft": set(SITES) - {"probs"}, "full": set(SITES)}
+# the backward (--pass backward): abft leaves the two values its second computations
+# (full) check, P and dS, claimed by full only
+BWD_COVERED = {"off": set(), "abft": set(BWD_SITES) - {"bwd_probs", "ds"}, "full": set(BWD_SITES)}
 
 
 @dataclasses.dataclass
@@ -85,15 +90,25 @@ class Result:
     mode: str = "random"  # or "targeted"
     false_alarms: int = 0
     false_alarm_cases: List[str] = dataclasses.field(default_factory=list)
-    sites: Dict[str, SiteStats] = dataclasses.field(default_factory=lambda: {s: SiteStats() for s in SITES})
+    missed_cases: List[str] = dataclasses.field(default_factory=list)  # harmful, missed, at a covered site
+    sites: Dict[str, SiteStats] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    pass_: str = "forward"  # or "backward": faults at the backward's sites, harm on dq, dk, dv
+
+    def __post_init__(self):
+        if not self.sites:
+            self.sites = {s: SiteStats() for s in (BWD_SITES if self.pass_ == "backward" else SITES)}
+
+    @property
+    def covered(self) -> set:
+        return (BWD_COVERED if self.pass_ == "backward" else COVERED)[self.protection]
 
     def failures(self) -> List[str]:
         out = []
         if self.false_alarms:
             out.append(f"{self.false_alarms} false alarms over {self.clean_runs} clean runs")
         for site, st in self.sites.items():
-            if site in COVERED[self.protection] and st.harmful_missed:
+            if site in self.covered and st.harmful_missed:
                 out.append(f"{st.harmful_missed} harmful faults missed at site {site}")
             if st.corrected != st.detected:
                 out.append(f"{st.detected - st.corrected} detected faults not corrected at site {site}")
@@ -171,6 +186,8 @@ def clean_shapes(base: Shape, long_kv: int) -> List[Shape]:
 def _random_fault(rng: random.Random, shape: Shape, site: str) -> Fault:
     N, M = shape.seq, shape.kv_seq
     row = rng.randrange(N)
+    if site in BWD_SITES and shape.causal:  # a row that sees a key (the others' values are all 0)
+        row = rng.randrange(max(0, N - M), N)
     last = row + (M - N) if shape.causal else M - 1  # last visible key of the row
     if last < 0:  # this row sees no key: only the output can be hit
         site = "output"
@@ -212,7 +229,14 @@ def _targeted_fault(rng: random.Random, shape: Shape, site: str, q, k) -> Fault:
                  bit=rng.choice(TARGETED_BITS))
 
 
-def _harmful(raw: torch.Tensor, clean: torch.Tensor, tau: float) -> bool:
+def _harmful(raw, clean, tau: float) -> bool:
+    """FAULT_MODEL.md's rule; for the backward's (dq, dk, dv), any of them."""
+    if isinstance(raw, tuple):
+        return any(_harmful_one(r, c, tau) for r, c in zip(raw, clean))
+    return _harmful_one(raw, clean, tau)
+
+
+def _harmful_one(raw: torch.Tensor, clean: torch.Tensor, tau: float) -> bool:
     raw64, clean64 = raw.double(), clean.double()
     if bool((~raw64.isfinite() & clean64.isfinite()).any()):
         return True
@@ -232,24 +256,37 @@ def run(
     faults_per_input: int = 25,
     progress: bool = True,
     targeted: bool = False,
+    pass_: str = "forward",
 ) -> Result:
     """The campaign of one dtype and protection level; ``targeted``: the adversary's data,
-    keys and bits (module docstring, 3.) instead of random ones."""
+    keys and bits (module docstring, 3.) instead of random ones; ``pass_="backward"``:
+    faults at the backward's sites, each call a forward and its backward (dO standard
+    normal), harm and correction judged on (dq, dk, dv), the flags of ``report.backward``."""
     shape = shape or Shape()
     clean_kinds = TARGETED_CLEAN_KINDS if targeted else CLEAN_KINDS
     fault_kinds = TARGETED_FAULT_KINDS if targeted else FAULT_KINDS
     dt = DTYPES[dtype]
     tau = TAU[dt]
-    res = Result(backend, device, dtype, protection, shape, mode="targeted" if targeted else "random")
+    res = Result(backend, device, dtype, protection, shape, mode="targeted" if targeted else "random", pass_=pass_)
+    backward = pass_ == "backward"
+    sites = BWD_SITES if backward else SITES
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     bar = _progress(len(clean_kinds) * 8 + faults, f"{dtype}/{protection}", progress)
 
     def call(q, k, v, sh, **kw):
-        return attention(q, k, v, causal=sh.causal, protection=protection, backend=backend, return_report=True, **kw)
+        if not backward:
+            return attention(q, k, v, causal=sh.causal, protection=protection, backend=backend, return_report=True,
+                             **kw)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, rep = attention(*leaves, causal=sh.causal, protection=protection, backend=backend, return_report=True,
+                             **kw)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        out.backward(grad_out)
+        return tuple(t.grad for t in leaves), rep.backward
 
-    with torch.inference_mode():
+    with (contextlib.nullcontext() if backward else torch.inference_mode()):
         # 1. clean runs: any flag is a false alarm
         for sh in clean_shapes(shape, long_kv):
             for kind in clean_kinds:
@@ -270,15 +307,19 @@ def run(
                 if rep.detected:
                     res.false_alarms += 1
                     res.false_alarm_cases.append(f"fault-run input {i // faults_per_input}: {rep}")
-            site = SITES[i % len(SITES)]
+            site = sites[i % len(sites)]
             fault = _targeted_fault(rng, shape, site, q, k) if targeted else _random_fault(rng, shape, site)
             raw, rep = call(q, k, v, shape, fault=fault, on_fault="report")
             detected = rep.detected > 0
             corrected = False
             if detected:
                 fixed, rep2 = call(q, k, v, shape, fault=fault, on_fault="correct")
-                corrected = rep2.corrected == rep2.flagged_blocks and torch.equal(fixed, clean)
-            res.sites[fault.site].add(_harmful(raw, clean, tau), detected, corrected)
+                same = all(map(torch.equal, fixed, clean)) if backward else torch.equal(fixed, clean)
+                corrected = rep2.corrected == rep2.flagged_blocks and same
+            harmful = _harmful(raw, clean, tau)
+            res.sites[fault.site].add(harmful, detected, corrected)
+            if harmful and not detected and fault.site in res.covered:
+                res.missed_cases.append(f"{fault} on input {i // faults_per_input}")
             bar.update(1)
     bar.close()
     res.seconds = time.perf_counter() - t0
@@ -309,7 +350,7 @@ HEADER = ("site", "injected", "harmful", "detected", "harmful&missed", "benign&f
 def format_table(res: Result) -> str:
     sh = res.shape
     lines = [
-        f"{res.mode} campaign: backend={res.backend} device={res.device} dtype={res.dtype} protection={res.protection} "
+        f"{res.mode} campaign{' of the backward' if res.pass_ == 'backward' else ''}: backend={res.backend} device={res.device} dtype={res.dtype} protection={res.protection} "
         f"B={sh.batch} Hq={sh.heads} Hkv={sh.kv_heads} N={sh.seq} M={sh.kv_seq} D={sh.head_dim} "
         f"causal={sh.causal} ({res.seconds:.1f} s)",
     ]
@@ -318,7 +359,7 @@ def format_table(res: Result) -> str:
     tot = SiteStats()
     for site, st in res.sites.items():
         row = [site] + [getattr(st, f.name) for f in dataclasses.fields(SiteStats)]
-        mark = "" if site in COVERED[res.protection] else "  (not covered at this level)"
+        mark = "" if site in res.covered else "  (not covered at this level)"
         lines.append(" ".join(str(x).rjust(w) for x, w in zip(row, widths)) + mark)
         for f in dataclasses.fields(SiteStats):
             setattr(tot, f.name, getattr(tot, f.name) + getattr(st, f.name))
@@ -335,9 +376,9 @@ def to_json(results: List[Result]) -> dict:
         "tau": {"float32": TAU[torch.float32], "float16": TAU[torch.float16], "bfloat16": TAU[torch.bfloat16]},
         "results": [
             {
-                "mode": r.mode, "backend": r.backend, "device": r.device, "dtype": r.dtype, "protection": r.protection,
+                "mode": r.mode, "pass": r.pass_, "backend": r.backend, "device": r.device, "dtype": r.dtype, "protection": r.protection,
                 "shape": dataclasses.asdict(r.shape), "clean_runs": r.clean_runs, "false_alarms": r.false_alarms,
-                "false_alarm_cases": r.false_alarm_cases, "seconds": r.seconds,
+                "false_alarm_cases": r.false_alarm_cases, "missed_cases": r.missed_cases, "seconds": r.seconds,
                 "sites": {s: dataclasses.asdict(st) for s, st in r.sites.items()}, "failures": r.failures(),
             }
             for r in results
@@ -428,6 +469,9 @@ def add_arguments(p) -> None:
     p.add_argument("--demo", action="store_true",
                    help="the `make demo` run: all dtypes, protection abft and full, then a timing comparison")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pass", dest="pass_", default="forward", choices=["forward", "backward", "both"],
+                   help="the forward's sites (default), the backward's (bwd_scores .. dv: each trial a forward and "
+                        "its backward, harm on dq, dk, dv), or both")
     p.add_argument("--targeted", action="store_true",
                    help="an adversary's campaign: outlier-channel, huge-logit and subnormal data, faults on the "
                         "most probable keys, mid-mantissa bits 10..22")
@@ -473,14 +517,16 @@ def main(args) -> int:
     long_kv = args.long_kv if device == "cpu" or args.long_kv != 1024 else 8192
     results = []
     failed = []
-    for prot in protections:
-        for name in dtypes:
-            res = run(backend, device, name, prot, faults, shape, long_kv, args.seed, progress=not args.no_progress,
-                      targeted=args.targeted)
-            results.append(res)
-            print(format_table(res))
-            print()
-            failed += [f"{name}/{prot}: {f}" for f in res.failures()]
+    passes = ["forward", "backward"] if args.pass_ == "both" else [args.pass_]
+    for pass_ in passes:
+        for prot in protections:
+            for name in dtypes:
+                res = run(backend, device, name, prot, faults, shape, long_kv, args.seed,
+                          progress=not args.no_progress, targeted=args.targeted, pass_=pass_)
+                results.append(res)
+                print(format_table(res))
+                print()
+                failed += [f"{pass_}/{name}/{prot}: {f}" for f in res.failures()]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(to_json(results), fh, indent=2)
