@@ -254,14 +254,20 @@ def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
 def _verify(prod: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     """The entries of the fp32 product prod = A B^T where ``which`` holds, against fp64:
     within kappa sqrt(D) u (||a_i o b_j||_2 + |prod_ij|), as the forward's score
-    verification. Rows [.., N] with a mismatch."""
-    if not bool(which.any()):
-        return torch.zeros(which.shape[:-1], dtype=torch.bool, device=which.device)
-    D = ad.shape[-1]
-    exact = ad @ bd.transpose(-1, -2)
-    n2 = (ad * ad) @ (bd * bd).transpose(-1, -2)
-    noise = KAPPA * U32 * math.sqrt(D) * (n2.sqrt() + exact.abs()) + ETA * (D + 1)
-    return (which & ~((prod.double() - exact).abs() <= noise)).any(-1)
+    verification (each entry as one fp64 dot: O(D) per entry verified). Rows [.., N] with
+    a mismatch."""
+    bad = torch.zeros(which.shape[:-1], dtype=torch.bool, device=which.device)
+    idx = which.nonzero(as_tuple=True)
+    if idx[0].numel() == 0:
+        return bad
+    lead, i, j = idx[:-2], idx[-2], idx[-1]
+    terms = ad[(*lead, i)] * bd[(*lead, j)]  # [E, D]
+    exact = terms.sum(-1)
+    noise = KAPPA * U32 * math.sqrt(ad.shape[-1]) * (terms.square().sum(-1).sqrt() + exact.abs()) \
+        + ETA * (ad.shape[-1] + 1)
+    wrong = ~((prod[idx].double() - exact).abs() <= noise)
+    bad[tuple(t[wrong] for t in (*lead, i))] = True
+    return bad
 
 
 def _again(prod: torch.Tensor, a: torch.Tensor, b: torch.Tensor, which: torch.Tensor) -> torch.Tensor:

@@ -451,8 +451,9 @@ def _scheduled_fault(state: _State, module, q_shape, layout: Optional[_Layout], 
 def _unsupported(module, dropout, kwargs, n_keys) -> None:
     if dropout:
         raise NotImplementedError(
-            f"ftattn attention is forward-only: dropout={dropout} (the model is in training mode) needs a backward "
-            f"pass that does not exist yet; call model.eval() or use another attn_implementation for training"
+            f"ftattn attention has no attention dropout: dropout={dropout} (the model trains with "
+            f"attention_dropout > 0); set model.config.attention_dropout = 0.0, call model.eval(), or use another "
+            f"attn_implementation"
         )
     if kwargs.get("softcap") is not None:
         raise NotImplementedError(
