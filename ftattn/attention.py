@@ -317,13 +317,12 @@ def _run_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault
 
 class _BackwardHolder:
     """What a differentiable call's backward needs beyond its tensors: the policy, the
-    fault for the backward, the forward's report (gains ``.backward``) and callbacks
-    (counters) that get the backward's flags."""
+    fault for the backward and the forward's report (gains ``.backward``, then calls its
+    ``on_backward`` callbacks)."""
 
     def __init__(self, policy: OnFault, fault):
         self.policy, self.fault = policy, fault
         self.report: Optional[Report] = None
-        self.callbacks: list = []
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -352,8 +351,8 @@ class _AttentionFunction(torch.autograd.Function):
         report = _apply_policy(flags, holder.policy, q.shape[2], True, op="attention backward", keys=k.shape[2])
         if holder.report is not None:
             holder.report.backward = report
-        for fn in holder.callbacks:
-            fn(flags)
+            for fn in holder.report.on_backward:
+                fn(report)
         return dq, dk, dv, None, None, None
 
 

@@ -164,6 +164,8 @@ class Report:
     # an attention call's report, once that call's backward has run: the backward's own
     # Report (op "attention backward"); None before (and for calls without a backward)
     backward: Optional["Report"] = None
+    # called with the backward's Report when it is set (counters of the integrations)
+    on_backward: List = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         # a call on meta tensors (shapes only) ran no kernel: its flags stay meta, and

@@ -480,22 +480,27 @@ def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], ke
     if not policy.count:
         return _ftattn_attention(q, k, v, **kw)
     out, report = _ftattn_attention(q, k, v, return_report=True, **kw)
-    flags = report.flags
-    nonfinite = (flags & int(Check.NONFINITE_INPUT)) != 0
-    failed = ((flags & CHECK_MASK) != 0) & ~nonfinite
-    stats = torch.stack(
-        [
-            torch.ones((), dtype=torch.int64),
-            failed.sum(),
-            ((flags & int(Check.CORRECTED)) != 0).sum(),
-            ((flags & int(Check.UNCORRECTED)) != 0).sum(),
-            ((flags & CHECK_MASK) != 0).logical_and(nonfinite).sum(),
-        ]
-    )
-    state.totals.add_(stats)
     counts = module.__dict__.get("_ftattn_counts") if module is not None else None
-    if counts is not None:  # per-layer counts of a model under ftattn.protect_
-        counts.add_(stats)
+
+    def add(flags: torch.Tensor, calls: int) -> None:
+        nonfinite = (flags & int(Check.NONFINITE_INPUT)) != 0
+        failed = ((flags & CHECK_MASK) != 0) & ~nonfinite
+        stats = torch.stack(
+            [
+                torch.full((), calls, dtype=torch.int64),
+                failed.sum(),
+                ((flags & int(Check.CORRECTED)) != 0).sum(),
+                ((flags & int(Check.UNCORRECTED)) != 0).sum(),
+                ((flags & CHECK_MASK) != 0).logical_and(nonfinite).sum(),
+            ]
+        )
+        state.totals.add_(stats)
+        if counts is not None:  # per-layer counts of a model under ftattn.protect_
+            counts.add_(stats)
+
+    add(report.flags, 1)
+    # the call's backward, when one runs (training): its checks count too, not as a call
+    report.on_backward.append(lambda rep: add(rep.flags, 0))
     return out
 
 

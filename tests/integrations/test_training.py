@@ -42,7 +42,22 @@ def test_tiny_llama_trains_like_sdpa_and_a_backward_fault_is_corrected():
     assert bool(((ours - sdpa).abs() <= 1e-4 * sdpa.abs()).all()), (ours - sdpa).abs().max()
     assert sdpa[-1] < sdpa[0] - 0.5  # it learns
     fixed, counts = _train("ftattn", fault_at=10)
-    assert counts.injected == 1
+    assert counts.injected == 1 and counts.detected >= 1 and counts.corrected == counts.detected
     assert torch.equal(fixed, ours)  # corrected: bit-identical gradients, the same curve
     broken, _ = _train("ftattn", protection="off", fault_at=10)
     assert torch.equal(broken[:11], ours[:11]) and not torch.equal(broken[11:], ours[11:])
+
+
+def test_backward_checks_count_in_protect_counters():
+    import ftattn
+
+    model = tiny_llama("sdpa", seed=3).train()
+    ftattn.protect_(model)
+    data = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    ft_hf.inject(model, [ft_hf.ScheduledFault(step=0, layer=1, site="dq", bit=30, batch=1, head=2, row=20, dim=7)])
+    model(input_ids=data, labels=data).loss.backward()
+    c = ftattn.counters(model)
+    attn = {name: m for name, m in c.per_module.items() if name.endswith("self_attn")}
+    assert attn["model.layers.1.self_attn"].detected >= 1 and attn["model.layers.0.self_attn"].detected == 0
+    assert c.corrected == c.detected >= 1
+    assert attn["model.layers.1.self_attn"].calls == 1  # the backward's checks count, not as a call
