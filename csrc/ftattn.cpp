@@ -53,8 +53,8 @@ TORCH_LIBRARY(ftattn, m) {
   // Its backward, checked: out is the forward's output, grad_out dL/dout; a fault with a
   // backward site (bwd_scores .. dv) is injected here. Returns (dq, dk, dv in the inputs'
   // dtypes, flags int32 [B, Hq, ceil(N / 64) + ceil(M / 64)]: the blocks of query rows,
-  // then the blocks of keys of the dK / dV checks). Its kernel is ftattn/reference.py's
-  // for now (registered from ftattn/attention.py, CPU and CUDA).
+  // then the blocks of keys of the dK / dV checks). CPU: csrc/attention_bwd_cpu.cpp; CUDA:
+  // ftattn/reference.py's for now (registered from ftattn/attention.py).
   m.def(
       "attention_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, bool causal, float scale, "
       "int protection, bool recompute, int[]? fault=None, float? fault_value=None, Tensor? key_start=None, "

@@ -308,9 +308,16 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
 # the backward
 
 
-def _run_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault, fault_value, key_start, key_end):
-    """(dq, dk, dv, flags) of the checked backward: the op ``attention_bwd`` (its kernel
-    is the reference's for now, on any device)."""
+def _run_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault, fault_value, key_start,
+             key_end, backend="auto"):
+    """(dq, dk, dv, flags) of the checked backward: the op ``attention_bwd`` (C++ on CPU;
+    the reference's kernel on CUDA for now), or the reference itself for backend
+    "reference"."""
+    if backend == "reference":
+        from .reference import attention_backward_reference
+
+        return attention_backward_reference(q, k, v, out, grad_out, causal, scale, protection, recompute, fault,
+                                            fault_value, key_start, key_end)
     return torch.ops.ftattn.attention_bwd(q, k, v, out, grad_out.contiguous(), causal, scale, protection, recompute,
                                           fault, fault_value, key_start, key_end)
 
@@ -337,17 +344,17 @@ class _AttentionFunction(torch.autograd.Function):
                               key_end, in_op)
         ctx.save_for_backward(q, k, v, out)
         ctx.key_range = (key_start, key_end)
-        ctx.options = (causal, scale, prot, recompute, holder)
+        ctx.options = (causal, scale, prot, recompute, holder, backend)
         ctx.mark_non_differentiable(flags)
         return out, flags
 
     @staticmethod
     def backward(ctx, grad_out, _grad_flags):
         q, k, v, out = ctx.saved_tensors
-        causal, scale, prot, recompute, holder = ctx.options
+        causal, scale, prot, recompute, holder, backend = ctx.options
         fault, fault_value = holder.fault if holder.fault is not None else (None, None)
         dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault, fault_value,
-                                     *ctx.key_range)
+                                     *ctx.key_range, backend=backend)
         report = _apply_policy(flags, holder.policy, q.shape[2], True, op="attention backward", keys=k.shape[2])
         if holder.report is not None:
             holder.report.backward = report
@@ -369,24 +376,23 @@ def _register_kernels() -> None:
             return _attention(q, k, v, causal, scale, protection, on_fault, None, "auto", False, key_start, key_end,
                               in_op=True)
 
-    for device in ("CPU", "CUDA"):
-        @torch.library.impl("ftattn::attention_bwd", device)
-        def _attention_bwd_op(q, k, v, out, grad_out, causal, scale, protection, recompute, fault=None,
-                              fault_value=None, key_start=None, key_end=None):
-            validate_inputs(q, k, v, scale)
-            validate_key_range(q, k, key_start, key_end)
-            if tuple(out.shape) != tuple(q.shape) or tuple(grad_out.shape) != tuple(q.shape):
-                raise ValueError(f"ftattn.attention backward: out {tuple(out.shape)} and grad_out "
-                                 f"{tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
-            if not 0 <= int(protection) <= 2:
-                raise ValueError(f"ftattn.attention: protection {protection} must be 0 (off), 1 (abft) or 2 (full)")
-            if fault is not None:
-                B, Hq, N, D = q.shape
-                check_backward_fault_encoding(fault, fault_value, B, Hq, N, k.shape[2], D)
-            from .reference import attention_backward_reference
+    @torch.library.impl("ftattn::attention_bwd", "CUDA")  # (CPU: csrc/attention_bwd_cpu.cpp)
+    def _attention_bwd_op(q, k, v, out, grad_out, causal, scale, protection, recompute, fault=None,
+                          fault_value=None, key_start=None, key_end=None):
+        validate_inputs(q, k, v, scale)
+        validate_key_range(q, k, key_start, key_end)
+        if tuple(out.shape) != tuple(q.shape) or tuple(grad_out.shape) != tuple(q.shape):
+            raise ValueError(f"ftattn.attention backward: out {tuple(out.shape)} and grad_out "
+                             f"{tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
+        if not 0 <= int(protection) <= 2:
+            raise ValueError(f"ftattn.attention: protection {protection} must be 0 (off), 1 (abft) or 2 (full)")
+        if fault is not None:
+            B, Hq, N, D = q.shape
+            check_backward_fault_encoding(fault, fault_value, B, Hq, N, k.shape[2], D)
+        from .reference import attention_backward_reference
 
-            return attention_backward_reference(q, k, v, out, grad_out, causal, scale, int(protection), recompute,
-                                                fault, fault_value, key_start, key_end)
+        return attention_backward_reference(q, k, v, out, grad_out, causal, scale, int(protection), recompute,
+                                            fault, fault_value, key_start, key_end)
 
     def setup_context(ctx, inputs, keyword_only_inputs, output):
         q, k, v = inputs[:3]

@@ -27,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISAS = ["x86-64-v4", "x86-64-v3", "x86-64"]  # target_clones' order in csrc/vec.h
 # (clone, MKL_CBWR): AMD Zen 4/5, AVX2 machines (Intel Haswell..., AMD Zen 1-3), baseline
 CASES = [("x86-64-v4", "AVX2,STRICT"), ("x86-64-v3", "AVX2,STRICT"), ("x86-64", "COMPATIBLE")]
-# what the CPU kernels' tests cover: the attention grid on the C++ backend (the reference
+# what the CPU kernels' tests cover: the attention grid and its backward on the C++ backend (the reference
 # backend has no clones) and the sampler
-GRID = ["tests/test_attention.py", "tests/onnx/test_onnx_sampling.py"]
+GRID = ["tests/test_attention.py", "tests/test_attention_backward.py", "tests/onnx/test_onnx_sampling.py"]
 GRID_FILTER = "not reference"
 
 

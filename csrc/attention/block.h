@@ -5,6 +5,7 @@
 #pragma once
 
 #include "checks.h"
+#include "inputs.h"
 #include "softmax.h"
 #include "sums.h"
 
@@ -13,11 +14,6 @@ namespace {
 
 // ---------------------------------------------------------------------------
 
-struct FaultSpec {
-  bool active = false;
-  int64_t site = 0, batch = 0, head = 0, row = 0, col = 0, dim = 0, bit = -1;
-  double value = 0.0;
-};
 
 struct Problem {
   const float* q;  // [B, Hq, N, D] fp32 contiguous
@@ -48,27 +44,6 @@ struct Problem {
   const int64_t* key_end = nullptr;
   int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
   int64_t key_count(int64_t b) const { return key_start ? key_end[b] - key_start[b] : M; }
-};
-
-// 64-byte aligned storage: MKL's sgemm may take a different path (and round
-// differently) for a differently aligned buffer, and protection off / abft / full
-// must give the same bits; seen as ulp differences between them before this.
-template <typename T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <typename U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(std::size_t n) {
-    void* p = std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64);
-    if (p == nullptr) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, std::size_t) { std::free(p); }
-  template <typename U>
-  bool operator==(const Aligned64<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const Aligned64<U>&) const { return false; }
 };
 
 struct Scratch {

@@ -178,6 +178,23 @@ FTATTN_CLONES static float column_bounds(const ColumnBound& cb, const double* __
   return low;
 }
 
+// true when the fp32 product s of a and b (D terms) disagrees with a . b in fp64 (exact
+// products) beyond noise (||a o b||_2 + |a . b|) + floor, the fp32 GEMM's rounding (see
+// TAU_VERIFY); *bound (when given) gets that bound.
+FTATTN_VEC_INLINE bool entry_mismatch(const float* __restrict a, const float* __restrict b, int64_t D, float s,
+                                      double noise, double floor, double* bound) {
+  double t = 0.0, n2 = 0.0;
+#pragma omp simd reduction(+ : t, n2)
+  for (int64_t d = 0; d < D; ++d) {
+    const double x = static_cast<double>(a[d]) * static_cast<double>(b[d]);
+    t += x;
+    n2 += x * x;
+  }
+  const double tol = noise * (std::sqrt(n2) + std::fabs(t)) + floor;
+  if (bound != nullptr) *bound = tol;
+  return !(std::fabs(static_cast<double>(s) - t) <= tol);
+}
+
 // true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
 // recomputed in fp64 (keys j < n: the visible ones of the tile).
 FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
@@ -198,15 +215,7 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
       }
     }
     if (!(p[j] >= theta[j] * l)) continue;
-    const float* k = K + j * D;
-    double s = 0.0, n2 = 0.0;
-#pragma omp simd reduction(+ : s, n2)
-    for (int64_t d = 0; d < D; ++d) {
-      const double x = static_cast<double>(q[d]) * static_cast<double>(k[d]);
-      s += x;
-      n2 += x * x;
-    }
-    bad |= !(std::fabs(static_cast<double>(S[j]) - s) <= noise * (std::sqrt(n2) + std::fabs(s)) + floor);
+    bad |= entry_mismatch(q, K + j * D, D, S[j], noise, floor, nullptr);
   }
   return bad;
 }

@@ -35,6 +35,27 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace ftattn {
 namespace {
 
+// 64-byte aligned storage: MKL's sgemm may take a different path (and round
+// differently) for a differently aligned buffer, and protection off / abft / full
+// must give the same bits; seen as ulp differences between them before this.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
 // Query rows per tile: 256, as torch's CPU flash attention, so each packed K tile
 // serves 256 rows. Checks and flags are kept per sub-block of SUB_M = 64 rows
 // (REPORT_BLOCK_M of the flags contract); a failed check recomputes the tile.

@@ -1,0 +1,66 @@
+// The checks of an attention kernel's inputs (shapes, dtypes, key ranges) and the fault
+// it injects, shared by the forward (csrc/attention_cpu.cpp) and the backward
+// (csrc/attention_bwd_cpu.cpp): each error names the value, what is supported and the fix.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "fault_contract.h"
+
+namespace ftattn {
+namespace {
+
+// One fault to inject: [site, batch, head, row, col, dim, bit] (bit kBitReplace:
+// replace the value by `value`).
+struct FaultSpec {
+  bool active = false;
+  int64_t site = 0, batch = 0, head = 0, row = 0, col = 0, dim = 0, bit = -1;
+  double value = 0.0;
+};
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "ftattn.attention: q, k, v must be 4-D [batch, heads, seq, head_dim]; got q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "ftattn.attention: q, k, v must share one dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type(), ". Cast them to one of float16, bfloat16, float32.");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "ftattn.attention: dtype ", dt,
+              " is not supported; use float16, bfloat16 or float32");
+  TORCH_CHECK(k.sizes() == v.sizes(), "ftattn.attention: k and v must have the same shape; got k ", k.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0), "ftattn.attention: batch of q (", q.size(0), ") and k (", k.size(0),
+              ") differ");
+  TORCH_CHECK(q.size(3) == k.size(3), "ftattn.attention: head_dim of q (", q.size(3), ") and k (", k.size(3),
+              ") differ");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "ftattn.attention: head_dim ", q.size(3),
+              " is not supported; use 1..256");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "ftattn.attention: query heads (", q.size(1),
+              ") must be a multiple of key/value heads (", k.size(1), ") for grouped-query attention");
+}
+
+// The per-sample key ranges, checked (they index k and v): int64 (starts, ends) [B].
+std::tuple<at::Tensor, at::Tensor> key_ranges(const std::optional<at::Tensor>& key_start,
+                                              const std::optional<at::Tensor>& key_end, int64_t B, int64_t M,
+                                              const char* op) {
+  TORCH_CHECK(key_start.has_value() && key_end.has_value(), op,
+              ": key_start and key_end go together (both or neither)");
+  for (const at::Tensor* t : {&*key_start, &*key_end})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && !t->is_floating_point() && t->device().is_cpu(), op,
+                ": key_start / key_end must be integer tensors of shape [", B, "] on the CPU, got ", t->sizes(), " ",
+                t->scalar_type());
+  at::Tensor starts = key_start->to(at::kLong).contiguous();
+  at::Tensor ends = key_end->to(at::kLong).contiguous();
+  const int64_t* s0 = starts.data_ptr<int64_t>();
+  const int64_t* e0 = ends.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= s0[b] && s0[b] <= e0[b] && e0[b] <= M, op, ": sample ", b, " has keys [", s0[b], ", ", e0[b],
+                "); they must satisfy 0 <= key_start <= key_end <= M = ", M);
+  return {starts, ends};
+}
+
+}  // namespace
+}  // namespace ftattn

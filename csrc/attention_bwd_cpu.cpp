@@ -1,0 +1,624 @@
+// Fault-tolerant attention, CPU backward kernel (the op ftattn::attention_bwd).
+//
+// Algorithm: the flash-attention-2 backward (Dao 2023) tiled BWD_BM = 64 query rows x
+// BWD_BN = 256 keys, one task per (batch, query head): no N x M matrix, no atomics
+// (deterministic: a task's dK / dV of its own query head go to a buffer of that head and
+// the query heads of a key head are summed in a fixed order after the tasks). Per query
+// block: a first pass over its key tiles makes each row's max and normaliser (the log-sum-
+// exp; the forward does not keep it), then per key tile
+//   S = Q K^T, P = exp(S scale - m) / l, dP = dO V^T, dS = P (dP - D) with D_i = dO_i . O_i,
+//   dV += P^T dO, dK += dS^T Q, dQ += dS K          (five sgemm calls, BLAS)
+// and dQ = scale dQ at the end of the block, dK = scale sum_heads dK, dV = sum_heads dV.
+//
+// Checks (docs/fault_model.md; the same rules as ftattn/reference.py's backward, per tile):
+//   S and dP: row checksums per tile (sum_j S_ij vs q_i . sum_j k_j in fp64, bound
+//     kappa u sqrt(D) |q_i| . sum_j |k_j|) and column checksums per block (sum_i S_ij vs
+//     (sum_i q_i) . k_j); the entries a fault within the column bound could move
+//     harmfully (their probability times the gradients they reach) recomputed in fp64
+//     (checks.h's entry_mismatch), and where even that comparison's rounding bound could
+//     hide harm, the tile's product computed a second time and compared bit for bit.
+//   P: in [0, 1]; each row sums to 1 over its visible keys (0 for a row with none).
+//   dS: each row's sum against sum_j P_ij dP_ij - D_i sum_j P_ij from the checked P and
+//     dP (fp64), within dS's own rounding.
+//   dQ, dK, dV: checksums per group of BWD_GROUP head dims: sum_{d in g} dQ_id vs
+//     sum_j dS_ij (sum_{d in g} k_jd), made in fp64 by small GEMMs beside the products
+//     (and likewise dK from dS^T and q, dV from P^T and dO), bound kappa u sqrt(K + 2) times
+//     the same sums of magnitudes.
+//   full adds a second P (exp2, its own polynomial) and a second dS (P dP - P D).
+// A failed check recomputes the task (the query head): a transient fault does not repeat,
+// so the gradients equal the clean ones bit for bit. NaN/Inf inputs are reported as such.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "attention/checks.h"
+#include "attention/inputs.h"
+#include "attention/sums.h"
+
+extern "C" {
+// Fortran BLAS fp64 GEMM, as sgemm_ in attention/common.h (weak: else at::mm).
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace ftattn {
+namespace {
+
+constexpr int64_t BWD_BM = 64;  // query rows per block: one report block
+static_assert(BWD_BM == kReportBlockM, "a query block of the backward is a report block");
+constexpr int64_t BWD_BN = 256;  // keys per tile
+constexpr int64_t BWD_GROUP = 16;  // head dims per checksum group of dQ, dK, dV (ftattn/reference.py)
+constexpr int64_t MAX_BWD_GROUPS = 256 / BWD_GROUP;
+
+// C[m x n] += op(A) B in fp64, row-major (A [m x k], or transposed [k x m]; B [k x n]).
+static void gemm_f64(bool a_transposed, int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
+                     const double* B, int64_t ldb, double* C, int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;
+  if (dgemm_ != nullptr) {
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const double one = 1.0;
+    dgemm_("N", a_transposed ? "T" : "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &one, C, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor a = a_transposed ? at::from_blob(const_cast<double*>(A), {k, m}, {lda, 1}, opts).t()
+                              : at::from_blob(const_cast<double*>(A), {m, k}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<double*>(B), {k, n}, {ldb, 1}, opts);
+  at::from_blob(C, {m, n}, {ldc, 1}, opts).addmm_(a, b);
+}
+
+struct BwdProblem {
+  const float *q, *k, *v, *o, *g;  // fp32 contiguous: q, o, g [B, Hq, N, D]; k, v [B, Hkv, M, D]
+  float* dq;                       // [B, Hq, N, D], scaled
+  float *dkh, *dvh;                // [B, Hq, M, D]: each query head's dK (unscaled) and dV
+  int32_t* flags;                  // [B, Hq, nq + nk]
+  int64_t B, Hq, Hkv, N, M, D, nq, nk, G;
+  bool causal;
+  float scale;
+  int protection;
+  const int64_t* key_start = nullptr;
+  const int64_t* key_end = nullptr;
+  int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
+  int64_t key_count(int64_t b) const { return key_start ? key_end[b] - key_start[b] : M; }
+};
+
+template <typename T>
+using AVec = std::vector<T, Aligned64<T>>;
+
+struct BwdScratch {
+  AVec<float> S, S2, Pm, dP, dS, dQ;
+  std::vector<float> m, rinv, Drow, qmax, gmax;
+  std::vector<double> l;
+  // the checks (abft)
+  AVec<double> Pd, dSd, dSa;                     // fp64 copies of the tile of P, dS, |dS|
+  std::vector<double> rs, dsum, pdp, tol_a, tol_b;  // per row, over its key tiles
+  std::vector<double> qsum, qabs, gsum, gabs;    // per block [D]
+  std::vector<double> qsg, qag, gsg, gag;        // per row and group [BM x G]
+  std::vector<double> rq, mq;                    // dQ's references [BM x G]
+  std::vector<double> rref, rmag, cref, cmag, cs;  // a tile's row / column references
+  std::vector<double> colb;
+  // per key of the task's key head
+  std::vector<float> kmax;
+  std::vector<double> ksg, kag, tks, tka, tvs, tva;  // per key and group; per tile [D]
+  std::vector<double> rk, mk, rv, mv;                // dK / dV references [Mb x G]
+  std::vector<int32_t> keybits, qbits;
+  BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
+      : S(BWD_BM * BWD_BN), S2(BWD_BM * BWD_BN), Pm(BWD_BM * BWD_BN), dP(BWD_BM * BWD_BN), dS(BWD_BM * BWD_BN),
+        dQ(BWD_BM * D), m(BWD_BM), rinv(BWD_BM), Drow(BWD_BM), qmax(BWD_BM), gmax(BWD_BM), l(BWD_BM),
+        keybits(M), qbits(nq) {
+    if (!abft) return;
+    for (auto* x : {&Pd, &dSd, &dSa}) x->resize(BWD_BM * BWD_BN);
+    for (auto* x : {&rs, &dsum, &pdp, &tol_a, &tol_b, &rref, &rmag}) x->resize(BWD_BM);
+    for (auto* x : {&qsum, &qabs, &gsum, &gabs}) x->resize(D);
+    for (auto* x : {&qsg, &qag, &gsg, &gag, &rq, &mq}) x->resize(BWD_BM * G);
+    for (auto* x : {&cref, &cmag, &cs, &colb}) x->resize(BWD_BN);
+    const int64_t ntiles = (M + BWD_BN - 1) / BWD_BN;
+    kmax.resize(M);
+    for (auto* x : {&ksg, &kag, &rk, &mk, &rv, &mv}) x->resize(M * G);
+    for (auto* x : {&tks, &tka, &tvs, &tva}) x->resize(std::max<int64_t>(ntiles, 1) * D);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Row kernels (one clone per ISA).
+
+// The first pass over a row of a tile: m <- max(m, max_{j < vis} S_j scale) and the
+// normaliser l rescaled to it, plus sum_{j < vis} exp(S_j scale - m) (fp64).
+FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float scale, float* m, double* l) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < vis; ++j) {
+    const float s = S[j] * scale;
+    mx = s > mx ? s : mx;
+  }
+  if (!(mx > *m)) mx = *m;  // (NaN scores leave the max: their p is NaN, and so the gradients)
+  if (mx == -std::numeric_limits<float>::infinity()) return;
+  double sum = 0.0;
+  int64_t j = 0;
+  for (; j + vec::W <= vis; j += vec::W) sum += vec::hsum(vec::widen_sum(exp_neg(vec::load(S + j) * scale - mx)));
+  for (; j < vis; ++j) sum += static_cast<double>(exp_neg(S[j] * scale - mx));
+  *l = (*m == -std::numeric_limits<float>::infinity() ? 0.0 : *l * std::exp(static_cast<double>(*m - mx))) + sum;
+  *m = mx;
+}
+
+// P_j = exp(S_j scale - m) rinv for j < vis, 0 beyond (the same code at every level).
+FTATTN_CLONES static void probs_row(const float* __restrict S, float* __restrict P, int64_t n, int64_t vis,
+                                    float scale, float m, float rinv) {
+  int64_t j = 0;
+  for (; j + vec::W <= vis; j += vec::W) vec::store(P + j, exp_neg(vec::load(S + j) * scale - m) * rinv);
+  for (; j < vis; ++j) P[j] = exp_neg(S[j] * scale - m) * rinv;
+  for (; j < n; ++j) P[j] = 0.f;
+}
+
+// dS_j = P_j (dP_j - D) for j < vis, 0 beyond.
+FTATTN_CLONES static void ds_row(const float* __restrict P, const float* __restrict dP, float* __restrict dS,
+                                 int64_t n, int64_t vis, float Di) {
+#pragma omp simd
+  for (int64_t j = 0; j < vis; ++j) dS[j] = P[j] * (dP[j] - Di);
+  for (int64_t j = vis; j < n; ++j) dS[j] = 0.f;
+}
+
+// The redundant softmax (full): exp2 with its own polynomial of the same argument, against
+// P within both exponentials' error (the forward's tolerance); true when some entry differs.
+FTATTN_CLONES static bool probs_dmr_fails(const float* __restrict S, const float* __restrict P, int64_t vis,
+                                          float scale, float m, float rinv) {
+  const float rel = U32 * 64.f, abs_tol = (U32 * 2.f) * rinv + 1e-30f;
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < vis; ++j) {
+    const float p2 = exp2_neg((S[j] * scale - m) * LOG2E) * rinv;
+    const float hi = P[j] > p2 ? P[j] : p2;
+    bad |= !(std::fabs(P[j] - p2) <= rel * hi + abs_tol);
+  }
+  return bad != 0;
+}
+
+// The second dS (full): P dP - P D against dS within the five roundings of both.
+FTATTN_CLONES static bool ds_dmr_fails(const float* __restrict P, const float* __restrict dP,
+                                       const float* __restrict dS, int64_t vis, float Di) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < vis; ++j) {
+    const double a = static_cast<double>(P[j]) * static_cast<double>(dP[j]);
+    const double b = static_cast<double>(P[j]) * static_cast<double>(Di);
+    const float s2 = static_cast<float>(a) - static_cast<float>(b);
+    const double tol = 2.0 * U32 * (std::fabs(a) + std::fabs(b) + std::fabs(static_cast<double>(s2))) * (1 + 0x1p-10) +
+                       4.0 * ETA;
+    bad |= !(std::fabs(static_cast<double>(dS[j]) - static_cast<double>(s2)) <= tol);
+  }
+  return bad != 0;
+}
+
+// A row's sums for the P and dS checks (fp64, over the visible keys) and its fp64 copies
+// of P, dS and |dS| for the references of dQ, dK and dV; false when some p is out of [0, 1].
+FTATTN_CLONES static bool row_sums(const float* __restrict P, const float* __restrict dP, const float* __restrict dS,
+                                   int64_t n, int64_t vis, float Di, double* __restrict Pd, double* __restrict dSd,
+                                   double* __restrict dSa, double* acc) {
+  double rs = 0.0, ds = 0.0, pdp = 0.0, ta = 0.0, tb = 0.0;
+  int bad = 0;
+  const double D = static_cast<double>(Di);
+#pragma omp simd reduction(+ : rs, ds, pdp, ta, tb) reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) {
+    const double p = static_cast<double>(P[j]), dp = static_cast<double>(dP[j]), s = static_cast<double>(dS[j]);
+    const bool on = j < vis;
+    bad |= !(P[j] >= 0.f && P[j] <= 1.f);
+    Pd[j] = p;
+    dSd[j] = s;
+    dSa[j] = std::fabs(s);
+    rs += p;
+    ds += s;
+    pdp += on ? p * dp : 0.0;
+    ta += on ? p * std::fabs(dp - D) : 0.0;
+    tb += on ? std::fabs(p * dp) : 0.0;
+  }
+  acc[0] += rs, acc[1] += ds, acc[2] += pdp, acc[3] += ta, acc[4] += tb;
+  return bad == 0;
+}
+
+// Per row r of X [n x D]: the sums of its groups of BWD_GROUP dims, xs[r * G + g] and
+// |x| xa[r * G + g] (fp64), and its largest |x|.
+FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64_t D, int64_t G,
+                                     double* __restrict xs, double* __restrict xa, float* __restrict xmax) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = X + r * D;
+    float mx = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t d0 = g * BWD_GROUP, d1 = std::min<int64_t>(D, d0 + BWD_GROUP);
+      double s = 0.0, a = 0.0;
+      for (int64_t d = d0; d < d1; ++d) {
+        s += static_cast<double>(x[d]);
+        a += std::fabs(static_cast<double>(x[d]));
+        mx = std::fabs(x[d]) > mx ? std::fabs(x[d]) : mx;
+      }
+      xs[r * G + g] = s;
+      xa[r * G + g] = a;
+    }
+    xmax[r] = mx;
+  }
+}
+
+// Rows r of acc [n x D] whose group sums disagree with ref [n x G] beyond
+// kappa u sqrt(K + 2) mag + ETA (|g| + 2)(K + 2) (K: the inner dimension summed).
+static void group_check(const float* acc, int64_t n, int64_t D, int64_t G, const double* ref, const double* mag,
+                        int64_t K, int32_t bit, int32_t* bits, int64_t bits_stride) {
+  const double f = KAPPA * U32 * std::sqrt(static_cast<double>(K + 2));
+  for (int64_t r = 0; r < n; ++r) {
+    bool bad = false;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t d0 = g * BWD_GROUP, d1 = std::min<int64_t>(D, d0 + BWD_GROUP);
+      double s = 0.0;
+      for (int64_t d = d0; d < d1; ++d) s += static_cast<double>(acc[r * D + d]);
+      const double bound = f * mag[r * G + g] + ETA * static_cast<double>((d1 - d0 + 2) * (K + 2));
+      bad |= !(std::fabs(s - ref[r * G + g]) <= bound);
+    }
+    if (bad) bits[r * bits_stride] |= bit;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// One task: query head h of sample b. Writes its dQ rows, its dK / dV buffers and, per
+// query block and per key, the check bits of this run into w.qbits and w.keybits.
+
+void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, const FaultSpec& f) {
+  const int64_t D = P.D, N = P.N, G = P.G, group = P.Hq / P.Hkv, hk = h / group;
+  const int64_t first = P.key_first(b), Mb = P.key_count(b), shift = Mb - N;
+  const bool abft = P.protection >= 1, full = P.protection >= 2;
+  const float scale = P.scale, ascale = std::fabs(scale);
+  const float* Q = P.q + (b * P.Hq + h) * N * D;
+  const float* O = P.o + (b * P.Hq + h) * N * D;
+  const float* Gd = P.g + (b * P.Hq + h) * N * D;
+  const float* K = P.k + ((b * P.Hkv + hk) * P.M + first) * D;
+  const float* V = P.v + ((b * P.Hkv + hk) * P.M + first) * D;
+  float* dQout = P.dq + (b * P.Hq + h) * N * D;
+  float* dK = P.dkh + ((b * P.Hq + h) * P.M + first) * D;
+  float* dV = P.dvh + ((b * P.Hq + h) * P.M + first) * D;
+  const bool fh = f.active && f.batch == b && f.head == h;
+  const int64_t fcol = f.col - first;  // the fault's key in this sample's keys
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const double sqrtD = std::sqrt(static_cast<double>(D));
+  std::fill(dK, dK + Mb * D, 0.f);
+  std::fill(dV, dV + Mb * D, 0.f);
+  std::fill(w.qbits.begin(), w.qbits.end(), 0);
+  std::fill(w.keybits.begin(), w.keybits.begin() + Mb, 0);
+  const int64_t ntiles = (Mb + BWD_BN - 1) / BWD_BN;
+  if (abft && Mb > 0) {
+    group_sums(K, Mb, D, G, w.ksg.data(), w.kag.data(), w.kmax.data());
+    for (auto* x : {&w.rk, &w.mk, &w.rv, &w.mv}) std::fill(x->begin(), x->begin() + Mb * G, 0.0);
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t n0 = t * BWD_BN, n = std::min(BWD_BN, Mb - n0);
+      double *ks = w.tks.data() + t * D, *ka = w.tka.data() + t * D, *vs = w.tvs.data() + t * D,
+             *va = w.tva.data() + t * D;
+      std::fill(ks, ks + D, 0.0), std::fill(ka, ka + D, 0.0), std::fill(vs, vs + D, 0.0), std::fill(va, va + D, 0.0);
+      for (int64_t j = n0; j < n0 + n; ++j) {
+        add_d(ks, K + j * D, D), add_abs_d(ka, K + j * D, D);
+        add_d(vs, V + j * D, D), add_abs_d(va, V + j * D, D);
+      }
+    }
+  }
+  const double row_f = KAPPA * U32 * sqrtD;
+  const double col_abs = ETA * static_cast<double>(kReportBlockM * (D + 1));
+  for (int64_t r0 = 0, blk = 0; r0 < N; r0 += BWD_BM, ++blk) {
+    const int64_t rows = std::min(BWD_BM, N - r0);
+    const int64_t kv_end = P.causal ? std::clamp<int64_t>(r0 + rows + shift, 0, Mb) : Mb;
+    const float* Qb = Q + r0 * D;
+    const float* Gb = Gd + r0 * D;
+    const bool frow = fh && f.row >= r0 && f.row < r0 + rows;
+    const int64_t fi = f.row - r0;
+    int32_t bits = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* oi = O + (r0 + i) * D;
+      double s = 0.0;
+      for (int64_t d = 0; d < D; ++d) s += static_cast<double>(Gb[i * D + d]) * static_cast<double>(oi[d]);
+      w.Drow[i] = static_cast<float>(s);
+      w.m[i] = NEG_INF;
+      w.l[i] = 0.0;
+    }
+    std::fill(w.dQ.begin(), w.dQ.begin() + rows * D, 0.f);
+    if (abft) {
+      for (auto* x : {&w.rs, &w.dsum, &w.pdp, &w.tol_a, &w.tol_b}) std::fill(x->begin(), x->end(), 0.0);
+      std::fill(w.rq.begin(), w.rq.end(), 0.0);
+      std::fill(w.mq.begin(), w.mq.end(), 0.0);
+      for (auto* x : {&w.qsum, &w.qabs, &w.gsum, &w.gabs}) std::fill(x->begin(), x->end(), 0.0);
+      for (int64_t i = 0; i < rows; ++i) {
+        add_d(w.qsum.data(), Qb + i * D, D), add_abs_d(w.qabs.data(), Qb + i * D, D);
+        add_d(w.gsum.data(), Gb + i * D, D), add_abs_d(w.gabs.data(), Gb + i * D, D);
+      }
+      group_sums(Qb, rows, D, G, w.qsg.data(), w.qag.data(), w.qmax.data());
+      group_sums(Gb, rows, D, G, w.gsg.data(), w.gag.data(), w.gmax.data());
+    }
+    // ---- pass 1: each row's max and normaliser over its visible keys ----
+    for (int64_t n0 = 0; n0 < kv_end; n0 += BWD_BN) {
+      const int64_t n = std::min(BWD_BN, Mb - n0);
+      gemm_rm(false, true, false, rows, n, D, Qb, D, K + n0 * D, D, w.S.data(), BWD_BN);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t vis = P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
+        row_lse(w.S.data() + i * BWD_BN, vis, scale, &w.m[i], &w.l[i]);
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) w.rinv[i] = w.m[i] == NEG_INF ? 0.f : static_cast<float>(1.0 / w.l[i]);
+    // ---- pass 2: the gradients, tile by tile, with their checks ----
+    for (int64_t n0 = 0; n0 < kv_end; n0 += BWD_BN) {
+      const int64_t n = std::min(BWD_BN, Mb - n0);
+      const float* Kt = K + n0 * D;
+      const float* Vt = V + n0 * D;
+      const bool fin = frow && fcol >= n0 && fcol < n0 + n;
+      const int64_t fj = fcol - n0;
+      float* S = w.S.data();
+      float* Pm = w.Pm.data();
+      float* dP = w.dP.data();
+      float* dS = w.dS.data();
+      gemm_rm(false, true, false, rows, n, D, Qb, D, Kt, D, S, BWD_BN);
+      if (fin && f.site == kBwdScores) S[fi * BWD_BN + fj] = corrupt(S[fi * BWD_BN + fj], f.bit, f.value);
+      memory_barrier();
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
+        probs_row(S + i * BWD_BN, Pm + i * BWD_BN, n, vis, scale, w.m[i], w.rinv[i]);
+      }
+      if (fin && f.site == kBwdProbs) Pm[fi * BWD_BN + fj] = corrupt(Pm[fi * BWD_BN + fj], f.bit, f.value);
+      gemm_rm(false, true, false, rows, n, D, Gb, D, Vt, D, dP, BWD_BN);
+      if (fin && f.site == kDp) dP[fi * BWD_BN + fj] = corrupt(dP[fi * BWD_BN + fj], f.bit, f.value);
+      memory_barrier();
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
+        ds_row(Pm + i * BWD_BN, dP + i * BWD_BN, dS + i * BWD_BN, n, vis, w.Drow[i]);
+      }
+      if (fin && f.site == kDs) dS[fi * BWD_BN + fj] = corrupt(dS[fi * BWD_BN + fj], f.bit, f.value);
+      memory_barrier();
+      // the products
+      gemm_rm(true, false, true, n, D, rows, Pm, BWD_BN, Gb, D, dV + n0 * D, D);
+      gemm_rm(true, false, true, n, D, rows, dS, BWD_BN, Qb, D, dK + n0 * D, D);
+      gemm_rm(false, false, true, rows, D, n, dS, BWD_BN, Kt, D, w.dQ.data(), D);
+      if (!abft) continue;
+      // ---- the checks of the tile ----
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
+        double acc[5] = {0, 0, 0, 0, 0};
+        if (!row_sums(Pm + i * BWD_BN, dP + i * BWD_BN, dS + i * BWD_BN, n, vis, w.Drow[i],
+                      w.Pd.data() + i * BWD_BN, w.dSd.data() + i * BWD_BN, w.dSa.data() + i * BWD_BN, acc))
+          bits |= kProbsRange;
+        w.rs[i] += acc[0], w.dsum[i] += acc[1], w.pdp[i] += acc[2], w.tol_a[i] += acc[3], w.tol_b[i] += acc[4];
+        if (full && vis > 0) {
+          if (probs_dmr_fails(S + i * BWD_BN, Pm + i * BWD_BN, vis, scale, w.m[i], w.rinv[i])) bits |= kSoftmaxDmr;
+          if (ds_dmr_fails(Pm + i * BWD_BN, dP + i * BWD_BN, dS + i * BWD_BN, vis, w.Drow[i])) bits |= kDsCheck;
+        }
+      }
+      // S and dP: row and column checksums, then the entries that could hide harm
+      bool again_s = false, again_p = false;
+      for (int which = 0; which < 2; ++which) {
+        const float* A = which == 0 ? Qb : Gb;  // S = Q K^T, dP = dO V^T
+        const float* Bt = which == 0 ? Kt : Vt;
+        const float* X = which == 0 ? S : dP;
+        const double* ts = (which == 0 ? w.tks : w.tvs).data() + (n0 / BWD_BN) * D;
+        const double* ta = (which == 0 ? w.tka : w.tva).data() + (n0 / BWD_BN) * D;
+        const int32_t bit_row = which == 0 ? kRowChecksum : kDpChecksum;
+        const int32_t bit_col = which == 0 ? kColChecksum : kDpChecksum;
+        dots_d(A, rows, D, ts, ta, 1, 1, w.rref.data(), w.rmag.data());
+        dots_d(Bt, n, D, (which == 0 ? w.qsum : w.gsum).data(), (which == 0 ? w.qabs : w.gabs).data(), 1, 1,
+               w.cref.data(), w.cmag.data());
+        std::fill(w.cs.begin(), w.cs.begin() + n, 0.0);
+        for (int64_t i = 0; i < rows; ++i) {
+          const double rsum = sum_d(X + i * BWD_BN, n);
+          if (!(std::fabs(rsum - w.rref[i]) <= row_f * w.rmag[i] + ETA * static_cast<double>(n * (D + 1))))
+            bits |= bit_row;
+          add_d(w.cs.data(), X + i * BWD_BN, n);
+        }
+        for (int64_t j = 0; j < n; ++j) w.colb[j] = row_f * w.cmag[j] + col_abs;
+        for (int64_t j = 0; j < n; ++j)
+          if (!(std::fabs(w.cs[j] - w.cref[j]) <= w.colb[j])) bits |= bit_col;
+        // entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through
+        // dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i; dP_ij moves dS_ij by
+        // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.
+        const double noise = KAPPA * sqrtD * U32, floor = ETA * static_cast<double>(D + 1);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
+          const float* pi = Pm + i * BWD_BN;
+          for (int64_t j = 0; j < vis; ++j) {
+            const double p = static_cast<double>(pi[j]);
+            if (p == 0.0) continue;
+            const double reach = static_cast<double>(ascale) * std::max(w.qmax[i], w.kmax[n0 + j]);
+            double gain, harm;
+            if (which == 0) {
+              const double dpd = static_cast<double>(dP[i * BWD_BN + j]) - static_cast<double>(w.Drow[i]);
+              gain = 2.0 * (static_cast<double>(w.gmax[i]) + reach * std::fabs(dpd));
+              harm = p * std::expm1(2.0 * w.colb[j] * static_cast<double>(ascale)) * gain;
+            } else {
+              gain = 2.0 * reach;
+              harm = p * 2.0 * w.colb[j] * gain;
+            }
+            if (!(harm >= TAU_VERIFY)) continue;
+            double bound = 0.0;
+            if (entry_mismatch(A + i * D, Bt + j * D, D, X[i * BWD_BN + j], noise, floor, &bound))
+              bits |= which == 0 ? kScoreRecompute : kDpChecksum;
+            const double hidden = which == 0 ? p * std::expm1(2.0 * bound * static_cast<double>(ascale)) * gain
+                                             : p * 2.0 * bound * gain;
+            if (!(hidden < TAU_VERIFY)) (which == 0 ? again_s : again_p) = true;
+          }
+        }
+      }
+      // the product computed again where the fp64 comparison's own bound could hide harm
+      for (int which = 0; which < 2; ++which) {
+        if (!(which == 0 ? again_s : again_p)) continue;
+        gemm_rm(false, true, false, rows, n, D, which == 0 ? Qb : Gb, D, which == 0 ? Kt : Vt, D, w.S2.data(),
+                BWD_BN);
+        const float* X = which == 0 ? S : dP;
+        for (int64_t i = 0; i < rows; ++i)
+          if (std::memcmp(X + i * BWD_BN, w.S2.data() + i * BWD_BN, n * sizeof(float)) != 0)
+            bits |= which == 0 ? kScoreRecompute : kDpChecksum;
+      }
+      // the references of dQ, dK, dV for this tile (fp64)
+      gemm_f64(false, rows, G, n, w.dSd.data(), BWD_BN, w.ksg.data() + n0 * G, G, w.rq.data(), G);
+      gemm_f64(false, rows, G, n, w.dSa.data(), BWD_BN, w.kag.data() + n0 * G, G, w.mq.data(), G);
+      gemm_f64(true, n, G, rows, w.dSd.data(), BWD_BN, w.qsg.data(), G, w.rk.data() + n0 * G, G);
+      gemm_f64(true, n, G, rows, w.dSa.data(), BWD_BN, w.qag.data(), G, w.mk.data() + n0 * G, G);
+      gemm_f64(true, n, G, rows, w.Pd.data(), BWD_BN, w.gsg.data(), G, w.rv.data() + n0 * G, G);
+      gemm_f64(true, n, G, rows, w.Pd.data(), BWD_BN, w.gag.data(), G, w.mv.data() + n0 * G, G);
+    }
+    if (frow && f.site == kDq) w.dQ[fi * D + f.dim] = corrupt(w.dQ[fi * D + f.dim], f.bit, f.value);
+    memory_barrier();
+    if (abft) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const bool empty = w.m[i] == NEG_INF;
+        const double rs = w.rs[i];
+        if (!(empty ? rs == 0.0 : std::fabs(rs - 1.0) <= static_cast<double>(Mb + 8) * U32)) bits |= kRowsumInvariant;
+        if (empty) continue;
+        // rows of dS sum to sum_j P_ij dP_ij - D_i sum_j P_ij (ftattn/reference.py's rule)
+        const double Di = static_cast<double>(w.Drow[i]);
+        const double expect = w.pdp[i] - Di * rs;
+        const double tol = 2.0 * U32 * (1 + 0x1p-20) * w.tol_a[i] + 2.0 * ETA * static_cast<double>(Mb + 1) +
+                           static_cast<double>(Mb + 4) * 0x1p-52 * (w.tol_b[i] + std::fabs(Di) * rs);
+        if (!(std::fabs(w.dsum[i] - expect) <= tol)) bits |= kDsCheck;
+      }
+      int32_t qb = 0;
+      std::vector<int32_t> rowbits(rows, 0);
+      group_check(w.dQ.data(), rows, D, G, w.rq.data(), w.mq.data(), Mb, kDqChecksum, rowbits.data(), 1);
+      for (int32_t x : rowbits) qb |= x;
+      bits |= qb;
+    }
+    for (int64_t i = 0; i < rows * D; ++i) dQout[r0 * D + i] = w.dQ[i] * scale;
+    w.qbits[blk] |= bits;
+  }
+  if (fh && (f.site == kDk || f.site == kDv) && fcol >= 0 && fcol < Mb) {
+    float* x = (f.site == kDk ? dK : dV) + fcol * D + f.dim;
+    *x = corrupt(*x, f.bit, f.value);
+  }
+  memory_barrier();
+  if (abft) {
+    group_check(dK, Mb, D, G, w.rk.data(), w.mk.data(), N, kDkChecksum, w.keybits.data(), 1);
+    group_check(dV, Mb, D, G, w.rv.data(), w.mv.data(), N, kDvChecksum, w.keybits.data(), 1);
+  }
+}
+
+// Whether the task's inputs are all finite (a failed check on non-finite input is reported
+// as such and not recomputed).
+bool head_finite(const BwdProblem& P, int64_t b, int64_t h) {
+  const int64_t D = P.D, N = P.N, hk = h / (P.Hq / P.Hkv);
+  const int64_t first = P.key_first(b), Mb = P.key_count(b);
+  for (const float* x : {P.q, P.o, P.g})
+    if (!all_finite(x + (b * P.Hq + h) * N * D, N * D)) return false;
+  for (const float* x : {P.k, P.v})
+    if (!all_finite(x + ((b * P.Hkv + hk) * P.M + first) * D, Mb * D)) return false;
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& grad_out,
+    bool causal, double scale, int64_t protection, bool recompute, at::OptionalIntArrayRef fault,
+    std::optional<double> fault_value, const std::optional<at::Tensor>& key_start,
+    const std::optional<at::Tensor>& key_end) {
+  check_inputs(q, k, v);
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes(), "ftattn.attention backward: out ",
+                    out.sizes(), " and grad_out ", grad_out.sizes(), " must have q's shape ", q.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "ftattn.attention backward: scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,
+                    " must be 0 (off), 1 (abft) or 2 (full)");
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);
+  FaultSpec f;
+  if (fault.has_value()) {
+    const auto fv = *fault;
+    TORCH_CHECK_VALUE(static_cast<int64_t>(fv.size()) == kFaultFields,
+                      "ftattn: fault must be [site, batch, head, row, col, dim, bit], got ", fv.size(), " values");
+    f.active = true;
+    f.site = fv[0], f.batch = fv[1], f.head = fv[2], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
+    TORCH_CHECK_VALUE(f.site >= kBwdScores && f.site <= kDv, "ftattn: fault site ", f.site,
+                      " is not a site of attention_backward (its sites are ", int64_t{kBwdScores}, "..",
+                      int64_t{kDv}, ": bwd_scores, bwd_probs, dp, ds, dq, dk, dv)");
+    const bool keyed = f.site == kDk || f.site == kDv, dimmed = keyed || f.site == kDq;
+    TORCH_CHECK_VALUE(f.batch >= 0 && f.batch < B && f.head >= 0 && f.head < Hq &&
+                          (keyed || (f.row >= 0 && f.row < N)) && (f.site == kDq || (f.col >= 0 && f.col < M)) &&
+                          (!dimmed || (f.dim >= 0 && f.dim < D)),
+                      "ftattn: fault (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ", f.col, ", dim ",
+                      f.dim, ") is out of range for q ", q.sizes(), " and k ", k.sizes());
+    TORCH_CHECK_VALUE(f.bit >= kBitReplace && f.bit <= 31, "ftattn: fault bit ", f.bit, " must be 0..31 (or ",
+                      kBitReplace, " with fault_value)");
+    TORCH_CHECK_VALUE(f.bit != kBitReplace || fault_value.has_value(), "ftattn: fault with bit ", kBitReplace,
+                      " needs fault_value");
+    f.value = fault_value.value_or(0.0);
+  }
+  const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor qf = f32(q), kf = f32(k), vf = f32(v), of = f32(out), gf = f32(grad_out);
+  const int64_t nq = (N + kReportBlockM - 1) / kReportBlockM, nk = (M + kReportBlockM - 1) / kReportBlockM;
+  at::Tensor dq = at::zeros({B, Hq, N, D}, qf.options());
+  at::Tensor dkh = at::zeros({B, Hq, M, D}, qf.options());
+  at::Tensor dvh = at::zeros({B, Hq, M, D}, qf.options());
+  at::Tensor flags = at::zeros({B, Hq, nq + nk}, q.options().dtype(at::kInt));
+  BwdProblem P{};
+  P.q = qf.data_ptr<float>(), P.k = kf.data_ptr<float>(), P.v = vf.data_ptr<float>();
+  P.o = of.data_ptr<float>(), P.g = gf.data_ptr<float>();
+  P.dq = dq.data_ptr<float>(), P.dkh = dkh.data_ptr<float>(), P.dvh = dvh.data_ptr<float>();
+  P.flags = flags.data_ptr<int32_t>();
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nq = nq, P.nk = nk;
+  P.G = (D + BWD_GROUP - 1) / BWD_GROUP;
+  P.causal = causal;
+  P.scale = static_cast<float>(scale);
+  P.protection = static_cast<int>(protection);
+  at::Tensor starts, ends;
+  if (key_start.has_value() || key_end.has_value()) {
+    std::tie(starts, ends) = key_ranges(key_start, key_end, B, M, "ftattn.attention backward");
+    P.key_start = starts.data_ptr<int64_t>();
+    P.key_end = ends.data_ptr<int64_t>();
+  }
+  if (B * Hq > 0 && (N > 0 || M > 0)) {
+    // one task per (sample, query head), handed out from a shared counter (a thread that
+    // loses its core leaves its tasks to the others; the result does not depend on which
+    // thread runs a task)
+    const int64_t ntasks = B * Hq;
+    const int64_t work = 6 * std::max<int64_t>(N, 1) * std::max<int64_t>(M, 1) * D;  // flops per task
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(work, 1));
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), (ntasks + grain - 1) / grain);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
+      BwdScratch w(D, M, nq, P.G, protection >= 1);
+      std::vector<int32_t> first_q(nq), first_k(M);
+      for (int64_t idx = next.fetch_add(1); idx < ntasks; idx = next.fetch_add(1)) {
+        const int64_t b = idx / Hq, h = idx % Hq;
+        const int64_t key0 = P.key_first(b), Mb = P.key_count(b);
+        head_backward(P, w, b, h, f);
+        int32_t* fl = P.flags + idx * (nq + nk);
+        bool failed = false;
+        for (int64_t t = 0; t < nq; ++t) failed |= (w.qbits[t] & kCheckMask) != 0;
+        for (int64_t j = 0; j < Mb; ++j) failed |= (w.keybits[j] & kCheckMask) != 0;
+        if (failed) {
+          int32_t extra = 0;
+          if (!head_finite(P, b, h)) {
+            extra = kNonfiniteInput;
+          } else if (recompute) {
+            std::copy(w.qbits.begin(), w.qbits.end(), first_q.begin());
+            std::copy(w.keybits.begin(), w.keybits.begin() + Mb, first_k.begin());
+            head_backward(P, w, b, h, FaultSpec{});
+            for (int64_t t = 0; t < nq; ++t)
+              if (first_q[t] & kCheckMask)
+                fl[t] |= first_q[t] | ((w.qbits[t] & kCheckMask) ? kUncorrected : kCorrected);
+            for (int64_t j = 0; j < Mb; ++j)
+              if (first_k[j] & kCheckMask)
+                fl[nq + (key0 + j) / kReportBlockM] |=
+                    first_k[j] | ((w.keybits[j] & kCheckMask) ? kUncorrected : kCorrected);
+            continue;
+          }
+          for (int64_t t = 0; t < nq; ++t)
+            if (w.qbits[t] & kCheckMask) fl[t] |= w.qbits[t] | extra;
+          for (int64_t j = 0; j < Mb; ++j)
+            if (w.keybits[j] & kCheckMask) fl[nq + (key0 + j) / kReportBlockM] |= w.keybits[j] | extra;
+        }
+      }
+    });
+  }
+  const int64_t group = Hq / std::max<int64_t>(Hkv, 1);
+  at::Tensor dk = dkh.mul_(scale).view({B, Hkv, group, M, D}).sum(2);
+  at::Tensor dv = dvh.view({B, Hkv, group, M, D}).sum(2);
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), flags};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace ftattn
