@@ -41,13 +41,6 @@
 #include "attention/inputs.h"
 #include "attention/sums.h"
 
-extern "C" {
-// Fortran BLAS fp64 GEMM, as sgemm_ in attention/common.h (weak: else at::mm).
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc) __attribute__((weak));
-}
-
 namespace ftattn {
 namespace {
 
@@ -56,24 +49,6 @@ static_assert(BWD_BM == kReportBlockM, "a query block of the backward is a repor
 constexpr int64_t BWD_BN = 256;  // keys per tile
 constexpr int64_t BWD_GROUP = 16;  // head dims per checksum group of dQ, dK, dV (ftattn/reference.py)
 constexpr int64_t MAX_BWD_GROUPS = 256 / BWD_GROUP;
-
-// C[m x n] += op(A) B in fp64, row-major (A [m x k], or transposed [k x m]; B [k x n]).
-static void gemm_f64(bool a_transposed, int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
-                     const double* B, int64_t ldb, double* C, int64_t ldc) {
-  if (m == 0 || n == 0 || k == 0) return;
-  if (dgemm_ != nullptr) {
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const double one = 1.0;
-    dgemm_("N", a_transposed ? "T" : "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &one, C, &lc);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor a = a_transposed ? at::from_blob(const_cast<double*>(A), {k, m}, {lda, 1}, opts).t()
-                              : at::from_blob(const_cast<double*>(A), {m, k}, {lda, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<double*>(B), {k, n}, {ldb, 1}, opts);
-  at::from_blob(C, {m, n}, {ldc, 1}, opts).addmm_(a, b);
-}
 
 struct BwdProblem {
   const float *q, *k, *v, *o, *g;  // fp32 contiguous: q, o, g [B, Hq, N, D]; k, v [B, Hkv, M, D]
@@ -98,31 +73,37 @@ struct BwdScratch {
   std::vector<float> m, rinv, Drow, qmax, gmax;
   std::vector<double> l;
   // the checks (abft)
-  AVec<double> Pd, dSd, dSa;                     // fp64 copies of the tile of P, dS, |dS|
+  AVec<float> dSa;                               // |dS| of the tile
   std::vector<double> rs, dsum, pdp, tol_a, tol_b;  // per row, over its key tiles
   std::vector<double> qsum, qabs, gsum, gabs;    // per block [D]
-  std::vector<double> qsg, qag, gsg, gag;        // per row and group [BM x G]
-  std::vector<double> rq, mq;                    // dQ's references [BM x G]
+  std::vector<float> qg, gg;                     // per row: group sums of q, then of |q| [BM x 2G]; dO's
+  std::vector<float> rq, mq;                      // dQ's references [BM x G]
   std::vector<double> rref, rmag, cref, cmag, cs;  // a tile's row / column references
   std::vector<double> colb;
+  std::vector<float> grow, harm;  // per key of the tile
   // per key of the task's key head
   std::vector<float> kmax;
-  std::vector<double> ksg, kag, tks, tka, tvs, tva;  // per key and group; per tile [D]
-  std::vector<double> rk, mk, rv, mv;                // dK / dV references [Mb x G]
+  std::vector<float> kg;                             // per key: group sums of k, then of |k| [Mb x 2G]
+  std::vector<double> tks, tka, tvs, tva;            // per tile [D]
+  std::vector<float> rk, mk, rvm;                    // dK's references [Mb x G]; dV's [Mb x 2G]
   std::vector<int32_t> keybits, qbits;
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
       : S(BWD_BM * BWD_BN), S2(BWD_BM * BWD_BN), Pm(BWD_BM * BWD_BN), dP(BWD_BM * BWD_BN), dS(BWD_BM * BWD_BN),
         dQ(BWD_BM * D), m(BWD_BM), rinv(BWD_BM), Drow(BWD_BM), qmax(BWD_BM), gmax(BWD_BM), l(BWD_BM),
         keybits(M), qbits(nq) {
     if (!abft) return;
-    for (auto* x : {&Pd, &dSd, &dSa}) x->resize(BWD_BM * BWD_BN);
+    dSa.resize(BWD_BM * BWD_BN);
     for (auto* x : {&rs, &dsum, &pdp, &tol_a, &tol_b, &rref, &rmag}) x->resize(BWD_BM);
     for (auto* x : {&qsum, &qabs, &gsum, &gabs}) x->resize(D);
-    for (auto* x : {&qsg, &qag, &gsg, &gag, &rq, &mq}) x->resize(BWD_BM * G);
+    for (auto* x : {&qg, &gg}) x->resize(BWD_BM * 2 * G);
+    for (auto* x : {&rq, &mq}) x->resize(BWD_BM * G);
     for (auto* x : {&cref, &cmag, &cs, &colb}) x->resize(BWD_BN);
+    grow.resize(BWD_BN);
+    harm.resize(BWD_BN);
     const int64_t ntiles = (M + BWD_BN - 1) / BWD_BN;
     kmax.resize(M);
-    for (auto* x : {&ksg, &kag, &rk, &mk, &rv, &mv}) x->resize(M * G);
+    for (auto* x : {&kg, &rvm}) x->resize(M * 2 * G);
+    for (auto* x : {&rk, &mk}) x->resize(M * G);
     for (auto* x : {&tks, &tka, &tvs, &tva}) x->resize(std::max<int64_t>(ntiles, 1) * D);
   }
 };
@@ -134,10 +115,17 @@ struct BwdScratch {
 // normaliser l rescaled to it, plus sum_{j < vis} exp(S_j scale - m) (fp64).
 FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float scale, float* m, double* l) {
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < vis; ++j) {
-    const float s = S[j] * scale;
+  vec::f16 mxv = vec::f16{} + mx;
+  int64_t t = 0;
+  for (; t + vec::W <= vis; t += vec::W) {
+    const vec::f16 s = vec::load(S + t) * scale;
+    mxv = s > mxv ? s : mxv;  // (NaN never enters a lane)
+  }
+  for (; t < vis; ++t) {
+    const float s = S[t] * scale;
     mx = s > mx ? s : mx;
   }
+  mx = vec::hmax(mxv) > mx ? vec::hmax(mxv) : mx;
   if (!(mx > *m)) mx = *m;  // (NaN scores leave the max: their p is NaN, and so the gradients)
   if (mx == -std::numeric_limits<float>::infinity()) return;
   double sum = 0.0;
@@ -199,8 +187,7 @@ FTATTN_CLONES static bool ds_dmr_fails(const float* __restrict P, const float* _
 // A row's sums for the P and dS checks (fp64, over the visible keys) and its fp64 copies
 // of P, dS and |dS| for the references of dQ, dK and dV; false when some p is out of [0, 1].
 FTATTN_CLONES static bool row_sums(const float* __restrict P, const float* __restrict dP, const float* __restrict dS,
-                                   int64_t n, int64_t vis, float Di, double* __restrict Pd, double* __restrict dSd,
-                                   double* __restrict dSa, double* acc) {
+                                   int64_t n, int64_t vis, float Di, float* __restrict dSa, double* acc) {
   double rs = 0.0, ds = 0.0, pdp = 0.0, ta = 0.0, tb = 0.0;
   int bad = 0;
   const double D = static_cast<double>(Di);
@@ -209,9 +196,7 @@ FTATTN_CLONES static bool row_sums(const float* __restrict P, const float* __res
     const double p = static_cast<double>(P[j]), dp = static_cast<double>(dP[j]), s = static_cast<double>(dS[j]);
     const bool on = j < vis;
     bad |= !(P[j] >= 0.f && P[j] <= 1.f);
-    Pd[j] = p;
-    dSd[j] = s;
-    dSa[j] = std::fabs(s);
+    dSa[j] = std::fabs(dS[j]);
     rs += p;
     ds += s;
     pdp += on ? p * dp : 0.0;
@@ -222,10 +207,38 @@ FTATTN_CLONES static bool row_sums(const float* __restrict P, const float* __res
   return bad == 0;
 }
 
-// Per row r of X [n x D]: the sums of its groups of BWD_GROUP dims, xs[r * G + g] and
-// |x| xa[r * G + g] (fp64), and its largest |x|.
+// For the keys j < vis of a row: harm[j], a bound on what a fault the column check misses
+// can do to the gradients through entry j (see head_backward: grow[j] = e^{2 colb_j scale}
+// - 1 for S, 2 colb_j for dP, raised by 2^-10 against fp32 rounding here); returns the
+// largest (NaN: infinity, so that the row is verified).
+FTATTN_CLONES static float harm_bounds(const float* __restrict p, const float* __restrict dP,
+                                       const float* __restrict grow, const float* __restrict kmax, int64_t vis,
+                                       bool scores, float Di, float gmax, float qmax, float ascale,
+                                       float* __restrict harm) {
+  float hi = 0.f;
+  if (scores) {
+#pragma omp simd reduction(max : hi)
+    for (int64_t j = 0; j < vis; ++j) {
+      const float reach = ascale * (kmax[j] > qmax ? kmax[j] : qmax);
+      const float h = p[j] * grow[j] * (2.f * (gmax + reach * std::fabs(dP[j] - Di)));
+      harm[j] = h == h ? h : std::numeric_limits<float>::infinity();
+      hi = harm[j] > hi ? harm[j] : hi;
+    }
+  } else {
+#pragma omp simd reduction(max : hi)
+    for (int64_t j = 0; j < vis; ++j) {
+      const float h = p[j] * grow[j] * (2.f * ascale * (kmax[j] > qmax ? kmax[j] : qmax));
+      harm[j] = h == h ? h : std::numeric_limits<float>::infinity();
+      hi = harm[j] > hi ? harm[j] : hi;
+    }
+  }
+  return hi;
+}
+
+// Per row r of X [n x D]: the sums of its groups of BWD_GROUP dims, xg[r * 2G + g], then
+// those of |x|, xg[r * 2G + G + g] (fp64, rounded to fp32), and its largest |x|.
 FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64_t D, int64_t G,
-                                     double* __restrict xs, double* __restrict xa, float* __restrict xmax) {
+                                     float* __restrict xg, float* __restrict xmax) {
   for (int64_t r = 0; r < n; ++r) {
     const float* x = X + r * D;
     float mx = 0.f;
@@ -237,28 +250,32 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
         a += std::fabs(static_cast<double>(x[d]));
         mx = std::fabs(x[d]) > mx ? std::fabs(x[d]) : mx;
       }
-      xs[r * G + g] = s;
-      xa[r * G + g] = a;
+      xg[r * 2 * G + g] = static_cast<float>(s);
+      xg[r * 2 * G + G + g] = static_cast<float>(a);
     }
     xmax[r] = mx;
   }
 }
 
-// Rows r of acc [n x D] whose group sums disagree with ref [n x G] beyond
-// kappa u sqrt(K + 2) mag + ETA (|g| + 2)(K + 2) (K: the inner dimension summed).
-static void group_check(const float* acc, int64_t n, int64_t D, int64_t G, const double* ref, const double* mag,
-                        int64_t K, int32_t bit, int32_t* bits, int64_t bits_stride) {
-  const double f = KAPPA * U32 * std::sqrt(static_cast<double>(K + 2));
+// The rows r of acc [n x D] whose group sums disagree with their references ref[r * ldr + g]
+// (fp32 GEMMs of the same K terms over the group sums of the other operand) beyond
+// (2 kappa sqrt(K + 2) + 2) u mag[r * ldm + g] + ETA (|g| + 2)(K + 2): each side's rounding
+// (kappa u sqrt(K + 2) relative to the sum of magnitudes, as ftattn/reference.py's bound for
+// one side) and the rounding of the group sums to fp32. bits[r] |= bit for those rows.
+static void group_check(const float* acc, int64_t n, int64_t D, int64_t G, const float* ref, int64_t ldr,
+                        const float* mag, int64_t ldm, int64_t K, int32_t bit, int32_t* bits) {
+  const double f = (2.0 * KAPPA * std::sqrt(static_cast<double>(K + 2)) + 2.0) * U32;
   for (int64_t r = 0; r < n; ++r) {
     bool bad = false;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t d0 = g * BWD_GROUP, d1 = std::min<int64_t>(D, d0 + BWD_GROUP);
       double s = 0.0;
       for (int64_t d = d0; d < d1; ++d) s += static_cast<double>(acc[r * D + d]);
-      const double bound = f * mag[r * G + g] + ETA * static_cast<double>((d1 - d0 + 2) * (K + 2));
-      bad |= !(std::fabs(s - ref[r * G + g]) <= bound);
+      const double bound =
+          f * static_cast<double>(mag[r * ldm + g]) + ETA * static_cast<double>((d1 - d0 + 2) * (K + 2));
+      bad |= !(std::fabs(s - static_cast<double>(ref[r * ldr + g])) <= bound);
     }
-    if (bad) bits[r * bits_stride] |= bit;
+    if (bad) bits[r] |= bit;
   }
 }
 
@@ -289,8 +306,10 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   std::fill(w.keybits.begin(), w.keybits.begin() + Mb, 0);
   const int64_t ntiles = (Mb + BWD_BN - 1) / BWD_BN;
   if (abft && Mb > 0) {
-    group_sums(K, Mb, D, G, w.ksg.data(), w.kag.data(), w.kmax.data());
-    for (auto* x : {&w.rk, &w.mk, &w.rv, &w.mv}) std::fill(x->begin(), x->begin() + Mb * G, 0.0);
+    group_sums(K, Mb, D, G, w.kg.data(), w.kmax.data());
+    std::fill(w.rk.begin(), w.rk.begin() + Mb * G, 0.f);
+    std::fill(w.mk.begin(), w.mk.begin() + Mb * G, 0.f);
+    std::fill(w.rvm.begin(), w.rvm.begin() + Mb * 2 * G, 0.f);
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t n0 = t * BWD_BN, n = std::min(BWD_BN, Mb - n0);
       double *ks = w.tks.data() + t * D, *ka = w.tka.data() + t * D, *vs = w.tvs.data() + t * D,
@@ -323,15 +342,15 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     std::fill(w.dQ.begin(), w.dQ.begin() + rows * D, 0.f);
     if (abft) {
       for (auto* x : {&w.rs, &w.dsum, &w.pdp, &w.tol_a, &w.tol_b}) std::fill(x->begin(), x->end(), 0.0);
-      std::fill(w.rq.begin(), w.rq.end(), 0.0);
-      std::fill(w.mq.begin(), w.mq.end(), 0.0);
+      std::fill(w.rq.begin(), w.rq.end(), 0.f);
+      std::fill(w.mq.begin(), w.mq.end(), 0.f);
       for (auto* x : {&w.qsum, &w.qabs, &w.gsum, &w.gabs}) std::fill(x->begin(), x->end(), 0.0);
       for (int64_t i = 0; i < rows; ++i) {
         add_d(w.qsum.data(), Qb + i * D, D), add_abs_d(w.qabs.data(), Qb + i * D, D);
         add_d(w.gsum.data(), Gb + i * D, D), add_abs_d(w.gabs.data(), Gb + i * D, D);
       }
-      group_sums(Qb, rows, D, G, w.qsg.data(), w.qag.data(), w.qmax.data());
-      group_sums(Gb, rows, D, G, w.gsg.data(), w.gag.data(), w.gmax.data());
+      group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
+      group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());
     }
     // ---- pass 1: each row's max and normaliser over its visible keys ----
     for (int64_t n0 = 0; n0 < kv_end; n0 += BWD_BN) {
@@ -381,7 +400,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
         double acc[5] = {0, 0, 0, 0, 0};
         if (!row_sums(Pm + i * BWD_BN, dP + i * BWD_BN, dS + i * BWD_BN, n, vis, w.Drow[i],
-                      w.Pd.data() + i * BWD_BN, w.dSd.data() + i * BWD_BN, w.dSa.data() + i * BWD_BN, acc))
+                      w.dSa.data() + i * BWD_BN, acc))
           bits |= kProbsRange;
         w.rs[i] += acc[0], w.dsum[i] += acc[1], w.pdp[i] += acc[2], w.tol_a[i] += acc[3], w.tol_b[i] += acc[4];
         if (full && vis > 0) {
@@ -415,24 +434,25 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         // entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through
         // dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i; dP_ij moves dS_ij by
         // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.
+        for (int64_t j = 0; j < n; ++j)
+          w.grow[j] = static_cast<float>((which == 0 ? std::expm1(2.0 * w.colb[j] * static_cast<double>(ascale))
+                                                     : 2.0 * w.colb[j]) * (1.0 + 0x1p-10));
         const double noise = KAPPA * sqrtD * U32, floor = ETA * static_cast<double>(D + 1);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
           const float* pi = Pm + i * BWD_BN;
+          float* harm = w.harm.data();
+          if (!(harm_bounds(pi, dP + i * BWD_BN, w.grow.data(), w.kmax.data() + n0, vis, which == 0, w.Drow[i],
+                            w.gmax[i], w.qmax[i], ascale, harm) >= static_cast<float>(TAU_VERIFY)))
+            continue;  // (most rows: no entry to verify)
           for (int64_t j = 0; j < vis; ++j) {
+            if (!(harm[j] >= static_cast<float>(TAU_VERIFY))) continue;
             const double p = static_cast<double>(pi[j]);
-            if (p == 0.0) continue;
             const double reach = static_cast<double>(ascale) * std::max(w.qmax[i], w.kmax[n0 + j]);
-            double gain, harm;
-            if (which == 0) {
-              const double dpd = static_cast<double>(dP[i * BWD_BN + j]) - static_cast<double>(w.Drow[i]);
-              gain = 2.0 * (static_cast<double>(w.gmax[i]) + reach * std::fabs(dpd));
-              harm = p * std::expm1(2.0 * w.colb[j] * static_cast<double>(ascale)) * gain;
-            } else {
-              gain = 2.0 * reach;
-              harm = p * 2.0 * w.colb[j] * gain;
-            }
-            if (!(harm >= TAU_VERIFY)) continue;
+            const double gain = which == 0 ? 2.0 * (static_cast<double>(w.gmax[i]) +
+                                                    reach * std::fabs(static_cast<double>(dP[i * BWD_BN + j]) -
+                                                                      static_cast<double>(w.Drow[i])))
+                                           : 2.0 * reach;
             double bound = 0.0;
             if (entry_mismatch(A + i * D, Bt + j * D, D, X[i * BWD_BN + j], noise, floor, &bound))
               bits |= which == 0 ? kScoreRecompute : kDpChecksum;
@@ -453,12 +473,13 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
             bits |= which == 0 ? kScoreRecompute : kDpChecksum;
       }
       // the references of dQ, dK, dV for this tile (fp64)
-      gemm_f64(false, rows, G, n, w.dSd.data(), BWD_BN, w.ksg.data() + n0 * G, G, w.rq.data(), G);
-      gemm_f64(false, rows, G, n, w.dSa.data(), BWD_BN, w.kag.data() + n0 * G, G, w.mq.data(), G);
-      gemm_f64(true, n, G, rows, w.dSd.data(), BWD_BN, w.qsg.data(), G, w.rk.data() + n0 * G, G);
-      gemm_f64(true, n, G, rows, w.dSa.data(), BWD_BN, w.qag.data(), G, w.mk.data() + n0 * G, G);
-      gemm_f64(true, n, G, rows, w.Pd.data(), BWD_BN, w.gsg.data(), G, w.rv.data() + n0 * G, G);
-      gemm_f64(true, n, G, rows, w.Pd.data(), BWD_BN, w.gag.data(), G, w.mv.data() + n0 * G, G);
+      const int64_t G2 = 2 * G;
+      const float* kg = w.kg.data() + n0 * G2;
+      gemm_rm(false, false, true, rows, G, n, dS, BWD_BN, kg, G2, w.rq.data(), G);
+      gemm_rm(false, false, true, rows, G, n, w.dSa.data(), BWD_BN, kg + G, G2, w.mq.data(), G);
+      gemm_rm(true, false, true, n, G, rows, dS, BWD_BN, w.qg.data(), G2, w.rk.data() + n0 * G, G);
+      gemm_rm(true, false, true, n, G, rows, w.dSa.data(), BWD_BN, w.qg.data() + G, G2, w.mk.data() + n0 * G, G);
+      gemm_rm(true, false, true, n, G2, rows, Pm, BWD_BN, w.gg.data(), G2, w.rvm.data() + n0 * G2, G2);
     }
     if (frow && f.site == kDq) w.dQ[fi * D + f.dim] = corrupt(w.dQ[fi * D + f.dim], f.bit, f.value);
     memory_barrier();
@@ -477,7 +498,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       }
       int32_t qb = 0;
       std::vector<int32_t> rowbits(rows, 0);
-      group_check(w.dQ.data(), rows, D, G, w.rq.data(), w.mq.data(), Mb, kDqChecksum, rowbits.data(), 1);
+      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, w.mq.data(), G, Mb, kDqChecksum, rowbits.data());
       for (int32_t x : rowbits) qb |= x;
       bits |= qb;
     }
@@ -490,8 +511,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   }
   memory_barrier();
   if (abft) {
-    group_check(dK, Mb, D, G, w.rk.data(), w.mk.data(), N, kDkChecksum, w.keybits.data(), 1);
-    group_check(dV, Mb, D, G, w.rv.data(), w.mv.data(), N, kDvChecksum, w.keybits.data(), 1);
+    group_check(dK, Mb, D, G, w.rk.data(), G, w.mk.data(), G, N, kDkChecksum, w.keybits.data());
+    group_check(dV, Mb, D, G, w.rvm.data(), 2 * G, w.rvm.data() + G, 2 * G, N, kDvChecksum, w.keybits.data());
   }
 }
 
