@@ -40,17 +40,19 @@ test: install
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only
 
-# the attention grid of one device, its JSON, markdown table and plot under
+# the attention grid of one device (forward; forward + backward), its JSON, markdown table and plot under
 # benchmarks/results/ (the leading - keeps the report when a target is missed)
 bench-cpu: install
 	-$(BIN)/python -m pytest benchmarks/test_bench_attention.py --benchmark-only --bench-device=cpu \
 		--benchmark-json=benchmarks/results/attention_cpu.json
 	$(BIN)/python -m ftattn bench-report benchmarks/results/attention_cpu.json --out benchmarks/results/
+	-$(BIN)/python -m pytest benchmarks/test_bench_attention_backward.py --benchmark-only --bench-device=cpu
 
 bench-gpu: install
 	-$(BIN)/python -m pytest benchmarks/test_bench_attention.py --benchmark-only --bench-device=cuda \
 		--benchmark-json=benchmarks/results/attention_cuda.json
 	$(BIN)/python -m ftattn bench-report benchmarks/results/attention_cuda.json --out benchmarks/results/
+	-$(BIN)/python -m pytest benchmarks/test_bench_attention_backward.py --benchmark-only --bench-device=cuda
 
 clean:
 	rm -rf build *.egg-info ftattn/_C*.so $(VENV)

@@ -70,6 +70,15 @@ def _triton_kernel():
     return launcher
 
 
+def _triton_backward():
+    """The Triton backward's launcher (ftattn/_launch/attention_backward.py)."""
+    try:
+        from ._launch import attention_backward as launcher
+    except ImportError as exc:
+        raise NotImplementedError(f"backend='triton' cannot run here: the Triton kernel does not import: {exc}") from exc
+    return launcher
+
+
 def _cpp_reason(device: torch.device) -> Optional[str]:
     return backends.extension_reason(device, "attention_fwd")
 
@@ -310,14 +319,17 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
 
 def _run_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault, fault_value, key_start,
              key_end, backend="auto"):
-    """(dq, dk, dv, flags) of the checked backward: the op ``attention_bwd`` (C++ on CPU;
-    the reference's kernel on CUDA for now), or the reference itself for backend
-    "reference"."""
+    """(dq, dk, dv, flags) of the checked backward: the op ``attention_bwd`` (C++ on CPU,
+    Triton on CUDA), the Triton kernel under the interpreter for backend "triton" on CPU, or
+    the reference itself for backend "reference"."""
     if backend == "reference":
         from .reference import attention_backward_reference
 
         return attention_backward_reference(q, k, v, out, grad_out, causal, scale, protection, recompute, fault,
                                             fault_value, key_start, key_end)
+    if backend == "triton" and q.device.type == "cpu":  # (the Triton interpreter)
+        return _triton_backward().attention_bwd(q, k, v, out, grad_out.contiguous(), causal, scale, protection,
+                                                recompute, fault, fault_value, key_start, key_end)
     return torch.ops.ftattn.attention_bwd(q, k, v, out, grad_out.contiguous(), causal, scale, protection, recompute,
                                           fault, fault_value, key_start, key_end)
 
@@ -389,6 +401,9 @@ def _register_kernels() -> None:
         if fault is not None:
             B, Hq, N, D = q.shape
             check_backward_fault_encoding(fault, fault_value, B, Hq, N, k.shape[2], D)
+        if backends.triton_reason(q.device) is None:
+            return _triton_backward().attention_bwd(q, k, v, out, grad_out, causal, scale, int(protection),
+                                                    recompute, fault, fault_value, key_start, key_end)
         from .reference import attention_backward_reference
 
         return attention_backward_reference(q, k, v, out, grad_out, causal, scale, int(protection), recompute,

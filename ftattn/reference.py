@@ -410,7 +410,6 @@ def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float,
     gradients then equal the clean ones bit for bit)."""
     B, Hq, N, D = q.shape
     M = k.shape[2]
-    group = Hq // k.shape[1]
     if key_start is not None:  # each sample on its own keys, the fault's key moved to them
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -438,6 +437,23 @@ def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float,
         result = _backward(q, k, v, out, dout, causal, scale, protection, fault, fault_value)
     dq, dk, dv, qflags, keybits = result
     flags = torch.cat([qflags, _key_blocks(keybits, M)], dim=2)
+
+    def rerun():
+        return attention_backward_reference(q, k, v, out, dout, causal, scale, protection, False, None, None,
+                                            key_start, key_end)
+
+    return settle_backward(q, k, v, out, dout, (dq, dk, dv), flags, recompute, rerun)
+
+
+def settle_backward(q, k, v, out, dout, grads, flags, recompute: bool, rerun):
+    """A checked backward's end, for every kernel: failed checks on non-finite inputs are
+    reported as such (NONFINITE_INPUT, never recomputed); otherwise, with ``recompute``,
+    the whole backward runs again without the fault (``rerun()`` -> (dq, dk, dv, flags):
+    deterministic, so the gradients equal the clean ones bit for bit) and each failed block
+    is marked CORRECTED, or UNCORRECTED where the second run fails it too. Returns (dq, dk,
+    dv) in the inputs' dtypes and the flags."""
+    dq, dk, dv = grads
+    group = q.shape[1] // k.shape[1]
     failed = (flags & CHECK_MASK) != 0
     if bool(failed.any()):
         finite = (q.isfinite().all(-1).all(-1) & out.isfinite().all(-1).all(-1) & dout.isfinite().all(-1).all(-1)
@@ -446,12 +462,11 @@ def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float,
         flags |= nonfinite.to(torch.int32) * int(Check.NONFINITE_INPUT)
         redo = failed & ~nonfinite
         if recompute and bool(redo.any()):
-            clean = attention_backward_reference(q, k, v, out, dout, causal, scale, protection, False, None, None,
-                                                 key_start, key_end)
+            clean = rerun()
             again = (clean[3] & CHECK_MASK) != 0
             flags |= (redo & ~again).to(torch.int32) * int(Check.CORRECTED)
             flags |= (redo & again).to(torch.int32) * int(Check.UNCORRECTED)
-            dq, dk, dv = clean[0].float(), clean[1].float(), clean[2].float()
+            dq, dk, dv = clean[0], clean[1], clean[2]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), flags
 
 

@@ -1,0 +1,81 @@
+"""The launcher of the Triton attention backward (ftattn.kernels.attention_backward): the
+Triton implementation of ``ftattn::attention_bwd``, on CUDA tensors, or CPU tensors under
+the Triton interpreter (TRITON_INTERPRET=1). Inputs are validated by the caller
+(ftattn/attention.py); the fault encoding by ftattn/contract.py.
+
+A failed check recomputes the whole backward (``reference.settle_backward``: the flags are
+read on the host, unlike the forward's replay kernel). Per-sample key ranges run on the
+reference's ops for now.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+
+from ..contract import BIT_REPLACE, REPORT_BLOCK_M, Site, check_backward_fault_encoding
+from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep
+
+__all__ = ["attention_bwd"]
+
+BLOCK = 64  # query rows and keys per program: one report block each (ftattn/contract.py)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
+    B, Hq, N, D = qf.shape
+    Hkv, M = kf.shape[1], kf.shape[2]
+    group = Hq // Hkv
+    nq, nk = triton.cdiv(N, REPORT_BLOCK_M), triton.cdiv(M, REPORT_BLOCK_M)
+    dev = qf.device
+    dq = torch.zeros((B, Hq, N, D), dtype=torch.float32, device=dev)
+    dkh = torch.zeros((B, Hq, M, D), dtype=torch.float32, device=dev)
+    dvh = torch.zeros((B, Hq, M, D), dtype=torch.float32, device=dev)
+    flags = torch.zeros((B, Hq, nq + nk), dtype=torch.int32, device=dev)
+    if B * Hq > 0 and N > 0 and M > 0:
+        inject = fault is not None
+        fargs = (0, -1, -1, -1, 0, 0, 0, 0.0)
+        if inject:
+            site, b, h, row, col, dim, bit = (int(x) for x in fault)
+            replace = bit == BIT_REPLACE
+            xor = 0 if replace else ((1 << bit) if bit < 31 else -(1 << 31))
+            fargs = (site, b * Hq + h, row if site not in (Site.DK, Site.DV) else -1,
+                     col if site != Site.DQ else -1, dim, xor, int(replace),
+                     float(fault_value) if replace else 0.0)
+        mrow = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
+        rinv = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
+        delta = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
+        meta = dict(INTERPRETER_CONFIG) if dev.type == "cpu" else {"num_warps": 4, "num_stages": 2}
+        meta.update(BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+        shape = dict(HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), CAUSAL=bool(causal))
+        _bwd_prep[(nq, B * Hq)](qf, kf, of, gf, mrow, rinv, delta, Hq, group, N, M, float(scale), **shape, **meta)
+        _bwd_dq[(nq, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dq, flags, Hq, group, N, M, nq + nk, float(scale),
+                              *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **meta)
+        _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, Hq, group, N, M, nq, nq + nk,
+                                float(scale), *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **meta)
+    dk = (dkh * scale).view(B, Hkv, group, M, D).sum(2)
+    dv = dvh.view(B, Hkv, group, M, D).sum(2)
+    return dq, dk, dv, flags
+
+
+def attention_bwd(q, k, v, out, grad_out, causal: bool, scale: float, protection: int, recompute: bool,
+                  fault: Optional[List[int]] = None, fault_value: Optional[float] = None,
+                  key_start: Optional[torch.Tensor] = None, key_end: Optional[torch.Tensor] = None):
+    """The Triton implementation of ``ftattn::attention_bwd``: (dq, dk, dv in the inputs'
+    dtypes, flags int32 [B, Hq, ceil(N / 64) + ceil(M / 64)])."""
+    from ..reference import attention_backward_reference, settle_backward
+
+    if key_start is not None:
+        return attention_backward_reference(q, k, v, out, grad_out, causal, scale, protection, recompute, fault,
+                                            fault_value, key_start, key_end)
+    B, Hq, N, D = q.shape
+    if fault is not None:
+        check_backward_fault_encoding(fault, fault_value, B, Hq, N, k.shape[2], D)
+    f32 = [t.float().contiguous() for t in (q, k, v, out, grad_out)]
+    dq, dk, dv, flags = _run(*f32, causal, scale, protection, fault, fault_value)
+    rerun = lambda: _run(*f32, causal, scale, protection, None, None)  # noqa: E731
+    return settle_backward(q, k, v, out, grad_out, (dq, dk, dv), flags, recompute, rerun)

@@ -1,0 +1,334 @@
+"""
+Fault-tolerant attention backward (Triton)
+==========================================
+
+Algorithm: the flash-attention 2 backward (Dao 2023; the Triton tutorial
+06-fused-attention.py's split into a dK/dV pass and a dQ pass, no atomics, so the
+gradients are deterministic). Three launches on fp32 copies of the inputs (IEEE fp32
+products, never tf32: the checks' thresholds assume u = 2^-24):
+  _bwd_prep   one program per (BLOCK_M query rows, batch x query head): each row's
+              max and normaliser over its visible keys (the forward does not keep them)
+              and D_i = dO_i . O_i;
+  _bwd_dq     the same programs: per key tile S = Q K^T, P = exp(S scale - m) / l,
+              dP = dO V^T, dS = P (dP - D), dQ += dS K;
+  _bwd_dkdv   one program per (BLOCK_N keys, batch x query head): per query tile the
+              transposed products, dV += P^T dO, dK += dS^T Q, into a buffer per query
+              head (the heads of a GQA group are summed after, in a fixed order).
+Extra memory O(B * H * (N + M) * D): never an N x M matrix.
+
+Checks (the C++ kernel's, csrc/attention_bwd_cpu.cpp, as far as a program sees them):
+  _bwd_dq (a row's keys all pass through one program):
+    S and dP: row checksums per tile, sum_j S_ij vs q_i . sum_j k_j;
+    P in [0, 1], each row summing to 1 over its visible keys (0 for a row with none);
+    dS: each row's sum against sum_j P dP - D sum_j P;
+    dQ: checksums per group of 16 head dims, sum_{d in g} dQ_id vs sum_j dS_ij
+        (sum_{d in g} k_jd), made by a product of the same tiles beside dQ's.
+  _bwd_dkdv (a key's queries all pass through one program, a row's keys do not):
+    S and dP: column checksums per tile, sum_i S_ij vs (sum_i q_i) . k_j;
+    P in [0, 1] and (the row sums being out of reach) P's second computation (a
+        polynomial exp on the FMA pipes against exp2) and dS's (P dP - P D) at abft too;
+    dK, dV: checksums per group of 16 head dims, as dQ's.
+  full adds the second P and dS in _bwd_dq as well.
+Not yet (the C++ kernel has them): the verification of the S / dP entries a fault within
+the checksums' bounds could still move harmfully (outlier channels), and 16-bit products
+on tensor cores (inputs are converted to fp32).
+
+Fault injection (constexpr INJECT): bwd_scores / bwd_probs / dp / ds hit the value in
+_bwd_dq's recomputation when the fault's dim is even, in _bwd_dkdv's when it is odd (each
+pass recomputes them; the contract leaves dim unused for these sites); dq, dk, dv hit the
+accumulator at the end of its loop.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..contract import Check, Site
+from .attention import KAPPA, LN2, LOG2E, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly
+
+# the check bits and backward sites of ftattn/contract.py as constexprs
+for _c in Check:
+    globals()[_c.name] = tl.constexpr(int(_c))
+for _s in Site:
+    globals()[f"SITE_{_s.name}"] = tl.constexpr(int(_s))
+del _c, _s
+
+GROUP_DIMS = tl.constexpr(16)  # head dims per checksum group of dQ, dK, dV (the C++ kernel's BWD_GROUP)
+# the range check's top: 1 and a few roundings (S^T = K Q^T in the dK / dV pass may round a
+# score up from the one the row's max was taken of, so its P can exceed 1 by a few u)
+P_MAX = tl.constexpr(1.0 + 2.0**-20)
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def _groups(offs_d, HEAD_DIM: tl.constexpr):
+    """E [D_PAD, 16]: E_dg = 1 when head dim d is in group g (d // 16 == g), so X E sums
+    each row of X over its groups (D <= 256: at most 16 groups)."""
+    g = tl.arange(0, 16)
+    return ((offs_d[:, None] // GROUP_DIMS == g[None, :]) & (offs_d[:, None] < HEAD_DIM)).to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _bwd_prep(Q, K, O, DO, MROW, RINV, DELTA, H, GROUP, N, M, scale,  #
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    bk = b * (H // GROUP) + h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok, d_ok = offs_m < N, offs_d < HEAD_DIM
+    rmask = row_ok[:, None] & d_ok[None, :]
+    rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + rows, mask=rmask, other=0.0)
+    shift = M - N
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    hi = M
+    if CAUSAL:
+        hi = tl.minimum(M, tl.maximum(0, (pid_m + 1) * BLOCK_M + shift))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        key_ok = cols < M
+        k = tl.load(K + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        s = _dot(q, tl.trans(k)) * (scale * LOG2E)
+        vis = key_ok[None, :]
+        if CAUSAL:
+            vis = vis & (cols[None, :] <= offs_m[:, None] + shift)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        dead = m_new == float("-inf")
+        alpha = tl.where(dead, 1.0, tl.math.exp2(m_i - tl.where(dead, 0.0, m_new)))
+        p = tl.where(vis & ~dead[:, None], tl.math.exp2(s - tl.where(dead, 0.0, m_new)[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    # each row's max (log2 units) and 1 / its normaliser: P = exp2(s - m) / l, the argument
+    # exact near the max (from a log-sum-exp, s - lse kept the rounding of |lse|: at
+    # logits ~1e3 a row of P summed to 1 +- 1e-4); a row with no visible key: 0 and 0
+    empty = m_i == float("-inf")
+    o = tl.load(O + rows, mask=rmask, other=0.0)
+    do = tl.load(DO + rows, mask=rmask, other=0.0)
+    tl.store(MROW + bh * N + offs_m, tl.where(empty, 0.0, m_i), mask=row_ok)
+    tl.store(RINV + bh * N + offs_m, tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i)), mask=row_ok)
+    tl.store(DELTA + bh * N + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, scale,  #
+            f_site, f_bh, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    bk = b * (H // GROUP) + h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok, d_ok = offs_m < N, offs_d < HEAD_DIM
+    rmask = row_ok[:, None] & d_ok[None, :]
+    rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + rows, mask=rmask, other=0.0)
+    do = tl.load(DO + rows, mask=rmask, other=0.0)
+    mrow = tl.load(MROW + bh * N + offs_m, mask=row_ok, other=0.0)
+    rinv = tl.load(RINV + bh * N + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+    shift = M - N
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    bits = tl.zeros([BLOCK_M], tl.int32)
+    rs = tl.zeros([BLOCK_M], tl.float32)
+    dsum = tl.zeros([BLOCK_M], tl.float32)
+    pdp = tl.zeros([BLOCK_M], tl.float32)
+    ta = tl.zeros([BLOCK_M], tl.float32)
+    tb = tl.zeros([BLOCK_M], tl.float32)
+    refq = tl.zeros([BLOCK_M, 16], tl.float32)
+    magq = tl.zeros([BLOCK_M, 16], tl.float32)
+    E = _groups(offs_d, HEAD_DIM)
+    # roundings on both sides of a row checksum
+    row_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_N + 2, tl.float32))
+    hit_rows = (offs_m[:, None] == f_row) & (bh == f_bh) & (f_dim % 2 == 0)
+    hi = M
+    if CAUSAL:
+        hi = tl.minimum(M, tl.maximum(0, (pid_m + 1) * BLOCK_M + shift))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        key_ok = cols < M
+        kmask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
+        vis = key_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            vis = vis & (cols[None, :] <= offs_m[:, None] + shift)
+        hit = hit_rows & (cols[None, :] == f_col)
+        s = _dot(q, tl.trans(k))
+        if INJECT:
+            s = tl.where(hit & (f_site == SITE_BWD_SCORES), _corrupt(s, f_xor, f_use_value, f_value), s)
+        x2 = s * (scale * LOG2E) - mrow[:, None]
+        p = tl.where(vis, tl.math.exp2(x2) * rinv[:, None], 0.0)
+        if INJECT:
+            p = tl.where(hit & (f_site == SITE_BWD_PROBS), _corrupt(p, f_xor, f_use_value, f_value), p)
+        dp = _dot(do, tl.trans(v))
+        if INJECT:
+            dp = tl.where(hit & (f_site == SITE_DP), _corrupt(dp, f_xor, f_use_value, f_value), dp)
+        ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+        if INJECT:
+            ds = tl.where(hit & (f_site == SITE_DS), _corrupt(ds, f_xor, f_use_value, f_value), ds)
+        acc = tl.dot(ds, k, acc, input_precision="ieee")
+        if PROTECTION >= 1:
+            # S and dP: row checksums of the tile
+            for which in tl.static_range(2):
+                if which == 0:
+                    a, bt, x, bit = q, k, s, ROW_CHECKSUM
+                else:
+                    a, bt, x, bit = do, v, dp, DP_CHECKSUM
+                ref = tl.sum(a * tl.sum(bt, 0)[None, :], 1)
+                mag = tl.sum(tl.abs(a) * tl.sum(tl.abs(bt), 0)[None, :], 1)
+                bound = row_f * mag + (BLOCK_N * (HEAD_DIM + 1)) * UNDERFLOW
+                bits = bits | tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit)
+            bits = bits | tl.where(tl.max(((p < 0.0) | (p > P_MAX) | (p != p)).to(tl.int32), 1) != 0, PROBS_RANGE, 0)
+            rs += tl.sum(p, 1)
+            dsum += tl.sum(ds, 1)
+            pdp += tl.sum(tl.where(vis, p * dp, 0.0), 1)
+            ta += tl.sum(tl.where(vis, p * tl.abs(dp - delta[:, None]), 0.0), 1)
+            tb += tl.sum(tl.where(vis, tl.abs(p * dp), 0.0), 1)
+            refq += _dot(ds, _dot(k, E))
+            magq += _dot(tl.abs(ds), _dot(tl.abs(k), E))
+            if PROTECTION >= 2:
+                bits = bits | _second_p_and_ds(p, x2, rinv[:, None], dp, ds, delta[:, None], vis, 1)
+    if INJECT:
+        acc = tl.where((offs_m[:, None] == f_row) & (offs_d[None, :] == f_dim) & (bh == f_bh) & (f_site == SITE_DQ),
+                       _corrupt(acc, f_xor, f_use_value, f_value), acc)
+    if PROTECTION >= 1:
+        empty = rinv == 0.0
+        ok_rs = tl.where(empty, rs == 0.0, tl.abs(rs - 1.0) <= (M + 8) * U32)
+        bits = bits | tl.where(ok_rs | ~row_ok, 0, ROWSUM_INVARIANT)
+        ntiles = (M + BLOCK_N - 1) // BLOCK_N
+        c = (2 * (ntiles + 8) + 4) * U32  # dS and its three sums in fp32, tile by tile
+        expect = pdp - delta * rs
+        tol = c * (ta + tb + tl.abs(delta) * rs) + M * UNDERFLOW
+        bits = bits | tl.where((tl.abs(dsum - expect) <= tol) | empty | ~row_ok, 0, DS_CHECK)
+        bits = bits | _group_check(acc, E, refq, magq, M, 1, DQ_CHECKSUM)
+    tl.store(DQ + rows, acc * scale, mask=rmask)
+    blk_bits = tl.reduce(tl.where(row_ok, bits, 0), 0, _bit_or)
+    tl.store(Flags + bh * NFLAG + pid_m, blk_bits)
+
+
+@triton.jit
+def _second_p_and_ds(p, x2, rinv, dp, ds, delta, vis, AXIS: tl.constexpr):
+    """The second computations (the redundant softmax and dS): P by a polynomial exp of the
+    same argument in natural units (the forward's tolerance, u (32 max(p, p2) + 2)) and
+    P dP - P D against dS within the roundings of both; the check bits per row (AXIS 1) or
+    per key (AXIS 0 of a transposed tile)."""
+    p2 = tl.where(vis, _exp_poly(x2 * LN2) * rinv, 0.0)
+    bad_p = ~(tl.abs(p - p2) <= (32.0 * tl.maximum(p, p2) + 2.0 * rinv) * U32 + 1e-30)
+    a = p * dp
+    bb = p * delta
+    s2 = a - bb
+    tol = 2.0 * U32 * (tl.abs(a) + tl.abs(bb) + tl.abs(s2)) * (1.0 + 1e-3) + 4.0 * UNDERFLOW
+    bad_s = vis & ~(tl.abs(ds - s2) <= tol)
+    out = tl.where(tl.max(bad_p.to(tl.int32), AXIS) != 0, SOFTMAX_DMR, 0)
+    return out | tl.where(tl.max(bad_s.to(tl.int32), AXIS) != 0, DS_CHECK, 0)
+
+
+@triton.jit
+def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr):
+    """acc's sums per group of head dims (acc E) against their references, within each
+    side's rounding (2 kappa u sqrt(K + 2) + 2 u of the sums of magnitudes, K the terms of
+    the product): the bit per row of acc."""
+    f = (2.0 * KAPPA * tl.sqrt((K + 2).to(tl.float32)) + 2.0) * U32
+    bad = ~(tl.abs(_dot(acc, E) - ref) <= f * mag + 18.0 * (K + 2) * UNDERFLOW)
+    return tl.where(tl.max(bad.to(tl.int32), AXIS) != 0, bit, 0)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, NQ, NFLAG, scale,  #
+              f_site, f_bh, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    bk = b * (H // GROUP) + h // GROUP
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    key_ok, d_ok = cols < M, offs_d < HEAD_DIM
+    kmask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
+    shift = M - N
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    bits = tl.zeros([BLOCK_N], tl.int32)
+    refk = tl.zeros([BLOCK_N, 16], tl.float32)
+    magk = tl.zeros([BLOCK_N, 16], tl.float32)
+    refv = tl.zeros([BLOCK_N, 16], tl.float32)
+    magv = tl.zeros([BLOCK_N, 16], tl.float32)
+    E = _groups(offs_d, HEAD_DIM)
+    col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
+    hit_keys = (cols[:, None] == f_col) & (bh == f_bh) & (f_dim % 2 == 1)
+    lo = 0
+    if CAUSAL:  # the first query row that sees key pid_n * BLOCK_N: i >= j - shift
+        lo = tl.maximum(0, pid_n * BLOCK_N - shift) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        rmask = row_ok[:, None] & d_ok[None, :]
+        rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+        q = tl.load(Q + rows, mask=rmask, other=0.0)
+        do = tl.load(DO + rows, mask=rmask, other=0.0)
+        mrow = tl.load(MROW + bh * N + offs_m, mask=row_ok, other=0.0)
+        rinv = tl.load(RINV + bh * N + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+        vis = key_ok[:, None] & row_ok[None, :]
+        if CAUSAL:
+            vis = vis & (cols[:, None] <= offs_m[None, :] + shift)
+        hit = hit_keys & (offs_m[None, :] == f_row)
+        st = _dot(k, tl.trans(q))  # S^T [keys, queries]
+        if INJECT:
+            st = tl.where(hit & (f_site == SITE_BWD_SCORES), _corrupt(st, f_xor, f_use_value, f_value), st)
+        x2 = st * (scale * LOG2E) - mrow[None, :]
+        pt = tl.where(vis, tl.math.exp2(x2) * rinv[None, :], 0.0)
+        if INJECT:
+            pt = tl.where(hit & (f_site == SITE_BWD_PROBS), _corrupt(pt, f_xor, f_use_value, f_value), pt)
+        dv = tl.dot(pt, do, dv, input_precision="ieee")
+        dpt = _dot(v, tl.trans(do))
+        if INJECT:
+            dpt = tl.where(hit & (f_site == SITE_DP), _corrupt(dpt, f_xor, f_use_value, f_value), dpt)
+        dst = tl.where(vis, pt * (dpt - delta[None, :]), 0.0)
+        if INJECT:
+            dst = tl.where(hit & (f_site == SITE_DS), _corrupt(dst, f_xor, f_use_value, f_value), dst)
+        dk = tl.dot(dst, q, dk, input_precision="ieee")
+        if PROTECTION >= 1:
+            # S and dP: column checksums (rows of the transposed tiles) over this query tile
+            for which in tl.static_range(2):
+                if which == 0:
+                    a, bt, x, bit = k, q, st, COL_CHECKSUM
+                else:
+                    a, bt, x, bit = v, do, dpt, DP_CHECKSUM
+                ref = tl.sum(a * tl.sum(bt, 0)[None, :], 1)
+                mag = tl.sum(tl.abs(a) * tl.sum(tl.abs(bt), 0)[None, :], 1)
+                bound = col_f * mag + (BLOCK_M * (HEAD_DIM + 1)) * UNDERFLOW
+                bits = bits | tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit)
+            bad_p = tl.max(((pt < 0.0) | (pt > P_MAX) | (pt != pt)).to(tl.int32), 1) != 0
+            bits = bits | tl.where(bad_p, PROBS_RANGE, 0)
+            # a row's keys are spread over programs (no row sum here): P and dS computed twice
+            bits = bits | _second_p_and_ds(pt, x2, rinv[None, :], dpt, dst, delta[None, :], vis, 1)
+            refk += _dot(dst, _dot(q, E))
+            magk += _dot(tl.abs(dst), _dot(tl.abs(q), E))
+            refv += _dot(pt, _dot(do, E))
+            magv += _dot(pt, _dot(tl.abs(do), E))
+    if INJECT:
+        at = (cols[:, None] == f_col) & (offs_d[None, :] == f_dim) & (bh == f_bh)
+        dk = tl.where(at & (f_site == SITE_DK), _corrupt(dk, f_xor, f_use_value, f_value), dk)
+        dv = tl.where(at & (f_site == SITE_DV), _corrupt(dv, f_xor, f_use_value, f_value), dv)
+    if PROTECTION >= 1:
+        bits = bits | _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM)
+        bits = bits | _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM)
+    out = (bh * M + cols[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(DKH + out, dk, mask=kmask)
+    tl.store(DVH + out, dv, mask=kmask)
+    blk_bits = tl.reduce(tl.where(key_ok, bits, 0), 0, _bit_or)
+    tl.store(Flags + bh * NFLAG + NQ + pid_n, blk_bits)
