@@ -56,7 +56,10 @@ def _extensions():
 
 EVAL = ["scikit-learn", "matplotlib", "tqdm", "transformers>=4.48", "pillow"]
 ONNX = ["onnx", "onnxruntime>=1.20", "onnxscript", "tokenizers>=0.22", "transformers>=4.56", "onnxruntime-genai>=0.18; platform_machine == 'x86_64' or platform_machine == 'AMD64'"]
-DEV = ["pytest", "pytest-benchmark", "hypothesis"] + EVAL + ONNX
+# the campaigns on Ray (python -m ftattn campaign --workers N / --ray-address ADDR); pinned: a
+# newer Ray can change its wheels' torch requirements
+RAY = ["ray==2.60.0"]
+DEV = ["pytest", "pytest-benchmark", "hypothesis"] + EVAL + ONNX + RAY
 
 setup(
     name="ftattn",
@@ -79,7 +82,7 @@ setup(
         "ml_dtypes",  # fp6 / fp4 storage codes of ftattn.mx.pack
         "triton>=3.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"eval": EVAL, "onnx": ONNX, "dev": DEV},
+    extras_require={"eval": EVAL, "onnx": ONNX, "ray": RAY, "dev": DEV},
     entry_points={"console_scripts": ["ftattn=ftattn.__main__:main"]},
     include_package_data=True,
 )

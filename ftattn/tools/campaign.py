@@ -32,7 +32,7 @@ import platform
 import random
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -244,6 +244,151 @@ def _harmful_one(raw: torch.Tensor, clean: torch.Tensor, tau: float) -> bool:
     return float((raw64 - clean64).abs().max()) > bound
 
 
+@dataclasses.dataclass
+class Job:
+    """One campaign of one dtype, protection level and pass: its work units are the clean
+    runs (``clean_shapes`` x the clean data kinds), then groups of ``faults_per_input``
+    faults on one fresh input each. A unit's data and faults come from (seed, unit) only."""
+    backend: str = "cpp"
+    device: str = "cpu"
+    dtype: str = "float32"
+    protection: str = "full"
+    faults: int = 1000
+    shape: Shape = dataclasses.field(default_factory=Shape)
+    long_kv: int = 1024
+    seed: int = 0
+    faults_per_input: int = 25
+    targeted: bool = False
+    pass_: str = "forward"
+
+    @property
+    def name(self) -> str:
+        return f"{self.pass_}/{self.dtype}/{self.protection}/{'targeted' if self.targeted else 'random'}"
+
+    def clean_units(self) -> List[Tuple[Shape, str]]:
+        kinds = TARGETED_CLEAN_KINDS if self.targeted else CLEAN_KINDS
+        return [(sh, kind) for sh in clean_shapes(self.shape, self.long_kv) for kind in kinds]
+
+    @property
+    def units(self) -> int:
+        return len(self.clean_units()) + (self.faults + self.faults_per_input - 1) // self.faults_per_input
+
+
+def _unit_generator(seed: int, unit: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + unit) % 2**63)
+
+
+def run_units(job: Job, start: int, stop: int) -> dict:
+    """Units [start, stop) of a job (one shard): its counts as a JSON-serialisable dict."""
+    dt = DTYPES[job.dtype]
+    tau = TAU[dt]
+    shape, protection, backend, device = job.shape, job.protection, job.backend, job.device
+    backward = job.pass_ == "backward"
+    sites = BWD_SITES if backward else SITES
+    covered = (BWD_COVERED if backward else COVERED)[protection]
+    fault_kinds = TARGETED_FAULT_KINDS if job.targeted else FAULT_KINDS
+    clean_units = job.clean_units()
+    out = {"clean_runs": 0, "false_alarms": 0, "false_alarm_cases": [], "missed_cases": [],
+           "sites": {s: [0] * 6 for s in sites}}
+
+    def call(q, k, v, sh, **kw):
+        if not backward:
+            return attention(q, k, v, causal=sh.causal, protection=protection, backend=backend, return_report=True,
+                             **kw)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        o, rep = attention(*leaves, causal=sh.causal, protection=protection, backend=backend, return_report=True,
+                           **kw)
+        grad_out = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o)
+        o.backward(grad_out)
+        return tuple(t.grad for t in leaves), rep.backward
+
+    with (contextlib.nullcontext() if backward else torch.inference_mode()):
+        for unit in range(start, stop):
+            gen = _unit_generator(job.seed, unit)
+            if unit < len(clean_units):  # 1. a clean run: any flag is a false alarm
+                sh, kind = clean_units[unit]
+                q, k, v = make_data(kind, sh, dt, device, gen)
+                _, rep = call(q, k, v, sh)
+                out["clean_runs"] += 1
+                if rep.detected or rep.uncorrected:
+                    out["false_alarms"] += 1
+                    out["false_alarm_cases"].append(f"{kind} {dataclasses.asdict(sh)}: {rep}")
+                continue
+            # 2. a group of faults on one fresh input
+            g = unit - len(clean_units)
+            q, k, v = make_data(fault_kinds[g % len(fault_kinds)], shape, dt, device, gen)
+            clean, rep = call(q, k, v, shape)
+            out["clean_runs"] += 1
+            if rep.detected:
+                out["false_alarms"] += 1
+                out["false_alarm_cases"].append(f"fault-run input {g}: {rep}")
+            for i in range(g * job.faults_per_input, min(job.faults, (g + 1) * job.faults_per_input)):
+                rng = random.Random(f"{job.seed}/{i}")
+                site = sites[i % len(sites)]
+                fault = _targeted_fault(rng, shape, site, q, k) if job.targeted else _random_fault(rng, shape, site)
+                raw, rep = call(q, k, v, shape, fault=fault, on_fault="report")
+                detected = rep.detected > 0
+                corrected = False
+                if detected:
+                    fixed, rep2 = call(q, k, v, shape, fault=fault, on_fault="correct")
+                    same = all(map(torch.equal, fixed, clean)) if backward else torch.equal(fixed, clean)
+                    corrected = rep2.corrected == rep2.flagged_blocks and same
+                harmful = _harmful(raw, clean, tau)
+                st = SiteStats(*out["sites"][fault.site])
+                st.add(harmful, detected, corrected)
+                out["sites"][fault.site] = list(dataclasses.astuple(st))
+                if harmful and not detected and fault.site in covered:
+                    out["missed_cases"].append(f"trial {i}: {fault} on input {g}")
+    return out
+
+
+def _merge(job: Job, records: List[dict]) -> Result:
+    res = Result(job.backend, job.device, job.dtype, job.protection, job.shape,
+                 mode="targeted" if job.targeted else "random", pass_=job.pass_)
+    for rec in records:
+        r = rec["result"]
+        res.clean_runs += r["clean_runs"]
+        res.false_alarms += r["false_alarms"]
+        res.false_alarm_cases += r["false_alarm_cases"]
+        res.missed_cases += r["missed_cases"]
+        for site, counts in r["sites"].items():
+            st = res.sites[site]
+            for f, c in zip(dataclasses.fields(SiteStats), counts):
+                setattr(st, f.name, getattr(st, f.name) + c)
+        res.seconds += rec["seconds"]
+    return res
+
+
+SHARD_UNITS = 4  # units per shard: about 100 faults, a few seconds on the C++ backend
+
+
+def run_jobs(jobs: List[Job], *, workers: Optional[int] = None, ray_address: Optional[str] = None,
+             out: Optional[str] = None, resume: bool = False, progress: bool = True,
+             config: Optional[dict] = None) -> List[Result]:
+    """The campaigns of ``jobs``, in this process or on Ray (ftattn/tools/runner.py), with
+    the shard file ``out`` (``resume``: only the shards it lacks). The same seeds give the
+    same counts whichever way the shards run."""
+    from . import runner
+
+    config = config if config is not None else {"jobs": [dataclasses.asdict(j) for j in jobs]}
+    bar = _progress(sum(j.units for j in jobs), "campaign", progress)
+    live = {"harmful": 0, "missed": 0, "false alarms": 0}
+
+    def on_record(rec):
+        r = rec["result"]
+        live["harmful"] += sum(c[1] for c in r["sites"].values())
+        live["missed"] += len(r["missed_cases"])
+        live["false alarms"] += r["false_alarms"]
+        bar.update(rec["stop"] - rec["start"])
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(live, refresh=False)
+
+    records = runner.run(run_units, [(j.name, j, j.units) for j in jobs], SHARD_UNITS, config, workers=workers,
+                         ray_address=ray_address, out=out, resume=resume, on_record=on_record)
+    bar.close()
+    return [_merge(j, records[j.name]) for j in jobs]
+
+
 def run(
     backend: str = "cpp",
     device: str = "cpu",
@@ -257,73 +402,20 @@ def run(
     progress: bool = True,
     targeted: bool = False,
     pass_: str = "forward",
+    *,
+    workers: Optional[int] = None,
+    ray_address: Optional[str] = None,
+    out: Optional[str] = None,
+    resume: bool = False,
 ) -> Result:
     """The campaign of one dtype and protection level; ``targeted``: the adversary's data,
     keys and bits (module docstring, 3.) instead of random ones; ``pass_="backward"``:
     faults at the backward's sites, each call a forward and its backward (dO standard
-    normal), harm and correction judged on (dq, dk, dv), the flags of ``report.backward``."""
-    shape = shape or Shape()
-    clean_kinds = TARGETED_CLEAN_KINDS if targeted else CLEAN_KINDS
-    fault_kinds = TARGETED_FAULT_KINDS if targeted else FAULT_KINDS
-    dt = DTYPES[dtype]
-    tau = TAU[dt]
-    res = Result(backend, device, dtype, protection, shape, mode="targeted" if targeted else "random", pass_=pass_)
-    backward = pass_ == "backward"
-    sites = BWD_SITES if backward else SITES
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    t0 = time.perf_counter()
-    bar = _progress(len(clean_kinds) * 8 + faults, f"{dtype}/{protection}", progress)
-
-    def call(q, k, v, sh, **kw):
-        if not backward:
-            return attention(q, k, v, causal=sh.causal, protection=protection, backend=backend, return_report=True,
-                             **kw)
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out, rep = attention(*leaves, causal=sh.causal, protection=protection, backend=backend, return_report=True,
-                             **kw)
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-        out.backward(grad_out)
-        return tuple(t.grad for t in leaves), rep.backward
-
-    with (contextlib.nullcontext() if backward else torch.inference_mode()):
-        # 1. clean runs: any flag is a false alarm
-        for sh in clean_shapes(shape, long_kv):
-            for kind in clean_kinds:
-                q, k, v = make_data(kind, sh, dt, device, gen)
-                _, rep = call(q, k, v, sh)
-                res.clean_runs += 1
-                if rep.detected or rep.uncorrected:
-                    res.false_alarms += 1
-                    res.false_alarm_cases.append(f"{kind} {dataclasses.asdict(sh)}: {rep}")
-                bar.update(1)
-        # 2. faults, a fresh input every `faults_per_input`
-        clean = q = k = v = None
-        for i in range(faults):
-            if i % faults_per_input == 0:
-                q, k, v = make_data(fault_kinds[(i // faults_per_input) % len(fault_kinds)], shape, dt, device, gen)
-                clean, rep = call(q, k, v, shape)
-                res.clean_runs += 1
-                if rep.detected:
-                    res.false_alarms += 1
-                    res.false_alarm_cases.append(f"fault-run input {i // faults_per_input}: {rep}")
-            site = sites[i % len(sites)]
-            fault = _targeted_fault(rng, shape, site, q, k) if targeted else _random_fault(rng, shape, site)
-            raw, rep = call(q, k, v, shape, fault=fault, on_fault="report")
-            detected = rep.detected > 0
-            corrected = False
-            if detected:
-                fixed, rep2 = call(q, k, v, shape, fault=fault, on_fault="correct")
-                same = all(map(torch.equal, fixed, clean)) if backward else torch.equal(fixed, clean)
-                corrected = rep2.corrected == rep2.flagged_blocks and same
-            harmful = _harmful(raw, clean, tau)
-            res.sites[fault.site].add(harmful, detected, corrected)
-            if harmful and not detected and fault.site in res.covered:
-                res.missed_cases.append(f"{fault} on input {i // faults_per_input}")
-            bar.update(1)
-    bar.close()
-    res.seconds = time.perf_counter() - t0
-    return res
+    normal), harm and correction judged on (dq, dk, dv), the flags of ``report.backward``.
+    ``workers`` / ``ray_address`` / ``out`` / ``resume``: see ``run_jobs``."""
+    job = Job(backend, device, dtype, protection, faults, shape or Shape(), long_kv, seed, faults_per_input,
+              targeted, pass_)
+    return run_jobs([job], workers=workers, ray_address=ray_address, out=out, resume=resume, progress=progress)[0]
 
 
 class _NoBar:
@@ -472,6 +564,13 @@ def add_arguments(p) -> None:
     p.add_argument("--pass", dest="pass_", default="forward", choices=["forward", "backward", "both"],
                    help="the forward's sites (default), the backward's (bwd_scores .. dv: each trial a forward and "
                         "its backward, harm on dq, dk, dv), or both")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run the shards as N Ray tasks at a time on a local Ray started here (pip install "
+                        "'ftattn[ray]'); default: in this process")
+    p.add_argument("--ray-address", default=None,
+                   help="join an existing Ray cluster (host:port, or 'auto'; RAY_ADDRESS also works)")
+    p.add_argument("--out", default=None, help="append each finished shard to this JSONL file (fsynced)")
+    p.add_argument("--resume", default=None, help="rerun only the shards missing from this JSONL file")
     p.add_argument("--targeted", action="store_true",
                    help="an adversary's campaign: outlier-channel, huge-logit and subnormal data, faults on the "
                         "most probable keys, mid-mantissa bits 10..22")
@@ -492,6 +591,10 @@ def _check_arguments(args, device: str) -> None:
     if args.heads % args.kv_heads:
         raise SystemExit(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (grouped-query "
                          f"attention); e.g. --heads {args.kv_heads * max(1, args.heads // args.kv_heads)}")
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"--workers {args.workers}: must be at least 1 (or leave it out to run in this process)")
+    if args.resume is not None and args.out is not None and args.resume != args.out:
+        raise SystemExit("--resume FILE continues FILE itself: leave out --out")
     if args.faults is not None and args.faults < 0:
         raise SystemExit(f"--faults {args.faults}: must be 0 or more")
 
@@ -515,18 +618,21 @@ def main(args) -> int:
     faults = args.faults if args.faults is not None else (2000 if args.demo else 700)
     shape = Shape(args.batch, args.heads, args.kv_heads, args.seq, args.kv_seq, args.head_dim, not args.no_causal)
     long_kv = args.long_kv if device == "cpu" or args.long_kv != 1024 else 8192
-    results = []
     failed = []
     passes = ["forward", "backward"] if args.pass_ == "both" else [args.pass_]
-    for pass_ in passes:
-        for prot in protections:
-            for name in dtypes:
-                res = run(backend, device, name, prot, faults, shape, long_kv, args.seed,
-                          progress=not args.no_progress, targeted=args.targeted, pass_=pass_)
-                results.append(res)
-                print(format_table(res))
-                print()
-                failed += [f"{pass_}/{name}/{prot}: {f}" for f in res.failures()]
+    jobs = [Job(backend, device, name, prot, faults, shape, long_kv, args.seed, targeted=args.targeted, pass_=pass_)
+            for pass_ in passes for prot in protections for name in dtypes]
+    from .runner import RunnerError
+
+    try:
+        results = run_jobs(jobs, workers=args.workers, ray_address=args.ray_address, out=args.resume or args.out,
+                           resume=args.resume is not None, progress=not args.no_progress)
+    except RunnerError as exc:
+        raise SystemExit(str(exc)) from None
+    for job, res in zip(jobs, results):
+        print(format_table(res))
+        print()
+        failed += [f"{job.pass_}/{job.dtype}/{job.protection}: {f}" for f in res.failures()]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(to_json(results), fh, indent=2)

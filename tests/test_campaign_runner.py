@@ -1,0 +1,115 @@
+"""The campaigns' runner (ftattn/tools/runner.py): the same seed gives the same counts in
+this process, after an interrupted run resumed from its shard file, on a local Ray with 1
+and 2 workers and on a Ray cluster joined by address (a real one: `ray start --head` on a
+free port, no mocks); clear errors for what it cannot run."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftattn.tools import campaign, runner
+
+SHAPE = campaign.Shape(batch=1, heads=2, kv_heads=1, seq=17, kv_seq=29, head_dim=16, causal=True)
+
+
+def _jobs(seed=3, faults=60):
+    return [campaign.Job("cpp", "cpu", "float32", "full", faults, SHAPE, 64, seed, faults_per_input=10),
+            campaign.Job("cpp", "cpu", "bfloat16", "abft", faults, SHAPE, 64, seed, faults_per_input=10,
+                         pass_="backward")]
+
+
+def _counts(results):
+    return [json.dumps(campaign.to_json([r]), sort_keys=True, default=str) for r in _strip(results)]
+
+
+def _strip(results):
+    for r in results:
+        r.seconds = 0.0
+    return results
+
+
+def test_same_counts_in_process_and_after_a_resume(tmp_path):
+    whole = _counts(campaign.run_jobs(_jobs(), progress=False))
+    out = str(tmp_path / "shards.jsonl")
+    assert _counts(campaign.run_jobs(_jobs(), out=out, progress=False)) == whole
+    lines = open(out).read().splitlines(keepends=True)
+    assert json.loads(lines[0])["format"] == runner.FORMAT and len(lines) > 4
+    # a driver killed mid-campaign: two shards lost, the last line cut short
+    with open(out, "w") as fh:
+        fh.writelines(lines[:-3])
+        fh.write(lines[-3][: len(lines[-3]) // 2])
+    resumed = campaign.run_jobs(_jobs(), out=out, resume=True, progress=False)
+    assert _counts(resumed) == whole
+    recs = [json.loads(x) for x in open(out).read().splitlines()[1:]]
+    keys = [(r["job"], r["start"]) for r in recs]
+    assert len(keys) == len(set(keys)) == len(lines) - 1  # every shard once, none lost
+
+
+def test_resume_refuses_another_campaign_and_a_missing_file(tmp_path):
+    out = str(tmp_path / "shards.jsonl")
+    campaign.run_jobs(_jobs(faults=20), out=out, progress=False)
+    with pytest.raises(runner.RunnerError, match="another campaign"):
+        campaign.run_jobs(_jobs(seed=4, faults=20), out=out, resume=True, progress=False)
+    with pytest.raises(runner.RunnerError, match="no such file"):
+        campaign.run_jobs(_jobs(), out=str(tmp_path / "missing.jsonl"), resume=True, progress=False)
+
+
+def test_cli_errors():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ftattn", "campaign", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    got = cli("--workers", "0")
+    assert got.returncode != 0 and "--workers 0: must be at least 1" in got.stderr
+    got = cli("--resume", "/nonexistent/shards.jsonl", "--faults", "5", "--dtype", "float32", "--no-progress")
+    assert got.returncode != 0 and "no such file" in got.stderr
+
+
+ray = pytest.importorskip("ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real local Ray cluster of 2 CPUs (`ray start --head`), stopped after the module."""
+    exe = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    port = _free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    start = subprocess.run([exe, "start", "--head", "--num-cpus", "2", "--port", str(port),
+                            "--include-dashboard", "false", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    yield f"127.0.0.1:{port}"
+    subprocess.run([exe, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_same_counts_on_ray_workers_and_by_address(cluster):
+    whole = _counts(campaign.run_jobs(_jobs(), progress=False))
+    assert _counts(campaign.run_jobs(_jobs(), ray_address=cluster, progress=False)) == whole
+    assert _counts(campaign.run_jobs(_jobs(), ray_address=cluster, workers=1, progress=False)) == whole
+
+
+@pytest.mark.slow
+def test_local_ray_started_in_process(tmp_path):
+    whole = _counts(campaign.run_jobs(_jobs(faults=30), progress=False))
+    out = str(tmp_path / "shards.jsonl")
+    assert _counts(campaign.run_jobs(_jobs(faults=30), workers=2, out=out, progress=False)) == whole
+    assert not ray.is_initialized()  # the runner shut down the Ray it started
+
+
+def test_unreachable_address_fails_fast():
+    t0 = time.perf_counter()
+    with pytest.raises(runner.RunnerError, match="no Ray cluster answers"):
+        campaign.run_jobs(_jobs(faults=5), ray_address=f"127.0.0.1:{_free_port()}", progress=False)
+    assert time.perf_counter() - t0 < 30
