@@ -84,6 +84,9 @@ def cluster():
     """A real local Ray cluster of 2 CPUs (`ray start --head`), stopped after the module."""
     exe = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     port = _free_port()
+    # (token authentication off on both sides: a token file left by another Ray on this
+    # machine must not decide whether the test's driver may connect)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     start = subprocess.run([exe, "start", "--head", "--num-cpus", "2", "--port", str(port),
                             "--include-dashboard", "false", "--disable-usage-stats"],
@@ -113,3 +116,62 @@ def test_unreachable_address_fails_fast():
     with pytest.raises(runner.RunnerError, match="no Ray cluster answers"):
         campaign.run_jobs(_jobs(faults=5), ray_address=f"127.0.0.1:{_free_port()}", progress=False)
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_campaign_then_resumed(tmp_path):
+    """The CLI's driver killed with SIGKILL mid-campaign, then --resume: the totals equal an
+    uninterrupted run's, no shard counted twice, none lost."""
+    out = str(tmp_path / "shards.jsonl")
+    base = [sys.executable, "-m", "ftattn", "campaign", "--dtype", "float32", "--faults", "1000", "--pass",
+            "backward", "--seed", "7", "--no-progress"]
+    proc = subprocess.Popen(base + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(out) and open(out).read().count("\n") >= 4:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    job = campaign.Job("cpp", "cpu", "float32", "full", 1000, campaign.Shape(), 1024, 7, pass_="backward")
+    shards = len(runner.shards_of(job.units, campaign.SHARD_UNITS))
+    written = open(out).read().count("\n") - 1
+    assert 3 <= written < shards, f"the kill came at {written} of {shards} shards"
+    got = subprocess.run(base + ["--resume", out, "--json", str(tmp_path / "resumed.json")], capture_output=True,
+                         text=True, timeout=600)
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+    recs = [json.loads(x) for x in open(out).read().splitlines()[1:]]
+    assert sorted(r["start"] for r in recs) == [s for s, _ in runner.shards_of(job.units, campaign.SHARD_UNITS)]
+    resumed = json.load(open(tmp_path / "resumed.json"))["results"][0]
+    whole = campaign.to_json(campaign.run_jobs([job], progress=False))["results"][0]
+    for key in ("sites", "clean_runs", "false_alarms", "missed_cases"):
+        assert resumed[key] == whole[key], key
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_shard(cluster):
+    """A Ray worker killed (SIGKILL, by its pid) while it runs a shard: the shard runs again
+    (max_retries) and the totals equal the in-process run's."""
+    import signal
+    import threading
+
+    # shards of about a second (the backward at the default shape), so one is caught running
+    jobs = [campaign.Job("cpp", "cpu", "float32", "full", 300, campaign.Shape(), 256, 5, pass_="backward")]
+    whole = _counts(campaign.run_jobs(jobs, progress=False))
+    killed = []
+
+    def killer():  # (ray.init wants the main thread: the campaign runs there)
+        deadline = time.time() + 120
+        while not killed and time.time() < deadline:
+            ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+            busy = [int(line.split()[0]) for line in ps.splitlines() if "ray::_timed" in line]
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    res = campaign.run_jobs(jobs, ray_address=cluster, progress=False)
+    assert killed, "no worker was seen running a shard"
+    assert _counts(res) == whole
