@@ -1,0 +1,47 @@
+"""Throughput of the campaign runner (ftattn/tools/runner.py): faults per second of the
+same backward campaign in this process and on a local Ray of 2 workers started for it
+(the start included, as a user pays it), and the runner's overhead per shard in-process
+(shard records, JSONL file) against calling the shards' function directly.
+
+Targets (issue 20): 2 workers >= 1.7x in-process on a 2-core machine; runner overhead
+<= 5 %. Writes ``benchmarks/results/campaign_runner_cpu.json``.
+"""
+import json
+import os
+import time
+
+import pytest
+
+from ftattn.tools import campaign, runner
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+JOB = campaign.Job("cpp", "cpu", "float32", "full", 6000, campaign.Shape(), 256, 11, pass_="backward")
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def test_runner_throughput(benchmark, measure, tmp_path):
+    pytest.importorskip("ray")
+    units = JOB.units
+    _, direct = _timed(lambda: [campaign.run_units(JOB, s, e) for s, e in runner.shards_of(units, campaign.SHARD_UNITS)])
+    res, inproc = _timed(lambda: campaign.run_jobs([JOB], out=str(tmp_path / "a.jsonl"), progress=False))
+    res2, ray2 = _timed(lambda: campaign.run_jobs([JOB], workers=2, progress=False))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert res[0].sites == res2[0].sites  # the same counts either way
+    faults = JOB.faults
+    record = {
+        "job": JOB.name, "faults": faults, "units": units, "shard_units": campaign.SHARD_UNITS,
+        "seconds": {"direct": direct, "in_process": inproc, "ray_2_workers": ray2},
+        "faults_per_second": {"in_process": faults / inproc, "ray_2_workers": faults / ray2},
+        "ray_2_over_in_process": inproc / ray2, "runner_overhead": inproc / direct - 1.0,
+        "targets": {"ray_2_over_in_process": 1.7, "runner_overhead": 0.05},
+    }
+    benchmark.extra_info.update(record)
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "campaign_runner_cpu.json"), "w") as fh:
+        json.dump({"machine": dict(measure.environment("cpu"), load_average=measure.load_average()),
+                   "cases": [record]}, fh, indent=1)
