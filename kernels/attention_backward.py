@@ -120,6 +120,43 @@ def _bwd_prep(Q, K, O, DO, MROW, RINV, DELTA, H, GROUP, N, M, scale,  #
 
 
 @triton.jit
+def _hit(x, where, f_xor, f_use_value, f_value):
+    return tl.where(where, _corrupt(x, f_xor, f_use_value, f_value), x)
+
+
+@triton.jit
+def _products(l1, r1, l2, r2, m_b, r_b, d_b, vis, hit, scale, f_site, f_xor, f_use_value, f_value,
+              INJECT: tl.constexpr):
+    """The recomputed tile of either pass, with the backward sites' injection: S = l1 r1^T,
+    P = exp2(S scale log2 e - m) / l, dP = l2 r2^T, dS = P (dP - D) (Q, K, dO, V in the dQ
+    pass; K, Q, V, dO in the transposed dK/dV pass, with m, 1 / l, D broadcast to match)."""
+    s = _dot(l1, tl.trans(r1))
+    if INJECT:
+        s = _hit(s, hit & (f_site == SITE_BWD_SCORES), f_xor, f_use_value, f_value)
+    x2 = s * (scale * LOG2E) - m_b
+    p = tl.where(vis, tl.math.exp2(x2) * r_b, 0.0)
+    if INJECT:
+        p = _hit(p, hit & (f_site == SITE_BWD_PROBS), f_xor, f_use_value, f_value)
+    dp = _dot(l2, tl.trans(r2))
+    if INJECT:
+        dp = _hit(dp, hit & (f_site == SITE_DP), f_xor, f_use_value, f_value)
+    ds = tl.where(vis, p * (dp - d_b), 0.0)
+    if INJECT:
+        ds = _hit(ds, hit & (f_site == SITE_DS), f_xor, f_use_value, f_value)
+    return s, x2, p, dp, ds
+
+
+@triton.jit
+def _checksum_bits(a, bt, x, f, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, bit: tl.constexpr):
+    """Row checksums of the product x = a bt^T ([R, WIDTH]): sum_j x_rj vs a_r . sum_j bt_j
+    within f |a_r| . sum_j |bt_j| (the roundings of both sides) plus underflow: the bit per row."""
+    ref = tl.sum(a * tl.sum(bt, 0)[None, :], 1)
+    mag = tl.sum(tl.abs(a) * tl.sum(tl.abs(bt), 0)[None, :], 1)
+    bound = f * mag + (WIDTH * (HEAD_DIM + 1)) * UNDERFLOW
+    return tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit)
+
+
+@triton.jit
 def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, scale,  #
             f_site, f_bh, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -164,31 +201,13 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + shift)
         hit = hit_rows & (cols[None, :] == f_col)
-        s = _dot(q, tl.trans(k))
-        if INJECT:
-            s = tl.where(hit & (f_site == SITE_BWD_SCORES), _corrupt(s, f_xor, f_use_value, f_value), s)
-        x2 = s * (scale * LOG2E) - mrow[:, None]
-        p = tl.where(vis, tl.math.exp2(x2) * rinv[:, None], 0.0)
-        if INJECT:
-            p = tl.where(hit & (f_site == SITE_BWD_PROBS), _corrupt(p, f_xor, f_use_value, f_value), p)
-        dp = _dot(do, tl.trans(v))
-        if INJECT:
-            dp = tl.where(hit & (f_site == SITE_DP), _corrupt(dp, f_xor, f_use_value, f_value), dp)
-        ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
-        if INJECT:
-            ds = tl.where(hit & (f_site == SITE_DS), _corrupt(ds, f_xor, f_use_value, f_value), ds)
+        s, x2, p, dp, ds = _products(q, k, do, v, mrow[:, None], rinv[:, None], delta[:, None], vis, hit, scale,
+                                     f_site, f_xor, f_use_value, f_value, INJECT)
         acc = tl.dot(ds, k, acc, input_precision="ieee")
         if PROTECTION >= 1:
             # S and dP: row checksums of the tile
-            for which in tl.static_range(2):
-                if which == 0:
-                    a, bt, x, bit = q, k, s, ROW_CHECKSUM
-                else:
-                    a, bt, x, bit = do, v, dp, DP_CHECKSUM
-                ref = tl.sum(a * tl.sum(bt, 0)[None, :], 1)
-                mag = tl.sum(tl.abs(a) * tl.sum(tl.abs(bt), 0)[None, :], 1)
-                bound = row_f * mag + (BLOCK_N * (HEAD_DIM + 1)) * UNDERFLOW
-                bits = bits | tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit)
+            bits = bits | _checksum_bits(q, k, s, row_f, BLOCK_N, HEAD_DIM, ROW_CHECKSUM)
+            bits = bits | _checksum_bits(do, v, dp, row_f, BLOCK_N, HEAD_DIM, DP_CHECKSUM)
             bits = bits | tl.where(tl.max(((p < 0.0) | (p > P_MAX) | (p != p)).to(tl.int32), 1) != 0, PROBS_RANGE, 0)
             rs += tl.sum(p, 1)
             dsum += tl.sum(ds, 1)
@@ -200,8 +219,8 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
             if PROTECTION >= 2:
                 bits = bits | _second_p_and_ds(p, x2, rinv[:, None], dp, ds, delta[:, None], vis, 1)
     if INJECT:
-        acc = tl.where((offs_m[:, None] == f_row) & (offs_d[None, :] == f_dim) & (bh == f_bh) & (f_site == SITE_DQ),
-                       _corrupt(acc, f_xor, f_use_value, f_value), acc)
+        acc = _hit(acc, (offs_m[:, None] == f_row) & (offs_d[None, :] == f_dim) & (bh == f_bh) & (f_site == SITE_DQ),
+                   f_xor, f_use_value, f_value)
     if PROTECTION >= 1:
         empty = rinv == 0.0
         ok_rs = tl.where(empty, rs == 0.0, tl.abs(rs - 1.0) <= (M + 8) * U32)
@@ -286,32 +305,14 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
         if CAUSAL:
             vis = vis & (cols[:, None] <= offs_m[None, :] + shift)
         hit = hit_keys & (offs_m[None, :] == f_row)
-        st = _dot(k, tl.trans(q))  # S^T [keys, queries]
-        if INJECT:
-            st = tl.where(hit & (f_site == SITE_BWD_SCORES), _corrupt(st, f_xor, f_use_value, f_value), st)
-        x2 = st * (scale * LOG2E) - mrow[None, :]
-        pt = tl.where(vis, tl.math.exp2(x2) * rinv[None, :], 0.0)
-        if INJECT:
-            pt = tl.where(hit & (f_site == SITE_BWD_PROBS), _corrupt(pt, f_xor, f_use_value, f_value), pt)
+        st, x2, pt, dpt, dst = _products(k, q, v, do, mrow[None, :], rinv[None, :], delta[None, :], vis, hit,
+                                         scale, f_site, f_xor, f_use_value, f_value, INJECT)
         dv = tl.dot(pt, do, dv, input_precision="ieee")
-        dpt = _dot(v, tl.trans(do))
-        if INJECT:
-            dpt = tl.where(hit & (f_site == SITE_DP), _corrupt(dpt, f_xor, f_use_value, f_value), dpt)
-        dst = tl.where(vis, pt * (dpt - delta[None, :]), 0.0)
-        if INJECT:
-            dst = tl.where(hit & (f_site == SITE_DS), _corrupt(dst, f_xor, f_use_value, f_value), dst)
         dk = tl.dot(dst, q, dk, input_precision="ieee")
         if PROTECTION >= 1:
             # S and dP: column checksums (rows of the transposed tiles) over this query tile
-            for which in tl.static_range(2):
-                if which == 0:
-                    a, bt, x, bit = k, q, st, COL_CHECKSUM
-                else:
-                    a, bt, x, bit = v, do, dpt, DP_CHECKSUM
-                ref = tl.sum(a * tl.sum(bt, 0)[None, :], 1)
-                mag = tl.sum(tl.abs(a) * tl.sum(tl.abs(bt), 0)[None, :], 1)
-                bound = col_f * mag + (BLOCK_M * (HEAD_DIM + 1)) * UNDERFLOW
-                bits = bits | tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit)
+            bits = bits | _checksum_bits(k, q, st, col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
+            bits = bits | _checksum_bits(v, do, dpt, col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
             bad_p = tl.max(((pt < 0.0) | (pt > P_MAX) | (pt != pt)).to(tl.int32), 1) != 0
             bits = bits | tl.where(bad_p, PROBS_RANGE, 0)
             # a row's keys are spread over programs (no row sum here): P and dS computed twice
@@ -322,8 +323,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
             magv += _dot(pt, _dot(tl.abs(do), E))
     if INJECT:
         at = (cols[:, None] == f_col) & (offs_d[None, :] == f_dim) & (bh == f_bh)
-        dk = tl.where(at & (f_site == SITE_DK), _corrupt(dk, f_xor, f_use_value, f_value), dk)
-        dv = tl.where(at & (f_site == SITE_DV), _corrupt(dv, f_xor, f_use_value, f_value), dv)
+        dk = _hit(dk, at & (f_site == SITE_DK), f_xor, f_use_value, f_value)
+        dv = _hit(dv, at & (f_site == SITE_DV), f_xor, f_use_value, f_value)
     if PROTECTION >= 1:
         bits = bits | _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM)
         bits = bits | _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM)
