@@ -496,11 +496,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
                            static_cast<double>(Mb + 4) * 0x1p-52 * (w.tol_b[i] + std::fabs(Di) * rs);
         if (!(std::fabs(w.dsum[i] - expect) <= tol)) bits |= kDsCheck;
       }
-      int32_t qb = 0;
-      std::vector<int32_t> rowbits(rows, 0);
-      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, w.mq.data(), G, Mb, kDqChecksum, rowbits.data());
-      for (int32_t x : rowbits) qb |= x;
-      bits |= qb;
+      int32_t rowbits[BWD_BM] = {};
+      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, w.mq.data(), G, Mb, kDqChecksum, rowbits);
+      for (int64_t i = 0; i < rows; ++i) bits |= rowbits[i];
     }
     for (int64_t i = 0; i < rows * D; ++i) dQout[r0 * D + i] = w.dQ[i] * scale;
     w.qbits[blk] |= bits;

@@ -66,15 +66,29 @@ def _product_checks(prod: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor):
     return bad, bad_c.any(-1), colb
 
 
+def _fp32_heads(q, k, v):
+    """q, k, v in fp32, k and v repeated to q's heads (grouped-query attention)."""
+    group = q.shape[1] // k.shape[1]
+    return q.float(), k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
+
+
+def _scaled_scores(S: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """S scale, with -inf where causal masks key j of query i (j > i + M - N)."""
+    s = S * scale
+    if causal:
+        N, M = S.shape[-2], S.shape[-1]
+        i = torch.arange(N, device=S.device)[:, None]
+        j = torch.arange(M, device=S.device)[None, :]
+        s = s.masked_fill(j > i + (M - N), float("-inf"))
+    return s
+
+
 def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Optional[List[int]],
              fault_value: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     """One unfused pass: fp32 output [B, Hq, N, D] and int32 flags [B, Hq, nblk]."""
     B, Hq, N, D = q.shape
-    Hkv, M = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    qf = q.float()
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    M = k.shape[2]
+    qf, kf, vf = _fp32_heads(q, k, v)
     site = row = head = batch = col = dim = bit = None
     if fault is not None:
         site, batch, head, row, col, dim, bit = fault
@@ -97,11 +111,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         flag(int(Check.COL_CHECKSUM), bad_c)
 
     # softmax over the whole row
-    s = S * scale
-    if causal:
-        i = torch.arange(N, device=q.device)[:, None]
-        j = torch.arange(M, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (M - N), float("-inf"))
+    s = _scaled_scores(S, scale, causal)
     m_true = s.amax(-1) if M > 0 else s.new_full((B, Hq, N), float("-inf"))
     m = m_true.clone()
     if site == Site.ROWMAX:
@@ -296,9 +306,8 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    qf, of, gf = q.float(), out.float(), dout.float()
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    qf, kf, vf = _fp32_heads(q, k, v)
+    of, gf = out.float(), dout.float()
     site = batch = head = row = col = dim = bit = None
     if fault is not None:
         site, batch, head, row, col, dim, bit = fault
@@ -313,11 +322,7 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
     S = qf @ kf.transpose(-1, -2)
     if site == Site.BWD_SCORES:
         _corrupt(S, (batch, head, row, col), bit, fault_value)
-    s = S * scale
-    if causal:
-        i = torch.arange(N, device=q.device)[:, None]
-        j = torch.arange(M, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (M - N), float("-inf"))
+    s = _scaled_scores(S, scale, causal)
     m = s.amax(-1) if M > 0 else s.new_full((B, Hq, N), float("-inf"))
     empty = m == float("-inf")
     m_safe = torch.where(empty, torch.zeros_like(m), m)

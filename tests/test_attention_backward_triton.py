@@ -31,7 +31,7 @@ if DEVICE == "cpu" and not isinstance(kernel._bwd_dq, triton.runtime.interpreter
     launcher = importlib.reload(launcher)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_attention_backward import ULP, _grads, _qkv, _torch_attention  # noqa: E402
+from test_attention_backward import _grads, _qkv, check_gradients_within_twice_torch  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GRID = [  # B, Hq, Hkv, N, M, D, causal
@@ -53,17 +53,7 @@ def _on(device, *tensors):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GRID, ids=str)
 def test_gradients_match_fp64_within_twice_torch(shape, dtype):
-    B, Hq, Hkv, N, M, D, causal = shape
-    q, k, v = _qkv(B, Hq, Hkv, N, M, D, dtype, seed=N + M + D)
-    do = torch.randn(B, Hq, N, D, generator=torch.Generator().manual_seed(1))
-    exact = _grads(lambda *t: _torch_attention(*t, causal, torch.float64), q, k, v, do.double())
-    plain = _grads(lambda *t: _torch_attention(*t, causal, dtype), q, k, v, do)
-    ours = _grads(lambda *t: _ours(*t, causal=causal), *_on(DEVICE, q, k, v, do))
-    for name, g, p, e in zip("qkv", ours, plain, exact):
-        assert g.dtype == dtype and g.shape == e.shape
-        slack = 4 * ULP[dtype] * max(1.0, e.abs().max().item())
-        err, err_torch = (g.cpu().double() - e).abs().max().item(), (p.double() - e).abs().max().item()
-        assert err <= 2 * err_torch + slack, f"d{name}: {err} vs torch's {err_torch}"
+    check_gradients_within_twice_torch(shape, dtype, _ours, DEVICE)
 
 
 def test_protection_levels_bit_identical_and_flags_clean():
