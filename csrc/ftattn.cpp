@@ -71,4 +71,26 @@ TORCH_LIBRARY(ftattn, m) {
   m.def(
       "linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? ref_cols, Tensor? mag_cols, int block_o, "
       "int protection, bool recompute, int[]? fault=None, float? fault_value=None) -> (Tensor, Tensor)");
+  // MX (microscaling) quantize (fake quantization): x [outer, K, inner] float32, blocks of
+  // block_size along K; returns (values, scale_e8m0 [outer, ceil(K / block_size), inner]).
+  // Element format as microxcaling's (ebits, mbits, emax, max_norm); rounding
+  // 0 nearest (half away) / 1 floor / 2 even; log2_thresholds: int32 [256],
+  // ftattn/mx/quantize.py. scaled: values stay divided by the block scale. CPU: csrc/mx_cpu.cpp.
+  m.def(
+      "mx_quantize(Tensor x, Tensor log2_thresholds, int ebits, int mbits, int emax, float max_norm, "
+      "int block_size, int rounding, bool scaled) -> (Tensor, Tensor)");
+  // bfloat16 rounding of float32 x as microxcaling's bfloat=16 (rounding 0 nearest / 2 even), as float32.
+  m.def("bfloat16_quantize(Tensor x, int rounding) -> Tensor");
+  // MX pack (ftattn.mx.pack's storage) of x [rows, K] float32, blocks along K: (codes uint8
+  // [rows * nblk * block_size * bits / 8], bit-packed; scale_e8m0 uint8 [rows, nblk]).
+  m.def(
+      "mx_pack(Tensor x, Tensor log2_thresholds, int ebits, int mbits, int emax, float max_norm, "
+      "int block_size, int rounding, int bits) -> (Tensor, Tensor)");
+  // The packed MX linear layer: y = x dequant(W)^T (+ bias) for x [..., in] (float32 / bfloat16 /
+  // float16), W as codes uint8 [out, row_bytes] and scales uint8 [out, nblk]; table: float32 value
+  // of each code; kind: 0 table, 1 fp8_e4m3, 2 fp8_e5m2, 3 int8 (ftattn/mx/packed.py).
+  // CPU: csrc/mx_linear_cpu.cpp; CUDA: kernels/mx.py.
+  m.def(
+      "mx_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, int bits, int kind, int block_size, "
+      "Tensor? bias=None) -> Tensor");
 }

@@ -352,23 +352,112 @@ at::Tensor bfloat16_quantize_cpu(const at::Tensor& x, int64_t rounding) {
   return out;
 }
 
+// An element already on the format's grid (the quantizer's scaled output) -> its storage code
+// (ftattn/mx/formats.py: OCP layouts; integers two's complement, -0.0 the spare most negative code).
+inline uint32_t encode_element(float q, const Params& P, int bits) {
+  const uint32_t b = bits_of(q), sign = b >> 31, a = b & 0x7FFFFFFFu;
+  if (P.ebits == 0) {
+    if (a == 0) return sign << (bits - 1);
+    const int32_t k = static_cast<int32_t>(std::nearbyint(q * exp2n(P.mbits - 2)));
+    return static_cast<uint32_t>(k) & ((1u << bits) - 1u);
+  }
+  const int M = P.mbits - 2;
+  uint32_t mag;
+  const int e = static_cast<int>(a >> 23) - 127;
+  if (a == 0) {
+    mag = 0;
+  } else if (e >= P.min_exp) {
+    mag = (static_cast<uint32_t>(e - P.min_exp + 1) << M) | ((a >> (23 - M)) & ((1u << M) - 1u));
+  } else {  // subnormal element: an integer count of 2^(min_exp - M)
+    mag = static_cast<uint32_t>(float_of(a) * exp2n(M - P.min_exp));
+  }
+  return (sign << (bits - 1)) | mag;
+}
+
+// Codes of n values (n * bits a multiple of 8), little endian: code j at bit j * bits.
+inline void bitpack(const uint32_t* codes, int64_t n, int bits, uint8_t* out) {
+  if (bits == 8) {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<uint8_t>(codes[j]);
+    return;
+  }
+  uint64_t acc = 0;
+  int nacc = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    acc |= static_cast<uint64_t>(codes[j]) << nacc;
+    nacc += bits;
+    while (nacc >= 8) {
+      *out++ = static_cast<uint8_t>(acc);
+      acc >>= 8;
+      nacc -= 8;
+    }
+  }
+}
+
+// pack: x [rows, K] float32 -> (codes uint8 [rows * nblk * block_size * bits / 8], scale_e8m0 uint8
+// [rows, nblk]) in ftattn.mx.pack's layout (each block padded to block_size codes, code 0 for the
+// padding and for NaN blocks). Fused: each row is quantized into a buffer, encoded and bit-packed
+// while it is in cache. block_size * bits must be a multiple of 8 (every row starts on a byte).
+std::tuple<at::Tensor, at::Tensor> mx_pack_cpu(const at::Tensor& x, const at::Tensor& log2_thresholds, int64_t ebits,
+                                               int64_t mbits, int64_t emax, double max_norm, int64_t block_size,
+                                               int64_t rounding, int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ftattn::mx_pack: x must be float32 [rows, K], got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(bits >= 2 && bits <= 8 && block_size >= 1 && (block_size * bits) % 8 == 0,
+              "ftattn::mx_pack: block_size * bits must be a multiple of 8 (block_size ", block_size, ", bits ", bits,
+              ")");
+  TORCH_CHECK(rounding >= 0 && rounding <= 2, "ftattn::mx_pack: rounding code must be 0, 1 or 2, got ", rounding);
+  TORCH_CHECK(ebits >= 0 && ebits <= 5 && mbits >= 2 && mbits <= 9,
+              "ftattn::mx_pack: element format out of range (ebits ", ebits, ", mbits ", mbits, ")");
+  TORCH_CHECK(log2_thresholds.scalar_type() == at::kInt && log2_thresholds.numel() == 256 &&
+                  log2_thresholds.device().is_cpu(),
+              "ftattn::mx_pack: log2_thresholds must be a CPU int32 tensor of 256 entries");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor thr = log2_thresholds.contiguous();
+  const int64_t rows = xc.size(0), K = xc.size(1);
+  const int64_t nblk = (K + block_size - 1) / block_size, row_codes = nblk * block_size;
+  const int64_t row_bytes = row_codes * bits / 8;
+  at::Tensor codes = at::empty({rows * row_bytes}, xc.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({rows, nblk}, xc.options().dtype(at::kByte));
+  if (rows == 0 || K == 0) return {codes, scale};
+  Params P;
+  P.ebits = static_cast<int>(ebits);
+  P.mbits = static_cast<int>(mbits);
+  P.emax = static_cast<int>(emax);
+  P.min_exp = ebits ? 2 - (1 << (ebits - 1)) : 0;
+  P.max_norm = static_cast<float>(max_norm);
+  P.rounding = rounding;
+  P.thr = reinterpret_cast<const uint32_t*>(thr.data_ptr<int32_t>());
+  const float* xp = xc.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  uint8_t* sp = scale.data_ptr<uint8_t>();
+  const int b = static_cast<int>(bits);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
+    std::vector<float> q(K);
+    std::vector<uint32_t> c(row_codes);
+    for (int64_t r = r0; r < r1; ++r) {
+      uint8_t* srow = sp + r * nblk;
+      run_contig(xp + r * K, q.data(), srow, 0, nblk, nblk, K, block_size, P, /*scaled=*/true);
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t k0 = blk * block_size, n = std::min(block_size, K - k0);
+        uint32_t* cb = c.data() + k0;
+        if (srow[blk] == kE8M0Nan) {
+          std::fill(cb, cb + block_size, 0u);
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) cb[j] = encode_element(q[k0 + j], P, b);
+        std::fill(cb + n, cb + block_size, 0u);
+      }
+      bitpack(c.data(), row_codes, b, cp + r * row_bytes);
+    }
+  });
+  return {codes, scale};
+}
+
 }  // namespace
 }  // namespace ftattn
-
-TORCH_LIBRARY_FRAGMENT(ftattn, m) {
-  // MX quantize (fake quantization): x [outer, K, inner] float32, blocks of
-  // block_size along K; returns (values, scale_e8m0 [outer, ceil(K / block_size), inner]).
-  // Element format as microxcaling's (ebits, mbits, emax, max_norm); rounding
-  // 0 nearest (half away) / 1 floor / 2 even; log2_thresholds: int32 [256],
-  // ftattn/mx/quantize.py. scaled: values stay divided by the block scale.
-  m.def(
-      "mx_quantize(Tensor x, Tensor log2_thresholds, int ebits, int mbits, int emax, float max_norm, "
-      "int block_size, int rounding, bool scaled) -> (Tensor, Tensor)");
-  // bfloat16 rounding of float32 x as microxcaling's bfloat=16 (rounding 0 nearest / 2 even), as float32.
-  m.def("bfloat16_quantize(Tensor x, int rounding) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
   m.impl("mx_quantize", &ftattn::mx_quantize_cpu);
   m.impl("bfloat16_quantize", &ftattn::bfloat16_quantize_cpu);
+  m.impl("mx_pack", &ftattn::mx_pack_cpu);
 }

@@ -202,7 +202,14 @@ def protect_(
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
-                if not _is_linear(child) or (filter_fn is not None and not filter_fn(full, child)):
+                if filter_fn is not None and not filter_fn(full, child):
+                    continue
+                if type(child).__name__ == "MXPackedLinear":
+                    raise ValueError(
+                        f"{full} is a packed MX layer (ftattn.mx.quantize_ with packed=True): protect_ cannot check "
+                        f"it yet (its kernel reads the packed codes). Protect the fake-quant MX model "
+                        f"(MXConfig(packed=False)), or leave it out with filter_fn")
+                if not _is_linear(child):
                     continue
                 if type(child) is not torch.nn.Linear and not _is_conv1d(child) and not _is_mx(child):
                     raise ValueError(

@@ -105,3 +105,52 @@ def _mx_quantize_kernel(
     tl.store(out_ptr + row * stride_out + k, q, mask=mask)
     scale = tl.where(nan_block, E8M0_NAN, s + SCALE_EMAX).to(tl.uint8)
     tl.store(scale_ptr + row * stride_scale + blk, scale, mask=blk < nblk)
+
+
+@triton.jit
+def _mx_linear_packed_kernel(
+    x_ptr, codes_ptr, scales_ptr, table_ptr, bias_ptr, y_ptr,
+    T, O, K, K_PAD, ROW_BYTES, NBLK,
+    stride_xt, stride_yt,
+    BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[T, O] = x[T, K] dequant(W)^T (+ bias) from the packed codes (ftattn.mx.pack's layout:
+    output feature o's code j at bit j * BITS of its ROW_BYTES, one E8M0 scale per BLOCK_SIZE
+    codes). The weight tile is decoded in registers (value table gather, times the exact
+    2^shared_exp: bit for bit unpack's values) and multiplied with tl.dot; HALF: x is
+    bfloat16 and so is the decoded tile (exact: MX values have <= 8 significant bits), for
+    the tensor cores (the launcher turns it off under the interpreter, whose bfloat16 dot is
+    wrong in Triton 3.9: the products are then exact fp32 ones, the same sums)."""
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_t = offs_t < T
+    mask_o = offs_o < O
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for k0 in range(0, K_PAD, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                    mask=mask_t[:, None] & (offs_k[None, :] < K), other=0.0)
+        bitpos = offs_k * BITS
+        byte = bitpos // 8
+        sh = bitpos % 8
+        in_w = mask_o[:, None] & (offs_k[None, :] < K_PAD)
+        row = codes_ptr + offs_o[:, None] * ROW_BYTES
+        b0 = tl.load(row + byte[None, :], mask=in_w, other=0).to(tl.int32)
+        spill = in_w & ((sh[None, :] + BITS) > 8)
+        b1 = tl.load(row + byte[None, :] + 1, mask=spill, other=0).to(tl.int32)
+        code = ((b0 | (b1 << 8)) >> sh[None, :]) & ((1 << BITS) - 1)
+        val = tl.load(table_ptr + code)
+        e = tl.load(scales_ptr + offs_o[:, None] * NBLK + (offs_k[None, :] // BLOCK_SIZE), mask=in_w,
+                    other=127).to(tl.int32)
+        scale = tl.where(e == E8M0_NAN, float("nan"), _exp2i(e - 127))
+        w = val * scale
+        if HALF:
+            acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_o[None, :], acc, mask=mask_t[:, None] & mask_o[None, :])

@@ -28,8 +28,12 @@ ISAS = ["x86-64-v4", "x86-64-v3", "x86-64"]  # target_clones' order in csrc/vec.
 # (clone, MKL_CBWR): AMD Zen 4/5, AVX2 machines (Intel Haswell..., AMD Zen 1-3), baseline
 CASES = [("x86-64-v4", "AVX2,STRICT"), ("x86-64-v3", "AVX2,STRICT"), ("x86-64", "COMPATIBLE")]
 # what the CPU kernels' tests cover: the attention grid and its backward on the C++ backend (the reference
-# backend has no clones) and the sampler
-GRID = ["tests/test_attention.py", "tests/test_attention_backward.py", "tests/onnx/test_onnx_sampling.py"]
+# backend has no clones), the sampler and the packed MX linear
+GRID = ["tests/test_attention.py", "tests/test_attention_backward.py", "tests/onnx/test_onnx_sampling.py",
+        # the packed MX linear's decoders (AVX-512 intrinsics on x86-64-v4, the value table elsewhere) and pack
+        "tests/mx/test_mx_packed.py::test_fused_pack_is_the_torch_pack_byte_for_byte",
+        "tests/mx/test_mx_packed.py::test_packed_linear_matches_fp64_over_the_unpacked_weight",
+        "tests/mx/test_mx_packed.py::test_packed_linear_every_decoder_lane_and_leading_dims"]
 GRID_FILTER = "not reference"
 
 

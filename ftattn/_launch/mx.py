@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..kernels.mx import _mx_quantize_kernel
+from ..kernels.mx import _mx_linear_packed_kernel, _mx_quantize_kernel
 
-__all__ = ["mx_quantize"]
+__all__ = ["mx_quantize", "mx_linear"]
 
 
 def mx_quantize(x3: torch.Tensor, log2_thresholds: torch.Tensor, ebits: int, mbits: int, emax: int,
@@ -43,3 +43,31 @@ def mx_quantize(x3: torch.Tensor, log2_thresholds: torch.Tensor, ebits: int, mbi
     out = out.view(outer, inner, K).transpose(1, 2).contiguous()
     scale = scale.view(outer, inner, nblk).transpose(1, 2).contiguous()
     return out, scale
+
+
+def mx_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: int,
+              block_size: int, bias=None) -> torch.Tensor:
+    """The Triton ``ftattn::mx_linear``: x [..., K] float32 / bfloat16 / float16, codes uint8
+    [O, row_bytes], scales uint8 [O, nblk], table float32 [2^bits] -> [..., O] in x's dtype."""
+    K = x.shape[-1]
+    O, nblk = scales.shape
+    x2 = x.reshape(-1, K)
+    half = x.dtype == torch.bfloat16 and x.device.type == "cuda"  # CPU tensors: the interpreter
+    if not half:
+        x2 = x2.to(torch.float32)
+    x2 = x2.contiguous()
+    T = x2.shape[0]
+    y = torch.empty((T, O), dtype=torch.float32, device=x.device)
+    if T and O:
+        block_k = max(32, min(128, triton.next_power_of_2(block_size)))
+        block_t = 16 if T <= 16 else 64
+        grid = (triton.cdiv(T, block_t), triton.cdiv(O, 64))
+        b = bias.contiguous() if bias is not None else y
+        _mx_linear_packed_kernel[grid](
+            x2, codes, scales, table.to(x.device), b, y,
+            T, O, K, nblk * block_size, codes.shape[1], nblk,
+            x2.stride(0), y.stride(0),
+            BITS=bits, BLOCK_SIZE=block_size, HAS_BIAS=bias is not None, HALF=half,
+            BLOCK_T=block_t, BLOCK_O=64, BLOCK_K=block_k,
+        )
+    return y.to(x.dtype).view(tuple(x.shape[:-1]) + (O,))

@@ -5,6 +5,7 @@
                each fast path beside its ``*_reference``
 * config.py    ``MXConfig``
 * linear.py    ``MXLinear``, ``MXConv2d``, ``linear``, ``matmul`` (quantized forward and backward)
+* packed.py    ``MXPackedLinear``, ``linear_packed``, ``load_pretrained`` (packed MX for deployment)
 * workflow.py  ``quantize_(model, config, filter_fn)`` / ``restore_(model)``
 * eval.py      ``python -m ftattn mx-eval``
 
@@ -27,6 +28,7 @@ from .quantize import (  # noqa: F401
 )
 from .config import MXConfig  # noqa: F401
 from .linear import MXConv2d, MXLinear, conv2d, linear, matmul  # noqa: F401
+from .packed import MXPackedLinear, linear_packed, load_pretrained  # noqa: F401
 from .workflow import is_quantized, quantize_, restore_  # noqa: F401
 
 __all__ = [
@@ -50,6 +52,9 @@ __all__ = [
     "linear",
     "matmul",
     "conv2d",
+    "MXPackedLinear",
+    "linear_packed",
+    "load_pretrained",
     "quantize_",
     "restore_",
     "is_quantized",

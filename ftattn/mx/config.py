@@ -29,6 +29,10 @@ class MXConfig:
     quantize_backprop: quantize the backward pass too (gradients of inputs and
         weights), as microxcaling does by default.
     backend: which quantizer implementation runs (see ftattn.mx.Backend).
+    packed: for deployment: ``quantize_`` stores each Linear's weight packed (MX codes +
+        E8M0 scales, e.g. 4.25 bits per value for fp4_e2m1) instead of keeping it in fp32,
+        and runs a fused dequantize-and-multiply kernel (ftattn/mx/packed.py). Needs a
+        weight format and block_size * bits a multiple of 8; inference only.
     """
 
     weight: Optional[str] = None
@@ -38,6 +42,7 @@ class MXConfig:
     bfloat: int = 16
     quantize_backprop: bool = True
     backend: str = "auto"
+    packed: bool = False
 
     def __post_init__(self):
         if self.weight is None and self.activation is None:
@@ -63,6 +68,15 @@ class MXConfig:
         except ValueError:
             raise ValueError(f"MXConfig.backend={self.backend!r} is not supported; use one of "
                              f"{', '.join(map(repr, backends.names('mx_quantize')))}") from None
+
+        if not isinstance(self.packed, bool):
+            raise TypeError(f"MXConfig.packed must be a bool, got {self.packed!r}")
+        if self.packed:
+            from .packed import packable
+
+            reason = packable(self)
+            if reason is not None:
+                raise ValueError(f"MXConfig: {reason}")
 
     @property
     def label(self) -> str:

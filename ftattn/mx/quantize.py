@@ -347,6 +347,10 @@ class MXTensor:
     dtype: torch.dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.data_lp.device
+
+    @property
     def nbytes(self) -> int:
         return self.data_lp.numel() + self.scale_e8m0.numel()
 
@@ -411,6 +415,12 @@ def pack(x: torch.Tensor, fmt: Union[str, ElementFormat], block_size: int = 32, 
     f, r, ax = _check_args(x, fmt, block_size, axis, rounding)
     be = _resolve_backend(backend, x.device)
     xm = x.to(torch.float32).movedim(ax, -1)
+    if be is Backend.CPP and (block_size * f.bits) % 8 == 0 and xm.numel() > 0:  # fused: quantize, encode and bit-pack per row
+        codes, scale = torch.ops.ftattn.mx_pack(xm.contiguous().view(-1, xm.shape[-1]), _log2_thresholds("cpu"),
+                                                f.ebits, f.mbits, f.emax, f.max_norm, block_size,
+                                                ROUNDING_CODE[r], f.bits)
+        return MXTensor(data_lp=codes, scale_e8m0=scale.view(xm.shape[:-1] + (scale.shape[-1],)), fmt=f.name,
+                        block_size=block_size, axis=ax, shape=tuple(x.shape), dtype=x.dtype)
     x3 = xm.contiguous().view(-1, xm.shape[-1], 1)
     q, scale = _mx_3d(x3, f, block_size, r, True, be)  # q: elements divided by their block scale
     rows, K = x3.shape[0], x3.shape[1]

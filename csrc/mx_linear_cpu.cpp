@@ -1,0 +1,414 @@
+// Packed MX linear layer, CPU: y = x dequant(W)^T for W stored as MX codes + E8M0 scales
+// (ftattn.mx.pack, blocks along in_features), never materialising the fp32 weight.
+//
+// Layout (ftattn/mx/quantize.py, pack): output feature o owns nblk blocks of block_size codes,
+// each block padded to block_size codes (code 0 is +0 in every format) and bit-packed little
+// endian: code j of the row at bit j * bits of the row's bytes. block_size * bits is a
+// multiple of 8 here (ftattn/mx/packed.py checks), so every block starts on a byte and each
+// run of 16 codes is 2 * bits bytes.
+//
+// Two paths:
+// * decode (rows of x <= kGemvRows, e.g. token-by-token generation): memory bound on the
+//   codes. Parallel over output features; per block the codes are decoded into registers
+//   (AVX-512: a table permute for 2/4/6-bit codes, the fp16 converter for fp8, an integer
+//   convert for int8), multiplied with up to 4 rows of x, and the block's sum is scaled once
+//   by its 2^shared_exp. Other processors (and block sizes not a multiple of 16) decode a row
+//   into a small buffer through the format's value table and run a vectorised dot product.
+// * GEMM (more rows): panels of output features are dequantized (bit for bit the values of
+//   ftattn.mx.unpack: code value * 2^shared_exp, one rounding) into a cache-sized buffer, in
+//   x's dtype for bfloat16 (exact: every MX value has <= 8 significant bits), and multiplied
+//   by the library GEMM (MKL / oneDNN through at::mm).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "vec.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FTATTN_MX_AVX512 1
+#define FTATTN_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+#else
+#define FTATTN_MX_AVX512 0
+#endif
+
+namespace ftattn {
+namespace {
+
+// how the codes decode (ftattn/mx/packed.py, _KIND): through the value table, or by arithmetic
+enum Kind : int64_t { kTable = 0, kE4M3 = 1, kE5M2 = 2, kInt8 = 3 };
+constexpr int64_t kGemvRows = 8;  // up to this many rows of x: the decode path
+
+struct Packed {
+  const uint8_t* codes;    // [O, row_bytes]
+  const uint8_t* scales;   // [O, nblk] E8M0
+  const float* table;      // [2^bits] value of each code
+  const float* scale_tab;  // [256] 2^(e - 127), NaN for 0xFF
+  const float* scale_gemv; // the decode path's: scale_tab times the factor its decoder leaves out
+  bool raw;                // decode path, fp8_e4m3: x carries the decoder's 2^8
+  int64_t row_bytes, nblk, bs, bits, kind;
+};
+
+inline float pow2_e8m0(int e) {  // exact 2^(e - 127) for e in [0, 254]
+  const int k = e - 127;
+  uint32_t b = k >= -126 ? static_cast<uint32_t>(k + 127) << 23 : (1u << (k + 149));
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+inline uint32_t code_at(const uint8_t* block, int64_t j, int64_t bits) {
+  const int64_t pos = j * bits, byte = pos >> 3, sh = pos & 7;
+  uint32_t w = block[byte];
+  if (sh + bits > 8) w |= static_cast<uint32_t>(block[byte + 1]) << 8;
+  return (w >> sh) & ((1u << bits) - 1u);
+}
+
+// One output feature's values (code value * 2^shared_exp, as unpack), K_pad = nblk * bs of them.
+void decode_row_generic(const Packed& W, int64_t o, float* out) {
+  const uint8_t* row = W.codes + o * W.row_bytes;
+  const int64_t block_bytes = W.bs * W.bits / 8;
+  for (int64_t b = 0; b < W.nblk; ++b) {
+    const float s = W.scale_tab[W.scales[o * W.nblk + b]];
+    const uint8_t* blk = row + b * block_bytes;
+    float* dst = out + b * W.bs;
+    for (int64_t j = 0; j < W.bs; ++j) dst[j] = W.table[code_at(blk, j, W.bits)] * s;
+  }
+}
+
+// y[r, o] for rows r of xp ([R, K_pad] float32, zero padded): a vectorised dot product per row.
+FTATTN_CLONES
+void gemv_generic(const Packed& W, const float* xp, int64_t R, int64_t K_pad, float* y, int64_t ldy, int64_t o0,
+                  int64_t o1) {
+  std::vector<float> w(K_pad);
+  for (int64_t o = o0; o < o1; ++o) {
+    decode_row_generic(W, o, w.data());
+    for (int64_t r = 0; r < R; ++r) {
+      const float* x = xp + r * K_pad;
+      float acc[16] = {0};
+      int64_t k = 0;
+      for (; k + 16 <= K_pad; k += 16)
+        for (int i = 0; i < 16; ++i) acc[i] += w[k + i] * x[k + i];
+      float sum = 0.0f;
+      for (; k < K_pad; ++k) sum += w[k] * x[k];
+      for (int i = 0; i < 16; ++i) sum += acc[i];
+      y[r * ldy + o] = sum;
+    }
+  }
+}
+
+#if FTATTN_MX_AVX512
+// The decoders of one (KIND, BITS). one(): 16 codes (2 * BITS bytes at p) -> their 16 values in
+// order, exact (the panels). unit(): UNIT codes -> UNIT / 16 vectors for the decode path, with
+// the lane order and the power-of-two factor that path's x and scale table were prepared for:
+// 4-bit codes 32 at a time as the low nibbles then the high ones (codes 0, 2, .., 30 | 1, .., 31:
+// x is permuted to match), fp8_e4m3 as the fp16 bit pattern's value (2^-8 times the code's:
+// x carries the 2^8), int8 as the integer (the scale carries the 2^-6).
+template <int KIND, int BITS>
+struct Dec16 {
+  static constexpr int UNIT = (KIND == kTable && BITS == 4) ? 32 : 16;
+  __m512 t0, t1, t2, t3;
+  FTATTN_AVX512_FN explicit Dec16(const float* table) {
+    if (KIND == kTable) {
+      alignas(64) float t[64] = {0};
+      const int n = 1 << BITS;
+      for (int i = 0; i < 64; ++i) t[i] = BITS <= 4 ? table[i % n] : (i < n ? table[i] : 0.0f);
+      t0 = _mm512_load_ps(t);
+      t1 = _mm512_load_ps(t + 16);
+      t2 = _mm512_load_ps(t + 32);
+      t3 = _mm512_load_ps(t + 48);
+    }
+  }
+  FTATTN_AVX512_FN static inline __attribute__((always_inline)) __m512 fp8_raw(const uint8_t* p) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __m256i h = _mm256_slli_epi16(w, 8);  // e5m2 is the top byte of an fp16
+    // e4m3: s eeee mmm -> fp16 s 0eeee mmm0000000, the value times 2^-8 (bias 15 against 7), exact
+    if (KIND == kE4M3) h = _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
+    return _mm512_cvtph_ps(h);
+  }
+  FTATTN_AVX512_FN inline __attribute__((always_inline)) __m512 one(const uint8_t* p) const {
+    if (KIND == kE4M3) {
+      return _mm512_mul_ps(fp8_raw(p), _mm512_set1_ps(256.0f));
+    } else if (KIND == kE5M2) {
+      return fp8_raw(p);
+    } else if (KIND == kInt8) {
+      const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(1.0f / 64.0f));
+      // the spare code -128 is -0.0
+      return _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(-128)), v, _mm512_set1_ps(-0.0f));
+    } else if (BITS == 4) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      const __m512i c = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)),
+                                          _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+      return _mm512_permutexvar_ps(c, t0);  // the low 4 bits index
+    } else if (BITS == 2) {
+      uint32_t word;
+      std::memcpy(&word, p, 4);
+      const __m128i b = _mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)),
+                                         _mm_set_epi8(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
+      const __m512i c = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(b),
+                                          _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0));
+      return _mm512_permutexvar_ps(c, t0);  // table repeated every 4 entries
+    } else {  // 6 bits: code i spans bytes 6i/8 and 6i/8 + 1
+      const __m128i b = _mm_maskz_loadu_epi8(0x0FFF, p);
+      const __m128i lo = _mm_shuffle_epi8(b, _mm_set_epi8(11, 10, 9, 9, 8, 7, 6, 6, 5, 4, 3, 3, 2, 1, 0, 0));
+      const __m128i hi = _mm_shuffle_epi8(b, _mm_set_epi8(12, 11, 10, 10, 9, 8, 7, 7, 6, 5, 4, 4, 3, 2, 1, 1));
+      __m512i c = _mm512_or_si512(_mm512_cvtepu8_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu8_epi32(hi), 8));
+      c = _mm512_and_si512(_mm512_srlv_epi32(c, _mm512_set_epi32(2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0)),
+                           _mm512_set1_epi32(63));
+      const __m512 vlo = _mm512_permutex2var_ps(t0, c, t1);
+      const __m512 vhi = _mm512_permutex2var_ps(t2, c, t3);
+      return _mm512_mask_blend_ps(_mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), vlo, vhi);
+    }
+  }
+  template <bool RAW>
+  FTATTN_AVX512_FN inline __attribute__((always_inline)) void unit(const uint8_t* p, __m512* v) const {
+    if (KIND == kTable && BITS == 4) {
+      const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      v[0] = _mm512_permutexvar_ps(c, t0);                         // low nibbles: even codes
+      v[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t0);  // high nibbles: odd codes
+    } else if (KIND == kE4M3 && RAW) {
+      v[0] = fp8_raw(p);
+    } else if (KIND == kInt8) {
+      const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      v[0] = _mm512_maskz_cvtepi32_ps(_mm512_cmpneq_epi32_mask(c, _mm512_set1_epi32(-128)), c);
+    } else {
+      v[0] = one(p);
+    }
+  }
+};
+
+// Up to 4 rows of x against output features [o0, o1), F features at a time (independent
+// accumulation chains, x loaded once for the F): the codes are decoded once per 4 rows.
+template <int KIND, int BITS, int R, int F, bool RAW>
+FTATTN_AVX512_FN void gemv_rows(const Packed& W, const Dec16<KIND, BITS>& dec, const float* xp, int64_t K_pad,
+                                float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  using D = Dec16<KIND, BITS>;
+  constexpr int NV = D::UNIT / 16;
+  const int64_t units = W.bs / D::UNIT, unit_bytes = D::UNIT * BITS / 8, block_bytes = W.bs * BITS / 8;
+  int64_t o = o0;
+  for (; o + F <= o1; o += F) {
+    __m512 acc[R][F];
+    for (int r = 0; r < R; ++r)
+      for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < W.nblk; ++b) {
+      const float* xb = xp + b * W.bs;
+      __m512 part[R][F];
+      for (int r = 0; r < R; ++r)
+        for (int f = 0; f < F; ++f) part[r][f] = _mm512_setzero_ps();
+      for (int64_t u = 0; u < units; ++u) {
+        __m512 v[F][NV];
+        for (int f = 0; f < F; ++f) dec.template unit<RAW>(W.codes + (o + f) * W.row_bytes + b * block_bytes + u * unit_bytes, v[f]);
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < NV; ++i) {
+            const __m512 xv = _mm512_loadu_ps(xb + r * K_pad + u * D::UNIT + 16 * i);
+            for (int f = 0; f < F; ++f) part[r][f] = _mm512_fmadd_ps(v[f][i], xv, part[r][f]);
+          }
+      }
+      for (int f = 0; f < F; ++f) {
+        const __m512 s = _mm512_set1_ps(W.scale_gemv[W.scales[(o + f) * W.nblk + b]]);
+        for (int r = 0; r < R; ++r) acc[r][f] = _mm512_fmadd_ps(part[r][f], s, acc[r][f]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int f = 0; f < F; ++f) y[r * ldy + o + f] = _mm512_reduce_add_ps(acc[r][f]);
+  }
+  if (F > 1 && o < o1) gemv_rows<KIND, BITS, R, 1, RAW>(W, dec, xp, K_pad, y, ldy, o, o1);
+}
+
+template <int KIND, int BITS, bool RAW>
+FTATTN_AVX512_FN void gemv_avx512_raw(const Packed& W, const float* xp, int64_t T, int64_t K_pad, float* y,
+                                      int64_t o0, int64_t o1, int64_t O) {
+  const Dec16<KIND, BITS> dec(W.table);
+  for (int64_t r = 0; r < T; r += 4) {
+    const float* x = xp + r * K_pad;
+    float* yr = y + r * O;
+    switch (std::min<int64_t>(4, T - r)) {
+      case 1: gemv_rows<KIND, BITS, 1, 4, RAW>(W, dec, x, K_pad, yr, O, o0, o1); break;
+      case 2: gemv_rows<KIND, BITS, 2, 2, RAW>(W, dec, x, K_pad, yr, O, o0, o1); break;
+      case 3: gemv_rows<KIND, BITS, 3, 1, RAW>(W, dec, x, K_pad, yr, O, o0, o1); break;
+      default: gemv_rows<KIND, BITS, 4, 1, RAW>(W, dec, x, K_pad, yr, O, o0, o1); break;
+    }
+  }
+}
+
+template <int KIND, int BITS>
+FTATTN_AVX512_FN void gemv_avx512_t(const Packed& W, const float* xp, int64_t T, int64_t K_pad, float* y,
+                                    int64_t o0, int64_t o1, int64_t O) {
+  if (W.raw) gemv_avx512_raw<KIND, BITS, true>(W, xp, T, K_pad, y, o0, o1, O);
+  else gemv_avx512_raw<KIND, BITS, false>(W, xp, T, K_pad, y, o0, o1, O);
+}
+
+// One output feature's values into out (K_pad floats), bit for bit those of unpack.
+template <int KIND, int BITS>
+FTATTN_AVX512_FN void decode_rows_avx512_t(const Packed& W, int64_t o0, int64_t o1, float* out, int64_t ld) {
+  const Dec16<KIND, BITS> dec(W.table);
+  const int64_t chunks = W.bs / 16, block_bytes = W.bs * BITS / 8;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* row = W.codes + o * W.row_bytes;
+    float* dst = out + (o - o0) * ld;
+    for (int64_t b = 0; b < W.nblk; ++b) {
+      const __m512 s = _mm512_set1_ps(W.scale_tab[W.scales[o * W.nblk + b]]);
+      for (int64_t c = 0; c < chunks; ++c)
+        _mm512_storeu_ps(dst + b * W.bs + 16 * c, _mm512_mul_ps(dec.one(row + b * block_bytes + c * 2 * BITS), s));
+    }
+  }
+}
+
+bool use_avx512(const Packed& W) {
+  if (W.bs % (W.kind == kTable && W.bits == 4 ? 32 : 16) != 0) return false;
+  if (W.kind == kTable && W.bits != 2 && W.bits != 4 && W.bits != 6) return false;
+  static const bool ok = std::strcmp(kernel_isa(), "x86-64-v4") == 0;  // the clones' choice (vec.h)
+  return ok;
+}
+
+#define FTATTN_MX_DISPATCH(W, FN, ...)                                       \
+  switch (W.kind) {                                                          \
+    case kE4M3: FN<kE4M3, 8>(__VA_ARGS__); break;                            \
+    case kE5M2: FN<kE5M2, 8>(__VA_ARGS__); break;                            \
+    case kInt8: FN<kInt8, 8>(__VA_ARGS__); break;                            \
+    default:                                                                 \
+      if (W.bits == 4) FN<kTable, 4>(__VA_ARGS__);                           \
+      else if (W.bits == 2) FN<kTable, 2>(__VA_ARGS__);                      \
+      else FN<kTable, 6>(__VA_ARGS__);                                       \
+  }
+#else
+bool use_avx512(const Packed&) { return false; }
+#endif
+
+void gemv(const Packed& W, const float* xp, int64_t T, int64_t K_pad, float* y, int64_t o0, int64_t o1, int64_t O) {
+#if FTATTN_MX_AVX512
+  if (use_avx512(W)) {
+    FTATTN_MX_DISPATCH(W, gemv_avx512_t, W, xp, T, K_pad, y, o0, o1, O);
+    return;
+  }
+#endif
+  gemv_generic(W, xp, T, K_pad, y, O, o0, o1);
+}
+
+void decode_rows(const Packed& W, int64_t o0, int64_t o1, float* out, int64_t ld) {
+#if FTATTN_MX_AVX512
+  if (use_avx512(W)) {
+    FTATTN_MX_DISPATCH(W, decode_rows_avx512_t, W, o0, o1, out, ld);
+    return;
+  }
+#endif
+  for (int64_t o = o0; o < o1; ++o) decode_row_generic(W, o, out + (o - o0) * ld);
+}
+
+// float32 -> bfloat16 bits, round to nearest even (exact for MX values: <= 8 significant bits)
+FTATTN_CLONES
+void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, &src[i], 4);
+    dst[i] = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  }
+}
+
+at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const at::Tensor& table, int64_t bits, int64_t kind, int64_t block_size,
+                         const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "ftattn::mx_linear: x must be [..., in_features], got a 0-d tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "ftattn::mx_linear: x.dtype ", dt, " is not supported; use float32, bfloat16 or float16");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
+              "ftattn::mx_linear: codes must be contiguous uint8 [out_features, row_bytes], got ", codes.sizes(),
+              " ", codes.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == codes.size(0),
+              "ftattn::mx_linear: scales must be contiguous uint8 [out_features, nblk] with out_features = ",
+              codes.size(0), ", got ", scales.sizes());
+  TORCH_CHECK(bits >= 2 && bits <= 8 && block_size >= 1 && (block_size * bits) % 8 == 0,
+              "ftattn::mx_linear: block_size * bits must be a multiple of 8 (got block_size ", block_size,
+              ", bits ", bits, ")");
+  TORCH_CHECK(kind >= kTable && kind <= kInt8 && (kind == kTable || bits == 8),
+              "ftattn::mx_linear: decode kind ", kind, " does not fit ", bits, "-bit codes");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == (int64_t{1} << bits),
+              "ftattn::mx_linear: table must be float32 with 2^bits = ", int64_t{1} << bits, " entries");
+  const int64_t O = codes.size(0), nblk = scales.size(1), K_pad = nblk * block_size;
+  TORCH_CHECK(codes.size(1) == K_pad * bits / 8, "ftattn::mx_linear: codes hold ", codes.size(1),
+              " bytes per output feature, expected nblk * block_size * bits / 8 = ", K_pad * bits / 8);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K <= K_pad && K > K_pad - block_size, "ftattn::mx_linear: x has ", K,
+              " input features, the packed weight ", nblk, " blocks of ", block_size);
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales.device().is_cpu(),
+              "ftattn::mx_linear (CPU kernel): all tensors must be on the CPU");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, "ftattn::mx_linear: bias must be [", O, "], got ",
+                bias->sizes());
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = O;
+  const at::Tensor x2 = x.reshape({-1, K});
+  const int64_t T = x2.size(0);
+
+  float scale_tab[256];
+  for (int e = 0; e < 255; ++e) scale_tab[e] = pow2_e8m0(e);
+  scale_tab[255] = std::numeric_limits<float>::quiet_NaN();
+  float scale_int8[256];  // int8's decode path reads the integer: 2^-6 more
+  for (int e = 0; e < 256; ++e) scale_int8[e] = scale_tab[e] * (1.0f / 64.0f);  // exact (>= 2^-133)
+  Packed W{codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), table.data_ptr<float>(), scale_tab, scale_tab,
+           false, codes.size(1), nblk, block_size, bits, kind};
+
+  at::Tensor y;
+  if (T == 0 || O == 0) {
+    y = at::zeros({T, O}, x.options());
+  } else if (T <= kGemvRows) {
+    at::Tensor xp = at::zeros({T, K_pad}, x.options().dtype(at::kFloat));
+    xp.narrow(1, 0, K).copy_(x2);
+    if (use_avx512(W)) {  // x as Dec16::unit's lanes expect it
+      if (kind == kTable && bits == 4)
+        xp = xp.view({T, K_pad / 32, 16, 2}).transpose(2, 3).contiguous().view({T, K_pad});
+      if (kind == kE4M3 && xp.abs().max().item<float>() < 0x1p100f) {
+        xp.mul_(256.0f);
+        W.raw = true;
+      }
+      if (kind == kInt8) W.scale_gemv = scale_int8;
+    }
+    at::Tensor yf = at::empty({T, O}, xp.options());
+    const float* xpp = xp.data_ptr<float>();
+    float* yp = yf.data_ptr<float>();
+    at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) { gemv(W, xpp, T, K_pad, yp, o0, o1, O); });
+    y = yf.to(dt);
+  } else {
+    // panels of output features: ~2 MiB of fp32 values each, at least 64 features
+    const bool half_panel = dt == at::kBFloat16;
+    const int64_t per = std::max<int64_t>(64, ((int64_t{1} << 19) / K_pad) / 64 * 64);
+    const int64_t np = std::min(per, O);
+    at::Tensor panel = at::empty({np, K_pad}, x.options().dtype(at::kFloat));
+    at::Tensor panel16 = half_panel ? at::empty({np, K_pad}, x.options()) : at::Tensor();
+    const at::Tensor xm = half_panel ? x2 : x2.to(at::kFloat);
+    const at::Tensor xk = K == K_pad ? xm : at::constant_pad_nd(xm, {0, K_pad - K});
+    y = at::empty({T, O}, xk.options());
+    for (int64_t p0 = 0; p0 < O; p0 += np) {
+      const int64_t n = std::min(np, O - p0);
+      float* pp = panel.data_ptr<float>();
+      at::parallel_for(0, n, 1, [&](int64_t a, int64_t b) {
+        decode_rows(W, p0 + a, p0 + b, pp + a * K_pad, K_pad);
+        if (half_panel)
+          to_bf16(pp + a * K_pad, reinterpret_cast<uint16_t*>(panel16.data_ptr<at::BFloat16>()) + a * K_pad,
+                  (b - a) * K_pad);
+      });
+      const at::Tensor w = (half_panel ? panel16 : panel).narrow(0, 0, n);
+      at::Tensor out = y.narrow(1, p0, n);
+      at::mm_out(out, xk, w.t());
+    }
+    y = y.to(dt);
+  }
+  if (bias) y.add_(bias->to(y.scalar_type()));
+  return y.view(out_shape);
+}
+
+}  // namespace
+}  // namespace ftattn
+
+TORCH_LIBRARY_IMPL(ftattn, CPU, m) { m.impl("mx_linear", &ftattn::mx_linear_cpu); }
