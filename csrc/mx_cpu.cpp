@@ -352,45 +352,73 @@ at::Tensor bfloat16_quantize_cpu(const at::Tensor& x, int64_t rounding) {
   return out;
 }
 
-// An element already on the format's grid (the quantizer's scaled output) -> its storage code
-// (ftattn/mx/formats.py: OCP layouts; integers two's complement, -0.0 the spare most negative code).
-inline uint32_t encode_element(float q, const Params& P, int bits) {
-  const uint32_t b = bits_of(q), sign = b >> 31, a = b & 0x7FFFFFFFu;
-  if (P.ebits == 0) {
-    if (a == 0) return sign << (bits - 1);
-    const int32_t k = static_cast<int32_t>(std::nearbyint(q * exp2n(P.mbits - 2)));
-    return static_cast<uint32_t>(k) & ((1u << bits) - 1u);
-  }
+// Elements already on the format's grid (the quantizer's scaled output) -> storage codes
+// (ftattn/mx/formats.py: OCP layouts; integers two's complement, -0.0 the spare most negative
+// code). Branch-free so that the loop vectorises.
+template <bool INT>
+inline __attribute__((always_inline)) void encode_elements(const float* q, int64_t n, const Params& P, int bits,
+                                                           uint8_t* out) {
   const int M = P.mbits - 2;
-  uint32_t mag;
-  const int e = static_cast<int>(a >> 23) - 127;
-  if (a == 0) {
-    mag = 0;
-  } else if (e >= P.min_exp) {
-    mag = (static_cast<uint32_t>(e - P.min_exp + 1) << M) | ((a >> (23 - M)) & ((1u << M) - 1u));
-  } else {  // subnormal element: an integer count of 2^(min_exp - M)
-    mag = static_cast<uint32_t>(float_of(a) * exp2n(M - P.min_exp));
+  const uint32_t mmask = (1u << M) - 1u, cmask = (1u << bits) - 1u;
+  const float up = exp2n(INT ? M : M - P.min_exp);  // ints: the integer; floats: subnormal counts
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t b = bits_of(q[j]), sign = b >> 31, a = b & 0x7FFFFFFFu;
+    uint32_t code;
+    if (INT) {
+      const uint32_t k = static_cast<uint32_t>(static_cast<int32_t>(q[j] * up));  // an exact integer
+      code = a == 0 ? sign << (bits - 1) : (k & cmask);
+    } else {
+      const int e = static_cast<int>(a >> 23) - 127;
+      const uint32_t norm = (static_cast<uint32_t>(e - P.min_exp + 1) << M) | ((a >> (23 - M)) & mmask);
+      const uint32_t sub = static_cast<uint32_t>(static_cast<int32_t>(float_of(a) * up));  // 0 for a == 0
+      code = (sign << (bits - 1)) | (e >= P.min_exp ? norm : sub);
+    }
+    out[j] = static_cast<uint8_t>(code);
   }
-  return (sign << (bits - 1)) | mag;
 }
 
-// Codes of n values (n * bits a multiple of 8), little endian: code j at bit j * bits.
-inline void bitpack(const uint32_t* codes, int64_t n, int bits, uint8_t* out) {
-  if (bits == 8) {
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<uint8_t>(codes[j]);
-    return;
-  }
-  uint64_t acc = 0;
-  int nacc = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    acc |= static_cast<uint64_t>(codes[j]) << nacc;
-    nacc += bits;
-    while (nacc >= 8) {
-      *out++ = static_cast<uint8_t>(acc);
-      acc >>= 8;
-      nacc -= 8;
+// n codes (one per byte, n * bits a multiple of 8) -> little endian bits: code j at bit j * bits.
+inline __attribute__((always_inline)) void bitpack(const uint8_t* c, int64_t n, int bits, uint8_t* out) {
+  if (bits == 4) {
+    for (int64_t i = 0; i < n / 2; ++i) out[i] = static_cast<uint8_t>(c[2 * i] | (c[2 * i + 1] << 4));
+  } else if (bits == 2) {
+    for (int64_t i = 0; i < n / 4; ++i)
+      out[i] = static_cast<uint8_t>(c[4 * i] | (c[4 * i + 1] << 2) | (c[4 * i + 2] << 4) | (c[4 * i + 3] << 6));
+  } else if (bits == 6) {
+    for (int64_t i = 0; i < n / 4; ++i) {
+      const uint32_t w = c[4 * i] | (c[4 * i + 1] << 6) | (c[4 * i + 2] << 12) | (static_cast<uint32_t>(c[4 * i + 3]) << 18);
+      out[3 * i] = static_cast<uint8_t>(w);
+      out[3 * i + 1] = static_cast<uint8_t>(w >> 8);
+      out[3 * i + 2] = static_cast<uint8_t>(w >> 16);
+    }
+  } else {  // other widths (not produced by the formats today): a bit accumulator
+    uint64_t acc = 0;
+    int nacc = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      acc |= static_cast<uint64_t>(c[j]) << nacc;
+      nacc += bits;
+      while (nacc >= 8) {
+        *out++ = static_cast<uint8_t>(acc);
+        acc >>= 8;
+        nacc -= 8;
+      }
     }
   }
+}
+
+// One row of pack: quantize (scaled) into q, encode into c (row_codes bytes, or straight into out
+// for 8-bit codes), zero the padding and the NaN blocks, bit-pack into out.
+FTATTN_MX_CLONES
+void pack_row(const float* x, int64_t K, int64_t nblk, int64_t block_size, const Params& P, int bits, float* q,
+              uint8_t* c, uint8_t* scale, uint8_t* out) {
+  run_contig(x, q, scale, 0, nblk, nblk, K, block_size, P, /*scaled=*/true);
+  uint8_t* codes = bits == 8 ? out : c;
+  if (P.ebits == 0) encode_elements<true>(q, K, P, bits, codes);
+  else encode_elements<false>(q, K, P, bits, codes);
+  std::fill(codes + K, codes + nblk * block_size, uint8_t{0});
+  for (int64_t blk = 0; blk < nblk; ++blk)
+    if (scale[blk] == kE8M0Nan) std::fill(codes + blk * block_size, codes + (blk + 1) * block_size, uint8_t{0});
+  if (bits != 8) bitpack(c, nblk * block_size, bits, out);
 }
 
 // pack: x [rows, K] float32 -> (codes uint8 [rows * nblk * block_size * bits / 8], scale_e8m0 uint8
@@ -433,22 +461,9 @@ std::tuple<at::Tensor, at::Tensor> mx_pack_cpu(const at::Tensor& x, const at::Te
   const int b = static_cast<int>(bits);
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
     std::vector<float> q(K);
-    std::vector<uint32_t> c(row_codes);
-    for (int64_t r = r0; r < r1; ++r) {
-      uint8_t* srow = sp + r * nblk;
-      run_contig(xp + r * K, q.data(), srow, 0, nblk, nblk, K, block_size, P, /*scaled=*/true);
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        const int64_t k0 = blk * block_size, n = std::min(block_size, K - k0);
-        uint32_t* cb = c.data() + k0;
-        if (srow[blk] == kE8M0Nan) {
-          std::fill(cb, cb + block_size, 0u);
-          continue;
-        }
-        for (int64_t j = 0; j < n; ++j) cb[j] = encode_element(q[k0 + j], P, b);
-        std::fill(cb + n, cb + block_size, 0u);
-      }
-      bitpack(c.data(), row_codes, b, cp + r * row_bytes);
-    }
+    std::vector<uint8_t> c(row_codes);
+    for (int64_t r = r0; r < r1; ++r)
+      pack_row(xp + r * K, K, nblk, block_size, P, b, q.data(), c.data(), sp + r * nblk, cp + r * row_bytes);
   });
   return {codes, scale};
 }

@@ -363,17 +363,29 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   if (T == 0 || O == 0) {
     y = at::zeros({T, O}, x.options());
   } else if (T <= kGemvRows) {
-    at::Tensor xp = at::zeros({T, K_pad}, x.options().dtype(at::kFloat));
-    xp.narrow(1, 0, K).copy_(x2);
-    if (use_avx512(W)) {  // x as Dec16::unit's lanes expect it
-      if (kind == kTable && bits == 4)
-        xp = xp.view({T, K_pad / 32, 16, 2}).transpose(2, 3).contiguous().view({T, K_pad});
-      if (kind == kE4M3 && xp.abs().max().item<float>() < 0x1p100f) {
-        xp.mul_(256.0f);
-        W.raw = true;
+    // x in float32, zero padded to whole blocks, in the lane order of the decoder (one pass: a decode
+    // step's fixed cost is a few microseconds)
+    const bool fast = use_avx512(W);
+    const bool pairs = fast && kind == kTable && bits == 4;  // Dec16::unit: even codes, then odd ones
+    const at::Tensor xf = x2.to(at::kFloat).contiguous();
+    at::Tensor xp = at::empty({T, K_pad}, xf.options());
+    const float* src = xf.data_ptr<float>();
+    float* dst = xp.data_ptr<float>();
+    float amax = 0.0f;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* s_row = src + t * K;
+      float* d_row = dst + t * K_pad;
+      for (int64_t k = 0; k < K_pad; ++k) {
+        const float v = k < K ? s_row[k] : 0.0f;
+        amax = std::max(amax, std::fabs(v));
+        d_row[pairs ? (k & ~int64_t{31}) + ((k & 31) >> 1) + 16 * (k & 1) : k] = v;
       }
-      if (kind == kInt8) W.scale_gemv = scale_int8;
     }
+    if (fast && kind == kE4M3 && amax < 0x1p100f) {  // the decoder's 2^8 moves into x (exact)
+      for (int64_t i = 0; i < T * K_pad; ++i) dst[i] *= 256.0f;
+      W.raw = true;
+    }
+    if (fast && kind == kInt8) W.scale_gemv = scale_int8;
     at::Tensor yf = at::empty({T, O}, xp.options());
     const float* xpp = xp.data_ptr<float>();
     float* yp = yf.data_ptr<float>();
@@ -399,8 +411,11 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
                   (b - a) * K_pad);
       });
       const at::Tensor w = (half_panel ? panel16 : panel).narrow(0, 0, n);
-      at::Tensor out = y.narrow(1, p0, n);
-      at::mm_out(out, xk, w.t());
+      if (n == O) {
+        at::mm_out(y, xk, w.t());
+      } else {  // into a contiguous block first: oneDNN's bfloat16 GEMM into a strided slice is ~6x slower
+        y.narrow(1, p0, n).copy_(at::mm(xk, w.t()));
+      }
     }
     y = y.to(dt);
   }

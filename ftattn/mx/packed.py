@@ -80,7 +80,7 @@ def _triton_reason(device: torch.device) -> Optional[str]:
     reason = backends.triton_reason(device)
     if reason is None:
         try:
-            from .._launch import mx  # noqa: F401
+            from .._launch import mx  # noqa: F401  (the Triton kernel imports)
         except ImportError as exc:
             return f"the Triton kernel does not import: {exc}"
     return reason

@@ -4,8 +4,10 @@ One model, evaluated unquantized
 ("baseline") and with its Linear/Conv2d layers swapped for MX ones (quantize_,
 then restore_) for each configuration of ``CONFIGS``, in the seed's order;
 prints the metric and its drop per configuration, plus the SQNR of the
-MX-quantized weights per format; writes a PNG bar chart and, with --json, the
-numbers.
+MX-quantized weights per format, and a deployment table: the model's weight bytes,
+its batch-1 throughput and its metric in fp32, with fake-quant MX weights and with
+packed MX weights (MXConfig(packed=True): codes + scales, a fused kernel) for each
+of --deploy-formats; writes a PNG bar chart and, with --json, the numbers.
 
 Workloads (--workloads, comma-separated):
   classifier  the seed's softmax classifier, an MLP 784-512-256-128-64-10 trained
@@ -142,6 +144,7 @@ class WorkloadResult:
     rows: List[dict]  # {"config", "weight", "activation", "value", "drop"}
     sqnr_db: Dict[str, float]
     info: Dict[str, object]
+    deployment: Optional[List[dict]] = None  # {"config", "weight", "bytes", "throughput", "value"}
 
 
 def _progress(iterable, desc: str, enabled: bool, total=None):
@@ -192,6 +195,42 @@ def _evaluate_configs(model, evaluate, args, name: str, metric: str, info) -> Wo
         r["drop"] = baseline - r["value"]
     sqnr = {f: weight_sqnr_db(model, f, args.block_size, args.rounding) for f in args.sqnr_formats}
     return WorkloadResult(name, metric, rows, sqnr, info)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (packed MX layers: their codes and scales)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _deployment(model, evaluate, throughput, args) -> List[dict]:
+    """fp32, fake-quant MX weights and packed MX weights (weight-only) for each of
+    args.deploy_formats: weight bytes, ``throughput(model)`` (items/s at batch 1), the metric."""
+    rows = [{"config": "fp32", "weight": None, "bytes": _weight_bytes(model), "throughput": throughput(model),
+             "value": evaluate(model)}]
+    for fmt in args.deploy_formats:
+        for packed in (False, True):
+            config = MXConfig(weight=fmt, block_size=args.block_size, rounding=args.rounding, bfloat=args.bfloat,
+                              backend=args.backend, packed=packed)
+            quantize_(model, config, keep_original=True)
+            try:
+                rows.append({"config": f"{'packed' if packed else 'fake-quant'} {fmt}", "weight": fmt,
+                             "bytes": _weight_bytes(model), "throughput": throughput(model),
+                             "value": evaluate(model)})
+            finally:
+                restore_(model)
+    return rows
+
+
+def _rate(fn, items: int, min_seconds: float = 0.5) -> float:
+    """items / s of ``fn`` (which handles ``items``), the best of repeated runs over min_seconds."""
+    fn()
+    best, spent = math.inf, 0.0
+    while spent < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+    return items / best
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +344,16 @@ def _classifier(args) -> WorkloadResult:
 
     info = {"dataset": dataset, "train": int(x_train.shape[0]), "test": int(x_test.shape[0]),
             "layers": [x_train.shape[1]] + hidden + [10], "epochs": args.epochs, "model": trained, "cache": cache}
-    return _evaluate_configs(model, evaluate, args, "classifier", "accuracy %", info)
+    result = _evaluate_configs(model, evaluate, args, "classifier", "accuracy %", info)
+    samples = x_test[:64]
+
+    @torch.no_grad()
+    def throughput(m) -> float:  # samples / s, one at a time
+        return _rate(lambda: [m(samples[i:i + 1]) for i in range(samples.shape[0])], samples.shape[0])
+
+    result.deployment = _deployment(model, evaluate, throughput, args) if args.deploy_formats else None
+    result.info["throughput"] = "samples/s, batch 1"
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +459,15 @@ def _minilm(args) -> WorkloadResult:
     result = _evaluate_configs(model, evaluate, args, "minilm", "cosine to fp32 %", info)
     for i, row in enumerate(result.rows):
         row["min_cosine"] = minimum.get(i)
+    singles = [tokenizer(t, return_tensors="pt") for t in texts[:16]]
+    n_tokens = sum(int(e["input_ids"].shape[1]) for e in singles)
+
+    @torch.no_grad()
+    def throughput(m) -> float:  # tokens / s, one sentence at a time
+        return _rate(lambda: [m(**e) for e in singles], n_tokens)
+
+    result.deployment = _deployment(model, evaluate, throughput, args) if args.deploy_formats else None
+    result.info["throughput"] = "tokens/s, batch 1"
     return result
 
 
@@ -428,6 +485,15 @@ def format_table(result: WorkloadResult) -> str:
                      f"{r['value']:.2f} | {r['drop']:+.2f} |")
     lines += ["", "| weight format | SQNR dB |", "|---|---:|"]
     lines += [f"| {f} | {v:.2f} |" for f, v in result.sqnr_db.items()]
+    if result.deployment:
+        fp32 = result.deployment[0]
+        unit = result.info.get("throughput", "items/s")
+        lines += ["", f"deployment (weights only; activations fp32; throughput in {unit}):", "",
+                  f"| weights | weight MiB | x fp32 bytes | throughput | x fp32 | {result.metric} |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in result.deployment:
+            lines.append(f"| {r['config']} | {r['bytes'] / 2**20:.2f} | {r['bytes'] / fp32['bytes']:.3f} | "
+                         f"{r['throughput']:.0f} | {r['throughput'] / fp32['throughput']:.2f} | {r['value']:.2f} |")
     return "\n".join(lines)
 
 
@@ -501,6 +567,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of the configurations (default: all, in the seed's order)")
     parser.add_argument("--sqnr-formats", type=_formats, default=list(SQNR_FORMATS),
                         help=f"formats of the weight SQNR table (default: {','.join(SQNR_FORMATS)}; '' for none)")
+    parser.add_argument("--deploy-formats", type=_formats, default=["fp8_e4m3", "fp4_e2m1"],
+                        help="weight formats of the deployment table: fp32 vs fake-quant vs packed weights "
+                             "(default: fp8_e4m3,fp4_e2m1; '' for none)")
     parser.add_argument("--block-size", type=int, default=32, help="values per shared scale (default 32, OCP MX)")
     parser.add_argument("--rounding", default="nearest", choices=["nearest", "even", "floor"])
     parser.add_argument("--bfloat", type=int, default=16, help="bfloatN around the MX products (0: off)")
@@ -543,7 +612,8 @@ def main(args) -> int:
             "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
             "versions": {"torch": torch.__version__, "python": platform.python_version(),
                          "machine": platform.machine(), "threads": torch.get_num_threads()},
-            "workloads": {r.name: {"metric": r.metric, "info": r.info, "results": r.rows, "weight_sqnr_db": r.sqnr_db}
+            "workloads": {r.name: {"metric": r.metric, "info": r.info, "results": r.rows, "weight_sqnr_db": r.sqnr_db,
+                                   "deployment": r.deployment}
                           for r in results},
         }
         with open(args.json, "w") as fh:
