@@ -44,7 +44,7 @@ namespace {
 
 // how the codes decode (ftattn/mx/packed.py, _KIND): through the value table, or by arithmetic
 enum Kind : int64_t { kTable = 0, kE4M3 = 1, kE5M2 = 2, kInt8 = 3 };
-constexpr int64_t kGemvRows = 8;  // up to this many rows of x: the decode path
+constexpr int64_t kGemvRows = 16;  // up to this many rows of x: the decode path (measured crossover 16-32)
 
 struct Packed {
   const uint8_t* codes;    // [O, row_bytes]
@@ -192,20 +192,24 @@ FTATTN_AVX512_FN void gemv_rows(const Packed& W, const Dec16<KIND, BITS>& dec, c
                                 float* y, int64_t ldy, int64_t o0, int64_t o1) {
   using D = Dec16<KIND, BITS>;
   constexpr int NV = D::UNIT / 16;
-  const int64_t units = W.bs / D::UNIT, unit_bytes = D::UNIT * BITS / 8, block_bytes = W.bs * BITS / 8;
+  constexpr int64_t unit_bytes = D::UNIT * BITS / 8;
+  const int64_t units = W.bs / D::UNIT, nblk = W.nblk, bs = W.bs, row_bytes = W.row_bytes;
+  const float* const stab = W.scale_gemv;
   int64_t o = o0;
   for (; o + F <= o1; o += F) {
+    const uint8_t* codes = W.codes + o * row_bytes;  // feature o + f at codes + f * row_bytes
+    const uint8_t* sc = W.scales + o * nblk;          // its scales at sc + f * nblk
     __m512 acc[R][F];
     for (int r = 0; r < R; ++r)
       for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < W.nblk; ++b) {
-      const float* xb = xp + b * W.bs;
+    for (int64_t b = 0; b < nblk; ++b, codes += units * unit_bytes) {
+      const float* xb = xp + b * bs;
       __m512 part[R][F];
       for (int r = 0; r < R; ++r)
         for (int f = 0; f < F; ++f) part[r][f] = _mm512_setzero_ps();
       for (int64_t u = 0; u < units; ++u) {
         __m512 v[F][NV];
-        for (int f = 0; f < F; ++f) dec.template unit<RAW>(W.codes + (o + f) * W.row_bytes + b * block_bytes + u * unit_bytes, v[f]);
+        for (int f = 0; f < F; ++f) dec.template unit<RAW>(codes + f * row_bytes + u * unit_bytes, v[f]);
         for (int r = 0; r < R; ++r)
           for (int i = 0; i < NV; ++i) {
             const __m512 xv = _mm512_loadu_ps(xb + r * K_pad + u * D::UNIT + 16 * i);
@@ -213,7 +217,7 @@ FTATTN_AVX512_FN void gemv_rows(const Packed& W, const Dec16<KIND, BITS>& dec, c
           }
       }
       for (int f = 0; f < F; ++f) {
-        const __m512 s = _mm512_set1_ps(W.scale_gemv[W.scales[(o + f) * W.nblk + b]]);
+        const __m512 s = _mm512_set1_ps(stab[sc[f * nblk + b]]);
         for (int r = 0; r < R; ++r) acc[r][f] = _mm512_fmadd_ps(part[r][f], s, acc[r][f]);
       }
     }
