@@ -293,12 +293,31 @@ class MXPackedLinear(torch.nn.Module):
             y = _RefuseBackward.apply(y, x, *(() if self.bias is None else (self.bias,)))
         return y.squeeze(0) if x.dim() == 1 else y
 
+    def _op_args(self, device: torch.device):
+        """(codes, scales, table, bits, kind, block_size) for the C++ op, made once per buffers and device
+        (the per-call cost of a small layer is mostly Python)."""
+        codes = self._buffers["weight_codes"]
+        cached = self.__dict__.get("_ftattn_op_args")
+        if cached is None or cached[0] is not codes or cached[1] != device:
+            f = get_format(self.config.weight)
+            cpp = backends.resolve("mx_linear", self.config.backend, device) is backends.Backend.CPP
+            args = (codes, self._buffers["weight_scales"], decode_table(f).to(device), f.bits, _KIND.get(f.name, 0),
+                    self.config.block_size) if cpp and codes.device == device else None
+            cached = (codes, device, args)
+            self.__dict__["_ftattn_op_args"] = cached
+        return cached[2]
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """MXLinear's forward (ftattn/mx/linear.py) with the weight read from its codes."""
         cfg = self.config
         qx = _mx(_bf(x, cfg), cfg.activation, -1, cfg)
         fused_bias = self.bias if cfg.bfloat == 0 else None
-        y = _bf(linear_packed(qx, self.weight, fused_bias, backend=cfg.backend), cfg)
+        args = self._op_args(x.device) if qx.dtype in _DTYPES and qx.shape[-1] == self.in_features else None
+        if args is not None:  # the common case, checked once: straight to the C++ kernel
+            y = torch.ops.ftattn.mx_linear(qx, *args, fused_bias)
+        else:  # validation with clear errors, other backends
+            y = linear_packed(qx, self.weight, fused_bias, backend=cfg.backend)
+        y = _bf(y, cfg)
         if self.bias is not None and fused_bias is None:
             y = _bf(y + _bf(self.bias, cfg).to(y.dtype), cfg)
         return y

@@ -203,13 +203,14 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def _deployment(model, evaluate, throughput, args) -> List[dict]:
-    """fp32, fake-quant MX weights and packed MX weights (weight-only) for each of
-    args.deploy_formats: weight bytes, ``throughput(model)`` (items/s at batch 1), the metric."""
+    """fp32, fake-quant MX weights and packed MX weights (weight-only, fp32 activations) for
+    each of args.deploy_formats: weight bytes, ``throughput(model)`` (items/s at batch 1), the metric."""
     rows = [{"config": "fp32", "weight": None, "bytes": _weight_bytes(model), "throughput": throughput(model),
              "value": evaluate(model)}]
     for fmt in args.deploy_formats:
         for packed in (False, True):
-            config = MXConfig(weight=fmt, block_size=args.block_size, rounding=args.rounding, bfloat=args.bfloat,
+            # weight-only with fp32 activations (bfloat=0), as a deployment runs it
+            config = MXConfig(weight=fmt, block_size=args.block_size, rounding=args.rounding, bfloat=0,
                               backend=args.backend, packed=packed)
             quantize_(model, config, keep_original=True)
             try:

