@@ -262,6 +262,20 @@ void run_strided(const float* x, float* out, uint8_t* scale, int64_t n, int64_t 
 #undef FTATTN_MX_STRIDED
 }
 
+// The element format of an op's arguments (thr: the log2 threshold table, kept alive by the caller).
+Params make_params(int64_t ebits, int64_t mbits, int64_t emax, double max_norm, int64_t rounding,
+                   const at::Tensor& thr) {
+  Params P;
+  P.ebits = static_cast<int>(ebits);
+  P.mbits = static_cast<int>(mbits);
+  P.emax = static_cast<int>(emax);
+  P.min_exp = ebits ? 2 - (1 << (ebits - 1)) : 0;
+  P.max_norm = static_cast<float>(max_norm);
+  P.rounding = rounding;
+  P.thr = reinterpret_cast<const uint32_t*>(thr.data_ptr<int32_t>());
+  return P;
+}
+
 // x [outer, K, inner] float32 -> (values [outer, K, inner] float32, scale_e8m0 [outer, nblk, inner] uint8).
 // scaled: return the elements before the multiplication by 2^shared_exp (what pack() encodes).
 std::tuple<at::Tensor, at::Tensor> mx_quantize_cpu(const at::Tensor& x, const at::Tensor& log2_thresholds,
@@ -286,14 +300,7 @@ std::tuple<at::Tensor, at::Tensor> mx_quantize_cpu(const at::Tensor& x, const at
   at::Tensor scale = at::empty({outer, nblk, inner}, xc.options().dtype(at::kByte));
   if (xc.numel() == 0) return {out, scale};
 
-  Params P;
-  P.ebits = static_cast<int>(ebits);
-  P.mbits = static_cast<int>(mbits);
-  P.emax = static_cast<int>(emax);
-  P.min_exp = ebits ? 2 - (1 << (ebits - 1)) : 0;
-  P.max_norm = static_cast<float>(max_norm);
-  P.rounding = rounding;
-  P.thr = reinterpret_cast<const uint32_t*>(thr.data_ptr<int32_t>());
+  const Params P = make_params(ebits, mbits, emax, max_norm, rounding, thr);
 
   const float* xp = xc.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -447,14 +454,7 @@ std::tuple<at::Tensor, at::Tensor> mx_pack_cpu(const at::Tensor& x, const at::Te
   at::Tensor codes = at::empty({rows * row_bytes}, xc.options().dtype(at::kByte));
   at::Tensor scale = at::empty({rows, nblk}, xc.options().dtype(at::kByte));
   if (rows == 0 || K == 0) return {codes, scale};
-  Params P;
-  P.ebits = static_cast<int>(ebits);
-  P.mbits = static_cast<int>(mbits);
-  P.emax = static_cast<int>(emax);
-  P.min_exp = ebits ? 2 - (1 << (ebits - 1)) : 0;
-  P.max_norm = static_cast<float>(max_norm);
-  P.rounding = rounding;
-  P.thr = reinterpret_cast<const uint32_t*>(thr.data_ptr<int32_t>());
+  const Params P = make_params(ebits, mbits, emax, max_norm, rounding, thr);
   const float* xp = xc.data_ptr<float>();
   uint8_t* cp = codes.data_ptr<uint8_t>();
   uint8_t* sp = scale.data_ptr<uint8_t>();

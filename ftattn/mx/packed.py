@@ -33,7 +33,7 @@ from .. import backends
 from .config import MXConfig
 from .formats import FORMATS, ROUNDING_CODE, decode_table, get_format
 from .linear import _bf, _mx
-from .quantize import MXTensor, _bitunpack, pack
+from .quantize import MXTensor, _bitunpack, _triton_reason, pack  # one Triton module (ftattn/_launch/mx.py)
 
 __all__ = ["MXPackedLinear", "linear_packed", "linear_reference", "packable", "config_from_meta", "META_VERSION"]
 
@@ -74,16 +74,6 @@ def _rows_bytes(out_features: int, in_features: int, config: MXConfig) -> Tuple[
 
 def _cpp_reason(device: torch.device) -> Optional[str]:
     return backends.extension_reason(device, "mx_linear")
-
-
-def _triton_reason(device: torch.device) -> Optional[str]:
-    reason = backends.triton_reason(device)
-    if reason is None:
-        try:
-            from .._launch import mx  # noqa: F401  (the Triton kernel imports)
-        except ImportError as exc:
-            return f"the Triton kernel does not import: {exc}"
-    return reason
 
 
 backends.register("mx_linear", "cpp", _cpp_reason)
