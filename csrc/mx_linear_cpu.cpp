@@ -109,11 +109,11 @@ void gemv_generic(const Packed& W, const float* xp, int64_t R, int64_t K_pad, fl
 // order, exact (the panels). unit(): UNIT codes -> UNIT / 16 vectors for the decode path, with
 // the lane order and the power-of-two factor that path's x and scale table were prepared for:
 // 4-bit codes 32 at a time as the low nibbles then the high ones (codes 0, 2, .., 30 | 1, .., 31:
-// x is permuted to match), fp8_e4m3 as the fp16 bit pattern's value (2^-8 times the code's:
-// x carries the 2^8), int8 as the integer (the scale carries the 2^-6).
+// x is permuted to match), fp8 32 at a time (fp8_e4m3 as the fp16 bit pattern's value, 2^-8 times
+// the code's: x carries the 2^8), int8 as the integer (the scale carries the 2^-6).
 template <int KIND, int BITS>
 struct Dec16 {
-  static constexpr int UNIT = (KIND == kTable && BITS == 4) ? 32 : 16;
+  static constexpr int UNIT = ((KIND == kTable && BITS == 4) || KIND == kE4M3 || KIND == kE5M2) ? 32 : 16;
   __m512 t0, t1, t2, t3;
   FTATTN_AVX512_FN explicit Dec16(const float* table) {
     if (KIND == kTable) {
@@ -174,8 +174,15 @@ struct Dec16 {
       const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       v[0] = _mm512_permutexvar_ps(c, t0);                         // low nibbles: even codes
       v[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t0);  // high nibbles: odd codes
-    } else if (KIND == kE4M3 && RAW) {
-      v[0] = fp8_raw(p);
+    } else if (KIND == kE4M3 || KIND == kE5M2) {  // 32 codes: the bit moves on 32 words at once
+      __m512i h = _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 8);
+      if (KIND == kE4M3) h = _mm512_and_si512(_mm512_srai_epi16(h, 1), _mm512_set1_epi16(static_cast<short>(0xBFFF)));
+      v[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+      v[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+      if (KIND == kE4M3 && !RAW) {
+        v[0] = _mm512_mul_ps(v[0], _mm512_set1_ps(256.0f));
+        v[1] = _mm512_mul_ps(v[1], _mm512_set1_ps(256.0f));
+      }
     } else if (KIND == kInt8) {
       const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       v[0] = _mm512_maskz_cvtepi32_ps(_mm512_cmpneq_epi32_mask(c, _mm512_set1_epi32(-128)), c);
@@ -271,7 +278,7 @@ FTATTN_AVX512_FN void decode_rows_avx512_t(const Packed& W, int64_t o0, int64_t 
 }
 
 bool use_avx512(const Packed& W) {
-  if (W.bs % (W.kind == kTable && W.bits == 4 ? 32 : 16) != 0) return false;
+  if (W.bs % ((W.kind == kTable && W.bits == 4) || W.kind == kE4M3 || W.kind == kE5M2 ? 32 : 16) != 0) return false;
   if (W.kind == kTable && W.bits != 2 && W.bits != 4 && W.bits != 6) return false;
   static const bool ok = std::strcmp(kernel_isa(), "x86-64-v4") == 0;  // the clones' choice (vec.h)
   return ok;
