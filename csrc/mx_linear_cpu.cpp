@@ -206,14 +206,19 @@ FTATTN_AVX512_FN void gemv_rows(const Packed& W, const Dec16<KIND, BITS>& dec, c
   for (; o + F <= o1; o += F) {
     const uint8_t* codes = W.codes + o * row_bytes;  // feature o + f at codes + f * row_bytes
     const uint8_t* sc = W.scales + o * nblk;          // its scales at sc + f * nblk
-    const int64_t block_bytes = units * unit_bytes, ahead = 1024;  // prefetch distance in each row's codes
+    const int64_t block_bytes = units * unit_bytes;
     __m512 acc[R][F];
     for (int r = 0; r < R; ++r)
       for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nblk; ++b, codes += block_bytes) {
-      if (((b * block_bytes) & 63) == 0)  // once per cache line of each row: the hardware prefetcher
-        for (int f = 0; f < F; ++f)       // follows one or two streams, not 4 interleaved short rows
-          _mm_prefetch(reinterpret_cast<const char*>(codes + f * row_bytes + ahead), _MM_HINT_T0);
+      // once per cache line of each row, 8 KiB ahead into L2 and 256 B ahead into L1: a core's few
+      // line-fill buffers alone keep too few misses in flight to stream the codes from memory
+      // (measured, 40 matrices [8192, 2048] in turn: fp4 16 -> 19 GB/s, fp8 15 -> 22 GB/s)
+      if (((b * block_bytes) & 63) == 0)
+        for (int f = 0; f < F; ++f) {
+          _mm_prefetch(reinterpret_cast<const char*>(codes + f * row_bytes + 8192), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(codes + f * row_bytes + 256), _MM_HINT_T0);
+        }
       const float* xb = xp + b * bs;
       __m512 part[R][F];
       for (int r = 0; r < R; ++r)
