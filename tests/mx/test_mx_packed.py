@@ -319,6 +319,15 @@ def test_hugging_face_save_and_load_pretrained(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, logits)
         assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), tokens)
+    # a tied head stays the embedding's (fp32), before and after the round trip
+    tied = tiny_llama("sdpa", seed=4, tie_word_embeddings=True)
+    mx.quantize_(tied, MXConfig(weight="fp4_e2m1", packed=True))
+    assert type(tied.lm_head) is torch.nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
+    tied.save_pretrained(tmp_path / "tied")
+    back = mx.load_pretrained(str(tmp_path / "tied"))
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, tied(ids).logits)
     with pytest.raises(ValueError, match="holds no packed MX layers"):
         fresh = tmp_path / "plain"
         tiny_llama("sdpa").save_pretrained(fresh)
