@@ -53,6 +53,7 @@ struct Packed {
   const float* scale_tab;  // [256] 2^(e - 127), NaN for 0xFF
   const float* scale_gemv; // the decode path's: scale_tab times the factor its decoder leaves out
   bool raw;                // decode path, fp8_e4m3: x carries the decoder's 2^8
+  const float* pairs;      // 4-bit codes: [256][2] the values of a byte's low and high code
   int64_t row_bytes, nblk, bs, bits, kind;
 };
 
@@ -72,6 +73,8 @@ inline uint32_t code_at(const uint8_t* block, int64_t j, int64_t bits) {
 }
 
 // One output feature's values (code value * 2^shared_exp, as unpack), K_pad = nblk * bs of them.
+// 8-bit codes: one table load per value; 4-bit: one per byte from the table of byte pairs
+// (W.pairs); other widths: the codes extracted one by one.
 void decode_row_generic(const Packed& W, int64_t o, float* out) {
   const uint8_t* row = W.codes + o * W.row_bytes;
   const int64_t block_bytes = W.bs * W.bits / 8;
@@ -79,7 +82,17 @@ void decode_row_generic(const Packed& W, int64_t o, float* out) {
     const float s = W.scale_tab[W.scales[o * W.nblk + b]];
     const uint8_t* blk = row + b * block_bytes;
     float* dst = out + b * W.bs;
-    for (int64_t j = 0; j < W.bs; ++j) dst[j] = W.table[code_at(blk, j, W.bits)] * s;
+    if (W.bits == 8) {
+      for (int64_t j = 0; j < W.bs; ++j) dst[j] = W.table[blk[j]] * s;
+    } else if (W.bits == 4) {
+      for (int64_t i = 0; i < W.bs / 2; ++i) {
+        const float* pr = W.pairs + 2 * blk[i];
+        dst[2 * i] = pr[0] * s;
+        dst[2 * i + 1] = pr[1] * s;
+      }
+    } else {
+      for (int64_t j = 0; j < W.bs; ++j) dst[j] = W.table[code_at(blk, j, W.bits)] * s;
+    }
   }
 }
 
@@ -376,8 +389,14 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   scale_tab[255] = std::numeric_limits<float>::quiet_NaN();
   float scale_int8[256];  // int8's decode path reads the integer: 2^-6 more
   for (int e = 0; e < 256; ++e) scale_int8[e] = scale_tab[e] * (1.0f / 64.0f);  // exact (>= 2^-133)
-  Packed W{codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), table.data_ptr<float>(), scale_tab, scale_tab,
-           false, codes.size(1), nblk, block_size, bits, kind};
+  float pairs[512];
+  const float* tab = table.data_ptr<float>();
+  for (int i = 0; i < 256 && bits == 4; ++i) {
+    pairs[2 * i] = tab[i & 15];
+    pairs[2 * i + 1] = tab[i >> 4];
+  }
+  Packed W{codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), tab, scale_tab, scale_tab, false, pairs,
+           codes.size(1), nblk, block_size, bits, kind};
 
   at::Tensor y;
   if (T == 0 || O == 0) {
