@@ -53,7 +53,6 @@ struct Packed {
   const float* scale_tab;  // [256] 2^(e - 127), NaN for 0xFF
   const float* scale_gemv; // the decode path's: scale_tab times the factor its decoder leaves out
   bool raw;                // decode path, fp8_e4m3: x carries the decoder's 2^8
-  const float* pairs;      // 4-bit codes: [256][2] the values of a byte's low and high code
   int64_t row_bytes, nblk, bs, bits, kind;
 };
 
@@ -74,17 +73,16 @@ inline uint32_t code_at(const uint8_t* block, int64_t j, int64_t bits) {
 
 typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
-typedef float vf8 __attribute__((vector_size(32)));
+using vec::f8;
 
 // One output feature's values (code value * 2^shared_exp, as unpack), K_pad = nblk * bs of them.
 // 4-bit codes, blocks of a multiple of 8: 8 codes at a time, a 16-entry table lookup as two
 // 8-lane permutes and a select (AVX2's vpermps in the x86-64-v3 clone); 8-bit codes: one table
-// load per value; 4-bit otherwise: one load per byte from the table of byte pairs (W.pairs);
-// other widths: the codes extracted one by one.
+// load per value; other widths and block sizes: the codes extracted one by one.
 FTATTN_CLONES
 void decode_row_generic(const Packed& W, int64_t o, float* out) {
   if (W.bits == 4 && W.bs % 8 == 0) {
-    vf8 tlo, thi;
+    f8 tlo, thi;
     std::memcpy(&tlo, W.table, 32);
     std::memcpy(&thi, W.table + 8, 32);
     const vu8 shifts = {0, 4, 8, 12, 16, 20, 24, 28};
@@ -97,8 +95,8 @@ void decode_row_generic(const Packed& W, int64_t o, float* out) {
         uint32_t w;
         std::memcpy(&w, blk + 4 * g, 4);
         const vi8 idx = reinterpret_cast<vi8>(((vu8){} + w) >> shifts & 15u);  // code j of the 8 at bits 4j
-        const vf8 lo = __builtin_shuffle(tlo, idx), hi = __builtin_shuffle(thi, idx);
-        const vf8 v = (idx > 7 ? hi : lo) * s;
+        const f8 lo = __builtin_shuffle(tlo, idx), hi = __builtin_shuffle(thi, idx);
+        const f8 v = (idx > 7 ? hi : lo) * s;
         std::memcpy(dst + 8 * g, &v, 32);
       }
     }
@@ -112,12 +110,6 @@ void decode_row_generic(const Packed& W, int64_t o, float* out) {
     float* dst = out + b * W.bs;
     if (W.bits == 8) {
       for (int64_t j = 0; j < W.bs; ++j) dst[j] = W.table[blk[j]] * s;
-    } else if (W.bits == 4) {
-      for (int64_t i = 0; i < W.bs / 2; ++i) {
-        const float* pr = W.pairs + 2 * blk[i];
-        dst[2 * i] = pr[0] * s;
-        dst[2 * i + 1] = pr[1] * s;
-      }
     } else {
       for (int64_t j = 0; j < W.bs; ++j) dst[j] = W.table[code_at(blk, j, W.bits)] * s;
     }
@@ -364,16 +356,6 @@ void decode_rows(const Packed& W, int64_t o0, int64_t o1, float* out, int64_t ld
   for (int64_t o = o0; o < o1; ++o) decode_row_generic(W, o, out + (o - o0) * ld);
 }
 
-// float32 -> bfloat16 bits, round to nearest even (exact for MX values: <= 8 significant bits)
-FTATTN_CLONES
-void to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t b;
-    std::memcpy(&b, &src[i], 4);
-    dst[i] = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-  }
-}
-
 at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                          const at::Tensor& table, int64_t bits, int64_t kind, int64_t block_size,
                          const std::optional<at::Tensor>& bias) {
@@ -417,14 +399,8 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   scale_tab[255] = std::numeric_limits<float>::quiet_NaN();
   float scale_int8[256];  // int8's decode path reads the integer: 2^-6 more
   for (int e = 0; e < 256; ++e) scale_int8[e] = scale_tab[e] * (1.0f / 64.0f);  // exact (>= 2^-133)
-  float pairs[512];
-  const float* tab = table.data_ptr<float>();
-  for (int i = 0; i < 256 && bits == 4; ++i) {
-    pairs[2 * i] = tab[i & 15];
-    pairs[2 * i + 1] = tab[i >> 4];
-  }
-  Packed W{codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), tab, scale_tab, scale_tab, false, pairs,
-           codes.size(1), nblk, block_size, bits, kind};
+  Packed W{codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), table.data_ptr<float>(), scale_tab, scale_tab,
+           false, codes.size(1), nblk, block_size, bits, kind};
 
   at::Tensor y;
   if (T == 0 || O == 0) {
@@ -433,7 +409,7 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
     // x in float32, zero padded to whole blocks, in the lane order of the decoder (one pass: a decode
     // step's fixed cost is a few microseconds)
     const bool fast = use_avx512(W);
-    const bool pairs = fast && kind == kTable && bits == 4;  // Dec16::unit: even codes, then odd ones
+    const bool nibbles = fast && kind == kTable && bits == 4;  // Dec16::unit: even codes, then odd ones
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     at::Tensor xp = at::empty({T, K_pad}, xf.options());
     const float* src = xf.data_ptr<float>();
@@ -445,7 +421,7 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
       for (int64_t k = 0; k < K_pad; ++k) {
         const float v = k < K ? s_row[k] : 0.0f;
         amax = std::max(amax, std::fabs(v));
-        d_row[pairs ? (k & ~int64_t{31}) + ((k & 31) >> 1) + 16 * (k & 1) : k] = v;
+        d_row[nibbles ? (k & ~int64_t{31}) + ((k & 31) >> 1) + 16 * (k & 1) : k] = v;
       }
     }
     if (fast && kind == kE4M3 && amax < 0x1p100f) {  // the decoder's 2^8 moves into x (exact)
@@ -473,9 +449,7 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
       float* pp = panel.data_ptr<float>();
       at::parallel_for(0, n, 1, [&](int64_t a, int64_t b) {
         decode_rows(W, p0 + a, p0 + b, pp + a * K_pad, K_pad);
-        if (half_panel)
-          to_bf16(pp + a * K_pad, reinterpret_cast<uint16_t*>(panel16.data_ptr<at::BFloat16>()) + a * K_pad,
-                  (b - a) * K_pad);
+        if (half_panel) panel16.narrow(0, a, b - a).copy_(panel.narrow(0, a, b - a));  // exact: <= 8 bits
       });
       const at::Tensor w = (half_panel ? panel16 : panel).narrow(0, 0, n);
       if (n == O) {

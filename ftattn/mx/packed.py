@@ -33,7 +33,7 @@ from .. import backends
 from .config import MXConfig
 from .formats import FORMATS, ROUNDING_CODE, decode_table, get_format
 from .linear import _bf, _mx
-from .quantize import MXTensor, _bitunpack, _triton_reason, pack  # one Triton module (ftattn/_launch/mx.py)
+from .quantize import MXTensor, _triton_reason, decode_blocks, pack  # one Triton module (ftattn/_launch/mx.py)
 
 __all__ = ["MXPackedLinear", "linear_packed", "linear_reference", "packable", "config_from_meta", "META_VERSION"]
 
@@ -63,7 +63,7 @@ def packable(config: MXConfig) -> Optional[str]:
     return None
 
 
-def _rows_bytes(out_features: int, in_features: int, config: MXConfig) -> Tuple[int, int]:
+def _rows_bytes(in_features: int, config: MXConfig) -> Tuple[int, int]:
     nblk = -(-in_features // config.block_size)
     return nblk, nblk * config.block_size * get_format(config.weight).bits // 8
 
@@ -81,24 +81,11 @@ backends.register("mx_linear", "triton", _triton_reason)
 backends.register("mx_linear", "torch", lambda device: None, fallback=True)
 
 
-def _decode_weight(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: int,
-                   block_size: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized weight [out, in] in ``dtype`` (as unpack: code value * 2^shared_exp)."""
-    out_features, nblk = scales.shape
-    n = out_features * nblk * block_size
-    c = _bitunpack(codes.reshape(-1), bits, n).to(torch.int64)
-    values = table.to(codes.device)[c].view(out_features, nblk, block_size)
-    shared = scales.to(torch.float32) - 127
-    shared = torch.where(scales == 0xFF, torch.full_like(shared, float("nan")), shared)
-    w = (values * 2 ** shared.unsqueeze(-1)).view(out_features, nblk * block_size)[:, :in_features]
-    return w.to(dtype)
-
-
 def linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: int,
                      kind: int, block_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torch.ops.ftattn.mx_linear in plain torch ops (any device): decode, then F.linear in x's dtype."""
-    w = _decode_weight(codes, scales, table, bits, block_size, x.shape[-1],
-                       x.dtype if x.dtype == torch.bfloat16 else torch.float32)
+    w = decode_blocks(codes, scales, table.to(codes.device), bits, block_size)[:, :x.shape[-1]]
+    w = w.to(x.dtype if x.dtype == torch.bfloat16 else torch.float32)
     y = F.linear(x.to(w.dtype), w)
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -232,7 +219,7 @@ class MXPackedLinear(torch.nn.Module):
         if dtype not in _DTYPES:
             raise TypeError(f"MXPackedLinear: dtype={dtype} is not supported; use float32, bfloat16 or float16")
         self.in_features, self.out_features, self.config = in_features, out_features, config
-        nblk, row_bytes = _rows_bytes(out_features, in_features, config)
+        nblk, row_bytes = _rows_bytes(in_features, config)
         self.register_buffer("weight_codes", torch.zeros(out_features, row_bytes, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scales", torch.zeros(out_features, nblk, dtype=torch.uint8, device=device))
         self.register_buffer("weight_mx_meta", _meta(config, out_features, in_features, dtype).to(device))
@@ -246,25 +233,13 @@ class MXPackedLinear(torch.nn.Module):
     def from_linear(cls, module: torch.nn.Linear, config: MXConfig) -> "MXPackedLinear":
         """Pack ``module``'s weight (bfloatN-rounded first, as MXLinear does); the bias Parameter is shared."""
         w = module.weight.detach()
-        new = cls.__new__(cls)
-        torch.nn.Module.__init__(new)
-        new.in_features, new.out_features, new.config = module.in_features, module.out_features, config
-        new._weight_dtype = w.dtype
-        if w.dtype not in _DTYPES:
-            raise TypeError(f"MXPackedLinear: weight dtype {w.dtype} is not supported; use float32, bfloat16 or "
-                            "float16")
-        if w.device.type == "meta":
-            nblk, row_bytes = _rows_bytes(module.out_features, module.in_features, config)
-            codes = torch.empty(module.out_features, row_bytes, dtype=torch.uint8, device=w.device)
-            scales = torch.empty(module.out_features, nblk, dtype=torch.uint8, device=w.device)
-        else:
+        # the buffers' shapes and checks from __init__, without allocating them; then the packed weight
+        new = cls(module.in_features, module.out_features, bias=False, config=config, device="meta", dtype=w.dtype)
+        if w.device.type != "meta":
             p = pack(_bf(w, config), config.weight, config.block_size, -1, config.rounding, config.backend)
-            codes = p.data_lp.view(module.out_features, -1)
-            scales = p.scale_e8m0.view(module.out_features, -1)
-        new.register_buffer("weight_codes", codes)
-        new.register_buffer("weight_scales", scales)
-        new.register_buffer("weight_mx_meta", _meta(config, module.out_features, module.in_features,
-                                                    w.dtype).to(w.device))
+            new.weight_codes = p.data_lp.view(module.out_features, -1)
+            new.weight_scales = p.scale_e8m0.view(module.out_features, -1)
+            new.weight_mx_meta = _meta(config, module.out_features, module.in_features, w.dtype).to(w.device)
         new.bias = module.bias  # the same Parameter (or None)
         new.training = module.training
         return new

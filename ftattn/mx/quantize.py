@@ -53,6 +53,7 @@ __all__ = [
     "quantize_bfloat_reference",
     "pack",
     "unpack",
+    "decode_blocks",
     "backend_status",
 ]
 
@@ -455,13 +456,20 @@ def unpack(t: MXTensor) -> torch.Tensor:
     for s in moved[:-1]:
         rows *= s
     nblk = t.scale_e8m0.shape[-1]
-    n = rows * nblk * t.block_size
-    codes = _bitunpack(t.data_lp, f.bits, n).to(torch.int64)
-    values = decode_table(f).to(t.data_lp.device)[codes].view(rows, nblk, t.block_size)
-    shared = e8m0_to_scale_exp(t.scale_e8m0.reshape(rows, nblk, 1))
-    out = values * 2**shared  # NaN scale -> NaN block, as the quantizer
-    out = out.view(rows, nblk * t.block_size)[:, :K].reshape(moved)
-    return out.movedim(-1, t.axis).to(t.dtype)
+    out = decode_blocks(t.data_lp, t.scale_e8m0.reshape(rows, nblk), decode_table(f).to(t.data_lp.device), f.bits,
+                        t.block_size)
+    return out[:, :K].reshape(moved).movedim(-1, t.axis).to(t.dtype)
+
+
+def decode_blocks(data_lp: torch.Tensor, scale_e8m0: torch.Tensor, table: torch.Tensor, bits: int,
+                  block_size: int) -> torch.Tensor:
+    """Packed codes -> float32 [rows, nblk * block_size]: each code's value (``table``, float32
+    [2**bits]) times its block's 2**shared_exp; scale_e8m0 [rows, nblk]; NaN scale -> NaN block."""
+    rows, nblk = scale_e8m0.shape
+    codes = _bitunpack(data_lp.reshape(-1), bits, rows * nblk * block_size).to(torch.int64)
+    values = table[codes].view(rows, nblk, block_size)
+    out = values * 2 ** e8m0_to_scale_exp(scale_e8m0.unsqueeze(-1))  # NaN scale -> NaN block, as the quantizer
+    return out.view(rows, nblk * block_size)
 
 
 # ---------------------------------------------------------------------------
