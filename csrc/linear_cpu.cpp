@@ -102,9 +102,9 @@ struct LinearFault {
 struct CheckRefs {
   float* acc;        // [T, out]; the bias is added to each row once it is checked
   const float* bias;  // [out] or nullptr
-  const float* ref;  // [T, nb] or [T, 2 nb] (hi + lo)
-  const float* mag;  // [T, nb], of x_i / scale_i
-  const float* scale;  // [T], powers of two
+  float* ref;    // [T, nb] or [T, 2 nb] (hi + lo)
+  float* mag;    // [T, nb], of x_i / scale_i
+  float* scale;  // [T], powers of two
   const at::Tensor* x;
   int64_t T, out, bo, nb;
   bool split;
@@ -113,6 +113,11 @@ struct CheckRefs {
   double sum_u;   // times sum |acc| of a block: the fp32 partial sums of the block sum
   int32_t* nbad = nullptr;    // [T]: blocks whose check failed in each row
   int32_t* badblk = nullptr;  // [T]: the last of them
+  // set: the check makes each row's ref, mag and scale first, from the fp32 checksums
+  // wsum / magc [nb, K] (row_refs), in the same pass (x and the row's y read once, one
+  // parallel region instead of two)
+  const float* wsum = nullptr;
+  const float* magc = nullptr;
 };
 
 // Row kernels with explicit 16-lane vectors (csrc/vec.h), one clone per ISA: the
@@ -208,7 +213,8 @@ inline float row_squares_any(const at::Half* x, int64_t K, uint16_t* o) {
 // sum_o a_o and sum_o |a_o| of one block: sixteen fp32 partial sums (one vector) of at
 // most ceil(n / 16) terms each, added in fp64: within (ceil(n / 16) + 1) u sum |a| of the
 // exact sum.
-FTATTN_CLONES void block_sums(const float* a, int64_t n, double* sum, double* sum_abs) {
+// Then the bias (when given) is added to the block in the same pass.
+FTATTN_CLONES void block_sums(float* a, int64_t n, const float* bias, double* sum, double* sum_abs) {
   using namespace vec;
   f16 s = f16{}, m = f16{};
   int64_t o = 0;
@@ -216,13 +222,20 @@ FTATTN_CLONES void block_sums(const float* a, int64_t n, double* sum, double* su
     const f16 v = load(a + o);
     s += v;
     m += vec::abs(v);
+    if (bias != nullptr) store(a + o, v + load(bias + o));
   }
   double t = 0.0, ta = 0.0;
-  for (; o < n; ++o) t += static_cast<double>(a[o]), ta += std::fabs(static_cast<double>(a[o]));
-  float ls[16], lm[16];
-  std::memcpy(ls, &s, sizeof(ls));
-  std::memcpy(lm, &m, sizeof(lm));
-  for (int l = 0; l < 16; ++l) t += static_cast<double>(ls[l]), ta += static_cast<double>(lm[l]);
+  for (; o < n; ++o) {
+    t += static_cast<double>(a[o]), ta += std::fabs(static_cast<double>(a[o]));
+    if (bias != nullptr) a[o] += bias[o];
+  }
+  // the sixteen partials in fp64, as a tree (16 dependent scalar adds were a third of
+  // this function's time)
+  f8 lo, hi;
+  halves(s, lo, hi);
+  t += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
+  halves(m, lo, hi);
+  ta += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
   *sum = t;
   *sum_abs = ta;
 }
@@ -230,7 +243,35 @@ FTATTN_CLONES void block_sums(const float* a, int64_t n, double* sum, double* su
 // The references of one row without a GEMM (few checksum blocks: x is read once, from L1,
 // instead of streamed through two skinny GEMMs and a buffer of squares):
 // ref_b = x . wsum_b and mag_b = (x / scale)^2 . magc_b for each of nb blocks, in sixteen
-// fp32 lanes each (the same rounding statistics as a GEMM's dot product). Returns scale.
+// fp32 lanes each (the same rounding statistics as a GEMM's dot product). Blocks go G at a
+// time, 2 G independent accumulators: one block at a time was bound by the add latency
+// (perf: a quarter of the FMA throughput). Returns scale.
+template <int G, typename In>
+FTATTN_VEC_INLINE void row_refs_group(const In* __restrict x, int64_t K, float inv, const float* __restrict wsum,
+                                      const float* __restrict magc, float* __restrict ref, float* __restrict mag) {
+  using namespace vec;
+  f16 r[G], q[G];
+  for (int g = 0; g < G; ++g) r[g] = f16{}, q[g] = f16{};
+  int64_t j = 0;
+  for (; j + 16 <= K; j += 16) {
+    const f16 v = load16(x + j), vs = v * inv, v2 = vs * vs;
+    for (int g = 0; g < G; ++g) {
+      r[g] += v * load(wsum + g * K + j);
+      q[g] += v2 * load(magc + g * K + j);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float rt = hsum(r[g]), qt = hsum(q[g]);
+    for (int64_t t = j; t < K; ++t) {
+      const float v = load1(x[t]), vs = v * inv;
+      rt += v * wsum[g * K + t];
+      qt += vs * vs * magc[g * K + t];
+    }
+    ref[g] = rt;
+    mag[g] = qt;
+  }
+}
+
 template <typename In>
 FTATTN_VEC_INLINE float row_refs(const In* __restrict x, int64_t K, const float* __restrict wsum,
                                  const float* __restrict magc, int64_t nb, float* __restrict ref,
@@ -250,25 +291,11 @@ FTATTN_VEC_INLINE float row_refs(const In* __restrict x, int64_t K, const float*
   int e = 0;
   std::frexp(m, &e);
   const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const float* ws = wsum + b * K;
-    const float* mc = magc + b * K;
-    f16 r = f16{}, q = f16{};
-    j = 0;
-    for (; j + 16 <= K; j += 16) {
-      const f16 v = load16(x + j), vs = v * inv;
-      r += v * load(ws + j);
-      q += vs * vs * load(mc + j);
-    }
-    float rt = hsum(r), qt = hsum(q);
-    for (; j < K; ++j) {
-      const float v = load1(x[j]), vs = v * inv;
-      rt += v * ws[j];
-      qt += vs * vs * mc[j];
-    }
-    ref[b] = rt;
-    mag[b] = qt;
-  }
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) row_refs_group<4>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
+  if (nb - b == 3) row_refs_group<3>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
+  if (nb - b == 2) row_refs_group<2>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
+  if (nb - b == 1) row_refs_group<1>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
   return 1.f / inv;
 }
 FTATTN_CLONES float row_refs_f(const float* x, int64_t K, const float* w, const float* m, int64_t nb, float* r,
@@ -283,6 +310,19 @@ float row_refs_h(const at::Half* x, int64_t K, const float* w, const float* m, i
   std::vector<float> xf(K);
   for (int64_t j = 0; j < K; ++j) xf[j] = static_cast<float>(x[j]);
   return row_refs_f(xf.data(), K, w, m, nb, r, q);
+}
+
+// Row i of x (contiguous [T, K], any supported dtype): its references (row_refs).
+float row_refs_any(const at::Tensor& x, int64_t i, const float* w, const float* m, int64_t nb, float* r, float* q) {
+  const int64_t K = x.size(1);
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      return row_refs_b(reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()) + i * K, K, w, m, nb, r, q);
+    case at::kHalf:
+      return row_refs_h(x.const_data_ptr<at::Half>() + i * K, K, w, m, nb, r, q);
+    default:
+      return row_refs_f(x.const_data_ptr<float>() + i * K, K, w, m, nb, r, q);
+  }
 }
 
 // x_i^2 / scale_i^2 into x2 (float, or bfloat16 bits), the scales into scale; rows in parallel.
@@ -310,15 +350,14 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
   const int64_t ref_ld = c.split ? 2 * c.nb : c.nb;
   for (int64_t i = blk * kReportBlockM; i < i1; ++i) {
     float* a = c.acc + i * c.out;
+    if (c.wsum != nullptr) c.scale[i] = row_refs_any(*c.x, i, c.wsum, c.magc, c.nb, c.ref + i * c.nb, c.mag + i * c.nb);
     const double sc = static_cast<double>(c.scale[i]);
     bool bad = false, nonfinite_ref = false;
     int32_t nbad = 0, badblk = -1;
     for (int64_t b = 0; b < c.nb; ++b) {
       const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
       double s, sa;
-      block_sums(a + o0, o1 - o0, &s, &sa);
-      if (c.bias != nullptr)
-        for (int64_t o = o0; o < o1; ++o) a[o] += c.bias[o];
+      block_sums(a + o0, o1 - o0, c.bias != nullptr ? c.bias + o0 : nullptr, &s, &sa);
       double r = static_cast<double>(c.ref[i * ref_ld + b]);
       if (c.split) r += static_cast<double>(c.ref[i * ref_ld + c.nb + b]);
       const double m = static_cast<double>(c.mag[i * c.nb + b]);
@@ -479,6 +518,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     const float w = w_read[f.row][f.dim].item<float>();
     w_read[f.row][f.dim] = corrupt(w, f.bit, f.value);
   }
+  const int64_t nblk = (T + kReportBlockM - 1) / kReportBlockM;
+  const bool checkable = checked && T > 0 && out > 0 && K > 0;  // (K = 0: y is the bias, exactly)
+  const bool split = checkable && ref_cols->scalar_type() != at::kFloat;
+  // fp32 checksums: per row without a GEMM (16-bit x, or few blocks); else skinny GEMMs
+  // through the library (fp32 x and many blocks; the bf16 hi + lo pair)
+  const bool fused =
+      checkable && !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks);
   at::Tensor acc = product(xc, w_read);
   if (f.active && f.site == kGemm) {
     float* p = acc.data_ptr<float>() + f.row * out + f.col;
@@ -486,37 +532,18 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   }
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   bool bias_added = false;
-  const int64_t nblk = (T + kReportBlockM - 1) / kReportBlockM;
   at::Tensor flags = at::zeros({1, 1, nblk}, x.options().dtype(at::kInt));
-  if (checked && T > 0 && out > 0 && K > 0) {  // (K = 0: y is the bias, exactly)
-    const bool split = ref_cols->scalar_type() != at::kFloat;
+  if (checkable) {
     // x_i^2 with each row scaled by a power of two near its largest |x_ij| (exact), so the
     // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
     at::Tensor row_scale = at::empty({T}, xc.options().dtype(at::kFloat));
     float* sc = row_scale.data_ptr<float>();
     at::Tensor ref, mag;
-    // fp32 checksums: per row without a GEMM (16-bit x, or few blocks); else skinny GEMMs
-    // through the library (fp32 x and many blocks; the bf16 hi + lo pair)
-    const bool fused = !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks);
+    at::Tensor wc, mc;  // (fused: the checksums the check reads; made per row in check_all)
     if (fused) {
       ref = at::empty({T, nb}, xc.options().dtype(at::kFloat));
       mag = at::empty({T, nb}, xc.options().dtype(at::kFloat));
-      const at::Tensor wc = ref_cols->contiguous(), mc = mag_cols->contiguous();
-      const float *wp = wc.data_ptr<float>(), *mp = mc.data_ptr<float>();
-      float *rp = ref.data_ptr<float>(), *qp = mag.data_ptr<float>();
-      at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * nb, 1)),
-                       [&](int64_t r0, int64_t r1) {
-                         for (int64_t i = r0; i < r1; ++i) {
-                           if (st == at::kBFloat16)
-                             sc[i] = row_refs_b(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + i * K,
-                                                K, wp, mp, nb, rp + i * nb, qp + i * nb);
-                           else if (st == at::kHalf)
-                             sc[i] = row_refs_h(xc.data_ptr<at::Half>() + i * K, K, wp, mp, nb, rp + i * nb,
-                                                qp + i * nb);
-                           else
-                             sc[i] = row_refs_f(xc.data_ptr<float>() + i * K, K, wp, mp, nb, rp + i * nb, qp + i * nb);
-                         }
-                       });
+      wc = ref_cols->contiguous(), mc = mag_cols->contiguous();
     } else {
       ref = product(split ? xc : xc.to(at::kFloat), *ref_cols);
       at::Tensor x2 = at::empty({T, K}, xc.options().dtype(mag_cols->scalar_type()));
@@ -539,11 +566,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 split, (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
                 kEta * static_cast<double>((K + 1) * (block_o + 1)),
                 static_cast<double>((block_o + 15) / 16 + 1) * kU32 * (1.0 + 0x1p-20)};
+    if (fused) c.wsum = wc.data_ptr<float>(), c.magc = mc.data_ptr<float>();
     int32_t* fl = flags.data_ptr<int32_t>();
     std::vector<int32_t> nbad(T), badblk(T);
     c.nbad = nbad.data(), c.badblk = badblk.data();
     check_all(c, fl, nblk);
     c.nbad = c.badblk = nullptr;
+    c.wsum = c.magc = nullptr;  // (made: a second check reads them)
     bias_added = true;
     bool faulty = false;
     for (int64_t b = 0; b < nblk; ++b) faulty |= (fl[b] & kCheckMask) != 0;
