@@ -111,18 +111,25 @@ class ProtectedLinear(torch.nn.Module):
         return (y.squeeze(0) if squeeze else y), report
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fault, self.fault = self.fault, None
-        if self.mx_config is not None and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        fault = self.fault
+        if fault is not None:
+            self.fault = None
+        params = self._parameters  # (read once: Module.__getattr__ costs per name; a bias of
+        # None or a weight that is not a Parameter is an attribute instead)
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        if self.mx_config is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             # training an MX layer: its own autograd (MX-quantized backward), unchecked
             return self.original(x)
         if self.mx_config is not None:
             y, report = self._mx_forward(x, fault)
         elif fault is None and not (torch.is_grad_enabled() and (
-                x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
             # the common inference call: the C++ kernel straight, the report only when a flag is set
-            fast = _eager_cpu(x, self._weight(), self.bias, self.protection, self.on_fault)
+            w = weight.t() if self.transposed else weight
+            fast = _eager_cpu(x, w, bias, self.protection, self.on_fault)
             if fast is None:
-                y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, None, "auto", True)
+                y, report = _linear(x, w, bias, self.protection, self.on_fault, None, "auto", True)
             else:
                 y, flags, rows, policy, flagged = fast
                 self.counts[0] += 1
@@ -131,7 +138,7 @@ class ProtectedLinear(torch.nn.Module):
                     _apply_policy(flags, policy, rows, False, op="linear")
                 return y
         else:
-            y, report = _linear(x, self._weight(), self.bias, self.protection, self.on_fault, fault, "auto", True)
+            y, report = _linear(x, self._weight(), bias, self.protection, self.on_fault, fault, "auto", True)
         self.counts[0] += 1
         self._tally(report.flags)  # (on the host)
         return y
