@@ -50,6 +50,20 @@ struct Aligned64 {
     return static_cast<T*>(p);
   }
   void deallocate(T* p, std::size_t) { std::free(p); }
+  // default-initialised, not zeroed: the tile buffers (about 1 MB) are written before
+  // they are read, and zeroing them was 30 % of a decode step's attention call (perf)
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    if constexpr (sizeof...(Args) == 0) {
+#ifdef FTATTN_POISON_SCRATCH  // (a test build: every unwritten value a NaN)
+      ::new (static_cast<void*>(p)) U(std::numeric_limits<U>::quiet_NaN());
+#else
+      ::new (static_cast<void*>(p)) U;
+#endif
+    } else {
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+    }
+  }
   template <typename U>
   bool operator==(const Aligned64<U>&) const { return true; }
   template <typename U>
