@@ -39,7 +39,9 @@ GRID_FILTER = "not reference"
 
 def _build(isa: str) -> str:
     out = os.path.join(ROOT, "build", "isa", isa)
-    env = dict(os.environ, FTATTN_EXTRA_CXXFLAGS=f"-DFTATTN_NO_CLONES -march={isa}")
+    # (FTATTN_POISON_SCRATCH: the attention kernels' tile buffers start as NaNs instead of
+    # whatever the allocator gives, so a value read before it is written fails the grid)
+    env = dict(os.environ, FTATTN_EXTRA_CXXFLAGS=f"-DFTATTN_NO_CLONES -DFTATTN_POISON_SCRATCH -march={isa}")
     env.pop("FTATTN_EXTENSION", None)
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", os.path.join(out, "lib"),
            "--build-temp", os.path.join(out, "tmp")]
