@@ -95,10 +95,17 @@ def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    resolved = _RESOLVED.get((backend, device))
+    if resolved is not None:  # (per call it was 5 us of a decode step's 30)
+        return resolved
     if device.type == "meta":  # shapes only: the op's fake kernel, whatever the backend
         backends.parse("attention", backend)
         return "meta"
-    return backends.resolve("attention", backend, device).value
+    resolved = _RESOLVED[(backend, device)] = backends.resolve("attention", backend, device).value
+    return resolved
+
+
+_RESOLVED: dict = {}  # (backend=, device) -> the backend that runs there (what can run does not change)
 
 
 def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, key_start=None,
@@ -198,6 +205,10 @@ def validate_key_range(q, k, key_start, key_end) -> None:
 
 
 def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
+    parsed = _OPTIONS.get((protection, on_fault)) if isinstance(protection, str) and isinstance(on_fault, str) \
+        else None
+    if parsed is not None:
+        return parsed
     try:
         prot = Protection[protection.upper()] if isinstance(protection, str) else None
     except KeyError:
@@ -211,6 +222,9 @@ def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
             f"ftattn.attention: on_fault={on_fault!r} is not supported; use 'correct', 'raise' or 'report'"
         ) from None
     return prot, policy
+
+
+_OPTIONS = {(p.name.lower(), f.value): (p, f) for p in Protection for f in OnFault}
 
 
 def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: bool,
