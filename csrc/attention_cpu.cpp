@@ -87,10 +87,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                     f.dim >= 0 && f.dim < D && f.col >= 0 && (f.col < M || f.site == kOutput),
                 "ftattn.attention: fault coordinates (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ",
                 f.col, ", dim ", f.dim, ") out of range for q ", q.sizes(), " and k ", k.sizes());
-    TORCH_CHECK(f.bit >= kBitReplace && f.bit <= 31, "ftattn.attention: fault bit ", f.bit, " must be 0..31 (or ",
-                kBitReplace, ")");
-    TORCH_CHECK(f.bit != kBitReplace || fault_value.has_value(), "ftattn.attention: fault with bit ", kBitReplace,
-                " needs fault_value");
+    TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.attention: fault bit ", f.bit, " with fault_value ",
+                fault_value.has_value() ? std::to_string(*fault_value) : "None", " must be 0..31, ", kBitReplace,
+                " (replace by fault_value) or ", kBitMask, " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
     f.value = fault_value.value_or(0.0);
   }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 namespace ftattn {
 
@@ -59,17 +60,27 @@ enum CheckBit : int32_t {
 constexpr int32_t kCheckMask = 0x7FFF;
 
 // An op's `fault` argument: [site, batch, head, row, col, dim, bit]; bit kBitReplace
-// replaces the value by `fault_value` instead of flipping bit 0..31.
+// replaces the value by `fault_value` instead of flipping bit 0..31; bit kBitMask flips
+// every bit set in the 32-bit mask `fault_value` (an integer 1..2^32-1).
 constexpr int64_t kFaultFields = 7;
 constexpr int64_t kBitReplace = -1;
+constexpr int64_t kBitMask = -2;
 
-// The fault itself: flip bit `bit` (0..31) of the fp32 encoding of x, or (bit
-// kBitReplace) replace x by `value`.
+// fault_value is a valid fault for this bit field (the kernels' argument checks)
+static inline bool fault_bit_ok(int64_t bit, const std::optional<double>& value) {
+  if (bit == kBitReplace) return value.has_value();
+  if (bit == kBitMask)
+    return value.has_value() && *value >= 1.0 && *value < 4294967296.0 && *value == static_cast<double>(static_cast<int64_t>(*value));
+  return bit >= 0 && bit <= 31;
+}
+
+// The fault itself: flip bit `bit` (0..31) of the fp32 encoding of x, the bits of the
+// mask `value` (bit kBitMask), or (bit kBitReplace) replace x by `value`.
 static inline float corrupt(float x, int64_t bit, double value) {
-  if (bit < 0) return static_cast<float>(value);
+  if (bit == kBitReplace) return static_cast<float>(value);
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
-  u ^= (1u << bit);
+  u ^= bit == kBitMask ? static_cast<uint32_t>(static_cast<int64_t>(value)) : (1u << bit);
   std::memcpy(&x, &u, sizeof(u));
   return x;
 }

@@ -504,10 +504,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
       TORCH_CHECK(f.row >= 0 && f.row < out && f.dim >= 0 && f.dim < K, "ftattn.linear: weight fault at (", f.row,
                   ", ", f.dim, ") is outside weight [", out, ", ", K, "]");
     }
-    TORCH_CHECK(f.bit >= kBitReplace && f.bit <= 31, "ftattn.linear: fault bit ", f.bit, " must be 0..31 (or ",
-                kBitReplace, ")");
-    TORCH_CHECK(f.bit != kBitReplace || fault_value.has_value(), "ftattn.linear: fault with bit ", kBitReplace,
-                " needs fault_value");
+    TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.linear: fault bit ", f.bit, " with fault_value ",
+                fault_value.has_value() ? std::to_string(*fault_value) : "None", " must be 0..31, ", kBitReplace,
+                " (replace by fault_value) or ", kBitMask, " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
     f.value = fault_value.value_or(0.0);
   }
   const at::Tensor xc = x.reshape({T, K}).contiguous();

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from typing import Optional, Sequence, Tuple
 
-__all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE",
+__all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE", "BIT_MASK", "xor_mask",
            "OP_SITES", "check_fault_encoding", "check_backward_fault_encoding", "check_linear_fault_encoding"]
 
 # Rows of q per flag. Kernels tile queries by 64 (CPU sub-blocks) or 64/128 (Triton),
@@ -115,9 +115,19 @@ OP_SITES = {
 }
 
 # An op's `fault` argument: these seven ints, in this order; bit BIT_REPLACE (-1)
-# replaces the value by the op's `fault_value` instead of flipping bit 0..31.
+# replaces the value by the op's `fault_value` instead of flipping bit 0..31; bit
+# BIT_MASK (-2) flips every bit set in the 32-bit mask `fault_value` (an integer
+# 1..2^32-1: a multi-bit upset of one value).
 FAULT_FIELDS = ("site", "batch", "head", "row", "col", "dim", "bit")
 BIT_REPLACE = -1
+BIT_MASK = -2
+
+
+def xor_mask(bit: int, fault_value: Optional[float]) -> int:
+    """The XOR mask of a fault's ``bit`` field, as a signed 32-bit int (what int32
+    tensors and the Triton kernels take): 1 << bit, BIT_MASK's mask, 0 for BIT_REPLACE."""
+    mask = 0 if bit == BIT_REPLACE else int(fault_value) if bit == BIT_MASK else 1 << bit
+    return mask - (1 << 32) if mask >= 1 << 31 else mask
 
 
 def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], batch: int, q_heads: int, n: int,
@@ -197,7 +207,12 @@ def _check_site(op: str, site: int) -> None:
 
 
 def _check_bit(bit: int, fault_value: Optional[float]) -> None:
-    if not BIT_REPLACE <= bit <= 31:
-        raise ValueError(f"ftattn: fault bit {bit} must be 0..31, or {BIT_REPLACE} with fault_value")
+    if not BIT_MASK <= bit <= 31:
+        raise ValueError(f"ftattn: fault bit {bit} must be 0..31, {BIT_REPLACE} (replace by fault_value) or "
+                         f"{BIT_MASK} (flip the bits of the mask fault_value)")
     if bit == BIT_REPLACE and fault_value is None:
         raise ValueError(f"ftattn: a fault with bit {BIT_REPLACE} needs fault_value (the replacement value)")
+    if bit == BIT_MASK and not (fault_value is not None and float(fault_value).is_integer()
+                                and 1 <= fault_value < 2**32):
+        raise ValueError(f"ftattn: a fault with bit {BIT_MASK} needs fault_value = its 32-bit mask, an integer "
+                         f"1..2^32-1, got {fault_value!r}")

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .contract import BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, Check, Site
+from .contract import BIT_MASK, BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, Check, Site
 
 __all__ = [
     "Site",
@@ -50,8 +50,9 @@ class OnFault(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    """One fault to inject: a bit flip of the fp32 value (``bit`` 0..31) or its
-    replacement by ``value`` (NaN, +-Inf, 1e30, ...). Exactly one of the two.
+    """One fault to inject: a bit flip of the fp32 value (``bit`` 0..31), a multi-bit
+    upset of it (``bits``: several distinct bits 0..31, flipped together) or its
+    replacement by ``value`` (NaN, +-Inf, 1e30, ...). Exactly one of the three.
 
     Attention (sites scores, probs, rowmax, rowsum, acc, output): ``batch``, ``head``
     (query head), ``row`` (query index), ``col`` (key index; names the KV block in which
@@ -71,6 +72,7 @@ class Fault:
     dim: int = 0
     bit: Optional[int] = None
     value: Optional[float] = None
+    bits: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "site", Site.parse(self.site).name.lower())
@@ -80,11 +82,19 @@ class Fault:
                 raise TypeError(f"Fault.{name} must be an int, got {val!r}")
             if val < 0:
                 raise ValueError(f"Fault.{name}={val} is negative; coordinates start at 0")
-        if (self.bit is None) == (self.value is None):
+        if (self.bit is not None) + (self.value is not None) + (self.bits is not None) != 1:
             raise ValueError(
-                f"Fault needs exactly one of bit= (0..31, a bit flip of the fp32 value) "
-                f"or value= (a replacement value); got bit={self.bit!r}, value={self.value!r}"
+                f"Fault needs exactly one of bit= (0..31, a bit flip of the fp32 value), bits= (several "
+                f"bits 0..31 flipped together) or value= (a replacement value); got bit={self.bit!r}, "
+                f"bits={self.bits!r}, value={self.value!r}"
             )
+        if self.bits is not None:
+            bits = tuple(self.bits) if isinstance(self.bits, (tuple, list, set, frozenset, range)) else None
+            if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 31 for b in bits) \
+                    or len(set(bits)) != len(bits):
+                raise ValueError(f"Fault.bits={self.bits!r} must be distinct bits of an fp32 value, each 0..31 "
+                                 f"(e.g. bits=(3, 17, 30))")
+            object.__setattr__(self, "bits", tuple(sorted(bits)))
         if self.bit is not None and (isinstance(self.bit, bool) or not isinstance(self.bit, int) or not 0 <= self.bit <= 31):
             raise ValueError(f"Fault.bit={self.bit!r} is not a bit of an fp32 value; use 0..31")
         if self.value is not None and not isinstance(self.value, (int, float)):
@@ -136,13 +146,14 @@ class Fault:
                 )
 
     def encode(self) -> Tuple[List[int], Optional[float]]:
-        """The op's encoding: ``[site, batch, head, row, col, dim, bit]`` (bit -1: use
-        ``value``) and the replacement value."""
-        bit = BIT_REPLACE if self.bit is None else self.bit
-        return (
-            [int(Site.parse(self.site)), self.batch, self.head, self.row, self.col, self.dim, bit],
-            None if self.value is None else float(self.value),
-        )
+        """The op's encoding: ``[site, batch, head, row, col, dim, bit]`` (bit -1: replace
+        by ``value``; -2: flip the bits of the mask in the value) and the fault value."""
+        if self.bits is not None:
+            bit, value = BIT_MASK, float(sum(1 << b for b in self.bits))
+        else:
+            bit = BIT_REPLACE if self.bit is None else self.bit
+            value = None if self.value is None else float(self.value)
+        return [int(Site.parse(self.site)), self.batch, self.head, self.row, self.col, self.dim, bit], value
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ import torch
 
 from . import backends
 from .attention import _apply_policy
+from .contract import BIT_REPLACE, xor_mask
 from .faults import CHECK_MASK, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site
 
 __all__ = ["linear", "weight_checksums", "BLOCK_O", "BACKENDS", "backend_status"]
@@ -217,10 +218,10 @@ def linear_reference(x, weight, bias, ref_cols, mag_cols, block_o, protection, r
 
 
 def _corrupt(value: torch.Tensor, bit: int, fault_value) -> torch.Tensor:
-    if bit < 0:
+    if bit == BIT_REPLACE:
         return torch.full_like(value, float(fault_value))
     as_int = value.to(torch.float32).view(torch.int32)
-    return (as_int ^ torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32)).view(torch.float32)
+    return (as_int ^ torch.tensor(xor_mask(bit, fault_value), dtype=torch.int32)).view(torch.float32)
 
 
 def _reference_check(acc, x, ref_cols, mag_cols, block_o) -> torch.Tensor:

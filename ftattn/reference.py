@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .contract import BIT_REPLACE, xor_mask
 from .faults import CHECK_MASK, Check, REPORT_BLOCK_M, Site
 
 U32 = 2.0**-24  # unit roundoff of fp32
@@ -26,12 +27,13 @@ TAU_VERIFY = 2.0**-12
 
 
 def _corrupt(t: torch.Tensor, index: tuple, bit: int, value: Optional[float]) -> None:
-    """Flip bit `bit` of the fp32 value t[index] (or replace it by `value`), in place."""
-    if bit < 0:
+    """Flip bit `bit` of the fp32 value t[index] (the bits of the mask `value` for
+    BIT_MASK, or replace it by `value` for BIT_REPLACE), in place."""
+    if bit == BIT_REPLACE:
         t[index] = float(value)
         return
     word = t[index].reshape(1).clone().view(torch.int32)
-    word ^= torch.tensor([(1 << bit) if bit < 31 else -(1 << 31)], dtype=torch.int32, device=t.device)
+    word ^= torch.tensor([xor_mask(bit, value)], dtype=torch.int32, device=t.device)
     t[index] = word.view(torch.float32)[0]
 
 

