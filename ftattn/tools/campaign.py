@@ -587,13 +587,9 @@ def add_arguments(p) -> None:
     p.add_argument("--pass", dest="pass_", default="forward", choices=["forward", "backward", "both"],
                    help="the forward's sites (default), the backward's (bwd_scores .. dv: each trial a forward and "
                         "its backward, harm on dq, dk, dv), or both")
-    p.add_argument("--workers", type=int, default=None,
-                   help="run the shards as N Ray tasks at a time on a local Ray started here (pip install "
-                        "'ftattn[ray]'); default: in this process")
-    p.add_argument("--ray-address", default=None,
-                   help="join an existing Ray cluster (host:port, or 'auto'; RAY_ADDRESS also works)")
-    p.add_argument("--out", default=None, help="append each finished shard to this JSONL file (fsynced)")
-    p.add_argument("--resume", default=None, help="rerun only the shards missing from this JSONL file")
+    from .runner import add_arguments as add_runner_arguments
+
+    add_runner_arguments(p)
     p.add_argument("--pattern", default="single", choices=PATTERNS,
                    help="single: one bit flip (or a replacement value) per fault (default); multibit: 2 to 8 "
                         "random bits of one value flipped together")
@@ -617,10 +613,9 @@ def _check_arguments(args, device: str) -> None:
     if args.heads % args.kv_heads:
         raise SystemExit(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (grouped-query "
                          f"attention); e.g. --heads {args.kv_heads * max(1, args.heads // args.kv_heads)}")
-    if args.workers is not None and args.workers < 1:
-        raise SystemExit(f"--workers {args.workers}: must be at least 1 (or leave it out to run in this process)")
-    if args.resume is not None and args.out is not None and args.resume != args.out:
-        raise SystemExit("--resume FILE continues FILE itself: leave out --out")
+    from .runner import check_arguments as check_runner_arguments
+
+    check_runner_arguments(args)
     if args.faults is not None and args.faults < 0:
         raise SystemExit(f"--faults {args.faults}: must be 0 or more")
 

@@ -217,68 +217,142 @@ def _fault_for(rng: random.Random, site: tuple, modules: dict, pattern: str = "s
     return Fault("weight", row=rng.randrange(m.out_features), dim=rng.randrange(m.in_features), **kw)
 
 
-def run(path: Optional[str], faults: int, protections: List[str], dtype: torch.dtype, seed: int = 0,
-        sentences: int = 16, new_tokens: int = 8, clean_runs: int = 2, progress: bool = True,
-        kinds: Optional[List[str]] = None, pattern: str = "single") -> Dict[str, Dict[str, Tally]]:
-    """{protection: {kind: Tally}} of one campaign (``kinds``: draw only from these module kinds;
-    ``pattern``: "single" or "multibit", as the op campaign's ``--pattern``)."""
+@dataclasses.dataclass
+class ModelJob:
+    """The campaign of one protection level: its units are ``clean_runs`` clean runs, then
+    one unit per fault. Trial i's site and fault come from (seed, i) only, the same at
+    every level, so the counts do not depend on how the units are sharded (on the thread
+    count they may: upstream GEMMs round alike only at one thread count per task)."""
+    path: Optional[str]
+    dtype: str
+    protection: str
+    faults: int
+    seed: int = 0
+    sentences: int = 16
+    new_tokens: int = 8
+    clean_runs: int = 2
+    kinds: Optional[List[str]] = None
+    pattern: str = "single"
+
+    @property
+    def name(self) -> str:
+        return f"model/{self.protection}"
+
+    @property
+    def units(self) -> int:
+        return self.clean_runs + self.faults
+
+
+SHARD_UNITS = 10  # units per shard: 10 forwards of the model, a few seconds for MiniLM
+_LOADED: Dict[tuple, tuple] = {}  # per process: (path, dtype, sentences, new_tokens) -> (_Runner, clean output)
+
+
+def _loaded(job: ModelJob):
+    key = (job.path, job.dtype, job.sentences, job.new_tokens)
+    if key not in _LOADED:
+        _LOADED.clear()  # (one model per process at a time)
+        runner = _Runner(pathlib.Path(job.path) if job.path else _default_model(), DTYPES[job.dtype],
+                         job.sentences, job.new_tokens)
+        _LOADED[key] = (runner, runner.output())  # the clean output: unprotected
+    return _LOADED[key]
+
+
+def run_units(job: ModelJob, start: int, stop: int) -> dict:
+    """Units [start, stop) of one level (a shard): {"false_alarms", "tallies": {kind: counts}}."""
     import ftattn
     from ..integrations.transformers import inject
 
-    runner = _Runner(pathlib.Path(path) if path else _default_model(), dtype, sentences, new_tokens)
-    clean = runner.output()  # unprotected
-    results: Dict[str, Dict[str, Tally]] = {}
-    for protection in protections:
-        tallies = {k: Tally() for k in KINDS}
-        ftattn.protect_(runner.model, protection=protection)
-        try:
-            modules = dict(runner.model.named_modules())
-            sites = [s for s in _sites(runner) if kinds is None or s[1] in kinds]
-            if not sites:
-                raise ValueError(f"model-campaign: the model has no site of the kinds {kinds}")
-            false_alarms = 0
-            for _ in range(clean_runs):  # clean runs under protection: any flag is a false alarm
-                ftattn.reset_counters(runner.model)
+    runner, clean = _loaded(job)
+    tallies = {k: Tally() for k in KINDS}
+    false_alarms = 0
+    ftattn.protect_(runner.model, protection=job.protection)
+    try:
+        modules = dict(runner.model.named_modules())
+        sites = [s for s in _sites(runner) if job.kinds is None or s[1] in job.kinds]
+        if not sites:
+            raise ValueError(f"model-campaign: the model has no site of the kinds {job.kinds}")
+        weights = [s[0] for s in sites]
+        for unit in range(start, stop):
+            ftattn.reset_counters(runner.model)
+            if unit < job.clean_runs:  # a clean run under protection: any flag is a false alarm
                 out = runner.output()
                 alarms = ftattn.counters(runner.model).detected
                 if alarms or runner.changed(out, clean):
                     false_alarms += max(alarms, 1)
-            for t in tallies.values():  # (the level's clean runs, shown on each kind's row)
-                t.false_alarms = false_alarms
-            rng = random.Random(seed)
-            weights = [s[0] for s in sites]
-            bar = _bar(faults, f"{protection}", progress)
-            for _ in range(faults):
-                _, kind, what = rng.choices(sites, weights)[0]
-                fault = _fault_for(rng, what, modules, pattern)
-                record = {"harmful": False, "detected": False}
-                ftattn.reset_counters(runner.model)
-                with _observe(record):
-                    if what[0] == "attention":
-                        inject(runner.model, [fault], seed=rng.randrange(1 << 30))
-                    else:
-                        modules[what[1]].fault = fault
-                    out = runner.output()
-                    if what[0] == "attention":
-                        inject(runner.model, [])
-                    else:
-                        modules[what[1]].fault = None
-                t = tallies[kind]
-                changed = runner.changed(out, clean)
-                c = ftattn.counters(runner.model)
-                t.injected += 1
-                t.harmful += record["harmful"]
-                t.changed += changed
-                t.detected += record["detected"]
-                t.missed += record["harmful"] and not record["detected"]
-                t.corrected += record["detected"] and not changed and c.uncorrected == 0
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-        finally:
-            ftattn.unprotect_(runner.model)
-        results[protection] = tallies
+                continue
+            rng = random.Random(f"{job.seed}/{unit - job.clean_runs}")
+            _, kind, what = rng.choices(sites, weights)[0]
+            fault = _fault_for(rng, what, modules, job.pattern)
+            record = {"harmful": False, "detected": False}
+            with _observe(record):
+                if what[0] == "attention":
+                    inject(runner.model, [fault], seed=rng.randrange(1 << 30))
+                else:
+                    modules[what[1]].fault = fault
+                out = runner.output()
+                if what[0] == "attention":
+                    inject(runner.model, [])
+                else:
+                    modules[what[1]].fault = None
+            t = tallies[kind]
+            changed = runner.changed(out, clean)
+            c = ftattn.counters(runner.model)
+            t.injected += 1
+            t.harmful += record["harmful"]
+            t.changed += changed
+            t.detected += record["detected"]
+            t.missed += record["harmful"] and not record["detected"]
+            t.corrected += record["detected"] and not changed and c.uncorrected == 0
+    finally:
+        ftattn.unprotect_(runner.model)
+    return {"false_alarms": false_alarms,
+            "tallies": {k: dataclasses.asdict(t) for k, t in tallies.items() if t.injected}}
+
+
+def run(path: Optional[str], faults: int, protections: List[str], dtype: torch.dtype, seed: int = 0,
+        sentences: int = 16, new_tokens: int = 8, clean_runs: int = 2, progress: bool = True,
+        kinds: Optional[List[str]] = None, pattern: str = "single", *, workers: Optional[int] = None,
+        ray_address: Optional[str] = None, out: Optional[str] = None,
+        resume: bool = False) -> Dict[str, Dict[str, Tally]]:
+    """{protection: {kind: Tally}} of one campaign (``kinds``: draw only from these module kinds;
+    ``pattern``: "single" or "multibit", as the op campaign's ``--pattern``). The units run
+    through the campaigns' runner (ftattn/tools/runner.py): in this process, or as Ray tasks
+    (``workers`` on a local Ray, ``ray_address`` on a cluster; each task loads the model once),
+    with the shard file ``out`` (``resume``: only the shards it lacks)."""
+    from . import runner as shard_runner
+
+    name = next(n for n, d in DTYPES.items() if d == dtype)
+    jobs = [ModelJob(path and str(path), name, p, faults, seed, sentences, new_tokens, clean_runs, kinds, pattern)
+            for p in protections]
+    config = {"model_campaign": [dataclasses.asdict(j) for j in jobs]}
+    bar = _bar(sum(j.units for j in jobs), "model campaign", progress)
+    live = {"missed": 0, "false alarms": 0}
+
+    def on_record(rec):
+        live["missed"] += sum(t["missed"] for t in rec["result"]["tallies"].values()) \
+            if not rec["job"].endswith("/off") else 0
+        live["false alarms"] += rec["result"]["false_alarms"]
+        if bar is not None:
+            bar.update(rec["stop"] - rec["start"])
+            bar.set_postfix(live, refresh=False)
+
+    records = shard_runner.run(run_units, [(j.name, j, j.units) for j in jobs], SHARD_UNITS, config,
+                               workers=workers, ray_address=ray_address, out=out, resume=resume,
+                               on_record=on_record)
+    if bar is not None:
+        bar.close()
+    results: Dict[str, Dict[str, Tally]] = {}
+    for job in jobs:
+        tallies = {k: Tally() for k in KINDS}
+        false_alarms = 0
+        for rec in records[job.name]:
+            false_alarms += rec["result"]["false_alarms"]
+            for kind, counts in rec["result"]["tallies"].items():
+                for f, v in counts.items():
+                    setattr(tallies[kind], f, getattr(tallies[kind], f) + v)
+        for t in tallies.values():  # (the level's clean runs, shown on each kind's row)
+            t.false_alarms = false_alarms
+        results[job.protection] = tallies
     return results
 
 
@@ -289,7 +363,7 @@ def _bar(total: int, desc: str, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="fault", leave=False, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr)
 
 
 def failures(results: Dict[str, Dict[str, Tally]]) -> List[str]:
@@ -322,6 +396,9 @@ def add_arguments(p) -> None:
                         "one value")
     p.add_argument("--json", default=None, metavar="FILE", help="write the records here")
     p.add_argument("--no-progress", action="store_true")
+    from .runner import add_arguments as add_runner_arguments
+
+    add_runner_arguments(p)
 
 
 def main(args) -> int:
@@ -338,8 +415,15 @@ def main(args) -> int:
     if args.faults < 1:
         print(f"model-campaign: --faults {args.faults} must be >= 1", file=sys.stderr)
         return 2
-    results = run(args.model, args.faults, protections, DTYPES[args.dtype], args.seed,
-                  progress=not args.no_progress, kinds=kinds, pattern=args.pattern)
+    from .runner import RunnerError, check_arguments as check_runner_arguments
+
+    check_runner_arguments(args)
+    try:
+        results = run(args.model, args.faults, protections, DTYPES[args.dtype], args.seed,
+                      progress=not args.no_progress, kinds=kinds, pattern=args.pattern, workers=args.workers,
+                      ray_address=args.ray_address, out=args.resume or args.out, resume=args.resume is not None)
+    except RunnerError as exc:
+        raise SystemExit(str(exc)) from None
     fields = [f.name for f in dataclasses.fields(Tally)]
     print(f"{'protection':<11}{'kind':<11}" + "".join(f"{f:>13}" for f in fields))
     records = []

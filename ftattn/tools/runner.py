@@ -29,6 +29,25 @@ class RunnerError(ValueError):
     """A campaign the runner cannot run as asked (a clear one-line reason)."""
 
 
+def add_arguments(p) -> None:
+    """The runner's command-line options, shared by `campaign` and `model-campaign`."""
+    p.add_argument("--workers", type=int, default=None,
+                   help="run the shards as N Ray tasks at a time on a local Ray started here (pip install "
+                        "'ftattn[ray]'); default: in this process")
+    p.add_argument("--ray-address", default=None,
+                   help="join an existing Ray cluster (host:port, or 'auto'; RAY_ADDRESS also works)")
+    p.add_argument("--out", default=None, help="append each finished shard to this JSONL file (fsynced)")
+    p.add_argument("--resume", default=None, help="rerun only the shards missing from this JSONL file")
+
+
+def check_arguments(args) -> None:
+    """One clear line (SystemExit) for runner options that cannot work together."""
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"--workers {args.workers}: must be at least 1 (or leave it out to run in this process)")
+    if args.resume is not None and args.out is not None and args.resume != args.out:
+        raise SystemExit("--resume FILE continues FILE itself: leave out --out")
+
+
 def shards_of(units: int, shard_units: int) -> List[Tuple[int, int]]:
     """[start, stop) ranges of at most shard_units units covering 0..units."""
     return [(s, min(units, s + shard_units)) for s in range(0, units, max(1, shard_units))]
@@ -147,7 +166,27 @@ def run(fn: Callable, jobs: Sequence[Tuple[str, object, int]], shard_units: int,
     return out_records
 
 
+def _checkout_off_path() -> None:
+    """Ray puts the driver's working directory on a worker's sys.path. Run from a checkout
+    of ftattn, that directory's kernels/ (the Triton sources, shipped as ftattn.kernels)
+    shadows the `kernels` package transformers imports (the model campaign's workers then
+    fail with "cannot import name 'CUDAProperties' from 'kernels'"). ftattn itself comes
+    from its installed copy: a checkout's root is taken off the path."""
+    import sys
+
+    def checkout(p: str) -> bool:
+        root = os.path.abspath(p or os.curdir)
+        return all(os.path.exists(os.path.join(root, *f)) for f in
+                   (("setup.py",), ("ftattn", "__init__.py"), ("kernels", "attention.py")))
+
+    sys.path[:] = [p for p in sys.path if not checkout(p)]
+    shadow = getattr(sys.modules.get("kernels"), "__file__", None)
+    if shadow and checkout(os.path.dirname(os.path.dirname(shadow))):
+        del sys.modules["kernels"]
+
+
 def _timed(fn, arg, start, stop, threads):
+    _checkout_off_path()
     import torch
 
     torch.set_num_threads(threads)
