@@ -556,7 +556,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                       f.dim, ") is out of range for q ", q.sizes(), " and k ", k.sizes());
     TORCH_CHECK_VALUE(fault_bit_ok(f.bit, fault_value), "ftattn: fault bit ", f.bit, " with fault_value ",
                       fault_value.has_value() ? std::to_string(*fault_value) : "None", " must be 0..31, ", kBitReplace,
-                      " (replace by fault_value) or ", kBitMask, " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
+                      " (replace by fault_value) or ", kBitMask,
+                      " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
     f.value = fault_value.value_or(0.0);
   }
   const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };

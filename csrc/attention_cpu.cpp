@@ -89,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                 f.col, ", dim ", f.dim, ") out of range for q ", q.sizes(), " and k ", k.sizes());
     TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.attention: fault bit ", f.bit, " with fault_value ",
                 fault_value.has_value() ? std::to_string(*fault_value) : "None", " must be 0..31, ", kBitReplace,
-                " (replace by fault_value) or ", kBitMask, " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
+                " (replace by fault_value) or ", kBitMask,
+                " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
     f.value = fault_value.value_or(0.0);
   }
 

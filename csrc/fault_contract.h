@@ -70,7 +70,8 @@ constexpr int64_t kBitMask = -2;
 static inline bool fault_bit_ok(int64_t bit, const std::optional<double>& value) {
   if (bit == kBitReplace) return value.has_value();
   if (bit == kBitMask)
-    return value.has_value() && *value >= 1.0 && *value < 4294967296.0 && *value == static_cast<double>(static_cast<int64_t>(*value));
+    return value.has_value() && *value >= 1.0 && *value < 4294967296.0 &&
+           *value == static_cast<double>(static_cast<int64_t>(*value));
   return bit >= 0 && bit <= 31;
 }
 

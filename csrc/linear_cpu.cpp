@@ -350,7 +350,8 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
   const int64_t ref_ld = c.split ? 2 * c.nb : c.nb;
   for (int64_t i = blk * kReportBlockM; i < i1; ++i) {
     float* a = c.acc + i * c.out;
-    if (c.wsum != nullptr) c.scale[i] = row_refs_any(*c.x, i, c.wsum, c.magc, c.nb, c.ref + i * c.nb, c.mag + i * c.nb);
+    if (c.wsum != nullptr)
+      c.scale[i] = row_refs_any(*c.x, i, c.wsum, c.magc, c.nb, c.ref + i * c.nb, c.mag + i * c.nb);
     const double sc = static_cast<double>(c.scale[i]);
     bool bad = false, nonfinite_ref = false;
     int32_t nbad = 0, badblk = -1;
@@ -506,10 +507,14 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     }
     TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.linear: fault bit ", f.bit, " with fault_value ",
                 fault_value.has_value() ? std::to_string(*fault_value) : "None", " must be 0..31, ", kBitReplace,
-                " (replace by fault_value) or ", kBitMask, " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
+                " (replace by fault_value) or ", kBitMask,
+                " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
     f.value = fault_value.value_or(0.0);
   }
-  const at::Tensor xc = x.reshape({T, K}).contiguous();
+  // (each ATen call below is a dispatch of ~0.3 us: a decode step's GEMV is tens of us, so
+  // the common case, 2-D contiguous fp32 operands, makes none it does not need)
+  const auto contiguous = [](const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };
+  const at::Tensor xc = contiguous(x.dim() == 2 ? x : x.reshape({T, K}));
   // the weight as this call's product reads it: a weight fault hits the value read
   at::Tensor w_read = weight;
   if (f.active && f.site == kWeight) {
@@ -529,20 +534,23 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     float* p = acc.data_ptr<float>() + f.row * out + f.col;
     *p = corrupt(*p, f.bit, f.value);
   }
-  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bias_f = !bias.has_value()                  ? at::Tensor()
+                            : bias->scalar_type() == at::kFloat ? contiguous(*bias)
+                                                                : bias->to(at::kFloat).contiguous();
   bool bias_added = false;
-  at::Tensor flags = at::zeros({1, 1, nblk}, x.options().dtype(at::kInt));
+  at::Tensor flags = at::empty({1, 1, nblk}, x.options().dtype(at::kInt));
+  std::memset(flags.data_ptr<int32_t>(), 0, sizeof(int32_t) * static_cast<size_t>(nblk));
   if (checkable) {
     // x_i^2 with each row scaled by a power of two near its largest |x_ij| (exact), so the
     // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
-    at::Tensor row_scale = at::empty({T}, xc.options().dtype(at::kFloat));
+    // (fused: one buffer of the scales [T], then ref and mag [T, nb] each)
+    at::Tensor row_scale = at::empty({fused ? T * (2 * nb + 1) : T}, xc.options().dtype(at::kFloat));
     float* sc = row_scale.data_ptr<float>();
     at::Tensor ref, mag;
+    float *refp = sc + T, *magp = sc + T + T * nb;
     at::Tensor wc, mc;  // (fused: the checksums the check reads; made per row in check_all)
     if (fused) {
-      ref = at::empty({T, nb}, xc.options().dtype(at::kFloat));
-      mag = at::empty({T, nb}, xc.options().dtype(at::kFloat));
-      wc = ref_cols->contiguous(), mc = mag_cols->contiguous();
+      wc = contiguous(*ref_cols), mc = contiguous(*mag_cols);
     } else {
       ref = product(split ? xc : xc.to(at::kFloat), *ref_cols);
       at::Tensor x2 = at::empty({T, K}, xc.options().dtype(mag_cols->scalar_type()));
@@ -553,6 +561,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
       else
         scaled_squares_to(xc.data_ptr<float>(), T, K, x2, sc);
       mag = product(x2, *mag_cols);
+      refp = ref.data_ptr<float>(), magp = mag.data_ptr<float>();
     }
     // kappa sqrt(K) u per dot product, the two of them within sqrt(x^2 . mag); the cached
     // checksums' own rounding (fp32: u; a bf16 hi + lo pair: 2^-17), sum_j |x_j| |d_j|
@@ -560,9 +569,10 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     // operations per accumulator, a block of them and the reference
     const double rep = split ? 0x1p-17 : kU32;
     const double sqrtK = std::sqrt(static_cast<double>(std::max<int64_t>(K, 1)));
-    CheckRefs c{acc.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, ref.data_ptr<float>(), mag.data_ptr<float>(), row_scale.data_ptr<float>(),
-                &xc, T, out, block_o, nb,
-                split, (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
+    CheckRefs c{acc.data_ptr<float>(),
+                bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                refp, magp, sc, &xc, T, out, block_o, nb, split,
+                (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
                 kEta * static_cast<double>((K + 1) * (block_o + 1)),
                 static_cast<double>((block_o + 15) / 16 + 1) * kU32 * (1.0 + 0x1p-20)};
     if (fused) c.wsum = wc.data_ptr<float>(), c.magc = mc.data_ptr<float>();
@@ -592,7 +602,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     }
   }
   if (bias_f.defined() && !bias_added) acc.add_(bias_f);
-  return {(st == at::kFloat ? acc : acc.to(st)).view(y_shape), flags};
+  at::Tensor y = st == at::kFloat ? acc : acc.to(st);
+  return {x.dim() == 2 ? y : y.view(y_shape), flags};
 }
 
 }  // namespace
