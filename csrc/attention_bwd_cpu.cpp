@@ -316,8 +316,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
              *va = w.tva.data() + t * D;
       std::fill(ks, ks + D, 0.0), std::fill(ka, ka + D, 0.0), std::fill(vs, vs + D, 0.0), std::fill(va, va + D, 0.0);
       for (int64_t j = n0; j < n0 + n; ++j) {
-        add_d(ks, K + j * D, D), add_abs_d(ka, K + j * D, D);
-        add_d(vs, V + j * D, D), add_abs_d(va, V + j * D, D);
+        add_row_sums(ks, ka, nullptr, K + j * D, D), add_row_sums(vs, va, nullptr, V + j * D, D);
       }
     }
   }
@@ -346,8 +345,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       std::fill(w.mq.begin(), w.mq.end(), 0.f);
       for (auto* x : {&w.qsum, &w.qabs, &w.gsum, &w.gabs}) std::fill(x->begin(), x->end(), 0.0);
       for (int64_t i = 0; i < rows; ++i) {
-        add_d(w.qsum.data(), Qb + i * D, D), add_abs_d(w.qabs.data(), Qb + i * D, D);
-        add_d(w.gsum.data(), Gb + i * D, D), add_abs_d(w.gabs.data(), Gb + i * D, D);
+        add_row_sums(w.qsum.data(), w.qabs.data(), nullptr, Qb + i * D, D);
+        add_row_sums(w.gsum.data(), w.gabs.data(), nullptr, Gb + i * D, D);
       }
       group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());

@@ -159,9 +159,8 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
     std::fill(w.qabs.begin(), w.qabs.begin() + nsub * D, 0.0);
     std::fill(w.q2.begin(), w.q2.begin() + nsub * D, 0.0);
     for (int64_t i = 0; i < rows; ++i) {
-      add_d(w.qsum.data() + (i / sub_rows) * D, Q + i * D, D);
-      add_abs_d(w.qabs.data() + (i / sub_rows) * D, Q + i * D, D);
-      add_sq_d(w.q2.data() + (i / sub_rows) * D, Q + i * D, D);
+      const int64_t at = (i / sub_rows) * D;
+      add_row_sums(w.qsum.data() + at, w.qabs.data() + at, w.q2.data() + at, Q + i * D, D);
     }
     for (int64_t sb = 0; sb < nsub; ++sb) {
       double q2max = 0.0, qs2max = 0.0;
@@ -368,12 +367,13 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
       if (abft && sum_abs_d(Oi, D) != 0.0) bad[i / sub_rows] |= kOutputCheck;
       continue;
     }
-    double acc_sum = 0.0;
+    double acc_sum = 0.0, parts[MAX_GROUPS], osum, oabs;
+    finish_row(Ai, Oi, D, l, PV_GROUP, parts, &osum, &oabs);  // O = acc / l, and the sums
     if (abft) {
       bool pv_bad = false;
       for (int g = 0; g < P.groups; ++g) {
         const int64_t d0 = g * PV_GROUP, d1 = std::min<int64_t>(D, d0 + PV_GROUP);
-        const double part = sum_d(Ai + d0, d1 - d0);
+        const double part = parts[g];
         acc_sum += part;
         // underflow: per key, the product and sum of acc and of c, the per-key sum of v
         // over the group's dims; per tile, the rescale of acc and c
@@ -386,13 +386,14 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
           !(l2 >= 1.0 - depth_l * U32 && l2 <= static_cast<double>(visible) * (1.0 + depth_l * U32)))
         bad[i / sub_rows] |= kRowsumInvariant;
     }
-    for (int64_t d = 0; d < D; ++d) Oi[d] = Ai[d] / l;
-    if (hit && f.site == kOutput && fi == i) Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+    if (hit && f.site == kOutput && fi == i) {
+      Oi[f.dim] = corrupt(Oi[f.dim], f.bit, f.value);
+      osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);  // (the sums of what is stored)
+    }
     memory_barrier();
     if (abft) {
       // each O_d = fl(acc_d / l) is within u |O_d| + 2^-150: the sums agree within
       // u sum |O| + D 2^-150
-      const double osum = sum_d(Oi, D), oabs = sum_abs_d(Oi, D);
       const double ref = acc_sum / static_cast<double>(l);
       if (!(std::fabs(osum - ref) <= 4.0 * U32 * oabs + ETA * static_cast<double>(D)) || !std::isfinite(oabs))
         bad[i / sub_rows] |= kOutputCheck;
