@@ -52,6 +52,8 @@ FTATTN_VEC_INLINE f16 load(const float* p) {
 }
 FTATTN_VEC_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
 FTATTN_VEC_INLINE f16 abs(f16 x) { return reinterpret_cast<f16>(reinterpret_cast<u16>(x) & 0x7fffffffu); }
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+FTATTN_VEC_INLINE d8 abs(d8 x) { return reinterpret_cast<d8>(reinterpret_cast<u64x8>(x) & 0x7fffffffffffffffull); }
 typedef float f4 __attribute__((vector_size(16)));
 typedef float f2 __attribute__((vector_size(8)));
 typedef double d4 __attribute__((vector_size(32)));
