@@ -505,10 +505,12 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
       TORCH_CHECK(f.row >= 0 && f.row < out && f.dim >= 0 && f.dim < K, "ftattn.linear: weight fault at (", f.row,
                   ", ", f.dim, ") is outside weight [", out, ", ", K, "]");
     }
-    TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.linear: fault bit ", f.bit, " with fault_value ",
-                fault_value.has_value() ? std::to_string(*fault_value) : "None", " must be 0..31, ", kBitReplace,
-                " (replace by fault_value) or ", kBitMask,
-                " (flip the bits of the 32-bit mask fault_value, 1..2^32-1)");
+    TORCH_CHECK(f.bit != kBitReplace || fault_value.has_value(), "ftattn.linear: fault with bit ", kBitReplace,
+                " needs fault_value (the replacement value)");
+    TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.linear: fault bit ", f.bit,
+                fault_value.has_value() ? " with fault_value " + std::to_string(*fault_value) : std::string(),
+                " is not a fault: bit must be 0..31, ", kBitReplace, " (replace by fault_value) or ", kBitMask,
+                " (flip the bits of the mask fault_value, an integer 1..2^32-1)");
     f.value = fault_value.value_or(0.0);
   }
   // (each ATen call below is a dispatch of ~0.3 us: a decode step's GEMV is tens of us, so
@@ -575,7 +577,19 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
                 kEta * static_cast<double>((K + 1) * (block_o + 1)),
                 static_cast<double>((block_o + 15) / 16 + 1) * kU32 * (1.0 + 0x1p-20)};
-    if (fused) c.wsum = wc.data_ptr<float>(), c.magc = mc.data_ptr<float>();
+    if (fused && T > 1 && nblk < at::get_num_threads()) {
+      // fewer report blocks than threads (T <= 64 on 2 threads): the references first, in
+      // parallel over rows, or one thread would make them all (16-bit x is fused at any
+      // number of checksum blocks)
+      const float *wp = wc.data_ptr<float>(), *mp = mc.data_ptr<float>();
+      at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * nb, 1)),
+                       [&](int64_t r0, int64_t r1) {
+                         for (int64_t i = r0; i < r1; ++i)
+                           sc[i] = row_refs_any(xc, i, wp, mp, nb, refp + i * nb, magp + i * nb);
+                       });
+    } else if (fused) {
+      c.wsum = wc.data_ptr<float>(), c.magc = mc.data_ptr<float>();  // made in the check's pass
+    }
     int32_t* fl = flags.data_ptr<int32_t>();
     std::vector<int32_t> nbad(T), badblk(T);
     c.nbad = nbad.data(), c.badblk = badblk.data();

@@ -95,6 +95,13 @@ def resolve(op: str, backend: Union[str, Backend], device: torch.device) -> Back
 # reasons shared by the ops
 
 
+def stable(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` resolved for ``device`` stays valid for the process, so an
+    op may keep the resolution: not Triton on the CPU, which TRITON_INTERPRET (read at each
+    call, below) turns on and off."""
+    return name != "triton" or device.type != "cpu"
+
+
 def triton_reason(device: torch.device) -> Optional[str]:
     """Why the Triton kernels cannot run on ``device`` (cheap: finds triton without
     importing it, so TRITON_INTERPRET set after ``import ftattn`` still takes effect)."""

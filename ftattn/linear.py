@@ -389,11 +389,14 @@ class _CheckedLinear(torch.autograd.Function):
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    """The backend ``backend`` ("auto" or a name) runs on ``device`` (resolved once)."""
-    key = (backend, device)
-    resolved = _RESOLVED.get(key)
+    """The backend ``backend`` ("auto" or a name) runs on ``device`` (resolved once where
+    that cannot change: see backends.stable)."""
+    key = (backend, device) if isinstance(backend, str) else None
+    resolved = _RESOLVED.get(key) if key is not None else None
     if resolved is None:
-        resolved = _RESOLVED[key] = backends.resolve("linear", backend, device).value
+        resolved = backends.resolve("linear", backend, device).value
+        if key is not None and backends.stable(resolved, device):
+            _RESOLVED[key] = resolved
         if key == ("auto", _CPU) and resolved == "cpp":
             global _CPP_ON_CPU
             _CPP_ON_CPU = True

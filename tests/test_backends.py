@@ -57,3 +57,21 @@ def test_the_public_functions_use_the_registry(monkeypatch):
         ftattn.mx.quantize(torch.ones(3), "int8", backend="reference")
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
         ftattn.mx.quantize(torch.ones(3), "int8", backend="triton")
+
+
+def test_resolutions_kept_per_process_follow_triton_interpret(monkeypatch):
+    """attention and linear keep what backend= resolved to, except Triton on the CPU:
+    TRITON_INTERPRET turns it on and off at any time (a kept "triton" gave Triton's own
+    "0 active drivers" instead of the reason)."""
+    pytest.importorskip("triton")
+    q, x, w = torch.randn(1, 1, 3, 4), torch.randn(2, 4), torch.randn(3, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ftattn.attention(q, q, q, backend="triton")
+    ftattn.linear(x, w, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    for call in (lambda: ftattn.attention(q, q, q, backend="triton"), lambda: ftattn.linear(x, w, backend="triton")):
+        with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
+            call()
+    assert backends.stable("cpp", torch.device("cpu")) and not backends.stable("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="is not supported by attention"):
+        ftattn.attention(q, q, q, backend=["cpp"])

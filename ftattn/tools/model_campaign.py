@@ -244,11 +244,13 @@ class ModelJob:
 
 
 SHARD_UNITS = 10  # units per shard: 10 forwards of the model, a few seconds for MiniLM
-_LOADED: Dict[tuple, tuple] = {}  # per process: (path, dtype, sentences, new_tokens) -> (_Runner, clean output)
+# per process: (path, dtype, sentences, new_tokens, torch threads) -> (_Runner, clean output);
+# the thread count is in the key: the clean output is only the reference at its own count
+_LOADED: Dict[tuple, tuple] = {}
 
 
 def _loaded(job: ModelJob):
-    key = (job.path, job.dtype, job.sentences, job.new_tokens)
+    key = (job.path, job.dtype, job.sentences, job.new_tokens, torch.get_num_threads())
     if key not in _LOADED:
         _LOADED.clear()  # (one model per process at a time)
         runner = _Runner(pathlib.Path(job.path) if job.path else _default_model(), DTYPES[job.dtype],
