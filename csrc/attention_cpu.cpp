@@ -87,12 +87,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                     f.dim >= 0 && f.dim < D && f.col >= 0 && (f.col < M || f.site == kOutput),
                 "ftattn.attention: fault coordinates (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ",
                 f.col, ", dim ", f.dim, ") out of range for q ", q.sizes(), " and k ", k.sizes());
-    TORCH_CHECK(f.bit != kBitReplace || fault_value.has_value(), "ftattn.attention: fault with bit ", kBitReplace,
-                " needs fault_value (the replacement value)");
-    TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.attention: fault bit ", f.bit,
-                fault_value.has_value() ? " with fault_value " + std::to_string(*fault_value) : std::string(),
-                " is not a fault: bit must be 0..31, ", kBitReplace, " (replace by fault_value) or ", kBitMask,
-                " (flip the bits of the mask fault_value, an integer 1..2^32-1)");
+    const std::string bit_error = fault_bit_error(f.bit, fault_value);
+    TORCH_CHECK(bit_error.empty(), "ftattn.attention: ", bit_error);
     f.value = fault_value.value_or(0.0);
   }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 
 namespace ftattn {
 
@@ -66,13 +67,20 @@ constexpr int64_t kFaultFields = 7;
 constexpr int64_t kBitReplace = -1;
 constexpr int64_t kBitMask = -2;
 
-// fault_value is a valid fault for this bit field (the kernels' argument checks)
-static inline bool fault_bit_ok(int64_t bit, const std::optional<double>& value) {
-  if (bit == kBitReplace) return value.has_value();
-  if (bit == kBitMask)
-    return value.has_value() && *value >= 1.0 && *value < 4294967296.0 &&
-           *value == static_cast<double>(static_cast<int64_t>(*value));
-  return bit >= 0 && bit <= 31;
+// Why a fault's bit field and fault_value are not a fault ("" when they are): the one
+// message of the kernels' argument checks.
+static inline std::string fault_bit_error(int64_t bit, const std::optional<double>& value) {
+  if (bit == kBitReplace && !value.has_value())
+    return "fault with bit " + std::to_string(kBitReplace) + " needs fault_value (the replacement value)";
+  const bool ok = bit == kBitReplace ||
+                  (bit == kBitMask ? value.has_value() && *value >= 1.0 && *value < 4294967296.0 &&
+                                         *value == static_cast<double>(static_cast<int64_t>(*value))
+                                   : bit >= 0 && bit <= 31);
+  if (ok) return "";
+  return "fault bit " + std::to_string(bit) +
+         (value.has_value() ? " with fault_value " + std::to_string(*value) : std::string()) +
+         " is not a fault: bit must be 0..31, " + std::to_string(kBitReplace) + " (replace by fault_value) or " +
+         std::to_string(kBitMask) + " (flip the bits of the mask fault_value, an integer 1..2^32-1)";
 }
 
 // The fault itself: flip bit `bit` (0..31) of the fp32 encoding of x, the bits of the

@@ -505,12 +505,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
       TORCH_CHECK(f.row >= 0 && f.row < out && f.dim >= 0 && f.dim < K, "ftattn.linear: weight fault at (", f.row,
                   ", ", f.dim, ") is outside weight [", out, ", ", K, "]");
     }
-    TORCH_CHECK(f.bit != kBitReplace || fault_value.has_value(), "ftattn.linear: fault with bit ", kBitReplace,
-                " needs fault_value (the replacement value)");
-    TORCH_CHECK(fault_bit_ok(f.bit, fault_value), "ftattn.linear: fault bit ", f.bit,
-                fault_value.has_value() ? " with fault_value " + std::to_string(*fault_value) : std::string(),
-                " is not a fault: bit must be 0..31, ", kBitReplace, " (replace by fault_value) or ", kBitMask,
-                " (flip the bits of the mask fault_value, an integer 1..2^32-1)");
+    const std::string bit_error = fault_bit_error(f.bit, fault_value);
+    TORCH_CHECK(bit_error.empty(), "ftattn.linear: ", bit_error);
     f.value = fault_value.value_or(0.0);
   }
   // (each ATen call below is a dispatch of ~0.3 us: a decode step's GEMV is tens of us, so

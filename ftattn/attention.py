@@ -95,20 +95,10 @@ def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    key = (backend, device) if isinstance(backend, str) else None
-    resolved = _RESOLVED.get(key) if key is not None else None
-    if resolved is not None:  # (per call it was 5 us of a decode step's 30)
-        return resolved
     if device.type == "meta":  # shapes only: the op's fake kernel, whatever the backend
         backends.parse("attention", backend)
         return "meta"
-    resolved = backends.resolve("attention", backend, device).value
-    if key is not None and backends.stable(resolved, device):
-        _RESOLVED[key] = resolved
-    return resolved
-
-
-_RESOLVED: dict = {}  # (backend=, device) -> the backend that runs there, where that cannot change
+    return backends.resolved("attention", backend, device)
 
 
 def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, key_start=None,

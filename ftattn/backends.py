@@ -95,11 +95,20 @@ def resolve(op: str, backend: Union[str, Backend], device: torch.device) -> Back
 # reasons shared by the ops
 
 
-def stable(name: str, device: torch.device) -> bool:
-    """Whether backend ``name`` resolved for ``device`` stays valid for the process, so an
-    op may keep the resolution: not Triton on the CPU, which TRITON_INTERPRET (read at each
-    call, below) turns on and off."""
-    return name != "triton" or device.type != "cpu"
+_KEPT: Dict[tuple, str] = {}  # (op, backend=, device) -> resolve()'s name, where it cannot change
+
+
+def resolved(op: str, backend: Union[str, Backend], device: torch.device) -> str:
+    """``resolve(...).value``, kept per (op, backend=, device) after the first call (a
+    call's resolution was 5 us of a decode step's 30), except Triton on the CPU, which
+    TRITON_INTERPRET (read at each call, below) turns on and off."""
+    key = (op, backend, device) if isinstance(backend, str) else None
+    name = _KEPT.get(key) if key is not None else None
+    if name is None:
+        name = resolve(op, backend, device).value
+        if key is not None and (name != "triton" or device.type != "cpu"):
+            _KEPT[key] = name
+    return name
 
 
 def triton_reason(device: torch.device) -> Optional[str]:

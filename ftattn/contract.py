@@ -18,7 +18,8 @@ from __future__ import annotations
 import enum
 from typing import Optional, Sequence, Tuple
 
-__all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE", "BIT_MASK", "xor_mask",
+__all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE", "BIT_MASK",
+           "xor_mask", "flip_args",
            "OP_SITES", "check_fault_encoding", "check_backward_fault_encoding", "check_linear_fault_encoding"]
 
 # Rows of q per flag. Kernels tile queries by 64 (CPU sub-blocks) or 64/128 (Triton),
@@ -128,6 +129,13 @@ def xor_mask(bit: int, fault_value: Optional[float]) -> int:
     tensors and the Triton kernels take): 1 << bit, BIT_MASK's mask, 0 for BIT_REPLACE."""
     mask = 0 if bit == BIT_REPLACE else int(fault_value) if bit == BIT_MASK else 1 << bit
     return mask - (1 << 32) if mask >= 1 << 31 else mask
+
+
+def flip_args(bit: int, fault_value: Optional[float]) -> Tuple[int, int, float]:
+    """A fault's corruption as the Triton kernels take it: (XOR mask as a signed 32-bit
+    int, 1 to replace the value instead, the replacement value or 0.0)."""
+    replace = bit == BIT_REPLACE
+    return xor_mask(bit, fault_value), int(replace), float(fault_value) if replace else 0.0
 
 
 def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], batch: int, q_heads: int, n: int,

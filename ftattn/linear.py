@@ -73,15 +73,22 @@ def _cached(base: torch.Tensor, view: tuple) -> Optional[WeightChecksums]:
     return item[1].get(view) if item is not None and item[0]() is base else None
 
 
-def _store(base: torch.Tensor, view: tuple, entry: WeightChecksums) -> None:
-    key = id(base)
-    item = _CACHE.get(key)
-    if item is None or item[0]() is not base:
-        def drop(ref, key=key):
-            if _CACHE.get(key, (None,))[0] is ref:
-                del _CACHE[key]
+def _weak_slot(table: dict, t: torch.Tensor, *rest) -> tuple:
+    """table[id(t)] = (a weak reference to t, *rest), dropped when t goes."""
+    key = id(t)
 
-        item = _CACHE[key] = (weakref.ref(base, drop), {})
+    def drop(ref, key=key):
+        if table.get(key, (None,))[0] is ref:
+            del table[key]
+
+    item = table[key] = (weakref.ref(t, drop), *rest)
+    return item
+
+
+def _store(base: torch.Tensor, view: tuple, entry: WeightChecksums) -> None:
+    item = _CACHE.get(id(base))
+    if item is None or item[0]() is not base:
+        item = _weak_slot(_CACHE, base, {})
     item[1][view] = entry
 
 
@@ -91,13 +98,7 @@ _LAST: dict = {}
 
 
 def _remember(weight: torch.Tensor, entry: WeightChecksums) -> None:
-    key = id(weight)
-
-    def drop(ref, key=key):
-        if _LAST.get(key, (None,))[0] is ref:
-            del _LAST[key]
-
-    _LAST[key] = (weakref.ref(weight, drop), weight._version, weight.data_ptr(), weight.stride(), entry)
+    _weak_slot(_LAST, weight, weight._version, weight.data_ptr(), weight.stride(), entry)
 
 
 def _base(weight: torch.Tensor) -> torch.Tensor:
@@ -142,13 +143,13 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
     torch, its data pointer, shape, strides or version counter; ``cache=False`` for an
     operand used once, such as the activations of the backward's dW = dY^T X)."""
     if cache and weight.is_inference() is False:
-        # the last entry of this very tensor object, when its version, data pointer and
-        # shape are those it was made for (views share their base's version counter;
-        # 0.3 us instead of the full key's 0.9 us, per call of a decode step's layer)
+        # the last entry of this very tensor object, when its version, data pointer,
+        # strides, shape and dtype are those it was made for (views share their base's
+        # version counter; 0.5 us instead of the full key's 0.9 us, per call of a layer)
         last = _LAST.get(id(weight))
         if last is not None and last[0]() is weight and last[1] == weight._version and \
                 last[2] == weight.data_ptr() and last[3] == weight.stride() and last[4].key[1] == weight.shape \
-                and last[4].block_o == block_o:
+                and last[4].key[3] is weight.dtype and last[4].block_o == block_o:
             return last[4]
     base = _base(weight)
     key = _key(weight, block_o)
@@ -321,7 +322,7 @@ def validate_inputs(x, weight, bias) -> None:
 
 _PROTECTION = {"off": Protection.OFF, "abft": Protection.ABFT, "full": Protection.ABFT}
 _ON_FAULT = {p.value: p for p in OnFault}
-_RESOLVED: dict = {}  # (backend, device) -> the backend "auto" or a name resolves to there
+_CPU_AUTO_RESOLVED = False  # "auto" was resolved on the CPU once (then _CPP_ON_CPU holds the answer)
 _CPU = torch.device("cpu")
 _CPP_ON_CPU = False  # "auto" resolved to the C++ kernel on the CPU (the fast path's condition)
 # (protection, on_fault) -> (protection as an int, recompute, policy) for the fast path
@@ -415,17 +416,11 @@ class _CheckedLinear(torch.autograd.Function):
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    """The backend ``backend`` ("auto" or a name) runs on ``device`` (resolved once where
-    that cannot change: see backends.stable)."""
-    key = (backend, device) if isinstance(backend, str) else None
-    resolved = _RESOLVED.get(key) if key is not None else None
-    if resolved is None:
-        resolved = backends.resolve("linear", backend, device).value
-        if key is not None and backends.stable(resolved, device):
-            _RESOLVED[key] = resolved
-        if key == ("auto", _CPU) and resolved == "cpp":
-            global _CPP_ON_CPU
-            _CPP_ON_CPU = True
+    """The backend ``backend`` ("auto" or a name) runs on ``device`` (backends.resolved)."""
+    resolved = backends.resolved("linear", backend, device)
+    if backend == "auto" and device == _CPU:
+        global _CPP_ON_CPU, _CPU_AUTO_RESOLVED
+        _CPP_ON_CPU, _CPU_AUTO_RESOLVED = resolved == "cpp", True
     return resolved
 
 
@@ -436,7 +431,7 @@ def _eager_cpu(x, weight, bias, protection, on_fault):
     (Each step is counted: a decode step calls this per layer, for a GEMV of microseconds;
     `is_cpu` instead of `device.type` saves 0.2 us a tensor.)"""
     options = _EAGER_OPTIONS.get((protection, on_fault))
-    if not _CPP_ON_CPU and ("auto", _CPU) not in _RESOLVED:
+    if not _CPU_AUTO_RESOLVED:
         _resolve("auto", _CPU)
     dtype = x.dtype
     if options is None or not _CPP_ON_CPU or not x.is_cpu or not weight.is_cpu or weight.dtype is not dtype \

@@ -78,10 +78,12 @@ class ProtectedLinear(torch.nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[1 if self.transposed else 0]
 
-    def _weight(self) -> torch.Tensor:
+    def _weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight the product reads, [out, in] (``weight``: the Parameter, when read already)."""
         if self.mx_config is not None:
             return self._quantized_weight()
-        return self.weight.t() if self.transposed else self.weight
+        weight = self.weight if weight is None else weight
+        return weight.t() if self.transposed else weight
 
     def _quantized_weight(self) -> torch.Tensor:
         """MXLinear's quantized weight, made when the Parameter changes (its version or
@@ -126,7 +128,7 @@ class ProtectedLinear(torch.nn.Module):
         elif fault is None and not (torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
             # the common inference call: the C++ kernel straight, the report only when a flag is set
-            w = weight.t() if self.transposed else weight
+            w = self._weight(weight)
             fast = _eager_cpu(x, w, bias, self.protection, self.on_fault)
             if fast is None:
                 y, report = _linear(x, w, bias, self.protection, self.on_fault, None, "auto", True)
@@ -138,7 +140,7 @@ class ProtectedLinear(torch.nn.Module):
                     _apply_policy(flags, policy, rows, False, op="linear")
                 return y
         else:
-            y, report = _linear(x, self._weight(), bias, self.protection, self.on_fault, fault, "auto", True)
+            y, report = _linear(x, self._weight(weight), bias, self.protection, self.on_fault, fault, "auto", True)
         self.counts[0] += 1
         self._tally(report.flags)  # (on the host)
         return y

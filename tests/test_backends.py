@@ -72,6 +72,8 @@ def test_resolutions_kept_per_process_follow_triton_interpret(monkeypatch):
     for call in (lambda: ftattn.attention(q, q, q, backend="triton"), lambda: ftattn.linear(x, w, backend="triton")):
         with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
             call()
-    assert backends.stable("cpp", torch.device("cpu")) and not backends.stable("triton", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert backends.resolved("attention", "cpp", cpu) == "cpp"
+    assert ("attention", "cpp", cpu) in backends._KEPT and ("attention", "triton", cpu) not in backends._KEPT
     with pytest.raises(ValueError, match="is not supported by attention"):
         ftattn.attention(q, q, q, backend=["cpp"])

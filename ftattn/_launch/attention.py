@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
-from ..contract import BIT_REPLACE, xor_mask, REPORT_BLOCK_M, Site, check_fault_encoding
+from ..contract import REPORT_BLOCK_M, Site, check_fault_encoding, flip_args
 from ..kernels.attention import INTERPRETER_CONFIG, _attn_fwd, _attn_fwd_tuned, _attn_replay
 
 __all__ = ["attention_fwd"]
@@ -37,10 +37,7 @@ def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal, key_start=None, ke
         kv_end = min(mb, r1 + mb - N) if causal else mb
         if not 0 <= col - k0 < kv_end:
             return none
-    replace = bit == BIT_REPLACE
-    xor = xor_mask(bit, fault_value)
-    value = float(fault_value) if replace else 0.0
-    return True, (site, b, h, row, col, dim, xor, int(replace), value)
+    return True, (site, b, h, row, col, dim, *flip_args(bit, fault_value))
 
 
 def attention_fwd(

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import triton
 
-from ..contract import BIT_REPLACE, xor_mask, REPORT_BLOCK_M, Site, check_backward_fault_encoding
+from ..contract import REPORT_BLOCK_M, Site, check_backward_fault_encoding, flip_args
 from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep
 
 __all__ = ["attention_bwd"]
@@ -41,11 +41,8 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
         fargs = (0, -1, -1, -1, 0, 0, 0, 0.0)
         if inject:
             site, b, h, row, col, dim, bit = (int(x) for x in fault)
-            replace = bit == BIT_REPLACE
-            xor = xor_mask(bit, fault_value)
             fargs = (site, b * Hq + h, row if site not in (Site.DK, Site.DV) else -1,
-                     col if site != Site.DQ else -1, dim, xor, int(replace),
-                     float(fault_value) if replace else 0.0)
+                     col if site != Site.DQ else -1, dim, *flip_args(bit, fault_value))
         mrow = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
         rinv = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
         delta = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
-from ..contract import BIT_REPLACE, xor_mask, CHECK_MASK, Check, REPORT_BLOCK_M, check_linear_fault_encoding
+from ..contract import CHECK_MASK, Check, REPORT_BLOCK_M, check_linear_fault_encoding, flip_args
 from ..kernels.linear import INTERPRETER_CONFIG, _linear_fwd
 
 __all__ = ["linear_fwd", "check_factor"]
@@ -82,10 +82,8 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     inject, fault_args = False, (0, 0, 0, 0, 0, 0, 0.0)
     if fault is not None:
         site, _, _, row, col, dim, bit = check_linear_fault_encoding(fault, fault_value, T, out, K)
-        replace = bit == BIT_REPLACE
-        xor = xor_mask(bit, fault_value)
         inject = True
-        fault_args = (site, row, col, dim, xor, int(replace), float(fault_value) if replace else 0.0)
+        fault_args = (site, row, col, dim, *flip_args(bit, fault_value))
     y, flags = _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args, inject)
     if protection >= 1 and recompute:
         faulty = (flags & CHECK_MASK) != 0

@@ -490,11 +490,10 @@ def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], ke
         if flags.is_cpu and not torch.compiler.is_compiling() and not bool(flags.any()):
             # the common eager call, nothing flagged: the call counted in two adds, not the
             # eight reductions below (56 -> 5 us a decode step's layer)
-            if calls:
-                one = _ONE_CALL if calls == 1 else _ONE_CALL * calls
-                state.totals.add_(one)
+            if calls:  # (1: a forward; a backward counts no call)
+                state.totals.add_(_ONE_CALL)
                 if counts is not None:
-                    counts.add_(one)
+                    counts.add_(_ONE_CALL)
             return
         nonfinite = (flags & int(Check.NONFINITE_INPUT)) != 0
         failed = ((flags & CHECK_MASK) != 0) & ~nonfinite
