@@ -59,8 +59,15 @@ def test_subnormal_inputs_raise_no_alarm(backend, N, M, D, causal, case):
     for protection in ("abft", "full"):
         out, rep = _run(q, k, v, causal, backend, protection=protection, on_fault="raise")
         assert rep.detected == 0 and rep.uncorrected == 0, rep.failures()
+    # the house rule (tests/test_attention.py): within 2x torch's own fp32 error, which at
+    # near-uniform softmax over ~1000 keys (subnormal q or k: every score ~0) is ~1e-6 of
+    # max|O|, the output being a mean of v that cancels (the GEMM's blocking moves it:
+    # AMD Zen 4's MKL path gave 1.04e-6, above a fixed 1e-6); the floor keeps subnormal
+    # outputs (v x 1e-40) to a few units of their last place
     ref = attention_ref(q, k, v, causal)
-    assert (out.double() - ref).abs().max().item() <= 1e-6 * max(ref.abs().max().item(), 1e-300) + 1e-44
+    err_pt = (attention_ref(q, k, v, causal, upcast=False).double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * err_pt + 1e-6 * max(ref.abs().max().item(), 1e-300) + 1e-44, (err, err_pt)
 
 
 @pytest.mark.parametrize("scale", [1e5, 1e6, 1e7, 1e9], ids=lambda s: f"scale{s:g}")
