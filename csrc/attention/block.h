@@ -255,6 +255,12 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       std::fill(w.cs32.begin(), w.cs32.begin() + cols, 0.f);
       std::fill(w.ca32.begin(), w.ca32.begin() + cols, 0.f);
     }
+    // the max and sums of four rows at a time where all four see every key of the tile
+    // (rows i0 + 4k.., so that every ROW_CHUNK flush below follows whole groups)
+    static_assert(vec::ROW_CHUNK % 4 == 0, "a flush of the column sums ends a group of four rows");
+    float mx4[4];
+    double rs4[4];
+    bool quad = false;
     for (int64_t i = i0; i < i1; ++i) {
       // last visible key of the tile
       const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
@@ -264,7 +270,17 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       float mx;
       if (abft) {
         double rs;
-        mx = row_max_sums(Si, cols, limit, &rs, w.cs32.data(), w.ca32.data());
+        const int64_t k = (i - i0) % 4;
+        if (k == 0) {
+          quad = i + 4 <= i1 && limit >= cols - 1;  // (the limit grows with the row)
+          if (quad) row_max_sums4(Si, BLOCK_N, cols, mx4, rs4, w.cs32.data(), w.ca32.data());
+        }
+        if (quad) {
+          mx = mx4[k];
+          rs = rs4[k];
+        } else {
+          mx = row_max_sums(Si, cols, limit, &rs, w.cs32.data(), w.ca32.data());
+        }
         if ((i - i0) % vec::ROW_CHUNK == vec::ROW_CHUNK - 1 || i == i1 - 1)
           flush_cols(w.cs32.data(), w.cs.data(), w.ca32.data(), w.ca.data(), cols);
         // underflow: D + 1 operations per S_ij; the reference's fp32 key sums, 2^-150

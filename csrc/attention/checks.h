@@ -89,6 +89,64 @@ FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, in
   return row_max_body<true>(S, n, limit, rs, cs32, ca32);
 }
 
+// row_max_sums for four consecutive rows (at stride ld) that see every key of the tile:
+// the column partial sums are loaded and stored once per four rows instead of once per
+// row (their loads and stores were most of the sums' cost). Each row's max and *rs are
+// row_max_sums' own (the same partials in the same order); the four rows enter cs32 and
+// ca32 as ((x0 + x1) + (x2 + x3)), within the same ROW_CHUNK u as one at a time.
+FTATTN_CLONES static void row_max_sums4(const float* __restrict S, int64_t ld, int64_t n, float* __restrict mx,
+                                        double* __restrict rs, float* __restrict cs32, float* __restrict ca32) {
+  using namespace vec;
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  f16 m[4];
+  d8 racc[4];
+  for (int r = 0; r < 4; ++r) {
+    m[r] = f16{} + NEG_INF;
+    racc[r] = d8{};
+  }
+  int64_t j = 0;
+  while (j + W <= n) {
+    f16 part[4] = {};
+    for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
+      f16 x[4];
+      for (int r = 0; r < 4; ++r) {
+        x[r] = load(S + r * ld + j);
+        m[r] = x[r] > m[r] ? x[r] : m[r];
+        part[r] += x[r];
+      }
+      store(cs32 + j, load(cs32 + j) + ((x[0] + x[1]) + (x[2] + x[3])));
+      store(ca32 + j, load(ca32 + j) + ((vec::abs(x[0]) + vec::abs(x[1])) + (vec::abs(x[2]) + vec::abs(x[3]))));
+    }
+    for (int r = 0; r < 4; ++r) racc[r] += widen_sum(part[r]);
+  }
+  double rtail[4] = {};
+  float mt[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+  for (; j < n; ++j) {
+    float cs = 0.f, ca = 0.f;
+    for (int r = 0; r < 4; ++r) {
+      const float x = S[r * ld + j];
+      mt[r] = x > mt[r] ? x : mt[r];
+      rtail[r] += static_cast<double>(x);
+      cs += x;
+      ca += std::fabs(x);
+    }
+    cs32[j] += cs;
+    ca32[j] += ca;
+  }
+  for (int r = 0; r < 4; ++r) {
+    rs[r] = hsum(racc[r]) + rtail[r];
+    const float vmx = hmax(m[r]);  // (NaN never enters a lane)
+    mx[r] = vmx > mt[r] ? vmx : mt[r];
+    if (mx[r] == NEG_INF) {  // rare: every score -inf or NaN
+      for (int64_t t = 0; t < n; ++t)
+        if (S[r * ld + t] != S[r * ld + t]) {
+          mx[r] = std::numeric_limits<float>::quiet_NaN();
+          break;
+        }
+    }
+  }
+}
+
 // true when some |cs_j - ref_j| > colb_j (or is NaN): the column check.
 FTATTN_CLONES static bool col_check_fails(const double* __restrict cs, const float* __restrict ref,
                                           const double* __restrict colb, int64_t n) {
