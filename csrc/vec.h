@@ -81,6 +81,15 @@ template <>
 struct Half<d8> { using type = d4; };
 template <>
 struct Half<d4> { using type = d2; };
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef int32_t i4 __attribute__((vector_size(16)));
+typedef int32_t i2 __attribute__((vector_size(8)));
+template <>
+struct Half<i16> { using type = i8; };
+template <>
+struct Half<i8> { using type = i4; };
+template <>
+struct Half<i4> { using type = i2; };
 struct Add {
   template <typename T>
   __attribute__((always_inline)) T operator()(T a, T b) const { return a + b; }

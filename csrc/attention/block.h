@@ -155,13 +155,7 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
     // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to fp32) as
     // an extra row of Qx; for the bounds, sum_i |q_i| and sum_i q_i^2 per dim
-    std::fill(w.qsum.begin(), w.qsum.begin() + nsub * D, 0.0);
-    std::fill(w.qabs.begin(), w.qabs.begin() + nsub * D, 0.0);
-    std::fill(w.q2.begin(), w.q2.begin() + nsub * D, 0.0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t at = (i / sub_rows) * D;
-      add_row_sums(w.qsum.data() + at, w.qabs.data() + at, w.q2.data() + at, Q + i * D, D);
-    }
+    block_row_sums(Q, rows, sub_rows, D, w.qsum.data(), w.qabs.data(), w.q2.data());
     for (int64_t sb = 0; sb < nsub; ++sb) {
       double q2max = 0.0, qs2max = 0.0;
       for (int64_t d = 0; d < D; ++d) {

@@ -260,9 +260,15 @@ FTATTN_VEC_INLINE bool entry_mismatch(const float* __restrict a, const float* __
     t += x;
     n2 += x * x;
   }
-  const double tol = noise * (std::sqrt(n2) + std::fabs(t)) + floor;
-  if (bound != nullptr) *bound = tol;
-  return !(std::fabs(static_cast<double>(s) - t) <= tol);
+  if (bound != nullptr) {
+    *bound = noise * (std::sqrt(n2) + std::fabs(t)) + floor;
+    return !(std::fabs(static_cast<double>(s) - t) <= *bound);
+  }
+  // without the bound itself, no square root: |s - t| - noise |t| - floor = r is within
+  // noise sqrt(n2) iff r <= 0 or r^2 <= noise^2 n2 (a NaN r is a mismatch)
+  const double r = std::fabs(static_cast<double>(s) - t) - (noise * std::fabs(t) + floor);
+  if (r <= 0.0) return false;
+  return !(r * r <= noise * noise * n2);
 }
 
 // true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
@@ -276,14 +282,17 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
   // candidates p_j >= theta_j l, a vector at a time (most vectors have none; a NaN p
   // is the probability-range check's, as elsewhere)
   bool bad = false;
+  const i16 bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
   int64_t j = 0;
   for (; j + W <= n; j += W) {
     const i16 hit = load(p + j) >= load(theta + j) * l;  // (a compare: no fused multiply-add)
-    if (!(hmax(reinterpret_cast<f16>(reinterpret_cast<u16>(hit) & 0x3f800000u)) > 0.f)) continue;
-    int32_t lanes[W];  // (the vector's own compare, lane by lane: no scalar recomputation)
-    std::memcpy(lanes, &hit, sizeof(lanes));
-    for (int64_t t = 0; t < W; ++t)
-      if (lanes[t]) bad |= entry_mismatch(q, K + (j + t) * D, D, S[j + t], noise, floor, nullptr);
+    // the vector's own compare as a bit mask (distinct powers of two add up to it), its
+    // set lanes visited lowest first: no scalar recomputation, no branch per lane
+    uint32_t lanes = static_cast<uint32_t>(tree(hit & bit, Add{}));
+    for (; lanes != 0; lanes &= lanes - 1) {
+      const int64_t t = __builtin_ctz(lanes);
+      bad |= entry_mismatch(q, K + (j + t) * D, D, S[j + t], noise, floor, nullptr);
+    }
   }
   for (; j < n; ++j)
     if (p[j] >= theta[j] * l) bad |= entry_mismatch(q, K + j * D, D, S[j], noise, floor, nullptr);

@@ -95,6 +95,57 @@ FTATTN_CLONES static void add_row_sums(double* __restrict sum, double* __restric
   }
 }
 
+// Per sub-block sb of `sub` rows of X [n x D]: sum[sb * D + d] = sum_i x_id, abs[...] =
+// sum_i |x_id| and sq[...] = sum_i x_id^2 (fp64), the rows added in order, 32 dims at a
+// time in registers (add_row_sums row by row loaded and stored the three sums per row:
+// at D = 32 most of a query block's preparation).
+FTATTN_CLONES static void block_row_sums(const float* __restrict X, int64_t n, int64_t sub, int64_t D,
+                                         double* __restrict sum, double* __restrict abs, double* __restrict sq) {
+  using namespace vec;
+  constexpr int V = 4;  // d8 vectors of dims per pass over the rows
+  for (int64_t i0 = 0, sb = 0; i0 < n; i0 += sub, ++sb) {
+    const int64_t i1 = std::min<int64_t>(n, i0 + sub);
+    double* s = sum + sb * D;
+    double* a = abs + sb * D;
+    double* q = sq + sb * D;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += V * 8) {
+      const int nv = static_cast<int>(std::min<int64_t>(V, (D - d) / 8));
+      d8 vs[V], va[V], vq[V];
+      for (int c = 0; c < V; ++c) vs[c] = va[c] = vq[c] = d8{};
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int c = 0; c < nv; ++c) {
+          f8 xf;
+          std::memcpy(&xf, X + i * D + d + 8 * c, sizeof(xf));
+          const d8 x = __builtin_convertvector(xf, d8);
+          vs[c] += x;
+          va[c] += vec::abs(x);
+          vq[c] += x * x;
+        }
+      }
+      for (int c = 0; c < nv; ++c) {
+        std::memcpy(s + d + 8 * c, &vs[c], sizeof(d8));
+        std::memcpy(a + d + 8 * c, &va[c], sizeof(d8));
+        std::memcpy(q + d + 8 * c, &vq[c], sizeof(d8));
+      }
+      if (nv < V) {
+        d += nv * 8;
+        break;
+      }
+    }
+    for (; d < D; ++d) {
+      double vs = 0.0, va = 0.0, vq = 0.0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const double x = static_cast<double>(X[i * D + d]);
+        vs += x;
+        va += std::fabs(x);
+        vq += x * x;
+      }
+      s[d] = vs, a[d] = va, q[d] = vq;
+    }
+  }
+}
+
 // The output row and the sums its checks compare, in one pass: O_d = A_d / l; per group
 // of `group` dims sum_d A_d (fp64) into parts[g]; sum_d O_d and sum_d |O_d| of the values
 // stored (fp64).
