@@ -30,7 +30,8 @@ turns the JSON into tables and plots.
 
 Targets (``TARGETS``), asserted in the ftattn benchmarks; the ratios with
 SDPA and with off are timed interleaved, call by call, in that benchmark:
-  CPU, N=2048: protection full within 1.3x of torch SDPA and faster than the reference.
+  CPU, N=2048: protection full within 1.3x of torch SDPA, full <= 15 % over off (issue
+  23), and faster than the reference.
   CUDA, N=4096: off at least as fast as SDPA flash, abft <= 5 % and full <= 15 % over
   off, full >= 5x faster than the reference.
 
@@ -318,6 +319,7 @@ class Target:
 TARGETS = (
     Target("cpu", 2048, "full", "sdpa", 1.3),
     Target("cpu", 2048, "full", "reference", 1.0, strict=True, interleave=False),
+    Target("cpu", 2048, "full", "off", 1.15),  # issue 23: the checks' cost at N = 2048
     Target("cuda", 4096, "off", "sdpa_flash", 1.0),
     Target("cuda", 4096, "abft", "off", 1.05),
     Target("cuda", 4096, "full", "off", 1.15),
