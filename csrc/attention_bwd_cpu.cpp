@@ -314,10 +314,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       const int64_t n0 = t * BWD_BN, n = std::min(BWD_BN, Mb - n0);
       double *ks = w.tks.data() + t * D, *ka = w.tka.data() + t * D, *vs = w.tvs.data() + t * D,
              *va = w.tva.data() + t * D;
-      std::fill(ks, ks + D, 0.0), std::fill(ka, ka + D, 0.0), std::fill(vs, vs + D, 0.0), std::fill(va, va + D, 0.0);
-      for (int64_t j = n0; j < n0 + n; ++j) {
-        add_row_sums(ks, ka, nullptr, K + j * D, D), add_row_sums(vs, va, nullptr, V + j * D, D);
-      }
+      block_row_sums(K + n0 * D, n, n, D, ks, ka, nullptr);
+      block_row_sums(V + n0 * D, n, n, D, vs, va, nullptr);
     }
   }
   const double row_f = KAPPA * U32 * sqrtD;
@@ -343,11 +341,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       for (auto* x : {&w.rs, &w.dsum, &w.pdp, &w.tol_a, &w.tol_b}) std::fill(x->begin(), x->end(), 0.0);
       std::fill(w.rq.begin(), w.rq.end(), 0.f);
       std::fill(w.mq.begin(), w.mq.end(), 0.f);
-      for (auto* x : {&w.qsum, &w.qabs, &w.gsum, &w.gabs}) std::fill(x->begin(), x->end(), 0.0);
-      for (int64_t i = 0; i < rows; ++i) {
-        add_row_sums(w.qsum.data(), w.qabs.data(), nullptr, Qb + i * D, D);
-        add_row_sums(w.gsum.data(), w.gabs.data(), nullptr, Gb + i * D, D);
-      }
+      block_row_sums(Qb, rows, rows, D, w.qsum.data(), w.qabs.data(), nullptr);
+      block_row_sums(Gb, rows, rows, D, w.gsum.data(), w.gabs.data(), nullptr);
       group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());
     }

@@ -9,142 +9,117 @@
 namespace ftattn {
 namespace {
 
-// The maximum of the raw scores S_j over the visible keys (j <= limit). Scores
+// The maximum of the raw scores S_j over the visible keys (j <= limit), for R rows at
+// stride ld that see the same keys. Scores
 // are scaled later, as (S_j - max) * scale, so the argmax gives exp(0) == 1 exactly
 // and no scaled copy of the row is stored (scale >= 0; the caller flips the sign of
 // q for a negative one). A NaN score does not enter the max (it makes its p NaN,
 // and so the row sum and the output); a row whose visible scores are all NaN
-// returns NaN, so that it cannot be taken for a row with no visible key. SUMS adds
-// the ABFT sums of the raw scores, from the same loads: the row sum
-// *rs = sum_j S_j and the column partial sums cs32[j] += S_j and ca32[j] += |S_j| (fp32,
-// flushed to fp64 by flush_cols every ROW_CHUNK rows), over every column of the tile.
-template <bool SUMS>
-FTATTN_VEC_INLINE float row_max_body(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
-                                     float* __restrict cs32, float* __restrict ca32) {
+// gets NaN, so that it cannot be taken for a row with no visible key. SUMS adds
+// the ABFT sums of the raw scores, from the same loads: each row's sum
+// rs[r] = sum_j S_rj and the column partial sums cs32[j] += sum_r S_rj and ca32[j] +=
+// sum_r |S_rj| (fp32, flushed to fp64 by flush_cols every ROW_CHUNK rows), over every
+// column of the tile. Four rows at a time load and store the column partials once per
+// four rows instead of once per row (their loads and stores were most of the sums'
+// cost), and add their four values as ((x0 + x1) + (x2 + x3)): within the same
+// ROW_CHUNK u as one at a time.
+template <int R, typename T>
+FTATTN_VEC_INLINE T sum_rows(const T* x) {
+  static_assert(R == 1 || R == 4, "one row or four");
+  if constexpr (R == 1)
+    return x[0];
+  else
+    return (x[0] + x[1]) + (x[2] + x[3]);
+}
+
+template <bool SUMS, int R>
+FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64_t n, int64_t limit,
+                                    float* __restrict mx, double* __restrict rs, float* __restrict cs32,
+                                    float* __restrict ca32) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  f16 mxv = f16{} + NEG_INF;
-  d8 racc = d8{};
-  double rtail = 0.0;
-  float mx = NEG_INF;
+  f16 mxv[R];
+  d8 racc[R];
+  double rtail[R];
+  float mt[R];
+  for (int r = 0; r < R; ++r) mxv[r] = f16{} + NEG_INF, racc[r] = d8{}, rtail[r] = 0.0, mt[r] = NEG_INF;
+  // the column sums of R rows at j (vectors or single values)
+  const auto add_columns = [&](int64_t j, const auto* x) {
+    using T = std::remove_const_t<std::remove_reference_t<decltype(x[0])>>;
+    T ax[R];
+    if constexpr (std::is_same_v<T, f16>) {
+      for (int r = 0; r < R; ++r) ax[r] = vec::abs(x[r]);
+      store(cs32 + j, load(cs32 + j) + sum_rows<R>(x));
+      store(ca32 + j, load(ca32 + j) + sum_rows<R>(ax));
+    } else {
+      for (int r = 0; r < R; ++r) ax[r] = std::fabs(x[r]);
+      cs32[j] += sum_rows<R>(x);
+      ca32[j] += sum_rows<R>(ax);
+    }
+  };
+  // keys j..end: whole vectors, CHUNK per partial sum, then single keys; SEE: into the max
   int64_t j = 0;
-  // whole vectors of visible keys, CHUNK at a time per partial sum
-  while (j + W <= visible) {
-    f16 part = f16{};
-    for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
-      const f16 x = load(S + j);
-      mxv = x > mxv ? x : mxv;
-      if constexpr (SUMS) {
-        part += x;
-        store(cs32 + j, load(cs32 + j) + x);
-        store(ca32 + j, load(ca32 + j) + vec::abs(x));
+  const auto span = [&](int64_t end, auto see) {
+    constexpr bool SEE = decltype(see)::value;
+    while (j + W <= end) {
+      f16 part[R] = {};
+      for (int64_t c = 0; c < CHUNK && j + W <= end; ++c, j += W) {
+        f16 x[R];
+        for (int r = 0; r < R; ++r) {
+          x[r] = load(S + r * ld + j);
+          if constexpr (SEE) mxv[r] = x[r] > mxv[r] ? x[r] : mxv[r];
+          part[r] += x[r];
+        }
+        if constexpr (SUMS) add_columns(j, x);
       }
+      if constexpr (SUMS)
+        for (int r = 0; r < R; ++r) racc[r] += widen_sum(part[r]);
     }
-    if constexpr (SUMS) racc += widen_sum(part);
-  }
-  for (; j < visible; ++j) {
-    const float x = S[j];
-    mx = x > mx ? x : mx;
-    if constexpr (SUMS) {
-      rtail += static_cast<double>(x);
-      cs32[j] += x;
-      ca32[j] += std::fabs(x);
+    for (; j < end; ++j) {
+      float x[R];
+      for (int r = 0; r < R; ++r) {
+        x[r] = S[r * ld + j];
+        if constexpr (SEE) mt[r] = x[r] > mt[r] ? x[r] : mt[r];
+        rtail[r] += static_cast<double>(x[r]);
+      }
+      if constexpr (SUMS) add_columns(j, x);
     }
-  }
+  };
+  span(visible, std::true_type{});
   // masked keys: still in the sums (the references cover the whole tile)
-  if constexpr (SUMS) {
-    while (j + W <= n) {
-      f16 part = f16{};
-      for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
-        const f16 x = load(S + j);
-        part += x;
-        store(cs32 + j, load(cs32 + j) + x);
-        store(ca32 + j, load(ca32 + j) + vec::abs(x));
-      }
-      racc += widen_sum(part);
-    }
-    for (; j < n; ++j) {
-      rtail += static_cast<double>(S[j]);
-      cs32[j] += S[j];
-      ca32[j] += std::fabs(S[j]);
-    }
-    *rs = hsum(racc) + rtail;
-  }
-  const float vmx = hmax(mxv);  // (NaN never enters a lane)
-  mx = vmx > mx ? vmx : mx;
-  if (mx == NEG_INF) {  // rare: every visible score -inf or NaN
-    for (int64_t t = 0; t < visible; ++t)
-      if (S[t] != S[t]) return std::numeric_limits<float>::quiet_NaN();
-  }
-  return mx;
-}
-
-FTATTN_CLONES static float row_max(const float* __restrict S, int64_t n, int64_t limit) {
-  return row_max_body<false>(S, n, limit, nullptr, nullptr, nullptr);
-}
-
-FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
-                                        float* __restrict cs32, float* __restrict ca32) {
-  return row_max_body<true>(S, n, limit, rs, cs32, ca32);
-}
-
-// row_max_sums for four consecutive rows (at stride ld) that see every key of the tile:
-// the column partial sums are loaded and stored once per four rows instead of once per
-// row (their loads and stores were most of the sums' cost). Each row's max and *rs are
-// row_max_sums' own (the same partials in the same order); the four rows enter cs32 and
-// ca32 as ((x0 + x1) + (x2 + x3)), within the same ROW_CHUNK u as one at a time.
-FTATTN_CLONES static void row_max_sums4(const float* __restrict S, int64_t ld, int64_t n, float* __restrict mx,
-                                        double* __restrict rs, float* __restrict cs32, float* __restrict ca32) {
-  using namespace vec;
-  const float NEG_INF = -std::numeric_limits<float>::infinity();
-  f16 m[4];
-  d8 racc[4];
-  for (int r = 0; r < 4; ++r) {
-    m[r] = f16{} + NEG_INF;
-    racc[r] = d8{};
-  }
-  int64_t j = 0;
-  while (j + W <= n) {
-    f16 part[4] = {};
-    for (int64_t c = 0; c < CHUNK && j + W <= n; ++c, j += W) {
-      f16 x[4];
-      for (int r = 0; r < 4; ++r) {
-        x[r] = load(S + r * ld + j);
-        m[r] = x[r] > m[r] ? x[r] : m[r];
-        part[r] += x[r];
-      }
-      store(cs32 + j, load(cs32 + j) + ((x[0] + x[1]) + (x[2] + x[3])));
-      store(ca32 + j, load(ca32 + j) + ((vec::abs(x[0]) + vec::abs(x[1])) + (vec::abs(x[2]) + vec::abs(x[3]))));
-    }
-    for (int r = 0; r < 4; ++r) racc[r] += widen_sum(part[r]);
-  }
-  double rtail[4] = {};
-  float mt[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};
-  for (; j < n; ++j) {
-    float cs = 0.f, ca = 0.f;
-    for (int r = 0; r < 4; ++r) {
-      const float x = S[r * ld + j];
-      mt[r] = x > mt[r] ? x : mt[r];
-      rtail[r] += static_cast<double>(x);
-      cs += x;
-      ca += std::fabs(x);
-    }
-    cs32[j] += cs;
-    ca32[j] += ca;
-  }
-  for (int r = 0; r < 4; ++r) {
-    rs[r] = hsum(racc[r]) + rtail[r];
-    const float vmx = hmax(m[r]);  // (NaN never enters a lane)
+  if constexpr (SUMS) span(n, std::false_type{});
+  for (int r = 0; r < R; ++r) {
+    if constexpr (SUMS) rs[r] = hsum(racc[r]) + rtail[r];
+    const float vmx = hmax(mxv[r]);  // (NaN never enters a lane)
     mx[r] = vmx > mt[r] ? vmx : mt[r];
-    if (mx[r] == NEG_INF) {  // rare: every score -inf or NaN
-      for (int64_t t = 0; t < n; ++t)
+    if (mx[r] == NEG_INF) {  // rare: every visible score -inf or NaN
+      for (int64_t t = 0; t < visible; ++t)
         if (S[r * ld + t] != S[r * ld + t]) {
           mx[r] = std::numeric_limits<float>::quiet_NaN();
           break;
         }
     }
   }
+}
+
+FTATTN_CLONES static float row_max(const float* __restrict S, int64_t n, int64_t limit) {
+  float mx;
+  row_max_body<false, 1>(S, 0, n, limit, &mx, nullptr, nullptr, nullptr);
+  return mx;
+}
+
+FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
+                                        float* __restrict cs32, float* __restrict ca32) {
+  float mx;
+  row_max_body<true, 1>(S, 0, n, limit, &mx, rs, cs32, ca32);
+  return mx;
+}
+
+// row_max_sums for four consecutive rows (at stride ld) that see every key of the tile.
+FTATTN_CLONES static void row_max_sums4(const float* __restrict S, int64_t ld, int64_t n, float* __restrict mx,
+                                        double* __restrict rs, float* __restrict cs32, float* __restrict ca32) {
+  row_max_body<true, 4>(S, ld, n, n - 1, mx, rs, cs32, ca32);
 }
 
 // true when some |cs_j - ref_j| > colb_j (or is NaN): the column check.

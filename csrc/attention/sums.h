@@ -73,32 +73,10 @@ FTATTN_CLONES static void add_d(double* __restrict acc, const float* __restrict 
   for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(x[i]);
 }
 
-// sum += x, abs += |x| and (when given) sq += x^2, elementwise in fp64: one call per row
-// instead of three (at head dim 32 the calls, not the arithmetic, were the cost)
-FTATTN_CLONES static void add_row_sums(double* __restrict sum, double* __restrict abs, double* __restrict sq,
-                                       const float* __restrict x, int64_t n) {
-  if (sq == nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const double v = static_cast<double>(x[i]);
-      sum[i] += v;
-      abs[i] += std::fabs(v);
-    }
-    return;
-  }
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = static_cast<double>(x[i]);
-    sum[i] += v;
-    abs[i] += std::fabs(v);
-    sq[i] += v * v;
-  }
-}
-
-// Per sub-block sb of `sub` rows of X [n x D]: sum[sb * D + d] = sum_i x_id, abs[...] =
-// sum_i |x_id| and sq[...] = sum_i x_id^2 (fp64), the rows added in order, 32 dims at a
-// time in registers (add_row_sums row by row loaded and stored the three sums per row:
-// at D = 32 most of a query block's preparation).
+// Per sub-block sb of `sub` rows of X [n x D], n >= 1: sum[sb * D + d] = sum_i x_id,
+// abs[...] = sum_i |x_id| and (when given) sq[...] = sum_i x_id^2 (fp64), the rows added
+// in order, 32 dims at a time in registers (row by row, loading and storing the sums per
+// row, was most of a query block's preparation at D = 32).
 FTATTN_CLONES static void block_row_sums(const float* __restrict X, int64_t n, int64_t sub, int64_t D,
                                          double* __restrict sum, double* __restrict abs, double* __restrict sq) {
   using namespace vec;
@@ -107,7 +85,7 @@ FTATTN_CLONES static void block_row_sums(const float* __restrict X, int64_t n, i
     const int64_t i1 = std::min<int64_t>(n, i0 + sub);
     double* s = sum + sb * D;
     double* a = abs + sb * D;
-    double* q = sq + sb * D;
+    double* q = sq != nullptr ? sq + sb * D : nullptr;
     int64_t d = 0;
     for (; d + 8 <= D; d += V * 8) {
       const int nv = static_cast<int>(std::min<int64_t>(V, (D - d) / 8));
@@ -126,7 +104,7 @@ FTATTN_CLONES static void block_row_sums(const float* __restrict X, int64_t n, i
       for (int c = 0; c < nv; ++c) {
         std::memcpy(s + d + 8 * c, &vs[c], sizeof(d8));
         std::memcpy(a + d + 8 * c, &va[c], sizeof(d8));
-        std::memcpy(q + d + 8 * c, &vq[c], sizeof(d8));
+        if (q != nullptr) std::memcpy(q + d + 8 * c, &vq[c], sizeof(d8));
       }
       if (nv < V) {
         d += nv * 8;
@@ -141,7 +119,8 @@ FTATTN_CLONES static void block_row_sums(const float* __restrict X, int64_t n, i
         va += std::fabs(x);
         vq += x * x;
       }
-      s[d] = vs, a[d] = va, q[d] = vq;
+      s[d] = vs, a[d] = va;
+      if (q != nullptr) q[d] = vq;
     }
   }
 }
