@@ -544,6 +544,16 @@ def prune_configs(configs, named_args, **kwargs):
     return out or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4)]
 
 
+# FTATTN_AUTOTUNE=0: no autotuning, the first of these that prune_configs keeps for the
+# call (one compile per key instead of one per config: 12 sm_90 compiles of the "full"
+# kernel cost about a minute per key). The tutorial's default tile first.
+UNTUNED_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_stages=2, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4),
+]
+
+
 # ---------------------------------------------------------------------------
 # kernels
 

@@ -388,6 +388,45 @@ def test_config_pruning_keeps_bounded_tiles():
     assert len(kernel.prune_configs(kept, {"Q": q}, HEAD_DIM_PAD=64)) == len(kept)
 
 
+def test_untuned_configs_fit_every_head_dim_and_dtype():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q = torch.empty(1, dtype=dtype)
+        for head in (16, 32, 64, 128, 256):
+            first = kernel.prune_configs(kernel.UNTUNED_CONFIGS, {"Q": q}, HEAD_DIM_PAD=head)[0]
+            bm, bn, stages = first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_stages
+            assert (bm * head + 2 * stages * bn * head) * q.element_size() <= 220 * 1024
+    assert kernel.UNTUNED_CONFIGS[0].kwargs == {"BLOCK_M": 128, "BLOCK_N": 64}
+
+
+def test_autotune_switch(monkeypatch):
+    from ftattn._launch.attention import autotune_enabled
+
+    monkeypatch.delenv("FTATTN_AUTOTUNE", raising=False)
+    assert autotune_enabled()
+    monkeypatch.setenv("FTATTN_AUTOTUNE", "0")
+    assert not autotune_enabled()
+    monkeypatch.setenv("FTATTN_AUTOTUNE", "1")
+    assert autotune_enabled()
+    monkeypatch.setenv("FTATTN_AUTOTUNE", "off")
+    with pytest.raises(ValueError, match=r"FTATTN_AUTOTUNE='off'.*supported values are 1 .* and 0"):
+        autotune_enabled()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_cuda_untuned_and_tuned_agree_with_fp64(monkeypatch, autotune):
+    monkeypatch.setenv("FTATTN_AUTOTUNE", autotune)
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 131, 72, dtype=torch.float16, device="cuda") for _ in range(3))
+    ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(72), -1) @ v.double()
+    # tuned: "full" alone (12 configs compiled per protection level; the path is the same)
+    for protection in ("off", "abft", "full") if autotune == "0" else ("full",):
+        out = ftattn.attention(q, k, v, protection=protection)
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 4e-3, (autotune, protection, err)
+
+
 _COMPILE_SCRIPT = r"""
 import warnings; warnings.simplefilter("ignore")
 import triton

@@ -5,19 +5,32 @@ Triton interpreter (TRITON_INTERPRET=1). Inputs are validated by the caller
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 
 from ..contract import REPORT_BLOCK_M, Site, check_fault_encoding, flip_args
-from ..kernels.attention import INTERPRETER_CONFIG, _attn_fwd, _attn_fwd_tuned, _attn_replay
+from ..kernels.attention import (INTERPRETER_CONFIG, UNTUNED_CONFIGS, _attn_fwd, _attn_fwd_tuned, _attn_replay,
+                                 prune_configs)
 
 __all__ = ["attention_fwd"]
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def autotune_enabled() -> bool:
+    """FTATTN_AUTOTUNE: "1" (default) autotunes the CUDA forward per key (12 configs, each
+    compiled on its key's first call); "0" launches one fixed config per head dim and dtype
+    (kernels/attention.py UNTUNED_CONFIGS), e.g. for test suites and short-lived jobs."""
+    value = os.environ.get("FTATTN_AUTOTUNE", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"FTATTN_AUTOTUNE={value!r}: supported values are 1 (autotune the CUDA attention "
+                         f"kernel, the default) and 0 (one fixed config); set it to one of them or unset it")
+    return value == "1"
 
 
 def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal, key_start=None, key_end=None):
@@ -69,8 +82,8 @@ def attention_fwd(
             ``fault_value``), or None.
         key_start, key_end: int [B] on q's device (validated by the caller), or None:
             sample b's keys are [key_start[b], key_end[b]).
-        block_m, block_n: force a tile shape (tests); default autotuned on CUDA,
-            ``INTERPRETER_CONFIG`` on CPU.
+        block_m, block_n: force a tile shape (tests); default autotuned on CUDA
+            (one fixed config with FTATTN_AUTOTUNE=0), ``INTERPRETER_CONFIG`` on CPU.
 
     Returns:
         (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
@@ -96,8 +109,15 @@ def attention_fwd(
     )
     interpreted = q.device.type == "cpu"
     emulate = interpreted and q.dtype == torch.bfloat16
-    if block_m is not None or block_n is not None or interpreted:
-        meta = dict(INTERPRETER_CONFIG) if interpreted else {"num_warps": 4, "num_stages": 2}
+    tuned = not interpreted and block_m is None and block_n is None and autotune_enabled()
+    if not tuned:
+        if interpreted:
+            meta = dict(INTERPRETER_CONFIG)
+        elif block_m is not None or block_n is not None:
+            meta = {"num_warps": 4, "num_stages": 2}
+        else:
+            conf = prune_configs(UNTUNED_CONFIGS, {"Q": q}, HEAD_DIM_PAD=head_pad)[0]
+            meta = {**conf.kwargs, "num_warps": conf.num_warps, "num_stages": conf.num_stages}
         meta["BLOCK_M"] = block_m or meta.get("BLOCK_M", 64)
         meta["BLOCK_N"] = block_n or meta.get("BLOCK_N", 64)
         if meta["BLOCK_M"] not in (64, 128) or meta["BLOCK_N"] not in (16, 32, 64, 128):
