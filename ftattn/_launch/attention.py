@@ -116,7 +116,7 @@ def attention_fwd(
         elif block_m is not None or block_n is not None:
             meta = {"num_warps": 4, "num_stages": 2}
         else:
-            conf = prune_configs(UNTUNED_CONFIGS, {"Q": q}, HEAD_DIM_PAD=head_pad)[0]
+            conf = prune_configs(UNTUNED_CONFIGS, {"Q": q}, HEAD_DIM_PAD=head_pad, PROTECTION=protection)[0]
             meta = {**conf.kwargs, "num_warps": conf.num_warps, "num_stages": conf.num_stages}
         meta["BLOCK_M"] = block_m or meta.get("BLOCK_M", 64)
         meta["BLOCK_N"] = block_n or meta.get("BLOCK_N", 64)
