@@ -60,6 +60,16 @@ P_MAX = tl.constexpr(1.0 + 2.0**-20)
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 
 
+def loop_tile(d_pad: int) -> int:
+    """The inner loop's tile on CUDA (keys in _bwd_prep / _bwd_dq, query rows in _bwd_dkdv);
+    each program's own block stays one 64-row report block. Shared memory the sm_90
+    compiler allocated (fp32 operands, PROTECTION 2, triton 3.6), against the H200's 227
+    KiB (232448 B) a block: D 128 _bwd_dq 64 x 64 184320 B, _bwd_dkdv 64 x 64 234240 B
+    (over: no launch) and 32 x 64 149888 B; D 256 _bwd_dq 64 x 64 348160 B, 64 x 32 239616 B
+    (over), 64 x 16 201728 B, _bwd_dkdv 16 x 64 222400 B."""
+    return 64 if d_pad <= 64 else 32 if d_pad <= 128 else 16
+
+
 @triton.jit
 def _groups(offs_d, HEAD_DIM: tl.constexpr):
     """E [D_PAD, 16]: E_dg = 1 when head dim d is in group g (d // 16 == g), so X E sums

@@ -56,6 +56,35 @@ def test_gradients_match_fp64_within_twice_torch(shape, dtype):
     check_gradients_within_twice_torch(shape, dtype, _ours, DEVICE)
 
 
+def test_loop_tiles_fit_the_h200():
+    # the tiles launched on CUDA: each kernel's shared memory measured under 227 KiB (kernels/attention_backward.py)
+    assert [kernel.loop_tile(d) for d in (16, 32, 64, 128, 256)] == [64, 64, 64, 32, 16]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tile is a test hook; CUDA takes loop_tile")
+@pytest.mark.parametrize("tile", [16, 32])
+@pytest.mark.parametrize("shape", GRID[1:], ids=str)
+def test_smaller_loop_tiles_same_gradients(monkeypatch, shape, tile):
+    # the tiles CUDA launches at head dims 128 and 256, run here at small ones
+    monkeypatch.setattr(launcher, "_interpreter_tile", tile)
+    check_gradients_within_twice_torch(shape, torch.float32, _ours, DEVICE)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tile is a test hook; CUDA takes loop_tile")
+@pytest.mark.parametrize("site", BACKWARD_SITES)
+def test_smaller_loop_tile_detects_and_corrects(monkeypatch, site):
+    monkeypatch.setattr(launcher, "_interpreter_tile", 16)
+    q, k, v = _qkv(1, 2, 1, 70, 90, 32, torch.float32, seed=8)
+    do = torch.randn(1, 2, 70, 32)
+    clean = _grads(lambda *t: _ours(*t, causal=True), q, k, v, do)
+    fault = Fault(site, batch=0, head=1, row=66, col=60, dim=4, bit=30)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, rep = _ours(*leaves, causal=True, fault=fault, return_report=True)
+    out.backward(do)
+    assert rep.backward.detected > 0 and rep.backward.corrected == rep.backward.flagged_blocks
+    assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean))
+
+
 def test_protection_levels_bit_identical_and_flags_clean():
     q, k, v = _on(DEVICE, *_qkv(1, 4, 2, 37, 53, 40, torch.float32, seed=3))
     do = torch.randn(1, 4, 37, 40).to(DEVICE)
@@ -125,8 +154,10 @@ from triton.compiler import ASTSource
 from ftattn.kernels import attention_backward as kern
 POINTERS = ("Q", "K", "V", "O", "DO", "MROW", "RINV", "DELTA", "DQ", "DKH", "DVH", "Flags")
 for dim, pad in ((59, 64), (128, 128)):
+    tile = kern.loop_tile(pad)  # the launcher's tiles on CUDA
     for fn in (kern._bwd_prep, kern._bwd_dq, kern._bwd_dkdv):
-        consts = dict(HEAD_DIM=dim, D_PAD=pad, CAUSAL=True, BLOCK_M=64, BLOCK_N=64)
+        bm, bn = (tile, 64) if fn is kern._bwd_dkdv else (64, tile)
+        consts = dict(HEAD_DIM=dim, D_PAD=pad, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn)
         if fn is not kern._bwd_prep:
             consts.update(PROTECTION=2, INJECT=True)
         sig = {n: "constexpr" if n in consts else ("*i32" if n == "Flags" else "*fp32") if n in POINTERS
@@ -134,6 +165,8 @@ for dim, pad in ((59, 64), (128, 128)):
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": 4, "num_stages": 2})
         assert pad > 64 or "ld.local" not in k.asm["ptx"], f"register spills in {fn.__name__}"
+        # the H200's (H100's) 227 KiB a block: more and the launch fails
+        assert k.metadata.shared <= 232448, f"{fn.__name__} D {pad}: {k.metadata.shared} B of shared memory"
 print("compiled")
 """
 

@@ -15,11 +15,13 @@ import torch
 import triton
 
 from ..contract import REPORT_BLOCK_M, Site, check_backward_fault_encoding, flip_args
+from ..kernels import attention_backward as _kernels
 from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep
 
 __all__ = ["attention_bwd"]
 
 BLOCK = 64  # query rows and keys per program: one report block each (ftattn/contract.py)
+_interpreter_tile = INTERPRETER_CONFIG["BLOCK_N"]  # the loop's tile under the interpreter (tests set 16 / 32)
 
 
 def _next_pow2(x: int) -> int:
@@ -47,13 +49,19 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
         rinv = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
         delta = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
         meta = dict(INTERPRETER_CONFIG) if dev.type == "cpu" else {"num_warps": 4, "num_stages": 2}
-        meta.update(BLOCK_M=BLOCK, BLOCK_N=BLOCK)
         shape = dict(HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), CAUSAL=bool(causal))
-        _bwd_prep[(nq, B * Hq)](qf, kf, of, gf, mrow, rinv, delta, Hq, group, N, M, float(scale), **shape, **meta)
+        # each program owns one report block; the loop's tile is smaller at large head dims
+        # (shared memory; under the interpreter 64 unless a test asks for another)
+        tile = _kernels.loop_tile(shape["D_PAD"]) if dev.type != "cpu" else _interpreter_tile
+        rows_block = dict(meta, BLOCK_M=BLOCK, BLOCK_N=tile)  # prep, dq: 64 rows, keys by tile
+        keys_block = dict(meta, BLOCK_M=tile, BLOCK_N=BLOCK)  # dkdv: 64 keys, rows by tile
+        _bwd_prep[(nq, B * Hq)](qf, kf, of, gf, mrow, rinv, delta, Hq, group, N, M, float(scale), **shape,
+                                **rows_block)
         _bwd_dq[(nq, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dq, flags, Hq, group, N, M, nq + nk, float(scale),
-                              *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **meta)
+                              *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **rows_block)
         _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, Hq, group, N, M, nq, nq + nk,
-                                float(scale), *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **meta)
+                                float(scale), *fargs, **shape, PROTECTION=int(protection), INJECT=inject,
+                                **keys_block)
     dk = (dkh * scale).view(B, Hkv, group, M, D).sum(2)
     dv = dvh.view(B, Hkv, group, M, D).sum(2)
     return dq, dk, dv, flags
