@@ -420,30 +420,36 @@ def test_untuned_configs_fit_every_head_dim_and_dtype():
     assert kernel.UNTUNED_CONFIGS[0].kwargs == {"BLOCK_M": 128, "BLOCK_N": 64}
 
 
-def test_autotune_switch(monkeypatch):
-    from ftattn._launch.attention import autotune_enabled
+@pytest.mark.parametrize("value, setting", [(None, "tune"), ("1", "tune"), ("0", "fixed"), (" 0 ", "fixed"),
+                                            ("64x32", (64, 32)), ("128x16", (128, 16))])
+def test_autotune_switch(monkeypatch, value, setting):
+    from ftattn._launch.attention import autotune_setting
 
     monkeypatch.delenv("FTATTN_AUTOTUNE", raising=False)
-    assert autotune_enabled()
-    monkeypatch.setenv("FTATTN_AUTOTUNE", "0")
-    assert not autotune_enabled()
-    monkeypatch.setenv("FTATTN_AUTOTUNE", "1")
-    assert autotune_enabled()
-    monkeypatch.setenv("FTATTN_AUTOTUNE", "off")
-    with pytest.raises(ValueError, match=r"FTATTN_AUTOTUNE='off'.*supported values are 1 .* and 0"):
-        autotune_enabled()
+    if value is not None:
+        monkeypatch.setenv("FTATTN_AUTOTUNE", value)
+    assert autotune_setting() == setting
+
+
+@pytest.mark.parametrize("value", ["off", "2", "32x64", "64x8", "64x", "64X32"])
+def test_autotune_switch_rejects(monkeypatch, value):
+    from ftattn._launch.attention import autotune_setting
+
+    monkeypatch.setenv("FTATTN_AUTOTUNE", value)
+    with pytest.raises(ValueError, match=rf"FTATTN_AUTOTUNE='{value}'.*supported values are 1 .* 0 .* BMxBN"):
+        autotune_setting()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-@pytest.mark.parametrize("autotune", ["0", "1"])
+@pytest.mark.parametrize("autotune", ["0", "1", "64x32", "128x128"])
 def test_cuda_untuned_and_tuned_agree_with_fp64(monkeypatch, autotune):
     monkeypatch.setenv("FTATTN_AUTOTUNE", autotune)
     torch.manual_seed(5)
     q, k, v = (torch.randn(2, 3, 131, 72, dtype=torch.float16, device="cuda") for _ in range(3))
     ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(72), -1) @ v.double()
     # tuned: "full" alone (12 configs compiled per protection level; the path is the same)
-    for protection in ("off", "abft", "full") if autotune == "0" else ("full",):
+    for protection in ("off", "abft", "full") if autotune != "1" else ("full",):
         out = ftattn.attention(q, k, v, protection=protection)
         err = (out.double() - ref).abs().max().item()
         assert err <= 4e-3, (autotune, protection, err)

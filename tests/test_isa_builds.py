@@ -41,7 +41,9 @@ def _build(isa: str) -> str:
     out = os.path.join(ROOT, "build", "isa", isa)
     # (FTATTN_POISON_SCRATCH: the attention kernels' tile buffers start as NaNs instead of
     # whatever the allocator gives, so a value read before it is written fails the grid)
-    env = dict(os.environ, FTATTN_EXTRA_CXXFLAGS=f"-DFTATTN_NO_CLONES -DFTATTN_POISON_SCRATCH -march={isa}")
+    # (-g0: no debug info, a third less build time (62 -> 41 s, x86-64-v3); the code is the
+    # same: the .text of the two builds differed only in the order of PLT slots called)
+    env = dict(os.environ, FTATTN_EXTRA_CXXFLAGS=f"-DFTATTN_NO_CLONES -DFTATTN_POISON_SCRATCH -march={isa} -g0")
     env.pop("FTATTN_EXTENSION", None)
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", os.path.join(out, "lib"),
            "--build-temp", os.path.join(out, "tmp")]
