@@ -504,23 +504,24 @@ def _report_bits(bad, r: tl.constexpr, BLOCK_M: tl.constexpr):
 # configs
 #
 # A narrowed version of the tutorial's space (BLOCK_M 64/128, BLOCK_N 32..128, 4/8
-# warps): one sm_90 compile of the "full" kernel took 30-60 s here (2 CPU
+# warps, 2/3 stages): one sm_90 compile of the "full" kernel took 30-60 s here (2 CPU
 # cores, triton 3.9, PTX to cubin), so every config costs the first call of each key
 # that much. BLOCK_M stays a multiple of REPORT_BLOCK_M so a program owns whole report
 # blocks. No pre_hook (unsupported under torch.compile). TMA descriptors (Hopper) would
 # need a pre_hook to set block shapes, or device-side tl.make_tensor_descriptor with a
 # global allocator; left out until a GPU benchmark shows the loads are the limit.
 #
-# One pipelining depth: num_stages 2 and 3 compile to the same PTX (seen for "off" at
-# 128 x 64 and "full" at 64 x 32, D 128 fp16, triton 3.6 and 3.9, sm_90: the loop's K / V
-# loads are not software-pipelined, no cp.async in the PTX), so a second depth only doubled the compiles and the autotune timings
-# (tests/test_attention_triton.py checks it still holds). Measured sm_90 compile times on
-# one CPU core (AMD Zen 4, triton 3.6, D 128 fp16): "off" 1-6 s a config, "full" 24 s
-# (64 x 64) to 60 s (128 x 64).
+# Measured sm_90 compile times on one CPU core (AMD Zen 4, triton 3.6, D 128 fp16,
+# specialised as a launch is: strides of 1 constant, 16-divisible ints and pointers
+# marked): "off" about 2 s a config, "full" 9 s (64 x 32) to 55 s (128 x 64). The K / V
+# loads are software-pipelined (cp.async) only under that specialisation (a compile
+# with every int a run-time value gets plain loads); tests/test_attention_triton.py
+# holds that they are.
 configs = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=2, num_warps=w)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
     for bm in (64, 128)
     for bn in (32, 64, 128)
+    for s in (2, 3)
     for w in (4, 8)
 ]
 
@@ -532,19 +533,20 @@ def keep(conf: triton.Config) -> bool:
     return not (bm * bn < 128 * 128 and conf.num_warps == 8) and not (bm == 64 and bn == 128)
 
 
-def checked_smem(bm: int, bn: int, head: int, elem: int) -> int:
+def checked_smem(bm: int, bn: int, head: int, elem: int, stages: int) -> int:
     """Shared memory (bytes) of the abft / full kernel: a model of what the sm_90 compiler
-    allocated (triton 3.6, num_stages 2), exact on every point seen. fp16, D 128: 64 x 32
-    104 KiB (abft the same), 64 x 64 128, 128 x 32 184, 128 x 64 208, 128 x 128 256 (over
-    the H200's 227 KiB: a 4-minute compile, then no launch); D 256 64 x 32 208; D 64
-    128 x 128 192 (the score tile's phase). fp32, D 128: 64 x 32 120, 128 x 32 192, 128 x 64
-    256; D 256: 64 x 32 232 (over), 64 x 16 180. bf16 taken as fp16 (not measured)."""
-    if elem >= 4:
-        return max(8 * bm * head + 12 * bn * head + 4 * bm * bn, 12 * bm * bn)
-    return max(10 * bm * head + 6 * bn * head, 12 * bm * bn)
+    allocated (triton 3.6) for launches specialised as the JIT does (strides of 1
+    constant, 16-divisible ints and pointers marked: the K / V loads pipelined, `stages`
+    buffers of each). fp16 D 128: 64 x 32 112 KiB (s2) / 128 (s3), 128 x 32 192 (s2),
+    128 x 64 224 (s2) / 256 (s3: over the H200's 227 KiB, a minute's compile for no
+    launch); fp16 D 64 128 x 128 208 (s2, the score tile's phase). Exact on these six;
+    bf16 taken as fp16. fp32 (one point, D 128 64 x 32 s2: 120 KiB) is over-estimated
+    (144 KiB) by the fp16 form with 4-byte tiles, used for it too."""
+    buffers = stages * 2 * bn * head * elem  # the K and V tiles in flight
+    return buffers + max(10 * bm * head, 9 * bm * bn)
 
 
-SMEM_LIMIT = 220 * 1024  # the H200's 227 KiB a block, less a margin for the model
+SMEM_LIMIT = 232448  # the H200's (H100's) 227 KiB a block: the model is exact where measured
 FALLBACK_CONFIGS = [  # when no config fits: the smallest tiles (fp32 D 256 checked: 64 x 16)
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_stages=2, num_warps=4),
@@ -553,13 +555,15 @@ FALLBACK_CONFIGS = [  # when no config fits: the smallest tiles (fp32 D 256 chec
 
 def _smem(c, head: int, elem: int, checked: bool) -> int:
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    smem = (bm * head + 2 * c.num_stages * bn * head) * elem
-    return max(smem, checked_smem(bm, bn, head, elem)) if checked else smem
+    if checked:
+        return checked_smem(bm, bn, head, elem, c.num_stages)
+    # "off": the Q tile and the pipelined K / V tiles (exact: D 128 fp16 128 x 64 96 / 128 KiB, s2 / s3)
+    return (bm * head + 2 * c.num_stages * bn * head) * elem
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose shared memory exceeds the H200's 227 KiB (with a margin): the
-    Q tile + pipelined K/V tiles for "off", checked_smem for abft / full; and the 128 x 128
+    """Drop configs whose shared memory exceeds the H200's 227 KiB: the Q tile and the
+    pipelined K/V tiles for "off", checked_smem for abft / full; and the 128 x 128
     tiles at head dim 256 (register spills). None left: the first fallback that fits."""
     args = {**named_args, **kwargs}
     head = args["HEAD_DIM_PAD"]
@@ -572,8 +576,8 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 # FTATTN_AUTOTUNE=0: no autotuning, the first of these that prune_configs keeps for the
-# call (one compile per key instead of one per config: 12 sm_90 compiles of the "full"
-# kernel cost about a minute per key). The tutorial's default tile first.
+# call (one compile per key instead of one per config: the 7 sm_90 compiles of the
+# "full" kernel at D 128 take about 3 minutes on one core). The tutorial's tile first.
 UNTUNED_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=2, num_warps=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_stages=2, num_warps=4),
