@@ -66,7 +66,9 @@ def loop_tile(d_pad: int) -> int:
     compiler allocated (fp32 operands, PROTECTION 2, triton 3.6), against the H200's 227
     KiB (232448 B) a block: D 128 _bwd_dq 64 x 64 184320 B, _bwd_dkdv 64 x 64 234240 B
     (over: no launch) and 32 x 64 149888 B; D 256 _bwd_dq 64 x 64 348160 B, 64 x 32 239616 B
-    (over), 64 x 16 201728 B, _bwd_dkdv 16 x 64 222400 B."""
+    (over), 64 x 16 201728 B, _bwd_dkdv 16 x 64 222400 B. Specialised as a launch is (16-
+    divisible pointers and sizes; the loads are cp.async either way) the same or 1 KiB more:
+    D 128 dkdv 32 x 64 149888 B, D 256 dq 64 x 16 202752 B, dkdv 16 x 64 223424 B."""
     return 64 if d_pad <= 64 else 32 if d_pad <= 128 else 16
 
 
