@@ -1,9 +1,9 @@
 """Compile the autotuned CUDA attention kernel for the GPU grid's cases in parallel, one
 process per autotune key, before the (serial) benchmark runs.
 
-Triton's autotuner compiles its configs one after the other on a key's first call: 12
-sm_90 compiles of the "full" kernel, about a minute per key, and the N = 4096 row of the
-GPU grid has 15 keys. Compiled kernels land in Triton's on-disk cache, so the benchmark
+Triton's autotuner compiles its configs one after the other on a key's first call: up
+to 12 sm_90 compiles, 9-55 s each for the checked kernels (several minutes a key), and
+the N = 4096 row of the GPU grid has 15 keys. Compiled kernels land in Triton's on-disk cache, so the benchmark
 process that follows only loads them and times the configs (its own autotuning, on an
 idle GPU: the timings taken here, with 16 processes sharing the GPU, are thrown away).
 
@@ -32,10 +32,6 @@ def _bench_module():
     return test_bench_attention
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _warm(index: int, protection: str) -> str:
     bench = _bench_module()
     import torch
@@ -55,12 +51,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
     bench = _bench_module()
+    from ftattn._launch.attention import _next_pow2
+
     jobs, keys = [], set()
     for i, case in enumerate(bench.CASES):
         if case.device != "cuda" or (case.kv_seq if case.sweep == "M" else case.seq) not in args.seq:
             continue
         for protection in PROTECTIONS:  # the autotune key (kernels/attention.py), dtype added by triton
-            key = (case.dtype, _pow2(case.seq), _pow2(case.kv_seq), case.head_dim, case.causal, protection)
+            key = (case.dtype, _next_pow2(case.seq), _next_pow2(case.kv_seq), case.head_dim, case.causal, protection)
             if key not in keys:
                 keys.add(key)
                 jobs.append((i, protection))

@@ -61,13 +61,33 @@ def test_loop_tiles_fit_the_h200():
     assert [kernel.loop_tile(d) for d in (16, 32, 64, 128, 256)] == [64, 64, 64, 32, 16]
 
 
+class _Blocks:
+    """Stands in for a kernel in the launcher: records each launch's (BLOCK_M, BLOCK_N)."""
+
+    def __init__(self, fn, seen):
+        self.fn, self.seen = fn, seen
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+
+        def run(*args, **kwargs):
+            self.seen.add((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+            return launch(*args, **kwargs)
+
+        return run
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tile is a test hook; CUDA takes loop_tile")
 @pytest.mark.parametrize("tile", [16, 32])
 @pytest.mark.parametrize("shape", GRID[1:], ids=str)
 def test_smaller_loop_tiles_same_gradients(monkeypatch, shape, tile):
     # the tiles CUDA launches at head dims 128 and 256, run here at small ones
     monkeypatch.setattr(launcher, "_interpreter_tile", tile)
+    dq, dkdv = set(), set()
+    monkeypatch.setattr(launcher, "_bwd_dq", _Blocks(launcher._bwd_dq, dq))
+    monkeypatch.setattr(launcher, "_bwd_dkdv", _Blocks(launcher._bwd_dkdv, dkdv))
     check_gradients_within_twice_torch(shape, torch.float32, _ours, DEVICE)
+    assert dq == {(64, tile)} and dkdv == {(tile, 64)}  # the tile was launched
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tile is a test hook; CUDA takes loop_tile")

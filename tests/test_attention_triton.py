@@ -432,6 +432,19 @@ def test_autotune_switch(monkeypatch, value, setting):
     assert autotune_setting() == setting
 
 
+def test_untuned_meta_pinned_where_it_fits():
+    from ftattn._launch.attention import untuned_meta
+
+    fp16, fp32 = torch.empty(1, dtype=torch.float16), torch.empty(1)
+    tile = lambda m: (m["BLOCK_M"], m["BLOCK_N"], m["num_stages"])  # noqa: E731
+    assert tile(untuned_meta("fixed", fp16, 128, 2)) == (128, 64, 2)  # 224 KiB: fits
+    assert tile(untuned_meta((64, 32), fp16, 128, 2)) == (64, 32, 2)
+    assert tile(untuned_meta((128, 128), fp16, 128, 2)) == (128, 64, 2)  # 288 KiB pinned: the fixed one
+    assert tile(untuned_meta((128, 128), fp16, 128, 0)) == (128, 128, 2)  # "off": 96 KiB
+    assert tile(untuned_meta("fixed", fp32, 128, 2)) == (128, 32, 2)  # 128 x 64: 256 KiB in fp32
+    assert tile(untuned_meta((64, 32), fp32, 256, 2)) == (64, 16, 2)  # nothing else fits: the fallback
+
+
 @pytest.mark.parametrize("value", ["off", "2", "32x64", "64x8", "64x", "64X32"])
 def test_autotune_switch_rejects(monkeypatch, value):
     from ftattn._launch.attention import autotune_setting

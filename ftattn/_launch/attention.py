@@ -28,11 +28,12 @@ _TILE = re.compile(r"^(64|128)x(16|32|64|128)$")
 
 def autotune_setting():
     """FTATTN_AUTOTUNE, read at each call: "1" (default) autotunes the CUDA forward per key
-    (6 to 12 configs, each compiled on its key's first call) and returns "tune"; "0" returns
+    (the configs that fit, up to 12, each compiled on its key's first call) and returns
+    "tune"; "0" returns
     "fixed": one config per key (kernels/attention.py UNTUNED_CONFIGS, the first that fits),
     e.g. for short-lived jobs; "BMxBN" (BM 64 or 128, BN 16..128, e.g. "64x32") returns the
     tile (BM, BN), launched wherever it fits in shared memory (else the fixed config): small
-    tiles compile fastest (the checked kernel: 9 s at 64 x 32 against 60 s at 128 x 64), for
+    tiles compile fastest (the checked kernel: 9 s at 64 x 32 against 55 s at 128 x 64), for
     test suites on a GPU."""
     value = os.environ.get("FTATTN_AUTOTUNE", "1").strip()
     if value in ("0", "1"):
@@ -43,6 +44,15 @@ def autotune_setting():
                          f"the default), 0 (one fixed config) and a tile BMxBN with BM 64 or 128 and BN 16, 32, 64 "
                          f"or 128 (e.g. 64x32); set it to one of them or unset it")
     return int(tile.group(1)), int(tile.group(2))
+
+
+def untuned_meta(setting, q: torch.Tensor, head_pad: int, protection: int) -> dict:
+    """The launch meta for autotune_setting() "fixed" or a pinned (BM, BN): the pinned tile
+    where it fits, else the first of UNTUNED_CONFIGS that fits (prune_configs keeps the order)."""
+    pinned = [] if setting == "fixed" else [
+        triton.Config({"BLOCK_M": setting[0], "BLOCK_N": setting[1]}, num_stages=2, num_warps=4)]
+    conf = prune_configs(pinned + UNTUNED_CONFIGS, {"Q": q}, HEAD_DIM_PAD=head_pad, PROTECTION=protection)[0]
+    return {**conf.kwargs, "num_warps": conf.num_warps, "num_stages": conf.num_stages}
 
 
 def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal, key_start=None, key_end=None):
@@ -121,20 +131,15 @@ def attention_fwd(
     )
     interpreted = q.device.type == "cpu"
     emulate = interpreted and q.dtype == torch.bfloat16
-    setting = "tune" if interpreted or block_m is not None or block_n is not None else autotune_setting()
-    if interpreted or setting != "tune":
+    forced = block_m is not None or block_n is not None
+    setting = None if interpreted or forced else autotune_setting()
+    if setting != "tune":
         if interpreted:
             meta = dict(INTERPRETER_CONFIG)
-        elif block_m is not None or block_n is not None:
+        elif forced:
             meta = {"num_warps": 4, "num_stages": 2}
         else:
-            pinned = [] if setting == "fixed" else [
-                triton.Config({"BLOCK_M": setting[0], "BLOCK_N": setting[1]}, num_stages=2, num_warps=4)]
-            fits = prune_configs(pinned, {"Q": q}, HEAD_DIM_PAD=head_pad, PROTECTION=protection) if pinned else []
-            if fits != pinned:  # no tile pinned, or it does not fit: the fixed config
-                fits = prune_configs(UNTUNED_CONFIGS, {"Q": q}, HEAD_DIM_PAD=head_pad, PROTECTION=protection)
-            conf = fits[0]
-            meta = {**conf.kwargs, "num_warps": conf.num_warps, "num_stages": conf.num_stages}
+            meta = untuned_meta(setting, q, head_pad, protection)
         meta["BLOCK_M"] = block_m or meta.get("BLOCK_M", 64)
         meta["BLOCK_N"] = block_n or meta.get("BLOCK_N", 64)
         if meta["BLOCK_M"] not in (64, 128) or meta["BLOCK_N"] not in (16, 32, 64, 128):

@@ -15,8 +15,7 @@ import torch
 import triton
 
 from ..contract import REPORT_BLOCK_M, Site, check_backward_fault_encoding, flip_args
-from ..kernels import attention_backward as _kernels
-from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep
+from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep, loop_tile
 
 __all__ = ["attention_bwd"]
 
@@ -52,7 +51,7 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
         shape = dict(HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), CAUSAL=bool(causal))
         # each program owns one report block; the loop's tile is smaller at large head dims
         # (shared memory; under the interpreter 64 unless a test asks for another)
-        tile = _kernels.loop_tile(shape["D_PAD"]) if dev.type != "cpu" else _interpreter_tile
+        tile = loop_tile(shape["D_PAD"]) if dev.type != "cpu" else _interpreter_tile
         rows_block = dict(meta, BLOCK_M=BLOCK, BLOCK_N=tile)  # prep, dq: 64 rows, keys by tile
         keys_block = dict(meta, BLOCK_M=tile, BLOCK_N=BLOCK)  # dkdv: 64 keys, rows by tile
         _bwd_prep[(nq, B * Hq)](qf, kf, of, gf, mrow, rinv, delta, Hq, group, N, M, float(scale), **shape,
