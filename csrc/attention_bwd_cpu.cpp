@@ -361,28 +361,32 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       const int64_t n = std::min(BWD_BN, Mb - n0);
       const float* Kt = K + n0 * D;
       const float* Vt = V + n0 * D;
-      const bool fin = frow && fcol >= n0 && fcol < n0 + n;
-      const int64_t fj = fcol - n0;
+      // the fault's keys in this tile: [fj0, fj1)
+      const int64_t fj0 = std::max<int64_t>(fcol - n0, 0), fj1 = std::min<int64_t>(fcol - n0 + f.ncols, n);
+      const bool fin = frow && fj0 < fj1;
+      const auto hit = [&](float* X) {
+        for (int64_t j = fj0; j < fj1; ++j) X[fi * BWD_BN + j] = corrupt(X[fi * BWD_BN + j], f.bit, f.value);
+      };
       float* S = w.S.data();
       float* Pm = w.Pm.data();
       float* dP = w.dP.data();
       float* dS = w.dS.data();
       gemm_rm(false, true, false, rows, n, D, Qb, D, Kt, D, S, BWD_BN);
-      if (fin && f.site == kBwdScores) S[fi * BWD_BN + fj] = corrupt(S[fi * BWD_BN + fj], f.bit, f.value);
+      if (fin && f.site == kBwdScores) hit(S);
       memory_barrier();
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
         probs_row(S + i * BWD_BN, Pm + i * BWD_BN, n, vis, scale, w.m[i], w.rinv[i]);
       }
-      if (fin && f.site == kBwdProbs) Pm[fi * BWD_BN + fj] = corrupt(Pm[fi * BWD_BN + fj], f.bit, f.value);
+      if (fin && f.site == kBwdProbs) hit(Pm);
       gemm_rm(false, true, false, rows, n, D, Gb, D, Vt, D, dP, BWD_BN);
-      if (fin && f.site == kDp) dP[fi * BWD_BN + fj] = corrupt(dP[fi * BWD_BN + fj], f.bit, f.value);
+      if (fin && f.site == kDp) hit(dP);
       memory_barrier();
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
         ds_row(Pm + i * BWD_BN, dP + i * BWD_BN, dS + i * BWD_BN, n, vis, w.Drow[i]);
       }
-      if (fin && f.site == kDs) dS[fi * BWD_BN + fj] = corrupt(dS[fi * BWD_BN + fj], f.bit, f.value);
+      if (fin && f.site == kDs) hit(dS);
       memory_barrier();
       // the products
       gemm_rm(true, false, true, n, D, rows, Pm, BWD_BN, Gb, D, dV + n0 * D, D);
@@ -475,7 +479,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       gemm_rm(true, false, true, n, G, rows, w.dSa.data(), BWD_BN, w.qg.data() + G, G2, w.mk.data() + n0 * G, G);
       gemm_rm(true, false, true, n, G2, rows, Pm, BWD_BN, w.gg.data(), G2, w.rvm.data() + n0 * G2, G2);
     }
-    if (frow && f.site == kDq) w.dQ[fi * D + f.dim] = corrupt(w.dQ[fi * D + f.dim], f.bit, f.value);
+    if (frow && f.site == kDq) corrupt_dims(w.dQ.data() + fi * D, D, f);
     memory_barrier();
     if (abft) {
       for (int64_t i = 0; i < rows; ++i) {
@@ -497,10 +501,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     for (int64_t i = 0; i < rows * D; ++i) dQout[r0 * D + i] = w.dQ[i] * scale;
     w.qbits[blk] |= bits;
   }
-  if (fh && (f.site == kDk || f.site == kDv) && fcol >= 0 && fcol < Mb) {
-    float* x = (f.site == kDk ? dK : dV) + fcol * D + f.dim;
-    *x = corrupt(*x, f.bit, f.value);
-  }
+  if (fh && (f.site == kDk || f.site == kDv) && fcol >= 0 && fcol < Mb)
+    corrupt_dims((f.site == kDk ? dK : dV) + fcol * D, D, f);
   memory_barrier();
   if (abft) {
     group_check(dK, Mb, D, G, w.rk.data(), G, w.mk.data(), G, N, kDkChecksum, w.keybits.data());
@@ -534,11 +536,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);
   FaultSpec f;
   if (fault.has_value()) {
-    const auto fv = *fault;
-    TORCH_CHECK_VALUE(static_cast<int64_t>(fv.size()) == kFaultFields,
-                      "ftattn: fault must be [site, batch, head, row, col, dim, bit], got ", fv.size(), " values");
-    f.active = true;
-    f.site = fv[0], f.batch = fv[1], f.head = fv[2], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
+    const std::string fault_error = parse_fault(*fault, fault_value, f);
+    TORCH_CHECK_VALUE(fault_error.empty(), "ftattn", ": ", fault_error);
     TORCH_CHECK_VALUE(f.site >= kBwdScores && f.site <= kDv, "ftattn: fault site ", f.site,
                       " is not a site of attention_backward (its sites are ", int64_t{kBwdScores}, "..",
                       int64_t{kDv}, ": bwd_scores, bwd_probs, dp, ds, dq, dk, dv)");
@@ -548,9 +547,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                           (!dimmed || (f.dim >= 0 && f.dim < D)),
                       "ftattn: fault (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ", f.col, ", dim ",
                       f.dim, ") is out of range for q ", q.sizes(), " and k ", k.sizes());
-    const std::string bit_error = fault_bit_error(f.bit, fault_value);
-    TORCH_CHECK_VALUE(bit_error.empty(), "ftattn: ", bit_error);
-    f.value = fault_value.value_or(0.0);
   }
   const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   const at::Tensor qf = f32(q), kf = f32(k), vf = f32(v), of = f32(out), gf = f32(grad_out);

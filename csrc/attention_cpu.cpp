@@ -76,20 +76,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 
   FaultSpec f;
   if (fault.has_value()) {
-    const auto fv = *fault;
-    TORCH_CHECK(static_cast<int64_t>(fv.size()) == kFaultFields,
-                "ftattn.attention: fault must be [site, batch, head, row, col, dim, bit], got ", fv.size(), " values");
-    f.active = true;
-    f.site = fv[0], f.batch = fv[1], f.head = fv[2], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
+    const std::string fault_error = parse_fault(*fault, fault_value, f);
+    TORCH_CHECK(fault_error.empty(), "ftattn.attention", ": ", fault_error);
     TORCH_CHECK(f.site >= 0 && f.site < kNumAttentionSites, "ftattn.attention: fault site ", f.site,
                 " must be 0..", kNumAttentionSites - 1, " (attention's sites)");
     TORCH_CHECK(f.batch >= 0 && f.batch < B && f.head >= 0 && f.head < Hq && f.row >= 0 && f.row < N &&
                     f.dim >= 0 && f.dim < D && f.col >= 0 && (f.col < M || f.site == kOutput),
-                "ftattn.attention: fault coordinates (batch ", f.batch, ", head ", f.head, ", row ", f.row, ", col ",
-                f.col, ", dim ", f.dim, ") out of range for q ", q.sizes(), " and k ", k.sizes());
-    const std::string bit_error = fault_bit_error(f.bit, fault_value);
-    TORCH_CHECK(bit_error.empty(), "ftattn.attention: ", bit_error);
-    f.value = fault_value.value_or(0.0);
+                "ftattn.attention: fault coordinates (batch ", f.batch, ", head ", f.head, ", row ", f.row,
+                ", col ", f.col, ", dim ", f.dim, ") out of range for q ", q.sizes(), " and k ", k.sizes());
   }
 
   Problem P{};

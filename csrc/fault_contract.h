@@ -60,12 +60,39 @@ enum CheckBit : int32_t {
 // the bits that name failed checks
 constexpr int32_t kCheckMask = 0x7FFF;
 
-// An op's `fault` argument: [site, batch, head, row, col, dim, bit]; bit kBitReplace
-// replaces the value by `fault_value` instead of flipping bit 0..31; bit kBitMask flips
-// every bit set in the 32-bit mask `fault_value` (an integer 1..2^32-1).
-constexpr int64_t kFaultFields = 7;
+// An op's `fault` argument: [site, batch, head, row, col, dim, bit, span] (seven
+// fields: span 1); bit kBitReplace replaces the value by `fault_value` instead of
+// flipping bit 0..31; bit kBitMask flips every bit set in the 32-bit mask `fault_value`
+// (an integer 1..2^32-1). span >= 1: the same corruption hits span consecutive values
+// of the row along the site's axis (keys for scores, probs, gemm's output features and
+// the backward's bwd_scores, bwd_probs, dp, ds; head dims for acc, output, dq, dk, dv and
+// the weight's input features), clipped at the row's end; rowmax and rowsum: 1.
+constexpr int64_t kFaultFields = 8;
 constexpr int64_t kBitReplace = -1;
 constexpr int64_t kBitMask = -2;
+constexpr int64_t kWarp = 32;
+
+// Whether a site's span runs along its dims (else along its keys / output features;
+// rowmax and rowsum have span 1).
+static inline bool span_along_dims(int64_t site) {
+  return site == kAcc || site == kOutput || site == kWeight || site == kDq || site == kDk || site == kDv;
+}
+
+// A fault's eight fields from an op's `fault` argument of seven (span 1) or eight ints,
+// into out[]; "" or why they are not a fault's.
+template <class Ints>
+static inline std::string fault_fields(const Ints& fv, int64_t* out) {
+  const int64_t n = static_cast<int64_t>(fv.size());
+  if (n != kFaultFields && n != kFaultFields - 1)
+    return "fault must be [site, batch, head, row, col, dim, bit, span] (span may be left out: 1), got " +
+           std::to_string(n) + " values";
+  for (int64_t i = 0; i < kFaultFields; ++i) out[i] = i < n ? static_cast<int64_t>(fv[i]) : 1;
+  if (out[7] < 1)
+    return "fault span " + std::to_string(out[7]) + " must be >= 1 (consecutive values hit; " +
+           std::to_string(kWarp) + " for a warp)";
+  if (out[0] == kRowmax || out[0] == kRowsum) out[7] = 1;
+  return "";
+}
 
 // Why a fault's bit field and fault_value are not a fault ("" when they are): the one
 // message of the kernels' argument checks.
@@ -83,6 +110,33 @@ static inline std::string fault_bit_error(int64_t bit, const std::optional<doubl
          std::to_string(kBitMask) + " (flip the bits of the mask fault_value, an integer 1..2^32-1)";
 }
 
+// One fault to inject: [site, batch, head, row, col, dim, bit, span] (bit kBitReplace:
+// replace the value by `value`); it hits keys (or output features) col .. col + ncols - 1
+// and head (or input) dims dim .. dim + ndims - 1 of its row (one of the two is its span,
+// the other 1), each clipped by the kernel at the row's end.
+struct FaultSpec {
+  bool active = false;
+  int64_t site = 0, batch = 0, head = 0, row = 0, col = 0, dim = 0, bit = -1, ncols = 1, ndims = 1;
+  double value = 0.0;
+  // keys [n0, n1) hold a value of the fault
+  bool cols_meet(int64_t n0, int64_t n1) const { return col < n1 && col + ncols > n0; }
+};
+
+// The FaultSpec of an op's `fault` argument and fault_value into f; "" or why they are
+// not a fault (the ranges of its coordinates are the op's to check).
+template <class Ints>
+static inline std::string parse_fault(const Ints& fv, const std::optional<double>& fault_value, FaultSpec& f) {
+  int64_t x[kFaultFields];
+  const std::string fields_error = fault_fields(fv, x);
+  if (!fields_error.empty()) return fields_error;
+  f = FaultSpec{};
+  f.active = true;
+  f.site = x[0], f.batch = x[1], f.head = x[2], f.row = x[3], f.col = x[4], f.dim = x[5], f.bit = x[6];
+  (span_along_dims(f.site) ? f.ndims : f.ncols) = x[7];
+  f.value = fault_value.value_or(0.0);
+  return fault_bit_error(f.bit, fault_value);
+}
+
 // The fault itself: flip bit `bit` (0..31) of the fp32 encoding of x, the bits of the
 // mask `value` (bit kBitMask), or (bit kBitReplace) replace x by `value`.
 static inline float corrupt(float x, int64_t bit, double value) {
@@ -92,6 +146,11 @@ static inline float corrupt(float x, int64_t bit, double value) {
   u ^= bit == kBitMask ? static_cast<uint32_t>(static_cast<int64_t>(value)) : (1u << bit);
   std::memcpy(&x, &u, sizeof(u));
   return x;
+}
+
+// The fault on a row of D values along its dims: dims dim .. dim + ndims - 1 that exist.
+static inline void corrupt_dims(float* row, int64_t D, const FaultSpec& f) {
+  for (int64_t d = f.dim; d < D && d < f.dim + f.ndims; ++d) row[d] = corrupt(row[d], f.bit, f.value);
 }
 
 }  // namespace ftattn

@@ -92,12 +92,6 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-struct LinearFault {
-  bool active = false;
-  int64_t site = -1, row = 0, col = 0, dim = 0, bit = 0;
-  double value = 0.0;
-};
-
 // What the checks compare, per row and block (see the top of the file).
 struct CheckRefs {
   float* acc;        // [T, out]; the bias is added to each row once it is checked
@@ -488,16 +482,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     TORCH_CHECK(mag_cols->dim() == 2 && mag_cols->size(0) == nb && mag_cols->size(1) == K,
                 "ftattn.linear: mag_cols ", mag_cols->sizes(), " do not match block_o ", block_o);
   }
-  LinearFault f;
+  FaultSpec f;
   if (fault.has_value()) {
-    const auto fv = *fault;
-    TORCH_CHECK(static_cast<int64_t>(fv.size()) == kFaultFields,
-                "ftattn.linear: fault must be [site, batch, head, row, col, dim, bit], got ", fv.size(), " values");
-    f.active = true;
-    f.site = fv[0], f.row = fv[3], f.col = fv[4], f.dim = fv[5], f.bit = fv[6];
+    const std::string fault_error = parse_fault(*fault, fault_value, f);
+    TORCH_CHECK(fault_error.empty(), "ftattn.linear: ", fault_error);
     TORCH_CHECK(f.site == kGemm || f.site == kWeight, "ftattn.linear: fault site ", f.site, " must be ", kGemm,
                 " (gemm) or ", kWeight, " (weight)");
-    TORCH_CHECK(fv[1] == 0 && fv[2] == 0, "ftattn.linear: fault batch and head must be 0");
+    TORCH_CHECK(f.batch == 0 && f.head == 0, "ftattn.linear: fault batch and head must be 0");
     if (f.site == kGemm) {
       TORCH_CHECK(f.row >= 0 && f.row < T && f.col >= 0 && f.col < out, "ftattn.linear: gemm fault at (", f.row,
                   ", ", f.col, ") is outside y [", T, ", ", out, "]");
@@ -505,9 +496,6 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
       TORCH_CHECK(f.row >= 0 && f.row < out && f.dim >= 0 && f.dim < K, "ftattn.linear: weight fault at (", f.row,
                   ", ", f.dim, ") is outside weight [", out, ", ", K, "]");
     }
-    const std::string bit_error = fault_bit_error(f.bit, fault_value);
-    TORCH_CHECK(bit_error.empty(), "ftattn.linear: ", bit_error);
-    f.value = fault_value.value_or(0.0);
   }
   // (each ATen call below is a dispatch of ~0.3 us: a decode step's GEMV is tens of us, so
   // the common case, 2-D contiguous fp32 operands, makes none it does not need)
@@ -517,8 +505,10 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   at::Tensor w_read = weight;
   if (f.active && f.site == kWeight) {
     w_read = weight.clone();
-    const float w = w_read[f.row][f.dim].item<float>();
-    w_read[f.row][f.dim] = corrupt(w, f.bit, f.value);
+    for (int64_t d = f.dim; d < std::min(K, f.dim + f.ndims); ++d) {
+      const float w = w_read[f.row][d].item<float>();
+      w_read[f.row][d] = corrupt(w, f.bit, f.value);
+    }
   }
   const int64_t nblk = (T + kReportBlockM - 1) / kReportBlockM;
   const bool checkable = checked && T > 0 && out > 0 && K > 0;  // (K = 0: y is the bias, exactly)
@@ -529,8 +519,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
       checkable && !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks);
   at::Tensor acc = product(xc, w_read);
   if (f.active && f.site == kGemm) {
-    float* p = acc.data_ptr<float>() + f.row * out + f.col;
-    *p = corrupt(*p, f.bit, f.value);
+    float* p = acc.data_ptr<float>() + f.row * out;
+    for (int64_t o = f.col; o < std::min(out, f.col + f.ncols); ++o) p[o] = corrupt(p[o], f.bit, f.value);
   }
   const at::Tensor bias_f = !bias.has_value()                  ? at::Tensor()
                             : bias->scalar_type() == at::kFloat ? contiguous(*bias)

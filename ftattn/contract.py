@@ -19,7 +19,7 @@ import enum
 from typing import Optional, Sequence, Tuple
 
 __all__ = ["REPORT_BLOCK_M", "Site", "Check", "CHECK_MASK", "CHECK_NAMES", "FAULT_FIELDS", "BIT_REPLACE", "BIT_MASK",
-           "xor_mask", "flip_args",
+           "WARP", "SPAN_AXIS", "span_axis", "fault_fields", "xor_mask", "flip_args",
            "OP_SITES", "check_fault_encoding", "check_backward_fault_encoding", "check_linear_fault_encoding"]
 
 # Rows of q per flag. Kernels tile queries by 64 (CPU sub-blocks) or 64/128 (Triton),
@@ -72,7 +72,7 @@ class Check(enum.IntFlag):
     SOFTMAX_DMR = 1 << 3  # redundant softmax (independent formulation) disagrees
     ROWMAX_INVARIANT = 1 << 4  # m finite, m == max(m_old, rowmax), max p == 1 or alpha == 1
     ROWSUM_INVARIANT = 1 << 5  # l vs an independent accumulation, 1 <= l <= #keys
-    OUTPUT_CHECK = 1 << 6  # sum_d O_id vs (sum_d acc_id) / l
+    OUTPUT_CHECK = 1 << 6  # O_id vs acc_id / l divided again
     PROBS_RANGE = 1 << 7  # 0 <= p <= 1
     SCORE_RECOMPUTE = 1 << 8  # a high-probability key's score vs q . k recomputed in fp64
     GEMM_ROW_CHECKSUM = 1 << 9  # linear: sum of y_i over a block of outputs vs x_i . (W^T e_block), cached
@@ -115,13 +115,33 @@ OP_SITES = {
     "attention_backward": (Site.BWD_SCORES, Site.BWD_PROBS, Site.DP, Site.DS, Site.DQ, Site.DK, Site.DV),
 }
 
-# An op's `fault` argument: these seven ints, in this order; bit BIT_REPLACE (-1)
-# replaces the value by the op's `fault_value` instead of flipping bit 0..31; bit
-# BIT_MASK (-2) flips every bit set in the 32-bit mask `fault_value` (an integer
-# 1..2^32-1: a multi-bit upset of one value).
-FAULT_FIELDS = ("site", "batch", "head", "row", "col", "dim", "bit")
+# An op's `fault` argument: these eight ints, in this order (seven, without span, mean
+# span 1); bit BIT_REPLACE (-1) replaces the value by the op's `fault_value` instead of
+# flipping bit 0..31; bit BIT_MASK (-2) flips every bit set in the 32-bit mask
+# `fault_value` (an integer 1..2^32-1: a multi-bit upset of one value). span >= 1: the
+# same corruption hits `span` consecutive values of the fault's row along its site's
+# SPAN_AXIS, from the named one on, clipped at the row's end (a warp's worth of lanes
+# computing one row of a tile: "warp" faults, span WARP). The per-row scalars (rowmax,
+# rowsum) have one value per row: their span is 1 whatever is asked.
+FAULT_FIELDS = ("site", "batch", "head", "row", "col", "dim", "bit", "span")
 BIT_REPLACE = -1
 BIT_MASK = -2
+WARP = 32
+
+# the coordinate a fault's span runs along: the keys of a row of scores / probabilities
+# (and of the backward's dP, dS), the head dims of an accumulator or output row, the
+# output features of a row of y (gemm), the input features of a row of W (weight)
+SPAN_AXIS = {
+    Site.SCORES: "col", Site.PROBS: "col", Site.ROWMAX: None, Site.ROWSUM: None, Site.ACC: "dim",
+    Site.OUTPUT: "dim", Site.GEMM: "col", Site.WEIGHT: "dim", Site.BWD_SCORES: "col", Site.BWD_PROBS: "col",
+    Site.DP: "col", Site.DS: "col", Site.DQ: "dim", Site.DK: "dim", Site.DV: "dim",
+}
+
+
+def span_axis(site: int) -> Optional[str]:
+    """"col" or "dim": the coordinate along which a fault at ``site`` spans; None for the
+    one-value-per-row sites (their span is 1)."""
+    return SPAN_AXIS[Site(site)]
 
 
 def xor_mask(bit: int, fault_value: Optional[float]) -> int:
@@ -138,15 +158,30 @@ def flip_args(bit: int, fault_value: Optional[float]) -> Tuple[int, int, float]:
     return xor_mask(bit, fault_value), int(replace), float(fault_value) if replace else 0.0
 
 
+def fault_fields(fault: Sequence[int]) -> Tuple[int, ...]:
+    """The eight ints of a fault (seven: span 1), or a ValueError naming the fields;
+    the span of the one-value-per-row sites is made 1."""
+    fault = tuple(int(x) for x in fault)
+    if len(fault) == len(FAULT_FIELDS) - 1:
+        fault += (1,)
+    if len(fault) != len(FAULT_FIELDS):
+        raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}] (span may be left out: 1), "
+                         f"got {list(fault)}")
+    if fault[-1] < 1:
+        raise ValueError(f"ftattn: fault span={fault[-1]} must be >= 1 (the number of consecutive values hit; "
+                         f"1 for one value, {WARP} for a warp)")
+    if fault[0] in (Site.ROWMAX, Site.ROWSUM):
+        fault = fault[:-1] + (1,)
+    return fault
+
+
 def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], batch: int, q_heads: int, n: int,
                          m: int, head_dim: int) -> Tuple[int, ...]:
-    """The seven ints of an op's ``fault`` argument, validated against the call's shapes
+    """The eight ints of an op's ``fault`` argument, validated against the call's shapes
     (ValueError naming the field, its range and the fix); the C++ kernel checks the same
     before it writes anything."""
-    fault = tuple(int(x) for x in fault)
-    if len(fault) != len(FAULT_FIELDS):
-        raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}], got {list(fault)}")
-    site, b, h, row, col, dim, bit = fault
+    fault = fault_fields(fault)
+    site, b, h, row, col, dim, bit, _ = fault
     _check_site("attention", site)
     limits = (("batch", b, batch), ("head", h, q_heads), ("row", row, n), ("dim", dim, head_dim),
               ("col", col, m if site != Site.OUTPUT else None))
@@ -161,13 +196,11 @@ def check_fault_encoding(fault: Sequence[int], fault_value: Optional[float], bat
 
 def check_backward_fault_encoding(fault: Sequence[int], fault_value: Optional[float], batch: int, q_heads: int,
                                   n: int, m: int, head_dim: int) -> Tuple[int, ...]:
-    """The seven ints of a fault for attention's backward: bwd_scores, bwd_probs, dp and
+    """The eight ints of a fault for attention's backward: bwd_scores, bwd_probs, dp and
     ds hit [row, col], dq [row, dim], dk and dv [col, dim] (key col, query head ``head``'s
     contribution)."""
-    fault = tuple(int(x) for x in fault)
-    if len(fault) != len(FAULT_FIELDS):
-        raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}], got {list(fault)}")
-    site, b, h, row, col, dim, bit = fault
+    fault = fault_fields(fault)
+    site, b, h, row, col, dim, bit, _ = fault
     _check_site("attention_backward", site)
     limits = [("batch", b, batch), ("head", h, q_heads)]
     limits += {Site.DQ: [("row", row, n), ("dim", dim, head_dim)], Site.DK: [("col", col, m), ("dim", dim, head_dim)],
@@ -183,13 +216,11 @@ def check_backward_fault_encoding(fault: Sequence[int], fault_value: Optional[fl
 
 def check_linear_fault_encoding(fault: Sequence[int], fault_value: Optional[float], rows: int, out_features: int,
                                 in_features: int) -> Tuple[int, ...]:
-    """The seven ints of a linear op's ``fault``: site gemm hits y[row, col] (row < rows
+    """The eight ints of a linear op's ``fault``: site gemm hits y[row, col] (row < rows
     of x flattened, col < out_features), site weight W[row, dim] (row < out_features,
     dim < in_features); batch and head are 0."""
-    fault = tuple(int(x) for x in fault)
-    if len(fault) != len(FAULT_FIELDS):
-        raise ValueError(f"ftattn: fault must be [{', '.join(FAULT_FIELDS)}], got {list(fault)}")
-    site, b, h, row, col, dim, bit = fault
+    fault = fault_fields(fault)
+    site, b, h, row, col, dim, bit, _ = fault
     _check_site("linear", site)
     if site == Site.GEMM:
         limits = (("batch", b, 1), ("head", h, 1), ("row", row, rows), ("col", col, out_features))

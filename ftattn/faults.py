@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .contract import BIT_MASK, BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, Check, Site
+from .contract import BIT_MASK, BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, WARP, Check, Site
 
 __all__ = [
     "Site",
@@ -59,6 +59,14 @@ class Fault:
     the fault strikes; ignored for ``output``), ``dim`` (head-dim index, for ``acc`` and
     ``output``).
 
+    ``span`` (default 1): the same corruption hits ``span`` consecutive values of the
+    row from the one named, along the site's axis (``contract.SPAN_AXIS``: keys for
+    scores / probs and the backward's bwd_scores, bwd_probs, dp, ds; head dims for acc,
+    output, dq, dk, dv; output features for gemm, input features for weight), clipped at
+    the row's end: ``span=32`` is a warp's lanes computing one row of a tile
+    ("The Anatomy of SDC" found corruption aligned to warps). rowmax and rowsum hold
+    one value per row: their span is 1.
+
     Linear layers (``ftattn.linear``; ``batch`` and ``head`` stay 0): ``Fault("gemm",
     row=i, col=o, bit=b)`` hits the fp32 accumulator of y[i, o] (i indexes the flattened
     leading dims of x); ``Fault("weight", row=o, dim=j, bit=b)`` W[o, j] as the call reads it.
@@ -73,15 +81,19 @@ class Fault:
     bit: Optional[int] = None
     value: Optional[float] = None
     bits: Optional[Tuple[int, ...]] = None
+    span: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "site", Site.parse(self.site).name.lower())
-        for name in ("batch", "head", "row", "col", "dim"):
+        for name in ("batch", "head", "row", "col", "dim", "span"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int):
                 raise TypeError(f"Fault.{name} must be an int, got {val!r}")
             if val < 0:
                 raise ValueError(f"Fault.{name}={val} is negative; coordinates start at 0")
+        if self.span < 1:
+            raise ValueError(f"Fault.span={self.span} must be >= 1: the number of consecutive values hit "
+                             f"(1: one value; {WARP}: a warp)")
         if (self.bit is not None) + (self.value is not None) + (self.bits is not None) != 1:
             raise ValueError(
                 f"Fault needs exactly one of bit= (0..31, a bit flip of the fp32 value), bits= (several "
@@ -146,14 +158,14 @@ class Fault:
                 )
 
     def encode(self) -> Tuple[List[int], Optional[float]]:
-        """The op's encoding: ``[site, batch, head, row, col, dim, bit]`` (bit -1: replace
+        """The op's encoding: ``[site, batch, head, row, col, dim, bit, span]`` (bit -1: replace
         by ``value``; -2: flip the bits of the mask in the value) and the fault value."""
         if self.bits is not None:
             bit, value = BIT_MASK, float(sum(1 << b for b in self.bits))
         else:
             bit = BIT_REPLACE if self.bit is None else self.bit
             value = None if self.value is None else float(self.value)
-        return [int(Site.parse(self.site)), self.batch, self.head, self.row, self.col, self.dim, bit], value
+        return [int(Site.parse(self.site)), self.batch, self.head, self.row, self.col, self.dim, bit, self.span], value
 
 
 @dataclasses.dataclass

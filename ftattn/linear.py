@@ -26,7 +26,7 @@ import torch
 
 from . import backends
 from .attention import _apply_policy
-from .contract import BIT_REPLACE, xor_mask
+from .contract import BIT_REPLACE, fault_fields, xor_mask
 from .faults import CHECK_MASK, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site
 
 __all__ = ["linear", "weight_checksums", "BLOCK_O", "BACKENDS", "backend_status"]
@@ -223,12 +223,14 @@ def linear_reference(x, weight, bias, ref_cols, mag_cols, block_o, protection, r
         return x.to(torch.float32) @ w.to(torch.float32).t()
 
     w_read = weight
-    if fault is not None and fault[0] == int(Site.WEIGHT):
+    if fault is not None:
+        site, _, _, row, col, dim, bit, span = fault_fields(fault)
+    if fault is not None and site == Site.WEIGHT:
         w_read = weight.clone()
-        w_read[fault[3], fault[5]] = _corrupt(w_read[fault[3], fault[5]].float(), fault[6], fault_value)
+        w_read[row, dim:dim + span] = _corrupt(w_read[row, dim:dim + span].float(), bit, fault_value)
     acc = product(w_read)
-    if fault is not None and fault[0] == int(Site.GEMM):
-        acc[fault[3], fault[4]] = _corrupt(acc[fault[3], fault[4]], fault[6], fault_value)
+    if fault is not None and site == Site.GEMM:
+        acc[row, col:col + span] = _corrupt(acc[row, col:col + span], bit, fault_value)
     nblk = (T + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
     flags = torch.zeros((1, 1, nblk), dtype=torch.int32)
     if protection >= 1 and T > 0 and out > 0:

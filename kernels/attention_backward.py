@@ -33,10 +33,13 @@ Not yet (the C++ kernel has them): the verification of the S / dP entries a faul
 the checksums' bounds could still move harmfully (outlier channels), and 16-bit products
 on tensor cores (inputs are converted to fp32).
 
-Fault injection (constexpr INJECT): bwd_scores / bwd_probs / dp / ds hit the value in
+Fault injection (constexpr INJECT): bwd_scores / bwd_probs / dp / ds hit the values in
 _bwd_dq's recomputation when the fault's dim is even, in _bwd_dkdv's when it is odd (each
 pass recomputes them; the contract leaves dim unused for these sites); dq, dk, dv hit the
-accumulator at the end of its loop.
+accumulator at the end of its loop. `span` consecutive values of the fault's row are hit
+(ftattn/contract.py SPAN_AXIS, clipped at the row's end): keys col .. col + span - 1 of
+S, P, dP, dS (each in the tile or program holding it), head dims dim .. dim + span - 1 of
+dQ, dK, dV.
 """
 from __future__ import annotations
 
@@ -170,7 +173,7 @@ def _checksum_bits(a, bt, x, f, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, bit
 
 @triton.jit
 def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, scale,  #
-            f_site, f_bh, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+            f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -212,7 +215,7 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
         vis = key_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + shift)
-        hit = hit_rows & (cols[None, :] == f_col)
+        hit = hit_rows & ((cols >= f_col) & (cols < f_col + f_span) & key_ok)[None, :]
         s, x2, p, dp, ds = _products(q, k, do, v, mrow[:, None], rinv[:, None], delta[:, None], vis, hit, scale,
                                      f_site, f_xor, f_use_value, f_value, INJECT)
         acc = tl.dot(ds, k, acc, input_precision="ieee")
@@ -231,8 +234,8 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
             if PROTECTION >= 2:
                 bits = bits | _second_p_and_ds(p, x2, rinv[:, None], dp, ds, delta[:, None], vis, 1)
     if INJECT:
-        acc = _hit(acc, (offs_m[:, None] == f_row) & (offs_d[None, :] == f_dim) & (bh == f_bh) & (f_site == SITE_DQ),
-                   f_xor, f_use_value, f_value)
+        at = (offs_m[:, None] == f_row) & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :]
+        acc = _hit(acc, at & (bh == f_bh) & (f_site == SITE_DQ), f_xor, f_use_value, f_value)
     if PROTECTION >= 1:
         empty = rinv == 0.0
         ok_rs = tl.where(empty, rs == 0.0, tl.abs(rs - 1.0) <= (M + 8) * U32)
@@ -277,7 +280,7 @@ def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, NQ, NFLAG, scale,  #
-              f_site, f_bh, f_row, f_col, f_dim, f_xor, f_use_value, f_value,  #
+              f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
@@ -299,7 +302,7 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
     magv = tl.zeros([BLOCK_N, 16], tl.float32)
     E = _groups(offs_d, HEAD_DIM)
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
-    hit_keys = (cols[:, None] == f_col) & (bh == f_bh) & (f_dim % 2 == 1)
+    hit_keys = ((cols >= f_col) & (cols < f_col + f_span) & key_ok)[:, None] & (bh == f_bh) & (f_dim % 2 == 1)
     lo = 0
     if CAUSAL:  # the first query row that sees key pid_n * BLOCK_N: i >= j - shift
         lo = tl.maximum(0, pid_n * BLOCK_N - shift) // BLOCK_M * BLOCK_M
@@ -334,7 +337,7 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
             refv += _dot(pt, _dot(do, E))
             magv += _dot(pt, _dot(tl.abs(do), E))
     if INJECT:
-        at = (cols[:, None] == f_col) & (offs_d[None, :] == f_dim) & (bh == f_bh)
+        at = (cols[:, None] == f_col) & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :] & (bh == f_bh)
         dk = _hit(dk, at & (f_site == SITE_DK), f_xor, f_use_value, f_value)
         dv = _hit(dv, at & (f_site == SITE_DV), f_xor, f_use_value, f_value)
     if PROTECTION >= 1:

@@ -25,8 +25,10 @@ finite (bad input, not a fault). The launcher (ftattn/_launch/linear.py) recompu
 faulty product by a second launch without the fault.
 
 Fault injection (INJECT constexpr; compiled out otherwise): site ``gemm`` flips a bit of
-(or replaces) the fp32 accumulator of y[row, col] after the K loop, before bias and the
-down-cast; site ``weight`` hits W[row, dim] as this program loads it.
+(or replaces) the fp32 accumulator of y[row, col .. col + span - 1] after the K loop,
+before bias and the down-cast; site ``weight`` hits W[row, dim .. dim + span - 1] as this
+program loads it (span: ftattn/contract.py, clipped at the row's end; a span crossing
+tiles is hit in each tile holding one of its values).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def _linear_fwd(
     T, K, OUT, NB,
     stride_xm, stride_wo, stride_wk,
     factor, abs_term,
-    f_site, f_row, f_col, f_dim, f_xor, f_use_value, f_value,
+    f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,
     HAS_BIAS: tl.constexpr, PROTECTION: tl.constexpr, SPLIT: tl.constexpr, INJECT: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -83,7 +85,8 @@ def _linear_fwd(
         w = tl.load(W + rn[:, None] * stride_wo + kk[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)
         if INJECT:
-            hit = (f_site == SITE_WEIGHT) & (rn[:, None] == f_row) & (kk[None, :] == f_dim)
+            hit = (f_site == SITE_WEIGHT) & (rn[:, None] == f_row) & (kk[None, :] >= f_dim) & \
+                (kk[None, :] < f_dim + f_span) & k_ok[None, :]
             w = tl.where(hit, _corrupt(w.to(tl.float32), f_xor, f_use_value, f_value).to(w.dtype), w)
         if IEEE:  # fp32 inputs, or bf16 under the interpreter (whose tl.dot multiplies raw bf16 bits)
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -102,7 +105,8 @@ def _linear_fwd(
             mag += tl.sum(xs * xs * mc[None, :], 1)
             x_bad = tl.maximum(x_bad, tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), 1))
     if INJECT:
-        hit = (f_site == SITE_GEMM) & (rm[:, None] == f_row) & (rn[None, :] == f_col)
+        hit = (f_site == SITE_GEMM) & (rm[:, None] == f_row) & (rn[None, :] >= f_col) & \
+            (rn[None, :] < f_col + f_span) & n_ok[None, :]
         acc = tl.where(hit, _corrupt(acc, f_xor, f_use_value, f_value), acc)
     if PROTECTION:
         a = tl.where(n_ok[None, :], acc, 0.0)

@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 
 import ftattn  # noqa: E402
 from ftattn import Fault, FaultDetectedError  # noqa: E402
-from ftattn.faults import BACKWARD_SITES, CHECK_MASK, Check  # noqa: E402
+from ftattn.faults import BACKWARD_SITES, CHECK_MASK, Check, Site  # noqa: E402
 from ftattn.tools import campaign  # noqa: E402
 
 kernel = importlib.import_module("ftattn.kernels.attention_backward")
@@ -206,3 +206,103 @@ def test_compiles_for_sm90_without_a_gpu():
     for run in runs:
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0 and "compiled" in out, err[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# span: one corruption on consecutive values of a row (ftattn/contract.py SPAN_AXIS):
+# keys for bwd_scores, bwd_probs, dp, ds (each in the tile / program holding it), head
+# dims for dq, dk, dv, clipped at the row's end
+
+SPAN_SHAPE = (1, 2, 1, 37, 90, 24)  # B, Hq, Hkv, N, M, D: keys in two 64-key programs
+
+
+@pytest.fixture
+def span_setup(monkeypatch):
+    """Non-causal fp32 inputs, the interpreter's loop tile 16 (a span crosses tiles), the
+    forward's output and the fault-free gradients at protection off."""
+    monkeypatch.setattr(launcher, "_interpreter_tile", 16)
+    q, k, v = _qkv(*SPAN_SHAPE, torch.float32, seed=31)
+    q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 2, 37, 24))
+    out = _ours(q, k, v, causal=False, protection="off")
+    scale = SPAN_SHAPE[-1] ** -0.5
+    grads = lambda fault=None: [t.cpu() for t in launcher.attention_bwd(  # noqa: E731
+        q, k, v, out, do, False, scale, 0, False, fault, None)[:3]]
+    return q, k, v, out, do, scale, grads, grads()
+
+
+def _changed_at(a, b):
+    return {tuple(i) for i in (a != b).nonzero().tolist()}
+
+
+@pytest.mark.parametrize("site", ["dq", "dk", "dv"])
+def test_dim_span_changes_exactly_its_dims(span_setup, site):
+    *_, grads, clean = span_setup
+    which = {"dq": 0, "dk": 1, "dv": 2}[site]
+    for dim, span in ((4, 8), (20, 32), (7, 1)):  # (20 + 32 > 24: clipped at the row's end)
+        # dq: row 33 of head 1; dk, dv: key 70, head 1's contribution to kv head 0
+        f = Fault(site, batch=0, head=1, row=33, col=70, dim=dim, span=span, bit=31)
+        got = grads(f.encode()[0])
+        at = (0, 1, 33) if site == "dq" else (0, 0, 70)
+        dims = range(dim, min(24, dim + span))
+        for i in range(3):
+            assert _changed_at(got[i], clean[i]) == ({(*at, d) for d in dims} if i == which else set()), (dim, span)
+        if site == "dq":  # one head's accumulator: a sign flip negates the gradient
+            assert torch.equal(got[0][0, 1, 33, list(dims)], -clean[0][0, 1, 33, list(dims)])
+
+
+@pytest.mark.parametrize("site", ["bwd_scores", "bwd_probs", "dp", "ds"])
+def test_key_span_in_the_dkdv_pass_changes_exactly_its_keys(span_setup, site):
+    # dim odd: the dK / dV pass's recomputation; keys 50..81 lie in key programs 0 and 1,
+    # keys 80.. run past M = 90 (clipped); only those keys' dK / dV change, dQ does not
+    *_, grads, clean = span_setup
+    for col, span in ((50, 32), (80, 32)):
+        got = grads(Fault(site, batch=0, head=1, row=33, col=col, dim=5, span=span, bit=31).encode()[0])
+        assert torch.equal(got[0], clean[0])
+        keys = {i[2] for i in _changed_at(got[1], clean[1]) | _changed_at(got[2], clean[2])}
+        assert keys == set(range(col, min(90, col + span))), (col, span)
+
+
+@pytest.mark.parametrize("site", ["bwd_scores", "bwd_probs", "dp", "ds"])
+def test_key_span_in_the_dq_pass_changes_its_row(span_setup, site):
+    # dim even: the dQ pass's recomputation, keys 10..41 across its 16-key tiles: dQ of row
+    # 33 changes, nothing else; for ds, by the sum of the span's terms (every key hit)
+    q, k, v, out, do, scale, grads, clean = span_setup
+    got = grads(Fault(site, batch=0, head=1, row=33, col=10, dim=4, span=32, bit=31).encode()[0])
+    assert {i[:3] for i in _changed_at(got[0], clean[0])} == {(0, 1, 33)}
+    assert torch.equal(got[1], clean[1]) and torch.equal(got[2], clean[2])
+    if site == "ds":
+        qr, kk, vv, dor, orow = (t.cpu().double() for t in (q[0, 1, 33], k[0, 0], v[0, 0], do[0, 1, 33], out[0, 1, 33]))
+        p = torch.softmax(kk @ qr * scale, 0)
+        ds = p * (vv @ dor - (dor * orow).sum())
+        want = clean[0][0, 1, 33].double() - 2.0 * scale * (ds[10:42, None] * kk[10:42]).sum(0)
+        assert (got[0][0, 1, 33].double() - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (the interpreter's numpy on the huge faulty values)
+@pytest.mark.parametrize("site, pass_, protection", [  # (every site; both passes and levels in turn)
+    ("bwd_scores", "dq", "abft"), ("bwd_scores", "dkdv", "full"), ("bwd_probs", "dkdv", "abft"),
+    ("dp", "dq", "full"), ("ds", "dq", "abft"), ("ds", "dkdv", "full"), ("dq", "dq", "full"),
+    ("dk", "dkdv", "abft"), ("dv", "dkdv", "full")])
+def test_warp_fault_detected_and_corrected(monkeypatch, site, pass_, protection):
+    # a warp's 32 lanes (keys 50..81 across the two key programs; dims 0..31 of D 40): a
+    # big exponent bit, or a replacement by 1e4
+    monkeypatch.setattr(launcher, "_interpreter_tile", 16)
+    q, k, v = _qkv(1, 2, 1, 37, 90, 40, torch.float32, seed=32)
+    q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 2, 37, 40))
+    clean = _grads(lambda *t: _ours(*t, causal=True, protection=protection), q, k, v, do)
+    for kw in ({"bit": 30}, {"value": 1e4}):
+        fault = Fault(site, batch=0, head=1, row=33, col=50, dim=0 if pass_ == "dq" else 1, span=32, **kw)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, rep = _ours(*leaves, causal=True, protection=protection, fault=fault, return_report=True)
+        out.backward(do)
+        assert rep.backward.detected > 0 and rep.backward.corrected == rep.backward.flagged_blocks, (fault, rep)
+        assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean)), fault
+
+
+def test_seven_int_fault_is_span_one(span_setup):
+    *_, grads, clean = span_setup
+    for seven in ([int(Site.DP), 0, 1, 33, 50, 4, 31], [int(Site.DK), 0, 1, 0, 70, 5, 31]):
+        got = grads(seven)
+        assert all(torch.equal(a, b) for a, b in zip(got, grads(seven + [1])))
+        assert not all(torch.equal(a, b) for a, b in zip(got, clean))
+    assert _changed_at(got[1], clean[1]) == {(0, 0, 70, 5)}

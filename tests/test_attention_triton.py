@@ -263,6 +263,101 @@ def test_public_function_correct_raise_report():
 
 
 # ---------------------------------------------------------------------------
+# span: one corruption on consecutive values of a row (ftattn/contract.py SPAN_AXIS):
+# keys for scores / probs (each value in the key tile holding it), head dims for acc /
+# output, clipped at the row's end
+
+PUBLIC = {"backend": "triton"} if DEVICE == "cpu" else {}  # (CUDA: auto is Triton)
+
+
+def _changed(raw, clean):
+    """[(b, h, row, dim)] where the outputs differ."""
+    return [tuple(i) for i in (raw != clean).nonzero().tolist()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("site", ["acc", "output"])
+def test_dim_span_changes_exactly_its_head_dims(site, dtype):
+    # causal N 70, M 40, D 59 (padded to 64 in the kernel): row 66 sees keys 0..36, its
+    # last key tile is 32..63, where col 33 names the acc fault's tile
+    q, k, v = make_inputs(1, 2, 1, 70, 40, 59, dtype, seed=21)
+    clean, _ = run(q, k, v, causal=True, protection="off")
+    for dim, span in ((5, 8), (40, 32), (58, 1)):  # (40 + 32 > 59: clipped at the row's end)
+        fault = Fault(site, batch=0, head=1, row=66, col=33, dim=dim, span=span, bit=31)
+        raw, flags = run(q, k, v, causal=True, protection="off", fault=fault)
+        hit = list(range(dim, min(59, dim + span)))
+        assert _changed(raw, clean) == [(0, 1, 66, d) for d in hit], (dim, span)
+        # a sign flip after the last update of the row (acc: in its last tile) negates O
+        assert torch.equal(raw[0, 1, 66, hit], -clean[0, 1, 66, hit])
+        assert torch.count_nonzero(flags) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("site", ["scores", "probs"])
+def test_key_span_across_tiles_hits_every_key(site, dtype):
+    # keys 20..51 of row 66 span the 32-key tiles 0..31 and 32..63 and run past M = 40
+    # (clipped); row 66 sees keys 0..36. Scores -> -1e30 or probs -> 0 on keys 20..36
+    # leave the attention of row 66 over keys 0..19 alone: every key of the span was hit
+    q, k, v = make_inputs(1, 2, 1, 70, 40, 16, dtype, seed=22)
+    clean, _ = run(q, k, v, causal=True, protection="off")
+    value = -1e30 if site == "scores" else 0.0
+    raw, flags = run(q, k, v, causal=True, protection="off",
+                     fault=Fault(site, batch=0, head=1, row=66, col=20, span=32, value=value))
+    assert {c[:3] for c in _changed(raw, clean)} == {(0, 1, 66)} and torch.count_nonzero(flags) == 0
+    qr, kr, vr = (t.cpu().double() for t in (q[0, 1, 66], k[0, 0, :20], v[0, 0, :20]))
+    want = torch.softmax(kr @ qr / 4.0, 0) @ vr
+    assert (raw[0, 1, 66].double() - want).abs().max().item() <= TAU[dtype] * max(1.0, want.abs().max().item())
+    # a sign flip of the same keys: row 66 changes, no other row
+    raw, _ = run(q, k, v, causal=True, protection="off", fault=Fault(site, batch=0, head=1, row=66, col=20, span=32,
+                                                                      bit=31 if site == "scores" else 30))
+    assert {c[:3] for c in _changed(raw, clean)} == {(0, 1, 66)}
+
+
+@pytest.mark.parametrize("protection", ["abft", "full"])
+@pytest.mark.parametrize("site", list(SITE_CHECK))
+def test_warp_fault_detected_and_corrected(site, protection):
+    # a warp's 32 lanes of one row: a big exponent bit, or a replacement by 1e4; the
+    # dtypes taken in turn (each site under two of them, each dtype at both levels)
+    dtype = DTYPES[(list(SITE_CHECK).index(site) + list(PROTECTION).index(protection)) % len(DTYPES)]
+    q, k, v = make_inputs(1, 2, 1, 70, 40, 48, dtype, seed=23)
+    clean = ftattn.attention(q, k, v, causal=True, protection=protection, **PUBLIC)
+    for kw in ({"bit": BIG_BIT.get(site, 30)}, {"value": 1e4}):
+        fault = Fault(site, batch=0, head=1, row=66, col=5, dim=10, span=32, **kw)
+        fixed, rep = ftattn.attention(q, k, v, causal=True, protection=protection, fault=fault, return_report=True,
+                                      **PUBLIC)
+        assert rep.detected > 0 and rep.corrected == rep.flagged_blocks == 1, (fault, rep)
+        assert torch.equal(fixed, clean), fault
+
+
+def test_seven_int_fault_is_span_one(fault_inputs):
+    q, k, v, clean = fault_inputs
+    scale = 1.0 / math.sqrt(D_F)
+    for seven in ([int(Site.ACC), 0, 1, 66, 33, 5, 31], [int(Site.SCORES), 0, 1, 66, 33, 0, 30]):
+        raw7, flags7 = attention_fwd(q, k, v, True, scale, 2, False, seven, None)
+        raw8, flags8 = attention_fwd(q, k, v, True, scale, 2, False, seven + [1], None)
+        torch.testing.assert_close(raw7, raw8, rtol=0, atol=0, equal_nan=True)  # (bit 30 of a score: NaN)
+        assert torch.equal(flags7, flags8) and flags7[0, 1, 1] & CHECK_MASK
+        changed = _changed(raw7.cpu(), clean)
+        assert changed == [(0, 1, 66, 5)] if seven[0] == int(Site.ACC) else {c[:3] for c in changed} == {(0, 1, 66)}
+
+
+def test_decode_fault_clips_the_span():
+    decode = launcher._decode_fault  # (INJECT, (site, b, h, row, col, dim, span, xor, replace, value))
+    shape = (1, 1, 70, 40, 16, True)  # B, Hq, N, M, D, causal: block 0 (rows 0..63) visits keys 0..33
+    assert decode([0, 0, 0, 10, 20, 0, 31, 32], None, *shape)[1][4:7] == (20, 0, 14)
+    assert decode([0, 0, 0, 66, 20, 0, 31, 32], None, *shape)[1][4:7] == (20, 0, 20)  # block 1: keys 0..39
+    assert decode([1, 0, 0, 10, 36, 0, 31, 4], None, *shape)[0] is False  # no key of block 0's tiles
+    assert decode([4, 0, 0, 10, 33, 10, 31, 32], None, *shape)[1][4:7] == (33, 10, 6)  # dims 10..15
+    assert decode([5, 0, 0, 10, 99, 3, 31, 32], None, *shape)[1][4:7] == (99, 3, 13)
+    assert decode([2, 0, 0, 10, 33, 3, 31, 32], None, *shape)[1][6] == 1  # rowmax: one value per row
+    assert decode([0, 0, 0, 10, 20, 0, 31], None, *shape) == decode([0, 0, 0, 10, 20, 0, 31, 1], None, *shape)
+    assert decode(None, None, *shape) == (False, (0, 0, 0, 0, 0, 0, 1, 0, 0, 0.0))
+    # key ranges: sample 0's keys 5..44; a span from key 3 hits its keys 5..10
+    starts, ends = torch.tensor([5]), torch.tensor([45])
+    assert decode([0, 0, 0, 66, 3, 0, 31, 8], None, 1, 1, 70, 50, 16, False, starts, ends)[1][4:7] == (5, 0, 6)
+
+
+# ---------------------------------------------------------------------------
 # the flags contract and non-finite input
 
 

@@ -3,6 +3,7 @@ dtype at protection "full" (2,100 in all) over every site, bit and replacement v
 import json
 
 import pytest
+import torch
 
 from ftattn.tools import campaign
 
@@ -162,3 +163,102 @@ def test_multibit_faults_flip_every_bit_of_their_mask():
     raw = ftattn.linear(x, w, protection="off", fault=ftattn.Fault("gemm", row=2, col=4, bits=(1, 30)))
     diff = (raw.view(torch.int32) ^ y.view(torch.int32))
     assert diff[2, 4].item() == (1 << 1 | 1 << 30) and int((diff != 0).sum()) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("pass_", ["forward", "backward"])
+def test_warp_campaign_full_protection(dtype, pass_):
+    """--pattern warp (one flip or replacement on the 32 values of a row one warp computes;
+    issue 20): the C++ backend at full misses none and corrects what it detects. Before
+    the final normalisation was checked element by element, the sum over the head dims let
+    a warp's same mid-mantissa flip cancel: 3 of 73 harmful output faults missed in fp32."""
+    res = campaign.run("cpp", "cpu", dtype, "full", faults=400, seed=11, progress=False, pass_=pass_,
+                       pattern="warp")
+    assert res.mode == "random warp"
+    assert res.failures() == [], campaign.format_table(res)
+    assert res.false_alarms == 0
+    for site, st in res.sites.items():
+        assert st.harmful_missed == 0 and st.corrected == st.detected, site
+    assert sum(st.harmful for st in res.sites.values()) > 100
+
+
+def test_targeted_warp_campaign_misses_only_at_the_known_sums():
+    """The adversary's warp (mid-mantissa bits 10..22 of 32 values from a top key or a
+    head dim): the probs, max, normaliser and output checks hold; the row checksum of
+    QK^T and the PV checksum can still see a warp's 32 deltas cancel in part below their
+    tolerance while one value moves by 1-2 tau (README, "Warp faults"): open, issue 20.
+    The test pins both: no miss elsewhere, and the two sums' misses still there (when they
+    are closed, this test says so)."""
+    res = campaign.run("cpp", "cpu", "float16", "full", faults=1400, seed=0, progress=False, targeted=True,
+                       pattern="warp")
+    assert res.false_alarms == 0
+    missed = {site: st.harmful_missed for site, st in res.sites.items() if st.harmful_missed}
+    assert set(missed) <= {"scores", "acc"}, missed
+    assert missed, "the warp misses at the QK^T / PV sums are gone: update the README and this test"
+    for site, st in res.sites.items():
+        assert st.corrected == st.detected, site
+
+
+def _changed(a, b):
+    return (a.view(torch.int32) != b.view(torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_warp_faults_hit_exactly_their_span(backend):
+    """A span hits the values it names, from the one named on, clipped at the row's end:
+    head dims at the output and the accumulator, output features of a GEMM row, input
+    features of a weight row (C++ and the reference; the Triton kernels in their own
+    tests)."""
+    import ftattn
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 45, generator=g) for _ in range(3))
+    clean = ftattn.attention(q, k, v, protection="off", backend=backend)
+    for site, dim, span, hit in (("output", 20, 32, range(20, 45)), ("output", 3, 5, range(3, 8)),
+                                 ("acc", 40, 32, range(40, 45))):
+        raw = ftattn.attention(q, k, v, protection="off", backend=backend,
+                               fault=ftattn.Fault(site, 0, 1, row=4, col=2, dim=dim, bit=31, span=span))
+        diff = _changed(raw, clean)
+        assert diff[0, 1, 4].nonzero().flatten().tolist() == list(hit), (site, dim, span)
+        assert int(diff.sum()) == len(hit)
+    # keys: a span over scores moves that row only (every key of it: the softmax couples them)
+    raw = ftattn.attention(q, k, v, protection="off", backend=backend,
+                           fault=ftattn.Fault("scores", 0, 1, row=4, col=1, bit=31, span=32))
+    rows = _changed(raw, clean).any(-1).nonzero().tolist()
+    assert rows == [[0, 1, 4]]
+    if backend != "cpp":
+        return
+    x, w = torch.randn(3, 70, generator=g), torch.randn(50, 70, generator=g)
+    y = ftattn.linear(x, w, protection="off")
+    raw = ftattn.linear(x, w, protection="off", fault=ftattn.Fault("gemm", row=1, col=32, bit=31, span=32))
+    assert _changed(raw, y).nonzero().tolist() == [[1, o] for o in range(32, 50)]
+    # a weight row's input features: output feature 7 of every row moves, nothing else
+    raw = ftattn.linear(x, w, protection="off", fault=ftattn.Fault("weight", row=7, dim=64, bit=31, span=32))
+    assert _changed(raw, y).nonzero().tolist() == [[r, 7] for r in range(3)]
+    wf = w.clone()
+    wf[7, 64:] = -wf[7, 64:]
+    torch.testing.assert_close(raw, x @ wf.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_warp_faults_in_the_backward_hit_exactly_their_span():
+    """dq, dk and dv faults span head dims (C++ and the reference)."""
+    import ftattn
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 7, 40, generator=g).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, 2, 7, 40, generator=g)
+    for backend in ("cpp", "reference"):
+        def grads(fault=None):
+            for t in (q, k, v):
+                t.grad = None
+            ftattn.attention(q, k, v, protection="off", backend=backend, fault=fault).backward(dout)
+            return q.grad.clone(), k.grad.clone(), v.grad.clone()
+
+        clean = grads()
+        for i, site in enumerate(("dq", "dk", "dv")):
+            raw = grads(ftattn.Fault(site, 0, 1, row=3, col=5, dim=30, bit=31, span=32))
+            diff = _changed(raw[i], clean[i])
+            at = (0, 1, 3) if site == "dq" else (0, 1, 5)
+            assert diff[at].nonzero().flatten().tolist() == list(range(30, 40)), (backend, site)
+            assert int(diff.sum()) == 10 and all(torch.equal(a, b) for j, (a, b) in enumerate(zip(raw, clean))
+                                                 if j != i), (backend, site)

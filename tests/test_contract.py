@@ -54,6 +54,11 @@ def test_cpp_encoding_and_blocks_match():
     assert _cpp_const("kFaultFields") == len(contract.FAULT_FIELDS)
     assert _cpp_const("kBitReplace") == contract.BIT_REPLACE
     assert _cpp_const("kBitMask") == contract.BIT_MASK
+    assert _cpp_const("kWarp") == contract.WARP == 32
+    # the C++ side's axis of a span: head dims for the sites contract.SPAN_AXIS names "dim"
+    body = re.search(r"span_along_dims\(int64_t site\) \{(.*?)\}", HEADER, re.S).group(1)
+    dims = {_camel(s.name) for s in contract.Site if contract.span_axis(s) == "dim"}
+    assert set(re.findall(r"site == (k\w+)", body)) == dims
 
 
 def test_every_check_bit_has_a_name_and_the_mask_covers_exactly_them():
@@ -92,6 +97,8 @@ def test_contract_needs_no_torch():
     ([0, 0, 0, 0, 11, 0, 3], None, "col=11"),
     ([0, 0, 0, 0, 0, 0, 32], None, "bit 32"),
     ([0, 0, 0, 0, 0, 0, -1], None, "needs fault_value"),
+    ([0, 0, 0, 0, 0, 0, 3, 0], None, "span=0 must be >= 1"),
+    ([0, 0, 0, 0, 0, 0, 3, 1, 1], None, "must be \\[site, batch"),
 ])
 def test_fault_encoding_is_validated_with_the_field_named(fault, fault_value, match):
     with pytest.raises(ValueError, match=match):
@@ -103,15 +110,32 @@ def test_fault_encoding_roundtrip():
     enc, value = f.encode()
     # an output fault ignores col (any value), and a replacement carries its value
     assert contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 8) == (int(contract.Site.OUTPUT), 1, 2, 4, 99, 7,
-                                                                          contract.BIT_REPLACE)
+                                                                          contract.BIT_REPLACE, 1)
+    # seven ints (no span) mean span 1
+    assert contract.check_fault_encoding(enc[:-1], value, 2, 3, 5, 11, 8) == tuple(enc)
+
+
+def test_span_is_encoded_and_one_value_per_row_sites_keep_one():
+    f = faults.Fault("acc", 0, 1, row=2, col=3, dim=32, bit=5, span=contract.WARP)
+    enc, value = f.encode()
+    assert enc[-1] == 32 and contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 64)[-1] == 32
+    for site in ("rowmax", "rowsum"):  # one value per row: the span is 1 whatever is asked
+        enc, value = faults.Fault(site, row=2, col=3, bit=5, span=32).encode()
+        assert contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 64)[-1] == 1
+    assert {contract.span_axis(s) for s in contract.Site} == {"col", "dim", None}
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="span"):
+            faults.Fault("acc", bit=3, span=bad)
+    with pytest.raises(TypeError, match="span"):
+        faults.Fault("acc", bit=3, span=2.0)
 
 
 def test_multibit_fault_encodes_its_mask_and_is_validated():
     f = faults.Fault("scores", 1, 2, row=4, col=9, dim=7, bits=[30, 3, 17])
     assert f.bits == (3, 17, 30)
     enc, value = f.encode()
-    assert enc[-1] == contract.BIT_MASK and value == float((1 << 3) | (1 << 17) | (1 << 30))
-    assert contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 8)[-1] == contract.BIT_MASK
+    assert enc[-2] == contract.BIT_MASK and value == float((1 << 3) | (1 << 17) | (1 << 30))
+    assert contract.check_fault_encoding(enc, value, 2, 3, 5, 11, 8)[-2] == contract.BIT_MASK
     assert contract.xor_mask(contract.BIT_MASK, float(1 << 31 | 1)) == -(1 << 31) + 1  # (as a signed int32)
     assert contract.xor_mask(31, None) == -(1 << 31) and contract.xor_mask(contract.BIT_REPLACE, 2.5) == 0
     for bad in ([], [3, 3], [32], [-1], (True,), "3"):
@@ -121,4 +145,4 @@ def test_multibit_fault_encodes_its_mask_and_is_validated():
         faults.Fault("scores", bit=3, bits=(4, 5))
     for value in (None, 0.0, 2.0**32, 3.5, -4.0):
         with pytest.raises(ValueError, match="mask"):
-            contract.check_fault_encoding(enc[:-1] + [contract.BIT_MASK], value, 2, 3, 5, 11, 8)
+            contract.check_fault_encoding(enc[:-2] + [contract.BIT_MASK, 1], value, 2, 3, 5, 11, 8)

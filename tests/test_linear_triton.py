@@ -122,3 +122,62 @@ def test_block_o_must_suit_the_kernel():
     c = ftattn.linear.__globals__["weight_checksums"](w, 24)
     with pytest.raises(ValueError, match="block_o=24 must be a power of two"):
         launcher.linear_fwd(x, w, b, c.ref_cols, c.mag_cols, 24, 1, True)
+
+
+# ---------------------------------------------------------------------------
+# span: one corruption on consecutive values of a row (ftattn/contract.py SPAN_AXIS)
+
+
+def _negate(t, row, cols):
+    out = t.clone()
+    out[row, cols] = -out[row, cols]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gemm_span_hits_exactly_its_outputs(dtype):
+    # no bias: a sign flip of the fp32 accumulator negates y exactly (rounding is symmetric)
+    x, w, _ = _data(37, 50, 140, dtype, seed=11, bias=False)
+    clean = _lin(x, w, None, protection="off")
+    assert bool((clean != 0).all())
+    for col, span, hit in ((100, 32, range(100, 132)),  # across the 128-feature block boundary
+                           (125, 32, range(125, 140)),  # past the row's end: clipped
+                           (7, 1, range(7, 8))):
+        f = Fault("gemm", row=36, col=col, bit=31, span=span)
+        y = _lin(x, w, None, fault=f, protection="off")
+        assert torch.equal(y, _negate(clean, 36, list(hit))), (col, span)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_span_hits_exactly_its_inputs(dtype):
+    # the faulty call equals a clean call on the weight with those entries negated
+    x, w, b = _data(21, 70, 33, dtype, seed=12)
+    for dim, span in ((20, 32), (50, 32), (3, 1)):  # (across the 32-wide K tiles; the second clipped at 70)
+        hit = list(range(dim, min(70, dim + span)))
+        y = _lin(x, w, b, fault=Fault("weight", row=30, dim=dim, bit=31, span=span), protection="off")
+        assert torch.equal(y, _lin(x, _negate(w, 30, hit), b, protection="off")), (dim, span)
+        assert not torch.equal(y, _lin(x, w, b, protection="off"))
+
+
+@pytest.mark.parametrize("protection", ["abft", "full"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_warp_faults_detected_and_corrected(dtype, protection):
+    x, w, b = _data(37, 64, 140, dtype, seed=13)
+    clean = _lin(x, w, b, protection=protection)
+    for site, where in (("gemm", dict(row=36, col=110)), ("weight", dict(row=120, dim=40))):
+        for kw in ({"bit": 30}, {"value": 1e4}):
+            f = Fault(site, span=32, **where, **kw)
+            fixed, rep = _lin(x, w, b, fault=f, protection=protection, return_report=True)
+            assert rep.detected > 0 and rep.corrected == rep.flagged_blocks, (f, rep)
+            assert torch.equal(fixed, clean), f
+
+
+def test_seven_int_fault_is_span_one():
+    x, w, b = _data(9, 40, 20, torch.float32, seed=14)
+    c = ftattn.linear.__globals__["weight_checksums"](w, 128)
+    run = lambda fault: launcher.linear_fwd(x, w, b, c.ref_cols, c.mag_cols, 128, 0, False, fault)[0]  # noqa: E731
+    clean = run(None)
+    for seven in ([6, 0, 0, 4, 11, 0, 31], [7, 0, 0, 15, 0, 33, 31]):
+        y = run(seven)
+        assert torch.equal(y, run(seven + [1])) and not torch.equal(y, clean)
+        assert int((y != clean).sum()) == (1 if seven[0] == 6 else 9)  # one value / W[15, 33]: column 15 of y

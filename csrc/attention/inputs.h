@@ -12,14 +12,6 @@
 namespace ftattn {
 namespace {
 
-// One fault to inject: [site, batch, head, row, col, dim, bit] (bit kBitReplace:
-// replace the value by `value`).
-struct FaultSpec {
-  bool active = false;
-  int64_t site = 0, batch = 0, head = 0, row = 0, col = 0, dim = 0, bit = -1;
-  double value = 0.0;
-};
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "ftattn.attention: q, k, v must be 4-D [batch, heads, seq, head_dim]; got q ", q.sizes(), ", k ",

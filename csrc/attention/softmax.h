@@ -8,9 +8,9 @@
 namespace ftattn {
 namespace {
 
-// Where a probs fault lands in one row (col < 0: none).
+// Where a probs fault lands in one row: keys [col, end) of the tile (none: empty).
 struct RowFault {
-  int64_t col = -1, bit = -1;
+  int64_t col = -1, end = -1, bit = -1;
   double value = 0.0;
 };
 
@@ -48,7 +48,7 @@ struct RowStats {
 // |p - p2| <= r max(p, p2) is |p - p2| <= r / (1 - r) p2, so the loop keeps the
 // largest |p - p2| - r / (1 - r) p2 and compares it once with the absolute term.
 // psum adds the lanes in a fixed order, the same at every level, so off, abft and
-// full round l (and the output) alike. INJECT hits p_{fault.col} after the
+// full round l (and the output) alike. INJECT hits p_{fault.col..end-1} after the
 // exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs.
 template <int PROT, bool INJECT, int NG>
 __attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
@@ -72,7 +72,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       const f16 sv = load(S + j);
       f16 pv = exp_neg((sv - mr) * scale);
       if constexpr (INJECT) {
-        if (fault.col >= j && fault.col < j + W) pv[fault.col - j] = corrupt(pv[fault.col - j], fault.bit, fault.value);
+        for (int64_t x = std::max<int64_t>(fault.col, j); x < std::min<int64_t>(fault.end, j + W); ++x)
+          pv[x - j] = corrupt(pv[x - j], fault.bit, fault.value);
       }
       store(p + j, pv);
       psum_v += pv;
@@ -110,7 +111,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     const bool vis = j < visible;
     float pj = vis ? exp_neg((S[j] - mr) * scale) : 0.f;
     if constexpr (INJECT) {
-      if (j == fault.col) pj = corrupt(pj, fault.bit, fault.value);
+      if (j >= fault.col && j < fault.end) pj = corrupt(pj, fault.bit, fault.value);
     }
     p[j] = pj;
     psum_t += pj;

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
-from ..contract import REPORT_BLOCK_M, Site, check_fault_encoding, flip_args
+from ..contract import REPORT_BLOCK_M, Site, check_fault_encoding, flip_args, span_axis
 from ..kernels.attention import (INTERPRETER_CONFIG, UNTUNED_CONFIGS, _attn_fwd, _attn_fwd_tuned, _attn_replay,
                                  prune_configs)
 
@@ -56,23 +56,31 @@ def untuned_meta(setting, q: torch.Tensor, head_pad: int, protection: int) -> di
 
 
 def _decode_fault(fault, fault_value, B, Hq, N, M, D, causal, key_start=None, key_end=None):
-    """(INJECT, the kernel's fault arguments) from the op's encoding."""
-    none = (False, (0, 0, 0, 0, 0, 0, 0, 0, 0.0))
+    """(INJECT, the kernel's fault arguments) from the op's encoding: site, batch, head,
+    row, col, dim, span (clipped to the values that exist), XOR mask, replace?, value."""
+    none = (False, (0, 0, 0, 0, 0, 0, 1, 0, 0, 0.0))
     if fault is None:
         return none
-    site, b, h, row, col, dim, bit = check_fault_encoding(fault, fault_value, B, Hq, N, M, D)
+    site, b, h, row, col, dim, bit, span = check_fault_encoding(fault, fault_value, B, Hq, N, M, D)
+    if span_axis(site) == "dim":
+        span = min(span, D - dim)  # head dims dim .. D - 1 at most
     if site != Site.OUTPUT:
         # as the C++ kernel: a fault lands only in a key tile its 64-row block visits (of
-        # its sample's keys, with key ranges)
+        # its sample's keys, with key ranges), on the keys of them it names
         k0, mb = 0, M
         if key_start is not None:
             k0 = int(key_start[b])
             mb = int(key_end[b]) - k0
         r1 = min(N, (row // REPORT_BLOCK_M + 1) * REPORT_BLOCK_M)
         kv_end = min(mb, r1 + mb - N) if causal else mb
-        if not 0 <= col - k0 < kv_end:
+        if span_axis(site) == "col":  # keys col .. col + span - 1: those the block visits
+            lo, hi = max(col - k0, 0), min(col - k0 + span, kv_end)
+            if lo >= hi:
+                return none
+            col, span = k0 + lo, hi - lo
+        elif not 0 <= col - k0 < kv_end:
             return none
-    return True, (site, b, h, row, col, dim, *flip_args(bit, fault_value))
+    return True, (site, b, h, row, col, dim, span, *flip_args(bit, fault_value))
 
 
 def attention_fwd(
@@ -100,8 +108,8 @@ def attention_fwd(
         scale: multiplier of q k^T.
         protection: 0 off, 1 abft, 2 full.
         recompute: recompute flagged blocks (``on_fault="correct"``).
-        fault: [site, batch, head, row, col, dim, bit] (bit -1: replace by
-            ``fault_value``), or None.
+        fault: [site, batch, head, row, col, dim, bit, span] (bit -1: replace by
+            ``fault_value``; span left out: 1), or None.
         key_start, key_end: int [B] on q's device (validated by the caller), or None:
             sample b's keys are [key_start[b], key_end[b]).
         block_m, block_n: force a tile shape (tests); default autotuned on CUDA

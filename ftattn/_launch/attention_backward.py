@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import triton
 
-from ..contract import REPORT_BLOCK_M, Site, check_backward_fault_encoding, flip_args
+from ..contract import REPORT_BLOCK_M, Site, check_backward_fault_encoding, fault_fields, flip_args, span_axis
 from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep, loop_tile
 
 __all__ = ["attention_bwd"]
@@ -39,11 +39,13 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
     flags = torch.zeros((B, Hq, nq + nk), dtype=torch.int32, device=dev)
     if B * Hq > 0 and N > 0 and M > 0:
         inject = fault is not None
-        fargs = (0, -1, -1, -1, 0, 0, 0, 0.0)
+        fargs = (0, -1, -1, -1, 0, 1, 0, 0, 0.0)  # site, b * Hq + h, row, col, dim, span, xor, replace?, value
         if inject:
-            site, b, h, row, col, dim, bit = (int(x) for x in fault)
+            site, b, h, row, col, dim, bit, span = fault_fields(fault)
+            # the span's values that exist (clipped at the row's end: also keeps the sums in int32)
+            span = min(span, D - dim) if span_axis(site) == "dim" else min(span, M - col)
             fargs = (site, b * Hq + h, row if site not in (Site.DK, Site.DV) else -1,
-                     col if site != Site.DQ else -1, dim, *flip_args(bit, fault_value))
+                     col if site != Site.DQ else -1, dim, span, *flip_args(bit, fault_value))
         mrow = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
         rinv = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
         delta = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)

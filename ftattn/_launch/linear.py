@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
-from ..contract import CHECK_MASK, Check, REPORT_BLOCK_M, check_linear_fault_encoding, flip_args
+from ..contract import CHECK_MASK, Check, REPORT_BLOCK_M, Site, check_linear_fault_encoding, flip_args
 from ..kernels.linear import INTERPRETER_CONFIG, _linear_fwd
 
 __all__ = ["linear_fwd", "check_factor"]
@@ -18,6 +18,8 @@ __all__ = ["linear_fwd", "check_factor"]
 KAPPA = 8.0
 U32 = 2.0**-24
 ETA = 2.0**-149
+# the kernel's fault arguments without a fault (site, row, col, dim, span, xor, use_value, value)
+_NO_FAULT = (0, 0, 0, 0, 1, 0, 0, 0.0)
 
 
 def check_factor(k: int, split: bool) -> float:
@@ -79,17 +81,18 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"ftattn.linear (triton): block_o={block_o} must be a power of two >= 16")
     T, K = x.shape
     out = weight.shape[0]
-    inject, fault_args = False, (0, 0, 0, 0, 0, 0, 0.0)
+    inject, fault_args = False, _NO_FAULT
     if fault is not None:
-        site, _, _, row, col, dim, bit = check_linear_fault_encoding(fault, fault_value, T, out, K)
+        site, _, _, row, col, dim, bit, span = check_linear_fault_encoding(fault, fault_value, T, out, K)
         inject = True
-        fault_args = (site, row, col, dim, *flip_args(bit, fault_value))
+        # the span's values that exist (clipped at the row's end: also keeps col + span in int32)
+        span = min(span, out - col) if site == Site.GEMM else min(span, K - dim)
+        fault_args = (site, row, col, dim, span, *flip_args(bit, fault_value))
     y, flags = _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args, inject)
     if protection >= 1 and recompute:
         faulty = (flags & CHECK_MASK) != 0
         if bool(faulty.any()):  # (a host read: a second launch only when a check failed)
-            y, again = _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, (0, 0, 0, 0, 0, 0, 0.0),
-                               False)
+            y, again = _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, _NO_FAULT, False)
             status = torch.where((again & CHECK_MASK) != 0, int(Check.UNCORRECTED), int(Check.CORRECTED))
             flags = torch.where(faulty, flags | status.to(torch.int32), flags)
     return y, flags

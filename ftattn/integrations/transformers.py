@@ -139,8 +139,8 @@ _TOTALS = ("calls", "detected", "corrected", "uncorrected", "nonfinite_input")
 class ScheduledFault:
     """A fault to inject into the attention call of layer ``layer`` at forward ``step``
     (0 = the first forward after `inject`: the prefill of ``generate()``; 1, 2, ...:
-    the decoding steps). ``site`` and exactly one of ``bit`` / ``bits`` / ``value`` as in
-    `ftattn.Fault`; a coordinate left None is drawn at random, at the call, among the
+    the decoding steps). ``site``, exactly one of ``bit`` / ``bits`` / ``value`` and
+    ``span`` as in `ftattn.Fault`; a coordinate left None is drawn at random, at the call, among the
     valid ones (``col`` among the keys the row sees). ``batch`` and ``col`` index the
     model's batch and its whole key sequence (cache included)."""
 
@@ -155,6 +155,7 @@ class ScheduledFault:
     col: Optional[int] = None
     dim: Optional[int] = None
     bits: Optional[Tuple[int, ...]] = None
+    span: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "site", Site.parse(self.site).name.lower())
@@ -163,7 +164,8 @@ class ScheduledFault:
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise ValueError(f"ScheduledFault.{name}={val!r} must be an int >= 0")
         # Fault's own checks of bit / value and of the given coordinates
-        object.__setattr__(self, "bits", Fault(self.site, 0, 0, 0, bit=self.bit, value=self.value, bits=self.bits).bits)
+        object.__setattr__(self, "bits", Fault(self.site, 0, 0, 0, bit=self.bit, value=self.value, bits=self.bits,
+                                               span=self.span).bits)
         for name in ("batch", "head", "row", "col", "dim"):
             val = getattr(self, name)
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
@@ -427,7 +429,7 @@ def _resolve(
     col = f.col if f.col is not None else start + rng.randrange(max(seen, 1))
     head = f.head if f.head is not None else rng.randrange(Hq)
     dim = f.dim if f.dim is not None else rng.randrange(D)
-    fault = Fault(f.site, batch, head, row, col, dim, bit=f.bit, value=f.value, bits=f.bits)
+    fault = Fault(f.site, batch, head, row, col, dim, bit=f.bit, value=f.value, bits=f.bits, span=f.span)
     return batch, start, fault
 
 

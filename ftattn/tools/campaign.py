@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..attention import attention
+from ..contract import WARP
 from ..faults import ATTENTION_SITES, BACKWARD_SITES, Fault
 
 SITES = list(ATTENTION_SITES)
@@ -183,7 +184,9 @@ def clean_shapes(base: Shape, long_kv: int) -> List[Shape]:
     ]
 
 
-PATTERNS = ("single", "multibit")  # --pattern: one bit (or a replacement value); 2..8 bits of one value
+# --pattern: one bit (or a replacement value); 2..8 bits of one value; one bit (or a
+# replacement value) on the WARP consecutive values of a row that one warp computes
+PATTERNS = ("single", "multibit", "warp")
 
 
 def _flip(rng: random.Random, pattern: str, bits) -> dict:
@@ -191,6 +194,13 @@ def _flip(rng: random.Random, pattern: str, bits) -> dict:
     if pattern == "multibit":
         return {"bits": rng.sample(list(bits), rng.randint(2, min(8, len(bits))))}
     return {"bit": rng.choice(list(bits))}
+
+
+def _warp(kw: dict) -> dict:
+    """A fault's coordinates as a warp's: span WARP from the warp-aligned start of the
+    drawn key and head dim (the values one warp computes in a row of a tile: keys of a
+    score / probability row, dims of an accumulator / output row)."""
+    return {**kw, "col": kw["col"] // WARP * WARP, "dim": kw["dim"] // WARP * WARP, "span": WARP}
 
 
 def _random_fault(rng: random.Random, shape: Shape, site: str, pattern: str = "single") -> Fault:
@@ -217,7 +227,7 @@ def _random_fault(rng: random.Random, shape: Shape, site: str, pattern: str = "s
         kw["bit"] = rng.randrange(32)
     else:
         kw["value"] = rng.choice(VALUES)
-    return Fault(**kw)
+    return Fault(**(_warp(kw) if pattern == "warp" else kw))
 
 
 def _top_keys(q, k, shape: Shape, batch: int, head: int, row: int, n: int = 3) -> List[int]:
@@ -238,7 +248,8 @@ def _targeted_fault(rng: random.Random, shape: Shape, site: str, q, k, pattern: 
     batch, head = rng.randrange(shape.batch), rng.randrange(shape.heads)
     col = rng.choice(_top_keys(q, k, shape, batch, head, row))
     dim = rng.randrange(shape.head_dim)
-    return Fault(site=site, batch=batch, head=head, row=row, col=col, dim=dim, **_flip(rng, pattern, TARGETED_BITS))
+    kw = dict(site=site, batch=batch, head=head, row=row, col=col, dim=dim, **_flip(rng, pattern, TARGETED_BITS))
+    return Fault(**(_warp(kw) if pattern == "warp" else kw))
 
 
 def _harmful(raw, clean, tau: float) -> bool:
@@ -433,7 +444,8 @@ def run(
     normal), harm and correction judged on (dq, dk, dv), the flags of ``report.backward``.
     ``pattern``: "single" (one bit, or a replacement value) or "multibit" (2..8 distinct
     bits of one value flipped together; "The Anatomy of SDC" finds single-bit flips under
-    40 % of real upsets). ``workers`` / ``ray_address`` / ``out`` / ``resume``: see ``run_jobs``."""
+    40 % of real upsets) or "warp" (the same corruption on the 32 consecutive values of a
+    row one warp computes; ``Fault.span``). ``workers`` / ``ray_address`` / ``out`` / ``resume``: see ``run_jobs``."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern={pattern!r} is not supported; use one of {', '.join(PATTERNS)}")
     job = Job(backend, device, dtype, protection, faults, shape or Shape(), long_kv, seed, faults_per_input,
@@ -592,7 +604,9 @@ def add_arguments(p) -> None:
     add_runner_arguments(p)
     p.add_argument("--pattern", default="single", choices=PATTERNS,
                    help="single: one bit flip (or a replacement value) per fault (default); multibit: 2 to 8 "
-                        "random bits of one value flipped together")
+                        "random bits of one value flipped together; warp: one bit flip (or replacement) on the 32 "
+                        "consecutive values of a row one warp computes (keys of scores / probs, head dims of "
+                        "acc / output, output features of a GEMM)")
     p.add_argument("--targeted", action="store_true",
                    help="an adversary's campaign: outlier-channel, huge-logit and subnormal data, faults on the "
                         "most probable keys, mid-mantissa bits 10..22")

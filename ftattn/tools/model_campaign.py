@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..contract import WARP
 from .campaign import PATTERNS, _flip  # (one pattern rule for both campaigns)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -208,13 +209,16 @@ def _fault_for(rng: random.Random, site: tuple, modules: dict, pattern: str = "s
         kw = _flip(rng, pattern, range(32))  # (campaign.py's)
     else:
         kw = {"value": rng.choice(VALUES)} if rng.random() < 0.1 else {"bit": rng.randrange(32)}
+    # warp: the WARP values of a row one warp computes, from a warp-aligned start
+    span, align = (WARP, lambda x: x // WARP * WARP) if pattern == "warp" else (1, lambda x: x)
     what = site[0]
-    if what == "attention":
-        return ScheduledFault(step=0, layer=site[1], site=rng.choice(ATTENTION_SITES), **kw)
+    if what == "attention":  # (the coordinates are drawn at the call: the span runs from them)
+        return ScheduledFault(step=0, layer=site[1], site=rng.choice(ATTENTION_SITES), span=span, **kw)
     m = modules[site[1]]
     if what == "gemm":
-        return Fault("gemm", row=rng.randrange(site[2]), col=rng.randrange(m.out_features), **kw)
-    return Fault("weight", row=rng.randrange(m.out_features), dim=rng.randrange(m.in_features), **kw)
+        return Fault("gemm", row=rng.randrange(site[2]), col=align(rng.randrange(m.out_features)), span=span, **kw)
+    return Fault("weight", row=rng.randrange(m.out_features), dim=align(rng.randrange(m.in_features)), span=span,
+                 **kw)
 
 
 @dataclasses.dataclass
@@ -317,7 +321,7 @@ def run(path: Optional[str], faults: int, protections: List[str], dtype: torch.d
         ray_address: Optional[str] = None, out: Optional[str] = None,
         resume: bool = False) -> Dict[str, Dict[str, Tally]]:
     """{protection: {kind: Tally}} of one campaign (``kinds``: draw only from these module kinds;
-    ``pattern``: "single" or "multibit", as the op campaign's ``--pattern``). The units run
+    ``pattern``: "single", "multibit" or "warp", as the op campaign's ``--pattern``). The units run
     through the campaigns' runner (ftattn/tools/runner.py): in this process, or as Ray tasks
     (``workers`` on a local Ray, ``ray_address`` on a cluster; each task loads the model once),
     with the shard file ``out`` (``resume``: only the shards it lacks)."""
@@ -395,7 +399,8 @@ def add_arguments(p) -> None:
                    "(default all, in proportion to their arithmetic)")
     p.add_argument("--pattern", default="single", choices=PATTERNS,
                    help="single: one bit flip or replacement value per fault (default); multibit: 2 to 8 bits of "
-                        "one value")
+                        "one value; warp: one flip or replacement on the 32 consecutive values of a row (output "
+                        "features, input features of a weight row, keys or head dims in attention)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the records here")
     p.add_argument("--no-progress", action="store_true")
     from .runner import add_arguments as add_runner_arguments
