@@ -184,17 +184,18 @@ def test_warp_campaign_full_protection(dtype, pass_):
 
 def test_targeted_warp_campaign_misses_only_at_the_known_sums():
     """The adversary's warp (mid-mantissa bits 10..22 of 32 values from a top key or a
-    head dim): the probs, max, normaliser and output checks hold; the row checksum of
-    QK^T and the PV checksum can still see a warp's 32 deltas cancel in part below their
-    tolerance while one value moves by 1-2 tau (README, "Warp faults"): open, issue 20.
-    The test pins both: no miss elsewhere, and the two sums' misses still there (when they
-    are closed, this test says so)."""
+    head dim): every check but the scores' holds (the PV checksum with its depth from the
+    keys a row sees: with 512, 4 harmful acc warps passed here). 32 score changes each
+    within the fp64 verification's noise tolerance can add up to 1.1 tau on
+    outlier-channel data (README, "--pattern warp"): open, issue 20. The test pins both:
+    no miss elsewhere, and the scores' miss still there (when it is closed, this test
+    says so)."""
     res = campaign.run("cpp", "cpu", "float16", "full", faults=1400, seed=0, progress=False, targeted=True,
                        pattern="warp")
     assert res.false_alarms == 0
     missed = {site: st.harmful_missed for site, st in res.sites.items() if st.harmful_missed}
-    assert set(missed) <= {"scores", "acc"}, missed
-    assert missed, "the warp misses at the QK^T / PV sums are gone: update the README and this test"
+    assert set(missed) <= {"scores"}, missed
+    assert missed, "the warp misses at the scores are gone: update the README and this test"
     for site, st in res.sites.items():
         assert st.corrected == st.detected, site
 

@@ -361,7 +361,12 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
   // PV checksum: kappa sqrt(depth) of random rounding in acc, plus the fp32 partials
   // of c (CHUNK terms), the fp32 per-key sums of V (9 u) and their products (1 u);
   // l: worst-case fp32 summation of l itself, plus the partials of l2
-  const double pv_factor = (KAPPA * std::sqrt(static_cast<double>(BLOCK_N + 2 * ntiles)) + 10.0 + vec::CHUNK) * U32;
+  // (depth: the keys one tile's product sums for the row, at most BLOCK_N, and the
+  // rescales; the masked keys' p == 0 add nothing, exactly)
+  const auto pv_factor_of = [&](int64_t visible) {
+    const double depth = static_cast<double>(std::min<int64_t>(BLOCK_N, visible) + 2 * ntiles);
+    return (KAPPA * std::sqrt(depth) + 10.0 + vec::CHUNK) * U32;
+  };
   const double depth_l = static_cast<double>(BLOCK_N + 2 * ntiles + 9 + vec::CHUNK);
   for (int64_t i = 0; i < rows; ++i) {
     float* Oi = O + i * D;
@@ -380,6 +385,7 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
     double parts[MAX_GROUPS];
     finish_row(Ai, Oi, D, l, PV_GROUP, parts);  // O = acc / l, and the sums of acc
     if (abft) {
+      const double pv_factor = pv_factor_of(visible);
       bool pv_bad = false;
       for (int g = 0; g < P.groups; ++g) {
         const int64_t d0 = g * PV_GROUP, d1 = std::min<int64_t>(D, d0 + PV_GROUP);
