@@ -210,3 +210,31 @@ def test_outlier_channel_families(backend, dtype, D, amp):
                 if harm > MISS_ALLOWED[backend] and not det:
                     missed.append((count, cancel, causal, head, row, col, bit, round(harm, 1)))
     assert not missed, f"harmful flips missed: {missed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,M,D", [(130, 517, 96), (97, 1031, 64), (257, 300, 128)], ids=str)
+def test_column_bound_rows_term_on_cancelling_outliers(N, M, D, dtype):
+    """The column check's bound for key j holds noise * sqrt(n max_d sum_i q_id^2) ||k_j||:
+    the GEMM's rounding summed over the rows, which nothing else in the bound covers when
+    (a) each score cancels inside its dot (outlier channels q = +-A, k = s, -s: the noise
+    of S is u A^2-sized while S is not) and (b) the rows' sum of q cancels (the outliers'
+    signs alternate by row), so that neither sum |S| nor the reference row's
+    max_d |sum_i q_id| ||k_j|| is large. Clean runs of such data raise no alarm in C++.
+    Without the term, or with q summed instead of q^2 (a mutant nothing else caught),
+    they alarm; a term 100x smaller still passes here (the bound is kappa sqrt(D) wide)."""
+    g = torch.Generator().manual_seed(N + M)
+    q, k, v = (torch.randn(1, 2, n, D, generator=g) for n in (N, M, M))
+    sign = torch.ones(N)
+    sign[1::2] = -1
+    for ch, a in ((0, 300.0), (1, 300.0), (2, 120.0), (3, 120.0)):
+        q[..., ch] = sign * a
+    s = torch.randn(1, 2, M, generator=g).sign() * 300.0
+    k[..., 0], k[..., 1] = s, -s
+    s2 = torch.randn(1, 2, M, generator=g).sign() * 120.0
+    k[..., 2], k[..., 3] = s2, -s2
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, rep = ftattn.attention(q, k, v, backend="cpp", return_report=True)
+    assert rep.detected == 0, rep.failures()[:3]
+    ref = attention_ref(q, k, v)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=4 * TAU[dtype] * max(1.0, float(ref.abs().max())))
