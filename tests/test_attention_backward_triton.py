@@ -121,11 +121,11 @@ def test_protection_levels_bit_identical_and_flags_clean():
 def test_every_backward_site_detected_and_corrected(site, pass_):
     if pass_ == "dkdv" and site in ("dq", "dk", "dv"):
         pytest.skip("an accumulator site has one pass")
-    q, k, v = _qkv(1, 4, 2, 70, 90, 32, torch.float32, seed=7)
-    q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 4, 70, 32))
+    q, k, v = _qkv(1, 2, 1, 70, 90, 32, torch.float32, seed=7)  # (GQA 2:1)
+    q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 2, 70, 32))
     clean = _grads(lambda *t: _ours(*t, causal=True), q, k, v, do)
     flip = {"bit": 30} if pass_ == "dq" else {"bits": (2, 17, 30)}  # (dkdv: a multi-bit upset)
-    fault = Fault(site, batch=0, head=3, row=66, col=60, dim=5 if pass_ == "dkdv" else 4, **flip)
+    fault = Fault(site, batch=0, head=1, row=66, col=60, dim=5 if pass_ == "dkdv" else 4, **flip)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, rep = _ours(*leaves, causal=True, fault=fault, return_report=True)
     out.backward(do)
@@ -279,24 +279,24 @@ def test_key_span_in_the_dq_pass_changes_its_row(span_setup, site):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (the interpreter's numpy on the huge faulty values)
-@pytest.mark.parametrize("site, pass_, protection", [  # (every site; both passes and levels in turn)
-    ("bwd_scores", "dq", "abft"), ("bwd_scores", "dkdv", "full"), ("bwd_probs", "dkdv", "abft"),
-    ("dp", "dq", "full"), ("ds", "dq", "abft"), ("ds", "dkdv", "full"), ("dq", "dq", "full"),
-    ("dk", "dkdv", "abft"), ("dv", "dkdv", "full")])
-def test_warp_fault_detected_and_corrected(monkeypatch, site, pass_, protection):
+@pytest.mark.parametrize("site, pass_, protection, kw", [  # (every site; passes, levels and kinds in turn)
+    ("bwd_scores", "dq", "abft", {"bit": 30}), ("bwd_scores", "dkdv", "full", {"value": 1e4}),
+    ("bwd_probs", "dkdv", "abft", {"bit": 30}), ("dp", "dq", "full", {"value": 1e4}),
+    ("ds", "dq", "abft", {"bit": 30}), ("ds", "dkdv", "full", {"value": 1e4}), ("dq", "dq", "full", {"bit": 30}),
+    ("dk", "dkdv", "abft", {"value": 1e4}), ("dv", "dkdv", "full", {"bit": 30})], ids=str)
+def test_warp_fault_detected_and_corrected(monkeypatch, site, pass_, protection, kw):
     # a warp's 32 lanes (keys 50..81 across the two key programs; dims 0..31 of D 40): a
     # big exponent bit, or a replacement by 1e4
     monkeypatch.setattr(launcher, "_interpreter_tile", 16)
     q, k, v = _qkv(1, 2, 1, 37, 90, 40, torch.float32, seed=32)
     q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 2, 37, 40))
     clean = _grads(lambda *t: _ours(*t, causal=True, protection=protection), q, k, v, do)
-    for kw in ({"bit": 30}, {"value": 1e4}):
-        fault = Fault(site, batch=0, head=1, row=33, col=50, dim=0 if pass_ == "dq" else 1, span=32, **kw)
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out, rep = _ours(*leaves, causal=True, protection=protection, fault=fault, return_report=True)
-        out.backward(do)
-        assert rep.backward.detected > 0 and rep.backward.corrected == rep.backward.flagged_blocks, (fault, rep)
-        assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean)), fault
+    fault = Fault(site, batch=0, head=1, row=33, col=50, dim=0 if pass_ == "dq" else 1, span=32, **kw)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, rep = _ours(*leaves, causal=True, protection=protection, fault=fault, return_report=True)
+    out.backward(do)
+    assert rep.backward.detected > 0 and rep.backward.corrected == rep.backward.flagged_blocks, (fault, rep)
+    assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean)), fault
 
 
 def test_seven_int_fault_is_span_one(span_setup):

@@ -165,8 +165,8 @@ def test_multibit_faults_flip_every_bit_of_their_mask():
     assert diff[2, 4].item() == (1 << 1 | 1 << 30) and int((diff != 0).sum()) == 1
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("pass_", ["forward", "backward"])
+@pytest.mark.parametrize("dtype, pass_", [("float32", "forward"), ("bfloat16", "forward"), ("float16", "forward"),
+                                          ("float32", "backward")])
 def test_warp_campaign_full_protection(dtype, pass_):
     """--pattern warp (one flip or replacement on the 32 values of a row one warp computes;
     issue 20): the C++ backend at full misses none and corrects what it detects. Before
