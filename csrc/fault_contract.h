@@ -91,6 +91,7 @@ static inline std::string fault_fields(const Ints& fv, int64_t* out) {
     return "fault span " + std::to_string(out[7]) + " must be >= 1 (consecutive values hit; " +
            std::to_string(kWarp) + " for a warp)";
   if (out[0] == kRowmax || out[0] == kRowsum) out[7] = 1;
+  if (out[7] > (int64_t{1} << 31)) out[7] = int64_t{1} << 31;  // (past every row's end; col + span stays in range)
   return "";
 }
 

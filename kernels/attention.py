@@ -488,10 +488,15 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
             pv_tol = (bv_g * depth_pv * (KAPPA * U32)).to(tl.float64) + pv_abs
             bad_pv = bad_pv | ~(tl.abs(part - c_g.to(tl.float64)) <= pv_tol)
         bad = bad | tl.where(live & bad_pv, PV_CHECKSUM, 0)
-        # what is stored, divided again, element by element (a sum over the dims let a warp's
-        # same flip of 32 dims cancel); one division rounds alike each time, and NaN fails
-        again = tl.where(live[:, None], acc / tl.where(live, l_i, 1.0)[:, None], 0.0)
-        bad_o = tl.max((out != again).to(tl.int32), 1) != 0
+        # element by element (a sum over the dims let a warp's same flip of 32 dims cancel),
+        # by a product in fp64, not the division again (which the compiler would merge with
+        # the first): |O_d l - acc_d| <= 4 u |acc_d| + l UNDERFLOW (a GPU's fp32 division is
+        # within 2 ulp); NaN and Inf fail
+        l64 = tl.where(live, l_i, 1.0).to(tl.float64)
+        resid = tl.abs(out.to(tl.float64) * l64[:, None] - acc64)
+        bad_o = tl.max((~(resid <= tl.abs(acc64) * (4.0 * U32) + UNDERFLOW * l64[:, None])).to(tl.int32), 1) != 0
+        bad_zero = tl.max((out != 0.0).to(tl.int32), 1) != 0
+        bad_o = tl.where(live, bad_o, bad_zero)
         bad = bad | tl.where(bad_o, OUTPUT_CHECK, 0)
     bad = tl.where(row_ok, bad, 0)
     return out, bad

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..attention import attention
-from ..contract import WARP
+from ..contract import WARP, Site, span_axis
 from ..faults import ATTENTION_SITES, BACKWARD_SITES, Fault
 
 SITES = list(ATTENTION_SITES)
@@ -200,7 +200,9 @@ def _warp(kw: dict) -> dict:
     """A fault's coordinates as a warp's: span WARP from the warp-aligned start of the
     drawn key and head dim (the values one warp computes in a row of a tile: keys of a
     score / probability row, dims of an accumulator / output row)."""
-    return {**kw, "col": kw["col"] // WARP * WARP, "dim": kw["dim"] // WARP * WARP, "span": WARP}
+    axis = span_axis(Site.parse(kw["site"]))  # (only the span's axis: the backward's key sites'
+    # dim picks the Triton pass that is hit)
+    return {**kw, **({axis: kw[axis] // WARP * WARP} if axis else {}), "span": WARP}
 
 
 def _random_fault(rng: random.Random, shape: Shape, site: str, pattern: str = "single") -> Fault:
