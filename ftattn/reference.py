@@ -182,6 +182,15 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
             n2 = (qd * qd) @ (kd * kd).transpose(-1, -2)
             noise = KAPPA * U32 * sqrt_d * (n2.sqrt() + S64.abs()) + ETA * (D + 1)
             bad_s = (verify & ~((S.double() - S64).abs() <= noise)).any(-1)
+            # where the verified keys' noise could hide harm (sum_j p_j (e^{|scale| b_j} - 1)
+            # (|v_j|_inf + 1) >= TAU_VERIFY l), S made again by the same product must agree
+            # bit for bit, on every row of that head (the kernels: of that tile)
+            hidden = torch.where(verify, pd_ * torch.expm1(noise * abs(scale)) * (vmax + 1.0), 0.0).sum(-1)
+            dmr = (~(hidden < TAU_VERIFY * pd_.sum(-1))).any(-1) & full  # [B, H]; protection full only
+            if bool(dmr.any()):
+                again = qf @ kf.transpose(-1, -2)
+                differs = (S.view(torch.int32) != again.view(torch.int32)).any(-1)
+                bad_s |= differs & dmr[..., None]
             flag(int(Check.SCORE_RECOMPUTE), _rows_to_blocks(bad_s, N))
 
     l = p.sum(-1)

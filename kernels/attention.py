@@ -163,6 +163,16 @@ def _scores_fp64(q_base, k_base, stride_qm, stride_qd, stride_kn, stride_kd, off
 
 
 @triton.jit
+def _qk(q, k, DOT_F32: tl.constexpr):
+    """S = Q K^T of a tile with fp32 accumulation (IEEE fp32 products for fp32 inputs)."""
+    if DOT_F32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    return qk
+
+
+@triton.jit
 def _bit_or(a, b):
     return a | b
 
@@ -231,10 +241,7 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
         # -- S = Q K^T, fp32 accumulation ----
         k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, key_ok, d_ok,
                        MASKED, EVEN_D)
-        if DOT_F32:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
+        qk = _qk(q, k, DOT_F32)
         if INJECT:
             in_tile = f_here & (f_col < start_n + BLOCK_N) & (f_col_end > start_n)  # the keys meet the tile
             hit_row = in_tile & (offs_m == f_row)
@@ -326,6 +333,20 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                                        row_ok, key_ok, HEAD_DIM, BLOCK_M, BLOCK_N)
                     bad_s = unsure & ~(tl.abs(qk.to(tl.float64) - s64) <= noise.to(tl.float64))
                     bad = bad | tl.where(tl.max(bad_s.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)
+                # protection full, where the verified keys' noise could hide harm
+                # (csrc/attention/checks.h: sum_j p_j (e^{|scale| b_j} - 1) (|v_j|_inf + 1)
+                # >= TAU_VERIFY l, with e^x - 1 <= x (1 + x) or e^x): the tile's S again by the
+                # same product, bit for bit, every row. (On a GPU the compiler may merge the
+                # two products into one: the comparison then sees what changes S after the
+                # product, the scores site, not a fault inside it.)
+                if PROTECTION >= 2:
+                    x_n = noise * tl.abs(sm_scale)
+                    grow_n = tl.where(x_n <= 0.5, x_n * (1.0 + x_n), tl.exp(x_n))
+                    hidden = tl.sum(tl.where(verify, p * grow_n * (v_max[None, :] + 1.0), 0.0), 1)
+                    if tl.max((~(hidden < TAU_VERIFY * l_new)).to(tl.int32)) != 0:
+                        again = _qk(q, k, DOT_F32)
+                        differs = again.to(tl.int32, bitcast=True) != qk.to(tl.int32, bitcast=True)
+                        bad = bad | tl.where(tl.max(differs.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)
             if PROTECTION >= 2:
                 # -- redundant softmax: natural units, polynomial exp on the FMA pipes ----
                 # of the same argument s2 - m (rounded once for both): ~2 ulp per

@@ -238,3 +238,37 @@ def test_column_bound_rows_term_on_cancelling_outliers(N, M, D, dtype):
     assert rep.detected == 0, rep.failures()[:3]
     ref = attention_ref(q, k, v)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=4 * TAU[dtype] * max(1.0, float(ref.abs().max())))
+
+
+def _warp_reproducer():
+    """Input 53 of the targeted warp campaign (seed 0, fp32): outlier channels of x150 that
+    cancel inside q . k. Cut to the row the adversary struck (head 3, row 79) and the 114
+    keys it sees, so that the interpreter runs it too."""
+    from ftattn.tools import campaign
+
+    job = campaign.Job(targeted=True, pattern="warp", faults=1400)
+    g = campaign._unit_generator(0, len(job.clean_units()) + 53)
+    q, k, v = campaign.make_data("outlier-cancel", campaign.Shape(), torch.float32, "cpu", g)
+    return q[:, 3:4, 79:80].contiguous(), k[:, 1:2, :114].contiguous(), v[:, 1:2, :114].contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_warp_within_the_scores_noise_is_caught(backend):
+    """Bit 15 of the 32 scores from the top key: each changes by less than the fp64
+    verification's noise bound (which the cancelling x150 channels make wide), together
+    they move the output by 1.4 tau; fp32's own rounding of those scores moves it by up to
+    0.65 tau from the exact ones, so only a bit-for-bit recomputation of S tells them apart
+    (the DMR where the verified keys' noise could hide harm). Missed before it in every
+    backend."""
+    q, k, v = _warp_reproducer()
+    clean, rep = _run(q, k, v, False, backend, on_fault="raise")
+    fault = Fault("scores", 0, 0, row=0, col=0, bit=15, span=32)
+    raw, rep = _run(q, k, v, False, backend, fault=fault, on_fault="report")
+    harm = (raw.double() - clean.double()).abs().max().item() / (2.0**-10 * max(1.0, clean.abs().max().item()))
+    assert harm > 1.2
+    assert rep.detected == 1 and "recomputed score of a likely key" in rep.failures()[0]["checks"]
+    fixed, rep = _run(q, k, v, False, backend, fault=fault, on_fault="correct")
+    assert rep.corrected == 1 and torch.equal(fixed, clean)
+    # the recomputation is full's: abft, which does not claim it, passes this warp
+    raw, rep = _run(q, k, v, False, backend, fault=fault, on_fault="report", protection="abft")
+    assert rep.detected == 0 and torch.equal(raw, _run(q, k, v, False, backend, fault=fault, on_fault="report")[0])

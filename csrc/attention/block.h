@@ -64,6 +64,9 @@ struct Scratch {
   // per key of the tile: the column check's bound and the score verification's threshold
   std::vector<double> colb;
   std::vector<float> theta;
+  // the tile's S made again (the DMR of scores_mismatch), allocated on first use
+  std::vector<float, Aligned64<float>> S2;
+  bool dmr = false;  // this tile needs it
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
@@ -341,9 +344,11 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       for (int64_t i = i0; i < i1; ++i) {
         if (!(w.pmax[i] >= theta_low * w.l[i]) || w.m[i] == NEG_INF) continue;
         const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
-        if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), w.l[i],
-                            std::min<int64_t>(cols, limit + 1)))
+        double hidden;
+        if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), vmax,
+                            w.l[i], P.scale, std::min<int64_t>(cols, limit + 1), &hidden))
           bad[sb] |= kScoreRecompute;
+        if (P.protection >= 2 && !(hidden < TAU_VERIFY * static_cast<double>(w.l[i]))) w.dmr = true;
       }
     }
   }
@@ -447,7 +452,17 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
         x = corrupt(x, f.bit, f.value);
       }
     memory_barrier();
+    w.dmr = false;
     tile_rows<INJECT>(P, w, blk, t, K, n0, cols, f, in_tile, fi, bad);
+    if (w.dmr) {
+      // the scores again, by the same call (it rounds alike): any difference is a fault
+      if (w.S2.size() < w.S.size()) w.S2.resize(w.S.size());
+      gemm(true, false, rows + nsub, cols, D, w.Qx.data(), D, K + n0 * D, D, w.S2.data(), BLOCK_N,
+           blk.hs > 1 ? STACK_D_SLICE : 0);
+      for (int64_t i = 0; i < rows; ++i)
+        if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, cols * sizeof(float)) != 0)
+          bad[i / blk.sub_rows()] |= kScoreRecompute;
+    }
     // ---- acc += P V in fp32 ----
     gemm(false, true, rows, D, cols, w.P.data(), BLOCK_N, V + n0 * D, D, w.acc.data(), D,
          blk.hs > 1 ? STACK_KEY_SLICE : 0);

@@ -246,17 +246,38 @@ FTATTN_VEC_INLINE bool entry_mismatch(const float* __restrict a, const float* __
   return !(r * r <= noise * noise * n2);
 }
 
+// A change within each verified key's noise bound b_j passes the comparison above, and on
+// data whose products are large and cancel (outlier channels) b_j is wide: there 32 keys
+// each moved by a third of it (a warp's fault) changed the output by 1.1 tau while fp32's
+// own rounding of those scores moved it by up to 0.65 tau from the exact scores, so no
+// bound against exact arithmetic tells the two apart. Where the verified keys' noise
+// could hide harm, sum_j p_j (e^{scale b_j} - 1) (|v_j|_inf + 1) >= TAU_VERIFY l (the
+// score verification's own criterion, summed over its keys), protection full makes the
+// tile's S again by the same GEMM call, which rounds alike, and it must agree bit for bit
+// (DMR): on data of that kind one more QK^T product a tile (full / off at N = 2048 with two
+// x20 channels: 1.69, abft 1.16); on normal data it next to never runs. abft leaves
+// such changes uncovered, as it leaves probs.
+//
 // true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
-// recomputed in fp64 (keys j < n: the visible ones of the tile).
+// recomputed in fp64 (keys j < n: the visible ones of the tile); *hidden gets
+// sum_j p_j (e^{scale b_j} - 1) (|v_j|_inf + 1) over those keys.
 FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
                                           const float* __restrict S, const float* __restrict p,
-                                          const float* __restrict theta, float l, int64_t n) {
+                                          const float* __restrict theta, const float* __restrict vmax, float l,
+                                          float scale, int64_t n, double* hidden) {
   using namespace vec;
   const double noise = KAPPA * std::sqrt(static_cast<double>(D)) * U32;
   const double floor = ETA * static_cast<double>(D + 1);
+  const double sc = std::fabs(static_cast<double>(scale));
+  bool bad = false;
+  double h = 0.0;
+  const auto visit = [&](int64_t j) {
+    double b;
+    bad |= entry_mismatch(q, K + j * D, D, S[j], noise, floor, &b);
+    h += static_cast<double>(p[j]) * std::expm1(sc * b) * (static_cast<double>(vmax[j]) + 1.0);
+  };
   // candidates p_j >= theta_j l, a vector at a time (most vectors have none; a NaN p
   // is the probability-range check's, as elsewhere)
-  bool bad = false;
   const i16 bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
   int64_t j = 0;
   for (; j + W <= n; j += W) {
@@ -264,13 +285,11 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
     // the vector's own compare as a bit mask (distinct powers of two add up to it), its
     // set lanes visited lowest first: no scalar recomputation, no branch per lane
     uint32_t lanes = static_cast<uint32_t>(tree(hit & bit, Add{}));
-    for (; lanes != 0; lanes &= lanes - 1) {
-      const int64_t t = __builtin_ctz(lanes);
-      bad |= entry_mismatch(q, K + (j + t) * D, D, S[j + t], noise, floor, nullptr);
-    }
+    for (; lanes != 0; lanes &= lanes - 1) visit(j + __builtin_ctz(lanes));
   }
   for (; j < n; ++j)
-    if (p[j] >= theta[j] * l) bad |= entry_mismatch(q, K + j * D, D, S[j], noise, floor, nullptr);
+    if (p[j] >= theta[j] * l) visit(j);
+  *hidden = h;
   return bad;
 }
 
