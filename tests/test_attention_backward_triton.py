@@ -90,13 +90,22 @@ def test_smaller_loop_tiles_same_gradients(monkeypatch, shape, tile):
     assert dq == {(64, tile)} and dkdv == {(tile, 64)}  # the tile was launched
 
 
+_CLEAN = {}  # the fault-free gradients of the site tests' inputs, once per (seed, tile): interpreter time
+
+
+def _site_case(seed, tile=None):
+    q, k, v = _qkv(1, 2, 1, 70, 90, 32, torch.float32, seed=seed)  # (GQA 2:1)
+    q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 2, 70, 32, generator=torch.Generator().manual_seed(seed)))
+    if (seed, tile) not in _CLEAN:
+        _CLEAN[seed, tile] = _grads(lambda *t: _ours(*t, causal=True), q, k, v, do)
+    return q, k, v, do, _CLEAN[seed, tile]
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tile is a test hook; CUDA takes loop_tile")
 @pytest.mark.parametrize("site", BACKWARD_SITES)
 def test_smaller_loop_tile_detects_and_corrects(monkeypatch, site):
     monkeypatch.setattr(launcher, "_interpreter_tile", 16)
-    q, k, v = _qkv(1, 2, 1, 70, 90, 32, torch.float32, seed=8)
-    do = torch.randn(1, 2, 70, 32)
-    clean = _grads(lambda *t: _ours(*t, causal=True), q, k, v, do)
+    q, k, v, do, clean = _site_case(8, tile=16)
     fault = Fault(site, batch=0, head=1, row=66, col=60, dim=4, bit=30)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, rep = _ours(*leaves, causal=True, fault=fault, return_report=True)
@@ -121,9 +130,7 @@ def test_protection_levels_bit_identical_and_flags_clean():
 def test_every_backward_site_detected_and_corrected(site, pass_):
     if pass_ == "dkdv" and site in ("dq", "dk", "dv"):
         pytest.skip("an accumulator site has one pass")
-    q, k, v = _qkv(1, 2, 1, 70, 90, 32, torch.float32, seed=7)  # (GQA 2:1)
-    q, k, v, do = _on(DEVICE, q, k, v, torch.randn(1, 2, 70, 32))
-    clean = _grads(lambda *t: _ours(*t, causal=True), q, k, v, do)
+    q, k, v, do, clean = _site_case(7)
     flip = {"bit": 30} if pass_ == "dq" else {"bits": (2, 17, 30)}  # (dkdv: a multi-bit upset)
     fault = Fault(site, batch=0, head=1, row=66, col=60, dim=5 if pass_ == "dkdv" else 4, **flip)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -158,10 +165,18 @@ def test_nonfinite_input_is_reported_not_corrected():
 
 def test_random_campaign_full_protection():
     """Random faults at every backward site (the campaign's draw, both passes): none
-    harmful missed, no false alarm, every detected fault corrected."""
+    harmful missed, no false alarm, every detected fault corrected. Clean runs: the base
+    shape in every data kind and the fault inputs (the rest of the campaign's clean grid,
+    head dims to 256 and 8 heads, took 40 s of the interpreter; the C++ backward runs it
+    whole, and this file's clean tests cover the Triton kernels' shapes)."""
     shape = campaign.Shape(batch=1, heads=2, kv_heads=1, seq=40, kv_seq=70, head_dim=24, causal=True)
-    res = campaign.run("triton", DEVICE, "float32", "full", 42, shape=shape, long_kv=70, seed=5, progress=False,
-                       pass_="backward")
+    job = campaign.Job("triton", DEVICE, "float32", "full", 42, shape, 70, 5, pass_="backward")
+    kinds = len(campaign.CLEAN_KINDS)
+    assert job.clean_units()[:kinds] == [(shape, kind) for kind in campaign.CLEAN_KINDS]
+    records = [{"result": campaign.run_units(job, a, b), "seconds": 0.0}
+               for a, b in ((0, kinds), (len(job.clean_units()), job.units))]
+    res = campaign._merge(job, records)
+    assert res.clean_runs == kinds + 2
     assert res.failures() == [], campaign.format_table(res) + "\n" + "\n".join(res.missed_cases)
     assert sum(s.detected for s in res.sites.values()) > 0
 
