@@ -87,6 +87,7 @@ struct BwdScratch {
   std::vector<double> tks, tka, tvs, tva;            // per tile [D]
   std::vector<float> rk, mk, rvm;                    // dK's references [Mb x G]; dV's [Mb x 2G]
   std::vector<int32_t> keybits, qbits;
+  AVec<float> tref;  // tile_references' work space [6G x BWD_BN]
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
       : S(BWD_BM * BWD_BN), S2(BWD_BM * BWD_BN), Pm(BWD_BM * BWD_BN), dP(BWD_BM * BWD_BN), dS(BWD_BM * BWD_BN),
         dQ(BWD_BM * D), m(BWD_BM), rinv(BWD_BM), Drow(BWD_BM), qmax(BWD_BM), gmax(BWD_BM), l(BWD_BM),
@@ -104,12 +105,77 @@ struct BwdScratch {
     kmax.resize(M);
     for (auto* x : {&kg, &rvm}) x->resize(M * 2 * G);
     for (auto* x : {&rk, &mk}) x->resize(M * G);
+    tref.resize(6 * G * BWD_BN);
     for (auto* x : {&tks, &tka, &tvs, &tva}) x->resize(std::max<int64_t>(ntiles, 1) * D);
   }
 };
 
 // ---------------------------------------------------------------------------
 // Row kernels (one clone per ISA).
+
+// The checksum references of dQ, dK and dV for one tile of `rows` query rows and n keys,
+// accumulated: rq += dS kg and mq += |dS| kga [rows x G], rk += dS^T qg and mk += |dS|^T qga
+// [n x G], rvm += P^T gg [n x 2G] (kg / kga: the keys' group sums of k and |k|, [n x 2G];
+// qg / qga likewise of q, gg of dO and |dO|, [rows x 2G]; dS, dSa, P [rows x ld]). Five
+// GEMMs with G or 2G columns did this through sgemm, whose skinny shapes ran ~16x below its
+// speed on the tile's main products (64 x 256 x 4 took as long as 64 x 256 x 64): the
+// largest part of a full backward (perf: MKL's sgemm_pst, 6753 samples against 8873 for the
+// five main products, B1 H8 N2048 D64 causal). Here: kg transposed once, then per row 2G dot
+// products and 4G axpys of n keys into a transposed column buffer, added in at the end.
+// (fp32, as the GEMMs: the bounds of the checks are unchanged.) work: [6G x n].
+FTATTN_CLONES static void tile_references(const float* __restrict dS, const float* __restrict dSa,
+                                          const float* __restrict P, int64_t ld, int64_t rows, int64_t n,
+                                          int64_t G, const float* __restrict kg, const float* __restrict qg,
+                                          const float* __restrict gg, float* __restrict rq, float* __restrict mq,
+                                          float* __restrict rk, float* __restrict mk, float* __restrict rvm,
+                                          float* __restrict work) {
+  const int64_t G2 = 2 * G;
+  float* kgT = work;           // [2G x n]
+  float* col = work + G2 * n;  // [4G x n]: rk's G rows, mk's G, rvm's 2G
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < G2; ++c) kgT[c * n + j] = kg[j * G2 + c];
+  std::fill(col, col + 2 * G2 * n, 0.f);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* ds = dS + i * ld;
+    const float* da = dSa + i * ld;
+    const float* pi = P + i * ld;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* ks = kgT + g * n;
+      const float* ka = kgT + (G + g) * n;
+      float r = 0.f, a = 0.f;
+#pragma omp simd reduction(+ : r, a)
+      for (int64_t j = 0; j < n; ++j) {
+        r += ds[j] * ks[j];
+        a += da[j] * ka[j];
+      }
+      rq[i * G + g] += r;
+      mq[i * G + g] += a;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float qs = qg[i * G2 + g], qa = qg[i * G2 + G + g];
+      float* cr = col + g * n;
+      float* ca = col + (G + g) * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        cr[j] += qs * ds[j];
+        ca[j] += qa * da[j];
+      }
+    }
+    for (int64_t c = 0; c < G2; ++c) {
+      const float gv = gg[i * G2 + c];
+      float* cv = col + (G2 + c) * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) cv[j] += gv * pi[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t g = 0; g < G; ++g) {
+      rk[j * G + g] += col[g * n + j];
+      mk[j * G + g] += col[(G + g) * n + j];
+    }
+    for (int64_t c = 0; c < G2; ++c) rvm[j * G2 + c] += col[(G2 + c) * n + j];
+  }
+}
 
 // The first pass over a row of a tile: m <- max(m, max_{j < vis} S_j scale) and the
 // normaliser l rescaled to it, plus sum_{j < vis} exp(S_j scale - m) (fp64).
@@ -473,11 +539,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       // the references of dQ, dK, dV for this tile (fp64)
       const int64_t G2 = 2 * G;
       const float* kg = w.kg.data() + n0 * G2;
-      gemm_rm(false, false, true, rows, G, n, dS, BWD_BN, kg, G2, w.rq.data(), G);
-      gemm_rm(false, false, true, rows, G, n, w.dSa.data(), BWD_BN, kg + G, G2, w.mq.data(), G);
-      gemm_rm(true, false, true, n, G, rows, dS, BWD_BN, w.qg.data(), G2, w.rk.data() + n0 * G, G);
-      gemm_rm(true, false, true, n, G, rows, w.dSa.data(), BWD_BN, w.qg.data() + G, G2, w.mk.data() + n0 * G, G);
-      gemm_rm(true, false, true, n, G2, rows, Pm, BWD_BN, w.gg.data(), G2, w.rvm.data() + n0 * G2, G2);
+      tile_references(dS, w.dSa.data(), Pm, BWD_BN, rows, n, G, kg, w.qg.data(), w.gg.data(), w.rq.data(),
+                      w.mq.data(), w.rk.data() + n0 * G, w.mk.data() + n0 * G, w.rvm.data() + n0 * G2,
+                      w.tref.data());
     }
     if (frow && f.site == kDq) corrupt_dims(w.dQ.data() + fi * D, D, f);
     memory_barrier();
