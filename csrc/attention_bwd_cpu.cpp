@@ -113,67 +113,95 @@ struct BwdScratch {
 // ---------------------------------------------------------------------------
 // Row kernels (one clone per ISA).
 
+// out[c][j0..j0+16) += sum_i coef[i * cs + c] X[i][j0..j0+16) for c < NC (rows of out at stride
+// ld_out): NC accumulators in registers over all the rows, one load of X per row.
+template <int NC>
+FTATTN_VEC_INLINE void columns_block(const float* __restrict X, int64_t ld, int64_t rows,
+                                     const float* __restrict coef, int64_t cs, int64_t j0, float* __restrict out,
+                                     int64_t ld_out) {
+  vec::f16 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = vec::f16{};
+  for (int64_t i = 0; i < rows; ++i) {
+    const vec::f16 x = vec::load(X + i * ld + j0);
+    for (int c = 0; c < NC; ++c) acc[c] += coef[i * cs + c] * x;
+  }
+  for (int c = 0; c < NC; ++c) vec::store(out + c * ld_out + j0, vec::load(out + c * ld_out + j0) + acc[c]);
+}
+
+// out[c][.] for c < count, in blocks of 4 (then the rest): columns_block over the j-vectors.
+FTATTN_VEC_INLINE void columns(const float* __restrict X, int64_t ld, int64_t rows, const float* __restrict coef,
+                               int64_t cs, int64_t count, int64_t j0, float* __restrict out, int64_t ld_out) {
+  int64_t c = 0;
+  for (; c + 4 <= count; c += 4) columns_block<4>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out);
+  switch (count - c) {
+    case 3: columns_block<3>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 2: columns_block<2>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 1: columns_block<1>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    default: break;
+  }
+}
+
 // The checksum references of dQ, dK and dV for one tile of `rows` query rows and n keys,
 // accumulated: rq += dS kg and mq += |dS| kga [rows x G], rk += dS^T qg and mk += |dS|^T qga
 // [n x G], rvm += P^T gg [n x 2G] (kg / kga: the keys' group sums of k and |k|, [n x 2G];
-// qg / qga likewise of q, gg of dO and |dO|, [rows x 2G]; dS, dSa, P [rows x ld]). Five
-// GEMMs with G or 2G columns did this through sgemm, whose skinny shapes ran ~16x below its
-// speed on the tile's main products (64 x 256 x 4 took as long as 64 x 256 x 64): the
-// largest part of a full backward (perf: MKL's sgemm_pst, 6753 samples against 8873 for the
-// five main products, B1 H8 N2048 D64 causal). Here: kg transposed once, then per row 2G dot
-// products and 4G axpys of n keys into a transposed column buffer, added in at the end.
-// (fp32, as the GEMMs: the bounds of the checks are unchanged.) work: [6G x n].
+// qg / qga likewise of q, gg of dO and |dO|, [rows x 2G]; dS, dSa, P [rows x ld], ld >= n
+// rounded up to 16). Five GEMMs with G or 2G columns did this through sgemm, whose skinny
+// shapes ran ~16x below its speed on the tile's main products (64 x 256 x 4 took as long as
+// 64 x 256 x 64): the largest part of a full backward (perf: MKL's sgemm_pst, 6753 samples
+// against 8873 for the five main products, B1 H8 N2048 D64 causal). Here kg is transposed
+// once; the dot products take the rows four at a time, the column sums keep four outputs
+// in registers over all the rows. (fp32, as the GEMMs: the checks' bounds are unchanged; the
+// key lanes beyond n are computed and dropped.) work: [6G x 256].
 FTATTN_CLONES static void tile_references(const float* __restrict dS, const float* __restrict dSa,
                                           const float* __restrict P, int64_t ld, int64_t rows, int64_t n,
                                           int64_t G, const float* __restrict kg, const float* __restrict qg,
                                           const float* __restrict gg, float* __restrict rq, float* __restrict mq,
                                           float* __restrict rk, float* __restrict mk, float* __restrict rvm,
                                           float* __restrict work) {
-  const int64_t G2 = 2 * G;
-  float* kgT = work;           // [2G x n]
-  float* col = work + G2 * n;  // [4G x n]: rk's G rows, mk's G, rvm's 2G
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t c = 0; c < G2; ++c) kgT[c * n + j] = kg[j * G2 + c];
-  std::fill(col, col + 2 * G2 * n, 0.f);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* ds = dS + i * ld;
-    const float* da = dSa + i * ld;
-    const float* pi = P + i * ld;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* ks = kgT + g * n;
-      const float* ka = kgT + (G + g) * n;
-      float r = 0.f, a = 0.f;
-#pragma omp simd reduction(+ : r, a)
-      for (int64_t j = 0; j < n; ++j) {
-        r += ds[j] * ks[j];
-        a += da[j] * ka[j];
+  using vec::f16;
+  const int64_t G2 = 2 * G, npad = (n + vec::W - 1) / vec::W * vec::W, nv = n / vec::W * vec::W;
+  float* kgT = work;              // [2G x npad], zero beyond n
+  float* col = work + G2 * npad;  // [4G x npad]: rk's G rows, mk's G, rvm's 2G
+  for (int64_t c = 0; c < G2; ++c) {
+    for (int64_t j = 0; j < n; ++j) kgT[c * npad + j] = kg[j * G2 + c];
+    std::fill(kgT + c * npad + n, kgT + (c + 1) * npad, 0.f);
+  }
+  std::fill(col, col + 2 * G2 * npad, 0.f);
+  // rq, mq: rows of dS (|dS|) against the G sums of k (|k|), four rows at a time
+  for (int which = 0; which < 2; ++which) {
+    const float* X = which == 0 ? dS : dSa;
+    const float* T = kgT + (which == 0 ? 0 : G * npad);
+    float* out = which == 0 ? rq : mq;
+    for (int64_t i0 = 0; i0 < rows; i0 += 4) {
+      const int64_t nr = std::min<int64_t>(4, rows - i0);
+      for (int64_t g = 0; g < G; ++g) {
+        f16 acc[4] = {f16{}, f16{}, f16{}, f16{}};
+        const float* t = T + g * npad;
+        for (int64_t j = 0; j < nv; j += vec::W) {
+          const f16 tv = vec::load(t + j);
+          for (int r = 0; r < 4; ++r)
+            if (r < nr) acc[r] += vec::load(X + (i0 + r) * ld + j) * tv;
+        }
+        for (int r = 0; r < nr; ++r) {
+          float sum = vec::hsum(acc[r]);
+          for (int64_t j = nv; j < n; ++j) sum += X[(i0 + r) * ld + j] * t[j];
+          out[(i0 + r) * G + g] += sum;
+        }
       }
-      rq[i * G + g] += r;
-      mq[i * G + g] += a;
     }
-    for (int64_t g = 0; g < G; ++g) {
-      const float qs = qg[i * G2 + g], qa = qg[i * G2 + G + g];
-      float* cr = col + g * n;
-      float* ca = col + (G + g) * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        cr[j] += qs * ds[j];
-        ca[j] += qa * da[j];
-      }
-    }
-    for (int64_t c = 0; c < G2; ++c) {
-      const float gv = gg[i * G2 + c];
-      float* cv = col + (G2 + c) * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) cv[j] += gv * pi[j];
-    }
+  }
+  // rk, mk, rvm: the columns, over all the rows
+  for (int64_t j0 = 0; j0 < npad; j0 += vec::W) {
+    columns(dS, ld, rows, qg, G2, G, j0, col, npad);
+    columns(dSa, ld, rows, qg + G, G2, G, j0, col + G * npad, npad);
+    columns(P, ld, rows, gg, G2, G2, j0, col + G2 * npad, npad);
   }
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t g = 0; g < G; ++g) {
-      rk[j * G + g] += col[g * n + j];
-      mk[j * G + g] += col[(G + g) * n + j];
+      rk[j * G + g] += col[g * npad + j];
+      mk[j * G + g] += col[(G + g) * npad + j];
     }
-    for (int64_t c = 0; c < G2; ++c) rvm[j * G2 + c] += col[(G2 + c) * n + j];
+    for (int64_t c = 0; c < G2; ++c) rvm[j * G2 + c] += col[(G2 + c) * npad + j];
   }
 }
 
