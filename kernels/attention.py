@@ -338,12 +338,14 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                 # >= TAU_VERIFY l, with e^x - 1 <= x (1 + x) or e^x): the tile's S again by the
                 # same product, bit for bit, every row. (On a GPU the compiler may merge the
                 # two products into one: the comparison then sees what changes S after the
-                # product, the scores site, not a fault inside it.)
+                # product, the scores site, not a fault inside it. Were a 16-bit tensor-core
+                # product compiled differently in this branch, clean calls would alarm: a GPU
+                # clean run at full on outlier-channel data in fp16 / bf16 is to confirm it.)
                 if PROTECTION >= 2:
                     x_n = noise * tl.abs(sm_scale)
                     grow_n = tl.where(x_n <= 0.5, x_n * (1.0 + x_n), tl.exp(x_n))
                     hidden = tl.sum(tl.where(verify, p * grow_n * (v_max[None, :] + 1.0), 0.0), 1)
-                    if tl.max((~(hidden < TAU_VERIFY * l_new)).to(tl.int32)) != 0:
+                    if tl.max((~(hidden < TAU_VERIFY * l_new) & ~dead & row_ok).to(tl.int32)) != 0:
                         again = _qk(q, k, DOT_F32)
                         differs = again.to(tl.int32, bitcast=True) != qk.to(tl.int32, bitcast=True)
                         bad = bad | tl.where(tl.max(differs.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)

@@ -193,6 +193,7 @@ def test_targeted_warp_campaign_misses_nothing(dtype):
     res = campaign.run("cpp", "cpu", dtype, "full", faults=1400, seed=0, progress=False, targeted=True,
                        pattern="warp")
     assert res.false_alarms == 0
+    assert sum(st.harmful for st in res.sites.values()) > 300 and res.sites["scores"].harmful > 50
     missed = {site: st.harmful_missed for site, st in res.sites.items() if st.harmful_missed}
     assert not missed, missed
     for site, st in res.sites.items():

@@ -344,11 +344,12 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       for (int64_t i = i0; i < i1; ++i) {
         if (!(w.pmax[i] >= theta_low * w.l[i]) || w.m[i] == NEG_INF) continue;
         const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
-        double hidden;
+        const bool full = P.protection >= 2;
+        double hidden = 0.0;
         if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), vmax,
-                            w.l[i], P.scale, std::min<int64_t>(cols, limit + 1), &hidden))
+                            w.l[i], P.scale, std::min<int64_t>(cols, limit + 1), full ? &hidden : nullptr))
           bad[sb] |= kScoreRecompute;
-        if (P.protection >= 2 && !(hidden < TAU_VERIFY * static_cast<double>(w.l[i]))) w.dmr = true;
+        if (full && !(hidden < TAU_VERIFY * static_cast<double>(w.l[i]))) w.dmr = true;
       }
     }
   }

@@ -259,8 +259,8 @@ FTATTN_VEC_INLINE bool entry_mismatch(const float* __restrict a, const float* __
 // such changes uncovered, as it leaves probs.
 //
 // true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
-// recomputed in fp64 (keys j < n: the visible ones of the tile); *hidden gets
-// sum_j p_j (e^{scale b_j} - 1) (|v_j|_inf + 1) over those keys.
+// recomputed in fp64 (keys j < n: the visible ones of the tile); *hidden (when given:
+// protection full) gets sum_j p_j (e^{scale b_j} - 1) (|v_j|_inf + 1) over those keys.
 FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
                                           const float* __restrict S, const float* __restrict p,
                                           const float* __restrict theta, const float* __restrict vmax, float l,
@@ -272,6 +272,10 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
   bool bad = false;
   double h = 0.0;
   const auto visit = [&](int64_t j) {
+    if (hidden == nullptr) {  // (abft: no bound needed, no square root)
+      bad |= entry_mismatch(q, K + j * D, D, S[j], noise, floor, nullptr);
+      return;
+    }
     double b;
     bad |= entry_mismatch(q, K + j * D, D, S[j], noise, floor, &b);
     h += static_cast<double>(p[j]) * std::expm1(sc * b) * (static_cast<double>(vmax[j]) + 1.0);
@@ -289,7 +293,7 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
   }
   for (; j < n; ++j)
     if (p[j] >= theta[j] * l) visit(j);
-  *hidden = h;
+  if (hidden != nullptr) *hidden = h;
   return bad;
 }
 
