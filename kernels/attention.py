@@ -214,7 +214,7 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                     q, qf, qabs, qsum0, qabs0, qsum1, qabs1,  #
                     q_base, k_base, v_base,  #
                     stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,  #
-                    offs_m, row_ok, offs_d, d_ok, rep, lo, hi, M, shift, sm_scale, qk_scale,  #
+                    offs_m, row_ok, offs_d, d_ok, rep, lo, hi, M, shift, sm_scale, qk_scale, unit,  #
                     f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
                     NUM_REPORT: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,  #
@@ -336,17 +336,22 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                 # protection full, where the verified keys' noise could hide harm
                 # (csrc/attention/checks.h: sum_j p_j (e^{|scale| b_j} - 1) (|v_j|_inf + 1)
                 # >= TAU_VERIFY l, with e^x - 1 <= x (1 + x) or e^x): the tile's S again by the
-                # same product, bit for bit, every row. (On a GPU the compiler may merge the
-                # two products into one: the comparison then sees what changes S after the
-                # product, the scores site, not a fault inside it. Were a 16-bit tensor-core
-                # product compiled differently in this branch, clean calls would alarm: a GPU
-                # clean run at full on outlier-channel data in fp16 / bf16 is to confirm it.)
+                # same product, bit for bit, every row. (Were a 16-bit tensor-core product
+                # compiled differently in this branch, clean calls would alarm: a GPU clean
+                # run at full on outlier-channel data in fp16 / bf16 is to confirm it.)
                 if PROTECTION >= 2:
                     x_n = noise * tl.abs(sm_scale)
                     grow_n = tl.where(x_n <= 0.5, x_n * (1.0 + x_n), tl.exp(x_n))
                     hidden = tl.sum(tl.where(verify, p * grow_n * (v_max[None, :] + 1.0), 0.0), 1)
                     if tl.max((~(hidden < TAU_VERIFY * l_new) & ~dead & row_ok).to(tl.int32)) != 0:
-                        again = _qk(q, k, DOT_F32)
+                        # (k times unit, a 1.0 the compiler cannot see, in the dot's operand
+                        # dtype: an exact product that keeps the second product from being
+                        # merged with the first, on the same kind of dot)
+                        if DOT_F32:
+                            k_again = k.to(tl.float32) * unit
+                        else:
+                            k_again = (k * unit).to(k.dtype)
+                        again = _qk(q, k_again, DOT_F32)
                         differs = again.to(tl.int32, bitcast=True) != qk.to(tl.int32, bitcast=True)
                         bad = bad | tl.where(tl.max(differs.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)
             if PROTECTION >= 2:
@@ -399,7 +404,7 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
 @triton.jit
 def _attn_block(Q, K, V, q_base, k_base, v_base,  #
                 stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,  #
-                start_m, N, M, sm_scale,  #
+                start_m, N, M, sm_scale, unit,  #
                 f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  #
                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PROTECTION: tl.constexpr,  #
@@ -455,14 +460,14 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
     acc, m_i, l_i, l2_i, c_i, bv_i, bad = _attn_fwd_inner(
         acc, m_i, l_i, l2_i, c_i, bv_i, bad, q, qf, qabs, qsum0, qabs0, qsum1, qabs1, q_base, k_base, v_base,  #
         stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, row_ok, offs_d, d_ok, rep, 0, full_end, M, shift, sm_scale,
-        qk_scale, f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
+        qk_scale, unit, f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
         HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, False, PROTECTION, INJECT, EVEN_D, DOT_F32,
         not IS_FP32, NUM_GROUPS)
     # stage 2: the diagonal band and the boundary tile, masked
     acc, m_i, l_i, l2_i, c_i, bv_i, bad = _attn_fwd_inner(
         acc, m_i, l_i, l2_i, c_i, bv_i, bad, q, qf, qabs, qsum0, qabs0, qsum1, qabs1, q_base, k_base, v_base,  #
         stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, row_ok, offs_d, d_ok, rep, full_end, kv_end, M, shift,
-        sm_scale, qk_scale, f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
+        sm_scale, qk_scale, unit, f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
         HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, True, PROTECTION, INJECT, EVEN_D, DOT_F32,
         not IS_FP32, NUM_GROUPS)
 
@@ -626,7 +631,7 @@ def _attn_fwd(Q, K, V, Out, Flags, KStart, KEnd,  #
               stride_kb, stride_kh, stride_kn, stride_kd,  #
               stride_vb, stride_vh, stride_vn, stride_vd,  #
               stride_ob, stride_oh, stride_om, stride_od,  #
-              Hq, GROUP, N, M, NUM_FLAGS, sm_scale,  #
+              Hq, GROUP, N, M, NUM_FLAGS, sm_scale, unit,  #
               # fault (used only when INJECT)
               F_SITE, F_BATCH, F_HEAD, F_ROW, F_COL, F_DIM, F_SPAN, F_XOR, F_USE_VALUE, F_VALUE,  #
               # autotune keys (power-of-two buckets of N and M)
@@ -653,7 +658,7 @@ def _attn_fwd(Q, K, V, Out, Flags, KStart, KEnd,  #
         f_col = (F_COL - k0).to(tl.int32)
     f_here = (off_b == F_BATCH) & (off_h == F_HEAD)
     out, bad = _attn_block(Q, K, V, q_base, k_base, v_base, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
-                           stride_vd, start_m, N, M, sm_scale,  #
+                           stride_vd, start_m, N, M, sm_scale, unit,  #
                            f_here, F_SITE, F_ROW, f_col, F_DIM, F_SPAN, F_XOR, F_USE_VALUE, F_VALUE,  #
                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, CAUSAL, PROTECTION, INJECT, EMULATE_BF16_DOT)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -680,7 +685,7 @@ def _attn_replay(Q, K, V, Out, Flags, KStart, KEnd,  #
                  stride_kb, stride_kh, stride_kn, stride_kd,  #
                  stride_vb, stride_vh, stride_vn, stride_vd,  #
                  stride_ob, stride_oh, stride_om, stride_od,  #
-                 Hq, GROUP, N, M, NUM_FLAGS, sm_scale,  #
+                 Hq, GROUP, N, M, NUM_FLAGS, sm_scale, unit,  #
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,  #
                  PROTECTION: tl.constexpr, RECOMPUTE: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,  #
                  KEY_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -747,7 +752,7 @@ def _attn_replay(Q, K, V, Out, Flags, KStart, KEnd,  #
         if RECOMPUTE:
             if redo0 | redo1:
                 out, bad = _attn_block(Q, K, V, q_base, k_base, v_base, stride_qm, stride_qd, stride_kn, stride_kd,
-                                       stride_vn, stride_vd, start_m, N, M, sm_scale,  #
+                                       stride_vn, stride_vd, start_m, N, M, sm_scale, unit,  #
                                        False, 0, 0, 0, 0, 1, 0, 0, 0.0,  #
                                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, CAUSAL, PROTECTION, False,
                                        EMULATE_BF16_DOT)

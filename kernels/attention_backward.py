@@ -18,7 +18,8 @@ Extra memory O(B * H * (N + M) * D): never an N x M matrix.
 
 Checks (the C++ kernel's, csrc/attention_bwd_cpu.cpp, as far as a program sees them):
   _bwd_dq (a row's keys all pass through one program):
-    S and dP: row checksums per tile, sum_j S_ij vs q_i . sum_j k_j;
+    S and dP: row checksums per tile, sum_j S_ij vs q_i . sum_j k_j, and column checksums
+        over the program's 64 rows, sum_i S_ij vs (sum_i q_i) . k_j;
     P in [0, 1], each row summing to 1 over its visible keys (0 for a row with none);
     dS: each row's sum against sum_j P dP - D sum_j P;
     dQ: checksums per group of 16 head dims, sum_{d in g} dQ_id vs sum_j dS_ij
@@ -28,10 +29,12 @@ Checks (the C++ kernel's, csrc/attention_bwd_cpu.cpp, as far as a program sees t
     P in [0, 1] and (the row sums being out of reach) P's second computation (a
         polynomial exp on the FMA pipes against exp2) and dS's (P dP - P D) at abft too;
     dK, dV: checksums per group of 16 head dims, as dQ's.
+  both: the S / dP entries a fault within the column checksums' bounds could still move
+    harmfully (their probability times the gradients they reach: outlier channels)
+    recomputed in fp64 and by the same product again, bit for bit (the C++ kernel's
+    verification; it makes the second product only where the fp64 bound could hide harm).
   full adds the second P and dS in _bwd_dq as well.
-Not yet (the C++ kernel has them): the verification of the S / dP entries a fault within
-the checksums' bounds could still move harmfully (outlier channels), and 16-bit products
-on tensor cores (inputs are converted to fp32).
+Not yet: 16-bit products on tensor cores (inputs are converted to fp32).
 
 Fault injection (constexpr INJECT): bwd_scores / bwd_probs / dp / ds hit the values in
 _bwd_dq's recomputation when the fault's dim is even, in _bwd_dkdv's when it is odd (each
@@ -47,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..contract import Check, Site
-from .attention import KAPPA, LN2, LOG2E, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly
+from .attention import KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly, _scores_fp64
 
 # the check bits and backward sites of ftattn/contract.py as constexprs
 for _c in Check:
@@ -164,15 +167,66 @@ def _products(l1, r1, l2, r2, m_b, r_b, d_b, vis, hit, scale, f_site, f_xor, f_u
 @triton.jit
 def _checksum_bits(a, bt, x, f, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, bit: tl.constexpr):
     """Row checksums of the product x = a bt^T ([R, WIDTH]): sum_j x_rj vs a_r . sum_j bt_j
-    within f |a_r| . sum_j |bt_j| (the roundings of both sides) plus underflow: the bit per row."""
+    within f |a_r| . sum_j |bt_j| (the roundings of both sides) plus underflow: the bit per
+    row, and each row's bound."""
     ref = tl.sum(a * tl.sum(bt, 0)[None, :], 1)
     mag = tl.sum(tl.abs(a) * tl.sum(tl.abs(bt), 0)[None, :], 1)
     bound = f * mag + (WIDTH * (HEAD_DIM + 1)) * UNDERFLOW
-    return tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit)
+    return tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit), bound
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, scale,  #
+def _col_checksum(a, bt, x, f, HEIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, bit: tl.constexpr):
+    """Column checksums of the product x = a bt^T ([HEIGHT, C]): sum_r x_rc vs
+    (sum_r a_r) . bt_c within f (sum_r |a_r|) . |bt_c| plus underflow: the bit when a column
+    fails, and each column's bound."""
+    ref = tl.sum(bt * tl.sum(a, 0)[None, :], 1)
+    mag = tl.sum(tl.abs(bt) * tl.sum(tl.abs(a), 0)[None, :], 1)
+    bound = f * mag + (HEIGHT * (HEAD_DIM + 1)) * UNDERFLOW
+    bad = ~(tl.abs(tl.sum(x, 0) - ref) <= bound)
+    return tl.where(tl.max(bad.to(tl.int32), 0) != 0, bit, 0), bound
+
+
+@triton.jit
+def _entries_to_verify(p, dp, delta, gmax, reach, colb_s, colb_p, vis, ascale):
+    """The entries of S and dP that a fault within the column checksums' bounds (a change of
+    at most 2 colb) could still move harmfully (csrc/attention_bwd_cpu.cpp's harm_bounds,
+    raised by 2^-10 against fp32 rounding): S_ij moves P_ij by P_ij (e^{change scale} - 1),
+    which reaches dV_j through dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i;
+    dP_ij moves dS_ij by P_ij change (dQ_i, dK_j). reach = |scale| max(|q_i|, |k_j|); the
+    arguments broadcast to the tile (either pass's orientation). A NaN bound verifies."""
+    x = 2.0 * colb_s * ascale
+    grow_s = tl.where(x <= 0.5, x * (1.0 + x), tl.exp(x)) * (1.0 + 2.0**-10)  # >= e^x - 1
+    harm_s = p * grow_s * (2.0 * (gmax + reach * tl.abs(dp - delta)))
+    harm_p = p * (2.0 * colb_p * (1.0 + 2.0**-10)) * (2.0 * reach)
+    return vis & ~(harm_s < TAU_VERIFY), vis & ~(harm_p < TAU_VERIFY)
+
+
+@triton.jit
+def _verify_entries(x, a, b, a_base, b_base, offs_a, offs_b, a_ok, b_ok, need, unit,
+                    HEAD_DIM: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, bit: tl.constexpr):
+    """The entries of the product x = a b^T ([BA, BB]; a, b the fp32 rows at a_base, b_base,
+    HEAD_DIM apart) where ``need`` holds: against the product in fp64, within KAPPA sqrt(D) u
+    (||a_i o b_j||_2 + |x_ij|) (the forward's score verification), and against the product
+    made again, bit for bit (as the C++ kernel where the fp64 bound could hide harm: the
+    gradients carry a score's error times |k| and |q|). The second product takes b times
+    ``unit``, a 1.0 the compiler cannot see, so that it is not merged with the first. The
+    bit per row of x."""
+    out = tl.zeros([BA], tl.int32)
+    if tl.max(need.to(tl.int32)) != 0:  # (most tiles: no entry to verify)
+        x64 = _scores_fp64(a_base, b_base, HEAD_DIM, 1, HEAD_DIM, 1, offs_a, offs_b, a_ok, b_ok, HEAD_DIM, BA, BB)
+        norm = tl.sqrt(_dot(a * a, tl.trans(b * b)))
+        verify_tol = tl.sqrt(tl.full([], 1.0 * HEAD_DIM, tl.float32)) * (KAPPA * U32)
+        noise = verify_tol * (norm + tl.abs(x64.to(tl.float32))) + (HEAD_DIM + 1) * UNDERFLOW
+        bad = need & ~(tl.abs(x.to(tl.float64) - x64) <= noise.to(tl.float64))
+        again = _dot(a, tl.trans(b * unit))
+        bad = bad | (need & (again.to(tl.int32, bitcast=True) != x.to(tl.int32, bitcast=True)))
+        out = tl.where(tl.max(bad.to(tl.int32), 1) != 0, bit, 0)
+    return out
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, scale, unit,  #
             f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
@@ -202,6 +256,12 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
     E = _groups(offs_d, HEAD_DIM)
     # roundings on both sides of a row checksum
     row_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_N + 2, tl.float32))
+    col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
+    ascale = tl.abs(scale)
+    qmax = tl.max(tl.abs(q), 1)
+    gmax = tl.max(tl.abs(do), 1)
+    q_base, g_base = Q + bh * N * HEAD_DIM, DO + bh * N * HEAD_DIM
+    k_base, v_base = K + bk * M * HEAD_DIM, V + bk * M * HEAD_DIM
     hit_rows = (offs_m[:, None] == f_row) & (bh == f_bh) & (f_dim % 2 == 0)
     hi = M
     if CAUSAL:
@@ -221,8 +281,20 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
         acc = tl.dot(ds, k, acc, input_precision="ieee")
         if PROTECTION >= 1:
             # S and dP: row checksums of the tile
-            bits = bits | _checksum_bits(q, k, s, row_f, BLOCK_N, HEAD_DIM, ROW_CHECKSUM)
-            bits = bits | _checksum_bits(do, v, dp, row_f, BLOCK_N, HEAD_DIM, DP_CHECKSUM)
+            bits = bits | _checksum_bits(q, k, s, row_f, BLOCK_N, HEAD_DIM, ROW_CHECKSUM)[0]
+            bits = bits | _checksum_bits(do, v, dp, row_f, BLOCK_N, HEAD_DIM, DP_CHECKSUM)[0]
+            # and column checksums over this program's rows, whose bounds say which entries
+            # a fault they miss could still move harmfully: those verified
+            cbit_s, colb_s = _col_checksum(q, k, s, col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
+            cbit_p, colb_p = _col_checksum(do, v, dp, col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
+            bits = bits | cbit_s | cbit_p
+            reach = ascale * tl.maximum(qmax[:, None], tl.max(tl.abs(k), 1)[None, :])
+            need_s, need_p = _entries_to_verify(p, dp, delta[:, None], gmax[:, None], reach, colb_s[None, :],
+                                                colb_p[None, :], vis, ascale)
+            bits = bits | _verify_entries(s, q, k, q_base, k_base, offs_m, cols, row_ok, key_ok, need_s, unit,
+                                          HEAD_DIM, BLOCK_M, BLOCK_N, SCORE_RECOMPUTE)
+            bits = bits | _verify_entries(dp, do, v, g_base, v_base, offs_m, cols, row_ok, key_ok, need_p, unit,
+                                          HEAD_DIM, BLOCK_M, BLOCK_N, DP_CHECKSUM)
             bits = bits | tl.where(tl.max(((p < 0.0) | (p > P_MAX) | (p != p)).to(tl.int32), 1) != 0, PROBS_RANGE, 0)
             rs += tl.sum(p, 1)
             dsum += tl.sum(ds, 1)
@@ -279,7 +351,7 @@ def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, NQ, NFLAG, scale,  #
+def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, NQ, NFLAG, scale, unit,  #
               f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
@@ -302,6 +374,10 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
     magv = tl.zeros([BLOCK_N, 16], tl.float32)
     E = _groups(offs_d, HEAD_DIM)
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
+    ascale = tl.abs(scale)
+    kmax = tl.max(tl.abs(k), 1)
+    q_base, g_base = Q + bh * N * HEAD_DIM, DO + bh * N * HEAD_DIM
+    k_base, v_base = K + bk * M * HEAD_DIM, V + bk * M * HEAD_DIM
     hit_keys = ((cols >= f_col) & (cols < f_col + f_span) & key_ok)[:, None] & (bh == f_bh) & (f_dim % 2 == 1)
     lo = 0
     if CAUSAL:  # the first query row that sees key pid_n * BLOCK_N: i >= j - shift
@@ -326,8 +402,17 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
         dk = tl.dot(dst, q, dk, input_precision="ieee")
         if PROTECTION >= 1:
             # S and dP: column checksums (rows of the transposed tiles) over this query tile
-            bits = bits | _checksum_bits(k, q, st, col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
-            bits = bits | _checksum_bits(v, do, dpt, col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
+            cbit_s, colb_s = _checksum_bits(k, q, st, col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
+            cbit_p, colb_p = _checksum_bits(v, do, dpt, col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
+            bits = bits | cbit_s | cbit_p
+            # the entries a fault within those bounds could still move harmfully, verified
+            reach = ascale * tl.maximum(kmax[:, None], tl.max(tl.abs(q), 1)[None, :])
+            need_s, need_p = _entries_to_verify(pt, dpt, delta[None, :], tl.max(tl.abs(do), 1)[None, :], reach,
+                                                colb_s[:, None], colb_p[:, None], vis, ascale)
+            bits = bits | _verify_entries(st, k, q, k_base, q_base, cols, offs_m, key_ok, row_ok, need_s, unit,
+                                          HEAD_DIM, BLOCK_N, BLOCK_M, SCORE_RECOMPUTE)
+            bits = bits | _verify_entries(dpt, v, do, v_base, g_base, cols, offs_m, key_ok, row_ok, need_p, unit,
+                                          HEAD_DIM, BLOCK_N, BLOCK_M, DP_CHECKSUM)
             bad_p = tl.max(((pt < 0.0) | (pt > P_MAX) | (pt != pt)).to(tl.int32), 1) != 0
             bits = bits | tl.where(bad_p, PROBS_RANGE, 0)
             # a row's keys are spread over programs (no row sum here): P and dS computed twice

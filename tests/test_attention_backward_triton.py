@@ -146,6 +146,42 @@ def test_every_backward_site_detected_and_corrected(site, pass_):
         _ours(*leaves, causal=True, fault=fault, on_fault="raise").backward(do)
 
 
+_OUTLIER = {}
+
+
+def _outlier_case():
+    """The targeted backward campaign's first input (outlier channels; its generator),
+    where the Triton backward without entry verification missed harmful dP and S faults
+    on the most probable key (27) of row 39: each within the checksums' bounds."""
+    if not _OUTLIER:
+        shape = campaign.Shape(batch=1, heads=2, kv_heads=1, seq=40, kv_seq=70, head_dim=24, causal=True)
+        q, k, v = campaign.make_data("outlier", shape, torch.float32, DEVICE, torch.Generator().manual_seed(32))
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        _OUTLIER["case"] = q, k, v, do, _grads(lambda *t: _ours(*t, causal=True), q, k, v, do)
+    return _OUTLIER["case"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+@pytest.mark.parametrize("site, dim, bit", [  # dim even: the dQ pass's recomputation is hit, odd: dK / dV's
+    ("dp", 18, 9), ("dp", 18, 12), ("dp", 19, 10), ("dp", 19, 12), ("bwd_scores", 19, 12)])
+def test_entry_within_the_checksum_bounds_is_verified(backend, site, dim, bit):
+    q, k, v, do, clean = _outlier_case()
+    if backend != "triton":
+        clean = _grads(lambda *t: ftattn.attention(*t, causal=True, backend=backend), q, k, v, do)
+    fault = Fault(site, batch=0, head=0, row=39, col=27, dim=dim, bit=bit)
+    run = lambda *t, **kw: ftattn.attention(*t, causal=True, backend=backend, fault=fault, **kw)  # noqa: E731
+    raw = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    run(*raw, on_fault="report").backward(do)
+    harmful = campaign._harmful(tuple(t.grad for t in raw), tuple(clean), 2.0**-10)
+    assert harmful or backend != "triton"  # the fault matters (the other backends round apart)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, rep = run(*leaves, return_report=True)
+    out.backward(do)
+    assert rep.backward.detected > 0 or not harmful
+    assert rep.backward.corrected == rep.backward.flagged_blocks
+    assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean))
+
+
 def test_protection_off_sees_nothing():
     q, k, v = _on(DEVICE, *_qkv(1, 2, 1, 20, 30, 16, torch.float32, seed=9))
     do = torch.randn(1, 2, 20, 16).to(DEVICE)
@@ -196,7 +232,7 @@ for dim, pad in [tuple(map(int, sys.argv[1:3]))]:
         if fn is not kern._bwd_prep:
             consts.update(PROTECTION=2, INJECT=True)
         sig = {n: "constexpr" if n in consts else ("*i32" if n == "Flags" else "*fp32") if n in POINTERS
-               else "fp32" if n in ("scale", "f_value") else "i32" for n in fn.arg_names}
+               else "fp32" if n in ("scale", "unit", "f_value") else "i32" for n in fn.arg_names}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": 4, "num_stages": 2})
         assert pad > 64 or "ld.local" not in k.asm["ptx"], f"register spills in {fn.__name__}"

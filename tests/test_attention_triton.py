@@ -575,7 +575,7 @@ for fn, extra in ((kern._attn_fwd, dict(INJECT=True)), (kern._attn_replay, dict(
                   KEY_RANGE=True, BLOCK_M=128, BLOCK_N=32, **extra)
     sig = {n: "constexpr" if n in consts else "*i64" if n in ("KStart", "KEnd") else
            ("*i32" if n == "Flags" else "*bf16") if n in ("Q", "K", "V", "Out", "Flags")
-           else "fp32" if n in ("sm_scale", "F_VALUE") else "i32" for n in fn.arg_names}
+           else "fp32" if n in ("sm_scale", "unit", "F_VALUE") else "i32" for n in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 2})
     assert "ld.local" not in k.asm["ptx"], "register spills"
@@ -602,7 +602,7 @@ for i, n in enumerate(fn.arg_names):
     elif n in ("Q", "K", "V", "Out", "Flags", "KStart", "KEnd"):
         sig[n] = "*i32" if n == "Flags" else "*i64" if n in ("KStart", "KEnd") else "*fp16"
         attrs[(i,)] = [["tt.divisibility", 16]]
-    elif n in ("sm_scale", "F_VALUE"):
+    elif n in ("sm_scale", "unit", "F_VALUE"):
         sig[n] = "fp32"
     else:
         sig[n] = "i32"

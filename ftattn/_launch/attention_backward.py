@@ -59,9 +59,9 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
         _bwd_prep[(nq, B * Hq)](qf, kf, of, gf, mrow, rinv, delta, Hq, group, N, M, float(scale), **shape,
                                 **rows_block)
         _bwd_dq[(nq, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dq, flags, Hq, group, N, M, nq + nk, float(scale),
-                              *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **rows_block)
+                              1.0, *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **rows_block)
         _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, Hq, group, N, M, nq, nq + nk,
-                                float(scale), *fargs, **shape, PROTECTION=int(protection), INJECT=inject,
+                                float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection), INJECT=inject,
                                 **keys_block)
     dk = (dkh * scale).view(B, Hkv, group, M, D).sum(2)
     dv = dvh.view(B, Hkv, group, M, D).sum(2)
