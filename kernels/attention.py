@@ -173,6 +173,20 @@ def _qk(q, k, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _qk_again(q, k, like, unit, DOT_F32: tl.constexpr):
+    """The same product as _qk, made a second time: its accumulator starts from zeros times
+    ``unit``, a 1.0 kernel argument the compiler cannot see, so the two dots are distinct
+    operations (never merged into one) over the same operands and layouts (no extra shared
+    memory), and +0 * 1 = +0 starts both alike: equal bit for bit unless a fault struck."""
+    zero = tl.zeros_like(like) * unit
+    if DOT_F32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), zero, input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k), zero)
+    return qk
+
+
+@triton.jit
 def _bit_or(a, b):
     return a | b
 
@@ -344,14 +358,7 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                     grow_n = tl.where(x_n <= 0.5, x_n * (1.0 + x_n), tl.exp(x_n))
                     hidden = tl.sum(tl.where(verify, p * grow_n * (v_max[None, :] + 1.0), 0.0), 1)
                     if tl.max((~(hidden < TAU_VERIFY * l_new) & ~dead & row_ok).to(tl.int32)) != 0:
-                        # (k times unit, a 1.0 the compiler cannot see, in the dot's operand
-                        # dtype: an exact product that keeps the second product from being
-                        # merged with the first, on the same kind of dot)
-                        if DOT_F32:
-                            k_again = k.to(tl.float32) * unit
-                        else:
-                            k_again = (k * unit).to(k.dtype)
-                        again = _qk(q, k_again, DOT_F32)
+                        again = _qk_again(q, k, qk, unit, DOT_F32)
                         differs = again.to(tl.int32, bitcast=True) != qk.to(tl.int32, bitcast=True)
                         bad = bad | tl.where(tl.max(differs.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)
             if PROTECTION >= 2:

@@ -31,8 +31,8 @@ Checks (the C++ kernel's, csrc/attention_bwd_cpu.cpp, as far as a program sees t
     dK, dV: checksums per group of 16 head dims, as dQ's.
   both: the S / dP entries a fault within the column checksums' bounds could still move
     harmfully (their probability times the gradients they reach: outlier channels)
-    recomputed in fp64 and by the same product again, bit for bit (the C++ kernel's
-    verification; it makes the second product only where the fp64 bound could hide harm).
+    compared with the same product made again, bit for bit, where a tile has any (the C++
+    kernel and the reference compare them with fp64 first).
   full adds the second P and dS in _bwd_dq as well.
 Not yet: 16-bit products on tensor cores (inputs are converted to fp32).
 
@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..contract import Check, Site
-from .attention import KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly, _scores_fp64
+from .attention import KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly
 
 # the check bits and backward sites of ftattn/contract.py as constexprs
 for _c in Check:
@@ -203,24 +203,21 @@ def _entries_to_verify(p, dp, delta, gmax, reach, colb_s, colb_p, vis, ascale):
 
 
 @triton.jit
-def _verify_entries(x, a, b, a_base, b_base, offs_a, offs_b, a_ok, b_ok, need, unit,
-                    HEAD_DIM: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, bit: tl.constexpr):
-    """The entries of the product x = a b^T ([BA, BB]; a, b the fp32 rows at a_base, b_base,
-    HEAD_DIM apart) where ``need`` holds: against the product in fp64, within KAPPA sqrt(D) u
-    (||a_i o b_j||_2 + |x_ij|) (the forward's score verification), and against the product
-    made again, bit for bit (as the C++ kernel where the fp64 bound could hide harm: the
-    gradients carry a score's error times |k| and |q|). The second product takes b times
-    ``unit``, a 1.0 the compiler cannot see, so that it is not merged with the first. The
-    bit per row of x."""
+def _verify_entries(x, a, b, need, unit, BA: tl.constexpr, bit: tl.constexpr):
+    """The entries of the product x = a b^T ([BA, BB]) where ``need`` holds, against the same
+    product made again, bit for bit (the gradients carry a score's error times |k| and |q|:
+    with outlier channels a change below any rounding bound can still harm them, so only an
+    exact comparison leaves no window). The second product's accumulator starts from zeros
+    times ``unit``, a 1.0 the compiler cannot see, so the two dots are never merged into one
+    (kernels/attention.py _qk_again); both are IEEE fp32 dots of the same fp32 operands,
+    which round alike. (The C++ kernel and the reference compare with fp64 first, which also
+    re-reads the operands from memory: outside the fault model, which hits values computed
+    in the kernel; a fault in the product shows in the bit-for-bit comparison.) The bit per
+    row of x ([BA, BB])."""
     out = tl.zeros([BA], tl.int32)
-    if tl.max(need.to(tl.int32)) != 0:  # (most tiles: no entry to verify)
-        x64 = _scores_fp64(a_base, b_base, HEAD_DIM, 1, HEAD_DIM, 1, offs_a, offs_b, a_ok, b_ok, HEAD_DIM, BA, BB)
-        norm = tl.sqrt(_dot(a * a, tl.trans(b * b)))
-        verify_tol = tl.sqrt(tl.full([], 1.0 * HEAD_DIM, tl.float32)) * (KAPPA * U32)
-        noise = verify_tol * (norm + tl.abs(x64.to(tl.float32))) + (HEAD_DIM + 1) * UNDERFLOW
-        bad = need & ~(tl.abs(x.to(tl.float64) - x64) <= noise.to(tl.float64))
-        again = _dot(a, tl.trans(b * unit))
-        bad = bad | (need & (again.to(tl.int32, bitcast=True) != x.to(tl.int32, bitcast=True)))
+    if tl.max(need.to(tl.int32)) != 0:  # (tiles with no such entry: no second product)
+        again = tl.dot(a, tl.trans(b), tl.zeros_like(x) * unit, input_precision="ieee")
+        bad = need & (again.to(tl.int32, bitcast=True) != x.to(tl.int32, bitcast=True))
         out = tl.where(tl.max(bad.to(tl.int32), 1) != 0, bit, 0)
     return out
 
@@ -260,8 +257,6 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
     ascale = tl.abs(scale)
     qmax = tl.max(tl.abs(q), 1)
     gmax = tl.max(tl.abs(do), 1)
-    q_base, g_base = Q + bh * N * HEAD_DIM, DO + bh * N * HEAD_DIM
-    k_base, v_base = K + bk * M * HEAD_DIM, V + bk * M * HEAD_DIM
     hit_rows = (offs_m[:, None] == f_row) & (bh == f_bh) & (f_dim % 2 == 0)
     hi = M
     if CAUSAL:
@@ -291,10 +286,8 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
             reach = ascale * tl.maximum(qmax[:, None], tl.max(tl.abs(k), 1)[None, :])
             need_s, need_p = _entries_to_verify(p, dp, delta[:, None], gmax[:, None], reach, colb_s[None, :],
                                                 colb_p[None, :], vis, ascale)
-            bits = bits | _verify_entries(s, q, k, q_base, k_base, offs_m, cols, row_ok, key_ok, need_s, unit,
-                                          HEAD_DIM, BLOCK_M, BLOCK_N, SCORE_RECOMPUTE)
-            bits = bits | _verify_entries(dp, do, v, g_base, v_base, offs_m, cols, row_ok, key_ok, need_p, unit,
-                                          HEAD_DIM, BLOCK_M, BLOCK_N, DP_CHECKSUM)
+            bits = bits | _verify_entries(s, q, k, need_s, unit, BLOCK_M, SCORE_RECOMPUTE)
+            bits = bits | _verify_entries(dp, do, v, need_p, unit, BLOCK_M, DP_CHECKSUM)
             bits = bits | tl.where(tl.max(((p < 0.0) | (p > P_MAX) | (p != p)).to(tl.int32), 1) != 0, PROBS_RANGE, 0)
             rs += tl.sum(p, 1)
             dsum += tl.sum(ds, 1)
@@ -376,8 +369,6 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
     ascale = tl.abs(scale)
     kmax = tl.max(tl.abs(k), 1)
-    q_base, g_base = Q + bh * N * HEAD_DIM, DO + bh * N * HEAD_DIM
-    k_base, v_base = K + bk * M * HEAD_DIM, V + bk * M * HEAD_DIM
     hit_keys = ((cols >= f_col) & (cols < f_col + f_span) & key_ok)[:, None] & (bh == f_bh) & (f_dim % 2 == 1)
     lo = 0
     if CAUSAL:  # the first query row that sees key pid_n * BLOCK_N: i >= j - shift
@@ -409,10 +400,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
             reach = ascale * tl.maximum(kmax[:, None], tl.max(tl.abs(q), 1)[None, :])
             need_s, need_p = _entries_to_verify(pt, dpt, delta[None, :], tl.max(tl.abs(do), 1)[None, :], reach,
                                                 colb_s[:, None], colb_p[:, None], vis, ascale)
-            bits = bits | _verify_entries(st, k, q, k_base, q_base, cols, offs_m, key_ok, row_ok, need_s, unit,
-                                          HEAD_DIM, BLOCK_N, BLOCK_M, SCORE_RECOMPUTE)
-            bits = bits | _verify_entries(dpt, v, do, v_base, g_base, cols, offs_m, key_ok, row_ok, need_p, unit,
-                                          HEAD_DIM, BLOCK_N, BLOCK_M, DP_CHECKSUM)
+            bits = bits | _verify_entries(st, k, q, need_s, unit, BLOCK_N, SCORE_RECOMPUTE)
+            bits = bits | _verify_entries(dpt, v, do, need_p, unit, BLOCK_N, DP_CHECKSUM)
             bad_p = tl.max(((pt < 0.0) | (pt > P_MAX) | (pt != pt)).to(tl.int32), 1) != 0
             bits = bits | tl.where(bad_p, PROBS_RANGE, 0)
             # a row's keys are spread over programs (no row sum here): P and dS computed twice
