@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..contract import Check, Site
-from .attention import KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly
+from .attention import KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly, _qk_again
 
 # the check bits and backward sites of ftattn/contract.py as constexprs
 for _c in Check:
@@ -165,26 +165,15 @@ def _products(l1, r1, l2, r2, m_b, r_b, d_b, vis, hit, scale, f_site, f_xor, f_u
 
 
 @triton.jit
-def _checksum_bits(a, bt, x, f, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, bit: tl.constexpr):
-    """Row checksums of the product x = a bt^T ([R, WIDTH]): sum_j x_rj vs a_r . sum_j bt_j
-    within f |a_r| . sum_j |bt_j| (the roundings of both sides) plus underflow: the bit per
-    row, and each row's bound."""
+def _checksum_bits(a, bt, xsum, f, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, bit: tl.constexpr):
+    """Checksums of the product x = a bt^T over its WIDTH columns: xsum_r = sum_j x_rj vs
+    a_r . sum_j bt_j within f |a_r| . sum_j |bt_j| (the roundings of both sides) plus
+    underflow: the bit per row of a, and each one's bound. (Row checksums: xsum = sum(x, 1);
+    column checksums of the same tile: a and bt swapped, xsum = sum(x, 0).)"""
     ref = tl.sum(a * tl.sum(bt, 0)[None, :], 1)
     mag = tl.sum(tl.abs(a) * tl.sum(tl.abs(bt), 0)[None, :], 1)
     bound = f * mag + (WIDTH * (HEAD_DIM + 1)) * UNDERFLOW
-    return tl.where(tl.abs(tl.sum(x, 1) - ref) <= bound, 0, bit), bound
-
-
-@triton.jit
-def _col_checksum(a, bt, x, f, HEIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, bit: tl.constexpr):
-    """Column checksums of the product x = a bt^T ([HEIGHT, C]): sum_r x_rc vs
-    (sum_r a_r) . bt_c within f (sum_r |a_r|) . |bt_c| plus underflow: the bit when a column
-    fails, and each column's bound."""
-    ref = tl.sum(bt * tl.sum(a, 0)[None, :], 1)
-    mag = tl.sum(tl.abs(bt) * tl.sum(tl.abs(a), 0)[None, :], 1)
-    bound = f * mag + (HEIGHT * (HEAD_DIM + 1)) * UNDERFLOW
-    bad = ~(tl.abs(tl.sum(x, 0) - ref) <= bound)
-    return tl.where(tl.max(bad.to(tl.int32), 0) != 0, bit, 0), bound
+    return tl.where(tl.abs(xsum - ref) <= bound, 0, bit), bound
 
 
 @triton.jit
@@ -216,7 +205,7 @@ def _verify_entries(x, a, b, need, unit, BA: tl.constexpr, bit: tl.constexpr):
     row of x ([BA, BB])."""
     out = tl.zeros([BA], tl.int32)
     if tl.max(need.to(tl.int32)) != 0:  # (tiles with no such entry: no second product)
-        again = tl.dot(a, tl.trans(b), tl.zeros_like(x) * unit, input_precision="ieee")
+        again = _qk_again(a, b, x, unit, True)
         bad = need & (again.to(tl.int32, bitcast=True) != x.to(tl.int32, bitcast=True))
         out = tl.where(tl.max(bad.to(tl.int32), 1) != 0, bit, 0)
     return out
@@ -276,13 +265,13 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
         acc = tl.dot(ds, k, acc, input_precision="ieee")
         if PROTECTION >= 1:
             # S and dP: row checksums of the tile
-            bits = bits | _checksum_bits(q, k, s, row_f, BLOCK_N, HEAD_DIM, ROW_CHECKSUM)[0]
-            bits = bits | _checksum_bits(do, v, dp, row_f, BLOCK_N, HEAD_DIM, DP_CHECKSUM)[0]
+            bits = bits | _checksum_bits(q, k, tl.sum(s, 1), row_f, BLOCK_N, HEAD_DIM, ROW_CHECKSUM)[0]
+            bits = bits | _checksum_bits(do, v, tl.sum(dp, 1), row_f, BLOCK_N, HEAD_DIM, DP_CHECKSUM)[0]
             # and column checksums over this program's rows, whose bounds say which entries
             # a fault they miss could still move harmfully: those verified
-            cbit_s, colb_s = _col_checksum(q, k, s, col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
-            cbit_p, colb_p = _col_checksum(do, v, dp, col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
-            bits = bits | cbit_s | cbit_p
+            cbit_s, colb_s = _checksum_bits(k, q, tl.sum(s, 0), col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
+            cbit_p, colb_p = _checksum_bits(v, do, tl.sum(dp, 0), col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
+            bits = bits | tl.reduce(cbit_s | cbit_p, 0, _bit_or)  # (a column's failure flags the block)
             reach = ascale * tl.maximum(qmax[:, None], tl.max(tl.abs(k), 1)[None, :])
             need_s, need_p = _entries_to_verify(p, dp, delta[:, None], gmax[:, None], reach, colb_s[None, :],
                                                 colb_p[None, :], vis, ascale)
@@ -393,8 +382,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
         dk = tl.dot(dst, q, dk, input_precision="ieee")
         if PROTECTION >= 1:
             # S and dP: column checksums (rows of the transposed tiles) over this query tile
-            cbit_s, colb_s = _checksum_bits(k, q, st, col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
-            cbit_p, colb_p = _checksum_bits(v, do, dpt, col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
+            cbit_s, colb_s = _checksum_bits(k, q, tl.sum(st, 1), col_f, BLOCK_M, HEAD_DIM, COL_CHECKSUM)
+            cbit_p, colb_p = _checksum_bits(v, do, tl.sum(dpt, 1), col_f, BLOCK_M, HEAD_DIM, DP_CHECKSUM)
             bits = bits | cbit_s | cbit_p
             # the entries a fault within those bounds could still move harmfully, verified
             reach = ascale * tl.maximum(kmax[:, None], tl.max(tl.abs(q), 1)[None, :])
