@@ -78,7 +78,7 @@ class Check(enum.IntFlag):
     GEMM_ROW_CHECKSUM = 1 << 9  # linear: sum of y_i over a block of outputs vs x_i . (W^T e_block), cached
     # attention's backward (the recomputed S and P keep the forward's bits)
     DP_CHECKSUM = 1 << 10  # dP = dO V^T: row / column checksums, likely keys' dP recomputed in fp64
-    DS_CHECK = 1 << 11  # rows of dS sum to 0 (this checks D too); full: dS recomputed another way
+    DS_CHECK = 1 << 11  # C++: every dS entry made again; Triton, reference: row sums, full: dS another way
     DQ_CHECKSUM = 1 << 12  # sum_d dQ_id vs scale dS_i . (K 1)
     DK_CHECKSUM = 1 << 13  # sum_d dK_jd vs scale dS_:j . (Q 1), per query head
     DV_CHECKSUM = 1 << 14  # sum_d dV_jd vs P_:j . (dO 1), per query head

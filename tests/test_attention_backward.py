@@ -151,6 +151,25 @@ def test_every_backward_site_detected_and_corrected(site, dtype):
 
 
 @pytest.mark.parametrize("protection", ["abft", "full"])
+@pytest.mark.parametrize("bit", [0, 11, 22])
+def test_every_ds_change_is_caught_by_the_cpp_kernel(bit, protection):
+    """The C++ backward makes every dS entry again and compares it with the stored one, at
+    abft and full: a flip of any mantissa bit is flagged and corrected, at a visible key (the
+    row's most probable one) and at a masked one (dS = 0 there, which still feeds dK and dQ)."""
+    q, k, v = _qkv(1, 2, 1, 37, 53, 24, torch.float32, seed=3)
+    do = torch.randn(1, 2, 37, 24, generator=torch.Generator().manual_seed(4))
+    clean = _grads(lambda *t: ftattn.attention(*t, causal=True, protection=protection), q, k, v, do)
+    s = (q[0, 1, 30] @ k[0, 0].T)[: 30 + 53 - 37 + 1]
+    for col, value in ((int(s.argmax()), None), (50, 1e-3)):  # key 50 is masked for row 30
+        fault = Fault("ds", head=1, row=30, col=col, bit=None if value else bit, value=value)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, rep = ftattn.attention(*leaves, causal=True, protection=protection, fault=fault, return_report=True)
+        out.backward(do)
+        assert rep.backward.detected > 0, (col, bit)
+        assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean))
+
+
+@pytest.mark.parametrize("protection", ["abft", "full"])
 def test_backward_campaign(protection):
     """The CLI's campaign over the backward: random faults at every backward site in three
     dtypes (2,100 at full) and the adversary's (outlier channels, huge logits, subnormals,
