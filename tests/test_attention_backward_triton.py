@@ -254,11 +254,13 @@ def test_compiles_for_sm90_without_a_gpu():
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         pytest.skip("this triton has no NVIDIA backend")
-    # one process per head dim, side by side (each compile is single-threaded: 88 s -> ~50 s on 2 cores)
-    # (D256: only _bwd_dkdv, the kernel nearest the limit there, 222400 of 232448 B)
+    # one process per head dim, side by side (each compile is single-threaded)
+    # (D256: only _bwd_dkdv, the kernel nearest the limit there, 222400 of 232448 B; D128,
+    # between the two in tiles and shared memory, is left out: its three builds were the
+    # largest part of the suite's slowest test, 92 s on a 2-core CI machine)
     runs = [subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(dim), str(pad), str(first)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for dim, pad, first in ((59, 64, 0), (128, 128, 0), (256, 256, 2))]
+            for dim, pad, first in ((59, 64, 0), (256, 256, 2))]
     for run in runs:
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0 and "compiled" in out, err[-3000:]
