@@ -13,7 +13,7 @@
 // Checks (docs/fault_model.md; the same rules as ftattn/reference.py's backward, per tile):
 //   S and dP: row checksums per tile (sum_j S_ij vs q_i . sum_j k_j in fp64, bound
 //     kappa u sqrt(D) |q_i| . sum_j |k_j|) and column checksums per block (sum_i S_ij vs
-//     (sum_i q_i) . k_j); the entries a fault within the column bound could move
+//     (sum_i q_i) . k_j, bound from the data's spread as the forward's); the entries a fault within the column bound could move
 //     harmfully (their probability times the gradients they reach) recomputed in fp64
 //     (checks.h's entry_mismatch), and where even that comparison's rounding bound could
 //     hide harm, the tile's product computed a second time and compared bit for bit.
@@ -78,10 +78,12 @@ struct BwdScratch {
   std::vector<float> qg, gg;                     // per row: group sums of q, then of |q| [BM x 2G]; dO's
   std::vector<float> rq, mq;                      // dQ's references [BM x G]
   std::vector<double> rref, rmag, cref, cmag, cs;  // a tile's row / column references
-  std::vector<double> colb;
+  std::vector<double> colb, ca;   // per key of the tile: its column bound, sum_i |X_ij|
+  std::vector<double> qsq, gsq;   // per block [D]: sum_i q_id^2, sum_i dO_id^2
   std::vector<float> grow, harm;  // per key of the tile
   // per key of the task's key head
   std::vector<float> kmax;
+  std::vector<double> knorm, vnorm;  // >= ||k_j||_2, ||v_j||_2
   std::vector<float> kg;                             // per key: group sums of k, then of |k| [Mb x 2G]
   std::vector<double> tks, tka, tvs, tva;            // per tile [D]
   std::vector<float> rk, mk, rvm;                    // dK's references [Mb x G]; dV's [Mb x 2G]
@@ -97,11 +99,14 @@ struct BwdScratch {
     for (auto* x : {&qsum, &qabs, &gsum, &gabs}) x->resize(D);
     for (auto* x : {&qg, &gg}) x->resize(BWD_BM * 2 * G);
     for (auto* x : {&rq, &mq}) x->resize(BWD_BM * G);
-    for (auto* x : {&cref, &cmag, &cs, &colb}) x->resize(BWD_BN);
+    for (auto* x : {&cref, &cmag, &cs, &colb, &ca}) x->resize(BWD_BN);
+    for (auto* x : {&qsq, &gsq}) x->resize(D);
     grow.resize(BWD_BN);
     harm.resize(BWD_BN);
     const int64_t ntiles = (M + BWD_BN - 1) / BWD_BN;
     kmax.resize(M);
+    knorm.resize(M);
+    vnorm.resize(M);
     for (auto* x : {&kg, &rvm}) x->resize(M * 2 * G);
     for (auto* x : {&rk, &mk}) x->resize(M * G);
     tref.resize(6 * G * BWD_BN);
@@ -360,6 +365,26 @@ FTATTN_CLONES static int verify_entries(const float* __restrict a, const float* 
   return found;
 }
 
+// norm[j] >= ||x_j||_2 for the n rows of X [n x D] (fp64, raised past its rounding).
+static void key_norms(const float* X, int64_t n, int64_t D, double* norm) {
+  for (int64_t j = 0; j < n; ++j) {
+    double s = 0.0;
+    for (int64_t d = 0; d < D; ++d) s += static_cast<double>(X[j * D + d]) * static_cast<double>(X[j * D + d]);
+    norm[j] = std::sqrt(s) * (1.0 + 0x1p-40);
+  }
+}
+
+// cs[j] += x[j], ca[j] += |x[j]| (fp64): a row's part of the column sums and of their magnitudes.
+FTATTN_CLONES static void add_d_abs(double* __restrict cs, double* __restrict ca, const float* __restrict x,
+                                    int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = static_cast<double>(x[j]);
+    cs[j] += v;
+    ca[j] += std::fabs(v);
+  }
+}
+
 // Per row r of X [n x D]: the sums of its groups of BWD_GROUP dims, xg[r * 2G + g], then
 // those of |x|, xg[r * 2G + G + g] (fp64, rounded to fp32), and its largest |x|.
 FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64_t D, int64_t G,
@@ -432,6 +457,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const int64_t ntiles = (Mb + BWD_BN - 1) / BWD_BN;
   if (abft && Mb > 0) {
     group_sums(K, Mb, D, G, w.kg.data(), w.kmax.data());
+    key_norms(K, Mb, D, w.knorm.data());
+    key_norms(V, Mb, D, w.vnorm.data());
     std::fill(w.rk.begin(), w.rk.begin() + Mb * G, 0.f);
     std::fill(w.mk.begin(), w.mk.begin() + Mb * G, 0.f);
     std::fill(w.rvm.begin(), w.rvm.begin() + Mb * 2 * G, 0.f);
@@ -445,6 +472,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   }
   const double row_f = KAPPA * U32 * sqrtD;
   const double col_abs = ETA * static_cast<double>(kReportBlockM * (D + 1));
+  double spread_q = 0.0, spread_g = 0.0;  // sqrt(rows max_d sum_i x_id^2) of the block's q, dO
   for (int64_t r0 = 0, blk = 0; r0 < N; r0 += BWD_BM, ++blk) {
     const int64_t rows = std::min(BWD_BM, N - r0);
     const int64_t kv_end = P.causal ? std::clamp<int64_t>(r0 + rows + shift, 0, Mb) : Mb;
@@ -466,8 +494,10 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       std::fill(w.rs.begin(), w.rs.end(), 0.0);
       std::fill(w.rq.begin(), w.rq.end(), 0.f);
       std::fill(w.mq.begin(), w.mq.end(), 0.f);
-      block_row_sums(Qb, rows, rows, D, w.qsum.data(), w.qabs.data(), nullptr);
-      block_row_sums(Gb, rows, rows, D, w.gsum.data(), w.gabs.data(), nullptr);
+      block_row_sums(Qb, rows, rows, D, w.qsum.data(), w.qabs.data(), w.qsq.data());
+      block_row_sums(Gb, rows, rows, D, w.gsum.data(), w.gabs.data(), w.gsq.data());
+      spread_q = std::sqrt(static_cast<double>(rows) * *std::max_element(w.qsq.begin(), w.qsq.end()));
+      spread_g = std::sqrt(static_cast<double>(rows) * *std::max_element(w.gsq.begin(), w.gsq.end()));
       group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());
     }
@@ -540,13 +570,26 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         dots_d(Bt, n, D, (which == 0 ? w.qsum : w.gsum).data(), (which == 0 ? w.qabs : w.gabs).data(), 1, 1,
                w.cref.data(), w.cmag.data());
         std::fill(w.cs.begin(), w.cs.begin() + n, 0.0);
+        std::fill(w.ca.begin(), w.ca.begin() + n, 0.0);
         for (int64_t i = 0; i < rows; ++i) {
           const double rsum = sum_d(X + i * BWD_BN, n);
           if (!(std::fabs(rsum - w.rref[i]) <= row_f * w.rmag[i] + ETA * static_cast<double>(n * (D + 1))))
             bits |= bit_row;
-          add_d(w.cs.data(), X + i * BWD_BN, n);
+          add_d_abs(w.cs.data(), w.ca.data(), X + i * BWD_BN, n);
         }
-        for (int64_t j = 0; j < n; ++j) w.colb[j] = row_f * w.cmag[j] + col_abs;
+        // the column bound, from the data's spread as the forward's (checks.h's ColumnBound):
+        // the fp32 GEMM leaves at most noise (||a_i o b_j||_2 + |X_ij|) per entry, summed over
+        // the rows sum_i ||a_i o b_j||_2 <= sqrt(rows max_d sum_i a_id^2) ||b_j||_2, and sum_i
+        // |X_ij| = ca_j; the fp64 reference and sums round at most (D + rows + 4) 2^-53 of cmag_j
+        // (was noise cmag_j, sum_i |a_i| . |b_j|: 3-4x larger on normal data, and so 3-4x more
+        // entries verified)
+        {
+          const double spread = which == 0 ? spread_q : spread_g;
+          const double* norm = (which == 0 ? w.knorm : w.vnorm).data() + n0;
+          const double tiny = static_cast<double>(D + rows + 4) * 0x1p-52;
+          for (int64_t j = 0; j < n; ++j)
+            w.colb[j] = row_f * (spread * norm[j] + w.ca[j]) + tiny * w.cmag[j] + col_abs;
+        }
         for (int64_t j = 0; j < n; ++j)
           if (!(std::fabs(w.cs[j] - w.cref[j]) <= w.colb[j])) bits |= bit_col;
         // entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through

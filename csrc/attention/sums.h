@@ -68,11 +68,6 @@ FTATTN_CLONES static void scale_row(float* __restrict x, int64_t n, float alpha)
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
 }
 
-FTATTN_CLONES static void add_d(double* __restrict acc, const float* __restrict x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(x[i]);
-}
-
 // Per sub-block sb of `sub` rows of X [n x D], n >= 1: sum[sb * D + d] = sum_i x_id,
 // abs[...] = sum_i |x_id| and (when given) sq[...] = sum_i x_id^2 (fp64), the rows added
 // in order, 32 dims at a time in registers (row by row, loading and storing the sums per
