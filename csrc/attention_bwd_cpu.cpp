@@ -77,7 +77,7 @@ struct BwdScratch {
   std::vector<double> qsum, qabs, gsum, gabs;    // per block [D]
   std::vector<float> qg, gg;                     // per row: group sums of q, then of |q| [BM x 2G]; dO's
   std::vector<float> rq, mq;                      // dQ's references [BM x G]
-  std::vector<double> rref, rmag, cref, cmag, cs;  // a tile's row / column references
+  std::vector<double> rref, rmag, cref, cs;  // a tile's row / column references
   std::vector<double> colb, ca;   // per key of the tile: its column bound, sum_i |X_ij|
   std::vector<double> qsq, gsq;   // per block [D]: sum_i q_id^2, sum_i dO_id^2
   std::vector<float> grow, harm;  // per key of the tile
@@ -99,7 +99,7 @@ struct BwdScratch {
     for (auto* x : {&qsum, &qabs, &gsum, &gabs}) x->resize(D);
     for (auto* x : {&qg, &gg}) x->resize(BWD_BM * 2 * G);
     for (auto* x : {&rq, &mq}) x->resize(BWD_BM * G);
-    for (auto* x : {&cref, &cmag, &cs, &colb, &ca}) x->resize(BWD_BN);
+    for (auto* x : {&cref, &cs, &colb, &ca}) x->resize(BWD_BN);
     for (auto* x : {&qsq, &gsq}) x->resize(D);
     grow.resize(BWD_BN);
     harm.resize(BWD_BN);
@@ -374,14 +374,35 @@ static void key_norms(const float* X, int64_t n, int64_t D, double* norm) {
   }
 }
 
-// cs[j] += x[j], ca[j] += |x[j]| (fp64): a row's part of the column sums and of their magnitudes.
-FTATTN_CLONES static void add_d_abs(double* __restrict cs, double* __restrict ca, const float* __restrict x,
-                                    int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const double v = static_cast<double>(x[j]);
-    cs[j] += v;
-    ca[j] += std::fabs(v);
+// For nr (1..4) rows of X at stride ld: each row's sum rsum[r] and their part of the column
+// sums cs[j] += sum_r x_rj and ca[j] += sum_r |x_rj| (fp64; the rows added as (x0 + x1) +
+// (x2 + x3): the column sums are loaded and stored once per four rows, which was most of their cost).
+FTATTN_CLONES static void row_col_sums(const float* __restrict X, int64_t ld, int64_t nr, int64_t n,
+                                       double* __restrict rsum, double* __restrict cs, double* __restrict ca) {
+  if (nr == 4) {
+    const float *x0 = X, *x1 = X + ld, *x2 = X + 2 * ld, *x3 = X + 3 * ld;
+    double r0 = 0.0, r1 = 0.0, r2 = 0.0, r3 = 0.0;
+#pragma omp simd reduction(+ : r0, r1, r2, r3)
+    for (int64_t j = 0; j < n; ++j) {
+      const double a = x0[j], b = x1[j], c = x2[j], d = x3[j];
+      r0 += a, r1 += b, r2 += c, r3 += d;
+      cs[j] += (a + b) + (c + d);
+      ca[j] += (std::fabs(a) + std::fabs(b)) + (std::fabs(c) + std::fabs(d));
+    }
+    rsum[0] = r0, rsum[1] = r1, rsum[2] = r2, rsum[3] = r3;
+    return;
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* x = X + r * ld;
+    double t = 0.0;
+#pragma omp simd reduction(+ : t)
+    for (int64_t j = 0; j < n; ++j) {
+      const double v = x[j];
+      t += v;
+      cs[j] += v;
+      ca[j] += std::fabs(v);
+    }
+    rsum[r] = t;
   }
 }
 
@@ -567,28 +588,32 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         const int32_t bit_row = which == 0 ? kRowChecksum : kDpChecksum;
         const int32_t bit_col = which == 0 ? kColChecksum : kDpChecksum;
         dots_d(A, rows, D, ts, ta, 1, 1, w.rref.data(), w.rmag.data());
-        dots_d(Bt, n, D, (which == 0 ? w.qsum : w.gsum).data(), (which == 0 ? w.qabs : w.gabs).data(), 1, 1,
-               w.cref.data(), w.cmag.data());
+        dots_d_ref(Bt, n, D, (which == 0 ? w.qsum : w.gsum).data(), 1, 1, w.cref.data());
         std::fill(w.cs.begin(), w.cs.begin() + n, 0.0);
         std::fill(w.ca.begin(), w.ca.begin() + n, 0.0);
-        for (int64_t i = 0; i < rows; ++i) {
-          const double rsum = sum_d(X + i * BWD_BN, n);
-          if (!(std::fabs(rsum - w.rref[i]) <= row_f * w.rmag[i] + ETA * static_cast<double>(n * (D + 1))))
-            bits |= bit_row;
-          add_d_abs(w.cs.data(), w.ca.data(), X + i * BWD_BN, n);
+        for (int64_t i0 = 0; i0 < rows; i0 += 4) {
+          const int64_t nr = std::min<int64_t>(4, rows - i0);
+          double rsum[4];
+          row_col_sums(X + i0 * BWD_BN, BWD_BN, nr, n, rsum, w.cs.data(), w.ca.data());
+          for (int64_t r = 0; r < nr; ++r)
+            if (!(std::fabs(rsum[r] - w.rref[i0 + r]) <=
+                  row_f * w.rmag[i0 + r] + ETA * static_cast<double>(n * (D + 1))))
+              bits |= bit_row;
         }
         // the column bound, from the data's spread as the forward's (checks.h's ColumnBound):
         // the fp32 GEMM leaves at most noise (||a_i o b_j||_2 + |X_ij|) per entry, summed over
         // the rows sum_i ||a_i o b_j||_2 <= sqrt(rows max_d sum_i a_id^2) ||b_j||_2, and sum_i
-        // |X_ij| = ca_j; the fp64 reference and sums round at most (D + rows + 4) 2^-53 of cmag_j
-        // (was noise cmag_j, sum_i |a_i| . |b_j|: 3-4x larger on normal data, and so 3-4x more
-        // entries verified)
+        // |X_ij| = ca_j; the fp64 reference and sums round at most (D + rows + 4) 2^-53 of
+        // sum_i |a_i| . |b_j| <= ||sum_i |a_i| ||_2 ||b_j||_2 (was noise sum_i |a_i| . |b_j|: 3-4x
+        // larger on normal data, and so 3-4x more entries verified)
         {
           const double spread = which == 0 ? spread_q : spread_g;
           const double* norm = (which == 0 ? w.knorm : w.vnorm).data() + n0;
-          const double tiny = static_cast<double>(D + rows + 4) * 0x1p-52;
-          for (int64_t j = 0; j < n; ++j)
-            w.colb[j] = row_f * (spread * norm[j] + w.ca[j]) + tiny * w.cmag[j] + col_abs;
+          const double* absum = (which == 0 ? w.qabs : w.gabs).data();
+          double a2 = 0.0;
+          for (int64_t d = 0; d < D; ++d) a2 += absum[d] * absum[d];
+          const double tiny = static_cast<double>(D + rows + 4) * 0x1p-52 * std::sqrt(a2) * (1.0 + 0x1p-40);
+          for (int64_t j = 0; j < n; ++j) w.colb[j] = row_f * (spread * norm[j] + w.ca[j]) + tiny * norm[j] + col_abs;
         }
         for (int64_t j = 0; j < n; ++j)
           if (!(std::fabs(w.cs[j] - w.cref[j]) <= w.colb[j])) bits |= bit_col;
