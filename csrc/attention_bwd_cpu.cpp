@@ -359,7 +359,7 @@ FTATTN_CLONES static int verify_entries(const float* __restrict a, const float* 
     double bound = 0.0;
     if (entry_mismatch(a, Bt + j * D, D, x[j], noise, floor, &bound)) found |= 1;
     const double hidden =
-        scores ? pj * std::expm1(2.0 * bound * static_cast<double>(ascale)) * gain : pj * 2.0 * bound * gain;
+        scores ? pj * grow_bound(2.0 * bound * static_cast<double>(ascale)) * gain : pj * 2.0 * bound * gain;
     if (!(hidden < TAU_VERIFY)) found |= 2;
   }
   return found;
