@@ -510,6 +510,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const double row_f = KAPPA * U32 * sqrtD;
   const double col_abs = ETA * static_cast<double>(kReportBlockM * (D + 1));
   double spread_q = 0.0, spread_g = 0.0;  // sqrt(rows max_d sum_i x_id^2) of the block's q, dO
+  double absnorm_q = 0.0, absnorm_g = 0.0;  // >= ||sum_i |x_i| ||_2 of the block's q, dO
   for (int64_t r0 = 0, blk = 0; r0 < N; r0 += BWD_BM, ++blk) {
     const int64_t rows = std::min(BWD_BM, N - r0);
     const int64_t kv_end = P.causal ? std::clamp<int64_t>(r0 + rows + shift, 0, Mb) : Mb;
@@ -535,6 +536,13 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       block_row_sums(Gb, rows, rows, D, w.gsum.data(), w.gabs.data(), w.gsq.data());
       spread_q = std::sqrt(static_cast<double>(rows) * *std::max_element(w.qsq.begin(), w.qsq.end()));
       spread_g = std::sqrt(static_cast<double>(rows) * *std::max_element(w.gsq.begin(), w.gsq.end()));
+      const auto norm2 = [&](const std::vector<double>& x) {
+        double a2 = 0.0;
+        for (int64_t d = 0; d < D; ++d) a2 += x[d] * x[d];
+        return std::sqrt(a2) * (1.0 + 0x1p-40);
+      };
+      absnorm_q = norm2(w.qabs);
+      absnorm_g = norm2(w.gabs);
       group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());
     }
@@ -625,10 +633,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         {
           const double spread = which == 0 ? spread_q : spread_g;
           const double* norm = (which == 0 ? w.knorm : w.vnorm).data() + n0;
-          const double* absum = (which == 0 ? w.qabs : w.gabs).data();
-          double a2 = 0.0;
-          for (int64_t d = 0; d < D; ++d) a2 += absum[d] * absum[d];
-          const double tiny = static_cast<double>(D + rows + 4) * 0x1p-52 * std::sqrt(a2) * (1.0 + 0x1p-40);
+          const double tiny = static_cast<double>(D + rows + 4) * 0x1p-52 * (which == 0 ? absnorm_q : absnorm_g);
           for (int64_t j = 0; j < n; ++j) w.colb[j] = row_f * (spread * norm[j] + w.ca[j]) + tiny * norm[j] + col_abs;
         }
         for (int64_t j = 0; j < n; ++j)
