@@ -55,6 +55,7 @@ struct Packed {
   const float* scale_tab;  // [256] 2^(e - 127), NaN for 0xFF
   const float* scale_gemv; // the decode path's: scale_tab times the factor its decoder leaves out
   bool raw;                // decode path, fp8_e4m3: x carries the decoder's 2^8
+  bool e4m3_pairs;         // decode path, fp8_e4m3 in blocks of 32: gemv_e4m3_pairs (x permuted and scaled)
   int64_t row_bytes, nblk, bs, bits, kind;
 };
 
@@ -76,6 +77,19 @@ inline uint32_t code_at(const uint8_t* block, int64_t j, int64_t bits) {
 typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
 using vec::f8;
+
+// max |x_i| over n floats, NaNs skipped; 16 running maxima so that it vectorises.
+FTATTN_CLONES
+float abs_max(const float* x, int64_t n) {
+  float m[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) m[l] = std::fabs(x[i + l]) > m[l] ? std::fabs(x[i + l]) : m[l];
+  for (; i < n; ++i) m[0] = std::fabs(x[i]) > m[0] ? std::fabs(x[i]) : m[0];
+  float r = 0.0f;
+  for (int l = 0; l < 16; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+}
 
 // One output feature's values (code value * 2^shared_exp, as unpack), K_pad = nblk * bs of them.
 // 4-bit codes, blocks of a multiple of 8: 8 codes at a time, a 16-entry table lookup as two
@@ -286,6 +300,102 @@ FTATTN_AVX512_FN void gemv_rows(const Packed& W, const Dec16<KIND, BITS>& dec, c
   if (F > 1 && o < o1) gemv_rows<KIND, BITS, R, 1, RAW>(W, dec, xp, K_pad, y, ldy, o, o1);
 }
 
+// fp8_e4m3 in blocks of 32 (the OCP MX block), the decode path without the fp16 converter: the
+// codes of two blocks (64 bytes, 16 dwords) are loaded at once, and byte k of every dword becomes
+// an fp32 bit pattern by integer operations alone: s eeee mmm -> s 0000eeee mmm0...0, i.e.
+// (dword << (24 - 8k)) >>arith 4 & 0x87F00000, the code's value times 2^-120 exactly (the e4m3
+// subnormals land on fp32 subnormals). Vector k holds codes 4i + k of the pair (lanes 0-7 the
+// first block, 8-15 the second): x is permuted to match and carries 2^s of the 2^120, the block
+// scales the rest (mx_linear_cpu). Per 64 codes: 7 shifts, 4 ANDs and 4 FMAs, no port-5 shuffle,
+// where the fp16 converter path issues 22 uops (2 vpmovzxbw, 2 extracts, 4 two-uop converts, ..).
+// x's row in gemv_e4m3_pairs' lane order, times xs (exact, a power of two): code c = 32 h + 4 j + b
+// of each pair of blocks is in dword lane 8 h + j of vector b, so x[64 p + c] goes to
+// 64 p + 16 b + 8 h + j (zero past K, up to ldx, a multiple of 64).
+FTATTN_AVX512_FN void x_pairs(const float* src, int64_t K, float xs, float* dst, int64_t ldx) {
+  const __m512 m = _mm512_set1_ps(xs);
+  int64_t p = 0;
+  for (; p + 64 <= K; p += 64) {
+    const __m512 a0 = _mm512_loadu_ps(src + p), a1 = _mm512_loadu_ps(src + p + 16);
+    const __m512 a2 = _mm512_loadu_ps(src + p + 32), a3 = _mm512_loadu_ps(src + p + 48);
+    for (int b = 0; b < 4; ++b) {
+      const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
+                                           _mm512_set1_epi32(b));
+      const __m512 lo = _mm512_permutex2var_ps(a0, idx, a1), hi = _mm512_permutex2var_ps(a2, idx, a3);
+      _mm512_storeu_ps(dst + p + 16 * b, _mm512_mul_ps(_mm512_shuffle_f32x4(lo, hi, 0x44), m));
+    }
+  }
+  for (; p < ldx; p += 64)
+    for (int64_t c = 0; c < 64; ++c)
+      dst[p + 16 * (c & 3) + 8 * (c >> 5) + ((c & 31) >> 2)] = p + c < K ? src[p + c] * xs : 0.0f;
+}
+
+template <int R, int F>
+FTATTN_AVX512_FN void gemv_e4m3_pairs(const Packed& W, const float* xp, int64_t ldx, float* y, int64_t ldy,
+                                      int64_t o0, int64_t o1) {
+  const int64_t nblk = W.nblk, pairs = nblk / 2, row_bytes = W.row_bytes;
+  const float* const stab = W.scale_gemv;
+  const __m512i keep = _mm512_set1_epi32(static_cast<int>(0x87F00000u));
+  int64_t o = o0;
+  for (; o + F <= o1; o += F) {
+    const uint8_t* codes = W.codes + o * row_bytes;  // feature o + f at codes + f * row_bytes
+    const uint8_t* sc = W.scales + o * nblk;          // its scales at sc + f * nblk
+    __m512 acc[R][F];
+    for (int r = 0; r < R; ++r)
+      for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs + (nblk & 1); ++p) {
+      const bool whole = p < pairs;  // else the last block alone: the upper 32 bytes read as code 0 (+0)
+      prefetch_codes<F>(codes + 64 * p, row_bytes, 64 * p);
+      const float* xb = xp + 64 * p;
+      __m512 d[F][4];
+      for (int f = 0; f < F; ++f) {
+        const uint8_t* cp = codes + f * row_bytes + 64 * p;
+        if (whole && cp - 3 >= W.codes) {
+          // byte k of each dword moved to the top by loading 3 - k bytes earlier (no shift uop; the
+          // bytes below it, from the previous block or row, are masked off)
+          for (int k = 0; k < 4; ++k)
+            d[f][k] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(_mm512_loadu_si512(cp - 3 + k), 4), keep));
+        } else {
+          const __m512i v = whole ? _mm512_loadu_si512(cp) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, cp);
+          d[f][3] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(v, 4), keep));
+          d[f][2] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 4), keep));
+          d[f][1] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 4), keep));
+          d[f][0] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 4), keep));
+        }
+      }
+      __m512 part[R][F];
+      for (int r = 0; r < R; ++r)
+        for (int f = 0; f < F; ++f) part[r][f] = _mm512_setzero_ps();
+      for (int k = 0; k < 4; ++k)
+        for (int r = 0; r < R; ++r) {
+          const __m512 xv = _mm512_loadu_ps(xb + r * ldx + 16 * k);
+          for (int f = 0; f < F; ++f) part[r][f] = _mm512_fmadd_ps(d[f][k], xv, part[r][f]);
+        }
+      for (int f = 0; f < F; ++f) {
+        const __m512 s0 = _mm512_set1_ps(stab[sc[f * nblk + 2 * p]]);
+        const __m512 s = whole ? _mm512_mask_blend_ps(0xFF00, s0, _mm512_set1_ps(stab[sc[f * nblk + 2 * p + 1]])) : s0;
+        for (int r = 0; r < R; ++r) acc[r][f] = _mm512_fmadd_ps(part[r][f], s, acc[r][f]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int f = 0; f < F; ++f) y[r * ldy + o + f] = _mm512_reduce_add_ps(acc[r][f]);
+  }
+  if (F > 1 && o < o1) gemv_e4m3_pairs<R, 1>(W, xp, ldx, y, ldy, o, o1);
+}
+
+FTATTN_AVX512_FN void gemv_e4m3_pairs_t(const Packed& W, const float* xp, int64_t T, int64_t ldx, float* y,
+                                        int64_t o0, int64_t o1, int64_t O) {
+  for (int64_t r = 0; r < T; r += 4) {
+    const float* x = xp + r * ldx;
+    float* yr = y + r * O;
+    switch (std::min<int64_t>(4, T - r)) {
+      case 1: gemv_e4m3_pairs<1, 4>(W, x, ldx, yr, O, o0, o1); break;
+      case 2: gemv_e4m3_pairs<2, 2>(W, x, ldx, yr, O, o0, o1); break;
+      case 3: gemv_e4m3_pairs<3, 1>(W, x, ldx, yr, O, o0, o1); break;
+      default: gemv_e4m3_pairs<4, 1>(W, x, ldx, yr, O, o0, o1); break;
+    }
+  }
+}
+
 template <int KIND, int BITS, bool RAW>
 FTATTN_AVX512_FN void gemv_avx512_raw(const Packed& W, const float* xp, int64_t T, int64_t K_pad, float* y,
                                       int64_t o0, int64_t o1, int64_t O) {
@@ -482,6 +592,10 @@ bool use_avx2(const Packed&) { return false; }
 
 void gemv(const Packed& W, const float* xp, int64_t T, int64_t K_pad, float* y, int64_t o0, int64_t o1, int64_t O) {
 #if FTATTN_MX_AVX512
+  if (W.e4m3_pairs) {
+    gemv_e4m3_pairs_t(W, xp, T, K_pad, y, o0, o1, O);
+    return;
+  }
   if (use_avx512(W)) {
     FTATTN_MX_DISPATCH(W, gemv_avx512_t, W, xp, T, K_pad, y, o0, o1, O);
     return;
@@ -552,7 +666,7 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   float scale_int8[256];  // int8's decode path reads the integer: 2^-6 more
   for (int e = 0; e < 256; ++e) scale_int8[e] = scale_tab[e] * (1.0f / 64.0f);  // exact (>= 2^-133)
   Packed W{codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), table.data_ptr<float>(), scale_tab, scale_tab,
-           false, codes.size(1), nblk, block_size, bits, kind};
+           false, false, codes.size(1), nblk, block_size, bits, kind};
 
   at::Tensor y;
   if (T == 0 || O == 0) {
@@ -562,29 +676,51 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
     // step's fixed cost is a few microseconds)
     const bool fast = use_avx512(W);
     const bool nibbles = fast && kind == kTable && bits == 4;  // Dec16::unit: even codes, then odd ones
+    W.e4m3_pairs = fast && kind == kE4M3 && block_size == 32;  // gemv_e4m3_pairs: codes 4i + k of 64 in vector k
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
-    at::Tensor xp = at::empty({T, K_pad}, xf.options());
     const float* src = xf.data_ptr<float>();
+    const float amax = abs_max(src, T * K);  // NaNs aside (they reach y through the products)
+    // the e4m3_pairs decoder's codes are value * 2^-120: x takes 2^(120 - t) of it (finite: amax <
+    // 2^(t + 7)), the block scales the remaining 2^t, where no scale in use overflows by it (else
+    // the fp16-converter path)
+    int ex = 0;
+    if (amax > 0.0f && std::isfinite(amax)) std::frexp(amax, &ex);  // amax < 2^ex
+    const int t = std::max(0, ex - 7);
+    if (W.e4m3_pairs && (!std::isfinite(amax) || (t > 0 && scales.max().item<uint8_t>() - 127 + t > 127)))
+      W.e4m3_pairs = false;
+    const bool raw = fast && kind == kE4M3 && !W.e4m3_pairs && amax < 0x1p100f;  // the decoder's 2^8 moves into x
+    const float xs = W.e4m3_pairs ? std::ldexp(1.0f, 120 - t) : raw ? 256.0f : 1.0f;  // exact
+    const int64_t ldx = W.e4m3_pairs ? (K_pad + 63) / 64 * 64 : K_pad;  // x's row stride: whole pairs of blocks
+    at::Tensor xp = at::empty({T, ldx}, xf.options());
     float* dst = xp.data_ptr<float>();
-    float amax = 0.0f;
-    for (int64_t t = 0; t < T; ++t) {
-      const float* s_row = src + t * K;
-      float* d_row = dst + t * K_pad;
-      for (int64_t k = 0; k < K_pad; ++k) {
-        const float v = k < K ? s_row[k] : 0.0f;
-        amax = std::max(amax, std::fabs(v));
-        d_row[nibbles ? (k & ~int64_t{31}) + ((k & 31) >> 1) + 16 * (k & 1) : k] = v;
+    for (int64_t r = 0; r < T; ++r) {
+      const float* s_row = src + r * K;
+      float* d_row = dst + r * ldx;
+#if FTATTN_MX_AVX512
+      if (W.e4m3_pairs) {
+        x_pairs(s_row, K, xs, d_row, ldx);
+        continue;
+      }
+#endif
+      if (nibbles) {
+        for (int64_t k = 0; k < K_pad; ++k)
+          d_row[(k & ~int64_t{31}) + ((k & 31) >> 1) + 16 * (k & 1)] = k < K ? s_row[k] : 0.0f;
+      } else {
+        for (int64_t k = 0; k < K_pad; ++k) d_row[k] = k < K ? s_row[k] * xs : 0.0f;
       }
     }
-    if (fast && kind == kE4M3 && amax < 0x1p100f) {  // the decoder's 2^8 moves into x (exact)
-      for (int64_t i = 0; i < T * K_pad; ++i) dst[i] *= 256.0f;
-      W.raw = true;
+    W.raw = raw;
+    float scale_pairs[256];  // gemv_e4m3_pairs': scale_tab * 2^t (exact, no entry in use overflows)
+    if (W.e4m3_pairs && t > 0) {
+      const float f2t = std::ldexp(1.0f, t);
+      for (int e = 0; e < 256; ++e) scale_pairs[e] = scale_tab[e] * f2t;
+      W.scale_gemv = scale_pairs;
     }
     if (fast && kind == kInt8) W.scale_gemv = scale_int8;
     at::Tensor yf = at::empty({T, O}, xp.options());
     const float* xpp = xp.data_ptr<float>();
     float* yp = yf.data_ptr<float>();
-    at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) { gemv(W, xpp, T, K_pad, yp, o0, o1, O); });
+    at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) { gemv(W, xpp, T, ldx, yp, o0, o1, O); });
     y = yf.to(dt);
   } else {
     // panels of output features: ~2 MiB of fp32 values each, at least 64 features

@@ -332,3 +332,43 @@ def test_hugging_face_save_and_load_pretrained(tmp_path):
         fresh = tmp_path / "plain"
         tiny_llama("sdpa").save_pretrained(fresh)
         mx.load_pretrained(str(fresh))
+
+
+def test_fp8_e4m3_decode_path_every_code_any_activation_scale():
+    """The fp8_e4m3 decode path (gemv_e4m3_pairs: codes as fp32 bit patterns times 2^-120, x and the
+    block scales carrying the 2^120 between them) reads every code exactly, subnormals and -0 included,
+    for activations from 2^-100 to 2^100 (where x takes less of the 2^120 and the scales more), and
+    falls back to the fp16-converter path where a scale in use would overflow by it."""
+    table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = table[~torch.isnan(table)]  # 254 values
+    rows = []
+    for i in range(0, len(finite), 31):  # 31 values per block + 448, so every block's scale is 2^0
+        chunk = finite[i:i + 31]
+        rows.append(torch.cat([torch.tensor([448.0]), chunk, torch.zeros(31 - len(chunk))]))
+    w = torch.cat(rows).reshape(-1, 96)[:, :95]  # 3 blocks per row, the last one short (a tail block alone)
+    p = mx.pack(w, "fp8_e4m3")
+    w_deq = mx.unpack(p)
+    assert torch.equal(w_deq, w) and bool((w_deq == 0).any()) and bool((w_deq.abs() < 2.0 ** -6).any())
+    eye = torch.eye(95)
+    for e in (-100, -20, 0, 6, 7, 20, 100):
+        for rows_x in (1, 2, 3, 4, 7):
+            x = eye[:rows_x] * 2.0 ** e
+            y = linear_packed(x, p, backend="cpp")
+            assert torch.equal(y, w_deq[:, :rows_x].t() * 2.0 ** e), f"x = one-hot * 2^{e}, rows {rows_x}"
+    x = torch.randn(3, 95) * 2.0 ** 40
+    _check_close(linear_packed(x, p, backend="cpp"), x, w_deq, None, "x ~ 2^40")
+    # a block of 2^118 against x's block of 2^-30 and the reverse: y is finite, but the decode path's
+    # scale for the large block would overflow by x's 2^30 (the fp16-converter path takes it)
+    wb = torch.randn(4, 64)
+    wb[:, :32] *= 2.0 ** 118
+    xb = torch.randn(1, 64)
+    xb[:, :32] *= 2.0 ** -30
+    xb[:, 32:] *= 2.0 ** 30
+    pb = mx.pack(wb, "fp8_e4m3")
+    _check_close(linear_packed(xb, pb, backend="cpp"), xb, mx.unpack(pb), None, "overflowing scale")
+    xi = torch.randn(2, 95)
+    xi[1, 5] = float("inf")
+    ref = xi.double() @ w_deq.double().t()
+    y = linear_packed(xi, p, backend="cpp")
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    _check_close(y[:1], xi[:1], w_deq, None, "the finite row beside an inf")
