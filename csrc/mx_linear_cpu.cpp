@@ -10,8 +10,9 @@
 // Two paths:
 // * decode (rows of x <= kGemvRows, e.g. token-by-token generation): memory bound on the
 //   codes. Parallel over output features; per block the codes are decoded into registers
-//   (AVX-512: a table permute for 2/4/6-bit codes, the fp16 converter for fp8, an integer
-//   convert for int8), multiplied with up to 4 rows of x, and the block's sum is scaled once
+//   (AVX-512: a table permute for 2/4/6-bit codes, fp8_e4m3 in blocks of 32 as fp32 bit
+//   patterns made by a shift and an AND (gemv_e4m3_pairs), other fp8 through the fp16
+//   converter, an integer convert for int8), multiplied with up to 4 rows of x, and the block's sum is scaled once
 //   by its 2^shared_exp. AVX2 processors (and block sizes the AVX-512 decoders do not take) the
 //   same on 8 lanes for fp4 / fp8 / int8 (Dec8). Others (and fp6 / fp2 there) decode a row into
 //   a small buffer through the format's value table and run a vectorised dot product.

@@ -38,7 +38,8 @@ from .quantize import MXTensor, _triton_reason, decode_blocks, pack  # one Trito
 __all__ = ["MXPackedLinear", "linear_packed", "linear_reference", "packable", "config_from_meta", "META_VERSION"]
 
 # how each format's codes decode in the kernels: 0 through the value table, 1 fp8_e4m3 and
-# 2 fp8_e5m2 through the fp16 converter, 3 int8 as an integer (csrc/mx_linear_cpu.cpp, Kind)
+# 2 fp8_e5m2 by bit moves (e4m3 in blocks of 32: into fp32 bit patterns; else through the fp16
+# converter), 3 int8 as an integer (csrc/mx_linear_cpu.cpp, Kind)
 _KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3}
 _FORMAT_IDS = list(FORMATS)  # index in the meta buffer (append new formats only)
 _ROUNDINGS = [r.value for r in sorted(ROUNDING_CODE, key=ROUNDING_CODE.get)]  # index: the kernels' rounding code
