@@ -116,5 +116,33 @@ FTATTN_VEC_INLINE double hsum(d8 x) { return tree(x, Add{}); }
 FTATTN_VEC_INLINE float hsum(f16 x) { return tree(x, Add{}); }
 FTATTN_VEC_INLINE float hmax(f16 x) { return tree(x, Max{}); }
 FTATTN_VEC_INLINE float hmin(f16 x) { return tree(x, Min{}); }
+
+// The row kernels' vector type where the code runs: 16 lanes (f16) with AVX-512, else 8 (f8).
+// GCC 12 lowers a 16-lane select (x > m ? x : m, the clamp of exp) to one AVX-512 instruction,
+// but where a 16-lane vector is two 8-lane registers (the x86-64-v3 clone, a -march=x86-64-v3
+// build) it goes lane by lane through the stack, and so do a 16-lane vector's halves: the
+// forward at protection full on AVX2 spent half its time in such code. Kernels with selects
+// are written for a vector type V and instantiated for both; wide_vectors() picks one per call.
+template <typename V>
+inline constexpr int64_t Lanes = sizeof(V) / sizeof(float);
+template <typename V>
+FTATTN_VEC_INLINE V load_v(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+FTATTN_VEC_INLINE void store_v(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+FTATTN_VEC_INLINE f8 abs(f8 x) {
+  typedef uint32_t u8v __attribute__((vector_size(32)));
+  return reinterpret_cast<f8>(reinterpret_cast<u8v>(x) & 0x7fffffffu);
+}
 }  // namespace vec
+// true where the FTATTN_CLONES functions run the AVX-512 clone (16-lane registers; vec::Lanes)
+inline bool wide_vectors() {
+  static const bool w = std::strcmp(kernel_isa(), "x86-64-v4") == 0;
+  return w;
+}
 }  // namespace ftattn

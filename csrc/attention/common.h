@@ -141,6 +141,10 @@ FTATTN_VEC_INLINE float pow2_bits(float t) {  // 2^n from t = n + ROUND_C
 FTATTN_VEC_INLINE vec::f16 pow2_bits(vec::f16 t) {
   return reinterpret_cast<vec::f16>(reinterpret_cast<vec::u16>(t) << 23);
 }
+FTATTN_VEC_INLINE vec::f8 pow2_bits(vec::f8 t) {
+  typedef uint32_t u8v __attribute__((vector_size(32)));
+  return reinterpret_cast<vec::f8>(reinterpret_cast<u8v>(t) << 23);
+}
 
 // exp(x) for x <= 0 (x = (S - max) * scale) as 2^(x log2 e): n = round(x log2 e),
 // f = x log2 e - n in one multiply-add, and the Cephes exp2f minimax polynomial for
@@ -212,6 +216,8 @@ FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
   halves(x, a, b);
   return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
 }
+// 8 fp32 lanes into 8 fp64 lanes (the 8-lane row kernels', vec::Lanes)
+FTATTN_VEC_INLINE d8 widen_sum(f8 x) { return __builtin_convertvector(x, d8); }
 }  // namespace vec
 
 }  // namespace

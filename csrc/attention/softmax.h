@@ -50,7 +50,7 @@ struct RowStats {
 // psum adds the lanes in a fixed order, the same at every level, so off, abft and
 // full round l (and the output) alike. INJECT hits p_{fault.col..end-1} after the
 // exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs.
-template <int PROT, bool INJECT, int NG>
+template <int PROT, bool INJECT, int NG, typename V>
 __attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
                                                                    int64_t n, int64_t limit, float scale, float mr,
                                                                    const float* __restrict a,
@@ -61,34 +61,35 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   const float scale2 = scale * LOG2E;
   const float rel = 5.9604645e-08f * 64.f, abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
   const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
-  f16 psum_v = f16{}, mx_v = f16{}, mn_v = f16{} + 1.f, viol_v = f16{};
+  constexpr int64_t L = Lanes<V>;
+  V psum_v = V{}, mx_v = V{}, mn_v = V{} + 1.f, viol_v = V{};
   d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
   for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
   int64_t j = 0;
-  while (j + W <= visible) {
-    f16 sp = f16{}, ap[NG], bp[NG];
-    for (int g = 0; g < NG; ++g) ap[g] = bp[g] = f16{};
-    for (int64_t c = 0; c < CHUNK && j + W <= visible; ++c, j += W) {
-      const f16 sv = load(S + j);
-      f16 pv = exp_neg((sv - mr) * scale);
+  while (j + L <= visible) {
+    V sp = V{}, ap[NG], bp[NG];
+    for (int g = 0; g < NG; ++g) ap[g] = bp[g] = V{};
+    for (int64_t c = 0; c < CHUNK && j + L <= visible; ++c, j += L) {
+      const V sv = load_v<V>(S + j);
+      V pv = exp_neg((sv - mr) * scale);
       if constexpr (INJECT) {
-        for (int64_t x = std::max<int64_t>(fault.col, j); x < std::min<int64_t>(fault.end, j + W); ++x)
+        for (int64_t x = std::max<int64_t>(fault.col, j); x < std::min<int64_t>(fault.end, j + L); ++x)
           pv[x - j] = corrupt(pv[x - j], fault.bit, fault.value);
       }
-      store(p + j, pv);
+      store_v(p + j, pv);
       psum_v += pv;
       if constexpr (PROT >= 1) {
         mx_v = pv > mx_v ? pv : mx_v;
         mn_v = pv < mn_v ? pv : mn_v;
         sp += pv;
         for (int g = 0; g < NG; ++g) {
-          ap[g] += pv * load(a + g * gs + j);
-          bp[g] += pv * load(b + g * gs + j);
+          ap[g] += pv * load_v<V>(a + g * gs + j);
+          bp[g] += pv * load_v<V>(b + g * gs + j);
         }
       }
       if constexpr (PROT >= 2) {
-        const f16 p2 = exp2_neg((sv - mr) * scale2);
-        const f16 d = vec::abs(pv - p2) - rel2 * p2;
+        const V p2 = exp2_neg((sv - mr) * scale2);
+        const V d = vec::abs(pv - p2) - rel2 * p2;
         viol_v = d > viol_v ? d : viol_v;
       }
     }
@@ -139,9 +140,9 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     std::fill(p + j, p + n, 0.f);
     mn = 0.f;
   }
-  st.psum = hsum(psum_v) + psum_t;
+  st.psum = tree(psum_v, Add{}) + psum_t;
   if constexpr (PROT >= 1) {
-    const float vmx = hmax(mx_v), vmn = hmin(mn_v);  // (NaN never enters a lane)
+    const float vmx = tree(mx_v, Max{}), vmn = tree(mn_v, Min{});  // (NaN never enters a lane)
     st.pmax = vmx > mx ? vmx : mx;
     st.pmin = vmn < mn ? vmn : mn;
     st.ws = vec::hsum(s_acc) + s_t;
@@ -151,7 +152,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     }
   }
   if constexpr (PROT >= 2) {
-    const float vviol = hmax(viol_v);
+    const float vviol = tree(viol_v, Max{});
     viol = vviol > viol ? vviol : viol;
     // NaN in p or p2 passes the max; a NaN p makes the row sum non-finite, which
     // the probs-range check reports
@@ -161,12 +162,17 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   }
 }
 
-// One clone set per variant (the template body is inlined into each).
+// One clone set per variant (the template body is inlined into each, twice: on 16-lane vectors
+// where the code runs AVX-512, else on 8-lane ones, vec::Lanes; the same level on one machine
+// always takes the same, so off, abft and full still round l alike).
 #define FTATTN_SOFTMAX_ROW(name, PROT, INJECT, NG)                                                            \
   FTATTN_CLONES static void name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,   \
                                  float scale, float m, const float* __restrict a, const float* __restrict b, \
                                  int64_t gs, const RowFault& fault, RowStats& st) {                          \
-    softmax_row_body<PROT, INJECT, NG>(S, p, n, limit, scale, m, a, b, gs, fault, st);                      \
+    if (wide_vectors())                                                                                      \
+      softmax_row_body<PROT, INJECT, NG, vec::f16>(S, p, n, limit, scale, m, a, b, gs, fault, st);           \
+    else                                                                                                     \
+      softmax_row_body<PROT, INJECT, NG, vec::f8>(S, p, n, limit, scale, m, a, b, gs, fault, st);            \
   }
 #define FTATTN_SOFTMAX_ROWS(PROT, INJECT, suffix)                 \
   FTATTN_SOFTMAX_ROW(softmax_row_##suffix##1, PROT, INJECT, 1)    \
