@@ -210,37 +210,55 @@ FTATTN_CLONES static void tile_references(const float* __restrict dS, const floa
 }
 
 // The first pass over a row of a tile: m <- max(m, max_{j < vis} S_j scale) and the
-// normaliser l rescaled to it, plus sum_{j < vis} exp(S_j scale - m) (fp64).
-FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float scale, float* m, double* l) {
+// normaliser l rescaled to it, plus sum_{j < vis} exp(S_j scale - m) (fp64). On vectors V
+// (vec::Lanes: 16 lanes where the code runs AVX-512, else 8, so that GCC 12 emits vector
+// selects, the max and the clamp of exp, in the AVX2 clone too).
+template <typename V>
+__attribute__((always_inline)) static inline void row_lse_body(const float* __restrict S, int64_t vis, float scale,
+                                                              float* m, double* l) {
+  constexpr int64_t L = vec::Lanes<V>;
   float mx = -std::numeric_limits<float>::infinity();
-  vec::f16 mxv = vec::f16{} + mx;
+  V mxv = V{} + mx;
   int64_t t = 0;
-  for (; t + vec::W <= vis; t += vec::W) {
-    const vec::f16 s = vec::load(S + t) * scale;
+  for (; t + L <= vis; t += L) {
+    const V s = vec::load_v<V>(S + t) * scale;
     mxv = s > mxv ? s : mxv;  // (NaN never enters a lane)
   }
   for (; t < vis; ++t) {
     const float s = S[t] * scale;
     mx = s > mx ? s : mx;
   }
-  mx = vec::hmax(mxv) > mx ? vec::hmax(mxv) : mx;
+  const float vmx = vec::tree(mxv, vec::Max{});
+  mx = vmx > mx ? vmx : mx;
   if (!(mx > *m)) mx = *m;  // (NaN scores leave the max: their p is NaN, and so the gradients)
   if (mx == -std::numeric_limits<float>::infinity()) return;
   double sum = 0.0;
   int64_t j = 0;
-  for (; j + vec::W <= vis; j += vec::W) sum += vec::hsum(vec::widen_sum(exp_neg(vec::load(S + j) * scale - mx)));
+  for (; j + L <= vis; j += L) sum += vec::hsum(vec::widen_sum(exp_neg(vec::load_v<V>(S + j) * scale - mx)));
   for (; j < vis; ++j) sum += static_cast<double>(exp_neg(S[j] * scale - mx));
   *l = (*m == -std::numeric_limits<float>::infinity() ? 0.0 : *l * std::exp(static_cast<double>(*m - mx))) + sum;
   *m = mx;
 }
+FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float scale, float* m, double* l) {
+  if (wide_vectors()) row_lse_body<vec::f16>(S, vis, scale, m, l);
+  else row_lse_body<vec::f8>(S, vis, scale, m, l);
+}
 
 // P_j = exp(S_j scale - m) rinv for j < vis, 0 beyond (the same code at every level).
-FTATTN_CLONES static void probs_row(const float* __restrict S, float* __restrict P, int64_t n, int64_t vis,
-                                    float scale, float m, float rinv) {
+template <typename V>
+__attribute__((always_inline)) static inline void probs_row_body(const float* __restrict S, float* __restrict P,
+                                                                int64_t n, int64_t vis, float scale, float m,
+                                                                float rinv) {
+  constexpr int64_t L = vec::Lanes<V>;
   int64_t j = 0;
-  for (; j + vec::W <= vis; j += vec::W) vec::store(P + j, exp_neg(vec::load(S + j) * scale - m) * rinv);
+  for (; j + L <= vis; j += L) vec::store_v(P + j, exp_neg(vec::load_v<V>(S + j) * scale - m) * rinv);
   for (; j < vis; ++j) P[j] = exp_neg(S[j] * scale - m) * rinv;
   for (; j < n; ++j) P[j] = 0.f;
+}
+FTATTN_CLONES static void probs_row(const float* __restrict S, float* __restrict P, int64_t n, int64_t vis,
+                                    float scale, float m, float rinv) {
+  if (wide_vectors()) probs_row_body<vec::f16>(S, P, n, vis, scale, m, rinv);
+  else probs_row_body<vec::f8>(S, P, n, vis, scale, m, rinv);
 }
 
 // dS_j = P_j (dP_j - D) for j < vis, 0 beyond.
@@ -253,25 +271,29 @@ FTATTN_CLONES static void ds_row(const float* __restrict P, const float* __restr
 
 // The redundant softmax (full): exp2 with its own polynomial of the same argument, against
 // P within both exponentials' error (the forward's tolerance); true when some entry differs.
-FTATTN_CLONES static bool probs_dmr_fails(const float* __restrict S, const float* __restrict P, int64_t vis,
-                                          float scale, float m, float rinv) {
-  // (16-lane vectors: as an `omp simd` loop GCC 12 left the AVX2 clone scalar, "control flow
-  // in loop", though a plain -march=x86-64-v3 build vectorised it; float selects only)
+template <typename V>
+__attribute__((always_inline)) static inline bool probs_dmr_body(const float* __restrict S,
+                                                                const float* __restrict P, int64_t vis, float scale,
+                                                                float m, float rinv) {
+  // (explicit vectors: as an `omp simd` loop GCC 12 left the AVX2 clone scalar, "control flow
+  // in loop", though a plain -march=x86-64-v3 build vectorised it; float selects only, on
+  // 8 lanes where the code has no AVX-512, vec::Lanes)
   using namespace vec;
+  constexpr int64_t L = Lanes<V>;
   const float rel = U32 * 64.f, abs_tol = (U32 * 2.f) * rinv + 1e-30f;
-  const f16 relv = f16{} + rel, absv = f16{} + abs_tol, scalev = f16{} + scale, mv = f16{} + m,
-            rinvv = f16{} + rinv, l2e = f16{} + LOG2E;
+  const V relv = V{} + rel, absv = V{} + abs_tol, scalev = V{} + scale, mv = V{} + m, rinvv = V{} + rinv,
+          l2e = V{} + LOG2E;
   // the largest |P - p2| - (rel max(P, p2) + abs): > 0 where an entry differs (its sign is
   // exact: IEEE subtraction)
-  f16 viol = f16{};
+  V viol = V{};
   int64_t j = 0;
-  for (; j + W <= vis; j += W) {
-    const f16 p = load(P + j), p2 = exp2_neg((load(S + j) * scalev - mv) * l2e) * rinvv;
-    const f16 hi = p > p2 ? p : p2;
-    const f16 d = vec::abs(p - p2) - (relv * hi + absv);
+  for (; j + L <= vis; j += L) {
+    const V p = load_v<V>(P + j), p2 = exp2_neg((load_v<V>(S + j) * scalev - mv) * l2e) * rinvv;
+    const V hi = p > p2 ? p : p2;
+    const V d = vec::abs(p - p2) - (relv * hi + absv);
     viol = d > viol ? d : viol;
   }
-  float v = hmax(viol);
+  float v = tree(viol, Max{});
   for (; j < vis; ++j) {
     const float p2 = exp2_neg((S[j] * scale - m) * LOG2E) * rinv;
     const float hi = P[j] > p2 ? P[j] : p2;
@@ -281,6 +303,11 @@ FTATTN_CLONES static bool probs_dmr_fails(const float* __restrict S, const float
   // (a NaN P or p2 enters no max: a NaN P makes the row's sum NaN, which row_checks reports,
   // and p2 is NaN only where S, and so P, is)
   return !(v <= 0.f);
+}
+FTATTN_CLONES static bool probs_dmr_fails(const float* __restrict S, const float* __restrict P, int64_t vis,
+                                          float scale, float m, float rinv) {
+  return wide_vectors() ? probs_dmr_body<vec::f16>(S, P, vis, scale, m, rinv)
+                        : probs_dmr_body<vec::f8>(S, P, vis, scale, m, rinv);
 }
 
 // A row's checks of P and dS, and its sums: P in [0, 1] (else kProbsRange); each dS_j made
