@@ -32,26 +32,27 @@ FTATTN_VEC_INLINE T sum_rows(const T* x) {
     return (x[0] + x[1]) + (x[2] + x[3]);
 }
 
-template <bool SUMS, int R>
+template <bool SUMS, int R, typename V>
 FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64_t n, int64_t limit,
                                     float* __restrict mx, double* __restrict rs, float* __restrict cs32,
                                     float* __restrict ca32) {
   using namespace vec;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  f16 mxv[R];
+  constexpr int64_t L = Lanes<V>;  // (16 lanes with AVX-512, else 8: vec::Lanes)
+  V mxv[R];
   d8 racc[R];
   double rtail[R];
   float mt[R];
-  for (int r = 0; r < R; ++r) mxv[r] = f16{} + NEG_INF, racc[r] = d8{}, rtail[r] = 0.0, mt[r] = NEG_INF;
+  for (int r = 0; r < R; ++r) mxv[r] = V{} + NEG_INF, racc[r] = d8{}, rtail[r] = 0.0, mt[r] = NEG_INF;
   // the column sums of R rows at j (vectors or single values)
   const auto add_columns = [&](int64_t j, const auto* x) {
     using T = std::remove_const_t<std::remove_reference_t<decltype(x[0])>>;
     T ax[R];
-    if constexpr (std::is_same_v<T, f16>) {
+    if constexpr (std::is_same_v<T, V>) {
       for (int r = 0; r < R; ++r) ax[r] = vec::abs(x[r]);
-      store(cs32 + j, load(cs32 + j) + sum_rows<R>(x));
-      store(ca32 + j, load(ca32 + j) + sum_rows<R>(ax));
+      store_v(cs32 + j, load_v<V>(cs32 + j) + sum_rows<R>(x));
+      store_v(ca32 + j, load_v<V>(ca32 + j) + sum_rows<R>(ax));
     } else {
       for (int r = 0; r < R; ++r) ax[r] = std::fabs(x[r]);
       cs32[j] += sum_rows<R>(x);
@@ -62,12 +63,12 @@ FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64
   int64_t j = 0;
   const auto span = [&](int64_t end, auto see) {
     constexpr bool SEE = decltype(see)::value;
-    while (j + W <= end) {
-      f16 part[R] = {};
-      for (int64_t c = 0; c < CHUNK && j + W <= end; ++c, j += W) {
-        f16 x[R];
+    while (j + L <= end) {
+      V part[R] = {};
+      for (int64_t c = 0; c < CHUNK && j + L <= end; ++c, j += L) {
+        V x[R];
         for (int r = 0; r < R; ++r) {
-          x[r] = load(S + r * ld + j);
+          x[r] = load_v<V>(S + r * ld + j);
           if constexpr (SEE) mxv[r] = x[r] > mxv[r] ? x[r] : mxv[r];
           part[r] += x[r];
         }
@@ -91,7 +92,7 @@ FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64
   if constexpr (SUMS) span(n, std::false_type{});
   for (int r = 0; r < R; ++r) {
     if constexpr (SUMS) rs[r] = hsum(racc[r]) + rtail[r];
-    const float vmx = hmax(mxv[r]);  // (NaN never enters a lane)
+    const float vmx = tree(mxv[r], Max{});  // (NaN never enters a lane)
     mx[r] = vmx > mt[r] ? vmx : mt[r];
     if (mx[r] == NEG_INF) {  // rare: every visible score -inf or NaN
       for (int64_t t = 0; t < visible; ++t)
@@ -105,21 +106,24 @@ FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64
 
 FTATTN_CLONES static float row_max(const float* __restrict S, int64_t n, int64_t limit) {
   float mx;
-  row_max_body<false, 1>(S, 0, n, limit, &mx, nullptr, nullptr, nullptr);
+  if (wide_vectors()) row_max_body<false, 1, vec::f16>(S, 0, n, limit, &mx, nullptr, nullptr, nullptr);
+  else row_max_body<false, 1, vec::f8>(S, 0, n, limit, &mx, nullptr, nullptr, nullptr);
   return mx;
 }
 
 FTATTN_CLONES static float row_max_sums(const float* __restrict S, int64_t n, int64_t limit, double* __restrict rs,
                                         float* __restrict cs32, float* __restrict ca32) {
   float mx;
-  row_max_body<true, 1>(S, 0, n, limit, &mx, rs, cs32, ca32);
+  if (wide_vectors()) row_max_body<true, 1, vec::f16>(S, 0, n, limit, &mx, rs, cs32, ca32);
+  else row_max_body<true, 1, vec::f8>(S, 0, n, limit, &mx, rs, cs32, ca32);
   return mx;
 }
 
 // row_max_sums for four consecutive rows (at stride ld) that see every key of the tile.
 FTATTN_CLONES static void row_max_sums4(const float* __restrict S, int64_t ld, int64_t n, float* __restrict mx,
                                         double* __restrict rs, float* __restrict cs32, float* __restrict ca32) {
-  row_max_body<true, 4>(S, ld, n, n - 1, mx, rs, cs32, ca32);
+  if (wide_vectors()) row_max_body<true, 4, vec::f16>(S, ld, n, n - 1, mx, rs, cs32, ca32);
+  else row_max_body<true, 4, vec::f8>(S, ld, n, n - 1, mx, rs, cs32, ca32);
 }
 
 // true when some |cs_j - ref_j| > colb_j (or is NaN): the column check.
