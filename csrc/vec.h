@@ -45,6 +45,7 @@ typedef float f8 __attribute__((vector_size(32)));
 typedef double d8 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 typedef uint32_t u16 __attribute__((vector_size(64)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
 FTATTN_VEC_INLINE f16 load(const float* p) {
   f16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -135,10 +136,7 @@ template <typename V>
 FTATTN_VEC_INLINE void store_v(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
-FTATTN_VEC_INLINE f8 abs(f8 x) {
-  typedef uint32_t u8v __attribute__((vector_size(32)));
-  return reinterpret_cast<f8>(reinterpret_cast<u8v>(x) & 0x7fffffffu);
-}
+FTATTN_VEC_INLINE f8 abs(f8 x) { return reinterpret_cast<f8>(reinterpret_cast<u8>(x) & 0x7fffffffu); }
 }  // namespace vec
 // true where the FTATTN_CLONES functions run the AVX-512 clone (16-lane registers; vec::Lanes)
 inline bool wide_vectors() {

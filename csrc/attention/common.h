@@ -142,8 +142,7 @@ FTATTN_VEC_INLINE vec::f16 pow2_bits(vec::f16 t) {
   return reinterpret_cast<vec::f16>(reinterpret_cast<vec::u16>(t) << 23);
 }
 FTATTN_VEC_INLINE vec::f8 pow2_bits(vec::f8 t) {
-  typedef uint32_t u8v __attribute__((vector_size(32)));
-  return reinterpret_cast<vec::f8>(reinterpret_cast<u8v>(t) << 23);
+  return reinterpret_cast<vec::f8>(reinterpret_cast<vec::u8>(t) << 23);
 }
 
 // exp(x) for x <= 0 (x = (S - max) * scale) as 2^(x log2 e): n = round(x log2 e),
