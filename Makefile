@@ -7,6 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# the suite runs on every core (pytest-xdist), one test file per worker at a time (a file's
+# module fixtures, its Ray cluster, its builds stay in one process); PYTEST_XDIST=-n0 runs it
+# in this process
+PYTEST_XDIST ?= -n auto --dist loadfile
 # `python -m` from the repository root would put the root on sys.path, where the
 # top-level kernels/ (shipped as ftattn.kernels) shadows the `kernels` package that
 # transformers imports (Python >= 3.11 honours this; tests/conftest.py also guards)
@@ -35,7 +39,7 @@ demo: install
 	$(BIN)/python -m ftattn model-campaign --faults 40 --no-progress
 
 test: install
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only

@@ -59,7 +59,7 @@ ONNX = ["onnx", "onnxruntime>=1.20", "onnxscript", "tokenizers>=0.22", "transfor
 # the campaigns on Ray (python -m ftattn campaign --workers N / --ray-address ADDR); pinned: a
 # newer Ray can change its wheels' torch requirements
 RAY = ["ray==2.60.0"]
-DEV = ["pytest", "pytest-benchmark", "hypothesis"] + EVAL + ONNX + RAY
+DEV = ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"] + EVAL + ONNX + RAY
 
 setup(
     name="ftattn",

@@ -25,7 +25,22 @@ import attention_reference
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (make test runs `-n auto`) the workers share the cores: each gets its
+# share of torch's threads, so that N workers do not run N x cores OpenMP threads that
+# spin against each other. The tests that exercise threads start their own.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 
 @pytest.fixture
 def make_qkv():
     return attention_reference.make_qkv
+
+
+@pytest.fixture
+def child_env():
+    """The environment for a pytest run that a test starts itself: without this run's
+    pytest-xdist variables (pytest-benchmark takes them for an xdist worker and turns itself
+    off; conftest would split the threads of a run that has the cores to itself)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}

@@ -119,7 +119,7 @@ def test_bad_input(tmp_path, capsys):
         bench_report.markdown(bench_report.load([str(_synthetic(tmp_path / "r.json"))]), "cuda")
 
 
-def test_real_cpu_run(tmp_path):
+def test_real_cpu_run(tmp_path, child_env):
     """Three providers of the smallest CPU case through pytest-benchmark, then the report."""
     case = "cpu-fp32-B1-H8-N256-M256-D64"
     ids = [f"benchmarks/test_bench_attention.py::test_attention[{case}-{p}]" for p in ("sdpa", "off", "full")]
@@ -128,7 +128,7 @@ def test_real_cpu_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", *ids, "--benchmark-only", f"--benchmark-json={out}", "-q",
          "-p", "no:cacheprovider"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if not __import__("torch").cuda.is_available():

@@ -64,7 +64,7 @@ def _run(env, *args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("isa,mkl_path", CASES, ids=lambda x: str(x))
-def test_grid_under_isa(isa, mkl_path):
+def test_grid_under_isa(isa, mkl_path, child_env):
     native = ftattn._C.cpu_isa()
     if native not in ISAS:
         pytest.skip(f"the build runs {native!r}: no x86-64 clones to test")
@@ -76,7 +76,7 @@ def test_grid_under_isa(isa, mkl_path):
         path, sampling_path = ftattn._C.__file__, sampling._sampling.__file__
     else:
         path, sampling_path = _build(isa)
-    env = dict(os.environ, FTATTN_EXTENSION=path, FTATTN_SAMPLING_EXTENSION=sampling_path, MKL_CBWR=mkl_path)
+    env = dict(child_env, FTATTN_EXTENSION=path, FTATTN_SAMPLING_EXTENSION=sampling_path, MKL_CBWR=mkl_path)
     # the extensions must run the instruction set they were built for
     got = _run(env, "-c", "import ftattn; from ftattn.onnx import sampling as s; "
                           "print(ftattn._C.__file__, ftattn._C.cpu_isa(), s._sampling.__file__, s._sampling.cpu_isa())")
