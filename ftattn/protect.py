@@ -112,6 +112,29 @@ class ProtectedLinear(torch.nn.Module):
             y = _bf(y + _bf(self.bias, cfg), cfg)
         return (y.squeeze(0) if squeeze else y), report
 
+    def _mx_train(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fault):
+        """MXLinear's forward and backward (ftattn/mx/linear.py) with every product checked:
+        the forward's (``fault`` hits it; its flags counted here) and the backward's two
+        (dX and dW, with the layer's protection and policy, as the plain linear layer's)."""
+        from .linear import _linear_impl
+        from .mx.linear import _MXLinearFunction
+
+        prot, on_fault = self.protection, self.on_fault
+        first = [fault]
+
+        def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            # (the operands are made per call, quantized: no cached checksums)
+            if first:  # the forward's product: its report counted, the fault given to it
+                y, report = _linear_impl(a, b, None, prot, on_fault, first.pop(), "auto", True, cache=False)
+                self._tally(report.flags)
+                return y
+            return _linear_impl(a, b, None, prot, on_fault, None, "auto", False, cache=False)
+
+        squeeze = x.dim() == 1
+        y = _MXLinearFunction.apply(x.unsqueeze(0) if squeeze else x, weight, bias, self.mx_config, product)
+        self.counts[0] += 1
+        return y.squeeze(0) if squeeze else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fault = self.fault
         if fault is not None:
@@ -120,9 +143,11 @@ class ProtectedLinear(torch.nn.Module):
         # None or a weight that is not a Parameter is an attribute instead)
         weight = params["weight"] if "weight" in params else self.weight
         bias = params["bias"] if "bias" in params else self.bias
-        if self.mx_config is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            # training an MX layer: its own autograd (MX-quantized backward), unchecked
-            return self.original(x)
+        if self.mx_config is not None and torch.is_grad_enabled() and (
+                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+            # training an MX layer: its autograd (MX-quantized backward), each of its three
+            # products a checked linear layer
+            return self._mx_train(x, weight, bias, fault)
         if self.mx_config is not None:
             y, report = self._mx_forward(x, fault)
         elif fault is None and not (torch.is_grad_enabled() and (

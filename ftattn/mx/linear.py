@@ -58,8 +58,13 @@ def _share(cls, module: torch.nn.Module, config: MXConfig):
 
 
 class _MXLinearFunction(torch.autograd.Function):
+    """``product`` (None: torch's own products, microxcaling's arithmetic bit for bit): a
+    function ``(a, b) -> a @ b^T`` for a [..., k] and b [n, k] that makes the layer's
+    three products, the forward's and the backward's two (protect_ passes the checked
+    linear layer's, so an MX layer trains with every product checked)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, config: MXConfig):
+    def forward(ctx, x, weight, bias, config: MXConfig, product=None):
         bf_x = _bf(x, config)
         bf_w = _bf(weight, config)
         bf_b = _bf(bias, config)
@@ -69,10 +74,11 @@ class _MXLinearFunction(torch.autograd.Function):
             ctx.save_for_backward(x, weight)
         qx = _mx(bf_x, config.activation, -1, config)
         qw = _mx(bf_w, config.weight, -1, config)
-        out = _bf(F.linear(qx, qw), config)
+        out = _bf(F.linear(qx, qw) if product is None else product(qx, qw), config)
         if bf_b is not None:
             out = _bf(out + bf_b, config)
         ctx.config = config
+        ctx.product = product
         ctx.has_bias = bias is not None
         return out
 
@@ -81,27 +87,31 @@ class _MXLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         config: MXConfig = ctx.config
         out_features, in_features = weight.shape
+        product = ctx.product
+
+        def matmul(a, b):  # a @ b, by `product` when given (a @ (b^T)^T)
+            return torch.matmul(a, b) if product is None else product(a, b.transpose(0, 1))
+
         if not config.quantize_backprop:
             go2 = grad_out.reshape(-1, out_features)
-            grad_w = go2.t().matmul(x.reshape(-1, in_features)) if ctx.needs_input_grad[1] else None
-            grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+            grad_w = matmul(go2.t(), x.reshape(-1, in_features)) if ctx.needs_input_grad[1] else None
+            grad_x = matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
             grad_b = go2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-            return grad_x, grad_w, grad_b, None
+            return grad_x, grad_w, grad_b, None, None
         grad_out = _bf(grad_out, config)
         grad_w = grad_x = grad_b = None
         if ctx.needs_input_grad[1]:
             qex_x = _mx(x, config.activation, -2, config)
             qex_go = _mx(grad_out, config.activation, -2, config)
-            grad_w = torch.matmul(qex_go.reshape(-1, out_features).transpose(0, 1),
-                                  qex_x.reshape(-1, in_features))
+            grad_w = matmul(qex_go.reshape(-1, out_features).transpose(0, 1), qex_x.reshape(-1, in_features))
             grad_w = _bf(grad_w, config)
         if ctx.needs_input_grad[0]:
             qos_w = _mx(weight, config.weight, 0, config)
             qos_go = _mx(grad_out, config.activation, -1, config)
-            grad_x = _bf(torch.matmul(qos_go, qos_w), config)
+            grad_x = _bf(matmul(qos_go, qos_w), config)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = _bf(grad_out.reshape(-1, out_features).sum(0), config)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: MXConfig) -> torch.Tensor:

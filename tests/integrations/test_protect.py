@@ -227,6 +227,89 @@ def test_mx_layers_are_checked_over_their_quantized_weights(fmt):
     assert isinstance(model[0], torch.nn.Linear)
 
 
+def _mx_model(fmt, backprop, seed=0):
+    from ftattn.mx import MXConfig, quantize_
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 300), torch.nn.GELU(), torch.nn.Linear(300, 40))
+    quantize_(model, MXConfig(weight=fmt, activation=fmt, quantize_backprop=backprop))
+    return model
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    loss = model(x).square().mean()
+    loss.backward()
+    return loss.detach(), [x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backprop", [True, False], ids=["quantized-backprop", "plain-backprop"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_mx_layers_train_with_every_product_checked(fmt, backprop):
+    """Under autograd a protected MX layer runs MXLinear's arithmetic (forward and backward,
+    quantize_backprop either way) with its three products checked: the same loss and
+    gradients as the unprotected MX model, and a fault in the forward's product during
+    training is caught and corrected (the gradients stay clean)."""
+    import copy
+
+    model = _mx_model(fmt, backprop)
+    x = torch.randn(3, 11, 96, generator=torch.Generator().manual_seed(1))
+    loss, grads = _loss_and_grads(model, x)
+    protected = copy.deepcopy(model)
+    ftattn.protect_(protected)
+    got_loss, got = _loss_and_grads(protected, x)
+    assert torch.equal(got_loss, loss)
+    for g, r in zip(got, grads):  # (the checked products are MKL's sgemm as torch's, rounded alike here)
+        assert torch.allclose(g, r, rtol=1e-6, atol=1e-7 * float(r.abs().max())), float((g - r).abs().max())
+    assert ftattn.counters(protected).detected == 0
+    assert protected[2].counts[0] == 1
+    protected[2].fault = Fault("gemm", row=7, col=13, bit=29)
+    got_loss, got = _loss_and_grads(protected, x)
+    assert torch.equal(got_loss, loss)
+    for g, r in zip(got, grads):
+        assert torch.allclose(g, r, rtol=1e-6, atol=1e-7 * float(r.abs().max()))
+    c = ftattn.counters(protected)
+    assert c.detected == c.corrected == 1 and c.per_module["2"].corrected == 1
+
+
+@pytest.mark.parametrize("backprop", [True, False], ids=["quantized-backprop", "plain-backprop"])
+@pytest.mark.parametrize("protection", ["abft", "off"])
+def test_mx_backward_products_go_through_the_given_product(backprop, protection):
+    """The MX layer's backward makes dX and dW by the product it is given (protect_ gives the
+    checked linear layer's): a fault in each of them is corrected under abft and changes
+    that gradient with protection off."""
+    from ftattn.mx.linear import _MXLinearFunction
+
+    layer = _mx_model("fp8_e4m3", backprop)[2]
+    x = torch.randn(3, 11, 300, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    clean = torch.autograd.grad(_MXLinearFunction.apply(x, layer.weight, layer.bias, layer.config).sum(),
+                                (x, layer.weight))
+    reports = []
+
+    def product(a, b):
+        if not reports:  # the forward's: clean
+            reports.append(None)
+            return ftattn.linear(a, b, protection=protection)
+        y, report = ftattn.linear(a, b, protection=protection, return_report=True,
+                                  fault=Fault("gemm", row=2, col=5, bit=30))
+        reports.append(report)
+        return y
+
+    got = torch.autograd.grad(_MXLinearFunction.apply(x, layer.weight, layer.bias, layer.config, product).sum(),
+                              (x, layer.weight))
+    assert len(reports) == 3  # the forward's and the backward's two products
+    for g, r in zip(got, clean):
+        if protection == "abft":
+            assert torch.allclose(g, r, rtol=1e-6, atol=1e-7 * float(r.abs().max()))
+        else:
+            assert not torch.allclose(g, r, rtol=1e-3, atol=1e-3 * float(r.abs().max()))
+    if protection == "abft":
+        assert all(rep.detected == rep.corrected == 1 for rep in reports[1:])
+    else:
+        assert all(rep.detected == 0 for rep in reports[1:])
+
+
 def test_training_with_protected_linears_follows_the_plain_loss_curve():
     """The linear layers' backward is checked too (dX = dY W, dW = dY^T X); attention stays
     unprotected here (its backward is another issue's)."""
