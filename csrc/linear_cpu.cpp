@@ -204,58 +204,92 @@ inline float row_squares_any(const at::Half* x, int64_t K, uint16_t* o) {
   return sc;
 }
 
-// sum_o a_o and sum_o |a_o| of one block: sixteen fp32 partial sums (one vector) of at
-// most ceil(n / 16) terms each, added in fp64: within (ceil(n / 16) + 1) u sum |a| of the
-// exact sum.
-// Then the bias (when given) is added to the block in the same pass.
-FTATTN_CLONES void block_sums(float* a, int64_t n, const float* bias, double* sum, double* sum_abs) {
+// sum_o a_o and sum_o |a_o| of one block: L fp32 partial sums (one vector of V, 16 or 8
+// lanes) of at most ceil(n / L) terms each, added in fp64: within (ceil(n / 8) + 1) u sum |a|
+// of the exact sum. Then the bias (when given) is added to the block in the same pass.
+// (On 16-lane vectors in the AVX2 code the abs and the partials went through the stack:
+// the check of x [1024, 384] . W [384, 384] was 10 % of the call there.)
+template <typename V>
+FTATTN_VEC_INLINE void block_sums_v(float* a, int64_t n, const float* bias, double* sum, double* sum_abs) {
   using namespace vec;
-  f16 s = f16{}, m = f16{};
+  constexpr int64_t L = Lanes<V>;
+  V s = V{}, m = V{};
   int64_t o = 0;
-  for (; o + 16 <= n; o += 16) {
-    const f16 v = load(a + o);
+  for (; o + L <= n; o += L) {
+    const V v = load_v<V>(a + o);
     s += v;
     m += vec::abs(v);
-    if (bias != nullptr) store(a + o, v + load(bias + o));
+    if (bias != nullptr) store_v(a + o, v + load_v<V>(bias + o));
   }
   double t = 0.0, ta = 0.0;
   for (; o < n; ++o) {
     t += static_cast<double>(a[o]), ta += std::fabs(static_cast<double>(a[o]));
     if (bias != nullptr) a[o] += bias[o];
   }
-  // the sixteen partials in fp64, as a tree (16 dependent scalar adds were a third of
-  // this function's time)
-  f8 lo, hi;
-  halves(s, lo, hi);
-  t += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
-  halves(m, lo, hi);
-  ta += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
+  // the partials in fp64, as a tree (16 dependent scalar adds were a third of this
+  // function's time)
+  if constexpr (Lanes<V> == 16) {
+    f8 lo, hi;
+    halves(s, lo, hi);
+    t += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
+    halves(m, lo, hi);
+    ta += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
+  } else {
+    t += hsum(__builtin_convertvector(s, d8));
+    ta += hsum(__builtin_convertvector(m, d8));
+  }
   *sum = t;
   *sum_abs = ta;
+}
+FTATTN_CLONES void block_sums(float* a, int64_t n, const float* bias, double* sum, double* sum_abs) {
+  if (wide_vectors())
+    block_sums_v<vec::f16>(a, n, bias, sum, sum_abs);
+  else
+    block_sums_v<vec::f8>(a, n, bias, sum, sum_abs);
 }
 
 // The references of one row without a GEMM (few checksum blocks: x is read once, from L1,
 // instead of streamed through two skinny GEMMs and a buffer of squares):
-// ref_b = x . wsum_b and mag_b = (x / scale)^2 . magc_b for each of nb blocks, in sixteen
-// fp32 lanes each (the same rounding statistics as a GEMM's dot product). Blocks go G at a
-// time, 2 G independent accumulators: one block at a time was bound by the add latency
-// (perf: a quarter of the FMA throughput). Returns scale.
-template <int G, typename In>
+// ref_b = x . wsum_b and mag_b = (x / scale)^2 . magc_b for each of nb blocks, in fp32
+// lanes (16 or 8: vec::Lanes; the rounding statistics of a GEMM's dot product, or better).
+// Blocks go G at a time, 2 G independent accumulators: one block at a time was bound by
+// the add latency (perf: a quarter of the FMA throughput). Returns scale.
+// (On vectors of the clone's width, V: a 16-lane max went lane by lane through the stack in
+// the AVX2 code and the 2 G 16-lane accumulators spilled there; the check of a MiniLM-shaped
+// layer, x [1024, 384] . W [384, 384], cost 36 % of the product on AVX2 against 11 % on AVX-512.)
+template <typename V>
+FTATTN_VEC_INLINE V load_in(const float* p) {
+  return vec::load_v<V>(p);
+}
+template <typename V>
+FTATTN_VEC_INLINE V load_in(const uint16_t* p) {  // bfloat16 -> float: the bits, shifted
+  if constexpr (vec::Lanes<V> == 16) {
+    return load16(p);
+  } else {
+    typedef uint16_t h8 __attribute__((vector_size(16)));
+    h8 h;
+    std::memcpy(&h, p, sizeof(h));
+    return reinterpret_cast<V>(__builtin_convertvector(h, vec::u8) << 16);
+  }
+}
+
+template <int G, typename V, typename In>
 FTATTN_VEC_INLINE void row_refs_group(const In* __restrict x, int64_t K, float inv, const float* __restrict wsum,
                                       const float* __restrict magc, float* __restrict ref, float* __restrict mag) {
   using namespace vec;
-  f16 r[G], q[G];
-  for (int g = 0; g < G; ++g) r[g] = f16{}, q[g] = f16{};
+  constexpr int64_t L = Lanes<V>;
+  V r[G], q[G];
+  for (int g = 0; g < G; ++g) r[g] = V{}, q[g] = V{};
   int64_t j = 0;
-  for (; j + 16 <= K; j += 16) {
-    const f16 v = load16(x + j), vs = v * inv, v2 = vs * vs;
+  for (; j + L <= K; j += L) {
+    const V v = load_in<V>(x + j), vs = v * inv, v2 = vs * vs;
     for (int g = 0; g < G; ++g) {
-      r[g] += v * load(wsum + g * K + j);
-      q[g] += v2 * load(magc + g * K + j);
+      r[g] += v * load_v<V>(wsum + g * K + j);
+      q[g] += v2 * load_v<V>(magc + g * K + j);
     }
   }
   for (int g = 0; g < G; ++g) {
-    float rt = hsum(r[g]), qt = hsum(q[g]);
+    float rt = tree(r[g], Add{}), qt = tree(q[g], Add{});
     for (int64_t t = j; t < K; ++t) {
       const float v = load1(x[t]), vs = v * inv;
       rt += v * wsum[g * K + t];
@@ -266,18 +300,19 @@ FTATTN_VEC_INLINE void row_refs_group(const In* __restrict x, int64_t K, float i
   }
 }
 
-template <typename In>
+template <typename V, typename In>
 FTATTN_VEC_INLINE float row_refs(const In* __restrict x, int64_t K, const float* __restrict wsum,
                                  const float* __restrict magc, int64_t nb, float* __restrict ref,
                                  float* __restrict mag) {
   using namespace vec;
-  f16 mv = f16{};
+  constexpr int64_t L = Lanes<V>;
+  V mv = V{};
   int64_t j = 0;
-  for (; j + 16 <= K; j += 16) {
-    const f16 v = vec::abs(load16(x + j));
+  for (; j + L <= K; j += L) {
+    const V v = vec::abs(load_in<V>(x + j));
     mv = v > mv ? v : mv;
   }
-  float m = hmax(mv);
+  float m = tree(mv, Max{});
   for (; j < K; ++j) {
     const float v = std::fabs(load1(x[j]));
     m = v > m ? v : m;
@@ -286,19 +321,19 @@ FTATTN_VEC_INLINE float row_refs(const In* __restrict x, int64_t K, const float*
   std::frexp(m, &e);
   const float inv = (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, 1 - e) : 1.f;
   int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) row_refs_group<4>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
-  if (nb - b == 3) row_refs_group<3>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
-  if (nb - b == 2) row_refs_group<2>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
-  if (nb - b == 1) row_refs_group<1>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
+  for (; b + 4 <= nb; b += 4) row_refs_group<4, V>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
+  if (nb - b == 3) row_refs_group<3, V>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
+  if (nb - b == 2) row_refs_group<2, V>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
+  if (nb - b == 1) row_refs_group<1, V>(x, K, inv, wsum + b * K, magc + b * K, ref + b, mag + b);
   return 1.f / inv;
 }
 FTATTN_CLONES float row_refs_f(const float* x, int64_t K, const float* w, const float* m, int64_t nb, float* r,
                                float* q) {
-  return row_refs(x, K, w, m, nb, r, q);
+  return wide_vectors() ? row_refs<vec::f16>(x, K, w, m, nb, r, q) : row_refs<vec::f8>(x, K, w, m, nb, r, q);
 }
 FTATTN_CLONES float row_refs_b(const uint16_t* x, int64_t K, const float* w, const float* m, int64_t nb, float* r,
                                float* q) {
-  return row_refs(x, K, w, m, nb, r, q);
+  return wide_vectors() ? row_refs<vec::f16>(x, K, w, m, nb, r, q) : row_refs<vec::f8>(x, K, w, m, nb, r, q);
 }
 float row_refs_h(const at::Half* x, int64_t K, const float* w, const float* m, int64_t nb, float* r, float* q) {
   std::vector<float> xf(K);
@@ -557,12 +592,15 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     // operations per accumulator, a block of them and the reference
     const double rep = split ? 0x1p-17 : kU32;
     const double sqrtK = std::sqrt(static_cast<double>(std::max<int64_t>(K, 1)));
+    const int64_t lanes = wide_vectors() ? 16 : 8;
     CheckRefs c{acc.data_ptr<float>(),
                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                 refp, magp, sc, &xc, T, out, block_o, nb, split,
                 (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
                 kEta * static_cast<double>((K + 1) * (block_o + 1)),
-                static_cast<double>((block_o + 15) / 16 + 1) * kU32 * (1.0 + 0x1p-20)};
+                // (block_sums: ceil(block_o / L) + 1 terms per fp32 partial, L the lanes this machine's
+                // code adds in)
+                static_cast<double>((block_o + lanes - 1) / lanes + 1) * kU32 * (1.0 + 0x1p-20)};
     if (fused && T > 1 && nblk < at::get_num_threads()) {
       // fewer report blocks than threads (T <= 64 on 2 threads): the references first, in
       // parallel over rows, or one thread would make them all (16-bit x is fused at any

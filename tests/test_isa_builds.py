@@ -30,6 +30,8 @@ CASES = [("x86-64-v4", "AVX2,STRICT"), ("x86-64-v3", "AVX2,STRICT"), ("x86-64", 
 # what the CPU kernels' tests cover: the attention grid and its backward on the C++ backend (the reference
 # backend has no clones), the sampler and the packed MX linear
 GRID = ["tests/test_attention.py", "tests/test_attention_backward.py", "tests/onnx/test_onnx_sampling.py",
+        # the checked linear layer (its row kernels on 16 or 8 lanes, the bound after them)
+        "tests/test_linear.py",
         # the packed MX linear's decoders (AVX-512 intrinsics on x86-64-v4, the value table elsewhere) and pack
         "tests/mx/test_mx_packed.py::test_fused_pack_is_the_torch_pack_byte_for_byte",
         "tests/mx/test_mx_packed.py::test_packed_linear_matches_fp64_over_the_unpacked_weight",
