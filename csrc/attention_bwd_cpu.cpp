@@ -117,30 +117,32 @@ struct BwdScratch {
 // ---------------------------------------------------------------------------
 // Row kernels (one clone per ISA).
 
-// out[c][j0..j0+16) += sum_i coef[i * cs + c] X[i][j0..j0+16) for c < NC (rows of out at stride
-// ld_out): NC accumulators in registers over all the rows, one load of X per row.
-template <int NC>
+// out[c][j0..j0+L) += sum_i coef[i * cs + c] X[i][j0..j0+L) for c < NC (rows of out at stride
+// ld_out): NC accumulators in registers over all the rows, one load of X per row (V: 16 or 8
+// lanes, vec::Lanes).
+template <int NC, typename V>
 FTATTN_VEC_INLINE void columns_block(const float* __restrict X, int64_t ld, int64_t rows,
                                      const float* __restrict coef, int64_t cs, int64_t j0, float* __restrict out,
                                      int64_t ld_out) {
-  vec::f16 acc[NC];
-  for (int c = 0; c < NC; ++c) acc[c] = vec::f16{};
+  V acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = V{};
   for (int64_t i = 0; i < rows; ++i) {
-    const vec::f16 x = vec::load(X + i * ld + j0);
+    const V x = vec::load_v<V>(X + i * ld + j0);
     for (int c = 0; c < NC; ++c) acc[c] += coef[i * cs + c] * x;
   }
-  for (int c = 0; c < NC; ++c) vec::store(out + c * ld_out + j0, vec::load(out + c * ld_out + j0) + acc[c]);
+  for (int c = 0; c < NC; ++c) vec::store_v(out + c * ld_out + j0, vec::load_v<V>(out + c * ld_out + j0) + acc[c]);
 }
 
 // out[c][.] for c < count, in blocks of 4 (then the rest): columns_block over the j-vectors.
+template <typename V>
 FTATTN_VEC_INLINE void columns(const float* __restrict X, int64_t ld, int64_t rows, const float* __restrict coef,
                                int64_t cs, int64_t count, int64_t j0, float* __restrict out, int64_t ld_out) {
   int64_t c = 0;
-  for (; c + 4 <= count; c += 4) columns_block<4>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out);
+  for (; c + 4 <= count; c += 4) columns_block<4, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out);
   switch (count - c) {
-    case 3: columns_block<3>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
-    case 2: columns_block<2>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
-    case 1: columns_block<1>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 3: columns_block<3, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 2: columns_block<2, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 1: columns_block<1, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
     default: break;
   }
 }
@@ -156,14 +158,17 @@ FTATTN_VEC_INLINE void columns(const float* __restrict X, int64_t ld, int64_t ro
 // once; the dot products take the rows four at a time, the column sums keep four outputs
 // in registers over all the rows. (fp32, as the GEMMs: the checks' bounds are unchanged; the
 // key lanes beyond n are computed and dropped.) work: [6G x 256].
-FTATTN_CLONES static void tile_references(const float* __restrict dS, const float* __restrict dSa,
-                                          const float* __restrict P, int64_t ld, int64_t rows, int64_t n,
-                                          int64_t G, const float* __restrict kg, const float* __restrict qg,
-                                          const float* __restrict gg, float* __restrict rq, float* __restrict mq,
-                                          float* __restrict rk, float* __restrict mk, float* __restrict rvm,
-                                          float* __restrict work) {
-  using vec::f16;
-  const int64_t G2 = 2 * G, npad = (n + vec::W - 1) / vec::W * vec::W, nv = n / vec::W * vec::W;
+// (On vectors V of the clone's width: 16-lane accumulators went through the stack, lane pairs
+// by way of general registers, in the AVX2 code, where this was 18 % of a full forward +
+// backward against 6 % on AVX-512.)
+template <typename V>
+__attribute__((always_inline)) static inline void tile_references_body(
+    const float* __restrict dS, const float* __restrict dSa, const float* __restrict P, int64_t ld, int64_t rows,
+    int64_t n, int64_t G, const float* __restrict kg, const float* __restrict qg, const float* __restrict gg,
+    float* __restrict rq, float* __restrict mq, float* __restrict rk, float* __restrict mk, float* __restrict rvm,
+    float* __restrict work) {
+  constexpr int64_t L = vec::Lanes<V>;
+  const int64_t G2 = 2 * G, npad = (n + L - 1) / L * L, nv = n / L * L;
   float* kgT = work;              // [2G x npad], zero beyond n
   float* col = work + G2 * npad;  // [4G x npad]: rk's G rows, mk's G, rvm's 2G
   for (int64_t c = 0; c < G2; ++c) {
@@ -179,15 +184,15 @@ FTATTN_CLONES static void tile_references(const float* __restrict dS, const floa
     for (int64_t i0 = 0; i0 < rows; i0 += 4) {
       const int64_t nr = std::min<int64_t>(4, rows - i0);
       for (int64_t g = 0; g < G; ++g) {
-        f16 acc[4] = {f16{}, f16{}, f16{}, f16{}};
+        V acc[4] = {V{}, V{}, V{}, V{}};
         const float* t = T + g * npad;
-        for (int64_t j = 0; j < nv; j += vec::W) {
-          const f16 tv = vec::load(t + j);
+        for (int64_t j = 0; j < nv; j += L) {
+          const V tv = vec::load_v<V>(t + j);
           for (int r = 0; r < 4; ++r)
-            if (r < nr) acc[r] += vec::load(X + (i0 + r) * ld + j) * tv;
+            if (r < nr) acc[r] += vec::load_v<V>(X + (i0 + r) * ld + j) * tv;
         }
         for (int r = 0; r < nr; ++r) {
-          float sum = vec::hsum(acc[r]);
+          float sum = vec::tree(acc[r], vec::Add{});
           for (int64_t j = nv; j < n; ++j) sum += X[(i0 + r) * ld + j] * t[j];
           out[(i0 + r) * G + g] += sum;
         }
@@ -195,10 +200,10 @@ FTATTN_CLONES static void tile_references(const float* __restrict dS, const floa
     }
   }
   // rk, mk, rvm: the columns, over all the rows
-  for (int64_t j0 = 0; j0 < npad; j0 += vec::W) {
-    columns(dS, ld, rows, qg, G2, G, j0, col, npad);
-    columns(dSa, ld, rows, qg + G, G2, G, j0, col + G * npad, npad);
-    columns(P, ld, rows, gg, G2, G2, j0, col + G2 * npad, npad);
+  for (int64_t j0 = 0; j0 < npad; j0 += L) {
+    columns<V>(dS, ld, rows, qg, G2, G, j0, col, npad);
+    columns<V>(dSa, ld, rows, qg + G, G2, G, j0, col + G * npad, npad);
+    columns<V>(P, ld, rows, gg, G2, G2, j0, col + G2 * npad, npad);
   }
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t g = 0; g < G; ++g) {
@@ -207,6 +212,17 @@ FTATTN_CLONES static void tile_references(const float* __restrict dS, const floa
     }
     for (int64_t c = 0; c < G2; ++c) rvm[j * G2 + c] += col[(G2 + c) * npad + j];
   }
+}
+FTATTN_CLONES static void tile_references(const float* __restrict dS, const float* __restrict dSa,
+                                          const float* __restrict P, int64_t ld, int64_t rows, int64_t n,
+                                          int64_t G, const float* __restrict kg, const float* __restrict qg,
+                                          const float* __restrict gg, float* __restrict rq, float* __restrict mq,
+                                          float* __restrict rk, float* __restrict mk, float* __restrict rvm,
+                                          float* __restrict work) {
+  if (wide_vectors())
+    tile_references_body<vec::f16>(dS, dSa, P, ld, rows, n, G, kg, qg, gg, rq, mq, rk, mk, rvm, work);
+  else
+    tile_references_body<vec::f8>(dS, dSa, P, ld, rows, n, G, kg, qg, gg, rq, mq, rk, mk, rvm, work);
 }
 
 // The first pass over a row of a tile: m <- max(m, max_{j < vis} S_j scale) and the
