@@ -270,11 +270,16 @@ FTATTN_VEC_INLINE double grow_bound(double x) { return x <= 0.5 ? x * (1.0 + x) 
 // true when a key with p_j >= theta_j l has a score S_j that disagrees with q . k_j
 // recomputed in fp64 (keys j < n: the visible ones of the tile); *hidden (when given:
 // protection full) gets sum_j p_j (e^{scale b_j} - 1) (|v_j|_inf + 1) over those keys.
-FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
-                                          const float* __restrict S, const float* __restrict p,
-                                          const float* __restrict theta, const float* __restrict vmax, float l,
-                                          float scale, int64_t n, double* hidden) {
+// (On vectors V, 16 or 8 lanes: on 16 the AVX2 code took each vector's compare apart lane by
+// lane through the stack, 25 % of a full forward at MiniLM's shape there.)
+template <typename V>
+__attribute__((always_inline)) static inline bool scores_mismatch_body(
+    const float* __restrict q, const float* __restrict K, int64_t D, const float* __restrict S,
+    const float* __restrict p, const float* __restrict theta, const float* __restrict vmax, float l, float scale,
+    int64_t n, double* hidden) {
   using namespace vec;
+  using M = decltype(V{} < V{});  // the compare's lane mask
+  constexpr int64_t L = Lanes<V>;
   const double noise = KAPPA * std::sqrt(static_cast<double>(D)) * U32;
   const double floor = ETA * static_cast<double>(D + 1);
   const double sc = std::fabs(static_cast<double>(scale));
@@ -291,10 +296,11 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
   };
   // candidates p_j >= theta_j l, a vector at a time (most vectors have none; a NaN p
   // is the probability-range check's, as elsewhere)
-  const i16 bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+  M bit;
+  for (int64_t k = 0; k < L; ++k) bit[k] = 1 << k;
   int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    const i16 hit = load(p + j) >= load(theta + j) * l;  // (a compare: no fused multiply-add)
+  for (; j + L <= n; j += L) {
+    const M hit = load_v<V>(p + j) >= load_v<V>(theta + j) * l;  // (a compare: no fused multiply-add)
     // the vector's own compare as a bit mask (distinct powers of two add up to it), its
     // set lanes visited lowest first: no scalar recomputation, no branch per lane
     uint32_t lanes = static_cast<uint32_t>(tree(hit & bit, Add{}));
@@ -304,6 +310,13 @@ FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float
     if (p[j] >= theta[j] * l) visit(j);
   if (hidden != nullptr) *hidden = h;
   return bad;
+}
+FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
+                                          const float* __restrict S, const float* __restrict p,
+                                          const float* __restrict theta, const float* __restrict vmax, float l,
+                                          float scale, int64_t n, double* hidden) {
+  return wide_vectors() ? scores_mismatch_body<vec::f16>(q, K, D, S, p, theta, vmax, l, scale, n, hidden)
+                        : scores_mismatch_body<vec::f8>(q, K, D, S, p, theta, vmax, l, scale, n, hidden);
 }
 
 // cs[j] += cs32[j], ca[j] += ca32[j] in fp64, cs32[j] = ca32[j] = 0: ends a ROW_CHUNK of

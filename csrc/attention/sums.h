@@ -30,8 +30,8 @@ FTATTN_VEC_INLINE void dots_d_body(const float* __restrict X, int64_t n, int64_t
       d8 s0 = d8{}, s1 = d8{}, a0 = d8{}, a1 = d8{};
       int64_t d = 0;
       for (; d + W <= D; d += W) {
-        f8 lo, hi;
-        halves(load(xi + d), lo, hi);
+        // (two 8-lane loads: the halves of a 16-lane one went through the stack in the AVX2 code)
+        const f8 lo = load_v<f8>(xi + d), hi = load_v<f8>(xi + d + 8);
         const d8 xl = __builtin_convertvector(lo, d8), xh = __builtin_convertvector(hi, d8);
         s0 += xl * load_d(yt + d);
         s1 += xh * load_d(yt + d + 8);
@@ -185,14 +185,25 @@ FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
 // underflow (each square loses at most 2^-149: sum |k_d|^2 <= sq + D 2^-148).
 constexpr int64_t KV_CHUNK = 8;
 constexpr int64_t KV_PREFETCH = 16;
-FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
-                                         double* __restrict ks, double* __restrict ka, double* __restrict knorm,
-                                         float* __restrict vsum, float* __restrict vabs, float* __restrict vmax,
-                                         int64_t gs) {
+// (Written on vectors VT of 16 or 8 lanes, vec::Lanes, 16 dims a step either way: NV = 16 / L
+// vectors, whose lane-wise sums, added before the tree, are the 16-lane vector's halves, so
+// both widths give the same bits. On 16-lane vectors the AVX2 code did the max of |v| lane by
+// lane through the stack: 13 % of a full forward at MiniLM's shape there.)
+template <typename VT>
+__attribute__((always_inline)) static inline void key_value_sums_body(
+    const float* __restrict K, const float* __restrict V, int64_t n, int64_t D, double* __restrict ks,
+    double* __restrict ka, double* __restrict knorm, float* __restrict vsum, float* __restrict vabs,
+    float* __restrict vmax, int64_t gs) {
   using namespace vec;
+  constexpr int64_t L = Lanes<VT>, NV = W / L;
   alignas(64) float ks32[256 + W], ka32[256 + W], tail[W];
-  const int64_t Dv = (D / W) * W;  // dims in whole vectors
+  const int64_t Dv = (D / W) * W;  // dims in whole 16-dim steps
   const double sqrt_d_floor = std::sqrt(static_cast<double>(D)) * 0x1p-74;
+  const auto sum_of = [](const VT* x) {  // NV vectors -> one, then its tree
+    VT t = x[0];
+    for (int64_t u = 1; u < NV; ++u) t += x[u];
+    return t;
+  };
   std::fill(ks32, ks32 + D, 0.f);
   std::fill(ka32, ka32 + D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
@@ -203,21 +214,24 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
         __builtin_prefetch(kj + KV_PREFETCH * D + d);
         __builtin_prefetch(vj + KV_PREFETCH * D + d);
       }
-    f16 sq = f16{};
+    VT sq[NV];
+    for (int64_t u = 0; u < NV; ++u) sq[u] = VT{};
     float sq_t = 0.f;
-    for (int64_t d = 0; d < Dv; d += W) {
-      const f16 x = load(kj + d);
-      store(ks32 + d, load(ks32 + d) + x);
-      store(ka32 + d, load(ka32 + d) + vec::abs(x));
-      sq += x * x;
-    }
+    for (int64_t d = 0; d < Dv; d += W)
+      for (int64_t u = 0; u < NV; ++u) {
+        const int64_t e = d + u * L;
+        const VT x = load_v<VT>(kj + e);
+        store_v(ks32 + e, load_v<VT>(ks32 + e) + x);
+        store_v(ka32 + e, load_v<VT>(ka32 + e) + vec::abs(x));
+        sq[u] += x * x;
+      }
     for (int64_t d = Dv; d < D; ++d) {
       const float x = kj[d];
       ks32[d] += x;
       ka32[d] += std::fabs(x);
       sq_t += x * x;
     }
-    knorm[j] = static_cast<double>(std::sqrt(hsum(sq) + sq_t)) * (1.0 + 0x1p-15) + sqrt_d_floor;
+    knorm[j] = static_cast<double>(std::sqrt(tree(sum_of(sq), Add{}) + sq_t)) * (1.0 + 0x1p-15) + sqrt_d_floor;
     if ((j + 1) % KV_CHUNK == 0 || j == n - 1) {
       for (int64_t d = 0; d < D; ++d) {
         ks[d] += static_cast<double>(ks32[d]);
@@ -225,30 +239,43 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
         ks32[d] = ka32[d] = 0.f;
       }
     }
-    f16 vm = f16{};
+    VT vm[NV];
+    for (int64_t u = 0; u < NV; ++u) vm[u] = VT{};
     for (int64_t g = 0, d0 = 0; d0 < D; ++g, d0 += PV_GROUP) {
       const int64_t d1 = std::min<int64_t>(D, d0 + PV_GROUP);
-      f16 vs = f16{}, va = f16{};
+      VT vs[NV], va[NV];
+      for (int64_t u = 0; u < NV; ++u) vs[u] = va[u] = VT{};
+      const auto add = [&](const float* y16) {
+        for (int64_t u = 0; u < NV; ++u) {
+          const VT y = load_v<VT>(y16 + u * L), a = vec::abs(y);
+          vs[u] += y;
+          va[u] += a;
+          vm[u] = a > vm[u] ? a : vm[u];
+        }
+      };
       int64_t d = d0;
-      for (; d + W <= d1; d += W) {
-        const f16 y = load(vj + d);
-        vs += y;
-        va += vec::abs(y);
-        vm = vec::abs(y) > vm ? vec::abs(y) : vm;
-      }
+      for (; d + W <= d1; d += W) add(vj + d);
       if (d < d1) {
         std::fill(tail, tail + W, 0.f);
         std::copy(vj + d, vj + d1, tail);
-        const f16 y = load(tail);
-        vs += y;
-        va += vec::abs(y);
-        vm = vec::abs(y) > vm ? vec::abs(y) : vm;
+        add(tail);
       }
-      vsum[g * gs + j] = hsum(vs);
-      vabs[g * gs + j] = hsum(va);
+      vsum[g * gs + j] = tree(sum_of(vs), Add{});
+      vabs[g * gs + j] = tree(sum_of(va), Add{});
     }
-    vmax[j] = hmax(vm);  // (a NaN lane is dropped: the value's NaN reaches the output anyway)
+    VT m = vm[0];
+    for (int64_t u = 1; u < NV; ++u) m = vm[u] > m ? vm[u] : m;
+    vmax[j] = tree(m, Max{});  // (a NaN lane is dropped: the value's NaN reaches the output anyway)
   }
+}
+FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
+                                         double* __restrict ks, double* __restrict ka, double* __restrict knorm,
+                                         float* __restrict vsum, float* __restrict vabs, float* __restrict vmax,
+                                         int64_t gs) {
+  if (wide_vectors())
+    key_value_sums_body<vec::f16>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
+  else
+    key_value_sums_body<vec::f8>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
 }
 
 // ---------------------------------------------------------------------------
