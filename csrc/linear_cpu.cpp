@@ -228,16 +228,8 @@ FTATTN_VEC_INLINE void block_sums_v(float* a, int64_t n, const float* bias, doub
   }
   // the partials in fp64, as a tree (16 dependent scalar adds were a third of this
   // function's time)
-  if constexpr (Lanes<V> == 16) {
-    f8 lo, hi;
-    halves(s, lo, hi);
-    t += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
-    halves(m, lo, hi);
-    ta += hsum(__builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8));
-  } else {
-    t += hsum(__builtin_convertvector(s, d8));
-    ta += hsum(__builtin_convertvector(m, d8));
-  }
+  t += hsum(widen_sum(s));
+  ta += hsum(widen_sum(m));
   *sum = t;
   *sum_abs = ta;
 }
@@ -592,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     // operations per accumulator, a block of them and the reference
     const double rep = split ? 0x1p-17 : kU32;
     const double sqrtK = std::sqrt(static_cast<double>(std::max<int64_t>(K, 1)));
-    const int64_t lanes = wide_vectors() ? 16 : 8;
+    const int64_t lanes = vector_lanes();
     CheckRefs c{acc.data_ptr<float>(),
                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                 refp, magp, sc, &xc, T, out, block_o, nb, split,

@@ -137,10 +137,20 @@ FTATTN_VEC_INLINE void store_v(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 FTATTN_VEC_INLINE f8 abs(f8 x) { return reinterpret_cast<f8>(reinterpret_cast<u8>(x) & 0x7fffffffu); }
+// sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
+FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
+  f8 a, b;
+  halves(x, a, b);
+  return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
+}
+// 8 fp32 lanes into 8 fp64 lanes (the 8-lane row kernels', vec::Lanes)
+FTATTN_VEC_INLINE d8 widen_sum(f8 x) { return __builtin_convertvector(x, d8); }
 }  // namespace vec
 // true where the FTATTN_CLONES functions run the AVX-512 clone (16-lane registers; vec::Lanes)
 inline bool wide_vectors() {
   static const bool w = std::strcmp(kernel_isa(), "x86-64-v4") == 0;
   return w;
 }
+// the lanes of the vector type wide_vectors() picks
+inline int64_t vector_lanes() { return wide_vectors() ? vec::Lanes<vec::f16> : vec::Lanes<vec::f8>; }
 }  // namespace ftattn

@@ -45,19 +45,3 @@ def child_env():
     off; conftest would split the threads of a run that has the cores to itself)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
 
-
-# The longest files first (about 4 and 3.5 minutes on 2 busy cores: the Triton backward under
-# the interpreter with its sm_90 compile, the ISA builds and their grids; then the next
-# longest), the rest in their order: with one file per worker at a time (make test's
-# --dist loadfile) the workers then end together instead of one of them running a long
-# file alone at the end.
-_LONGEST_FIRST = ("test_attention_backward_triton.py", "test_isa_builds.py", "test_attention_hard_data.py",
-                  "test_campaign_runner.py", "test_linear_triton.py", "test_model_campaign.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        name = item.path.name
-        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
-
-    items[:] = sorted(items, key=rank)  # (stable: each file's tests keep their order)

@@ -209,14 +209,6 @@ constexpr int64_t W = 16;
 // vector of the softmax loop)
 constexpr int64_t CHUNK = BLOCK_N / W;
 constexpr int64_t ROW_CHUNK = 32;  // rows per fp32 partial column sum
-// sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
-FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
-  f8 a, b;
-  halves(x, a, b);
-  return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
-}
-// 8 fp32 lanes into 8 fp64 lanes (the 8-lane row kernels', vec::Lanes)
-FTATTN_VEC_INLINE d8 widen_sum(f8 x) { return __builtin_convertvector(x, d8); }
 }  // namespace vec
 
 }  // namespace
