@@ -63,13 +63,31 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
               " must be 0 (off), 1 (abft) or 2 (full)");
   // the kernel scales (S - max) and so needs scale >= 0: softmax(q k^T scale) ==
   // softmax((-q) k^T |scale|)
-  const at::Tensor qf = scale < 0 ? q.to(at::kFloat).neg().contiguous() : q.to(at::kFloat).contiguous();
-  if (scale < 0) scale = -scale;
-  const at::Tensor kf = k.to(at::kFloat).contiguous();
-  const at::Tensor vf = v.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);
   const int64_t nblk = (N + SUB_M - 1) / SUB_M;  // report blocks
   const int64_t ntile_m = (N + BLOCK_M - 1) / BLOCK_M;
+  // the query heads of a key head: stacked into blocks of `stack` heads when each has
+  // at most SUB_M rows, in `chunks` blocks per key head (per query tile)
+  const int64_t group = Hq / Hkv;
+  const int64_t stack = N >= 1 && N <= SUB_M ? std::max<int64_t>(1, std::min({group, MAX_STACK, BLOCK_M / N})) : 1;
+  const int64_t chunks = (group + stack - 1) / stack;
+  // per tile in the block when a key head has at most two blocks (decode, B4 H8 D128
+  // at M 4096 / 32768, unstacked: Hkv 8 full 19.5 -> 10.5 / 155 -> 94 ms, Hkv 4 12.0
+  // -> 12.0 / 111 -> 75 ms; with 4 blocks sharing, making the sums once per key head
+  // was faster: 4.6 vs 5.7 / 82 vs 85 ms)
+  const bool inline_sums = (ntile_m == 1 && chunks <= 2) || key_start.has_value() || key_end.has_value();
+  // fp32 rows read where they are (a model's q, k, v: views of [B, N, H * D], heads
+  // transposed): the query rows are copied per block anyway, the keys and values packed
+  // per block where at most two blocks read a key head (inline sums), else copied whole
+  // here (at B8 H12 N128 D32, MiniLM's attention, the three whole copies were ~12 % of
+  // a full call)
+  const auto in_place = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.stride(3) == 1; };
+  const at::Tensor qf =
+      scale < 0 ? q.to(at::kFloat).neg().contiguous() : in_place(q) ? q : q.to(at::kFloat).contiguous();
+  if (scale < 0) scale = -scale;
+  const bool kv_packed = inline_sums && in_place(k) && in_place(v) && !(k.is_contiguous() && v.is_contiguous());
+  const at::Tensor kf = kv_packed ? k : k.to(at::kFloat).contiguous();
+  const at::Tensor vf = kv_packed ? v : v.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
   if (B * Hq * N == 0) return {out.to(q.scalar_type()), flags};  // no query row (Hq = 0 too: no key-head group)
@@ -90,6 +108,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.q = qf.data_ptr<float>();
   P.k = kf.data_ptr<float>();
   P.v = vf.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) P.qs[d] = qf.stride(d), P.ks[d] = kf.stride(d), P.vs[d] = vf.stride(d);
+  P.kv_packed = kv_packed;
   P.out = out.data_ptr<float>();
   P.flags = flags.data_ptr<int32_t>();
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;
@@ -97,17 +117,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);
-  // the query heads of a key head: stacked into blocks of `stack` heads when each has
-  // at most SUB_M rows, in `chunks` blocks per key head (per query tile)
-  const int64_t group = Hq / Hkv;
-  const int64_t stack = N >= 1 && N <= SUB_M ? std::min({group, MAX_STACK, BLOCK_M / N}) : 1;
-  const int64_t chunks = (group + stack - 1) / stack;
   KvSums sums;
-  // per tile in the block when a key head has at most two blocks (decode, B4 H8 D128
-  // at M 4096 / 32768, unstacked: Hkv 8 full 19.5 -> 10.5 / 155 -> 94 ms, Hkv 4 12.0
-  // -> 12.0 / 111 -> 75 ms; with 4 blocks sharing, making the sums once per key head
-  // was faster: 4.6 vs 5.7 / 82 vs 85 ms)
-  P.inline_sums = ntile_m == 1 && chunks <= 2;
+  P.inline_sums = inline_sums;
   // per-sample key ranges: checked here (they index k and v), then each sample runs on its
   // range as on keys of its own, with the key sums made per tile
   at::Tensor starts, ends;
@@ -117,7 +128,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     const int64_t* e0 = ends.data_ptr<int64_t>();
     P.key_start = s0;
     P.key_end = e0;
-    P.inline_sums = true;
   }
   if (protection >= 1 && M > 0 && !P.inline_sums) precompute_sums(P, sums);
 

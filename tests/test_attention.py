@@ -151,6 +151,94 @@ def test_non_contiguous_inputs(make_qkv, backend):
                                ftattn.attention(qs.contiguous(), k, v, backend=backend), rtol=0, atol=0)
 
 
+# q, k, v as the views models pass (the C++ kernel reads fp32 rows in place, copying a
+# block's query rows and packing its keys and values per block): each layout holds the
+# same values as the contiguous tensor, with NaN in every element the view skips, so a
+# read outside the view shows up in the output or the flags
+def _bnhd(t):  # [B, N, H, D] memory, heads transposed (a projection's view)
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _padded(t):  # a slice of wider rows, [B, N, H, D + 5] (a fused qkv projection)
+    buf = torch.full(t.shape[:1] + (t.shape[2], t.shape[1], t.shape[3] + 5), float("nan"), dtype=t.dtype)
+    buf[..., :t.shape[3]] = t.transpose(1, 2)
+    return buf[..., :t.shape[3]].transpose(1, 2)
+
+
+def _every_other_row(t):
+    buf = torch.full(t.shape[:2] + (2 * t.shape[2], t.shape[3]), float("nan"), dtype=t.dtype)
+    buf[:, :, ::2] = t
+    return buf[:, :, ::2]
+
+
+LAYOUTS = {"bnhd": _bnhd, "padded": _padded, "every_other_row": _every_other_row}
+# (B, Hq, Hkv, N, M, D): stacked heads (N <= 64, GQA), one block of rows per head, two
+# key tiles of a stacked block, several query tiles (keys copied whole, not packed)
+STRIDED_SHAPES = [(2, 4, 2, 37, 45, 59), (2, 3, 3, 97, 131, 24), (1, 4, 1, 37, 600, 16), (1, 2, 2, 300, 70, 8)]
+
+
+@pytest.mark.parametrize("shape", STRIDED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_views_read_in_place_match_contiguous(make_qkv, shape, layout, causal):
+    B, Hq, Hkv, N, M, D = shape
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, seed=N + M)
+    views = [LAYOUTS[layout](t) for t in (q, k, v)]
+    assert not views[0].is_contiguous()  # (one key head in [B, N, H, D] is contiguous)
+    for prot in ("off", "abft", "full"):
+        want, rep_c = ftattn.attention(q, k, v, causal=causal, protection=prot, backend="cpp", return_report=True)
+        got, rep = ftattn.attention(*views, causal=causal, protection=prot, backend="cpp", return_report=True)
+        assert torch.equal(got, want), prot
+        assert torch.equal(rep.flags, rep_c.flags) and rep.detected == 0, prot
+    # mixed: q in place, k and v contiguous; k contiguous, v a view
+    assert torch.equal(ftattn.attention(views[0], k, v, causal=causal, backend="cpp"), want)
+    assert torch.equal(ftattn.attention(q, k, views[2], causal=causal, backend="cpp"), want)
+    # 16-bit views (converted to fp32 rows first)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    assert torch.equal(ftattn.attention(*(LAYOUTS[layout](t) for t in (qb, kb, vb)), causal=causal, backend="cpp"),
+                       ftattn.attention(qb, kb, vb, causal=causal, backend="cpp"))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_strided_views_with_key_ranges(make_qkv, layout):
+    q, k, v = make_qkv(B=3, Hq=4, Hkv=2, N=29, M=53, D=24, seed=5)
+    start, end = torch.tensor([0, 7, 20]), torch.tensor([53, 40, 21])
+    kw = dict(causal=True, key_start=start, key_end=end, backend="cpp", protection="full", return_report=True)
+    want, rep_c = ftattn.attention(q, k, v, **kw)
+    got, rep = ftattn.attention(*(LAYOUTS[layout](t) for t in (q, k, v)), **kw)
+    assert torch.equal(got, want) and torch.equal(rep.flags, rep_c.flags) and rep.detected == 0
+
+
+@pytest.mark.parametrize("shape", STRIDED_SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("site,spec", [("scores", dict(bit=30)), ("probs", dict(bit=22)), ("acc", dict(bit=27)),
+                                       ("output", dict(value=float("nan")))])
+def test_strided_views_fault_detected_and_corrected(make_qkv, shape, site, spec):
+    """The recomputation of a faulty block packs its keys and values again."""
+    B, Hq, Hkv, N, M, D = shape
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, seed=11)
+    views = [_padded(t) for t in (q, k, v)]
+    clean = ftattn.attention(q, k, v, backend="cpp")
+    fault = Fault(site, batch=B - 1, head=Hq - 1, row=N - 2, col=M - 3, dim=D // 2, **spec)
+    raw, rep = ftattn.attention(*views, fault=fault, on_fault="report", backend="cpp", return_report=True)
+    raw_c, rep_c = ftattn.attention(q, k, v, fault=fault, on_fault="report", backend="cpp", return_report=True)
+    assert not torch.equal(raw, clean) and rep.detected >= 1
+    torch.testing.assert_close(raw, raw_c, rtol=0, atol=0, equal_nan=True)  # what the contiguous call sees
+    assert torch.equal(rep.flags, rep_c.flags)
+    (fail,) = rep.failures()
+    assert (fail["batch"], fail["head"]) == (B - 1, Hq - 1)
+    fixed, rep = ftattn.attention(*views, fault=fault, backend="cpp", return_report=True)
+    assert torch.equal(fixed, clean) and rep.corrected == 1 and rep.uncorrected == 0
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_strided_views_nonfinite_input_is_not_a_fault(make_qkv, where):
+    q, k, v = make_qkv(B=1, Hq=2, N=70, M=90, D=16)
+    views = {name: _every_other_row(t) for name, t in (("q", q), ("k", k), ("v", v))}
+    views[where][0, 1, 3, 5] = float("inf")
+    out, rep = ftattn.attention(views["q"], views["k"], views["v"], backend="cpp", return_report=True)
+    assert rep.nonfinite_input and rep.detected == 0 and rep.corrected == 0
+
+
 def test_backends_agree(make_qkv):
     q, k, v = make_qkv(B=2, Hq=4, Hkv=2, N=130, M=200, D=48)
     a = ftattn.attention(q, k, v, causal=True, backend="cpp")

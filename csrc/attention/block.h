@@ -16,10 +16,19 @@ namespace {
 
 
 struct Problem {
-  const float* q;  // [B, Hq, N, D] fp32 contiguous
-  const float* k;  // [B, Hkv, M, D]
+  // q [B, Hq, N, D], k and v [B, Hkv, M, D], fp32, each dim's stride below (the last
+  // dim's is 1): a model's heads are views of [B, N, H * D] projections, read in place
+  // (the block's query rows are copied into Scratch::Qx anyway; keys and values are
+  // packed per block when `kv_packed`, else contiguous)
+  const float* q;
+  const float* k;
   const float* v;
-  float* out;      // [B, Hq, N, D] fp32
+  int64_t qs[3], ks[3], vs[3];  // strides of batch, head, row
+  bool kv_packed;  // k or v not contiguous: each block packs its head's keys and values
+  float* out;      // [B, Hq, N, D] fp32 contiguous
+  const float* q_rows(int64_t b, int64_t h, int64_t r) const { return q + b * qs[0] + h * qs[1] + r * qs[2]; }
+  const float* k_rows(int64_t b, int64_t h, int64_t r) const { return k + b * ks[0] + h * ks[1] + r * ks[2]; }
+  const float* v_rows(int64_t b, int64_t h, int64_t r) const { return v + b * vs[0] + h * vs[1] + r * vs[2]; }
   int32_t* flags;  // [B, Hq, nblk]
   int64_t B, Hq, Hkv, N, M, D, nblk;
   int groups;  // PV-checksum groups of PV_GROUP head dims
@@ -67,6 +76,8 @@ struct Scratch {
   // the tile's S made again (the DMR of scores_mismatch), allocated on first use
   std::vector<float, Aligned64<float>> S2;
   bool dmr = false;  // this tile needs it
+  // the block's keys and values packed into rows of D (Problem::kv_packed), on first use
+  std::vector<float, Aligned64<float>> Kp, Vp;
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
@@ -132,6 +143,19 @@ struct TileRefs {
   int64_t gs;
 };
 
+// rows r of n (head r / per_head, its row r % per_head: a block's stacked heads) from src
+// at head stride hs and row stride rs into dst, rows of D.
+static void copy_rows(const float* src, int64_t n, int64_t D, int64_t per_head, int64_t hs, int64_t rs, float* dst) {
+  if (rs == D && (hs == per_head * D || n <= per_head)) {
+    std::copy(src, src + n * D, dst);
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const float* s = src + (r / per_head) * hs + (r % per_head) * rs;
+    std::copy(s, s + D, dst + r * D);
+  }
+}
+
 // Loads the block's query rows into w.Qx (plus one row per sub-block, sum_i q_i: the
 // column references) and resets the running state; with the checks, the per-sub-block
 // sums of q for the bounds and the row references of every tile from per-call sums.
@@ -146,7 +170,7 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
   std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
   std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
   float* Qx = w.Qx.data();
-  std::copy(Q, Q + rows * D, Qx);
+  copy_rows(Q, rows, D, blk.per_head(), P.qs[1], P.qs[2], Qx);
   std::fill(Qx + rows * D, Qx + (rows + nsub) * D, 0.f);
   if (abft) {
     std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
@@ -158,7 +182,7 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
     // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to fp32) as
     // an extra row of Qx; for the bounds, sum_i |q_i| and sum_i q_i^2 per dim
-    block_row_sums(Q, rows, sub_rows, D, w.qsum.data(), w.qabs.data(), w.q2.data());
+    block_row_sums(Qx, rows, sub_rows, D, w.qsum.data(), w.qabs.data(), w.q2.data());
     for (int64_t sb = 0; sb < nsub; ++sb) {
       double q2max = 0.0, qs2max = 0.0;
       for (int64_t d = 0; d < D; ++d) {
@@ -172,7 +196,7 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
       w.qabs1[sb] = std::accumulate(w.qabs.begin() + sb * D, w.qabs.begin() + (sb + 1) * D, 0.0);
     }
     if (!P.inline_sums)
-      dots_d(Q, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
+      dots_d(Qx, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
   }
 }
 
@@ -424,9 +448,9 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   const int64_t M = P.key_count(b), k0 = P.key_first(b);  // the sample's keys
   const int64_t rows = blk.rows(), per_head = blk.per_head(), nsub = blk.nsub();
   const int64_t hk = blk.h0 / (P.Hq / P.Hkv);
-  const float* Q = P.q + ((b * P.Hq + blk.h0) * N + r0) * D;
-  const float* K = P.k + ((b * P.Hkv + hk) * P.M + k0) * D;
-  const float* V = P.v + ((b * P.Hkv + hk) * P.M + k0) * D;
+  const float* Q = P.q_rows(b, blk.h0, r0);
+  const float* K = P.k_rows(b, hk, k0);
+  const float* V = P.v_rows(b, hk, k0);
   FaultSpec f = fault;
   f.col -= k0;  // (a fault on a key outside the sample's range lands in no tile)
   float* O = P.out + ((b * P.Hq + blk.h0) * N + r0) * D;
@@ -437,6 +461,13 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   for (int64_t sb = 0; sb < NSUB_MAX; ++sb) bad[sb] = 0;
 
   prepare_block(P, w, blk, Q, hk, kv_end);
+  Q = w.Qx.data();  // (the block's rows, copied: every later read takes them from there)
+  if (P.kv_packed && kv_end > 0) {  // the keys and values this block reads, as rows of D
+    if (w.Kp.size() < static_cast<size_t>(kv_end * D)) w.Kp.resize(kv_end * D), w.Vp.resize(kv_end * D);
+    copy_rows(K, kv_end, D, kv_end, 0, P.ks[2], w.Kp.data());
+    copy_rows(V, kv_end, D, kv_end, 0, P.vs[2], w.Vp.data());
+    K = w.Kp.data(), V = w.Vp.data();
+  }
   int64_t ntiles = 0;
   for (int64_t n0 = 0; n0 < std::max<int64_t>(kv_end, 0); n0 += BLOCK_N) {
     const int64_t cols = std::min<int64_t>(BLOCK_N, kv_end - n0);
@@ -479,9 +510,14 @@ bool block_inputs_finite(const Problem& P, int64_t b, int64_t h, int64_t r0, int
   const int64_t hk = h / (P.Hq / P.Hkv);
   const int64_t kv_end = P.causal ? std::min<int64_t>(M, tile_end + M - P.N) : M;
   const int64_t keys = std::max<int64_t>(kv_end, 0);
-  return all_finite(P.q + ((b * P.Hq + h) * P.N + r0) * D, (r1 - r0) * D) &&
-         all_finite(P.k + ((b * P.Hkv + hk) * P.M + k0) * D, keys * D) &&
-         all_finite(P.v + ((b * P.Hkv + hk) * P.M + k0) * D, keys * D);
+  const auto rows_finite = [D](const float* x, int64_t n, int64_t rs) {
+    if (rs == D) return all_finite(x, n * D);
+    for (int64_t r = 0; r < n; ++r)
+      if (!all_finite(x + r * rs, D)) return false;
+    return true;
+  };
+  return rows_finite(P.q_rows(b, h, r0), r1 - r0, P.qs[2]) && rows_finite(P.k_rows(b, hk, k0), keys, P.ks[2]) &&
+         rows_finite(P.v_rows(b, hk, k0), keys, P.vs[2]);
 }
 
 // First pass, then, per 64-row sub-block with a failed check: non-finite input is
@@ -532,8 +568,8 @@ void precompute_sums(Problem& P, KvSums& sums) {
   at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / ntiles, t = idx % ntiles;
-      const float* K = P.k + bh * M * D;
-      const float* V = P.v + bh * M * D;
+      const float* K = P.k_rows(bh / P.Hkv, bh % P.Hkv, 0);  // (contiguous: not kv_packed)
+      const float* V = P.v_rows(bh / P.Hkv, bh % P.Hkv, 0);
       const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
       const int64_t j0 = t * BLOCK_N;
       key_value_sums(K + j0 * D, V + j0 * D, j1 - j0, D, &sums.ksum[idx * D], &sums.kabs[idx * D],
