@@ -136,6 +136,15 @@ template <typename V>
 FTATTN_VEC_INLINE void store_v(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
+// The lanes set in a compare's mask (V{} < V{}'s type) as bits, lane k at bit k: distinct
+// powers of two add up to it (no movemask in GCC's vector extensions), so a screen visits
+// its set lanes lowest first with ctz, no scalar pass and no branch per lane.
+template <typename M>
+FTATTN_VEC_INLINE uint32_t mask_bits(M hit) {
+  M bit;
+  for (int64_t k = 0; k < static_cast<int64_t>(sizeof(M) / sizeof(hit[0])); ++k) bit[k] = 1 << k;
+  return static_cast<uint32_t>(tree(hit & bit, Add{}));
+}
 FTATTN_VEC_INLINE f8 abs(f8 x) { return reinterpret_cast<f8>(reinterpret_cast<u8>(x) & 0x7fffffffu); }
 // sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
 FTATTN_VEC_INLINE d8 widen_sum(f16 x) {

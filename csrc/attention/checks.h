@@ -296,15 +296,10 @@ __attribute__((always_inline)) static inline bool scores_mismatch_body(
   };
   // candidates p_j >= theta_j l, a vector at a time (most vectors have none; a NaN p
   // is the probability-range check's, as elsewhere)
-  M bit;
-  for (int64_t k = 0; k < L; ++k) bit[k] = 1 << k;
   int64_t j = 0;
   for (; j + L <= n; j += L) {
     const M hit = load_v<V>(p + j) >= load_v<V>(theta + j) * l;  // (a compare: no fused multiply-add)
-    // the vector's own compare as a bit mask (distinct powers of two add up to it), its
-    // set lanes visited lowest first: no scalar recomputation, no branch per lane
-    uint32_t lanes = static_cast<uint32_t>(tree(hit & bit, Add{}));
-    for (; lanes != 0; lanes &= lanes - 1) visit(j + __builtin_ctz(lanes));
+    for (uint32_t lanes = mask_bits(hit); lanes != 0; lanes &= lanes - 1) visit(j + __builtin_ctz(lanes));
   }
   for (; j < n; ++j)
     if (p[j] >= theta[j] * l) visit(j);
