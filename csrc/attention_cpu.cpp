@@ -77,17 +77,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   // was faster: 4.6 vs 5.7 / 82 vs 85 ms)
   const bool inline_sums = (ntile_m == 1 && chunks <= 2) || key_start.has_value() || key_end.has_value();
   // fp32 rows read where they are (a model's q, k, v: views of [B, N, H * D], heads
-  // transposed): the query rows are copied per block anyway, the keys and values packed
-  // per block where at most two blocks read a key head (inline sums), else copied whole
-  // here (at B8 H12 N128 D32, MiniLM's attention, the three whole copies were ~12 % of
-  // a full call)
+  // transposed; a slice of a preallocated cache): the query rows are copied per block
+  // anyway; keys and values whose rows are D apart are read in place, others packed per
+  // block where at most two blocks read a key head (inline sums), else copied whole here
+  // (at B8 H12 N128 D32, MiniLM's attention, the three whole copies were 8-28 % of a call)
   const auto in_place = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.stride(3) == 1; };
+  const auto rows_apart_d = [&](const at::Tensor& t) { return in_place(t) && (t.stride(2) == D || M <= 1); };
   const at::Tensor qf =
       scale < 0 ? q.to(at::kFloat).neg().contiguous() : in_place(q) ? q : q.to(at::kFloat).contiguous();
   if (scale < 0) scale = -scale;
-  const bool kv_packed = inline_sums && in_place(k) && in_place(v) && !(k.is_contiguous() && v.is_contiguous());
-  const at::Tensor kf = kv_packed ? k : k.to(at::kFloat).contiguous();
-  const at::Tensor vf = kv_packed ? v : v.to(at::kFloat).contiguous();
+  const auto key_side = [&](const at::Tensor& t) {
+    return rows_apart_d(t) || (inline_sums && in_place(t)) ? t : t.to(at::kFloat).contiguous();
+  };
+  const at::Tensor kf = key_side(k), vf = key_side(v);
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
   if (B * Hq * N == 0) return {out.to(q.scalar_type()), flags};  // no query row (Hq = 0 too: no key-head group)
@@ -109,7 +111,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.k = kf.data_ptr<float>();
   P.v = vf.data_ptr<float>();
   for (int d = 0; d < 3; ++d) P.qs[d] = qf.stride(d), P.ks[d] = kf.stride(d), P.vs[d] = vf.stride(d);
-  P.kv_packed = kv_packed;
   P.out = out.data_ptr<float>();
   P.flags = flags.data_ptr<int32_t>();
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;

@@ -171,10 +171,17 @@ def _every_other_row(t):
     return buf[:, :, ::2]
 
 
-LAYOUTS = {"bnhd": _bnhd, "padded": _padded, "every_other_row": _every_other_row}
+def _cache_slice(t):  # the first rows of a preallocated cache [B, H, rows + 7, D]
+    buf = torch.full(t.shape[:2] + (t.shape[2] + 7, t.shape[3]), float("nan"), dtype=t.dtype)
+    buf[:, :, :t.shape[2]] = t
+    return buf[:, :, :t.shape[2]]
+
+
+LAYOUTS = {"bnhd": _bnhd, "padded": _padded, "every_other_row": _every_other_row, "cache_slice": _cache_slice}
 # (B, Hq, Hkv, N, M, D): stacked heads (N <= 64, GQA), one block of rows per head, two
 # key tiles of a stacked block, several query tiles (keys copied whole, not packed)
-STRIDED_SHAPES = [(2, 4, 2, 37, 45, 59), (2, 3, 3, 97, 131, 24), (1, 4, 1, 37, 600, 16), (1, 2, 2, 300, 70, 8)]
+STRIDED_SHAPES = [(2, 4, 2, 37, 45, 59), (2, 3, 3, 97, 131, 24), (1, 4, 1, 37, 600, 16), (1, 2, 2, 300, 70, 8),
+                  (2, 8, 2, 1, 300, 64)]  # (the last: a decode step, GQA)
 
 
 @pytest.mark.parametrize("shape", STRIDED_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -184,7 +191,7 @@ def test_strided_views_read_in_place_match_contiguous(make_qkv, shape, layout, c
     B, Hq, Hkv, N, M, D = shape
     q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, seed=N + M)
     views = [LAYOUTS[layout](t) for t in (q, k, v)]
-    assert not views[0].is_contiguous()  # (one key head in [B, N, H, D] is contiguous)
+    assert not all(t.is_contiguous() for t in views)  # (one head, or one row, in [B, N, H, D] is)
     for prot in ("off", "abft", "full"):
         want, rep_c = ftattn.attention(q, k, v, causal=causal, protection=prot, backend="cpp", return_report=True)
         got, rep = ftattn.attention(*views, causal=causal, protection=prot, backend="cpp", return_report=True)

@@ -18,13 +18,13 @@ namespace {
 struct Problem {
   // q [B, Hq, N, D], k and v [B, Hkv, M, D], fp32, each dim's stride below (the last
   // dim's is 1): a model's heads are views of [B, N, H * D] projections, read in place
-  // (the block's query rows are copied into Scratch::Qx anyway; keys and values are
-  // packed per block when `kv_packed`, else contiguous)
+  // (the block's query rows are copied into Scratch::Qx anyway; keys and values whose
+  // rows are not D apart are packed per block, and only where the sums are inline: the
+  // per-call sums read rows D apart)
   const float* q;
   const float* k;
   const float* v;
   int64_t qs[3], ks[3], vs[3];  // strides of batch, head, row
-  bool kv_packed;  // k or v not contiguous: each block packs its head's keys and values
   float* out;      // [B, Hq, N, D] fp32 contiguous
   const float* q_rows(int64_t b, int64_t h, int64_t r) const { return q + b * qs[0] + h * qs[1] + r * qs[2]; }
   const float* k_rows(int64_t b, int64_t h, int64_t r) const { return k + b * ks[0] + h * ks[1] + r * ks[2]; }
@@ -76,7 +76,7 @@ struct Scratch {
   // the tile's S made again (the DMR of scores_mismatch), allocated on first use
   std::vector<float, Aligned64<float>> S2;
   bool dmr = false;  // this tile needs it
-  // the block's keys and values packed into rows of D (Problem::kv_packed), on first use
+  // the block's keys and values packed into rows of D (where they are not), on first use
   std::vector<float, Aligned64<float>> Kp, Vp;
   Scratch(int64_t D, int64_t M, bool abft)
       : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
@@ -462,11 +462,12 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
 
   prepare_block(P, w, blk, Q, hk, kv_end);
   Q = w.Qx.data();  // (the block's rows, copied: every later read takes them from there)
-  if (P.kv_packed && kv_end > 0) {  // the keys and values this block reads, as rows of D
-    if (w.Kp.size() < static_cast<size_t>(kv_end * D)) w.Kp.resize(kv_end * D), w.Vp.resize(kv_end * D);
-    copy_rows(K, kv_end, D, kv_end, 0, P.ks[2], w.Kp.data());
-    copy_rows(V, kv_end, D, kv_end, 0, P.vs[2], w.Vp.data());
-    K = w.Kp.data(), V = w.Vp.data();
+  // the keys and values this block reads, as rows of D
+  for (auto [X, rs, buf] : {std::tuple{&K, P.ks[2], &w.Kp}, std::tuple{&V, P.vs[2], &w.Vp}}) {
+    if (kv_end <= 1 || rs == D) continue;
+    if (buf->size() < static_cast<size_t>(kv_end * D)) buf->resize(kv_end * D);
+    copy_rows(*X, kv_end, D, kv_end, 0, rs, buf->data());
+    *X = buf->data();
   }
   int64_t ntiles = 0;
   for (int64_t n0 = 0; n0 < std::max<int64_t>(kv_end, 0); n0 += BLOCK_N) {
@@ -568,7 +569,7 @@ void precompute_sums(Problem& P, KvSums& sums) {
   at::parallel_for(0, P.B * P.Hkv * ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / ntiles, t = idx % ntiles;
-      const float* K = P.k_rows(bh / P.Hkv, bh % P.Hkv, 0);  // (contiguous: not kv_packed)
+      const float* K = P.k_rows(bh / P.Hkv, bh % P.Hkv, 0);  // (rows D apart: attention_fwd_cpu)
       const float* V = P.v_rows(bh / P.Hkv, bh % P.Hkv, 0);
       const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
       const int64_t j0 = t * BLOCK_N;
