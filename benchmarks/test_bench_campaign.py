@@ -13,6 +13,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from ftattn.tools import campaign, runner
 
@@ -27,12 +28,9 @@ def _timed(fn):
 
 
 def test_runner_throughput(benchmark, measure, tmp_path):
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     units = JOB.units
     _, direct = _timed(lambda: [campaign.run_units(JOB, s, e) for s, e in runner.shards_of(units, campaign.SHARD_UNITS)])
-    import ray
-    import torch
-
     res, inproc = _timed(lambda: campaign.run_jobs([JOB], out=str(tmp_path / "a.jsonl"), progress=False))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

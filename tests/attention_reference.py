@@ -37,3 +37,32 @@ def make_qkv(B=1, Hq=2, Hkv=None, N=17, M=17, D=16, dtype=torch.float32, seed=0,
     else:
         ts = [torch.randn(*s, generator=g) for s in shapes]
     return tuple(t.to(dtype) for t in ts)
+
+
+# q, k, v (and the backward's out and grad_out) as the views models pass: each layout
+# holds the contiguous tensor's values, with NaN in every element the view skips, so a
+# kernel that reads outside the view shows it in its output or flags
+def bnhd_view(t):  # [B, N, H, D] memory, heads transposed (a projection's view)
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def padded_view(t):  # a slice of wider rows, [B, N, H, D + 5] (a fused qkv projection)
+    buf = torch.full(t.shape[:1] + (t.shape[2], t.shape[1], t.shape[3] + 5), float("nan"), dtype=t.dtype)
+    buf[..., :t.shape[3]] = t.transpose(1, 2)
+    return buf[..., :t.shape[3]].transpose(1, 2)
+
+
+def every_other_row_view(t):
+    buf = torch.full(t.shape[:2] + (2 * t.shape[2], t.shape[3]), float("nan"), dtype=t.dtype)
+    buf[:, :, ::2] = t
+    return buf[:, :, ::2]
+
+
+def cache_slice_view(t):  # the first rows of a preallocated cache [B, H, rows + 7, D]
+    buf = torch.full(t.shape[:2] + (t.shape[2] + 7, t.shape[3]), float("nan"), dtype=t.dtype)
+    buf[:, :, :t.shape[2]] = t
+    return buf[:, :, :t.shape[2]]
+
+
+LAYOUTS = {"bnhd": bnhd_view, "padded": padded_view, "every_other_row": every_other_row_view,
+           "cache_slice": cache_slice_view}

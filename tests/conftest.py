@@ -44,4 +44,3 @@ def child_env():
     pytest-xdist variables (pytest-benchmark takes them for an xdist worker and turns itself
     off; conftest would split the threads of a run that has the cores to itself)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
-

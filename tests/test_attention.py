@@ -10,7 +10,7 @@ import torch
 import ftattn
 from ftattn import Check, Fault, FaultDetectedError
 from ftattn.faults import CHECK_MASK
-from attention_reference import attention_ref
+from attention_reference import LAYOUTS, attention_ref, every_other_row_view, padded_view
 
 BACKENDS = ["cpp", "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -151,33 +151,9 @@ def test_non_contiguous_inputs(make_qkv, backend):
                                ftattn.attention(qs.contiguous(), k, v, backend=backend), rtol=0, atol=0)
 
 
-# q, k, v as the views models pass (the C++ kernel reads fp32 rows in place, copying a
-# block's query rows and packing its keys and values per block): each layout holds the
-# same values as the contiguous tensor, with NaN in every element the view skips, so a
-# read outside the view shows up in the output or the flags
-def _bnhd(t):  # [B, N, H, D] memory, heads transposed (a projection's view)
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _padded(t):  # a slice of wider rows, [B, N, H, D + 5] (a fused qkv projection)
-    buf = torch.full(t.shape[:1] + (t.shape[2], t.shape[1], t.shape[3] + 5), float("nan"), dtype=t.dtype)
-    buf[..., :t.shape[3]] = t.transpose(1, 2)
-    return buf[..., :t.shape[3]].transpose(1, 2)
-
-
-def _every_other_row(t):
-    buf = torch.full(t.shape[:2] + (2 * t.shape[2], t.shape[3]), float("nan"), dtype=t.dtype)
-    buf[:, :, ::2] = t
-    return buf[:, :, ::2]
-
-
-def _cache_slice(t):  # the first rows of a preallocated cache [B, H, rows + 7, D]
-    buf = torch.full(t.shape[:2] + (t.shape[2] + 7, t.shape[3]), float("nan"), dtype=t.dtype)
-    buf[:, :, :t.shape[2]] = t
-    return buf[:, :, :t.shape[2]]
-
-
-LAYOUTS = {"bnhd": _bnhd, "padded": _padded, "every_other_row": _every_other_row, "cache_slice": _cache_slice}
+# q, k, v as the views models pass (attention_reference.LAYOUTS): the C++ kernel reads fp32
+# rows in place, copying a block's query rows and packing keys and values whose rows are not
+# D apart
 # (B, Hq, Hkv, N, M, D): stacked heads (N <= 64, GQA), one block of rows per head, two
 # key tiles of a stacked block, several query tiles (keys copied whole, not packed)
 STRIDED_SHAPES = [(2, 4, 2, 37, 45, 59), (2, 3, 3, 97, 131, 24), (1, 4, 1, 37, 600, 16), (1, 2, 2, 300, 70, 8),
@@ -223,7 +199,7 @@ def test_strided_views_fault_detected_and_corrected(make_qkv, shape, site, spec)
     """The recomputation of a faulty block packs its keys and values again."""
     B, Hq, Hkv, N, M, D = shape
     q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, seed=11)
-    views = [_padded(t) for t in (q, k, v)]
+    views = [padded_view(t) for t in (q, k, v)]
     clean = ftattn.attention(q, k, v, backend="cpp")
     fault = Fault(site, batch=B - 1, head=Hq - 1, row=N - 2, col=M - 3, dim=D // 2, **spec)
     raw, rep = ftattn.attention(*views, fault=fault, on_fault="report", backend="cpp", return_report=True)
@@ -240,7 +216,7 @@ def test_strided_views_fault_detected_and_corrected(make_qkv, shape, site, spec)
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_strided_views_nonfinite_input_is_not_a_fault(make_qkv, where):
     q, k, v = make_qkv(B=1, Hq=2, N=70, M=90, D=16)
-    views = {name: _every_other_row(t) for name, t in (("q", q), ("k", k), ("v", v))}
+    views = {name: every_other_row_view(t) for name, t in (("q", q), ("k", k), ("v", v))}
     views[where][0, 1, 3, 5] = float("inf")
     out, rep = ftattn.attention(views["q"], views["k"], views["v"], backend="cpp", return_report=True)
     assert rep.nonfinite_input and rep.detected == 0 and rep.corrected == 0

@@ -13,6 +13,7 @@ import ftattn
 from ftattn import Check, Fault, FaultDetectedError
 from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
+from attention_reference import bnhd_view, padded_view
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # absolute slack of the gradient comparison, times max(1, max|g|): about one rounding of
@@ -199,20 +200,9 @@ def test_key_ranges_backward_equals_per_sample():
         assert not got[1][b, :, :s].any() and not got[1][b, :, e:].any()
 
 
-# The C++ backward reads fp32 rows where they are (a model's q, k, v and the gradient of
-# its output: views of [B, N, H * D]); a task packs the rows of its head whose row stride
-# is not D. Each view holds the contiguous tensor's values with NaN wherever it skips.
-def _padded(t):  # a slice of [B, N, H, D + 3] rows, heads transposed
-    buf = torch.full((t.shape[0], t.shape[2], t.shape[1], t.shape[3] + 3), float("nan"), dtype=t.dtype)
-    buf[..., :t.shape[3]] = t.transpose(1, 2)
-    return buf[..., :t.shape[3]].transpose(1, 2)
-
-
-def _bnhd(t):
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-@pytest.mark.parametrize("layout", [_padded, _bnhd], ids=["padded", "bnhd"])
+# The backward on the views models pass (attention_reference's layouts, NaN wherever a view
+# skips): q, k, v, out and the output's gradient converted to contiguous fp32 rows first.
+@pytest.mark.parametrize("layout", [padded_view, bnhd_view], ids=["padded", "bnhd"])
 @pytest.mark.parametrize("shape", [(2, 4, 2, 37, 53, 40, True), (1, 3, 1, 97, 17, 24, False)], ids=str)
 def test_strided_views_backward_matches_contiguous(layout, shape):
     B, Hq, Hkv, N, M, D, causal = shape
@@ -226,9 +216,9 @@ def test_strided_views_backward_matches_contiguous(layout, shape):
         assert all(torch.equal(a, b) for a, b in zip(got, want)), prot
         assert not want[3].any()
     # through autograd: leaves in the model's layout, the output's gradient a view too
-    bufs = [_bnhd(t).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]  # [B, N, H, D] leaves
+    bufs = [bnhd_view(t).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]  # [B, N, H, D] leaves
     o = ftattn.attention(*(b.transpose(1, 2) for b in bufs), causal=causal)
-    o.backward(_padded(do))
+    o.backward(padded_view(do))
     clean = _grads(lambda *t: ftattn.attention(*t, causal=causal), q, k, v, do)
     assert all(torch.equal(b.grad.transpose(1, 2), c) for b, c in zip(bufs, clean))
 
@@ -239,9 +229,9 @@ def test_strided_views_backward_fault_corrected(site):
     do = torch.randn(1, 4, 70, 32)
     clean = _grads(lambda *t: ftattn.attention(*t, causal=True), q, k, v, do)
     fault = Fault(site, batch=0, head=3, row=66, col=60, dim=5, bit=30)
-    bufs = [_bnhd(t).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]
+    bufs = [bnhd_view(t).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]
     out, rep = ftattn.attention(*(b.transpose(1, 2) for b in bufs), causal=True, fault=fault, return_report=True)
-    out.backward(_padded(do))
+    out.backward(padded_view(do))
     assert rep.backward.detected > 0 and rep.backward.corrected == rep.backward.flagged_blocks
     assert all(torch.equal(b.grad.transpose(1, 2), c) for b, c in zip(bufs, clean))
 
@@ -250,9 +240,10 @@ def test_strided_views_backward_nonfinite_input_is_not_a_fault():
     q, k, v = _qkv(1, 2, 1, 37, 45, 16, torch.float32, seed=9)
     do = torch.randn(1, 2, 37, 16)
     out = ftattn.attention(q, k, v)
-    qv = _padded(q)
+    qv = padded_view(q)
     qv[0, 1, 5, 3] = float("inf")
-    *_, flags = torch.ops.ftattn.attention_bwd(qv, _padded(k), _padded(v), out, _padded(do), False, 0.25, 2, True)
+    *_, flags = torch.ops.ftattn.attention_bwd(qv, padded_view(k), padded_view(v), out, padded_view(do), False, 0.25,
+                                               2, True)
     # head 1 (the inf): reported as non-finite input, neither corrected nor uncorrected; head
     # 0 (its padding is NaN, never read): clean
     assert (flags[0, 1] & int(Check.NONFINITE_INPUT)).any()
