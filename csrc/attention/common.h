@@ -130,6 +130,15 @@ constexpr double ETA = 0x1p-149;
 // is 0 (or a value below 2^-125, far inside every tolerance).
 constexpr float ROUND_C = 12583039.0f;  // 1.5 * 2^23 + 127
 
+// A constant the compiler may not fold into its use (still hoisted out of loops): a
+// clamp `lo > x ? lo : x` against a folded constant vector compiled to a compare and a
+// masked move, two instructions, against a register one max (vmaxps, which returns x
+// where x is NaN, as the clamp must).
+FTATTN_VEC_INLINE float unfolded(float c) {
+  asm("" : "+x"(c));
+  return c;
+}
+
 FTATTN_VEC_INLINE float pow2_bits(float t) {  // 2^n from t = n + ROUND_C
   uint32_t u;
   std::memcpy(&u, &t, sizeof(u));
@@ -153,8 +162,8 @@ FTATTN_VEC_INLINE vec::f8 pow2_bits(vec::f8 t) {
 // exp(0) == 1 exactly, which the invariants rely on.
 template <typename T>
 FTATTN_VEC_INLINE T exp_neg(T x) {
-  const T lo = T{} - 88.0f;
-  x = x < lo ? lo : x;  // NaN passes through
+  const T lo = T{} + unfolded(-88.0f);
+  x = lo > x ? lo : x;  // NaN passes through
   const T t = x * LOG2E + ROUND_C;
   const T n = t - ROUND_C;
   const T f = x * LOG2E - n;
@@ -174,8 +183,8 @@ FTATTN_VEC_INLINE T exp_neg(T x) {
 // two multiply-adds fewer than a 1-ulp one); 0 below -127.
 template <typename T>
 FTATTN_VEC_INLINE T exp2_neg(T y) {
-  const T lo = T{} - 127.0f;
-  y = y < lo ? lo : y;
+  const T lo = T{} + unfolded(-127.0f);
+  y = lo > y ? lo : y;
   const T t = y + ROUND_C;
   const T f = y - (t - ROUND_C);
   T p = T{} + 9.5828203484416e-3f;
