@@ -7,7 +7,6 @@ bit-identical, every backward site in both passes (dQ's and dK/dV's recomputatio
 detected and corrected bit for bit, a random campaign, non-finite input."""
 import importlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -32,6 +31,7 @@ if DEVICE == "cpu" and not isinstance(kernel._bwd_dq, triton.runtime.interpreter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_attention_backward import _grads, _qkv, check_gradients_within_twice_torch  # noqa: E402
+from triton_compile import compile_without_gpu  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GRID = [  # B, Hq, Hkv, N, M, D, causal
@@ -248,22 +248,13 @@ print("compiled")
 
 @pytest.mark.slow
 def test_compiles_for_sm90_without_a_gpu():
-    # the interpreter runs Python semantics; only the compiler checks types and layouts
-    env = {k_: v_ for k_, v_ in os.environ.items() if k_ != "TRITON_INTERPRET"}
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no NVIDIA backend")
-    # one process per head dim, side by side (each compile is single-threaded)
+    # one process per head dim, side by side
     # (D256: only _bwd_dkdv, the kernel nearest the limit there, 222400 of 232448 B; D128,
     # between the two in tiles and shared memory, is left out: its three builds were the
     # largest part of the suite's slowest test, 92 s on a 2-core CI machine)
-    runs = [subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(dim), str(pad), str(first)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for dim, pad, first in ((59, 64, 0), (256, 256, 2))]
-    for run in runs:
-        out, err = run.communicate(timeout=600)
-        assert run.returncode == 0 and "compiled" in out, err[-3000:]
+    outs = compile_without_gpu(*((_COMPILE_SCRIPT, str(dim), str(pad), str(first))
+                                 for dim, pad, first in ((59, 64, 0), (256, 256, 2))))
+    assert all("compiled" in out for out in outs), outs
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ triton = pytest.importorskip("triton")
 
 import ftattn  # noqa: E402
 from ftattn.faults import ATTENTION_SITES, CHECK_MASK, Check, Fault, Site  # noqa: E402
+from triton_compile import compile_without_gpu  # noqa: E402
 
 kernel = importlib.import_module("ftattn.kernels.attention")
 launcher = importlib.import_module("ftattn._launch.attention")
@@ -615,28 +616,13 @@ print("cp.async" in ptx[0], "cp.async" in ptx[1], ptx[0] != ptx[1])
 """
 
 
-def _compile_without_gpu(script: str) -> str:
-    # the interpreter runs Python semantics; only the compiler checks the typing of
-    # constexpr branches, scf.if results and layouts. Subprocess: no TRITON_INTERPRET.
-    import subprocess
-
-    env = {k_: v_ for k_, v_ in os.environ.items() if k_ != "TRITON_INTERPRET"}
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no NVIDIA backend")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
-
-
 @pytest.mark.slow
 def test_key_value_loads_are_pipelined():
     # the K / V tiles come in by cp.async, num_stages deep (kernels/attention.py's configs
     # tune 2 and 3): a change that makes the loads plain again fails here
-    assert _compile_without_gpu(_PIPELINE_SCRIPT).split() == ["True", "True", "True"]
+    assert compile_without_gpu((_PIPELINE_SCRIPT,))[0].split() == ["True", "True", "True"]
 
 
 @pytest.mark.slow
 def test_compiles_for_sm90_without_a_gpu():
-    assert "compiled" in _compile_without_gpu(_COMPILE_SCRIPT)
+    assert "compiled" in compile_without_gpu((_COMPILE_SCRIPT,))[0]
