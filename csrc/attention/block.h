@@ -56,15 +56,15 @@ struct Problem {
 };
 
 struct Scratch {
-  // S has NSUB_MAX rows beyond the tile's: the GEMM that makes S also makes the
-  // column-checksum references (sum_i q_i) . k_j of each 64-row sub-block, from the
-  // sub-block sums appended to the query rows in Qx (zeros at protection off, so
+  // S has NGROUP_MAX rows beyond the tile's: the GEMM that makes S also makes the
+  // column-checksum references (sum_i q_i) . k_j of each group of rows (Block::group_rows),
+  // from the group sums appended to the query rows in Qx (zeros at protection off, so
   // every level runs the same GEMM shape and rounds S the same way).
   std::vector<float, Aligned64<float>> Qx, S, P, acc;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
   std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
-  std::vector<double> q2, q2max, qs2max;  // per sub-block: sum_i q_id^2 per dim, its max, max_d (sum_i q_id)^2
+  std::vector<double> q2, q2max, qs2max;  // per group: sum_i q_id^2 per dim, its max, max_d (sum_i q_id)^2
   std::vector<float> cs32, ca32, pmax;  // pmax: each row's largest p of the tile
   // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
   // per-group sums of v_j and |v_j| at group stride BLOCK_N
@@ -79,7 +79,7 @@ struct Scratch {
   // the block's keys and values packed into rows of D (where they are not), on first use
   std::vector<float, Aligned64<float>> Kp, Vp;
   Scratch(int64_t D, int64_t M, bool abft)
-      : Qx((BLOCK_M + NSUB_MAX) * D), S((BLOCK_M + NSUB_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
+      : Qx((BLOCK_M + NGROUP_MAX) * D), S((BLOCK_M + NGROUP_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
@@ -87,16 +87,16 @@ struct Scratch {
     for (auto* v : {&c, &bv}) v->resize(BLOCK_M * MAX_GROUPS);  // [row, group]
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
-    for (auto* v : {&qsum, &qabs}) v->resize(NSUB_MAX * D);
-    qabs1.resize(NSUB_MAX);
+    for (auto* v : {&qsum, &qabs}) v->resize(NGROUP_MAX * D);
+    qabs1.resize(NGROUP_MAX);
     cs.resize(BLOCK_N);
     ca.resize(BLOCK_N);
     cs32.resize(BLOCK_N);
     ca32.resize(BLOCK_N);
     pmax.resize(BLOCK_M);
-    q2.resize(NSUB_MAX * D);
-    q2max.resize(NSUB_MAX);
-    qs2max.resize(NSUB_MAX);
+    q2.resize(NGROUP_MAX * D);
+    q2max.resize(NGROUP_MAX);
+    qs2max.resize(NGROUP_MAX);
     tile_ks.resize(D);
     tile_ka.resize(D);
     tile_knorm.resize(BLOCK_N);
@@ -118,6 +118,13 @@ struct Block {
   int64_t rows() const { return hs * (r1 - r0); }
   int64_t sub_rows() const { return hs > 1 ? r1 - r0 : SUB_M; }
   int64_t nsub() const { return (rows() + sub_rows() - 1) / sub_rows(); }
+  // rows per column-checksum group (COL_ROWS where they divide a sub-block's rows, else
+  // the sub-block's), and the groups: none spans two sub-blocks
+  int64_t group_rows() const {
+    const int64_t s = sub_rows();
+    return s > COL_ROWS && s % COL_ROWS == 0 ? COL_ROWS : s;
+  }
+  int64_t ngroups() const { return (rows() + group_rows() - 1) / group_rows(); }
   // the head and first row (in that head) of sub-block sb
   int64_t head_of(int64_t sb) const { return h0 + sb * sub_rows() / per_head(); }
   int64_t row_of(int64_t sb) const { return r0 + sb * sub_rows() % per_head(); }
@@ -161,7 +168,7 @@ static void copy_rows(const float* src, int64_t n, int64_t D, int64_t per_head, 
 // sums of q for the bounds and the row references of every tile from per-call sums.
 void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* Q, int64_t hk, int64_t kv_end) {
   const int64_t D = P.D;
-  const int64_t rows = blk.rows(), sub_rows = blk.sub_rows(), nsub = blk.nsub();
+  const int64_t rows = blk.rows(), group_rows = blk.group_rows(), ngroups = blk.ngroups();
   const int64_t ntiles_all = (P.M + BLOCK_N - 1) / BLOCK_N;
   const bool abft = P.protection >= 1;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -171,7 +178,7 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
   std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
   float* Qx = w.Qx.data();
   copy_rows(Q, rows, D, blk.per_head(), P.qs[1], P.qs[2], Qx);
-  std::fill(Qx + rows * D, Qx + (rows + nsub) * D, 0.f);
+  std::fill(Qx + rows * D, Qx + (rows + ngroups) * D, 0.f);
   if (abft) {
     std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
     std::fill(w.c.begin(), w.c.begin() + rows * MAX_GROUPS, 0.0);
@@ -180,20 +187,20 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
     // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
     const int64_t base = (b * P.Hkv + hk) * ntiles_all;
-    // column references, per 64-row sub-block: sum_i q_i (fp64, rounded once to fp32) as
+    // column references, per group of rows: sum_i q_i (fp64, rounded once to fp32) as
     // an extra row of Qx; for the bounds, sum_i |q_i| and sum_i q_i^2 per dim
-    block_row_sums(Qx, rows, sub_rows, D, w.qsum.data(), w.qabs.data(), w.q2.data());
-    for (int64_t sb = 0; sb < nsub; ++sb) {
+    block_row_sums(Qx, rows, group_rows, D, w.qsum.data(), w.qabs.data(), w.q2.data());
+    for (int64_t g = 0; g < ngroups; ++g) {
       double q2max = 0.0, qs2max = 0.0;
       for (int64_t d = 0; d < D; ++d) {
-        Qx[(rows + sb) * D + d] = static_cast<float>(w.qsum[sb * D + d]);
-        const double qs = static_cast<double>(Qx[(rows + sb) * D + d]);
-        q2max = std::max(q2max, w.q2[sb * D + d]);
+        Qx[(rows + g) * D + d] = static_cast<float>(w.qsum[g * D + d]);
+        const double qs = static_cast<double>(Qx[(rows + g) * D + d]);
+        q2max = std::max(q2max, w.q2[g * D + d]);
         qs2max = std::max(qs2max, qs * qs);
       }
-      w.q2max[sb] = q2max;
-      w.qs2max[sb] = qs2max;
-      w.qabs1[sb] = std::accumulate(w.qabs.begin() + sb * D, w.qabs.begin() + (sb + 1) * D, 0.0);
+      w.q2max[g] = q2max;
+      w.qs2max[g] = qs2max;
+      w.qabs1[g] = std::accumulate(w.qabs.begin() + g * D, w.qabs.begin() + (g + 1) * D, 0.0);
     }
     if (!P.inline_sums)
       dots_d(Qx, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
@@ -244,14 +251,14 @@ TileRefs tile_refs(const Problem& P, Scratch& w, const Block& blk, const float* 
 }
 
 // The rows of one tile, while a row of S and P is in L1: max and the ABFT sums, the
-// online softmax with its checks, the normaliser; per sub-block, the column check and
+// online softmax with its checks, the normaliser; per group of rows, the column check and
 // the score verification. Writes P and ORs failed checks into bad[].
 template <bool INJECT>
 void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t, const float* K, int64_t n0,
                int64_t cols, const FaultSpec& f, bool in_tile, int64_t fi, int32_t* bad) {
   const int64_t D = P.D, M = P.key_count(blk.b), N = P.N;
   const int64_t r0 = blk.r0, rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
-  const int64_t nsub = blk.nsub();
+  const int64_t group_rows = blk.group_rows(), ngroups = blk.ngroups();
   const bool abft = P.protection >= 1;
   const int64_t shift = M - N;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -268,8 +275,9 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
   const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups);
   // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
   // ABFT sums; the online softmax with its checks; the normaliser ----
-  for (int64_t sb = 0; sb < nsub; ++sb) {
-    const int64_t i0 = sb * sub_rows, i1 = std::min<int64_t>(rows, i0 + sub_rows);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t i0 = g * group_rows, i1 = std::min<int64_t>(rows, i0 + group_rows);
+    const int64_t sb = i0 / sub_rows;  // (the sub-block of the flags)
     if (abft) {
       std::fill(w.cs.begin(), w.cs.begin() + cols, 0.0);
       std::fill(w.ca.begin(), w.ca.begin() + cols, 0.0);
@@ -305,8 +313,8 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
         if ((i - i0) % vec::ROW_CHUNK == vec::ROW_CHUNK - 1 || i == i1 - 1)
           flush_cols(w.cs32.data(), w.cs.data(), w.ca32.data(), w.ca.data(), cols);
         // underflow: D + 1 operations per S_ij; the reference's fp32 key sums, 2^-150
-        // per key and dim, times |q_id| (sum_d |q_id| <= qabs1 of the sub-block)
-        const double row_abs = ETA * static_cast<double>(cols) * (static_cast<double>(D + 1) + w.qabs1[sb]);
+        // per key and dim, times |q_id| (sum_d |q_id| <= qabs1 of the group)
+        const double row_abs = ETA * static_cast<double>(cols) * (static_cast<double>(D + 1) + w.qabs1[g]);
         if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld] + row_abs)) bad[sb] |= kRowChecksum;
       } else {
         mx = row_max(Si, cols, limit);
@@ -358,10 +366,10 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       // i1 - i0 + 1 values of S per column, and sum_i q_i rounded to fp32, 2^-150 per
       // dim times |k_jd| <= ||k_j||), and the score verification of the keys whose
       // score a fault could move harmfully within that bound
-      const float* colref = S + (rows + sb) * BLOCK_N;
+      const float* colref = S + (rows + g) * BLOCK_N;
       const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1)) + static_cast<double>(D) * 0x1p-150;
-      const ColumnBound cb{KAPPA * sqrtD * U32, std::sqrt(static_cast<double>(i1 - i0) * w.q2max[sb]),
-                           std::sqrt(w.qs2max[sb]), col_abs};
+      const ColumnBound cb{KAPPA * sqrtD * U32, std::sqrt(static_cast<double>(i1 - i0) * w.q2max[g]),
+                           std::sqrt(w.qs2max[g]), col_abs};
       const float theta_low =
           column_bounds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols, w.colb.data(), w.theta.data());
       if (col_check_fails(w.cs.data(), colref, w.colb.data(), cols)) bad[sb] |= kColChecksum;
@@ -446,7 +454,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   const int64_t D = P.D, N = P.N;
   const int64_t b = blk.b, r0 = blk.r0, r1 = blk.r1;
   const int64_t M = P.key_count(b), k0 = P.key_first(b);  // the sample's keys
-  const int64_t rows = blk.rows(), per_head = blk.per_head(), nsub = blk.nsub();
+  const int64_t rows = blk.rows(), per_head = blk.per_head(), ngroups = blk.ngroups();
   const int64_t hk = blk.h0 / (P.Hq / P.Hkv);
   const float* Q = P.q_rows(b, blk.h0, r0);
   const float* K = P.k_rows(b, hk, k0);
@@ -475,9 +483,9 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     const bool in_tile = hit && f.cols_meet(n0, n0 + cols);
     ++ntiles;
     const TileRefs t = tile_refs(P, w, blk, Q, K, V, hk, n0, cols);
-    // ---- S = Q K^T in fp32, and the column references in rows rows..rows+nsub ----
+    // ---- S = Q K^T in fp32, and the column references in rows rows..rows+ngroups ----
     float* S = w.S.data();
-    gemm(true, false, rows + nsub, cols, D, w.Qx.data(), D, K + n0 * D, D, S, BLOCK_N,
+    gemm(true, false, rows + ngroups, cols, D, w.Qx.data(), D, K + n0 * D, D, S, BLOCK_N,
          blk.hs > 1 ? STACK_D_SLICE : 0);
     if (in_tile && f.site == kScores)
       for (int64_t j = std::max<int64_t>(f.col, n0); j < std::min(f.col + f.ncols, n0 + cols); ++j) {
@@ -490,7 +498,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     if (w.dmr) {
       // the scores again, by the same call (it rounds alike): any difference is a fault
       if (w.S2.size() < w.S.size()) w.S2.resize(w.S.size());
-      gemm(true, false, rows + nsub, cols, D, w.Qx.data(), D, K + n0 * D, D, w.S2.data(), BLOCK_N,
+      gemm(true, false, rows + ngroups, cols, D, w.Qx.data(), D, K + n0 * D, D, w.S2.data(), BLOCK_N,
            blk.hs > 1 ? STACK_D_SLICE : 0);
       for (int64_t i = 0; i < rows; ++i)
         if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, cols * sizeof(float)) != 0)
