@@ -69,14 +69,14 @@ def test_minilm_forward(benchmark):
     model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     text = " ".join(["fault tolerant attention keeps silent data corruption out of large fleets"] * 20)
     enc = tok([text] * 8, truncation=True, max_length=128, return_tensors="pt")
-    _case(benchmark, "MiniLM forward, 8 x 128 tokens, fp32", model, lambda m: m(**enc).last_hidden_state, 15)
+    _case(benchmark, "MiniLM forward, 8 x 128 tokens, fp32", model, lambda m: m(**enc).last_hidden_state, 31)
 
 
 def test_tiny_llama_generate(benchmark):
     model = tiny_llama("sdpa")
     prompt = torch.arange(3, 27)[None]
     _case(benchmark, "tiny Llama generate, 24 + 32 tokens, fp32", model,
-          lambda m: m.generate(prompt, max_new_tokens=32, do_sample=False), 11)
+          lambda m: m.generate(prompt, max_new_tokens=32, do_sample=False), 21)
 
 
 def test_small_llama_generate(benchmark):
@@ -86,7 +86,7 @@ def test_small_llama_generate(benchmark):
                        num_attention_heads=16, num_key_value_heads=4, vocab_size=4096)
     prompt = torch.arange(3, 67)[None]
     _case(benchmark, "Llama 1024 / 2816 x 4 layers generate, 64 + 16 tokens, fp32", model,
-          lambda m: m.generate(prompt, max_new_tokens=16, do_sample=False), 7)
+          lambda m: m.generate(prompt, max_new_tokens=16, do_sample=False), 11)
 
 
 def teardown_module(module):
