@@ -534,6 +534,27 @@ def test_stacked_fault_names_only_its_head(make_qkv, site):
     assert rep.corrected == 1 and rep.uncorrected == 0 and torch.equal(out, clean)
 
 
+@pytest.mark.parametrize("shape,row", [((1, 4, 1, 64, 530), 45), ((1, 4, 1, 64, 530), 3),
+                                       ((1, 1, 1, 100, 300), 70), ((1, 1, 1, 100, 300), 98)],
+                         ids=["stacked-64-second-group", "stacked-64-first-group", "block-100-row-70",
+                              "block-100-last-group"])
+def test_score_fault_in_any_column_group_flags_its_block(make_qkv, shape, row):
+    """The C++ kernel checks the columns of S per group of 32 rows of a 64-row report block
+    (a stacked head of 64 rows: two groups; a 100-row block: 32 + 32 + 32 + 4): a score
+    flipped by a mid-mantissa bit in any group flags that group's report block only, and
+    the recomputed call equals the clean one."""
+    B, Hq, Hkv, N, M = shape
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=40, seed=row)
+    clean = ftattn.attention(q, k, v)
+    head = max(0, Hq - 2)
+    s = (q[0, head, row].double() @ k[0, 0].double().T)
+    fault = Fault("scores", batch=0, head=head, row=row, col=int(s.argmax()), bit=19)
+    out, rep = ftattn.attention(q, k, v, fault=fault, return_report=True, backend="cpp")
+    flagged = ((rep.flags & CHECK_MASK) != 0).nonzero().tolist()
+    assert flagged == [[0, head, row // 64]], rep.failures()
+    assert rep.corrected == 1 and rep.uncorrected == 0 and torch.equal(out, clean)
+
+
 def test_stacked_nonfinite_query_names_only_its_head(make_qkv):
     q, k, v = make_qkv(B=2, Hq=8, Hkv=2, N=1, M=300, D=32, seed=17)
     q[1, 5, 0, 3] = float("nan")
