@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), (ntasks + grain - 1) / grain);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
-      Scratch w(D, M, protection >= 1);
+      Scratch& w = thread_scratch(D, M, protection >= 1);
       for (int64_t idx = next.fetch_add(1); idx < ntasks; idx = next.fetch_add(1)) {
         const int64_t tile = idx % ntile_m, chunk = idx / ntile_m % chunks, bk = idx / ntile_m / chunks;
         const int64_t h0 = bk % Hkv * group + chunk * stack;

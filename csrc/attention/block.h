@@ -105,8 +105,36 @@ struct Scratch {
     tile_vmax.resize(BLOCK_N);
     colb.resize(BLOCK_N);
     theta.resize(BLOCK_N);
+#ifdef FTATTN_POISON_SCRATCH  // (a test build: the checks' buffers start as NaN too, so that a
+    // value one call reads before writing fails, as it would stale from an earlier call)
+    for (auto* v : {&l2, &c, &bv, &qsum, &qabs, &rowref, &rowmag, &cs, &ca, &tileref, &tilemag, &qabs1, &q2, &q2max,
+                    &qs2max, &tile_ks, &tile_ka, &tile_knorm, &colb})
+      std::fill(v->begin(), v->end(), std::numeric_limits<double>::quiet_NaN());
+    for (auto* v : {&cs32, &ca32, &pmax, &tile_vsum, &tile_vabs, &tile_vmax, &theta})
+      std::fill(v->begin(), v->end(), std::numeric_limits<float>::quiet_NaN());
+#endif
   }
+  int64_t D_ = 0, tiles_ = 0;  // what it was made for (thread_scratch)
+  bool abft_ = false;
 };
+
+// A worker thread's scratch, kept across calls and made again only where a call needs
+// more (another head dim, more key tiles, the checks' buffers): its ~30 allocations and
+// their zeroing were a quarter of a decode call with the checks (B1 Hq4 Hkv2 M40 D16,
+// perf: malloc, free and memset). Every buffer is written before it is read within a
+// block (the FTATTN_POISON_SCRATCH build, which makes each call's scratch anew and fills
+// it with NaN, checks that), so what an earlier call left does not matter.
+Scratch& thread_scratch(int64_t D, int64_t M, bool abft) {
+  thread_local std::unique_ptr<Scratch> kept;
+  const int64_t tiles = std::max<int64_t>((M + BLOCK_N - 1) / BLOCK_N, 1);
+#ifndef FTATTN_POISON_SCRATCH
+  if (kept && kept->D_ == D && kept->tiles_ >= tiles && (kept->abft_ || !abft)) return *kept;
+#endif
+  kept.reset();  // (the old one freed first)
+  kept = std::make_unique<Scratch>(D, tiles * BLOCK_N, abft);
+  kept->D_ = D, kept->tiles_ = tiles, kept->abft_ = abft;
+  return *kept;
+}
 
 // The query rows of one block: rows r0..r1 of the heads h0..h0+hs-1 of batch b,
 // which share one key head. hs > 1 only with r0 = 0 and r1 = N <= SUB_M (whole heads,
