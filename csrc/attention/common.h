@@ -144,7 +144,13 @@ constexpr float ROUND_C = 12583039.0f;  // 1.5 * 2^23 + 127
 // masked move, two instructions, against a register one max (vmaxps, which returns x
 // where x is NaN, as the clamp must).
 FTATTN_VEC_INLINE float unfolded(float c) {
-  asm("" : "+x"(c));
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(c));  // (in an SSE / AVX register)
+#elif defined(__aarch64__)
+  asm("" : "+w"(c));  // (in a SIMD / FP register)
+#else
+  asm("" : "+m"(c));  // (through memory: any target)
+#endif
   return c;
 }
 
