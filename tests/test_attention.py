@@ -96,6 +96,30 @@ def test_key_tile_of_nan_scores_gives_nan(make_qkv, backend, protection):
     assert rep.detected == 0 and (protection == "off" or rep.nonfinite_input)
 
 
+def test_cpp_concurrent_calls_of_other_shapes_match_sequential_ones(make_qkv):
+    """Each worker thread keeps its scratch across calls (csrc/attention/block.h,
+    thread_scratch): calls from several Python threads at once, each thread switching
+    between head dims, key counts, protection levels and an injected fault, give the bits
+    of the same calls made one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+    for i, (Hq, Hkv, N, M, D) in enumerate([(4, 2, 1, 40, 16), (2, 1, 70, 600, 64), (3, 3, 33, 33, 40),
+                                            (8, 2, 1, 1100, 128), (1, 1, 300, 129, 24)]):
+        q, k, v = make_qkv(B=2, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, seed=40 + i)
+        for protection in ("off", "full"):
+            calls.append(dict(q=q, k=k, v=v, causal=i % 2 == 1, protection=protection, return_report=True))
+    calls.append(dict(calls[7], fault=Fault("scores", batch=1, head=5, row=0, col=900, bit=27)))  # (the decode one, full)
+    run = lambda c: ftattn.attention(**c)  # noqa: E731
+    expected = [run(c) for c in calls]
+    order = [i for _ in range(6) for i in range(len(calls))]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = list(pool.map(lambda i: (i, run(calls[i])), order))
+    for i, (out, rep) in got:
+        assert torch.equal(out, expected[i][0]) and torch.equal(rep.flags, expected[i][1].flags), i
+    assert expected[-1][1].corrected == 1
+
+
 def test_cpp_result_does_not_depend_on_threads(make_qkv):
     # query tiles go to whichever thread asks next: the output and flags must not
     # depend on the thread count or on which thread took a tile
