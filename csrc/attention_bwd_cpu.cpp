@@ -4,9 +4,10 @@
 // BWD_BN = 256 keys, one task per (batch, query head): no N x M matrix, no atomics
 // (deterministic: a task's dK / dV of its own query head go to a buffer of that head and
 // the query heads of a key head are summed in a fixed order after the tasks). Per query
-// block: a first pass over its key tiles makes each row's max and normaliser (the log-sum-
-// exp; the forward does not keep it), then per key tile
-//   S = Q K^T, P = exp(S scale - m) / l, dP = dO V^T, dS = P (dP - D) with D_i = dO_i . O_i,
+// block: each row's max and normaliser (the log-sum-exp) are the forward's (stats, written by
+// attention_fwd: a differentiable call from Python), else a first pass over its key tiles
+// makes them; then per key tile
+//   S = Q K^T, P = exp((S - m) scale) / l, dP = dO V^T, dS = P (dP - D) with D_i = dO_i . O_i,
 //   dV += P^T dO, dK += dS^T Q, dQ += dS K          (five sgemm calls, BLAS)
 // and dQ = scale dQ at the end of the block, dK = scale sum_heads dK, dV = sum_heads dV.
 //
@@ -48,12 +49,15 @@ static_assert(BWD_BM == kReportBlockM, "a query block of the backward is a repor
 constexpr int64_t BWD_BN = 256;  // keys per tile
 constexpr int64_t BWD_GROUP = 16;  // head dims per checksum group of dQ, dK, dV (ftattn/reference.py)
 constexpr int64_t MAX_BWD_GROUPS = 256 / BWD_GROUP;
+// the largest drift (head_backward) with which P is made from the forward's statistics
+constexpr double DRIFT_MAX = 0x1p-12;
 
 struct BwdProblem {
   const float *q, *k, *v, *o, *g;  // fp32 contiguous: q, o, g [B, Hq, N, D]; k, v [B, Hkv, M, D]
   float* dq;                       // [B, Hq, N, D], scaled
   float *dkh, *dvh;                // [B, Hq, M, D]: each query head's dK (unscaled) and dV
   int32_t* flags;                  // [B, Hq, nq + nk]
+  const float* stats = nullptr;    // the forward's [B, Hq, N, 2] (each row's max score and l), or null
   int64_t B, Hq, Hkv, N, M, D, nq, nk, G;
   bool causal;
   float scale;
@@ -70,10 +74,10 @@ using AVec = std::vector<T, Aligned64<T>>;
 struct BwdScratch {
   AVec<float> S, S2, Pm, dP, dS, dQ;
   std::vector<float> m, rinv, Drow, qmax, gmax;
-  std::vector<double> l;
+  std::vector<double> l, drift;
   // the checks (abft)
   AVec<float> dSa;                               // |dS| of the tile
-  std::vector<double> rs;                        // per row: sum_j P_ij over its key tiles
+  std::vector<double> rs, rp;                    // per row: sum_j P_ij over its key tiles, as read / as made
   std::vector<double> qsum, qabs, gsum, gabs;    // per block [D]
   std::vector<float> qg, gg;                     // per row: group sums of q, then of |q| [BM x 2G]; dO's
   std::vector<float> rq, mq;                      // dQ's references [BM x G]
@@ -92,10 +96,10 @@ struct BwdScratch {
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
       : S(BWD_BM * BWD_BN), S2(BWD_BM * BWD_BN), Pm(BWD_BM * BWD_BN), dP(BWD_BM * BWD_BN), dS(BWD_BM * BWD_BN),
         dQ(BWD_BM * D), m(BWD_BM), rinv(BWD_BM), Drow(BWD_BM), qmax(BWD_BM), gmax(BWD_BM), l(BWD_BM),
-        keybits(M), qbits(nq) {
+        drift(BWD_BM), knorm(M), keybits(M), qbits(nq) {
     if (!abft) return;
     dSa.resize(BWD_BM * BWD_BN);
-    for (auto* x : {&rs, &rref, &rmag}) x->resize(BWD_BM);
+    for (auto* x : {&rs, &rp, &rref, &rmag}) x->resize(BWD_BM);
     for (auto* x : {&qsum, &qabs, &gsum, &gabs}) x->resize(D);
     for (auto* x : {&qg, &gg}) x->resize(BWD_BM * 2 * G);
     for (auto* x : {&rq, &mq}) x->resize(BWD_BM * G);
@@ -105,7 +109,6 @@ struct BwdScratch {
     harm.resize(BWD_BN);
     const int64_t ntiles = (M + BWD_BN - 1) / BWD_BN;
     kmax.resize(M);
-    knorm.resize(M);
     vnorm.resize(M);
     for (auto* x : {&kg, &rvm}) x->resize(M * 2 * G);
     for (auto* x : {&rk, &mk}) x->resize(M * G);
@@ -225,56 +228,82 @@ FTATTN_CLONES static void tile_references(const float* __restrict dS, const floa
     tile_references_body<vec::f8>(dS, dSa, P, ld, rows, n, G, kg, qg, gg, rq, mq, rk, mk, rvm, work);
 }
 
-// The first pass over a row of a tile: m <- max(m, max_{j < vis} S_j scale) and the
-// normaliser l rescaled to it, plus sum_{j < vis} exp(S_j scale - m) (fp64). On vectors V
+// The first pass over a row of a tile (where the forward's statistics are not used): m <-
+// max(m, max_{j < vis} sgn S_j), the forward's raw max (its scores are those of sgn q, sgn
+// the sign of scale), and the normaliser l rescaled to it, plus sum_{j < vis} exp((S_j -
+// sgn m) scale) (fp64): P as probs_row makes it. On vectors V
 // (vec::Lanes: 16 lanes where the code runs AVX-512, else 8, so that GCC 12 emits vector
 // selects, the max and the clamp of exp, in the AVX2 clone too).
 template <typename V>
 __attribute__((always_inline)) static inline void row_lse_body(const float* __restrict S, int64_t vis, float scale,
-                                                              float* m, double* l) {
+                                                              float sgn, float* m, double* l) {
   constexpr int64_t L = vec::Lanes<V>;
   float mx = -std::numeric_limits<float>::infinity();
   V mxv = V{} + mx;
   int64_t t = 0;
   for (; t + L <= vis; t += L) {
-    const V s = vec::load_v<V>(S + t) * scale;
+    const V s = vec::load_v<V>(S + t) * sgn;
     mxv = s > mxv ? s : mxv;  // (NaN never enters a lane)
   }
   for (; t < vis; ++t) {
-    const float s = S[t] * scale;
+    const float s = S[t] * sgn;
     mx = s > mx ? s : mx;
   }
   const float vmx = vec::tree(mxv, vec::Max{});
   mx = vmx > mx ? vmx : mx;
   if (!(mx > *m)) mx = *m;  // (NaN scores leave the max: their p is NaN, and so the gradients)
   if (mx == -std::numeric_limits<float>::infinity()) return;
+  const float mb = mx * sgn;
   double sum = 0.0;
   int64_t j = 0;
-  for (; j + L <= vis; j += L) sum += vec::hsum(vec::widen_sum(exp_neg(vec::load_v<V>(S + j) * scale - mx)));
-  for (; j < vis; ++j) sum += static_cast<double>(exp_neg(S[j] * scale - mx));
-  *l = (*m == -std::numeric_limits<float>::infinity() ? 0.0 : *l * std::exp(static_cast<double>(*m - mx))) + sum;
+  for (; j + L <= vis; j += L) sum += vec::hsum(vec::widen_sum(exp_neg((vec::load_v<V>(S + j) - mb) * scale)));
+  for (; j < vis; ++j) sum += static_cast<double>(exp_neg((S[j] - mb) * scale));
+  *l = (*m == -std::numeric_limits<float>::infinity()
+            ? 0.0
+            : *l * std::exp((static_cast<double>(*m) - static_cast<double>(mx)) * std::fabs(static_cast<double>(scale)))) +
+       sum;
   *m = mx;
 }
-FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float scale, float* m, double* l) {
-  if (wide_vectors()) row_lse_body<vec::f16>(S, vis, scale, m, l);
-  else row_lse_body<vec::f8>(S, vis, scale, m, l);
+FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float scale, float sgn, float* m,
+                                  double* l) {
+  if (wide_vectors()) row_lse_body<vec::f16>(S, vis, scale, sgn, m, l);
+  else row_lse_body<vec::f8>(S, vis, scale, sgn, m, l);
 }
 
-// P_j = exp(S_j scale - m) rinv for j < vis, 0 beyond (the same code at every level).
-template <typename V>
+// P_j = exp((S_j - mb) scale) rinv for j < vis, 0 beyond (the same values at every level): the
+// forward's p (softmax.h; mb = sgn m, the raw score at the row's max), so that its normaliser
+// serves. SUM (the checks): *sum += sum_j P_j (fp64) of the values as made, before they are
+// stored (row_checks sums them as read back).
+template <bool SUM, typename V>
 __attribute__((always_inline)) static inline void probs_row_body(const float* __restrict S, float* __restrict P,
                                                                 int64_t n, int64_t vis, float scale, float m,
-                                                                float rinv) {
+                                                                float rinv, double* sum) {
   constexpr int64_t L = vec::Lanes<V>;
+  vec::d8 acc = vec::d8{};
+  double tail = 0.0;
   int64_t j = 0;
-  for (; j + L <= vis; j += L) vec::store_v(P + j, exp_neg(vec::load_v<V>(S + j) * scale - m) * rinv);
-  for (; j < vis; ++j) P[j] = exp_neg(S[j] * scale - m) * rinv;
+  for (; j + L <= vis; j += L) {
+    const V p = exp_neg((vec::load_v<V>(S + j) - m) * scale) * rinv;
+    if constexpr (SUM) acc += vec::widen_sum(p);
+    vec::store_v(P + j, p);
+  }
+  for (; j < vis; ++j) {
+    const float p = exp_neg((S[j] - m) * scale) * rinv;
+    if constexpr (SUM) tail += static_cast<double>(p);
+    P[j] = p;
+  }
   for (; j < n; ++j) P[j] = 0.f;
+  if constexpr (SUM) *sum += vec::hsum(acc) + tail;
 }
 FTATTN_CLONES static void probs_row(const float* __restrict S, float* __restrict P, int64_t n, int64_t vis,
-                                    float scale, float m, float rinv) {
-  if (wide_vectors()) probs_row_body<vec::f16>(S, P, n, vis, scale, m, rinv);
-  else probs_row_body<vec::f8>(S, P, n, vis, scale, m, rinv);
+                                    float scale, float m, float rinv, double* sum) {
+  if (sum != nullptr) {
+    if (wide_vectors()) probs_row_body<true, vec::f16>(S, P, n, vis, scale, m, rinv, sum);
+    else probs_row_body<true, vec::f8>(S, P, n, vis, scale, m, rinv, sum);
+  } else {
+    if (wide_vectors()) probs_row_body<false, vec::f16>(S, P, n, vis, scale, m, rinv, sum);
+    else probs_row_body<false, vec::f8>(S, P, n, vis, scale, m, rinv, sum);
+  }
 }
 
 // dS_j = P_j (dP_j - D) for j < vis, 0 beyond.
@@ -285,8 +314,9 @@ FTATTN_CLONES static void ds_row(const float* __restrict P, const float* __restr
   for (int64_t j = vis; j < n; ++j) dS[j] = 0.f;
 }
 
-// The redundant softmax (full): exp2 with its own polynomial of the same argument, against
-// P within both exponentials' error (the forward's tolerance); true when some entry differs.
+// The redundant softmax (full): exp2 with its own polynomial of the same argument, (S_j - mb)
+// scale log2 e as the forward's, against P within both exponentials' error (the forward's
+// tolerance); true when some entry differs.
 template <typename V>
 __attribute__((always_inline)) static inline bool probs_dmr_body(const float* __restrict S,
                                                                 const float* __restrict P, int64_t vis, float scale,
@@ -297,21 +327,21 @@ __attribute__((always_inline)) static inline bool probs_dmr_body(const float* __
   using namespace vec;
   constexpr int64_t L = Lanes<V>;
   const float rel = U32 * 64.f, abs_tol = (U32 * 2.f) * rinv + 1e-30f;
-  const V relv = V{} + rel, absv = V{} + abs_tol, scalev = V{} + scale, mv = V{} + m, rinvv = V{} + rinv,
-          l2e = V{} + LOG2E;
+  const float scale2 = scale * LOG2E;
+  const V relv = V{} + rel, absv = V{} + abs_tol, scalev = V{} + scale2, mv = V{} + m, rinvv = V{} + rinv;
   // the largest |P - p2| - (rel max(P, p2) + abs): > 0 where an entry differs (its sign is
   // exact: IEEE subtraction)
   V viol = V{};
   int64_t j = 0;
   for (; j + L <= vis; j += L) {
-    const V p = load_v<V>(P + j), p2 = exp2_neg((load_v<V>(S + j) * scalev - mv) * l2e) * rinvv;
+    const V p = load_v<V>(P + j), p2 = exp2_neg((load_v<V>(S + j) - mv) * scalev) * rinvv;
     const V hi = p > p2 ? p : p2;
     const V d = vec::abs(p - p2) - (relv * hi + absv);
     viol = d > viol ? d : viol;
   }
   float v = tree(viol, Max{});
   for (; j < vis; ++j) {
-    const float p2 = exp2_neg((S[j] * scale - m) * LOG2E) * rinv;
+    const float p2 = exp2_neg((S[j] - m) * scale2) * rinv;
     const float hi = P[j] > p2 ? P[j] : p2;
     const float d = std::fabs(P[j] - p2) - (rel * hi + abs_tol);
     v = d > v ? d : v;
@@ -326,14 +356,15 @@ FTATTN_CLONES static bool probs_dmr_fails(const float* __restrict S, const float
                         : probs_dmr_body<vec::f8>(S, P, vis, scale, m, rinv);
 }
 
-// A row's checks of P and dS, and its sums: P in [0, 1] (else kProbsRange); each dS_j made
+// A row's checks of P and dS, and its sums: P in [0, pcap] (else kProbsRange: pcap is 1, or
+// a little more where the forward's statistics serve, head_backward); each dS_j made
 // again, P_j (dP_j - D) for a visible key and 0 for a masked one, and compared with the
 // stored one (the same fp32 operations on the same operands round alike, so any difference
 // is a fault; a NaN dS fails, as the former sum check did: else kDsCheck), at every level; rs +=
 // sum_j P_j (fp64) and dSa, the row's |dS| for the references of dQ and dK.
 FTATTN_CLONES static int32_t row_checks(const float* __restrict P, const float* __restrict dP,
                                         const float* __restrict dS, int64_t n, int64_t vis, float Di,
-                                        float* __restrict dSa, double* rs) {
+                                        float pcap, float* __restrict dSa, double* rs) {
   // (`omp simd` loops, the visible keys then the masked ones: GCC 12 vectorises these in
   // every clone; 16-lane vector-extension code with a compare feeding a select of the
   // stored dS was scalarised under target_clones, 3.5x slower on AVX-512 and on AVX2 alike)
@@ -361,7 +392,7 @@ FTATTN_CLONES static int32_t row_checks(const float* __restrict P, const float* 
     r += static_cast<double>(p);
   }
   // (a NaN p enters neither the min nor the max: it makes the sum NaN)
-  const bool bad_p = !(pmin >= 0.f && pmax <= 1.f) || r != r;
+  const bool bad_p = !(pmin >= 0.f && pmax <= pcap) || r != r;
   *rs += r;
   return (bad_p ? kProbsRange : 0) | (differ ? kDsCheck : 0);
 }
@@ -565,6 +596,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const int64_t first = P.key_first(b), Mb = P.key_count(b), shift = Mb - N;
   const bool abft = P.protection >= 1, full = P.protection >= 2;
   const float scale = P.scale, ascale = std::fabs(scale);
+  const float sgn = scale < 0.f ? -1.f : 1.f;  // (the forward's scores are those of sgn q: its max is of sgn S)
   const float* Q = P.q + (b * P.Hq + h) * N * D;
   const float* O = P.o + (b * P.Hq + h) * N * D;
   const float* Gd = P.g + (b * P.Hq + h) * N * D;
@@ -582,9 +614,11 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   std::fill(w.qbits.begin(), w.qbits.end(), 0);
   std::fill(w.keybits.begin(), w.keybits.begin() + Mb, 0);
   const int64_t ntiles = (Mb + BWD_BN - 1) / BWD_BN;
+  if ((abft || P.stats) && Mb > 0) key_norms(K, Mb, D, w.knorm.data());
+  // the largest ||k_j|| (for the drift of the scores made here from the forward's, below)
+  const double knorm_max = P.stats && Mb > 0 ? *std::max_element(w.knorm.begin(), w.knorm.begin() + Mb) : 0.0;
   if (abft && Mb > 0) {
     group_sums(K, Mb, D, G, w.kg.data(), w.kmax.data());
-    key_norms(K, Mb, D, w.knorm.data());
     key_norms(V, Mb, D, w.vnorm.data());
     std::fill(w.rk.begin(), w.rk.begin() + Mb * G, 0.f);
     std::fill(w.mk.begin(), w.mk.begin() + Mb * G, 0.f);
@@ -620,6 +654,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     std::fill(w.dQ.begin(), w.dQ.begin() + rows * D, 0.f);
     if (abft) {
       std::fill(w.rs.begin(), w.rs.end(), 0.0);
+      std::fill(w.rp.begin(), w.rp.end(), 0.0);
       std::fill(w.rq.begin(), w.rq.end(), 0.f);
       std::fill(w.mq.begin(), w.mq.end(), 0.f);
       block_row_sums(Qb, rows, rows, D, w.qsum.data(), w.qabs.data(), w.qsq.data());
@@ -636,13 +671,44 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());
     }
-    // ---- pass 1: each row's max and normaliser over its visible keys ----
-    for (int64_t n0 = 0; n0 < kv_end; n0 += BWD_BN) {
-      const int64_t n = std::min(BWD_BN, Mb - n0);
-      gemm_rm(false, true, false, rows, n, D, Qb, D, K + n0 * D, D, w.S.data(), BWD_BN);
+    // ---- each row's max and normaliser over its visible keys: the forward's (P.stats), or
+    // pass 1 ----
+    // The scores made here may round otherwise than the forward's (another GEMM shape: the
+    // forward's stacked heads sum slices of the head dims), each by at most twice the row
+    // check's noise, 2 kappa u sqrt(D) ||q_i|| max_j ||k_j||: P then differs from the p the
+    // forward's normaliser summed by up to drift_i relative, which the check of the normaliser
+    // allows (P's range and row sum, at the end of the block; a changed entry of P is found
+    // by the sum read back, whatever the drift). A normaliser wrong by that much scales the
+    // row's part of the gradients by as much: where drift_i exceeds DRIFT_MAX (2^-12, a
+    // quarter of the harm threshold; large logits, outlier channels) pass 1 makes the
+    // statistics from the scores made here. (The choice depends on the data only, so every
+    // protection level makes the same P.)
+    bool use_stats = P.stats != nullptr;
+    if (use_stats) {
       for (int64_t i = 0; i < rows; ++i) {
-        const int64_t vis = P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
-        row_lse(w.S.data() + i * BWD_BN, vis, scale, &w.m[i], &w.l[i]);
+        double q2 = 0.0;
+        for (int64_t d = 0; d < D; ++d) q2 += static_cast<double>(Qb[i * D + d]) * Qb[i * D + d];
+        w.drift[i] = std::expm1(static_cast<double>(ascale) *
+                                (2.0 * row_f * std::sqrt(q2) * knorm_max + 2.0 * ETA * static_cast<double>(D + 1))) *
+                     (1.0 + 0x1p-10);
+        use_stats &= w.drift[i] <= DRIFT_MAX;  // (NaN: pass 1)
+      }
+    }
+    if (use_stats) {
+      const float* st = P.stats + ((b * P.Hq + h) * N + r0) * 2;
+      for (int64_t i = 0; i < rows; ++i) {
+        w.m[i] = st[2 * i];
+        w.l[i] = static_cast<double>(st[2 * i + 1]);
+      }
+    } else {
+      std::fill(w.drift.begin(), w.drift.begin() + rows, 0.0);
+      for (int64_t n0 = 0; n0 < kv_end; n0 += BWD_BN) {
+        const int64_t n = std::min(BWD_BN, Mb - n0);
+        gemm_rm(false, true, false, rows, n, D, Qb, D, K + n0 * D, D, w.S.data(), BWD_BN);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t vis = P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
+          row_lse(w.S.data() + i * BWD_BN, vis, scale, sgn, &w.m[i], &w.l[i]);
+        }
       }
     }
     for (int64_t i = 0; i < rows; ++i) w.rinv[i] = w.m[i] == NEG_INF ? 0.f : static_cast<float>(1.0 / w.l[i]);
@@ -666,7 +732,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       memory_barrier();
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
-        probs_row(S + i * BWD_BN, Pm + i * BWD_BN, n, vis, scale, w.m[i], w.rinv[i]);
+        probs_row(S + i * BWD_BN, Pm + i * BWD_BN, n, vis, scale, sgn * w.m[i], w.rinv[i], abft ? &w.rp[i] : nullptr);
       }
       if (fin && f.site == kBwdProbs) hit(Pm);
       gemm_rm(false, true, false, rows, n, D, Gb, D, Vt, D, dP, BWD_BN);
@@ -686,9 +752,12 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       // ---- the checks of the tile ----
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
-        bits |= row_checks(Pm + i * BWD_BN, dP + i * BWD_BN, dS + i * BWD_BN, n, vis, w.Drow[i],
+        // (P = exp(x) rinv <= 1 + drift: x <= drift, rinv <= 1 as l >= 1; 8 u for the exponential)
+        const float pcap = use_stats ? static_cast<float>((1.0 + w.drift[i]) * (1.0 + 8.0 * U32)) : 1.f;
+        bits |= row_checks(Pm + i * BWD_BN, dP + i * BWD_BN, dS + i * BWD_BN, n, vis, w.Drow[i], pcap,
                            w.dSa.data() + i * BWD_BN, &w.rs[i]);
-        if (full && vis > 0 && probs_dmr_fails(S + i * BWD_BN, Pm + i * BWD_BN, vis, scale, w.m[i], w.rinv[i]))
+        if (full && vis > 0 &&
+            probs_dmr_fails(S + i * BWD_BN, Pm + i * BWD_BN, vis, scale, sgn * w.m[i], w.rinv[i]))
           bits |= kSoftmaxDmr;
       }
       // S and dP: row and column checksums, then the entries that could hide harm
@@ -769,10 +838,22 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     if (frow && f.site == kDq) corrupt_dims(w.dQ.data() + fi * D, D, f);
     memory_barrier();
     if (abft) {
+      // P as read back sums to P as made (the same fp32 values, summed in fp64 in other orders:
+      // a changed entry shows however small its softmax weight); and each row of P as made sums
+      // to 1 over its visible keys: the fp32 exponentials and their fp64 sum round by at most
+      // (Mb + 8) u; where the forward's normaliser serves, its fp32 sum and rescales (a few u a
+      // tile) and the drift of the scores (above) too, and a row that sees keys has a max (the
+      // forward's statistics agree with the mask)
+      const double tol = use_stats ? static_cast<double>(Mb + 16 + 6 * ((Mb + BWD_BN - 1) / BWD_BN)) * U32
+                                   : static_cast<double>(Mb + 8) * U32;
+      const double tol_read = static_cast<double>(2 * Mb + 8) * 0x1p-53;
       for (int64_t i = 0; i < rows; ++i) {
         const bool empty = w.m[i] == NEG_INF;
-        const double rs = w.rs[i];
-        if (!(empty ? rs == 0.0 : std::fabs(rs - 1.0) <= static_cast<double>(Mb + 8) * U32)) bits |= kRowsumInvariant;
+        const double rs = w.rs[i], rp = w.rp[i];
+        if (!(std::fabs(rs - rp) <= tol_read * rp)) bits |= kProbsRange;
+        if (!(empty ? rp == 0.0 : std::fabs(rp - 1.0) <= tol + 2.0 * w.drift[i])) bits |= kRowsumInvariant;
+        const int64_t visible = P.causal ? std::clamp<int64_t>(r0 + i + shift + 1, 0, Mb) : Mb;
+        if (use_stats && empty != (visible == 0)) bits |= kRowsumInvariant;
       }
       int32_t rowbits[BWD_BM] = {};
       group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, w.mq.data(), G, Mb, kDqChecksum, rowbits);
@@ -806,7 +887,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& grad_out,
     bool causal, double scale, int64_t protection, bool recompute, at::OptionalIntArrayRef fault,
     std::optional<double> fault_value, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end) {
+    const std::optional<at::Tensor>& key_end, const std::optional<at::Tensor>& stats) {
   check_inputs(q, k, v);
   TORCH_CHECK_VALUE(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes(), "ftattn.attention backward: out ",
                     out.sizes(), " and grad_out ", grad_out.sizes(), " must have q's shape ", q.sizes());
@@ -814,6 +895,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   TORCH_CHECK_VALUE(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,
                     " must be 0 (off), 1 (abft) or 2 (full)");
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);
+  if (stats.has_value())
+    TORCH_CHECK_VALUE(stats->scalar_type() == at::kFloat && stats->device().is_cpu() && stats->is_contiguous() &&
+                          stats->sizes() == at::IntArrayRef({B, Hq, N, 2}),
+                      "ftattn.attention backward: stats must be the forward's, a contiguous float32 CPU tensor [B, "
+                      "Hq, N, 2] = [", B, ", ", Hq, ", ", N, ", 2], got ", stats->scalar_type(), " ", stats->sizes(),
+                      " on ", stats->device(), " (or None: the backward makes them)");
   FaultSpec f;
   if (fault.has_value()) {
     const std::string fault_error = parse_fault(*fault, fault_value, f);
@@ -840,6 +927,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   P.o = of.data_ptr<float>(), P.g = gf.data_ptr<float>();
   P.dq = dq.data_ptr<float>(), P.dkh = dkh.data_ptr<float>(), P.dvh = dvh.data_ptr<float>();
   P.flags = flags.data_ptr<int32_t>();
+  P.stats = stats.has_value() ? stats->data_ptr<float>() : nullptr;
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nq = nq, P.nk = nk;
   P.G = (D + BWD_GROUP - 1) / BWD_GROUP;
   P.causal = causal;

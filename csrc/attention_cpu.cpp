@@ -56,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      at::OptionalIntArrayRef fault,
                                                      std::optional<double> fault_value,
                                                      const std::optional<at::Tensor>& key_start,
-                                                     const std::optional<at::Tensor>& key_end) {
+                                                     const std::optional<at::Tensor>& key_end,
+                                                     const std::optional<at::Tensor>& stats) {
   check_inputs(q, k, v);
   TORCH_CHECK(std::isfinite(scale), "ftattn.attention: scale must be finite, got ", scale);
   TORCH_CHECK(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,
@@ -90,6 +91,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     return rows_apart_d(t) || (inline_sums && in_place(t)) ? t : t.to(at::kFloat).contiguous();
   };
   const at::Tensor kf = key_side(k), vf = key_side(v);
+  if (stats.has_value())
+    TORCH_CHECK_VALUE(stats->scalar_type() == at::kFloat && stats->device().is_cpu() && stats->is_contiguous() &&
+                          stats->sizes() == at::IntArrayRef({B, Hq, N, 2}),
+                      "ftattn.attention: stats must be a contiguous float32 CPU tensor [B, Hq, N, 2] = [", B, ", ",
+                      Hq, ", ", N, ", 2], got ", stats->scalar_type(), " ", stats->sizes(), " on ", stats->device(),
+                      " (torch.empty(B, Hq, N, 2))");
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
   if (B * Hq * N == 0) return {out.to(q.scalar_type()), flags};  // no query row (Hq = 0 too: no key-head group)
@@ -113,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   for (int d = 0; d < 3; ++d) P.qs[d] = qf.stride(d), P.ks[d] = kf.stride(d), P.vs[d] = vf.stride(d);
   P.out = out.data_ptr<float>();
   P.flags = flags.data_ptr<int32_t>();
+  P.stats = stats.has_value() ? stats->data_ptr<float>() : nullptr;
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;
   P.groups = static_cast<int>((D + PV_GROUP - 1) / PV_GROUP);
   P.causal = causal;

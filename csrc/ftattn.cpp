@@ -46,19 +46,23 @@ TORCH_LIBRARY(ftattn, m) {
   // key_start / key_end (int64 [B], both or neither): sample b attends to keys
   // key_start[b] <= j < key_end[b] only (a padded batch in one call), causal aligned at
   // key_end[b]. Returns (out [B, Hq, N, D] in q's dtype, flags int32 [B, Hq, ceil(N / 64)]).
+  // stats (float32 [B, Hq, N, 2], CPU): where given, the C++ kernel writes each row's largest
+  // score and softmax normaliser there, for attention_bwd (a differentiable call).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, int protection, "
       "bool recompute, int[]? fault=None, float? fault_value=None, Tensor? key_start=None, "
-      "Tensor? key_end=None) -> (Tensor, Tensor)");
+      "Tensor? key_end=None, Tensor(a!)? stats=None) -> (Tensor, Tensor)");
   // Its backward, checked: out is the forward's output, grad_out dL/dout; a fault with a
   // backward site (bwd_scores .. dv) is injected here. Returns (dq, dk, dv in the inputs'
   // dtypes, flags int32 [B, Hq, ceil(N / 64) + ceil(M / 64)]: the blocks of query rows,
-  // then the blocks of keys of the dK / dV checks). CPU: csrc/attention_bwd_cpu.cpp; CUDA:
+  // then the blocks of keys of the dK / dV checks). stats: the forward's (attention_fwd), so
+  // that P is made again without a first pass over the keys (CPU; else, or None, that
+  // pass makes them). CPU: csrc/attention_bwd_cpu.cpp; CUDA:
   // ftattn/reference.py's for now (registered from ftattn/attention.py).
   m.def(
       "attention_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, bool causal, float scale, "
       "int protection, bool recompute, int[]? fault=None, float? fault_value=None, Tensor? key_start=None, "
-      "Tensor? key_end=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? key_end=None, Tensor? stats=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // The checked linear layer: y = x W^T + b for x [..., in], weight [out, in], with its
   // row checksums (abft) and the recomputation of a faulty product (ftattn/linear.py).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");

@@ -38,7 +38,7 @@ def _attention_fake(q, k, v, key_start=None, key_end=None, *, causal=False, scal
 
 @torch.library.register_fake("ftattn::attention_fwd")
 def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None, key_start=None,
-                        key_end=None):
+                        key_end=None, stats=None):
     B, Hq, N, D = q.shape
     nblk = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -48,7 +48,7 @@ def _attention_fwd_fake(q, k, v, causal, scale, protection, recompute, fault=Non
 
 @torch.library.register_fake("ftattn::attention_bwd")
 def _attention_bwd_fake(q, k, v, out, grad_out, causal, scale, protection, recompute, fault=None, fault_value=None,
-                        key_start=None, key_end=None):
+                        key_start=None, key_end=None, stats=None):
     B, Hq, N, D = q.shape
     nblk = (N + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M + (k.shape[2] + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -110,10 +110,12 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 
 def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, key_start=None,
-             key_end=None, in_op=False):
+             key_end=None, in_op=False, stats=None):
     """(out, flags) of one backend. The public function calls the op ``attention_fwd``
     (opaque to torch.compile); inside ``ftattn::attention`` (in_op) the Triton launcher
-    is called directly, not through the dispatcher a second time."""
+    is called directly, not through the dispatcher a second time. stats (the C++ kernel
+    only, backend "cpp"): each row's max and normaliser are written there, for the
+    backward."""
     args = (q, k, v, causal, scale, protection, recompute, fault, fault_value, key_start, key_end)
     if backend == "meta":
         return _attention_fwd_fake(*args)
@@ -123,6 +125,8 @@ def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, faul
         return attention_reference(*args)
     if backend == "triton" and (in_op or q.device.type == "cpu"):  # (CPU: the Triton interpreter)
         return _triton_kernel().attention_fwd(*args)
+    if stats is not None:
+        return torch.ops.ftattn.attention_fwd(*args, stats=stats)
     return torch.ops.ftattn.attention_fwd(*args)
 
 
@@ -335,10 +339,11 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
 
 
 def _run_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault, fault_value, key_start,
-             key_end, backend="auto"):
+             key_end, backend="auto", stats=None):
     """(dq, dk, dv, flags) of the checked backward: the op ``attention_bwd`` (C++ on CPU,
     Triton on CUDA), the Triton kernel under the interpreter for backend "triton" on CPU, or
-    the reference itself for backend "reference"."""
+    the reference itself for backend "reference". stats: the C++ forward's (else the
+    backward makes each row's max and normaliser itself)."""
     if backend == "reference":
         from .reference import attention_backward_reference
 
@@ -348,7 +353,7 @@ def _run_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault
         return _triton_backward().attention_bwd(q, k, v, out, grad_out.contiguous(), causal, scale, protection,
                                                 recompute, fault, fault_value, key_start, key_end)
     return torch.ops.ftattn.attention_bwd(q, k, v, out, grad_out.contiguous(), causal, scale, protection, recompute,
-                                          fault, fault_value, key_start, key_end)
+                                          fault, fault_value, key_start, key_end, stats)
 
 
 class _BackwardHolder:
@@ -362,16 +367,18 @@ class _BackwardHolder:
 
 
 class _AttentionFunction(torch.autograd.Function):
-    """Autograd of ``ftattn.attention``: the forward saves q, k, v and its output (O(N)
-    beyond the inputs); the backward is the checked ``attention_bwd`` with the call's
-    protection and policy."""
+    """Autograd of ``ftattn.attention``: the forward saves q, k, v, its output and, from the
+    C++ kernel, each row's max and normaliser (O(N) beyond the inputs: the backward then
+    makes P without a first pass over the keys); the backward is the checked
+    ``attention_bwd`` with the call's protection and policy."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_start, key_end, options):
         backend, causal, scale, prot, recompute, fault, fault_value, in_op, holder = options
+        stats = q.new_empty(q.shape[:3] + (2,), dtype=torch.float32) if backend == backends.Backend.CPP else None
         out, flags = _run_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value, key_start,
-                              key_end, in_op)
-        ctx.save_for_backward(q, k, v, out)
+                              key_end, in_op, stats)
+        ctx.save_for_backward(q, k, v, out, stats)
         ctx.key_range = (key_start, key_end)
         ctx.options = (causal, scale, prot, recompute, holder, backend)
         ctx.mark_non_differentiable(flags)
@@ -379,11 +386,11 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_flags):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, stats = ctx.saved_tensors
         causal, scale, prot, recompute, holder, backend = ctx.options
         fault, fault_value = holder.fault if holder.fault is not None else (None, None)
         dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault, fault_value,
-                                     *ctx.key_range, backend=backend)
+                                     *ctx.key_range, backend=backend, stats=stats)
         report = _apply_policy(flags, holder.policy, q.shape[2], True, op="attention backward", keys=k.shape[2])
         if holder.report is not None:
             holder.report.backward = report
@@ -407,7 +414,8 @@ def _register_kernels() -> None:
 
     @torch.library.impl("ftattn::attention_bwd", "CUDA")  # (CPU: csrc/attention_bwd_cpu.cpp)
     def _attention_bwd_op(q, k, v, out, grad_out, causal, scale, protection, recompute, fault=None,
-                          fault_value=None, key_start=None, key_end=None):
+                          fault_value=None, key_start=None, key_end=None, stats=None):
+        # (stats, the C++ forward's, unused: the Triton and reference backwards make their own)
         validate_inputs(q, k, v, scale)
         validate_key_range(q, k, key_start, key_end)
         if tuple(out.shape) != tuple(q.shape) or tuple(grad_out.shape) != tuple(q.shape):
@@ -452,7 +460,10 @@ def _register_kernels() -> None:
 
     @torch.library.impl("ftattn::attention_fwd", "CUDA")
     def _attention_fwd_cuda(q, k, v, causal, scale, protection, recompute, fault=None, fault_value=None,
-                            key_start=None, key_end=None):
+                            key_start=None, key_end=None, stats=None):
+        if stats is not None:
+            raise ValueError("ftattn.attention_fwd: stats is written by the CPU (C++) kernel only; pass stats=None "
+                             "on CUDA (the backward then makes each row's max and normaliser itself)")
         reason = backends.triton_reason(q.device)
         if reason is not None:
             raise NotImplementedError(f"ftattn.attention on CUDA needs the Triton kernel: {reason}")

@@ -11,6 +11,7 @@ import torch
 
 import ftattn
 from ftattn import Check, Fault, FaultDetectedError
+from ftattn.contract import Site
 from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
 from attention_reference import bnhd_view, padded_view
@@ -263,3 +264,139 @@ def test_bad_backward_faults_are_refused_clearly():
     with pytest.raises(ValueError, match="not a site of attention_backward"):
         torch.ops.ftattn.attention_bwd(q.detach(), k.detach(), v.detach(), q.detach(), q.detach(), False, 0.3, 2,
                                        True, [0, 0, 0, 0, 0, 0, 3])
+
+
+# ---------------------------------------------------------------------------
+# the forward's statistics (each row's max score and normaliser), kept for the backward
+
+
+def _stats_call(q, k, v, causal, scale, protection=2):
+    B, Hq, N, _ = q.shape
+    stats = torch.full((B, Hq, N, 2), float("nan"))
+    out, flags = torch.ops.ftattn.attention_fwd(q, k, v, causal, scale, protection, True, stats=stats)
+    assert not flags.any()
+    return out, stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [
+    # B, Hq, Hkv, N, M, D, causal, scale
+    (1, 4, 2, 97, 17, 64, True, 0.125),    # N > M: rows 0..79 see no key
+    (2, 6, 2, 3, 300, 59, False, -0.3),    # stacked heads (a decode-like block), negative scale
+    (1, 2, 1, 130, 257, 16, True, 0.25),   # two report blocks, two key tiles
+], ids=str)
+def test_forward_writes_each_rows_max_and_normaliser(shape, dtype):
+    """attention_fwd's stats: per row the largest score of sgn(scale) q . k_j over its
+    visible keys and the normaliser sum_j exp((s_j - max) |scale|) (fp64 reference of the
+    same fp32 inputs); a row that sees no key gets -inf and 0. Every level writes the same
+    bits (the backward's P does not depend on the level)."""
+    B, Hq, Hkv, N, M, D, causal, scale = shape
+    q, k, v = _qkv(B, Hq, Hkv, N, M, D, dtype, seed=N + M)
+    out, stats = _stats_call(q, k, v, causal, scale)
+    for level in (0, 1):
+        assert torch.equal(_stats_call(q, k, v, causal, scale, level)[1], stats)
+    kk = k.double().repeat_interleave(Hq // Hkv, 1)
+    s = (math.copysign(1.0, scale) * q.double()) @ kk.transpose(-1, -2)
+    visible = torch.ones(N, M, dtype=torch.bool)
+    if causal:
+        visible = torch.arange(M)[None, :] <= torch.arange(N)[:, None] + (M - N)
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(-1)
+    empty = ~visible.any(-1).expand_as(m)
+    assert torch.all(stats[..., 0][empty] == float("-inf")) and torch.all(stats[..., 1][empty] == 0)
+    mag = q.double().norm(dim=-1) * kk.norm(dim=-1).amax(-1, keepdim=True)  # bound of a score's rounding
+    assert torch.all((stats[..., 0].double() - m).abs()[~empty] <= 1e-5 * mag[~empty])
+    l = torch.exp((s - stats[..., 0].double()[..., None]) * abs(scale)).sum(-1)
+    assert torch.allclose(stats[..., 1].double()[~empty], l[~empty], rtol=1e-5)
+
+
+@pytest.mark.parametrize("protection", [0, 1, 2])
+def test_backward_reads_the_forwards_statistics(protection):
+    """The backward makes P from the forward's max and normaliser: its gradients agree with
+    those of the backward that makes them itself (a first pass over the keys) within
+    rounding; a normaliser changed by 1 % changes every gradient (so they are read), and the
+    checks flag it (abft, full) as the normaliser invariant, uncorrected (the statistics are
+    an input of the backward: a recomputation reads them again)."""
+    q, k, v = _qkv(1, 4, 2, 70, 90, 32, torch.float32, seed=9)
+    do = torch.randn(1, 4, 70, 32, generator=torch.Generator().manual_seed(2))
+    out, stats = _stats_call(q, k, v, True, 0.2)
+    args = (q, k, v, out, do, True, 0.2, protection, True)
+    *own, flags = torch.ops.ftattn.attention_bwd(*args)
+    *kept, flags_kept = torch.ops.ftattn.attention_bwd(*args, stats=stats)
+    assert not flags.any() and not flags_kept.any()
+    for a, b in zip(own, kept):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    bad = stats.clone()
+    bad[0, 1, :, 1] *= 1.01
+    *wrong, flags_bad = torch.ops.ftattn.attention_bwd(*args, stats=bad)
+    assert not torch.allclose(wrong[0][0, 1], kept[0][0, 1], rtol=1e-3)
+    if protection == 0:
+        assert not flags_bad.any()
+    else:
+        rows = flags_bad[0, 1, :2]  # the report blocks of query head 1
+        assert torch.all(rows & int(Check.ROWSUM_INVARIANT) != 0)
+        assert torch.all(rows & int(Check.UNCORRECTED) != 0)
+        assert not flags_bad[0, [0, 2, 3]].any()
+
+
+@pytest.mark.parametrize("protection", [1, 2])
+def test_statistics_that_disagree_with_the_mask_are_flagged(protection):
+    """A row that sees keys with no max in the statistics (-inf), and a row that sees none
+    with a finite one, are flagged: P would be zero, or made for keys the mask hides."""
+    q, k, v = _qkv(1, 2, 1, 40, 30, 16, torch.float32, seed=10)  # causal, N > M: rows 0..9 see no key
+    do = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(3))
+    out, stats = _stats_call(q, k, v, True, 0.25)
+    for row, m in ((20, float("-inf")), (3, 0.0)):
+        bad = stats.clone()
+        bad[0, 0, row] = torch.tensor([m, 1.0 if m == 0.0 else 0.0])
+        *_, flags = torch.ops.ftattn.attention_bwd(q, k, v, out, do, True, 0.25, protection, True, stats=bad)
+        assert flags[0, 0, 0] & int(Check.ROWSUM_INVARIANT), row
+        assert not flags[0, 1].any()
+
+
+def test_statistics_unused_where_the_scores_could_drift():
+    """Where the backward's scores could round far from the forward's (logits of ~1e5 here:
+    the bound of their difference exceeds 2^-12 in P), the backward makes the statistics
+    itself: given wrong ones, its gradients are those it makes without them, bit for bit."""
+    q, k, v = _qkv(1, 2, 1, 33, 41, 16, torch.float32, seed=11)
+    do = torch.randn(1, 2, 33, 16, generator=torch.Generator().manual_seed(4))
+    scale = 3e3
+    out = ftattn.attention(q, k, v, scale=scale)
+    garbage = torch.full((1, 2, 33, 2), 0.5)
+    for protection in (0, 2):
+        args = (q, k, v, out, do, False, scale, protection, True)
+        *own, flags = torch.ops.ftattn.attention_bwd(*args)
+        *given, flags_given = torch.ops.ftattn.attention_bwd(*args, stats=garbage)
+        assert not flags.any() and not flags_given.any()
+        assert all(torch.equal(a, b) for a, b in zip(own, given))
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["own_statistics", "forwards_statistics"])
+@pytest.mark.parametrize("bit", [0, 7, 15, 22, 29])
+def test_every_probs_change_is_caught(bit, kept):
+    """P as stored is summed again and compared with P as made: at abft a flip of any bit of
+    an entry, the lowest mantissa bit included, is flagged and corrected bit for bit (the
+    row sum against 1 alone let changes below (M + 8) u pass), with the backward's own
+    statistics or the forward's."""
+    q, k, v = _qkv(1, 2, 1, 37, 53, 24, torch.float32, seed=3)
+    do = torch.randn(1, 2, 37, 24, generator=torch.Generator().manual_seed(4))
+    out, stats = _stats_call(q, k, v, True, 24 ** -0.5, 1)
+    extra = {"stats": stats} if kept else {}
+    args = (q, k, v, out, do, True, 24 ** -0.5, 1, True)
+    *clean, flags = torch.ops.ftattn.attention_bwd(*args, **extra)
+    assert not flags.any()
+    s = (q[0, 1, 30] @ k[0, 0].T)[: 30 + 53 - 37 + 1]
+    for col in (int(s.argmax()), int(s.argmin())):
+        fault = [int(Site.BWD_PROBS), 0, 1, 30, col, 0, bit]
+        *got, flags = torch.ops.ftattn.attention_bwd(*args, fault, **extra)
+        assert flags[0, 1, 0] & int(Check.CORRECTED), (col, bit)
+        assert all(torch.equal(a, b) for a, b in zip(got, clean))
+
+
+def test_bad_statistics_are_refused_clearly():
+    q, k, v = _qkv(1, 2, 1, 5, 6, 8, torch.float32)
+    for bad in (torch.empty(1, 2, 5), torch.empty(1, 2, 5, 2, dtype=torch.float64), torch.empty(1, 2, 2, 5).mT):
+        with pytest.raises(ValueError, match=r"stats must be .*\[B, Hq, N, 2\] = \[1, 2, 5, 2\]"):
+            torch.ops.ftattn.attention_fwd(q, k, v, False, 0.3, 2, True, stats=bad)
+        with pytest.raises(ValueError, match=r"stats must be the forward's"):
+            torch.ops.ftattn.attention_bwd(q, k, v, q, q, False, 0.3, 2, True, stats=bad)

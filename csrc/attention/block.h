@@ -30,6 +30,9 @@ struct Problem {
   const float* k_rows(int64_t b, int64_t h, int64_t r) const { return k + b * ks[0] + h * ks[1] + r * ks[2]; }
   const float* v_rows(int64_t b, int64_t h, int64_t r) const { return v + b * vs[0] + h * vs[1] + r * vs[2]; }
   int32_t* flags;  // [B, Hq, nblk]
+  // [B, Hq, N, 2] or null: per query row its largest raw score and the normaliser l
+  // (what the backward needs to make P again without a first pass over the keys)
+  float* stats = nullptr;
   int64_t B, Hq, Hkv, N, M, D, nblk;
   int groups;  // PV-checksum groups of PV_GROUP head dims
   bool causal;
@@ -434,10 +437,13 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
     return (KAPPA * std::sqrt(depth) + 10.0 + vec::CHUNK) * U32;
   };
   const double depth_l = static_cast<double>(BLOCK_N + 2 * ntiles + 9 + vec::CHUNK);
+  // (the block's rows are consecutive rows of [B * Hq * N]: stacked heads are whole heads)
+  float* stats = P.stats ? P.stats + ((blk.b * P.Hq + blk.h0) * N + r0) * 2 : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     float* Oi = O + i * D;
     const float* Ai = w.acc.data() + i * D;
     const float l = w.l[i];
+    if (stats) stats[2 * i] = w.m[i], stats[2 * i + 1] = l;
     const int64_t visible =
         P.causal ? std::min<int64_t>(M, std::max<int64_t>(r0 + i % per_head + shift + 1, 0)) : M;
     if (visible == 0) {  // no key to attend to: zeros, by definition
