@@ -13,8 +13,9 @@
 //
 // Checks (docs/fault_model.md; the same rules as ftattn/reference.py's backward, per tile):
 //   S and dP: row checksums per tile (sum_j S_ij vs q_i . sum_j k_j in fp64, bound
-//     kappa u sqrt(D) |q_i| . sum_j |k_j|) and column checksums per block (sum_i S_ij vs
-//     (sum_i q_i) . k_j, bound from the data's spread as the forward's); the entries a fault within the column bound could move
+//     kappa u sqrt(D) |q_i| . sum_j |k_j|) and column checksums per 32 rows (sum_i S_ij vs
+//     fl(sum_i q_i) . k_j, made by the same GEMM as an extra row; bound from the data's spread
+//     as the forward's); the entries a fault within the column bound could move
 //     harmfully (their probability times the gradients they reach) recomputed in fp64
 //     (checks.h's entry_mismatch), and where even that comparison's rounding bound could
 //     hide harm, the tile's product computed a second time and compared bit for bit.
@@ -49,6 +50,11 @@ static_assert(BWD_BM == kReportBlockM, "a query block of the backward is a repor
 constexpr int64_t BWD_BN = 256;  // keys per tile
 constexpr int64_t BWD_GROUP = 16;  // head dims per checksum group of dQ, dK, dV (ftattn/reference.py)
 constexpr int64_t MAX_BWD_GROUPS = 256 / BWD_GROUP;
+// query rows per column-checksum group of S and dP where they divide a block's rows (else the
+// block is one group), and the most groups a block has: each group's reference row rides in
+// the GEMM that makes S (dP), as the forward's (csrc/attention/block.h)
+constexpr int64_t BWD_COL_ROWS = 32;
+constexpr int64_t BWD_NGROUP_MAX = BWD_BM / BWD_COL_ROWS;
 // the largest drift (head_backward) with which P is made from the forward's statistics
 constexpr double DRIFT_MAX = 0x1p-12;
 
@@ -73,18 +79,21 @@ using AVec = std::vector<T, Aligned64<T>>;
 
 struct BwdScratch {
   AVec<float> S, S2, Pm, dP, dS, dQ;
+  // the block's rows of q and dO and, after them, each column group's sum (fp32; zeros at
+  // protection off, so that every level runs the same GEMM shapes and rounds S and dP alike)
+  AVec<float> Qx, Gx;
   std::vector<float> m, rinv, Drow, qmax, gmax;
   std::vector<double> l, drift;
   // the checks (abft)
   AVec<float> dSa;                               // |dS| of the tile
   std::vector<double> rs, rp;                    // per row: sum_j P_ij over its key tiles, as read / as made
-  std::vector<double> qsum, qabs, gsum, gabs;    // per block [D]
+  std::vector<double> qsum, qabs, gsum, gabs;    // per column group [NGROUP_MAX x D]
   std::vector<float> qg, gg;                     // per row: group sums of q, then of |q| [BM x 2G]; dO's
   std::vector<float> rq, mq;                      // dQ's references [BM x G]
-  std::vector<double> rref, rmag, cref, cs;  // a tile's row / column references
+  std::vector<double> rref, rmag, cs;  // a tile's row references, column sums
   std::vector<double> colb, ca;   // per key of the tile: its column bound, sum_i |X_ij|
-  std::vector<double> qsq, gsq;   // per block [D]: sum_i q_id^2, sum_i dO_id^2
-  std::vector<float> grow, harm;  // per key of the tile
+  std::vector<double> qsq, gsq;   // per column group [NGROUP_MAX x D]: sum_i q_id^2, sum_i dO_id^2
+  std::vector<float> grow, harm;  // per key of the tile (grow: per column group [NGROUP_MAX x BN])
   // per key of the task's key head
   std::vector<float> kmax;
   std::vector<double> knorm, vnorm;  // >= ||k_j||_2, ||v_j||_2
@@ -94,18 +103,20 @@ struct BwdScratch {
   std::vector<int32_t> keybits, qbits;
   AVec<float> tref;  // tile_references' work space [6G x BWD_BN]
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
-      : S(BWD_BM * BWD_BN), S2(BWD_BM * BWD_BN), Pm(BWD_BM * BWD_BN), dP(BWD_BM * BWD_BN), dS(BWD_BM * BWD_BN),
+      : S((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), S2((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), Pm(BWD_BM * BWD_BN),
+        dP((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), dS(BWD_BM * BWD_BN), Qx((BWD_BM + BWD_NGROUP_MAX) * D),
+        Gx((BWD_BM + BWD_NGROUP_MAX) * D),
         dQ(BWD_BM * D), m(BWD_BM), rinv(BWD_BM), Drow(BWD_BM), qmax(BWD_BM), gmax(BWD_BM), l(BWD_BM),
         drift(BWD_BM), knorm(M), keybits(M), qbits(nq) {
     if (!abft) return;
     dSa.resize(BWD_BM * BWD_BN);
     for (auto* x : {&rs, &rp, &rref, &rmag}) x->resize(BWD_BM);
-    for (auto* x : {&qsum, &qabs, &gsum, &gabs}) x->resize(D);
+    for (auto* x : {&qsum, &qabs, &gsum, &gabs}) x->resize(BWD_NGROUP_MAX * D);
     for (auto* x : {&qg, &gg}) x->resize(BWD_BM * 2 * G);
     for (auto* x : {&rq, &mq}) x->resize(BWD_BM * G);
-    for (auto* x : {&cref, &cs, &colb, &ca}) x->resize(BWD_BN);
-    for (auto* x : {&qsq, &gsq}) x->resize(D);
-    grow.resize(BWD_BN);
+    for (auto* x : {&cs, &colb, &ca}) x->resize(BWD_BN);
+    for (auto* x : {&qsq, &gsq}) x->resize(BWD_NGROUP_MAX * D);
+    grow.resize(BWD_NGROUP_MAX * BWD_BN);
     harm.resize(BWD_BN);
     const int64_t ntiles = (M + BWD_BN - 1) / BWD_BN;
     kmax.resize(M);
@@ -632,14 +643,25 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     }
   }
   const double row_f = KAPPA * U32 * sqrtD;
-  const double col_abs = ETA * static_cast<double>(kReportBlockM * (D + 1));
-  double spread_q = 0.0, spread_g = 0.0;  // sqrt(rows max_d sum_i x_id^2) of the block's q, dO
-  double absnorm_q = 0.0, absnorm_g = 0.0;  // >= ||sum_i |x_i| ||_2 of the block's q, dO
+  // underflow: D + 1 operations per entry of S (dP) and of the reference row, at most
+  // BWD_COL_ROWS + 1 values per column, and the group sum rounded to fp32, 2^-150 per dim
+  const double col_abs = ETA * static_cast<double>((kReportBlockM + 1) * (D + 1));
+  // per column group of the block's q (which 0) and dO (which 1): sqrt(rows max_d sum_i
+  // x_id^2), >= ||sum_i |x_i| ||_2 and >= ||fl(sum_i x_i)||_2 (its reference row)
+  double spread[2][BWD_NGROUP_MAX] = {}, absnorm[2][BWD_NGROUP_MAX] = {}, refnorm[2][BWD_NGROUP_MAX] = {};
   for (int64_t r0 = 0, blk = 0; r0 < N; r0 += BWD_BM, ++blk) {
     const int64_t rows = std::min(BWD_BM, N - r0);
     const int64_t kv_end = P.causal ? std::clamp<int64_t>(r0 + rows + shift, 0, Mb) : Mb;
     const float* Qb = Q + r0 * D;
     const float* Gb = Gd + r0 * D;
+    const int64_t grows = rows > BWD_COL_ROWS && rows % BWD_COL_ROWS == 0 ? BWD_COL_ROWS : rows;
+    const int64_t ngroups = rows / grows;
+    float* Qx = w.Qx.data();
+    float* Gx = w.Gx.data();
+    std::copy(Qb, Qb + rows * D, Qx);
+    std::copy(Gb, Gb + rows * D, Gx);
+    std::fill(Qx + rows * D, Qx + (rows + ngroups) * D, 0.f);
+    std::fill(Gx + rows * D, Gx + (rows + ngroups) * D, 0.f);
     const bool frow = fh && f.row >= r0 && f.row < r0 + rows;
     const int64_t fi = f.row - r0;
     int32_t bits = 0;
@@ -657,17 +679,27 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       std::fill(w.rp.begin(), w.rp.end(), 0.0);
       std::fill(w.rq.begin(), w.rq.end(), 0.f);
       std::fill(w.mq.begin(), w.mq.end(), 0.f);
-      block_row_sums(Qb, rows, rows, D, w.qsum.data(), w.qabs.data(), w.qsq.data());
-      block_row_sums(Gb, rows, rows, D, w.gsum.data(), w.gabs.data(), w.gsq.data());
-      spread_q = std::sqrt(static_cast<double>(rows) * *std::max_element(w.qsq.begin(), w.qsq.end()));
-      spread_g = std::sqrt(static_cast<double>(rows) * *std::max_element(w.gsq.begin(), w.gsq.end()));
-      const auto norm2 = [&](const std::vector<double>& x) {
-        double a2 = 0.0;
-        for (int64_t d = 0; d < D; ++d) a2 += x[d] * x[d];
-        return std::sqrt(a2) * (1.0 + 0x1p-40);
-      };
-      absnorm_q = norm2(w.qabs);
-      absnorm_g = norm2(w.gabs);
+      for (int which = 0; which < 2; ++which) {
+        const float* X = which == 0 ? Qb : Gb;
+        float* Xx = which == 0 ? Qx : Gx;
+        double* sum = (which == 0 ? w.qsum : w.gsum).data();
+        double* abs = (which == 0 ? w.qabs : w.gabs).data();
+        double* sq = (which == 0 ? w.qsq : w.gsq).data();
+        block_row_sums(X, rows, grows, D, sum, abs, sq);
+        for (int64_t g = 0; g < ngroups; ++g) {
+          double sqmax = 0.0, a2 = 0.0, r2 = 0.0;
+          for (int64_t d = 0; d < D; ++d) {
+            const float x = static_cast<float>(sum[g * D + d]);
+            Xx[(rows + g) * D + d] = x;
+            sqmax = std::max(sqmax, sq[g * D + d]);
+            a2 += abs[g * D + d] * abs[g * D + d];
+            r2 += static_cast<double>(x) * static_cast<double>(x);
+          }
+          spread[which][g] = std::sqrt(static_cast<double>(grows) * sqmax);
+          absnorm[which][g] = std::sqrt(a2) * (1.0 + 0x1p-40);
+          refnorm[which][g] = std::sqrt(r2) * (1.0 + 0x1p-40);
+        }
+      }
       group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());
     }
@@ -704,7 +736,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       std::fill(w.drift.begin(), w.drift.begin() + rows, 0.0);
       for (int64_t n0 = 0; n0 < kv_end; n0 += BWD_BN) {
         const int64_t n = std::min(BWD_BN, Mb - n0);
-        gemm_rm(false, true, false, rows, n, D, Qb, D, K + n0 * D, D, w.S.data(), BWD_BN);
+        gemm_rm(false, true, false, rows + ngroups, n, D, Qx, D, K + n0 * D, D, w.S.data(), BWD_BN);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t vis = P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
           row_lse(w.S.data() + i * BWD_BN, vis, scale, sgn, &w.m[i], &w.l[i]);
@@ -727,7 +759,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       float* Pm = w.Pm.data();
       float* dP = w.dP.data();
       float* dS = w.dS.data();
-      gemm_rm(false, true, false, rows, n, D, Qb, D, Kt, D, S, BWD_BN);
+      gemm_rm(false, true, false, rows + ngroups, n, D, Qx, D, Kt, D, S, BWD_BN);  // (+ the column references)
       if (fin && f.site == kBwdScores) hit(S);
       memory_barrier();
       for (int64_t i = 0; i < rows; ++i) {
@@ -735,7 +767,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         probs_row(S + i * BWD_BN, Pm + i * BWD_BN, n, vis, scale, sgn * w.m[i], w.rinv[i], abft ? &w.rp[i] : nullptr);
       }
       if (fin && f.site == kBwdProbs) hit(Pm);
-      gemm_rm(false, true, false, rows, n, D, Gb, D, Vt, D, dP, BWD_BN);
+      gemm_rm(false, true, false, rows + ngroups, n, D, Gx, D, Vt, D, dP, BWD_BN);
       if (fin && f.site == kDp) hit(dP);
       memory_barrier();
       for (int64_t i = 0; i < rows; ++i) {
@@ -771,44 +803,52 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         const int32_t bit_row = which == 0 ? kRowChecksum : kDpChecksum;
         const int32_t bit_col = which == 0 ? kColChecksum : kDpChecksum;
         dots_d(A, rows, D, ts, ta, 1, 1, w.rref.data(), w.rmag.data());
-        dots_d_ref(Bt, n, D, (which == 0 ? w.qsum : w.gsum).data(), 1, 1, w.cref.data());
-        std::fill(w.cs.begin(), w.cs.begin() + n, 0.0);
-        std::fill(w.ca.begin(), w.ca.begin() + n, 0.0);
-        for (int64_t i0 = 0; i0 < rows; i0 += 4) {
-          const int64_t nr = std::min<int64_t>(4, rows - i0);
-          double rsum[4];
-          row_col_sums(X + i0 * BWD_BN, BWD_BN, nr, n, rsum, w.cs.data(), w.ca.data());
-          for (int64_t r = 0; r < nr; ++r)
-            if (!(std::fabs(rsum[r] - w.rref[i0 + r]) <=
-                  row_f * w.rmag[i0 + r] + ETA * static_cast<double>(n * (D + 1))))
-              bits |= bit_row;
-        }
-        // the column bound, from the data's spread as the forward's (checks.h's ColumnBound):
-        // the fp32 GEMM leaves at most noise (||a_i o b_j||_2 + |X_ij|) per entry, summed over
-        // the rows sum_i ||a_i o b_j||_2 <= sqrt(rows max_d sum_i a_id^2) ||b_j||_2, and sum_i
-        // |X_ij| = ca_j; the fp64 reference and sums round at most (D + rows + 4) 2^-53 of
-        // sum_i |a_i| . |b_j| <= ||sum_i |a_i| ||_2 ||b_j||_2 (was noise sum_i |a_i| . |b_j|: 3-4x
-        // larger on normal data, and so 3-4x more entries verified)
-        {
-          const double spread = which == 0 ? spread_q : spread_g;
+        // per column group: its rows' checksums, its column sums against its reference row
+        // (made by the GEMM, after the block's rows), each key's bound and harm factor
+        for (int64_t g = 0; g < ngroups; ++g) {
+          const int64_t g0 = g * grows, g1 = g0 + grows;
+          std::fill(w.cs.begin(), w.cs.begin() + n, 0.0);
+          std::fill(w.ca.begin(), w.ca.begin() + n, 0.0);
+          for (int64_t i0 = g0; i0 < g1; i0 += 4) {
+            const int64_t nr = std::min<int64_t>(4, g1 - i0);
+            double rsum[4];
+            row_col_sums(X + i0 * BWD_BN, BWD_BN, nr, n, rsum, w.cs.data(), w.ca.data());
+            for (int64_t r = 0; r < nr; ++r)
+              if (!(std::fabs(rsum[r] - w.rref[i0 + r]) <=
+                    row_f * w.rmag[i0 + r] + ETA * static_cast<double>(n * (D + 1))))
+                bits |= bit_row;
+          }
+          // the column bound, from the data's spread as the forward's (checks.h's ColumnBound):
+          // the fp32 GEMM leaves at most noise (||a_i o b_j||_2 + |X_ij|) per entry, summed over
+          // the group's rows sum_i ||a_i o b_j||_2 <= sqrt(rows max_d sum_i a_id^2) ||b_j||_2,
+          // and sum_i |X_ij| = ca_j; its reference row, fl(sum_i a_i) . b_j by the same GEMM,
+          // noise ||fl(sum_i a_i)||_2 ||b_j||_2, and the sum's rounding to fp32, u of the same;
+          // the fp64 sums round at most (D + rows + 4) 2^-53 of sum_i |a_i| . |b_j| <= ||sum_i
+          // |a_i| ||_2 ||b_j||_2. (Groups of 32 rows, not the block's 64: the bound grows with
+          // the rows it sums, and the entries it lets through to the fp64 verification with it.)
           const double* norm = (which == 0 ? w.knorm : w.vnorm).data() + n0;
-          const double tiny = static_cast<double>(D + rows + 4) * 0x1p-52 * (which == 0 ? absnorm_q : absnorm_g);
-          for (int64_t j = 0; j < n; ++j) w.colb[j] = row_f * (spread * norm[j] + w.ca[j]) + tiny * norm[j] + col_abs;
+          const double tiny = static_cast<double>(D + grows + 4) * 0x1p-52 * absnorm[which][g] +
+                              (row_f + U32) * refnorm[which][g] + static_cast<double>(D) * 0x1p-150;
+          const double sp = spread[which][g];
+          const float* ref = X + (rows + g) * BWD_BN;
+          float* grow = w.grow.data() + g * BWD_BN;
+          for (int64_t j = 0; j < n; ++j) {
+            const double colb = row_f * (sp * norm[j] + w.ca[j]) + tiny * norm[j] + col_abs;
+            if (!(std::fabs(w.cs[j] - static_cast<double>(ref[j])) <= colb)) bits |= bit_col;
+            // entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through
+            // dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i; dP_ij moves dS_ij by
+            // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.
+            grow[j] = static_cast<float>(
+                (which == 0 ? grow_bound(2.0 * colb * static_cast<double>(ascale)) : 2.0 * colb) * (1.0 + 0x1p-10));
+          }
         }
-        for (int64_t j = 0; j < n; ++j)
-          if (!(std::fabs(w.cs[j] - w.cref[j]) <= w.colb[j])) bits |= bit_col;
-        // entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through
-        // dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i; dP_ij moves dS_ij by
-        // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.
-        for (int64_t j = 0; j < n; ++j)
-          w.grow[j] = static_cast<float>((which == 0 ? std::expm1(2.0 * w.colb[j] * static_cast<double>(ascale))
-                                                     : 2.0 * w.colb[j]) * (1.0 + 0x1p-10));
         const double noise = KAPPA * sqrtD * U32, floor = ETA * static_cast<double>(D + 1);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
           const float* pi = Pm + i * BWD_BN;
           float* harm = w.harm.data();
-          if (!(harm_bounds(pi, dP + i * BWD_BN, w.grow.data(), w.kmax.data() + n0, vis, which == 0, w.Drow[i],
+          if (!(harm_bounds(pi, dP + i * BWD_BN, w.grow.data() + (i / grows) * BWD_BN, w.kmax.data() + n0, vis,
+                            which == 0, w.Drow[i],
                             w.gmax[i], w.qmax[i], ascale, harm) >= static_cast<float>(TAU_VERIFY)))
             continue;  // (most rows: no entry to verify)
           const int found = verify_entries(A + i * D, Bt, D, X + i * BWD_BN, pi, dP + i * BWD_BN, harm,
@@ -821,8 +861,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       // the product computed again where the fp64 comparison's own bound could hide harm
       for (int which = 0; which < 2; ++which) {
         if (!(which == 0 ? again_s : again_p)) continue;
-        gemm_rm(false, true, false, rows, n, D, which == 0 ? Qb : Gb, D, which == 0 ? Kt : Vt, D, w.S2.data(),
-                BWD_BN);
+        gemm_rm(false, true, false, rows + ngroups, n, D, which == 0 ? Qx : Gx, D, which == 0 ? Kt : Vt, D,
+                w.S2.data(), BWD_BN);
         const float* X = which == 0 ? S : dP;
         for (int64_t i = 0; i < rows; ++i)
           if (std::memcmp(X + i * BWD_BN, w.S2.data() + i * BWD_BN, n * sizeof(float)) != 0)

@@ -400,3 +400,24 @@ def test_bad_statistics_are_refused_clearly():
             torch.ops.ftattn.attention_fwd(q, k, v, False, 0.3, 2, True, stats=bad)
         with pytest.raises(ValueError, match=r"stats must be the forward's"):
             torch.ops.ftattn.attention_bwd(q, k, v, q, q, False, 0.3, 2, True, stats=bad)
+
+
+@pytest.mark.parametrize("row", [5, 45, 70])
+def test_column_groups_of_32_rows(row):
+    """S and dP are column-checked per 32 rows of a 64-row block, each group against its
+    own reference row: with the second group's queries 30x the first's, clean calls raise
+    no flag (a group checked against another's sums would), and a mid-mantissa score fault
+    in either group, or in a block of 40 rows (one group), is flagged and corrected."""
+    q, k, v = _qkv(1, 2, 1, 104, 77, 24, torch.float32, seed=12)
+    q[:, :, 32:64] *= 30
+    do = torch.randn(1, 2, 104, 24, generator=torch.Generator().manual_seed(5))
+    out, stats = _stats_call(q, k, v, False, 24 ** -0.5, 1)
+    for protection in (1, 2):
+        args = (q, k, v, out, do, False, 24 ** -0.5, protection, True)
+        *clean, flags = torch.ops.ftattn.attention_bwd(*args, stats=stats)
+        assert not flags.any()
+        col = int((q[0, 1, row] @ k[0, 0].T).argmax())
+        fault = [int(Site.BWD_SCORES), 0, 1, row, col, 0, 19]
+        *got, flags = torch.ops.ftattn.attention_bwd(*args, fault, stats=stats)
+        assert flags[0, 1, row // 64] & int(Check.CORRECTED)
+        assert all(torch.equal(a, b) for a, b in zip(got, clean))
