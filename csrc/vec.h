@@ -146,11 +146,15 @@ FTATTN_VEC_INLINE uint32_t mask_bits(M hit) {
   return static_cast<uint32_t>(tree(hit & bit, Add{}));
 }
 FTATTN_VEC_INLINE f8 abs(f8 x) { return reinterpret_cast<f8>(reinterpret_cast<u8>(x) & 0x7fffffffu); }
-// sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64)
+// sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64). (Converted whole, to 16 fp64
+// lanes, then halved: GCC 12 makes two vcvtps2pd zmm of it; the halves converted apiece went
+// through four xmm conversions and two inserts, which was most of a fp64 running sum's cost
+// in the AVX-512 code. Only the AVX-512 code runs it: vec::Lanes.)
+typedef double d16 __attribute__((vector_size(128)));
 FTATTN_VEC_INLINE d8 widen_sum(f16 x) {
-  f8 a, b;
-  halves(x, a, b);
-  return __builtin_convertvector(a, d8) + __builtin_convertvector(b, d8);
+  d8 a, b;
+  halves(__builtin_convertvector(x, d16), a, b);
+  return a + b;
 }
 // 8 fp32 lanes into 8 fp64 lanes (the 8-lane row kernels', vec::Lanes)
 FTATTN_VEC_INLINE d8 widen_sum(f8 x) { return __builtin_convertvector(x, d8); }
