@@ -77,6 +77,10 @@ struct BwdProblem {
 template <typename T>
 using AVec = std::vector<T, Aligned64<T>>;
 
+// the stride of the per-key references kept transposed (BwdScratch::rk ...): the keys
+// rounded up to 16 lanes
+inline int64_t key_stride(int64_t M) { return (M + 15) / 16 * 16; }
+
 struct BwdScratch {
   AVec<float> S, S2, Pm, dP, dS, dQ;
   // the block's rows of q and dO and, after them, each column group's sum (fp32; zeros at
@@ -98,10 +102,10 @@ struct BwdScratch {
   std::vector<float> kmax;
   std::vector<double> knorm, vnorm;  // >= ||k_j||_2, ||v_j||_2
   std::vector<float> kg;                             // per key: group sums of k, then of |k| [Mb x 2G]
+  AVec<float> kgT;                                   // the same transposed [2G x ldk], zero beyond Mb
   std::vector<double> tks, tka, tvs, tva;            // per tile [D]
-  std::vector<float> rk, mk, rvm;                    // dK's references [Mb x G]; dV's [Mb x 2G]
+  AVec<float> rk, mk, rvm;                           // dK's references [G x ldk]; dV's [2G x ldk]
   std::vector<int32_t> keybits, qbits;
-  AVec<float> tref;  // tile_references' work space [6G x BWD_BN]
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
       : S((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), S2((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), Pm(BWD_BM * BWD_BN),
         dP((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), dS(BWD_BM * BWD_BN), Qx((BWD_BM + BWD_NGROUP_MAX) * D),
@@ -121,9 +125,10 @@ struct BwdScratch {
     const int64_t ntiles = (M + BWD_BN - 1) / BWD_BN;
     kmax.resize(M);
     vnorm.resize(M);
-    for (auto* x : {&kg, &rvm}) x->resize(M * 2 * G);
-    for (auto* x : {&rk, &mk}) x->resize(M * G);
-    tref.resize(6 * G * BWD_BN);
+    kg.resize(M * 2 * G);
+    const int64_t ldk = key_stride(M);
+    for (auto* x : {&kgT, &rvm}) x->resize(ldk * 2 * G);
+    for (auto* x : {&rk, &mk}) x->resize(ldk * G);
     for (auto* x : {&tks, &tka, &tvs, &tva}) x->resize(std::max<int64_t>(ntiles, 1) * D);
   }
 };
@@ -131,112 +136,136 @@ struct BwdScratch {
 // ---------------------------------------------------------------------------
 // Row kernels (one clone per ISA).
 
-// out[c][j0..j0+L) += sum_i coef[i * cs + c] X[i][j0..j0+L) for c < NC (rows of out at stride
-// ld_out): NC accumulators in registers over all the rows, one load of X per row (V: 16 or 8
-// lanes, vec::Lanes).
-template <int NC, typename V>
+// out[c][j0..j0+NJ L) += sum_i coef[i * cs + c] X[i][j0..j0+NJ L) for c < NC (rows of out at
+// stride ld_out): NC x NJ accumulators in registers over all the rows, one load of X per row
+// and vector (V: 16 or 8 lanes, vec::Lanes). (Eight chains of multiply-adds where they fit:
+// four, over one vector of keys, left half of the two FMA units idle, waiting on latency.)
+template <int NC, int NJ, typename V>
 FTATTN_VEC_INLINE void columns_block(const float* __restrict X, int64_t ld, int64_t rows,
                                      const float* __restrict coef, int64_t cs, int64_t j0, float* __restrict out,
                                      int64_t ld_out) {
-  V acc[NC];
-  for (int c = 0; c < NC; ++c) acc[c] = V{};
+  constexpr int64_t L = vec::Lanes<V>;
+  V acc[NJ][NC];
+  for (int u = 0; u < NJ; ++u)
+    for (int c = 0; c < NC; ++c) acc[u][c] = V{};
   for (int64_t i = 0; i < rows; ++i) {
-    const V x = vec::load_v<V>(X + i * ld + j0);
-    for (int c = 0; c < NC; ++c) acc[c] += coef[i * cs + c] * x;
+    V x[NJ];
+    for (int u = 0; u < NJ; ++u) x[u] = vec::load_v<V>(X + i * ld + j0 + u * L);
+    for (int c = 0; c < NC; ++c) {
+      const float a = coef[i * cs + c];
+      for (int u = 0; u < NJ; ++u) acc[u][c] += a * x[u];
+    }
   }
-  for (int c = 0; c < NC; ++c) vec::store_v(out + c * ld_out + j0, vec::load_v<V>(out + c * ld_out + j0) + acc[c]);
+  for (int u = 0; u < NJ; ++u)
+    for (int c = 0; c < NC; ++c) {
+      float* o = out + c * ld_out + j0 + u * L;
+      vec::store_v(o, vec::load_v<V>(o) + acc[u][c]);
+    }
 }
 
-// out[c][.] for c < count, in blocks of 4 (then the rest): columns_block over the j-vectors.
-template <typename V>
+// out[c][.] for c < count, in blocks of 4 (then the rest), over NJ vectors of keys from j0.
+template <int NJ, typename V>
 FTATTN_VEC_INLINE void columns(const float* __restrict X, int64_t ld, int64_t rows, const float* __restrict coef,
                                int64_t cs, int64_t count, int64_t j0, float* __restrict out, int64_t ld_out) {
   int64_t c = 0;
-  for (; c + 4 <= count; c += 4) columns_block<4, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out);
+  for (; c + 4 <= count; c += 4) columns_block<4, NJ, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out);
   switch (count - c) {
-    case 3: columns_block<3, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
-    case 2: columns_block<2, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
-    case 1: columns_block<1, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 3: columns_block<3, NJ, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 2: columns_block<2, NJ, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
+    case 1: columns_block<1, NJ, V>(X, ld, rows, coef + c, cs, j0, out + c * ld_out, ld_out); break;
     default: break;
   }
 }
 
+// sums[r * G + g] += X[r] . T[g] over n keys for rows r < NR (at stride ld) and groups g0 <= g <
+// g0 + NG (rows of T at stride ldt): NR x NG accumulators (eight chains where NG is 2).
+template <int NR, int NG, typename V>
+FTATTN_VEC_INLINE void row_dots(const float* __restrict X, int64_t ld, const float* __restrict T, int64_t ldt,
+                                int64_t n, int64_t G, int64_t g0, float* __restrict sums) {
+  constexpr int64_t L = vec::Lanes<V>;
+  const int64_t nv = n / L * L;
+  V acc[NR][NG];
+  for (int r = 0; r < NR; ++r)
+    for (int g = 0; g < NG; ++g) acc[r][g] = V{};
+  for (int64_t j = 0; j < nv; j += L) {
+    V tv[NG];
+    for (int g = 0; g < NG; ++g) tv[g] = vec::load_v<V>(T + (g0 + g) * ldt + j);
+    for (int r = 0; r < NR; ++r) {
+      const V x = vec::load_v<V>(X + r * ld + j);
+      for (int g = 0; g < NG; ++g) acc[r][g] += x * tv[g];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int g = 0; g < NG; ++g) {
+      const float* t = T + (g0 + g) * ldt;
+      float sum = vec::tree(acc[r][g], vec::Add{});
+      for (int64_t j = nv; j < n; ++j) sum += X[r * ld + j] * t[j];
+      sums[r * G + g0 + g] += sum;
+    }
+}
+
 // The checksum references of dQ, dK and dV for one tile of `rows` query rows and n keys,
-// accumulated: rq += dS kg and mq += |dS| kga [rows x G], rk += dS^T qg and mk += |dS|^T qga
-// [n x G], rvm += P^T gg [n x 2G] (kg / kga: the keys' group sums of k and |k|, [n x 2G];
-// qg / qga likewise of q, gg of dO and |dO|, [rows x 2G]; dS, dSa, P [rows x ld], ld >= n
-// rounded up to 16). Five GEMMs with G or 2G columns did this through sgemm, whose skinny
-// shapes ran ~16x below its speed on the tile's main products (64 x 256 x 4 took as long as
-// 64 x 256 x 64): the largest part of a full backward (perf: MKL's sgemm_pst, 6753 samples
-// against 8873 for the five main products, B1 H8 N2048 D64 causal). Here kg is transposed
-// once; the dot products take the rows four at a time, the column sums keep four outputs
-// in registers over all the rows. (fp32, as the GEMMs: the checks' bounds are unchanged; the
-// key lanes beyond n are computed and dropped.) work: [6G x 256].
+// accumulated: rq += dS kg and mq += |dS| kga [rows x G], rk += dS^T qg and mk += |dS|^T qga,
+// rvm += P^T gg (kgT: the keys' group sums of k, then of |k|, transposed [2G x ldk]; qg / qga
+// likewise of q, gg of dO and |dO|, [rows x 2G]; dS, dSa, P [rows x ld], ld >= n rounded up
+// to 16; rk, mk [G x ldk] and rvm [2G x ldk] transposed too, from the tile's first key, ldk
+// >= its n rounded up to the lanes: the key lanes beyond n land in padding). Five GEMMs with
+// G or 2G columns did this through sgemm, whose skinny shapes ran ~16x below its speed on the
+// tile's main products (64 x 256 x 4 took as long as 64 x 256 x 64): the largest part of a
+// full backward (perf: MKL's sgemm_pst, 6753 samples against 8873 for the five main products,
+// B1 H8 N2048 D64 causal). Here the dot products take the rows four at a time, the column
+// sums keep four outputs in registers over all the rows and add them where they are kept.
+// (fp32, as the GEMMs: the checks' bounds are unchanged. The key sums transposed once per
+// head, and the column references kept transposed, not per tile: the transpose and the
+// scatter back were a third of this function's time.)
 // (On vectors V of the clone's width: 16-lane accumulators went through the stack, lane pairs
 // by way of general registers, in the AVX2 code, where this was 18 % of a full forward +
 // backward against 6 % on AVX-512.)
 template <typename V>
 __attribute__((always_inline)) static inline void tile_references_body(
     const float* __restrict dS, const float* __restrict dSa, const float* __restrict P, int64_t ld, int64_t rows,
-    int64_t n, int64_t G, const float* __restrict kg, const float* __restrict qg, const float* __restrict gg,
-    float* __restrict rq, float* __restrict mq, float* __restrict rk, float* __restrict mk, float* __restrict rvm,
-    float* __restrict work) {
+    int64_t n, int64_t G, const float* __restrict kgT, int64_t ldk, const float* __restrict qg,
+    const float* __restrict gg, float* __restrict rq, float* __restrict mq, float* __restrict rk,
+    float* __restrict mk, float* __restrict rvm) {
   constexpr int64_t L = vec::Lanes<V>;
-  const int64_t G2 = 2 * G, npad = (n + L - 1) / L * L, nv = n / L * L;
-  float* kgT = work;              // [2G x npad], zero beyond n
-  float* col = work + G2 * npad;  // [4G x npad]: rk's G rows, mk's G, rvm's 2G
-  for (int64_t c = 0; c < G2; ++c) {
-    for (int64_t j = 0; j < n; ++j) kgT[c * npad + j] = kg[j * G2 + c];
-    std::fill(kgT + c * npad + n, kgT + (c + 1) * npad, 0.f);
-  }
-  std::fill(col, col + 2 * G2 * npad, 0.f);
-  // rq, mq: rows of dS (|dS|) against the G sums of k (|k|), four rows at a time
+  const int64_t G2 = 2 * G, npad = (n + L - 1) / L * L;
+  // rq, mq: rows of dS (|dS|) against the G sums of k (|k|), four rows and two groups at a time
   for (int which = 0; which < 2; ++which) {
     const float* X = which == 0 ? dS : dSa;
-    const float* T = kgT + (which == 0 ? 0 : G * npad);
+    const float* T = kgT + (which == 0 ? 0 : G * ldk);
     float* out = which == 0 ? rq : mq;
-    for (int64_t i0 = 0; i0 < rows; i0 += 4) {
-      const int64_t nr = std::min<int64_t>(4, rows - i0);
-      for (int64_t g = 0; g < G; ++g) {
-        V acc[4] = {V{}, V{}, V{}, V{}};
-        const float* t = T + g * npad;
-        for (int64_t j = 0; j < nv; j += L) {
-          const V tv = vec::load_v<V>(t + j);
-          for (int r = 0; r < 4; ++r)
-            if (r < nr) acc[r] += vec::load_v<V>(X + (i0 + r) * ld + j) * tv;
-        }
-        for (int r = 0; r < nr; ++r) {
-          float sum = vec::tree(acc[r], vec::Add{});
-          for (int64_t j = nv; j < n; ++j) sum += X[(i0 + r) * ld + j] * t[j];
-          out[(i0 + r) * G + g] += sum;
-        }
-      }
+    int64_t i0 = 0;
+    for (; i0 + 4 <= rows; i0 += 4) {
+      int64_t g = 0;
+      for (; g + 2 <= G; g += 2) row_dots<4, 2, V>(X + i0 * ld, ld, T, ldk, n, G, g, out + i0 * G);
+      if (g < G) row_dots<4, 1, V>(X + i0 * ld, ld, T, ldk, n, G, g, out + i0 * G);
     }
+    for (; i0 < rows; ++i0)
+      for (int64_t g = 0; g < G; ++g) row_dots<1, 1, V>(X + i0 * ld, ld, T, ldk, n, G, g, out + i0 * G);
   }
-  // rk, mk, rvm: the columns, over all the rows
-  for (int64_t j0 = 0; j0 < npad; j0 += L) {
-    columns<V>(dS, ld, rows, qg, G2, G, j0, col, npad);
-    columns<V>(dSa, ld, rows, qg + G, G2, G, j0, col + G * npad, npad);
-    columns<V>(P, ld, rows, gg, G2, G2, j0, col + G2 * npad, npad);
+  // rk, mk, rvm: the columns, over all the rows, two vectors of keys at a time
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= npad; j0 += 2 * L) {
+    columns<2, V>(dS, ld, rows, qg, G2, G, j0, rk, ldk);
+    columns<2, V>(dSa, ld, rows, qg + G, G2, G, j0, mk, ldk);
+    columns<2, V>(P, ld, rows, gg, G2, G2, j0, rvm, ldk);
   }
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t g = 0; g < G; ++g) {
-      rk[j * G + g] += col[g * npad + j];
-      mk[j * G + g] += col[(G + g) * npad + j];
-    }
-    for (int64_t c = 0; c < G2; ++c) rvm[j * G2 + c] += col[(G2 + c) * npad + j];
+  for (; j0 < npad; j0 += L) {
+    columns<1, V>(dS, ld, rows, qg, G2, G, j0, rk, ldk);
+    columns<1, V>(dSa, ld, rows, qg + G, G2, G, j0, mk, ldk);
+    columns<1, V>(P, ld, rows, gg, G2, G2, j0, rvm, ldk);
   }
 }
 FTATTN_CLONES static void tile_references(const float* __restrict dS, const float* __restrict dSa,
                                           const float* __restrict P, int64_t ld, int64_t rows, int64_t n,
-                                          int64_t G, const float* __restrict kg, const float* __restrict qg,
-                                          const float* __restrict gg, float* __restrict rq, float* __restrict mq,
-                                          float* __restrict rk, float* __restrict mk, float* __restrict rvm,
-                                          float* __restrict work) {
+                                          int64_t G, const float* __restrict kgT, int64_t ldk,
+                                          const float* __restrict qg, const float* __restrict gg,
+                                          float* __restrict rq, float* __restrict mq, float* __restrict rk,
+                                          float* __restrict mk, float* __restrict rvm) {
   if (wide_vectors())
-    tile_references_body<vec::f16>(dS, dSa, P, ld, rows, n, G, kg, qg, gg, rq, mq, rk, mk, rvm, work);
+    tile_references_body<vec::f16>(dS, dSa, P, ld, rows, n, G, kgT, ldk, qg, gg, rq, mq, rk, mk, rvm);
   else
-    tile_references_body<vec::f8>(dS, dSa, P, ld, rows, n, G, kg, qg, gg, rq, mq, rk, mk, rvm, work);
+    tile_references_body<vec::f8>(dS, dSa, P, ld, rows, n, G, kgT, ldk, qg, gg, rq, mq, rk, mk, rvm);
 }
 
 // The first pass over a row of a tile (where the forward's statistics are not used): m <-
@@ -575,14 +604,14 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
   }
 }
 
-// The rows r of acc [n x D] whose group sums disagree with their references ref[r * ldr + g]
-// (fp32 GEMMs of the same K terms over the group sums of the other operand) beyond
-// (2 kappa sqrt(K + 2) + 2) u mag[r * ldm + g] + ETA (|g| + 2)(K + 2): each side's rounding
+// The rows r of acc [n x D] whose group sums disagree with their references ref[r * ldr + g *
+// gsr] (fp32 GEMMs of the same K terms over the group sums of the other operand) beyond
+// (2 kappa sqrt(K + 2) + 2) u mag[r * ldm + g * gsm] + ETA (|g| + 2)(K + 2): each side's rounding
 // (kappa u sqrt(K + 2) relative to the sum of magnitudes, as ftattn/reference.py's bound for
 // one side) and the rounding of the group sums to fp32. bits[r] |= bit for those rows.
 FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, int64_t G, const float* ref,
-                                      int64_t ldr, const float* mag, int64_t ldm, int64_t K, int32_t bit,
-                                      int32_t* bits) {
+                                      int64_t ldr, int64_t gsr, const float* mag, int64_t ldm, int64_t gsm,
+                                      int64_t K, int32_t bit, int32_t* bits) {
   const double f = (2.0 * KAPPA * std::sqrt(static_cast<double>(K + 2)) + 2.0) * U32;
   for (int64_t r = 0; r < n; ++r) {
     bool bad = false;
@@ -591,8 +620,8 @@ FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, in
       double s, a, m;
       span_sums(acc + r * D + d0, d1 - d0, s, a, m);
       const double bound =
-          f * static_cast<double>(mag[r * ldm + g]) + ETA * static_cast<double>((d1 - d0 + 2) * (K + 2));
-      bad |= !(std::fabs(s - static_cast<double>(ref[r * ldr + g])) <= bound);
+          f * static_cast<double>(mag[r * ldm + g * gsm]) + ETA * static_cast<double>((d1 - d0 + 2) * (K + 2));
+      bad |= !(std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr])) <= bound);
     }
     if (bad) bits[r] |= bit;
   }
@@ -617,6 +646,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   float* dK = P.dkh + ((b * P.Hq + h) * P.M + first) * D;
   float* dV = P.dvh + ((b * P.Hq + h) * P.M + first) * D;
   const bool fh = f.active && f.batch == b && f.head == h;
+  const int64_t ldk = key_stride(Mb);  // (the transposed per-key references)
   const int64_t fcol = f.col - first;  // the fault's key in this sample's keys
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   const double sqrtD = std::sqrt(static_cast<double>(D));
@@ -630,10 +660,15 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const double knorm_max = P.stats && Mb > 0 ? *std::max_element(w.knorm.begin(), w.knorm.begin() + Mb) : 0.0;
   if (abft && Mb > 0) {
     group_sums(K, Mb, D, G, w.kg.data(), w.kmax.data());
+    for (int64_t c = 0; c < 2 * G; ++c) {
+      float* t = w.kgT.data() + c * ldk;
+      for (int64_t j = 0; j < Mb; ++j) t[j] = w.kg[j * 2 * G + c];
+      std::fill(t + Mb, t + ldk, 0.f);
+    }
     key_norms(V, Mb, D, w.vnorm.data());
-    std::fill(w.rk.begin(), w.rk.begin() + Mb * G, 0.f);
-    std::fill(w.mk.begin(), w.mk.begin() + Mb * G, 0.f);
-    std::fill(w.rvm.begin(), w.rvm.begin() + Mb * 2 * G, 0.f);
+    std::fill(w.rk.begin(), w.rk.begin() + ldk * G, 0.f);
+    std::fill(w.mk.begin(), w.mk.begin() + ldk * G, 0.f);
+    std::fill(w.rvm.begin(), w.rvm.begin() + ldk * 2 * G, 0.f);
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t n0 = t * BWD_BN, n = std::min(BWD_BN, Mb - n0);
       double *ks = w.tks.data() + t * D, *ka = w.tka.data() + t * D, *vs = w.tvs.data() + t * D,
@@ -868,12 +903,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
           if (std::memcmp(X + i * BWD_BN, w.S2.data() + i * BWD_BN, n * sizeof(float)) != 0)
             bits |= which == 0 ? kScoreRecompute : kDpChecksum;
       }
-      // the references of dQ, dK, dV for this tile (fp64)
-      const int64_t G2 = 2 * G;
-      const float* kg = w.kg.data() + n0 * G2;
-      tile_references(dS, w.dSa.data(), Pm, BWD_BN, rows, n, G, kg, w.qg.data(), w.gg.data(), w.rq.data(),
-                      w.mq.data(), w.rk.data() + n0 * G, w.mk.data() + n0 * G, w.rvm.data() + n0 * G2,
-                      w.tref.data());
+      // the references of dQ, dK, dV for this tile (fp32)
+      tile_references(dS, w.dSa.data(), Pm, BWD_BN, rows, n, G, w.kgT.data() + n0, ldk, w.qg.data(),
+                      w.gg.data(), w.rq.data(), w.mq.data(), w.rk.data() + n0, w.mk.data() + n0, w.rvm.data() + n0);
     }
     if (frow && f.site == kDq) corrupt_dims(w.dQ.data() + fi * D, D, f);
     memory_barrier();
@@ -896,7 +928,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         if (use_stats && empty != (visible == 0)) bits |= kRowsumInvariant;
       }
       int32_t rowbits[BWD_BM] = {};
-      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, w.mq.data(), G, Mb, kDqChecksum, rowbits);
+      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits);
       for (int64_t i = 0; i < rows; ++i) bits |= rowbits[i];
     }
     for (int64_t i = 0; i < rows * D; ++i) dQout[r0 * D + i] = w.dQ[i] * scale;
@@ -906,8 +938,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     corrupt_dims((f.site == kDk ? dK : dV) + fcol * D, D, f);
   memory_barrier();
   if (abft) {
-    group_check(dK, Mb, D, G, w.rk.data(), G, w.mk.data(), G, N, kDkChecksum, w.keybits.data());
-    group_check(dV, Mb, D, G, w.rvm.data(), 2 * G, w.rvm.data() + G, 2 * G, N, kDvChecksum, w.keybits.data());
+    group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data());
+    group_check(dV, Mb, D, G, w.rvm.data(), 1, ldk, w.rvm.data() + G * ldk, 1, ldk, N, kDvChecksum,
+                w.keybits.data());
   }
 }
 
