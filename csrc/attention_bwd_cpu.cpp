@@ -517,13 +517,96 @@ FTATTN_CLONES static int verify_entries(const float* __restrict a, const float* 
                                             noise, floor);
 }
 
-// norm[j] >= ||x_j||_2 for the n rows of X [n x D] (fp64, raised past its rounding).
-static void key_norms(const float* X, int64_t n, int64_t D, double* norm) {
-  for (int64_t j = 0; j < n; ++j) {
-    double s = 0.0;
-    for (int64_t d = 0; d < D; ++d) s += static_cast<double>(X[j * D + d]) * static_cast<double>(X[j * D + d]);
-    norm[j] = std::sqrt(s) * (1.0 + 0x1p-40);
+// out[i] = a_i . b_i (fp64) for the rows i < n of A and B [n x D], in fp64 lanes of 8 (in
+// head_backward, which has no clones, D_i = dO_i . O_i was a scalar SSE2 loop; with the
+// drift's |q_i|^2, 13 % of its own samples at B8 H12 N128 D32).
+FTATTN_CLONES static void row_dots_d(const float* __restrict A, const float* __restrict B, int64_t n, int64_t D,
+                                     double* __restrict out) {
+  using vec::d8;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* a = A + i * D;
+    const float* b = B + i * D;
+    d8 acc = d8{};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      vec::f8 av, bv;
+      std::memcpy(&av, a + d, sizeof(av));
+      std::memcpy(&bv, b + d, sizeof(bv));
+      acc += __builtin_convertvector(av, d8) * __builtin_convertvector(bv, d8);
+    }
+    double s = vec::hsum(acc);
+    for (; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
+    out[i] = s;
   }
+}
+
+// One column group's check of a tile of S (scores) or dP, per key j < n: the bound colb_j =
+// row_f (sp norm_j + ca_j) + tiny norm_j + col_abs of |cs_j - ref_j| (true when one exceeds
+// it: a NaN fails) and the harm factor grow_j of a fault it misses, e^{2 colb_j scale} - 1
+// from above for S (grow_bound), 2 colb_j for dP, raised by 2^-10 against fp32 rounding. (A
+// clone of its own, the loop in vectors: in head_backward, which has none, it was a quarter
+// of that function's own samples at B8 H12 N128 D32.)
+FTATTN_CLONES static bool column_group_check(const double* __restrict cs, const double* __restrict ca,
+                                             const float* __restrict ref, const double* __restrict norm,
+                                             int64_t n, double row_f, double sp, double tiny, double col_abs,
+                                             bool scores, double ascale, float* __restrict grow) {
+  int bad = 0;
+  const double s2 = 2.0 * ascale;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) {
+    const double colb = row_f * (sp * norm[j] + ca[j]) + tiny * norm[j] + col_abs;
+    bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= colb);
+    const double x = scores ? s2 * colb : 2.0 * colb;
+    // (x (1 + x) >= e^x - 1 up to x = 1/2, grow_bound; beyond, the loop below)
+    grow[j] = static_cast<float>((scores ? x * (1.0 + x) : x) * (1.0 + 0x1p-10));
+  }
+  if (scores)
+    for (int64_t j = 0; j < n; ++j)
+      if (!(static_cast<double>(grow[j]) <= 0.5))  // (beyond 1/2, or NaN: the exact bound)
+        grow[j] = static_cast<float>(grow_bound(s2 * (row_f * (sp * norm[j] + ca[j]) + tiny * norm[j] + col_abs)) *
+                                     (1.0 + 0x1p-10));
+  return bad != 0;
+}
+
+// dst[i] = src[i] alpha for i < n.
+FTATTN_CLONES static void scaled_copy(float* __restrict dst, const float* __restrict src, int64_t n, float alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * alpha;
+}
+
+// norm[j] >= ||x_j||_2 for the n rows of X [n x D]: the squares summed in fp32 vectors, the
+// root raised past their rounding (D + 16) u (a sum of D non-negative terms rounds by at most
+// (D - 1) u relative; the tree and the root a little more); a row whose fp32 sum could have
+// overflowed or underflowed (above 2^120, below 2^-100) in fp64. (In fp64 lanes, with their
+// conversions, these norms of K and V were half of row_dots_d's samples at B8 H12 N128 D32,
+// itself a sixth of the sgemm kernels'.)
+template <typename V>
+__attribute__((always_inline)) static inline void key_norms_body(const float* __restrict X, int64_t n, int64_t D,
+                                                                double* __restrict norm) {
+  constexpr int64_t L = vec::Lanes<V>;
+  const double raise = 1.0 + static_cast<double>(D + 16) * U32;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* x = X + j * D;
+    V acc = V{};
+    int64_t d = 0;
+    for (; d + L <= D; d += L) {
+      const V v = vec::load_v<V>(x + d);
+      acc += v * v;
+    }
+    float s = vec::tree(acc, vec::Add{});
+    for (; d < D; ++d) s += x[d] * x[d];
+    if (s <= 0x1p120f && s >= 0x1p-100f) {
+      norm[j] = std::sqrt(static_cast<double>(s)) * raise;
+    } else {  // (also a NaN or zero row: fp64, as before)
+      double t = 0.0;
+      for (int64_t e = 0; e < D; ++e) t += static_cast<double>(x[e]) * static_cast<double>(x[e]);
+      norm[j] = std::sqrt(t) * (1.0 + 0x1p-40);
+    }
+  }
+}
+FTATTN_CLONES static void key_norms(const float* __restrict X, int64_t n, int64_t D, double* __restrict norm) {
+  if (wide_vectors()) key_norms_body<vec::f16>(X, n, D, norm);
+  else key_norms_body<vec::f8>(X, n, D, norm);
 }
 
 // For nr (1..4) rows of X at stride ld: each row's sum rsum[r] and their part of the column
@@ -700,11 +783,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     const bool frow = fh && f.row >= r0 && f.row < r0 + rows;
     const int64_t fi = f.row - r0;
     int32_t bits = 0;
+    row_dots_d(Gb, O + r0 * D, rows, D, w.l.data());  // (w.l: scratch until the statistics)
     for (int64_t i = 0; i < rows; ++i) {
-      const float* oi = O + (r0 + i) * D;
-      double s = 0.0;
-      for (int64_t d = 0; d < D; ++d) s += static_cast<double>(Gb[i * D + d]) * static_cast<double>(oi[d]);
-      w.Drow[i] = static_cast<float>(s);
+      w.Drow[i] = static_cast<float>(w.l[i]);
       w.m[i] = NEG_INF;
       w.l[i] = 0.0;
     }
@@ -752,11 +833,11 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     // protection level makes the same P.)
     bool use_stats = P.stats != nullptr;
     if (use_stats) {
+      key_norms(Qb, rows, D, w.drift.data());  // >= |q_i|
       for (int64_t i = 0; i < rows; ++i) {
-        double q2 = 0.0;
-        for (int64_t d = 0; d < D; ++d) q2 += static_cast<double>(Qb[i * D + d]) * Qb[i * D + d];
+        const double qn = w.drift[i];
         w.drift[i] = std::expm1(static_cast<double>(ascale) *
-                                (2.0 * row_f * std::sqrt(q2) * knorm_max + 2.0 * ETA * static_cast<double>(D + 1))) *
+                                (2.0 * row_f * qn * knorm_max + 2.0 * ETA * static_cast<double>(D + 1))) *
                      (1.0 + 0x1p-10);
         use_stats &= w.drift[i] <= DRIFT_MAX;  // (NaN: pass 1)
       }
@@ -864,18 +945,13 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
           const double* norm = (which == 0 ? w.knorm : w.vnorm).data() + n0;
           const double tiny = static_cast<double>(D + grows + 4) * 0x1p-52 * absnorm[which][g] +
                               (row_f + U32) * refnorm[which][g] + static_cast<double>(D) * 0x1p-150;
-          const double sp = spread[which][g];
-          const float* ref = X + (rows + g) * BWD_BN;
-          float* grow = w.grow.data() + g * BWD_BN;
-          for (int64_t j = 0; j < n; ++j) {
-            const double colb = row_f * (sp * norm[j] + w.ca[j]) + tiny * norm[j] + col_abs;
-            if (!(std::fabs(w.cs[j] - static_cast<double>(ref[j])) <= colb)) bits |= bit_col;
-            // entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through
-            // dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i; dP_ij moves dS_ij by
-            // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.
-            grow[j] = static_cast<float>(
-                (which == 0 ? grow_bound(2.0 * colb * static_cast<double>(ascale)) : 2.0 * colb) * (1.0 + 0x1p-10));
-          }
+          // (entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through
+          // dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i; dP_ij moves dS_ij by
+          // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.)
+          if (column_group_check(w.cs.data(), w.ca.data(), X + (rows + g) * BWD_BN, norm, n, row_f,
+                                 spread[which][g], tiny, col_abs, which == 0, static_cast<double>(ascale),
+                                 w.grow.data() + g * BWD_BN))
+            bits |= bit_col;
         }
         const double noise = KAPPA * sqrtD * U32, floor = ETA * static_cast<double>(D + 1);
         for (int64_t i = 0; i < rows; ++i) {
@@ -931,7 +1007,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits);
       for (int64_t i = 0; i < rows; ++i) bits |= rowbits[i];
     }
-    for (int64_t i = 0; i < rows * D; ++i) dQout[r0 * D + i] = w.dQ[i] * scale;
+    scaled_copy(dQout + r0 * D, w.dQ.data(), rows * D, scale);
     w.qbits[blk] |= bits;
   }
   if (fh && (f.site == kDk || f.site == kDv) && fcol >= 0 && fcol < Mb)

@@ -421,3 +421,25 @@ def test_column_groups_of_32_rows(row):
         *got, flags = torch.ops.ftattn.attention_bwd(*args, fault, stats=stats)
         assert flags[0, 1, row // 64] & int(Check.CORRECTED)
         assert all(torch.equal(a, b) for a, b in zip(got, clean))
+
+
+@pytest.mark.parametrize("k_scale", [1e-25, 1e20], ids=["tiny_keys", "huge_keys"])
+def test_keys_whose_squares_leave_fp32(k_scale):
+    """Keys whose squares underflow (1e-50) or overflow (1e40) in fp32, with queries scaled
+    the other way so the scores are ordinary (the kernel makes those keys' norms, the column
+    bounds' scale, in fp64): clean calls raise no flag and a score fault is still corrected.
+    (A build without that fallback passes too: the column sums of |S| alone bound these
+    clean calls, and infinite norms send every entry to the fp64 verification.)"""
+    q, k, v = _qkv(1, 2, 1, 70, 45, 16, torch.float32, seed=13)
+    q, k = q / k_scale, k * k_scale
+    do = torch.randn(1, 2, 70, 16, generator=torch.Generator().manual_seed(6))
+    out, stats = _stats_call(q, k, v, True, 0.25, 1)
+    for protection in (1, 2):
+        args = (q, k, v, out, do, True, 0.25, protection, True)
+        *clean, flags = torch.ops.ftattn.attention_bwd(*args, stats=stats)
+        assert not flags.any()
+        col = int((q[0, 0, 60].double() @ k[0, 0].double().T)[:36].argmax())
+        *got, flags = torch.ops.ftattn.attention_bwd(*args, [int(Site.BWD_SCORES), 0, 0, 60, col, 0, 21],
+                                                     stats=stats)
+        assert flags[0, 0, 0] & int(Check.CORRECTED)
+        assert all(torch.equal(a, b) for a, b in zip(got, clean))
