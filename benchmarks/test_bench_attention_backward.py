@@ -2,7 +2,8 @@
 protection "full" against the same at "off" and against torch SDPA (its CPU flash
 attention forward and backward, the peer a user would train with), paired in one run.
 
-Cases (issue 19): B1 H8 N=M=2048, D 64 and 128, causal and not, fp32 and bf16, on the
+Cases (issue 19): B1 H8 N=M=2048, D 64 and 128, causal and not, fp32 and bf16, and a small
+model's heads (B8 H12 N=M=128 D32 fp32: all-MiniLM-L6-v2's attention, fine-tuning), on the
 CPU (and on CUDA with ``--bench-device=cuda``, where the backward is still the reference's
 PyTorch ops). Each ratio is the median over rounds of two calls made back to back, their
 order alternating (benchmarks/pairing.py). Targets: full / off <= 1.15, full / SDPA <= 1.0.
@@ -27,8 +28,8 @@ from pairing import paired  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_OFF, TARGET_SDPA = 1.15, 1.0
 ROUNDS = 5
-B, H, N = 1, 8, 2048
-CASES = [(d, causal, dtype) for dtype in (torch.float32, torch.bfloat16) for d in (64, 128) for causal in (True, False)]
+CASES = [((1, 8, 2048, d), causal, dtype, ROUNDS) for dtype in (torch.float32, torch.bfloat16) for d in (64, 128)
+         for causal in (True, False)] + [((8, 12, 128, 32), False, torch.float32, 41)]
 _records: dict = {}
 _machine: dict = {}
 
@@ -45,12 +46,13 @@ def _step(fn, q, k, v, do):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-@pytest.mark.parametrize("d,causal,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_forward_backward(benchmark, bench_device, measure, device, d, causal, dtype):
+@pytest.mark.parametrize("shape,causal,dtype,rounds", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_forward_backward(benchmark, bench_device, measure, device, shape, causal, dtype, rounds):
     if bench_device not in ("all", device):
         pytest.skip(f"--bench-device={bench_device}")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    B, H, N, d = shape
     g = torch.Generator().manual_seed(d)
     q, k, v = (torch.randn(B, H, N, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
     do = torch.randn(B, H, N, d, generator=g).to(device, dtype)
@@ -63,12 +65,12 @@ def test_forward_backward(benchmark, bench_device, measure, device, d, causal, d
     for name, a, b in zip("qkv", got, want):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
         assert err <= tol, f"d{name}: {err} relative to SDPA's"
-    benchmark.pedantic(full, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    over_off, t_full, t_off = paired(full, off, ROUNDS)
-    over_sdpa, _, t_sdpa = paired(full, sdpa, ROUNDS)
+    benchmark.pedantic(full, rounds=rounds, iterations=1, warmup_rounds=1)
+    over_off, t_full, t_off = paired(full, off, rounds)
+    over_sdpa, _, t_sdpa = paired(full, sdpa, rounds)
     record = {
         "shape": {"B": B, "H": H, "N": N, "M": N, "D": d}, "causal": causal, "dtype": str(dtype).replace("torch.", ""),
-        "rounds": ROUNDS, "median_ms": {"full": t_full * 1e3, "off": t_off * 1e3, "sdpa": t_sdpa * 1e3},
+        "rounds": rounds, "median_ms": {"full": t_full * 1e3, "off": t_off * 1e3, "sdpa": t_sdpa * 1e3},
         "full_over_off": over_off, "full_over_sdpa": over_sdpa,
         "targets": {"full_over_off": TARGET_OFF, "full_over_sdpa": TARGET_SDPA},
         "holds": over_off <= TARGET_OFF and over_sdpa <= TARGET_SDPA,
