@@ -443,3 +443,18 @@ def test_keys_whose_squares_leave_fp32(k_scale):
                                                      stats=stats)
         assert flags[0, 0, 0] & int(Check.CORRECTED)
         assert all(torch.equal(a, b) for a, b in zip(got, clean))
+
+
+def test_the_python_autograd_passes_the_forwards_statistics():
+    """ftattn.attention's backward on CPU is attention_bwd given the forward's statistics:
+    its gradients equal that call's bit for bit, and not those of the backward that makes
+    its own (whose normaliser is summed in fp64, not the forward's fp32)."""
+    q, k, v = _qkv(1, 4, 2, 70, 300, 32, torch.float32, seed=14)
+    do = torch.randn(1, 4, 70, 32, generator=torch.Generator().manual_seed(7))
+    got = _grads(lambda *t: ftattn.attention(*t, causal=True, protection="abft"), q, k, v, do)
+    out, stats = _stats_call(q, k, v, True, 32 ** -0.5, 1)
+    args = (q, k, v, out, do, True, 32 ** -0.5, 1, True)
+    *kept, _ = torch.ops.ftattn.attention_bwd(*args, stats=stats)
+    *own, _ = torch.ops.ftattn.attention_bwd(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, kept))
+    assert not all(torch.equal(a, b) for a, b in zip(got, own))
