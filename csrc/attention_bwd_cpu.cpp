@@ -492,7 +492,7 @@ __attribute__((always_inline)) static inline int verify_entries_body(
                         reach * std::fabs(static_cast<double>(dP[j]) - static_cast<double>(Di)))
                : 2.0 * reach;
     double bound = 0.0;
-    if (entry_mismatch(a, Bt + j * D, D, x[j], noise, floor, &bound)) found |= 1;
+    if (entry_mismatch<L>(a, Bt + j * D, D, x[j], noise, floor, &bound)) found |= 1;
     const double hidden =
         scores ? pj * grow_bound(2.0 * bound * static_cast<double>(ascale)) * gain : pj * 2.0 * bound * gain;
     if (!(hidden < TAU_VERIFY)) found |= 2;
