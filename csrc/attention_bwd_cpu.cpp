@@ -101,8 +101,7 @@ struct BwdScratch {
   // per key of the task's key head
   std::vector<float> kmax;
   std::vector<double> knorm, vnorm;  // >= ||k_j||_2, ||v_j||_2
-  std::vector<float> kg;                             // per key: group sums of k, then of |k| [Mb x 2G]
-  AVec<float> kgT;                                   // the same transposed [2G x ldk], zero beyond Mb
+  AVec<float> kgT;  // per key: group sums of k, then of |k|, transposed [2G x ldk], zero beyond Mb
   std::vector<double> tks, tka, tvs, tva;            // per tile [D]
   AVec<float> rk, mk, rvm;                           // dK's references [G x ldk]; dV's [2G x ldk]
   std::vector<int32_t> keybits, qbits;
@@ -125,7 +124,6 @@ struct BwdScratch {
     const int64_t ntiles = (M + BWD_BN - 1) / BWD_BN;
     kmax.resize(M);
     vnorm.resize(M);
-    kg.resize(M * 2 * G);
     const int64_t ldk = key_stride(M);
     for (auto* x : {&kgT, &rvm}) x->resize(ldk * 2 * G);
     for (auto* x : {&rk, &mk}) x->resize(ldk * G);
@@ -542,29 +540,30 @@ FTATTN_CLONES static void row_dots_d(const float* __restrict A, const float* __r
 
 // One column group's check of a tile of S (scores) or dP, per key j < n: the bound colb_j =
 // row_f (sp norm_j + ca_j) + tiny norm_j + col_abs of |cs_j - ref_j| (true when one exceeds
-// it: a NaN fails) and the harm factor grow_j of a fault it misses, e^{2 colb_j scale} - 1
-// from above for S (grow_bound), 2 colb_j for dP, raised by 2^-10 against fp32 rounding. (A
+// it: a NaN fails; colb: work space [n]) and the harm factor grow_j of a fault it misses,
+// e^{2 colb_j scale} - 1 from above for S (grow_bound), 2 colb_j for dP, raised by 2^-10
+// against fp32 rounding. (A
 // clone of its own, the loop in vectors: in head_backward, which has none, it was a quarter
 // of that function's own samples at B8 H12 N128 D32.)
 FTATTN_CLONES static bool column_group_check(const double* __restrict cs, const double* __restrict ca,
                                              const float* __restrict ref, const double* __restrict norm,
                                              int64_t n, double row_f, double sp, double tiny, double col_abs,
-                                             bool scores, double ascale, float* __restrict grow) {
+                                             bool scores, double ascale, double* __restrict colb,
+                                             float* __restrict grow) {
   int bad = 0;
   const double s2 = 2.0 * ascale;
 #pragma omp simd reduction(| : bad)
   for (int64_t j = 0; j < n; ++j) {
-    const double colb = row_f * (sp * norm[j] + ca[j]) + tiny * norm[j] + col_abs;
-    bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= colb);
-    const double x = scores ? s2 * colb : 2.0 * colb;
+    colb[j] = row_f * (sp * norm[j] + ca[j]) + tiny * norm[j] + col_abs;
+    bad |= !(std::fabs(cs[j] - static_cast<double>(ref[j])) <= colb[j]);
+    const double x = scores ? s2 * colb[j] : 2.0 * colb[j];
     // (x (1 + x) >= e^x - 1 up to x = 1/2, grow_bound; beyond, the loop below)
     grow[j] = static_cast<float>((scores ? x * (1.0 + x) : x) * (1.0 + 0x1p-10));
   }
   if (scores)
     for (int64_t j = 0; j < n; ++j)
       if (!(static_cast<double>(grow[j]) <= 0.5))  // (beyond 1/2, or NaN: the exact bound)
-        grow[j] = static_cast<float>(grow_bound(s2 * (row_f * (sp * norm[j] + ca[j]) + tiny * norm[j] + col_abs)) *
-                                     (1.0 + 0x1p-10));
+        grow[j] = static_cast<float>(grow_bound(s2 * colb[j]) * (1.0 + 0x1p-10));
   return bad != 0;
 }
 
@@ -668,10 +667,11 @@ FTATTN_VEC_INLINE void span_sums(const float* __restrict x, int64_t n, double& s
   }
 }
 
-// Per row r of X [n x D]: the sums of its groups of BWD_GROUP dims, xg[r * 2G + g], then
-// those of |x|, xg[r * 2G + G + g] (fp64, rounded to fp32), and its largest |x|.
+// Per row r of X [n x D]: the sums of its groups of BWD_GROUP dims, xg[r * rs + g * gs], then
+// those of |x|, xg[r * rs + (G + g) * gs] (fp64, rounded to fp32; rs = 2G, gs = 1 for rows of
+// sums, rs = 1, gs = ldk for the keys' transposed ones), and its largest |x|.
 FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64_t D, int64_t G,
-                                     float* __restrict xg, float* __restrict xmax) {
+                                     float* __restrict xg, int64_t rs, int64_t gs, float* __restrict xmax) {
   for (int64_t r = 0; r < n; ++r) {
     const float* x = X + r * D;
     double mx = 0.0;
@@ -680,8 +680,8 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
       double s, a, m;
       span_sums(x + d0, d1 - d0, s, a, m);
       mx = m > mx ? m : mx;
-      xg[r * 2 * G + g] = static_cast<float>(s);
-      xg[r * 2 * G + G + g] = static_cast<float>(a);
+      xg[r * rs + g * gs] = static_cast<float>(s);
+      xg[r * rs + (G + g) * gs] = static_cast<float>(a);
     }
     xmax[r] = static_cast<float>(mx);
   }
@@ -742,12 +742,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   // the largest ||k_j|| (for the drift of the scores made here from the forward's, below)
   const double knorm_max = P.stats && Mb > 0 ? *std::max_element(w.knorm.begin(), w.knorm.begin() + Mb) : 0.0;
   if (abft && Mb > 0) {
-    group_sums(K, Mb, D, G, w.kg.data(), w.kmax.data());
-    for (int64_t c = 0; c < 2 * G; ++c) {
-      float* t = w.kgT.data() + c * ldk;
-      for (int64_t j = 0; j < Mb; ++j) t[j] = w.kg[j * 2 * G + c];
-      std::fill(t + Mb, t + ldk, 0.f);
-    }
+    group_sums(K, Mb, D, G, w.kgT.data(), 1, ldk, w.kmax.data());
+    for (int64_t c = 0; c < 2 * G; ++c) std::fill(w.kgT.data() + c * ldk + Mb, w.kgT.data() + (c + 1) * ldk, 0.f);
     key_norms(V, Mb, D, w.vnorm.data());
     std::fill(w.rk.begin(), w.rk.begin() + ldk * G, 0.f);
     std::fill(w.mk.begin(), w.mk.begin() + ldk * G, 0.f);
@@ -816,8 +812,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
           refnorm[which][g] = std::sqrt(r2) * (1.0 + 0x1p-40);
         }
       }
-      group_sums(Qb, rows, D, G, w.qg.data(), w.qmax.data());
-      group_sums(Gb, rows, D, G, w.gg.data(), w.gmax.data());
+      group_sums(Qb, rows, D, G, w.qg.data(), 2 * G, 1, w.qmax.data());
+      group_sums(Gb, rows, D, G, w.gg.data(), 2 * G, 1, w.gmax.data());
     }
     // ---- each row's max and normaliser over its visible keys: the forward's (P.stats), or
     // pass 1 ----
@@ -950,7 +946,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
           // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.)
           if (column_group_check(w.cs.data(), w.ca.data(), X + (rows + g) * BWD_BN, norm, n, row_f,
                                  spread[which][g], tiny, col_abs, which == 0, static_cast<double>(ascale),
-                                 w.grow.data() + g * BWD_BN))
+                                 w.colb.data(), w.grow.data() + g * BWD_BN))
             bits |= bit_col;
         }
         const double noise = KAPPA * sqrtD * U32, floor = ETA * static_cast<double>(D + 1);
@@ -1044,12 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   TORCH_CHECK_VALUE(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,
                     " must be 0 (off), 1 (abft) or 2 (full)");
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1), M = k.size(2);
-  if (stats.has_value())
-    TORCH_CHECK_VALUE(stats->scalar_type() == at::kFloat && stats->device().is_cpu() && stats->is_contiguous() &&
-                          stats->sizes() == at::IntArrayRef({B, Hq, N, 2}),
-                      "ftattn.attention backward: stats must be the forward's, a contiguous float32 CPU tensor [B, "
-                      "Hq, N, 2] = [", B, ", ", Hq, ", ", N, ", 2], got ", stats->scalar_type(), " ", stats->sizes(),
-                      " on ", stats->device(), " (or None: the backward makes them)");
+  if (stats.has_value()) check_stats(*stats, B, Hq, N, "ftattn.attention backward");
   FaultSpec f;
   if (fault.has_value()) {
     const std::string fault_error = parse_fault(*fault, fault_value, f);

@@ -91,12 +91,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     return rows_apart_d(t) || (inline_sums && in_place(t)) ? t : t.to(at::kFloat).contiguous();
   };
   const at::Tensor kf = key_side(k), vf = key_side(v);
-  if (stats.has_value())
-    TORCH_CHECK_VALUE(stats->scalar_type() == at::kFloat && stats->device().is_cpu() && stats->is_contiguous() &&
-                          stats->sizes() == at::IntArrayRef({B, Hq, N, 2}),
-                      "ftattn.attention: stats must be a contiguous float32 CPU tensor [B, Hq, N, 2] = [", B, ", ",
-                      Hq, ", ", N, ", 2], got ", stats->scalar_type(), " ", stats->sizes(), " on ", stats->device(),
-                      " (torch.empty(B, Hq, N, 2))");
+  if (stats.has_value()) check_stats(*stats, B, Hq, N, "ftattn.attention");
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
   if (B * Hq * N == 0) return {out.to(q.scalar_type()), flags};  // no query row (Hq = 0 too: no key-head group)

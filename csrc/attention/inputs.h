@@ -54,5 +54,15 @@ std::tuple<at::Tensor, at::Tensor> key_ranges(const std::optional<at::Tensor>& k
   return {starts, ends};
 }
 
+// The forward's softmax statistics (attention_fwd writes them, attention_bwd reads them):
+// float32 [B, Hq, N, 2], contiguous, on the CPU; op names the caller in the message.
+void check_stats(const at::Tensor& stats, int64_t B, int64_t Hq, int64_t N, const char* op) {
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat && stats.device().is_cpu() && stats.is_contiguous() &&
+                        stats.sizes() == at::IntArrayRef({B, Hq, N, 2}),
+                    op, ": stats must be the forward's, a contiguous float32 CPU tensor [B, Hq, N, 2] = [", B, ", ",
+                    Hq, ", ", N, ", 2], got ", stats.scalar_type(), " ", stats.sizes(), " on ", stats.device(),
+                    " (torch.empty(B, Hq, N, 2), or None)");
+}
+
 }  // namespace
 }  // namespace ftattn

@@ -8,14 +8,13 @@
 namespace ftattn {
 namespace {
 
-// For rows x_i of X [n x D] (fp32): ref[i * ld + t] = x_i . y_t and (MAG)
-// mag[i * ld + t] = |x_i| . yabs_t for t < nt, with y, yabs [nt x D] fp64.
+// For rows x_i of X [n x D] (fp32): ref[i * ld + t] = x_i . y_t and mag[i * ld + t] = |x_i| .
+// yabs_t for t < nt, with y, yabs [nt x D] fp64.
 // (explicit 8-lane vectors, two accumulators each and tree reductions: the `omp simd
 // reduction` it replaces ended each dot in 16 dependent scalar adds through the stack)
-template <bool MAG>
-FTATTN_VEC_INLINE void dots_d_body(const float* __restrict X, int64_t n, int64_t D, const double* __restrict y,
-                                   const double* __restrict yabs, int64_t nt, int64_t ld, double* __restrict ref,
-                                   double* __restrict mag) {
+FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D, const double* __restrict y,
+                                 const double* __restrict yabs, int64_t nt, int64_t ld, double* __restrict ref,
+                                 double* __restrict mag) {
   using namespace vec;
   const auto load_d = [](const double* p) {
     d8 v;
@@ -26,7 +25,7 @@ FTATTN_VEC_INLINE void dots_d_body(const float* __restrict X, int64_t n, int64_t
     const float* xi = X + i * D;
     for (int64_t t = 0; t < nt; ++t) {
       const double* yt = y + t * D;
-      const double* at = MAG ? yabs + t * D : nullptr;
+      const double* at = yabs + t * D;
       d8 s0 = d8{}, s1 = d8{}, a0 = d8{}, a1 = d8{};
       int64_t d = 0;
       for (; d + W <= D; d += W) {
@@ -35,33 +34,19 @@ FTATTN_VEC_INLINE void dots_d_body(const float* __restrict X, int64_t n, int64_t
         const d8 xl = __builtin_convertvector(lo, d8), xh = __builtin_convertvector(hi, d8);
         s0 += xl * load_d(yt + d);
         s1 += xh * load_d(yt + d + 8);
-        if constexpr (MAG) {
-          a0 += vec::abs(xl) * load_d(at + d);
-          a1 += vec::abs(xh) * load_d(at + d + 8);
-        }
+        a0 += vec::abs(xl) * load_d(at + d);
+        a1 += vec::abs(xh) * load_d(at + d + 8);
       }
       double s = hsum(s0 + s1), a = hsum(a0 + a1);
       for (; d < D; ++d) {
         const double x = static_cast<double>(xi[d]);
         s += x * yt[d];
-        if constexpr (MAG) a += std::fabs(x) * at[d];
+        a += std::fabs(x) * at[d];
       }
       ref[i * ld + t] = s;
-      if constexpr (MAG) mag[i * ld + t] = a;
+      mag[i * ld + t] = a;
     }
   }
-}
-
-FTATTN_CLONES static void dots_d(const float* __restrict X, int64_t n, int64_t D, const double* __restrict y,
-                                 const double* __restrict yabs, int64_t nt, int64_t ld, double* __restrict ref,
-                                 double* __restrict mag) {
-  dots_d_body<true>(X, n, D, y, yabs, nt, ld, ref, mag);
-}
-
-// dots_d's ref only.
-FTATTN_CLONES static void dots_d_ref(const float* __restrict X, int64_t n, int64_t D, const double* __restrict y,
-                                     int64_t nt, int64_t ld, double* __restrict ref) {
-  dots_d_body<false>(X, n, D, y, y, nt, ld, ref, nullptr);
 }
 
 FTATTN_CLONES static double sum_abs_d(const float* __restrict x, int64_t n) {
