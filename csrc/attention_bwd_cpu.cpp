@@ -64,6 +64,7 @@ struct BwdProblem {
   float *dkh, *dvh;                // [B, Hq, M, D]: each query head's dK (unscaled) and dV
   int32_t* flags;                  // [B, Hq, nq + nk]
   const float* stats = nullptr;    // the forward's [B, Hq, N, 2] (each row's max score and l), or null
+  double eta_fwd = ETA;            // the forward's underflow term per operation of its scores
   int64_t B, Hq, Hkv, N, M, D, nq, nk, G;
   bool causal;
   float scale;
@@ -833,7 +834,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       for (int64_t i = 0; i < rows; ++i) {
         const double qn = w.drift[i];
         w.drift[i] = std::expm1(static_cast<double>(ascale) *
-                                (2.0 * row_f * qn * knorm_max + 2.0 * ETA * static_cast<double>(D + 1))) *
+                                (2.0 * row_f * qn * knorm_max + 2.0 * P.eta_fwd * static_cast<double>(D + 1))) *
                      (1.0 + 0x1p-10);
         use_stats &= w.drift[i] <= DRIFT_MAX;  // (NaN: pass 1)
       }
@@ -1068,6 +1069,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   P.dq = dq.data_ptr<float>(), P.dkh = dkh.data_ptr<float>(), P.dvh = dvh.data_ptr<float>();
   P.flags = flags.data_ptr<int32_t>();
   P.stats = stats.has_value() ? stats->data_ptr<float>() : nullptr;
+  // (a bf16 forward may have made its scores on the bf16 GEMM, which flushes results
+  // below 2^-126: the drift allows for that per operation)
+  P.eta_fwd = q.scalar_type() == at::kBFloat16 ? ETA_FTZ : ETA;
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nq = nq, P.nk = nk;
   P.G = (D + BWD_GROUP - 1) / BWD_GROUP;
   P.causal = causal;

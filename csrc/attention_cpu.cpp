@@ -91,6 +91,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     return rows_apart_d(t) || (inline_sums && in_place(t)) ? t : t.to(at::kFloat).contiguous();
   };
   const at::Tensor kf = key_side(k), vf = key_side(v);
+  // bf16: S = Q K^T on the bf16 GEMM (not for stacked heads, whose S is a sum over slices
+  // of the head dims for accuracy): exact products, fp32 sums, like sgemm on the fp32
+  // copies, 2.5-4x faster on AMX
+  const at::Tensor k16 = stack == 1 && bf16_gemm_ok({&q, &k}) ? k.contiguous() : at::Tensor();
   if (stats.has_value()) check_stats(*stats, B, Hq, N, "ftattn.attention");
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
@@ -116,6 +120,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.out = out.data_ptr<float>();
   P.flags = flags.data_ptr<int32_t>();
   P.stats = stats.has_value() ? stats->data_ptr<float>() : nullptr;
+  if (k16.defined()) {
+    P.k16 = reinterpret_cast<const uint16_t*>(k16.data_ptr());
+    P.eta_s = ETA_FTZ;
+  }
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;
   P.groups = static_cast<int>((D + PV_GROUP - 1) / PV_GROUP);
   P.causal = causal;

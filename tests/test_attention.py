@@ -598,3 +598,37 @@ def test_nonfinite_key_seen_only_by_later_rows_of_the_tile(make_qkv):
     out, rep = ftattn.attention(q, k, v, causal=True, return_report=True)
     assert rep.nonfinite_input and rep.uncorrected == 0 and rep.detected == 0
     assert out[0, 0, :200].isfinite().all() and not out[0, 0, 200:].isfinite().all()
+
+
+@pytest.mark.parametrize("N,M,D,causal,row", [(100, 300, 40, False, 70), (100, 300, 40, True, 98),
+                                              (257, 1025, 64, False, 200), (64, 530, 128, True, 3)], ids=str)
+def test_bf16_scores_on_the_bf16_gemm(make_qkv, monkeypatch, N, M, D, causal, row):
+    """bf16 q, k, v: the C++ kernel makes S = Q K^T on MKL's bf16 GEMM (exact products, fp32
+    sums; 2.5-4x sgemm's speed on AMX), each column reference as three bf16 rows that add
+    back to its fp32 value. Its output is within bf16's tolerance of fp64 as the sgemm
+    path's (FTATTN_GEMM16=0) is, every level gives the same bits, and a mid-mantissa score
+    fault in any 32-row column group is caught and corrected to the clean output."""
+    q, k, v = make_qkv(B=1, Hq=2, Hkv=1, N=N, M=M, D=D, dtype=torch.bfloat16, seed=row)
+    ref = attention_ref(q, k, v, causal)
+    tol = 2.0**-7 * max(1.0, ref.abs().max().item())
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FTATTN_GEMM16", flag)
+        outs[flag] = {p: ftattn.attention(q, k, v, causal=causal, protection=p, backend="cpp")
+                      for p in ("off", "abft", "full")}
+        assert torch.equal(outs[flag]["off"], outs[flag]["abft"]) and torch.equal(outs[flag]["off"], outs[flag]["full"])
+        assert (outs[flag]["full"].double() - ref).abs().max().item() <= tol
+    monkeypatch.setenv("FTATTN_GEMM16", "1")
+    s = q[0, 1, row].double() @ k[0, 0].double().T
+    col = int(s[: M - N + row + 1].argmax()) if causal else int(s.argmax())
+    harmful_seen = 0
+    for bit in (14, 19, 22):
+        fault = Fault("scores", batch=0, head=1, row=row, col=col, bit=bit)
+        raw, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, on_fault="report", return_report=True,
+                                    backend="cpp")
+        harmful = (raw.double() - outs["1"]["full"].double()).abs().max().item() > tol
+        assert rep.detected >= 1 or not harmful, (bit, rep.failures())
+        harmful_seen += harmful
+        out, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, return_report=True, backend="cpp")
+        assert rep.uncorrected == 0 and torch.equal(out, outs["1"]["full"])
+    assert harmful_seen >= 1

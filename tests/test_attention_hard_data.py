@@ -272,3 +272,26 @@ def test_warp_within_the_scores_noise_is_caught(backend):
     # the recomputation is full's: abft, which does not claim it, passes this warp
     raw, rep = _run(q, k, v, False, backend, fault=fault, on_fault="report", protection="abft")
     assert rep.detected == 0 and torch.equal(raw, _run(q, k, v, False, backend, fault=fault, on_fault="report")[0])
+
+
+# bf16 on the C++ kernel: S = Q K^T runs on MKL's bf16 GEMM, which reads inputs below 2^-126
+# as 0 and flushes results below 2^-126 to 0 (AMX, AVX512-BF16). Subnormal inputs send the
+# call to sgemm on fp32 copies; tiny normal ones whose products fall below 2^-126 stay on
+# the bf16 GEMM, where the bounds on S carry 2^-126 per operation (a build with 2^-149
+# there raises the row-checksum alarm on the second case wherever the hardware flushes).
+BF16_TINY = {"k x 1e-39 (subnormal)": (1.0, 1e-39, 1.0), "q, k x 2^-64 (products flushed)": (2.0**-64, 2.0**-64, 1.0),
+             "q x 2^-120, k x 2^-10": (2.0**-120, 2.0**-10, 1.0)}
+
+
+@pytest.mark.parametrize("case", list(BF16_TINY), ids=str)
+@pytest.mark.parametrize("N,M,D,causal", [(5, 7, 16, False), (33, 600, 40, True), (100, 300, 64, False)], ids=str)
+def test_bf16_tiny_inputs_on_the_bf16_gemm_raise_no_alarm(N, M, D, causal, case):
+    fq, fk, fv = BF16_TINY[case]
+    q, k, v = make_qkv(B=1, Hq=2, N=N, M=M, D=D, seed=N + M)
+    q, k, v = (q * fq).bfloat16(), (k * fk).bfloat16(), (v * fv).bfloat16()
+    for protection in ("abft", "full"):
+        out, rep = _run(q, k, v, causal, "cpp", protection=protection, on_fault="raise")
+        assert rep.detected == 0 and rep.uncorrected == 0, rep.failures()
+    ref = attention_ref(q, k, v, causal)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= TAU[torch.bfloat16] * max(1.0, ref.abs().max().item()), err

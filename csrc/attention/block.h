@@ -54,6 +54,12 @@ struct Problem {
   // the kernel then runs on that range as on keys of its own (inline sums)
   const int64_t* key_start = nullptr;
   const int64_t* key_end = nullptr;
+  // bf16 inputs: k as bf16 [B, Hkv, M, D] contiguous for S = Q K^T on the bf16 GEMM
+  // (null: sgemm on the fp32 copies), and the underflow term per operation of the
+  // bounds on S (ETA, or ETA_FTZ on the bf16 GEMM)
+  const uint16_t* k16 = nullptr;
+  double eta_s = ETA;
+  const uint16_t* k16_rows(int64_t b, int64_t h, int64_t r) const { return k16 + ((b * Hkv + h) * M + r) * D; }
   int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
   int64_t key_count(int64_t b) const { return key_start ? key_end[b] - key_start[b] : M; }
 };
@@ -62,8 +68,11 @@ struct Scratch {
   // S has NGROUP_MAX rows beyond the tile's: the GEMM that makes S also makes the
   // column-checksum references (sum_i q_i) . k_j of each group of rows (Block::group_rows),
   // from the group sums appended to the query rows in Qx (zeros at protection off, so
-  // every level runs the same GEMM shape and rounds S the same way).
+  // every level runs the same GEMM shape and rounds S the same way). On the bf16 GEMM
+  // (Problem::k16) each reference row is three bf16 rows in Qb, whose products S holds
+  // in 2 NGROUP_MAX more rows until they are added up (scores_gemm).
   std::vector<float, Aligned64<float>> Qx, S, P, acc;
+  std::vector<uint16_t, Aligned64<uint16_t>> Qb;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
   std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
@@ -82,7 +91,7 @@ struct Scratch {
   // the block's keys and values packed into rows of D (where they are not), on first use
   std::vector<float, Aligned64<float>> Kp, Vp;
   Scratch(int64_t D, int64_t M, bool abft)
-      : Qx((BLOCK_M + NGROUP_MAX) * D), S((BLOCK_M + NGROUP_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
+      : Qx((BLOCK_M + NGROUP_MAX) * D), S((BLOCK_M + 3 * NGROUP_MAX) * BLOCK_N), P(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M),
         l(BLOCK_M) {
     if (!abft) return;
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
@@ -236,6 +245,47 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
     if (!P.inline_sums)
       dots_d(Qx, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
   }
+  if (P.k16 != nullptr) {
+    // the bf16 GEMM's query rows: the block's (bf16 values: exact) and each reference row
+    // as hi + mid + lo, three bf16 rows whose sum is its fp32 value (8 + 8 + 8 bits of
+    // the 24; below 2^-126 a part is read as 0, which the column bound allows for)
+    const size_t need = static_cast<size_t>((BLOCK_M + 3 * NGROUP_MAX) * D);
+    if (w.Qb.size() < need) w.Qb.resize(need);
+    uint16_t* Qb = w.Qb.data();
+    for (int64_t x = 0; x < rows * D; ++x) Qb[x] = bf16_bits(Qx[x]);
+    for (int64_t x = 0; x < ngroups * D; ++x) {
+      const float v = Qx[rows * D + x];
+      const uint16_t hi = bf16_nearest(v);
+      const float r = v - bf16_value(hi);  // (exact)
+      const uint16_t mid = bf16_nearest(r);
+      Qb[rows * D + x] = hi;
+      Qb[(rows + ngroups) * D + x] = mid;
+      Qb[(rows + 2 * ngroups) * D + x] = bf16_nearest(r - bf16_value(mid));
+    }
+  }
+}
+
+// S = Q K^T for the tile at n0 (cols keys), with the column references in rows rows..
+// rows + ngroups: sgemm on the fp32 rows, or the bf16 GEMM (Problem::k16; K16 the
+// block's first key) on Qb, whose three rows per reference are added here in fp64 and
+// rounded once.
+void scores_gemm(const Problem& P, Scratch& w, const Block& blk, const float* K, const uint16_t* K16, int64_t n0,
+                 int64_t cols, float* S) {
+  const int64_t D = P.D, rows = blk.rows(), ng = blk.ngroups();
+  if (K16 == nullptr) {
+    gemm(true, false, rows + ng, cols, D, w.Qx.data(), D, K + n0 * D, D, S, BLOCK_N, blk.hs > 1 ? STACK_D_SLICE : 0);
+    return;
+  }
+  cblas_gemm_bf16bf16f32(101 /* row-major */, 111 /* A */, 112 /* B^T */, static_cast<int>(rows + 3 * ng),
+                         static_cast<int>(cols), static_cast<int>(D), 1.f, w.Qb.data(), static_cast<int>(D),
+                         K16 + n0 * D, static_cast<int>(D), 0.f, S, static_cast<int>(BLOCK_N));
+  for (int64_t g = 0; g < ng; ++g) {
+    float* hi = S + (rows + g) * BLOCK_N;
+    const float* mid = S + (rows + ng + g) * BLOCK_N;
+    const float* lo = S + (rows + 2 * ng + g) * BLOCK_N;
+    for (int64_t j = 0; j < cols; ++j)
+      hi[j] = static_cast<float>(static_cast<double>(hi[j]) + static_cast<double>(mid[j]) + static_cast<double>(lo[j]));
+  }
 }
 
 // The references of the key tile at n0 (cols keys): the per-call sums, or, when the sums
@@ -345,7 +395,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
           flush_cols(w.cs32.data(), w.cs.data(), w.ca32.data(), w.ca.data(), cols);
         // underflow: D + 1 operations per S_ij; the reference's fp32 key sums, 2^-150
         // per key and dim, times |q_id| (sum_d |q_id| <= qabs1 of the group)
-        const double row_abs = ETA * static_cast<double>(cols) * (static_cast<double>(D + 1) + w.qabs1[g]);
+        const double row_abs = P.eta_s * static_cast<double>(cols) * (static_cast<double>(D + 1) + w.qabs1[g]);
         if (!(std::fabs(rs - ref[i * ld]) <= row_factor * mag[i * ld] + row_abs)) bad[sb] |= kRowChecksum;
       } else {
         mx = row_max(Si, cols, limit);
@@ -398,9 +448,14 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       // dim times |k_jd| <= ||k_j||), and the score verification of the keys whose
       // score a fault could move harmfully within that bound
       const float* colref = S + (rows + g) * BLOCK_N;
-      const double col_abs = ETA * static_cast<double>((i1 - i0 + 1) * (D + 1)) + static_cast<double>(D) * 0x1p-150;
+      const double col_abs = P.eta_s * static_cast<double>((i1 - i0 + 1) * (D + 1)) + static_cast<double>(D) * 0x1p-150;
+      // (on the bf16 GEMM the reference is three products, of |hi| <= |sum_i q_i|, |mid| <= 2^-8
+      // and |lo| <= 2^-16 of it: their noise within 2^-7 more; a part below 2^-126 read as 0
+      // moves it by 2^-126 |k_jd| per dim and part, 2^-125 sqrt(D) ||k_j|| in all, which is
+      // noise * 2^-104 * ||k_j||)
+      const double ref_mag = std::sqrt(w.qs2max[g]);
       const ColumnBound cb{KAPPA * sqrtD * U32, std::sqrt(static_cast<double>(i1 - i0) * w.q2max[g]),
-                           std::sqrt(w.qs2max[g]), col_abs};
+                           P.k16 != nullptr ? ref_mag * (1.0 + 0x1p-7) + 0x1p-104 : ref_mag, col_abs};
       const float theta_low =
           column_bounds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols, w.colb.data(), w.theta.data());
       if (col_check_fails(w.cs.data(), colref, w.colb.data(), cols)) bad[sb] |= kColChecksum;
@@ -410,7 +465,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
         const bool full = P.protection >= 2;
         double hidden = 0.0;
         if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), vmax,
-                            w.l[i], P.scale, std::min<int64_t>(cols, limit + 1), full ? &hidden : nullptr))
+                            w.l[i], P.scale, std::min<int64_t>(cols, limit + 1), P.eta_s, full ? &hidden : nullptr))
           bad[sb] |= kScoreRecompute;
         if (full && !(hidden < TAU_VERIFY * static_cast<double>(w.l[i]))) w.dmr = true;
       }
@@ -493,6 +548,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   const float* Q = P.q_rows(b, blk.h0, r0);
   const float* K = P.k_rows(b, hk, k0);
   const float* V = P.v_rows(b, hk, k0);
+  const uint16_t* K16 = P.k16 != nullptr ? P.k16_rows(b, hk, k0) : nullptr;
   FaultSpec f = fault;
   f.col -= k0;  // (a fault on a key outside the sample's range lands in no tile)
   float* O = P.out + ((b * P.Hq + blk.h0) * N + r0) * D;
@@ -519,8 +575,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     const TileRefs t = tile_refs(P, w, blk, Q, K, V, hk, n0, cols);
     // ---- S = Q K^T in fp32, and the column references in rows rows..rows+ngroups ----
     float* S = w.S.data();
-    gemm(true, false, rows + ngroups, cols, D, w.Qx.data(), D, K + n0 * D, D, S, BLOCK_N,
-         blk.hs > 1 ? STACK_D_SLICE : 0);
+    scores_gemm(P, w, blk, K, K16, n0, cols, S);
     if (in_tile && f.site == kScores)
       for (int64_t j = std::max<int64_t>(f.col, n0); j < std::min(f.col + f.ncols, n0 + cols); ++j) {
         float& x = S[fi * BLOCK_N + (j - n0)];
@@ -532,8 +587,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     if (w.dmr) {
       // the scores again, by the same call (it rounds alike): any difference is a fault
       if (w.S2.size() < w.S.size()) w.S2.resize(w.S.size());
-      gemm(true, false, rows + ngroups, cols, D, w.Qx.data(), D, K + n0 * D, D, w.S2.data(), BLOCK_N,
-           blk.hs > 1 ? STACK_D_SLICE : 0);
+      scores_gemm(P, w, blk, K, K16, n0, cols, w.S2.data());
       for (int64_t i = 0; i < rows; ++i)
         if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, cols * sizeof(float)) != 0)
           bad[i / blk.sub_rows()] |= kScoreRecompute;

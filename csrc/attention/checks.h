@@ -294,12 +294,12 @@ template <typename V>
 __attribute__((always_inline)) static inline bool scores_mismatch_body(
     const float* __restrict q, const float* __restrict K, int64_t D, const float* __restrict S,
     const float* __restrict p, const float* __restrict theta, const float* __restrict vmax, float l, float scale,
-    int64_t n, double* hidden) {
+    int64_t n, double eta, double* hidden) {
   using namespace vec;
   using M = decltype(V{} < V{});  // the compare's lane mask
   constexpr int64_t L = Lanes<V>;
   const double noise = KAPPA * std::sqrt(static_cast<double>(D)) * U32;
-  const double floor = ETA * static_cast<double>(D + 1);
+  const double floor = eta * static_cast<double>(D + 1);
   const double sc = std::fabs(static_cast<double>(scale));
   bool bad = false;
   double h = 0.0;
@@ -327,9 +327,9 @@ __attribute__((always_inline)) static inline bool scores_mismatch_body(
 FTATTN_CLONES static bool scores_mismatch(const float* __restrict q, const float* __restrict K, int64_t D,
                                           const float* __restrict S, const float* __restrict p,
                                           const float* __restrict theta, const float* __restrict vmax, float l,
-                                          float scale, int64_t n, double* hidden) {
-  return wide_vectors() ? scores_mismatch_body<vec::f16>(q, K, D, S, p, theta, vmax, l, scale, n, hidden)
-                        : scores_mismatch_body<vec::f8>(q, K, D, S, p, theta, vmax, l, scale, n, hidden);
+                                          float scale, int64_t n, double eta, double* hidden) {
+  return wide_vectors() ? scores_mismatch_body<vec::f16>(q, K, D, S, p, theta, vmax, l, scale, n, eta, hidden)
+                        : scores_mismatch_body<vec::f8>(q, K, D, S, p, theta, vmax, l, scale, n, eta, hidden);
 }
 
 // cs[j] += cs32[j], ca[j] += ca32[j] in fp64, cs32[j] = ca32[j] = 0: ends a ROW_CHUNK of
