@@ -65,6 +65,11 @@ struct BwdProblem {
   int32_t* flags;                  // [B, Hq, nq + nk]
   const float* stats = nullptr;    // the forward's [B, Hq, N, 2] (each row's max score and l), or null
   double eta_fwd = ETA;            // the forward's underflow term per operation of its scores
+  // bf16 inputs: k and v as bf16 [B, Hkv, M, D] contiguous, S = Q K^T (k16) and dP = dO V^T
+  // (v16) on the bf16 GEMM (null: sgemm), and the underflow term per operation of the
+  // bounds on S and dP (ETA, or ETA_FTZ where either runs on the bf16 GEMM)
+  const uint16_t *k16 = nullptr, *v16 = nullptr;
+  double eta16 = ETA;
   int64_t B, Hq, Hkv, N, M, D, nq, nk, G;
   bool causal;
   float scale;
@@ -87,6 +92,9 @@ struct BwdScratch {
   // the block's rows of q and dO and, after them, each column group's sum (fp32; zeros at
   // protection off, so that every level runs the same GEMM shapes and rounds S and dP alike)
   AVec<float> Qx, Gx;
+  // the same as the bf16 GEMM's rows (bf16_rows_split: each column group's sum as three
+  // rows, whose products S, S2 and dP hold in 2 BWD_NGROUP_MAX more rows), on first use
+  AVec<uint16_t> Qh, Gh;
   std::vector<float> m, rinv, Drow, qmax, gmax;
   std::vector<double> l, drift;
   // the checks (abft)
@@ -107,8 +115,8 @@ struct BwdScratch {
   AVec<float> rk, mk, rvm;                           // dK's references [G x ldk]; dV's [2G x ldk]
   std::vector<int32_t> keybits, qbits;
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
-      : S((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), S2((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), Pm(BWD_BM * BWD_BN),
-        dP((BWD_BM + BWD_NGROUP_MAX) * BWD_BN), dS(BWD_BM * BWD_BN), Qx((BWD_BM + BWD_NGROUP_MAX) * D),
+      : S((BWD_BM + 3 * BWD_NGROUP_MAX) * BWD_BN), S2((BWD_BM + 3 * BWD_NGROUP_MAX) * BWD_BN),
+        Pm(BWD_BM * BWD_BN), dP((BWD_BM + 3 * BWD_NGROUP_MAX) * BWD_BN), dS(BWD_BM * BWD_BN), Qx((BWD_BM + BWD_NGROUP_MAX) * D),
         Gx((BWD_BM + BWD_NGROUP_MAX) * D),
         dQ(BWD_BM * D), m(BWD_BM), rinv(BWD_BM), Drow(BWD_BM), qmax(BWD_BM), gmax(BWD_BM), l(BWD_BM),
         drift(BWD_BM), knorm(M), keybits(M), qbits(nq) {
@@ -726,6 +734,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const float* Gd = P.g + (b * P.Hq + h) * N * D;
   const float* K = P.k + ((b * P.Hkv + hk) * P.M + first) * D;
   const float* V = P.v + ((b * P.Hkv + hk) * P.M + first) * D;
+  const uint16_t* K16 = P.k16 != nullptr ? P.k16 + ((b * P.Hkv + hk) * P.M + first) * D : nullptr;
+  const uint16_t* V16 = P.v16 != nullptr ? P.v16 + ((b * P.Hkv + hk) * P.M + first) * D : nullptr;
   float* dQout = P.dq + (b * P.Hq + h) * N * D;
   float* dK = P.dkh + ((b * P.Hq + h) * P.M + first) * D;
   float* dV = P.dvh + ((b * P.Hq + h) * P.M + first) * D;
@@ -760,7 +770,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const double row_f = KAPPA * U32 * sqrtD;
   // underflow: D + 1 operations per entry of S (dP) and of the reference row, at most
   // BWD_COL_ROWS + 1 values per column, and the group sum rounded to fp32, 2^-150 per dim
-  const double col_abs = ETA * static_cast<double>((kReportBlockM + 1) * (D + 1));
+  const double col_abs = P.eta16 * static_cast<double>((kReportBlockM + 1) * (D + 1));
   // per column group of the block's q (which 0) and dO (which 1): sqrt(rows max_d sum_i
   // x_id^2), >= ||sum_i |x_i| ||_2 and >= ||fl(sum_i x_i)||_2 (its reference row)
   double spread[2][BWD_NGROUP_MAX] = {}, absnorm[2][BWD_NGROUP_MAX] = {}, refnorm[2][BWD_NGROUP_MAX] = {};
@@ -816,6 +826,23 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       group_sums(Qb, rows, D, G, w.qg.data(), 2 * G, 1, w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), 2 * G, 1, w.gmax.data());
     }
+    // S = Q K^T (which 0) and dP = dO V^T (which 1) for the tile at n0 (n keys) into X, the
+    // column groups' reference rows after the block's: sgemm on the fp32 rows, or the bf16
+    // GEMM on their bf16 rows (sums.h)
+    for (auto [B16, X, Xh] : {std::tuple{K16, Qx, &w.Qh}, std::tuple{V16, Gx, &w.Gh}}) {
+      if (B16 == nullptr) continue;
+      const size_t need = static_cast<size_t>((BWD_BM + 3 * BWD_NGROUP_MAX) * D);
+      if (Xh->size() < need) Xh->resize(need);
+      bf16_rows_split(X, rows, ngroups, D, Xh->data());
+    }
+    const auto product = [&](int which, int64_t n0, int64_t n, float* X) {
+      const uint16_t* B16 = which == 0 ? K16 : V16;
+      if (B16 != nullptr)
+        gemm_bf16_refs((which == 0 ? w.Qh : w.Gh).data(), rows, ngroups, n, D, B16 + n0 * D, X, BWD_BN);
+      else
+        gemm_rm(false, true, false, rows + ngroups, n, D, which == 0 ? Qx : Gx, D, (which == 0 ? K : V) + n0 * D,
+                D, X, BWD_BN);
+    };
     // ---- each row's max and normaliser over its visible keys: the forward's (P.stats), or
     // pass 1 ----
     // The scores made here may round otherwise than the forward's (another GEMM shape: the
@@ -849,7 +876,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       std::fill(w.drift.begin(), w.drift.begin() + rows, 0.0);
       for (int64_t n0 = 0; n0 < kv_end; n0 += BWD_BN) {
         const int64_t n = std::min(BWD_BN, Mb - n0);
-        gemm_rm(false, true, false, rows + ngroups, n, D, Qx, D, K + n0 * D, D, w.S.data(), BWD_BN);
+        product(0, n0, n, w.S.data());
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t vis = P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
           row_lse(w.S.data() + i * BWD_BN, vis, scale, sgn, &w.m[i], &w.l[i]);
@@ -872,7 +899,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       float* Pm = w.Pm.data();
       float* dP = w.dP.data();
       float* dS = w.dS.data();
-      gemm_rm(false, true, false, rows + ngroups, n, D, Qx, D, Kt, D, S, BWD_BN);  // (+ the column references)
+      product(0, n0, n, S);  // (+ the column references)
       if (fin && f.site == kBwdScores) hit(S);
       memory_barrier();
       for (int64_t i = 0; i < rows; ++i) {
@@ -880,7 +907,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         probs_row(S + i * BWD_BN, Pm + i * BWD_BN, n, vis, scale, sgn * w.m[i], w.rinv[i], abft ? &w.rp[i] : nullptr);
       }
       if (fin && f.site == kBwdProbs) hit(Pm);
-      gemm_rm(false, true, false, rows + ngroups, n, D, Gx, D, Vt, D, dP, BWD_BN);
+      product(1, n0, n, dP);
       if (fin && f.site == kDp) hit(dP);
       memory_barrier();
       for (int64_t i = 0; i < rows; ++i) {
@@ -928,7 +955,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
             row_col_sums(X + i0 * BWD_BN, BWD_BN, nr, n, rsum, w.cs.data(), w.ca.data());
             for (int64_t r = 0; r < nr; ++r)
               if (!(std::fabs(rsum[r] - w.rref[i0 + r]) <=
-                    row_f * w.rmag[i0 + r] + ETA * static_cast<double>(n * (D + 1))))
+                    row_f * w.rmag[i0 + r] + P.eta16 * static_cast<double>(n * (D + 1))))
                 bits |= bit_row;
           }
           // the column bound, from the data's spread as the forward's (checks.h's ColumnBound):
@@ -940,8 +967,13 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
           // |a_i| ||_2 ||b_j||_2. (Groups of 32 rows, not the block's 64: the bound grows with
           // the rows it sums, and the entries it lets through to the fp64 verification with it.)
           const double* norm = (which == 0 ? w.knorm : w.vnorm).data() + n0;
+          // (on the bf16 GEMM the reference row is three, hi + mid + lo, the two below 2^-8 and
+          // 2^-16 of it: noise within 2^-7 more; a part below 2^-126 read as 0 moves the
+          // product by 2^-126 |b_jd| per dim and part, at most 2^-125 sqrt(D) ||b_j||_2)
+          const bool split = which == 0 ? K16 != nullptr : V16 != nullptr;
           const double tiny = static_cast<double>(D + grows + 4) * 0x1p-52 * absnorm[which][g] +
-                              (row_f + U32) * refnorm[which][g] + static_cast<double>(D) * 0x1p-150;
+                              (row_f + U32) * refnorm[which][g] * (split ? 1.0 + 0x1p-7 : 1.0) +
+                              static_cast<double>(D) * 0x1p-150 + (split ? 0x1p-125 * sqrtD : 0.0);
           // (entries: S_ij moves P_ij by P_ij (e^{d scale} - 1), which reaches dV_j through
           // dO_i and dQ_i, dK_j through (dP_ij - D_i) scale k_j / q_i; dP_ij moves dS_ij by
           // P_ij d (dQ_i, dK_j). A fault the column check misses has |d| <= 2 colb_j.)
@@ -950,7 +982,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
                                  w.colb.data(), w.grow.data() + g * BWD_BN))
             bits |= bit_col;
         }
-        const double noise = KAPPA * sqrtD * U32, floor = ETA * static_cast<double>(D + 1);
+        const double noise = KAPPA * sqrtD * U32, floor = P.eta16 * static_cast<double>(D + 1);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t vis = w.m[i] == NEG_INF ? 0 : P.causal ? std::clamp<int64_t>(r0 + i + shift - n0 + 1, 0, n) : n;
           const float* pi = Pm + i * BWD_BN;
@@ -969,8 +1001,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       // the product computed again where the fp64 comparison's own bound could hide harm
       for (int which = 0; which < 2; ++which) {
         if (!(which == 0 ? again_s : again_p)) continue;
-        gemm_rm(false, true, false, rows + ngroups, n, D, which == 0 ? Qx : Gx, D, which == 0 ? Kt : Vt, D,
-                w.S2.data(), BWD_BN);
+        product(which, n0, n, w.S2.data());
         const float* X = which == 0 ? S : dP;
         for (int64_t i = 0; i < rows; ++i)
           if (std::memcmp(X + i * BWD_BN, w.S2.data() + i * BWD_BN, n * sizeof(float)) != 0)
@@ -1072,6 +1103,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   // (a bf16 forward may have made its scores on the bf16 GEMM, which flushes results
   // below 2^-126: the drift allows for that per operation)
   P.eta_fwd = q.scalar_type() == at::kBFloat16 ? ETA_FTZ : ETA;
+  // bf16: S and dP on the bf16 GEMM where both operands are bf16 without subnormals (as the
+  // forward: csrc/attention/inputs.h)
+  const at::Tensor k16 = bf16_gemm_ok({&q, &k}) ? k.contiguous() : at::Tensor();
+  const at::Tensor v16 = bf16_gemm_ok({&grad_out, &v}) ? v.contiguous() : at::Tensor();
+  if (k16.defined()) P.k16 = reinterpret_cast<const uint16_t*>(k16.data_ptr());
+  if (v16.defined()) P.v16 = reinterpret_cast<const uint16_t*>(v16.data_ptr());
+  if (k16.defined() || v16.defined()) P.eta16 = ETA_FTZ;
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nq = nq, P.nk = nk;
   P.G = (D + BWD_GROUP - 1) / BWD_GROUP;
   P.causal = causal;

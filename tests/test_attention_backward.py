@@ -458,3 +458,59 @@ def test_the_python_autograd_passes_the_forwards_statistics():
     *own, _ = torch.ops.ftattn.attention_bwd(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, kept))
     assert not all(torch.equal(a, b) for a, b in zip(got, own))
+
+
+@pytest.mark.parametrize("shape", [GRID[1], GRID[3], GRID[5]], ids=str)
+def test_bf16_products_on_the_bf16_gemm(shape, monkeypatch):
+    """bf16 q, k, v, dO: the C++ backward makes S = Q K^T and dP = dO V^T on MKL's bf16 GEMM
+    (as the forward makes S), each column group's reference row as three bf16 rows. The
+    gradients meet the house tolerance with it and with sgemm (FTATTN_GEMM16=0), every level
+    gives the same bits, and a mid-mantissa fault on S or dP in either 32-row group of a
+    block is flagged and corrected to the clean gradients."""
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FTATTN_GEMM16", flag)
+        check_gradients_within_twice_torch(shape, torch.bfloat16, ftattn.attention)
+    B, Hq, Hkv, N, M, D, causal = shape
+    q, k, v = _qkv(B, Hq, Hkv, N, M, D, torch.bfloat16, seed=21)
+    do = torch.randn(B, Hq, N, D, generator=torch.Generator().manual_seed(2)).bfloat16()
+    runs = [_grads(lambda *t, p=p: ftattn.attention(*t, causal=causal, protection=p), q, k, v, do)
+            for p in ("off", "abft", "full")]
+    assert all(torch.equal(a, b) for other in runs[1:] for a, b in zip(runs[0], other))
+    out, stats = _stats_call(q, k, v, causal, D ** -0.5, 1)
+    rows = [r for r in (5, 40, N - 1) if r < N]
+    for protection in (1, 2):
+        args = (q, k, v, out, do, causal, D ** -0.5, protection, True)
+        *clean, flags = torch.ops.ftattn.attention_bwd(*args, stats=stats)
+        assert not flags.any()
+        for site, x, y in ((Site.BWD_SCORES, q, k), (Site.DP, do, v)):
+            for row in rows:
+                h = Hq - 1
+                visible = M if not causal else max(0, min(M, row + M - N + 1))
+                if visible == 0:
+                    continue
+                col = int((x[0, h, row].double() @ y[0, h // (Hq // Hkv), :visible].double().T).abs().argmax())
+                fault = [int(site), 0, h, row, col, 0, 20]
+                *got, flags = torch.ops.ftattn.attention_bwd(*args, fault, stats=stats)
+                assert flags[0, h, row // 64] & int(Check.CORRECTED), (site, row)
+                assert all(torch.equal(a, b) for a, b in zip(got, clean))
+
+
+@pytest.mark.parametrize("case", ["q, k x 2^-64", "dO, v x 2^-64"])
+def test_bf16_products_flushed_by_the_bf16_gemm_raise_no_alarm(case):
+    """Tiny normal bf16 inputs whose products fall below 2^-126, which the bf16 GEMM
+    flushes to 0 (AMX, AVX512-BF16): the backward's bounds on S and dP carry 2^-126 per
+    operation there, so clean calls raise no flag (a build with 2^-149 fails this wherever
+    the hardware flushes)."""
+    q, k, v = _qkv(1, 2, 1, 70, 45, 16, torch.float32, seed=14)
+    do = torch.randn(1, 2, 70, 16, generator=torch.Generator().manual_seed(7))
+    if case.startswith("q"):
+        q, k = q * 2.0**-64, k * 2.0**-64
+    else:
+        do, v = do * 2.0**-64, v * 2.0**-64
+    q, k, v, do = (t.bfloat16() for t in (q, k, v, do))
+    out, stats = _stats_call(q, k, v, True, 0.25, 1)
+    for protection in (1, 2):
+        for st in (stats, None):
+            *grads, flags = torch.ops.ftattn.attention_bwd(q, k, v, out, do, True, 0.25, protection, True, stats=st)
+            assert not flags.any(), flags.nonzero().tolist()
+            assert all(g.isfinite().all() for g in grads)

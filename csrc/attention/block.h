@@ -246,22 +246,10 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
       dots_d(Qx, rows, D, P.ksum + base * D, P.kabs + base * D, nt, ntiles_all, w.rowref.data(), w.rowmag.data());
   }
   if (P.k16 != nullptr) {
-    // the bf16 GEMM's query rows: the block's (bf16 values: exact) and each reference row
-    // as hi + mid + lo, three bf16 rows whose sum is its fp32 value (8 + 8 + 8 bits of
-    // the 24; below 2^-126 a part is read as 0, which the column bound allows for)
+    // the bf16 GEMM's query rows (sums.h)
     const size_t need = static_cast<size_t>((BLOCK_M + 3 * NGROUP_MAX) * D);
     if (w.Qb.size() < need) w.Qb.resize(need);
-    uint16_t* Qb = w.Qb.data();
-    for (int64_t x = 0; x < rows * D; ++x) Qb[x] = bf16_bits(Qx[x]);
-    for (int64_t x = 0; x < ngroups * D; ++x) {
-      const float v = Qx[rows * D + x];
-      const uint16_t hi = bf16_nearest(v);
-      const float r = v - bf16_value(hi);  // (exact)
-      const uint16_t mid = bf16_nearest(r);
-      Qb[rows * D + x] = hi;
-      Qb[(rows + ngroups) * D + x] = mid;
-      Qb[(rows + 2 * ngroups) * D + x] = bf16_nearest(r - bf16_value(mid));
-    }
+    bf16_rows_split(Qx, rows, ngroups, D, w.Qb.data());
   }
 }
 
@@ -276,16 +264,7 @@ void scores_gemm(const Problem& P, Scratch& w, const Block& blk, const float* K,
     gemm(true, false, rows + ng, cols, D, w.Qx.data(), D, K + n0 * D, D, S, BLOCK_N, blk.hs > 1 ? STACK_D_SLICE : 0);
     return;
   }
-  cblas_gemm_bf16bf16f32(101 /* row-major */, 111 /* A */, 112 /* B^T */, static_cast<int>(rows + 3 * ng),
-                         static_cast<int>(cols), static_cast<int>(D), 1.f, w.Qb.data(), static_cast<int>(D),
-                         K16 + n0 * D, static_cast<int>(D), 0.f, S, static_cast<int>(BLOCK_N));
-  for (int64_t g = 0; g < ng; ++g) {
-    float* hi = S + (rows + g) * BLOCK_N;
-    const float* mid = S + (rows + ng + g) * BLOCK_N;
-    const float* lo = S + (rows + 2 * ng + g) * BLOCK_N;
-    for (int64_t j = 0; j < cols; ++j)
-      hi[j] = static_cast<float>(static_cast<double>(hi[j]) + static_cast<double>(mid[j]) + static_cast<double>(lo[j]));
-  }
+  gemm_bf16_refs(w.Qb.data(), rows, ng, cols, D, K16 + n0 * D, S, BLOCK_N);
 }
 
 // The references of the key tile at n0 (cols keys): the per-call sums, or, when the sums

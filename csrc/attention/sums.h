@@ -306,5 +306,42 @@ static void gemm(bool b_transposed, bool accumulate, int64_t m, int64_t n, int64
   }
 }
 
+// The bf16 GEMM's rows of A = [rows block rows (bf16 values, so exact); ng reference rows
+// (fp32 sums)]: out gets the block's rows, then each reference row as hi, mid and lo, three
+// bf16 rows (at rows + g, rows + ng + g, rows + 2 ng + g) whose sum is its fp32 value (8 + 8
+// + 8 bits of the 24; a part below 2^-126 is read as 0 by the GEMM, which the column bounds
+// allow for).
+static void bf16_rows_split(const float* X, int64_t rows, int64_t ng, int64_t D, uint16_t* out) {
+  for (int64_t x = 0; x < rows * D; ++x) out[x] = bf16_bits(X[x]);
+  for (int64_t x = 0; x < ng * D; ++x) {
+    const float v = X[rows * D + x];
+    const uint16_t hi = bf16_nearest(v);
+    const float r = v - bf16_value(hi);  // (exact)
+    const uint16_t mid = bf16_nearest(r);
+    out[rows * D + x] = hi;
+    out[(rows + ng) * D + x] = mid;
+    out[(rows + 2 * ng) * D + x] = bf16_nearest(r - bf16_value(mid));
+  }
+}
+
+// C[rows + ng, n] = A B^T on the bf16 GEMM for A from bf16_rows_split ([rows + 3 ng, D])
+// and B [n, D] bf16 (row-major, ldc C's row stride, which has room for rows + 3 ng rows):
+// the three products of each reference row added in fp64 and rounded once, into row
+// rows + g.
+static void gemm_bf16_refs(const uint16_t* A, int64_t rows, int64_t ng, int64_t n, int64_t D, const uint16_t* B,
+                           float* C, int64_t ldc) {
+  if (n == 0 || rows + ng == 0) return;
+  cblas_gemm_bf16bf16f32(101 /* row-major */, 111 /* A */, 112 /* B^T */, static_cast<int>(rows + 3 * ng),
+                         static_cast<int>(n), static_cast<int>(D), 1.f, A, static_cast<int>(D), B,
+                         static_cast<int>(D), 0.f, C, static_cast<int>(ldc));
+  for (int64_t g = 0; g < ng; ++g) {
+    float* hi = C + (rows + g) * ldc;
+    const float* mid = C + (rows + ng + g) * ldc;
+    const float* lo = C + (rows + 2 * ng + g) * ldc;
+    for (int64_t j = 0; j < n; ++j)
+      hi[j] = static_cast<float>(static_cast<double>(hi[j]) + static_cast<double>(mid[j]) + static_cast<double>(lo[j]));
+  }
+}
+
 }  // namespace
 }  // namespace ftattn
