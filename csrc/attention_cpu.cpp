@@ -95,6 +95,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   // of the head dims for accuracy): exact products, fp32 sums, like sgemm on the fp32
   // copies, 2.5-4x faster on AMX
   const at::Tensor k16 = stack == 1 && bf16_gemm_ok({&q, &k}) ? k.contiguous() : at::Tensor();
+  // and P V, the probabilities rounded to bf16 for it (as torch's CPU flash attention and
+  // the Triton kernel round them to the inputs' dtype); the normaliser keeps them unrounded
+  const at::Tensor v16 = stack == 1 && bf16_gemm_ok({&v}) ? v.contiguous() : at::Tensor();
   if (stats.has_value()) check_stats(*stats, B, Hq, N, "ftattn.attention");
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));
@@ -123,6 +126,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   if (k16.defined()) {
     P.k16 = reinterpret_cast<const uint16_t*>(k16.data_ptr());
     P.eta_s = ETA_FTZ;
+  }
+  if (v16.defined()) {
+    P.v16 = reinterpret_cast<const uint16_t*>(v16.data_ptr());
+    P.eta_pv = ETA_FTZ;
   }
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;
   P.groups = static_cast<int>((D + PV_GROUP - 1) / PV_GROUP);

@@ -632,3 +632,40 @@ def test_bf16_scores_on_the_bf16_gemm(make_qkv, monkeypatch, N, M, D, causal, ro
         out, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, return_report=True, backend="cpp")
         assert rep.uncorrected == 0 and torch.equal(out, outs["1"]["full"])
     assert harmful_seen >= 1
+
+
+@pytest.mark.parametrize("N,M,D,causal", [(100, 300, 40, False), (257, 1025, 64, True), (64, 530, 128, False),
+                                          (33, 70, 200, True)], ids=str)
+def test_bf16_pv_on_the_bf16_gemm(make_qkv, monkeypatch, N, M, D, causal):
+    """bf16 q, k, v: the C++ kernel also runs P V on the bf16 GEMM, with each probability
+    rounded to bf16 for it (as torch's CPU flash attention and the Triton kernel round P to
+    the inputs' dtype) and the normaliser of the unrounded ones. The PV checksum sums the
+    rounded p the product reads (else every clean call would fail it by ~2^-9), the output
+    stays within bf16's tolerance of fp64, and faults on the accumulator and on a
+    probability are caught and corrected to the clean output."""
+    q, k, v = make_qkv(B=1, Hq=2, Hkv=1, N=N, M=M, D=D, dtype=torch.bfloat16, seed=N + D)
+    ref = attention_ref(q, k, v, causal)
+    tol = 2.0**-7 * max(1.0, ref.abs().max().item())
+    monkeypatch.setenv("FTATTN_GEMM16", "1")
+    outs = {p: ftattn.attention(q, k, v, causal=causal, protection=p, backend="cpp", return_report=True)
+            for p in ("off", "abft", "full")}
+    for p in ("abft", "full"):
+        assert outs[p][1].detected == 0, outs[p][1].failures()
+        assert torch.equal(outs["off"][0], outs[p][0])
+    clean = outs["full"][0]
+    assert (clean.double() - ref).abs().max().item() <= tol
+    row = N - 1
+    s = q[0, 1, row].double() @ k[0, 0].double().T
+    col = int(s.argmax())  # (the last row sees every key, causal or not)
+    harmful_seen = 0
+    for fault in (Fault("acc", batch=0, head=1, row=row, col=col, dim=D // 2, bit=28),
+                  Fault("acc", batch=0, head=1, row=row, col=col, dim=1, bit=22),
+                  Fault("probs", batch=0, head=1, row=row, col=col, bit=22)):
+        raw, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, on_fault="report", return_report=True,
+                                    backend="cpp")
+        harmful = (raw.double() - clean.double()).abs().max().item() > tol
+        assert rep.detected >= 1 or not harmful, (fault, rep.failures())
+        harmful_seen += harmful
+        out, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, return_report=True, backend="cpp")
+        assert rep.uncorrected == 0 and torch.equal(out, clean)
+    assert harmful_seen >= 2

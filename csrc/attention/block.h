@@ -59,6 +59,10 @@ struct Problem {
   // bounds on S (ETA, or ETA_FTZ on the bf16 GEMM)
   const uint16_t* k16 = nullptr;
   double eta_s = ETA;
+  // the same for P V: v as bf16 [B, Hkv, M, D] contiguous (the probabilities then rounded to
+  // bf16 for the product, softmax.h's P16), and the PV check's underflow term
+  const uint16_t* v16 = nullptr;
+  double eta_pv = ETA;
   const uint16_t* k16_rows(int64_t b, int64_t h, int64_t r) const { return k16 + ((b * Hkv + h) * M + r) * D; }
   int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
   int64_t key_count(int64_t b) const { return key_start ? key_end[b] - key_start[b] : M; }
@@ -73,6 +77,8 @@ struct Scratch {
   // in 2 NGROUP_MAX more rows until they are added up (scores_gemm).
   std::vector<float, Aligned64<float>> Qx, S, P, acc;
   std::vector<uint16_t, Aligned64<uint16_t>> Qb;
+  // P as bf16 for the bf16 GEMM of P V (Problem::v16), on first use
+  std::vector<uint16_t, Aligned64<uint16_t>> Pb;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
   std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
@@ -332,7 +338,12 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
   const double *ref = t.ref, *mag = t.mag, *knorm = t.knorm;
   const float *vsum = t.vsum, *vabs = t.vabs, *vmax = t.vmax;
   const int64_t ld = t.ld, gs = t.gs;
-  const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups);
+  const bool p16 = P.v16 != nullptr;
+  const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups, p16);
+  uint16_t* Pb = p16 ? w.Pb.data() : nullptr;
+  // (P V reads p rounded to bf16 there, up to 2^-8 more than p: the keys a score fault
+  // could move harmfully are found with l that much smaller)
+  const float lfac = p16 ? 1.f - 0x1p-7f : 1.f;
   // ---- row by row, while the row of S and P is in L1: scale, mask, max and the
   // ABFT sums; the online softmax with its checks; the normaliser ----
   for (int64_t g = 0; g < ngroups; ++g) {
@@ -393,8 +404,8 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       const bool hit_p = in_tile && f.site == kProbs && fi == i;
       if (hit_p) rf = RowFault{f.col - n0, f.col - n0 + f.ncols, f.bit, f.value};
       RowStats st;
-      (hit_p ? softmax_row_fn(P.protection, true, P.groups) : row_fn)(Si, Pi, cols, empty ? -1 : limit, P.scale,
-                                                                      m_new, vsum, vabs, gs, rf, st);
+      (hit_p ? softmax_row_fn(P.protection, true, P.groups, p16) : row_fn)(
+          Si, Pi, cols, empty ? -1 : limit, P.scale, m_new, vsum, vabs, gs, rf, st, p16 ? Pb + i * BLOCK_N : nullptr);
       memory_barrier();
       const float psum = st.psum;
       float l_new = alpha * w.l[i] + psum;
@@ -439,14 +450,15 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
           column_bounds(cb, knorm, w.ca.data(), colref, vmax, P.scale, cols, w.colb.data(), w.theta.data());
       if (col_check_fails(w.cs.data(), colref, w.colb.data(), cols)) bad[sb] |= kColChecksum;
       for (int64_t i = i0; i < i1; ++i) {
-        if (!(w.pmax[i] >= theta_low * w.l[i]) || w.m[i] == NEG_INF) continue;
+        const float li = w.l[i] * lfac;
+        if (!(w.pmax[i] >= theta_low * li) || w.m[i] == NEG_INF) continue;
         const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
         const bool full = P.protection >= 2;
         double hidden = 0.0;
         if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), vmax,
-                            w.l[i], P.scale, std::min<int64_t>(cols, limit + 1), P.eta_s, full ? &hidden : nullptr))
+                            li, P.scale, std::min<int64_t>(cols, limit + 1), P.eta_s, full ? &hidden : nullptr))
           bad[sb] |= kScoreRecompute;
-        if (full && !(hidden < TAU_VERIFY * static_cast<double>(w.l[i]))) w.dmr = true;
+        if (full && !(hidden < TAU_VERIFY * static_cast<double>(li))) w.dmr = true;
       }
     }
   }
@@ -498,7 +510,7 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
         const double part = parts[g];
         // underflow: per key, the product and sum of acc and of c, the per-key sum of v
         // over the group's dims; per tile, the rescale of acc and c
-        const double pv_abs = ETA * static_cast<double>((d1 - d0 + 2) * (visible + 2 * ntiles + vec::CHUNK));
+        const double pv_abs = P.eta_pv * static_cast<double>((d1 - d0 + 2) * (visible + 2 * ntiles + vec::CHUNK));
         pv_bad |= !(std::fabs(part - w.c[i * MAX_GROUPS + g]) <= pv_factor * w.bv[i * MAX_GROUPS + g] + pv_abs);
       }
       if (pv_bad) bad[i / sub_rows] |= kPvChecksum;
@@ -528,6 +540,8 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   const float* K = P.k_rows(b, hk, k0);
   const float* V = P.v_rows(b, hk, k0);
   const uint16_t* K16 = P.k16 != nullptr ? P.k16_rows(b, hk, k0) : nullptr;
+  const uint16_t* V16 = P.v16 != nullptr ? P.v16 + ((b * P.Hkv + hk) * P.M + k0) * D : nullptr;
+  if (V16 != nullptr && w.Pb.size() < static_cast<size_t>(BLOCK_M * BLOCK_N)) w.Pb.resize(BLOCK_M * BLOCK_N);
   FaultSpec f = fault;
   f.col -= k0;  // (a fault on a key outside the sample's range lands in no tile)
   float* O = P.out + ((b * P.Hq + blk.h0) * N + r0) * D;
@@ -571,9 +585,14 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
         if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, cols * sizeof(float)) != 0)
           bad[i / blk.sub_rows()] |= kScoreRecompute;
     }
-    // ---- acc += P V in fp32 ----
-    gemm(false, true, rows, D, cols, w.P.data(), BLOCK_N, V + n0 * D, D, w.acc.data(), D,
-         blk.hs > 1 ? STACK_KEY_SLICE : 0);
+    // ---- acc += P V in fp32 (on the bf16 GEMM: P rounded to bf16 by the softmax) ----
+    if (V16 != nullptr)
+      cblas_gemm_bf16bf16f32(101 /* row-major */, 111, 111, static_cast<int>(rows), static_cast<int>(D),
+                             static_cast<int>(cols), 1.f, w.Pb.data(), static_cast<int>(BLOCK_N), V16 + n0 * D,
+                             static_cast<int>(D), 1.f, w.acc.data(), static_cast<int>(D));
+    else
+      gemm(false, true, rows, D, cols, w.P.data(), BLOCK_N, V + n0 * D, D, w.acc.data(), D,
+           blk.hs > 1 ? STACK_KEY_SLICE : 0);
     if (in_tile && f.site == kAcc) corrupt_dims(w.acc.data() + fi * D, D, f);
     memory_barrier();
   }

@@ -14,6 +14,22 @@ struct RowFault {
   double value = 0.0;
 };
 
+// The lanes of a float vector as uint32 (U) and as many uint16 (H): bf16 rounding.
+typedef uint16_t h16 __attribute__((vector_size(32)));
+typedef uint16_t h8 __attribute__((vector_size(16)));
+template <typename V>
+struct Bf16Lanes;
+template <>
+struct Bf16Lanes<vec::f16> {
+  using U = vec::u16;
+  using H = h16;
+};
+template <>
+struct Bf16Lanes<vec::f8> {
+  using U = vec::u8;
+  using H = h8;
+};
+
 // What one row of the online softmax gives: the fp32 row sum of p (the normaliser
 // update) and, for the checks, max p and min p, the independent sums sum_j p_j and,
 // per group g of head dims, sum_j p_j a_gj and sum_j p_j b_gj (fp32 partials of CHUNK
@@ -50,13 +66,20 @@ struct RowStats {
 // psum adds the lanes in a fixed order, the same at every level, so off, abft and
 // full round l (and the output) alike. INJECT hits p_{fault.col..end-1} after the
 // exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs.
-template <int PROT, bool INJECT, int NG, typename V>
+// P16 (bf16 values on the bf16 GEMM): each p also rounded to the nearest bf16 p' (ties to
+// even), written as bf16 bits to pb for the product P V, which p' feeds, and so the PV
+// checksum's sums (wa, wb) are of p'; the normaliser, its independent sum and the range
+// checks keep p, as the Triton kernel does (and flash attention: P in the inputs' dtype).
+template <int PROT, bool INJECT, int NG, typename V, bool P16>
 __attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
                                                                    int64_t n, int64_t limit, float scale, float mr,
                                                                    const float* __restrict a,
                                                                    const float* __restrict b, int64_t gs,
-                                                                   const RowFault& fault, RowStats& st) {
+                                                                   const RowFault& fault, RowStats& st,
+                                                                   uint16_t* __restrict pb) {
   using namespace vec;
+  using U = typename Bf16Lanes<V>::U;
+  using H = typename Bf16Lanes<V>::H;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
   const float scale2 = scale * LOG2E;
   const float rel = 5.9604645e-08f * 64.f, abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
@@ -77,14 +100,22 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
           pv[x - j] = corrupt(pv[x - j], fault.bit, fault.value);
       }
       store_v(p + j, pv);
+      V pr = pv;  // (what P V reads)
+      if constexpr (P16) {
+        U u = reinterpret_cast<U>(pv);
+        u += 0x7FFFu + ((u >> 16) & 1u);
+        const H h = __builtin_convertvector(u >> 16, H);
+        std::memcpy(pb + j, &h, sizeof(h));
+        pr = reinterpret_cast<V>(u & 0xFFFF0000u);
+      }
       psum_v += pv;
       if constexpr (PROT >= 1) {
         mx_v = pv > mx_v ? pv : mx_v;
         mn_v = pv < mn_v ? pv : mn_v;
         sp += pv;
         for (int g = 0; g < NG; ++g) {
-          ap[g] += pv * load_v<V>(a + g * gs + j);
-          bp[g] += pv * load_v<V>(b + g * gs + j);
+          ap[g] += pr * load_v<V>(a + g * gs + j);
+          bp[g] += pr * load_v<V>(b + g * gs + j);
         }
       }
       if constexpr (PROT >= 2) {
@@ -115,12 +146,17 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       if (j >= fault.col && j < fault.end) pj = corrupt(pj, fault.bit, fault.value);
     }
     p[j] = pj;
+    float pr = pj;
+    if constexpr (P16) {
+      pb[j] = bf16_nearest(pj);
+      pr = bf16_value(pb[j]);
+    }
     psum_t += pj;
     if constexpr (PROT >= 1) {
       mx = pj > mx ? pj : mx;
       mn = pj < mn ? pj : mn;
-      const double x = static_cast<double>(pj);
-      s_t += x;
+      s_t += static_cast<double>(pj);
+      const double x = static_cast<double>(pr);
       for (int g = 0; g < NG; ++g) {
         a_t[g] += x * a[g * gs + j];
         b_t[g] += x * b[g * gs + j];
@@ -138,6 +174,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   }
   if (j < n) {
     std::fill(p + j, p + n, 0.f);
+    if constexpr (P16) std::fill(pb + j, pb + n, uint16_t{0});
     mn = 0.f;
   }
   st.psum = tree(psum_v, Add{}) + psum_t;
@@ -165,41 +202,56 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
 // One clone set per variant (the template body is inlined into each, twice: on 16-lane vectors
 // where the code runs AVX-512, else on 8-lane ones, vec::Lanes; the same level on one machine
 // always takes the same, so off, abft and full still round l alike).
-#define FTATTN_SOFTMAX_ROW(name, PROT, INJECT, NG)                                                            \
+#define FTATTN_SOFTMAX_ROW(name, PROT, INJECT, NG, P16)                                                       \
   FTATTN_CLONES static void name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,   \
                                  float scale, float m, const float* __restrict a, const float* __restrict b, \
-                                 int64_t gs, const RowFault& fault, RowStats& st) {                          \
+                                 int64_t gs, const RowFault& fault, RowStats& st, uint16_t* __restrict pb) { \
     if (wide_vectors())                                                                                      \
-      softmax_row_body<PROT, INJECT, NG, vec::f16>(S, p, n, limit, scale, m, a, b, gs, fault, st);           \
+      softmax_row_body<PROT, INJECT, NG, vec::f16, P16>(S, p, n, limit, scale, m, a, b, gs, fault, st, pb);  \
     else                                                                                                     \
-      softmax_row_body<PROT, INJECT, NG, vec::f8>(S, p, n, limit, scale, m, a, b, gs, fault, st);            \
+      softmax_row_body<PROT, INJECT, NG, vec::f8, P16>(S, p, n, limit, scale, m, a, b, gs, fault, st, pb);   \
   }
-#define FTATTN_SOFTMAX_ROWS(PROT, INJECT, suffix)                 \
-  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##1, PROT, INJECT, 1)    \
-  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##2, PROT, INJECT, 2)    \
-  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##3, PROT, INJECT, 3)    \
-  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##4, PROT, INJECT, 4)
-FTATTN_SOFTMAX_ROW(softmax_row_off, 0, false, 1)
-FTATTN_SOFTMAX_ROW(softmax_row_off_inject, 0, true, 1)
-FTATTN_SOFTMAX_ROWS(1, false, abft)
-FTATTN_SOFTMAX_ROWS(2, false, full)
-FTATTN_SOFTMAX_ROWS(1, true, abft_inject)
-FTATTN_SOFTMAX_ROWS(2, true, full_inject)
+#define FTATTN_SOFTMAX_ROWS(PROT, INJECT, P16, suffix)                 \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##1, PROT, INJECT, 1, P16)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##2, PROT, INJECT, 2, P16)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##3, PROT, INJECT, 3, P16)    \
+  FTATTN_SOFTMAX_ROW(softmax_row_##suffix##4, PROT, INJECT, 4, P16)
+FTATTN_SOFTMAX_ROW(softmax_row_off, 0, false, 1, false)
+FTATTN_SOFTMAX_ROW(softmax_row_off_inject, 0, true, 1, false)
+FTATTN_SOFTMAX_ROWS(1, false, false, abft)
+FTATTN_SOFTMAX_ROWS(2, false, false, full)
+FTATTN_SOFTMAX_ROWS(1, true, false, abft_inject)
+FTATTN_SOFTMAX_ROWS(2, true, false, full_inject)
+FTATTN_SOFTMAX_ROW(softmax_row_off16, 0, false, 1, true)
+FTATTN_SOFTMAX_ROW(softmax_row_off_inject16, 0, true, 1, true)
+FTATTN_SOFTMAX_ROWS(1, false, true, abft16_)
+FTATTN_SOFTMAX_ROWS(2, false, true, full16_)
+FTATTN_SOFTMAX_ROWS(1, true, true, abft_inject16_)
+FTATTN_SOFTMAX_ROWS(2, true, true, full_inject16_)
 #undef FTATTN_SOFTMAX_ROWS
 #undef FTATTN_SOFTMAX_ROW
 
 using SoftmaxRowFn = void (*)(const float*, float*, int64_t, int64_t, float, float, const float*, const float*,
-                              int64_t, const RowFault&, RowStats&);
+                              int64_t, const RowFault&, RowStats&, uint16_t*);
 
-// The variant for a protection level, injection or not, and the number of groups.
-static SoftmaxRowFn softmax_row_fn(int protection, bool inject, int groups) {
-  if (protection == 0) return inject ? softmax_row_off_inject : softmax_row_off;
-  static const SoftmaxRowFn table[2][2][MAX_GROUPS] = {
-      {{softmax_row_abft1, softmax_row_abft2, softmax_row_abft3, softmax_row_abft4},
-       {softmax_row_full1, softmax_row_full2, softmax_row_full3, softmax_row_full4}},
-      {{softmax_row_abft_inject1, softmax_row_abft_inject2, softmax_row_abft_inject3, softmax_row_abft_inject4},
-       {softmax_row_full_inject1, softmax_row_full_inject2, softmax_row_full_inject3, softmax_row_full_inject4}}};
-  return table[inject ? 1 : 0][protection - 1][groups - 1];
+// The variant for a protection level, injection or not, the number of groups, and P as
+// bf16 for the bf16 GEMM or not.
+static SoftmaxRowFn softmax_row_fn(int protection, bool inject, int groups, bool p16 = false) {
+  if (protection == 0)
+    return p16 ? (inject ? softmax_row_off_inject16 : softmax_row_off16)
+               : (inject ? softmax_row_off_inject : softmax_row_off);
+  static const SoftmaxRowFn table[2][2][2][MAX_GROUPS] = {
+      {{{softmax_row_abft1, softmax_row_abft2, softmax_row_abft3, softmax_row_abft4},
+        {softmax_row_full1, softmax_row_full2, softmax_row_full3, softmax_row_full4}},
+       {{softmax_row_abft_inject1, softmax_row_abft_inject2, softmax_row_abft_inject3, softmax_row_abft_inject4},
+        {softmax_row_full_inject1, softmax_row_full_inject2, softmax_row_full_inject3, softmax_row_full_inject4}}},
+      {{{softmax_row_abft16_1, softmax_row_abft16_2, softmax_row_abft16_3, softmax_row_abft16_4},
+        {softmax_row_full16_1, softmax_row_full16_2, softmax_row_full16_3, softmax_row_full16_4}},
+       {{softmax_row_abft_inject16_1, softmax_row_abft_inject16_2, softmax_row_abft_inject16_3,
+         softmax_row_abft_inject16_4},
+        {softmax_row_full_inject16_1, softmax_row_full_inject16_2, softmax_row_full_inject16_3,
+         softmax_row_full_inject16_4}}}};
+  return table[p16 ? 1 : 0][inject ? 1 : 0][protection - 1][groups - 1];
 }
 
 }  // namespace
