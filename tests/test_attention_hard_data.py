@@ -295,3 +295,27 @@ def test_bf16_tiny_inputs_on_the_bf16_gemm_raise_no_alarm(N, M, D, causal, case)
     ref = attention_ref(q, k, v, causal)
     err = (out.double() - ref).abs().max().item()
     assert err <= TAU[torch.bfloat16] * max(1.0, ref.abs().max().item()), err
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_probabilities_below_2_126_with_huge_values_raise_no_alarm(causal):
+    """P V on the bf16 GEMM reads a probability below 2^-126 (scores ~87.5 below the row's
+    max) as 0; the kernel rounds such p' to 0 itself, so the PV checksum sums what the
+    product reads. With values of 1e30 on those keys and 1e-30 on the others, a checksum of
+    the unflushed p' fails every block (seen: the PV-checksum flag on clean data); the
+    output, ~5e-9 in fp64, stays within bf16's tolerance either way."""
+    N, M, D = 100, 300, 16  # (N > 64: not a stacked block, which keeps sgemm)
+    q = torch.zeros(1, 2, N, D)
+    q[..., 0] = 1.0
+    k = torch.randn(1, 1, M, D, generator=torch.Generator().manual_seed(3))
+    far = torch.arange(M) % 3 == 0
+    k[..., 0] = 0.0  # (the scores are k_j0: the row max 0 exactly)
+    k[0, 0, far, 0] = -87.5  # p = 0.85 2^-126 (as 2^(-126.24)): bf16 subnormal
+    v = torch.randn(1, 1, M, D, generator=torch.Generator().manual_seed(4)) * 1e-30
+    v[0, 0, far] = 1e30  # (their p v, ~1e-8, dominate the output and the PV bound)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    for protection in ("abft", "full"):
+        out, rep = _run(q, k, v, causal, "cpp", protection=protection, scale=1.0, on_fault="raise")
+        assert rep.detected == 0 and rep.uncorrected == 0, rep.failures()
+    ref = attention_ref(q, k, v, causal, scale=1.0)
+    assert (out.double() - ref).abs().max().item() <= TAU[torch.bfloat16] * max(1.0, ref.abs().max().item())

@@ -104,9 +104,13 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       if constexpr (P16) {
         U u = reinterpret_cast<U>(pv);
         u += 0x7FFFu + ((u >> 16) & 1u);
+        u &= 0xFFFF0000u;
+        // (below 2^-126 the GEMM reads a bf16 as 0, so 0 here too: the checksum then sums
+        // what the product reads, whatever |v|)
+        u = u < 0x00800000u ? U{} : u;
         const H h = __builtin_convertvector(u >> 16, H);
         std::memcpy(pb + j, &h, sizeof(h));
-        pr = reinterpret_cast<V>(u & 0xFFFF0000u);
+        pr = reinterpret_cast<V>(u);
       }
       psum_v += pv;
       if constexpr (PROT >= 1) {
@@ -148,7 +152,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     p[j] = pj;
     float pr = pj;
     if constexpr (P16) {
-      pb[j] = bf16_nearest(pj);
+      const uint16_t h = bf16_nearest(pj);
+      pb[j] = h < 0x0080u ? uint16_t{0} : h;  // (as above)
       pr = bf16_value(pb[j]);
     }
     psum_t += pj;
