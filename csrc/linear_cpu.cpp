@@ -65,6 +65,11 @@ Gemm16 gemm16(at::ScalarType st) {
   return nullptr;
 }
 
+// The underflow term per operation of the product's bounds: 2^-149 (kEta), or 2^-126 where
+// the product runs on MKL's 16-bit GEMM, which on AMX / AVX512-BF16 flushes results below
+// 2^-126 to 0 (bf16 x and W of ~2^-64 each raised the row check on clean data before).
+double product_eta(at::ScalarType st) { return gemm16(st) != nullptr ? 0x1p-126 : kEta; }
+
 // a [T, K] times b^T for b [R, K] (a row-major, b either way round): fp32 [T, R], the
 // accumulators of the library GEMM.
 at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
@@ -442,7 +447,7 @@ bool fix_one_element(const CheckRefs& c, const at::Tensor& xc, const at::Tensor&
     }
     if (c.bias != nullptr) s -= static_cast<double>(r1 - r0) * static_cast<double>(c.bias[o]);
     const double bound = stat * std::sqrt(mp[o - o0]) + (c.bias != nullptr ? kU32 * a : 0.0) +
-                         kEta * static_cast<double>((K + 2) * (r1 - r0));
+                         product_eta(xc.scalar_type()) * static_cast<double>((K + 2) * (r1 - r0));
     if (!(std::fabs(s - rp[o - o0]) <= bound)) {
       if (col >= 0) return false;
       col = o;
@@ -589,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                 refp, magp, sc, &xc, T, out, block_o, nb, split,
                 (kKappa * sqrtK * kU32 * std::sqrt(2.0) + rep * sqrtK) * (1.0 + 0x1p-6),
-                kEta * static_cast<double>((K + 1) * (block_o + 1)),
+                product_eta(st) * static_cast<double>((K + 1) * (block_o + 1)),
                 // (block_sums: ceil(block_o / L) + 1 terms per fp32 partial, L the lanes this machine's
                 // code adds in)
                 static_cast<double>((block_o + lanes - 1) / lanes + 1) * kU32 * (1.0 + 0x1p-20)};
