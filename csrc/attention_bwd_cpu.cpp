@@ -70,6 +70,9 @@ struct BwdProblem {
   // bounds on S and dP (ETA, or ETA_FTZ where either runs on the bf16 GEMM)
   const uint16_t *k16 = nullptr, *v16 = nullptr;
   double eta16 = ETA;
+  // dV += P^T dO, dK += dS^T Q, dQ += dS K on the bf16 GEMM too (with k16 and v16), P and dS
+  // rounded to bf16 for them as the forward rounds P for P V
+  bool p16 = false;
   int64_t B, Hq, Hkv, N, M, D, nq, nk, G;
   bool causal;
   float scale;
@@ -99,6 +102,10 @@ struct BwdScratch {
   std::vector<double> l, drift;
   // the checks (abft)
   AVec<float> dSa;                               // |dS| of the tile
+  // the bf16 GEMM's P and dS (BwdProblem::p16): rounded to bf16 (bits, and as fp32 with |dS|
+  // for the references of dQ, dK, dV), on first use
+  AVec<uint16_t> Pb, dSb;
+  AVec<float> Pr, dSr, dSra;
   std::vector<double> rs, rp;                    // per row: sum_j P_ij over its key tiles, as read / as made
   std::vector<double> qsum, qabs, gsum, gabs;    // per column group [NGROUP_MAX x D]
   std::vector<float> qg, gg;                     // per row: group sums of q, then of |q| [BM x 2G]; dO's
@@ -703,7 +710,7 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
 // one side) and the rounding of the group sums to fp32. bits[r] |= bit for those rows.
 FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, int64_t G, const float* ref,
                                       int64_t ldr, int64_t gsr, const float* mag, int64_t ldm, int64_t gsm,
-                                      int64_t K, int32_t bit, int32_t* bits) {
+                                      int64_t K, int32_t bit, int32_t* bits, double eta) {
   const double f = (2.0 * KAPPA * std::sqrt(static_cast<double>(K + 2)) + 2.0) * U32;
   for (int64_t r = 0; r < n; ++r) {
     bool bad = false;
@@ -712,7 +719,7 @@ FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, in
       double s, a, m;
       span_sums(acc + r * D + d0, d1 - d0, s, a, m);
       const double bound =
-          f * static_cast<double>(mag[r * ldm + g * gsm]) + ETA * static_cast<double>((d1 - d0 + 2) * (K + 2));
+          f * static_cast<double>(mag[r * ldm + g * gsm]) + eta * static_cast<double>((d1 - d0 + 2) * (K + 2));
       bad |= !(std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr])) <= bound);
     }
     if (bad) bits[r] |= bit;
@@ -722,6 +729,28 @@ FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, in
 // ---------------------------------------------------------------------------
 // One task: query head h of sample b. Writes its dQ rows, its dK / dV buffers and, per
 // query block and per key, the check bits of this run into w.qbits and w.keybits.
+
+// X [rows x n] (row stride ld) rounded to the nearest bf16 (ties to even; 0 below 2^-126,
+// which the bf16 GEMM reads as 0): its bits in Xb, its value in Xr and, where Xa is given,
+// |Xr| in Xa (same stride).
+FTATTN_CLONES static void round_bf16(const float* __restrict X, int64_t rows, int64_t n, int64_t ld,
+                                     uint16_t* __restrict Xb, float* __restrict Xr, float* __restrict Xa) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      uint32_t u;
+      std::memcpy(&u, X + i * ld + j, sizeof(u));
+      const bool special = (u & 0x7F800000u) == 0x7F800000u;  // (Inf, NaN: as they are)
+      uint32_t r = special ? u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+      r = (r & 0x7F800000u) == 0 ? (r & 0x80000000u) : r;
+      Xb[i * ld + j] = static_cast<uint16_t>(r >> 16);
+      float x;
+      std::memcpy(&x, &r, sizeof(x));
+      Xr[i * ld + j] = x;
+      if (Xa != nullptr) Xa[i * ld + j] = std::fabs(x);
+    }
+  }
+}
 
 void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, const FaultSpec& f) {
   const int64_t D = P.D, N = P.N, G = P.G, group = P.Hq / P.Hkv, hk = h / group;
@@ -736,6 +765,10 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const float* V = P.v + ((b * P.Hkv + hk) * P.M + first) * D;
   const uint16_t* K16 = P.k16 != nullptr ? P.k16 + ((b * P.Hkv + hk) * P.M + first) * D : nullptr;
   const uint16_t* V16 = P.v16 != nullptr ? P.v16 + ((b * P.Hkv + hk) * P.M + first) * D : nullptr;
+  if (P.p16 && w.Pb.size() < static_cast<size_t>(BWD_BM * BWD_BN)) {
+    for (auto* x : {&w.Pb, &w.dSb}) x->resize(BWD_BM * BWD_BN);
+    for (auto* x : {&w.Pr, &w.dSr, &w.dSra}) x->resize(BWD_BM * BWD_BN);
+  }
   float* dQout = P.dq + (b * P.Hq + h) * N * D;
   float* dK = P.dkh + ((b * P.Hq + h) * P.M + first) * D;
   float* dV = P.dvh + ((b * P.Hq + h) * P.M + first) * D;
@@ -916,10 +949,27 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       }
       if (fin && f.site == kDs) hit(dS);
       memory_barrier();
-      // the products
-      gemm_rm(true, false, true, n, D, rows, Pm, BWD_BN, Gb, D, dV + n0 * D, D);
-      gemm_rm(true, false, true, n, D, rows, dS, BWD_BN, Qb, D, dK + n0 * D, D);
-      gemm_rm(false, false, true, rows, D, n, dS, BWD_BN, Kt, D, w.dQ.data(), D);
+      // the products (on the bf16 GEMM: of P and dS rounded to bf16, whose references below
+      // are made from the same rounded values)
+      const float* Pref = Pm;
+      const float* dSref = dS;
+      const float* dSaref = w.dSa.data();
+      if (P.p16) {
+        round_bf16(Pm, rows, n, BWD_BN, w.Pb.data(), w.Pr.data(), nullptr);
+        round_bf16(dS, rows, n, BWD_BN, w.dSb.data(), w.dSr.data(), w.dSra.data());
+        Pref = w.Pr.data(), dSref = w.dSr.data(), dSaref = w.dSra.data();
+        const int rn = static_cast<int>(n), rr = static_cast<int>(rows), rd = static_cast<int>(D);
+        const int ld = static_cast<int>(BWD_BN);
+        cblas_gemm_bf16bf16f32(101, 112, 111, rn, rd, rr, 1.f, w.Pb.data(), ld, w.Gh.data(), rd, 1.f, dV + n0 * D, rd);
+        cblas_gemm_bf16bf16f32(101, 112, 111, rn, rd, rr, 1.f, w.dSb.data(), ld, w.Qh.data(), rd, 1.f, dK + n0 * D,
+                               rd);
+        cblas_gemm_bf16bf16f32(101, 111, 111, rr, rd, rn, 1.f, w.dSb.data(), ld, K16 + n0 * D, rd, 1.f, w.dQ.data(),
+                               rd);
+      } else {
+        gemm_rm(true, false, true, n, D, rows, Pm, BWD_BN, Gb, D, dV + n0 * D, D);
+        gemm_rm(true, false, true, n, D, rows, dS, BWD_BN, Qb, D, dK + n0 * D, D);
+        gemm_rm(false, false, true, rows, D, n, dS, BWD_BN, Kt, D, w.dQ.data(), D);
+      }
       if (!abft) continue;
       // ---- the checks of the tile ----
       for (int64_t i = 0; i < rows; ++i) {
@@ -1008,7 +1058,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
             bits |= which == 0 ? kScoreRecompute : kDpChecksum;
       }
       // the references of dQ, dK, dV for this tile (fp32)
-      tile_references(dS, w.dSa.data(), Pm, BWD_BN, rows, n, G, w.kgT.data() + n0, ldk, w.qg.data(),
+      tile_references(dSref, dSaref, Pref, BWD_BN, rows, n, G, w.kgT.data() + n0, ldk, w.qg.data(),
                       w.gg.data(), w.rq.data(), w.mq.data(), w.rk.data() + n0, w.mk.data() + n0, w.rvm.data() + n0);
     }
     if (frow && f.site == kDq) corrupt_dims(w.dQ.data() + fi * D, D, f);
@@ -1032,7 +1082,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         if (use_stats && empty != (visible == 0)) bits |= kRowsumInvariant;
       }
       int32_t rowbits[BWD_BM] = {};
-      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits);
+      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits, P.eta16);
       for (int64_t i = 0; i < rows; ++i) bits |= rowbits[i];
     }
     scaled_copy(dQout + r0 * D, w.dQ.data(), rows * D, scale);
@@ -1042,9 +1092,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     corrupt_dims((f.site == kDk ? dK : dV) + fcol * D, D, f);
   memory_barrier();
   if (abft) {
-    group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data());
+    group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data(), P.eta16);
     group_check(dV, Mb, D, G, w.rvm.data(), 1, ldk, w.rvm.data() + G * ldk, 1, ldk, N, kDvChecksum,
-                w.keybits.data());
+                w.keybits.data(), P.eta16);
   }
 }
 
@@ -1110,6 +1160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   if (k16.defined()) P.k16 = reinterpret_cast<const uint16_t*>(k16.data_ptr());
   if (v16.defined()) P.v16 = reinterpret_cast<const uint16_t*>(v16.data_ptr());
   if (k16.defined() || v16.defined()) P.eta16 = ETA_FTZ;
+  P.p16 = k16.defined() && v16.defined();
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nq = nq, P.nk = nk;
   P.G = (D + BWD_GROUP - 1) / BWD_GROUP;
   P.causal = causal;
