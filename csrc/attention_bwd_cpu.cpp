@@ -738,14 +738,9 @@ FTATTN_CLONES static void round_bf16(const float* __restrict X, int64_t rows, in
   for (int64_t i = 0; i < rows; ++i) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      uint32_t u;
-      std::memcpy(&u, X + i * ld + j, sizeof(u));
-      const bool special = (u & 0x7F800000u) == 0x7F800000u;  // (Inf, NaN: as they are)
-      uint32_t r = special ? u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-      r = (r & 0x7F800000u) == 0 ? (r & 0x80000000u) : r;
-      Xb[i * ld + j] = static_cast<uint16_t>(r >> 16);
-      float x;
-      std::memcpy(&x, &r, sizeof(x));
+      const uint16_t h = bf16_gemm_bits(X[i * ld + j]);
+      const float x = bf16_value(h);
+      Xb[i * ld + j] = h;
       Xr[i * ld + j] = x;
       if (Xa != nullptr) Xa[i * ld + j] = std::fabs(x);
     }
@@ -958,13 +953,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         round_bf16(Pm, rows, n, BWD_BN, w.Pb.data(), w.Pr.data(), nullptr);
         round_bf16(dS, rows, n, BWD_BN, w.dSb.data(), w.dSr.data(), w.dSra.data());
         Pref = w.Pr.data(), dSref = w.dSr.data(), dSaref = w.dSra.data();
-        const int rn = static_cast<int>(n), rr = static_cast<int>(rows), rd = static_cast<int>(D);
-        const int ld = static_cast<int>(BWD_BN);
-        cblas_gemm_bf16bf16f32(101, 112, 111, rn, rd, rr, 1.f, w.Pb.data(), ld, w.Gh.data(), rd, 1.f, dV + n0 * D, rd);
-        cblas_gemm_bf16bf16f32(101, 112, 111, rn, rd, rr, 1.f, w.dSb.data(), ld, w.Qh.data(), rd, 1.f, dK + n0 * D,
-                               rd);
-        cblas_gemm_bf16bf16f32(101, 111, 111, rr, rd, rn, 1.f, w.dSb.data(), ld, K16 + n0 * D, rd, 1.f, w.dQ.data(),
-                               rd);
+        gemm_bf16(true, false, n, D, rows, w.Pb.data(), BWD_BN, w.Gh.data(), D, 1.f, dV + n0 * D, D);
+        gemm_bf16(true, false, n, D, rows, w.dSb.data(), BWD_BN, w.Qh.data(), D, 1.f, dK + n0 * D, D);
+        gemm_bf16(false, false, rows, D, n, w.dSb.data(), BWD_BN, K16 + n0 * D, D, 1.f, w.dQ.data(), D);
       } else {
         gemm_rm(true, false, true, n, D, rows, Pm, BWD_BN, Gb, D, dV + n0 * D, D);
         gemm_rm(true, false, true, n, D, rows, dS, BWD_BN, Qb, D, dK + n0 * D, D);
@@ -1155,8 +1146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   P.eta_fwd = q.scalar_type() == at::kBFloat16 ? ETA_FTZ : ETA;
   // bf16: S and dP on the bf16 GEMM where both operands are bf16 without subnormals (as the
   // forward: csrc/attention/inputs.h)
-  const at::Tensor k16 = bf16_gemm_ok({&q, &k}) ? k.contiguous() : at::Tensor();
-  const at::Tensor v16 = bf16_gemm_ok({&grad_out, &v}) ? v.contiguous() : at::Tensor();
+  const at::Tensor k16 = bf16_gemm_operand(q).defined() ? bf16_gemm_operand(k) : at::Tensor();
+  const at::Tensor v16 = bf16_gemm_operand(grad_out).defined() ? bf16_gemm_operand(v) : at::Tensor();
   if (k16.defined()) P.k16 = reinterpret_cast<const uint16_t*>(k16.data_ptr());
   if (v16.defined()) P.v16 = reinterpret_cast<const uint16_t*>(v16.data_ptr());
   if (k16.defined() || v16.defined()) P.eta16 = ETA_FTZ;

@@ -94,10 +94,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   // bf16: S = Q K^T on the bf16 GEMM (not for stacked heads, whose S is a sum over slices
   // of the head dims for accuracy): exact products, fp32 sums, like sgemm on the fp32
   // copies, 2.5-4x faster on AMX
-  const at::Tensor k16 = stack == 1 && bf16_gemm_ok({&q, &k}) ? k.contiguous() : at::Tensor();
+  const bool q16 = stack == 1 && bf16_gemm_operand(q).defined();
+  const at::Tensor k16 = q16 ? bf16_gemm_operand(k) : at::Tensor();
   // and P V, the probabilities rounded to bf16 for it (as torch's CPU flash attention and
   // the Triton kernel round them to the inputs' dtype); the normaliser keeps them unrounded
-  const at::Tensor v16 = stack == 1 && bf16_gemm_ok({&v}) ? v.contiguous() : at::Tensor();
+  const at::Tensor v16 = stack == 1 ? bf16_gemm_operand(v) : at::Tensor();
   if (stats.has_value()) check_stats(*stats, B, Hq, N, "ftattn.attention");
   at::Tensor out = at::empty({B, Hq, N, D}, qf.options());
   at::Tensor flags = at::zeros({B, Hq, nblk}, q.options().dtype(at::kInt));

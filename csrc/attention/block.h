@@ -63,7 +63,10 @@ struct Problem {
   // bf16 for the product, softmax.h's P16), and the PV check's underflow term
   const uint16_t* v16 = nullptr;
   double eta_pv = ETA;
-  const uint16_t* k16_rows(int64_t b, int64_t h, int64_t r) const { return k16 + ((b * Hkv + h) * M + r) * D; }
+  // (the rows of k16 or v16 from key r of key head h of batch b)
+  const uint16_t* rows16(const uint16_t* x, int64_t b, int64_t h, int64_t r) const {
+    return x + ((b * Hkv + h) * M + r) * D;
+  }
   int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
   int64_t key_count(int64_t b) const { return key_start ? key_end[b] - key_start[b] : M; }
 };
@@ -539,8 +542,8 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   const float* Q = P.q_rows(b, blk.h0, r0);
   const float* K = P.k_rows(b, hk, k0);
   const float* V = P.v_rows(b, hk, k0);
-  const uint16_t* K16 = P.k16 != nullptr ? P.k16_rows(b, hk, k0) : nullptr;
-  const uint16_t* V16 = P.v16 != nullptr ? P.v16 + ((b * P.Hkv + hk) * P.M + k0) * D : nullptr;
+  const uint16_t* K16 = P.k16 != nullptr ? P.rows16(P.k16, b, hk, k0) : nullptr;
+  const uint16_t* V16 = P.v16 != nullptr ? P.rows16(P.v16, b, hk, k0) : nullptr;
   if (V16 != nullptr && w.Pb.size() < static_cast<size_t>(BLOCK_M * BLOCK_N)) w.Pb.resize(BLOCK_M * BLOCK_N);
   FaultSpec f = fault;
   f.col -= k0;  // (a fault on a key outside the sample's range lands in no tile)
@@ -587,9 +590,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     }
     // ---- acc += P V in fp32 (on the bf16 GEMM: P rounded to bf16 by the softmax) ----
     if (V16 != nullptr)
-      cblas_gemm_bf16bf16f32(101 /* row-major */, 111, 111, static_cast<int>(rows), static_cast<int>(D),
-                             static_cast<int>(cols), 1.f, w.Pb.data(), static_cast<int>(BLOCK_N), V16 + n0 * D,
-                             static_cast<int>(D), 1.f, w.acc.data(), static_cast<int>(D));
+      gemm_bf16(false, false, rows, D, cols, w.Pb.data(), BLOCK_N, V16 + n0 * D, D, 1.f, w.acc.data(), D);
     else
       gemm(false, true, rows, D, cols, w.P.data(), BLOCK_N, V + n0 * D, D, w.acc.data(), D,
            blk.hs > 1 ? STACK_KEY_SLICE : 0);

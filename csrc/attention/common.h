@@ -152,6 +152,12 @@ FTATTN_VEC_INLINE uint16_t bf16_nearest(float x) {
   u += 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+// The bf16 the bf16 GEMM is given for x: the nearest, 0 (with x's sign) below 2^-126, which
+// the GEMM reads as 0 anyway, so what the checks sum is what the product reads.
+FTATTN_VEC_INLINE uint16_t bf16_gemm_bits(float x) {
+  const uint16_t h = bf16_nearest(x);
+  return (h & 0x7F80u) == 0 ? static_cast<uint16_t>(h & 0x8000u) : h;
+}
 FTATTN_VEC_INLINE float bf16_value(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float x;

@@ -67,27 +67,23 @@ void check_stats(const at::Tensor& stats, int64_t B, int64_t Hq, int64_t N, cons
                     " (torch.empty(B, Hq, N, 2), or None)");
 }
 
-// Whether bf16 tensors (all of dtype bf16) may run their products on the bf16 GEMM
-// (cblas_gemm_bf16bf16f32): it exists in this torch, FTATTN_GEMM16 is not "0" (the
-// sgemm path, for comparisons), and no value is subnormal: the hardware reads those as
-// 0, and an input's error would then be its own size, not a rounding (the bounds' 2^-126
-// per operation covers results flushed to 0, not inputs). The choice is the data's
-// alone, so every protection level makes the same products.
-bool bf16_gemm_ok(std::initializer_list<const at::Tensor*> ts) {
-  if (cblas_gemm_bf16bf16f32 == nullptr) return false;
+// t as an operand of the bf16 GEMM (cblas_gemm_bf16bf16f32): contiguous bf16, or undefined
+// where it may not run there: not bf16, no such GEMM in this torch, FTATTN_GEMM16 "0" (the
+// sgemm path, for comparisons), or a subnormal value, which the hardware reads as 0 (an
+// input's error would then be its own size, not a rounding: the bounds' 2^-126 per
+// operation covers results flushed to 0, not inputs). The choice is the data's alone, so
+// every protection level makes the same products.
+at::Tensor bf16_gemm_operand(const at::Tensor& t) {
+  if (cblas_gemm_bf16bf16f32 == nullptr || t.scalar_type() != at::kBFloat16) return {};
   const char* env = std::getenv("FTATTN_GEMM16");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  for (const at::Tensor* t : ts) {
-    if (t->scalar_type() != at::kBFloat16) return false;
-    const at::Tensor c = t->contiguous();
-    const uint16_t* x = reinterpret_cast<const uint16_t*>(c.data_ptr());
-    const int64_t n = c.numel();
-    int sub = 0;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return {};
+  at::Tensor c = t.contiguous();
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(c.data_ptr());
+  const int64_t n = c.numel();
+  int sub = 0;
 #pragma omp simd reduction(| : sub)
-    for (int64_t i = 0; i < n; ++i) sub |= ((x[i] & 0x7F80) == 0) & ((x[i] & 0x7F) != 0);
-    if (sub) return false;
-  }
-  return true;
+  for (int64_t i = 0; i < n; ++i) sub |= ((x[i] & 0x7F80) == 0) & ((x[i] & 0x7F) != 0);
+  return sub ? at::Tensor() : c;
 }
 
 }  // namespace

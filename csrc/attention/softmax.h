@@ -152,8 +152,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     p[j] = pj;
     float pr = pj;
     if constexpr (P16) {
-      const uint16_t h = bf16_nearest(pj);
-      pb[j] = h < 0x0080u ? uint16_t{0} : h;  // (as above)
+      pb[j] = bf16_gemm_bits(pj);  // (as above)
       pr = bf16_value(pb[j]);
     }
     psum_t += pj;

@@ -324,6 +324,15 @@ static void bf16_rows_split(const float* X, int64_t rows, int64_t ng, int64_t D,
   }
 }
 
+// C[m x n] = op(A) op(B) + beta C on the bf16 GEMM, row-major (op: transposed where asked;
+// A [m x k] or [k x m], B [k x n] or [n x k]), fp32 C.
+static void gemm_bf16(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, const uint16_t* A,
+                      int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const auto i = [](int64_t x) { return static_cast<int>(x); };
+  cblas_gemm_bf16bf16f32(101 /* row-major */, a_transposed ? 112 : 111, b_transposed ? 112 : 111, i(m), i(n), i(k),
+                         1.f, A, i(lda), B, i(ldb), beta, C, i(ldc));
+}
+
 // C[rows + ng, n] = A B^T on the bf16 GEMM for A from bf16_rows_split ([rows + 3 ng, D])
 // and B [n, D] bf16 (row-major, ldc C's row stride, which has room for rows + 3 ng rows):
 // the three products of each reference row added in fp64 and rounded once, into row
@@ -331,9 +340,7 @@ static void bf16_rows_split(const float* X, int64_t rows, int64_t ng, int64_t D,
 static void gemm_bf16_refs(const uint16_t* A, int64_t rows, int64_t ng, int64_t n, int64_t D, const uint16_t* B,
                            float* C, int64_t ldc) {
   if (n == 0 || rows + ng == 0) return;
-  cblas_gemm_bf16bf16f32(101 /* row-major */, 111 /* A */, 112 /* B^T */, static_cast<int>(rows + 3 * ng),
-                         static_cast<int>(n), static_cast<int>(D), 1.f, A, static_cast<int>(D), B,
-                         static_cast<int>(D), 0.f, C, static_cast<int>(ldc));
+  gemm_bf16(false, true, rows + 3 * ng, n, D, A, D, B, D, 0.f, C, ldc);
   for (int64_t g = 0; g < ng; ++g) {
     float* hi = C + (rows + g) * ldc;
     const float* mid = C + (rows + ng + g) * ldc;
