@@ -10,15 +10,24 @@
 
 #include "vec.h"  // kernel_isa
 
+namespace ftattn {
+bool cpu_bf16_gemm();  // csrc/attention_cpu.cpp
+}
+
 extern "C" {
 static PyObject* ftattn_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ftattn::kernel_isa()); }
+static PyObject* ftattn_cpu_bf16_gemm(PyObject*, PyObject*) { return PyBool_FromLong(ftattn::cpu_bf16_gemm()); }
 
-// One method, the instruction set of the CPU kernels; the ops register when the import loads
+// Two methods, the instruction set of the CPU kernels and whether their bf16 products run on
+// the bf16 GEMM; the ops register when the import loads
 // this shared object. (The ONNX generator's sampler is its own extension: csrc/onnx/.)
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_isa", ftattn_cpu_isa, METH_NOARGS,
        "cpu_isa(): the instruction set the CPU kernels run (x86-64-v4, x86-64-v3, x86-64 or native)"},
+      {"cpu_bf16_gemm", ftattn_cpu_bf16_gemm, METH_NOARGS,
+       "cpu_bf16_gemm(): whether the CPU attention kernels run bf16 inputs' products on oneDNN's brgemm "
+       "(AVX512-BF16 / AMX-BF16) now, rather than sgemm on fp32 copies"},
       {NULL, NULL, 0, NULL},
   };
   static struct PyModuleDef module_def = {

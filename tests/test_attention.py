@@ -603,8 +603,8 @@ def test_nonfinite_key_seen_only_by_later_rows_of_the_tile(make_qkv):
 @pytest.mark.parametrize("N,M,D,causal,row", [(100, 300, 40, False, 70), (100, 300, 40, True, 98),
                                               (257, 1025, 64, False, 200), (64, 530, 128, True, 3)], ids=str)
 def test_bf16_scores_on_the_bf16_gemm(make_qkv, monkeypatch, N, M, D, causal, row):
-    """bf16 q, k, v: the C++ kernel makes S = Q K^T on MKL's bf16 GEMM (exact products, fp32
-    sums; 2.5-4x sgemm's speed on AMX), each column reference as three bf16 rows that add
+    """bf16 q, k, v: the C++ kernel makes S = Q K^T on the bf16 GEMM (oneDNN's brgemm where
+    ftattn._C.cpu_bf16_gemm(); exact products, fp32 sums; 2-4x sgemm's speed), each column reference as three bf16 rows that add
     back to its fp32 value. Its output is within bf16's tolerance of fp64 as the sgemm
     path's (FTATTN_GEMM16=0) is, every level gives the same bits, and a mid-mantissa score
     fault in any 32-row column group is caught and corrected to the clean output."""
@@ -632,6 +632,30 @@ def test_bf16_scores_on_the_bf16_gemm(make_qkv, monkeypatch, N, M, D, causal, ro
         out, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, return_report=True, backend="cpp")
         assert rep.uncorrected == 0 and torch.equal(out, outs["1"]["full"])
     assert harmful_seen >= 1
+
+
+def test_bf16_with_torch_onednn_disabled_runs_on_sgemm(make_qkv, monkeypatch):
+    """The bf16 GEMM is oneDNN's brgemm, which refuses its packed operands while
+    torch.backends.mkldnn is disabled: a bf16 call then runs on sgemm, bit for bit as with
+    FTATTN_GEMM16=0, forward and backward, never an error from inside the kernel."""
+    q, k, v = make_qkv(B=1, Hq=2, Hkv=1, N=37, M=101, D=24, dtype=torch.bfloat16, seed=3)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+
+    def run():
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = ftattn.attention(qq, kk, vv, causal=True, backend="cpp")
+        out.backward(g)
+        return [out, qq.grad, kk.grad, vv.grad]
+
+    monkeypatch.delenv("FTATTN_GEMM16", raising=False)
+    ftattn._C.cpu_bf16_gemm()  # (the machine's answer, settled with oneDNN on)
+    monkeypatch.setenv("FTATTN_GEMM16", "0")
+    sgemm = run()
+    monkeypatch.delenv("FTATTN_GEMM16")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not ftattn._C.cpu_bf16_gemm()
+        off = run()
+    assert all(torch.equal(a, b) for a, b in zip(off, sgemm))
 
 
 @pytest.mark.parametrize("N,M,D,causal", [(100, 300, 40, False), (257, 1025, 64, True), (64, 530, 128, False),

@@ -462,7 +462,7 @@ def test_the_python_autograd_passes_the_forwards_statistics():
 
 @pytest.mark.parametrize("shape", [GRID[1], GRID[3], GRID[5]], ids=str)
 def test_bf16_products_on_the_bf16_gemm(shape, monkeypatch):
-    """bf16 q, k, v, dO: the C++ backward makes S = Q K^T and dP = dO V^T on MKL's bf16 GEMM
+    """bf16 q, k, v, dO: the C++ backward makes S = Q K^T and dP = dO V^T on the bf16 GEMM (oneDNN's brgemm)
     (as the forward makes S), each column group's reference row as three bf16 rows, and dV,
     dK, dQ from P and dS rounded to bf16 (the references of their checks from the same
     rounded values: made from the unrounded ones, this test and the bf16 cases of the

@@ -274,7 +274,7 @@ def test_warp_within_the_scores_noise_is_caught(backend):
     assert rep.detected == 0 and torch.equal(raw, _run(q, k, v, False, backend, fault=fault, on_fault="report")[0])
 
 
-# bf16 on the C++ kernel: S = Q K^T runs on MKL's bf16 GEMM, which reads inputs below 2^-126
+# bf16 on the C++ kernel: S = Q K^T runs on the bf16 GEMM (oneDNN's brgemm), which reads inputs below 2^-126
 # as 0 and flushes results below 2^-126 to 0 (AMX, AVX512-BF16). Subnormal inputs send the
 # call to sgemm on fp32 copies; tiny normal ones whose products fall below 2^-126 stay on
 # the bf16 GEMM, where the bounds on S carry 2^-126 per operation (a build with 2^-149

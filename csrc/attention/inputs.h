@@ -9,7 +9,7 @@
 #include <cstring>
 #include <tuple>
 
-#include "common.h"  // cblas_gemm_bf16bf16f32
+#include "common.h"  // bf16_gemm_ready
 #include "fault_contract.h"
 
 namespace ftattn {
@@ -67,16 +67,14 @@ void check_stats(const at::Tensor& stats, int64_t B, int64_t Hq, int64_t N, cons
                     " (torch.empty(B, Hq, N, 2), or None)");
 }
 
-// t as an operand of the bf16 GEMM (cblas_gemm_bf16bf16f32): contiguous bf16, or undefined
-// where it may not run there: not bf16, no such GEMM in this torch, FTATTN_GEMM16 "0" (the
-// sgemm path, for comparisons), or a subnormal value, which the hardware reads as 0 (an
-// input's error would then be its own size, not a rounding: the bounds' 2^-126 per
-// operation covers results flushed to 0, not inputs). The choice is the data's alone, so
-// every protection level makes the same products.
+// t as an operand of the bf16 GEMM (bf16_gemm_ready): contiguous bf16, or undefined
+// where it may not run there: not bf16, no such GEMM here (bf16_gemm_ready), or a
+// subnormal value, which the hardware reads as 0 (an input's error would then be its own
+// size, not a rounding: the bounds' 2^-126 per operation covers results flushed to 0, not
+// inputs). The choice is the data's and the machine's alone, so every protection level
+// makes the same products.
 at::Tensor bf16_gemm_operand(const at::Tensor& t) {
-  if (cblas_gemm_bf16bf16f32 == nullptr || t.scalar_type() != at::kBFloat16) return {};
-  const char* env = std::getenv("FTATTN_GEMM16");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return {};
+  if (t.scalar_type() != at::kBFloat16 || !bf16_gemm_ready()) return {};
   at::Tensor c = t.contiguous();
   const uint16_t* x = reinterpret_cast<const uint16_t*>(c.data_ptr());
   const int64_t n = c.numel();

@@ -324,14 +324,89 @@ static void bf16_rows_split(const float* X, int64_t rows, int64_t ng, int64_t D,
   }
 }
 
-// C[m x n] = op(A) op(B) + beta C on the bf16 GEMM, row-major (op: transposed where asked;
-// A [m x k] or [k x m], B [k x n] or [n x k]), fp32 C.
+// The bf16 GEMM's operands as brgemm reads them, one set per thread: B in VNNI panels of
+// 64 columns (pack_vnni), A transposed where asked (brgemm has no transposed operands).
+struct Bf16Operands {
+  std::vector<uint32_t, Aligned64<uint32_t>> b;
+  std::vector<uint16_t, Aligned64<uint16_t>> a;
+};
+static Bf16Operands& bf16_operands() {
+  static thread_local Bf16Operands o;
+  return o;
+}
+
+// op(B) [k x n] (B [n x k] where transposed, S = Q K^T's keys; else [k x n]) as brgemm's
+// VNNI operand: panel p of columns 64 p .. 64 p + 63 is kp = ceil(k / 2) rows of 64 pairs,
+// out[p][kk][c] = (op(B)[2 kk][64 p + c], op(B)[2 kk + 1][64 p + c]) in one 32-bit word
+// (low half first), 0 past k and n.
+static void pack_vnni(bool b_transposed, int64_t k, int64_t n, const uint16_t* B, int64_t ldb, uint32_t* out) {
+  const int64_t kp = (k + 1) / 2;
+  for (int64_t p = 0; p < (n + 63) / 64; ++p) {
+    uint32_t* o = out + p * kp * 64;
+    const int64_t c0 = p * 64, nc = std::min<int64_t>(64, n - c0);
+    if (nc < 64)
+      for (int64_t kk = 0; kk < kp; ++kk) std::fill(o + kk * 64 + nc, o + kk * 64 + 64, 0u);
+    if (b_transposed) {
+      for (int64_t c = 0; c < nc; ++c) {
+        const uint16_t* row = B + (c0 + c) * ldb;
+        for (int64_t kk = 0; kk < k / 2; ++kk) {
+          uint32_t w;
+          std::memcpy(&w, row + 2 * kk, sizeof(w));
+          o[kk * 64 + c] = w;
+        }
+        if (k % 2) o[(kp - 1) * 64 + c] = row[k - 1];
+      }
+    } else {
+      for (int64_t kk = 0; kk < kp; ++kk) {
+        const uint16_t* r0 = B + 2 * kk * ldb + c0;
+        uint32_t* ok = o + kk * 64;
+        if (2 * kk + 1 < k) {
+          const uint16_t* r1 = r0 + ldb;
+#pragma omp simd
+          for (int64_t c = 0; c < nc; ++c) ok[c] = static_cast<uint32_t>(r0[c]) | static_cast<uint32_t>(r1[c]) << 16;
+        } else {
+          for (int64_t c = 0; c < nc; ++c) ok[c] = r0[c];
+        }
+      }
+    }
+  }
+}
+
+// C[m x n] = op(A) op(B) + beta C (beta 0 or 1) on the bf16 GEMM (bf16_gemm_ready),
+// row-major (op: transposed where asked; A [m x k] or [k x m], B [k x n] or [n x k]), fp32 C:
+// one brgemm call per panel of 64 columns of C.
 static void gemm_bf16(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, const uint16_t* A,
                       int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  const auto i = [](int64_t x) { return static_cast<int>(x); };
-  cblas_gemm_bf16bf16f32(101 /* row-major */, a_transposed ? 112 : 111, b_transposed ? 112 : 111, i(m), i(n), i(k),
-                         1.f, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (beta == 0.f)
+      for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.f);
+    return;
+  }
+  Bf16Operands& w = bf16_operands();
+  const int64_t kp = (k + 1) / 2, panels = (n + 63) / 64;
+  if (w.b.size() < static_cast<size_t>(panels * kp * 64)) w.b.resize(panels * kp * 64);
+  pack_vnni(b_transposed, k, n, B, ldb, w.b.data());
+  if (a_transposed) {
+    if (w.a.size() < static_cast<size_t>(m * k)) w.a.resize(m * k);
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t i = 0; i < m; ++i) w.a[i * k + r] = A[r * lda + i];
+    A = w.a.data();
+    lda = k;
+  }
+  for (int64_t p = 0; p < panels; ++p)
+    at::native::cpublas::brgemm(m, std::min<int64_t>(64, n - p * 64), k, lda, 64, ldc, beta != 0.f,
+                                reinterpret_cast<const at::BFloat16*>(A),
+                                reinterpret_cast<const at::BFloat16*>(w.b.data() + p * kp * 64), C + p * 64, true);
 }
+
+// Gives back the hardware context brgemm took (AMX's tile state), at the end of a worker.
+struct Bf16GemmRelease {
+  bool used;
+  ~Bf16GemmRelease() {
+    if (used) at::native::cpublas::brgemm_release(true);
+  }
+};
 
 // C[rows + ng, n] = A B^T on the bf16 GEMM for A from bf16_rows_split ([rows + 3 ng, D])
 // and B [n, D] bf16 (row-major, ldc C's row stride, which has room for rows + 3 ng rows):

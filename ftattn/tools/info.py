@@ -35,6 +35,11 @@ def main(args) -> int:
     print(f"C++ extension: {ftattn._C.__file__}")
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, {_parallel_backend()}")
+    if ftattn._C.cpu_bf16_gemm():
+        print("bf16 attention products (C++): oneDNN brgemm, the CPU's bf16 dot products (AVX512-BF16 / AMX)")
+    else:
+        print("bf16 attention products (C++): sgemm on fp32 copies (no AVX512-BF16 / AMX-BF16 here, "
+              "torch.backends.mkldnn disabled, or FTATTN_GEMM16=0)")
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
