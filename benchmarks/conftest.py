@@ -70,6 +70,10 @@ def environment(device: str) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
     }
+    if device == "cpu":
+        import ftattn
+
+        info["cpu_bf16_gemm"] = ftattn._C.cpu_bf16_gemm()  # bf16 products on oneDNN's brgemm (csrc/gemm16.h)
     if device.startswith("cuda"):
         info["cuda"] = torch.version.cuda
         info["capability"] = "sm_%d%d" % torch.cuda.get_device_capability(device)

@@ -1,7 +1,8 @@
 // ftattn.linear on the CPU: y = x W^T + b with the product through the library GEMM
-// (MKL through torch: sgemm for fp32; MKL's bf16 x bf16 -> fp32 and fp16 x fp16 -> fp32
-// GEMMs for 16-bit inputs, so the checks see the fp32 accumulators before bias and the
-// down-cast), checked by row checksums over blocks of output features.
+// (torch's: sgemm for fp32; bf16 x bf16 -> fp32 on oneDNN's brgemm where the CPU has bf16
+// dot products (gemm16.h), else MKL's bf16 GEMM; MKL's fp16 x fp16 -> fp32 GEMM for fp16;
+// so the checks see the fp32 accumulators before bias and the down-cast), checked by row
+// checksums over blocks of output features.
 //
 // The check, per row i of x and block b of block_o output features:
 //   sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
@@ -32,6 +33,7 @@
 #include <vector>
 
 #include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
+#include "gemm16.h"          // linear_bf16, bf16_gemm_ready (oneDNN brgemm)
 #include "vec.h"             // FTATTN_CLONES, the 16-lane vector types
 
 extern "C" {
@@ -65,10 +67,11 @@ Gemm16 gemm16(at::ScalarType st) {
   return nullptr;
 }
 
-// The underflow term per operation of the product's bounds: 2^-149 (kEta), or 2^-126 where
-// the product runs on MKL's 16-bit GEMM, which on AMX / AVX512-BF16 flushes results below
-// 2^-126 to 0 (bf16 x and W of ~2^-64 each raised the row check on clean data before).
-double product_eta(at::ScalarType st) { return gemm16(st) != nullptr ? 0x1p-126 : kEta; }
+// The underflow term per operation of the product's bounds: 2^-149 (kEta) for fp32, 2^-126
+// for 16-bit inputs, whose product runs on a 16-bit GEMM (bf16: oneDNN's brgemm, else MKL's)
+// that flushes results below 2^-126 to 0 on AMX / AVX512-BF16 (bf16 x and W of ~2^-64 each
+// raised the row check on clean data before).
+double product_eta(at::ScalarType st) { return st != at::kFloat ? 0x1p-126 : kEta; }
 
 // a [T, K] times b^T for b [R, K] (a row-major, b either way round): fp32 [T, R], the
 // accumulators of the library GEMM.
@@ -76,6 +79,16 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t T = a.size(0), K = a.size(1), R = b.size(0);
   const Gemm16 fn = gemm16(a.scalar_type());
   if (a.scalar_type() == at::kFloat) return at::mm(a, b.t());
+  if (a.scalar_type() == at::kBFloat16 && bf16_gemm_ready()) {  // oneDNN's brgemm (gemm16.h)
+    at::Tensor out = at::empty({T, R}, a.options().dtype(at::kFloat));
+    if (T == 0 || R == 0) return out;
+    if (K == 0) return out.zero_();
+    const at::Tensor ac = a.is_contiguous() ? a : a.contiguous();
+    const at::Tensor bc = b.stride(1) == 1 && b.stride(0) >= K ? b : b.contiguous();
+    linear_bf16(static_cast<const uint16_t*>(ac.data_ptr()), T, K, static_cast<const uint16_t*>(bc.data_ptr()),
+                bc.stride(0), R, out.data_ptr<float>());
+    return out;
+  }
   if (fn == nullptr || T >= INT_MAX || K >= INT_MAX || R >= INT_MAX)
     return at::mm(a.to(at::kFloat), b.to(at::kFloat).t());
   at::Tensor out = at::empty({T, R}, a.options().dtype(at::kFloat));

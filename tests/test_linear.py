@@ -444,3 +444,30 @@ def test_bf16_tiny_products_raise_no_alarm(sx, sw):
     assert rep.detected == 0
     ref = x.double() @ w.double().T
     assert (y.double() - ref).abs().max().item() <= TAU[torch.bfloat16] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("lead, k, out", [((1,), 4099, 67), ((2,), 32, 17), ((3,), 63, 200), ((4,), 97, 5),
+                                          ((5,), 130, 33), ((64,), 33, 129), ((65,), 8197, 70), ((3, 67), 97, 1),
+                                          ((131,), 1, 64)], ids=str)
+def test_bf16_product_on_the_bf16_gemm(monkeypatch, lead, k, out):
+    """bf16 x and W: where ftattn._C.cpu_bf16_gemm(), up to 4 rows run on an AVX512-BF16
+    GEMV (one pass over W), up to 64 on oneDNN's brgemm as y^T = W x^T (the weight read
+    once), more with W packed per panel of 64 output features and the inner dimension in
+    chunks of 4096; else MKL's bf16 GEMM (FTATTN_GEMM16=0). Both meet the fp64 reference as torch does, a weight with a
+    row stride gives the contiguous weight's bits, clean calls raise no alarm, and a gemm
+    fault is caught and corrected to the clean bits (the product is deterministic)."""
+    x, w, b = _data(lead, k, out, torch.bfloat16, seed=k + out)
+    ref = _reference(x, w, b)
+    err_torch = (F.linear(x, w, b).double() - ref).abs().max().item()
+    slack = ULP[torch.bfloat16] * max(1.0, ref.abs().max().item())
+    wide = torch.zeros(out, k + 3, dtype=torch.bfloat16)
+    wide[:, :k] = w
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FTATTN_GEMM16", flag)
+        y, rep = ftattn.linear(x, w, b, return_report=True)
+        assert rep.detected == 0
+        assert (y.double() - ref).abs().max().item() <= 2 * err_torch + slack
+        assert torch.equal(ftattn.linear(x, wide[:, :k], b), y)
+        row = math.prod(lead) - 1
+        fixed, rep = ftattn.linear(x, w, b, fault=Fault("gemm", row=row, col=out // 2, bit=28), return_report=True)
+        assert rep.detected == 1 and rep.corrected == 1 and torch.equal(fixed, y)

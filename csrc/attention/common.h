@@ -5,8 +5,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Context.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +22,7 @@
 #include <vector>
 
 #include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
+#include "gemm16.h"          // the bf16 GEMM (oneDNN brgemm): bf16_gemm_ready, gemm_bf16
 #include "vec.h"  // FTATTN_CLONES, the 16-lane vector types and their reductions
 
 extern "C" {
@@ -157,46 +156,6 @@ FTATTN_VEC_INLINE float bf16_value(uint16_t b) {
   float x;
   std::memcpy(&x, &u, sizeof(x));
   return x;
-}
-
-// Whether bf16 products run on the bf16 GEMM: oneDNN's brgemm ukernel through torch
-// (at::native::cpublas::brgemm, B in VNNI pairs: sums.h's gemm_bf16), on the hardware's
-// bf16 dot products (AVX512-BF16's vdpbf16ps, or AMX-BF16 where the OS allows it). Each
-// product of two bf16 values is exact in fp32 and the sums are fp32, as sgemm's on fp32
-// copies, but inputs below 2^-126 are read as 0 and such results flushed to 0 (DAZ / FTZ,
-// whatever MXCSR says): the bounds carry 2^-126 per operation there. Measured, one thread,
-// 264 x 512 x 64 with packing: 2.1x sgemm on an AMD EPYC (Zen 4, AVX512-BF16), as fast as
-// MKL's cblas_gemm_bf16bf16f32 on a Xeon with AMX, where MKL's ran at sgemm's speed on the
-// EPYC. Not on a CPU without them (oneDNN would emulate them no faster than sgemm), nor
-// where torch.backends.mkldnn is disabled (brgemm then refuses VNNI operands), nor with
-// FTATTN_GEMM16=0 (the sgemm path, for comparisons; read per call). A first call checks
-// one product against its known value, once per process.
-inline bool bf16_gemm_probe() {
-  const uint16_t a[4] = {0x3F80, 0x4000, 0x4040, 0x4080};  // 1 2 3 4
-  uint16_t b[32 * 2] = {};  // B [2 x 1] in VNNI pairs, ld 32: (1, 0.5)
-  b[0] = 0x3F80;
-  b[1] = 0x3F00;
-  float c[2] = {-1.f, -1.f};
-  try {
-    at::native::cpublas::brgemm(2, 1, 2, 2, 32, 1, false, reinterpret_cast<const at::BFloat16*>(a),
-                                reinterpret_cast<const at::BFloat16*>(b), c, true);
-    at::native::cpublas::brgemm_release(true);
-  } catch (const std::exception&) {
-    return false;
-  }
-  return c[0] == 2.f && c[1] == 5.f;
-}
-inline bool bf16_gemm_ready() {
-#if defined(__x86_64__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
-  if (!at::globalContext().userEnabledMkldnn()) return false;
-  const char* env = std::getenv("FTATTN_GEMM16");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  static const bool hw = (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16")) &&
-                         bf16_gemm_probe();
-  return hw;
-#else
-  return false;
-#endif
 }
 
 // ---------------------------------------------------------------------------

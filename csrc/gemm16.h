@@ -1,0 +1,271 @@
+// The bf16 GEMM of the CPU kernels: bf16 x bf16 -> fp32 on oneDNN's brgemm microkernel,
+// through torch (at::native::cpublas::brgemm), for the attention kernels' tiles (gemm_bf16)
+// and ftattn.linear's product (linear_bf16). torch exports no bf16 -> fp32 GEMM but MKL's
+// cblas_gemm_bf16bf16f32, which runs at sgemm's speed on AMD processors (it does not use
+// their AVX512-BF16), and oneDNN's own matmul only with a bf16 result; brgemm takes its
+// second operand in VNNI pairs (pack_vnni), so the loops around it are ours.
+// Included by csrc/attention/common.h and csrc/linear_cpu.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace ftattn {
+namespace {
+// Whether bf16 products run on the bf16 GEMM: oneDNN's brgemm ukernel through torch
+// (at::native::cpublas::brgemm, B in VNNI pairs: sums.h's gemm_bf16), on the hardware's
+// bf16 dot products (AVX512-BF16's vdpbf16ps, or AMX-BF16 where the OS allows it). Each
+// product of two bf16 values is exact in fp32 and the sums are fp32, as sgemm's on fp32
+// copies, but inputs below 2^-126 are read as 0 and such results flushed to 0 (DAZ / FTZ,
+// whatever MXCSR says): the bounds carry 2^-126 per operation there. Measured, one thread,
+// 264 x 512 x 64 with packing: 2.1x sgemm on an AMD EPYC (Zen 4, AVX512-BF16), as fast as
+// MKL's cblas_gemm_bf16bf16f32 on a Xeon with AMX, where MKL's ran at sgemm's speed on the
+// EPYC. Not on a CPU without them (oneDNN would emulate them no faster than sgemm), nor
+// where torch.backends.mkldnn is disabled (brgemm then refuses VNNI operands), nor with
+// FTATTN_GEMM16=0 (the sgemm path, for comparisons; read per call). A first call checks
+// one product against its known value, once per process.
+inline bool bf16_gemm_probe() {
+  const uint16_t a[4] = {0x3F80, 0x4000, 0x4040, 0x4080};  // 1 2 3 4
+  uint16_t b[32 * 2] = {};  // B [2 x 1] in VNNI pairs, ld 32: (1, 0.5)
+  b[0] = 0x3F80;
+  b[1] = 0x3F00;
+  float c[2] = {-1.f, -1.f};
+  try {
+    at::native::cpublas::brgemm(2, 1, 2, 2, 32, 1, false, reinterpret_cast<const at::BFloat16*>(a),
+                                reinterpret_cast<const at::BFloat16*>(b), c, true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return c[0] == 2.f && c[1] == 5.f;
+}
+inline bool bf16_gemm_ready() {
+#if defined(__x86_64__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  const char* env = std::getenv("FTATTN_GEMM16");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  static const bool hw = (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16")) &&
+                         bf16_gemm_probe();
+  return hw;
+#else
+  return false;
+#endif
+}
+
+// The bf16 GEMM's operands as brgemm reads them, one set per thread: B in VNNI panels of
+// 64 columns (pack_vnni), A transposed where asked (brgemm has no transposed operands).
+struct Bf16Operands {
+  std::vector<uint32_t> b;
+  std::vector<uint16_t> a;
+  std::vector<float> c;  // (linear_bf16's C^T block)
+};
+static Bf16Operands& bf16_operands() {
+  static thread_local Bf16Operands o;
+  return o;
+}
+
+// op(B) [k x n] (B [n x k] where transposed, S = Q K^T's keys; else [k x n]) as brgemm's
+// VNNI operand: panel p of columns 64 p .. 64 p + 63 is kp = ceil(k / 2) rows of 64 pairs,
+// out[p][kk][c] = (op(B)[2 kk][64 p + c], op(B)[2 kk + 1][64 p + c]) in one 32-bit word
+// (low half first), 0 past k and n.
+static void pack_vnni(bool b_transposed, int64_t k, int64_t n, const uint16_t* B, int64_t ldb, uint32_t* out) {
+  const int64_t kp = (k + 1) / 2;
+  for (int64_t p = 0; p < (n + 63) / 64; ++p) {
+    uint32_t* o = out + p * kp * 64;
+    const int64_t c0 = p * 64, nc = std::min<int64_t>(64, n - c0);
+    if (nc < 64)
+      for (int64_t kk = 0; kk < kp; ++kk) std::fill(o + kk * 64 + nc, o + kk * 64 + 64, 0u);
+    if (b_transposed) {  // (16 pairs of a row at a time: the 16 rows of out they go to stay in L1)
+      for (int64_t kb = 0; kb < k / 2; kb += 16) {
+        const int64_t ke = std::min<int64_t>(kb + 16, k / 2);
+        for (int64_t c = 0; c < nc; ++c) {
+          const uint16_t* row = B + (c0 + c) * ldb;
+          for (int64_t kk = kb; kk < ke; ++kk) {
+            uint32_t w;
+            std::memcpy(&w, row + 2 * kk, sizeof(w));
+            o[kk * 64 + c] = w;
+          }
+        }
+      }
+      if (k % 2)
+        for (int64_t c = 0; c < nc; ++c) o[(kp - 1) * 64 + c] = B[(c0 + c) * ldb + k - 1];
+    } else {
+      for (int64_t kk = 0; kk < kp; ++kk) {
+        const uint16_t* r0 = B + 2 * kk * ldb + c0;
+        uint32_t* ok = o + kk * 64;
+        if (2 * kk + 1 < k) {
+          const uint16_t* r1 = r0 + ldb;
+#pragma omp simd
+          for (int64_t c = 0; c < nc; ++c) ok[c] = static_cast<uint32_t>(r0[c]) | static_cast<uint32_t>(r1[c]) << 16;
+        } else {
+          for (int64_t c = 0; c < nc; ++c) ok[c] = r0[c];
+        }
+      }
+    }
+  }
+}
+
+// C[m x n] = op(A) op(B) + beta C (beta 0 or 1) on the bf16 GEMM (bf16_gemm_ready),
+// row-major (op: transposed where asked; A [m x k] or [k x m], B [k x n] or [n x k]), fp32 C:
+// one brgemm call per panel of 64 columns of C.
+static void gemm_bf16(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, const uint16_t* A,
+                      int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (beta == 0.f)
+      for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.f);
+    return;
+  }
+  Bf16Operands& w = bf16_operands();
+  const int64_t kp = (k + 1) / 2, panels = (n + 63) / 64;
+  if (w.b.size() < static_cast<size_t>(panels * kp * 64)) w.b.resize(panels * kp * 64);
+  pack_vnni(b_transposed, k, n, B, ldb, w.b.data());
+  if (a_transposed) {
+    if (w.a.size() < static_cast<size_t>(m * k)) w.a.resize(m * k);
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t i = 0; i < m; ++i) w.a[i * k + r] = A[r * lda + i];
+    A = w.a.data();
+    lda = k;
+  }
+  for (int64_t p = 0; p < panels; ++p)
+    at::native::cpublas::brgemm(m, std::min<int64_t>(64, n - p * 64), k, lda, 64, ldc, beta != 0.f,
+                                reinterpret_cast<const at::BFloat16*>(A),
+                                reinterpret_cast<const at::BFloat16*>(w.b.data() + p * kp * 64), C + p * 64, true);
+}
+
+// Gives back the hardware context brgemm took (AMX's tile state), at the end of a worker.
+struct Bf16GemmRelease {
+  bool used;
+  ~Bf16GemmRelease() {
+    if (used) at::native::cpublas::brgemm_release(true);
+  }
+};
+
+
+// y [T, R] (fp32, row-major) = x [T, K] W^T for W [R, K] (row stride ldw), both bf16, on
+// the bf16 GEMM, spread over torch's threads; each y[t, o] is one thread's, its sum in an
+// order fixed by T, K and R alone, so the product is deterministic (ftattn.linear's
+// recomputation relies on it). Up to 64 rows (decode, small batches): y^T = W x^T, so
+// the weight is read once, straight from memory as brgemm's first operand, and only x is
+// packed (one panel); blocks of 64 rows of W per task. More rows: per task a panel of 64
+// output features of W is packed (L2-resident) and the rows of x stream past it, the
+// inner dimension in chunks of kLinearKc (the panel's chunk stays in L2 for long K).
+constexpr int64_t kLinearKc = 4096;
+constexpr int64_t kGemvRows = 4;  // up to this many rows of x: gemv_bf16 (T 8: brgemm 2.4 vs 3.3-3.6 ms)
+#if defined(__x86_64__)
+// y [T, R] = x [T, K] W^T for a few rows of x (decode): one pass over W, streamed from
+// memory, each row of W dotted with every row of x by AVX512-BF16's vdpbf16ps (16 lanes of
+// pair products, exact, added in fp32; then the 16 lanes in a fixed order), rows of W spread
+// over torch's threads. brgemm does this at 1.4-1.9x F.linear's time on the AMD EPYC (its
+// small-N kernels do not keep the memory busy); this at F.linear's (measured: README).
+// (rows o0 .. o1 of W against rows t0 .. t0 + TB of x: each 32 values of W loaded once for
+// the TB rows; two accumulators per row, even and odd chunks, then added in a fixed order)
+template <int TB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_bf16_block(const uint16_t* X, int64_t K,
+                                                                             const uint16_t* W, int64_t ldw,
+                                                                             int64_t R, float* Y, int64_t t0,
+                                                                             int64_t o0, int64_t o1) {
+  const int64_t full = K / 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K % 32)) - 1);
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* w = W + o * ldw;
+    __m512 even[TB], odd[TB];
+    for (int j = 0; j < TB; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 1 < full; c += 2) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + 32 * c);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 32 * c + 32);
+#pragma GCC unroll 4
+      for (int j = 0; j < TB; ++j) {
+        const uint16_t* x = X + (t0 + j) * K + 32 * c;
+        even[j] = _mm512_dpbf16_ps(even[j], w0, (__m512bh)_mm512_loadu_si512(x));
+        odd[j] = _mm512_dpbf16_ps(odd[j], w1, (__m512bh)_mm512_loadu_si512(x + 32));
+      }
+    }
+    if (c < full) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + 32 * c);
+      for (int j = 0; j < TB; ++j)
+        even[j] = _mm512_dpbf16_ps(even[j], w0, (__m512bh)_mm512_loadu_si512(X + (t0 + j) * K + 32 * c));
+    }
+    if (tail) {
+      const __m512bh wt = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + 32 * full);
+      for (int j = 0; j < TB; ++j)
+        odd[j] = _mm512_dpbf16_ps(odd[j], wt, (__m512bh)_mm512_maskz_loadu_epi16(tail, X + (t0 + j) * K + 32 * full));
+    }
+    for (int j = 0; j < TB; ++j) Y[(t0 + j) * R + o] = _mm512_reduce_add_ps(_mm512_add_ps(even[j], odd[j]));
+  }
+}
+void gemv_bf16_rows(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int64_t ldw, int64_t R, float* Y,
+                    int64_t o0, int64_t o1) {
+  int64_t t0 = 0;
+  for (; t0 + 4 <= T; t0 += 4) gemv_bf16_block<4>(X, K, W, ldw, R, Y, t0, o0, o1);
+  for (; t0 + 2 <= T; t0 += 2) gemv_bf16_block<2>(X, K, W, ldw, R, Y, t0, o0, o1);
+  if (t0 < T) gemv_bf16_block<1>(X, K, W, ldw, R, Y, t0, o0, o1);
+}
+void gemv_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int64_t ldw, int64_t R, float* Y) {
+  at::parallel_for(0, R, 16, [&](int64_t o0, int64_t o1) { gemv_bf16_rows(X, T, K, W, ldw, R, Y, o0, o1); });
+}
+#endif
+
+void linear_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int64_t ldw, int64_t R, float* Y) {
+  const auto* bx = reinterpret_cast<const at::BFloat16*>(X);
+  const auto* bw = reinterpret_cast<const at::BFloat16*>(W);
+  const int64_t kp = (K + 1) / 2;
+#if defined(__x86_64__)
+  if (T <= kGemvRows && __builtin_cpu_supports("avx512bf16")) {
+    gemv_bf16(X, T, K, W, ldw, R, Y);
+    return;
+  }
+#endif
+  if (T <= 64) {
+    std::vector<uint32_t> xp(static_cast<size_t>(kp * 64));
+    pack_vnni(true, K, T, X, K, xp.data());
+    const auto* bp = reinterpret_cast<const at::BFloat16*>(xp.data());
+    const int64_t mb = 64, tasks = (R + mb - 1) / mb;
+    at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float>& c = bf16_operands().c;
+      if (c.size() < static_cast<size_t>(mb * 64)) c.resize(mb * 64);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * mb, m = std::min(mb, R - r0);
+        at::native::cpublas::brgemm(m, T, K, ldw, 64, 64, false, bw + r0 * ldw, bp, c.data(), true);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i < m; ++i) Y[t * R + r0 + i] = c[i * 64 + t];
+      }
+      at::native::cpublas::brgemm_release(true);
+    });
+    return;
+  }
+  const int64_t panels = (R + 63) / 64, mb = 128;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<uint32_t>& wp = bf16_operands().b;
+    if (wp.size() < static_cast<size_t>(kp * 64)) wp.resize(kp * 64);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = p * 64, nc = std::min<int64_t>(64, R - c0);
+      pack_vnni(true, K, nc, W + c0 * ldw, ldw, wp.data());
+      const auto* bp = reinterpret_cast<const at::BFloat16*>(wp.data());
+      for (int64_t k0 = 0; k0 < K; k0 += kLinearKc) {
+        const int64_t kk = std::min(kLinearKc, K - k0);
+        for (int64_t t0 = 0; t0 < T; t0 += mb)
+          at::native::cpublas::brgemm(std::min(mb, T - t0), nc, kk, K, 64, R, k0 > 0, bx + t0 * K + k0,
+                                      bp + k0 * 64, Y + t0 * R + c0, true);
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+}  // namespace
+}  // namespace ftattn
