@@ -163,6 +163,10 @@ struct Bf16GemmRelease {
 // packed (one panel); blocks of 64 rows of W per task. More rows: per task a panel of 64
 // output features of W is packed (L2-resident) and the rows of x stream past it, the
 // inner dimension in chunks of kLinearKc (the panel's chunk stays in L2 for long K).
+// brgemm JIT-compiles a kernel per shape (M, N, K, strides; 0.2-0.5 ms the first time,
+// measured), kept per thread: the rows of x go in blocks of 128, 64, .., 1 and x's panel
+// is 16, 32, 48 or 64 columns wide, so T adds at most eight shapes per layer, not one per
+// length.
 constexpr int64_t kLinearKc = 4096;
 constexpr int64_t kGemvRows = 4;  // up to this many rows of x: gemv_bf16 (T 8: brgemm 2.4 vs 3.3-3.6 ms)
 #if defined(__x86_64__)
@@ -235,12 +239,13 @@ void linear_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int
     pack_vnni(true, K, T, X, K, xp.data());
     const auto* bp = reinterpret_cast<const at::BFloat16*>(xp.data());
     const int64_t mb = 64, tasks = (R + mb - 1) / mb;
+    const int64_t nt = (T + 15) / 16 * 16;  // (x's columns past T are 0 in the panel: no cost in 16-lane kernels)
     at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float>& c = bf16_operands().c;
       if (c.size() < static_cast<size_t>(mb * 64)) c.resize(mb * 64);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * mb, m = std::min(mb, R - r0);
-        at::native::cpublas::brgemm(m, T, K, ldw, 64, 64, false, bw + r0 * ldw, bp, c.data(), true);
+        at::native::cpublas::brgemm(m, nt, K, ldw, 64, 64, false, bw + r0 * ldw, bp, c.data(), true);
         for (int64_t t = 0; t < T; ++t)
           for (int64_t i = 0; i < m; ++i) Y[t * R + r0 + i] = c[i * 64 + t];
       }
@@ -258,9 +263,11 @@ void linear_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int
       const auto* bp = reinterpret_cast<const at::BFloat16*>(wp.data());
       for (int64_t k0 = 0; k0 < K; k0 += kLinearKc) {
         const int64_t kk = std::min(kLinearKc, K - k0);
-        for (int64_t t0 = 0; t0 < T; t0 += mb)
-          at::native::cpublas::brgemm(std::min(mb, T - t0), nc, kk, K, 64, R, k0 > 0, bx + t0 * K + k0,
-                                      bp + k0 * 64, Y + t0 * R + c0, true);
+        for (int64_t t0 = 0, m = mb; t0 < T; t0 += m) {
+          while (m > T - t0) m /= 2;  // (blocks of 128 rows, then 64, 32, .., 1)
+          at::native::cpublas::brgemm(m, nc, kk, K, 64, R, k0 > 0, bx + t0 * K + k0, bp + k0 * 64, Y + t0 * R + c0,
+                                      true);
+        }
       }
     }
     at::native::cpublas::brgemm_release(true);
