@@ -165,7 +165,7 @@ struct Bf16GemmRelease {
 // inner dimension in chunks of kLinearKc (the panel's chunk stays in L2 for long K).
 // brgemm JIT-compiles a kernel per shape (M, N, K, strides; 0.2-0.5 ms the first time,
 // measured), kept per thread: the rows of x go in blocks of 128, 64, .., 1 and x's panel
-// is 16, 32, 48 or 64 columns wide, so T adds at most eight shapes per layer, not one per
+// is 16, 32, 48 or 64 columns wide, so lengths T add at most 4 + 8 shapes per layer, not one per
 // length.
 constexpr int64_t kLinearKc = 4096;
 constexpr int64_t kGemvRows = 4;  // up to this many rows of x: gemv_bf16 (T 8: brgemm 2.4 vs 3.3-3.6 ms)
