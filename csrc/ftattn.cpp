@@ -26,8 +26,9 @@ PyObject* PyInit__C(void) {
       {"cpu_isa", ftattn_cpu_isa, METH_NOARGS,
        "cpu_isa(): the instruction set the CPU kernels run (x86-64-v4, x86-64-v3, x86-64 or native)"},
       {"cpu_bf16_gemm", ftattn_cpu_bf16_gemm, METH_NOARGS,
-       "cpu_bf16_gemm(): whether the CPU attention kernels run bf16 inputs' products on oneDNN's brgemm "
-       "(AVX512-BF16 / AMX-BF16) now, rather than sgemm on fp32 copies"},
+       "cpu_bf16_gemm(): whether the CPU kernels run bf16 products on the CPU's bf16 dot products now "
+       "(oneDNN's brgemm, AVX512-BF16 / AMX-BF16; attention and linear), rather than sgemm on fp32 copies "
+       "(attention) or MKL's bf16 GEMM (linear)"},
       {NULL, NULL, 0, NULL},
   };
   static struct PyModuleDef module_def = {

@@ -8,7 +8,7 @@ def test_info_lists_backends_and_why_not(capsys, monkeypatch):
     assert "torch " in out and "C++ extension:" in out
     assert "attention backends on cpu:" in out and "mx_quantize backends on cpu:" in out
     assert "cpp        available" in out
-    assert "bf16 attention products (C++): " in out
+    assert "bf16 products (C++ attention and linear): " in out
     assert "triton     unavailable: CPU tensors need TRITON_INTERPRET=1" in out
 
 

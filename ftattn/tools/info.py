@@ -36,10 +36,11 @@ def main(args) -> int:
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, {_parallel_backend()}")
     if ftattn._C.cpu_bf16_gemm():
-        print("bf16 attention products (C++): oneDNN brgemm, the CPU's bf16 dot products (AVX512-BF16 / AMX)")
+        print("bf16 products (C++ attention and linear): the CPU's bf16 dot products (oneDNN brgemm, "
+              "an AVX512-BF16 GEMV for up to 4 rows of a linear layer)")
     else:
-        print("bf16 attention products (C++): sgemm on fp32 copies (no AVX512-BF16 / AMX-BF16 here, "
-              "torch.backends.mkldnn disabled, or FTATTN_GEMM16=0)")
+        print("bf16 products (C++ attention and linear): sgemm on fp32 copies / MKL's bf16 GEMM (no "
+              "AVX512-BF16 / AMX-BF16 here, torch.backends.mkldnn disabled, or FTATTN_GEMM16=0)")
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
