@@ -1146,8 +1146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   P.eta_fwd = q.scalar_type() == at::kBFloat16 ? ETA_FTZ : ETA;
   // bf16: S and dP on the bf16 GEMM where both operands are bf16 without subnormals (as the
   // forward: csrc/attention/inputs.h)
-  const at::Tensor k16 = bf16_gemm_operand(q).defined() ? bf16_gemm_operand(k) : at::Tensor();
-  const at::Tensor v16 = bf16_gemm_operand(grad_out).defined() ? bf16_gemm_operand(v) : at::Tensor();
+  const at::Tensor k16 = bf16_gemm_input(q, qf) ? bf16_gemm_operand(k) : at::Tensor();
+  const at::Tensor v16 = bf16_gemm_input(grad_out, gf) ? bf16_gemm_operand(v) : at::Tensor();
   if (k16.defined()) P.k16 = reinterpret_cast<const uint16_t*>(k16.data_ptr());
   if (v16.defined()) P.v16 = reinterpret_cast<const uint16_t*>(v16.data_ptr());
   if (k16.defined() || v16.defined()) P.eta16 = ETA_FTZ;

@@ -278,8 +278,12 @@ def test_warp_within_the_scores_noise_is_caught(backend):
 # as 0 and flushes results below 2^-126 to 0 (AMX, AVX512-BF16). Subnormal inputs send the
 # call to sgemm on fp32 copies; tiny normal ones whose products fall below 2^-126 stay on
 # the bf16 GEMM, where the bounds on S carry 2^-126 per operation (a build with 2^-149
-# there raises the row-checksum alarm on the second case wherever the hardware flushes).
-BF16_TINY = {"k x 1e-39 (subnormal)": (1.0, 1e-39, 1.0), "q, k x 2^-64 (products flushed)": (2.0**-64, 2.0**-64, 1.0),
+# there raises the row-checksum alarm on the q, k x 2^-64 case wherever the hardware flushes).
+# q of 1e-39 with k of 1e3: a 32-row group's sum of q is normal, its rows are not, so on the
+# bf16 GEMM the column checksum would miss |sum q| |k| (a build routing subnormal q there
+# raises it: checked).
+BF16_TINY = {"k x 1e-39 (subnormal)": (1.0, 1e-39, 1.0), "q x 1e-39 (subnormal), k x 1e3": (1e-39, 1e3, 1.0),
+             "q, k x 2^-64 (products flushed)": (2.0**-64, 2.0**-64, 1.0),
              "q x 2^-120, k x 2^-10": (2.0**-120, 2.0**-10, 1.0)}
 
 

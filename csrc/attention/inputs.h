@@ -84,5 +84,20 @@ at::Tensor bf16_gemm_operand(const at::Tensor& t) {
   return sub ? at::Tensor() : c;
 }
 
+// Whether bf16 t may feed the bf16 GEMM, as bf16_gemm_operand decides, read from tf, the
+// contiguous fp32 copy of t the kernels make anyway (a bf16 value is subnormal where its
+// fp32 value is): for q and dO, whose products take bf16 rows made per block, so no bf16
+// copy of them is needed (a strided q, a model's heads, was copied just to be scanned).
+bool bf16_gemm_input(const at::Tensor& t, const at::Tensor& tf) {
+  if (t.scalar_type() != at::kBFloat16 || !bf16_gemm_ready()) return false;
+  TORCH_INTERNAL_ASSERT(tf.scalar_type() == at::kFloat && tf.is_contiguous() && tf.numel() == t.numel());
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(tf.data_ptr<float>());
+  const int64_t n = tf.numel();
+  int sub = 0;
+#pragma omp simd reduction(| : sub)
+  for (int64_t i = 0; i < n; ++i) sub |= ((x[i] & 0x7F800000u) == 0) & ((x[i] & 0x7FFFFFu) != 0);
+  return !sub;
+}
+
 }  // namespace
 }  // namespace ftattn
