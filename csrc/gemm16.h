@@ -118,6 +118,40 @@ static void pack_vnni(bool b_transposed, int64_t k, int64_t n, const uint16_t* B
   }
 }
 
+// C[m x n] (+)= A B on brgemm for A [m x k] (row stride lda) and B as pack_vnni's panel
+// (pair rows ldb words apart), fp32 C (row stride ldc; add_C: accumulate). brgemm's kernels
+// for AMX fault on an odd k (SIGILL at their first tile instruction: measured on a Xeon with
+// AMX-BF16, every m and n tried with k 1, 3, .., 65, and no even k), so brgemm takes the even
+// k - 1 and the last term, a[i][k-1] b[k-1][j] (the low halves of B's last pair row; an exact
+// product in fp32), is added once, rounded once: on every CPU alike, so a product's rounding
+// does not depend on whether the CPU has AMX.
+static void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_C,
+                        const uint16_t* A, const uint32_t* B, float* C) {
+  const int64_t ke = k & ~int64_t{1};
+  if (ke > 0)
+    at::native::cpublas::brgemm(m, n, ke, lda, ldb, ldc, add_C, reinterpret_cast<const at::BFloat16*>(A),
+                                reinterpret_cast<const at::BFloat16*>(B), C, true);
+  if (ke == k) {
+    if (k == 0 && !add_C)
+      for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.f);
+    return;
+  }
+  const uint32_t* last = B + (k / 2) * ldb;
+  const bool acc = add_C || ke > 0;
+  for (int64_t i = 0; i < m; ++i) {
+    uint32_t ab = static_cast<uint32_t>(A[i * lda + k - 1]) << 16;
+    float a;
+    std::memcpy(&a, &ab, sizeof(a));
+    float* c = C + i * ldc;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t bb = last[j] << 16;
+      float b;
+      std::memcpy(&b, &bb, sizeof(b));
+      c[j] = acc ? c[j] + a * b : a * b;
+    }
+  }
+}
+
 // C[m x n] = op(A) op(B) + beta C (beta 0 or 1) on the bf16 GEMM (bf16_gemm_ready),
 // row-major (op: transposed where asked; A [m x k] or [k x m], B [k x n] or [n x k]), fp32 C:
 // one brgemm call per panel of 64 columns of C.
@@ -141,9 +175,8 @@ static void gemm_bf16(bool a_transposed, bool b_transposed, int64_t m, int64_t n
     lda = k;
   }
   for (int64_t p = 0; p < panels; ++p)
-    at::native::cpublas::brgemm(m, std::min<int64_t>(64, n - p * 64), k, lda, 64, ldc, beta != 0.f,
-                                reinterpret_cast<const at::BFloat16*>(A),
-                                reinterpret_cast<const at::BFloat16*>(w.b.data() + p * kp * 64), C + p * 64, true);
+    brgemm_bf16(m, std::min<int64_t>(64, n - p * 64), k, lda, 64, ldc, beta != 0.f, A, w.b.data() + p * kp * 64,
+                C + p * 64);
 }
 
 // Gives back the hardware context brgemm took (AMX's tile state), at the end of a worker.
@@ -225,8 +258,6 @@ void gemv_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int64
 #endif
 
 void linear_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int64_t ldw, int64_t R, float* Y) {
-  const auto* bx = reinterpret_cast<const at::BFloat16*>(X);
-  const auto* bw = reinterpret_cast<const at::BFloat16*>(W);
   const int64_t kp = (K + 1) / 2;
 #if defined(__x86_64__)
   if (T <= kGemvRows && __builtin_cpu_supports("avx512bf16")) {
@@ -237,7 +268,6 @@ void linear_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int
   if (T <= 64) {
     std::vector<uint32_t> xp(static_cast<size_t>(kp * 64));
     pack_vnni(true, K, T, X, K, xp.data());
-    const auto* bp = reinterpret_cast<const at::BFloat16*>(xp.data());
     const int64_t mb = 64, tasks = (R + mb - 1) / mb;
     const int64_t nt = (T + 15) / 16 * 16;  // (x's columns past T are 0 in the panel: no cost in 16-lane kernels)
     at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) {
@@ -245,7 +275,7 @@ void linear_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int
       if (c.size() < static_cast<size_t>(mb * 64)) c.resize(mb * 64);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * mb, m = std::min(mb, R - r0);
-        at::native::cpublas::brgemm(m, nt, K, ldw, 64, 64, false, bw + r0 * ldw, bp, c.data(), true);
+        brgemm_bf16(m, nt, K, ldw, 64, 64, false, W + r0 * ldw, xp.data(), c.data());
         for (int64_t t = 0; t < T; ++t)
           for (int64_t i = 0; i < m; ++i) Y[t * R + r0 + i] = c[i * 64 + t];
       }
@@ -260,13 +290,11 @@ void linear_bf16(const uint16_t* X, int64_t T, int64_t K, const uint16_t* W, int
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * 64, nc = std::min<int64_t>(64, R - c0);
       pack_vnni(true, K, nc, W + c0 * ldw, ldw, wp.data());
-      const auto* bp = reinterpret_cast<const at::BFloat16*>(wp.data());
       for (int64_t k0 = 0; k0 < K; k0 += kLinearKc) {
         const int64_t kk = std::min(kLinearKc, K - k0);
         for (int64_t t0 = 0, m = mb; t0 < T; t0 += m) {
           while (m > T - t0) m /= 2;  // (blocks of 128 rows, then 64, 32, .., 1)
-          at::native::cpublas::brgemm(m, nc, kk, K, 64, R, k0 > 0, bx + t0 * K + k0, bp + k0 * 64, Y + t0 * R + c0,
-                                      true);
+          brgemm_bf16(m, nc, kk, K, 64, R, k0 > 0, X + t0 * K + k0, wp.data() + k0 / 2 * 64, Y + t0 * R + c0);
         }
       }
     }
