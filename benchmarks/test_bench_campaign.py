@@ -1,9 +1,12 @@
 """Throughput of the campaign runner (ftattn/tools/runner.py): faults per second of the
 same backward campaign in this process and on a local Ray of 2 workers started for it
 (with and without Ray's start, which a user pays once per campaign), and the runner's
-overhead per shard in-process (shard records, JSONL file) against calling the shards'
-function directly. The in-process run uses torch's threads (every core); the same run
-on one thread is recorded too, as what each Ray worker (1 CPU, 1 thread) has.
+overhead per shard in-process (shard records, the fsynced JSONL file) against calling the
+shards' function directly, paired (pairing.paired: 5 rounds of a smaller job, the two
+back to back in alternating order; one unpaired pair of runs on this shared machine
+moved by +-8 %, more than the runner costs). The in-process run uses torch's threads
+(every core); the same run on one thread is recorded too, as what each Ray worker
+(1 CPU, 1 thread) has.
 
 Targets (issue 20): 2 workers >= 1.7x in-process on a 2-core machine; runner overhead
 <= 5 %. Writes ``benchmarks/results/campaign_runner_cpu.json``.
@@ -16,9 +19,12 @@ import pytest
 import torch
 
 from ftattn.tools import campaign, runner
+from pairing import paired
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 JOB = campaign.Job("cpp", "cpu", "float32", "full", 6000, campaign.Shape(), 256, 11, pass_="backward")
+OVERHEAD_JOB = campaign.Job("cpp", "cpu", "float32", "full", 1500, campaign.Shape(), 256, 12, pass_="backward")
+OVERHEAD_ROUNDS = 5
 
 
 def _timed(fn):
@@ -30,7 +36,10 @@ def _timed(fn):
 def test_runner_throughput(benchmark, measure, tmp_path):
     ray = pytest.importorskip("ray")
     units = JOB.units
-    _, direct = _timed(lambda: [campaign.run_units(JOB, s, e) for s, e in runner.shards_of(units, campaign.SHARD_UNITS)])
+    shards = runner.shards_of(OVERHEAD_JOB.units, campaign.SHARD_UNITS)
+    overhead, with_runner, direct = paired(
+        lambda: campaign.run_jobs([OVERHEAD_JOB], out=str(tmp_path / "o.jsonl"), progress=False),
+        lambda: [campaign.run_units(OVERHEAD_JOB, s, e) for s, e in shards], OVERHEAD_ROUNDS)
     res, inproc = _timed(lambda: campaign.run_jobs([JOB], out=str(tmp_path / "a.jsonl"), progress=False))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -49,14 +58,17 @@ def test_runner_throughput(benchmark, measure, tmp_path):
     record = {
         "job": JOB.name, "faults": faults, "units": units, "shard_units": campaign.SHARD_UNITS,
         "torch_threads_in_process": threads,
-        "seconds": {"direct": direct, "in_process": inproc, "in_process_1_thread": inproc1, "ray_start": start,
+        "seconds": {"in_process": inproc, "in_process_1_thread": inproc1, "ray_start": start,
                     "ray_2_workers": ray2, "ray_2_workers_with_start": start + ray2},
         "faults_per_second": {"in_process": faults / inproc, "in_process_1_thread": faults / inproc1,
                               "ray_2_workers": faults / ray2},
         "ray_2_over_in_process": inproc / (start + ray2), "ray_2_over_in_process_without_start": inproc / ray2,
         "ray_2_over_in_process_1_thread": inproc1 / ray2,
         "in_process_threads_over_1_thread": inproc1 / inproc,
-        "runner_overhead": inproc / direct - 1.0,
+        "runner_overhead": overhead - 1.0,
+        "runner_overhead_job": {"name": OVERHEAD_JOB.name, "faults": OVERHEAD_JOB.faults, "units": OVERHEAD_JOB.units,
+                                "shards": len(shards), "rounds": OVERHEAD_ROUNDS,
+                                "median_seconds": {"in_process": with_runner, "direct": direct}},
         "targets": {"ray_2_over_in_process": 1.7, "runner_overhead": 0.05},
     }
     benchmark.extra_info.update(record)
