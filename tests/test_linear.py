@@ -453,7 +453,8 @@ def test_bf16_product_on_the_bf16_gemm(monkeypatch, lead, k, out):
     """bf16 x and W: where ftattn._C.cpu_bf16_gemm(), up to 4 rows run on an AVX512-BF16
     GEMV (one pass over W), up to 64 on oneDNN's brgemm as y^T = W x^T (the weight read
     once), more with W packed per panel of 64 output features and the inner dimension in
-    chunks of 4096; else MKL's bf16 GEMM (FTATTN_GEMM16=0). Both meet the fp64 reference as torch does, a weight with a
+    chunks of 4096 (on a CPU with AMX: MKL's bf16 GEMM, the faster there); else MKL's bf16
+    GEMM (FTATTN_GEMM16=0). Both meet the fp64 reference as torch does, a weight with a
     row stride gives the contiguous weight's bits, clean calls raise no alarm, and a gemm
     fault is caught and corrected to the clean bits (the product is deterministic)."""
     x, w, b = _data(lead, k, out, torch.bfloat16, seed=k + out)

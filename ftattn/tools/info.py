@@ -37,7 +37,8 @@ def main(args) -> int:
           f"torch threads {torch.get_num_threads()}, {_parallel_backend()}")
     if ftattn._C.cpu_bf16_gemm():
         print("bf16 products (C++ attention and linear): the CPU's bf16 dot products (oneDNN brgemm, "
-              "an AVX512-BF16 GEMV for up to 4 rows of a linear layer)")
+              "an AVX512-BF16 GEMV for up to 4 rows of a linear layer; MKL's bf16 GEMM for more than 64 "
+              "rows where the CPU has AMX)")
     else:
         print("bf16 products (C++ attention and linear): sgemm on fp32 copies / MKL's bf16 GEMM (no "
               "AVX512-BF16 / AMX-BF16 here, torch.backends.mkldnn disabled, or FTATTN_GEMM16=0)")
