@@ -150,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     P.key_end = e0;
   }
   if (protection >= 1 && M > 0 && !P.inline_sums) precompute_sums(P, sums);
+  const at::Tensor packed = pack_keys_values(P);
 
   if (N > 0) {
     // at least ~4 MFLOP per task: small (decode-sized) calls stay on one thread,

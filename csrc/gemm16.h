@@ -152,6 +152,16 @@ static void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ld
   }
 }
 
+// C[m x n] = A B + beta C (beta 0 or 1) on the bf16 GEMM for B already as pack_vnni makes
+// it, its panel p of 64 columns at Bp + p * panel_stride (words): one brgemm call per panel.
+static void gemm_bf16_packed(int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda, const uint32_t* Bp,
+                             int64_t panel_stride, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  for (int64_t p = 0; p < (n + 63) / 64; ++p)
+    brgemm_bf16(m, std::min<int64_t>(64, n - p * 64), k, lda, 64, ldc, beta != 0.f, A, Bp + p * panel_stride,
+                C + p * 64);
+}
+
 // C[m x n] = op(A) op(B) + beta C (beta 0 or 1) on the bf16 GEMM (bf16_gemm_ready),
 // row-major (op: transposed where asked; A [m x k] or [k x m], B [k x n] or [n x k]), fp32 C:
 // one brgemm call per panel of 64 columns of C.
@@ -174,9 +184,7 @@ static void gemm_bf16(bool a_transposed, bool b_transposed, int64_t m, int64_t n
     A = w.a.data();
     lda = k;
   }
-  for (int64_t p = 0; p < panels; ++p)
-    brgemm_bf16(m, std::min<int64_t>(64, n - p * 64), k, lda, 64, ldc, beta != 0.f, A, w.b.data() + p * kp * 64,
-                C + p * 64);
+  gemm_bf16_packed(m, n, k, A, lda, w.b.data(), kp * 64, beta, C, ldc);
 }
 
 // Gives back the hardware context brgemm took (AMX's tile state), at the end of a worker.

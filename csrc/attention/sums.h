@@ -324,14 +324,9 @@ static void bf16_rows_split(const float* X, int64_t rows, int64_t ng, int64_t D,
   }
 }
 
-// C[rows + ng, n] = A B^T on the bf16 GEMM for A from bf16_rows_split ([rows + 3 ng, D])
-// and B [n, D] bf16 (row-major, ldc C's row stride, which has room for rows + 3 ng rows):
-// the three products of each reference row added in fp64 and rounded once, into row
-// rows + g.
-static void gemm_bf16_refs(const uint16_t* A, int64_t rows, int64_t ng, int64_t n, int64_t D, const uint16_t* B,
-                           float* C, int64_t ldc) {
-  if (n == 0 || rows + ng == 0) return;
-  gemm_bf16(false, true, rows + 3 * ng, n, D, A, D, B, D, 0.f, C, ldc);
+// The three products of each reference row (rows + g, rows + ng + g, rows + 2 ng + g of C)
+// added in fp64 and rounded once, into row rows + g.
+static void fold_bf16_refs(int64_t rows, int64_t ng, int64_t n, float* C, int64_t ldc) {
   for (int64_t g = 0; g < ng; ++g) {
     float* hi = C + (rows + g) * ldc;
     const float* mid = C + (rows + ng + g) * ldc;
@@ -339,6 +334,23 @@ static void gemm_bf16_refs(const uint16_t* A, int64_t rows, int64_t ng, int64_t 
     for (int64_t j = 0; j < n; ++j)
       hi[j] = static_cast<float>(static_cast<double>(hi[j]) + static_cast<double>(mid[j]) + static_cast<double>(lo[j]));
   }
+}
+// C[rows + ng, n] = A B^T on the bf16 GEMM for A from bf16_rows_split ([rows + 3 ng, D])
+// and B [n, D] bf16 (row-major, ldc C's row stride, which has room for rows + 3 ng rows),
+// the reference rows folded (fold_bf16_refs).
+static void gemm_bf16_refs(const uint16_t* A, int64_t rows, int64_t ng, int64_t n, int64_t D, const uint16_t* B,
+                           float* C, int64_t ldc) {
+  if (n == 0 || rows + ng == 0) return;
+  gemm_bf16(false, true, rows + 3 * ng, n, D, A, D, B, D, 0.f, C, ldc);
+  fold_bf16_refs(rows, ng, n, C, ldc);
+}
+// The same for B's rows as pack_vnni(true, D, ..) made them (panels of 64 keys, panel_stride
+// words apart): the forward's keys, packed once per call (pack_keys_values).
+static void gemm_bf16_refs_packed(const uint16_t* A, int64_t rows, int64_t ng, int64_t n, int64_t D,
+                                  const uint32_t* Bp, int64_t panel_stride, float* C, int64_t ldc) {
+  if (n == 0 || rows + ng == 0) return;
+  gemm_bf16_packed(rows + 3 * ng, n, D, A, D, Bp, panel_stride, 0.f, C, ldc);
+  fold_bf16_refs(rows, ng, n, C, ldc);
 }
 
 }  // namespace
