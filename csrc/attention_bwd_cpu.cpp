@@ -73,6 +73,11 @@ struct BwdProblem {
   // dV += P^T dO, dK += dS^T Q, dQ += dS K on the bf16 GEMM too (with k16 and v16), P and dS
   // rounded to bf16 for them as the forward rounds P for P V
   bool p16 = false;
+  // k16 and v16 as the bf16 GEMM reads them, packed once per call (sums.h's
+  // pack_per_key_head), per key head h of batch b at x + (b Hkv + h) packed_stride: K^T for
+  // S, V^T for dP (panels of 64 keys), K for dQ += dS K (panels of 64 head dims, p16)
+  const uint32_t *k16t = nullptr, *v16t = nullptr, *k16n = nullptr;
+  int64_t packed_stride = 0;
   int64_t B, Hq, Hkv, N, M, D, nq, nk, G;
   bool causal;
   float scale;
@@ -106,6 +111,9 @@ struct BwdScratch {
   // for the references of dQ, dK, dV), on first use
   AVec<uint16_t> Pb, dSb;
   AVec<float> Pr, dSr, dSra;
+  // the block's bf16 rows of dO and q packed for dV += P^T dO and dK += dS^T Q (pack_vnni),
+  // once per block of queries
+  AVec<uint32_t> GhP, QhP;
   std::vector<double> rs, rp;                    // per row: sum_j P_ij over its key tiles, as read / as made
   std::vector<double> qsum, qabs, gsum, gabs;    // per column group [NGROUP_MAX x D]
   std::vector<float> qg, gg;                     // per row: group sums of q, then of |q| [BM x 2G]; dO's
@@ -760,9 +768,15 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   const float* V = P.v + ((b * P.Hkv + hk) * P.M + first) * D;
   const uint16_t* K16 = P.k16 != nullptr ? P.k16 + ((b * P.Hkv + hk) * P.M + first) * D : nullptr;
   const uint16_t* V16 = P.v16 != nullptr ? P.v16 + ((b * P.Hkv + hk) * P.M + first) * D : nullptr;
+  const int64_t packed = (b * P.Hkv + hk) * P.packed_stride;
+  const uint32_t* K16t = P.k16t != nullptr ? P.k16t + packed : nullptr;
+  const uint32_t* V16t = P.v16t != nullptr ? P.v16t + packed : nullptr;
+  const uint32_t* K16n = P.k16n != nullptr ? P.k16n + packed : nullptr;
+  const int64_t t_panel = (D + 1) / 2 * 64, n_panel = (Mb + 1) / 2 * 64;  // (their panels' strides)
   if (P.p16 && w.Pb.size() < static_cast<size_t>(BWD_BM * BWD_BN)) {
     for (auto* x : {&w.Pb, &w.dSb}) x->resize(BWD_BM * BWD_BN);
     for (auto* x : {&w.Pr, &w.dSr, &w.dSra}) x->resize(BWD_BM * BWD_BN);
+    for (auto* x : {&w.GhP, &w.QhP}) x->resize((D + 63) / 64 * ((BWD_BM + 1) / 2) * 64);
   }
   float* dQout = P.dq + (b * P.Hq + h) * N * D;
   float* dK = P.dkh + ((b * P.Hq + h) * P.M + first) * D;
@@ -863,10 +877,16 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       if (Xh->size() < need) Xh->resize(need);
       bf16_rows_split(X, rows, ngroups, D, Xh->data());
     }
+    if (P.p16) {  // (the block's rows of dO and q as dV's and dK's products read them)
+      pack_vnni(false, rows, D, w.Gh.data(), D, w.GhP.data());
+      pack_vnni(false, rows, D, w.Qh.data(), D, w.QhP.data());
+    }
+    const int64_t r_panel = (rows + 1) / 2 * 64;
     const auto product = [&](int which, int64_t n0, int64_t n, float* X) {
-      const uint16_t* B16 = which == 0 ? K16 : V16;
-      if (B16 != nullptr)
-        gemm_bf16_refs((which == 0 ? w.Qh : w.Gh).data(), rows, ngroups, n, D, B16 + n0 * D, X, BWD_BN);
+      const uint32_t* B16 = which == 0 ? K16t : V16t;
+      if (B16 != nullptr)  // (n0 is a multiple of BWD_BN, so of 64)
+        gemm_bf16_refs_packed((which == 0 ? w.Qh : w.Gh).data(), rows, ngroups, n, D, B16 + n0 / 64 * t_panel,
+                              t_panel, X, BWD_BN);
       else
         gemm_rm(false, true, false, rows + ngroups, n, D, which == 0 ? Qx : Gx, D, (which == 0 ? K : V) + n0 * D,
                 D, X, BWD_BN);
@@ -953,9 +973,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         round_bf16(Pm, rows, n, BWD_BN, w.Pb.data(), w.Pr.data(), nullptr);
         round_bf16(dS, rows, n, BWD_BN, w.dSb.data(), w.dSr.data(), w.dSra.data());
         Pref = w.Pr.data(), dSref = w.dSr.data(), dSaref = w.dSra.data();
-        gemm_bf16(true, false, n, D, rows, w.Pb.data(), BWD_BN, w.Gh.data(), D, 1.f, dV + n0 * D, D);
-        gemm_bf16(true, false, n, D, rows, w.dSb.data(), BWD_BN, w.Qh.data(), D, 1.f, dK + n0 * D, D);
-        gemm_bf16(false, false, rows, D, n, w.dSb.data(), BWD_BN, K16 + n0 * D, D, 1.f, w.dQ.data(), D);
+        gemm_bf16_at_packed(n, D, rows, w.Pb.data(), BWD_BN, w.GhP.data(), r_panel, 1.f, dV + n0 * D, D);
+        gemm_bf16_at_packed(n, D, rows, w.dSb.data(), BWD_BN, w.QhP.data(), r_panel, 1.f, dK + n0 * D, D);
+        gemm_bf16_packed(rows, D, n, w.dSb.data(), BWD_BN, K16n + n0 / 2 * 64, n_panel, 1.f, w.dQ.data(), D);
       } else {
         gemm_rm(true, false, true, n, D, rows, Pm, BWD_BN, Gb, D, dV + n0 * D, D);
         gemm_rm(true, false, true, n, D, rows, dS, BWD_BN, Qb, D, dK + n0 * D, D);
@@ -1162,6 +1182,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     std::tie(starts, ends) = key_ranges(key_start, key_end, B, M, "ftattn.attention backward");
     P.key_start = starts.data_ptr<int64_t>();
     P.key_end = ends.data_ptr<int64_t>();
+  }
+  // the keys and values the bf16 GEMM reads, packed once per call (not per block of queries)
+  at::Tensor packed;
+  if (P.k16 != nullptr || P.v16 != nullptr) {
+    std::vector<const uint32_t*> parts;
+    packed = pack_per_key_head(
+        B, Hkv, M, D, [&](int64_t b) { return P.key_first(b); }, [&](int64_t b) { return P.key_count(b); },
+        {{P.k16, true}, {P.v16, true}, {P.p16 ? P.k16 : nullptr, false}}, parts, P.packed_stride);
+    P.k16t = parts[0], P.v16t = parts[1], P.k16n = parts[2];
   }
   if (B * Hq > 0 && (N > 0 || M > 0)) {
     // one task per (sample, query head), handed out from a shared counter (a thread that

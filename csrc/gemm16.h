@@ -162,6 +162,31 @@ static void gemm_bf16_packed(int64_t m, int64_t n, int64_t k, const uint16_t* A,
                 C + p * 64);
 }
 
+// out [m x k] (row-major) = A^T for A [k x m] (row stride lda), 16-bit values, in blocks of
+// 16 x 16 (the 16 rows of A a block reads stay in L1; element by element, each write to
+// out's rows k apart missed L1 once A^T outgrew it: 9 % of a bf16 forward + backward's
+// samples on the Xeon with AMX, measured).
+static void transpose16(const uint16_t* A, int64_t lda, int64_t k, int64_t m, uint16_t* out) {
+  for (int64_t i0 = 0; i0 < m; i0 += 16) {
+    const int64_t i1 = std::min<int64_t>(m, i0 + 16);
+    for (int64_t r0 = 0; r0 < k; r0 += 16) {
+      const int64_t r1 = std::min<int64_t>(k, r0 + 16);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t r = r0; r < r1; ++r) out[i * k + r] = A[r * lda + i];
+    }
+  }
+}
+
+// C[m x n] = A^T B + beta C for A [k x m] (row stride lda) and B packed (gemm_bf16_packed).
+static void gemm_bf16_at_packed(int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda, const uint32_t* Bp,
+                                int64_t panel_stride, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  Bf16Operands& w = bf16_operands();
+  if (w.a.size() < static_cast<size_t>(m * k)) w.a.resize(m * k);
+  transpose16(A, lda, k, m, w.a.data());
+  gemm_bf16_packed(m, n, k, w.a.data(), k, Bp, panel_stride, beta, C, ldc);
+}
+
 // C[m x n] = op(A) op(B) + beta C (beta 0 or 1) on the bf16 GEMM (bf16_gemm_ready),
 // row-major (op: transposed where asked; A [m x k] or [k x m], B [k x n] or [n x k]), fp32 C:
 // one brgemm call per panel of 64 columns of C.
@@ -178,11 +203,8 @@ static void gemm_bf16(bool a_transposed, bool b_transposed, int64_t m, int64_t n
   if (w.b.size() < static_cast<size_t>(panels * kp * 64)) w.b.resize(panels * kp * 64);
   pack_vnni(b_transposed, k, n, B, ldb, w.b.data());
   if (a_transposed) {
-    if (w.a.size() < static_cast<size_t>(m * k)) w.a.resize(m * k);
-    for (int64_t r = 0; r < k; ++r)
-      for (int64_t i = 0; i < m; ++i) w.a[i * k + r] = A[r * lda + i];
-    A = w.a.data();
-    lda = k;
+    gemm_bf16_at_packed(m, n, k, A, lda, w.b.data(), kp * 64, beta, C, ldc);
+    return;
   }
   gemm_bf16_packed(m, n, k, A, lda, w.b.data(), kp * 64, beta, C, ldc);
 }

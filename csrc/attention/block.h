@@ -70,10 +70,6 @@ struct Problem {
   const uint32_t* k16p = nullptr;
   const uint32_t* v16p = nullptr;
   int64_t packed_stride = 0;
-  // (the rows of k16 or v16 from key r of key head h of batch b)
-  const uint16_t* rows16(const uint16_t* x, int64_t b, int64_t h, int64_t r) const {
-    return x + ((b * Hkv + h) * M + r) * D;
-  }
   int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
   int64_t key_count(int64_t b) const { return key_start ? key_end[b] - key_start[b] : M; }
 };
@@ -284,29 +280,18 @@ void scores_gemm(const Problem& P, Scratch& w, const Block& blk, const float* K,
   gemm_bf16_refs_packed(w.Qb.data(), rows, ng, cols, D, K16p + n0 / 64 * panel, panel, S, BLOCK_N);
 }
 
-// The keys and values of the bf16 GEMM packed once per call as it reads them (pack_vnni;
-// Problem::k16p, v16p), per key head of each sample, where each tile's products packed
-// their own for every block of queries (8 times per tile at 2048 queries; 6-7 % of a bf16
-// forward's time on the Xeon with AMX, measured). Returns the buffer (kept by the caller).
+// The keys and values of the bf16 GEMM packed once per call (Problem::k16p, v16p;
+// sums.h's pack_per_key_head), where each tile's products packed their own for every block
+// of queries (8 times per tile at 2048 queries; 5.6 % of a bf16 forward's samples on the
+// Xeon with AMX, measured). Returns the buffer (kept by the caller).
 at::Tensor pack_keys_values(Problem& P) {
   if (P.k16 == nullptr && P.v16 == nullptr) return {};
-  const int64_t D = P.D, M = P.M;
-  const int64_t kpart = P.k16 != nullptr ? (M + 63) / 64 * ((D + 1) / 2) * 64 : 0;
-  const int64_t vpart = P.v16 != nullptr ? (D + 63) / 64 * ((M + 1) / 2) * 64 : 0;
-  P.packed_stride = kpart + vpart;
-  at::Tensor buf = at::empty({std::max<int64_t>(P.B * P.Hkv * P.packed_stride, 1)}, at::kInt);
-  uint32_t* base = reinterpret_cast<uint32_t*>(buf.data_ptr<int32_t>());
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * D, 1));
-  at::parallel_for(0, P.B * P.Hkv, grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / P.Hkv, h = i % P.Hkv, k0 = P.key_first(b), Mb = P.key_count(b);
-      uint32_t* out = base + i * P.packed_stride;
-      if (P.k16 != nullptr) pack_vnni(true, D, Mb, P.rows16(P.k16, b, h, k0), D, out);
-      if (P.v16 != nullptr) pack_vnni(false, Mb, D, P.rows16(P.v16, b, h, k0), D, out + kpart);
-    }
-  });
-  if (P.k16 != nullptr) P.k16p = base;
-  if (P.v16 != nullptr) P.v16p = base + kpart;
+  std::vector<const uint32_t*> starts;
+  at::Tensor buf = pack_per_key_head(
+      P.B, P.Hkv, P.M, P.D, [&](int64_t b) { return P.key_first(b); }, [&](int64_t b) { return P.key_count(b); },
+      {{P.k16, true}, {P.v16, false}}, starts, P.packed_stride);
+  P.k16p = starts[0];
+  P.v16p = starts[1];
   return buf;
 }
 

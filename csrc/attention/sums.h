@@ -324,6 +324,47 @@ static void bf16_rows_split(const float* X, int64_t rows, int64_t ng, int64_t D,
   }
 }
 
+// Operands of the bf16 GEMM from k or v (bf16 [B, Hkv, M, D], contiguous) packed once per
+// call as it reads them (pack_vnni), per key head of each sample (keys [first(b), first(b) +
+// count(b))), instead of per tile for every block of queries: parts[i] = (x, transposed):
+// transposed, X^T in panels of 64 keys (ceil(D / 2) pair rows each; S = Q K^T, dP = dO V^T);
+// else X in panels of 64 head dims (ceil(count(b) / 2) pair rows of the sample's keys; P V,
+// dS K). Part i of key head h of batch b at starts[i] + (b Hkv + h) stride (null where x is);
+// the tensor holds them.
+template <typename First, typename Count>
+static at::Tensor pack_per_key_head(int64_t B, int64_t Hkv, int64_t M, int64_t D, First first, Count count,
+                                    const std::vector<std::pair<const uint16_t*, bool>>& parts,
+                                    std::vector<const uint32_t*>& starts, int64_t& stride) {
+  std::vector<int64_t> offset(parts.size());
+  stride = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    offset[i] = stride;
+    if (parts[i].first != nullptr)
+      stride += parts[i].second ? (M + 63) / 64 * ((D + 1) / 2) * 64 : (D + 63) / 64 * ((M + 1) / 2) * 64;
+  }
+  at::Tensor buf = at::empty({std::max<int64_t>(B * Hkv * stride, 1)}, at::kInt);
+  uint32_t* base = reinterpret_cast<uint32_t*>(buf.data_ptr<int32_t>());
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * D, 1));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, k0 = first(b), Mb = count(b);
+      for (size_t p = 0; p < parts.size(); ++p) {
+        if (parts[p].first == nullptr) continue;
+        const uint16_t* x = parts[p].first + (i * M + k0) * D;
+        uint32_t* out = base + i * stride + offset[p];
+        if (parts[p].second)
+          pack_vnni(true, D, Mb, x, D, out);
+        else
+          pack_vnni(false, Mb, D, x, D, out);
+      }
+    }
+  });
+  starts.assign(parts.size(), nullptr);
+  for (size_t i = 0; i < parts.size(); ++i)
+    if (parts[i].first != nullptr) starts[i] = base + offset[i];
+  return buf;
+}
+
 // The three products of each reference row (rows + g, rows + ng + g, rows + 2 ng + g of C)
 // added in fp64 and rounded once, into row rows + g.
 static void fold_bf16_refs(int64_t rows, int64_t ng, int64_t n, float* C, int64_t ldc) {
