@@ -162,15 +162,54 @@ static void gemm_bf16_packed(int64_t m, int64_t n, int64_t k, const uint16_t* A,
                 C + p * 64);
 }
 
+#if defined(__x86_64__)
+// out[c][r] = A[r][c] for a 16 x 16 block of 16-bit values (rows lda and ldo apart) in AVX2
+// registers: 16-, 32- and 64-bit interleaves within 128-bit lanes, then the lanes swapped
+// (64 shuffles per 256 values, where element by element costs a load and a store each). The
+// bf16 GEMM runs only where the CPU has AVX512-BF16 or AMX, so AVX2 is there.
+__attribute__((target("avx2"))) static void transpose16x16(const uint16_t* A, int64_t lda, uint16_t* out,
+                                                            int64_t ldo) {
+  __m256i r[16], a[16], b[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda));
+  for (int p = 0; p < 8; ++p) {  // a[p]: rows 2p, 2p+1 of columns 0-3 | 8-11; a[8 + p]: 4-7 | 12-15
+    a[p] = _mm256_unpacklo_epi16(r[2 * p], r[2 * p + 1]);
+    a[8 + p] = _mm256_unpackhi_epi16(r[2 * p], r[2 * p + 1]);
+  }
+  // b[4 g + q]: rows 4q .. 4q+3 of the column pairs (g: 0 -> 0, 1 | 8, 9; 1 -> 2, 3 | 10, 11;
+  // 2 -> 4, 5 | 12, 13; 3 -> 6, 7 | 14, 15)
+  for (int h = 0; h < 2; ++h)
+    for (int q = 0; q < 4; ++q) {
+      b[8 * h + q] = _mm256_unpacklo_epi32(a[8 * h + 2 * q], a[8 * h + 2 * q + 1]);
+      b[8 * h + 4 + q] = _mm256_unpackhi_epi32(a[8 * h + 2 * q], a[8 * h + 2 * q + 1]);
+    }
+  for (int g = 0; g < 4; ++g) {
+    const __m256i* x = b + 4 * g;
+    const __m256i l01 = _mm256_unpacklo_epi64(x[0], x[1]), h01 = _mm256_unpackhi_epi64(x[0], x[1]);
+    const __m256i l23 = _mm256_unpacklo_epi64(x[2], x[3]), h23 = _mm256_unpackhi_epi64(x[2], x[3]);
+    const int c = 2 * g;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * ldo), _mm256_permute2x128_si256(l01, l23, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (c + 8) * ldo), _mm256_permute2x128_si256(l01, l23, 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (c + 1) * ldo), _mm256_permute2x128_si256(h01, h23, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (c + 9) * ldo), _mm256_permute2x128_si256(h01, h23, 0x31));
+  }
+}
+#endif
+
 // out [m x k] (row-major) = A^T for A [k x m] (row stride lda), 16-bit values, in blocks of
-// 16 x 16 (the 16 rows of A a block reads stay in L1; element by element, each write to
-// out's rows k apart missed L1 once A^T outgrew it: 9 % of a bf16 forward + backward's
-// samples on the Xeon with AMX, measured).
+// 16 x 16 (transpose16x16; the edges element by element). (Element by element throughout,
+// gemm_bf16's transposition of P and dS was 9 % of a bf16 forward + backward's samples on
+// the Xeon with AMX, and 12.5 % in blocks of 16 x 16 element by element: measured.)
 static void transpose16(const uint16_t* A, int64_t lda, int64_t k, int64_t m, uint16_t* out) {
   for (int64_t i0 = 0; i0 < m; i0 += 16) {
     const int64_t i1 = std::min<int64_t>(m, i0 + 16);
     for (int64_t r0 = 0; r0 < k; r0 += 16) {
       const int64_t r1 = std::min<int64_t>(k, r0 + 16);
+#if defined(__x86_64__)
+      if (i1 - i0 == 16 && r1 - r0 == 16) {
+        transpose16x16(A + r0 * lda + i0, lda, out + i0 * k + r0, k);
+        continue;
+      }
+#endif
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t r = r0; r < r1; ++r) out[i * k + r] = A[r * lda + i];
     }
