@@ -117,6 +117,21 @@ def _key(weight: torch.Tensor, block_o: int) -> tuple:
             _version(_base(weight)))
 
 
+def _refreshed(weight: torch.Tensor, sums: Optional[WeightChecksums], flags: torch.Tensor) \
+        -> Optional[WeightChecksums]:
+    """For a call whose check failed on checksums cached for an inference tensor (no
+    version counter: weight_checksums): its checksums made anew (and cached) when they
+    differ from the cached ones, so the weight changed in place since, for the call to run
+    again; None where the flags stand (the weight as it was: a fault of the call itself)."""
+    if sums is None or sums.key[-1] is not None or not bool(((flags & CHECK_MASK) != 0).any()):
+        return None
+    item = _CACHE.get(id(_base(weight)))
+    if item is not None:
+        item[1].pop(sums.key[:-1], None)
+    fresh = weight_checksums(weight, sums.block_o)
+    return None if torch.equal(fresh.sums, sums.sums) else fresh
+
+
 def _block_sums(weight: torch.Tensor, block_o: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W^T e_b [nb, in], sum_{o in b} W_o^2 [nb, in], W e [out]), fp64, a chunk of rows at a time."""
     out, k = weight.shape
@@ -153,13 +168,17 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
             return last[4]
     base = _base(weight)
     key = _key(weight, block_o)
-    # an inference tensor has no version counter: an in-place update could not be told from
-    # a corruption, so its checksums are made for each call (no false alarm, but a weight
-    # corrupted in memory is then not caught across calls)
-    cache = cache and key[-1] is not None
+    # an inference tensor (made under torch.inference_mode()) has no version counter, so an
+    # in-place update cannot be told from a corruption: its entry (version None) is kept all
+    # the same (made for each call, the fp64 checksums cost 8-10x the product: 90-100 ms a
+    # call at W [4096, 4096] bf16, T = 512, against 11 ms; measured), and a call whose check
+    # fails on such an entry runs once more where the checksums made anew differ
+    # (_refreshed): an update raises no alarm, a weight corrupted in memory between calls
+    # is not caught (as when they were made for each call)
     entry = _cached(base, key[:-1]) if cache else None
     if entry is not None and entry.key == key:
-        _remember(weight, entry)
+        if key[-1] is not None:
+            _remember(weight, entry)
         return entry
     with torch.no_grad():
         sums, squares, row_sums = _block_sums(weight.detach(), block_o)
@@ -178,7 +197,8 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
     entry = WeightChecksums(key, block_o, sums, row_sums, ref_cols, mag_cols)
     if cache:
         _store(base, key[:-1], entry)
-        _remember(weight, entry)
+        if key[-1] is not None:
+            _remember(weight, entry)
     return entry
 
 
@@ -454,6 +474,10 @@ def _eager_cpu(x, weight, bias, protection, on_fault):
         sums = weight_checksums(weight)
         y, flags = fwd(x, weight, bias, sums.ref_cols, sums.mag_cols, sums.block_o, prot, recompute, None, None)
         flagged = (flags.item() if rows <= REPORT_BLOCK_M else flags.max().item()) != 0
+        fresh = _refreshed(weight, sums, flags) if flagged else None  # (an inference tensor's, changed)
+        if fresh is not None:
+            y, flags = fwd(x, weight, bias, fresh.ref_cols, fresh.mag_cols, fresh.block_o, prot, recompute, None, None)
+            flagged = bool((flags != 0).any())
     else:
         y, flags = fwd(x, weight, bias, None, None, BLOCK_O, 0, True, None, None)
         flagged = False
@@ -512,6 +536,9 @@ def _linear_impl(x, weight, bias, protection, on_fault, fault, backend, return_r
         y, flags = launcher.linear_fwd(*args)
     else:
         y, flags = torch.ops.ftattn.linear_fwd(*args)
+        fresh = _refreshed(weight, sums, flags) if fault is None and cache else None  # (as in _eager_cpu)
+        if fresh is not None:
+            y, flags = torch.ops.ftattn.linear_fwd(*args[:3], fresh.ref_cols, fresh.mag_cols, *args[5:])
     report = _apply_policy(flags, policy, rows, return_report, op="linear")
     y = y.reshape(*lead, out)
     return (y, report) if return_report else y

@@ -335,7 +335,9 @@ def scrub_weights(model: torch.nn.Module) -> List[dict]:
         if not isinstance(module, ProtectedLinear):
             continue
         w = module._weight()
-        sums = weight_checksums(w)  # the cached checksums (made now when none are)
+        # the cached checksums (made now when none are); an inference tensor's made anew (it
+        # has no version counter: an update in place would read as corruption)
+        sums = weight_checksums(w, cache=not w.is_inference())
         with torch.no_grad():
             wd = w.detach().to(torch.float64)
             tol = 64 * 2.0**-52 * wd.abs().sum(1) + 1e-300

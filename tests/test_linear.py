@@ -418,16 +418,55 @@ def test_opcheck_with_autograd_and_compiled_training_step():
     assert torch.allclose(gw, w.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_inference_tensor_weights_are_never_stale():
-    """An inference tensor has no version counter: its checksums are made per call, so an
-    in-place update between calls raises no false alarm."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+@pytest.mark.parametrize("on_fault", ["correct", "raise"])
+def test_inference_tensor_weights_are_never_stale(dtype, backend, on_fault):
+    """An inference tensor has no version counter: its checksums are cached all the same
+    (made per call they cost 8-10x the product), and a call whose check fails past
+    correction on them runs once more on checksums made anew, so an in-place update between
+    calls raises no false alarm ("raise" does not raise) and gives the updated weight's y.
+    auto: the eager fast path; cpp: the general one."""
     with torch.inference_mode():
-        x, w, b = _data((5,), 16, 8, torch.float32, seed=14)
-        _, r1 = ftattn.linear(x, w, b, return_report=True)
+        x, w, b = _data((5, 7), 3000, 300, dtype, seed=14)  # (24 checksum blocks: bf16 on the hi + lo pair)
+        ref = weight_checksums(w)
+        assert weight_checksums(w) is ref  # cached, not made per call
+        _, r1 = ftattn.linear(x, w, b, return_report=True, backend=backend, on_fault=on_fault)
         w.mul_(2)
-        y, r2 = ftattn.linear(x, w, b, return_report=True)
+        w[3, 5] = -w[3, 5]
+        y, r2 = ftattn.linear(x, w, b, return_report=True, backend=backend, on_fault=on_fault)
+        again = weight_checksums(w)
     assert r1.detected == r2.detected == 0
-    assert torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert again is not ref and again.key[-1] is None  # (made anew after the update)
+    ref_y = _reference(x, w, b)
+    assert (y.double() - ref_y).abs().max().item() <= 2 * (F.linear(x, w, b).double() - ref_y).abs().max().item() + \
+        ULP[dtype] * max(1.0, ref_y.abs().max().item())
+
+
+def test_inference_tensor_weights_keep_the_flags_of_the_call():
+    """A failed check on an unchanged inference-tensor weight stands (its checksums made
+    anew equal the cached ones): here non-finite input, flagged as such, the entry kept."""
+    with torch.inference_mode():
+        x, w, b = _data((6,), 300, 140, torch.float32, seed=15)
+        ref = weight_checksums(w)
+        x[2, 7] = float("nan")
+        _, rep = ftattn.linear(x, w, b, return_report=True)
+        assert rep.nonfinite_input and rep.detected == 0
+        assert weight_checksums(w).sums.equal(ref.sums)
+
+
+def test_inference_tensor_weights_of_a_protected_layer():
+    """The same through protect_ (the protected module's own fast path)."""
+    with torch.inference_mode():
+        layer = torch.nn.Linear(500, 260)
+        x = torch.randn(9, 500)
+        model = torch.nn.Sequential(layer)
+        ftattn.protect_(model, attention=False)
+        model(x)
+        layer.weight.mul_(-0.5)
+        y = model(x)
+    assert ftattn.counters(model).detected == 0
+    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("sx,sw", [(2.0**-64, 2.0**-64), (2.0**-100, 2.0**-30), (1e-39, 1.0), (1.0, 1e-39)],
