@@ -883,10 +883,13 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     }
     const int64_t r_panel = (rows + 1) / 2 * 64;
     const auto product = [&](int which, int64_t n0, int64_t n, float* X) {
-      const uint32_t* B16 = which == 0 ? K16t : V16t;
-      if (B16 != nullptr)  // (n0 is a multiple of BWD_BN, so of 64)
-        gemm_bf16_refs_packed((which == 0 ? w.Qh : w.Gh).data(), rows, ngroups, n, D, B16 + n0 / 64 * t_panel,
+      const uint32_t* B16p = which == 0 ? K16t : V16t;
+      const uint16_t* B16 = which == 0 ? K16 : V16;
+      if (B16p != nullptr)  // (n0 is a multiple of BWD_BN, so of 64)
+        gemm_bf16_refs_packed((which == 0 ? w.Qh : w.Gh).data(), rows, ngroups, n, D, B16p + n0 / 64 * t_panel,
                               t_panel, X, BWD_BN);
+      else if (B16 != nullptr)
+        gemm_bf16_refs((which == 0 ? w.Qh : w.Gh).data(), rows, ngroups, n, D, B16 + n0 * D, X, BWD_BN);
       else
         gemm_rm(false, true, false, rows + ngroups, n, D, which == 0 ? Qx : Gx, D, (which == 0 ? K : V) + n0 * D,
                 D, X, BWD_BN);
@@ -975,7 +978,10 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         Pref = w.Pr.data(), dSref = w.dSr.data(), dSaref = w.dSra.data();
         gemm_bf16_at_packed(n, D, rows, w.Pb.data(), BWD_BN, w.GhP.data(), r_panel, 1.f, dV + n0 * D, D);
         gemm_bf16_at_packed(n, D, rows, w.dSb.data(), BWD_BN, w.QhP.data(), r_panel, 1.f, dK + n0 * D, D);
-        gemm_bf16_packed(rows, D, n, w.dSb.data(), BWD_BN, K16n + n0 / 2 * 64, n_panel, 1.f, w.dQ.data(), D);
+        if (K16n != nullptr)
+          gemm_bf16_packed(rows, D, n, w.dSb.data(), BWD_BN, K16n + n0 / 2 * 64, n_panel, 1.f, w.dQ.data(), D);
+        else
+          gemm_bf16(false, false, rows, D, n, w.dSb.data(), BWD_BN, K16 + n0 * D, D, 1.f, w.dQ.data(), D);
       } else {
         gemm_rm(true, false, true, n, D, rows, Pm, BWD_BN, Gb, D, dV + n0 * D, D);
         gemm_rm(true, false, true, n, D, rows, dS, BWD_BN, Qb, D, dK + n0 * D, D);
@@ -1184,8 +1190,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     P.key_end = ends.data_ptr<int64_t>();
   }
   // the keys and values the bf16 GEMM reads, packed once per call (not per block of queries)
+  // (only where several blocks read each key head: N > 64 queries or query heads sharing it;
+  // else each tile is packed as it is read, in cache)
   at::Tensor packed;
-  if (P.k16 != nullptr || P.v16 != nullptr) {
+  if ((P.k16 != nullptr || P.v16 != nullptr) && (N > BWD_BM || Hq > Hkv)) {
     std::vector<const uint32_t*> parts;
     packed = pack_per_key_head(
         B, Hkv, M, D, [&](int64_t b) { return P.key_first(b); }, [&](int64_t b) { return P.key_count(b); },

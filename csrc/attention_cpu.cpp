@@ -150,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     P.key_end = e0;
   }
   if (protection >= 1 && M > 0 && !P.inline_sums) precompute_sums(P, sums);
-  const at::Tensor packed = pack_keys_values(P);
+  // (each key head read by ntile_m * chunks blocks: packed once per call where that is several)
+  const at::Tensor packed = ntile_m * chunks >= 2 ? pack_keys_values(P) : at::Tensor();
 
   if (N > 0) {
     // at least ~4 MFLOP per task: small (decode-sized) calls stay on one thread,

@@ -524,21 +524,22 @@ def _linear_impl(x, weight, bias, protection, on_fault, fault, backend, return_r
     args = (x2 if x2.is_contiguous() else x2.contiguous(), weight, bias, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
             sums.block_o if sums else BLOCK_O, int(prot), policy is OnFault.CORRECT, fault_list, fault_value)
     if backend == "meta":
-        y, flags = _linear_fwd_fake(*args)
+        run = _linear_fwd_fake
     elif backend == "reference":
-        y, flags = linear_reference(*args)
+        run = linear_reference
     elif backend == "triton":
         try:
             from ._launch import linear as launcher
         except ImportError as exc:
             raise NotImplementedError(f"backend='triton' cannot run here: the Triton kernel does not import: {exc}") \
                 from exc
-        y, flags = launcher.linear_fwd(*args)
+        run = launcher.linear_fwd
     else:
-        y, flags = torch.ops.ftattn.linear_fwd(*args)
-        fresh = _refreshed(weight, sums, flags) if fault is None and cache else None  # (as in _eager_cpu)
-        if fresh is not None:
-            y, flags = torch.ops.ftattn.linear_fwd(*args[:3], fresh.ref_cols, fresh.mag_cols, *args[5:])
+        run = torch.ops.ftattn.linear_fwd
+    y, flags = run(*args)
+    fresh = _refreshed(weight, sums, flags) if fault is None and cache and backend != "meta" else None
+    if fresh is not None:  # (an inference tensor's checksums, changed in place: as in _eager_cpu)
+        y, flags = run(*args[:3], fresh.ref_cols, fresh.mag_cols, *args[5:])
     report = _apply_policy(flags, policy, rows, return_report, op="linear")
     y = y.reshape(*lead, out)
     return (y, report) if return_report else y

@@ -419,14 +419,14 @@ def test_opcheck_with_autograd_and_compiled_training_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["auto", "cpp"])
+@pytest.mark.parametrize("backend", ["auto", "cpp", "reference"])
 @pytest.mark.parametrize("on_fault", ["correct", "raise"])
 def test_inference_tensor_weights_are_never_stale(dtype, backend, on_fault):
     """An inference tensor has no version counter: its checksums are cached all the same
     (made per call they cost 8-10x the product), and a call whose check fails past
     correction on them runs once more on checksums made anew, so an in-place update between
     calls raises no false alarm ("raise" does not raise) and gives the updated weight's y.
-    auto: the eager fast path; cpp: the general one."""
+    auto: the eager fast path; cpp: the general one; reference: the ops' own backend."""
     with torch.inference_mode():
         x, w, b = _data((5, 7), 3000, 300, dtype, seed=14)  # (24 checksum blocks: bf16 on the hi + lo pair)
         ref = weight_checksums(w)
@@ -444,15 +444,23 @@ def test_inference_tensor_weights_are_never_stale(dtype, backend, on_fault):
 
 
 def test_inference_tensor_weights_keep_the_flags_of_the_call():
-    """A failed check on an unchanged inference-tensor weight stands (its checksums made
-    anew equal the cached ones): here non-finite input, flagged as such, the entry kept."""
+    """A failed check on an unchanged inference-tensor weight stands: its checksums made
+    anew equal the cached ones, so the call is not run again (a fault of the call itself
+    is reported, not hidden); once the weight changed, they are made anew and returned."""
+    from ftattn.faults import Check
+    from ftattn.linear import _refreshed
+
     with torch.inference_mode():
-        x, w, b = _data((6,), 300, 140, torch.float32, seed=15)
+        _, w, _ = _data((6,), 300, 140, torch.float32, seed=15)
         ref = weight_checksums(w)
-        x[2, 7] = float("nan")
-        _, rep = ftattn.linear(x, w, b, return_report=True)
-        assert rep.nonfinite_input and rep.detected == 0
-        assert weight_checksums(w).sums.equal(ref.sums)
+        failed = torch.tensor([int(Check.GEMM_ROW_CHECKSUM)], dtype=torch.int32)
+        assert _refreshed(w, ref, torch.zeros(1, dtype=torch.int32)) is None  # (no failed check)
+        assert _refreshed(w, ref, failed) is None  # unchanged: the flags stand
+        kept = weight_checksums(w)
+        assert kept.sums.equal(ref.sums)
+        w[0, 0] += 1.0
+        fresh = _refreshed(w, kept, failed)
+        assert fresh is not None and not fresh.sums.equal(ref.sums) and weight_checksums(w) is fresh
 
 
 def test_inference_tensor_weights_of_a_protected_layer():

@@ -266,24 +266,28 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
 }
 
 // S = Q K^T for the tile at n0 (cols keys), with the column references in rows rows..
-// rows + ngroups: sgemm on the fp32 rows, or the bf16 GEMM (Problem::k16; K16p the
-// sample's packed keys, Problem::k16p) on Qb, whose three rows per reference are added
-// here in fp64 and rounded once.
-void scores_gemm(const Problem& P, Scratch& w, const Block& blk, const float* K, const uint32_t* K16p, int64_t n0,
-                 int64_t cols, float* S) {
+// rows + ngroups: sgemm on the fp32 rows, or the bf16 GEMM (Problem::k16: K16 the sample's
+// first key; K16p its keys packed, Problem::k16p, where they are) on Qb, whose three rows
+// per reference are added here in fp64 and rounded once.
+void scores_gemm(const Problem& P, Scratch& w, const Block& blk, const float* K, const uint16_t* K16,
+                 const uint32_t* K16p, int64_t n0, int64_t cols, float* S) {
   const int64_t D = P.D, rows = blk.rows(), ng = blk.ngroups();
-  if (K16p == nullptr) {
+  if (K16p != nullptr) {
+    const int64_t panel = (D + 1) / 2 * 64;  // (n0 is a multiple of BLOCK_N, so of 64)
+    gemm_bf16_refs_packed(w.Qb.data(), rows, ng, cols, D, K16p + n0 / 64 * panel, panel, S, BLOCK_N);
+  } else if (K16 != nullptr) {
+    gemm_bf16_refs(w.Qb.data(), rows, ng, cols, D, K16 + n0 * D, S, BLOCK_N);
+  } else {
     gemm(true, false, rows + ng, cols, D, w.Qx.data(), D, K + n0 * D, D, S, BLOCK_N, blk.hs > 1 ? STACK_D_SLICE : 0);
-    return;
   }
-  const int64_t panel = (D + 1) / 2 * 64;  // (n0 is a multiple of BLOCK_N, so of 64)
-  gemm_bf16_refs_packed(w.Qb.data(), rows, ng, cols, D, K16p + n0 / 64 * panel, panel, S, BLOCK_N);
 }
 
 // The keys and values of the bf16 GEMM packed once per call (Problem::k16p, v16p;
 // sums.h's pack_per_key_head), where each tile's products packed their own for every block
 // of queries (8 times per tile at 2048 queries; 5.6 % of a bf16 forward's samples on the
-// Xeon with AMX, measured). Returns the buffer (kept by the caller).
+// Xeon with AMX, measured). Returns the buffer (kept by the caller). Only where several
+// blocks read each key head: with one (decode) the tiles are packed as they are read, in
+// cache, instead of all of K and V written out and read back.
 at::Tensor pack_keys_values(Problem& P) {
   if (P.k16 == nullptr && P.v16 == nullptr) return {};
   std::vector<const uint32_t*> starts;
@@ -561,10 +565,12 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
   const float* Q = P.q_rows(b, blk.h0, r0);
   const float* K = P.k_rows(b, hk, k0);
   const float* V = P.v_rows(b, hk, k0);
+  const uint16_t* K16 = P.k16 != nullptr ? P.k16 + ((b * P.Hkv + hk) * P.M + k0) * D : nullptr;
+  const uint16_t* V16 = P.v16 != nullptr ? P.v16 + ((b * P.Hkv + hk) * P.M + k0) * D : nullptr;
   const uint32_t* K16p = P.k16p != nullptr ? P.k16p + (b * P.Hkv + hk) * P.packed_stride : nullptr;
   const uint32_t* V16p = P.v16p != nullptr ? P.v16p + (b * P.Hkv + hk) * P.packed_stride : nullptr;
   const int64_t v_panel = (M + 1) / 2 * 64;  // (V16p's panels: pair rows of the sample's keys)
-  if (V16p != nullptr && w.Pb.size() < static_cast<size_t>(BLOCK_M * BLOCK_N)) w.Pb.resize(BLOCK_M * BLOCK_N);
+  if (V16 != nullptr && w.Pb.size() < static_cast<size_t>(BLOCK_M * BLOCK_N)) w.Pb.resize(BLOCK_M * BLOCK_N);
   FaultSpec f = fault;
   f.col -= k0;  // (a fault on a key outside the sample's range lands in no tile)
   float* O = P.out + ((b * P.Hq + blk.h0) * N + r0) * D;
@@ -591,7 +597,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     const TileRefs t = tile_refs(P, w, blk, Q, K, V, hk, n0, cols);
     // ---- S = Q K^T in fp32, and the column references in rows rows..rows+ngroups ----
     float* S = w.S.data();
-    scores_gemm(P, w, blk, K, K16p, n0, cols, S);
+    scores_gemm(P, w, blk, K, K16, K16p, n0, cols, S);
     if (in_tile && f.site == kScores)
       for (int64_t j = std::max<int64_t>(f.col, n0); j < std::min(f.col + f.ncols, n0 + cols); ++j) {
         float& x = S[fi * BLOCK_N + (j - n0)];
@@ -603,7 +609,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     if (w.dmr) {
       // the scores again, by the same call (it rounds alike): any difference is a fault
       if (w.S2.size() < w.S.size()) w.S2.resize(w.S.size());
-      scores_gemm(P, w, blk, K, K16p, n0, cols, w.S2.data());
+      scores_gemm(P, w, blk, K, K16, K16p, n0, cols, w.S2.data());
       for (int64_t i = 0; i < rows; ++i)
         if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, cols * sizeof(float)) != 0)
           bad[i / blk.sub_rows()] |= kScoreRecompute;
@@ -611,6 +617,8 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     // ---- acc += P V in fp32 (on the bf16 GEMM: P rounded to bf16 by the softmax) ----
     if (V16p != nullptr)  // (n0 even: its pair rows start at n0 / 2)
       gemm_bf16_packed(rows, D, cols, w.Pb.data(), BLOCK_N, V16p + n0 / 2 * 64, v_panel, 1.f, w.acc.data(), D);
+    else if (V16 != nullptr)
+      gemm_bf16(false, false, rows, D, cols, w.Pb.data(), BLOCK_N, V16 + n0 * D, D, 1.f, w.acc.data(), D);
     else
       gemm(false, true, rows, D, cols, w.P.data(), BLOCK_N, V + n0 * D, D, w.acc.data(), D,
            blk.hs > 1 ? STACK_KEY_SLICE : 0);
