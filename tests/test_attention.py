@@ -693,3 +693,26 @@ def test_bf16_pv_on_the_bf16_gemm(make_qkv, monkeypatch, N, M, D, causal):
         out, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, return_report=True, backend="cpp")
         assert rep.uncorrected == 0 and torch.equal(out, clean)
     assert harmful_seen >= 2
+
+
+@pytest.mark.parametrize("M,D", [(1025, 64), (97, 59), (600, 130)], ids=str)
+def test_bf16_keys_packed_once_give_the_bits_of_tiles_packed_as_read(make_qkv, monkeypatch, M, D):
+    """Where several blocks read a key head (more than 256 queries forward, more than 64 in
+    the backward, or query heads sharing it), its keys and values are packed for the bf16
+    GEMM once per call; else each tile is packed as it is read. The same operands either
+    way: the first block's rows of a longer call (packed once) equal, bit for bit, a call
+    of those rows alone (packed per tile): the output's first 256 rows, dQ's first 64."""
+    monkeypatch.setenv("FTATTN_GEMM16", "1")
+    q, k, v = make_qkv(B=1, Hq=2, Hkv=2, N=300, M=M, D=D, dtype=torch.bfloat16, seed=M + D)
+    for p in ("off", "full"):
+        long_out = ftattn.attention(q, k, v, protection=p, backend="cpp")
+        short_out = ftattn.attention(q[:, :, :256].contiguous(), k, v, protection=p, backend="cpp")
+        assert torch.equal(long_out[:, :, :256], short_out)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
+
+    def dq(n):
+        qq = q[:, :, :n].detach().clone().requires_grad_(True)
+        ftattn.attention(qq, k, v, backend="cpp").backward(g[:, :, :n])
+        return qq.grad
+
+    assert torch.equal(dq(130)[:, :, :64], dq(64))
