@@ -83,7 +83,16 @@ class ProtectedLinear(torch.nn.Module):
         if self.mx_config is not None:
             return self._quantized_weight()
         weight = self.weight if weight is None else weight
-        return weight.t() if self.transposed else weight
+        if not self.transposed:
+            return weight
+        if weight.is_inference():
+            # a view of an inference tensor has no _base, so a new view per call would make
+            # its checksums per call (8-10x the product): the same view object each call
+            kept = self.__dict__.get("_ftattn_view")
+            if kept is None or kept[0] is not weight:
+                kept = self.__dict__["_ftattn_view"] = (weight, weight.t())
+            return kept[1]
+        return weight.t()
 
     def _quantized_weight(self) -> torch.Tensor:
         """MXLinear's quantized weight, made when the Parameter changes (its version or

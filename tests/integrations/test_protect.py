@@ -2,6 +2,7 @@
 unprotected model's with no alarm, faults in any projection or MLP (and in the linear
 layers' weights) during forward and generate() are detected and corrected, counters per
 module, unprotect_ restores the very same modules, scrub_weights repairs a weight."""
+import copy
 import os
 import pathlib
 
@@ -254,7 +255,6 @@ def test_mx_layers_train_with_every_product_checked(fmt, backprop):
     quantize_backprop either way) with its three products checked: the same loss and
     gradients as the unprotected MX model, and a fault in the forward's product during
     training is caught and corrected (the gradients stay clean)."""
-    import copy
 
     model = _mx_model(fmt, backprop)
     x = torch.randn(3, 11, 96, generator=torch.Generator().manual_seed(1))
@@ -355,6 +355,29 @@ def _tiny_decoder(kind: str):
                          num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager")
     return Qwen2ForCausalLM(config).eval(), ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj")
+
+
+def test_conv1d_inference_weights_keep_their_checksums():
+    """GPT-2's Conv1D keeps its weight [in, out], read transposed: for a weight made under
+    inference_mode (no version counter, and views without a _base) the protected layer
+    reads the same view each call, so its checksums stay cached; an in-place update still
+    raises no alarm."""
+    from ftattn.linear import weight_checksums
+
+    with torch.inference_mode():
+        model, names = _tiny_decoder("gpt2")
+        model = copy.deepcopy(model)  # (its parameters now inference tensors)
+        ftattn.protect_(model)
+        layer = dict(model.named_modules())[names[0]]
+        assert layer.weight.is_inference() and layer.transposed
+        x = torch.randn(5, layer.weight.shape[0])
+        y = layer(x)
+        assert layer._weight() is layer._weight() and weight_checksums(layer._weight()) is \
+            weight_checksums(layer._weight())
+        layer.weight.mul_(0.5)
+        y2 = layer(x)
+    assert ftattn.counters(model).detected == 0
+    assert torch.allclose(y2, 0.5 * (y - layer.bias) + layer.bias, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
