@@ -1195,9 +1195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor packed;
   if ((P.k16 != nullptr || P.v16 != nullptr) && (N > BWD_BM || Hq > Hkv)) {
     std::vector<const uint32_t*> parts;
-    packed = pack_per_key_head(
-        B, Hkv, M, D, [&](int64_t b) { return P.key_first(b); }, [&](int64_t b) { return P.key_count(b); },
-        {{P.k16, true}, {P.v16, true}, {P.p16 ? P.k16 : nullptr, false}}, parts, P.packed_stride);
+    packed = pack_per_key_head(P, {{P.k16, true}, {P.v16, true}, {P.p16 ? P.k16 : nullptr, false}}, parts,
+                               P.packed_stride);
     P.k16t = parts[0], P.v16t = parts[1], P.k16n = parts[2];
   }
   if (B * Hq > 0 && (N > 0 || M > 0)) {

@@ -26,7 +26,7 @@
 namespace ftattn {
 namespace {
 // Whether bf16 products run on the bf16 GEMM: oneDNN's brgemm ukernel through torch
-// (at::native::cpublas::brgemm, B in VNNI pairs: sums.h's gemm_bf16), on the hardware's
+// (at::native::cpublas::brgemm, B in VNNI pairs: pack_vnni, gemm_bf16 below), on the hardware's
 // bf16 dot products (AVX512-BF16's vdpbf16ps, or AMX-BF16 where the OS allows it). Each
 // product of two bf16 values is exact in fp32 and the sums are fp32, as sgemm's on fp32
 // copies, but inputs below 2^-126 are read as 0 and such results flushed to 0 (DAZ / FTZ,

@@ -291,9 +291,7 @@ void scores_gemm(const Problem& P, Scratch& w, const Block& blk, const float* K,
 at::Tensor pack_keys_values(Problem& P) {
   if (P.k16 == nullptr && P.v16 == nullptr) return {};
   std::vector<const uint32_t*> starts;
-  at::Tensor buf = pack_per_key_head(
-      P.B, P.Hkv, P.M, P.D, [&](int64_t b) { return P.key_first(b); }, [&](int64_t b) { return P.key_count(b); },
-      {{P.k16, true}, {P.v16, false}}, starts, P.packed_stride);
+  at::Tensor buf = pack_per_key_head(P, {{P.k16, true}, {P.v16, false}}, starts, P.packed_stride);
   P.k16p = starts[0];
   P.v16p = starts[1];
   return buf;

@@ -330,11 +330,12 @@ static void bf16_rows_split(const float* X, int64_t rows, int64_t ng, int64_t D,
 // transposed, X^T in panels of 64 keys (ceil(D / 2) pair rows each; S = Q K^T, dP = dO V^T);
 // else X in panels of 64 head dims (ceil(count(b) / 2) pair rows of the sample's keys; P V,
 // dS K). Part i of key head h of batch b at starts[i] + (b Hkv + h) stride (null where x is);
-// the tensor holds them.
-template <typename First, typename Count>
-static at::Tensor pack_per_key_head(int64_t B, int64_t Hkv, int64_t M, int64_t D, First first, Count count,
-                                    const std::vector<std::pair<const uint16_t*, bool>>& parts,
+// the tensor holds them. Prob: the forward's Problem or the backward's BwdProblem (B, Hkv, M,
+// D, key_first, key_count).
+template <typename Prob>
+static at::Tensor pack_per_key_head(const Prob& P, const std::vector<std::pair<const uint16_t*, bool>>& parts,
                                     std::vector<const uint32_t*>& starts, int64_t& stride) {
+  const int64_t B = P.B, Hkv = P.Hkv, M = P.M, D = P.D;
   std::vector<int64_t> offset(parts.size());
   stride = 0;
   for (size_t i = 0; i < parts.size(); ++i) {
@@ -347,7 +348,7 @@ static at::Tensor pack_per_key_head(int64_t B, int64_t Hkv, int64_t M, int64_t D
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * D, 1));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, k0 = first(b), Mb = count(b);
+      const int64_t b = i / Hkv, k0 = P.key_first(b), Mb = P.key_count(b);
       for (size_t p = 0; p < parts.size(); ++p) {
         if (parts[p].first == nullptr) continue;
         const uint16_t* x = parts[p].first + (i * M + k0) * D;
