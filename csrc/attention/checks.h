@@ -61,7 +61,7 @@ FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64
   };
   // keys j..end: whole vectors, CHUNK per partial sum, then single keys; SEE: into the max
   int64_t j = 0;
-  const auto span = [&](int64_t end, auto see) {
+  const auto span = [&](int64_t end, auto see, bool singles) {
     constexpr bool SEE = decltype(see)::value;
     while (j + L <= end) {
       V part[R] = {};
@@ -77,6 +77,7 @@ FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64
       if constexpr (SUMS)
         for (int r = 0; r < R; ++r) racc[r] += widen_sum(part[r]);
     }
+    if (!singles) return;
     for (; j < end; ++j) {
       float x[R];
       for (int r = 0; r < R; ++r) {
@@ -87,9 +88,27 @@ FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64
       if constexpr (SUMS) add_columns(j, x);
     }
   };
-  span(visible, std::true_type{});
+  span(visible, std::true_type{}, false);
+  // the vector across the last visible key (a causal tile's rows end anywhere in it):
+  // its visible lanes into the max, all into the sums, where the tile holds the whole vector
+  if (j < visible && j + L <= n) {
+    using M = decltype(V{} < V{});
+    M lane;
+    for (int64_t k = 0; k < L; ++k) lane[k] = static_cast<int32_t>(k);
+    const M vis = lane < static_cast<int32_t>(visible - j);
+    V x[R];
+    for (int r = 0; r < R; ++r) {
+      x[r] = load_v<V>(S + r * ld + j);
+      const V xv = vis ? x[r] : V{} + NEG_INF;  // (a select on vis alone: GCC 12 took `vis & (x > m)` lane by lane)
+      mxv[r] = xv > mxv[r] ? xv : mxv[r];
+      if constexpr (SUMS) racc[r] += widen_sum(x[r]);
+    }
+    if constexpr (SUMS) add_columns(j, x);
+    j += L;
+  }
+  span(visible, std::true_type{}, true);
   // masked keys: still in the sums (the references cover the whole tile)
-  if constexpr (SUMS) span(n, std::false_type{});
+  if constexpr (SUMS) span(n, std::false_type{}, true);
   for (int r = 0; r < R; ++r) {
     if constexpr (SUMS) rs[r] = hsum(racc[r]) + rtail[r];
     const float vmx = tree(mxv[r], Max{});  // (NaN never enters a lane)

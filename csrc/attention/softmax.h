@@ -86,6 +86,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
   constexpr int64_t L = Lanes<V>;
   V psum_v = V{}, mx_v = V{}, mn_v = V{} + 1.f, viol_v = V{};
+  decltype(V{} < V{}) masked_bad_v = {};
   d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
   for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
   int64_t j = 0;
@@ -136,7 +137,61 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       }
     }
   }
-  // the rest, one element at a time: the visible tail, then the masked keys
+  // the visible tail (fewer than L keys) as one vector whose lanes from the last visible
+  // key on are masked: p = 0 there, out of the statistics and the redundant softmax (a
+  // causal tile's rows end anywhere in it: one at a time this tail was 14 % of the full row
+  // kernel's samples, B1 H8 N2048 D64 causal). S and p are rows of BLOCK_N (a multiple of
+  // L) floats, so the whole vector is theirs; a and b hold n keys, so lanes from n on are
+  // read through a zeroed copy. Under injection the masked lanes must still hold 0.
+  if (j < visible) {
+    using M = decltype(V{} < V{});
+    M lane;
+    for (int64_t k = 0; k < L; ++k) lane[k] = static_cast<int32_t>(k);
+    const M vis = lane < static_cast<int32_t>(visible - j);
+    const auto part = [&](const float* x) {
+      if (j + L <= n) return vis ? load_v<V>(x + j) : V{};
+      float tmp[L] = {};
+      std::memcpy(tmp, x + j, sizeof(float) * static_cast<size_t>(visible - j));
+      return load_v<V>(tmp);
+    };
+    const V sv = load_v<V>(S + j);
+    const V pe = exp_neg((sv - mr) * scale);
+    V pv = vis ? pe : V{};
+    if constexpr (INJECT) {
+      for (int64_t x = std::max<int64_t>(fault.col, j); x < std::min<int64_t>(fault.end, j + L); ++x)
+        pv[x - j] = corrupt(pv[x - j], fault.bit, fault.value);
+      const M in_tile = lane < static_cast<int32_t>(n - j);
+      masked_bad_v |= (in_tile & ~vis) & (pv != V{});
+    }
+    store_v(p + j, pv);
+    V pr = pv;
+    if constexpr (P16) {
+      U u = reinterpret_cast<U>(pv);
+      u += 0x7FFFu + ((u >> 16) & 1u);
+      u &= 0xFFFF0000u;
+      u = u < 0x00800000u ? U{} : u;
+      const H h = __builtin_convertvector(u >> 16, H);
+      std::memcpy(pb + j, &h, sizeof(h));
+      pr = reinterpret_cast<V>(u);
+    }
+    psum_v += pv;
+    if constexpr (PROT >= 1) {
+      mx_v = pv > mx_v ? pv : mx_v;
+      mn_v = pv < mn_v ? pv : mn_v;
+      s_acc += widen_sum(pv);
+      for (int g = 0; g < NG; ++g) {
+        a_acc[g] += widen_sum(pr * part(a + g * gs));
+        b_acc[g] += widen_sum(pr * part(b + g * gs));
+      }
+    }
+    if constexpr (PROT >= 2) {
+      const V p2 = exp2_neg((sv - mr) * scale2);
+      const V d = vis ? vec::abs(pv - p2) - rel2 * p2 : V{};
+      viol_v = d > viol_v ? d : viol_v;
+    }
+    j += L;
+  }
+  // the rest, one element at a time: the masked keys under injection
   float psum_t = 0.f, mx = 0.f, mn = 1.f, viol = 0.f;
   double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {};
   int masked_bad = 0;
@@ -197,7 +252,9 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     viol = vviol > viol ? vviol : viol;
     // NaN in p or p2 passes the max; a NaN p makes the row sum non-finite, which
     // the probs-range check reports
-    st.dmr_bad = !(viol <= abs_tol) || masked_bad;
+    bool mb = masked_bad != 0;
+    for (int64_t k = 0; k < L; ++k) mb |= masked_bad_v[k] != 0;
+    st.dmr_bad = !(viol <= abs_tol) || mb;
   } else {
     st.dmr_bad = false;
   }
