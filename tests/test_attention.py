@@ -306,6 +306,26 @@ def test_abft_leaves_probs_uncovered(make_qkv, backend):
     assert rep.detected >= 1 and "redundant softmax" in rep.failures()[0]["checks"]
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_probs_fault_on_a_masked_key_is_caught(make_qkv, backend, dtype):
+    """A causal row ends anywhere in a vector of keys, and the C++ kernel runs that last vector
+    whole with its masked keys' p = 0: a probability made up on the key just past the row's
+    last visible one (rows 0..40 end at every lane of a 16-lane vector) must still be seen by
+    the redundant softmax and corrected, and a clean call raises no alarm."""
+    q, k, v = make_qkv(B=1, Hq=2, N=53, M=53, D=24, dtype=dtype, seed=5)
+    clean, rep = ftattn.attention(q, k, v, causal=True, backend=backend, on_fault="raise", return_report=True)
+    assert rep.detected == 0
+    for row in range(0, 41, 3):
+        fault = Fault("probs", batch=0, head=1, row=row, col=row + 1, value=0.5)
+        raw, rep = ftattn.attention(q, k, v, causal=True, fault=fault, on_fault="report", backend=backend,
+                                    return_report=True)
+        assert not torch.equal(raw, clean), f"row {row}: the fault did not change the output"
+        assert rep.detected >= 1 and "redundant softmax" in rep.failures()[0]["checks"], f"row {row}"
+        fixed = ftattn.attention(q, k, v, causal=True, fault=fault, backend=backend)
+        assert torch.equal(fixed, clean), f"row {row}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -357,7 +357,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
   // KV_CHUNK keys in the per-tile key sums of the reference
   const double row_factor = (KAPPA * sqrtD + 1.0 + vec::CHUNK + KV_CHUNK) * U32;
   const float* Qx = w.Qx.data();
-  const float* S = w.S.data();
+  float* S = w.S.data();  // (the softmax rows write -inf over masked scores in their last vector)
   float* Pm = w.P.data();
   const double *ref = t.ref, *mag = t.mag, *knorm = t.knorm;
   const float *vsum = t.vsum, *vabs = t.vabs, *vmax = t.vmax;
@@ -388,7 +388,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
     for (int64_t i = i0; i < i1; ++i) {
       // last visible key of the tile
       const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
-      const float* Si = S + i * BLOCK_N;
+      float* Si = S + i * BLOCK_N;
       float* Pi = Pm + i * BLOCK_N;
       const float m_old = w.m[i];
       float mx;
@@ -605,12 +605,16 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
     w.dmr = false;
     tile_rows<INJECT>(P, w, blk, t, K, n0, cols, f, in_tile, fi, bad);
     if (w.dmr) {
-      // the scores again, by the same call (it rounds alike): any difference is a fault
+      // the scores again, by the same call (it rounds alike): any difference in a visible
+      // one is a fault (the softmax rows wrote -inf over masked ones)
       if (w.S2.size() < w.S.size()) w.S2.resize(w.S.size());
       scores_gemm(P, w, blk, K, K16, K16p, n0, cols, w.S2.data());
-      for (int64_t i = 0; i < rows; ++i)
-        if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, cols * sizeof(float)) != 0)
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
+        const int64_t visible = std::min<int64_t>(cols, std::max<int64_t>(limit + 1, 0));
+        if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, visible * sizeof(float)) != 0)
           bad[i / blk.sub_rows()] |= kScoreRecompute;
+      }
     }
     // ---- acc += P V in fp32 (on the bf16 GEMM: P rounded to bf16 by the softmax) ----
     if (V16p != nullptr)  // (n0 even: its pair rows start at n0 / 2)

@@ -71,7 +71,7 @@ struct RowStats {
 // checksum's sums (wa, wb) are of p'; the normaliser, its independent sum and the range
 // checks keep p, as the Triton kernel does (and flash attention: P in the inputs' dtype).
 template <int PROT, bool INJECT, int NG, typename V, bool P16>
-__attribute__((always_inline)) static inline void softmax_row_body(const float* __restrict S, float* __restrict p,
+__attribute__((always_inline)) static inline void softmax_row_body(float* __restrict S, float* __restrict p,
                                                                    int64_t n, int64_t limit, float scale, float mr,
                                                                    const float* __restrict a,
                                                                    const float* __restrict b, int64_t gs,
@@ -86,14 +86,25 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
   const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
   constexpr int64_t L = Lanes<V>;
   V psum_v = V{}, mx_v = V{}, mn_v = V{} + 1.f, viol_v = V{};
-  decltype(V{} < V{}) masked_bad_v = {};
   d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
   for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
+  // The visible tail (a causal tile's rows end anywhere in a vector) runs as one more vector
+  // whose lanes past the last visible key read -inf, written over their scores here (nothing
+  // reads a masked score after this; the row's sums took them before): p = p2 = 0 there, out
+  // of every statistic. S and p are rows of BLOCK_N floats, a multiple of L; a and b hold n
+  // keys, so only where the vector ends within them. (One key at a time this tail was 14 %
+  // of the full row kernel's samples, B1 H8 N2048 D64 causal fp32; a masked copy of the loop
+  // body after it cost more registers than the loop had, and its constants went to memory.)
+  int64_t vend = visible;
+  if (visible % L != 0 && visible - visible % L + L <= n && scale > 0.f) {  // (scale 0: every p is 1)
+    vend = visible - visible % L + L;
+    std::fill(S + visible, S + vend, -std::numeric_limits<float>::infinity());
+  }
   int64_t j = 0;
-  while (j + L <= visible) {
+  while (j + L <= vend) {
     V sp = V{}, ap[NG], bp[NG];
     for (int g = 0; g < NG; ++g) ap[g] = bp[g] = V{};
-    for (int64_t c = 0; c < CHUNK && j + L <= visible; ++c, j += L) {
+    for (int64_t c = 0; c < CHUNK && j + L <= vend; ++c, j += L) {
       const V sv = load_v<V>(S + j);
       V pv = exp_neg((sv - mr) * scale);
       if constexpr (INJECT) {
@@ -137,64 +148,13 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
       }
     }
   }
-  // the visible tail (fewer than L keys) as one vector whose lanes from the last visible
-  // key on are masked: p = 0 there, out of the statistics and the redundant softmax (a
-  // causal tile's rows end anywhere in it: one at a time this tail was 14 % of the full row
-  // kernel's samples, B1 H8 N2048 D64 causal). S and p are rows of BLOCK_N (a multiple of
-  // L) floats, so the whole vector is theirs; a and b hold n keys, so lanes from n on are
-  // read through a zeroed copy. Under injection the masked lanes must still hold 0.
-  if (j < visible) {
-    using M = decltype(V{} < V{});
-    M lane;
-    for (int64_t k = 0; k < L; ++k) lane[k] = static_cast<int32_t>(k);
-    const M vis = lane < static_cast<int32_t>(visible - j);
-    const auto part = [&](const float* x) {
-      if (j + L <= n) return vis ? load_v<V>(x + j) : V{};
-      float tmp[L] = {};
-      std::memcpy(tmp, x + j, sizeof(float) * static_cast<size_t>(visible - j));
-      return load_v<V>(tmp);
-    };
-    const V sv = load_v<V>(S + j);
-    const V pe = exp_neg((sv - mr) * scale);
-    V pv = vis ? pe : V{};
-    if constexpr (INJECT) {
-      for (int64_t x = std::max<int64_t>(fault.col, j); x < std::min<int64_t>(fault.end, j + L); ++x)
-        pv[x - j] = corrupt(pv[x - j], fault.bit, fault.value);
-      const M in_tile = lane < static_cast<int32_t>(n - j);
-      masked_bad_v |= (in_tile & ~vis) & (pv != V{});
-    }
-    store_v(p + j, pv);
-    V pr = pv;
-    if constexpr (P16) {
-      U u = reinterpret_cast<U>(pv);
-      u += 0x7FFFu + ((u >> 16) & 1u);
-      u &= 0xFFFF0000u;
-      u = u < 0x00800000u ? U{} : u;
-      const H h = __builtin_convertvector(u >> 16, H);
-      std::memcpy(pb + j, &h, sizeof(h));
-      pr = reinterpret_cast<V>(u);
-    }
-    psum_v += pv;
-    if constexpr (PROT >= 1) {
-      mx_v = pv > mx_v ? pv : mx_v;
-      mn_v = pv < mn_v ? pv : mn_v;
-      s_acc += widen_sum(pv);
-      for (int g = 0; g < NG; ++g) {
-        a_acc[g] += widen_sum(pr * part(a + g * gs));
-        b_acc[g] += widen_sum(pr * part(b + g * gs));
-      }
-    }
-    if constexpr (PROT >= 2) {
-      const V p2 = exp2_neg((sv - mr) * scale2);
-      const V d = vis ? vec::abs(pv - p2) - rel2 * p2 : V{};
-      viol_v = d > viol_v ? d : viol_v;
-    }
-    j += L;
-  }
-  // the rest, one element at a time: the masked keys under injection
+  // the rest, one element at a time: the visible tail where it did not run as a vector, then
+  // the masked keys
   float psum_t = 0.f, mx = 0.f, mn = 1.f, viol = 0.f;
   double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {};
   int masked_bad = 0;
+  if constexpr (INJECT && PROT >= 2)  // (masked keys in the last vector: p must be 0 there too)
+    for (int64_t k = visible; k < vend; ++k) masked_bad |= !(p[k] == 0.f);
   // (masked keys are walked only under injection; else they are a fill of zeros,
   // which cannot compute anything wrong)
   const int64_t tail_end = INJECT ? n : visible;
@@ -252,9 +212,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
     viol = vviol > viol ? vviol : viol;
     // NaN in p or p2 passes the max; a NaN p makes the row sum non-finite, which
     // the probs-range check reports
-    bool mb = masked_bad != 0;
-    for (int64_t k = 0; k < L; ++k) mb |= masked_bad_v[k] != 0;
-    st.dmr_bad = !(viol <= abs_tol) || mb;
+    st.dmr_bad = !(viol <= abs_tol) || masked_bad;
   } else {
     st.dmr_bad = false;
   }
@@ -264,7 +222,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(const float* 
 // where the code runs AVX-512, else on 8-lane ones, vec::Lanes; the same level on one machine
 // always takes the same, so off, abft and full still round l alike).
 #define FTATTN_SOFTMAX_ROW(name, PROT, INJECT, NG, P16)                                                       \
-  FTATTN_CLONES static void name(const float* __restrict S, float* __restrict p, int64_t n, int64_t limit,   \
+  FTATTN_CLONES static void name(float* __restrict S, float* __restrict p, int64_t n, int64_t limit,         \
                                  float scale, float m, const float* __restrict a, const float* __restrict b, \
                                  int64_t gs, const RowFault& fault, RowStats& st, uint16_t* __restrict pb) { \
     if (wide_vectors())                                                                                      \
@@ -292,7 +250,7 @@ FTATTN_SOFTMAX_ROWS(2, true, true, full_inject16_)
 #undef FTATTN_SOFTMAX_ROWS
 #undef FTATTN_SOFTMAX_ROW
 
-using SoftmaxRowFn = void (*)(const float*, float*, int64_t, int64_t, float, float, const float*, const float*,
+using SoftmaxRowFn = void (*)(float*, float*, int64_t, int64_t, float, float, const float*, const float*,
                               int64_t, const RowFault&, RowStats&, uint16_t*);
 
 // The variant for a protection level, injection or not, the number of groups, and P as
