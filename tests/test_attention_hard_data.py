@@ -323,3 +323,22 @@ def test_bf16_probabilities_below_2_126_with_huge_values_raise_no_alarm(causal):
         assert rep.detected == 0 and rep.uncorrected == 0, rep.failures()
     ref = attention_ref(q, k, v, causal, scale=1.0)
     assert (out.double() - ref).abs().max().item() <= TAU[torch.bfloat16] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("key", [15, 17, 20, 31, 47], ids=lambda j: f"key{j}")
+def test_huge_value_row_past_a_causal_row_end_raises_no_alarm(dtype, key):
+    """The C++ kernel runs a causal row's last, partly masked vector of keys whole, with p = 0 on
+    the masked keys: those must not multiply their value sums, which overflow fp32 for a finite
+    row of v ~ 1e37 (0 * inf = NaN in the PV checksum: every row whose last vector masked that
+    key was reported uncorrected; found by review)."""
+    q, k, v = make_qkv(B=1, Hq=2, N=64, M=64, D=64, seed=key)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    v[0, 1, key, :] = 1e37 if dtype == torch.float32 else 3e37
+    for protection in ("abft", "full"):
+        out, rep = _run(q, k, v, True, "cpp", protection=protection, on_fault="raise")
+        assert rep.detected == 0 and rep.uncorrected == 0, rep.failures()
+    ref = attention_ref(q, k, v, True)
+    assert torch.isfinite(out).all()
+    err = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+    assert err <= TAU[dtype], err

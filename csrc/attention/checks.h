@@ -218,7 +218,8 @@ FTATTN_CLONES static float column_bounds(const ColumnBound& cb, const double* __
   // scalar, one fp64 division per key, 3 % of a fp32 forward at protection full. The
   // denominator is rounded once to fp32, the quotient once, and TAU_VERIFY (2^-12) taken
   // 2^-21 smaller, so each theta_j is below the fp32 rounding of the exact quotient: at
-  // least the keys verified before, never fewer. NaN gives 0: every key verified.)
+  // least the keys verified before, never fewer; for a normal fp32 denominator: a subnormal one
+  // gives theta > 1e34, where no key is verified either way. NaN gives 0: every key verified.)
   using vec::d8;
   using vec::f8;
   const float tau = static_cast<float>(TAU_VERIFY) * (1.f - 0x1p-21f), cap = 3.0e38f;
