@@ -332,6 +332,15 @@ FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float 
   else row_lse_body<vec::f8>(S, vis, scale, sgn, m, l);
 }
 
+// The lanes k < count of a vector of type V, as a compare's mask (a select on it alone: GCC 12
+// lowered a mask and-ed with a compare lane by lane).
+template <typename V>
+FTATTN_VEC_INLINE auto lanes_below(int64_t count) {
+  decltype(V{} < V{}) lane;
+  for (int64_t k = 0; k < vec::Lanes<V>; ++k) lane[k] = static_cast<int32_t>(k);
+  return lane < static_cast<int32_t>(count);
+}
+
 // P_j = exp((S_j - mb) scale) rinv for j < vis, 0 beyond (the same values at every level): the
 // forward's p (softmax.h; mb = sgn m, the raw score at the row's max), so that its normaliser
 // serves. SUM (the checks): *sum += sum_j P_j (fp64) of the values as made, before they are
@@ -348,6 +357,14 @@ __attribute__((always_inline)) static inline void probs_row_body(const float* __
     const V p = exp_neg((vec::load_v<V>(S + j) - m) * scale) * rinv;
     if constexpr (SUM) acc += vec::widen_sum(p);
     vec::store_v(P + j, p);
+  }
+  if (j < vis) {  // the vector across the last visible key, its later lanes 0 (rows of BWD_BN, a
+                  // multiple of L: in the buffer; one key at a time this tail cost a causal row's
+                  // diagonal tile up to 15 scalar exponentials)
+    const V p = lanes_below<V>(vis - j) ? exp_neg((vec::load_v<V>(S + j) - m) * scale) * rinv : V{};
+    if constexpr (SUM) acc += vec::widen_sum(p);
+    vec::store_v(P + j, p);
+    j += L;
   }
   for (; j < vis; ++j) {
     const float p = exp_neg((S[j] - m) * scale) * rinv;
@@ -400,6 +417,13 @@ __attribute__((always_inline)) static inline bool probs_dmr_body(const float* __
     const V hi = p > p2 ? p : p2;
     const V d = vec::abs(p - p2) - (relv * hi + absv);
     viol = d > viol ? d : viol;
+  }
+  if (j < vis) {  // the vector across the last visible key (as probs_row), its later lanes out
+    const V p = load_v<V>(P + j), p2 = exp2_neg((load_v<V>(S + j) - mv) * scalev) * rinvv;
+    const V hi = p > p2 ? p : p2;
+    const V d = lanes_below<V>(vis - j) ? vec::abs(p - p2) - (relv * hi + absv) : V{};
+    viol = d > viol ? d : viol;
+    j += L;
   }
   float v = tree(viol, Max{});
   for (; j < vis; ++j) {
