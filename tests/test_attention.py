@@ -306,6 +306,21 @@ def test_abft_leaves_probs_uncovered(make_qkv, backend):
     assert rep.detected >= 1 and "redundant softmax" in rep.failures()[0]["checks"]
 
 
+@pytest.mark.parametrize("bit", [2, 5, 13, 22])
+def test_output_fault_on_a_low_mantissa_bit_is_caught(make_qkv, bit):
+    """The C++ kernel screens each output row without dividing (|O l - A| <= 2^-22 |A|) and
+    divides again only where the screen fails: a flip of mantissa bit 2 and up (a change of
+    2^-21 of O or more) still fails it and is caught and corrected at abft."""
+    q, k, v = make_qkv(B=1, Hq=2, N=40, M=70, D=24, seed=9)
+    clean = ftattn.attention(q, k, v, backend="cpp")
+    for dim in (0, 7, 23):
+        fault = Fault("output", batch=0, head=1, row=17, dim=dim, bit=bit)
+        raw, rep = ftattn.attention(q, k, v, fault=fault, protection="abft", on_fault="report", backend="cpp",
+                                    return_report=True)
+        assert not torch.equal(raw, clean) and rep.detected == 1, (dim, rep.failures())
+        assert torch.equal(ftattn.attention(q, k, v, fault=fault, protection="abft", backend="cpp"), clean)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_probs_fault_on_a_masked_key_is_caught(make_qkv, backend, dtype):
