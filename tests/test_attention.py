@@ -306,11 +306,13 @@ def test_abft_leaves_probs_uncovered(make_qkv, backend):
     assert rep.detected >= 1 and "redundant softmax" in rep.failures()[0]["checks"]
 
 
-@pytest.mark.parametrize("bit", [2, 5, 13, 22])
+@pytest.mark.parametrize("bit", [3, 5, 13, 22])
 def test_output_fault_on_a_low_mantissa_bit_is_caught(make_qkv, bit):
     """The C++ kernel screens each output row without dividing (|O l - A| <= 2^-22 |A|) and
-    divides again only where the screen fails: a flip of mantissa bit 2 and up (a change of
-    2^-21 of O or more) still fails it and is caught and corrected at abft."""
+    divides again only where the screen fails: a flip of mantissa bit 3 and up (a change of
+    more than 2^-21 of O) still fails it and is caught and corrected at abft. (Bit 2, a change
+    of 2^-21 / m of O for its mantissa m in [1, 2), passes where m is near 2, as bits 0 and 1
+    do: review, 7 of the 25 largest mantissas of this data; all far below harm, 2^-10.)"""
     q, k, v = make_qkv(B=1, Hq=2, N=40, M=70, D=24, seed=9)
     clean = ftattn.attention(q, k, v, backend="cpp")
     for dim in (0, 7, 23):

@@ -188,7 +188,7 @@ FTATTN_CLONES static void finish_row(const float* __restrict A, float* __restric
 // within u more, so |O_d l - A_d| <= (2u + u^2) |A_d| (2^-22 |A_d| allowed: twice that) where
 // nothing is subnormal; only a row with a dim outside (a fault; an infinite or NaN A_d; or a
 // subnormal quotient or product, which no relative bound holds) is divided again. The screen
-// passes changes of O below 2^-22 of it, far below any harm (2^-10); the division per output
+// passes changes of O up to about 2^-21 of it (mantissa bits 0-2), far below any harm (2^-10); the division per output
 // element was 2.5 % of a full forward at B8 H12 N128 D32 (MiniLM's heads), as much as the
 // output itself (perf). (An absolute term for the subnormal case, l 2^-148, was itself
 // subnormal: its every addition took a microcode assist, 19x the division's cost, measured.)
