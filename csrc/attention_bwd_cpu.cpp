@@ -332,15 +332,6 @@ FTATTN_CLONES static void row_lse(const float* __restrict S, int64_t vis, float 
   else row_lse_body<vec::f8>(S, vis, scale, sgn, m, l);
 }
 
-// The lanes k < count of a vector of type V, as a compare's mask (a select on it alone: GCC 12
-// lowered a mask and-ed with a compare lane by lane).
-template <typename V>
-FTATTN_VEC_INLINE auto lanes_below(int64_t count) {
-  decltype(V{} < V{}) lane;
-  for (int64_t k = 0; k < vec::Lanes<V>; ++k) lane[k] = static_cast<int32_t>(k);
-  return lane < static_cast<int32_t>(count);
-}
-
 // P_j = exp((S_j - mb) scale) rinv for j < vis, 0 beyond (the same values at every level): the
 // forward's p (softmax.h; mb = sgn m, the raw score at the row's max), so that its normaliser
 // serves. SUM (the checks): *sum += sum_j P_j (fp64) of the values as made, before they are
@@ -351,7 +342,6 @@ __attribute__((always_inline)) static inline void probs_row_body(const float* __
                                                                 float rinv, double* sum) {
   constexpr int64_t L = vec::Lanes<V>;
   vec::d8 acc = vec::d8{};
-  double tail = 0.0;
   int64_t j = 0;
   for (; j + L <= vis; j += L) {
     const V p = exp_neg((vec::load_v<V>(S + j) - m) * scale) * rinv;
@@ -361,18 +351,13 @@ __attribute__((always_inline)) static inline void probs_row_body(const float* __
   if (j < vis) {  // the vector across the last visible key, its later lanes 0 (rows of BWD_BN, a
                   // multiple of L: in the buffer; one key at a time this tail cost a causal row's
                   // diagonal tile up to 15 scalar exponentials)
-    const V p = lanes_below<V>(vis - j) ? exp_neg((vec::load_v<V>(S + j) - m) * scale) * rinv : V{};
+    const V p = vec::lanes_below<V>(vis - j) ? exp_neg((vec::load_v<V>(S + j) - m) * scale) * rinv : V{};
     if constexpr (SUM) acc += vec::widen_sum(p);
     vec::store_v(P + j, p);
     j += L;
   }
-  for (; j < vis; ++j) {
-    const float p = exp_neg((S[j] - m) * scale) * rinv;
-    if constexpr (SUM) tail += static_cast<double>(p);
-    P[j] = p;
-  }
   for (; j < n; ++j) P[j] = 0.f;
-  if constexpr (SUM) *sum += vec::hsum(acc) + tail;
+  if constexpr (SUM) *sum += vec::hsum(acc);
 }
 FTATTN_CLONES static void probs_row(const float* __restrict S, float* __restrict P, int64_t n, int64_t vis,
                                     float scale, float m, float rinv, double* sum) {
@@ -421,17 +406,10 @@ __attribute__((always_inline)) static inline bool probs_dmr_body(const float* __
   if (j < vis) {  // the vector across the last visible key (as probs_row), its later lanes out
     const V p = load_v<V>(P + j), p2 = exp2_neg((load_v<V>(S + j) - mv) * scalev) * rinvv;
     const V hi = p > p2 ? p : p2;
-    const V d = lanes_below<V>(vis - j) ? vec::abs(p - p2) - (relv * hi + absv) : V{};
+    const V d = vec::lanes_below<V>(vis - j) ? vec::abs(p - p2) - (relv * hi + absv) : V{};
     viol = d > viol ? d : viol;
-    j += L;
   }
-  float v = tree(viol, Max{});
-  for (; j < vis; ++j) {
-    const float p2 = exp2_neg((S[j] - m) * scale2) * rinv;
-    const float hi = P[j] > p2 ? P[j] : p2;
-    const float d = std::fabs(P[j] - p2) - (rel * hi + abs_tol);
-    v = d > v ? d : v;
-  }
+  const float v = tree(viol, Max{});
   // (a NaN P or p2 enters no max: a NaN P makes the row's sum NaN, which row_checks reports,
   // and p2 is NaN only where S, and so P, is)
   return !(v <= 0.f);

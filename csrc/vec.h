@@ -145,6 +145,14 @@ FTATTN_VEC_INLINE uint32_t mask_bits(M hit) {
   for (int64_t k = 0; k < static_cast<int64_t>(sizeof(M) / sizeof(hit[0])); ++k) bit[k] = 1 << k;
   return static_cast<uint32_t>(tree(hit & bit, Add{}));
 }
+// The lanes k < count of a vector of type V, as a compare's mask (select on it alone: GCC 12
+// lowered a mask and-ed with a compare lane by lane, through the stack).
+template <typename V>
+FTATTN_VEC_INLINE auto lanes_below(int64_t count) {
+  decltype(V{} < V{}) lane;
+  for (int64_t k = 0; k < Lanes<V>; ++k) lane[k] = static_cast<int32_t>(k);
+  return lane < static_cast<int32_t>(count);
+}
 FTATTN_VEC_INLINE f8 abs(f8 x) { return reinterpret_cast<f8>(reinterpret_cast<u8>(x) & 0x7fffffffu); }
 // sum of 16 fp32 lanes into 8 fp64 lanes (pairs added in fp64). (Converted whole, to 16 fp64
 // lanes, then halved: GCC 12 makes two vcvtps2pd zmm of it; the halves converted apiece went

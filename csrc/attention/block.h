@@ -185,6 +185,12 @@ struct Block {
   }
 };
 
+// The last key of the tile at n0 (cols keys) that row i of the block sees: bottom-right
+// causal alignment, key j visible iff j <= row + M_b - N (below 0: none of the tile's).
+inline int64_t last_visible_key(const Problem& P, const Block& blk, int64_t i, int64_t n0, int64_t cols) {
+  return P.causal ? blk.r0 + i % blk.per_head() + P.key_count(blk.b) - P.N - n0 : cols - 1;
+}
+
 // One block of query rows, phase by phase: prepare_block (the block's rows and their
 // check references), per visible key tile tile_refs (the tile's key sums and row
 // references), S = Q K^T, tile_rows (the online softmax row by row with its checks),
@@ -346,11 +352,10 @@ TileRefs tile_refs(const Problem& P, Scratch& w, const Block& blk, const float* 
 template <bool INJECT>
 void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t, const float* K, int64_t n0,
                int64_t cols, const FaultSpec& f, bool in_tile, int64_t fi, int32_t* bad) {
-  const int64_t D = P.D, M = P.key_count(blk.b), N = P.N;
-  const int64_t r0 = blk.r0, rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
+  const int64_t D = P.D;
+  const int64_t rows = blk.rows(), sub_rows = blk.sub_rows();
   const int64_t group_rows = blk.group_rows(), ngroups = blk.ngroups();
   const bool abft = P.protection >= 1;
-  const int64_t shift = M - N;
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   const double sqrtD = std::sqrt(static_cast<double>(D));
   // row sums: the noise of S, the fp32 partial sums of CHUNK terms, and those of
@@ -387,7 +392,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
     bool quad = false;
     for (int64_t i = i0; i < i1; ++i) {
       // last visible key of the tile
-      const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
+      const int64_t limit = last_visible_key(P, blk, i, n0, cols);
       float* Si = S + i * BLOCK_N;
       float* Pi = Pm + i * BLOCK_N;
       const float m_old = w.m[i];
@@ -476,7 +481,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       for (int64_t i = i0; i < i1; ++i) {
         const float li = w.l[i] * lfac;
         if (!(w.pmax[i] >= theta_low * li) || w.m[i] == NEG_INF) continue;
-        const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
+        const int64_t limit = last_visible_key(P, blk, i, n0, cols);
         const bool full = P.protection >= 2;
         double hidden = 0.0;
         if (scores_mismatch(Qx + i * D, K + n0 * D, D, S + i * BLOCK_N, Pm + i * BLOCK_N, w.theta.data(), vmax,
@@ -610,7 +615,7 @@ void run_block(const Problem& P, Scratch& w, const Block& blk, const FaultSpec& 
       if (w.S2.size() < w.S.size()) w.S2.resize(w.S.size());
       scores_gemm(P, w, blk, K, K16, K16p, n0, cols, w.S2.data());
       for (int64_t i = 0; i < rows; ++i) {
-        const int64_t limit = P.causal ? (r0 + i % per_head + shift - n0) : cols - 1;
+        const int64_t limit = last_visible_key(P, blk, i, n0, cols);
         const int64_t visible = std::min<int64_t>(cols, std::max<int64_t>(limit + 1, 0));
         if (std::memcmp(S + i * BLOCK_N, w.S2.data() + i * BLOCK_N, visible * sizeof(float)) != 0)
           bad[i / blk.sub_rows()] |= kScoreRecompute;

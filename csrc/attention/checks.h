@@ -92,14 +92,11 @@ FTATTN_VEC_INLINE void row_max_body(const float* __restrict S, int64_t ld, int64
   // the vector across the last visible key (a causal tile's rows end anywhere in it):
   // its visible lanes into the max, all into the sums, where the tile holds the whole vector
   if (j < visible && j + L <= n) {
-    using M = decltype(V{} < V{});
-    M lane;
-    for (int64_t k = 0; k < L; ++k) lane[k] = static_cast<int32_t>(k);
-    const M vis = lane < static_cast<int32_t>(visible - j);
+    const auto vis = lanes_below<V>(visible - j);
     V x[R];
     for (int r = 0; r < R; ++r) {
       x[r] = load_v<V>(S + r * ld + j);
-      const V xv = vis ? x[r] : V{} + NEG_INF;  // (a select on vis alone: GCC 12 took `vis & (x > m)` lane by lane)
+      const V xv = vis ? x[r] : V{} + NEG_INF;
       mxv[r] = xv > mxv[r] ? xv : mxv[r];
       if constexpr (SUMS) racc[r] += widen_sum(x[r]);
     }
