@@ -187,7 +187,8 @@ TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
 }
 
-// (ftattn._C.cpu_bf16_gemm: csrc/ftattn.cpp)
+// (ftattn._C.cpu_bf16_gemm, cpu_bf16_round: csrc/ftattn.cpp)
 bool cpu_bf16_gemm() { return bf16_gemm_ready(); }
+bool cpu_bf16_round() { return bf16_hw_round(); }
 
 }  // namespace ftattn

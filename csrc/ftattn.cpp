@@ -11,15 +11,17 @@
 #include "vec.h"  // kernel_isa
 
 namespace ftattn {
-bool cpu_bf16_gemm();  // csrc/attention_cpu.cpp
+bool cpu_bf16_gemm();   // csrc/attention_cpu.cpp
+bool cpu_bf16_round();  // csrc/attention_cpu.cpp
 }
 
 extern "C" {
 static PyObject* ftattn_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ftattn::kernel_isa()); }
 static PyObject* ftattn_cpu_bf16_gemm(PyObject*, PyObject*) { return PyBool_FromLong(ftattn::cpu_bf16_gemm()); }
+static PyObject* ftattn_cpu_bf16_round(PyObject*, PyObject*) { return PyBool_FromLong(ftattn::cpu_bf16_round()); }
 
-// Two methods, the instruction set of the CPU kernels and whether their bf16 products run on
-// the bf16 GEMM; the ops register when the import loads
+// Three methods, the instruction set of the CPU kernels, whether their bf16 products run on
+// the bf16 GEMM and whether its operands are rounded on VCVTNEPS2BF16; the ops register when the import loads
 // this shared object. (The ONNX generator's sampler is its own extension: csrc/onnx/.)
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
@@ -29,6 +31,10 @@ PyObject* PyInit__C(void) {
        "cpu_bf16_gemm(): whether the CPU kernels run bf16 products on the CPU's bf16 dot products now "
        "(oneDNN's brgemm, AVX512-BF16 / AMX-BF16; attention and linear), rather than sgemm on fp32 copies "
        "(attention) or MKL's bf16 GEMM (linear)"},
+      {"cpu_bf16_round", ftattn_cpu_bf16_round, METH_NOARGS,
+       "cpu_bf16_round(): whether the C++ attention rounds its fp32 probabilities and dS to bf16 for the "
+       "bf16 GEMM with AVX512-BF16's VCVTNEPS2BF16 now (the AVX-512 kernels on such a CPU, unless "
+       "FTATTN_BF16_CVT=0), rather than in integer arithmetic (the same bits, but below 2^-126)"},
       {NULL, NULL, 0, NULL},
   };
   static struct PyModuleDef module_def = {

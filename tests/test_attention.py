@@ -732,6 +732,80 @@ def test_bf16_pv_on_the_bf16_gemm(make_qkv, monkeypatch, N, M, D, causal):
     assert harmful_seen >= 2
 
 
+def _bf16_round_on_cvt() -> bool:
+    return ftattn._C.cpu_bf16_gemm() and ftattn._C.cpu_bf16_round()
+
+
+@pytest.mark.skipif(not _bf16_round_on_cvt(), reason="needs AVX512-BF16 (VCVTNEPS2BF16) and the AVX-512 kernels")
+@pytest.mark.parametrize("N,M,D,causal", [(67, 131, 64, False), (129, 257, 59, True), (1, 1, 16, False),
+                                          (100, 213, 128, True), (3, 17, 8, False)], ids=str)
+def test_bf16_rounding_on_vcvtneps2bf16_gives_the_bits_of_the_bit_arithmetic(make_qkv, monkeypatch, N, M, D, causal):
+    """On a CPU with AVX512-BF16 the probabilities (forward and backward) and dS are rounded to
+    bf16 for the bf16 GEMM by VCVTNEPS2BF16, 16 a vector (the rest of a row as before);
+    FTATTN_BF16_CVT=0 takes the integer arithmetic. The output and the three gradients are
+    the same bits either way at every level, with no flag; faults on a probability (forward)
+    and on dS (backward) are caught and corrected under it."""
+    q, k, v = make_qkv(B=1, Hq=2, Hkv=1, N=N, M=M, D=D, dtype=torch.bfloat16, seed=N + M)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(D)).to(torch.bfloat16)
+    monkeypatch.setenv("FTATTN_GEMM16", "1")
+
+    def run(protection, fault=None):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, rep = ftattn.attention(*leaves, causal=causal, protection=protection, fault=fault, return_report=True,
+                                    backend="cpp")
+        out.backward(g)
+        return [out.detach()] + [t.grad for t in leaves], rep
+
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FTATTN_BF16_CVT", flag)
+        assert ftattn._C.cpu_bf16_round() == (flag == "1")
+        for p in ("off", "abft", "full"):
+            results[flag, p], rep = run(p)
+            assert rep.detected == 0 and (p == "off" or rep.backward.detected == 0)
+    for p in ("off", "abft", "full"):
+        assert all(torch.equal(a, b) for a, b in zip(results["1", p], results["0", p])), p
+    monkeypatch.setenv("FTATTN_BF16_CVT", "1")
+    row = N - 1
+    col = int((q[0, 1, row].double() @ k[0, 0].double().T).argmax())  # (the last row sees every key)
+    for fault in (Fault("probs", batch=0, head=1, row=row, col=col, bit=22),
+                  Fault("ds", batch=0, head=1, row=row, col=col, bit=30)):
+        got, rep = run("full", fault)
+        flagged = rep.detected if fault.site == "probs" else rep.backward.detected
+        assert flagged >= 1, fault
+        assert all(torch.equal(a, b) for a, b in zip(got, results["1", "full"])), fault
+
+
+@pytest.mark.skipif(not _bf16_round_on_cvt(), reason="needs AVX512-BF16 (VCVTNEPS2BF16) and the AVX-512 kernels")
+@pytest.mark.parametrize("protection", ["off", "full"])
+def test_bf16_probability_just_below_2_to_the_minus_126(monkeypatch, protection):
+    """Where the two roundings part: a probability just below 2^-126 (a subnormal fp32) is 0
+    for VCVTNEPS2BF16, which reads subnormals as 0, and 2^-126 for the integer arithmetic,
+    which rounds it up. Each way the checks sum what the product reads: no flag, and the
+    output is that bf16 times the value (a 1e30 value makes it visible: 1e30 2^-126 / 15),
+    within bf16's tolerance of fp64."""
+    D, M = 16, 16
+    q = torch.zeros(1, 1, 1, D, dtype=torch.bfloat16)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, M, D, dtype=torch.bfloat16)
+    k[0, 0, 1, 0] = -87.5  # (S - max) scale = -87.3372: p = 2^-126 (1 - 6.6e-4)
+    v = torch.zeros(1, 1, M, D, dtype=torch.bfloat16)
+    v[0, 0, 1, 0] = 1e30
+    scale = 87.3372 / 87.5
+    monkeypatch.setenv("FTATTN_GEMM16", "1")
+    ref = attention_ref(q, k, v, False, scale=scale)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FTATTN_BF16_CVT", flag)
+        outs[flag], rep = ftattn.attention(q, k, v, scale=scale, protection=protection, return_report=True,
+                                           backend="cpp")
+        assert rep.detected == 0
+        assert (outs[flag].double() - ref).abs().max().item() <= 2.0**-7
+    bf16_up = 2.0**-126 * float(v[0, 0, 1, 0]) / (M - 1)  # (15 keys of p = 1)
+    assert outs["1"][0, 0, 0, 0].item() == 0.0
+    assert outs["0"][0, 0, 0, 0].item() == pytest.approx(bf16_up, rel=2.0**-7)
+
+
 @pytest.mark.parametrize("M,D", [(1025, 64), (97, 59), (600, 130)], ids=str)
 def test_bf16_keys_packed_once_give_the_bits_of_tiles_packed_as_read(make_qkv, monkeypatch, M, D):
     """Where several blocks read a key head (more than 256 queries forward, more than 64 in

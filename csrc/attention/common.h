@@ -23,6 +23,9 @@
 
 #include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
 #include "gemm16.h"          // the bf16 GEMM (oneDNN brgemm): bf16_gemm_ready, gemm_bf16
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>  // (declares the AVX512-BF16 builtins of bf16_round_hw)
+#endif
 #include "vec.h"  // FTATTN_CLONES, the 16-lane vector types and their reductions
 
 extern "C" {
@@ -156,6 +159,43 @@ FTATTN_VEC_INLINE float bf16_value(uint16_t b) {
   float x;
   std::memcpy(&x, &u, sizeof(x));
   return x;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// bf16 rounding in one instruction, VCVTNEPS2BF16 (AVX512-BF16): nearest, ties to even, as
+// bf16_nearest; it reads a subnormal x as 0, so the result is 0 below 2^-126 where
+// bf16_gemm_bits gives 2^-126 to x within 2^-135 of it (either way the bf16 the product reads,
+// which the checks sum). Only in functions of FTATTN_BF16_CVT_TARGET (the clones' x86-64-v4
+// lacks it), picked at run time where bf16_hw_round().
+#define FTATTN_BF16_CVT 1
+#define FTATTN_BF16_CVT_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
+typedef uint16_t bf16x16 __attribute__((vector_size(32)));
+FTATTN_VEC_INLINE bf16x16 bf16_round_hw(vec::f16 x) {
+  return reinterpret_cast<bf16x16>(__builtin_ia32_cvtneps2bf16_v16sf(x));
+}
+// the fp32 values of 16 bf16 (one VPMOVZXWD and a shift: GCC 12 made four of convertvector)
+FTATTN_VEC_INLINE vec::f16 bf16_widen_hw(bf16x16 h) {
+  typedef short s16 __attribute__((vector_size(32)));
+  typedef int i16 __attribute__((vector_size(64)));
+  const i16 w = __builtin_ia32_pmovzxwd512_mask(reinterpret_cast<s16>(h), i16{}, 0xFFFF);
+  return reinterpret_cast<vec::f16>(w << 16);
+}
+#else
+#define FTATTN_BF16_CVT 0
+#endif
+
+// Whether the bf16 roundings for the bf16 GEMM run on VCVTNEPS2BF16: the AVX-512 code runs
+// (16 lanes) on a CPU with AVX512-BF16, unless FTATTN_BF16_CVT=0 (read per call: the tests
+// compare both ways).
+inline bool bf16_hw_round() {
+#if FTATTN_BF16_CVT
+  static const bool hw = wide_vectors() && __builtin_cpu_supports("avx512bf16");
+  if (!hw) return false;
+  const char* env = std::getenv("FTATTN_BF16_CVT");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+#else
+  return false;
+#endif
 }
 
 // ---------------------------------------------------------------------------

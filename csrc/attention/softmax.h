@@ -5,6 +5,7 @@
 
 #include "common.h"
 
+
 namespace ftattn {
 namespace {
 
@@ -71,7 +72,11 @@ struct RowStats {
 // even), written as bf16 bits to pb for the product P V, which p' feeds, and so the PV
 // checksum's sums (wa, wb) are of p'; the normaliser, its independent sum and the range
 // checks keep p, as the Triton kernel does (and flash attention: P in the inputs' dtype).
-template <int PROT, bool INJECT, int NG, typename V, bool P16>
+// CVT (16 lanes, AVX512-BF16 only): the vectors' rounding by VCVTNEPS2BF16, one instruction
+// for the eight of the bit arithmetic (nearest, ties to even, as that; it reads a subnormal p
+// as 0, so p' is 0 below 2^-126 where the bit arithmetic gives 2^-126 to p within 2^-135 of
+// it: each way p' is what the product reads and what the checksum sums).
+template <int PROT, bool INJECT, int NG, typename V, bool P16, bool CVT = false>
 __attribute__((always_inline)) static inline void softmax_row_body(float* __restrict S, float* __restrict p,
                                                                    int64_t n, int64_t limit, float scale, float mr,
                                                                    const float* __restrict a,
@@ -130,7 +135,14 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
       }
       store_v(p + j, pv);
       V pr = pv;  // (what P V reads)
-      if constexpr (P16) {
+      if constexpr (P16 && CVT) {
+#if FTATTN_BF16_CVT
+        static_assert(std::is_same_v<V, vec::f16>, "VCVTNEPS2BF16 rounds 16 lanes");
+        const H h = bf16_round_hw(pv);
+        std::memcpy(pb + j, &h, sizeof(h));
+        if constexpr (PROT >= 1) pr = bf16_widen_hw(h);
+#endif
+      } else if constexpr (P16) {
         U u = reinterpret_cast<U>(pv);
         u += 0x7FFFu + ((u >> 16) & 1u);
         u &= 0xFFFF0000u;
@@ -267,12 +279,50 @@ FTATTN_SOFTMAX_ROWS(2, true, true, full_inject16_)
 #undef FTATTN_SOFTMAX_ROWS
 #undef FTATTN_SOFTMAX_ROW
 
+#if FTATTN_BF16_CVT
+// The bf16 rows on AVX512-BF16 (16 lanes only: picked where wide_vectors() is true).
+#define FTATTN_SOFTMAX_ROW_CVT(name, PROT, INJECT, NG)                                                          \
+  FTATTN_BF16_CVT_TARGET static void name(float* __restrict S, float* __restrict p, int64_t n, int64_t limit,   \
+                                          float scale, float m, const float* __restrict a,                        \
+                                          const float* __restrict b, int64_t gs, const RowFault& fault,          \
+                                          RowStats& st, uint16_t* __restrict pb) {                               \
+    softmax_row_body<PROT, INJECT, NG, vec::f16, true, true>(S, p, n, limit, scale, m, a, b, gs, fault, st, pb); \
+  }
+#define FTATTN_SOFTMAX_ROWS_CVT(PROT, INJECT, suffix)                \
+  FTATTN_SOFTMAX_ROW_CVT(softmax_row_##suffix##1, PROT, INJECT, 1) \
+  FTATTN_SOFTMAX_ROW_CVT(softmax_row_##suffix##2, PROT, INJECT, 2) \
+  FTATTN_SOFTMAX_ROW_CVT(softmax_row_##suffix##3, PROT, INJECT, 3) \
+  FTATTN_SOFTMAX_ROW_CVT(softmax_row_##suffix##4, PROT, INJECT, 4)
+FTATTN_SOFTMAX_ROW_CVT(softmax_row_off_cvt, 0, false, 1)
+FTATTN_SOFTMAX_ROW_CVT(softmax_row_off_inject_cvt, 0, true, 1)
+FTATTN_SOFTMAX_ROWS_CVT(1, false, abft_cvt_)
+FTATTN_SOFTMAX_ROWS_CVT(2, false, full_cvt_)
+FTATTN_SOFTMAX_ROWS_CVT(1, true, abft_inject_cvt_)
+FTATTN_SOFTMAX_ROWS_CVT(2, true, full_inject_cvt_)
+#undef FTATTN_SOFTMAX_ROWS_CVT
+#undef FTATTN_SOFTMAX_ROW_CVT
+#endif
+
+
 using SoftmaxRowFn = void (*)(float*, float*, int64_t, int64_t, float, float, const float*, const float*,
                               int64_t, const RowFault&, RowStats&, uint16_t*);
 
 // The variant for a protection level, injection or not, the number of groups, and P as
 // bf16 for the bf16 GEMM or not.
 static SoftmaxRowFn softmax_row_fn(int protection, bool inject, int groups, bool p16 = false) {
+#if FTATTN_BF16_CVT
+  if (p16 && bf16_hw_round()) {
+    if (protection == 0) return inject ? softmax_row_off_inject_cvt : softmax_row_off_cvt;
+    static const SoftmaxRowFn cvt[2][2][MAX_GROUPS] = {
+        {{softmax_row_abft_cvt_1, softmax_row_abft_cvt_2, softmax_row_abft_cvt_3, softmax_row_abft_cvt_4},
+         {softmax_row_full_cvt_1, softmax_row_full_cvt_2, softmax_row_full_cvt_3, softmax_row_full_cvt_4}},
+        {{softmax_row_abft_inject_cvt_1, softmax_row_abft_inject_cvt_2, softmax_row_abft_inject_cvt_3,
+          softmax_row_abft_inject_cvt_4},
+         {softmax_row_full_inject_cvt_1, softmax_row_full_inject_cvt_2, softmax_row_full_inject_cvt_3,
+          softmax_row_full_inject_cvt_4}}};
+    return cvt[inject ? 1 : 0][protection - 1][groups - 1];
+  }
+#endif
   if (protection == 0)
     return p16 ? (inject ? softmax_row_off_inject16 : softmax_row_off16)
                : (inject ? softmax_row_off_inject : softmax_row_off);

@@ -39,6 +39,8 @@ def main(args) -> int:
         print("bf16 products (C++ attention and linear): the CPU's bf16 dot products (oneDNN brgemm, "
               "an AVX512-BF16 GEMV for up to 4 rows of a linear layer; MKL's bf16 GEMM for more than 64 "
               "rows where the CPU has AMX)")
+        if ftattn._C.cpu_bf16_round():
+            print("bf16 rounding of the attention's probabilities and dS: VCVTNEPS2BF16 (AVX512-BF16)")
     else:
         print("bf16 products (C++ attention and linear): sgemm on fp32 copies / MKL's bf16 GEMM (no "
               "AVX512-BF16 / AMX-BF16 here, torch.backends.mkldnn disabled, or FTATTN_GEMM16=0)")
