@@ -21,10 +21,10 @@ from types import SimpleNamespace
 # 'CUDAProperties' from 'kernels'". ftattn itself comes from its installed (editable)
 # copy, so the root is taken off the path, for this process and (PYTHONSAFEPATH,
 # Python >= 3.11) for the `python -m ...` subprocesses the tests start from it.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-if getattr(sys.modules.get("kernels"), "__file__", None) == os.path.join(_ROOT, "kernels", "__init__.py"):
-    del sys.modules["kernels"]
+# (ftattn/_checkout.py, as tests/conftest.py and `python -m ftattn`)
+from ftattn._checkout import unshadow_kernels  # noqa: E402
+
+unshadow_kernels()
 os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest

@@ -19,13 +19,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 PROTECTIONS = ("off", "abft", "full")
 
 
 def _bench_module():
-    # the repository root shadows transformers' `kernels` (see benchmarks/conftest.py)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+    # the repository root shadows transformers' `kernels` (ftattn/_checkout.py)
+    from ftattn._checkout import unshadow_kernels
+
+    unshadow_kernels()
     sys.path.insert(0, HERE)
     import test_bench_attention
 

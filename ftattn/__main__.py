@@ -41,6 +41,9 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     name = argv[0]
     module_name, help_text = COMMANDS[name]
+    from ._checkout import unshadow_kernels
+
+    unshadow_kernels()  # (from a checkout's root: transformers would import its kernels/)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # an optional extra is missing

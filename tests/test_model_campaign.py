@@ -87,3 +87,22 @@ def test_minilm_multibit_campaign():
     attn = mc.run(None, 6, ["full"], torch.float32, seed=4, sentences=2, progress=False, kinds=["attention"],
                   pattern="multibit")["full"]["attention"]
     assert attn.injected == 6 and attn.missed == 0 and attn.corrected == attn.detected
+
+
+def test_cli_from_the_checkout_root_imports_transformers(tmp_path):
+    """`python -m ftattn model-campaign` from the repository's root, as `make demo` runs it:
+    the root is then on sys.path, where kernels/ (ftattn.kernels) shadowed the `kernels`
+    package transformers imports, which failed on import ("cannot import name
+    'CUDAProperties' from 'kernels'"); the CLI takes a checkout's root off the path
+    (ftattn/_checkout.py). Run without PYTHONSAFEPATH, which the tests' own environment sets."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "tiny-llama"
+    tiny_llama("eager").save_pretrained(path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH" and not k.startswith("PYTEST_XDIST_")}
+    done = subprocess.run([sys.executable, "-m", "ftattn", "model-campaign", "--model", str(path), "--faults", "2",
+                           "--no-progress", "--protection", "full"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CUDAProperties" not in done.stderr and "missed" in done.stdout
