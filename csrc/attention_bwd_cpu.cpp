@@ -73,6 +73,7 @@ struct BwdProblem {
   // dV += P^T dO, dK += dS^T Q, dQ += dS K on the bf16 GEMM too (with k16 and v16), P and dS
   // rounded to bf16 for them as the forward rounds P for P V
   bool p16 = false;
+  bool bf16_cvt = false;  // P and dS rounded by VCVTNEPS2BF16 (bf16_hw_round, decided once per call)
   // k16 and v16 as the bf16 GEMM reads them, packed once per call (sums.h's
   // pack_per_key_head), per key head h of batch b at x + (b Hkv + h) packed_stride: K^T for
   // S, V^T for dP (panels of 64 keys), K for dQ += dS K (panels of 64 head dims, p16)
@@ -774,7 +775,7 @@ FTATTN_BF16_CVT_TARGET static void round_bf16_hw(const float* __restrict X, int6
       if (Xa != nullptr) vec::store_v(Xa + i * ld + j, vec::abs(r));
     }
     for (; j < n; ++j) {
-      const uint16_t h = bf16_gemm_bits(x[j]);
+      const uint16_t h = bf16_gemm_bits_daz(x[j]);  // (as the instruction rounds)
       Xb[i * ld + j] = h;
       Xr[i * ld + j] = bf16_value(h);
       if (Xa != nullptr) Xa[i * ld + j] = std::fabs(Xr[i * ld + j]);
@@ -784,9 +785,10 @@ FTATTN_BF16_CVT_TARGET static void round_bf16_hw(const float* __restrict X, int6
 #endif
 // X [rows, n] (row stride ld) rounded to bf16 for the bf16 GEMM: the bits Xb, their values Xr
 // and, where asked, |Xr| (Xa).
-static void round_bf16(const float* X, int64_t rows, int64_t n, int64_t ld, uint16_t* Xb, float* Xr, float* Xa) {
+static void round_bf16(bool cvt, const float* X, int64_t rows, int64_t n, int64_t ld, uint16_t* Xb, float* Xr,
+                       float* Xa) {
 #if FTATTN_BF16_CVT
-  if (bf16_hw_round()) return round_bf16_hw(X, rows, n, ld, Xb, Xr, Xa);
+  if (cvt) return round_bf16_hw(X, rows, n, ld, Xb, Xr, Xa);
 #endif
   round_bf16_bits(X, rows, n, ld, Xb, Xr, Xa);
 }
@@ -1009,8 +1011,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       const float* dSref = dS;
       const float* dSaref = w.dSa.data();
       if (P.p16) {
-        round_bf16(Pm, rows, n, BWD_BN, w.Pb.data(), w.Pr.data(), nullptr);
-        round_bf16(dS, rows, n, BWD_BN, w.dSb.data(), w.dSr.data(), w.dSra.data());
+        round_bf16(P.bf16_cvt, Pm, rows, n, BWD_BN, w.Pb.data(), w.Pr.data(), nullptr);
+        round_bf16(P.bf16_cvt, dS, rows, n, BWD_BN, w.dSb.data(), w.dSr.data(), w.dSra.data());
         Pref = w.Pr.data(), dSref = w.dSr.data(), dSaref = w.dSra.data();
         gemm_bf16_at_packed(n, D, rows, w.Pb.data(), BWD_BN, w.GhP.data(), r_panel, 1.f, dV + n0 * D, D);
         gemm_bf16_at_packed(n, D, rows, w.dSb.data(), BWD_BN, w.QhP.data(), r_panel, 1.f, dK + n0 * D, D);
@@ -1214,6 +1216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   if (v16.defined()) P.v16 = reinterpret_cast<const uint16_t*>(v16.data_ptr());
   if (k16.defined() || v16.defined()) P.eta16 = ETA_FTZ;
   P.p16 = k16.defined() && v16.defined();
+  P.bf16_cvt = P.p16 && bf16_hw_round();
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nq = nq, P.nk = nk;
   P.G = (D + BWD_GROUP - 1) / BWD_GROUP;
   P.causal = causal;

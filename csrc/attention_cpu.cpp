@@ -131,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   if (v16.defined()) {
     P.v16 = reinterpret_cast<const uint16_t*>(v16.data_ptr());
     P.eta_pv = ETA_FTZ;
+    P.bf16_cvt = bf16_hw_round();
   }
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nblk = nblk;
   P.groups = static_cast<int>((D + PV_GROUP - 1) / PV_GROUP);

@@ -1,10 +1,13 @@
 """Running from a source checkout: its top-level ``kernels/`` (the Triton kernels, shipped
 as ``ftattn.kernels``) shadows the ``kernels`` package that transformers (>= 5, which
 depends on it) imports, whenever the checkout's root is on ``sys.path`` (``python -m`` and
-``python -c`` put the working directory there). transformers then fails on import with
-"cannot import name 'CUDAProperties' from 'kernels'": ``make demo``'s model campaign did,
-from the root. ftattn itself is imported already (its package path is fixed), so the root
-can leave the path.
+``python -c`` put the working directory there; Ray puts the driver's there on its workers).
+transformers then fails on import with "cannot import name 'CUDAProperties' from 'kernels'"
+(``python -m ftattn model-campaign`` typed at the root did; make exports PYTHONSAFEPATH=1).
+Callers: ``python -m ftattn`` and the campaign runner's workers, which have imported ftattn
+already (its package path is fixed, so the root can leave the path), and the tests' and
+benchmarks' conftest, which load this file by its path before anything imports ftattn, so
+that ftattn then comes from its installed copy.
 """
 import os
 import sys

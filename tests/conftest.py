@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -8,10 +9,13 @@ import sys
 # 'CUDAProperties' from 'kernels'". ftattn itself comes from its installed (editable)
 # copy, so the root is taken off the path, for this process and (PYTHONSAFEPATH,
 # Python >= 3.11) for the `python -m ...` subprocesses the tests start from it.
-# (ftattn/_checkout.py, which `python -m ftattn` runs too)
-from ftattn._checkout import unshadow_kernels  # noqa: E402
-
-unshadow_kernels()
+# The function is ftattn/_checkout.py's (which `python -m ftattn` runs too), loaded from its
+# file: importing the package here would take it from this checkout, not the installed copy.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("_ftattn_checkout", os.path.join(_ROOT, "ftattn", "_checkout.py"))
+_checkout = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_checkout)
+_checkout.unshadow_kernels()
 os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest

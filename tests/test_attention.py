@@ -806,6 +806,60 @@ def test_bf16_probability_just_below_2_to_the_minus_126(monkeypatch, protection)
     assert outs["0"][0, 0, 0, 0].item() == pytest.approx(bf16_up, rel=2.0**-7)
 
 
+@pytest.mark.skipif(not _bf16_round_on_cvt(), reason="needs AVX512-BF16 (VCVTNEPS2BF16) and the AVX-512 kernels")
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_bf16_levels_agree_where_a_row_tail_runs_key_by_key(monkeypatch, flag):
+    """At abft and full a causal row's partly masked last vector of keys runs one key at a
+    time where a value row's sums overflow fp32 (off runs it whole): that key's rounding must
+    be the vector's, or off and the checked levels part. Here the probability just below
+    2^-126 of a key in such a tail (row 17's key 17, value 1e30; key 20's values +-3e38)
+    gives the same output at every level, either rounding (found by review: with
+    VCVTNEPS2BF16 on, off gave 0 there and abft / full 2^-126 1e30 / 17)."""
+    D, N = 16, 32
+    q = torch.zeros(1, 1, N, D, dtype=torch.bfloat16)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, N, D, dtype=torch.bfloat16)
+    k[0, 0, 17, 0] = -87.5
+    v = torch.zeros(1, 1, N, D, dtype=torch.bfloat16)
+    v[0, 0, 17, 0] = 1e30
+    v[0, 0, 20, 0], v[0, 0, 20, 1] = 3e38, -3e38  # (the sum of |v| over key 20's dims overflows fp32)
+    monkeypatch.setenv("FTATTN_GEMM16", "1")
+    monkeypatch.setenv("FTATTN_BF16_CVT", flag)
+    outs = {}
+    for p in ("off", "abft", "full"):
+        outs[p], rep = ftattn.attention(q, k, v, causal=True, scale=87.3372 / 87.5, protection=p,
+                                        return_report=True, backend="cpp")
+        assert rep.detected == 0
+    assert torch.equal(outs["off"], outs["abft"]) and torch.equal(outs["off"], outs["full"])
+    assert (outs["off"][0, 0, 17, 0].item() == 0.0) == (flag == "1")
+
+
+@pytest.mark.skipif(not _bf16_round_on_cvt(), reason="needs AVX512-BF16 (VCVTNEPS2BF16) and the AVX-512 kernels")
+def test_bf16_backward_probability_just_below_2_to_the_minus_126(monkeypatch):
+    """The backward's P for dV = P^T dO rounded either way too: a normalised probability just
+    below 2^-126 (exp(x) / 15 with x = -84.63) is 0 for VCVTNEPS2BF16 and 2^-126 for the
+    integer rounding, which a 1e30 gradient makes visible in dV (2^-126 1e30); no flag."""
+    D, M = 16, 16
+    q = torch.zeros(1, 1, 1, D, dtype=torch.bfloat16)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, M, D, dtype=torch.bfloat16)
+    k[0, 0, 1, 0] = -84.5  # (S - max) scale = -84.63045: p = 15 2^-126 (1 - 2^-9), P = p / 15
+    v = torch.zeros(1, 1, M, D, dtype=torch.bfloat16)
+    g = torch.zeros(1, 1, 1, D, dtype=torch.bfloat16)
+    g[..., 0] = 1e30
+    monkeypatch.setenv("FTATTN_GEMM16", "1")
+    dv = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FTATTN_BF16_CVT", flag)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, rep = ftattn.attention(*leaves, scale=84.63045 / 84.5, return_report=True, backend="cpp")
+        out.backward(g)
+        assert rep.detected == 0 and rep.backward.detected == 0
+        dv[flag] = leaves[2].grad[0, 0, 1, 0].item()
+    assert dv["1"] == 0.0
+    assert dv["0"] == pytest.approx(2.0**-126 * float(g[0, 0, 0, 0]), rel=2.0**-7)
+
+
 @pytest.mark.parametrize("M,D", [(1025, 64), (97, 59), (600, 130)], ids=str)
 def test_bf16_keys_packed_once_give_the_bits_of_tiles_packed_as_read(make_qkv, monkeypatch, M, D):
     """Where several blocks read a key head (more than 256 queries forward, more than 64 in

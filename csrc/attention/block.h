@@ -58,6 +58,8 @@ struct Problem {
   // (null: sgemm on the fp32 copies), and the underflow term per operation of the
   // bounds on S (ETA, or ETA_FTZ on the bf16 GEMM)
   const uint16_t* k16 = nullptr;
+  // the bf16 probabilities rounded by VCVTNEPS2BF16 (bf16_hw_round, decided once per call)
+  bool bf16_cvt = false;
   double eta_s = ETA;
   // the same for P V: v as bf16 [B, Hkv, M, D] contiguous (the probabilities then rounded to
   // bf16 for the product, softmax.h's P16), and the PV check's underflow term
@@ -368,7 +370,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
   const float *vsum = t.vsum, *vabs = t.vabs, *vmax = t.vmax;
   const int64_t ld = t.ld, gs = t.gs;
   const bool p16 = P.v16 != nullptr;
-  const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups, p16);
+  const SoftmaxRowFn row_fn = softmax_row_fn(P.protection, false, P.groups, p16, P.bf16_cvt);
   uint16_t* Pb = p16 ? w.Pb.data() : nullptr;
   // (P V reads p rounded to bf16 there, up to 2^-8 more than p: the keys a score fault
   // could move harmfully are found with l that much smaller)
@@ -433,7 +435,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
       const bool hit_p = in_tile && f.site == kProbs && fi == i;
       if (hit_p) rf = RowFault{f.col - n0, f.col - n0 + f.ncols, f.bit, f.value};
       RowStats st;
-      (hit_p ? softmax_row_fn(P.protection, true, P.groups, p16) : row_fn)(
+      (hit_p ? softmax_row_fn(P.protection, true, P.groups, p16, P.bf16_cvt) : row_fn)(
           Si, Pi, cols, empty ? -1 : limit, P.scale, m_new, vsum, vabs, gs, rf, st, p16 ? Pb + i * BLOCK_N : nullptr);
       memory_barrier();
       const float psum = st.psum;

@@ -161,14 +161,31 @@ FTATTN_VEC_INLINE float bf16_value(uint16_t b) {
   return x;
 }
 
+// One value rounded as VCVTNEPS2BF16 rounds it (bf16_round_hw, below): a subnormal x read as
+// (signed) 0, a NaN quieted, else bf16_gemm_bits.
+FTATTN_VEC_INLINE uint16_t bf16_gemm_bits_daz(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7F800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return bf16_gemm_bits(x);
+}
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // bf16 rounding in one instruction, VCVTNEPS2BF16 (AVX512-BF16): nearest, ties to even, as
 // bf16_nearest; it reads a subnormal x as 0, so the result is 0 below 2^-126 where
 // bf16_gemm_bits gives 2^-126 to x within 2^-135 of it (either way the bf16 the product reads,
-// which the checks sum). Only in functions of FTATTN_BF16_CVT_TARGET (the clones' x86-64-v4
-// lacks it), picked at run time where bf16_hw_round().
+// which the checks sum), and it quiets a signalling NaN. Only in functions of
+// FTATTN_BF16_CVT_TARGET (the clones' x86-64-v4 lacks it), picked at run time where
+// bf16_hw_round(); their values one at a time go through bf16_gemm_bits_daz, which rounds as
+// the instruction does (a row's rounding must not depend on which of its keys run as a vector:
+// at abft and full a partly masked last vector can run key by key where off runs it whole).
+// (The target adds the AVX-512 subsets to the compiler's own: "arch=x86-64-v4" would narrow a
+// -march=native or sapphirerapids build, whose always-inline helpers then fail to inline.)
 #define FTATTN_BF16_CVT 1
-#define FTATTN_BF16_CVT_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#define FTATTN_BF16_CVT_TARGET \
+  __attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512bf16")))
+
 typedef uint16_t bf16x16 __attribute__((vector_size(32)));
 FTATTN_VEC_INLINE bf16x16 bf16_round_hw(vec::f16 x) {
   return reinterpret_cast<bf16x16>(__builtin_ia32_cvtneps2bf16_v16sf(x));

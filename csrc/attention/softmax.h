@@ -196,7 +196,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
     p[j] = pj;
     float pr = pj;
     if constexpr (P16) {
-      pb[j] = bf16_gemm_bits(pj);  // (as above)
+      pb[j] = CVT ? bf16_gemm_bits_daz(pj) : bf16_gemm_bits(pj);  // (as above)
       pr = bf16_value(pb[j]);
     }
     psum_t += pj;
@@ -308,10 +308,10 @@ using SoftmaxRowFn = void (*)(float*, float*, int64_t, int64_t, float, float, co
                               int64_t, const RowFault&, RowStats&, uint16_t*);
 
 // The variant for a protection level, injection or not, the number of groups, and P as
-// bf16 for the bf16 GEMM or not.
-static SoftmaxRowFn softmax_row_fn(int protection, bool inject, int groups, bool p16 = false) {
+// bf16 for the bf16 GEMM or not (rounded by VCVTNEPS2BF16: cvt, where bf16_hw_round()).
+static SoftmaxRowFn softmax_row_fn(int protection, bool inject, int groups, bool p16, bool cvt) {
 #if FTATTN_BF16_CVT
-  if (p16 && bf16_hw_round()) {
+  if (p16 && cvt) {
     if (protection == 0) return inject ? softmax_row_off_inject_cvt : softmax_row_off_cvt;
     static const SoftmaxRowFn cvt[2][2][MAX_GROUPS] = {
         {{softmax_row_abft_cvt_1, softmax_row_abft_cvt_2, softmax_row_abft_cvt_3, softmax_row_abft_cvt_4},

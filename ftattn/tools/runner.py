@@ -166,27 +166,12 @@ def run(fn: Callable, jobs: Sequence[Tuple[str, object, int]], shard_units: int,
     return out_records
 
 
-def _checkout_off_path() -> None:
-    """Ray puts the driver's working directory on a worker's sys.path. Run from a checkout
-    of ftattn, that directory's kernels/ (the Triton sources, shipped as ftattn.kernels)
-    shadows the `kernels` package transformers imports (the model campaign's workers then
-    fail with "cannot import name 'CUDAProperties' from 'kernels'"). ftattn itself comes
-    from its installed copy: a checkout's root is taken off the path."""
-    import sys
-
-    def checkout(p: str) -> bool:
-        root = os.path.abspath(p or os.curdir)
-        return all(os.path.exists(os.path.join(root, *f)) for f in
-                   (("setup.py",), ("ftattn", "__init__.py"), ("kernels", "attention.py")))
-
-    sys.path[:] = [p for p in sys.path if not checkout(p)]
-    shadow = getattr(sys.modules.get("kernels"), "__file__", None)
-    if shadow and checkout(os.path.dirname(os.path.dirname(shadow))):
-        del sys.modules["kernels"]
-
-
 def _timed(fn, arg, start, stop, threads):
-    _checkout_off_path()
+    # Ray puts the driver's working directory on a worker's sys.path: run from a checkout, its
+    # kernels/ would shadow the `kernels` package transformers imports
+    from .._checkout import unshadow_kernels
+
+    unshadow_kernels()
     import torch
 
     torch.set_num_threads(threads)
