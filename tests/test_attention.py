@@ -306,6 +306,57 @@ def test_abft_leaves_probs_uncovered(make_qkv, backend):
     assert rep.detected >= 1 and "redundant softmax" in rep.failures()[0]["checks"]
 
 
+def _campaign_case(seed, trial, group):
+    """The input and fault of one trial of the random warp campaign (fp32, its default shape)."""
+    import random
+
+    from ftattn.tools import campaign as C
+
+    job = C.Job("cpp", "cpu", "float32", "full", 400, seed=seed, pattern="warp")
+    gen = C._unit_generator(seed, len(job.clean_units()) + group)
+    q, k, v = C.make_data(C.FAULT_KINDS[group % len(C.FAULT_KINDS)], job.shape, torch.float32, "cpu", gen)
+    fault = C._random_fault(random.Random(f"{seed}/{trial}"), job.shape, C.SITES[trial % len(C.SITES)], "warp")
+    return q, k, v, job.shape.causal, fault
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed,trial,group", [(433, 328, 13), (523, 28, 1)], ids=str)
+def test_acc_warp_whose_deltas_nearly_cancel_is_caught_at_full(backend, seed, trial, group):
+    """Two harmful warps of accumulator faults that random campaigns passed (a mid-mantissa bit
+    of the 27 dims 32..58 of a D = 59 row: the output moves by 1.07-1.09 tau, the 27 deltas sum
+    to 0.17 / 0.82 of the PV bound of the row's 64-dim group). At full a PV checksum above 1/8
+    of its bound makes the block again and compares its output bit for bit: the fault is
+    reported (PV_CHECKSUM) and corrected; report returns the faulty output, raise raises."""
+    q, k, v, causal, fault = _campaign_case(seed, trial, group)
+    assert fault.site == "acc" and fault.span == 32
+    tau = 2.0**-10
+    clean = ftattn.attention(q, k, v, causal=causal, backend=backend)
+    raw, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, on_fault="report", return_report=True,
+                                backend=backend)
+    assert (raw - clean).abs().max().item() > tau * max(1.0, clean.abs().max().item())  # harmful
+    assert rep.detected >= 1 and rep.corrected == 0
+    assert any(int(Check.PV_CHECKSUM) & int(fl) for fl in rep.flags.flatten().tolist())
+    out, rep = ftattn.attention(q, k, v, causal=causal, fault=fault, return_report=True, backend=backend)
+    assert rep.detected >= 1 and rep.corrected == rep.flagged_blocks and torch.equal(out, clean)
+    with pytest.raises(FaultDetectedError):
+        ftattn.attention(q, k, v, causal=causal, fault=fault, on_fault="raise", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pv_verification_raises_no_alarm_on_data_near_the_bound(backend):
+    """Constant fp32 data adds its roundings up in one direction, so its PV checksums sit above
+    1/8 of their bound and full makes those blocks again (every block here: the reference marks
+    4 of 4, the C++ call takes ~3x off's time against ~1.4x on normal data): the recomputation
+    rounds alike, so no flag, and the output is off's, bit for bit, under every policy."""
+    q = torch.full((1, 2, 97, 59), 0.3)
+    k = torch.full((1, 1, 1031, 59), -0.7)
+    v = torch.full((1, 1, 1031, 59), 0.9)
+    off = ftattn.attention(q, k, v, protection="off", backend=backend)
+    for policy in ("correct", "report", "raise"):
+        out, rep = ftattn.attention(q, k, v, on_fault=policy, return_report=True, backend=backend)
+        assert rep.detected == 0 and torch.equal(out, off), policy
+
+
 @pytest.mark.parametrize("bit", [3, 5, 13, 22])
 def test_output_fault_on_a_low_mantissa_bit_is_caught(make_qkv, bit):
     """The C++ kernel screens each output row without dividing (|O l - A| <= 2^-22 |A|) and
