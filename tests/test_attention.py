@@ -357,6 +357,31 @@ def test_pv_verification_raises_no_alarm_on_data_near_the_bound(backend):
         assert rep.detected == 0 and torch.equal(out, off), policy
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prime", [False, True], ids=["fresh", "after_a_verified_call"])
+def test_pv_verification_beside_non_finite_input_and_a_fault(backend, prime):
+    """A sub-block with non-finite input (a NaN query row) that also holds a row near the PV
+    bound, beside a faulty sub-block that is recomputed: the non-finite one is reported as such,
+    never compared with a first pass that was not kept (found by review: the C++ kernel read an
+    empty buffer, a crash in a fresh process, and after an earlier verified call marked it
+    UNCORRECTED from stale rows), and the faulty one is corrected."""
+    N, M, D = 128, 1031, 59
+    k = torch.full((1, 1, M, D), -0.7)
+    v = torch.full((1, 1, M, D), 0.9)
+    if prime:  # (a call whose blocks are verified: the thread's kept rows filled)
+        assert ftattn.attention(torch.full((1, 1, N, D), 0.5), k, v, return_report=True,
+                                backend=backend)[1].detected == 0
+    q = torch.full((1, 1, N, D), 0.3)
+    q[0, 0, 100] = float("nan")  # sub-block 1
+    fault = Fault("acc", row=10, col=0, dim=3, bit=30)  # sub-block 0
+    out, rep = ftattn.attention(q, k, v, fault=fault, return_report=True, backend=backend)
+    fl = rep.flags.flatten().tolist()
+    assert fl[0] & int(Check.CORRECTED) and not fl[0] & int(Check.NONFINITE_INPUT)
+    assert fl[1] & int(Check.NONFINITE_INPUT) and not fl[1] & (int(Check.CORRECTED) | int(Check.UNCORRECTED))
+    clean = ftattn.attention(q, k, v, backend=backend)
+    assert torch.equal(out[0, 0, :64], clean[0, 0, :64])
+
+
 @pytest.mark.parametrize("bit", [3, 5, 13, 22])
 def test_output_fault_on_a_low_mantissa_bit_is_caught(make_qkv, bit):
     """The C++ kernel screens each output row without dividing (|O l - A| <= 2^-22 |A|) and
