@@ -744,17 +744,19 @@ FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, in
 // X [rows x n] (row stride ld) rounded to the nearest bf16 (ties to even; 0 below 2^-126,
 // which the bf16 GEMM reads as 0): its bits in Xb, its value in Xr and, where Xa is given,
 // |Xr| in Xa (same stride).
+// (one entry k of them from its bits h)
+FTATTN_VEC_INLINE void store_bf16(uint16_t h, int64_t k, uint16_t* __restrict Xb, float* __restrict Xr,
+                                  float* __restrict Xa) {
+  const float x = bf16_value(h);
+  Xb[k] = h;
+  Xr[k] = x;
+  if (Xa != nullptr) Xa[k] = std::fabs(x);
+}
 FTATTN_CLONES static void round_bf16_bits(const float* __restrict X, int64_t rows, int64_t n, int64_t ld,
                                           uint16_t* __restrict Xb, float* __restrict Xr, float* __restrict Xa) {
   for (int64_t i = 0; i < rows; ++i) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t h = bf16_gemm_bits(X[i * ld + j]);
-      const float x = bf16_value(h);
-      Xb[i * ld + j] = h;
-      Xr[i * ld + j] = x;
-      if (Xa != nullptr) Xa[i * ld + j] = std::fabs(x);
-    }
+    for (int64_t j = 0; j < n; ++j) store_bf16(bf16_gemm_bits(X[i * ld + j]), i * ld + j, Xb, Xr, Xa);
   }
 }
 #if FTATTN_BF16_CVT
@@ -774,12 +776,7 @@ FTATTN_BF16_CVT_TARGET static void round_bf16_hw(const float* __restrict X, int6
       vec::store_v(Xr + i * ld + j, r);
       if (Xa != nullptr) vec::store_v(Xa + i * ld + j, vec::abs(r));
     }
-    for (; j < n; ++j) {
-      const uint16_t h = bf16_gemm_bits_daz(x[j]);  // (as the instruction rounds)
-      Xb[i * ld + j] = h;
-      Xr[i * ld + j] = bf16_value(h);
-      if (Xa != nullptr) Xa[i * ld + j] = std::fabs(Xr[i * ld + j]);
-    }
+    for (; j < n; ++j) store_bf16(bf16_gemm_bits_daz(x[j]), i * ld + j, Xb, Xr, Xa);  // (as the instruction rounds)
   }
 }
 #endif

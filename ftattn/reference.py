@@ -266,9 +266,16 @@ def attention_reference(q, k, v, causal: bool, scale: float, protection: int, re
     failed = (flags & CHECK_MASK) != 0
     verify = ((flags & _PV_VERIFY_BIT) != 0) & ~failed
     flags &= ~_PV_VERIFY_BIT
+    second = []  # (the clean pass, made once for the verification and the recomputation)
+
+    def again_pass():
+        if not second:
+            second.extend(_forward(q, k, v, causal, scale, protection, None, None))
+        return second
+
     if bool(verify.any()):  # (the call again, compared bit for bit: it rounds alike)
         N = q.shape[2]
-        out2, flags2 = _forward(q, k, v, causal, scale, protection, None, None)
+        out2, flags2 = again_pass()
         same = (out.view(torch.int32) == out2.view(torch.int32)).all(-1)
         differ = verify & _rows_to_blocks(~same, N)
         flags |= differ.to(torch.int32) * int(Check.PV_CHECKSUM)
@@ -288,7 +295,7 @@ def attention_reference(q, k, v, causal: bool, scale: float, protection: int, re
         flags |= (failed & nonfinite).to(torch.int32) * int(Check.NONFINITE_INPUT)
         redo = failed & ~nonfinite
         if recompute and bool(redo.any()):
-            out2, flags2 = _forward(q, k, v, causal, scale, protection, None, None)
+            out2, flags2 = again_pass()
             again = (flags2 & CHECK_MASK) != 0
             flags |= (redo & ~again).to(torch.int32) * int(Check.CORRECTED)
             flags |= (redo & again).to(torch.int32) * int(Check.UNCORRECTED)

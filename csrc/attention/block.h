@@ -707,13 +707,17 @@ void process_block(const Problem& P, Scratch& w, bool recompute, const Block& bl
       if (stats != nullptr) w.first_stats.assign(stats, stats + rows * 2);
     }
     run_block<false>(P, w, blk, f, again);
+    // a sub-block the second pass settled: corrected, or not (with the policy's recomputation)
+    const auto settled = [&](int64_t sb) {
+      return !recompute ? 0 : (again[sb] & kCheckMask) ? kUncorrected : kCorrected;
+    };
     for (int64_t sb = 0; sb < nsub; ++sb) {
       if ((bits[sb] & kCheckMask) && !(bits[sb] & kNonfiniteInput)) {
-        if (recompute) bits[sb] |= (again[sb] & kCheckMask) ? kUncorrected : kCorrected;
+        bits[sb] |= settled(sb);
       } else if (!(bits[sb] & kCheckMask) && (bits[sb] & kPvVerify)) {  // (a failed one was not kept)
         const int64_t i0 = sb * blk.sub_rows(), i1 = std::min<int64_t>(rows, i0 + blk.sub_rows());
         if (std::memcmp(out + i0 * D, w.first_out.data() + i0 * D, (i1 - i0) * D * sizeof(float)) != 0)
-          bits[sb] |= kPvChecksum | (!recompute ? 0 : (again[sb] & kCheckMask) ? kUncorrected : kCorrected);
+          bits[sb] |= kPvChecksum | settled(sb);
       }
     }
     if (verify && !recompute) {

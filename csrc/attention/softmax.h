@@ -5,7 +5,6 @@
 
 #include "common.h"
 
-
 namespace ftattn {
 namespace {
 
@@ -302,7 +301,6 @@ FTATTN_SOFTMAX_ROWS_CVT(2, true, full_inject_cvt_)
 #undef FTATTN_SOFTMAX_ROWS_CVT
 #undef FTATTN_SOFTMAX_ROW_CVT
 #endif
-
 
 using SoftmaxRowFn = void (*)(float*, float*, int64_t, int64_t, float, float, const float*, const float*,
                               int64_t, const RowFault&, RowStats&, uint16_t*);
