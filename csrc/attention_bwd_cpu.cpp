@@ -49,7 +49,13 @@ constexpr int64_t BWD_BM = 64;  // query rows per block: one report block
 static_assert(BWD_BM == kReportBlockM, "a query block of the backward is a report block");
 constexpr int64_t BWD_BN = 256;  // keys per tile
 constexpr int64_t BWD_GROUP = 16;  // head dims per checksum group of dQ, dK, dV (ftattn/reference.py)
-constexpr int64_t MAX_BWD_GROUPS = 256 / BWD_GROUP;
+// Checksum groups of dQ, dK, dV: the groups of BWD_GROUP dims, and at full one more, the
+// weighted checksum over every head dim (PV_WEIGHTS, as the forward's PV check): a warp flips
+// the same bit of 32 dims, and its +-2^k deltas can cancel in both 16-dim groups' sums (the
+// random warp campaign passed a harmful dV warp so, 1 of 3,641).
+constexpr int64_t bwd_groups(int64_t D, int protection) {
+  return (D + BWD_GROUP - 1) / BWD_GROUP + (protection >= 2 ? 1 : 0);
+}
 // query rows per column-checksum group of S and dP where they divide a block's rows (else the
 // block is one group), and the most groups a block has: each group's reference row rides in
 // the GEMM that makes S (dP), as the forward's (csrc/attention/block.h)
@@ -694,21 +700,55 @@ FTATTN_VEC_INLINE void span_sums(const float* __restrict x, int64_t n, double& s
   }
 }
 
+// sum_d w_d x_d (fp64; w = PV_WEIGHTS / 4, each product exact) and sum_d |x_d| / 16 >= sum_d
+// |w_d x_d| over D floats: the weighted checksum group (bwd_groups). |w_d| < 1/16 keeps both
+// within 16 max |x|, as a 16-dim group's sums, so they overflow fp32 no sooner.
+FTATTN_VEC_INLINE void weighted_sums(const float* __restrict x, int64_t D, double& s, double& a) {
+  using vec::d8;
+  d8 vs = d8{}, va = d8{};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    vec::f8 xf, wf;
+    std::memcpy(&xf, x + d, sizeof(xf));
+    std::memcpy(&wf, PV_WEIGHTS.w + d, sizeof(wf));
+    const d8 xd = __builtin_convertvector(xf, d8);
+    vs += xd * __builtin_convertvector(wf, d8);
+    va += vec::abs(xd);
+  }
+  s = vec::hsum(vs);
+  a = vec::hsum(va);
+  for (; d < D; ++d) {
+    s += static_cast<double>(x[d]) * static_cast<double>(PV_WEIGHTS.w[d]);
+    a += std::fabs(static_cast<double>(x[d]));
+  }
+  s *= 0.25;
+  a *= 1.0 / 16.0;
+}
+
 // Per row r of X [n x D]: the sums of its groups of BWD_GROUP dims, xg[r * rs + g * gs], then
 // those of |x|, xg[r * rs + (G + g) * gs] (fp64, rounded to fp32; rs = 2G, gs = 1 for rows of
-// sums, rs = 1, gs = ldk for the keys' transposed ones), and its largest |x|.
+// sums, rs = 1, gs = ldk for the keys' transposed ones), and its largest |x|. Where G is one
+// more than the groups of D (bwd_groups: full), the last is the weighted checksum's: sum_d w_d
+// x_d over every dim, and sum_d |x_d| (|w_d| < 1) for its bound.
 FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64_t D, int64_t G,
                                      float* __restrict xg, int64_t rs, int64_t gs, float* __restrict xmax) {
+  const int64_t Gp = (D + BWD_GROUP - 1) / BWD_GROUP;
   for (int64_t r = 0; r < n; ++r) {
     const float* x = X + r * D;
     double mx = 0.0;
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < Gp; ++g) {
       const int64_t d0 = g * BWD_GROUP, d1 = std::min<int64_t>(D, d0 + BWD_GROUP);
       double s, a, m;
       span_sums(x + d0, d1 - d0, s, a, m);
       mx = m > mx ? m : mx;
       xg[r * rs + g * gs] = static_cast<float>(s);
       xg[r * rs + (G + g) * gs] = static_cast<float>(a);
+    }
+    if (G > Gp) {
+      double s, a;
+      weighted_sums(x, D, s, a);
+      xg[r * rs + Gp * gs] = static_cast<float>(s);
+      xg[r * rs + (G + Gp) * gs] = static_cast<float>(a);
     }
     xmax[r] = static_cast<float>(mx);
   }
@@ -723,12 +763,16 @@ FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, in
                                       int64_t ldr, int64_t gsr, const float* mag, int64_t ldm, int64_t gsm,
                                       int64_t K, int32_t bit, int32_t* bits, double eta) {
   const double f = (2.0 * KAPPA * std::sqrt(static_cast<double>(K + 2)) + 2.0) * U32;
+  const int64_t Gp = (D + BWD_GROUP - 1) / BWD_GROUP;
   for (int64_t r = 0; r < n; ++r) {
     bool bad = false;
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t d0 = g * BWD_GROUP, d1 = std::min<int64_t>(D, d0 + BWD_GROUP);
+      const int64_t d0 = g < Gp ? g * BWD_GROUP : 0, d1 = g < Gp ? std::min<int64_t>(D, d0 + BWD_GROUP) : D;
       double s, a, m;
-      span_sums(acc + r * D + d0, d1 - d0, s, a, m);
+      if (g < Gp)
+        span_sums(acc + r * D + d0, d1 - d0, s, a, m);
+      else  // (the weighted checksum: group_sums)
+        weighted_sums(acc + r * D, D, s, a);
       const double bound =
           f * static_cast<double>(mag[r * ldm + g * gsm]) + eta * static_cast<double>((d1 - d0 + 2) * (K + 2));
       bad |= !(std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr])) <= bound);
@@ -1215,7 +1259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   P.p16 = k16.defined() && v16.defined();
   P.bf16_cvt = P.p16 && bf16_hw_round();
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.N = N, P.M = M, P.D = D, P.nq = nq, P.nk = nk;
-  P.G = (D + BWD_GROUP - 1) / BWD_GROUP;
+  P.G = bwd_groups(D, static_cast<int>(protection));
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);

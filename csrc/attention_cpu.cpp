@@ -22,6 +22,9 @@
 //     (same alpha, same p as the accumulator), compared with sum_{d in g} acc_id
 //     before the division. Per group, so that the bound, which grows with the
 //     dims summed, stays below the harm one accumulator element can do at D = 256.
+//     "full" adds a weighted checksum over every head dim (sum_d w_d acc_id, w from a
+//     hash of d: common.h's PV_WEIGHTS), where a warp's +-2^k deltas can cancel in the
+//     plain sums, and makes a block again where a row sits above 1/8 of either bound.
 //   Invariants: m == max(m_old, rowmax) exactly, 0 <= p <= 1, max_j p == 1 or
 //     alpha == 1; l vs an independent accumulation of the same p, 1 <= l <= #keys.
 //   Redundant softmax ("full"): exp2 formulation with its own polynomial, of the

@@ -33,6 +33,26 @@ PV_VERIFY = 1.0 / 8.0
 _PV_VERIFY_BIT = 1 << 16
 
 
+def pv_weight(d: int) -> float:
+    """Weight of head dim d in the PV check's second, weighted checksum (protection full), as
+    csrc/attention/common.h's pv_weight and kernels/attention.py: (2 h - 255) / 1024 for the top
+    byte h of a hash of d, odd multiples of 2^-10 in (-1/4, 1/4) (PV_WEIGHT_MAX: the bound's
+    scale). A warp's deltas +-2^k can sum to 0 in the plain checksum; they rarely do in both."""
+    h = ((d + 1) * 0x9E3779B9) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h ^= h >> 12
+    return (2 * (h >> 24) - 255) / 1024.0
+
+
+PV_WEIGHT_MAX = 0.25
+
+
+def pv_weights(D: int, device=None) -> torch.Tensor:
+    """pv_weight of head dims 0 .. D - 1, fp64."""
+    return torch.tensor([pv_weight(d) for d in range(D)], dtype=torch.float64, device=device)
+
+
 def _corrupt(t: torch.Tensor, index: tuple, bit: int, value: Optional[float], span: int = 1) -> None:
     """Flip bit `bit` of the fp32 values t[index] (the bits of the mask `value` for
     BIT_MASK, or replace them by `value` for BIT_REPLACE), in place; the last index runs
@@ -221,6 +241,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         # summed, and one group of 64 keeps it below the harm of one accumulator element
         vd = vf.double()
         accd = acc.double()
+        wts = pv_weights(D, q.device)
         bad_pv = torch.zeros_like(empty)
         near_pv = torch.zeros_like(empty)
         for d0 in range(0, D, PV_GROUP):
@@ -232,6 +253,14 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
             diff = (accd[..., d0:d0 + PV_GROUP].sum(-1) - c).abs()
             bad_pv |= ~(diff <= stat + floor)
             near_pv |= ~(diff <= PV_VERIFY * stat + floor)
+
+        if full:  # the weighted checksum over every dim (|w| < 1/4: the groups' bounds together, / 4)
+            cw = (pd @ (vd * wts).sum(-1, keepdim=True)).squeeze(-1)
+            wdiff = (accd @ wts - cw).abs()
+            bv = (pd @ vd.abs().sum(-1, keepdim=True)).squeeze(-1)
+            stat, floor = KAPPA * U32 * math.sqrt(M + 2) * bv * PV_WEIGHT_MAX, ETA * (D + 2) * (M + 2)
+            bad_pv |= ~(wdiff <= stat + floor)
+            near_pv |= ~(wdiff <= PV_VERIFY * stat + floor)
         flag(int(Check.PV_CHECKSUM), _rows_to_blocks(bad_pv, N))
         if full:
             flag(_PV_VERIFY_BIT, _rows_to_blocks(near_pv & ~bad_pv, N))
@@ -311,10 +340,12 @@ def attention_reference(q, k, v, causal: bool, scale: float, protection: int, re
 BWD_GROUP = 16  # head dims per checksum group of dQ, dK and dV
 
 
-def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, weighted: bool) -> torch.Tensor:
     """acc = x @ w (fp32, [.., R, D]) against its checksum per group of BWD_GROUP columns:
     sum_{d in g} acc_rd vs x_r . (sum_{d in g} w_:d) in fp64, within kappa u sqrt(K + 2)
-    |x_r| . (sum_{d in g} |w_:d|), the PV check's bound. Rows [.., R] whose check fails."""
+    |x_r| . (sum_{d in g} |w_:d|), the PV check's bound; ``weighted`` (full) adds the weighted
+    checksum over every column (pv_weight, as the forward's and csrc/attention_bwd_cpu.cpp's),
+    within the same bound over all columns. Rows [.., R] whose check fails."""
     K, D = w.shape[-2], w.shape[-1]
     xd, wd, ad = x.double(), w.double(), acc.double()
     bad = torch.zeros(acc.shape[:-1], dtype=torch.bool, device=acc.device)
@@ -324,6 +355,12 @@ def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
         mag = (xd.abs() @ wg.abs().sum(-1, keepdim=True)).squeeze(-1)
         bound = KAPPA * U32 * math.sqrt(K + 2) * mag + ETA * (wg.shape[-1] + 2) * (K + 2)
         bad |= ~((ad[..., d0:d0 + BWD_GROUP].sum(-1) - ref).abs() <= bound)
+    if weighted:  # (weights / 4, as the C++ kernel: |w| < 1/16, sums within a group's reach)
+        wts = pv_weights(D, acc.device) * 0.25
+        ref = (xd @ (wd @ wts)[..., None]).squeeze(-1)
+        mag = (xd.abs() @ wd.abs().sum(-1, keepdim=True)).squeeze(-1) / 16.0
+        bound = KAPPA * U32 * math.sqrt(K + 2) * mag + ETA * (D + 2) * (K + 2)
+        bad |= ~((ad @ wts - ref).abs() <= bound)
     return bad
 
 
@@ -455,9 +492,9 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
         verify_p = (pd * colb_p * reach >= TAU_VERIFY) & ~empty[..., None]
         flag(int(Check.DP_CHECKSUM), _verify(dP, gd, vd, verify_p) | _again(dP, gf, vf, verify_p))
         # dQ, dK, dV by checksums per group of head dims
-        flag(int(Check.DQ_CHECKSUM), _group_checks(dq, dS, kf))
-        keybits |= _group_checks(dkh, dS.transpose(-1, -2), qf).to(torch.int32) * int(Check.DK_CHECKSUM)
-        keybits |= _group_checks(dvh, p.transpose(-1, -2), gf).to(torch.int32) * int(Check.DV_CHECKSUM)
+        flag(int(Check.DQ_CHECKSUM), _group_checks(dq, dS, kf, full))
+        keybits |= _group_checks(dkh, dS.transpose(-1, -2), qf, full).to(torch.int32) * int(Check.DK_CHECKSUM)
+        keybits |= _group_checks(dvh, p.transpose(-1, -2), gf, full).to(torch.int32) * int(Check.DV_CHECKSUM)
     if full:
         # a second computation of P (exp2 of the same x) and of dS (P dP - P D)
         p2 = torch.exp2(x.double() * LOG2E).float()

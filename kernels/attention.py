@@ -29,7 +29,9 @@ the semantic reference for every check and injection point):
   PROTECTION == 2 ("full"): a redundant softmax p2 = exp(s - m) in natural units by a
     Cody-Waite + minimax polynomial on the FMA pipes, against p = exp2(...) on the
     special-function unit: two formulations the compiler cannot merge, compared
-    within the error bound of both (a few ulp plus the argument roundings).
+    within the error bound of both (a few ulp plus the argument roundings); and a
+    second, weighted PV checksum over every head dim, sum_d w_d acc_id (_pv_weight),
+    where a warp's +-2^k deltas can cancel in the plain one.
 A program ORs its failed checks into flags[B, Hq, ceil(N / 64)] (REPORT_BLOCK_M of
 ftattn/faults.py; BLOCK_M is 64 or 128, so a program owns whole report blocks).
 
@@ -224,6 +226,19 @@ def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
 
 
 @triton.jit
+def _pv_weight(offs_d):
+    """Weight of each head dim in the PV check's second, weighted checksum (protection full),
+    as csrc/attention/common.h's pv_weight and ftattn/reference.py: (2 h - 255) / 1024 for the
+    top byte h of a 32-bit hash of d, |w| < 1/4 (a warp's deltas +-2^k can sum to 0 in the
+    plain checksum; they rarely do in both)."""
+    h = ((offs_d.to(tl.int64) + 1) * 2654435769) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 739982445) & 0xFFFFFFFF
+    h = h ^ (h >> 12)
+    return (2 * (h >> 24) - 255).to(tl.float32) * 0.0009765625
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                     q, qf, qabs, qsum0, qabs0, qsum1, qabs1,  #
                     q_base, k_base, v_base,  #
@@ -233,10 +248,11 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
                     NUM_REPORT: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,  #
                     PROTECTION: tl.constexpr, INJECT: tl.constexpr, EVEN_D: tl.constexpr,  #
-                    DOT_F32: tl.constexpr, LOW_PRECISION_P: tl.constexpr, NUM_GROUPS: tl.constexpr):
+                    DOT_F32: tl.constexpr, LOW_PRECISION_P: tl.constexpr, NUM_GROUPS: tl.constexpr,
+                    NUM_CHECKS: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     group_of_d = offs_d // PV_GROUP  # PV-checksum group of each head dim
-    group_ids = tl.arange(0, NUM_GROUPS)
+    group_ids = tl.arange(0, NUM_CHECKS)
     # fp32 roundings on both sides of the S checksums: the D-term products, the sums over
     # the tile (row) or the 64-row report block (column), and the reference dot products.
     row_tol = tl.sqrt(tl.full([], 2.0 * (HEAD_DIM + BLOCK_N), tl.float32)) * (KAPPA * U32)
@@ -380,15 +396,23 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
             pf = p_lp.to(tl.float32)
             vf = v.to(tl.float32)
             l2_i = alpha * l2_i + tl.sum(pf, 1)
-            c_i = c_i * alpha[:, None]  # [BLOCK_M, NUM_GROUPS]
+            c_i = c_i * alpha[:, None]  # [BLOCK_M, NUM_CHECKS]
             bv_i = bv_i * alpha[:, None]
+            # per group its plain checksum; at full (column NUM_GROUPS of NUM_CHECKS) one weighted
+            # over every dim (_pv_weight, |w| < 1/4: within the largest group's sum of |v|), whose
+            # bound takes the groups' sums of |v| / 4
             for g in tl.static_range(NUM_GROUPS):
                 in_g = (group_of_d == g)[None, :]
                 vsum = tl.sum(tl.where(in_g, vf, 0.0), 1)
                 vabs = tl.sum(tl.where(in_g, tl.abs(vf), 0.0), 1)
-                sel = (group_ids == g)[None, :]
-                c_i = c_i + tl.where(sel, tl.sum(pf * vsum[None, :], 1)[:, None], 0.0)
-                bv_i = bv_i + tl.where(sel, tl.sum(pf * vabs[None, :], 1)[:, None], 0.0)
+                wa = tl.sum(pf * vsum[None, :], 1)[:, None]
+                wb = tl.sum(pf * vabs[None, :], 1)[:, None]
+                c_i = c_i + tl.where((group_ids == g)[None, :], wa, 0.0)
+                bv_i = bv_i + tl.where((group_ids == g)[None, :], wb, 0.0)
+            if PROTECTION >= 2:  # (its bound: the groups' bv, added in fp64 at the end)
+                vw = tl.sum(vf * _pv_weight(offs_d)[None, :], 1)
+                wc = tl.sum(pf * vw[None, :], 1)[:, None]
+                c_i = c_i + tl.where((group_ids == NUM_GROUPS)[None, :], wc, 0.0)
         # -- acc = alpha acc + P V ----
         acc = acc * alpha[:, None]
         if DOT_F32:
@@ -420,6 +444,8 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
     NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
     NUM_GROUPS: tl.constexpr = (HEAD_DIM_PAD + PV_GROUP - 1) // PV_GROUP
+    # (full: the weighted checksum in column NUM_GROUPS; twice the groups, as tl.arange needs a power of 2)
+    NUM_CHECKS: tl.constexpr = NUM_GROUPS * 2 if PROTECTION >= 2 else NUM_GROUPS
     IS_FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
     # fp32 inputs: IEEE fp32 products (never tf32). EMULATE_BF16_DOT: the interpreter's
     # tl.dot multiplies raw bfloat16 bits, so there the (exact) fp32 upcast stands in.
@@ -447,8 +473,8 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     l2_i = tl.zeros([BLOCK_M], tl.float32)
-    c_i = tl.zeros([BLOCK_M, NUM_GROUPS], tl.float32)  # PV checksum per group of head dims
-    bv_i = tl.zeros([BLOCK_M, NUM_GROUPS], tl.float32)
+    c_i = tl.zeros([BLOCK_M, NUM_CHECKS], tl.float32)  # PV checksums per group of head dims
+    bv_i = tl.zeros([BLOCK_M, NUM_CHECKS], tl.float32)
     bad = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
@@ -469,14 +495,14 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
         stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, row_ok, offs_d, d_ok, rep, 0, full_end, M, shift, sm_scale,
         qk_scale, unit, f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
         HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, False, PROTECTION, INJECT, EVEN_D, DOT_F32,
-        not IS_FP32, NUM_GROUPS)
+        not IS_FP32, NUM_GROUPS, NUM_CHECKS)
     # stage 2: the diagonal band and the boundary tile, masked
     acc, m_i, l_i, l2_i, c_i, bv_i, bad = _attn_fwd_inner(
         acc, m_i, l_i, l2_i, c_i, bv_i, bad, q, qf, qabs, qsum0, qabs0, qsum1, qabs1, q_base, k_base, v_base,  #
         stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, row_ok, offs_d, d_ok, rep, full_end, kv_end, M, shift,
         sm_scale, qk_scale, unit, f_here, f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
         HEAD_DIM, BLOCK_M, BLOCK_N, NUM_REPORT, CAUSAL, True, PROTECTION, INJECT, EVEN_D, DOT_F32,
-        not IS_FP32, NUM_GROUPS)
+        not IS_FP32, NUM_GROUPS, NUM_CHECKS)
 
     # -- epilogue: final normalisation; rows with no visible key are zeros by definition ----
     if CAUSAL:
@@ -512,16 +538,25 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
         acc64 = acc.to(tl.float64)
         depth_pv = tl.sqrt(tl.full([], 2.0 * BLOCK_N + HEAD_DIM, tl.float32) + 4.0 * ntiles)
         group_of_d = offs_d // PV_GROUP
-        group_ids = tl.arange(0, NUM_GROUPS)
+        group_ids = tl.arange(0, NUM_CHECKS)
         bad_pv = tl.zeros([BLOCK_M], tl.int1)
+        pv_abs = UNDERFLOW * (PV_GROUP + 2) * (BLOCK_N + 2) * ntiles
         for g in tl.static_range(NUM_GROUPS):
-            part = tl.sum(tl.where((group_of_d == g)[None, :], acc64, 0.0), 1)
+            in_g = (group_of_d == g)[None, :]
+            part = tl.sum(tl.where(in_g, acc64, 0.0), 1)
             sel = (group_ids == g)[None, :]
             c_g = tl.sum(tl.where(sel, c_i, 0.0), 1)
             bv_g = tl.sum(tl.where(sel, bv_i, 0.0), 1)
-            pv_abs = UNDERFLOW * (PV_GROUP + 2) * (BLOCK_N + 2) * ntiles
             pv_tol = (bv_g * depth_pv * (KAPPA * U32)).to(tl.float64) + pv_abs
             bad_pv = bad_pv | ~(tl.abs(part - c_g.to(tl.float64)) <= pv_tol)
+        if PROTECTION >= 2:  # the weighted checksum over every dim (w_d v_jd rounds once more)
+            wpart = tl.sum(acc64 * _pv_weight(offs_d).to(tl.float64)[None, :], 1)
+            wsel = (group_ids == NUM_GROUPS)[None, :]
+            cw = tl.sum(tl.where(wsel, c_i, 0.0), 1)
+            # (the groups' bv in fp64: their fp32 sum overflowed where each did not, found by review)
+            bv_all = tl.sum(tl.where(group_ids[None, :] < NUM_GROUPS, bv_i.to(tl.float64), 0.0), 1)
+            wtol = bv_all * ((depth_pv * (KAPPA * U32) + 2.0 * U32) * 0.25) + pv_abs * NUM_GROUPS
+            bad_pv = bad_pv | ~(tl.abs(wpart - cw.to(tl.float64)) <= wtol)
         bad = bad | tl.where(live & bad_pv, PV_CHECKSUM, 0)
         # element by element (a sum over the dims let a warp's same flip of 32 dims cancel),
         # by a product in fp64, not the division again (which the compiler would merge with

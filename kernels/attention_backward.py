@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 
 from ..contract import Check, Site
-from .attention import KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly, _qk_again
+from .attention import (KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly, _pv_weight,
+                        _qk_again)
 
 # the check bits and backward sites of ftattn/contract.py as constexprs
 for _c in Check:
@@ -84,6 +85,16 @@ def _groups(offs_d, HEAD_DIM: tl.constexpr):
     each row of X over its groups (D <= 256: at most 16 groups)."""
     g = tl.arange(0, 16)
     return ((offs_d[:, None] // GROUP_DIMS == g[None, :]) & (offs_d[:, None] < HEAD_DIM)).to(tl.float32)
+
+
+@triton.jit
+def _weights(offs_d, HEAD_DIM: tl.constexpr):
+    """The weighted checksum's weights over every head dim (protection full): the forward's
+    _pv_weight / 4, |w| < 1/16, as csrc/attention_bwd_cpu.cpp (a warp's +-2^k deltas can
+    cancel in both 16-dim groups it spans). Kept apart from E, whose 17th column would
+    double E at D 256 (past the shared memory of a block there)."""
+    return tl.where(offs_d < HEAD_DIM, _pv_weight(offs_d) * 0.25, 0.0)
+
 
 
 @triton.jit
@@ -240,6 +251,9 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
     refq = tl.zeros([BLOCK_M, 16], tl.float32)
     magq = tl.zeros([BLOCK_M, 16], tl.float32)
     E = _groups(offs_d, HEAD_DIM)
+    wts = _weights(offs_d, HEAD_DIM)
+    refq_w = tl.zeros([BLOCK_M], tl.float32)
+    magq_w = tl.zeros([BLOCK_M], tl.float32)
     # roundings on both sides of a row checksum
     row_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_N + 2, tl.float32))
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
@@ -286,6 +300,9 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
             refq += _dot(ds, _dot(k, E))
             magq += _dot(tl.abs(ds), _dot(tl.abs(k), E))
             if PROTECTION >= 2:
+                refq_w += tl.sum(ds * tl.sum(k * wts[None, :], 1)[None, :], 1)
+                magq_w += tl.sum(tl.abs(ds) * tl.sum(tl.abs(k) * tl.abs(wts)[None, :], 1)[None, :], 1)
+            if PROTECTION >= 2:
                 bits = bits | _second_p_and_ds(p, x2, rinv[:, None], dp, ds, delta[:, None], vis, 1)
     if INJECT:
         at = (offs_m[:, None] == f_row) & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :]
@@ -300,6 +317,8 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
         tol = c * (ta + tb + tl.abs(delta) * rs) + M * UNDERFLOW
         bits = bits | tl.where((tl.abs(dsum - expect) <= tol) | empty | ~row_ok, 0, DS_CHECK)
         bits = bits | _group_check(acc, E, refq, magq, M, 1, DQ_CHECKSUM)
+        if PROTECTION >= 2:
+            bits = bits | _weighted_check(acc, wts, refq_w, magq_w, M, HEAD_DIM, DQ_CHECKSUM)
     tl.store(DQ + rows, acc * scale, mask=rmask)
     blk_bits = tl.reduce(tl.where(row_ok, bits, 0), 0, _bit_or)
     tl.store(Flags + bh * NFLAG + pid_m, blk_bits)
@@ -333,6 +352,15 @@ def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr):
 
 
 @triton.jit
+def _weighted_check(acc, wts, ref, mag, K, HEAD_DIM: tl.constexpr, bit: tl.constexpr):
+    """The weighted checksum of each row of acc (sum_d w_d acc_rd) against its reference,
+    within _group_check's bound over every dim: the bit per row."""
+    f = (2.0 * KAPPA * tl.sqrt((K + 2).to(tl.float32)) + 2.0) * U32
+    bad = ~(tl.abs(tl.sum(acc * wts[None, :], 1) - ref) <= f * mag + (HEAD_DIM + 2.0) * (K + 2) * UNDERFLOW)
+    return tl.where(bad, bit, 0)
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, NQ, NFLAG, scale, unit,  #
               f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -355,6 +383,11 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
     refv = tl.zeros([BLOCK_N, 16], tl.float32)
     magv = tl.zeros([BLOCK_N, 16], tl.float32)
     E = _groups(offs_d, HEAD_DIM)
+    wts = _weights(offs_d, HEAD_DIM)
+    refk_w = tl.zeros([BLOCK_N], tl.float32)
+    magk_w = tl.zeros([BLOCK_N], tl.float32)
+    refv_w = tl.zeros([BLOCK_N], tl.float32)
+    magv_w = tl.zeros([BLOCK_N], tl.float32)
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
     ascale = tl.abs(scale)
     kmax = tl.max(tl.abs(k), 1)
@@ -399,6 +432,11 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
             magk += _dot(tl.abs(dst), _dot(tl.abs(q), E))
             refv += _dot(pt, _dot(do, E))
             magv += _dot(pt, _dot(tl.abs(do), E))
+            if PROTECTION >= 2:
+                refk_w += tl.sum(dst * tl.sum(q * wts[None, :], 1)[None, :], 1)
+                magk_w += tl.sum(tl.abs(dst) * tl.sum(tl.abs(q) * tl.abs(wts)[None, :], 1)[None, :], 1)
+                refv_w += tl.sum(pt * tl.sum(do * wts[None, :], 1)[None, :], 1)
+                magv_w += tl.sum(pt * tl.sum(tl.abs(do) * tl.abs(wts)[None, :], 1)[None, :], 1)
     if INJECT:
         at = (cols[:, None] == f_col) & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :] & (bh == f_bh)
         dk = _hit(dk, at & (f_site == SITE_DK), f_xor, f_use_value, f_value)
@@ -406,6 +444,9 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
     if PROTECTION >= 1:
         bits = bits | _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM)
         bits = bits | _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM)
+        if PROTECTION >= 2:
+            bits = bits | _weighted_check(dk, wts, refk_w, magk_w, N, HEAD_DIM, DK_CHECKSUM)
+            bits = bits | _weighted_check(dv, wts, refv_w, magv_w, N, HEAD_DIM, DV_CHECKSUM)
     out = (bh * M + cols[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(DKH + out, dk, mask=kmask)
     tl.store(DVH + out, dv, mask=kmask)

@@ -66,3 +66,65 @@ def cache_slice_view(t):  # the first rows of a preallocated cache [B, H, rows +
 
 LAYOUTS = {"bnhd": bnhd_view, "padded": padded_view, "every_other_row": every_other_row_view,
            "cache_slice": cache_slice_view}
+
+
+def cancelling_acc_warp(D=59, N=3, M=4):
+    """fp32 q, k, v and a warp of accumulator faults whose 32 deltas cancel exactly in the plain
+    PV checksum: q = 0 gives every key p = 1, the values are M equal rows, so acc = M v exactly,
+    with head dims 0..31 at 1 + b_d 2^-9 (b_d = 1 on the 16 dims of largest weight in the
+    weighted checksum, ftattn.reference.pv_weight); bit 14 flipped on those 32 dims moves each by
+    +-2^-9 of O (harmful: tau = 2^-10), sixteen up and sixteen down. Returns q, k, v, fault."""
+    from ftattn import Fault
+    from ftattn.reference import pv_weight
+
+    order = sorted(range(32), key=pv_weight)
+    row = torch.full((D,), 1.25)
+    row[:32] = 1.0
+    row[order[16:]] = 1.0 + 2.0**-9
+    q = torch.zeros(1, 1, N, D)
+    k = torch.randn(1, 1, M, D, generator=torch.Generator().manual_seed(3))
+    v = row.expand(1, 1, M, D).clone()
+    return q, k, v, Fault("acc", row=N // 2, col=0, dim=0, bit=14, span=32)
+
+
+def cancelling_dv_warp(D=41):
+    """fp32 q, k, v, dO and a warp on a dV row whose 32 deltas (+-2^-9, harmful: tau = 2^-10)
+    cancel exactly in both 16-dim groups' checksums of the backward: q = 0 gives P = 1/4 on 4
+    keys, so with 4 equal rows of dO each dV row is that row exactly, 1 + b_d 2^-9 on dims
+    0..31 (b_d = 1 on the 8 dims of each group of largest weight in the weighted checksum,
+    ftattn.reference.pv_weight). Returns q, k, v, do, fault."""
+    from ftattn import Fault
+    from ftattn.reference import pv_weight
+
+    row = torch.full((D,), 1.25)
+    row[:32] = 1.0
+    for g0 in (0, 16):
+        row[sorted(range(g0, g0 + 16), key=pv_weight)[8:]] = 1.0 + 2.0**-9
+    q = torch.zeros(1, 1, 4, D)
+    k, v = (torch.randn(1, 1, 4, D, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    return q, k, v, row.expand(1, 1, 4, D).clone(), Fault("dv", row=0, col=1, dim=0, bit=14, span=32)
+
+
+def check_dv_warp_caught_at_full_only(attention, device="cpu"):
+    """cancelling_dv_warp through ``attention`` (ftattn.attention with a backend): harmful at
+    both levels; abft's plain sums do not see it; full flags it and corrects it bit for bit."""
+    q, k, v, do, fault = (t.to(device) if torch.is_tensor(t) else t for t in cancelling_dv_warp())
+
+    def grads(**kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, rep = attention(*leaves, return_report=True, **kw)
+        out.backward(do)
+        return [t.grad for t in leaves], rep
+
+    for protection in ("abft", "full"):
+        clean, rep = grads(protection=protection)
+        assert torch.equal(clean[2][0, 0, 1], do[0, 0, 0]) and rep.backward.detected == 0
+        raw, rep = grads(protection=protection, fault=fault, on_fault="report")
+        moved = (raw[2] - clean[2]).abs()[0, 0, 1]
+        assert torch.equal(moved[:32].cpu(), torch.full((32,), 2.0**-9))  # harmful
+        if protection == "abft":
+            assert rep.backward.detected == 0  # the plain sums cannot see it
+            continue
+        assert rep.backward.detected == 1
+        fixed, rep = grads(fault=fault)
+        assert rep.backward.corrected == 1 and all(torch.equal(a, b) for a, b in zip(fixed, clean))

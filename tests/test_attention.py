@@ -10,7 +10,7 @@ import torch
 import ftattn
 from ftattn import Check, Fault, FaultDetectedError
 from ftattn.faults import CHECK_MASK
-from attention_reference import LAYOUTS, attention_ref, every_other_row_view, padded_view
+from attention_reference import LAYOUTS, attention_ref, cancelling_acc_warp, every_other_row_view, padded_view
 
 BACKENDS = ["cpp", "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -340,6 +340,44 @@ def test_acc_warp_whose_deltas_nearly_cancel_is_caught_at_full(backend, seed, tr
     assert rep.detected >= 1 and rep.corrected == rep.flagged_blocks and torch.equal(out, clean)
     with pytest.raises(FaultDetectedError):
         ftattn.attention(q, k, v, causal=causal, fault=fault, on_fault="raise", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_acc_warp_that_cancels_exactly_is_caught_by_the_weighted_checksum(backend):
+    """A warp of 32 accumulator faults whose deltas (+-2^-9 of O, 16 each way) sum to exactly 0 in
+    the plain PV checksum, so no bound and no verification threshold can see it there: abft
+    passes it (harmful, no flag), full's second, weighted checksum flags it (PV_CHECKSUM) and the
+    block is made again."""
+    q, k, v, fault = cancelling_acc_warp()
+    clean = ftattn.attention(q, k, v, backend=backend)
+    for protection in ("abft", "full"):
+        assert torch.equal(ftattn.attention(q, k, v, protection=protection, backend=backend), clean)
+    raw, rep = ftattn.attention(q, k, v, fault=fault, protection="abft", on_fault="report", return_report=True,
+                                backend=backend)
+    moved = (raw - clean).abs()[0, 0, fault.row]
+    assert torch.allclose(moved[:32], torch.full((32,), 2.0**-9)) and rep.detected == 0  # harmful, unseen
+    raw, rep = ftattn.attention(q, k, v, fault=fault, on_fault="report", return_report=True, backend=backend)
+    assert torch.equal(raw, ftattn.attention(q, k, v, fault=fault, protection="abft", on_fault="report",
+                                             backend=backend))
+    assert rep.detected == 1 and int(rep.flags.flatten()[0]) & int(Check.PV_CHECKSUM)
+    out, rep = ftattn.attention(q, k, v, fault=fault, return_report=True, backend=backend)
+    assert rep.corrected == 1 and torch.equal(out, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full_rows", "causal"])
+def test_weighted_checksum_does_not_overflow_before_the_plain_sums(backend, causal):
+    """Values of 3e36 with the signs of the weights (D = 256): every 64-dim group's sum of |v|
+    fits fp32, and so must the weighted sum over all 256 dims, or full alarms on clean input
+    (found by review: with weights up to 1 it reached inf and full reported UNCORRECTED)."""
+    from ftattn.reference import pv_weights
+
+    g = torch.Generator().manual_seed(0)
+    v = (pv_weights(256).sign().float() * 3e36).expand(1, 1, 4, 256).clone()
+    q, k = torch.randn(1, 1, 3, 256, generator=g), torch.randn(1, 1, 4, 256, generator=g)
+    off = ftattn.attention(q, k, v, causal=causal, protection="off", backend=backend)
+    out, rep = ftattn.attention(q, k, v, causal=causal, return_report=True, backend=backend)
+    assert rep.detected == 0 and torch.equal(out, off) and out.isfinite().all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,6 +4,7 @@ with no visible key, every dtype), off / abft / full bit-identical and determini
 finite-difference check, opcheck with autograd, a compiled training step, every backward
 fault site detected and corrected (bit-identical gradients), the campaign over the
 backward (random and targeted) and clear errors."""
+import functools
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from ftattn import Check, Fault, FaultDetectedError
 from ftattn.contract import Site
 from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
-from attention_reference import bnhd_view, padded_view
+from attention_reference import bnhd_view, check_dv_warp_caught_at_full_only, padded_view
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # absolute slack of the gradient comparison, times max(1, max|g|): about one rounding of
@@ -150,6 +151,17 @@ def test_every_backward_site_detected_and_corrected(site, dtype):
     out = ftattn.attention(*leaves, causal=True, fault=fault, on_fault="raise")
     with pytest.raises(FaultDetectedError, match="attention backward"):
         out.backward(do)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full(backend):
+    """A warp on a dV row whose 32 deltas (+-2^-9, harmful: tau = 2^-10) cancel exactly in both
+    16-dim groups' checksums: q = 0 gives P = 1/4 on 4 keys, so with 4 equal rows of dO each dV
+    row is that row exactly, 1 + b_d 2^-9 on dims 0..31 (b_d = 1 on the 8 dims of each group of
+    largest weight in the weighted checksum). abft passes it; full's weighted checksum over
+    every dim (csrc/attention_bwd_cpu.cpp's bwd_groups) flags it and the task is run again.
+    (The random warp campaign passed one so, seed 620 bf16.)"""
+    check_dv_warp_caught_at_full_only(functools.partial(ftattn.attention, backend=backend))
 
 
 @pytest.mark.parametrize("protection", ["abft", "full"])

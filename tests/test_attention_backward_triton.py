@@ -5,6 +5,7 @@ ftattn/_launch/attention_backward.py): under the Triton interpreter on a CPU-onl
 Gradients against fp64 within twice a pure-PyTorch attention's error, protection levels
 bit-identical, every backward site in both passes (dQ's and dK/dV's recomputation)
 detected and corrected bit for bit, a random campaign, non-finite input."""
+import functools
 import importlib
 import os
 import sys
@@ -184,6 +185,14 @@ def test_entry_within_the_checksum_bounds_is_verified(backend, site, dim, bit):
         assert bool((rep.backward.flags & int(Check.SCORE_RECOMPUTE)).any())  # the verification saw it
     assert rep.backward.corrected == rep.backward.flagged_blocks
     assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean))
+
+
+def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full():
+    """tests/attention_reference.py's cancelling_dv_warp: abft passes it, full's weighted
+    checksum (_weights, _weighted_check) flags it and the gradients are made again."""
+    from attention_reference import check_dv_warp_caught_at_full_only
+
+    check_dv_warp_caught_at_full_only(functools.partial(ftattn.attention, backend="triton"), DEVICE)
 
 
 def test_protection_off_sees_nothing():

@@ -23,6 +23,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit runs in ftattn.kernels.attention
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 import ftattn  # noqa: E402
 from ftattn.faults import ATTENTION_SITES, CHECK_MASK, Check, Fault, Site  # noqa: E402
@@ -328,6 +329,55 @@ def test_warp_fault_detected_and_corrected(site, protection):
                                       **PUBLIC)
         assert rep.detected > 0 and rep.corrected == rep.flagged_blocks == 1, (fault, rep)
         assert torch.equal(fixed, clean), fault
+
+
+def test_acc_warp_that_cancels_exactly_is_caught_by_the_weighted_checksum():
+    """A warp of 32 accumulator faults whose deltas sum to exactly 0 in the plain PV checksum
+    (tests/attention_reference.py): abft passes it, full's weighted checksum (_pv_weight, the
+    same weights as the C++ kernel and the reference) flags it and the block is made again."""
+    from attention_reference import cancelling_acc_warp
+
+    q, k, v, fault = cancelling_acc_warp()
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    clean, flags = run(q, k, v)
+    assert torch.count_nonzero(flags) == 0
+    raw, flags = run(q, k, v, protection="abft", recompute=False, fault=fault)
+    assert (raw - clean).abs().max().item() > 2.0**-10 and torch.count_nonzero(flags) == 0
+    raw, flags = run(q, k, v, recompute=False, fault=fault)
+    assert flags[0, 0, 0] & int(Check.PV_CHECKSUM), Check(int(flags[0, 0, 0]))
+    fixed, flags = run(q, k, v, fault=fault)
+    assert flags[0, 0, 0] & int(Check.CORRECTED) and torch.equal(fixed, clean)
+
+
+@triton.jit
+def _store_pv_weights(out):
+    offs = tl.arange(0, 256)
+    tl.store(out + offs, kernel._pv_weight(offs))
+
+
+def test_pv_weights_are_the_references():
+    """The weighted PV checksum's weights in the kernel (_pv_weight, 64-bit integer hash) are
+    ftattn.reference.pv_weight's, for every head dim the kernel can have."""
+    from ftattn.reference import pv_weights
+
+    out = torch.empty(256, device=DEVICE)
+    _store_pv_weights[(1,)](out)
+    assert torch.equal(out.cpu().double(), pv_weights(256))
+    assert out.abs().max().item() < 1.0 and len(set(out.tolist())) > 100
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full_rows", "causal"])
+def test_weighted_checksum_bound_does_not_overflow(causal):
+    """D = 256, values of 1.5e36..5e36 (each 64-dim group's sum of |v| fits fp32): the weighted
+    checksum's bound is the groups' sums added in fp64; as one fp32 sum over all dims it
+    overflowed, and a masked key's p = 0 times it gave NaN, a false alarm at full (review)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 4, 256, generator=g), torch.randn(1, 1, 4, 256, generator=g)
+    v = 1.5e36 + 3.5e36 * torch.rand(1, 1, 4, 256, generator=g)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    off, _ = run(q, k, v, causal=causal, protection="off")
+    out, flags = run(q, k, v, causal=causal)
+    assert torch.count_nonzero(flags) == 0 and torch.equal(out, off)
 
 
 def test_seven_int_fault_is_span_one(fault_inputs):

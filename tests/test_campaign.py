@@ -200,13 +200,17 @@ def test_targeted_warp_campaign_misses_nothing(dtype):
         assert st.corrected == st.detected, site
 
 
-def test_abft_does_not_claim_scores_against_warps():
-    """The scores' bit-for-bit recomputation is full's: an abft warp campaign counts a
-    missed score warp as uncovered (shown, not failed), as it does probs; single faults
-    and full keep scores."""
-    assert "scores" not in campaign.covered_sites("forward", "abft", "warp")
-    assert "probs" not in campaign.covered_sites("forward", "abft", "warp")
-    assert "scores" in campaign.covered_sites("forward", "abft", "single")
+def test_abft_does_not_claim_scores_or_acc_against_warps():
+    """The scores' bit-for-bit recomputation, the weighted PV checksum and the PV verification
+    are full's: an abft warp campaign counts a missed score or acc warp as uncovered (shown,
+    not failed), as it does probs; single faults and full keep both."""
+    for site in ("scores", "probs", "acc"):
+        assert site not in campaign.covered_sites("forward", "abft", "warp")
+    assert {"scores", "acc"} <= campaign.covered_sites("forward", "abft", "single")
+    for site in ("dq", "dk", "dv"):  # (the backward's accumulators: likewise)
+        assert site not in campaign.covered_sites("backward", "abft", "warp")
+        assert site in campaign.covered_sites("backward", "abft", "single")
+    assert campaign.covered_sites("backward", "full", "warp") == set(campaign.BWD_SITES)
     assert campaign.covered_sites("forward", "full", "warp") == set(campaign.SITES)
     res = campaign.run("cpp", "cpu", "float32", "abft", faults=1400, seed=0, progress=False, targeted=True,
                        pattern="warp")

@@ -35,6 +35,8 @@ struct Problem {
   float* stats = nullptr;
   int64_t B, Hq, Hkv, N, M, D, nblk;
   int groups;  // PV-checksum groups of PV_GROUP head dims
+  // rows of vsum: at full the weighted sums over every head dim follow the groups' (PV_WEIGHTS)
+  int vgroups() const { return protection >= 2 ? groups + 1 : groups; }
   bool causal;
   float scale;
   int protection;  // 0 off, 1 abft, 2 full
@@ -42,7 +44,7 @@ struct Problem {
   // sum_d v_jd and sum_d |v_jd| [M] (fp64), shared by every query block.
   const double* ksum;
   const double* kabs;
-  const float* vsum;  // [B, Hkv, groups, M]
+  const float* vsum;  // [B, Hkv, vgroups(), M]
   const float* vabs;
   const float* vmax;  // per key max_d |v_jd| [B, Hkv, M]
   // per key ||k_j||_2 [B, Hkv, M] (scale of the column-checksum bound)
@@ -89,7 +91,7 @@ struct Scratch {
   std::vector<uint16_t, Aligned64<uint16_t>> Pb;
   std::vector<float> m, l;
   // fp64 bookkeeping of the checks (protection >= abft)
-  std::vector<double> l2, c, bv, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
+  std::vector<double> l2, c, bv, cw, qsum, qabs, rowref, rowmag, cs, ca, tileref, tilemag, qabs1;
   std::vector<double> q2, q2max, qs2max;  // per group: sum_i q_id^2 per dim, its max, max_d (sum_i q_id)^2
   std::vector<float> cs32, ca32, pmax;  // pmax: each row's largest p of the tile
   // per-tile key sums (Problem::inline_sums): sum_j k_j, sum_j |k_j|, ||k_j||, and the
@@ -114,6 +116,7 @@ struct Scratch {
     const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
     for (auto* v : {&l2, &tileref, &tilemag}) v->resize(BLOCK_M);
     for (auto* v : {&c, &bv}) v->resize(BLOCK_M * MAX_GROUPS);  // [row, group]
+    cw.resize(BLOCK_M);
     rowref.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     rowmag.resize(BLOCK_M * std::max<int64_t>(ntiles, 1));
     for (auto* v : {&qsum, &qabs}) v->resize(NGROUP_MAX * D);
@@ -129,14 +132,14 @@ struct Scratch {
     tile_ks.resize(D);
     tile_ka.resize(D);
     tile_knorm.resize(BLOCK_N);
-    tile_vsum.resize(MAX_GROUPS * BLOCK_N);
+    tile_vsum.resize((MAX_GROUPS + 1) * BLOCK_N);  // (and the weighted sums)
     tile_vabs.resize(MAX_GROUPS * BLOCK_N);
     tile_vmax.resize(BLOCK_N);
     colb.resize(BLOCK_N);
     theta.resize(BLOCK_N);
 #ifdef FTATTN_POISON_SCRATCH  // (a test build: the checks' buffers start as NaN too, so that a
     // value one call reads before writing fails, as it would stale from an earlier call)
-    for (auto* v : {&l2, &c, &bv, &qsum, &qabs, &rowref, &rowmag, &cs, &ca, &tileref, &tilemag, &qabs1, &q2, &q2max,
+    for (auto* v : {&l2, &c, &bv, &cw, &qsum, &qabs, &rowref, &rowmag, &cs, &ca, &tileref, &tilemag, &qabs1, &q2, &q2max,
                     &qs2max, &tile_ks, &tile_ka, &tile_knorm, &colb})
       std::fill(v->begin(), v->end(), std::numeric_limits<double>::quiet_NaN());
     for (auto* v : {&cs32, &ca32, &pmax, &tile_vsum, &tile_vabs, &tile_vmax, &theta})
@@ -207,7 +210,8 @@ struct TileRefs {
   const double* mag;  // |q_i| . sum_j |k_j|
   int64_t ld;
   const double* knorm;  // ||k_j||
-  const float* vsum;    // per group g: sum over the group's dims of v_j, at g * gs
+  const float* vsum;    // per group g: sum over the group's dims of v_j, at g * gs (full: the
+                        // weighted sum over every dim after them, at groups * gs)
   const float* vabs;    // ... of |v_j|
   const float* vmax;    // max |v_j|
   int64_t gs;
@@ -246,6 +250,7 @@ void prepare_block(const Problem& P, Scratch& w, const Block& blk, const float* 
     std::fill(w.l2.begin(), w.l2.begin() + rows, 0.0);
     std::fill(w.c.begin(), w.c.begin() + rows * MAX_GROUPS, 0.0);
     std::fill(w.bv.begin(), w.bv.begin() + rows * MAX_GROUPS, 0.0);
+    std::fill(w.cw.begin(), w.cw.begin() + rows, 0.0);
     // row-checksum references for every key tile this block visits, in fp64:
     // q_i . sum_j k_j and |q_i| . sum_j |k_j| per tile
     const int64_t nt = (std::max<int64_t>(kv_end, 0) + BLOCK_N - 1) / BLOCK_N;
@@ -324,7 +329,7 @@ TileRefs tile_refs(const Problem& P, Scratch& w, const Block& blk, const float* 
   const double* mag = w.rowmag.data() + n0 / BLOCK_N;
   int64_t ld = ntiles_all;
   const double* knorm = abft ? P.knorm + (b * P.Hkv + hk) * M + n0 : nullptr;
-  const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
+  const float* vsum = abft ? P.vsum + (b * P.Hkv + hk) * P.vgroups() * M + n0 : nullptr;
   const float* vabs = abft ? P.vabs + (b * P.Hkv + hk) * P.groups * M + n0 : nullptr;
   const float* vmax = abft ? P.vmax + (b * P.Hkv + hk) * M + n0 : nullptr;
   int64_t gs = M;  // group stride of vsum, vabs
@@ -337,7 +342,7 @@ TileRefs tile_refs(const Problem& P, Scratch& w, const Block& blk, const float* 
     std::fill(w.tile_ks.begin(), w.tile_ks.end(), 0.0);
     std::fill(w.tile_ka.begin(), w.tile_ka.end(), 0.0);
     key_value_sums(K + n0 * D, V + n0 * D, cols, D, w.tile_ks.data(), w.tile_ka.data(), w.tile_knorm.data(),
-                   w.tile_vsum.data(), w.tile_vabs.data(), w.tile_vmax.data(), BLOCK_N);
+                   w.tile_vsum.data(), w.tile_vabs.data(), w.tile_vmax.data(), BLOCK_N, P.protection >= 2);
     dots_d(Q, rows, D, w.tile_ks.data(), w.tile_ka.data(), 1, 1, w.tileref.data(), w.tilemag.data());
     ref = w.tileref.data();
     mag = w.tilemag.data();
@@ -462,6 +467,7 @@ void tile_rows(const Problem& P, Scratch& w, const Block& blk, const TileRefs& t
           w.c[i * MAX_GROUPS + g] = a * w.c[i * MAX_GROUPS + g] + st.wa[g];
           w.bv[i * MAX_GROUPS + g] = a * w.bv[i * MAX_GROUPS + g] + st.wb[g];
         }
+        if (P.protection >= 2) w.cw[i] = a * w.cw[i] + st.wc;
       }
       if (abft) w.pmax[i] = empty ? 0.f : st.pmax;
       if (alpha != 1.f) scale_row(w.acc.data() + i * D, D, alpha);
@@ -517,7 +523,7 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
                   bool hit, int64_t fi, int32_t* bad) {
   const int64_t D = P.D, M = P.key_count(blk.b), N = P.N;
   const int64_t r0 = blk.r0, rows = blk.rows(), per_head = blk.per_head(), sub_rows = blk.sub_rows();
-  const bool abft = P.protection >= 1;
+  const bool abft = P.protection >= 1, full = P.protection >= 2;
   const int64_t shift = M - N;
   // PV checksum: kappa sqrt(depth) of random rounding in acc, plus the fp32 partials
   // of c (CHUNK terms), the fp32 per-key sums of V (9 u) and their products (1 u);
@@ -546,11 +552,12 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
       if (abft && sum_abs_d(Oi, D) != 0.0) bad[i / sub_rows] |= kOutputCheck;
       continue;
     }
-    double parts[MAX_GROUPS];
-    finish_row(Ai, Oi, D, l, PV_GROUP, parts);  // O = acc / l, and the sums of acc
+    double parts[MAX_GROUPS], wpart = 0.0;
+    finish_row(Ai, Oi, D, l, PV_GROUP, parts, full ? &wpart : nullptr);  // O = acc / l, and the sums of acc
     if (abft) {
       const double pv_factor = pv_factor_of(visible);
       bool pv_bad = false, pv_near = false;
+      double bv_all = 0.0, pv_abs_all = 0.0;
       for (int g = 0; g < P.groups; ++g) {
         const int64_t d0 = g * PV_GROUP, d1 = std::min<int64_t>(D, d0 + PV_GROUP);
         const double part = parts[g];
@@ -560,10 +567,18 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
         const double diff = std::fabs(part - w.c[i * MAX_GROUPS + g]), bv = w.bv[i * MAX_GROUPS + g];
         pv_bad |= !(diff <= pv_factor * bv + pv_abs);
         pv_near |= !(diff <= PV_VERIFY * pv_factor * bv + pv_abs);
+        bv_all += bv;
+        pv_abs_all += pv_abs;
+      }
+      if (full) {  // the weighted checksum over every dim: |w_d| < PV_WEIGHT_MAX, and its value
+        // sums within (5 G + 5) u where each group's are within 9 u (sums.h)
+        const double wdiff = std::fabs(wpart - w.cw[i]), wf = (pv_factor + 5.0 * P.groups * U32) * PV_WEIGHT_MAX;
+        pv_bad |= !(wdiff <= wf * bv_all + pv_abs_all);
+        pv_near |= !(wdiff <= PV_VERIFY * wf * bv_all + pv_abs_all);
       }
       if (pv_bad)
         bad[i / sub_rows] |= kPvChecksum;
-      else if (pv_near && P.protection >= 2)
+      else if (pv_near && full)
         bad[i / sub_rows] |= kPvVerify;
       const double l2 = w.l2[i];
       if (!(std::fabs(static_cast<double>(l) - l2) <= depth_l * U32 * l2) ||
@@ -740,7 +755,7 @@ void precompute_sums(Problem& P, KvSums& sums) {
   const int64_t ntiles = (M + BLOCK_N - 1) / BLOCK_N;
   sums.ksum.assign(P.B * P.Hkv * ntiles * D, 0.0);
   sums.kabs.assign(P.B * P.Hkv * ntiles * D, 0.0);
-  sums.vsum.resize(P.B * P.Hkv * P.groups * M);
+  sums.vsum.resize(P.B * P.Hkv * P.vgroups() * M);
   sums.vabs.resize(P.B * P.Hkv * P.groups * M);
   sums.vmax.resize(P.B * P.Hkv * M);
   sums.knorm.resize(P.B * P.Hkv * M);
@@ -752,8 +767,8 @@ void precompute_sums(Problem& P, KvSums& sums) {
       const int64_t j1 = std::min<int64_t>(M, (t + 1) * BLOCK_N);
       const int64_t j0 = t * BLOCK_N;
       key_value_sums(K + j0 * D, V + j0 * D, j1 - j0, D, &sums.ksum[idx * D], &sums.kabs[idx * D],
-                     &sums.knorm[bh * M + j0], &sums.vsum[bh * P.groups * M + j0],
-                     &sums.vabs[bh * P.groups * M + j0], &sums.vmax[bh * M + j0], M);
+                     &sums.knorm[bh * M + j0], &sums.vsum[bh * P.vgroups() * M + j0],
+                     &sums.vabs[bh * P.groups * M + j0], &sums.vmax[bh * M + j0], M, P.protection >= 2);
     }
   });
   P.ksum = sums.ksum.data();

@@ -42,7 +42,7 @@ struct Bf16Lanes<vec::f8> {
 // bookkeeping at head dim 32 on AMD Zen 4.)
 struct RowStats {
   float psum, pmax, pmin;
-  double ws, wa[MAX_GROUPS], wb[MAX_GROUPS];
+  double ws, wa[MAX_GROUPS], wb[MAX_GROUPS], wc;
   bool dmr_bad;
 };
 
@@ -66,7 +66,9 @@ struct RowStats {
 // psum adds the lanes in a fixed order, the same at every level, so off, abft and
 // full round l (and the output) alike (but where a masked key's value sums overflow fp32,
 // |v| ~ 1e37: there the checked levels take the tail one key at a time, below). INJECT hits p_{fault.col..end-1} after the
-// exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs.
+// exponential, before anything reads it. NG groups, the g-th at a + g * gs, b + g * gs; PROT 2
+// also sums wc = sum_j p_j c_j, c the weighted value sums of the PV check's second checksum
+// at a + NG * gs (sums.h's key_value_sums, WEIGHTED).
 // P16 (bf16 values on the bf16 GEMM): each p also rounded to the nearest bf16 p' (ties to
 // even), written as bf16 bits to pb for the product P V, which p' feeds, and so the PV
 // checksum's sums (wa, wb) are of p'; the normaliser, its independent sum and the range
@@ -91,7 +93,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
   constexpr int64_t L = Lanes<V>;
   V psum_v = V{}, mx_v = V{}, mn_v = V{} + 1.f, viol_v = V{};
-  d8 s_acc = d8{}, a_acc[NG], b_acc[NG];
+  d8 s_acc = d8{}, a_acc[NG], b_acc[NG], c_acc = d8{};
   for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
   // The visible tail (a causal tile's rows end anywhere in a vector) runs as one more vector
   // whose lanes past the last visible key read -inf, written over their scores here (nothing
@@ -114,6 +116,10 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
         const V av = load_v<V>(a + g * gs + j0), bv = load_v<V>(b + g * gs + j0);
         z += (av - av) + (bv - bv);
       }
+      if constexpr (PROT >= 2) {
+        const V cv = load_v<V>(a + NG * gs + j0);
+        z += cv - cv;
+      }
       sums_finite = tree(z, Add{}) == 0.f;
     }
     if (sums_finite) {
@@ -123,7 +129,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   }
   int64_t j = 0;
   while (j + L <= vend) {
-    V sp = V{}, ap[NG], bp[NG];
+    V sp = V{}, ap[NG], bp[NG], cp = V{};
     for (int g = 0; g < NG; ++g) ap[g] = bp[g] = V{};
     for (int64_t c = 0; c < CHUNK && j + L <= vend; ++c, j += L) {
       const V sv = load_v<V>(S + j);
@@ -161,6 +167,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
           ap[g] += pr * load_v<V>(a + g * gs + j);
           bp[g] += pr * load_v<V>(b + g * gs + j);
         }
+        if constexpr (PROT >= 2) cp += pr * load_v<V>(a + NG * gs + j);
       }
       if constexpr (PROT >= 2) {
         const V p2 = exp2_neg((sv - mr) * scale2);
@@ -174,12 +181,13 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
         a_acc[g] += widen_sum(ap[g]);
         b_acc[g] += widen_sum(bp[g]);
       }
+      if constexpr (PROT >= 2) c_acc += widen_sum(cp);
     }
   }
   // the rest, one element at a time: the visible tail where it did not run as a vector, then
   // the masked keys
   float psum_t = 0.f, mx = 0.f, mn = 1.f, viol = 0.f;
-  double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {};
+  double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {}, c_t = 0.0;
   int masked_bad = 0;
   if constexpr (INJECT && PROT >= 2)  // (masked keys in the last vector: p must be 0 there too)
     for (int64_t k = visible; k < vend; ++k) masked_bad |= !(p[k] == 0.f);
@@ -208,6 +216,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
         a_t[g] += x * a[g * gs + j];
         b_t[g] += x * b[g * gs + j];
       }
+      if constexpr (PROT >= 2) c_t += x * a[NG * gs + j];
     }
     if constexpr (PROT >= 2) {
       if (vis) {
@@ -234,6 +243,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
       st.wa[g] = vec::hsum(a_acc[g]) + a_t[g];
       st.wb[g] = vec::hsum(b_acc[g]) + b_t[g];
     }
+    if constexpr (PROT >= 2) st.wc = vec::hsum(c_acc) + c_t;
   }
   if constexpr (PROT >= 2) {
     const float vviol = tree(viol_v, Max{});

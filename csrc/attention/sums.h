@@ -156,12 +156,16 @@ FTATTN_CLONES static void block_row_sums(const float* __restrict X, int64_t n, i
 }
 
 // The output row and the sums its checks compare, in one pass: O_d = A_d / l; per group
-// of `group` dims sum_d A_d (fp64) into parts[g].
+// of `group` dims sum_d A_d (fp64) into parts[g], and where wpart is not null the weighted
+// sum of the PV check's second checksum over every dim, sum_d w_d A_d (PV_WEIGHTS; each
+// product exact in fp64: 24 + 8 bits), into *wpart.
 FTATTN_CLONES static void finish_row(const float* __restrict A, float* __restrict O, int64_t D, float l,
-                                     int64_t group, double* __restrict parts) {
+                                     int64_t group, double* __restrict parts, double* __restrict wpart) {
   // (explicit vectors and tree reductions: an `omp simd reduction` of three sums ended in
   // 24 dependent scalar adds, most of this function's time at D = 32)
   using namespace vec;
+  d8 pw = d8{};
+  double pwt = 0.0;
   for (int64_t d0 = 0, g = 0; d0 < D; d0 += group, ++g) {
     const int64_t d1 = d0 + group < D ? d0 + group : D;
     d8 p = d8{};
@@ -171,15 +175,23 @@ FTATTN_CLONES static void finish_row(const float* __restrict A, float* __restric
       store(O + d, a / l);
       f8 lo, hi;
       halves(a, lo, hi);
-      p += __builtin_convertvector(lo, d8) + __builtin_convertvector(hi, d8);
+      const d8 lo64 = __builtin_convertvector(lo, d8), hi64 = __builtin_convertvector(hi, d8);
+      p += lo64 + hi64;
+      if (wpart != nullptr) {
+        f8 wlo, whi;
+        halves(load(PV_WEIGHTS.w + d), wlo, whi);
+        pw += lo64 * __builtin_convertvector(wlo, d8) + hi64 * __builtin_convertvector(whi, d8);
+      }
     }
     double pt = hsum(p);
     for (; d < d1; ++d) {
       pt += static_cast<double>(A[d]);
+      pwt += static_cast<double>(A[d]) * static_cast<double>(PV_WEIGHTS.w[d]);
       O[d] = A[d] / l;
     }
     parts[g] = pt;
   }
+  if (wpart != nullptr) *wpart = hsum(pw) + pwt;
 }
 
 // Whether every O_d is A_d / l, divided again (the final normalisation checked element by
@@ -219,7 +231,11 @@ FTATTN_CLONES static bool all_finite(const float* __restrict x, int64_t n) {
 // dim, flushed to fp64 (within KV_CHUNK u of the exact sums relative to ka, which the
 // row check's bound adds). vsum and vabs: at most 5 terms per lane (a group is 4
 // whole vectors and a zero-padded tail) and a tree of 4 levels, so within 9 u of the
-// exact sums relative to vabs (the PV bound adds 10 u). knorm: the fp32 square root of
+// exact sums relative to vabs (the PV bound adds 10 u). WEIGHTED (protection full): also the
+// weighted sum of the PV check's second checksum over every head dim, vsum[G * gs + j] =
+// sum_d w_d v_jd (G groups; w_d = PV_WEIGHTS, |w_d| < 1/4: one rounding per product, at most 5 G
+// terms per lane and the tree: within (5 G + 5) u of the exact sum relative to sum_g vabs / 4,
+// which is at most the largest group's vabs: no overflow before the plain sums'). knorm: the fp32 square root of
 // an fp32 sum of squares, within about 12 + D / 16 u, raised by 2^-15 to stay above
 // the true norm it scales a bound with, plus sqrt(D) 2^-74 for the squares lost to
 // underflow (each square loses at most 2^-149: sum |k_d|^2 <= sq + D 2^-148).
@@ -229,7 +245,7 @@ constexpr int64_t KV_PREFETCH = 16;
 // vectors, whose lane-wise sums, added before the tree, are the 16-lane vector's halves, so
 // both widths give the same bits. On 16-lane vectors the AVX2 code did the max of |v| lane by
 // lane through the stack: 13 % of a full forward at MiniLM's shape there.)
-template <typename VT>
+template <typename VT, bool WEIGHTED>
 __attribute__((always_inline)) static inline void key_value_sums_body(
     const float* __restrict K, const float* __restrict V, int64_t n, int64_t D, double* __restrict ks,
     double* __restrict ka, double* __restrict knorm, float* __restrict vsum, float* __restrict vabs,
@@ -239,6 +255,7 @@ __attribute__((always_inline)) static inline void key_value_sums_body(
   alignas(64) float ks32[256 + W], ka32[256 + W], tail[W];
   const int64_t Dv = (D / W) * W;  // dims in whole 16-dim steps
   const double sqrt_d_floor = std::sqrt(static_cast<double>(D)) * 0x1p-74;
+  const int64_t G = (D + PV_GROUP - 1) / PV_GROUP;
   const auto sum_of = [](const VT* x) {  // NV vectors -> one, then its tree
     VT t = x[0];
     for (int64_t u = 1; u < NV; ++u) t += x[u];
@@ -279,30 +296,32 @@ __attribute__((always_inline)) static inline void key_value_sums_body(
         ks32[d] = ka32[d] = 0.f;
       }
     }
-    VT vm[NV];
-    for (int64_t u = 0; u < NV; ++u) vm[u] = VT{};
+    VT vm[NV], vw[NV];
+    for (int64_t u = 0; u < NV; ++u) vm[u] = vw[u] = VT{};
     for (int64_t g = 0, d0 = 0; d0 < D; ++g, d0 += PV_GROUP) {
       const int64_t d1 = std::min<int64_t>(D, d0 + PV_GROUP);
       VT vs[NV], va[NV];
       for (int64_t u = 0; u < NV; ++u) vs[u] = va[u] = VT{};
-      const auto add = [&](const float* y16) {
+      const auto add = [&](const float* y16, int64_t d) {
         for (int64_t u = 0; u < NV; ++u) {
           const VT y = load_v<VT>(y16 + u * L), a = vec::abs(y);
           vs[u] += y;
           va[u] += a;
           vm[u] = a > vm[u] ? a : vm[u];
+          if constexpr (WEIGHTED) vw[u] += y * load_v<VT>(PV_WEIGHTS.w + d + u * L);
         }
       };
       int64_t d = d0;
-      for (; d + W <= d1; d += W) add(vj + d);
-      if (d < d1) {
+      for (; d + W <= d1; d += W) add(vj + d, d);
+      if (d < d1) {  // (the tail's zeros add 0 times any weight)
         std::fill(tail, tail + W, 0.f);
         std::copy(vj + d, vj + d1, tail);
-        add(tail);
+        add(tail, d);
       }
       vsum[g * gs + j] = tree(sum_of(vs), Add{});
       vabs[g * gs + j] = tree(sum_of(va), Add{});
     }
+    if constexpr (WEIGHTED) vsum[G * gs + j] = tree(sum_of(vw), Add{});
     VT m = vm[0];
     for (int64_t u = 1; u < NV; ++u) m = vm[u] > m ? vm[u] : m;
     vmax[j] = tree(m, Max{});  // (a NaN lane is dropped: the value's NaN reaches the output anyway)
@@ -311,11 +330,17 @@ __attribute__((always_inline)) static inline void key_value_sums_body(
 FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float* __restrict V, int64_t n, int64_t D,
                                          double* __restrict ks, double* __restrict ka, double* __restrict knorm,
                                          float* __restrict vsum, float* __restrict vabs, float* __restrict vmax,
-                                         int64_t gs) {
-  if (wide_vectors())
-    key_value_sums_body<vec::f16>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
-  else
-    key_value_sums_body<vec::f8>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
+                                         int64_t gs, bool weighted) {
+  if (wide_vectors()) {
+    if (weighted)
+      key_value_sums_body<vec::f16, true>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
+    else
+      key_value_sums_body<vec::f16, false>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
+  } else if (weighted) {
+    key_value_sums_body<vec::f8, true>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
+  } else {
+    key_value_sums_body<vec::f8, false>(K, V, n, D, ks, ka, knorm, vsum, vabs, vmax, gs);
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -55,10 +55,14 @@ def covered_sites(pass_: str, protection: str, pattern: str = "single") -> set:
     """The sites a protection level claims. A warp's score changes, each within the fp64
     verification's noise, can add up to harm on outlier-channel data; the bit-for-bit
     recomputation of S that catches them is full's (it costs one more QK^T product where
-    it runs): abft does not claim scores against warps."""
+    it runs). A warp's +-2^k deltas on an accumulator row can cancel exactly in the PV
+    checksum's sum; the weighted second checksum and the recomputation of a block near the
+    bound that catch them are full's too. So abft claims neither scores nor acc against warps;
+    in the backward, likewise dq, dk and dv (their 16-dim groups' sums; full's weighted
+    checksum over every dim catches them)."""
     sites = (BWD_COVERED if pass_ == "backward" else COVERED)[protection]
-    if pass_ != "backward" and protection == "abft" and pattern == "warp":
-        sites = sites - {"scores"}
+    if protection == "abft" and pattern == "warp":
+        sites = sites - ({"dq", "dk", "dv"} if pass_ == "backward" else {"scores", "acc"})
     return sites
 
 
