@@ -30,6 +30,7 @@ TAU_VERIFY = 2.0**-12
 # passed 2 of ~1,250 harmful ones, at 0.17 and 0.82 of the bound; clean rows sit below 0.006
 # of it). Its mark between _forward and attention_reference is internal, never returned.
 PV_VERIFY = 1.0 / 8.0
+PV_VERIFY_WEIGHTED = 1.0 / 32.0  # the weighted checksum's (csrc/attention/block.h)
 _PV_VERIFY_BIT = 1 << 16
 
 
@@ -260,7 +261,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
             bv = (pd @ vd.abs().sum(-1, keepdim=True)).squeeze(-1)
             stat, floor = KAPPA * U32 * math.sqrt(M + 2) * bv * PV_WEIGHT_MAX, ETA * (D + 2) * (M + 2)
             bad_pv |= ~(wdiff <= stat + floor)
-            near_pv |= ~(wdiff <= PV_VERIFY * stat + floor)
+            near_pv |= ~(wdiff <= PV_VERIFY_WEIGHTED * stat + floor)
         flag(int(Check.PV_CHECKSUM), _rows_to_blocks(bad_pv, N))
         if full:
             flag(_PV_VERIFY_BIT, _rows_to_blocks(near_pv & ~bad_pv, N))
