@@ -343,6 +343,31 @@ def test_acc_warp_whose_deltas_nearly_cancel_is_caught_at_full(backend, seed, tr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_targeted_acc_warp_near_both_sums_zero_is_caught(backend):
+    """The adversary's warp campaign at D = 150 (seed 609, fp32, trial 172: bit 15 of dims
+    64..95, 1.24 tau) whose deltas, of mixed exponents, came to ~0.03 of the plain PV bound and
+    0.09 of the weighted one: full makes a block again from 1/32 of the weighted bound (it
+    passed at 1/8 in C++)."""
+    import random
+
+    from ftattn.tools import campaign as C
+
+    shape = C.Shape(head_dim=150)
+    job = C.Job("cpp", "cpu", "float32", "full", 400, seed=609, pattern="warp", targeted=True, shape=shape)
+    gen = C._unit_generator(609, len(job.clean_units()) + 6)
+    q, k, v = C.make_data(C.TARGETED_FAULT_KINDS[6 % len(C.TARGETED_FAULT_KINDS)], shape, torch.float32, "cpu", gen)
+    fault = C._targeted_fault(random.Random("609/172"), shape, C.SITES[172 % len(C.SITES)], q, k, "warp")
+    assert (fault.site, fault.dim, fault.bit, fault.span) == ("acc", 64, 15, 32)
+    clean = ftattn.attention(q, k, v, causal=True, backend=backend)
+    raw, rep = ftattn.attention(q, k, v, causal=True, fault=fault, on_fault="report", return_report=True,
+                                backend=backend)
+    assert (raw - clean).abs().max().item() > 2.0**-10 * max(1.0, clean.abs().max().item())  # harmful
+    assert rep.detected >= 1
+    out, rep = ftattn.attention(q, k, v, causal=True, fault=fault, return_report=True, backend=backend)
+    assert rep.corrected == rep.flagged_blocks >= 1 and torch.equal(out, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_acc_warp_that_cancels_exactly_is_caught_by_the_weighted_checksum(backend):
     """A warp of 32 accumulator faults whose deltas (+-2^-9 of O, 16 each way) sum to exactly 0 in
     the plain PV checksum, so no bound and no verification threshold can see it there: abft
