@@ -748,7 +748,10 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
       double s, a;
       weighted_sums(x, D, s, a);
       xg[r * rs + Gp * gs] = static_cast<float>(s);
-      xg[r * rs + (G + Gp) * gs] = static_cast<float>(a);
+      // (+2^-126: s rounds to fp32 within 2^-150 absolute where it is subnormal, which f >= 2u
+      // times this covers per unit of the other operand; a plain group's subnormal sum is exact.
+      // Without it, k ~ 1e-42 with dO ~ 1e4 alarmed at full: review)
+      xg[r * rs + (G + Gp) * gs] = static_cast<float>(a + 0x1p-126);
     }
     xmax[r] = static_cast<float>(mx);
   }

@@ -301,7 +301,10 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
             magq += _dot(tl.abs(ds), _dot(tl.abs(k), E))
             if PROTECTION >= 2:
                 refq_w += tl.sum(ds * tl.sum(k * wts[None, :], 1)[None, :], 1)
-                magq_w += tl.sum(tl.abs(ds) * tl.sum(tl.abs(k) * tl.abs(wts)[None, :], 1)[None, :], 1)
+                # (+2^-126: a product k w rounds within 2^-150 absolute where it is subnormal; f >= 2u
+                # times this covers it per unit of |dS|, as csrc/attention_bwd_cpu.cpp's group_sums)
+                ka_w = tl.sum(tl.abs(k) * tl.abs(wts)[None, :], 1) + 1.1754943508222875e-38
+                magq_w += tl.sum(tl.abs(ds) * ka_w[None, :], 1)
             if PROTECTION >= 2:
                 bits = bits | _second_p_and_ds(p, x2, rinv[:, None], dp, ds, delta[:, None], vis, 1)
     if INJECT:
@@ -434,9 +437,11 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
             magv += _dot(pt, _dot(tl.abs(do), E))
             if PROTECTION >= 2:
                 refk_w += tl.sum(dst * tl.sum(q * wts[None, :], 1)[None, :], 1)
-                magk_w += tl.sum(tl.abs(dst) * tl.sum(tl.abs(q) * tl.abs(wts)[None, :], 1)[None, :], 1)
+                qa_w = tl.sum(tl.abs(q) * tl.abs(wts)[None, :], 1) + 1.1754943508222875e-38  # (as _bwd_dq)
+                magk_w += tl.sum(tl.abs(dst) * qa_w[None, :], 1)
                 refv_w += tl.sum(pt * tl.sum(do * wts[None, :], 1)[None, :], 1)
-                magv_w += tl.sum(pt * tl.sum(tl.abs(do) * tl.abs(wts)[None, :], 1)[None, :], 1)
+                ga_w = tl.sum(tl.abs(do) * tl.abs(wts)[None, :], 1) + 1.1754943508222875e-38
+                magv_w += tl.sum(pt * ga_w[None, :], 1)
     if INJECT:
         at = (cols[:, None] == f_col) & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :] & (bh == f_bh)
         dk = _hit(dk, at & (f_site == SITE_DK), f_xor, f_use_value, f_value)

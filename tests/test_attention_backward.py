@@ -15,7 +15,8 @@ from ftattn import Check, Fault, FaultDetectedError
 from ftattn.contract import Site
 from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
-from attention_reference import bnhd_view, check_dv_warp_caught_at_full_only, padded_view
+from attention_reference import (bnhd_view, check_dv_warp_caught_at_full_only,
+                                 check_subnormal_operand_backward_raises_no_alarm, padded_view)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # absolute slack of the gradient comparison, times max(1, max|g|): about one rounding of
@@ -162,6 +163,11 @@ def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full(backend):
     every dim (csrc/attention_bwd_cpu.cpp's bwd_groups) flags it and the task is run again.
     (The random warp campaign passed one so, seed 620 bf16.)"""
     check_dv_warp_caught_at_full_only(functools.partial(ftattn.attention, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_subnormal_keys_or_queries_raise_no_alarm_at_full(backend):
+    check_subnormal_operand_backward_raises_no_alarm(functools.partial(ftattn.attention, backend=backend))
 
 
 @pytest.mark.parametrize("protection", ["abft", "full"])

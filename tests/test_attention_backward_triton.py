@@ -195,6 +195,15 @@ def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full():
     check_dv_warp_caught_at_full_only(functools.partial(ftattn.attention, backend="triton"), DEVICE)
 
 
+def test_subnormal_keys_or_queries_raise_no_alarm_at_full():
+    """tests/attention_reference.py's case: the weighted checksum's bound covers the rounding of
+    subnormal products k w (q w) times a large dS (review: flagged at full before)."""
+    from attention_reference import check_subnormal_operand_backward_raises_no_alarm
+
+    check_subnormal_operand_backward_raises_no_alarm(functools.partial(ftattn.attention, backend="triton"), DEVICE,
+                                                     big=(1e16, 1e16))
+
+
 def test_protection_off_sees_nothing():
     q, k, v = _on(DEVICE, *_qkv(1, 2, 1, 20, 30, 16, torch.float32, seed=9))
     do = torch.randn(1, 2, 20, 16).to(DEVICE)
