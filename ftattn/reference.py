@@ -487,7 +487,9 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
         kmax = kd.abs().amax(-1)[:, :, None, :]  # [B, H, 1, M]
         gmax = gd.abs().amax(-1)[..., None]
         reach = abs(scale) * torch.maximum(qmax, kmax)  # dS_ij -> dQ_i, dK_j
-        g_s = 2 * gmax + 2 * reach * dpd.abs().amax(-1, keepdim=True)
+        # (a sample with no key: no entry to verify; amax over an empty dim raised)
+        dpmax = dpd.abs().amax(-1, keepdim=True) if dpd.shape[-1] else dpd.new_zeros(dpd.shape[:-1] + (1,))
+        g_s = 2 * gmax + 2 * reach * dpmax
         verify_s = (pd * torch.expm1(2.0 * colb_s * abs(scale)) * g_s >= TAU_VERIFY) & ~empty[..., None]
         flag(int(Check.SCORE_RECOMPUTE), _verify(S, qd, kd, verify_s) | _again(S, qf, kf, verify_s))
         verify_p = (pd * colb_p * reach >= TAU_VERIFY) & ~empty[..., None]

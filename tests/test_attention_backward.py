@@ -170,6 +170,27 @@ def test_subnormal_keys_or_queries_raise_no_alarm_at_full(backend):
     check_subnormal_operand_backward_raises_no_alarm(functools.partial(ftattn.attention, backend=backend))
 
 
+@pytest.mark.parametrize("protection", ["off", "abft", "full"])
+def test_backward_with_an_empty_key_range(protection):
+    """A sample with no key (key_start == key_end): the reference backward raised at abft / full
+    (a max over an empty dim; review); it now gives the C++ kernel's gradients (zeros for the
+    empty sample's queries) with no flag."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 4, 8, generator=g) for _ in range(3))
+    ks, ke = torch.tensor([0, 3]), torch.tensor([4, 3])
+    grads = {}
+    for backend in ("cpp", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, rep = ftattn.attention(*leaves, backend=backend, protection=protection, key_start=ks, key_end=ke,
+                                    return_report=True)
+        out.sum().backward()
+        assert protection == "off" or rep.backward.detected == 0
+        grads[backend] = [t.grad for t in leaves]
+    assert torch.equal(grads["reference"][0][1], torch.zeros(1, 4, 8))
+    for a, b in zip(grads["cpp"], grads["reference"]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("protection", ["abft", "full"])
 @pytest.mark.parametrize("bit", [0, 11, 22])
 def test_every_ds_change_is_caught_by_the_cpp_kernel(bit, protection):
