@@ -431,13 +431,12 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
     m = s.amax(-1) if M > 0 else s.new_full((B, Hq, N), float("-inf"))
     empty = m == float("-inf")
     m_safe = torch.where(empty, torch.zeros_like(m), m)
-    # P and the row log-sum-exp from one exponential in fp64 (a kernel takes the forward's
-    # log-sum-exp; torch's fp32 exp was seen off by 7e-5 relative on a process's first
+    # P from one exponential in fp64 over the row's sum l (the kernels take the forward's
+    # max and normaliser; torch's fp32 exp was seen off by 7e-5 relative on a process's first
     # backward here, a false alarm of the row sums), rounded to fp32
-    e = torch.exp((s - m_safe[..., None]).double())
+    x = s - m_safe[..., None]  # (fp32, as the kernels' argument)
+    e = torch.exp(x.double())
     l = torch.where(empty, torch.ones_like(m_safe, dtype=torch.float64), e.sum(-1))
-    lse = torch.where(empty, torch.zeros_like(l), m_safe.double() + l.log())
-    x = (s.double() - lse[..., None]).float()
     p = (e / l[..., None]).float()
     if site == Site.BWD_PROBS:
         _corrupt(p, (batch, head, row, col), bit, fault_value, span)
@@ -499,8 +498,10 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
         keybits |= _group_checks(dkh, dS.transpose(-1, -2), qf, full).to(torch.int32) * int(Check.DK_CHECKSUM)
         keybits |= _group_checks(dvh, p.transpose(-1, -2), gf, full).to(torch.int32) * int(Check.DV_CHECKSUM)
     if full:
-        # a second computation of P (exp2 of the same x) and of dS (P dP - P D)
-        p2 = torch.exp2(x.double() * LOG2E).float()
+        # a second computation of P (exp2 of the same x = s - m, over the same l; as the C++
+        # kernel: 2^((s - lse) log2 e) lost the row's log l beside |m| ~ 1e19 in fp64 and
+        # flagged clean constant rows at large logits) and of dS (P dP - P D)
+        p2 = (torch.exp2(x.double() * LOG2E) / l[..., None]).float()
         tol_p = U32 * (16.0 * torch.maximum(p, p2) + 2.0) + 1e-30
         flag(int(Check.SOFTMAX_DMR), ~((p - p2).abs() <= tol_p).all(-1))
         pdp, pD = p * dP, p * Dr[..., None]

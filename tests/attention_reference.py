@@ -130,6 +130,28 @@ def check_dv_warp_caught_at_full_only(attention, device="cpu"):
         assert rep.backward.corrected == 1 and all(torch.equal(a, b) for a, b in zip(fixed, clean))
 
 
+def check_large_logit_constant_rows_backward_no_alarm(attention, device="cpu"):
+    """Clean fp32 rows of equal scores at large logits (q or k x 1e20 / 1e30 on constant
+    data: scores ~1e19-1e29, every key p = 1 / M): the backward at full raises no flag and
+    gives off's gradients. (The reference's redundant softmax took 2^((s - lse) log2 e),
+    whose lse = m + log l lost log l beside |m| in fp64: p2 = 1 against p = 1 / M, flagged.)"""
+    g = torch.Generator().manual_seed(1)
+    for sq, sk in ((1e30, 1.0), (1.0, 1e30), (1e20, 1.0)):
+        q = torch.full((1, 2, 5, 8), 0.5) * sq
+        k = torch.full((1, 2, 7, 8), 0.25) * sk
+        v = torch.randn(1, 2, 7, 8, generator=g)
+        do = torch.randn(1, 2, 5, 8, generator=g)
+        grads = {}
+        for protection in ("off", "full"):
+            leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+            out, rep = attention(*leaves, protection=protection, return_report=True, on_fault="raise")
+            out.backward(do.to(device))
+            assert rep.detected == 0 and rep.backward.detected == 0, (sq, sk, protection, rep.backward)
+            grads[protection] = [t.grad for t in leaves]
+        assert torch.allclose(out.cpu(), v.mean(2, keepdim=True).expand_as(out), rtol=1e-6, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(grads["off"], grads["full"])), (sq, sk)
+
+
 def check_subnormal_operand_backward_raises_no_alarm(attention, device="cpu", big=(1e4, 1e6)):
     """Clean fp32 input with fp32-subnormal keys (queries) and a large dO: the weighted
     checksum's value sums round within 2^-150 absolute there, which a bound relative to the

@@ -16,6 +16,7 @@ from ftattn.contract import Site
 from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
 from attention_reference import (bnhd_view, check_dv_warp_caught_at_full_only,
+                                 check_large_logit_constant_rows_backward_no_alarm,
                                  check_subnormal_operand_backward_raises_no_alarm, padded_view)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -168,6 +169,11 @@ def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full(backend):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_subnormal_keys_or_queries_raise_no_alarm_at_full(backend):
     check_subnormal_operand_backward_raises_no_alarm(functools.partial(ftattn.attention, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_constant_rows_at_large_logits_raise_no_alarm_at_full(backend):
+    check_large_logit_constant_rows_backward_no_alarm(functools.partial(ftattn.attention, backend=backend))
 
 
 @pytest.mark.parametrize("protection", ["off", "abft", "full"])

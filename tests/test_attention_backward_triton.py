@@ -204,6 +204,14 @@ def test_subnormal_keys_or_queries_raise_no_alarm_at_full():
                                                      big=(1e16, 1e16))
 
 
+def test_constant_rows_at_large_logits_raise_no_alarm_at_full():
+    """tests/attention_reference.py's case (the reference flagged it; the kernel takes the
+    forward's max and normaliser, as the C++ one)."""
+    from attention_reference import check_large_logit_constant_rows_backward_no_alarm
+
+    check_large_logit_constant_rows_backward_no_alarm(functools.partial(ftattn.attention, backend="triton"), DEVICE)
+
+
 def test_protection_off_sees_nothing():
     q, k, v = _on(DEVICE, *_qkv(1, 2, 1, 20, 30, 16, torch.float32, seed=9))
     do = torch.randn(1, 2, 20, 16).to(DEVICE)
