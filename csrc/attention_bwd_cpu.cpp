@@ -1214,6 +1214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     bool causal, double scale, int64_t protection, bool recompute, at::OptionalIntArrayRef fault,
     std::optional<double> fault_value, const std::optional<at::Tensor>& key_start,
     const std::optional<at::Tensor>& key_end, const std::optional<at::Tensor>& stats) {
+  // (the kernel's own ATen calls, views included, skip autograd and view tracking: ~1 us a call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q, k, v);
   TORCH_CHECK_VALUE(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes(), "ftattn.attention backward: out ",
                     out.sizes(), " and grad_out ", grad_out.sizes(), " must have q's shape ", q.sizes());

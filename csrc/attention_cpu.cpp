@@ -61,6 +61,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& key_start,
                                                      const std::optional<at::Tensor>& key_end,
                                                      const std::optional<at::Tensor>& stats) {
+  // (the kernel's own ATen calls, views included, skip autograd and view tracking: ~1 us a call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q, k, v);
   TORCH_CHECK(std::isfinite(scale), "ftattn.attention: scale must be finite, got ", scale);
   TORCH_CHECK(protection >= 0 && protection <= 2, "ftattn.attention: protection ", protection,

@@ -509,6 +509,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                                                   int64_t protection, bool recompute,
                                                   std::optional<at::IntArrayRef> fault,
                                                   std::optional<double> fault_value) {
+  // (the kernel's own ATen calls, views included, skip autograd and view tracking: ~1 us a call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2, "ftattn.linear: x must be [..., in] and weight [out, in], got ",
               x.sizes(), " and ", weight.sizes());
   const int64_t K = x.size(-1), out = weight.size(0);

@@ -281,6 +281,8 @@ Params make_params(int64_t ebits, int64_t mbits, int64_t emax, double max_norm, 
 std::tuple<at::Tensor, at::Tensor> mx_quantize_cpu(const at::Tensor& x, const at::Tensor& log2_thresholds,
                                                    int64_t ebits, int64_t mbits, int64_t emax, double max_norm,
                                                    int64_t block_size, int64_t rounding, bool scaled) {
+  // (the kernel's own ATen calls, views included, skip autograd and view tracking: ~1 us a call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x.dim() == 3, "ftattn::mx_quantize: x must be 3-D [outer, K, inner], got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "ftattn::mx_quantize: x must be float32, got ", x.scalar_type(),
               "; cast with x.float()");
@@ -346,6 +348,8 @@ void bfloat16_round(const uint32_t* x, uint32_t* out, int64_t n, bool even) {
 }
 
 at::Tensor bfloat16_quantize_cpu(const at::Tensor& x, int64_t rounding) {
+  // (the kernel's own ATen calls, views included, skip autograd and view tracking: ~1 us a call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x.scalar_type() == at::kFloat, "ftattn::bfloat16_quantize: x must be float32, got ", x.scalar_type());
   TORCH_CHECK(rounding == kNearest || rounding == kEven,
               "ftattn::bfloat16_quantize: rounding must be 0 (nearest) or 2 (even), got ", rounding);
@@ -435,6 +439,8 @@ void pack_row(const float* x, int64_t K, int64_t nblk, int64_t block_size, const
 std::tuple<at::Tensor, at::Tensor> mx_pack_cpu(const at::Tensor& x, const at::Tensor& log2_thresholds, int64_t ebits,
                                                int64_t mbits, int64_t emax, double max_norm, int64_t block_size,
                                                int64_t rounding, int64_t bits) {
+  // (the kernel's own ATen calls, views included, skip autograd and view tracking: ~1 us a call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ftattn::mx_pack: x must be float32 [rows, K], got ",
               x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(bits >= 2 && bits <= 8 && block_size >= 1 && (block_size * bits) % 8 == 0,

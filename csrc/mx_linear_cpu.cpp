@@ -626,6 +626,8 @@ void decode_rows(const Packed& W, int64_t o0, int64_t o1, float* out, int64_t ld
 at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                          const at::Tensor& table, int64_t bits, int64_t kind, int64_t block_size,
                          const std::optional<at::Tensor>& bias) {
+  // (the kernel's own ATen calls, views included, skip autograd and view tracking: ~1 us a call)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x.dim() >= 1, "ftattn::mx_linear: x must be [..., in_features], got a 0-d tensor");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,

@@ -300,7 +300,9 @@ def attention(
 
 
 def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report, key_start=None,
-               key_end=None, in_op=False):
+               key_end=None, in_op=False, want_flags=False):
+    """want_flags (an inference call: no gradient, no fault; the integration's counters):
+    (out, flags) with the policy applied, no Report made."""
     validate_inputs(q, k, v, scale)
     validate_key_range(q, k, key_start, key_end)
     prot, policy = _parse_options(protection, on_fault)
@@ -331,6 +333,8 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
     out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value,
                           key_start, key_end, in_op)
     report = _apply_policy(flags, policy, q.shape[2], return_report)
+    if want_flags:
+        return out, flags
     return (out, report) if return_report else out
 
 

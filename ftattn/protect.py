@@ -263,12 +263,12 @@ def protect_(
     previous_attn = None
     config = getattr(model, "config", None)
     if attention and config is not None and hasattr(config, "_attn_implementation"):
-        from .integrations.transformers import configure
+        from .integrations.transformers import _Tally, configure
 
         previous_attn = config._attn_implementation
         configure(model, protection=protection, on_fault=on_fault)
-        for module in model.modules():
-            object.__setattr__(module, "_ftattn_counts", torch.zeros(len(_COUNTS), dtype=torch.int64))
+        for module in model.modules():  # (a layer's attention counts, _COUNTS' order)
+            object.__setattr__(module, "_ftattn_counts", _Tally())
     object.__setattr__(model, _PROTECT_ATTR, {"swapped": swapped, "attention": previous_attn})
     return model
 
@@ -307,16 +307,18 @@ def unprotect_(model: torch.nn.Module) -> torch.nn.Module:
 def _counted(model: torch.nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, ProtectedLinear):
-            yield name, torch.tensor(module.counts)
-        elif module.__dict__.get("_ftattn_counts") is not None and bool(module.__dict__["_ftattn_counts"][0] > 0):
-            yield name, module.__dict__["_ftattn_counts"]
+            yield name, list(module.counts)
+        elif module.__dict__.get("_ftattn_counts") is not None:
+            counts = module.__dict__["_ftattn_counts"].values()
+            if counts[0] > 0:
+                yield name, counts
 
 
 def counters(model: torch.nn.Module) -> ModelCounters:
     """Detected and corrected faults of a protected model, in total and per module."""
     if getattr(model, _PROTECT_ATTR, None) is None:
         raise ValueError(f"{type(model).__name__} is not protected; call ftattn.protect_(model) first")
-    per_module = {name: ModuleCounts(*counts.tolist()) for name, counts in _counted(model)}
+    per_module = {name: ModuleCounts(*counts) for name, counts in _counted(model)}
     totals = [sum(getattr(c, f) for c in per_module.values()) for f in _COUNTS[1:]]
     return ModelCounters(*totals, per_module=per_module)
 

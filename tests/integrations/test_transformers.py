@@ -169,6 +169,36 @@ def test_policy_validation():
         ft_hf.inject(model, [ft_hf.ScheduledFault(1, 0, "acc", bit=30), ft_hf.ScheduledFault(1, 0, "probs", bit=30)])
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+def test_counts_of_clean_and_flagged_calls(grad):
+    """An inference call on the CPU counts on the host (the short path) and a flagged one
+    (non-finite input) through the flags; a call with gradients takes the general path.
+    The two give the same counters, per model and, under protect_, per layer; a reset
+    clears both parts."""
+    model = tiny_llama("ftattn")
+    ftattn.protect_(model, linear=False)
+    layer = model.model.layers[1].self_attn
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 67, 16, generator=g, requires_grad=grad)  # 67 rows: 2 blocks a head
+    k, v = torch.randn(2, 1, 2, 67, 16, generator=g)
+    bad = q.detach().clone()
+    bad[0, 3, 66, 5] = float("nan")  # one block of head 3
+    bad.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        ft_hf.attention_forward(layer, q, k, v, None)
+        out, _ = ft_hf.attention_forward(layer, bad, k, v, None)
+        ft_hf.attention_forward(layer, q, k, v, None)
+    assert torch.isnan(out[0, 66, 3]).any() and not torch.isnan(out[0, :66]).any()
+    assert ft_hf.counters(model) == ft_hf.Counters(3, 0, 0, 0, 1, 0)
+    per_layer = ftattn.counters(model).per_module["model.layers.1.self_attn"]
+    assert (per_layer.calls, per_layer.detected, per_layer.nonfinite_input) == (3, 0, 1)
+    assert "model.layers.0.self_attn" not in ftattn.counters(model).per_module  # (never called)
+    ftattn.reset_counters(model)
+    ft_hf.reset_counters(model)
+    assert ft_hf.counters(model) == ft_hf.Counters(0, 0, 0, 0, 0, 0)
+    assert "model.layers.1.self_attn" not in ftattn.counters(model).per_module
+
+
 # ---------------------------------------------------------------------------
 # generation equals eager
 
