@@ -15,6 +15,10 @@ products, never tf32: the checks' thresholds assume u = 2^-24):
               transposed products, dV += P^T dO, dK += dS^T Q, into a buffer per query
               head (the heads of a GQA group are summed after, in a fixed order).
 Extra memory O(B * H * (N + M) * D): never an N x M matrix.
+Per-sample key ranges (constexpr KEY_RANGE, varlen keys): sample b reads its keys
+[KStart[b], KEnd[b]) in the batch's coordinates, causal aligned at KEnd[b]; _bwd_prep and
+_bwd_dq walk those keys, _bwd_dkdv keeps its 64 keys of the batch (so the key blocks'
+flags and a fault's key are the batch's) and masks those outside the range (gradient 0).
 
 Checks (the C++ kernel's, csrc/attention_bwd_cpu.cpp, as far as a program sees them):
   _bwd_dq (a row's keys all pass through one program):
@@ -103,27 +107,41 @@ def _dot(a, b):
 
 
 @triton.jit
-def _bwd_prep(Q, K, O, DO, MROW, RINV, DELTA, H, GROUP, N, M, scale,  #
+def _key_range(KStart, KEnd, b, M, KEY_RANGE: tl.constexpr):
+    """Sample b's keys [lo, hi) in the batch's key coordinates: its range (per-sample key
+    ranges), else all M. Causal aligns at hi (key j is visible to row i when j <= i + hi - N),
+    as the forward (kernels/attention.py) and the C++ kernels."""
+    lo = tl.zeros([], tl.int32)
+    hi = lo + M
+    if KEY_RANGE:
+        lo = tl.load(KStart + b).to(tl.int32)
+        hi = tl.load(KEnd + b).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
+def _bwd_prep(Q, K, O, DO, MROW, RINV, DELTA, KStart, KEnd, H, GROUP, N, M, scale,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr):
+              CAUSAL: tl.constexpr, KEY_RANGE: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     bk = b * (H // GROUP) + h // GROUP
+    k_lo, k_hi = _key_range(KStart, KEnd, b, M, KEY_RANGE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok, d_ok = offs_m < N, offs_d < HEAD_DIM
     rmask = row_ok[:, None] & d_ok[None, :]
     rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + rows, mask=rmask, other=0.0)
-    shift = M - N
+    shift = k_hi - N
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    hi = M
+    hi = k_hi
     if CAUSAL:
-        hi = tl.minimum(M, tl.maximum(0, (pid_m + 1) * BLOCK_M + shift))
-    for start_n in range(0, hi, BLOCK_N):
+        hi = tl.minimum(k_hi, tl.maximum(k_lo, (pid_m + 1) * BLOCK_M + shift))
+    for start_n in range(k_lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        key_ok = cols < M
+        key_ok = cols < k_hi
         k = tl.load(K + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :],
                     other=0.0)
         s = _dot(q, tl.trans(k)) * (scale * LOG2E)
@@ -223,13 +241,15 @@ def _verify_entries(x, a, b, need, unit, BA: tl.constexpr, bit: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, scale, unit,  #
+def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N, M, NFLAG, scale, unit,  #
             f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
+            CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     bk = b * (H // GROUP) + h // GROUP
+    k_lo, k_hi = _key_range(KStart, KEnd, b, M, KEY_RANGE)
+    mb = k_hi - k_lo  # (the sample's keys: the sums' terms)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok, d_ok = offs_m < N, offs_d < HEAD_DIM
@@ -240,7 +260,7 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
     mrow = tl.load(MROW + bh * N + offs_m, mask=row_ok, other=0.0)
     rinv = tl.load(RINV + bh * N + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
-    shift = M - N
+    shift = k_hi - N
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     bits = tl.zeros([BLOCK_M], tl.int32)
     rs = tl.zeros([BLOCK_M], tl.float32)
@@ -261,12 +281,12 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
     qmax = tl.max(tl.abs(q), 1)
     gmax = tl.max(tl.abs(do), 1)
     hit_rows = (offs_m[:, None] == f_row) & (bh == f_bh) & (f_dim % 2 == 0)
-    hi = M
+    hi = k_hi
     if CAUSAL:
-        hi = tl.minimum(M, tl.maximum(0, (pid_m + 1) * BLOCK_M + shift))
-    for start_n in range(0, hi, BLOCK_N):
+        hi = tl.minimum(k_hi, tl.maximum(k_lo, (pid_m + 1) * BLOCK_M + shift))
+    for start_n in range(k_lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        key_ok = cols < M
+        key_ok = cols < k_hi
         kmask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(K + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
@@ -312,16 +332,16 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, H, GROUP, N, M, NFLAG, sc
         acc = _hit(acc, at & (bh == f_bh) & (f_site == SITE_DQ), f_xor, f_use_value, f_value)
     if PROTECTION >= 1:
         empty = rinv == 0.0
-        ok_rs = tl.where(empty, rs == 0.0, tl.abs(rs - 1.0) <= (M + 8) * U32)
+        ok_rs = tl.where(empty, rs == 0.0, tl.abs(rs - 1.0) <= (mb + 8) * U32)
         bits = bits | tl.where(ok_rs | ~row_ok, 0, ROWSUM_INVARIANT)
-        ntiles = (M + BLOCK_N - 1) // BLOCK_N
+        ntiles = (mb + BLOCK_N - 1) // BLOCK_N
         c = (2 * (ntiles + 8) + 4) * U32  # dS and its three sums in fp32, tile by tile
         expect = pdp - delta * rs
-        tol = c * (ta + tb + tl.abs(delta) * rs) + M * UNDERFLOW
+        tol = c * (ta + tb + tl.abs(delta) * rs) + mb * UNDERFLOW
         bits = bits | tl.where((tl.abs(dsum - expect) <= tol) | empty | ~row_ok, 0, DS_CHECK)
-        bits = bits | _group_check(acc, E, refq, magq, M, 1, DQ_CHECKSUM)
+        bits = bits | _group_check(acc, E, refq, magq, mb, 1, DQ_CHECKSUM)
         if PROTECTION >= 2:
-            bits = bits | _weighted_check(acc, wts, refq_w, magq_w, M, HEAD_DIM, DQ_CHECKSUM)
+            bits = bits | _weighted_check(acc, wts, refq_w, magq_w, mb, HEAD_DIM, DQ_CHECKSUM)
     tl.store(DQ + rows, acc * scale, mask=rmask)
     blk_bits = tl.reduce(tl.where(row_ok, bits, 0), 0, _bit_or)
     tl.store(Flags + bh * NFLAG + pid_m, blk_bits)
@@ -364,20 +384,24 @@ def _weighted_check(acc, wts, ref, mag, K, HEAD_DIM: tl.constexpr, bit: tl.const
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, NQ, NFLAG, scale, unit,  #
+def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, GROUP, N, M, NQ, NFLAG, scale,
+              unit,  #
               f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr):
+              CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     bk = b * (H // GROUP) + h // GROUP
+    # this program's 64 keys in the batch's coordinates (its report block); with key ranges
+    # those of the sample's range among them (the rest: zero gradients, no check)
+    k_lo, k_hi = _key_range(KStart, KEnd, b, M, KEY_RANGE)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    key_ok, d_ok = cols < M, offs_d < HEAD_DIM
+    key_ok, d_ok = (cols >= k_lo) & (cols < k_hi), offs_d < HEAD_DIM
     kmask = key_ok[:, None] & d_ok[None, :]
     k = tl.load(K + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + (bk * M + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=kmask, other=0.0)
-    shift = M - N
+    shift = k_hi - N
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     bits = tl.zeros([BLOCK_N], tl.int32)
@@ -398,7 +422,10 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
     lo = 0
     if CAUSAL:  # the first query row that sees key pid_n * BLOCK_N: i >= j - shift
         lo = tl.maximum(0, pid_n * BLOCK_N - shift) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, N, BLOCK_M):
+    rows_end = N
+    if KEY_RANGE:  # none of the sample's keys here: no row to visit
+        rows_end = tl.where((k_lo < pid_n * BLOCK_N + BLOCK_N) & (k_hi > pid_n * BLOCK_N), N, 0)
+    for start_m in range(lo, rows_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         rmask = row_ok[:, None] & d_ok[None, :]
@@ -443,7 +470,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, H, GROUP, N, M, N
                 ga_w = tl.sum(tl.abs(do) * tl.abs(wts)[None, :], 1) + 1.1754943508222875e-38
                 magv_w += tl.sum(pt * ga_w[None, :], 1)
     if INJECT:
-        at = (cols[:, None] == f_col) & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :] & (bh == f_bh)
+        at = ((cols == f_col) & key_ok)[:, None] & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :] & (
+            bh == f_bh)
         dk = _hit(dk, at & (f_site == SITE_DK), f_xor, f_use_value, f_value)
         dv = _hit(dv, at & (f_site == SITE_DV), f_xor, f_use_value, f_value)
     if PROTECTION >= 1:

@@ -147,6 +147,82 @@ def test_every_backward_site_detected_and_corrected(site, pass_):
         _ours(*leaves, causal=True, fault=fault, on_fault="raise").backward(do)
 
 
+# Per-sample key ranges in the kernels: sample 0's keys [40, 101) cross the batch's key
+# blocks at 64 (its own first 64 keys are not a block of the batch's), sample 1 has all 130
+KR_SHAPE = (2, 2, 1, 9, 130, 24)  # B, Hq, Hkv, N, M, D
+KR_RANGE = (torch.tensor([40, 0]), torch.tensor([101, 130]))
+_KR = {}
+
+
+def _key_range_case():
+    if not _KR:
+        q, k, v = _qkv(*KR_SHAPE, torch.float32, seed=41)
+        q, k, v, do = _on(DEVICE, q, k, v, torch.randn(2, 2, 9, 24, generator=torch.Generator().manual_seed(2)))
+        start, end = (t.to(DEVICE) for t in KR_RANGE)
+        _KR["case"] = q, k, v, do, start, end
+    return _KR["case"]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_ranges_run_in_the_kernels(monkeypatch, causal):
+    """Per-sample key ranges in the Triton backward's kernels (before: the reference's ops):
+    the gradients of one call per sample on its slice of k and v, zeros outside the ranges,
+    off / abft / full bit for bit, no flag, and the reference's gradients within fp32."""
+    import ftattn.reference as reference
+
+    q, k, v, do, start, end = _key_range_case()
+    called = []
+    monkeypatch.setattr(reference, "attention_backward_reference", lambda *a, **kw: called.append(1))
+    runs = {p: _grads(lambda *t: _ours(*t, causal=causal, key_start=start, key_end=end, protection=p), q, k, v, do)
+            for p in ("off", "abft", "full")}
+    assert not called  # (the kernels ran)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for p in ("abft", "full") for a, b in zip(runs["off"], runs[p]))
+    got = [g.cpu() for g in runs["full"]]
+    for b in range(2):
+        s, e = int(KR_RANGE[0][b]), int(KR_RANGE[1][b])
+        one = _grads(lambda *t: _ours(*t, causal=causal), q[b:b + 1], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                     do[b:b + 1])
+        torch.testing.assert_close(got[0][b:b + 1], one[0].cpu(), rtol=0, atol=2e-6)
+        for i in (1, 2):
+            torch.testing.assert_close(got[i][b:b + 1, :, s:e], one[i].cpu(), rtol=0, atol=2e-6)
+            assert not got[i][b, :, :s].any() and not got[i][b, :, e:].any()
+    want = _grads(lambda *t: ftattn.attention(*t, causal=causal, key_start=start.cpu(), key_end=end.cpu(),
+                                              backend="reference"), *(t.cpu() for t in (q, k, v, do)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, rep = _ours(*leaves, causal=causal, key_start=start, key_end=end, return_report=True)
+    out.backward(do)
+    assert rep.backward.detected == 0 and rep.backward.flags.shape == (2, 2, 1 + 3)
+
+
+@pytest.mark.parametrize("site, dim", [(s, d) for s in BACKWARD_SITES for d in ((2, 3) if s not in ("dq", "dk", "dv")
+                                                                                   else (3,))])
+def test_key_ranges_faults_in_the_batchs_coordinates(site, dim):
+    """A fault of sample 0 on its key 70 (the batch's key block 1; the sample's own block 0) is
+    flagged in the batch's blocks (the dQ pass: the row's query block; the dK / dV pass: the
+    key's block of the batch) and corrected to the clean gradients bit for bit; the same fault
+    on key 20, outside the sample's range, lands nowhere (as the reference: no flag; dq's
+    accumulator has no key: hit either way)."""
+    q, k, v, do, start, end = _key_range_case()
+    kw = dict(causal=True, key_start=start, key_end=end)
+    clean = _grads(lambda *t: _ours(*t, **kw), q, k, v, do)
+    dq_pass = site == "dq" or (site not in ("dk", "dv") and dim % 2 == 0)
+    for col, hits in ((70, True), (20, site == "dq")):
+        fault = Fault(site, batch=0, head=1, row=6, col=col, dim=dim, bit=30)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, rep = _ours(*leaves, fault=fault, return_report=True, **kw)
+        out.backward(do)
+        assert all(torch.equal(a.grad, b) for a, b in zip(leaves, clean)), (col, site)
+        blocks = ((rep.backward.flags & CHECK_MASK) != 0).cpu()
+        want = torch.zeros(2, 2, 1 + 3, dtype=torch.bool)
+        if hits:
+            want[0, 1, 0 if dq_pass else 1 + 70 // 64] = True
+            assert rep.backward.corrected == rep.backward.flagged_blocks == 1
+        assert torch.equal(blocks, want), (col, blocks)
+
+
 _OUTLIER = {}
 
 
@@ -258,10 +334,11 @@ for dim, pad in [tuple(map(int, sys.argv[1:3]))]:
     tile = kern.loop_tile(pad)  # the launcher's tiles on CUDA
     for fn in (kern._bwd_prep, kern._bwd_dq, kern._bwd_dkdv)[int(sys.argv[3]):]:
         bm, bn = (tile, 64) if fn is kern._bwd_dkdv else (64, tile)
-        consts = dict(HEAD_DIM=dim, D_PAD=pad, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn)
+        consts = dict(HEAD_DIM=dim, D_PAD=pad, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, KEY_RANGE=True)
         if fn is not kern._bwd_prep:
             consts.update(PROTECTION=2, INJECT=True)
-        sig = {n: "constexpr" if n in consts else ("*i32" if n == "Flags" else "*fp32") if n in POINTERS
+        sig = {n: "constexpr" if n in consts else "*i64" if n in ("KStart", "KEnd") else
+               ("*i32" if n == "Flags" else "*fp32") if n in POINTERS
                else "fp32" if n in ("scale", "unit", "f_value") else "i32" for n in fn.arg_names}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": 4, "num_stages": 2})

@@ -4,8 +4,8 @@ the Triton interpreter (TRITON_INTERPRET=1). Inputs are validated by the caller
 (ftattn/attention.py); the fault encoding by ftattn/contract.py.
 
 A failed check recomputes the whole backward (``reference.settle_backward``: the flags are
-read on the host, unlike the forward's replay kernel). Per-sample key ranges run on the
-reference's ops for now.
+read on the host, unlike the forward's replay kernel). Per-sample key ranges run in the
+kernels (KEY_RANGE), faults and flags in the batch's key coordinates.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
+def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value, key_start=None, key_end=None):
     B, Hq, N, D = qf.shape
     Hkv, M = kf.shape[1], kf.shape[2]
     group = Hq // Hkv
@@ -56,13 +56,18 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value):
         tile = loop_tile(shape["D_PAD"]) if dev.type != "cpu" else _interpreter_tile
         rows_block = dict(meta, BLOCK_M=BLOCK, BLOCK_N=tile)  # prep, dq: 64 rows, keys by tile
         keys_block = dict(meta, BLOCK_M=tile, BLOCK_N=BLOCK)  # dkdv: 64 keys, rows by tile
-        _bwd_prep[(nq, B * Hq)](qf, kf, of, gf, mrow, rinv, delta, Hq, group, N, M, float(scale), **shape,
-                                **rows_block)
-        _bwd_dq[(nq, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dq, flags, Hq, group, N, M, nq + nk, float(scale),
-                              1.0, *fargs, **shape, PROTECTION=int(protection), INJECT=inject, **rows_block)
-        _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, Hq, group, N, M, nq, nq + nk,
-                                float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection), INJECT=inject,
-                                **keys_block)
+        key_range = key_start is not None
+        starts = key_start.to(device=dev, dtype=torch.int64).contiguous() if key_range else flags  # (unused
+        ends = key_end.to(device=dev, dtype=torch.int64).contiguous() if key_range else flags  # without ranges)
+        shape.update(KEY_RANGE=key_range)
+        _bwd_prep[(nq, B * Hq)](qf, kf, of, gf, mrow, rinv, delta, starts, ends, Hq, group, N, M, float(scale),
+                                **shape, **rows_block)
+        _bwd_dq[(nq, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dq, flags, starts, ends, Hq, group, N, M, nq + nk,
+                              float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection), INJECT=inject,
+                              **rows_block)
+        _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, starts, ends, Hq, group, N, M,
+                                nq, nq + nk, float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection),
+                                INJECT=inject, **keys_block)
     dk = (dkh * scale).view(B, Hkv, group, M, D).sum(2)
     dv = dvh.view(B, Hkv, group, M, D).sum(2)
     return dq, dk, dv, flags
@@ -73,15 +78,12 @@ def attention_bwd(q, k, v, out, grad_out, causal: bool, scale: float, protection
                   key_start: Optional[torch.Tensor] = None, key_end: Optional[torch.Tensor] = None):
     """The Triton implementation of ``ftattn::attention_bwd``: (dq, dk, dv in the inputs'
     dtypes, flags int32 [B, Hq, ceil(N / 64) + ceil(M / 64)])."""
-    from ..reference import attention_backward_reference, settle_backward
+    from ..reference import settle_backward
 
-    if key_start is not None:
-        return attention_backward_reference(q, k, v, out, grad_out, causal, scale, protection, recompute, fault,
-                                            fault_value, key_start, key_end)
     B, Hq, N, D = q.shape
     if fault is not None:
         check_backward_fault_encoding(fault, fault_value, B, Hq, N, k.shape[2], D)
     f32 = [t.float().contiguous() for t in (q, k, v, out, grad_out)]
-    dq, dk, dv, flags = _run(*f32, causal, scale, protection, fault, fault_value)
-    rerun = lambda: _run(*f32, causal, scale, protection, None, None)  # noqa: E731
+    dq, dk, dv, flags = _run(*f32, causal, scale, protection, fault, fault_value, key_start, key_end)
+    rerun = lambda: _run(*f32, causal, scale, protection, None, None, key_start, key_end)  # noqa: E731
     return settle_backward(q, k, v, out, grad_out, (dq, dk, dv), flags, recompute, rerun)
