@@ -738,9 +738,18 @@ at::Tensor mx_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
     for (int64_t p0 = 0; p0 < O; p0 += np) {
       const int64_t n = std::min(np, O - p0);
       float* pp = panel.data_ptr<float>();
+      uint16_t* hp = half_panel ? reinterpret_cast<uint16_t*>(panel16.data_ptr<at::BFloat16>()) : nullptr;
       at::parallel_for(0, n, 1, [&](int64_t a, int64_t b) {
         decode_rows(W, p0 + a, p0 + b, pp + a * K_pad, K_pad);
-        if (half_panel) panel16.narrow(0, a, b - a).copy_(panel.narrow(0, a, b - a));  // exact: <= 8 bits
+        // bf16 panel: the top half of each fp32 value, exact (every MX value has <= 8 significant
+        // bits); no ATen call on the pool's threads (a copy_ there ran without the caller's
+        // inference mode and refused the panel made under it: RuntimeError on 2+ threads)
+        if (half_panel)
+          for (int64_t i = a * K_pad; i < b * K_pad; ++i) {
+            uint32_t u;
+            std::memcpy(&u, pp + i, sizeof(u));
+            hp[i] = static_cast<uint16_t>(u >> 16);
+          }
       });
       const at::Tensor w = (half_panel ? panel16 : panel).narrow(0, 0, n);
       if (n == O) {

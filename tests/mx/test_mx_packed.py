@@ -172,6 +172,31 @@ def test_packed_model_equals_the_fake_quant_model(fmt, activation, bfloat, bias)
         assert torch.allclose(packed(torch.ones(45)), packed(torch.ones(1, 45))[0])  # 1-D input
 
 
+@pytest.mark.parametrize("fmt", ("fp4_e2m1", "fp8_e4m3"))
+def test_bf16_panel_path_under_inference_mode_on_two_threads(fmt):
+    """bfloat16 activations, more than 16 rows (the panel path), two threads, under
+    torch.inference_mode(): the panel's bfloat16 copy was an ATen copy_ on the pool's
+    threads, which ran outside the caller's inference mode and raised (review: RuntimeError
+    'Inplace update to inference tensor outside InferenceMode'); same output as no_grad."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300)).bfloat16()
+    mx.quantize_(model, MXConfig(weight=fmt, packed=True))
+    x = torch.randn(100, 64).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            one = model(x)
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            ref = model(x)
+        with torch.inference_mode():
+            y = model(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y, ref) and torch.equal(y, one)
+
+
 def test_packed_memory_is_the_packed_storage():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
