@@ -478,7 +478,9 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
         expect = (pd * dP.double()).sum(-1) - Dr.double() * rs
         tol = (2 * U32 * (1 + 2**-20) * (pd * dpd.abs()).sum(-1) + 2 * ETA * (M + 1)
                + (M + 4) * 2.0**-52 * ((pd * dP.double()).abs().sum(-1) + Dr.double().abs() * rs))  # (fp64's own)
-        flag(int(Check.DS_CHECK), ~((dsd.sum(-1) - expect).abs() <= tol) & ~empty)
+        # (a row with no visible key too: its dS is 0 and so is the sum; a fault on one of its
+        # entries reaches dQ and dK: review, at abft, where no elementwise check runs)
+        flag(int(Check.DS_CHECK), ~((dsd.sum(-1) - expect).abs() <= tol))
         # entries of S and dP a fault could move harmfully within the column bounds: fp64
         colb_s = colb_s.repeat_interleave(REPORT_BLOCK_M, dim=2)[:, :, :N]  # [B, H, N, M]
         colb_p = colb_p.repeat_interleave(REPORT_BLOCK_M, dim=2)[:, :, :N]
@@ -548,22 +550,29 @@ def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float,
         return attention_backward_reference(q, k, v, out, dout, causal, scale, protection, False, None, None,
                                             key_start, key_end)
 
-    return settle_backward(q, k, v, out, dout, (dq, dk, dv), flags, recompute, rerun)
+    return settle_backward(q, k, v, out, dout, (dq, dk, dv), flags, recompute, rerun, key_start, key_end)
 
 
-def settle_backward(q, k, v, out, dout, grads, flags, recompute: bool, rerun):
+def settle_backward(q, k, v, out, dout, grads, flags, recompute: bool, rerun, key_start=None, key_end=None):
     """A checked backward's end, for every kernel: failed checks on non-finite inputs are
     reported as such (NONFINITE_INPUT, never recomputed); otherwise, with ``recompute``,
     the whole backward runs again without the fault (``rerun()`` -> (dq, dk, dv, flags):
     deterministic, so the gradients equal the clean ones bit for bit) and each failed block
-    is marked CORRECTED, or UNCORRECTED where the second run fails it too. Returns (dq, dk,
-    dv) in the inputs' dtypes and the flags."""
+    is marked CORRECTED, or UNCORRECTED where the second run fails it too. With key ranges
+    only a sample's own keys count as its input (NaN in another sample's keys, or in padding
+    it never reads, made a real fault of it pass as bad input, uncorrected: review). Returns
+    (dq, dk, dv) in the inputs' dtypes and the flags."""
     dq, dk, dv = grads
     group = q.shape[1] // k.shape[1]
     failed = (flags & CHECK_MASK) != 0
     if bool(failed.any()):
+        kv = k.isfinite().all(-1) & v.isfinite().all(-1)  # [B, Hkv, M]
+        if key_start is not None:
+            j = torch.arange(k.shape[2], device=k.device)
+            read = (j >= key_start.to(k.device)[:, None]) & (j < key_end.to(k.device)[:, None])  # [B, M]
+            kv = kv | ~read[:, None, :]
         finite = (q.isfinite().all(-1).all(-1) & out.isfinite().all(-1).all(-1) & dout.isfinite().all(-1).all(-1)
-                  & (k.isfinite().all(-1).all(-1) & v.isfinite().all(-1).all(-1)).repeat_interleave(group, dim=1))
+                  & kv.all(-1).repeat_interleave(group, dim=1))
         nonfinite = ~finite[..., None] & failed
         flags |= nonfinite.to(torch.int32) * int(Check.NONFINITE_INPUT)
         redo = failed & ~nonfinite

@@ -338,7 +338,9 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
         c = (2 * (ntiles + 8) + 4) * U32  # dS and its three sums in fp32, tile by tile
         expect = pdp - delta * rs
         tol = c * (ta + tb + tl.abs(delta) * rs) + mb * UNDERFLOW
-        bits = bits | tl.where((tl.abs(dsum - expect) <= tol) | empty | ~row_ok, 0, DS_CHECK)
+        # (a row with no visible key too: its dS is 0, so is the sum; a fault on one of its
+        # masked entries reaches dQ)
+        bits = bits | tl.where((tl.abs(dsum - expect) <= tol) | ~row_ok, 0, DS_CHECK)
         bits = bits | _group_check(acc, E, refq, magq, mb, 1, DQ_CHECKSUM)
         if PROTECTION >= 2:
             bits = bits | _weighted_check(acc, wts, refq_w, magq_w, mb, HEAD_DIM, DQ_CHECKSUM)
@@ -359,7 +361,9 @@ def _second_p_and_ds(p, x2, rinv, dp, ds, delta, vis, AXIS: tl.constexpr):
     bb = p * delta
     s2 = a - bb
     tol = 2.0 * U32 * (tl.abs(a) + tl.abs(bb) + tl.abs(s2)) * (1.0 + 1e-3) + 4.0 * UNDERFLOW
-    bad_s = vis & ~(tl.abs(ds - s2) <= tol)
+    # every entry, masked ones too: dS is 0 there (p is), and the products read it whatever
+    # vis says (a fault on a masked entry reached dK and dQ unseen: review)
+    bad_s = ~(tl.abs(tl.where(vis, ds - s2, ds)) <= tl.where(vis, tol, 4.0 * UNDERFLOW))
     out = tl.where(tl.max(bad_p.to(tl.int32), AXIS) != 0, SOFTMAX_DMR, 0)
     return out | tl.where(tl.max(bad_s.to(tl.int32), AXIS) != 0, DS_CHECK, 0)
 

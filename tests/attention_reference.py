@@ -130,6 +130,56 @@ def check_dv_warp_caught_at_full_only(attention, device="cpu"):
         assert rep.backward.corrected == 1 and all(torch.equal(a, b) for a, b in zip(fixed, clean))
 
 
+def _backward_grads(attention, q, k, v, do, device, **kw):
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    out, rep = attention(*leaves, return_report=True, **kw)
+    out.backward(do.to(device))
+    return [t.grad.cpu() for t in leaves], rep.backward
+
+
+def check_masked_ds_faults_caught(attention, device="cpu"):
+    """A dS fault on an entry the kernel masks (dS is 0 there by construction; the products
+    read it all the same): a key past a causal row's last, and a row with no visible key,
+    in either pass (dim even: the dQ pass, odd: the dK / dV pass), at abft and full: detected
+    and corrected to the clean gradients bit for bit. (Review: the Triton backward's dS checks
+    skipped masked entries and rows with no key, and the reference's row-sum check rows with
+    no key, at abft; dQ and dK moved by ~1, unseen.)"""
+    from ftattn import Fault
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(*s, generator=g) for s in ((1, 1, 20, 16), (1, 1, 40, 16), (1, 1, 40, 16),
+                                                          (1, 1, 20, 16)))
+    for start, end, row, col in ((10, 35, 18, 34), (30, 35, 3, 31)):  # key 34 masked for row 18; row 3 sees none
+        kw = dict(causal=True, key_start=torch.tensor([start]).to(device), key_end=torch.tensor([end]).to(device))
+        for protection in ("abft", "full"):
+            clean, _ = _backward_grads(attention, q, k, v, do, device, protection=protection, **kw)
+            for dim in (2, 3):
+                fault = Fault("ds", 0, 0, row=row, col=col, dim=dim, bit=30)
+                got, rep = _backward_grads(attention, q, k, v, do, device, protection=protection, fault=fault, **kw)
+                assert rep.detected > 0 and rep.corrected == rep.flagged_blocks, (start, row, dim, protection, rep)
+                assert all(torch.equal(a, b) for a, b in zip(got, clean)), (start, row, dim, protection)
+
+
+def check_nonfinite_outside_key_range_does_not_block_correction(attention, device="cpu"):
+    """NaN in keys a sample never reads (before its key range) and a real fault on one of its
+    keys: detected and corrected, not reported as non-finite input (review: the Triton and
+    reference backwards took every key of the batch as the sample's input and returned the
+    fault's gradients, detected 0)."""
+    from ftattn import Fault
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(*s, generator=g) for s in ((2, 2, 9, 24), (2, 1, 130, 24), (2, 1, 130, 24),
+                                                          (2, 2, 9, 24)))
+    k[0, :, 10] = float("nan")
+    kw = dict(causal=True, key_start=torch.tensor([40, 0]).to(device), key_end=torch.tensor([101, 130]).to(device))
+    clean, rep = _backward_grads(attention, q, k, v, do, device, **kw)
+    assert rep.detected == 0 and all(bool(t.isfinite().all()) for t in clean)
+    got, rep = _backward_grads(attention, q, k, v, do, device, fault=Fault("dk", 0, 1, row=0, col=70, dim=3, bit=30),
+                               **kw)
+    assert rep.detected == 1 and rep.corrected == 1 and not rep.nonfinite_input, rep
+    assert all(torch.equal(a, b) for a, b in zip(got, clean))
+
+
 def check_large_logit_constant_rows_backward_no_alarm(attention, device="cpu"):
     """Clean fp32 rows of equal scores at large logits (q or k x 1e20 / 1e30 on constant
     data: scores ~1e19-1e29, every key p = 1 / M): the backward at full raises no flag and

@@ -16,7 +16,8 @@ from ftattn.contract import Site
 from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
 from attention_reference import (bnhd_view, check_dv_warp_caught_at_full_only,
-                                 check_large_logit_constant_rows_backward_no_alarm,
+                                 check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
+                                 check_nonfinite_outside_key_range_does_not_block_correction,
                                  check_subnormal_operand_backward_raises_no_alarm, padded_view)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -174,6 +175,16 @@ def test_subnormal_keys_or_queries_raise_no_alarm_at_full(backend):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_constant_rows_at_large_logits_raise_no_alarm_at_full(backend):
     check_large_logit_constant_rows_backward_no_alarm(functools.partial(ftattn.attention, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_ds_faults_on_masked_entries_are_caught(backend):
+    check_masked_ds_faults_caught(functools.partial(ftattn.attention, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_nonfinite_keys_outside_a_range_do_not_block_correction(backend):
+    check_nonfinite_outside_key_range_does_not_block_correction(functools.partial(ftattn.attention, backend=backend))
 
 
 @pytest.mark.parametrize("protection", ["off", "abft", "full"])

@@ -288,6 +288,21 @@ def test_constant_rows_at_large_logits_raise_no_alarm_at_full():
     check_large_logit_constant_rows_backward_no_alarm(functools.partial(ftattn.attention, backend="triton"), DEVICE)
 
 
+def test_ds_faults_on_masked_entries_are_caught():
+    """tests/attention_reference.py's case: both passes' dS checks now see masked entries and
+    rows with no visible key (before: missed at abft and full, dQ / dK moved by ~1)."""
+    from attention_reference import check_masked_ds_faults_caught
+
+    check_masked_ds_faults_caught(functools.partial(ftattn.attention, backend="triton"), DEVICE)
+
+
+def test_nonfinite_keys_outside_a_range_do_not_block_correction():
+    from attention_reference import check_nonfinite_outside_key_range_does_not_block_correction
+
+    check_nonfinite_outside_key_range_does_not_block_correction(
+        functools.partial(ftattn.attention, backend="triton"), DEVICE)
+
+
 def test_protection_off_sees_nothing():
     q, k, v = _on(DEVICE, *_qkv(1, 2, 1, 20, 30, 16, torch.float32, seed=9))
     do = torch.randn(1, 2, 20, 16).to(DEVICE)

@@ -86,4 +86,4 @@ def attention_bwd(q, k, v, out, grad_out, causal: bool, scale: float, protection
     f32 = [t.float().contiguous() for t in (q, k, v, out, grad_out)]
     dq, dk, dv, flags = _run(*f32, causal, scale, protection, fault, fault_value, key_start, key_end)
     rerun = lambda: _run(*f32, causal, scale, protection, None, None, key_start, key_end)  # noqa: E731
-    return settle_backward(q, k, v, out, grad_out, (dq, dk, dv), flags, recompute, rerun)
+    return settle_backward(q, k, v, out, grad_out, (dq, dk, dv), flags, recompute, rerun, key_start, key_end)
