@@ -676,7 +676,9 @@ FTATTN_CLONES static void row_col_sums(const float* __restrict X, int64_t ld, in
 // sum_d x_d and sum_d |x_d| (fp64) and max_d |x_d| over n floats, in fp64 lanes of 8 and
 // then the rest: summed one after the other, each group was a chain of dependent fp64 adds
 // (group_sums and group_check: 10.7 % of a full backward's samples at B8 H12 N128 D32).
-// A NaN x makes the sums NaN and leaves the max alone.
+// A NaN x makes the sums NaN and leaves the max alone. WEIGHTED: sum_d w_d x_d instead of
+// sum_d x_d (w = PV_WEIGHTS, each product exact in fp64), for weighted_sums.
+template <bool WEIGHTED = false>
 FTATTN_VEC_INLINE void span_sums(const float* __restrict x, int64_t n, double& s, double& a, double& mx) {
   using vec::d8;
   d8 vs = d8{}, va = d8{}, vm = d8{};
@@ -685,7 +687,13 @@ FTATTN_VEC_INLINE void span_sums(const float* __restrict x, int64_t n, double& s
     vec::f8 xf;
     std::memcpy(&xf, x + d, sizeof(xf));
     const d8 xd = __builtin_convertvector(xf, d8), xa = vec::abs(xd);
-    vs += xd;
+    if constexpr (WEIGHTED) {
+      vec::f8 wf;
+      std::memcpy(&wf, PV_WEIGHTS.w + d, sizeof(wf));
+      vs += xd * __builtin_convertvector(wf, d8);
+    } else {
+      vs += xd;
+    }
     va += xa;
     vm = xa > vm ? xa : vm;
   }
@@ -694,7 +702,7 @@ FTATTN_VEC_INLINE void span_sums(const float* __restrict x, int64_t n, double& s
   mx = vec::tree(vm, vec::Max{});
   for (; d < n; ++d) {
     const double v = static_cast<double>(x[d]), av = std::fabs(v);
-    s += v;
+    s += WEIGHTED ? v * static_cast<double>(PV_WEIGHTS.w[d]) : v;
     a += av;
     mx = av > mx ? av : mx;
   }
@@ -704,23 +712,8 @@ FTATTN_VEC_INLINE void span_sums(const float* __restrict x, int64_t n, double& s
 // |w_d x_d| over D floats: the weighted checksum group (bwd_groups). |w_d| < 1/16 keeps both
 // within 16 max |x|, as a 16-dim group's sums, so they overflow fp32 no sooner.
 FTATTN_VEC_INLINE void weighted_sums(const float* __restrict x, int64_t D, double& s, double& a) {
-  using vec::d8;
-  d8 vs = d8{}, va = d8{};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    vec::f8 xf, wf;
-    std::memcpy(&xf, x + d, sizeof(xf));
-    std::memcpy(&wf, PV_WEIGHTS.w + d, sizeof(wf));
-    const d8 xd = __builtin_convertvector(xf, d8);
-    vs += xd * __builtin_convertvector(wf, d8);
-    va += vec::abs(xd);
-  }
-  s = vec::hsum(vs);
-  a = vec::hsum(va);
-  for (; d < D; ++d) {
-    s += static_cast<double>(x[d]) * static_cast<double>(PV_WEIGHTS.w[d]);
-    a += std::fabs(static_cast<double>(x[d]));
-  }
+  double mx;
+  span_sums<true>(x, D, s, a, mx);
   s *= 0.25;
   a *= 1.0 / 16.0;
 }

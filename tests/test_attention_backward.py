@@ -168,23 +168,15 @@ def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_subnormal_keys_or_queries_raise_no_alarm_at_full(backend):
-    check_subnormal_operand_backward_raises_no_alarm(functools.partial(ftattn.attention, backend=backend))
-
-
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_constant_rows_at_large_logits_raise_no_alarm_at_full(backend):
-    check_large_logit_constant_rows_backward_no_alarm(functools.partial(ftattn.attention, backend=backend))
-
-
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_ds_faults_on_masked_entries_are_caught(backend):
-    check_masked_ds_faults_caught(functools.partial(ftattn.attention, backend=backend))
-
-
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_nonfinite_keys_outside_a_range_do_not_block_correction(backend):
-    check_nonfinite_outside_key_range_does_not_block_correction(functools.partial(ftattn.attention, backend=backend))
+@pytest.mark.parametrize("case", [check_subnormal_operand_backward_raises_no_alarm,
+                                  check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
+                                  check_nonfinite_outside_key_range_does_not_block_correction],
+                         ids=lambda f: f.__name__.removeprefix("check_"))
+def test_shared_backward_case(case, backend):
+    """tests/attention_reference.py's backward cases (their docstrings say what each checks),
+    on the C++ kernel and the reference; tests/test_attention_backward_triton.py runs them on
+    the Triton kernel."""
+    case(functools.partial(ftattn.attention, backend=backend))
 
 
 @pytest.mark.parametrize("protection", ["off", "abft", "full"])
