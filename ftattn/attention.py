@@ -302,7 +302,7 @@ def attention(
 def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, return_report, key_start=None,
                key_end=None, in_op=False, want_flags=False):
     """want_flags (an inference call: no gradient, no fault; the integration's counters):
-    (out, flags) with the policy applied, no Report made."""
+    (out, flags, whether any flag is set) with the policy applied, no Report made."""
     validate_inputs(q, k, v, scale)
     validate_key_range(q, k, key_start, key_end)
     prot, policy = _parse_options(protection, on_fault)
@@ -325,6 +325,7 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
         bwd_fault, fault_list = (fault_list, fault_value), None
     if grad:
         holder = _BackwardHolder(policy, bwd_fault)
+        holder.read = policy is OnFault.RAISE or return_report
         out, flags = _AttentionFunction.apply(q, k, v, key_start, key_end, (
             backend, causal, float(scale), int(prot), recompute, fault_list, fault_value, in_op, holder))
         report = _apply_policy(flags, policy, q.shape[2], return_report)
@@ -332,10 +333,135 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
         return (out, report) if return_report else out
     out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value,
                           key_start, key_end, in_op)
+    flagged = False
+    if (policy is OnFault.RAISE or return_report or want_flags) and _flagged(flags):
+        flagged = True
+        if _needs_rescale(flags, policy):
+            rescaled = _rescaled_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list,
+                                     fault_value, key_start, key_end, in_op)
+            if rescaled is not None:
+                out, flags = rescaled
+                flagged = _flagged(flags)
     report = _apply_policy(flags, policy, q.shape[2], return_report)
     if want_flags:
-        return out, flags
+        return out, flags, flagged
     return (out, report) if return_report else out
+
+
+# ---------------------------------------------------------------------------
+# inputs near fp32's range: the call again on operands scaled by powers of two
+#
+# The kernels' checksums add up scores (|q . k| summed over a block's rows and keys),
+# values (|v| over head dims) and products of dO and v in fp32 partial sums; from
+# magnitudes around 1e36 those sums overflow on finite input and the check compares inf
+# with inf: a false alarm, uncorrectable, on clean data (and the unnormalised P V
+# accumulator overflows from |v| ~ 1e38 while the output would be finite). Attention is
+# exact under power-of-two scaling: with q' = q 2^-a, k' = k 2^-b, v' = v 2^-c and scale
+# 2^(a + b), S' = S 2^-(a + b) and (S' - m') scale' = (S - m) scale, so P is the same bit
+# for bit and O = O' 2^c; the backward with dO' = dO 2^-e gives dQ = dQ' 2^(c + e - a),
+# dK = dK' 2^(c + e - b) and dV = dV' 2^e (every product and sum scaled exactly while no
+# operand, product or partial sum drops below fp32's normal range: operands are scaled
+# only so far as their smallest nonzero magnitude stays normal). So a call whose checks
+# failed on such operands runs once more scaled to magnitudes near 1, where every
+# checksum is in range, and that run's checks decide. Operands below RANGE_HAZARD (every
+# real activation) never take this path, so a fault on them is never run past twice.
+RANGE_HAZARD = 2.0 ** 60  # an operand's magnitude, or a product of two, from which the call is scaled
+_NORMAL_EXPONENT = -126  # fp32's (and bfloat16's) smallest normal is 2^-126
+_MAX_SCALE = 2.0 ** 126  # scale' stays a finite, normal fp32 value with room to spare
+
+
+def _magnitude(t: torch.Tensor) -> float:
+    """t's largest magnitude (0 for an empty t)."""
+    return float(t.detach().abs().amax().float()) if t.numel() else 0.0
+
+
+def _exponent(t: torch.Tensor, amax: float) -> int:
+    """e >= 0 such that t 2^-e has its largest magnitude amax 2^-e in [1, 2), or as large as
+    keeps t's smallest nonzero magnitude normal (t 2^-e exact); 0 where amax <= 1 (nothing
+    is scaled up)."""
+    if not amax > 1.0 or not math.isfinite(amax):
+        return 0
+    mag = t.detach().abs().float()
+    amin = float(torch.where(mag > 0, mag, torch.full_like(mag, math.inf)).amin())
+    # (every nonzero |t| 2^-e >= 2^-126)
+    return max(0, min(math.frexp(amax)[1] - 1, math.frexp(amin)[1] - 1 - _NORMAL_EXPONENT))
+
+
+def _flagged(flags: torch.Tensor) -> bool:
+    """Whether any of a call's flags ([B, H, blocks]) is set: a few read as a list (0.7 us
+    against a reduction's 1.7), the rest by one reduction; never for flags that hold no
+    values (meta; traced: under torch.compile, or fake and functional tensors, a
+    torch.Tensor subclass each)."""
+    if type(flags) is not torch.Tensor or flags.is_meta or torch.compiler.is_compiling():
+        return False
+    if flags.dim() == 3 and flags.numel() <= 64:
+        return any(x for per_batch in flags.tolist() for per_head in per_batch for x in per_head)
+    return bool(flags.any())
+
+
+def _needs_rescale(flags: torch.Tensor, policy: OnFault) -> bool:
+    """Of flags that _flagged found set: a failed check on finite input that the call did
+    not settle, any at "raise" and "report" (no recomputation), an UNCORRECTED one at
+    "correct"."""
+    bad = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+    if policy is OnFault.CORRECT:
+        bad &= (flags & int(Check.UNCORRECTED)) != 0
+    return bool(bad.any())
+
+
+def _range_exponents(tensors, scale: float):
+    """Exponents (a, b, c, ...) for q, k, v (and dO) where the operands are near fp32's
+    range (q k products or any operand from RANGE_HAZARD), else None; None too where the
+    scaled call cannot be exact (float16, whose range never gets there; a scale that would
+    leave fp32)."""
+    if tensors[0].dtype not in (torch.float32, torch.bfloat16):
+        return None
+    mags = [_magnitude(t) for t in tensors]
+    if not (mags[0] * mags[1] >= RANGE_HAZARD or max(mags[2:]) >= RANGE_HAZARD):
+        return None
+    exps = [_exponent(t, m) for t, m in zip(tensors, mags)]
+    if sum(exps) == 0 or not abs(scale) * 2.0 ** (exps[0] + exps[1]) < _MAX_SCALE:
+        return None
+    return exps
+
+
+def _rescaled_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, fault_value, key_start, key_end,
+                  in_op, stats=None):
+    """(out, flags) of the call on operands scaled by powers of two (above), or None.
+    stats (the C++ kernel's, for the backward) are written with the unscaled row maxima."""
+    exps = _range_exponents((q, k, v), scale)
+    if exps is None:
+        return None
+    a, b, c = exps
+    out, flags = _run_fwd(backend, _ldexp(q, -a), _ldexp(k, -b), _ldexp(v, -c), causal, scale * 2.0 ** (a + b),
+                          protection, recompute, fault, fault_value, key_start, key_end, in_op, stats)
+    if stats is not None:  # (each row's largest raw score, S = S' 2^(a + b); its normaliser as it is)
+        stats[..., 0] = _ldexp(stats[..., 0], a + b)
+    return _ldexp(out, c), flags
+
+
+def _rescaled_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault, fault_value, key_start,
+                  key_end, backend, stats=None):
+    """(dq, dk, dv, flags) of the backward on operands scaled by powers of two, or None."""
+    exps = _range_exponents((q, k, v, grad_out), scale)
+    if exps is None:
+        return None
+    a, b, c, e = exps
+    if stats is not None:
+        stats = torch.stack((_ldexp(stats[..., 0], -(a + b)), stats[..., 1]), -1)
+    dq, dk, dv, flags = _run_bwd(_ldexp(q, -a), _ldexp(k, -b), _ldexp(v, -c), _ldexp(out, -c), _ldexp(grad_out, -e),
+                                 causal, scale * 2.0 ** (a + b), protection, recompute, fault, fault_value, key_start,
+                                 key_end, backend=backend, stats=stats)
+    return _ldexp(dq, c + e - a), _ldexp(dk, c + e - b), _ldexp(dv, e), flags
+
+
+def _ldexp(t: torch.Tensor, e: int) -> torch.Tensor:
+    """t 2^e, exact (steps of at most 2^+-100, each a finite fp32 scalar)."""
+    t = t.detach()
+    while e != 0:
+        step = max(-100, min(100, e))
+        t, e = t * 2.0 ** step, e - step
+    return t
 
 
 # ---------------------------------------------------------------------------
@@ -368,6 +494,7 @@ class _BackwardHolder:
     def __init__(self, policy: OnFault, fault):
         self.policy, self.fault = policy, fault
         self.report: Optional[Report] = None
+        self.read = False  # the forward's flags are read (raise, or a report asked for)
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -382,6 +509,9 @@ class _AttentionFunction(torch.autograd.Function):
         stats = q.new_empty(q.shape[:3] + (2,), dtype=torch.float32) if backend == backends.Backend.CPP else None
         out, flags = _run_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value, key_start,
                               key_end, in_op, stats)
+        if holder.read and _flagged(flags) and _needs_rescale(flags, holder.policy):
+            out, flags = _rescaled_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value,
+                                       key_start, key_end, in_op, stats) or (out, flags)
         ctx.save_for_backward(q, k, v, out, stats)
         ctx.key_range = (key_start, key_end)
         ctx.options = (causal, scale, prot, recompute, holder, backend)
@@ -395,6 +525,9 @@ class _AttentionFunction(torch.autograd.Function):
         fault, fault_value = holder.fault if holder.fault is not None else (None, None)
         dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault, fault_value,
                                      *ctx.key_range, backend=backend, stats=stats)
+        if _flagged(flags) and _needs_rescale(flags, holder.policy):
+            dq, dk, dv, flags = _rescaled_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault,
+                                              fault_value, *ctx.key_range, backend, stats) or (dq, dk, dv, flags)
         report = _apply_policy(flags, holder.policy, q.shape[2], True, op="attention backward", keys=k.shape[2])
         if holder.report is not None:
             holder.report.backward = report
@@ -450,8 +583,12 @@ def _register_kernels() -> None:
         prot, policy = _parse_options(kw.get("protection", "full"), kw.get("on_fault", "correct"))
         scale = kw.get("scale")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, kw.get("causal", False), scale, int(prot),
-                                     policy is OnFault.CORRECT, None, None, *ctx.key_range)
+        causal, recompute = kw.get("causal", False), policy is OnFault.CORRECT
+        dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, int(prot), recompute, None, None,
+                                     *ctx.key_range)
+        if _flagged(flags) and _needs_rescale(flags, policy):
+            dq, dk, dv, flags = _rescaled_bwd(q, k, v, out, grad_out, causal, scale, int(prot), recompute, None,
+                                              None, *ctx.key_range, "auto") or (dq, dk, dv, flags)
         if policy is OnFault.RAISE:
             if torch.compiler.is_compiling():  # no host read in a graph: an assertion when it runs
                 faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)

@@ -131,7 +131,7 @@ def check_dv_warp_caught_at_full_only(attention, device="cpu"):
 
 
 def _backward_grads(attention, q, k, v, do, device, **kw):
-    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    leaves = [t.to(device, copy=True).requires_grad_() for t in (q, k, v)]
     out, rep = attention(*leaves, return_report=True, **kw)
     out.backward(do.to(device))
     return [t.grad.cpu() for t in leaves], rep.backward
@@ -193,7 +193,7 @@ def check_large_logit_constant_rows_backward_no_alarm(attention, device="cpu"):
         do = torch.randn(1, 2, 5, 8, generator=g)
         grads = {}
         for protection in ("off", "full"):
-            leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+            leaves = [t.to(device, copy=True).requires_grad_() for t in (q, k, v)]
             out, rep = attention(*leaves, protection=protection, return_report=True, on_fault="raise")
             out.backward(do.to(device))
             assert rep.detected == 0 and rep.backward.detected == 0, (sq, sk, protection, rep.backward)
@@ -217,9 +217,81 @@ def check_subnormal_operand_backward_raises_no_alarm(attention, device="cpu", bi
         q, k = (q * 1e-42, k) if small == "q" else (q, k * 1e-42)
         grads = {}
         for protection in ("off", "full"):
-            leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+            leaves = [t.to(device, copy=True).requires_grad_() for t in (q, k, v)]
             out, rep = attention(*leaves, protection=protection, return_report=True)
             out.backward(do)
             assert rep.backward.detected == 0, (small, protection, rep.backward)
             grads[protection] = [t.grad for t in leaves]
         assert all(torch.equal(a, b) for a, b in zip(grads["off"], grads["full"])), small
+
+
+def near_range_cases(dtype=torch.float32):
+    """Clean operands near fp32's range, as (name, q, k, v, dO, scale): constant scores of
+    1e37 and 3e38 (the kernels' fp32 checksums of S overflowed: forward and backward
+    alarms, uncorrected), values of 1e37 (the backward's dO V^T checksum overflowed) and
+    1e38 (P V's unnormalised accumulator overflowed: inf out of finite input, in every
+    backend), GQA, causal."""
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for s in (1e37, 3e38):
+        c = (s / 32) ** 0.5
+        cases.append((f"scores {s:.0e}", torch.full((1, 2, 37, 32), c), torch.full((1, 1, 70, 32), c),
+                      torch.randn(1, 1, 70, 32, generator=g), 1e-37))
+    for s in (1e37, 1e38):
+        cases.append((f"values {s:.0e}", torch.randn(1, 2, 37, 32, generator=g), torch.randn(1, 1, 70, 32, generator=g),
+                      (1 + torch.rand(1, 1, 70, 32, generator=g)) * (s / 2), None))
+    do = torch.randn(1, 2, 37, 32, generator=g)
+    return [(name, *(t.to(dtype) for t in (q, k, v, do)), scale) for name, q, k, v, scale in cases]
+
+
+def check_near_fp32_range_no_alarm(attention, device="cpu", dtype=torch.float32, backward=True,
+                                   causals=(False, True)):
+    """Clean operands near fp32's range (near_range_cases): forward and backward at abft and
+    full, on_fault="raise", no flag (the call runs again on operands scaled by powers of
+    two, ftattn/attention.py; before, every case alarmed in the C++ kernels, and values of
+    1e38 gave inf in every backend). Output and gradients: protection off's bit for bit
+    where off's are finite (the scaled call is exact), else the fp64 reference's within
+    the dtype's rounding of their magnitude. A harmful fault on such data is still
+    detected and corrected."""
+    from ftattn import Fault
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, q, k, v, do, scale in near_range_cases(dtype):
+        for causal in causals:
+            results = {}
+            for protection in ("off", "abft", "full"):
+                leaves = [t.to(device, copy=True).requires_grad_(backward) for t in (q, k, v)]
+                out, rep = attention(*leaves, causal=causal, scale=scale, protection=protection, on_fault="raise",
+                                     return_report=True)
+                results[protection] = [out]
+                if backward:
+                    out.backward(do.to(device))
+                    assert rep.backward.detected == 0, (name, causal, protection, rep.backward)
+                    results[protection] += [t.grad for t in leaves]
+                assert rep.detected == 0, (name, causal, protection, rep)
+            if all(bool(t.isfinite().all()) for t in results["off"]):
+                for protection in ("abft", "full"):
+                    assert all(torch.equal(a, b) for a, b in zip(results[protection], results["off"])), (
+                        name, causal, protection)
+                continue
+            leaves = [t.double().requires_grad_() for t in (q, k, v)]
+            ref = attention_ref(*leaves, causal=causal, scale=scale)
+            ref.backward(do.double())
+            want = [ref.detach()] + [t.grad for t in leaves]
+            for protection in ("abft", "full"):
+                for what, a, b in zip(("out", "dq", "dk", "dv"), results[protection], want):
+                    a = a.detach().cpu().double()
+                    assert bool(a.isfinite().all()), (name, causal, protection, what)
+                    err = float((a - b).abs().max()) / float(b.abs().max())
+                    assert err <= tol, (name, causal, protection, what, err)
+        # (a report asked for: the flags are read, so a call whose checks overflowed runs scaled;
+        # without one, values of 1e38 give inf as every flash-style kernel's accumulator does)
+        clean, rep = attention(q.to(device), k.to(device), v.to(device), scale=scale, return_report=True)
+        assert rep.detected == 0 and bool(clean.isfinite().all()), (name, rep)
+        # (a score of 50 on normal q, k: the row's output moves to that key's value)
+        fault = Fault("scores", 0, 1, row=5, col=3, **(dict(bit=30) if scale else dict(value=50.0)))
+        out, rep = attention(q.to(device), k.to(device), v.to(device), scale=scale, fault=fault, return_report=True)
+        raw, _ = attention(q.to(device), k.to(device), v.to(device), scale=scale, fault=fault, on_fault="report",
+                           return_report=True)
+        assert float((raw - clean).abs().max()) > 2.0 ** -10 * float(clean.abs().max()), (name, "fault not harmful")
+        assert rep.detected > 0 and rep.corrected == rep.flagged_blocks == 1 and torch.equal(out, clean), (name, rep)

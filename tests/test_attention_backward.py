@@ -17,8 +17,9 @@ from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
 from attention_reference import (bnhd_view, check_dv_warp_caught_at_full_only,
                                  check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
+                                 check_near_fp32_range_no_alarm,
                                  check_nonfinite_outside_key_range_does_not_block_correction,
-                                 check_subnormal_operand_backward_raises_no_alarm, padded_view)
+                                 check_subnormal_operand_backward_raises_no_alarm, near_range_cases, padded_view)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # absolute slack of the gradient comparison, times max(1, max|g|): about one rounding of
@@ -170,13 +171,37 @@ def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full(backend):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("case", [check_subnormal_operand_backward_raises_no_alarm,
                                   check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
-                                  check_nonfinite_outside_key_range_does_not_block_correction],
+                                  check_nonfinite_outside_key_range_does_not_block_correction,
+                                  check_near_fp32_range_no_alarm],
                          ids=lambda f: f.__name__.removeprefix("check_"))
 def test_shared_backward_case(case, backend):
     """tests/attention_reference.py's backward cases (their docstrings say what each checks),
     on the C++ kernel and the reference; tests/test_attention_backward_triton.py runs them on
     the Triton kernel."""
     case(functools.partial(ftattn.attention, backend=backend))
+
+
+def test_near_fp32_range_bfloat16():
+    """tests/attention_reference.py's near-range case in bfloat16 (fp32's range: the same
+    overflows), C++ kernel: no flag, protection off's output and gradients bit for bit."""
+    check_near_fp32_range_no_alarm(functools.partial(ftattn.attention, backend="cpp"), dtype=torch.bfloat16,
+                                   causals=(True,))
+
+
+def test_near_fp32_range_through_the_op():
+    """torch.ops.ftattn.attention with on_fault="raise" and its registered backward run a call
+    whose checksums overflowed again scaled: no raise (before: the backward raised), off's
+    output and gradients bit for bit. (Under torch.compile the op's backward reads no flag:
+    its raise is an assertion in the graph, and such a call is not scaled.)"""
+    on_fault = "raise"
+    name, q, k, v, do, scale = near_range_cases()[0]  # scores of 1e37: the backward's checksums overflow
+    grads = {}
+    for protection in ("off", "full"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = torch.ops.ftattn.attention(*leaves, scale=scale, protection=protection, on_fault=on_fault)
+        out.backward(do)
+        grads[protection] = [out.detach()] + [t.grad for t in leaves]
+    assert all(torch.equal(a, b) for a, b in zip(grads["off"], grads["full"])), name
 
 
 @pytest.mark.parametrize("protection", ["off", "abft", "full"])

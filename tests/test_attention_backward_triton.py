@@ -288,6 +288,16 @@ def test_constant_rows_at_large_logits_raise_no_alarm_at_full():
     check_large_logit_constant_rows_backward_no_alarm(functools.partial(ftattn.attention, backend="triton"), DEVICE)
 
 
+def test_near_fp32_range_no_alarm():
+    """tests/attention_reference.py's case: operands whose checksums overflow fp32 (scores of
+    1e37 / 3e38, values of 1e37 / 1e38: every one alarmed in this kernel, forward or
+    backward, and values of 1e38 gave inf) run again scaled: no flag, off's results bit for
+    bit (fp64's within rounding where off overflows); a harmful fault on them corrected."""
+    from attention_reference import check_near_fp32_range_no_alarm
+
+    check_near_fp32_range_no_alarm(functools.partial(ftattn.attention, backend="triton"), DEVICE, causals=(True,))
+
+
 def test_ds_faults_on_masked_entries_are_caught():
     """tests/attention_reference.py's case: both passes' dS checks now see masked entries and
     rows with no visible key (before: missed at abft and full, dQ / dK moved by ~1)."""

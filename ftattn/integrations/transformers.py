@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..attention import _attention
+from ..attention import _attention, _flagged
 from ..attention import attention as _ftattn_attention
 from ..faults import CHECK_MASK, Check, Fault, OnFault, Protection, Site
 
@@ -497,14 +497,6 @@ def _unsupported(module, dropout, kwargs, n_keys) -> None:
         )
 
 
-def _flagged(flags: torch.Tensor) -> bool:
-    """Whether any of a CPU call's flags ([B, H, blocks]) is set (a few: read as a list,
-    0.7 us against a reduction's 1.7)."""
-    if flags.dim() == 3 and flags.numel() <= 64:
-        return any(x for per_batch in flags.tolist() for per_head in per_batch for x in per_head)
-    return bool(flags.any())
-
-
 def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], key_start=None, key_end=None,
          module=None) -> torch.Tensor:
     """One call of the kernel for the whole batch (padded samples: key ranges)."""
@@ -515,9 +507,9 @@ def _run(state: _State, q, k, v, causal: bool, scale, fault: Optional[Fault], ke
         # the common call (inference on the CPU): the flags read on the host, no Report;
         # a clean call is one int add per tally (a decode step's layer, B1 Hq4 Hkv2 M26 D16:
         # 24 -> 17 us)
-        out, flags = _attention(q, k, v, causal, scale, policy.protection, policy.on_fault, None, policy.backend,
-                                False, key_start, key_end, want_flags=True)
-        if not _flagged(flags):
+        out, flags, flagged = _attention(q, k, v, causal, scale, policy.protection, policy.on_fault, None,
+                                         policy.backend, False, key_start, key_end, want_flags=True)
+        if not flagged:
             state.totals.calls += 1
             if counts is not None:
                 counts.calls += 1
