@@ -771,7 +771,7 @@ FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, in
         weighted_sums(acc + r * D, D, s, a);
       const double bound =
           f * static_cast<double>(mag[r * ldm + g * gsm]) + eta * static_cast<double>((d1 - d0 + 2) * (K + 2));
-      bad |= !(std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr])) <= bound);
+      bad |= !within(std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr])), bound);
     }
     if (bad) bits[r] |= bit;
   }

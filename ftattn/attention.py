@@ -353,38 +353,45 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
 #
 # The kernels' checksums add up scores (|q . k| summed over a block's rows and keys),
 # values (|v| over head dims) and products of dO and v in fp32 partial sums; from
-# magnitudes around 1e36 those sums overflow on finite input and the check compares inf
-# with inf: a false alarm, uncorrectable, on clean data (and the unnormalised P V
-# accumulator overflows from |v| ~ 1e38 while the output would be finite). Attention is
-# exact under power-of-two scaling: with q' = q 2^-a, k' = k 2^-b, v' = v 2^-c and scale
-# 2^(a + b), S' = S 2^-(a + b) and (S' - m') scale' = (S - m) scale, so P is the same bit
-# for bit and O = O' 2^c; the backward with dO' = dO 2^-e gives dQ = dQ' 2^(c + e - a),
-# dK = dK' 2^(c + e - b) and dV = dV' 2^e (every product and sum scaled exactly while no
-# operand, product or partial sum drops below fp32's normal range: operands are scaled
-# only so far as their smallest nonzero magnitude stays normal). So a call whose checks
-# failed on such operands runs once more scaled to magnitudes near 1, where every
-# checksum is in range, and that run's checks decide. Operands below RANGE_HAZARD (every
-# real activation) never take this path, so a fault on them is never run past twice.
-RANGE_HAZARD = 2.0 ** 60  # an operand's magnitude, or a product of two, from which the call is scaled
+# magnitudes around 1e36 those sums overflow on finite input: the check compared inf with
+# inf (a false alarm on clean data, uncorrectable) or passed anything under an infinite
+# bound (a fault missed); and from |v| ~ 1e38 the unnormalised P V accumulator overflows
+# while the output would be finite. The kernels now fail a check whose bound is not finite
+# (csrc/attention/common.h's within), and such a call runs again here. Attention is exact
+# under power-of-two scaling: with q' = q 2^-a, k' = k 2^-b, v' = v 2^-c and scale
+# 2^(a + b), S' = S 2^-(a + b) and (S' - m') scale' = (S - m) scale, so P is the same and
+# O = O' 2^c; the backward with dO' = dO 2^-e gives dQ = dQ' 2^(c + e - a), dK = dK' 2^(c +
+# e - b) and dV = dV' 2^e. Bit for bit, as long as nothing in the scaled run falls below
+# fp32's normal range where the unscaled one did not: each operand is brought down only to
+# magnitudes below 2^41 (SCALED_MAX, every checksum then far from overflow) and never so far
+# that its smallest nonzero magnitude leaves the normal range; a product of p < 1 and a
+# scaled value can still round to a subnormal the unscaled one did not (a change below
+# 2^-126). A call whose checks failed on operands whose products, times the terms a sum can
+# have, reach RANGE_HAZARD runs once more so scaled, and that run's checks decide. Real
+# activations sit some 30 orders of magnitude below: a fault on them is never run past twice.
+RANGE_HAZARD = 2.0 ** 100  # max(|q| |k|, |v|, |dO| |v|, |dO|) x D x max(N, M): from here a call may be scaled
+SCALED_MAX = 40  # an operand above 2^(SCALED_MAX + 1) is scaled to below it
 _NORMAL_EXPONENT = -126  # fp32's (and bfloat16's) smallest normal is 2^-126
 _MAX_SCALE = 2.0 ** 126  # scale' stays a finite, normal fp32 value with room to spare
 
 
-def _magnitude(t: torch.Tensor) -> float:
-    """t's largest magnitude (0 for an empty t)."""
-    return float(t.detach().abs().amax().float()) if t.numel() else 0.0
+def _finite_abs(t: torch.Tensor) -> torch.Tensor:
+    """|t| in fp32 with NaN and inf as 0 (non-finite values, e.g. in keys outside every
+    sample's range, neither set nor block the scaling; the kernels report them)."""
+    a = t.detach().abs().float()
+    return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
-def _exponent(t: torch.Tensor, amax: float) -> int:
-    """e >= 0 such that t 2^-e has its largest magnitude amax 2^-e in [1, 2), or as large as
-    keeps t's smallest nonzero magnitude normal (t 2^-e exact); 0 where amax <= 1 (nothing
-    is scaled up)."""
-    if not amax > 1.0 or not math.isfinite(amax):
-        return 0
-    mag = t.detach().abs().float()
+def _exponent(t: torch.Tensor) -> Tuple[float, int]:
+    """(t's largest finite magnitude, e >= 0): t 2^-e below 2^(SCALED_MAX + 1), or e as large
+    as keeps t's smallest nonzero magnitude normal (t 2^-e exact); 0 for a t already there."""
+    mag = _finite_abs(t)
+    amax = float(mag.amax()) if mag.numel() else 0.0
+    e = math.frexp(amax)[1] - 1 - SCALED_MAX  # (2^(e + SCALED_MAX) <= amax < 2^(e + SCALED_MAX + 1))
+    if e <= 0:
+        return amax, 0
     amin = float(torch.where(mag > 0, mag, torch.full_like(mag, math.inf)).amin())
-    # (every nonzero |t| 2^-e >= 2^-126)
-    return max(0, min(math.frexp(amax)[1] - 1, math.frexp(amin)[1] - 1 - _NORMAL_EXPONENT))
+    return amax, max(0, min(e, math.frexp(amin)[1] - 1 - _NORMAL_EXPONENT))
 
 
 def _flagged(flags: torch.Tensor) -> bool:
@@ -410,17 +417,19 @@ def _needs_rescale(flags: torch.Tensor, policy: OnFault) -> bool:
 
 
 def _range_exponents(tensors, scale: float):
-    """Exponents (a, b, c, ...) for q, k, v (and dO) where the operands are near fp32's
-    range (q k products or any operand from RANGE_HAZARD), else None; None too where the
-    scaled call cannot be exact (float16, whose range never gets there; a scale that would
-    leave fp32)."""
+    """Exponents (a, b, c[, e]) for q, k, v[, dO] where the call is near fp32's range (see
+    RANGE_HAZARD), else None; None too where scaling changes nothing or cannot be exact
+    (float16, whose range never gets there; a scale that would leave fp32)."""
     if tensors[0].dtype not in (torch.float32, torch.bfloat16):
         return None
-    mags = [_magnitude(t) for t in tensors]
-    if not (mags[0] * mags[1] >= RANGE_HAZARD or max(mags[2:]) >= RANGE_HAZARD):
+    (mq, a), (mk, b), (mv, c), *rest = [_exponent(t) for t in tensors]
+    md = rest[0][0] if rest else 0.0
+    q, k = tensors[0], tensors[1]
+    terms = q.shape[-1] * max(q.shape[-2], k.shape[-2], 1)
+    if not max(mq * mk, mv, md * mv, md) * terms >= RANGE_HAZARD:
         return None
-    exps = [_exponent(t, m) for t, m in zip(tensors, mags)]
-    if sum(exps) == 0 or not abs(scale) * 2.0 ** (exps[0] + exps[1]) < _MAX_SCALE:
+    exps = [a, b, c] + [e for _, e in rest]
+    if sum(exps) == 0 or not abs(scale) * 2.0 ** (a + b) < _MAX_SCALE:
         return None
     return exps
 
@@ -438,6 +447,13 @@ def _rescaled_fwd(backend, q, k, v, causal, scale, protection, recompute, fault,
     if stats is not None:  # (each row's largest raw score, S = S' 2^(a + b); its normaliser as it is)
         stats[..., 0] = _ldexp(stats[..., 0], a + b)
     return _ldexp(out, c), flags
+
+
+def _stats_finite(stats):
+    """stats, or None where a row's largest raw score leaves fp32 once scaled back (scores
+    beyond fp32 whose logits are not: the scaled forward is right; the backward then makes
+    each row's max and normaliser itself, scaled when it runs so)."""
+    return stats if stats is None or bool(torch.isfinite(stats[..., 0]).all()) else None
 
 
 def _rescaled_bwd(q, k, v, out, grad_out, causal, scale, protection, recompute, fault, fault_value, key_start,
@@ -510,8 +526,10 @@ class _AttentionFunction(torch.autograd.Function):
         out, flags = _run_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value, key_start,
                               key_end, in_op, stats)
         if holder.read and _flagged(flags) and _needs_rescale(flags, holder.policy):
-            out, flags = _rescaled_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value,
-                                       key_start, key_end, in_op, stats) or (out, flags)
+            rescaled = _rescaled_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value,
+                                     key_start, key_end, in_op, stats)
+            if rescaled is not None:
+                (out, flags), stats = rescaled, _stats_finite(stats)
         ctx.save_for_backward(q, k, v, out, stats)
         ctx.key_range = (key_start, key_end)
         ctx.options = (causal, scale, prot, recompute, holder, backend)
@@ -586,7 +604,8 @@ def _register_kernels() -> None:
         causal, recompute = kw.get("causal", False), policy is OnFault.CORRECT
         dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, int(prot), recompute, None, None,
                                      *ctx.key_range)
-        if _flagged(flags) and _needs_rescale(flags, policy):
+        # (the flags read only for "raise", as the op's forward: a clean call costs no host read)
+        if policy is OnFault.RAISE and _flagged(flags) and _needs_rescale(flags, policy):
             dq, dk, dv, flags = _rescaled_bwd(q, k, v, out, grad_out, causal, scale, int(prot), recompute, None,
                                               None, *ctx.key_range, "auto") or (dq, dk, dv, flags)
         if policy is OnFault.RAISE:

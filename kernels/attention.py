@@ -194,6 +194,14 @@ def _bit_or(a, b):
 
 
 @triton.jit
+def _within(d, bound):
+    """d <= bound with the bound finite (csrc/attention/common.h's within: a bound that
+    overflowed, on operands near fp32's range, passes nothing; ftattn/attention.py then runs
+    the call again scaled)."""
+    return (d <= bound) & (bound - bound == 0.0)
+
+
+@triton.jit
 def _finite(x):
     return tl.abs(x) < float("inf")  # False for NaN and +-Inf
 
@@ -361,7 +369,7 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                 if tl.max(unsure.to(tl.int32)) != 0:
                     s64 = _scores_fp64(q_base, k_base, stride_qm, stride_qd, stride_kn, stride_kd, offs_m, cols,
                                        row_ok, key_ok, HEAD_DIM, BLOCK_M, BLOCK_N)
-                    bad_s = unsure & ~(tl.abs(qk.to(tl.float64) - s64) <= noise.to(tl.float64))
+                    bad_s = unsure & ~_within(tl.abs(qk.to(tl.float64) - s64), noise.to(tl.float64))
                     bad = bad | tl.where(tl.max(bad_s.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)
                 # protection full, where the verified keys' noise could hide harm
                 # (csrc/attention/checks.h: sum_j p_j (e^{|scale| b_j} - 1) (|v_j|_inf + 1)
@@ -548,7 +556,7 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
             c_g = tl.sum(tl.where(sel, c_i, 0.0), 1)
             bv_g = tl.sum(tl.where(sel, bv_i, 0.0), 1)
             pv_tol = (bv_g * depth_pv * (KAPPA * U32)).to(tl.float64) + pv_abs
-            bad_pv = bad_pv | ~(tl.abs(part - c_g.to(tl.float64)) <= pv_tol)
+            bad_pv = bad_pv | ~_within(tl.abs(part - c_g.to(tl.float64)), pv_tol)
         if PROTECTION >= 2:  # the weighted checksum over every dim (w_d v_jd rounds once more)
             wpart = tl.sum(acc64 * _pv_weight(offs_d).to(tl.float64)[None, :], 1)
             wsel = (group_ids == NUM_GROUPS)[None, :]
@@ -556,7 +564,7 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
             # (the groups' bv in fp64: their fp32 sum overflowed where each did not, found by review)
             bv_all = tl.sum(tl.where(group_ids[None, :] < NUM_GROUPS, bv_i.to(tl.float64), 0.0), 1)
             wtol = bv_all * ((depth_pv * (KAPPA * U32) + 2.0 * U32) * 0.25) + pv_abs * NUM_GROUPS
-            bad_pv = bad_pv | ~(tl.abs(wpart - cw.to(tl.float64)) <= wtol)
+            bad_pv = bad_pv | ~_within(tl.abs(wpart - cw.to(tl.float64)), wtol)
         bad = bad | tl.where(live & bad_pv, PV_CHECKSUM, 0)
         # element by element (a sum over the dims let a warp's same flip of 32 dims cancel),
         # by a product in fp64, not the division again (which the compiler would merge with
@@ -682,6 +690,8 @@ def _attn_fwd(Q, K, V, Out, Flags, KStart, KEnd,  #
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,  #
               PROTECTION: tl.constexpr, INJECT: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,  #
               KEY_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (a float below 2^-126 reaches the interpreter as fp64: the kernel works in fp32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1).to(tl.int64)
@@ -733,6 +743,8 @@ def _attn_replay(Q, K, V, Out, Flags, KStart, KEnd,  #
                  KEY_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Second pass over the first pass's flags: non-finite input classification and the
     recomputation of flagged report blocks (same block code, no injection)."""
+    # (a float below 2^-126 reaches the interpreter as fp64: the kernel works in fp32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     NUM_REPORT: tl.constexpr = BLOCK_M // BLOCK_REPORT
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
     start_m = tl.program_id(0)

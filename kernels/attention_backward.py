@@ -55,7 +55,7 @@ import triton.language as tl
 
 from ..contract import Check, Site
 from .attention import (KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly, _pv_weight,
-                        _qk_again)
+                        _qk_again, _within)
 
 # the check bits and backward sites of ftattn/contract.py as constexprs
 for _c in Check:
@@ -123,6 +123,8 @@ def _key_range(KStart, KEnd, b, M, KEY_RANGE: tl.constexpr):
 def _bwd_prep(Q, K, O, DO, MROW, RINV, DELTA, KStart, KEnd, H, GROUP, N, M, scale,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, KEY_RANGE: tl.constexpr):
+    # (a float below 2^-126 reaches the interpreter as fp64: the kernel works in fp32)
+    scale = tl.cast(scale, tl.float32)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     bk = b * (H // GROUP) + h // GROUP
@@ -245,6 +247,8 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
             f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr):
+    # (a float below 2^-126 reaches the interpreter as fp64: the kernel works in fp32)
+    scale = tl.cast(scale, tl.float32)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     bk = b * (H // GROUP) + h // GROUP
@@ -340,7 +344,7 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
         tol = c * (ta + tb + tl.abs(delta) * rs) + mb * UNDERFLOW
         # (a row with no visible key too: its dS is 0, so is the sum; a fault on one of its
         # masked entries reaches dQ)
-        bits = bits | tl.where((tl.abs(dsum - expect) <= tol) | ~row_ok, 0, DS_CHECK)
+        bits = bits | tl.where(_within(tl.abs(dsum - expect), tol) | ~row_ok, 0, DS_CHECK)
         bits = bits | _group_check(acc, E, refq, magq, mb, 1, DQ_CHECKSUM)
         if PROTECTION >= 2:
             bits = bits | _weighted_check(acc, wts, refq_w, magq_w, mb, HEAD_DIM, DQ_CHECKSUM)
@@ -363,7 +367,7 @@ def _second_p_and_ds(p, x2, rinv, dp, ds, delta, vis, AXIS: tl.constexpr):
     tol = 2.0 * U32 * (tl.abs(a) + tl.abs(bb) + tl.abs(s2)) * (1.0 + 1e-3) + 4.0 * UNDERFLOW
     # every entry, masked ones too: dS is 0 there (p is), and the products read it whatever
     # vis says (a fault on a masked entry reached dK and dQ unseen: review)
-    bad_s = ~(tl.abs(tl.where(vis, ds - s2, ds)) <= tl.where(vis, tol, 4.0 * UNDERFLOW))
+    bad_s = ~_within(tl.abs(tl.where(vis, ds - s2, ds)), tl.where(vis, tol, 4.0 * UNDERFLOW))
     out = tl.where(tl.max(bad_p.to(tl.int32), AXIS) != 0, SOFTMAX_DMR, 0)
     return out | tl.where(tl.max(bad_s.to(tl.int32), AXIS) != 0, DS_CHECK, 0)
 
@@ -374,7 +378,7 @@ def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr):
     side's rounding (2 kappa u sqrt(K + 2) + 2 u of the sums of magnitudes, K the terms of
     the product): the bit per row of acc."""
     f = (2.0 * KAPPA * tl.sqrt((K + 2).to(tl.float32)) + 2.0) * U32
-    bad = ~(tl.abs(_dot(acc, E) - ref) <= f * mag + 18.0 * (K + 2) * UNDERFLOW)
+    bad = ~_within(tl.abs(_dot(acc, E) - ref), f * mag + 18.0 * (K + 2) * UNDERFLOW)
     return tl.where(tl.max(bad.to(tl.int32), AXIS) != 0, bit, 0)
 
 
@@ -383,7 +387,7 @@ def _weighted_check(acc, wts, ref, mag, K, HEAD_DIM: tl.constexpr, bit: tl.const
     """The weighted checksum of each row of acc (sum_d w_d acc_rd) against its reference,
     within _group_check's bound over every dim: the bit per row."""
     f = (2.0 * KAPPA * tl.sqrt((K + 2).to(tl.float32)) + 2.0) * U32
-    bad = ~(tl.abs(tl.sum(acc * wts[None, :], 1) - ref) <= f * mag + (HEAD_DIM + 2.0) * (K + 2) * UNDERFLOW)
+    bad = ~_within(tl.abs(tl.sum(acc * wts[None, :], 1) - ref), f * mag + (HEAD_DIM + 2.0) * (K + 2) * UNDERFLOW)
     return tl.where(bad, bit, 0)
 
 
@@ -393,6 +397,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
               f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr):
+    # (a float below 2^-126 reaches the interpreter as fp64: the kernel works in fp32)
+    scale = tl.cast(scale, tl.float32)
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     bk = b * (H // GROUP) + h // GROUP

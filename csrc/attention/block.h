@@ -571,7 +571,7 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
         // over the group's dims; per tile, the rescale of acc and c
         const double pv_abs = P.eta_pv * static_cast<double>((d1 - d0 + 2) * (visible + 2 * ntiles + vec::CHUNK));
         const double diff = std::fabs(part - w.c[i * MAX_GROUPS + g]), bv = w.bv[i * MAX_GROUPS + g];
-        pv_bad |= !(diff <= pv_factor * bv + pv_abs);
+        pv_bad |= !within(diff, pv_factor * bv + pv_abs);
         pv_near |= !(diff <= PV_VERIFY * pv_factor * bv + pv_abs);
         bv_all += bv;
         pv_abs_all += pv_abs;
@@ -579,7 +579,7 @@ void finish_block(const Problem& P, Scratch& w, const Block& blk, float* O, int6
       if (full) {  // the weighted checksum over every dim: |w_d| < PV_WEIGHT_MAX, and its value
         // sums within (5 G + 5) u where each group's are within 9 u (sums.h)
         const double wdiff = std::fabs(wpart - w.cw[i]), wf = (pv_factor + 5.0 * P.groups * U32) * PV_WEIGHT_MAX;
-        pv_bad |= !(wdiff <= wf * bv_all + pv_abs_all);
+        pv_bad |= !within(wdiff, wf * bv_all + pv_abs_all);
         pv_near |= !(wdiff <= PV_VERIFY_WEIGHTED * wf * bv_all + pv_abs_all);
       }
       if (pv_bad)

@@ -295,13 +295,13 @@ FTATTN_VEC_INLINE bool entry_mismatch(const float* __restrict a, const float* __
   }
   if (bound != nullptr) {
     *bound = noise * (std::sqrt(n2) + std::fabs(t)) + floor;
-    return !(std::fabs(static_cast<double>(s) - t) <= *bound);
+    return !within(std::fabs(static_cast<double>(s) - t), *bound);
   }
   // without the bound itself, no square root: |s - t| - noise |t| - floor = r is within
   // noise sqrt(n2) iff r <= 0 or r^2 <= noise^2 n2 (a NaN r is a mismatch)
   const double r = std::fabs(static_cast<double>(s) - t) - (noise * std::fabs(t) + floor);
   if (r <= 0.0) return false;
-  return !(r * r <= noise * noise * n2);
+  return !within(r * r, noise * noise * n2);
 }
 
 // e^x - 1 from above for x >= 0: x (1 + x) up to x = 1/2 (e^x - 1 - x = x^2 (1/2 + x/6 + ...)

@@ -162,6 +162,15 @@ constexpr double ETA = 0x1p-149;
 // The same per operation where a product runs on the bf16 GEMM, which flushes results
 // below 2^-126 to 0 (FTZ) instead of rounding them to a subnormal.
 constexpr double ETA_FTZ = 0x1p-126;
+// |d| within bound, and the bound finite. A bound is made of the data's magnitude sums, which
+// overflow (fp32 partials of |v| or dO . v from ~1e36) only on operands near fp32's range,
+// where the compared sums may overflow too or may not; an infinite bound then passed any
+// difference, a fault included (review: an `acc` fault, 87 % of the output, unflagged at
+// |v| ~ 1.3e37). The checks with nothing behind them (the PV checksums; the backward's dQ,
+// dK, dV checksums) fail instead, and ftattn/attention.py runs the call again on operands
+// scaled by powers of two, where every sum is in range. (The checks of S and dP keep `<=`:
+// there an infinite column bound sends every entry to the fp64 verification, by design.)
+FTATTN_VEC_INLINE bool within(double d, double bound) { return d <= bound && bound <= 1.7976931348623157e308; }
 
 // bf16 as bits: of an fp32 value that is a bf16 value (exact: its low 16 bits are 0), and
 // the nearest one to any fp32 value (ties to even; Inf and NaN stay so).
