@@ -334,14 +334,14 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
     out, flags = _run_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list, fault_value,
                           key_start, key_end, in_op)
     flagged = False
-    if (policy is OnFault.RAISE or return_report or want_flags) and _flagged(flags):
+    if (policy is OnFault.RAISE or return_report or want_flags) and _flagged(flags := _host(flags)):
         flagged = True
         if _needs_rescale(flags, policy):
             rescaled = _rescaled_fwd(backend, q, k, v, causal, float(scale), int(prot), recompute, fault_list,
                                      fault_value, key_start, key_end, in_op)
             if rescaled is not None:
                 out, flags = rescaled
-                flagged = _flagged(flags)
+                flagged = _flagged(flags := _host(flags))
     report = _apply_policy(flags, policy, q.shape[2], return_report)
     if want_flags:
         return out, flags, flagged
@@ -363,14 +363,16 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
 # O = O' 2^c; the backward with dO' = dO 2^-e gives dQ = dQ' 2^(c + e - a), dK = dK' 2^(c +
 # e - b) and dV = dV' 2^e. Bit for bit, as long as nothing in the scaled run falls below
 # fp32's normal range where the unscaled one did not: each operand is brought down only to
-# magnitudes below 2^41 (SCALED_MAX, every checksum then far from overflow) and never so far
-# that its smallest nonzero magnitude leaves the normal range; a product of p < 1 and a
-# scaled value can still round to a subnormal the unscaled one did not (a change below
-# 2^-126). A call whose checks failed on operands whose products, times the terms a sum can
-# have, reach RANGE_HAZARD runs once more so scaled, and that run's checks decide. Real
-# activations sit some 30 orders of magnitude below: a fault on them is never run past twice.
-RANGE_HAZARD = 2.0 ** 100  # max(|q| |k|, |v|, |dO| |v|, |dO|) x D x max(N, M): from here a call may be scaled
+# magnitudes below 2^41 (SCALED_MAX, every checksum then far from overflow) and, unless the
+# call would stay in the hazard, never so far that its smallest nonzero magnitude leaves the
+# normal range; a product of p < 1 and a scaled value can still round to a subnormal the
+# unscaled one did not (a change below 2^-126). A call whose checks failed where what their
+# sums can reach (_hazard) is RANGE_HAZARD or more runs once more so scaled, and that run's
+# checks decide. Real activations sit some 30 orders of magnitude below: a fault on them is
+# never run past twice.
+RANGE_HAZARD = 2.0 ** 100  # _hazard's bound on the checks' sums: from here a call may be scaled
 SCALED_MAX = 40  # an operand above 2^(SCALED_MAX + 1) is scaled to below it
+_OVERFLOW_NEAR = 2.0 ** 120  # _hazard from which the exact exponents do not do (fp32's sums overflow at 2^128)
 _NORMAL_EXPONENT = -126  # fp32's (and bfloat16's) smallest normal is 2^-126
 _MAX_SCALE = 2.0 ** 126  # scale' stays a finite, normal fp32 value with room to spare
 
@@ -382,16 +384,34 @@ def _finite_abs(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
-def _exponent(t: torch.Tensor) -> Tuple[float, int]:
-    """(t's largest finite magnitude, e >= 0): t 2^-e below 2^(SCALED_MAX + 1), or e as large
-    as keeps t's smallest nonzero magnitude normal (t 2^-e exact); 0 for a t already there."""
+def _exponent(t: torch.Tensor) -> Tuple[float, int, int]:
+    """(t's largest finite magnitude, need, exact): t 2^-need is below 2^(SCALED_MAX + 1);
+    exact <= need keeps t's smallest nonzero magnitude normal (t 2^-exact exact). Both >= 0
+    (nothing is scaled up)."""
     mag = _finite_abs(t)
     amax = float(mag.amax()) if mag.numel() else 0.0
-    e = math.frexp(amax)[1] - 1 - SCALED_MAX  # (2^(e + SCALED_MAX) <= amax < 2^(e + SCALED_MAX + 1))
-    if e <= 0:
-        return amax, 0
+    need = math.frexp(amax)[1] - 1 - SCALED_MAX  # (2^(need + SCALED_MAX) <= amax < 2^(need + SCALED_MAX + 1))
+    if need <= 0:
+        return amax, 0, 0
     amin = float(torch.where(mag > 0, mag, torch.full_like(mag, math.inf)).amin())
-    return amax, max(0, min(e, math.frexp(amin)[1] - 1 - _NORMAL_EXPONENT))
+    return amax, need, max(0, min(need, math.frexp(amin)[1] - 1 - _NORMAL_EXPONENT))
+
+
+def _hazard(mags, terms: int) -> float:
+    """What the checks' sums can reach, from the operands' largest magnitudes (q, k, v[, dO]):
+    the column and row references add q or k alone over a block's rows or keys; S, |v| sums,
+    dP = dO v^T; the backward's dQ / dK checksums |dS| |k| and |dS| |q|, dS ~ dO v^T over D."""
+    mq, mk, mv, md = (list(mags) + [0.0])[:4]
+    d = terms[0]
+    return max(mq * mk, mq, mk, mv, md * mv, md, md * mv * max(mq, mk) * d) * (terms[0] * terms[1])
+
+
+def _host(flags: torch.Tensor) -> torch.Tensor:
+    """flags on the CPU, read once there by _flagged, _needs_rescale and the Report (one
+    device-to-host copy; none for flags that hold no values: see _flagged)."""
+    if flags.is_cpu or type(flags) is not torch.Tensor or flags.is_meta or torch.compiler.is_compiling():
+        return flags
+    return flags.cpu()
 
 
 def _flagged(flags: torch.Tensor) -> bool:
@@ -418,17 +438,23 @@ def _needs_rescale(flags: torch.Tensor, policy: OnFault) -> bool:
 
 def _range_exponents(tensors, scale: float):
     """Exponents (a, b, c[, e]) for q, k, v[, dO] where the call is near fp32's range (see
-    RANGE_HAZARD), else None; None too where scaling changes nothing or cannot be exact
-    (float16, whose range never gets there; a scale that would leave fp32)."""
+    RANGE_HAZARD), else None; None too where scaling changes nothing or cannot be done
+    (float16, whose range never gets there; a scale that would leave fp32). Exact exponents
+    where they bring what the sums can reach below _OVERFLOW_NEAR, else the ones needed (an
+    operand's elements below 2^-126 once scaled then lose bits, far below the harm
+    threshold: that beats an inf output or a false alarm)."""
     if tensors[0].dtype not in (torch.float32, torch.bfloat16):
         return None
-    (mq, a), (mk, b), (mv, c), *rest = [_exponent(t) for t in tensors]
-    md = rest[0][0] if rest else 0.0
+    found = [_exponent(t) for t in tensors]
+    mags = [f[0] for f in found]
     q, k = tensors[0], tensors[1]
-    terms = q.shape[-1] * max(q.shape[-2], k.shape[-2], 1)
-    if not max(mq * mk, mv, md * mv, md) * terms >= RANGE_HAZARD:
+    terms = (q.shape[-1], max(q.shape[-2], k.shape[-2], 1))
+    if not _hazard(mags, terms) >= RANGE_HAZARD:
         return None
-    exps = [a, b, c] + [e for _, e in rest]
+    exps = [f[2] for f in found]
+    if _hazard([m * 2.0 ** -e for m, e in zip(mags, exps)], terms) >= _OVERFLOW_NEAR:
+        exps = [f[1] for f in found]
+    a, b = exps[0], exps[1]
     if sum(exps) == 0 or not abs(scale) * 2.0 ** (a + b) < _MAX_SCALE:
         return None
     return exps
@@ -525,7 +551,7 @@ class _AttentionFunction(torch.autograd.Function):
         stats = q.new_empty(q.shape[:3] + (2,), dtype=torch.float32) if backend == backends.Backend.CPP else None
         out, flags = _run_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value, key_start,
                               key_end, in_op, stats)
-        if holder.read and _flagged(flags) and _needs_rescale(flags, holder.policy):
+        if holder.read and _flagged(flags := _host(flags)) and _needs_rescale(flags, holder.policy):
             rescaled = _rescaled_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value,
                                      key_start, key_end, in_op, stats)
             if rescaled is not None:
@@ -543,7 +569,7 @@ class _AttentionFunction(torch.autograd.Function):
         fault, fault_value = holder.fault if holder.fault is not None else (None, None)
         dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault, fault_value,
                                      *ctx.key_range, backend=backend, stats=stats)
-        if _flagged(flags) and _needs_rescale(flags, holder.policy):
+        if _flagged(flags := _host(flags)) and _needs_rescale(flags, holder.policy):
             dq, dk, dv, flags = _rescaled_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault,
                                               fault_value, *ctx.key_range, backend, stats) or (dq, dk, dv, flags)
         report = _apply_policy(flags, holder.policy, q.shape[2], True, op="attention backward", keys=k.shape[2])
@@ -605,7 +631,7 @@ def _register_kernels() -> None:
         dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, int(prot), recompute, None, None,
                                      *ctx.key_range)
         # (the flags read only for "raise", as the op's forward: a clean call costs no host read)
-        if policy is OnFault.RAISE and _flagged(flags) and _needs_rescale(flags, policy):
+        if policy is OnFault.RAISE and _flagged(flags := _host(flags)) and _needs_rescale(flags, policy):
             dq, dk, dv, flags = _rescaled_bwd(q, k, v, out, grad_out, causal, scale, int(prot), recompute, None,
                                               None, *ctx.key_range, "auto") or (dq, dk, dv, flags)
         if policy is OnFault.RAISE:

@@ -194,6 +194,20 @@ def _bit_or(a, b):
 
 
 @triton.jit
+def _pow2_exponent(x):
+    """e with 2^e near x > 0 (floor(log2 x) within a factor of 2, clamped to fp32's normal
+    range; 0 for 0 or a non-finite x), int32."""
+    e = tl.floor(tl.log2(x))
+    return tl.where((x > 0.0) & (x < float("inf")), tl.minimum(tl.maximum(e, -126.0), 126.0), 0.0).to(tl.int32)
+
+
+@triton.jit
+def _pow2(e):
+    """2^e for an int32 e in -126..127, made from its bits (exact, as _exp_poly's 2^n)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _within(d, bound):
     """d <= bound with the bound finite (csrc/attention/common.h's within: a bound that
     overflowed, on operands near fp32's range, passes nothing; ftattn/attention.py then runs
@@ -358,8 +372,15 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                 verify = verify & visible
             if tl.max(verify.to(tl.int32)) != 0:
                 s_chk = tl.dot(qf, tl.trans(kf), input_precision="ieee")
-                # ||q_i o k_j||_2 of every pair: one more dot, of the squares
-                qk_norm = tl.sqrt(tl.dot(qf * qf, tl.trans(kf * kf), input_precision="ieee"))
+                # ||q_i o k_j||_2 of every pair: one more dot, of the squares, of q and k brought
+                # near 1 by powers of two (squared as they are, |k| >= 2^64 gave inf and a tiny q
+                # 0: NaN noise, every unsure score flagged, on scores of normal data: review)
+                eq = _pow2_exponent(tl.max(tl.max(tl.abs(qf), 1), 0))
+                ek = _pow2_exponent(tl.max(tl.max(tl.abs(kf), 1), 0))
+                qs, ks = qf * _pow2(-eq), kf * _pow2(-ek)
+                half = (eq + ek) // 2  # (2^(eq + ek) in two factors of fp32's range: q ~ 2^126, k ~ 2^-126)
+                qk_norm = tl.sqrt(tl.dot(qs * qs, tl.trans(ks * ks), input_precision="ieee")) * _pow2(half) * \
+                    _pow2(eq + ek - half)
                 noise = verify_tol * (qk_norm + tl.abs(s_chk)) + UNDERFLOW * (HEAD_DIM + 1)
                 # The fp32 recomputation screens: it carries rounding noise of its own, so a
                 # difference above half the bound is settled against fp64 (as the C++

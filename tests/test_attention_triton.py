@@ -384,6 +384,24 @@ def test_weighted_checksum_bound_does_not_overflow(causal):
     assert rep.detected == 0 and torch.equal(out.cpu(), off), rep
 
 
+@pytest.mark.parametrize("protection", ["abft", "full"])
+def test_score_verification_norms_of_huge_keys(protection):
+    """Scores of normal data made by q 2^-64 and k 2^64 (exact): the score verification's
+    noise, ||q_i o k_j||, squared k to inf and small q to 0 in fp32 (NaN noise: every
+    verified score flagged, a false alarm at abft and full; second review). Now of q and k
+    brought near 1 by powers of two: no flag, off's output; and a score fault on the row's
+    largest key is corrected."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 1, 64, 64, generator=g) for _ in range(3))
+    q, k, v = (q * 2.0 ** -64).to(DEVICE), (k * 2.0 ** 64).to(DEVICE), v.to(DEVICE)
+    off, _ = run(q, k, v, protection="off")
+    out, flags = run(q, k, v, protection=protection)
+    assert torch.count_nonzero(flags) == 0 and torch.equal(out, off)
+    top = int((q[0, 0, 9].double() @ k[0, 0].double().T).argmax())
+    out, flags = run(q, k, v, protection=protection, fault=Fault("scores", 0, 0, row=9, col=top, bit=21))
+    assert flags[0, 0, 0] & int(Check.CORRECTED) and torch.equal(out, off)
+
+
 def test_seven_int_fault_is_span_one(fault_inputs):
     q, k, v, clean = fault_inputs
     scale = 1.0 / math.sqrt(D_F)
