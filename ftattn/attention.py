@@ -415,15 +415,20 @@ def _host(flags: torch.Tensor) -> torch.Tensor:
 
 
 def _flagged(flags: torch.Tensor) -> bool:
-    """Whether any of a call's flags ([B, H, blocks]) is set: a few read as a list (0.7 us
-    against a reduction's 1.7), the rest by one reduction; never for flags that hold no
-    values (meta; traced: under torch.compile, or fake and functional tensors, a
-    torch.Tensor subclass each)."""
+    """Whether any of a call's flags ([B, H, blocks]) is set: a few read as a list, the rest
+    counted (~1 us for 4 to 1,024 blocks, on a loaded 2-core Xeon; `bool(flags.any())` took
+    2.5-4.7 us, a nested list of 192 blocks 10 us); never for flags that hold no values
+    (meta; traced: under torch.compile, or fake and functional tensors, a torch.Tensor
+    subclass each)."""
     if type(flags) is not torch.Tensor or flags.is_meta or torch.compiler.is_compiling():
         return False
-    if flags.dim() == 3 and flags.numel() <= 64:
-        return any(x for per_batch in flags.tolist() for per_head in per_batch for x in per_head)
-    return bool(flags.any())
+    if flags.dim() == 3 and flags.numel() <= 16:
+        for per_batch in flags.tolist():
+            for per_head in per_batch:
+                if any(per_head):
+                    return True
+        return False
+    return flags.count_nonzero().item() != 0
 
 
 def _needs_rescale(flags: torch.Tensor, policy: OnFault) -> bool:
