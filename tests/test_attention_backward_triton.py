@@ -289,10 +289,11 @@ def test_constant_rows_at_large_logits_raise_no_alarm_at_full():
 
 
 def test_near_fp32_range_no_alarm():
-    """tests/attention_reference.py's case: operands whose checksums overflow fp32 (scores of
-    1e37 / 3e38, values of 1e37 / 1e38: every one alarmed in this kernel, forward or
-    backward, and values of 1e38 gave inf) run again scaled: no flag, off's results bit for
-    bit (fp64's within rounding where off overflows); a harmful fault on them corrected."""
+    """tests/attention_reference.py's case: operands whose checksums overflow fp32
+    (near_range_cases: scores of 1e37 / 3e38 / 1e39, values of 1e37 / 1e38, dS |k| of 8e38,
+    q alone of 1e37: each alarmed in this kernel, forward or backward, and values of 1e38
+    gave inf) run again scaled: no flag, off's results bit for bit (fp64's within rounding
+    where off overflows); a score fault and an accumulator fault on them corrected."""
     from attention_reference import check_near_fp32_range_no_alarm
 
     check_near_fp32_range_no_alarm(functools.partial(ftattn.attention, backend="triton"), DEVICE, causals=(True,))
