@@ -234,6 +234,11 @@ def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
 _OPTIONS = {(p.name.lower(), f.value): (p, f) for p in Protection for f in OnFault}
 
 
+def _faulty(flags: torch.Tensor) -> torch.Tensor:
+    """Per block: a check failed on finite input (non-finite input is not a fault)."""
+    return ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+
+
 def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: bool,
                   op: str = "attention", keys: int = 0) -> Optional[Report]:
     """The ``on_fault`` policy of every op, in one place: "raise" raises
@@ -243,7 +248,7 @@ def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: boo
         return None
     report = Report(flags, REPORT_BLOCK_M, n, op, keys)
     if policy is OnFault.RAISE and not flags.is_meta:  # (meta: no kernel ran, nothing to raise)
-        faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+        faulty = _faulty(flags)
         if bool(faulty.any()):
             raise FaultDetectedError(report)
     return report
@@ -435,7 +440,7 @@ def _needs_rescale(flags: torch.Tensor, policy: OnFault) -> bool:
     """Of flags that _flagged found set: a failed check on finite input that the call did
     not settle, any at "raise" and "report" (no recomputation), an UNCORRECTED one at
     "correct"."""
-    bad = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+    bad = _faulty(flags)
     if policy is OnFault.CORRECT:
         bad &= (flags & int(Check.UNCORRECTED)) != 0
     return bool(bad.any())
@@ -641,7 +646,7 @@ def _register_kernels() -> None:
                                               None, *ctx.key_range, "auto") or (dq, dk, dv, flags)
         if policy is OnFault.RAISE:
             if torch.compiler.is_compiling():  # no host read in a graph: an assertion when it runs
-                faulty = ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+                faulty = _faulty(flags)
                 torch._assert_async(~faulty.any(), "ftattn.attention backward: a check failed (on_fault='raise')")
             else:
                 _apply_policy(flags, policy, q.shape[2], False, op="attention backward", keys=k.shape[2])
