@@ -549,6 +549,55 @@ class _BackwardHolder:
         self.read = False  # the forward's flags are read (raise, or a report asked for)
 
 
+_DOUBLE_BACKWARD = (
+    "ftattn.attention: the backward of ftattn's attention is not differentiable: a second backward through "
+    "its gradients (torch.autograd.grad(..., create_graph=True), then backward of a function of those "
+    "gradients, e.g. a gradient penalty or gradgradcheck) is not supported; its first-order gradients are "
+    "right. For second-order gradients through attention, compute the attention with "
+    "torch.nn.functional.scaled_dot_product_attention (Hugging Face models: attn_implementation='sdpa' or "
+    "'eager')")
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """The first-order gradients of an attention call made with create_graph=True: the same
+    values, whose own backward raises. Without it autograd saw the checked backward's op
+    (no autograd kernel: torch only warns) as constant, and a second backward returned zeros."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(_DOUBLE_BACKWARD)
+
+
+def _once_differentiable(backward):
+    """A backward (ctx, *grads) -> gradients made without a graph; where autograd records one
+    (create_graph=True, and the gradients depend on tensors that require grad: the
+    incoming gradients or the saved inputs), its tensors are returned through
+    _NotTwiceDifferentiable, so differentiating them raises instead of giving zeros
+    (torch's once_differentiable does so only when the incoming gradients require grad,
+    with a message that names neither the op nor the fix)."""
+
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        inputs = [t for t in grads + tuple(ctx.saved_tensors) if isinstance(t, torch.Tensor)]
+        if not any(t.requires_grad for t in inputs):
+            return results
+        index = [i for i, t in enumerate(results) if isinstance(t, torch.Tensor)]
+        wrapped = _NotTwiceDifferentiable.apply(*(results[i].detach().requires_grad_() for i in index))
+        results = list(results)
+        for i, t in zip(index, wrapped):
+            results[i] = t
+        return tuple(results)
+
+    return wrapper
+
+
 class _AttentionFunction(torch.autograd.Function):
     """Autograd of ``ftattn.attention``: the forward saves q, k, v, its output and, from the
     C++ kernel, each row's max and normaliser (O(N) beyond the inputs: the backward then
@@ -573,6 +622,7 @@ class _AttentionFunction(torch.autograd.Function):
         return out, flags
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_out, _grad_flags):
         q, k, v, out, stats = ctx.saved_tensors
         causal, scale, prot, recompute, holder, backend = ctx.options
@@ -631,6 +681,7 @@ def _register_kernels() -> None:
         ctx.key_range = (tuple(inputs[3:5]) + (None, None))[:2]
         ctx.options = keyword_only_inputs
 
+    @_once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out = ctx.saved_tensors
         kw = ctx.options

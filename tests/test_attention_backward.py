@@ -339,6 +339,48 @@ def test_bad_backward_faults_are_refused_clearly():
                                        True, [0, 0, 0, 0, 0, 0, 3])
 
 
+ENTRY_POINTS = {
+    "function": lambda q, k, v, causal: ftattn.attention(q, k, v, causal=causal),
+    "op": lambda q, k, v, causal: torch.ops.ftattn.attention(q, k, v, causal=causal),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("wrt", ["q", "v"])
+def test_double_backward_raises_and_first_order_stays_right(entry, wrt):
+    """create_graph=True gives the right first-order gradients; differentiating them again
+    (a gradient penalty) raises instead of returning zeros (it returned zeros with only a
+    warning of torch's: the checked backward has no autograd of its own). "v" with
+    out.sum(): the incoming gradient needs no grad, the saved q and k do."""
+    B, Hq, Hkv, N, M, D, causal = 1, 4, 2, 13, 19, 21, True
+    q, k, v = _qkv(B, Hq, Hkv, N, M, D, torch.float32, seed=7)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    index = "qkv".index(wrt)
+    loss = (lambda o: o.pow(2).sum()) if wrt == "q" else (lambda o: o.sum())
+    first, = torch.autograd.grad(loss(ENTRY_POINTS[entry](*leaves, causal)), leaves[index], create_graph=True)
+    first_exact, = torch.autograd.grad(loss(_torch_attention(*exact, causal, torch.float64)), exact[index],
+                                       create_graph=True)
+    assert first.requires_grad
+    assert (first.double() - first_exact).abs().max().item() <= 1e-5 * max(1.0, first_exact.abs().max().item())
+    first_exact.pow(2).sum().backward()
+    assert exact[0].grad.abs().max() > 1e-3  # the second-order gradient ftattn would have lost
+    with pytest.raises(NotImplementedError, match="not differentiable.*scaled_dot_product_attention"):
+        first.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_create_graph_without_a_second_backward_is_unchanged(entry):
+    """create_graph=True alone (the first-order gradients used as values) gives the same
+    gradients, bit for bit, as a plain backward."""
+    q, k, v = _qkv(2, 2, 1, 11, 7, 9, torch.float32, seed=8)
+    do = torch.randn(2, 2, 11, 9, generator=torch.Generator().manual_seed(2))
+    plain = _grads(lambda *t: ENTRY_POINTS[entry](*t, True), q, k, v, do)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    graph = torch.autograd.grad(ENTRY_POINTS[entry](*leaves, True), leaves, do, create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, graph))
+
+
 # ---------------------------------------------------------------------------
 # the forward's statistics (each row's max score and normaliser), kept for the backward
 
