@@ -106,12 +106,52 @@ def test_no_alarm_on_clean_data(backend, dtype):
         assert rep.detected == 0, kind
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_alarm_where_roundings_add_up(backend, dtype):
+    """Constant x and W: every product rounds the same way, so the accumulators' errors add
+    up in one direction, past the row check's statistical bound (x = W = 1/3 at K = 1024
+    raised on fp32 and fp16 before, on bf16 from K = 16384). A failed check is settled by
+    the product made again: the same bits, and the weight's checksums made anew equal to
+    the cached ones, is the data, not a fault. A fault there is still caught and corrected."""
+    for k, val in ((1031, 1 / 3), (1031, 0.7), (4099, 0.1)):
+        x = torch.full((5, k), val).to(dtype)
+        w = torch.full((259, k), val).to(dtype)
+        off = ftattn.linear(x, w, protection="off", backend=backend)
+        for on_fault in ("report", "correct", "raise"):
+            y, rep = ftattn.linear(x, w, on_fault=on_fault, return_report=True, backend=backend)
+            assert rep.detected == 0 and torch.equal(y, off), (k, val, on_fault, rep)
+        y, rep = ftattn.linear(x, w, fault=Fault("gemm", row=2, col=100, bit=30), return_report=True,
+                               backend=backend)
+        assert rep.detected == 1 and rep.corrected == 1 and torch.equal(y, off), (k, val, rep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_fault_corrected_in_every_row(backend):
+    """A weight read fault spoils its output column in every row, also in rows whose check
+    passes (two big input channels that cancel: a loose bound there): the correction is the
+    product made again, so every row is the clean one bit for bit (found by review: the
+    C++ kernel mended the one failing element and reported CORRECTED with rows 1 and 2
+    still 16-45x over the harm threshold)."""
+    g = torch.Generator().manual_seed(0)
+    k, out = 31, 128
+    x = torch.randn(3, k, generator=g) * 0.1
+    w = torch.randn(out, k, generator=g) / k**0.5
+    x[:, 0] = x[:, 1] = 100.0
+    w[:, 0], w[:, 1] = 1.0, -1.0
+    x[:, 2] = torch.tensor([50.0, 2.0, 0.5])
+    clean = ftattn.linear(x, w, protection="off", backend=backend)
+    for bit in (20, 22):
+        y, rep = ftattn.linear(x, w, fault=Fault("weight", row=5, dim=2, bit=bit), return_report=True,
+                               backend=backend)
+        assert rep.detected == 1 and rep.corrected == 1 and torch.equal(y, clean), (bit, rep)
+
+
 def _campaign(x, w, b, dtype, faults, backend="cpp"):
     """Every fault: raw (report) and corrected runs; returns (harmful, missed, detected,
     corrected-ok) counts."""
     clean = ftattn.linear(x, w, b, backend=backend)
     harmful = missed = detected = corrected_ok = 0
-    _campaign.in_place = 0
     for f in faults:
         raw, rep = ftattn.linear(x, w, b, fault=f, on_fault="report", return_report=True, backend=backend)
         fixed, rep2 = ftattn.linear(x, w, b, fault=f, return_report=True, backend=backend)
@@ -121,14 +161,9 @@ def _campaign(x, w, b, dtype, faults, backend="cpp"):
         missed += h and rep.detected == 0
         if rep2.detected:
             assert rep2.corrected == rep2.flagged_blocks and rep2.uncorrected == 0, f
-            assert not _harmful(fixed, clean, dtype), f
-            # one faulty accumulator is fixed in place (recomputed in fp64: within rounding
-            # of the GEMM's value); anything else recomputes the product (bit for bit). (A
-            # weight fault seen in one row only is fixed there; its column's other rows keep
-            # changes below the check's bound, benign.)
-            differ = (fixed != clean).sum().item()
-            assert f.site == "weight" or differ <= 1, (f, differ)
-            _campaign.in_place += differ == 1
+            # the product made again: the clean result bit for bit, every row (a weight
+            # fault spoils a whole column, not only the rows whose check failed)
+            assert torch.equal(fixed, clean), f
             corrected_ok += 1
         else:
             assert torch.equal(fixed, raw), f
@@ -165,8 +200,6 @@ def test_campaign_random_and_outlier_data(dtype, kind):
     assert missed == 0
     assert harmful > 50  # the campaign hits things that matter
     assert corrected == detected
-    if dtype == torch.float32:  # (in bf16 / fp16 the fix rounds to the clean value: no trace)
-        assert _campaign.in_place > 10  # single faulty accumulators are fixed in place
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -517,5 +550,5 @@ def test_bf16_product_on_the_bf16_gemm(monkeypatch, lead, k, out):
         assert (y.double() - ref).abs().max().item() <= 2 * err_torch + slack
         assert torch.equal(ftattn.linear(x, wide[:, :k], b), y)
         row = math.prod(lead) - 1
-        fixed, rep = ftattn.linear(x, w, b, fault=Fault("gemm", row=row, col=out // 2, bit=28), return_report=True)
+        fixed, rep = ftattn.linear(x, w, b, fault=Fault("gemm", row=row, col=out // 2, bit=30), return_report=True)
         assert rep.detected == 1 and rep.corrected == 1 and torch.equal(fixed, y)
