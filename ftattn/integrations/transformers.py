@@ -14,15 +14,24 @@ plain causal or absent, or a model's own boolean / additive (0 / -inf) mask. Eac
 sample's mask becomes one range [start, end) of visible keys, with one causal flag
 for the call:
   * left padding (decoders, with or without a KV cache): keys [start, M), causal;
-  * right padding (BERT-style encoders): keys [0, end), not causal;
-  * a StaticCache (empty slots after the seen tokens): keys [start, seen), causal.
-Bottom-right causality at each sample's end reproduces the mask exactly, so a padded
-batch is one call per layer (it was one per sample: 1.9x faster generate() on 8
+  * right padding of an encoder (BERT-style): keys [0, end), not causal;
+  * right padding of a decoder (causal-LM fine-tuning): real row i sees keys [0, i + P]
+    (P cached tokens, 0 in training) among its real keys [0, end); run as keys
+    [0, N + P), causal, i.e. plain causal attention when there is no cache;
+  * a StaticCache (empty slots after the seen tokens): keys [start, seen), causal;
+  * left and right padding mixed in one batch.
+Each sample's mask is checked to be exactly that on every row of a real token, so a
+padded batch is one call per layer (it was one per sample: 1.9x faster generate() on 8
 left-padded prompts). Any other pattern (sliding window, ALiBi biases, packed
 sequences, holes) raises ValueError rather than silently attending to the wrong keys.
-Query rows that the mask leaves without any visible key (the padding positions of a
-left-padded prompt) get zeros where eager attention returns a uniform average; both
-are discarded downstream.
+Padding rows, whose outputs no real token (and no loss: their labels are -100) reads:
+rows the mask leaves without any visible key (the padding positions of a left-padded
+prompt) get zeros, where eager attention returns a uniform average; the padding rows
+of a right-padded decoder sample (i + P >= end) get causal attention over keys
+[0, i + P], padding keys included, where sdpa and eager attend to the real keys
+[0, end) (transformers' mask) and flash_attention_2 returns zeros. Their rows of the
+output differ between backends; the real tokens' logits, the loss and the gradients
+do not (tests/integrations/test_training.py).
 
 Decoding: the query is the newest token (N = 1) against M cached keys: the mask
 is [B, 1, 1, M] (or None), and bottom-right causality lets it see every key.
@@ -309,8 +318,9 @@ def injected(model: torch.nn.Module) -> List[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Per sample: visible keys [start, stop) (empty: stop <= start); one causal flag for
-    the call; the same ranges as tensors for the op."""
+    """Per sample: the op's keys [start, stop) (empty: stop <= start; causal: bottom right
+    at stop, which for a right-padded sample lies past its last real key, see
+    _key_ranges); one causal flag for the call; the same ranges as tensors for the op."""
 
     start: Tuple[int, ...]
     stop: Tuple[int, ...]
@@ -351,10 +361,18 @@ def _allowed(mask: torch.Tensor, batch: int, n: int, m: int) -> Tuple[torch.Tens
 
 
 def _key_ranges(allowed: torch.Tensor, n: int, m: int):
-    """(start [B], end [B], plain [B], causal [B]): each sample's visible keys [start, end)
-    and whether its mask is exactly that range for every row (plain) or that range with
-    bottom-right causality at end (causal); rows with no visible key (padding queries)
-    count either way. Tensor ops only: traceable, no host read."""
+    """(start [B], end [B], plain [B], causal [B], causal_end [B]): each sample's visible
+    keys [start, end); whether its mask is exactly that range for every row (plain); and
+    whether it is that range with causality on one diagonal, row i seeing keys
+    [start, min(i + d, end - 1)] (causal), which the op runs as keys [start, causal_end),
+    causal_end = n + d, causal at bottom right (key j visible iff j <= i + d):
+      * left padding, a KV cache: d = end - n, causal_end = end;
+      * right padding (keys [0, end), top left: d = 0 without a cache): causal_end = n + d
+        > end. The rows i + d < end (the real tokens) see exactly their keys; the rows
+        past them (padding queries, i + d >= end) see [start, end) in the mask and
+        [start, i + d] in the op, padding keys included: outputs that no real token reads.
+    Rows with no visible key (padding queries) count either way. Tensor ops only:
+    traceable, no host read."""
     device = allowed.device
     j = torch.arange(m, device=device)
     i = torch.arange(n, device=device)
@@ -363,13 +381,19 @@ def _key_ranges(allowed: torch.Tensor, n: int, m: int):
     count = keys.sum(1)
     start = torch.where(count > 0, keys.int().argmax(1), torch.zeros_like(count))
     end = torch.where(count > 0, m - keys.flip(1).int().argmax(1), torch.zeros_like(count))
+    # the diagonal: the largest (last visible key - row) over the rows with a key (the rows
+    # before the range's end reach i + d, those past it end - 1 - i < d)
+    last = (m - 1) - allowed.flip(2).int().argmax(2)  # [B, N]
+    shift = torch.where(rows, last - i[None, :], torch.full_like(last, -(n + m)))
+    diagonal = torch.where(count > 0, shift.amax(1), end - n)  # (a sample with no key: causal_end 0)
+    causal_end = n + diagonal
     in_range = (j >= start[:, None, None]) & (j < end[:, None, None])  # [B, 1, M]
-    visible = j[None, None, :] <= i[None, :, None] + (end - n)[:, None, None]  # bottom right, [B, N, M]
+    visible = j[None, None, :] <= i[None, :, None] + diagonal[:, None, None]  # [B, N, M]
     ignore = ~rows[:, :, None]
     contiguous = count == end - start
     plain = ((allowed == in_range) | ignore).all(2).all(1) & contiguous
-    causal = ((allowed == (in_range & visible)) | ignore).all(2).all(1) & contiguous
-    return start, end, plain, causal
+    causal = ((allowed == (in_range & visible)) | ignore).all(2).all(1) & contiguous & (causal_end <= m)
+    return start, end, plain, causal, causal_end
 
 
 _NOT_KEY_PADDING = (
@@ -386,12 +410,14 @@ def _mask_layout(mask: torch.Tensor, batch: int, n: int, m: int) -> _Layout:
     allowed, ok = _allowed(mask, batch, n, m)
     if not bool(ok):
         raise ValueError(_BIASED)
-    start, end, plain, causal = _key_ranges(allowed, n, m)
+    start, end, plain, causal, causal_end = _key_ranges(allowed, n, m)
     # one causal flag for the call: plain when every sample reads as plain, else causal
     is_causal = not bool(plain.all())
     bad = ~(causal if is_causal else plain)
     if bool(bad.any()):
         raise ValueError(_NOT_KEY_PADDING.format(b=int(bad.nonzero()[0, 0])))
+    if is_causal:
+        end = causal_end
     return _Layout(tuple(start.tolist()), tuple(end.tolist()), is_causal, start, end)
 
 
@@ -415,11 +441,11 @@ def _traced_ranges(module, mask: torch.Tensor, batch: int, n: int, m: int):
     causal flag from the module (decoders are causal), the mask's shape checked at run
     time by an assertion instead of an exception."""
     allowed, ok = _allowed(mask, batch, n, m)
-    start, end, plain, causal_ok = _key_ranges(allowed, n, m)
+    start, end, plain, causal_ok, causal_end = _key_ranges(allowed, n, m)
     causal = n > 1 and bool(getattr(module, "is_causal", True))
     ok = ok & (causal_ok if causal else plain).all()
     torch._assert_async(ok, _NOT_KEY_PADDING.format(b="(some)"))
-    return start, end, causal
+    return start, causal_end if causal else end, causal
 
 
 # ---------------------------------------------------------------------------

@@ -114,6 +114,65 @@ def test_key_padding_masks_match_sdpa(layout, additive):
     assert torch.all(out.double()[~rows] == 0)
 
 
+def _right_causal(B, N, M, past, real, left=None):
+    """Causal masks [B, 1, N, M] of a decoder with ``past`` cached tokens: sample b's keys
+    [left[b], real[b]), row i sees keys j <= i + past among them (right padding: real[b] <
+    past + N; the padding rows i + past >= real[b] see all its keys, as transformers' sdpa
+    mask); and (rows [B, N], True on the real rows i + past < real[b], that see their own key)."""
+    left = left or [0] * B
+    i, j = torch.arange(N)[:, None], torch.arange(M)[None, :]
+    allowed = torch.stack([((j >= left[b]) & (j < real[b]) & (j <= i + past)) for b in range(B)])[:, None]
+    rows = torch.stack([(i[:, 0] + past < real[b]) & (i[:, 0] + past >= left[b]) for b in range(B)])
+    return allowed, rows
+
+
+@pytest.mark.parametrize("padding_rows", ["keys", "none"])
+@pytest.mark.parametrize("layout", ["right", "right_cache", "mixed"])
+def test_right_padded_causal_masks_match_sdpa_on_real_rows(layout, padding_rows):
+    """Right-padded causal samples (top-left causal within keys [0, end)): exact on the real
+    rows; the padding rows (no real token reads them) get causal attention over keys
+    [start, i + past], padding keys included (sdpa: the real keys; flash_attention_2: zeros).
+    padding_rows "none": transformers versions whose mask leaves them fully masked."""
+    torch.manual_seed(2)
+    B, Hq, Hkv, D = 3, 4, 2, 19
+    N, M, past, real, left = {"right": (11, 11, 0, [11, 8, 3], None),
+                              "right_cache": (5, 17, 6, [11, 9, 7], None),  # 6 cached tokens, 17 slots
+                              "mixed": (11, 11, 0, [11, 11, 6], [0, 4, 0])}[layout]  # none / left / right
+    q, k, v = torch.randn(B, Hq, N, D), torch.randn(B, Hkv, M, D), torch.randn(B, Hkv, M, D)
+    allowed, rows = _right_causal(B, N, M, past, real, left)
+    if padding_rows == "none":
+        allowed = allowed & rows[:, None, :, None]
+    out = _call(q, k, v, allowed)
+    ref = _sdpa_rows(q, k, v, allowed, scale=0.3)
+    real_rows = rows[:, None, :, None].expand_as(ref)
+    assert torch.allclose(out.double()[real_rows], ref[real_rows], atol=1e-5, rtol=1e-5)
+    # the padding rows: causal over [start, i + past], as documented
+    i, j = torch.arange(N)[:, None], torch.arange(M)[None, :]
+    diagonal = torch.stack([(j >= (left or [0] * B)[b]) & (j <= i + past) for b in range(B)])[:, None]
+    padding = (~rows & (torch.arange(N) + past >= torch.tensor(real)[:, None]))[:, None, :, None].expand_as(ref)
+    assert padding.any()
+    assert torch.allclose(out.double()[padding], _sdpa_rows(q, k, v, diagonal, scale=0.3)[padding], atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["future", "real_row_changed", "two_diagonals_past_keys"])
+def test_causal_masks_no_diagonal_expresses_raise(pattern):
+    """Causal masks the op cannot run are still refused: a diagonal past the keys (query i
+    sees key i + 1), a real row of a right-padded sample that differs from causal, and
+    a right-padded sample whose diagonal needs keys past the last one."""
+    N = M = 9
+    q, k = torch.randn(2, 2, N, 16), torch.randn(2, 2, M, 16)
+    allowed, _ = _right_causal(2, N, M, 0, [9, 6])
+    i, j = torch.arange(N)[:, None], torch.arange(M)[None, :]
+    if pattern == "future":
+        allowed[0, 0] = j <= i + 1
+    elif pattern == "real_row_changed":
+        allowed[1, 0, 3, 1] = False  # row 3 of the right-padded sample misses key 1: a hole
+    else:
+        allowed[1, 0] = (j <= i + 2) & (j < 6)  # d = 2: keys up to N + 2 = 11 > M
+    with pytest.raises(ValueError, match=f"mask of sample {0 if pattern == 'future' else 1} is not a key-padding"):
+        _call(q, k, k, allowed)
+
+
 def test_no_mask_uses_the_causal_flag():
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
