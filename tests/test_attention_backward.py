@@ -381,6 +381,44 @@ def test_create_graph_without_a_second_backward_is_unchanged(entry):
     assert all(torch.equal(a, b) for a, b in zip(plain, graph))
 
 
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_casts_the_inputs_as_for_sdpa(entry, dtype):
+    """Under torch.autocast("cpu", dtype) q, k, v are cast to dtype, as torch's SDPA's are:
+    fp32 q, k with a low-precision v (Llama's rotary step under autocast) give dtype's
+    output, bit for bit the call on the cast inputs, near fp64 as torch's attention in
+    dtype is, and fp32 gradients for the fp32 leaves (it raised "must share one dtype")."""
+    B, Hq, Hkv, N, M, D, causal = 2, 4, 2, 13, 19, 21, True
+    q, k, v = _qkv(B, Hq, Hkv, N, M, D, torch.float32, seed=9)
+    v = v.to(dtype)
+    do = torch.randn(B, Hq, N, D, generator=torch.Generator().manual_seed(3)).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=dtype):
+        out = ENTRY_POINTS[entry](*leaves, causal)
+    assert out.dtype == dtype
+    cast = [t.to(dtype) for t in (q, k, v)]
+    assert torch.equal(out, ENTRY_POINTS[entry](*cast, causal))
+    out.backward(do)
+    assert [t.grad.dtype for t in leaves] == [torch.float32, torch.float32, dtype]
+    low = _grads(lambda *t: ENTRY_POINTS[entry](*t, causal), *cast, do)
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip((t.grad for t in leaves), low))
+    exact = _grads(lambda *t: _torch_attention(*t, causal, torch.float64), *cast, do.double())
+    plain = _grads(lambda *t: _torch_attention(*t, causal, dtype), *cast, do)
+    for g, p, e in zip((t.grad for t in leaves), plain, exact):
+        slack = 4 * ULP[dtype] * max(1.0, e.abs().max().item())
+        assert (g.double() - e).abs().max().item() <= 2 * (p.double() - e).abs().max().item() + slack
+
+
+def test_mixed_dtypes_outside_autocast_still_raise():
+    q, k, v = _qkv(1, 2, 1, 5, 6, 8, torch.float32)
+    for entry in ENTRY_POINTS.values():
+        with pytest.raises(TypeError, match=r"share one dtype.*torch.autocast"):
+            entry(q, k, v.bfloat16(), False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not cast (as for SDPA): its error stays
+        with pytest.raises(TypeError, match="float64 is not supported"):
+            ftattn.attention(q.double(), k.double(), v.double())
+
+
 # ---------------------------------------------------------------------------
 # the forward's statistics (each row's max score and normaliser), kept for the backward
 
