@@ -500,13 +500,34 @@ def _scheduled_fault(state: _State, module, q_shape, layout: Optional[_Layout], 
 # the attention function transformers calls
 
 
+# the config keys of the attention-dropout probability (Llama and most decoders, GPT-2 and
+# its kin, BERT and its kin)
+_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+
+def _dropout_error(module, dropout) -> NotImplementedError:
+    """The error of a training call with attention dropout, naming the config key of this
+    model that sets it: its modules read it when built (Llama's attention_dropout, GPT-2's
+    attn_pdrop into attn_dropout.p, BERT's attention_probs_dropout_prob into dropout.p), so
+    changing model.config afterwards changes nothing."""
+    config = getattr(module, "config", None)
+    present = [key for key in _DROPOUT_KEYS if isinstance(getattr(config, key, None), (int, float))]
+    key = next((k for k in present if float(getattr(config, k)) == float(dropout)), present[0] if present else None)
+    if key is None:
+        build = (f"build the model with its config's attention-dropout probability at 0.0 (one of "
+                 f"{', '.join(_DROPOUT_KEYS)}, by model)")
+    else:
+        build = (f"build the model with {key}=0.0 ({type(config).__name__}(..., {key}=0.0), or "
+                 f"from_pretrained(path, {key}=0.0, attn_implementation='ftattn')): {type(module).__name__} reads "
+                 f"it when built, so setting model.config.{key} afterwards changes nothing")
+    return NotImplementedError(
+        f"ftattn attention has no attention dropout: {type(module).__name__} trains with dropout={dropout}; "
+        f"{build}; or call model.eval() (inference); or use another attn_implementation")
+
+
 def _unsupported(module, dropout, kwargs, n_keys) -> None:
     if dropout:
-        raise NotImplementedError(
-            f"ftattn attention has no attention dropout: dropout={dropout} (the model trains with "
-            f"attention_dropout > 0); set model.config.attention_dropout = 0.0, call model.eval(), or use another "
-            f"attn_implementation"
-        )
+        raise _dropout_error(module, dropout)
     if kwargs.get("softcap") is not None:
         raise NotImplementedError(
             f"ftattn does not support logit soft-capping (softcap={kwargs['softcap']}); use attn_implementation='eager'"

@@ -210,6 +210,52 @@ def test_training_and_unsupported_features_raise(llama_pair):
         ft_hf.attention_forward(model.model.layers[0].self_attn, q, q, q, None, sliding_window=2)
 
 
+def _tiny_model(family: str, **dropout):
+    """A tiny (family, config key of its attention dropout, model) through ftattn."""
+    import transformers as tf
+
+    ft_hf.register()
+    torch.manual_seed(0)
+    if family == "llama":
+        cls, config = tf.LlamaForCausalLM, tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                         num_hidden_layers=2, num_attention_heads=4, **dropout)
+    elif family == "gpt2":
+        cls, config = tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                        n_positions=64, bos_token_id=1, eos_token_id=2, **dropout)
+    else:
+        cls, config = tf.BertForMaskedLM, tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, intermediate_size=128, **dropout)
+    config._attn_implementation = ft_hf.IMPLEMENTATION
+    return cls(config)
+
+
+DROPOUT_KEY = {"llama": "attention_dropout", "gpt2": "attn_pdrop", "bert": "attention_probs_dropout_prob"}
+
+
+@pytest.mark.parametrize("family", DROPOUT_KEY)
+def test_dropout_error_names_the_fix_that_works(family, tmp_path):
+    """Training with attention dropout raises, naming this model's config key (GPT-2's
+    attn_pdrop, BERT's attention_probs_dropout_prob: the message said
+    model.config.attention_dropout, which they never read); setting it on the built model's
+    config changes nothing (the message says so), building with it at 0.0 trains, directly or
+    through from_pretrained, and model.eval() runs."""
+    key = DROPOUT_KEY[family]
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    model = _tiny_model(family, **{key: 0.1}).train()
+    with pytest.raises(NotImplementedError, match=rf"dropout=0.1; build the model with {key}=0.0 .*model.eval\(\)"):
+        model(input_ids=ids, labels=ids)
+    setattr(model.config, key, 0.0)  # what the old message said (for Llama's key): not enough
+    with pytest.raises(NotImplementedError, match=rf"setting model.config.{key} afterwards changes nothing"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    setattr(model.config, key, 0.1)
+    model.save_pretrained(tmp_path)
+    for fixed in (_tiny_model(family, **{key: 0.0}),
+                  type(model).from_pretrained(tmp_path, attn_implementation="ftattn", **{key: 0.0})):
+        fixed.train()(input_ids=ids, labels=ids).loss.backward()
+
+
 def test_policy_validation():
     model = tiny_llama("ftattn")
     with pytest.raises(ValueError, match="protection='most'"):
