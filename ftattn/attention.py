@@ -172,7 +172,12 @@ def validate_inputs(q, k, v, scale) -> None:
         raise ValueError(f"ftattn.attention: head_dim of q ({D}) and k/v ({Dk}) differ")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"ftattn.attention: head_dim={D} is not supported; use 1..{MAX_HEAD_DIM}")
-    if Hkv < 1 or Hq % Hkv != 0:
+    if Hkv < 1:  # (no query head with key / value heads is an empty call, as an empty batch)
+        raise ValueError(
+            f"ftattn.attention: k and v have {Hkv} heads (q {Hq}); at least one key/value head is needed: "
+            f"shapes are [batch, heads, seq, head_dim], check dim 1"
+        )
+    if Hq % Hkv != 0:
         raise ValueError(
             f"ftattn.attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) "
             f"for grouped-query attention; repeat k/v heads or fix the head counts"
