@@ -56,6 +56,7 @@ enum CheckBit : int32_t {
   kNonfiniteInput = 1 << 24,
   kCorrected = 1 << 25,
   kUncorrected = 1 << 26,
+  kBlind = 1 << 27,
 };
 // the bits that name failed checks
 constexpr int32_t kCheckMask = 0x7FFF;

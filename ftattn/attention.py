@@ -240,8 +240,11 @@ def _parse_options(protection, on_fault) -> Tuple[Protection, OnFault]:
 _OPTIONS = {(p.name.lower(), f.value): (p, f) for p in Protection for f in OnFault}
 
 
-def _faulty(flags: torch.Tensor) -> torch.Tensor:
-    """Per block: a check failed on finite input (non-finite input is not a fault)."""
+def _faulty(flags: torch.Tensor, op: str = "attention") -> torch.Tensor:
+    """Per block: a check failed on finite input (non-finite input is not a fault; for a
+    linear layer, whose check bit names a finite row, any check bit: Report._fault_bits)."""
+    if op == "linear":
+        return (flags & CHECK_MASK) != 0
     return ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
 
 
@@ -254,7 +257,7 @@ def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: boo
         return None
     report = Report(flags, REPORT_BLOCK_M, n, op, keys)
     if policy is OnFault.RAISE and not flags.is_meta:  # (meta: no kernel ran, nothing to raise)
-        faulty = _faulty(flags)
+        faulty = _faulty(flags, op)
         if bool(faulty.any()):
             raise FaultDetectedError(report)
     return report

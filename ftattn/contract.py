@@ -85,6 +85,10 @@ class Check(enum.IntFlag):
     NONFINITE_INPUT = 1 << 24
     CORRECTED = 1 << 25
     UNCORRECTED = 1 << 26
+    # linear: a block of rows where some row's checksum block could not see every harmful
+    # fault (the bound above a quarter of the harm threshold); ftattn.linear makes the
+    # product again and compares the rows (ftattn/linear.py _settle), and clears the bit
+    BLIND = 1 << 27
 
 
 # what each check bit means, for reports and errors; its keys are the bits that name

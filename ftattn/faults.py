@@ -12,6 +12,10 @@ import torch
 
 from .contract import BIT_MASK, BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, WARP, Check, Site
 
+# FAULT_MODEL.md's harm threshold per input dtype: a fault is harmful when it moves the
+# output by more than tau max(1, max |clean output|) (per row for linear layers)
+TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
 __all__ = [
     "Site",
     "Check",
@@ -206,8 +210,12 @@ class Report:
         return self.flags
 
     def _fault_bits(self) -> torch.Tensor:
-        """Check bits of the blocks whose inputs were finite (non-finite input is not a fault)."""
+        """Check bits of the blocks whose inputs were finite (non-finite input is not a fault;
+        a linear layer's rows are independent and its check bit names a finite row, so a
+        non-finite row of its block excuses nothing)."""
         flags = self._data()
+        if self.op == "linear":
+            return flags & CHECK_MASK
         finite = (flags & int(Check.NONFINITE_INPUT)) == 0
         return (flags & CHECK_MASK) * finite
 

@@ -27,7 +27,7 @@ import torch
 from . import backends
 from .attention import _apply_policy
 from .contract import BIT_REPLACE, fault_fields, xor_mask
-from .faults import CHECK_MASK, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site
+from .faults import CHECK_MASK, TAU, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site
 
 __all__ = ["linear", "weight_checksums", "BLOCK_O", "BACKENDS", "backend_status"]
 
@@ -43,6 +43,22 @@ FUSED_BLOCKS = 16
 ETA = 2.0**-149
 
 
+def check_factor(k: int, split: bool, block_o: int = 128) -> float:
+    """The row check's factor on scale_i sqrt(x_i^2 / scale_i^2 . mag_b), in one place for the
+    reference and Triton backends (csrc/linear_cpu.cpp makes the same): kappa sqrt(K) u, the
+    statistical rounding of the block's fp32 accumulators (mag_b = sum_{o in b} W_o^2). The
+    fp64 references (ref_cols fp64) add at most (K + block_o) 2^-53 sum_{j, o} |x_j W_oj| <=
+    (K + block_o) 2^-53 sqrt(block_o K) sqrt(x^2 . mag_b) (the fp64 sums and dot product:
+    a 1e-5 part of the first term at K = 4096). A bf16 hi + lo pair's references run on the
+    bf16 GEMM's fp32 accumulators: a second dot product (its magnitudes in mag_b, sqrt(2)
+    for the two) and the pair's own rounding, 2^-17 sqrt(K). 2^-6 for magnitudes taken in
+    bf16 or rounded to fp32."""
+    sqrt_k = math.sqrt(max(k, 1))
+    if split:
+        return (KAPPA * sqrt_k * U32 * math.sqrt(2.0) + 2.0**-17 * sqrt_k) * (1.0 + 2.0**-6)
+    return (KAPPA * sqrt_k * U32 + (k + block_o) * 2.0**-52 * math.sqrt(block_o * max(k, 1))) * (1.0 + 2.0**-6)
+
+
 # ---------------------------------------------------------------------------
 # weight checksums and their cache
 
@@ -51,8 +67,10 @@ ETA = 2.0**-149
 class WeightChecksums:
     """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
     ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads:
-    ``ref_cols`` (fp32 [nb, in], or a bf16 hi + lo pair [2 nb, in] for bf16 weights)
-    and ``mag_cols`` [nb, in] (the magnitudes of the bound: fp32, bf16 for 16-bit weights)."""
+    ``ref_cols`` (the fp64 ``sums``, the references made in fp64; or, for a bf16 weight of
+    more than FUSED_BLOCKS blocks, a bf16 hi + lo pair [2 nb, in] for the bf16 GEMM) and
+    ``mag_cols`` [nb, in] (the magnitudes of the bound: sum_{o in b} W_o^2 in fp32, plus
+    (W^T e_b)^2 in bf16 for the hi + lo pair, whose references carry fp32 rounding)."""
 
     key: tuple
     block_o: int
@@ -134,34 +152,37 @@ def _refreshed(weight: torch.Tensor, sums: Optional[WeightChecksums], flags: tor
 
 def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tensor,
             sums: Optional[WeightChecksums], recompute: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A call whose row check failed on finite input, settled by the product made again
-    without the fault (``run(*args)`` with no fault, no recomputation): (y, flags).
+    """A call whose row check failed on finite input, or whose kernel found a block of rows
+    blind (BLIND: a row's checksum block whose bound exceeds a quarter of the harm
+    threshold, where big input channels cancel in y), settled by the product made again
+    without the fault (``run(*args)`` with no fault, no recomputation): (y, flags), BLIND
+    cleared.
 
-    The row check's bound is statistical; data whose roundings add up in one direction
-    (constant x and W, identical output rows) can exceed it with no fault (x and W of 1/3,
-    K = 1024, fp32: measured). The product is deterministic, so a report block whose rows
-    come out the same bit for bit again failed by the data or by a weight that is not what
-    its checksums were made of (corrupted in memory): the weight's checksums are made anew,
-    and where they equal the cached ones the block's check bit is cleared (no fault: the
-    output is the product's), else it stands (UNCORRECTED under "correct": scrub_weights
-    repairs the weight). A block whose rows differ had a transient fault: its bit stands,
-    and under "correct" the call returns the product made again, CORRECTED where that one's
-    check passes or a third product equals it (made by the data, with the weight intact),
-    else UNCORRECTED. The first product is kept under "report" and "raise"."""
-    failed = ((flags & int(Check.GEMM_ROW_CHECKSUM)) != 0).reshape(-1)
-    if sums is None or not bool(failed.any()):
+    The product is deterministic. A blind block whose rows come out the same bits again is
+    clean; one whose rows differ had a transient fault: its check fails. The row check's
+    bound is statistical; data whose roundings add up in one direction (constant x and W,
+    identical output rows) can exceed it with no fault (x and W of 1/3, K = 1024, fp32:
+    measured). So a failed block whose rows come out the same bits failed by the data or by
+    a weight that is not what its checksums were made of (corrupted in memory): the weight's
+    checksums are made anew, and where they equal the cached ones the block's check bit is
+    cleared (no fault: the output is the product's), else it stands (UNCORRECTED under
+    "correct": scrub_weights repairs the weight). A failed block whose rows differ had a
+    transient fault: its bit stands, and under "correct" the call returns the product made
+    again, CORRECTED where that one's check passes or a third product equals it (made by the
+    data, with the weight intact), else UNCORRECTED. The first product is kept under
+    "report" and "raise"."""
+    flat = flags.reshape(-1)
+    failed = (flat & int(Check.GEMM_ROW_CHECKSUM)) != 0
+    blind = ((flat & int(Check.BLIND)) != 0) & ~failed
+    if sums is None or not bool((failed | blind).any()):
         return y, flags
+    flat = flat & ~int(Check.BLIND)
     clean = (*args[:7], False, None, None)
     y2, flags2 = run(*clean)
-    out = weight.shape[0]
     nblk = failed.numel()
 
     def same_blocks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per report block, bit for bit
-        bits = torch.int32 if a.dtype == torch.float32 else torch.int16
-        rows = (a.reshape(-1, out).view(bits) == b.reshape(-1, out).view(bits)).all(1)
-        pad = nblk * REPORT_BLOCK_M - rows.numel()
-        return torch.nn.functional.pad(rows, (0, pad), value=True).view(nblk, REPORT_BLOCK_M).all(1).to(
-            failed.device)
+        return _same_rows(a, b, nblk).to(failed.device)
 
     intact: Optional[bool] = None
 
@@ -172,6 +193,8 @@ def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tenso
         return intact
 
     same = same_blocks(y, y2)
+    failed |= blind & ~same  # (a blind block that came out different: a transient fault)
+    flat = torch.where(failed, flat | int(Check.GEMM_ROW_CHECKSUM), flat)
     by_data = failed & same
     status = torch.zeros_like(failed, dtype=torch.int32)
     keep = failed.clone()
@@ -191,7 +214,6 @@ def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tenso
             settled |= again_same if weight_intact() else torch.zeros_like(again_same)
         status = torch.where(transient, torch.where(settled, int(Check.CORRECTED), int(Check.UNCORRECTED)), status)
         y = y2
-    flat = flags.reshape(-1)
     flat = torch.where(failed & ~keep, flat & ~int(Check.GEMM_ROW_CHECKSUM), flat)
     if recompute:
         flat = flat | torch.where(keep, status, 0).to(flat.dtype)
@@ -248,18 +270,20 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
         return entry
     with torch.no_grad():
         sums, squares, row_sums = _block_sums(weight.detach(), block_o)
-        mag = squares + sums.square()
         if weight.dtype == torch.bfloat16 and sums.shape[0] > FUSED_BLOCKS:
             # many blocks: the references run on the bf16 GEMM, the checksums as a hi + lo
-            # pair; few blocks (or other dtypes): fp32, read per row by the kernel
+            # pair, with fp32 accumulators whose rounding the bound takes from (W^T e_b)^2
             hi = sums.to(torch.bfloat16)
             lo = (sums - hi.to(torch.float64)).to(torch.bfloat16)
             ref_cols = torch.cat([hi, lo]).contiguous()
-        else:  # fp32, and fp16 (whose sums can leave fp16's range): fp32, on x in fp32
-            ref_cols = sums.to(torch.float32).contiguous()
-        # magnitudes: fp32 on fp32 x (MKL's sgemm), bf16 on 16-bit x (its bf16 GEMM); the
-        # bound allows 2^-6 for either
-        mag_cols = mag.to(torch.bfloat16 if ref_cols.dtype == torch.bfloat16 else torch.float32).contiguous()
+            mag_cols = (squares + sums.square()).to(torch.bfloat16).contiguous()
+        else:
+            # the references in fp64 from the fp64 sums (their rounding next to nothing: a
+            # bound from (W^T e_b)^2 grew 128x with an input channel that every output of a
+            # block weighs alike, |x_j| 100 and W_oj ~ 0.05, and passed faults up to 3x the
+            # harm threshold: found by review)
+            ref_cols = sums.contiguous()
+            mag_cols = squares.to(torch.float32).contiguous()
     entry = WeightChecksums(key, block_o, sums, row_sums, ref_cols, mag_cols)
     if cache:
         _store(base, key[:-1], entry)
@@ -320,11 +344,11 @@ def linear_reference(x, weight, bias, ref_cols, mag_cols, block_o, protection, r
     nblk = (T + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
     flags = torch.zeros((1, 1, nblk), dtype=torch.int32)
     if protection >= 1 and T > 0 and out > 0:
-        flags = _reference_check(acc, x, ref_cols, mag_cols, block_o)
+        flags = _reference_check(acc, x, ref_cols, mag_cols, block_o, TAU[x.dtype])
         faulty = (flags & CHECK_MASK) != 0
         if recompute and bool(faulty.any()):
             acc = product(weight)
-            again = _reference_check(acc, x, ref_cols, mag_cols, block_o)
+            again = _reference_check(acc, x, ref_cols, mag_cols, block_o, 0.0)
             flags = torch.where(faulty, flags | torch.where((again & CHECK_MASK) != 0, int(Check.UNCORRECTED),
                                                             int(Check.CORRECTED)), flags)
     if bias is not None:
@@ -339,22 +363,37 @@ def _corrupt(value: torch.Tensor, bit: int, fault_value) -> torch.Tensor:
     return (as_int ^ torch.tensor(xor_mask(bit, fault_value), dtype=torch.int32)).view(torch.float32)
 
 
-def _reference_check(acc, x, ref_cols, mag_cols, block_o) -> torch.Tensor:
+def _same_rows(a: torch.Tensor, b: torch.Tensor, nblk: int) -> torch.Tensor:
+    """Per report block of rows, whether a and b [T, out] hold the same bits."""
+    bits = torch.int32 if a.dtype == torch.float32 else torch.int16
+    out = a.shape[-1]
+    rows = (a.reshape(-1, out).view(bits) == b.reshape(-1, out).view(bits)).all(1)
+    pad = nblk * REPORT_BLOCK_M - rows.numel()
+    return torch.nn.functional.pad(rows, (0, pad), value=True).view(nblk, REPORT_BLOCK_M).all(1)
+
+
+def _reference_check(acc, x, ref_cols, mag_cols, block_o, tau) -> torch.Tensor:
+    """The flags [1, 1, nblk] of the check, with BLIND where tau > 0 and a row's block is
+    blind (as csrc/linear_cpu.cpp blind_block)."""
     T, out = acc.shape
     K = x.shape[1]
     nb = -(-out // block_o)
     pad = nb * block_o - out
     s = torch.nn.functional.pad(acc.to(torch.float64), (0, pad)).view(T, nb, block_o).sum(-1)
-    split = ref_cols.dtype != torch.float32
+    split = ref_cols.dtype != torch.float64
     ref = x.to(torch.float64) @ ref_cols.to(torch.float64).t()
     if split:
         ref = ref[:, :nb] + ref[:, nb:]
     mag = x.to(torch.float64).square() @ mag_cols.to(torch.float64).t()
-    rep = 2.0**-17 if split else U32
-    sqrt_k = max(K, 1) ** 0.5
-    bound = (KAPPA * sqrt_k * U32 * 2**0.5 + rep * sqrt_k) * (1 + 2**-6) * mag.sqrt() + ETA * (K + 1) * (block_o + 1)
-    bad = ~((s - ref).abs() <= bound)
-    nonfinite = ~torch.isfinite(x).all(1) | ~torch.isfinite(ref).all(1) | ~torch.isfinite(mag).all(1)
+    bound = check_factor(K, split, block_o) * mag.sqrt() + ETA * (K + 1) * (block_o + 1)
+    # finite magnitudes overflowed (|W| from ~1e18), or 0 x inf: no bound, blind (as C++)
+    no_bound = ~torch.isfinite(mag) & torch.isfinite(ref) & torch.isfinite(s)
+    bad = ~((s - ref).abs() <= bound) & ~no_bound
+    n = torch.full((nb,), float(block_o), dtype=torch.float64)
+    n[-1] = out - (nb - 1) * block_o
+    mean_abs = torch.nn.functional.pad(acc.to(torch.float64).abs(), (0, pad)).view(T, nb, block_o).sum(-1) / n
+    blind_rows = (~bad & (no_bound | ~(4 * bound <= tau * mean_abs.clamp(min=1.0)))).any(1) & (tau > 0)
+    nonfinite = ~torch.isfinite(x).all(1) | ~torch.isfinite(ref).all(1)
     row_bits = torch.where(bad.any(1), torch.where(nonfinite, int(Check.NONFINITE_INPUT),
                                                    int(Check.GEMM_ROW_CHECKSUM)), 0).to(torch.int32)
     nblk = (T + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
@@ -362,6 +401,8 @@ def _reference_check(acc, x, ref_cols, mag_cols, block_o) -> torch.Tensor:
     out_bits = torch.zeros(nblk, dtype=torch.int32)
     for bit in (int(Check.NONFINITE_INPUT), int(Check.GEMM_ROW_CHECKSUM)):
         out_bits |= torch.where(((padded & bit) != 0).any(1).cpu(), bit, 0).to(torch.int32)
+    blind = torch.nn.functional.pad(blind_rows, (0, nblk * REPORT_BLOCK_M - T)).view(nblk, REPORT_BLOCK_M).any(1)
+    out_bits |= torch.where(blind, int(Check.BLIND), 0).to(torch.int32)
     return out_bits.view(1, 1, nblk)
 
 

@@ -10,18 +10,21 @@ whole block b of its columns and checks, per row i of its tile,
 
     sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
 
-against the weight's cached checksums (``ref_cols``: fp32 [nb, K], or a bf16 hi + lo
-pair [2 nb, K]), within the statistical bound of csrc/linear_cpu.cpp: factor *
+against the weight's cached checksums (``ref_cols``: fp64 [nb, K], the reference then
+accumulated in fp64; or a bf16 hi + lo pair [2 nb, K], in fp32), within the statistical
+bound of csrc/linear_cpu.cpp (ftattn/linear.py check_factor): factor *
 scale_i * sqrt(x_i^2 / scale_i^2 . mag_b) plus an underflow term, plus the tree
 summation of the block's 128 accumulators (log2(128) + 1 roundings of sum |acc|).
-``mag_cols`` (bf16 [nb, K]): sum_{o in b} W_o^2 + (W^T e_b)^2; ``row_scale`` [T]: a power
+``mag_cols`` [nb, K]: sum_{o in b} W_o^2 (fp32; bf16 with (W^T e_b)^2 added for the hi + lo
+pair); ``row_scale`` [T]: a power
 of two near max_j |x_ij| (the launcher's), so the squares neither underflow nor overflow.
 The reference products are one K-wide dot per row and tile step (1/BLOCK_N of the tile's
-work) on CUDA cores in fp32.
+work) on CUDA cores, in fp64 (fp32 for the hi + lo pair).
 
 A row whose check fails ORs GEMM_ROW_CHECKSUM into flags[row // 64] (REPORT_BLOCK_M of
 ftattn/contract.py), or NONFINITE_INPUT when x_i holds NaN/Inf or the checksums are not
-finite (bad input, not a fault). The launcher (ftattn/_launch/linear.py) recomputes a
+finite (bad input, not a fault); a row whose block's bound exceeds a quarter of the harm
+threshold ``tau`` ORs BLIND (ftattn/linear.py _settle compares a second product). The launcher (ftattn/_launch/linear.py) recomputes a
 faulty product by a second launch without the fault.
 
 Fault injection (INJECT constexpr; compiled out otherwise): site ``gemm`` flips a bit of
@@ -40,6 +43,7 @@ from ..contract import REPORT_BLOCK_M, Check, Site
 BLOCK_REPORT = tl.constexpr(REPORT_BLOCK_M)
 GEMM_ROW_CHECKSUM = tl.constexpr(int(Check.GEMM_ROW_CHECKSUM))
 NONFINITE_INPUT = tl.constexpr(int(Check.NONFINITE_INPUT))
+BLIND = tl.constexpr(int(Check.BLIND))
 SITE_GEMM = tl.constexpr(int(Site.GEMM))
 SITE_WEIGHT = tl.constexpr(int(Site.WEIGHT))
 U32 = tl.constexpr(5.9604644775390625e-08)  # 2^-24
@@ -60,7 +64,7 @@ def _linear_fwd(
     X, W, Bias, Y, RefCols, MagCols, RowScale, Flags,
     T, K, OUT, NB,
     stride_xm, stride_wo, stride_wk,
-    factor, abs_term,
+    factor, abs_term, tau,
     f_site, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,
     HAS_BIAS: tl.constexpr, PROTECTION: tl.constexpr, SPLIT: tl.constexpr, INJECT: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -73,7 +77,10 @@ def _linear_fwd(
     m_ok = rm < T
     n_ok = rn < OUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ref = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if SPLIT:
+        ref = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        ref = tl.zeros((BLOCK_M,), dtype=tl.float64)
     mag = tl.zeros((BLOCK_M,), dtype=tl.float32)
     x_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if PROTECTION:
@@ -94,12 +101,13 @@ def _linear_fwd(
             acc = tl.dot(x, tl.trans(w), acc)
         if PROTECTION:
             xf = x.to(tl.float32)
-            r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
             if SPLIT:
+                r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
                 r_lo = tl.load(RefCols + (NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
                 ref += tl.sum(xf * r[None, :], 1) + tl.sum(xf * r_lo[None, :], 1)
-            else:
-                ref += tl.sum(xf * r[None, :], 1)
+            else:  # (fp64 sums, fp64 products of fp32 values: exact, summed in fp64)
+                r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0)
+                ref += tl.sum(xf.to(tl.float64) * r[None, :], 1)
             mc = tl.load(MagCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
             xs = xf * inv[:, None]
             mag += tl.sum(xs * xs * mc[None, :], 1)
@@ -114,10 +122,17 @@ def _linear_fwd(
         scale = 1.0 / inv
         bound = factor * tl.sqrt(mag) * scale + abs_term + 8.0 * U32 * tl.sum(tl.abs(a), 1)
         # (a non-finite sum fails however large the bound: its sum |acc| term is then infinite too)
-        bad = ~(tl.abs(s - ref) <= bound) | (s != s) | (tl.abs(s) == float("inf"))
-        nonfinite = (x_bad != 0) | (ref != ref) | (tl.abs(ref) == float("inf")) | (mag != mag) | \
-            (mag == float("inf"))
-        bits = tl.where(bad, tl.where(nonfinite, NONFINITE_INPUT, GEMM_ROW_CHECKSUM), 0)
+        # finite magnitudes overflowed (|W| from ~1e18), or 0 x inf: no bound, blind (as C++)
+        s_bad = (s != s) | (tl.abs(s) == float("inf"))
+        ref_bad = (ref != ref) | (tl.abs(ref) == float("inf"))
+        no_bound = ((mag != mag) | (mag == float("inf"))) & ~ref_bad & ~s_bad
+        bad = (~(tl.abs(s - ref) <= bound) & ~no_bound) | s_bad
+        nonfinite = (x_bad != 0) | ref_bad
+        # a row whose block cannot see every harmful fault (csrc/linear_cpu.cpp blind_block):
+        # BLIND, for the launcher's caller to make the product again and compare
+        mean_abs = tl.sum(tl.abs(a), 1) / tl.sum(n_ok.to(tl.float32), 0)
+        blind = ~bad & (no_bound | ~(4.0 * bound <= tau * tl.maximum(mean_abs, 1.0)))
+        bits = tl.where(bad, tl.where(nonfinite, NONFINITE_INPUT, GEMM_ROW_CHECKSUM), tl.where(blind, BLIND, 0))
         tl.atomic_or(Flags + rm // BLOCK_REPORT, bits, mask=m_ok & (bits != 0))
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -63,7 +63,8 @@ def test_cpp_encoding_and_blocks_match():
 
 def test_every_check_bit_has_a_name_and_the_mask_covers_exactly_them():
     named = {int(c) for c in contract.CHECK_NAMES}
-    status = {int(contract.Check.NONFINITE_INPUT), int(contract.Check.CORRECTED), int(contract.Check.UNCORRECTED)}
+    status = {int(contract.Check.NONFINITE_INPUT), int(contract.Check.CORRECTED), int(contract.Check.UNCORRECTED),
+              int(contract.Check.BLIND)}
     assert named | status == {int(c) for c in contract.Check} and not named & status
     assert all(not (s & contract.CHECK_MASK) for s in status)
 

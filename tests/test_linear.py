@@ -221,6 +221,95 @@ def test_targeted_faults_on_the_largest_products(dtype):
     assert harmful > 10
 
 
+def _coherent_data(kind, k, dtype, seed=0):
+    """Inputs where every output of a checksum block weighs a big input channel alike
+    (found by review: the bound then grew with (W^T e_b)^2, 128x the block's accumulators'
+    rounding, and mid-mantissa faults up to 10x the harm threshold passed): two channels of
+    100 whose weights cancel (+1 / -1 in every row), a channel of 100 whose weights are all
+    ~0.05, weights whose rows share a mean as large as their spread."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, k, generator=g)
+    w = torch.randn(130, k, generator=g) / math.sqrt(k)
+    if kind == "cancel":
+        x *= 0.1
+        x[:, 0] = x[:, 1] = 100.0
+        w[:, 0], w[:, 1] = 1.0, -1.0
+    elif kind == "massive":
+        w *= 0.2
+        x[:, 0] = 100.0
+        w[:, 0] = 0.05 + 0.01 * torch.randn(130, generator=g)
+    else:  # "mean"
+        w = w + w.std()
+    return x.to(dtype), w.to(dtype), torch.randn(130, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind, k", [("cancel", 3), ("cancel", 31), ("massive", 1021), ("mean", 1021)])
+def test_targeted_faults_where_a_block_weighs_a_channel_alike(backend, dtype, kind, k):
+    """The references are made in fp64 from fp64 checksums, so the bound is the rounding of
+    the block's accumulators alone: every harmful mid-mantissa fault on the largest
+    accumulators, and on the weights of the big channel, is caught (K = 3: 13 of 21 bits
+    passed before, in every dtype)."""
+    x, w, b = _coherent_data(kind, k, dtype, seed=k)
+    y = x.double() @ w.double().t()
+    faults = []
+    for row in (0, 2):
+        for col in y[row].abs().topk(3).indices.tolist():
+            for bit in range(10, 23):
+                faults.append(Fault("gemm", row=row, col=col, bit=bit))
+                faults.append(Fault("weight", row=col, dim=0 if kind != "mean" else 1, bit=bit))
+    harmful, missed, detected, corrected = _campaign(x, w, b, dtype, faults, backend=backend)
+    assert missed == 0 and corrected == detected
+    assert harmful > 20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weights_near_fp32_range_no_alarm_and_faults_caught(backend, dtype):
+    """Found by review: W of ~1e18 overflowed the magnitudes (sum_o W_o^2) to inf, an
+    infinite bound passed every fault (1e21x the harm threshold), and with a zero in x
+    (0 x inf) clean calls were reported as non-finite input; W of ~1e-25 underflowed them
+    to 0 and clean calls raised. Now a block without a bound is blind (a second product
+    decides) and a check that fails on clean data is settled by the product made again."""
+    g = torch.Generator().manual_seed(3)
+    for wscale, xscale in ((1e19, 1.0), (1e-25, 1e25)):
+        x = (torch.randn(4, 37, generator=g) * xscale).to(dtype)
+        x[0, 3] = 0.0
+        w = (torch.randn(130, 37, generator=g) * wscale).to(dtype)
+        off = ftattn.linear(x, w, protection="off", backend=backend)
+        y, rep = ftattn.linear(x, w, on_fault="raise", return_report=True, backend=backend)
+        assert rep.detected == 0 and not rep.nonfinite_input and torch.equal(y, off), (wscale, rep)
+        for bit in (22, 26, 29):
+            f = Fault("gemm", row=1, col=7, bit=bit)
+            raw, rep = ftattn.linear(x, w, fault=f, on_fault="report", return_report=True, backend=backend)
+            assert rep.detected == 1 or not _harmful(raw, off, dtype), (wscale, bit, rep)
+            fixed, rep = ftattn.linear(x, w, fault=f, return_report=True, backend=backend)
+            assert torch.equal(fixed, off), (wscale, bit, rep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_row_does_not_excuse_a_fault_in_another_row(backend):
+    """A NaN in row 7 of x made the whole 64-row block 'non-finite input', so a harmful
+    fault in row 2 was not counted and on_fault='raise' returned (found by review): a
+    linear layer's rows are independent, and its check bit names a finite row. A row whose
+    every value is below 2^-127 (finite) was reported as non-finite too (its scale 2^128
+    overflowed): now it is checked."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 64, generator=g)
+    w = torch.randn(256, 64, generator=g) / 8
+    x[7, 3] = float("nan")
+    x[9] *= 1e-39
+    for row in (2, 9, 80):
+        f = Fault("gemm", row=row, col=5, bit=29)
+        _, rep = ftattn.linear(x, w, fault=f, on_fault="report", return_report=True, backend=backend)
+        assert rep.detected == 1 and rep.nonfinite_input, (row, rep)
+        with pytest.raises(FaultDetectedError):
+            ftattn.linear(x, w, fault=f, on_fault="raise", backend=backend)
+        y, rep = ftattn.linear(x, w, fault=f, return_report=True, backend=backend)
+        assert rep.corrected == 1 and torch.equal(y[~x.isnan().any(1)], ftattn.linear(x, w)[~x.isnan().any(1)])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reference_backend_agrees(dtype):
     x, w, b = _data((29,), 97, 200, dtype, seed=3)

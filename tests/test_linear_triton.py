@@ -181,3 +181,38 @@ def test_seven_int_fault_is_span_one():
         y = run(seven)
         assert torch.equal(y, run(seven + [1])) and not torch.equal(y, clean)
         assert int((y != clean).sum()) == (1 if seven[0] == 6 else 9)  # one value / W[15, 33]: column 15 of y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind, k", [("cancel", 31), ("massive", 257)])
+def test_targeted_faults_where_a_block_weighs_a_channel_alike(dtype, kind, k):
+    """As tests/test_linear.py's test of that name: fp64 references, and rows whose block is
+    blind (big input channels that cancel in y: the bound above a quarter of the harm
+    threshold) flagged BLIND and compared with a second product: every harmful mid-mantissa
+    fault caught, and corrected to the clean bits."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3, k, generator=g)
+    w = torch.randn(130, k, generator=g) / k**0.5
+    if kind == "cancel":
+        x *= 0.1
+        x[:, 0] = x[:, 1] = 100.0
+        w[:, 0], w[:, 1] = 1.0, -1.0
+    else:
+        w *= 0.2
+        x[:, 0] = 100.0
+        w[:, 0] = 0.05 + 0.01 * torch.randn(130, generator=g)
+    x, w = x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE)
+    clean = _lin(x, w, None)
+    y = x.double() @ w.double().t()
+    harmful = 0
+    for row in (0, 2):
+        for col in y[row].abs().topk(1).indices.tolist():
+            for bit in range(10, 23, 2):
+                for f in (Fault("gemm", row=row, col=col, bit=bit), Fault("weight", row=col, dim=0, bit=bit)):
+                    raw, rep = _lin(x, w, None, fault=f, on_fault="report", return_report=True)
+                    h = _harmful(raw, clean, dtype)
+                    harmful += h
+                    assert rep.detected or not h, f
+                    fixed, rep2 = _lin(x, w, None, fault=f, return_report=True)
+                    assert rep2.uncorrected == 0 and (torch.equal(fixed, clean) or not rep2.detected), f
+    assert harmful > 5

@@ -4,7 +4,6 @@ Triton interpreter (TRITON_INTERPRET=1). Inputs are validated by the caller
 (ftattn/linear.py); the fault encoding by ftattn/contract.py."""
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -12,23 +11,12 @@ import triton
 
 from ..contract import CHECK_MASK, Check, REPORT_BLOCK_M, Site, check_linear_fault_encoding, flip_args
 from ..kernels.linear import INTERPRETER_CONFIG, _linear_fwd
+from ..faults import TAU
+from ..linear import ETA, check_factor
 
-__all__ = ["linear_fwd", "check_factor"]
-
-KAPPA = 8.0
-U32 = 2.0**-24
-ETA = 2.0**-149
+__all__ = ["linear_fwd"]
 # the kernel's fault arguments without a fault (site, row, col, dim, span, xor, use_value, value)
 _NO_FAULT = (0, 0, 0, 0, 1, 0, 0, 0.0)
-
-
-def check_factor(k: int, split: bool) -> float:
-    """The bound's factor on scale_i sqrt(x_i^2 / scale_i^2 . mag_b), as csrc/linear_cpu.cpp:
-    kappa sqrt(K) u per dot product (two of them), the cached checksums' rounding (fp32 u,
-    a bf16 hi + lo pair 2^-17) times sqrt(K), and 2^-6 for magnitudes taken in bf16."""
-    sqrt_k = math.sqrt(max(k, 1))
-    rep = 2.0**-17 if split else U32
-    return (KAPPA * sqrt_k * U32 * math.sqrt(2.0) + rep * sqrt_k) * (1.0 + 2.0**-6)
 
 
 def _row_scale(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +38,7 @@ def _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args
         y.copy_(bias.expand(T, out) if bias is not None else torch.zeros_like(y))
         return y, flags
     checked = protection >= 1
-    split = checked and ref_cols.dtype != torch.float32
+    split = checked and ref_cols.dtype != torch.float64
     nb = triton.cdiv(out, block_o)
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
     if x.device.type == "cpu":
@@ -63,7 +51,7 @@ def _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args
         ref_cols if checked else dummy, mag_cols if checked else dummy,
         _row_scale(x) if checked else dummy, flags,
         T, K, out, nb, x.stride(0), weight.stride(0), weight.stride(1),
-        check_factor(K, split), ETA * (K + 1) * (block_o + 1), *fault_args,
+        check_factor(K, split, block_o), ETA * (K + 1) * (block_o + 1), TAU[x.dtype], *fault_args,
         HAS_BIAS=bias is not None, PROTECTION=checked, SPLIT=split, INJECT=inject,
         IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_o, BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"],

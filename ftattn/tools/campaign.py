@@ -38,13 +38,12 @@ import torch
 
 from ..attention import attention
 from ..contract import WARP, Site, span_axis
-from ..faults import ATTENTION_SITES, BACKWARD_SITES, Fault
+from ..faults import ATTENTION_SITES, BACKWARD_SITES, TAU, Fault
 
 SITES = list(ATTENTION_SITES)
 BWD_SITES = list(BACKWARD_SITES)
 VALUES = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 COVERED = {"off": set(), "abft": set(SITES) - {"probs"}, "full": set(SITES)}
 # the backward (--pass backward): abft leaves the two values its second computations
 # (full) check, P and dS, claimed by full only
