@@ -7,12 +7,12 @@
 // The check, per row i of x and block b of block_o output features:
 //   sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
 // with W^T e_b cached per weight (ftattn/linear.py: computed in fp64 and kept so, the
-// reference then made in fp64; or, for bf16 inputs of many blocks, as a bf16 hi + lo pair
+// reference then made in fp64; or, for bf16 inputs of many blocks, as bf16 hi + mid + lo parts
 // for the same 16-bit GEMM). The bound is statistical, from the data (never a fixed
 // number): kappa standard deviations of the rounding of the block's fp32 accumulators,
 // kappa sqrt(K) u sqrt(sum_{o in b} ||x_i o W_o||^2) = kappa sqrt(K) u sqrt(x_i^2 . mag_b),
 // mag_b = sum_{o in b} W_o^2 cached with the checksums, plus the fp64 reference's rounding
-// and an underflow term (ftattn/linear.py check_factor; the hi + lo pair's references on
+// and an underflow term (ftattn/linear.py check_factor; the bf16 parts' references on
 // the bf16 GEMM add their own fp32 rounding: (W^T e_b)^2 in its mag_b). Outlier channels
 // of x enter through x_i^2, as in the attention kernel's score bound.
 //
@@ -131,7 +131,7 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
 struct CheckRefs {
   float* acc;        // [T, out]; the bias is added to each row once it is checked
   const float* bias;  // [out] or nullptr
-  double* ref;   // [T, nb] or [T, 2 nb] (hi + lo)
+  double* ref;   // [T, nb] or [T, 3 nb] (hi + mid + lo)
   float* mag;    // [T, nb], of x_i / scale_i
   float* scale;  // [T], powers of two
   const at::Tensor* x;
@@ -150,14 +150,15 @@ struct CheckRefs {
 };
 
 // A row's block whose check cannot see every harmful fault (kBlind: ftattn/linear.py _settle
-// makes the product again and compares the rows): 4 bound > tau max(1, mean |acc|)
-// (the mean of the block's |acc| <= the row's largest |y| up to the bias, so tau max(1, .)
-// is at most the harm threshold; where 4 bound stays below it, a harmful fault moves the
-// block's sum by more than twice the bound, which no rounding within the bound hides). Big
-// input channels whose products cancel in y (100 x 1 and 100 x -1 at K = 31: faults of
-// 2x the harm threshold inside the bound) make such blocks; normal data sits near 1e-5 tau.
-inline bool blind_block(double bound, double tau, double sum_abs, int64_t n) {
-  return !(4.0 * bound <= tau * std::max(1.0, sum_abs / static_cast<double>(n)));
+// makes the product again and compares the rows): 4 bound > tau max(1, max_{o in b} |y_o|)
+// (the block's largest |y| <= the row's, so tau max(1, .) is at most the harm threshold;
+// where 4 bound stays below it, a harmful fault moves the block's sum by more than twice the
+// bound, which no rounding within the bound hides, even where the fault itself raised the
+// block's largest |y|). Big input channels whose products cancel in y (100 x 1 and 100 x -1
+// at K = 31: faults of 2x the harm threshold inside the bound) make such blocks; normal
+// data, x ~ N(0, 1) and W ~ N(0, 1 / K), sit near 0.35 at K = 4096 (bound 3.5e-4 per unit y).
+inline bool blind_block(double bound, double tau, double max_abs) {
+  return !(4.0 * bound <= tau * std::max(1.0, max_abs));
 }
 
 // Row kernels with explicit 16-lane vectors (csrc/vec.h), one clone per ISA: the
@@ -254,26 +255,34 @@ inline float row_squares_any(const at::Half* x, int64_t K, uint16_t* o) {
 
 // sum_o a_o and sum_o |a_o| of one block: L fp32 partial sums (one vector of V, 16 or 8
 // lanes) of at most ceil(n / L) terms each, added in fp64: within (ceil(n / 8) + 1) u sum |a|
-// of the exact sum. Then the bias (when given) is added to the block in the same pass.
+// of the exact sum. Then the bias (when given) is added to the block in the same pass, and
+// max_o |a_o + bias_o| (y's largest in the block, for blind_block) taken.
 // (On 16-lane vectors in the AVX2 code the abs and the partials went through the stack:
 // the check of x [1024, 384] . W [384, 384] was 10 % of the call there.)
 template <typename V>
-FTATTN_VEC_INLINE void block_sums_v(float* a, int64_t n, const float* bias, double* sum, double* sum_abs) {
+FTATTN_VEC_INLINE void block_sums_v(float* a, int64_t n, const float* bias, double* sum, double* sum_abs,
+                                    float* max_abs) {
   using namespace vec;
   constexpr int64_t L = Lanes<V>;
-  V s = V{}, m = V{};
+  V s = V{}, m = V{}, mx = V{};
   int64_t o = 0;
   for (; o + L <= n; o += L) {
     const V v = load_v<V>(a + o);
     s += v;
     m += vec::abs(v);
-    if (bias != nullptr) store_v(a + o, v + load_v<V>(bias + o));
+    const V y = bias != nullptr ? v + load_v<V>(bias + o) : v;
+    if (bias != nullptr) store_v(a + o, y);
+    const V ya = vec::abs(y);
+    mx = ya > mx ? ya : mx;  // (NaN stays out: a NaN row fails its check anyway)
   }
   double t = 0.0, ta = 0.0;
+  float ymax = tree(mx, Max{});
   for (; o < n; ++o) {
     t += static_cast<double>(a[o]), ta += std::fabs(static_cast<double>(a[o]));
     if (bias != nullptr) a[o] += bias[o];
+    ymax = std::fabs(a[o]) > ymax ? std::fabs(a[o]) : ymax;
   }
+  *max_abs = ymax;
   // the partials in fp64, as a tree (16 dependent scalar adds were a third of this
   // function's time)
   t += hsum(widen_sum(s));
@@ -281,11 +290,12 @@ FTATTN_VEC_INLINE void block_sums_v(float* a, int64_t n, const float* bias, doub
   *sum = t;
   *sum_abs = ta;
 }
-FTATTN_CLONES void block_sums(float* a, int64_t n, const float* bias, double* sum, double* sum_abs) {
+FTATTN_CLONES void block_sums(float* a, int64_t n, const float* bias, double* sum, double* sum_abs,
+                              float* max_abs) {
   if (wide_vectors())
-    block_sums_v<vec::f16>(a, n, bias, sum, sum_abs);
+    block_sums_v<vec::f16>(a, n, bias, sum, sum_abs, max_abs);
   else
-    block_sums_v<vec::f8>(a, n, bias, sum, sum_abs);
+    block_sums_v<vec::f8>(a, n, bias, sum, sum_abs, max_abs);
 }
 
 // The references of one row without a GEMM (few checksum blocks: x is read once, from L1,
@@ -314,18 +324,20 @@ FTATTN_VEC_INLINE V load_in(const uint16_t* p) {  // bfloat16 -> float: the bits
   }
 }
 
-// the lanes of v times the fp64 values at w, as 8 fp64 lanes (exact products)
+// r += the lanes of v times the fp64 values at w (exact products), on 8 fp64 lanes: the
+// low and high halves of 16 lanes into two accumulators (one dependency chain each)
 template <typename V>
-FTATTN_VEC_INLINE vec::d8 times_fp64(V v, const double* __restrict w) {
+FTATTN_VEC_INLINE void add_times_fp64(V v, const double* __restrict w, vec::d8& r0, vec::d8& r1) {
   vec::d8 a;
   std::memcpy(&a, w, sizeof(a));
   if constexpr (vec::Lanes<V> == 16) {
     vec::d8 lo, hi, b;
     vec::halves(__builtin_convertvector(v, vec::d16), lo, hi);
     std::memcpy(&b, w + 8, sizeof(b));
-    return lo * a + hi * b;
+    r0 += lo * a;
+    r1 += hi * b;
   } else {
-    return __builtin_convertvector(v, vec::d8) * a;
+    r0 += __builtin_convertvector(v, vec::d8) * a;
   }
 }
 
@@ -334,19 +346,19 @@ FTATTN_VEC_INLINE void row_refs_group(const In* __restrict x, int64_t K, float i
                                       const float* __restrict magc, double* __restrict ref, float* __restrict mag) {
   using namespace vec;
   constexpr int64_t L = Lanes<V>;
-  d8 r[G];
+  d8 r0[G], r1[G];
   V q[G];
-  for (int g = 0; g < G; ++g) r[g] = d8{}, q[g] = V{};
+  for (int g = 0; g < G; ++g) r0[g] = r1[g] = d8{}, q[g] = V{};
   int64_t j = 0;
   for (; j + L <= K; j += L) {
     const V v = load_in<V>(x + j), vs = v * inv, v2 = vs * vs;
     for (int g = 0; g < G; ++g) {
-      r[g] += times_fp64(v, wsum + g * K + j);
+      add_times_fp64(v, wsum + g * K + j, r0[g], r1[g]);
       q[g] += v2 * load_v<V>(magc + g * K + j);
     }
   }
   for (int g = 0; g < G; ++g) {
-    double rt = hsum(r[g]);
+    double rt = hsum(r0[g] + r1[g]);
     float qt = tree(q[g], Add{});
     for (int64_t t = j; t < K; ++t) {
       const float v = load1(x[t]), vs = v * inv;
@@ -435,7 +447,7 @@ bool row_finite(const at::Tensor& x, int64_t i) { return at::isfinite(x[i]).all(
 int32_t check_block(const CheckRefs& c, int64_t blk) {
   int32_t bits = 0;
   const int64_t i1 = std::min<int64_t>(c.T, (blk + 1) * kReportBlockM);
-  const int64_t ref_ld = c.split ? 2 * c.nb : c.nb;
+  const int64_t ref_ld = c.split ? 3 * c.nb : c.nb;
   for (int64_t i = blk * kReportBlockM; i < i1; ++i) {
     float* a = c.acc + i * c.out;
     if (c.wsum != nullptr)
@@ -445,9 +457,10 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
     for (int64_t b = 0; b < c.nb; ++b) {
       const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
       double s, sa;
-      block_sums(a + o0, o1 - o0, c.bias != nullptr ? c.bias + o0 : nullptr, &s, &sa);
+      float ymax;
+      block_sums(a + o0, o1 - o0, c.bias != nullptr ? c.bias + o0 : nullptr, &s, &sa, &ymax);
       double r = static_cast<double>(c.ref[i * ref_ld + b]);
-      if (c.split) r += static_cast<double>(c.ref[i * ref_ld + c.nb + b]);
+      if (c.split) r += c.ref[i * ref_ld + c.nb + b] + c.ref[i * ref_ld + 2 * c.nb + b];
       const double m = static_cast<double>(c.mag[i * c.nb + b]);
       if (!std::isfinite(r)) nonfinite_ref = true;
       if (!std::isfinite(m) && std::isfinite(r) && std::isfinite(s)) {
@@ -461,7 +474,7 @@ int32_t check_block(const CheckRefs& c, int64_t blk) {
       const double bound = c.factor * std::sqrt(m) * sc + c.abs + c.sum_u * sa;
       if (!(std::fabs(s - r) <= bound) || !std::isfinite(s)) {
         bad = true;
-      } else if (c.tau > 0.0 && blind_block(bound, c.tau, sa, o1 - o0)) {
+      } else if (c.tau > 0.0 && blind_block(bound, c.tau, ymax)) {
         bits |= kBlind;
       }
     }
@@ -514,11 +527,11 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     TORCH_CHECK(ref_cols.has_value() && mag_cols.has_value(),
                 "ftattn.linear: protection needs the weight's checksums (ref_cols, mag_cols)");
     const bool split = ref_cols->scalar_type() != at::kDouble;
-    TORCH_CHECK(ref_cols->dim() == 2 && ref_cols->size(0) == (split ? 2 * nb : nb) && ref_cols->size(1) == K &&
+    TORCH_CHECK(ref_cols->dim() == 2 && ref_cols->size(0) == (split ? 3 * nb : nb) && ref_cols->size(1) == K &&
                     (!split || ref_cols->scalar_type() == st),
                 "ftattn.linear: ref_cols ", ref_cols->sizes(), " ", ref_cols->scalar_type(),
                 " do not match the weight's checksums for block_o ", block_o,
-                " (fp64 [nb, K], or a hi + lo pair [2 nb, K] in the weight's dtype)");
+                " (fp64 [nb, K], or hi + mid + lo parts [3 nb, K] in the weight's dtype)");
     TORCH_CHECK(mag_cols->dim() == 2 && mag_cols->size(0) == nb && mag_cols->size(1) == K,
                 "ftattn.linear: mag_cols ", mag_cols->sizes(), " do not match block_o ", block_o);
   }
@@ -554,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   const bool checkable = checked && T > 0 && out > 0 && K > 0;  // (K = 0: y is the bias, exactly)
   const bool split = checkable && ref_cols->scalar_type() != at::kDouble;
   // fp64 checksums: per row without a GEMM (16-bit x, or few blocks); else skinny GEMMs
-  // through the library (fp32 x and many blocks: fp64; the bf16 hi + lo pair: the bf16 GEMM)
+  // through the library (fp32 x and many blocks: fp64; the bf16 hi + mid + lo parts: the bf16 GEMM)
   const bool fused =
       checkable && !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks);
   at::Tensor acc = product(xc, w_read);
@@ -594,13 +607,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     }
     // ftattn/linear.py check_factor: kappa sqrt(K) u for the block's accumulators, within
     // sqrt(x^2 . mag); the fp64 references' rounding, (K + block_o) 2^-52 sqrt(block_o K)
-    // times the same; for a bf16 hi + lo pair, whose references run on the bf16 GEMM, their
+    // times the same; for bf16 hi + mid + lo parts, whose references run on the bf16 GEMM, their
     // fp32 rounding (a second dot product, sqrt(2); mag holds (W^T e_b)^2 too) and the
-    // pair's own, 2^-17 sqrt(K); 2^-6 for magnitudes taken in bf16 or fp32; underflow: K + 1
+    // parts' own, 2^-26 sqrt(K); 2^-6 for magnitudes taken in bf16 or fp32; underflow: K + 1
     // operations per accumulator, a block of them and the reference
     const double sqrtK = std::sqrt(static_cast<double>(std::max<int64_t>(K, 1)));
     const double factor =
-        split ? (kKappa * sqrtK * kU32 * std::sqrt(2.0) + 0x1p-17 * sqrtK) * (1.0 + 0x1p-6)
+        split ? (kKappa * sqrtK * kU32 * std::sqrt(2.0) + 0x1p-26 * sqrtK) * (1.0 + 0x1p-6)
               : (kKappa * sqrtK * kU32 + static_cast<double>(K + block_o) * 0x1p-52 *
                                              std::sqrt(static_cast<double>(block_o) * std::max<int64_t>(K, 1))) *
                     (1.0 + 0x1p-6);

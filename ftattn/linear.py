@@ -49,13 +49,13 @@ def check_factor(k: int, split: bool, block_o: int = 128) -> float:
     statistical rounding of the block's fp32 accumulators (mag_b = sum_{o in b} W_o^2). The
     fp64 references (ref_cols fp64) add at most (K + block_o) 2^-53 sum_{j, o} |x_j W_oj| <=
     (K + block_o) 2^-53 sqrt(block_o K) sqrt(x^2 . mag_b) (the fp64 sums and dot product:
-    a 1e-5 part of the first term at K = 4096). A bf16 hi + lo pair's references run on the
-    bf16 GEMM's fp32 accumulators: a second dot product (its magnitudes in mag_b, sqrt(2)
-    for the two) and the pair's own rounding, 2^-17 sqrt(K). 2^-6 for magnitudes taken in
+    a 1e-5 part of the first term at K = 4096). bf16 hi + mid + lo parts' references run on
+    the bf16 GEMM's fp32 accumulators: a second dot product (its magnitudes in mag_b, sqrt(2)
+    for the two) and the parts' own rounding, 2^-26 sqrt(K). 2^-6 for magnitudes taken in
     bf16 or rounded to fp32."""
     sqrt_k = math.sqrt(max(k, 1))
     if split:
-        return (KAPPA * sqrt_k * U32 * math.sqrt(2.0) + 2.0**-17 * sqrt_k) * (1.0 + 2.0**-6)
+        return (KAPPA * sqrt_k * U32 * math.sqrt(2.0) + 2.0**-26 * sqrt_k) * (1.0 + 2.0**-6)
     return (KAPPA * sqrt_k * U32 + (k + block_o) * 2.0**-52 * math.sqrt(block_o * max(k, 1))) * (1.0 + 2.0**-6)
 
 
@@ -68,9 +68,9 @@ class WeightChecksums:
     """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
     ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads:
     ``ref_cols`` (the fp64 ``sums``, the references made in fp64; or, for a bf16 weight of
-    more than FUSED_BLOCKS blocks, a bf16 hi + lo pair [2 nb, in] for the bf16 GEMM) and
+    more than FUSED_BLOCKS blocks, bf16 hi + mid + lo parts [3 nb, in] for the bf16 GEMM) and
     ``mag_cols`` [nb, in] (the magnitudes of the bound: sum_{o in b} W_o^2 in fp32, plus
-    (W^T e_b)^2 in bf16 for the hi + lo pair, whose references carry fp32 rounding)."""
+    (W^T e_b)^2 in bf16 for the bf16 parts, whose references carry fp32 rounding)."""
 
     key: tuple
     block_o: int
@@ -271,11 +271,16 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
     with torch.no_grad():
         sums, squares, row_sums = _block_sums(weight.detach(), block_o)
         if weight.dtype == torch.bfloat16 and sums.shape[0] > FUSED_BLOCKS:
-            # many blocks: the references run on the bf16 GEMM, the checksums as a hi + lo
-            # pair, with fp32 accumulators whose rounding the bound takes from (W^T e_b)^2
+            # many blocks: the references run on the bf16 GEMM, the checksums as hi + mid + lo
+            # parts, with fp32 accumulators whose rounding the bound takes from (W^T e_b)^2
+            # (three parts: their sum within 2^-26 of the checksum; with two, 2^-17, whose
+            # rounding, summed over K through Cauchy-Schwarz, exceeded a quarter of bf16's
+            # harm threshold on normal data at K = 4096 and made every call compare a second
+            # product)
             hi = sums.to(torch.bfloat16)
-            lo = (sums - hi.to(torch.float64)).to(torch.bfloat16)
-            ref_cols = torch.cat([hi, lo]).contiguous()
+            mid = (sums - hi.to(torch.float64)).to(torch.bfloat16)
+            lo = (sums - hi.to(torch.float64) - mid.to(torch.float64)).to(torch.bfloat16)
+            ref_cols = torch.cat([hi, mid, lo]).contiguous()
             mag_cols = (squares + sums.square()).to(torch.bfloat16).contiguous()
         else:
             # the references in fp64 from the fp64 sums (their rounding next to nothing: a
@@ -344,7 +349,7 @@ def linear_reference(x, weight, bias, ref_cols, mag_cols, block_o, protection, r
     nblk = (T + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
     flags = torch.zeros((1, 1, nblk), dtype=torch.int32)
     if protection >= 1 and T > 0 and out > 0:
-        flags = _reference_check(acc, x, ref_cols, mag_cols, block_o, TAU[x.dtype])
+        flags = _reference_check(acc, x, ref_cols, mag_cols, block_o, TAU[x.dtype], bias)
         faulty = (flags & CHECK_MASK) != 0
         if recompute and bool(faulty.any()):
             acc = product(weight)
@@ -372,7 +377,7 @@ def _same_rows(a: torch.Tensor, b: torch.Tensor, nblk: int) -> torch.Tensor:
     return torch.nn.functional.pad(rows, (0, pad), value=True).view(nblk, REPORT_BLOCK_M).all(1)
 
 
-def _reference_check(acc, x, ref_cols, mag_cols, block_o, tau) -> torch.Tensor:
+def _reference_check(acc, x, ref_cols, mag_cols, block_o, tau, bias=None) -> torch.Tensor:
     """The flags [1, 1, nblk] of the check, with BLIND where tau > 0 and a row's block is
     blind (as csrc/linear_cpu.cpp blind_block)."""
     T, out = acc.shape
@@ -383,16 +388,15 @@ def _reference_check(acc, x, ref_cols, mag_cols, block_o, tau) -> torch.Tensor:
     split = ref_cols.dtype != torch.float64
     ref = x.to(torch.float64) @ ref_cols.to(torch.float64).t()
     if split:
-        ref = ref[:, :nb] + ref[:, nb:]
+        ref = ref[:, :nb] + ref[:, nb:2 * nb] + ref[:, 2 * nb:]
     mag = x.to(torch.float64).square() @ mag_cols.to(torch.float64).t()
     bound = check_factor(K, split, block_o) * mag.sqrt() + ETA * (K + 1) * (block_o + 1)
     # finite magnitudes overflowed (|W| from ~1e18), or 0 x inf: no bound, blind (as C++)
     no_bound = ~torch.isfinite(mag) & torch.isfinite(ref) & torch.isfinite(s)
     bad = ~((s - ref).abs() <= bound) & ~no_bound
-    n = torch.full((nb,), float(block_o), dtype=torch.float64)
-    n[-1] = out - (nb - 1) * block_o
-    mean_abs = torch.nn.functional.pad(acc.to(torch.float64).abs(), (0, pad)).view(T, nb, block_o).sum(-1) / n
-    blind_rows = (~bad & (no_bound | ~(4 * bound <= tau * mean_abs.clamp(min=1.0)))).any(1) & (tau > 0)
+    y = acc if bias is None else acc + bias.to(torch.float32)
+    ymax = torch.nn.functional.pad(y.abs().nan_to_num(0.0), (0, pad)).view(T, nb, block_o).amax(-1).to(torch.float64)
+    blind_rows = (~bad & (no_bound | ~(4 * bound <= tau * ymax.clamp(min=1.0)))).any(1) & (tau > 0)
     nonfinite = ~torch.isfinite(x).all(1) | ~torch.isfinite(ref).all(1)
     row_bits = torch.where(bad.any(1), torch.where(nonfinite, int(Check.NONFINITE_INPUT),
                                                    int(Check.GEMM_ROW_CHECKSUM)), 0).to(torch.int32)

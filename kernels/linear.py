@@ -11,15 +11,15 @@ whole block b of its columns and checks, per row i of its tile,
     sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
 
 against the weight's cached checksums (``ref_cols``: fp64 [nb, K], the reference then
-accumulated in fp64; or a bf16 hi + lo pair [2 nb, K], in fp32), within the statistical
+accumulated in fp64; or bf16 hi + mid + lo parts [3 nb, K], in fp32), within the statistical
 bound of csrc/linear_cpu.cpp (ftattn/linear.py check_factor): factor *
 scale_i * sqrt(x_i^2 / scale_i^2 . mag_b) plus an underflow term, plus the tree
 summation of the block's 128 accumulators (log2(128) + 1 roundings of sum |acc|).
-``mag_cols`` [nb, K]: sum_{o in b} W_o^2 (fp32; bf16 with (W^T e_b)^2 added for the hi + lo
-pair); ``row_scale`` [T]: a power
+``mag_cols`` [nb, K]: sum_{o in b} W_o^2 (fp32; bf16 with (W^T e_b)^2 added for the bf16
+parts); ``row_scale`` [T]: a power
 of two near max_j |x_ij| (the launcher's), so the squares neither underflow nor overflow.
 The reference products are one K-wide dot per row and tile step (1/BLOCK_N of the tile's
-work) on CUDA cores, in fp64 (fp32 for the hi + lo pair).
+work) on CUDA cores, in fp64 (fp32 for the bf16 parts).
 
 A row whose check fails ORs GEMM_ROW_CHECKSUM into flags[row // 64] (REPORT_BLOCK_M of
 ftattn/contract.py), or NONFINITE_INPUT when x_i holds NaN/Inf or the checksums are not
@@ -103,8 +103,9 @@ def _linear_fwd(
             xf = x.to(tl.float32)
             if SPLIT:
                 r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
-                r_lo = tl.load(RefCols + (NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
-                ref += tl.sum(xf * r[None, :], 1) + tl.sum(xf * r_lo[None, :], 1)
+                r_mid = tl.load(RefCols + (NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                r_lo = tl.load(RefCols + (2 * NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                ref += tl.sum(xf * r[None, :], 1) + tl.sum(xf * r_mid[None, :], 1) + tl.sum(xf * r_lo[None, :], 1)
             else:  # (fp64 sums, fp64 products of fp32 values: exact, summed in fp64)
                 r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0)
                 ref += tl.sum(xf.to(tl.float64) * r[None, :], 1)
@@ -130,8 +131,12 @@ def _linear_fwd(
         nonfinite = (x_bad != 0) | ref_bad
         # a row whose block cannot see every harmful fault (csrc/linear_cpu.cpp blind_block):
         # BLIND, for the launcher's caller to make the product again and compare
-        mean_abs = tl.sum(tl.abs(a), 1) / tl.sum(n_ok.to(tl.float32), 0)
-        blind = ~bad & (no_bound | ~(4.0 * bound <= tau * tl.maximum(mean_abs, 1.0)))
+        if HAS_BIAS:
+            yb = a + tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            yb = a
+        ymax = tl.max(tl.where(n_ok[None, :], tl.abs(yb), 0.0), 1)
+        blind = ~bad & (no_bound | ~(4.0 * bound <= tau * tl.maximum(ymax, 1.0)))
         bits = tl.where(bad, tl.where(nonfinite, NONFINITE_INPUT, GEMM_ROW_CHECKSUM), tl.where(blind, BLIND, 0))
         tl.atomic_or(Flags + rm // BLOCK_REPORT, bits, mask=m_ok & (bits != 0))
     if HAS_BIAS:
