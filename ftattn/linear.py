@@ -538,11 +538,17 @@ class _CheckedLinear(torch.autograd.Function):
         out, k = weight.shape
         grad_x = grad_w = grad_b = None
         g2 = grad_y.reshape(-1, out)
+        # with create_graph=True (a gradient penalty) the two products are checked linear
+        # layers with autograd themselves, so a second backward is right and checked too
+        # (through the op without autograd it returned zeros, with only torch's warning)
+        twice = torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
-            grad_x = _linear_impl(grad_y, weight.t(), None, protection, on_fault, None, backend, False)
+            grad_x = _linear(grad_y, weight.t(), None, protection, on_fault, None, backend, False) if twice else \
+                _linear_impl(grad_y, weight.t(), None, protection, on_fault, None, backend, False)
         if ctx.needs_input_grad[1]:
-            grad_w = _linear_impl(g2.t(), x.reshape(-1, k).t(), None, protection, on_fault, None, backend, False,
-                                  cache=False)
+            grad_w = _linear(g2.t(), x.reshape(-1, k).t(), None, protection, on_fault, None, backend, False) \
+                if twice else _linear_impl(g2.t(), x.reshape(-1, k).t(), None, protection, on_fault, None, backend,
+                                           False, cache=False)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None

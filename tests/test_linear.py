@@ -641,3 +641,24 @@ def test_bf16_product_on_the_bf16_gemm(monkeypatch, lead, k, out):
         row = math.prod(lead) - 1
         fixed, rep = ftattn.linear(x, w, b, fault=Fault("gemm", row=row, col=out // 2, bit=30), return_report=True)
         assert rep.detected == 1 and rep.corrected == 1 and torch.equal(fixed, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_double_backward_is_right_and_checked(dtype):
+    """A gradient penalty (create_graph=True, then a second backward) through ftattn.linear:
+    the backward's products are checked linear layers with autograd themselves, so the
+    second-order gradients equal F.linear's (they were zeros before, with only torch's
+    warning that linear_fwd has no autograd kernel: found by review)."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(5, 7, generator=g), torch.randn(11, 7, generator=g), torch.randn(11, generator=g)]
+    second = {}
+    for name, fn in (("ftattn", ftattn.linear), ("torch", F.linear)):
+        x, w, b = (t.to(dtype).requires_grad_() for t in leaves)
+        loss = (fn(x, w, b).float().tanh() ** 2).sum()
+        gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+        penalty = (gx.float() ** 2).sum() + (gw.float() ** 2).sum()
+        second[name] = torch.autograd.grad(penalty, (x, w, b))
+    for a, r in zip(second["ftattn"], second["torch"]):
+        assert a.abs().max() > 0
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        assert (a.double() - r.double()).abs().max() <= tol * r.double().abs().max()
