@@ -1289,6 +1289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
       BwdScratch w(D, M, nq, P.G, protection >= 1);
       const Bf16GemmRelease release{P.k16 != nullptr || P.v16 != nullptr};
+      const SequentialBlas sequential;
       std::vector<int32_t> first_q(nq), first_k(M);
       for (int64_t idx = next.fetch_add(1); idx < ntasks; idx = next.fetch_add(1)) {
         const int64_t b = idx / Hq, h = idx % Hq;

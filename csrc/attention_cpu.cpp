@@ -175,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
       Scratch& w = thread_scratch(D, M, protection >= 1);
       const Bf16GemmRelease release{P.k16 != nullptr || P.v16 != nullptr};
+      const SequentialBlas sequential;
       for (int64_t idx = next.fetch_add(1); idx < ntasks; idx = next.fetch_add(1)) {
         const int64_t tile = idx % ntile_m, chunk = idx / ntile_m % chunks, bk = idx / ntile_m / chunks;
         const int64_t h0 = bk % Hkv * group + chunk * stack;

@@ -34,6 +34,9 @@ extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's thread count for the calling thread (0: the global one again), its C entry point (the
+// lower-case name torch exports is the Fortran one, which takes a pointer); weak, as above
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 
@@ -294,6 +297,24 @@ FTATTN_VEC_INLINE vec::f16 pow2_bits(vec::f16 t) {
 FTATTN_VEC_INLINE vec::f8 pow2_bits(vec::f8 t) {
   return reinterpret_cast<vec::f8>(reinterpret_cast<vec::u8>(t) << 23);
 }
+
+// The library GEMMs of a kernel task on its own thread, for the task's lifetime (RAII): a
+// task runs inside the pool's parallel region, where MKL runs sequentially, except where
+// the call has one worker, whose task runs on the caller's thread outside it and MKL split
+// its GEMMs over every thread: the bits then depended on the thread count (a call with one
+// query row differed by ~1e-7 between 1 and 2 threads; found by review). With this every
+// task's GEMMs round alike, whatever the thread count.
+struct SequentialBlas {
+  int prev = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+};
 
 // exp(x) for x <= 0 (x = (S - max) * scale) as 2^(x log2 e): n = round(x log2 e),
 // f = x log2 e - n in one multiply-add, and the Cephes exp2f minimax polynomial for
