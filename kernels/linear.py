@@ -23,7 +23,7 @@ work) on CUDA cores, in fp64 (fp32 for the bf16 parts).
 
 A row whose check fails ORs GEMM_ROW_CHECKSUM into flags[row // 64] (REPORT_BLOCK_M of
 ftattn/contract.py), or NONFINITE_INPUT when x_i holds NaN/Inf or the checksums are not
-finite (bad input, not a fault); a row whose block's bound exceeds a quarter of the harm
+finite (bad input, not a fault); a row whose block's bound exceeds half the harm
 threshold ``tau`` ORs BLIND (ftattn/linear.py _settle compares a second product). The launcher (ftattn/_launch/linear.py) recomputes a
 faulty product by a second launch without the fault.
 
@@ -123,12 +123,13 @@ def _linear_fwd(
         scale = 1.0 / inv
         bound = factor * tl.sqrt(mag) * scale + abs_term + 8.0 * U32 * tl.sum(tl.abs(a), 1)
         # (a non-finite sum fails however large the bound: its sum |acc| term is then infinite too)
-        # finite magnitudes overflowed (|W| from ~1e18), or 0 x inf: no bound, blind (as C++)
+        # finite magnitudes or checksums overflowed (|W| from ~1e18; bf16 parts at ~1e37), or
+        # 0 x inf: no bound or no reference, blind (as C++; NaN / Inf in x or W reaches s)
         s_bad = (s != s) | (tl.abs(s) == float("inf"))
         ref_bad = (ref != ref) | (tl.abs(ref) == float("inf"))
-        no_bound = ((mag != mag) | (mag == float("inf"))) & ~ref_bad & ~s_bad
+        no_bound = ((mag != mag) | (mag == float("inf")) | ref_bad) & ~s_bad
         bad = (~(tl.abs(s - ref) <= bound) & ~no_bound) | s_bad
-        nonfinite = (x_bad != 0) | ref_bad
+        nonfinite = (x_bad != 0) | (ref_bad & ~no_bound)
         # a row whose block cannot see every harmful fault (csrc/linear_cpu.cpp blind_block):
         # BLIND, for the launcher's caller to make the product again and compare
         if HAS_BIAS:
@@ -136,7 +137,7 @@ def _linear_fwd(
         else:
             yb = a
         ymax = tl.max(tl.where(n_ok[None, :], tl.abs(yb), 0.0), 1)
-        blind = ~bad & (no_bound | ~(4.0 * bound <= tau * tl.maximum(ymax, 1.0)))
+        blind = ~bad & (no_bound | ~(2.0 * bound <= tau * tl.maximum(ymax, 1.0)))
         bits = tl.where(bad, tl.where(nonfinite, NONFINITE_INPUT, GEMM_ROW_CHECKSUM), tl.where(blind, BLIND, 0))
         tl.atomic_or(Flags + rm // BLOCK_REPORT, bits, mask=m_ok & (bits != 0))
     if HAS_BIAS:

@@ -304,7 +304,7 @@ def test_nonfinite_row_does_not_excuse_a_fault_in_another_row(backend):
         f = Fault("gemm", row=row, col=5, bit=29)
         _, rep = ftattn.linear(x, w, fault=f, on_fault="report", return_report=True, backend=backend)
         assert rep.detected == 1 and rep.nonfinite_input, (row, rep)
-        with pytest.raises(FaultDetectedError):
+        with pytest.raises(FaultDetectedError, match=r"rows 0\.\.63" if row < 64 else r"rows 64\.\.99"):
             ftattn.linear(x, w, fault=f, on_fault="raise", backend=backend)
         y, rep = ftattn.linear(x, w, fault=f, return_report=True, backend=backend)
         assert rep.corrected == 1 and torch.equal(y[~x.isnan().any(1)], ftattn.linear(x, w)[~x.isnan().any(1)])
@@ -662,3 +662,64 @@ def test_double_backward_is_right_and_checked(dtype):
         assert a.abs().max() > 0
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         assert (a.double() - r.double()).abs().max() <= tol * r.double().abs().max()
+
+
+def _raw_flags(x, w):
+    sums = weight_checksums(w)
+    _, flags = torch.ops.ftattn.linear_fwd(x, w, None, sums.ref_cols, sums.mag_cols, sums.block_o, 1, False, None,
+                                           None)
+    return flags
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_normal_data_is_not_blind(dtype, k):
+    """x ~ N(0, 1), W ~ N(0, 1 / K), K up to a Llama down projection's 14336: no row is
+    blind, so no call makes a second product (a quarter of the threshold, and the block's
+    largest |y| in place of the row's, made every call at K >= 8192 blind: 2-2.3x; found by
+    review)."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(64, k, generator=g).to(dtype)
+    w = (torch.randn(512, k, generator=g) / math.sqrt(k)).to(dtype)
+    flags = _raw_flags(x, w)
+    assert not bool(((flags & int(ftattn.faults.Check.BLIND)) != 0).any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_corrupted_in_memory_in_a_blind_block_is_caught(backend):
+    """Cancelling channels make the row blind; a weight bit flipped in memory (through .data,
+    no version bump) whose error stays within the bound came out the same bits twice and
+    passed as clean (bits 7 and 8 of W[5, 0] = 1.0: harmful; found by review): a blind row
+    that comes out the same has the weight's checksums made anew."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(3, 31, generator=g) * 0.1
+    w = torch.randn(130, 31, generator=g) / math.sqrt(31)
+    x[:, 0] = x[:, 1] = 100.0
+    w[:, 0], w[:, 1] = 1.0, -1.0
+    clean = ftattn.linear(x, w, backend=backend)
+    w.data[5, 0] = torch.tensor(1.0).view(torch.int32).bitwise_xor(1 << 8).view(torch.float32)
+    _, rep = ftattn.linear(x, w, on_fault="report", return_report=True, backend=backend)
+    assert rep.detected == 1
+    _, rep = ftattn.linear(x, w, return_report=True, backend=backend)
+    assert rep.uncorrected == 1
+    w.data[5, 0] = 1.0
+    y, rep = ftattn.linear(x, w, return_report=True, backend=backend)
+    assert rep.detected == 0 and torch.equal(y, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_checksum_parts_that_overflow_leave_faults_caught(backend):
+    """bf16 W of 1e37 over more than 16 blocks: the hi part of a block's checksum overflows
+    bf16, the reference is not finite, and the row was reported as non-finite input with a
+    harmful fault unflagged (found by review): such a block is blind, a second product
+    decides."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=g).bfloat16()
+    w = (torch.rand(2100, 8, generator=g) * 1e37 + 1e37).bfloat16()
+    clean = ftattn.linear(x, w, backend=backend)
+    f = Fault("gemm", row=1, col=7, bit=22)
+    _, rep = ftattn.linear(x, w, fault=f, on_fault="report", return_report=True, backend=backend)
+    assert rep.detected == 1
+    with pytest.raises(FaultDetectedError, match=r"rows 0\.\.2"):
+        ftattn.linear(x, w, fault=f, on_fault="raise", backend=backend)
+    assert torch.equal(ftattn.linear(x, w, fault=f, backend=backend), clean)
