@@ -414,3 +414,23 @@ def test_tiny_decoders_generate_with_faults(kind):
                 assert ftattn.counters(model).detected == len(names)
         finally:
             ftattn.unprotect_(model)
+
+
+def test_counters_count_nonfinite_rows_and_faults_beside_them():
+    """A protected linear layer's nonfinite_input counter counted 0 (a NaN row sets that bit
+    instead of the check's, which the count required too), and a fault in another row of the
+    NaN row's 64-row block was not counted as detected (review, session 27)."""
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    ftattn.protect_(layer)
+    x = torch.randn(5, 16)
+    x[1, 2] = float("nan")
+    with torch.no_grad():
+        layer(x)
+    c = ftattn.counters(layer)
+    assert (c.detected, c.uncorrected, c.nonfinite_input) == (0, 0, 1)
+    layer[0].fault = ftattn.Fault("gemm", row=3, col=4, bit=30)
+    with torch.no_grad():
+        y = layer(x)
+    c = ftattn.counters(layer)
+    assert (c.detected, c.corrected, c.nonfinite_input) == (1, 1, 2)
+    assert torch.isfinite(y[3]).all()
