@@ -17,8 +17,8 @@ import torch
 
 from . import backends
 from .contract import check_backward_fault_encoding
-from .faults import (ATTENTION_SITES, BACKWARD_SITES, CHECK_MASK, Check, Fault, FaultDetectedError, OnFault,
-                     Protection, Report, REPORT_BLOCK_M)
+from .faults import (ATTENTION_SITES, BACKWARD_SITES, Check, Fault, FaultDetectedError, OnFault,
+                     Protection, Report, REPORT_BLOCK_M, fault_blocks)
 
 __all__ = ["attention", "BACKENDS", "backend_status"]
 
@@ -241,11 +241,8 @@ _OPTIONS = {(p.name.lower(), f.value): (p, f) for p in Protection for f in OnFau
 
 
 def _faulty(flags: torch.Tensor, op: str = "attention") -> torch.Tensor:
-    """Per block: a check failed on finite input (non-finite input is not a fault; for a
-    linear layer, whose check bit names a finite row, any check bit: Report._fault_bits)."""
-    if op == "linear":
-        return (flags & CHECK_MASK) != 0
-    return ((flags & CHECK_MASK) != 0) & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+    """Per block: a check failed on finite input (faults.fault_blocks)."""
+    return fault_blocks(flags, op)
 
 
 def _apply_policy(flags: torch.Tensor, policy: OnFault, n: int, want_report: bool,

@@ -12,6 +12,15 @@ import torch
 
 from .contract import BIT_MASK, BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, WARP, Check, Site
 
+def fault_blocks(flags: torch.Tensor, op: str = "attention") -> torch.Tensor:
+    """Per block: a check failed on finite input. Non-finite input is not a fault: a block
+    flagged NONFINITE_INPUT excuses its failed checks for attention (a row reads every key),
+    never for a linear layer, whose rows are independent and whose check bit names a finite
+    row (a non-finite row sets NONFINITE_INPUT instead)."""
+    failed = (flags & CHECK_MASK) != 0
+    return failed if op == "linear" else failed & ((flags & int(Check.NONFINITE_INPUT)) == 0)
+
+
 # FAULT_MODEL.md's harm threshold per input dtype: a fault is harmful when it moves the
 # output by more than tau max(1, max |clean output|) (per row for linear layers)
 TAU = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -214,10 +223,7 @@ class Report:
         a linear layer's rows are independent and its check bit names a finite row, so a
         non-finite row of its block excuses nothing)."""
         flags = self._data()
-        if self.op == "linear":
-            return flags & CHECK_MASK
-        finite = (flags & int(Check.NONFINITE_INPUT)) == 0
-        return (flags & CHECK_MASK) * finite
+        return torch.where(fault_blocks(flags, self.op), flags & CHECK_MASK, 0)
 
     @property
     def detected(self) -> int:

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .faults import CHECK_MASK, Check, OnFault
+from .faults import Check, OnFault, fault_blocks
 from .attention import _apply_policy
 from .linear import _eager_cpu, _linear, weight_checksums
 
@@ -41,7 +41,7 @@ def _flag_stats(flags: torch.Tensor) -> torch.Tensor:
     (its check bit names a finite row: a non-finite row of the block excuses nothing,
     Report._fault_bits)."""
     nonfinite = (flags & int(Check.NONFINITE_INPUT)) != 0
-    failed = (flags & CHECK_MASK) != 0
+    failed = fault_blocks(flags, "linear")
     return torch.stack([
         torch.ones((), dtype=torch.int64),
         failed.sum(),
