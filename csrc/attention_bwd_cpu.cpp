@@ -89,6 +89,7 @@ struct BwdProblem {
   bool causal;
   float scale;
   int protection;
+  double tau = 0x1p-10;  // the harm threshold of the inputs' dtype (FAULT_MODEL.md; bf16 2^-7)
   const int64_t* key_start = nullptr;
   const int64_t* key_end = nullptr;
   int64_t key_first(int64_t b) const { return key_start ? key_start[b] : 0; }
@@ -385,41 +386,42 @@ FTATTN_CLONES static void ds_row(const float* __restrict P, const float* __restr
   for (int64_t j = vis; j < n; ++j) dS[j] = 0.f;
 }
 
-// The redundant softmax (full): exp2 with its own polynomial of the same argument, (S_j - mb)
-// scale log2 e as the forward's, against P within both exponentials' error (the forward's
-// tolerance); true when some entry differs.
+// The redundant softmax (full): P made again by probs_row's operations from the same S, m,
+// scale and 1 / l (copies the compiler cannot see through: a distinct computation), against P
+// bit for bit (deterministic: equal unless a fault struck; a tolerance, as the exp2 formulation
+// of stops before needed, passed changes of P that harm the gradients where dO is large and
+// cancels); true when some visible entry differs. Keys whose score is NaN are left out
+// (non-finite input: P and its copy are NaN there, their payloads per the instructions'
+// operand order).
 template <typename V>
 __attribute__((always_inline)) static inline bool probs_dmr_body(const float* __restrict S,
                                                                 const float* __restrict P, int64_t vis, float scale,
                                                                 float m, float rinv) {
   // (explicit vectors: as an `omp simd` loop GCC 12 left the AVX2 clone scalar, "control flow
-  // in loop", though a plain -march=x86-64-v3 build vectorised it; float selects only, on
-  // 8 lanes where the code has no AVX-512, vec::Lanes)
+  // in loop", though a plain -march=x86-64-v3 build vectorised it; on 8 lanes where the code
+  // has no AVX-512, vec::Lanes)
   using namespace vec;
+  using U = typename LaneBits<V>::type;
   constexpr int64_t L = Lanes<V>;
-  const float rel = U32 * 64.f, abs_tol = (U32 * 2.f) * rinv + 1e-30f;
-  const float scale2 = scale * LOG2E;
-  const V relv = V{} + rel, absv = V{} + abs_tol, scalev = V{} + scale2, mv = V{} + m, rinvv = V{} + rinv;
-  // the largest |P - p2| - (rel max(P, p2) + abs): > 0 where an entry differs (its sign is
-  // exact: IEEE subtraction)
-  V viol = V{};
+  opaque(scale);
+  opaque(m);
+  opaque(rinv);
+  U diff = U{};
   int64_t j = 0;
   for (; j + L <= vis; j += L) {
-    const V p = load_v<V>(P + j), p2 = exp2_neg((load_v<V>(S + j) - mv) * scalev) * rinvv;
-    const V hi = p > p2 ? p : p2;
-    const V d = vec::abs(p - p2) - (relv * hi + absv);
-    viol = d > viol ? d : viol;
+    const V sv = load_v<V>(S + j);
+    const U d = reinterpret_cast<U>(load_v<V>(P + j)) ^ reinterpret_cast<U>(exp_neg((sv - m) * scale) * rinv);
+    diff |= sv == sv ? d : U{};
   }
   if (j < vis) {  // the vector across the last visible key (as probs_row), its later lanes out
-    const V p = load_v<V>(P + j), p2 = exp2_neg((load_v<V>(S + j) - mv) * scalev) * rinvv;
-    const V hi = p > p2 ? p : p2;
-    const V d = vec::lanes_below<V>(vis - j) ? vec::abs(p - p2) - (relv * hi + absv) : V{};
-    viol = d > viol ? d : viol;
+    const V sv = load_v<V>(S + j);
+    const V p2 = vec::lanes_below<V>(vis - j) ? exp_neg((sv - m) * scale) * rinv : V{};
+    const U d = reinterpret_cast<U>(load_v<V>(P + j)) ^ reinterpret_cast<U>(p2);
+    diff |= vec::lanes_below<V>(vis - j) & (sv == sv) ? d : U{};
   }
-  const float v = tree(viol, Max{});
-  // (a NaN P or p2 enters no max: a NaN P makes the row's sum NaN, which row_checks reports,
-  // and p2 is NaN only where S, and so P, is)
-  return !(v <= 0.f);
+  uint32_t any = 0;
+  for (int64_t l = 0; l < L; ++l) any |= diff[l];
+  return any != 0;
 }
 FTATTN_CLONES static bool probs_dmr_fails(const float* __restrict S, const float* __restrict P, int64_t vis,
                                           float scale, float m, float rinv) {
@@ -755,25 +757,50 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
 // (2 kappa sqrt(K + 2) + 2) u mag[r * ldm + g * gsm] + ETA (|g| + 2)(K + 2): each side's rounding
 // (kappa u sqrt(K + 2) relative to the sum of magnitudes, as ftattn/reference.py's bound for
 // one side) and the rounding of the group sums to fp32. bits[r] |= bit for those rows.
+// Harm (protection full): a row whose checksums cannot see every harmful fault gets kBlind, and
+// the task is made again and the row compared bit for bit (attention_bwd_cpu's task loop). Harm
+// is relative to the gradient (FAULT_MODEL.md: tau max(1, max |g|)), the bound to the
+// magnitudes summed; where they cancel (values of 3e3 whose outputs cancel: dK moved 774x the
+// threshold unseen) the bound is many times the threshold. In the row's units the threshold
+// is H = max(floor, tau max_d |acc_d|) (row_max; else the floor alone: a GQA group's query
+// heads add up, and may cancel, in dK and dV), and a row is blind where a group's bound exceeds
+// PV_BLIND H or its difference H / 4 (csrc/attention/block.h PV_BLIND: the forward's rule).
+struct Harm {
+  double tau = 0.0;  // 0: no blindness test (abft)
+  double floor = 0.0;
+  bool row_max = false;
+};
 FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, int64_t G, const float* ref,
                                       int64_t ldr, int64_t gsr, const float* mag, int64_t ldm, int64_t gsm,
-                                      int64_t K, int32_t bit, int32_t* bits, double eta) {
+                                      int64_t K, int32_t bit, int32_t* bits, double eta, const Harm& harm) {
   const double f = (2.0 * KAPPA * std::sqrt(static_cast<double>(K + 2)) + 2.0) * U32;
   const int64_t Gp = (D + BWD_GROUP - 1) / BWD_GROUP;
   for (int64_t r = 0; r < n; ++r) {
     bool bad = false;
+    double row_max = 0.0, worst_bound = 0.0, worst_diff = 0.0;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t d0 = g < Gp ? g * BWD_GROUP : 0, d1 = g < Gp ? std::min<int64_t>(D, d0 + BWD_GROUP) : D;
-      double s, a, m;
+      double s, a, m = 0.0;
       if (g < Gp)
         span_sums(acc + r * D + d0, d1 - d0, s, a, m);
       else  // (the weighted checksum: group_sums)
         weighted_sums(acc + r * D, D, s, a);
       const double bound =
           f * static_cast<double>(mag[r * ldm + g * gsm]) + eta * static_cast<double>((d1 - d0 + 2) * (K + 2));
-      bad |= !within(std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr])), bound);
+      const double diff = std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr]));
+      bad |= !within(diff, bound);
+      if (g < Gp) {
+        row_max = std::max(row_max, m);
+        worst_bound = std::max(worst_bound, bound);
+        worst_diff = std::max(worst_diff, diff);
+      }
     }
-    if (bad) bits[r] |= bit;
+    if (bad) {
+      bits[r] |= bit;
+    } else if (harm.tau > 0.0) {
+      const double H = std::max(harm.floor, harm.row_max ? harm.tau * row_max : 0.0);
+      if (!(worst_bound <= PV_BLIND * H) || !(worst_diff <= 0.25 * H)) bits[r] |= kBlind;
+    }
   }
 }
 
@@ -1174,7 +1201,10 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
         if (use_stats && empty != (visible == 0)) bits |= kRowsumInvariant;
       }
       int32_t rowbits[BWD_BM] = {};
-      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits, P.eta16);
+      // (dq = scale dQ: its threshold tau max(1, |dq|) is tau max(1 / |scale|, |dQ|) here)
+      const Harm hq{full ? P.tau : 0.0, P.tau / ascale, true};
+      group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits, P.eta16,
+                  hq);
       for (int64_t i = 0; i < rows; ++i) bits |= rowbits[i];
     }
     scaled_copy(dQout + r0 * D, w.dQ.data(), rows * D, scale);
@@ -1184,9 +1214,12 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     corrupt_dims((f.site == kDk ? dK : dV) + fcol * D, D, f);
   memory_barrier();
   if (abft) {
-    group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data(), P.eta16);
+    // (dk = scale sum over the group's query heads of dK, dv the sum of dV)
+    const Harm hk{full ? P.tau : 0.0, P.tau / ascale, group == 1}, hv{full ? P.tau : 0.0, P.tau, group == 1};
+    group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data(), P.eta16,
+                hk);
     group_check(dV, Mb, D, G, w.rvm.data(), 1, ldk, w.rvm.data() + G * ldk, 1, ldk, N, kDvChecksum,
-                w.keybits.data(), P.eta16);
+                w.keybits.data(), P.eta16, hv);
   }
 }
 
@@ -1261,6 +1294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);
+  P.tau = q.scalar_type() == at::kBFloat16 ? 0x1p-7 : 0x1p-10;
   at::Tensor starts, ends;
   if (key_start.has_value() || key_end.has_value()) {
     std::tie(starts, ends) = key_ranges(key_start, key_end, B, M, "ftattn.attention backward");
@@ -1291,14 +1325,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const Bf16GemmRelease release{P.k16 != nullptr || P.v16 != nullptr};
       const SequentialBlas sequential;
       std::vector<int32_t> first_q(nq), first_k(M);
+      std::vector<float> kept;  // (a task's first dQ, dK, dV where a blind row is compared)
       for (int64_t idx = next.fetch_add(1); idx < ntasks; idx = next.fetch_add(1)) {
         const int64_t b = idx / Hq, h = idx % Hq;
         const int64_t key0 = P.key_first(b), Mb = P.key_count(b);
         head_backward(P, w, b, h, f);
         int32_t* fl = P.flags + idx * (nq + nk);
-        bool failed = false;
-        for (int64_t t = 0; t < nq; ++t) failed |= (w.qbits[t] & kCheckMask) != 0;
-        for (int64_t j = 0; j < Mb; ++j) failed |= (w.keybits[j] & kCheckMask) != 0;
+        bool failed = false, blind = false;
+        for (int64_t t = 0; t < nq; ++t) failed |= (w.qbits[t] & kCheckMask) != 0, blind |= (w.qbits[t] & kBlind) != 0;
+        for (int64_t j = 0; j < Mb; ++j)
+          failed |= (w.keybits[j] & kCheckMask) != 0, blind |= (w.keybits[j] & kBlind) != 0;
+        if (!failed && blind) {
+          // rows whose checksums could not see every harmful fault (group_check's Harm): the task
+          // made again, clean, and those rows compared bit for bit (the task is deterministic);
+          // a difference is a fault, flagged, and under recompute the second results stand
+          float* dq0 = P.dq + idx * N * D;
+          float* dk0 = P.dkh + (idx * M + key0) * D;
+          float* dv0 = P.dvh + (idx * M + key0) * D;
+          kept.assign(dq0, dq0 + N * D);
+          kept.insert(kept.end(), dk0, dk0 + Mb * D);
+          kept.insert(kept.end(), dv0, dv0 + Mb * D);
+          std::copy(w.qbits.begin(), w.qbits.end(), first_q.begin());
+          std::copy(w.keybits.begin(), w.keybits.begin() + Mb, first_k.begin());
+          head_backward(P, w, b, h, FaultSpec{});
+          const auto differ = [D](const float* a, const float* c, int64_t rows) {
+            return std::memcmp(a, c, static_cast<size_t>(rows * D) * sizeof(float)) != 0;
+          };
+          for (int64_t t = 0; t < nq; ++t) {
+            const int64_t i0 = t * kReportBlockM, i1 = std::min<int64_t>(N, i0 + kReportBlockM);
+            if ((first_q[t] & kBlind) && differ(kept.data() + i0 * D, dq0 + i0 * D, i1 - i0))
+              fl[t] |= kDqChecksum | (!recompute ? 0 : (w.qbits[t] & kCheckMask) ? kUncorrected : kCorrected);
+          }
+          for (int64_t j = 0; j < Mb; ++j) {
+            if (!(first_k[j] & kBlind)) continue;
+            const int32_t bits = (differ(kept.data() + (N + j) * D, dk0 + j * D, 1) ? kDkChecksum : 0) |
+                                 (differ(kept.data() + (N + Mb + j) * D, dv0 + j * D, 1) ? kDvChecksum : 0);
+            if (bits)
+              fl[nq + (key0 + j) / kReportBlockM] |=
+                  bits | (!recompute ? 0 : (w.keybits[j] & kCheckMask) ? kUncorrected : kCorrected);
+          }
+          if (!recompute) {  // (report, raise: the first results, as made)
+            std::copy(kept.begin(), kept.begin() + N * D, dq0);
+            std::copy(kept.begin() + N * D, kept.begin() + (N + Mb) * D, dk0);
+            std::copy(kept.begin() + (N + Mb) * D, kept.end(), dv0);
+          }
+          continue;
+        }
         if (failed) {
           int32_t extra = 0;
           if (!head_finite(P, b, h)) {
@@ -1309,17 +1381,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
             head_backward(P, w, b, h, FaultSpec{});
             for (int64_t t = 0; t < nq; ++t)
               if (first_q[t] & kCheckMask)
-                fl[t] |= first_q[t] | ((w.qbits[t] & kCheckMask) ? kUncorrected : kCorrected);
+                fl[t] |= (first_q[t] & ~kBlind) | ((w.qbits[t] & kCheckMask) ? kUncorrected : kCorrected);
             for (int64_t j = 0; j < Mb; ++j)
               if (first_k[j] & kCheckMask)
                 fl[nq + (key0 + j) / kReportBlockM] |=
-                    first_k[j] | ((w.keybits[j] & kCheckMask) ? kUncorrected : kCorrected);
+                    (first_k[j] & ~kBlind) | ((w.keybits[j] & kCheckMask) ? kUncorrected : kCorrected);
             continue;
           }
           for (int64_t t = 0; t < nq; ++t)
-            if (w.qbits[t] & kCheckMask) fl[t] |= w.qbits[t] | extra;
+            if (w.qbits[t] & kCheckMask) fl[t] |= (w.qbits[t] & ~kBlind) | extra;
           for (int64_t j = 0; j < Mb; ++j)
-            if (w.keybits[j] & kCheckMask) fl[nq + (key0 + j) / kReportBlockM] |= w.keybits[j] | extra;
+            if (w.keybits[j] & kCheckMask) fl[nq + (key0 + j) / kReportBlockM] |= (w.keybits[j] & ~kBlind) | extra;
         }
       }
     });

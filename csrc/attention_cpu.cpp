@@ -27,8 +27,9 @@
 //     plain sums, and makes a block again where a row sits above 1/8 of either bound.
 //   Invariants: m == max(m_old, rowmax) exactly, 0 <= p <= 1, max_j p == 1 or
 //     alpha == 1; l vs an independent accumulation of the same p, 1 <= l <= #keys.
-//   Redundant softmax ("full"): exp2 formulation with its own polynomial, of the
-//     same rounded argument, compared with the exp path within the error bound of both.
+//   Redundant softmax ("full"): p made a second time from the raw scores by the same
+//     operations (copies of m and the scale the compiler cannot see through), compared
+//     bit for bit (softmax.h).
 //   Every bound has an absolute term for underflow (ETA).
 //   Final normalisation: sum_d O_id vs (sum_d acc_id) / l.
 // Flags are per 64-row block (REPORT_BLOCK_M). A failed check makes the kernel
@@ -143,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   P.causal = causal;
   P.scale = static_cast<float>(scale);
   P.protection = static_cast<int>(protection);
+  P.tau = q.scalar_type() == at::kBFloat16 ? 0x1p-7 : 0x1p-10;
   KvSums sums;
   P.inline_sums = inline_sums;
   // per-sample key ranges: checked here (they index k and v), then each sample runs on its

@@ -69,7 +69,7 @@ class Check(enum.IntFlag):
     ROW_CHECKSUM = 1 << 0  # sum_j S_ij vs q_i . sum_j k_j
     COL_CHECKSUM = 1 << 1  # sum_i S_ij vs (sum_i q_i) . k_j
     PV_CHECKSUM = 1 << 2  # sum_d acc_id vs c_i carried through the rescaling
-    SOFTMAX_DMR = 1 << 3  # redundant softmax (independent formulation) disagrees
+    SOFTMAX_DMR = 1 << 3  # redundant softmax (p made again) differs
     ROWMAX_INVARIANT = 1 << 4  # m finite, m == max(m_old, rowmax), max p == 1 or alpha == 1
     ROWSUM_INVARIANT = 1 << 5  # l vs an independent accumulation, 1 <= l <= #keys
     OUTPUT_CHECK = 1 << 6  # O_id vs acc_id / l divided again
@@ -85,9 +85,13 @@ class Check(enum.IntFlag):
     NONFINITE_INPUT = 1 << 24
     CORRECTED = 1 << 25
     UNCORRECTED = 1 << 26
-    # linear: a block of rows where some row's checksum block could not see every harmful
-    # fault (the bound above a quarter of the harm threshold); ftattn.linear makes the
-    # product again and compares the rows (ftattn/linear.py _settle), and clears the bit
+    # a block of rows where some row's check could not see every harmful fault (its bound
+    # too near the harm threshold, or above it: values or channels that are large and
+    # cancel); the block is made again and compared bit for bit, and the bit cleared before
+    # the flags reach the caller. Linear: ftattn/linear.py _settle; attention (full): the PV
+    # checksum (csrc/attention/block.h, kernels/attention.py _attn_replay, the reference) and
+    # the backward's dQ / dK / dV checksums (csrc/attention_bwd_cpu.cpp group_check,
+    # reference.settle_backward for the reference and Triton)
     BLIND = 1 << 27
 
 

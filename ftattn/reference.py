@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .contract import BIT_REPLACE, fault_fields, span_axis, xor_mask
-from .faults import CHECK_MASK, Check, REPORT_BLOCK_M, Site
+from .faults import CHECK_MASK, TAU, Check, REPORT_BLOCK_M, Site
 
 U32 = 2.0**-24  # unit roundoff of fp32
 KAPPA = 8.0  # as in csrc/attention_cpu.cpp
@@ -31,7 +31,8 @@ TAU_VERIFY = 2.0**-12
 # of it). Its mark between _forward and attention_reference is internal, never returned.
 PV_VERIFY = 1.0 / 8.0
 PV_VERIFY_WEIGHTED = 1.0 / 32.0  # the weighted checksum's (csrc/attention/block.h)
-_PV_VERIFY_BIT = 1 << 16
+PV_BLIND = 3.0  # (csrc/attention/block.h)
+_PV_VERIFY_BIT = int(Check.BLIND)  # (as csrc/attention/block.h kPvVerify)
 
 
 def pv_weight(d: int) -> float:
@@ -184,16 +185,12 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         flag(int(Check.PROBS_RANGE), _rows_to_blocks(bad_range, N))
         flag(int(Check.ROWMAX_INVARIANT), _rows_to_blocks(bad_max, N))
     if full:
-        # redundant softmax: exp2 of the same x = s - m in fp32 vs the exp path, within both
-        # error bounds, u (8 + 2|x|) max(p, p2) <= u (16 max(p, p2) + 2), since |x| e^x <= 1/e;
-        # independent of |m|, as csrc/attention_cpu.cpp (2^(s log2 e - m log2 e) carried
-        # u|m| more, which passed harmful changes of p at large logits)
-        x = s - m_safe[..., None]
-        p2 = torch.exp2(x.double() * LOG2E).float()
-        if causal:
-            p2 = p2.masked_fill(s == float("-inf"), 0.0)
-        tol = U32 * (16.0 * torch.maximum(p, p2) + 2.0) + 1e-30
-        bad = ~((p - p2).abs() <= tol).all(-1)
+        # redundant softmax: p made again by the same operation from s and m, bit for bit (as
+        # csrc/attention/softmax.h: deterministic, equal unless a fault struck; the exp2
+        # formulation's tolerance of stops before passed changes of p that harm the output
+        # where a row's values are large and cancel), scores NaN left out (their p are NaN)
+        p2 = torch.exp(s - m_safe[..., None])
+        bad = ((p.view(torch.int32) != p2.view(torch.int32)) & ~torch.isnan(s)).any(-1)
         flag(int(Check.SOFTMAX_DMR), _rows_to_blocks(bad, N))
 
     if abft and M > 0:
@@ -245,6 +242,10 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
         wts = pv_weights(D, q.device)
         bad_pv = torch.zeros_like(empty)
         near_pv = torch.zeros_like(empty)
+        # (full) the row's harm threshold in accumulator units, tau max(l, max_d |acc_d|): a row
+        # whose difference exceeds a quarter of it, or whose bound exceeds PV_BLIND times it
+        # (large values that cancel), is made again and compared (csrc/attention/block.h)
+        harm = TAU[q.dtype] * torch.maximum(l.double(), accd.abs().amax(-1) if D else l.double())
         for d0 in range(0, D, PV_GROUP):
             vg = vd[..., d0:d0 + PV_GROUP]
             c = (pd @ vg.sum(-1, keepdim=True)).squeeze(-1)
@@ -254,6 +255,8 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
             diff = (accd[..., d0:d0 + PV_GROUP].sum(-1) - c).abs()
             bad_pv |= ~(diff <= stat + floor)
             near_pv |= ~(diff <= PV_VERIFY * stat + floor)
+            if full:
+                near_pv |= (~(diff <= 0.25 * harm + floor) | ~(stat + floor <= PV_BLIND * harm)) & ~empty
 
         if full:  # the weighted checksum over every dim (|w| < 1/4: the groups' bounds together, / 4)
             cw = (pd @ (vd * wts).sum(-1, keepdim=True)).squeeze(-1)
@@ -341,28 +344,41 @@ def attention_reference(q, k, v, causal: bool, scale: float, protection: int, re
 BWD_GROUP = 16  # head dims per checksum group of dQ, dK and dV
 
 
-def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, weighted: bool) -> torch.Tensor:
+def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, weighted: bool,
+                  harm: Optional[Tuple[float, float, bool]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """acc = x @ w (fp32, [.., R, D]) against its checksum per group of BWD_GROUP columns:
     sum_{d in g} acc_rd vs x_r . (sum_{d in g} w_:d) in fp64, within kappa u sqrt(K + 2)
     |x_r| . (sum_{d in g} |w_:d|), the PV check's bound; ``weighted`` (full) adds the weighted
     checksum over every column (pv_weight, as the forward's and csrc/attention_bwd_cpu.cpp's),
-    within the same bound over all columns. Rows [.., R] whose check fails."""
+    within the same bound over all columns. Returns (rows [.., R] whose check fails, rows that
+    passed blind): ``harm`` = (tau, floor, row_max) (full) marks a row blind where a group's
+    bound exceeds PV_BLIND H or its difference H / 4, H = max(floor, tau max_d |acc_rd|) (row_max)
+    or the floor (csrc/attention_bwd_cpu.cpp group_check)."""
     K, D = w.shape[-2], w.shape[-1]
     xd, wd, ad = x.double(), w.double(), acc.double()
     bad = torch.zeros(acc.shape[:-1], dtype=torch.bool, device=acc.device)
+    blind = torch.zeros_like(bad)
+    if harm is not None:
+        tau, floor, row_max = harm
+        H = torch.full_like(ad[..., 0], floor)
+        if row_max and D:
+            H = torch.maximum(H, tau * ad.abs().amax(-1))
     for d0 in range(0, D, BWD_GROUP):
         wg = wd[..., d0:d0 + BWD_GROUP]
         ref = (xd @ wg.sum(-1, keepdim=True)).squeeze(-1)
         mag = (xd.abs() @ wg.abs().sum(-1, keepdim=True)).squeeze(-1)
         bound = KAPPA * U32 * math.sqrt(K + 2) * mag + ETA * (wg.shape[-1] + 2) * (K + 2)
-        bad |= ~((ad[..., d0:d0 + BWD_GROUP].sum(-1) - ref).abs() <= bound)
+        diff = (ad[..., d0:d0 + BWD_GROUP].sum(-1) - ref).abs()
+        bad |= ~(diff <= bound)
+        if harm is not None:
+            blind |= ~(bound <= PV_BLIND * H) | ~(diff <= 0.25 * H)
     if weighted:  # (weights / 4, as the C++ kernel: |w| < 1/16, sums within a group's reach)
         wts = pv_weights(D, acc.device) * 0.25
         ref = (xd @ (wd @ wts)[..., None]).squeeze(-1)
         mag = (xd.abs() @ wd.abs().sum(-1, keepdim=True)).squeeze(-1) / 16.0
         bound = KAPPA * U32 * math.sqrt(K + 2) * mag + ETA * (D + 2) * (K + 2)
         bad |= ~((ad @ wts - ref).abs() <= bound)
-    return bad
+    return bad, blind & ~bad
 
 
 def _verify(prod: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
@@ -496,16 +512,23 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
         verify_p = (pd * colb_p * reach >= TAU_VERIFY) & ~empty[..., None]
         flag(int(Check.DP_CHECKSUM), _verify(dP, gd, vd, verify_p) | _again(dP, gf, vf, verify_p))
         # dQ, dK, dV by checksums per group of head dims
-        flag(int(Check.DQ_CHECKSUM), _group_checks(dq, dS, kf, full))
-        keybits |= _group_checks(dkh, dS.transpose(-1, -2), qf, full).to(torch.int32) * int(Check.DK_CHECKSUM)
-        keybits |= _group_checks(dvh, p.transpose(-1, -2), gf, full).to(torch.int32) * int(Check.DV_CHECKSUM)
+        # (full: rows whose checksums cannot see every harmful fault are BLIND, made again and
+        # compared by settle_backward; dq = scale dQ, dk = scale sum over the group of dK: the
+        # floor tau / |scale|, and a GQA group's heads add up, and may cancel, in dK and dV)
+        tau, ascale = TAU[q.dtype], abs(scale)
+        floor_k = tau / ascale if ascale > 0 else math.inf
+        bad, blind = _group_checks(dq, dS, kf, full, (tau, floor_k, True) if full else None)
+        flag(int(Check.DQ_CHECKSUM), bad)
+        flag(int(Check.BLIND), blind)
+        for g_acc, g_x, g_w, bit, floor in ((dkh, dS.transpose(-1, -2), qf, Check.DK_CHECKSUM, floor_k),
+                                            (dvh, p.transpose(-1, -2), gf, Check.DV_CHECKSUM, tau)):
+            bad, blind = _group_checks(g_acc, g_x, g_w, full, (tau, floor, group == 1) if full else None)
+            keybits |= bad.to(torch.int32) * int(bit) | blind.to(torch.int32) * int(Check.BLIND)
     if full:
-        # a second computation of P (exp2 of the same x = s - m, over the same l; as the C++
-        # kernel: 2^((s - lse) log2 e) lost the row's log l beside |m| ~ 1e19 in fp64 and
-        # flagged clean constant rows at large logits) and of dS (P dP - P D)
-        p2 = (torch.exp2(x.double() * LOG2E) / l[..., None]).float()
-        tol_p = U32 * (16.0 * torch.maximum(p, p2) + 2.0) + 1e-30
-        flag(int(Check.SOFTMAX_DMR), ~((p - p2).abs() <= tol_p).all(-1))
+        # a second computation of P by the same operations (fp64 exponential over the same l),
+        # bit for bit, scores NaN left out (as csrc/attention_bwd_cpu.cpp probs_dmr_body)
+        p2 = (torch.exp(x.double()) / l[..., None]).float()
+        flag(int(Check.SOFTMAX_DMR), ((p.view(torch.int32) != p2.view(torch.int32)) & ~torch.isnan(s)).any(-1))
         pdp, pD = p * dP, p * Dr[..., None]
         dS2 = pdp - pD
         tol_s = 2 * U32 * (pdp.abs() + pD.abs() + dS2.abs()).double() + 4 * ETA  # (5 roundings, underflow)
@@ -523,6 +546,17 @@ def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float,
     int32 flags [B, Hq, ceil(N / 64) + ceil(M / 64)] (the query blocks, then the key blocks
     of the dK / dV checks). A failed check recomputes the backward (deterministic: the
     gradients then equal the clean ones bit for bit)."""
+    def run(fault, fault_value):
+        return _backward_raw(q, k, v, out, dout, causal, scale, protection, fault, fault_value, key_start, key_end)
+
+    # (the run again without the fault: unsettled, its BLIND bits and failures as made)
+    dq, dk, dv, flags = run(fault, fault_value)
+    return settle_backward(q, k, v, out, dout, (dq, dk, dv), flags, recompute, lambda: run(None, None), key_start,
+                           key_end)
+
+
+def _backward_raw(q, k, v, out, dout, causal, scale, protection, fault, fault_value, key_start, key_end):
+    """attention_backward_reference before settle_backward: (dq, dk, dv fp32, flags)."""
     B, Hq, N, D = q.shape
     M = k.shape[2]
     if key_start is not None:  # each sample on its own keys, the fault's key moved to them
@@ -544,13 +578,7 @@ def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float,
     else:
         result = _backward(q, k, v, out, dout, causal, scale, protection, fault, fault_value)
     dq, dk, dv, qflags, keybits = result
-    flags = torch.cat([qflags, _key_blocks(keybits, M)], dim=2)
-
-    def rerun():
-        return attention_backward_reference(q, k, v, out, dout, causal, scale, protection, False, None, None,
-                                            key_start, key_end)
-
-    return settle_backward(q, k, v, out, dout, (dq, dk, dv), flags, recompute, rerun, key_start, key_end)
+    return dq, dk, dv, torch.cat([qflags, _key_blocks(keybits, M)], dim=2)
 
 
 def settle_backward(q, k, v, out, dout, grads, flags, recompute: bool, rerun, key_start=None, key_end=None):
@@ -565,6 +593,28 @@ def settle_backward(q, k, v, out, dout, grads, flags, recompute: bool, rerun, ke
     dq, dk, dv = grads
     group = q.shape[1] // k.shape[1]
     failed = (flags & CHECK_MASK) != 0
+    # blocks whose checksums could not see every harmful fault (full; the kernels' BLIND):
+    # the backward made again, and their gradients compared bit for bit (deterministic)
+    blind = ((flags & int(Check.BLIND)) != 0) & ~failed
+    flags = flags & ~int(Check.BLIND)
+    clean = None
+    if bool(blind.any()):
+        clean = rerun()
+        nq = (q.shape[2] + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
+        differs = torch.cat([_blocks_differ(dq, clean[0], 2),
+                             (_blocks_differ(dk, clean[1], 2) | _blocks_differ(dv, clean[2], 2))
+                             .repeat_interleave(group, dim=1)], dim=2)
+        caught = blind & differs
+        bits = torch.full_like(flags, int(Check.DQ_CHECKSUM))
+        bits[..., nq:] = int(Check.DK_CHECKSUM) | int(Check.DV_CHECKSUM)
+        flags |= torch.where(caught, bits, 0)
+        if recompute and bool(caught.any()):
+            again = (clean[3] & CHECK_MASK) != 0
+            flags |= (caught & ~again).to(torch.int32) * int(Check.CORRECTED)
+            flags |= (caught & again).to(torch.int32) * int(Check.UNCORRECTED)
+            dq, dk, dv = clean[0], clean[1], clean[2]
+        failed = (flags & CHECK_MASK) != 0
+        failed &= ~caught
     if bool(failed.any()):
         kv = k.isfinite().all(-1) & v.isfinite().all(-1)  # [B, Hkv, M]
         if key_start is not None:
@@ -577,7 +627,7 @@ def settle_backward(q, k, v, out, dout, grads, flags, recompute: bool, rerun, ke
         flags |= nonfinite.to(torch.int32) * int(Check.NONFINITE_INPUT)
         redo = failed & ~nonfinite
         if recompute and bool(redo.any()):
-            clean = rerun()
+            clean = clean if clean is not None else rerun()
             again = (clean[3] & CHECK_MASK) != 0
             flags |= (redo & ~again).to(torch.int32) * int(Check.CORRECTED)
             flags |= (redo & again).to(torch.int32) * int(Check.UNCORRECTED)
@@ -585,11 +635,21 @@ def settle_backward(q, k, v, out, dout, grads, flags, recompute: bool, rerun, ke
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), flags
 
 
+def _blocks_differ(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per block of REPORT_BLOCK_M rows along ``dim`` of [B, H, rows, D] tensors: whether a and b
+    differ in some bit, [B, H, ceil(rows / 64)]."""
+    bits = {4: torch.int32, 2: torch.int16, 8: torch.int64}[a.element_size()]
+    rows = (a.view(bits) != b.view(bits)).any(-1)
+    pad = -rows.shape[dim] % REPORT_BLOCK_M
+    rows = torch.nn.functional.pad(rows, (0, pad), value=False)
+    return rows.view(*rows.shape[:2], -1, REPORT_BLOCK_M).any(-1)
+
+
 def _key_blocks(keybits: torch.Tensor, M: int) -> torch.Tensor:
     """int32 check bits per key [B, H, M] -> per block of 64 keys [B, H, ceil(M / 64)]."""
     nblk = (M + REPORT_BLOCK_M - 1) // REPORT_BLOCK_M
     padded = torch.nn.functional.pad(keybits, (0, nblk * REPORT_BLOCK_M - M))
     out = torch.zeros(*keybits.shape[:2], nblk, dtype=torch.int32, device=keybits.device)
-    for c in (Check.DK_CHECKSUM, Check.DV_CHECKSUM):
+    for c in (Check.DK_CHECKSUM, Check.DV_CHECKSUM, Check.BLIND):
         out |= ((padded.view(*keybits.shape[:2], nblk, REPORT_BLOCK_M) & int(c)) != 0).any(-1).to(torch.int32) * int(c)
     return out

@@ -26,10 +26,10 @@ the semantic reference for every check and injection point):
                      0 <= p <= 1, l vs an independent accumulation (of the rounded p
                      that feeds PV), 1 <= l <= #visible keys, and the final
                      normalisation sum_d O_id vs (sum_d acc_id) / l in fp64.
-  PROTECTION == 2 ("full"): a redundant softmax p2 = exp(s - m) in natural units by a
-    Cody-Waite + minimax polynomial on the FMA pipes, against p = exp2(...) on the
-    special-function unit: two formulations the compiler cannot merge, compared
-    within the error bound of both (a few ulp plus the argument roundings); and a
+  PROTECTION == 2 ("full"): a redundant softmax, p made a second time by the same
+    operations through operands the compiler cannot see are the same (``unit``), compared
+    bit for bit (any change of p, however small: the output can move by |v| / l times
+    it, and values that are large and cancel make that harmful); and a
     second, weighted PV checksum over every head dim, sum_d w_d acc_id (_pv_weight),
     where a warp's +-2^k deltas can cancel in the plain one.
 A program ORs its failed checks into flags[B, Hq, ceil(N / 64)] (REPORT_BLOCK_M of
@@ -87,7 +87,6 @@ CHECK_MASK = tl.constexpr(_CHECK_MASK)
 del _c, _s
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2)
-LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 U32 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, unit roundoff of fp32
 # Statistical thresholds: kappa standard deviations of the rounding noise, as the
 # C++ kernel (kappa = 8 left no alarm over its clean-run grid). The depth under the
@@ -98,6 +97,9 @@ KAPPA = tl.constexpr(8.0)
 # operations. Without one, subnormal keys or values (k * 1e-39, v * 1e-40) failed the
 # checks on clean input.
 UNDERFLOW = tl.constexpr(2.350988701644575e-38)  # 2^-125
+# a row's PV bound above this many times its harm threshold: BLIND (csrc/attention/block.h)
+PV_BLIND = tl.constexpr(3.0)
+NOT_BLIND = tl.constexpr(~int(Check.BLIND))
 # Score verification (as csrc/attention_cpu.cpp, scores_mismatch): a key whose score a
 # fault could move by more than the column check sees, harmfully (p / l >= theta_j, with
 # theta_j from the key's column bound and max |v_j|), has its score recomputed; the tile's
@@ -109,30 +111,6 @@ TAU_VERIFY = tl.constexpr(2.44140625e-04)  # 2^-12
 
 # ---------------------------------------------------------------------------
 # element-wise helpers
-
-
-@triton.jit
-def _exp_poly(x):
-    """exp(x) for x <= ~0 without the special-function unit: Cody-Waite reduction by
-    ln 2 and the Cephes expf minimax polynomial (about 1 ulp), 0 below -87.3 (and for
-    -inf / NaN). The independent formulation of the redundant softmax."""
-    ok = x > -87.3
-    xc = tl.where(ok, x, -87.3)
-    n = (xc * 1.4426950408889634 + 12582912.0) - 12582912.0  # round to nearest: 1.5 * 2^23 trick
-    r = xc - n * 0.693359375  # ln 2, high part (exact product)
-    r = r + n * 2.12194440e-4  # ln 2, low part
-    z = r * r
-    p = 1.9875691500e-4
-    p = p * r + 1.3981999507e-3
-    p = p * r + 8.3334519073e-3
-    p = p * r + 4.1665795894e-2
-    p = p * r + 1.6666665459e-1
-    p = p * r + 5.0000001201e-1
-    p = p * z + r + 1.0
-    e = n.to(tl.int32) + 127
-    e = tl.maximum(e, 1)
-    two_n = (e << 23).to(tl.float32, bitcast=True)
-    return tl.where(ok, p * two_n, 0.0)
 
 
 @triton.jit
@@ -203,7 +181,7 @@ def _pow2_exponent(x):
 
 @triton.jit
 def _pow2(e):
-    """2^e for an int32 e in -126..127, made from its bits (exact, as _exp_poly's 2^n)."""
+    """2^e for an int32 e in -126..127, made from its bits (exact)."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
@@ -407,18 +385,19 @@ def _attn_fwd_inner(acc, m_i, l_i, l2_i, c_i, bv_i, bad,  #
                         differs = again.to(tl.int32, bitcast=True) != qk.to(tl.int32, bitcast=True)
                         bad = bad | tl.where(tl.max(differs.to(tl.int32), 1) != 0, SCORE_RECOMPUTE, 0)
             if PROTECTION >= 2:
-                # -- redundant softmax: natural units, polynomial exp on the FMA pipes ----
-                # of the same argument s2 - m (rounded once for both): ~2 ulp per
-                # exponential and u|x| for the conversion to natural units, whatever the
-                # logits' magnitude (from s and m separately the tolerance grew with |m|
-                # and passed harmful changes of p at large logits); (32 + 4|x|) u max(p, p2)
-                # <= u (32 max(p, p2) + 2), since |x| e^x <= 1/e (and finite for x = -inf)
-                x = (s2 - m_sub[:, None]) * LN2
-                p2 = _exp_poly(x)
+                # -- redundant softmax: p made again, bit for bit ----
+                # the same operations from the scores, through qk_scale times ``unit`` and m plus
+                # unit - 1 (``unit``: a 1.0 argument the compiler cannot see, so the two are
+                # distinct computations; m as a sum, not a product, so the fusing of s2 - m into
+                # a multiply-add can only take qk's product, as for p), equal unless a fault
+                # struck (a tolerance, as the polynomial exp in natural units of stops before
+                # needed, passed changes of p that harm the output where a row's values are large
+                # and cancel); NaN scores left out (non-finite input)
+                s2b = qk * (qk_scale * unit)
                 if MASKED:
-                    p2 = tl.where(visible, p2, 0.0)
-                tol = (32.0 * tl.maximum(p, p2) + 2.0) * U32 + 1e-30
-                bad_dmr = ~(tl.abs(p - p2) <= tol)
+                    s2b = tl.where(visible, s2b, float("-inf"))
+                p2 = tl.math.exp2(s2b - (m_sub[:, None] + (unit - 1.0)))
+                bad_dmr = (p.to(tl.int32, bitcast=True) != p2.to(tl.int32, bitcast=True)) & (qk == qk)
                 bad_dmr = (tl.max(bad_dmr.to(tl.int32), 1) != 0) & ~dead
                 bad = bad | tl.where(bad_dmr, SOFTMAX_DMR, 0)
             # -- independent bookkeeping of l and of the PV checksum, same alpha and rounded p ----
@@ -570,6 +549,18 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
         group_ids = tl.arange(0, NUM_CHECKS)
         bad_pv = tl.zeros([BLOCK_M], tl.int1)
         pv_abs = UNDERFLOW * (PV_GROUP + 2) * (BLOCK_N + 2) * ntiles
+        # (full) a row whose PV checksum cannot see every harmful fault (csrc/attention/block.h
+        # PV_BLIND): harm is relative to the output, tau max(1, max |O|), H = tau max(l, max_d
+        # |acc_d|) in accumulator units (the row's own: the tighter), the bound to the magnitudes
+        # summed; where values are large and cancel the bound is many times H. A row whose
+        # difference exceeds H / 4 or whose bound exceeds PV_BLIND H gets BLIND: _attn_replay
+        # makes its block again and compares the output bit for bit
+        if Q.dtype.element_ty == tl.bfloat16:
+            tau_h = 7.8125e-03  # 2^-7 (FAULT_MODEL.md)
+        else:
+            tau_h = 9.765625e-04  # 2^-10
+        harm = (tau_h * tl.maximum(l_i, tl.max(tl.where(d_ok[None, :], tl.abs(acc), 0.0), 1))).to(tl.float64)
+        blind = tl.zeros([BLOCK_M], tl.int1)
         for g in tl.static_range(NUM_GROUPS):
             in_g = (group_of_d == g)[None, :]
             part = tl.sum(tl.where(in_g, acc64, 0.0), 1)
@@ -577,7 +568,10 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
             c_g = tl.sum(tl.where(sel, c_i, 0.0), 1)
             bv_g = tl.sum(tl.where(sel, bv_i, 0.0), 1)
             pv_tol = (bv_g * depth_pv * (KAPPA * U32)).to(tl.float64) + pv_abs
-            bad_pv = bad_pv | ~_within(tl.abs(part - c_g.to(tl.float64)), pv_tol)
+            diff_g = tl.abs(part - c_g.to(tl.float64))
+            bad_pv = bad_pv | ~_within(diff_g, pv_tol)
+            if PROTECTION >= 2:
+                blind = blind | ~(diff_g <= 0.25 * harm + pv_abs) | ~(pv_tol <= PV_BLIND * harm)
         if PROTECTION >= 2:  # the weighted checksum over every dim (w_d v_jd rounds once more)
             wpart = tl.sum(acc64 * _pv_weight(offs_d).to(tl.float64)[None, :], 1)
             wsel = (group_ids == NUM_GROUPS)[None, :]
@@ -587,6 +581,8 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
             wtol = bv_all * ((depth_pv * (KAPPA * U32) + 2.0 * U32) * 0.25) + pv_abs * NUM_GROUPS
             bad_pv = bad_pv | ~_within(tl.abs(wpart - cw.to(tl.float64)), wtol)
         bad = bad | tl.where(live & bad_pv, PV_CHECKSUM, 0)
+        if PROTECTION >= 2:
+            bad = bad | tl.where(live & blind & ~bad_pv, BLIND, 0)
         # element by element (a sum over the dims let a warp's same flip of 32 dims cancel),
         # by a product in fp64, not the division again (which the compiler would merge with
         # the first): |O_d l - acc_d| <= 4 u |acc_d| + l UNDERFLOW (a GPU's fp32 division is
@@ -599,6 +595,16 @@ def _attn_block(Q, K, V, q_base, k_base, v_base,  #
         bad = bad | tl.where(bad_o, OUTPUT_CHECK, 0)
     bad = tl.where(row_ok, bad, 0)
     return out, bad
+
+
+@triton.jit
+def _row_differs(a, b, mask):
+    """Per row, 1 where a and b (the same dtype) differ in some bit under mask, int32."""
+    if a.dtype == tl.float32:
+        d = a.to(tl.int32, bitcast=True) != b.to(tl.int32, bitcast=True)
+    else:
+        d = a.to(tl.int16, bitcast=True) != b.to(tl.int16, bitcast=True)
+    return tl.max((d & mask).to(tl.int32), 1)
 
 
 @triton.jit
@@ -778,7 +784,11 @@ def _attn_replay(Q, K, V, Out, Flags, KStart, KEnd,  #
         flag1 = flag0 * 0
     need0 = (flag0 & CHECK_MASK) != 0
     need1 = (flag1 & CHECK_MASK) != 0
-    if need0 | need1:
+    # BLIND (full): a block whose PV checksum could not see every harmful fault, made again and
+    # compared bit for bit (an int32: the interpreter's scalar int1 arithmetic)
+    ver0 = ((flag0 & BLIND) != 0).to(tl.int32) * (1 - need0.to(tl.int32))
+    ver1 = ((flag1 & BLIND) != 0).to(tl.int32) * (1 - need1.to(tl.int32))
+    if need0 | need1 | (ver0 != 0) | (ver1 != 0):
         off_b = off_bh // Hq
         off_h = off_bh % Hq
         off_hk = off_h // GROUP
@@ -824,25 +834,43 @@ def _attn_replay(Q, K, V, Out, Flags, KStart, KEnd,  #
         flag1 = flag1 | tl.where(need1 & (bad_in1 != 0), NONFINITE_INPUT, 0)
         redo0 = need0 & (bad_in0 == 0)
         redo1 = need1 & (bad_in1 == 0)
+        go0 = ver0
+        go1 = ver1
         if RECOMPUTE:
-            if redo0 | redo1:
-                out, bad = _attn_block(Q, K, V, q_base, k_base, v_base, stride_qm, stride_qd, stride_kn, stride_kd,
-                                       stride_vn, stride_vd, start_m, N, M, sm_scale, unit,  #
-                                       False, 0, 0, 0, 0, 1, 0, 0, 0.0,  #
-                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, CAUSAL, PROTECTION, False,
-                                       EMULATE_BF16_DOT)
-                again0 = (_report_bits(bad, 0, BLOCK_M) & CHECK_MASK) != 0
-                flag0 = flag0 | tl.where(redo0, tl.where(again0, UNCORRECTED, CORRECTED), 0)
-                # (int32 selectors: the interpreter turns int1 & scalar int1 into int32)
-                rows = tl.where(rep == 0, redo0.to(tl.int32), 0)
-                if NUM_REPORT == 2:
-                    again1 = (_report_bits(bad, 1, BLOCK_M) & CHECK_MASK) != 0
-                    flag1 = flag1 | tl.where(redo1, tl.where(again1, UNCORRECTED, CORRECTED), 0)
-                    rows = rows | tl.where(rep == 1, redo1.to(tl.int32), 0)
-                o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om +
-                          offs_d[None, :] * stride_od)
-                tl.store(o_ptrs, out.to(Out.dtype.element_ty),
-                         mask=((rows != 0) & (offs_m < N))[:, None] & d_ok[None, :])
+            go0 = go0 | redo0.to(tl.int32)
+            go1 = go1 | redo1.to(tl.int32)
+        if (go0 != 0) | (go1 != 0):
+            out, bad = _attn_block(Q, K, V, q_base, k_base, v_base, stride_qm, stride_qd, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, start_m, N, M, sm_scale, unit,  #
+                                   False, 0, 0, 0, 0, 1, 0, 0, 0.0,  #
+                                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, CAUSAL, PROTECTION, False,
+                                   EMULATE_BF16_DOT)
+            o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om +
+                      offs_d[None, :] * stride_od)
+            o_mask = (offs_m < N)[:, None] & d_ok[None, :]
+            # a BLIND block's rows as the first pass stored them, against the same block made
+            # again: any difference is a fault (the block code is deterministic)
+            differs = _row_differs(tl.load(o_ptrs, mask=o_mask, other=0.0), out.to(Out.dtype.element_ty), o_mask)
+            caught0 = ver0 * (tl.max(tl.where(rep == 0, differs, 0), 0) != 0).to(tl.int32)
+            flag0 = flag0 | tl.where(caught0 != 0, PV_CHECKSUM, 0)
+            fix0 = caught0 | redo0.to(tl.int32)
+            again0 = (_report_bits(bad, 0, BLOCK_M) & CHECK_MASK) != 0
+            if RECOMPUTE:
+                flag0 = flag0 | tl.where(fix0 != 0, tl.where(again0, UNCORRECTED, CORRECTED), 0)
+            # (int32 selectors: the interpreter turns int1 & scalar int1 into int32)
+            rows = tl.where(rep == 0, fix0, 0)
+            if NUM_REPORT == 2:
+                caught1 = ver1 * (tl.max(tl.where(rep == 1, differs, 0), 0) != 0).to(tl.int32)
+                flag1 = flag1 | tl.where(caught1 != 0, PV_CHECKSUM, 0)
+                fix1 = caught1 | redo1.to(tl.int32)
+                again1 = (_report_bits(bad, 1, BLOCK_M) & CHECK_MASK) != 0
+                if RECOMPUTE:
+                    flag1 = flag1 | tl.where(fix1 != 0, tl.where(again1, UNCORRECTED, CORRECTED), 0)
+                rows = rows | tl.where(rep == 1, fix1, 0)
+            if RECOMPUTE:
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=((rows != 0) & (offs_m < N))[:, None] & d_ok[None, :])
+        flag0 = flag0 & NOT_BLIND
+        flag1 = flag1 & NOT_BLIND
         tl.store(f_base, flag0, mask=start_m * NUM_REPORT < NUM_FLAGS)
         if NUM_REPORT == 2:
             tl.store(f_base + 1, flag1, mask=start_m * NUM_REPORT + 1 < NUM_FLAGS)

@@ -30,8 +30,8 @@ Checks (the C++ kernel's, csrc/attention_bwd_cpu.cpp, as far as a program sees t
         (sum_{d in g} k_jd), made by a product of the same tiles beside dQ's.
   _bwd_dkdv (a key's queries all pass through one program, a row's keys do not):
     S and dP: column checksums per tile, sum_i S_ij vs (sum_i q_i) . k_j;
-    P in [0, 1] and (the row sums being out of reach) P's second computation (a
-        polynomial exp on the FMA pipes against exp2) and dS's (P dP - P D) at abft too;
+    P in [0, 1] and (the row sums being out of reach) P's second computation (the same
+        operations again, bit for bit) and dS's (P dP - P D) at abft too;
     dK, dV: checksums per group of 16 head dims, as dQ's.
   both: the S / dP entries a fault within the column checksums' bounds could still move
     harmfully (their probability times the gradients they reach: outlier channels)
@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ..contract import Check, Site
-from .attention import (KAPPA, LN2, LOG2E, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _exp_poly, _pv_weight,
+from .attention import (KAPPA, LOG2E, PV_BLIND, TAU_VERIFY, U32, UNDERFLOW, _bit_or, _corrupt, _pv_weight,
                         _qk_again, _within)
 
 # the check bits and backward sites of ftattn/contract.py as constexprs
@@ -246,7 +246,8 @@ def _verify_entries(x, a, b, need, unit, BA: tl.constexpr, bit: tl.constexpr):
 def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N, M, NFLAG, scale, unit,  #
             f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr):
+            CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr,
+            TAU_H: tl.constexpr):
     # (a float below 2^-126 reaches the interpreter as fp64: the kernel works in fp32)
     scale = tl.cast(scale, tl.float32)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -330,7 +331,8 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
                 ka_w = tl.sum(tl.abs(k) * tl.abs(wts)[None, :], 1) + 1.1754943508222875e-38
                 magq_w += tl.sum(tl.abs(ds) * ka_w[None, :], 1)
             if PROTECTION >= 2:
-                bits = bits | _second_p_and_ds(p, x2, rinv[:, None], dp, ds, delta[:, None], vis, 1)
+                bits = bits | _second_p_and_ds(p, s, mrow[:, None], scale, unit, rinv[:, None], dp, ds, delta[:, None],
+                                                vis, 1)
     if INJECT:
         at = (offs_m[:, None] == f_row) & ((offs_d >= f_dim) & (offs_d < f_dim + f_span) & d_ok)[None, :]
         acc = _hit(acc, at & (bh == f_bh) & (f_site == SITE_DQ), f_xor, f_use_value, f_value)
@@ -345,7 +347,9 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
         # (a row with no visible key too: its dS is 0, so is the sum; a fault on one of its
         # masked entries reaches dQ)
         bits = bits | tl.where(_within(tl.abs(dsum - expect), tol) | ~row_ok, 0, DS_CHECK)
-        bits = bits | _group_check(acc, E, refq, magq, mb, 1, DQ_CHECKSUM)
+        # (dq = scale dQ: its harm threshold tau max(1, |dq|) is tau max(1 / |scale|, |dQ|) here)
+        bits = bits | _group_check(acc, E, refq, magq, mb, 1, DQ_CHECKSUM, PROTECTION >= 2, TAU_H,
+                                   TAU_H / tl.abs(scale), 1.0)
         if PROTECTION >= 2:
             bits = bits | _weighted_check(acc, wts, refq_w, magq_w, mb, HEAD_DIM, DQ_CHECKSUM)
     tl.store(DQ + rows, acc * scale, mask=rmask)
@@ -354,13 +358,17 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
 
 
 @triton.jit
-def _second_p_and_ds(p, x2, rinv, dp, ds, delta, vis, AXIS: tl.constexpr):
-    """The second computations (the redundant softmax and dS): P by a polynomial exp of the
-    same argument in natural units (the forward's tolerance, u (32 max(p, p2) + 2)) and
-    P dP - P D against dS within the roundings of both; the check bits per row (AXIS 1) or
-    per key (AXIS 0 of a transposed tile)."""
-    p2 = tl.where(vis, _exp_poly(x2 * LN2) * rinv, 0.0)
-    bad_p = ~(tl.abs(p - p2) <= (32.0 * tl.maximum(p, p2) + 2.0 * rinv) * U32 + 1e-30)
+def _second_p_and_ds(p, s, m_b, scale, unit, rinv, dp, ds, delta, vis, AXIS: tl.constexpr):
+    """The second computations (the redundant softmax and dS): P made again by _products'
+    operations from the same S (scale log2 e times ``unit``, a 1.0 the compiler cannot see, and
+    m plus unit - 1: distinct computations; m a sum, so a multiply-add can fuse only S's
+    product, as for P), bit for bit where S is not NaN (a tolerance, as the polynomial exp of
+    stops before needed, passed changes of P that harm the gradients where dO is large and
+    cancels); and P dP - P D against dS within the roundings of both; the check bits per row
+    (AXIS 1) or per key (AXIS 0 of a transposed tile)."""
+    x2b = s * ((scale * LOG2E) * unit) - (m_b + (unit - 1.0))
+    p2 = tl.where(vis, tl.math.exp2(x2b) * rinv, 0.0)
+    bad_p = (p.to(tl.int32, bitcast=True) != p2.to(tl.int32, bitcast=True)) & (s == s)
     a = p * dp
     bb = p * delta
     s2 = a - bb
@@ -373,13 +381,25 @@ def _second_p_and_ds(p, x2, rinv, dp, ds, delta, vis, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr):
+def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr, HARM: tl.constexpr, tau, floor,
+                 row_max):
     """acc's sums per group of head dims (acc E) against their references, within each
     side's rounding (2 kappa u sqrt(K + 2) + 2 u of the sums of magnitudes, K the terms of
-    the product): the bit per row of acc."""
+    the product): the bit per row of acc. HARM (full): a row that passes where its checks
+    cannot see every harmful fault gets BLIND (settle_backward makes the backward again and
+    compares): a group's bound above PV_BLIND H or its difference above H / 4, H = max(floor,
+    tau max_d |acc_d| row_max), ``row_max`` 1.0 or 0.0 (the floor alone: a GQA group's heads add
+    up in dK and dV, and may cancel; csrc/attention_bwd_cpu.cpp group_check)."""
     f = (2.0 * KAPPA * tl.sqrt((K + 2).to(tl.float32)) + 2.0) * U32
-    bad = ~_within(tl.abs(_dot(acc, E) - ref), f * mag + 18.0 * (K + 2) * UNDERFLOW)
-    return tl.where(tl.max(bad.to(tl.int32), AXIS) != 0, bit, 0)
+    diff = tl.abs(_dot(acc, E) - ref)
+    bound = f * mag + 18.0 * (K + 2) * UNDERFLOW
+    bad = tl.max((~_within(diff, bound)).to(tl.int32), AXIS) != 0
+    bits = tl.where(bad, bit, 0)
+    if HARM:
+        H = tl.maximum(floor, tau * tl.max(tl.abs(acc), 1) * row_max)
+        blind = ~(bound <= PV_BLIND * H[:, None]) | ~(diff <= 0.25 * H[:, None])
+        bits = bits | tl.where((tl.max(blind.to(tl.int32), AXIS) != 0) & ~bad, BLIND, 0)
+    return bits
 
 
 @triton.jit
@@ -396,7 +416,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
               unit,  #
               f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr):
+              CAUSAL: tl.constexpr, PROTECTION: tl.constexpr, INJECT: tl.constexpr, KEY_RANGE: tl.constexpr,
+              TAU_H: tl.constexpr):
     # (a float below 2^-126 reaches the interpreter as fp64: the kernel works in fp32)
     scale = tl.cast(scale, tl.float32)
     pid_n, bh = tl.program_id(0), tl.program_id(1)
@@ -467,7 +488,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
             bad_p = tl.max(((pt < 0.0) | (pt > P_MAX) | (pt != pt)).to(tl.int32), 1) != 0
             bits = bits | tl.where(bad_p, PROBS_RANGE, 0)
             # a row's keys are spread over programs (no row sum here): P and dS computed twice
-            bits = bits | _second_p_and_ds(pt, x2, rinv[None, :], dpt, dst, delta[None, :], vis, 1)
+            bits = bits | _second_p_and_ds(pt, st, mrow[None, :], scale, unit, rinv[None, :], dpt, dst,
+                                            delta[None, :], vis, 1)
             refk += _dot(dst, _dot(q, E))
             magk += _dot(tl.abs(dst), _dot(tl.abs(q), E))
             refv += _dot(pt, _dot(do, E))
@@ -485,8 +507,12 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
         dk = _hit(dk, at & (f_site == SITE_DK), f_xor, f_use_value, f_value)
         dv = _hit(dv, at & (f_site == SITE_DV), f_xor, f_use_value, f_value)
     if PROTECTION >= 1:
-        bits = bits | _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM)
-        bits = bits | _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM)
+        # (dk = scale sum over the group's query heads, dv their sum: the heads add up, and may
+        # cancel, so with GQA the floor alone is the threshold)
+        bits = bits | _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM, PROTECTION >= 2, TAU_H,
+                                   TAU_H / tl.abs(scale), (GROUP == 1).to(tl.float32))
+        bits = bits | _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM, PROTECTION >= 2, TAU_H, TAU_H,
+                                   (GROUP == 1).to(tl.float32))
         if PROTECTION >= 2:
             bits = bits | _weighted_check(dk, wts, refk_w, magk_w, N, HEAD_DIM, DK_CHECKSUM)
             bits = bits | _weighted_check(dv, wts, refv_w, magv_w, N, HEAD_DIM, DV_CHECKSUM)

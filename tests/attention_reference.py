@@ -334,3 +334,157 @@ def check_near_fp32_range_no_alarm(attention, device="cpu", dtype=torch.float32,
     if backward:
         out.backward(do.to(device))
         assert rep.backward.detected == 0 and not rep.backward.nonfinite_input, rep.backward
+
+
+def cancelling_values_case(dtype=torch.float32, amp=3e4, Hq=2, N=3, D=7):
+    """q, k, v where every output is ~0 while its values are large: three keys whose scores
+    are 0, -0.1 and -0.2 after scaling (p = 1, e^-0.1, e^-0.2) with values -amp (p_1 + p_2),
+    +amp and +amp in every dim, so sum_j p_j v_j cancels; a change dp of key 1's or 2's p moves
+    the output by dp amp / l, harmful from dp ~ 2^-20 of p in fp32 (the bits a tolerance of
+    64 u, the exp / exp2 redundant softmax before, passed: 15x the harm threshold missed at
+    amp 3e4)."""
+    M = 3
+    q = torch.zeros(1, Hq, N, D, dtype=torch.float64)
+    k = torch.zeros(1, 1, M, D, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k[0, 0, 1, 0], k[0, 0, 2, 0] = -0.1 * math.sqrt(D), -0.2 * math.sqrt(D)
+    p1, p2 = math.exp(-0.1), math.exp(-0.2)
+    v = torch.empty(1, 1, M, D, dtype=torch.float64)
+    v[0, 0, 0], v[0, 0, 1], v[0, 0, 2] = -amp * (p1 + p2), amp, amp
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def check_probs_faults_on_cancelling_values(attention, device="cpu", dtypes=(torch.float32, torch.bfloat16,
+                                                                              torch.float16),
+                                            bits=(0, 2, 4, 6), backward=True):
+    """A fault on p (forward: `probs`; backward: `bwd_probs`) of low mantissa bits, on
+    cancelling_values_case's data (outputs ~0, values of 3e4; for the backward dO of amp and
+    -amp on rows 0 and 1, 0 on row 2, so dV cancels), at protection full: every one detected (the redundant softmax compares p
+    made twice bit for bit) and, under "correct", the clean output and gradients bit for bit;
+    some of them harmful (the test would pass vacuously otherwise). Clean calls at full raise
+    nothing and equal off's bit for bit. Before (a 64 u tolerance): bits 1-4 missed in fp32
+    (up to 15x the harm threshold), bits 2-5 in fp16, C++ and reference; dq moved 1.5x the
+    threshold unseen at bit 4 (reference)."""
+    from ftattn import Fault
+
+    for dtype in dtypes:
+        tau = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        amp = 3e3 if dtype == torch.float16 and backward else 3e4  # (fp16: dP = dO v within range)
+        q, k, v = (t.to(device) for t in cancelling_values_case(dtype, amp))
+        do = torch.zeros_like(q)  # dV_j = sum_i P_ij dO_i cancels too
+        do[:, :, 0], do[:, :, 1] = amp, -amp
+
+        def run(protection, fault=None, on_fault="raise"):
+            leaves = [t.clone().requires_grad_(backward) for t in (q, k, v)]
+            out, rep = attention(*leaves, protection=protection, fault=fault, on_fault=on_fault, return_report=True)
+            grads = []
+            if backward:
+                out.backward(do)
+                grads = [t.grad for t in leaves]
+            return [out.detach()] + grads, rep
+
+        clean, rep = run("off")
+        full, rep = run("full")
+        assert rep.detected == 0 and (not backward or rep.backward.detected == 0), (dtype, rep)
+        assert all(torch.equal(a, b) for a, b in zip(full, clean)), dtype
+        sites = [("probs", 0)] + ([("bwd_probs", 1)] if backward else [])
+        harmful = {site: 0 for site, _ in sites}
+        for site, which in sites:
+            for col in (1, 2):
+                # (bf16: p is rounded to bf16 for the product, whose bits start 16 up)
+                for bit in (bits if dtype != torch.bfloat16 else [b + 16 for b in bits]):
+                    fault = Fault(site, 0, 1, row=1, col=col, bit=bit)
+                    raw, rep = run("full", fault, on_fault="report")
+                    got = rep if which == 0 else rep.backward
+                    assert got.detected > 0, (dtype, site, col, bit)
+                    moved = [float((a - b).abs().max()) / (tau * max(1.0, float(b.abs().max())))
+                             for a, b in zip(raw, clean)]
+                    harmful[site] += max(moved if which == 1 else moved[:1]) > 1.0
+                    fixed, rep = run("full", fault, on_fault="correct")
+                    got = rep if which == 0 else rep.backward
+                    assert got.corrected == got.flagged_blocks > 0, (dtype, site, col, bit, got)
+                    assert all(torch.equal(a, b) for a, b in zip(fixed, clean)), (dtype, site, col, bit)
+        assert all(n > 0 for n in harmful.values()), (dtype, harmful)
+
+
+def check_forward_faults_on_cancelling_values(attention, device="cpu", dtypes=(torch.float32, torch.bfloat16,
+                                                                              torch.float16),
+                                              bits=(0, 15, 18, 21, 26, 30), sites=("acc", "scores", "rowsum",
+                                                                                    "output")):
+    """Forward faults on cancelling_values_case's data (values of 3e4, outputs ~0) at protection
+    full: every harmful one detected and, under "correct", the clean output bit for bit; some
+    harmful (not vacuous); clean calls raise nothing and equal off's. The PV checksum's bound
+    follows the magnitudes summed (kappa u sqrt(depth) sum_j p_j |v_j|_1), harm the output: the
+    bound is ~60x the harm threshold here, and before a row was made again only above 1/8 of
+    the bound: accumulator faults of up to 65x the threshold passed (fp32 bit 26, C++; fp16
+    bits 15-21, every backend). Now such a row (BLIND) is made again and compared bit for bit."""
+    from ftattn import Fault
+
+    for dtype in dtypes:
+        tau = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        q, k, v = (t.to(device) for t in cancelling_values_case(dtype))
+        clean = attention(q, k, v, protection="off")
+        full, rep = attention(q, k, v, protection="full", on_fault="raise", return_report=True)
+        assert rep.detected == 0 and torch.equal(full, clean), (dtype, rep)
+        harmful = 0
+        for site in sites:
+            for dim in (0, 3):
+                for bit in bits:
+                    fault = Fault(site, 0, 1, row=1, col=1, dim=dim, bit=bit)
+                    raw, rep = attention(q, k, v, protection="full", fault=fault, on_fault="report",
+                                         return_report=True)
+                    moved = float((raw.double() - clean.double()).abs().max())
+                    harm = not math.isfinite(moved) or moved > tau * max(1.0, float(clean.double().abs().max()))
+                    harmful += harm
+                    assert rep.detected > 0 or not harm, (dtype, site, dim, bit, moved)
+                    if rep.detected:
+                        fixed, rep = attention(q, k, v, protection="full", fault=fault, on_fault="correct",
+                                               return_report=True)
+                        assert rep.corrected == rep.flagged_blocks > 0, (dtype, site, dim, bit, rep)
+                        assert torch.equal(fixed, clean), (dtype, site, dim, bit)
+        assert harmful > 0, dtype
+
+
+def check_backward_faults_on_cancelling_values(attention, device="cpu", dtypes=(torch.float32, torch.bfloat16),
+                                               bits=(0, 10, 20, 26, 30), sites=("dq", "dk", "dv", "ds", "dp")):
+    """Backward faults on cancelling_values_case's data (values of 3e3, outputs ~0; dO of +-3e3
+    on rows 0 and 1, so dV cancels too) at protection full: every harmful one detected and,
+    under "correct", the clean gradients bit for bit; some harmful; clean calls raise nothing
+    and equal off's. The dQ / dK / dV checksums' bounds follow the magnitudes summed, harm the
+    gradient: before, a dK fault of 774x the harm threshold and a dV one of 15x passed (fp32,
+    C++), dS faults of up to 1548x (reference). Now a row whose checks cannot see every harmful
+    fault (BLIND) has its task made again and compared bit for bit. (fp16: these gradients
+    overflow its range.)"""
+    from ftattn import Fault
+
+    for dtype in dtypes:
+        tau = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        q, k, v = (t.to(device) for t in cancelling_values_case(dtype, 3e3))
+        do = torch.zeros_like(q)
+        do[:, :, 0], do[:, :, 1] = 3e3, -3e3
+
+        def run(protection, fault=None, on_fault="raise"):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, rep = attention(*leaves, protection=protection, fault=fault, on_fault=on_fault, return_report=True)
+            out.backward(do)
+            return [t.grad for t in leaves], rep.backward
+
+        clean, _ = run("off")
+        full, rep = run("full")
+        assert rep.detected == 0 and all(torch.equal(a, b) for a, b in zip(full, clean)), (dtype, rep)
+        harmful = 0
+        for site in sites:
+            for col in (0, 1):
+                for bit in bits:
+                    fault = Fault(site, 0, 1, row=1, col=col, dim=3, bit=bit)
+                    raw, rep = run("full", fault, on_fault="report")
+                    harm = any(not bool(a.isfinite().all()) or
+                               float((a.double() - b.double()).abs().max()) > tau * max(1.0, float(b.double().abs().max()))
+                               for a, b in zip(raw, clean))
+                    harmful += harm
+                    assert rep.detected > 0 or not harm, (dtype, site, col, bit)
+                    if rep.detected:
+                        fixed, rep = run("full", fault, on_fault="correct")
+                        assert rep.corrected == rep.flagged_blocks > 0, (dtype, site, col, bit, rep)
+                        assert all(torch.equal(a, b) for a, b in zip(fixed, clean)), (dtype, site, col, bit)
+        assert harmful > 0, dtype

@@ -10,7 +10,8 @@ import torch
 import ftattn
 from ftattn import Check, Fault, FaultDetectedError
 from ftattn.faults import CHECK_MASK
-from attention_reference import LAYOUTS, attention_ref, cancelling_acc_warp, every_other_row_view, padded_view
+from attention_reference import (LAYOUTS, attention_ref, cancelling_acc_warp, check_forward_faults_on_cancelling_values,
+                                 every_other_row_view, padded_view)
 
 BACKENDS = ["cpp", "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -1023,3 +1024,14 @@ def test_bf16_keys_packed_once_give_the_bits_of_tiles_packed_as_read(make_qkv, m
         return qq.grad
 
     assert torch.equal(dq(130)[:, :, :64], dq(64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_faults_on_cancelling_values(backend):
+    """tests/attention_reference.py's case: values of 3e4 whose outputs cancel to ~0, where the
+    PV checksum's bound is ~60x the harm threshold: every harmful accumulator, score, row-sum
+    and output fault detected at full (the row made again and compared bit for bit) and
+    corrected bit for bit; before, accumulator faults of up to 65x the threshold passed."""
+    import functools
+
+    check_forward_faults_on_cancelling_values(functools.partial(ftattn.attention, backend=backend))

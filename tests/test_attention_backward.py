@@ -17,7 +17,8 @@ from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
 from attention_reference import (bnhd_view, check_dv_warp_caught_at_full_only,
                                  check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
-                                 check_near_fp32_range_no_alarm,
+                                 check_backward_faults_on_cancelling_values, check_near_fp32_range_no_alarm,
+                                 check_probs_faults_on_cancelling_values,
                                  check_nonfinite_outside_key_range_does_not_block_correction,
                                  check_subnormal_operand_backward_raises_no_alarm, near_range_cases, padded_view)
 
@@ -172,7 +173,8 @@ def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full(backend):
 @pytest.mark.parametrize("case", [check_subnormal_operand_backward_raises_no_alarm,
                                   check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
                                   check_nonfinite_outside_key_range_does_not_block_correction,
-                                  check_near_fp32_range_no_alarm],
+                                  check_near_fp32_range_no_alarm, check_probs_faults_on_cancelling_values,
+                                  check_backward_faults_on_cancelling_values],
                          ids=lambda f: f.__name__.removeprefix("check_"))
 def test_shared_backward_case(case, backend):
     """tests/attention_reference.py's backward cases (their docstrings say what each checks),

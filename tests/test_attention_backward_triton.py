@@ -484,3 +484,27 @@ def test_seven_int_fault_is_span_one(span_setup):
         assert all(torch.equal(a, b) for a, b in zip(got, grads(seven + [1])))
         assert not all(torch.equal(a, b) for a, b in zip(got, clean))
     assert _changed_at(got[1], clean[1]) == {(0, 0, 70, 5)}
+
+
+def test_probs_faults_on_cancelling_values():
+    """tests/attention_reference.py's case: low mantissa bits of p (forward `probs`, backward
+    `bwd_probs`) where outputs cancel and values are large, each harmful at a few bits: every
+    one detected at full (p made twice, compared bit for bit; the polynomial exp's tolerance
+    passed them before) and corrected bit for bit; clean calls equal off's. fp32 (the
+    interpreter's time); bit 16 for the backward, whose P fault reaches dQ alone here (the
+    dK / dV pass makes its own P) and is harmful from bit ~15."""
+    from attention_reference import check_probs_faults_on_cancelling_values
+
+    check_probs_faults_on_cancelling_values(functools.partial(ftattn.attention, backend="triton"), DEVICE,
+                                            dtypes=(torch.float32,), bits=(4, 16))
+
+
+def test_backward_faults_on_cancelling_values():
+    """tests/attention_reference.py's case on the Triton kernels (fp32; the gradient sites
+    whose checksums the data blind, at a few bits, for the interpreter's time): every harmful
+    fault detected at full (BLIND rows: settle_backward makes the backward again and compares)
+    and corrected bit for bit."""
+    from attention_reference import check_backward_faults_on_cancelling_values
+
+    check_backward_faults_on_cancelling_values(functools.partial(ftattn.attention, backend="triton"), DEVICE,
+                                               dtypes=(torch.float32,), bits=(20, 26, 30), sites=("dq", "dk", "dv"))

@@ -698,3 +698,17 @@ def test_key_value_loads_are_pipelined():
 @pytest.mark.slow
 def test_compiles_for_sm90_without_a_gpu():
     assert "compiled" in compile_without_gpu((_COMPILE_SCRIPT,))[0]
+
+
+def test_forward_faults_on_cancelling_values():
+    """tests/attention_reference.py's case on the Triton kernel (fp16, where accumulator faults
+    of bits 15-21 passed before, up to 170x the harm threshold; fp32): every harmful fault
+    detected at full, through the BLIND rows _attn_replay makes again and compares, and
+    corrected bit for bit."""
+    import functools
+
+    from attention_reference import check_forward_faults_on_cancelling_values
+
+    check_forward_faults_on_cancelling_values(functools.partial(ftattn.attention, backend="triton"), DEVICE,
+                                              dtypes=(torch.float16, torch.float32), bits=(15, 18, 21, 26),
+                                              sites=("acc", "output"))

@@ -142,6 +142,10 @@ constexpr float pv_weight(int64_t d) {
   return static_cast<float>(2 * static_cast<int64_t>(h >> 24) - 255) * (1.f / 1024.f);
 }
 constexpr double PV_WEIGHT_MAX = 0.25;
+// A checksum whose bound exceeds this many times the harm threshold of what it checks (in the
+// same units) cannot see every harmful fault: the row is made again and compared bit for bit
+// (the forward's PV checksum, csrc/attention/block.h; the backward's dQ, dK, dV checks).
+constexpr double PV_BLIND = 3.0;
 struct PvWeights {
   alignas(64) float w[MAX_GROUPS * PV_GROUP + 16];  // (+16: a 16-lane load at a group's tail)
   constexpr PvWeights() : w{} {
@@ -361,6 +365,22 @@ FTATTN_VEC_INLINE T exp2_neg(T y) {
 // after an injection point (or a real upset) re-reads it.
 static inline void opaque(float& x) { asm volatile("" : "+m"(x)); }
 static inline void memory_barrier() { asm volatile("" ::: "memory"); }
+inline uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+// The lanes of a float vector as uint32 (their bits).
+template <typename V>
+struct LaneBits;
+template <>
+struct LaneBits<vec::f16> {
+  using type = vec::u16;
+};
+template <>
+struct LaneBits<vec::f8> {
+  using type = vec::u8;
+};
 
 // (the fault itself, corrupt(), is in fault_contract.h)
 

@@ -50,19 +50,17 @@ struct RowStats {
 // (j <= limit), 0 for the masked ones, written to p, and its RowStats, in one pass
 // with p in registers (mr: the running max of the raw scores, scale >= 0).
 // PROT 0 gives only psum; PROT >= 1 the statistics of the checks;
-// PROT 2 adds the redundant softmax, p2 = 2^((S - mr) * scale*log2e) from the same raw
-// scores, compared with p within the error bound of both formulations (masked keys
-// must have p == 0). The difference S - mr is rounded once for both; after it, with
-// x = (S - mr) * scale <= 0, the argument of p carries 1.2u|x| (the product, log2 e's
-// rounding), that of p2 2.3u|x| (scale*log2e and the product rounded), together below
-// 5u|x| in p; the polynomial of exp about 1 ulp, that of exp2 49, their rounding 2
-// more, so |p - p2| <= u (64 + 5|x|) max(p, p2) <= u (64 max(p, p2) + 2), since
-// |x| e^x <= 1/e: one multiply-add per element instead of the exact bound. (p2 as
-// 2^(S * scale*log2e - mr*scale*log2e) carried u|mr * scale| more: at logits above ~1e6
-// that exceeded p itself and the check fired on clean input, and from |mr * scale| ~ 1e4
-// its tolerance passed changes of p that harm the output.)
-// |p - p2| <= r max(p, p2) is |p - p2| <= r / (1 - r) p2, so the loop keeps the
-// largest |p - p2| - r / (1 - r) p2 and compares it once with the absolute term.
+// PROT 2 adds the redundant softmax: p made a second time by the same operations from the
+// raw scores, (S - mr) scale and exp_neg, through copies of mr and scale that the compiler
+// cannot see through (opaque), so the two are distinct computations, compared bit for bit
+// (the function is deterministic: equal unless a fault struck; masked keys must have
+// p == 0). Any change of p is caught, however small: a tolerance, as the two formulations
+// exp / exp2 of stops before needed (64 u relative), passed changes of p that harm the
+// output where a row's values are large and cancel (|v| 3e4 with O ~ 0: 15x the harm
+// threshold in fp32; found by a targeted campaign). The loop ORs the lanes' bit
+// differences; a row where some differ is confirmed by dmr_confirm, which leaves out keys
+// whose score is NaN (non-finite input: p and p2 are NaN there, their payloads per the
+// operand order of the instructions).
 // psum adds the lanes in a fixed order, the same at every level, so off, abft and
 // full round l (and the output) alike (but where a masked key's value sums overflow fp32,
 // |v| ~ 1e37: there the checked levels take the tail one key at a time, below). INJECT hits p_{fault.col..end-1} after the
@@ -77,6 +75,29 @@ struct RowStats {
 // for the eight of the bit arithmetic (nearest, ties to even, as that; it reads a subnormal p
 // as 0, so p' is 0 below 2^-126 where the bit arithmetic gives 2^-126 to p within 2^-135 of
 // it: each way p' is what the product reads and what the checksum sums).
+// A row whose redundant softmax differed somewhere (softmax_row_body, PROT 2): the keys again,
+// as its loops walk them (vectors up to vend, then one at a time up to visible), p2 made by
+// the same operations, against p as written, leaving out keys whose score is NaN; true where
+// some p differs. Rare: faults, or a row with NaN scores. (Inlined into the row kernel's
+// clone: a baseline x86-64 copy would round without FMA, and differ.)
+template <typename V>
+__attribute__((always_inline)) static inline bool dmr_confirm(const float* S, const float* p, int64_t vend, int64_t visible,
+                                                  float mr2, float scale_b) {
+  using namespace vec;
+  using U = typename LaneBits<V>::type;
+  constexpr int64_t L = Lanes<V>;
+  int64_t j = 0;
+  bool bad = false;
+  for (; j + L <= vend; j += L) {
+    const V sv = load_v<V>(S + j);
+    const U d = reinterpret_cast<U>(load_v<V>(p + j)) ^ reinterpret_cast<U>(exp_neg((sv - mr2) * scale_b));
+    for (int64_t l = 0; l < L; ++l) bad |= d[l] != 0 && S[j + l] == S[j + l];
+  }
+  for (; j < visible; ++j)
+    bad |= (float_bits(p[j]) ^ float_bits(exp_neg((S[j] - mr2) * scale_b))) != 0 && S[j] == S[j];
+  return bad;
+}
+
 template <int PROT, bool INJECT, int NG, typename V, bool P16, bool CVT = false>
 __attribute__((always_inline)) static inline void softmax_row_body(float* __restrict S, float* __restrict p,
                                                                    int64_t n, int64_t limit, float scale, float mr,
@@ -88,11 +109,15 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   using U = typename Bf16Lanes<V>::U;
   using H = typename Bf16Lanes<V>::H;
   const int64_t visible = std::min<int64_t>(n, std::max<int64_t>(limit + 1, 0));
-  const float scale2 = scale * LOG2E;
-  const float rel = 5.9604645e-08f * 64.f, abs_tol = 5.9604645e-08f * 2.f + 1e-30f;
-  const float rel2 = rel / (1.f - rel) * (1.f + 2.4e-7f);  // rounded up
+  // (the second computation's copies of mr and scale: the same values, opaque to the compiler)
+  float mr2 = mr, scale_b = scale;
+  if constexpr (PROT >= 2) {
+    opaque(mr2);
+    opaque(scale_b);
+  }
   constexpr int64_t L = Lanes<V>;
-  V psum_v = V{}, mx_v = V{}, mn_v = V{} + 1.f, viol_v = V{};
+  V psum_v = V{}, mx_v = V{}, mn_v = V{} + 1.f;
+  U diff_v = U{};
   d8 s_acc = d8{}, a_acc[NG], b_acc[NG], c_acc = d8{};
   for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
   // The visible tail (a causal tile's rows end anywhere in a vector) runs as one more vector
@@ -169,11 +194,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
         }
         if constexpr (PROT >= 2) cp += pr * load_v<V>(a + NG * gs + j);
       }
-      if constexpr (PROT >= 2) {
-        const V p2 = exp2_neg((sv - mr) * scale2);
-        const V d = vec::abs(pv - p2) - rel2 * p2;
-        viol_v = d > viol_v ? d : viol_v;
-      }
+      if constexpr (PROT >= 2) diff_v |= reinterpret_cast<U>(pv) ^ reinterpret_cast<U>(exp_neg((sv - mr2) * scale_b));
     }
     if constexpr (PROT >= 1) {
       s_acc += widen_sum(sp);
@@ -186,7 +207,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   }
   // the rest, one element at a time: the visible tail where it did not run as a vector, then
   // the masked keys
-  float psum_t = 0.f, mx = 0.f, mn = 1.f, viol = 0.f;
+  float psum_t = 0.f, mx = 0.f, mn = 1.f;
+  uint32_t diff = 0;
   double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {}, c_t = 0.0;
   int masked_bad = 0;
   if constexpr (INJECT && PROT >= 2)  // (masked keys in the last vector: p must be 0 there too)
@@ -220,9 +242,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
     }
     if constexpr (PROT >= 2) {
       if (vis) {
-        const float p2 = exp2_neg((S[j] - mr) * scale2);
-        const float d = std::fabs(pj - p2) - rel2 * p2;
-        viol = d > viol ? d : viol;
+        diff |= float_bits(pj) ^ float_bits(exp_neg((S[j] - mr2) * scale_b));
       } else {
         masked_bad |= !(pj == 0.f);
       }
@@ -246,11 +266,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
     if constexpr (PROT >= 2) st.wc = vec::hsum(c_acc) + c_t;
   }
   if constexpr (PROT >= 2) {
-    const float vviol = tree(viol_v, Max{});
-    viol = vviol > viol ? vviol : viol;
-    // NaN in p or p2 passes the max; a NaN p makes the row sum non-finite, which
-    // the probs-range check reports
-    st.dmr_bad = !(viol <= abs_tol) || masked_bad;
+    for (int64_t l = 0; l < L; ++l) diff |= diff_v[l];
+    st.dmr_bad = masked_bad || (diff != 0 && dmr_confirm<V>(S, p, vend, visible, mr2, scale_b));
   } else {
     st.dmr_bad = false;
   }

@@ -15,6 +15,7 @@ import torch
 import triton
 
 from ..contract import REPORT_BLOCK_M, Site, check_backward_fault_encoding, fault_fields, flip_args, span_axis
+from ..faults import TAU
 from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep, loop_tile
 
 __all__ = ["attention_bwd"]
@@ -27,7 +28,8 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value, key_start=None, key_end=None):
+def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value, key_start=None, key_end=None,
+         tau_h=2.0**-10):
     B, Hq, N, D = qf.shape
     Hkv, M = kf.shape[1], kf.shape[2]
     group = Hq // Hkv
@@ -64,10 +66,10 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value, key_
                                 **shape, **rows_block)
         _bwd_dq[(nq, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dq, flags, starts, ends, Hq, group, N, M, nq + nk,
                               float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection), INJECT=inject,
-                              **rows_block)
+                              TAU_H=tau_h, **rows_block)
         _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, starts, ends, Hq, group, N, M,
                                 nq, nq + nk, float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection),
-                                INJECT=inject, **keys_block)
+                                INJECT=inject, TAU_H=tau_h, **keys_block)
     dk = (dkh * scale).view(B, Hkv, group, M, D).sum(2)
     dv = dvh.view(B, Hkv, group, M, D).sum(2)
     return dq, dk, dv, flags
@@ -84,6 +86,7 @@ def attention_bwd(q, k, v, out, grad_out, causal: bool, scale: float, protection
     if fault is not None:
         check_backward_fault_encoding(fault, fault_value, B, Hq, N, k.shape[2], D)
     f32 = [t.float().contiguous() for t in (q, k, v, out, grad_out)]
-    dq, dk, dv, flags = _run(*f32, causal, scale, protection, fault, fault_value, key_start, key_end)
-    rerun = lambda: _run(*f32, causal, scale, protection, None, None, key_start, key_end)  # noqa: E731
+    tau_h = TAU[q.dtype]  # (the harm threshold of the inputs' dtype: the checks' BLIND rows)
+    dq, dk, dv, flags = _run(*f32, causal, scale, protection, fault, fault_value, key_start, key_end, tau_h)
+    rerun = lambda: _run(*f32, causal, scale, protection, None, None, key_start, key_end, tau_h)  # noqa: E731
     return settle_backward(q, k, v, out, grad_out, (dq, dk, dv), flags, recompute, rerun, key_start, key_end)
