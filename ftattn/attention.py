@@ -353,7 +353,7 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
     if grad:
         holder = _BackwardHolder(policy, bwd_fault)
         holder.read = policy is OnFault.RAISE or return_report
-        out, flags = _AttentionFunction.apply(q, k, v, key_start, key_end, (
+        out, flags, _ = _AttentionFunction.apply(q, k, v, key_start, key_end, (
             backend, causal, float(scale), int(prot), recompute, fault_list, fault_value, in_op, holder))
         report = _apply_policy(flags, policy, q.shape[2], return_report)
         holder.report = report
@@ -583,11 +583,17 @@ _DOUBLE_BACKWARD = (
 class _NotTwiceDifferentiable(torch.autograd.Function):
     """The first-order gradients of an attention call made with create_graph=True: the same
     values, whose own backward raises. Without it autograd saw the checked backward's op
-    (no autograd kernel: torch only warns) as constant, and a second backward returned zeros."""
+    (no autograd kernel: torch only warns) as constant, and a second backward returned zeros.
+    ``anchor``, an input of the backward that requires grad, makes the copies part of the
+    graph (autograd's and torch.func's alike: torch.func forbids requires_grad_())."""
 
     @staticmethod
-    def forward(ctx, *grads):
+    def forward(anchor, *grads):
         return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *_):
@@ -608,10 +614,11 @@ def _once_differentiable(backward):
         with torch.no_grad():
             results = backward(ctx, *grads)
         inputs = [t for t in grads + tuple(ctx.saved_tensors) if isinstance(t, torch.Tensor)]
-        if not any(t.requires_grad for t in inputs):
+        anchor = next((t for t in inputs if t.requires_grad), None)
+        if anchor is None:
             return results
         index = [i for i, t in enumerate(results) if isinstance(t, torch.Tensor)]
-        wrapped = _NotTwiceDifferentiable.apply(*(results[i].detach().requires_grad_() for i in index))
+        wrapped = _NotTwiceDifferentiable.apply(anchor, *(results[i] for i in index))
         results = list(results)
         for i, t in zip(index, wrapped):
             results[i] = t
@@ -627,7 +634,7 @@ class _AttentionFunction(torch.autograd.Function):
     ``attention_bwd`` with the call's protection and policy."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_start, key_end, options):
+    def forward(q, k, v, key_start, key_end, options):
         backend, causal, scale, prot, recompute, fault, fault_value, in_op, holder = options
         stats = q.new_empty(q.shape[:3] + (2,), dtype=torch.float32) if backend == backends.Backend.CPP else None
         out, flags = _run_fwd(backend, q, k, v, causal, scale, prot, recompute, fault, fault_value, key_start,
@@ -637,15 +644,23 @@ class _AttentionFunction(torch.autograd.Function):
                                      key_start, key_end, in_op, stats)
             if rescaled is not None:
                 (out, flags), stats = rescaled, _stats_finite(stats)
+        return out, flags, stats
+
+    # (forward without ctx, and setup_context: the form torch.func's transforms need, so
+    # torch.func.grad / vjp run through the checked backward; before, they raised)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, key_start, key_end, options = inputs
+        out, flags, stats = output
+        backend, causal, scale, prot, recompute, _, _, _, holder = options
         ctx.save_for_backward(q, k, v, out, stats)
         ctx.key_range = (key_start, key_end)
         ctx.options = (causal, scale, prot, recompute, holder, backend)
-        ctx.mark_non_differentiable(flags)
-        return out, flags
+        ctx.mark_non_differentiable(*(t for t in (flags, stats) if t is not None))
 
     @staticmethod
     @_once_differentiable
-    def backward(ctx, grad_out, _grad_flags):
+    def backward(ctx, grad_out, _grad_flags, _grad_stats=None):
         q, k, v, out, stats = ctx.saved_tensors
         causal, scale, prot, recompute, holder, backend = ctx.options
         fault, fault_value = holder.fault if holder.fault is not None else (None, None)

@@ -30,8 +30,8 @@ Checks (the C++ kernel's, csrc/attention_bwd_cpu.cpp, as far as a program sees t
         (sum_{d in g} k_jd), made by a product of the same tiles beside dQ's.
   _bwd_dkdv (a key's queries all pass through one program, a row's keys do not):
     S and dP: column checksums per tile, sum_i S_ij vs (sum_i q_i) . k_j;
-    P in [0, 1] and (the row sums being out of reach) P's second computation (the same
-        operations again, bit for bit) and dS's (P dP - P D) at abft too;
+    P in [0, 1] and (the row sums being out of reach) P's and dS's second computations (the
+        same operations again, bit for bit) at abft too;
     dK, dV: checksums per group of 16 head dims, as dQ's.
   both: the S / dP entries a fault within the column checksums' bounds could still move
     harmfully (their probability times the gradients they reach: outlier channels)
@@ -364,18 +364,17 @@ def _second_p_and_ds(p, s, m_b, scale, unit, rinv, dp, ds, delta, vis, AXIS: tl.
     m plus unit - 1: distinct computations; m a sum, so a multiply-add can fuse only S's
     product, as for P), bit for bit where S is not NaN (a tolerance, as the polynomial exp of
     stops before needed, passed changes of P that harm the gradients where dO is large and
-    cancels); and P dP - P D against dS within the roundings of both; the check bits per row
-    (AXIS 1) or per key (AXIS 0 of a transposed tile)."""
+    cancels); and dS made again likewise; the check bits per row (AXIS 1) or per key (AXIS 0 of
+    a transposed tile)."""
     x2b = s * ((scale * LOG2E) * unit) - (m_b + (unit - 1.0))
     p2 = tl.where(vis, tl.math.exp2(x2b) * rinv, 0.0)
     bad_p = (p.to(tl.int32, bitcast=True) != p2.to(tl.int32, bitcast=True)) & (s == s)
-    a = p * dp
-    bb = p * delta
-    s2 = a - bb
-    tol = 2.0 * U32 * (tl.abs(a) + tl.abs(bb) + tl.abs(s2)) * (1.0 + 1e-3) + 4.0 * UNDERFLOW
-    # every entry, masked ones too: dS is 0 there (p is), and the products read it whatever
-    # vis says (a fault on a masked entry reached dK and dQ unseen: review)
-    bad_s = ~_within(tl.abs(tl.where(vis, ds - s2, ds)), tl.where(vis, tol, 4.0 * UNDERFLOW))
+    # dS made again by _products' operations, P (dP - D) with D plus unit - 1, bit for bit (a
+    # tolerance of 2 u (|P dP| + |P D|), P dP - P D, passed faults of 50x the harm threshold where
+    # dP - D cancels and the row's other keys carry large dS: review); every entry, masked ones
+    # too (dS is 0 there, and the products read it whatever vis says); NaN pairs left out
+    ds2 = tl.where(vis, p * (dp - (delta + (unit - 1.0))), 0.0)
+    bad_s = (ds.to(tl.int32, bitcast=True) != ds2.to(tl.int32, bitcast=True)) & ((ds == ds) | (ds2 == ds2))
     out = tl.where(tl.max(bad_p.to(tl.int32), AXIS) != 0, SOFTMAX_DMR, 0)
     return out | tl.where(tl.max(bad_s.to(tl.int32), AXIS) != 0, DS_CHECK, 0)
 

@@ -488,3 +488,43 @@ def check_backward_faults_on_cancelling_values(attention, device="cpu", dtypes=(
                         assert rep.corrected == rep.flagged_blocks > 0, (dtype, site, col, bit, rep)
                         assert all(torch.equal(a, b) for a, b in zip(fixed, clean)), (dtype, site, col, bit)
         assert harmful > 0, dtype
+
+
+def check_ds_faults_where_dp_cancels(attention, device="cpu"):
+    """A dS fault on a key whose dP - D cancels, in a row whose other keys carry large dS (values
+    Y +- X, X = Y = 1e4, and Y + 0.009; that key's |k| 100): bits 18-21 of its dS (~0.002) move dq
+    by 6-50x the harm threshold. Each is detected (full: dS made again by the same operations,
+    bit for bit) and corrected bit for bit. Before (found by review): the reference's and
+    Triton's second dS within 2 u (|P dP| + |P D|) passed them (C++ compared bit for bit)."""
+    from ftattn import Fault
+
+    X = Y = 1e4
+    D = 16
+    q = torch.zeros(1, 1, 1, D)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 3, D)
+    k[0, 0, 1, 1] = 100.0
+    v = torch.zeros(1, 1, 3, D)
+    v[0, 0, :, 0] = torch.tensor([Y + X, Y + 0.009, Y - X])
+    do = torch.zeros(1, 1, 1, D)
+    do[..., 0] = 1.0
+
+    def run(fault=None, on_fault="raise"):
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (q, k, v)]
+        out, rep = attention(*leaves, scale=1.0, protection="full", fault=fault, on_fault=on_fault,
+                             return_report=True)
+        out.backward(do.to(device))
+        return [t.grad for t in leaves], rep.backward
+
+    clean, rep = run()
+    assert rep.detected == 0, rep
+    for bit in (18, 19, 20, 21):
+        fault = Fault("ds", 0, 0, row=0, col=1, bit=bit)
+        raw, rep = run(fault, "report")
+        moved = max(float((a - b).abs().max()) / (2.0**-10 * max(1.0, float(b.abs().max())))
+                    for a, b in zip(raw, clean))
+        assert moved > 5.0, (bit, moved)
+        assert rep.detected > 0, (bit, moved)
+        fixed, rep = run(fault, "correct")
+        assert rep.corrected == rep.flagged_blocks > 0, (bit, rep)
+        assert all(torch.equal(a, b) for a, b in zip(fixed, clean)), bit

@@ -17,7 +17,8 @@ from ftattn.faults import BACKWARD_SITES
 from ftattn.tools import campaign
 from attention_reference import (bnhd_view, check_dv_warp_caught_at_full_only,
                                  check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
-                                 check_backward_faults_on_cancelling_values, check_near_fp32_range_no_alarm,
+                                 check_backward_faults_on_cancelling_values, check_ds_faults_where_dp_cancels,
+                                 check_near_fp32_range_no_alarm,
                                  check_probs_faults_on_cancelling_values,
                                  check_nonfinite_outside_key_range_does_not_block_correction,
                                  check_subnormal_operand_backward_raises_no_alarm, near_range_cases, padded_view)
@@ -174,7 +175,7 @@ def test_dv_warp_that_cancels_in_both_groups_is_caught_at_full(backend):
                                   check_large_logit_constant_rows_backward_no_alarm, check_masked_ds_faults_caught,
                                   check_nonfinite_outside_key_range_does_not_block_correction,
                                   check_near_fp32_range_no_alarm, check_probs_faults_on_cancelling_values,
-                                  check_backward_faults_on_cancelling_values],
+                                  check_backward_faults_on_cancelling_values, check_ds_faults_where_dp_cancels],
                          ids=lambda f: f.__name__.removeprefix("check_"))
 def test_shared_backward_case(case, backend):
     """tests/attention_reference.py's backward cases (their docstrings say what each checks),
@@ -698,3 +699,29 @@ def test_bits_do_not_depend_on_the_thread_count(dtype, shape):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_torch_func_grad_and_vjp_run_the_checked_backward(backend):
+    """torch.func.grad and torch.func.vjp over ftattn.attention give autograd's gradients bit
+    for bit (they raised before: the autograd.Function had no setup_context), GQA and causal,
+    and a backward fault given to the call is corrected under them too; grad of grad raises
+    ftattn's clear error (not zeros). (torch.ops.ftattn.attention: torch's register_autograd
+    does not support torch.func in this torch; vmap has no batching rule.)"""
+    q, k, v = _qkv(1, 4, 2, 13, 19, 21, torch.float32, seed=9)
+    do = torch.randn(1, 4, 13, 21, generator=torch.Generator().manual_seed(3))
+
+    def loss(q, k, v, fault=None):
+        return (ftattn.attention(q, k, v, causal=True, backend=backend, fault=fault) * do).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss(*leaves).backward()
+    want = [t.grad for t in leaves]
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    fixed = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v, Fault("dv", 0, 1, row=0, col=4, dim=3, bit=28))
+    assert all(torch.equal(a, b) for a, b in zip(fixed, want))
+    out, vjp = torch.func.vjp(lambda q, k, v: ftattn.attention(q, k, v, causal=True, backend=backend), q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(vjp(do), want))
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        torch.func.grad(lambda q: torch.func.grad(loss)(q, k, v).sum())(q)

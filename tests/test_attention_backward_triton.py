@@ -508,3 +508,11 @@ def test_backward_faults_on_cancelling_values():
 
     check_backward_faults_on_cancelling_values(functools.partial(ftattn.attention, backend="triton"), DEVICE,
                                                dtypes=(torch.float32,), bits=(20, 26, 30), sites=("dq", "dk", "dv"))
+
+
+def test_ds_faults_where_dp_cancels():
+    """tests/attention_reference.py's case: dS faults of 6-50x the harm threshold that the second
+    dS's tolerance passed (review) are detected (dS made again bit for bit) and corrected."""
+    from attention_reference import check_ds_faults_where_dp_cancels
+
+    check_ds_faults_where_dp_cancels(functools.partial(ftattn.attention, backend="triton"), DEVICE)
