@@ -1035,3 +1035,23 @@ def test_forward_faults_on_cancelling_values(backend):
     import functools
 
     check_forward_faults_on_cancelling_values(functools.partial(ftattn.attention, backend=backend))
+
+
+def test_reference_rowsum_fault_at_long_context_is_caught():
+    """The reference's row-sum tolerance, (M + 8) u relative, passes changes of l that move O by
+    more than tau |O| from M ~ 16K: at M = 32768 (values ~4) a flip of bit 14 of l moved O by
+    1.5 tau unseen (review). Now such rows are BLIND at full, made again and compared: detected,
+    corrected bit for bit; the clean call raises nothing."""
+    M, D = 32768, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, D, generator=g) * 0.1
+    k = torch.randn(1, 1, M, D, generator=g)
+    v = 4.0 + 0.01 * torch.randn(1, 1, M, D, generator=g)
+    clean, rep = ftattn.attention(q, k, v, backend="reference", on_fault="raise", return_report=True)
+    assert rep.detected == 0
+    fault = Fault("rowsum", 0, 0, row=0, col=M - 1, bit=14)
+    raw, rep = ftattn.attention(q, k, v, backend="reference", fault=fault, on_fault="report", return_report=True)
+    assert float((raw - clean).abs().max()) > 2.0**-10 * float(clean.abs().max())
+    assert rep.detected > 0
+    fixed, rep = ftattn.attention(q, k, v, backend="reference", fault=fault, return_report=True)
+    assert rep.corrected == rep.flagged_blocks == 1 and torch.equal(fixed, clean)
