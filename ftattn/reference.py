@@ -18,7 +18,6 @@ from .faults import CHECK_MASK, TAU, Check, REPORT_BLOCK_M, Site
 U32 = 2.0**-24  # unit roundoff of fp32
 KAPPA = 8.0  # as in csrc/attention_cpu.cpp
 PV_GROUP = 64  # head dims per PV-checksum group, as in csrc/attention_cpu.cpp and kernels/attention.py
-LOG2E = 1.4426950408889634  # 1 / ln(2)
 # absolute term per fp32 operation under gradual underflow, as csrc/attention_cpu.cpp
 # (fl(x op y) = (x op y)(1 + d) + e, |e| <= 2^-150; two per multiply-add)
 ETA = 2.0**-149

@@ -192,7 +192,7 @@ def _products(l1, r1, l2, r2, m_b, r_b, d_b, vis, hit, scale, f_site, f_xor, f_u
     ds = tl.where(vis, p * (dp - d_b), 0.0)
     if INJECT:
         ds = _hit(ds, hit & (f_site == SITE_DS), f_xor, f_use_value, f_value)
-    return s, x2, p, dp, ds
+    return s, p, dp, ds
 
 
 @triton.jit
@@ -299,7 +299,7 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + shift)
         hit = hit_rows & ((cols >= f_col) & (cols < f_col + f_span) & key_ok)[None, :]
-        s, x2, p, dp, ds = _products(q, k, do, v, mrow[:, None], rinv[:, None], delta[:, None], vis, hit, scale,
+        s, p, dp, ds = _products(q, k, do, v, mrow[:, None], rinv[:, None], delta[:, None], vis, hit, scale,
                                      f_site, f_xor, f_use_value, f_value, INJECT)
         acc = tl.dot(ds, k, acc, input_precision="ieee")
         if PROTECTION >= 1:
@@ -469,7 +469,7 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
         if CAUSAL:
             vis = vis & (cols[:, None] <= offs_m[None, :] + shift)
         hit = hit_keys & (offs_m[None, :] == f_row)
-        st, x2, pt, dpt, dst = _products(k, q, v, do, mrow[None, :], rinv[None, :], delta[None, :], vis, hit,
+        st, pt, dpt, dst = _products(k, q, v, do, mrow[None, :], rinv[None, :], delta[None, :], vis, hit,
                                          scale, f_site, f_xor, f_use_value, f_value, INJECT)
         dv = tl.dot(pt, do, dv, input_precision="ieee")
         dk = tl.dot(dst, q, dk, input_precision="ieee")

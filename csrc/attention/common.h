@@ -343,24 +343,6 @@ FTATTN_VEC_INLINE T exp_neg(T x) {
   return p * pow2_bits(t);
 }
 
-// 2^y for y <= 0: y = n + f with f in [-1/2, 1/2] and a degree-4 polynomial for
-// 2^f with p(0) = 1, fitted here for least maximum relative error (2.9e-6, 49 ulp,
-// in fp32 arithmetic: the redundant softmax's only use, whose bound allows for it;
-// two multiply-adds fewer than a 1-ulp one); 0 below -127.
-template <typename T>
-FTATTN_VEC_INLINE T exp2_neg(T y) {
-  const T lo = T{} + unfolded(-127.0f);
-  y = lo > y ? lo : y;
-  const T t = y + ROUND_C;
-  const T f = y - (t - ROUND_C);
-  T p = T{} + 9.5828203484416e-3f;
-  p = p * f + 5.590633675456047e-2f;
-  p = p * f + 2.4024099111557007e-1f;
-  p = p * f + 6.931241750717163e-1f;
-  p = p * f + 1.0f;
-  return p * pow2_bits(t);
-}
-
 // Keep the compiler from assuming a value is what it just computed, so a check
 // after an injection point (or a real upset) re-reads it.
 static inline void opaque(float& x) { asm volatile("" : "+m"(x)); }
