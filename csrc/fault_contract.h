@@ -10,6 +10,19 @@
 
 namespace ftattn {
 
+// The weights of the second, weighted checksums (attention's PV and dQ / dK / dV checks, the
+// linear layer's row check), as ftattn/contract.py checksum_weight: w_i = (2 h - (2^24 - 1)) /
+// 2^26 for the top 24 bits h of a hash of i, odd multiples of 2^-26 in (-1/4, 1/4), mean 0 (a
+// warp's +-2^k deltas can sum to 0 in a plain checksum; they rarely do in both).
+constexpr float checksum_weight(int64_t i) {
+  uint64_t h = (static_cast<uint64_t>(i + 1) * 0x9E3779B9u) & 0xFFFFFFFFu;
+  h ^= h >> 15;
+  h = (h * 0x2C1B3C6Du) & 0xFFFFFFFFu;
+  h ^= h >> 12;
+  return static_cast<float>(2 * static_cast<int64_t>(h >> 8) - 0xFFFFFF) * 0x1p-26f;
+}
+constexpr double kChecksumWeightMax = 0.25;
+
 // Rows of q per flag.
 constexpr int64_t kReportBlockM = 64;
 

@@ -5,8 +5,12 @@
 // checksums over blocks of output features.
 //
 // The check, per row i of x and block b of block_o output features:
-//   sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
-// with W^T e_b cached per weight (ftattn/linear.py: computed in fp64 and kept so, the
+//   sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)   and
+//   sum_{o in b} w_o acc[i, o]  vs  x_i . (W^T w_b)
+// (w: checksum_weight, fault_contract.h, of o's place in the block: a warp's +-2^k deltas,
+// the same bit of 32 outputs sharing an exponent, can cancel in the plain sum, 290x the harm
+// threshold at x = [[1]], W = 1.25, 1.75, ... (found by review); they rarely cancel in both)
+// with W^T e_b and W^T w_b cached per weight (ftattn/linear.py: computed in fp64 and kept so, the
 // reference then made in fp64; or, for bf16 inputs of many blocks, as bf16 hi + mid + lo parts
 // for the same 16-bit GEMM). The bound is statistical, from the data (never a fixed
 // number): kappa standard deviations of the rounding of the block's fp32 accumulators,
@@ -131,8 +135,8 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
 struct CheckRefs {
   float* acc;        // [T, out]; the bias is added to each row once it is checked
   const float* bias;  // [out] or nullptr
-  double* ref;   // [T, nb] or [T, 3 nb] (hi + mid + lo)
-  float* mag;    // [T, nb], of x_i / scale_i
+  double* ref;   // [T, 2 nb] (plain, weighted) or [T, 3 x 2 nb] (hi + mid + lo of those)
+  float* mag;    // [T, 2 nb], of x_i / scale_i
   float* scale;  // [T], powers of two
   const at::Tensor* x;
   int64_t T, out, bo, nb;
@@ -140,8 +144,9 @@ struct CheckRefs {
   double factor;  // times sqrt(mag)
   double abs;     // underflow
   double sum_u;   // times sum |acc| of a block: the fp32 partial sums of the block sum
-  // set: the check makes each row's ref, mag and scale first, from the fp32 checksums
-  // wsum / magc [nb, K] (row_refs), in the same pass (x and the row's y read once, one
+  const float* wts;  // [bo]: the weighted sums' weights (checksum_weight of the place in the block)
+  // set: the check makes each row's ref, mag and scale first, from the checksums
+  // wsum / magc [2 nb, K] (row_refs), in the same pass (x and the row's y read once, one
   // parallel region instead of two)
   const double* wsum = nullptr;
   const float* magc = nullptr;
@@ -255,49 +260,57 @@ inline float row_squares_any(const at::Half* x, int64_t K, uint16_t* o) {
   return sc;
 }
 
-// sum_o a_o and sum_o |a_o| of one block: L fp32 partial sums (one vector of V, 16 or 8
-// lanes) of at most ceil(n / L) terms each, added in fp64: within (ceil(n / 8) + 1) u sum |a|
-// of the exact sum. Then the bias (when given) is added to the block in the same pass, and
-// max_o |a_o + bias_o| (y's largest in the block, for blind_block) taken.
+// sum_o a_o and sum_o |a_o| of one block, and the same of w_o a_o (w: the weighted
+// checksum's weights, from the block's first output): L fp32 partial sums (one vector of V,
+// 16 or 8 lanes) of at most ceil(n / L) terms each, added in fp64: within (ceil(n / 8) + 1) u
+// sum |a| of the exact sum (one more u for the weighted products). Then the bias (when given)
+// is added to the block in the same pass, and max_o |a_o + bias_o| (y's largest in the block,
+// for blind_block) taken.
 // (On 16-lane vectors in the AVX2 code the abs and the partials went through the stack:
 // the check of x [1024, 384] . W [384, 384] was 10 % of the call there.)
+struct BlockSums {
+  double sum, sum_abs, wsum, wsum_abs;
+  float max_abs;
+};
 template <typename V>
-FTATTN_VEC_INLINE void block_sums_v(float* a, int64_t n, const float* bias, double* sum, double* sum_abs,
-                                    float* max_abs) {
+FTATTN_VEC_INLINE void block_sums_v(float* a, int64_t n, const float* bias, const float* w, BlockSums& r) {
   using namespace vec;
   constexpr int64_t L = Lanes<V>;
-  V s = V{}, m = V{}, mx = V{};
+  V s = V{}, m = V{}, mx = V{}, ws = V{}, wm = V{};
   int64_t o = 0;
   for (; o + L <= n; o += L) {
     const V v = load_v<V>(a + o);
     s += v;
     m += vec::abs(v);
+    const V vw = v * load_v<V>(w + o);
+    ws += vw;
+    wm += vec::abs(vw);
     const V y = bias != nullptr ? v + load_v<V>(bias + o) : v;
     if (bias != nullptr) store_v(a + o, y);
     const V ya = vec::abs(y);
     mx = ya > mx ? ya : mx;  // (NaN stays out: a NaN row fails its check anyway)
   }
-  double t = 0.0, ta = 0.0;
+  double t = 0.0, ta = 0.0, tw = 0.0, twa = 0.0;
   float ymax = tree(mx, Max{});
   for (; o < n; ++o) {
-    t += static_cast<double>(a[o]), ta += std::fabs(static_cast<double>(a[o]));
+    const double v = static_cast<double>(a[o]), vw = v * static_cast<double>(w[o]);
+    t += v, ta += std::fabs(v), tw += vw, twa += std::fabs(vw);
     if (bias != nullptr) a[o] += bias[o];
     ymax = std::fabs(a[o]) > ymax ? std::fabs(a[o]) : ymax;
   }
-  *max_abs = ymax;
+  r.max_abs = ymax;
   // the partials in fp64, as a tree (16 dependent scalar adds were a third of this
   // function's time)
-  t += hsum(widen_sum(s));
-  ta += hsum(widen_sum(m));
-  *sum = t;
-  *sum_abs = ta;
+  r.sum = t + hsum(widen_sum(s));
+  r.sum_abs = ta + hsum(widen_sum(m));
+  r.wsum = tw + hsum(widen_sum(ws));
+  r.wsum_abs = twa + hsum(widen_sum(wm));
 }
-FTATTN_CLONES void block_sums(float* a, int64_t n, const float* bias, double* sum, double* sum_abs,
-                              float* max_abs) {
+FTATTN_CLONES void block_sums(float* a, int64_t n, const float* bias, const float* w, BlockSums& r) {
   if (wide_vectors())
-    block_sums_v<vec::f16>(a, n, bias, sum, sum_abs, max_abs);
+    block_sums_v<vec::f16>(a, n, bias, w, r);
   else
-    block_sums_v<vec::f8>(a, n, bias, sum, sum_abs, max_abs);
+    block_sums_v<vec::f8>(a, n, bias, w, r);
 }
 
 // The references of one row without a GEMM (few checksum blocks: x is read once, from L1,
@@ -449,39 +462,44 @@ bool row_finite(const at::Tensor& x, int64_t i) { return at::isfinite(x[i]).all(
 int32_t check_block(const CheckRefs& c, int64_t blk) {
   int32_t bits = 0;
   const int64_t i1 = std::min<int64_t>(c.T, (blk + 1) * kReportBlockM);
-  const int64_t ref_ld = c.split ? 3 * c.nb : c.nb;
+  const int64_t nc = 2 * c.nb;  // checksum columns: nb plain, nb weighted
+  const int64_t ref_ld = c.split ? 3 * nc : nc;
   for (int64_t i = blk * kReportBlockM; i < i1; ++i) {
     float* a = c.acc + i * c.out;
     if (c.wsum != nullptr)
-      c.scale[i] = row_refs_any(*c.x, i, c.wsum, c.magc, c.nb, c.ref + i * c.nb, c.mag + i * c.nb);
+      c.scale[i] = row_refs_any(*c.x, i, c.wsum, c.magc, nc, c.ref + i * nc, c.mag + i * nc);
     const double sc = static_cast<double>(c.scale[i]);
-    bool bad = false, nonfinite_ref = false;
+    bool bad = false, nonfinite_ref = false, blind = false;
     double worst = 0.0, row_max = 0.0;  // the row's largest bound and |y| (blind_block)
     for (int64_t b = 0; b < c.nb; ++b) {
       const int64_t o0 = b * c.bo, o1 = std::min(c.out, o0 + c.bo);
-      double s, sa;
-      float ymax;
-      block_sums(a + o0, o1 - o0, c.bias != nullptr ? c.bias + o0 : nullptr, &s, &sa, &ymax);
-      double r = static_cast<double>(c.ref[i * ref_ld + b]);
-      if (c.split) r += c.ref[i * ref_ld + c.nb + b] + c.ref[i * ref_ld + 2 * c.nb + b];
-      const double m = static_cast<double>(c.mag[i * c.nb + b]);
-      if ((!std::isfinite(m) || !std::isfinite(r)) && std::isfinite(s)) {
-        // finite x and W (NaN or Inf in either reaches the block's sum s) whose magnitudes
-        // overflow fp32 (|W| from ~1e18: sum_o W_o^2), or 0 x inf, or whose checksums
-        // overflow bf16's parts (|W| ~ 1e37): no bound or no reference (an infinite bound
-        // passed any fault; the row was reported as non-finite input: found by review); the
-        // block is blind, a second product decides
-        if (c.tau > 0.0) bits |= kBlind;
-        continue;
+      BlockSums bs;
+      block_sums(a + o0, o1 - o0, c.bias != nullptr ? c.bias + o0 : nullptr, c.wts, bs);
+      row_max = std::max(row_max, static_cast<double>(bs.max_abs));
+      // the plain column b, then the weighted one nb + b
+      for (int w = 0; w < 2; ++w) {
+        const int64_t col = b + w * c.nb;
+        const double s = w ? bs.wsum : bs.sum, sa = w ? bs.wsum_abs : bs.sum_abs;
+        double r = c.ref[i * ref_ld + col];
+        if (c.split) r += c.ref[i * ref_ld + nc + col] + c.ref[i * ref_ld + 2 * nc + col];
+        const double m = static_cast<double>(c.mag[i * nc + col]);
+        if ((!std::isfinite(m) || !std::isfinite(r)) && std::isfinite(s)) {
+          // finite x and W (NaN or Inf in either reaches the block's sum s) whose magnitudes
+          // overflow fp32 (|W| from ~1e18: sum_o W_o^2), or 0 x inf, or whose checksums
+          // overflow bf16's parts (|W| ~ 1e37): no bound or no reference (an infinite bound
+          // passed any fault; the row was reported as non-finite input: found by review); the
+          // block is blind, a second product decides
+          blind = true;
+          continue;
+        }
+        if (!std::isfinite(r)) nonfinite_ref = true;
+        // (a non-finite sum fails however large its bound: sum |acc| is then infinite too)
+        const double bound = c.factor * std::sqrt(m) * sc + c.abs + (w ? c.sum_u + kU32 : c.sum_u) * sa;
+        if (!(std::fabs(s - r) <= bound) || !std::isfinite(s)) bad = true;
+        worst = std::max(worst, bound);
       }
-      if (!std::isfinite(r)) nonfinite_ref = true;
-      // (a non-finite sum fails however large its bound: sum |acc| is then infinite too)
-      const double bound = c.factor * std::sqrt(m) * sc + c.abs + c.sum_u * sa;
-      if (!(std::fabs(s - r) <= bound) || !std::isfinite(s)) bad = true;
-      worst = std::max(worst, bound);
-      row_max = std::max(row_max, static_cast<double>(ymax));
     }
-    if (!bad && c.tau > 0.0 && blind_block(worst, c.tau, row_max)) bits |= kBlind;
+    if (!bad && c.tau > 0.0 && (blind || blind_block(worst, c.tau, row_max))) bits |= kBlind;
     // a failed comparison on non-finite x (or a weight with NaN/Inf: its checksums are
     // not finite) is bad input, not a fault
     if (bad) bits |= (nonfinite_ref || !row_finite(*c.x, i)) ? kNonfiniteInput : kGemmRowChecksum;
@@ -531,13 +549,15 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     TORCH_CHECK(ref_cols.has_value() && mag_cols.has_value(),
                 "ftattn.linear: protection needs the weight's checksums (ref_cols, mag_cols)");
     const bool split = ref_cols->scalar_type() != at::kDouble;
-    TORCH_CHECK(ref_cols->dim() == 2 && ref_cols->size(0) == (split ? 3 * nb : nb) && ref_cols->size(1) == K &&
+    TORCH_CHECK(ref_cols->dim() == 2 && ref_cols->size(0) == (split ? 6 * nb : 2 * nb) && ref_cols->size(1) == K &&
                     (!split || ref_cols->scalar_type() == st),
                 "ftattn.linear: ref_cols ", ref_cols->sizes(), " ", ref_cols->scalar_type(),
                 " do not match the weight's checksums for block_o ", block_o,
-                " (fp64 [nb, K], or hi + mid + lo parts [3 nb, K] in the weight's dtype)");
-    TORCH_CHECK(mag_cols->dim() == 2 && mag_cols->size(0) == nb && mag_cols->size(1) == K,
-                "ftattn.linear: mag_cols ", mag_cols->sizes(), " do not match block_o ", block_o);
+                " (fp64 [2 nb, K], or hi + mid + lo parts [3 x 2 nb, K] in the weight's dtype; ",
+                "ftattn.linear.weight_checksums makes them)");
+    TORCH_CHECK(mag_cols->dim() == 2 && mag_cols->size(0) == 2 * nb && mag_cols->size(1) == K,
+                "ftattn.linear: mag_cols ", mag_cols->sizes(), " do not match block_o ", block_o,
+                " ([2 nb, K]; ftattn.linear.weight_checksums makes them)");
   }
   FaultSpec f;
   if (fault.has_value()) {
@@ -588,10 +608,11 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   if (checkable) {
     // x_i^2 with each row scaled by a power of two near its largest |x_ij| (exact), so the
     // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
-    // (fused: one buffer of the scales [T] and mag [T, nb], ref [T, nb] in fp64)
-    at::Tensor row_scale = at::empty({fused ? T * (nb + 1) : T}, xc.options().dtype(at::kFloat));
+    // (fused: one buffer of the scales [T] and mag [T, 2 nb], ref [T, 2 nb] in fp64)
+    const int64_t nc = 2 * nb;  // checksum columns: nb plain, nb weighted
+    at::Tensor row_scale = at::empty({fused ? T * (nc + 1) : T}, xc.options().dtype(at::kFloat));
     float* sc = row_scale.data_ptr<float>();
-    at::Tensor ref = fused ? at::empty({T, nb}, xc.options().dtype(at::kDouble)) : at::Tensor(), mag;
+    at::Tensor ref = fused ? at::empty({T, nc}, xc.options().dtype(at::kDouble)) : at::Tensor(), mag;
     double* refp = fused ? ref.data_ptr<double>() : nullptr;
     float* magp = sc + T;
     at::Tensor wc, mc;  // (fused: the checksums the check reads; made per row in check_all)
@@ -622,6 +643,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                                              std::sqrt(static_cast<double>(block_o) * std::max<int64_t>(K, 1))) *
                     (1.0 + 0x1p-6);
     const int64_t lanes = vector_lanes();
+    // the weighted sums' weights by place in a block (+16: a 16-lane load at its tail)
+    std::vector<float> wts(static_cast<size_t>(block_o + 16), 0.f);
+    for (int64_t o = 0; o < block_o; ++o) wts[o] = checksum_weight(o);
     CheckRefs c{acc.data_ptr<float>(),
                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                 refp, magp, sc, &xc, T, out, block_o, nb, split,
@@ -629,17 +653,18 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 product_eta(st) * static_cast<double>((K + 1) * (block_o + 1)),
                 // (block_sums: ceil(block_o / L) + 1 terms per fp32 partial, L the lanes this machine's
                 // code adds in)
-                static_cast<double>((block_o + lanes - 1) / lanes + 1) * kU32 * (1.0 + 0x1p-20)};
+                static_cast<double>((block_o + lanes - 1) / lanes + 1) * kU32 * (1.0 + 0x1p-20),
+                wts.data()};
     if (fused && T > 1 && nblk < at::get_num_threads()) {
       // fewer report blocks than threads (T <= 64 on 2 threads): the references first, in
       // parallel over rows, or one thread would make them all (16-bit x is fused at any
       // number of checksum blocks)
       const double* wp = wc.data_ptr<double>();
       const float* mp = mc.data_ptr<float>();
-      at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * nb, 1)),
+      at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * nc, 1)),
                        [&](int64_t r0, int64_t r1) {
                          for (int64_t i = r0; i < r1; ++i)
-                           sc[i] = row_refs_any(xc, i, wp, mp, nb, refp + i * nb, magp + i * nb);
+                           sc[i] = row_refs_any(xc, i, wp, mp, nc, refp + i * nc, magp + i * nc);
                        });
     } else if (fused) {
       c.wsum = wc.data_ptr<double>(), c.magc = mc.data_ptr<float>();  // made in the check's pass

@@ -146,6 +146,28 @@ SPAN_AXIS = {
 }
 
 
+# The weights of the second, weighted checksums (attention's PV and dQ / dK / dV checks, the
+# linear layer's row check): w_i = (2 h - (2^24 - 1)) / 2^26 for the top 24 bits h of a hash
+# of i, odd multiples of 2^-26 in (-1/4, 1/4) (CHECKSUM_WEIGHT_MAX), mean 0; a product w x of
+# an fp32 x is exact in fp64. A warp flips one bit of 32 consecutive values; where they share
+# an exponent its deltas are +-2^k with signs from the data and can sum to 0 in a plain
+# checksum. In the weighted one they cancel only where sum_i +-w_i does: with weights of 8
+# bits, as before 2026-12-07, exactly 0 for 1 in ~500 sign patterns (the linear layer's
+# cancelling-warp test met one in 169 places); with 24 bits, within the bound for ~1 in 10^5. The same hash in
+# csrc/fault_contract.h (checksum_weight) and kernels/attention.py (_pv_weight).
+CHECKSUM_WEIGHT_MAX = 0.25
+
+
+def checksum_weight(i: int) -> float:
+    """The weighted checksums' weight of index ``i`` (a head dim, an output feature's place in
+    its checksum block)."""
+    h = ((i + 1) * 0x9E3779B9) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h ^= h >> 12
+    return (2 * (h >> 8) - 0xFFFFFF) * 2.0**-26
+
+
 def span_axis(site: int) -> Optional[str]:
     """"col" or "dim": the coordinate along which a fault at ``site`` spans; None for the
     one-value-per-row sites (their span is 1)."""

@@ -8,7 +8,9 @@ choice, the ``on_fault`` policy, a pure-PyTorch reference backend with the same 
 (any device) and the public function, which ``ftattn::linear`` runs.
 
 Weight checksums. Per block of ``BLOCK_O`` output features b: W^T e_b (the sum of the
-block's rows) and, for the bound, sum_{o in b} W_o^2 + (W^T e_b)^2, computed in fp64
+block's rows), W^T w_b (their sum weighted by the contract's checksum_weight of each row's
+place in the block: a warp's +-2^k deltas that cancel in the plain sum rarely cancel in
+both) and, for the bounds, sum_{o in b} W_o^2 and sum_{o in b} w_o^2 W_o^2, computed in fp64
 once per weight and cached, keyed on the weight tensor (weakly) and checked against its
 data pointer, shape, strides and version counter: an in-place update (an optimizer
 step, ``load_state_dict``) makes them anew, while a weight corrupted in memory behind
@@ -26,7 +28,7 @@ import torch
 
 from . import backends
 from .attention import _apply_policy
-from .contract import BIT_REPLACE, fault_fields, xor_mask
+from .contract import BIT_REPLACE, checksum_weight, fault_fields, xor_mask
 from .faults import CHECK_MASK, TAU, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site
 
 __all__ = ["linear", "weight_checksums", "BLOCK_O", "BACKENDS", "backend_status"]
@@ -66,11 +68,13 @@ def check_factor(k: int, split: bool, block_o: int = 128) -> float:
 @dataclasses.dataclass
 class WeightChecksums:
     """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
-    ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads:
-    ``ref_cols`` (the fp64 ``sums``, the references made in fp64; or, for a bf16 weight of
-    more than FUSED_BLOCKS blocks, bf16 hi + mid + lo parts [3 nb, in] for the bf16 GEMM) and
-    ``mag_cols`` [nb, in] (the magnitudes of the bound: sum_{o in b} W_o^2 in fp32, plus
-    (W^T e_b)^2 in bf16 for the bf16 parts, whose references carry fp32 rounding)."""
+    ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads, per
+    checksum column c of 2 nb (the nb plain block sums, then the nb weighted ones, W^T w_b):
+    ``ref_cols`` (the fp64 checksums [2 nb, in], the references then made in fp64; or, for a
+    bf16 weight of more than FUSED_BLOCKS blocks, bf16 hi + mid + lo parts [3 x 2 nb, in] for
+    the bf16 GEMM) and ``mag_cols`` [2 nb, in] (the magnitudes of the bounds: sum_{o in b}
+    W_o^2 and sum_{o in b} w_o^2 W_o^2 in fp32, plus the checksum squared in bf16 for the
+    bf16 parts, whose references carry fp32 rounding)."""
 
     key: tuple
     block_o: int
@@ -226,16 +230,25 @@ def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tenso
     return y, flat.view(flags.shape)
 
 
+def checksum_weights(block_o: int, device=None) -> torch.Tensor:
+    """The weights w of the row check's weighted checksums, by place in a block of block_o
+    output features (the contract's checksum_weight), fp64 [block_o]."""
+    return torch.tensor([checksum_weight(o) for o in range(block_o)], dtype=torch.float64, device=device)
+
+
 def _block_sums(weight: torch.Tensor, block_o: int, sums_only: bool = False) \
         -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(W^T e_b [nb, in], sum_{o in b} W_o^2 [nb, in], W e [out]), fp64, a chunk of rows at a
-    time; ``sums_only``: (W^T e_b, None, None), the same bits (the check of a weight's
-    integrity in _settle: half the time, 60 ms against 117 at [4096, 4096] on this Xeon)."""
+    """(the checksums [2 nb, in]: W^T e_b, then W^T w_b; their magnitudes [2 nb, in]: sum_{o in b}
+    W_o^2, then sum_{o in b} w_o^2 W_o^2; W e [out]), fp64, a chunk of rows at a time (w_o W_o
+    exact: w has 8 significant bits); ``sums_only``: (W^T e_b [nb, in], None, None), the same
+    bits (the check of a weight's integrity in _settle: half the time, 60 ms against 117 at
+    [4096, 4096] on this Xeon)."""
     out, k = weight.shape
     nb = -(-out // block_o)
-    sums = torch.zeros(nb, k, dtype=torch.float64, device=weight.device)
+    sums = torch.zeros(nb if sums_only else 2 * nb, k, dtype=torch.float64, device=weight.device)
     squares = None if sums_only else torch.zeros_like(sums)
     row_sums = None if sums_only else torch.empty(out, dtype=torch.float64, device=weight.device)
+    wts = None if sums_only else checksum_weights(block_o, weight.device)[None, :, None]
     rows_per_chunk = block_o * max(1, (1 << 22) // max(1, block_o * k))
     for o0 in range(0, out, rows_per_chunk):
         w = weight[o0:o0 + rows_per_chunk].to(torch.float64)
@@ -249,6 +262,9 @@ def _block_sums(weight: torch.Tensor, block_o: int, sums_only: bool = False) \
         sums[blocks] = w.sum(1)
         if not sums_only:
             squares[blocks] = w.square().sum(1)
+            ww = w * wts
+            sums[nb + blocks] = ww.sum(1)
+            squares[nb + blocks] = ww.square().sum(1)
     return sums, squares, row_sums
 
 
@@ -281,7 +297,8 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
         return entry
     with torch.no_grad():
         sums, squares, row_sums = _block_sums(weight.detach(), block_o)
-        if weight.dtype == torch.bfloat16 and sums.shape[0] > FUSED_BLOCKS:
+        nb = sums.shape[0] // 2
+        if weight.dtype == torch.bfloat16 and nb > FUSED_BLOCKS:
             # many blocks: the references run on the bf16 GEMM, the checksums as hi + mid + lo
             # parts, with fp32 accumulators whose rounding the bound takes from (W^T e_b)^2
             # (three parts: their sum within 2^-26 of the checksum; with two, 2^-17, whose
@@ -300,7 +317,7 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
             # harm threshold: found by review)
             ref_cols = sums.contiguous()
             mag_cols = squares.to(torch.float32).contiguous()
-    entry = WeightChecksums(key, block_o, sums, row_sums, ref_cols, mag_cols)
+    entry = WeightChecksums(key, block_o, sums[:nb], row_sums, ref_cols, mag_cols)
     if cache:
         _store(base, key[:-1], entry)
         if key[-1] is not None:
@@ -390,16 +407,19 @@ def _same_rows(a: torch.Tensor, b: torch.Tensor, nblk: int) -> torch.Tensor:
 
 def _reference_check(acc, x, ref_cols, mag_cols, block_o, tau, bias=None) -> torch.Tensor:
     """The flags [1, 1, nblk] of the check, with BLIND where tau > 0 and a row's block is
-    blind (as csrc/linear_cpu.cpp blind_block)."""
+    blind (as csrc/linear_cpu.cpp blind_block). Per row and block two comparisons: the plain
+    block sum, and the sum weighted by checksum_weights (the same bound formula on its own
+    magnitudes, sum_{o in b} w_o^2 W_o^2: each accumulator's rounding weighed by w_o)."""
     T, out = acc.shape
     K = x.shape[1]
     nb = -(-out // block_o)
     pad = nb * block_o - out
-    s = torch.nn.functional.pad(acc.to(torch.float64), (0, pad)).view(T, nb, block_o).sum(-1)
+    blocks = torch.nn.functional.pad(acc.to(torch.float64), (0, pad)).view(T, nb, block_o)
+    s = torch.cat([blocks.sum(-1), (blocks * checksum_weights(block_o, acc.device)).sum(-1)], 1)
     split = ref_cols.dtype != torch.float64
     ref = x.to(torch.float64) @ ref_cols.to(torch.float64).t()
     if split:
-        ref = ref[:, :nb] + ref[:, nb:2 * nb] + ref[:, 2 * nb:]
+        ref = ref[:, :2 * nb] + ref[:, 2 * nb:4 * nb] + ref[:, 4 * nb:]
     mag = x.to(torch.float64).square() @ mag_cols.to(torch.float64).t()
     bound = check_factor(K, split, block_o) * mag.sqrt() + ETA * (K + 1) * (block_o + 1)
     # finite magnitudes or checksums overflowed (|W| from ~1e18; bf16 parts at ~1e37), or 0 x

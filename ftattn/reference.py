@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .contract import BIT_REPLACE, fault_fields, span_axis, xor_mask
+from .contract import BIT_REPLACE, CHECKSUM_WEIGHT_MAX, checksum_weight, fault_fields, span_axis, xor_mask
 from .faults import CHECK_MASK, TAU, Check, REPORT_BLOCK_M, Site
 
 U32 = 2.0**-24  # unit roundoff of fp32
@@ -35,18 +35,13 @@ _PV_VERIFY_BIT = int(Check.BLIND)  # (as csrc/attention/block.h kPvVerify)
 
 
 def pv_weight(d: int) -> float:
-    """Weight of head dim d in the PV check's second, weighted checksum (protection full), as
-    csrc/attention/common.h's pv_weight and kernels/attention.py: (2 h - 255) / 1024 for the top
-    byte h of a hash of d, odd multiples of 2^-10 in (-1/4, 1/4) (PV_WEIGHT_MAX: the bound's
-    scale). A warp's deltas +-2^k can sum to 0 in the plain checksum; they rarely do in both."""
-    h = ((d + 1) * 0x9E3779B9) & 0xFFFFFFFF
-    h ^= h >> 15
-    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
-    h ^= h >> 12
-    return (2 * (h >> 24) - 255) / 1024.0
+    """Weight of head dim d in the PV check's second, weighted checksum (protection full): the
+    contract's checksum_weight (odd multiples of 2^-26 in (-1/4, 1/4), PV_WEIGHT_MAX: the
+    bound's scale), as csrc/attention/common.h and kernels/attention.py."""
+    return checksum_weight(d)
 
 
-PV_WEIGHT_MAX = 0.25
+PV_WEIGHT_MAX = CHECKSUM_WEIGHT_MAX
 
 
 def pv_weights(D: int, device=None) -> torch.Tensor:

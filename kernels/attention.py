@@ -228,14 +228,14 @@ def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
 @triton.jit
 def _pv_weight(offs_d):
     """Weight of each head dim in the PV check's second, weighted checksum (protection full),
-    as csrc/attention/common.h's pv_weight and ftattn/reference.py: (2 h - 255) / 1024 for the
-    top byte h of a 32-bit hash of d, |w| < 1/4 (a warp's deltas +-2^k can sum to 0 in the
+    as ftattn/contract.py's checksum_weight and csrc/fault_contract.h: (2 h - (2^24 - 1)) / 2^26
+    for the top 24 bits h of a 32-bit hash of d, |w| < 1/4 (a warp's deltas +-2^k can sum to 0 in the
     plain checksum; they rarely do in both)."""
     h = ((offs_d.to(tl.int64) + 1) * 2654435769) & 0xFFFFFFFF
     h = h ^ (h >> 15)
     h = (h * 739982445) & 0xFFFFFFFF
     h = h ^ (h >> 12)
-    return (2 * (h >> 24) - 255).to(tl.float32) * 0.0009765625
+    return (2 * (h >> 8) - 16777215).to(tl.float32) * 1.4901161193847656e-08
 
 
 @triton.jit

@@ -8,15 +8,19 @@ u = 2^-24), with the checksum columns riding along in the same K loop. BLOCK_N i
 checksum block (ftattn/linear.py BLOCK_O, 128 output features), so a program owns the
 whole block b of its columns and checks, per row i of its tile,
 
-    sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)
+    sum_{o in b} acc[i, o]  vs  x_i . (W^T e_b)   and
+    sum_{o in b} w_o acc[i, o]  vs  x_i . (W^T w_b)
 
-against the weight's cached checksums (``ref_cols``: fp64 [nb, K], the reference then
-accumulated in fp64; or bf16 hi + mid + lo parts [3 nb, K], in fp32), within the statistical
-bound of csrc/linear_cpu.cpp (ftattn/linear.py check_factor): factor *
-scale_i * sqrt(x_i^2 / scale_i^2 . mag_b) plus an underflow term, plus the tree
-summation of the block's 128 accumulators (log2(128) + 1 roundings of sum |acc|).
-``mag_cols`` [nb, K]: sum_{o in b} W_o^2 (fp32; bf16 with (W^T e_b)^2 added for the bf16
-parts); ``row_scale`` [T]: a power
+(w: the contract's checksum_weight of o's place in the block, _pv_weight; a warp's +-2^k
+deltas that cancel in the plain sum rarely cancel in both) against the weight's cached
+checksums (``ref_cols``: fp64 [2 nb, K], the plain ones then the weighted ones, the
+reference then accumulated in fp64; or bf16 hi + mid + lo parts [3 x 2 nb, K], in fp32),
+within the statistical bound of csrc/linear_cpu.cpp (ftattn/linear.py check_factor): factor *
+scale_i * sqrt(x_i^2 / scale_i^2 . mag_c) plus an underflow term, plus the tree
+summation of the block's 128 accumulators (log2(128) + 1 roundings of sum |acc|; one more
+for the weighted products). ``mag_cols`` [2 nb, K]: sum_{o in b} W_o^2 and sum_{o in b}
+w_o^2 W_o^2 (fp32; bf16 with the checksum squared added for the bf16 parts);
+``row_scale`` [T]: a power
 of two near max_j |x_ij| (the launcher's), so the squares neither underflow nor overflow.
 The reference products are one K-wide dot per row and tile step (1/BLOCK_N of the tile's
 work) on CUDA cores, in fp64 (fp32 for the bf16 parts).
@@ -39,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ..contract import REPORT_BLOCK_M, Check, Site
+from .attention import _pv_weight
 
 BLOCK_REPORT = tl.constexpr(REPORT_BLOCK_M)
 GEMM_ROW_CHECKSUM = tl.constexpr(int(Check.GEMM_ROW_CHECKSUM))
@@ -79,9 +84,12 @@ def _linear_fwd(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SPLIT:
         ref = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        ref_w = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         ref = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        ref_w = tl.zeros((BLOCK_M,), dtype=tl.float64)
     mag = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mag_w = tl.zeros((BLOCK_M,), dtype=tl.float32)
     x_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if PROTECTION:
         inv = 1.0 / tl.load(RowScale + rm, mask=m_ok, other=1.0)
@@ -101,17 +109,26 @@ def _linear_fwd(
             acc = tl.dot(x, tl.trans(w), acc)
         if PROTECTION:
             xf = x.to(tl.float32)
-            if SPLIT:
+            if SPLIT:  # (hi, mid, lo parts of the 2 NB checksums, each part's 2 NB rows in turn)
                 r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
-                r_mid = tl.load(RefCols + (NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
-                r_lo = tl.load(RefCols + (2 * NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                r_mid = tl.load(RefCols + (2 * NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                r_lo = tl.load(RefCols + (4 * NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
                 ref += tl.sum(xf * r[None, :], 1) + tl.sum(xf * r_mid[None, :], 1) + tl.sum(xf * r_lo[None, :], 1)
+                r = tl.load(RefCols + (NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                r_mid = tl.load(RefCols + (3 * NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                r_lo = tl.load(RefCols + (5 * NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                ref_w += tl.sum(xf * r[None, :], 1) + tl.sum(xf * r_mid[None, :], 1) + tl.sum(xf * r_lo[None, :], 1)
             else:  # (fp64 sums, fp64 products of fp32 values: exact, summed in fp64)
                 r = tl.load(RefCols + blk * K + kk, mask=k_ok, other=0.0)
                 ref += tl.sum(xf.to(tl.float64) * r[None, :], 1)
-            mc = tl.load(MagCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+                r = tl.load(RefCols + (NB + blk) * K + kk, mask=k_ok, other=0.0)
+                ref_w += tl.sum(xf.to(tl.float64) * r[None, :], 1)
             xs = xf * inv[:, None]
-            mag += tl.sum(xs * xs * mc[None, :], 1)
+            x2 = xs * xs
+            mc = tl.load(MagCols + blk * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+            mag += tl.sum(x2 * mc[None, :], 1)
+            mc = tl.load(MagCols + (NB + blk) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+            mag_w += tl.sum(x2 * mc[None, :], 1)
             x_bad = tl.maximum(x_bad, tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), 1))
     if INJECT:
         hit = (f_site == SITE_GEMM) & (rm[:, None] == f_row) & (rn[None, :] >= f_col) & \
@@ -120,15 +137,20 @@ def _linear_fwd(
     if PROTECTION:
         a = tl.where(n_ok[None, :], acc, 0.0)
         s = tl.sum(a, 1)
+        aw = a * _pv_weight(rn - blk * BLOCK_N)[None, :]
+        s_w = tl.sum(aw, 1)
         scale = 1.0 / inv
         bound = factor * tl.sqrt(mag) * scale + abs_term + 8.0 * U32 * tl.sum(tl.abs(a), 1)
+        bound_w = factor * tl.sqrt(mag_w) * scale + abs_term + 9.0 * U32 * tl.sum(tl.abs(aw), 1)
         # (a non-finite sum fails however large the bound: its sum |acc| term is then infinite too)
         # finite magnitudes or checksums overflowed (|W| from ~1e18; bf16 parts at ~1e37), or
         # 0 x inf: no bound or no reference, blind (as C++; NaN / Inf in x or W reaches s)
-        s_bad = (s != s) | (tl.abs(s) == float("inf"))
-        ref_bad = (ref != ref) | (tl.abs(ref) == float("inf"))
-        no_bound = ((mag != mag) | (mag == float("inf")) | ref_bad) & ~s_bad
-        bad = (~(tl.abs(s - ref) <= bound) & ~no_bound) | s_bad
+        s_bad = (s != s) | (tl.abs(s) == float("inf")) | (s_w != s_w) | (tl.abs(s_w) == float("inf"))
+        ref_bad = (ref != ref) | (tl.abs(ref) == float("inf")) | (ref_w != ref_w) | (tl.abs(ref_w) == float("inf"))
+        no_bound = ((mag != mag) | (mag == float("inf")) | (mag_w != mag_w) | (mag_w == float("inf")) | ref_bad) \
+            & ~s_bad
+        bad = (~((tl.abs(s - ref) <= bound) & (tl.abs(s_w - ref_w) <= bound_w)) & ~no_bound) | s_bad
+        bound = tl.maximum(bound, bound_w)
         nonfinite = (x_bad != 0) | (ref_bad & ~no_bound)
         # a row whose block cannot see every harmful fault (csrc/linear_cpu.cpp blind_block):
         # BLIND, for the launcher's caller to make the product again and compare

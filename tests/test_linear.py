@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import ftattn
 from ftattn import Fault, FaultDetectedError
+from ftattn.contract import checksum_weight
 from ftattn.linear import BLOCK_O, weight_checksums
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -412,6 +413,54 @@ def test_checksums_blocks():
         exp = w[blk * BLOCK_O:(blk + 1) * BLOCK_O].double().sum(0)
         assert torch.allclose(c.sums[blk], exp, rtol=1e-12, atol=1e-12)
     assert torch.allclose(c.row_sums, w.double().sum(1), rtol=1e-12, atol=1e-12)
+    # the kernel's columns: the plain block sums, then the weighted ones (checksum_weight of
+    # the place in the block), and their magnitudes
+    wts = torch.tensor([checksum_weight(o) for o in range(BLOCK_O)], dtype=torch.float64)
+    assert c.ref_cols.shape == (2 * nb, 11) and c.mag_cols.shape == (2 * nb, 11)
+    for blk in range(nb):
+        rows = w[blk * BLOCK_O:(blk + 1) * BLOCK_O].double()
+        ww = rows * wts[:rows.shape[0], None]
+        assert torch.equal(c.ref_cols[blk], c.sums[blk])
+        assert torch.allclose(c.ref_cols[nb + blk], ww.sum(0), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(c.mag_cols[blk].double(), rows.square().sum(0), rtol=1e-6)
+        assert torch.allclose(c.mag_cols[nb + blk].double(), ww.square().sum(0), rtol=1e-6)
+    assert 0 < wts.abs().max() < 0.25 and len(set(wts.tolist())) > 100
+
+
+def _cancelling_warp_data(dtype):
+    """x one-hot rows; the values row 1 reads alternate 1.25 and 1.75 (1.01b, 1.11b): bit 22
+    of their fp32 accumulators is 0, 1, 0, 1, ..., so flipping it on 32 consecutive outputs
+    adds and takes 0.5 in turn, and the warp's deltas sum to 0 in every block's plain sum
+    (the review's case, 290x the harm threshold: missed by every backend before the
+    weighted checksum)."""
+    k, out = 7, 200
+    x = torch.zeros(3, k)
+    x[0, 2] = x[1, 0] = x[2, 5] = 1.0
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(out, k, generator=g) * 0.3
+    w[:, 0] = torch.tensor([1.25, 1.75]).repeat(out // 2)
+    return x.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_warp_that_cancels_in_the_block_sum_is_caught(backend, dtype):
+    x, w = _cancelling_warp_data(dtype)
+    clean = ftattn.linear(x, w, backend=backend)
+    # a warp at every start (the review's: outputs 0..31; crossing the block boundary at 128
+    # too, where each block's part cancels; with 8-bit weights, the sum of +-w over the warp
+    # starting at 48 was exactly 0 as well)
+    for col in range(0, w.shape[0] - 31):
+        f = Fault("gemm", row=1, col=col, bit=22, span=32)
+        raw = ftattn.linear(x, w, fault=f, protection="off", backend=backend)
+        assert _harmful(raw, clean, dtype), col
+        _, rep = ftattn.linear(x, w, fault=f, on_fault="report", return_report=True, backend=backend)
+        assert rep.detected == 1, col
+        fixed, rep2 = ftattn.linear(x, w, fault=f, return_report=True, backend=backend)
+        assert rep2.corrected == 1 and torch.equal(fixed, clean), col
+    # the plain sums alone pass it: the deltas cancel exactly in each block
+    y = ftattn.linear(x, w, fault=Fault("gemm", row=1, col=0, bit=22, span=32), protection="off", backend=backend)
+    assert float((y.double() - clean.double())[1, :BLOCK_O].sum()) == 0.0
 
 
 def test_nonfinite_input_is_not_a_fault():

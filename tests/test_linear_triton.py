@@ -172,6 +172,25 @@ def test_warp_faults_detected_and_corrected(dtype, protection):
             assert torch.equal(fixed, clean), f
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_warp_that_cancels_in_the_block_sum_is_caught(dtype):
+    """tests/test_linear.py's case: one-hot x, the values row 1 reads alternating 1.25 and 1.75,
+    bit 22 flipped on 32 outputs: the deltas +-0.5 cancel in each block's plain sum (missed
+    before the weighted checksum); warps at a few starts, one across the block boundary."""
+    k, out = 7, 200
+    x = torch.zeros(3, k)
+    x[0, 2] = x[1, 0] = x[2, 5] = 1.0
+    w = torch.randn(out, k, generator=torch.Generator().manual_seed(3)) * 0.3
+    w[:, 0] = torch.tensor([1.25, 1.75]).repeat(out // 2)
+    x, w = x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE)
+    clean = _lin(x, w, None)
+    for col in (0, 48, 96, 113, 168):
+        f = Fault("gemm", row=1, col=col, bit=22, span=32)
+        assert _harmful(_lin(x, w, None, fault=f, protection="off"), clean, dtype)
+        fixed, rep = _lin(x, w, None, fault=f, return_report=True)
+        assert rep.detected == 1 and rep.corrected == 1 and torch.equal(fixed, clean), col
+
+
 def test_seven_int_fault_is_span_one():
     x, w, b = _data(9, 40, 20, torch.float32, seed=14)
     c = ftattn.linear.__globals__["weight_checksums"](w, 128)

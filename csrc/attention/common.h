@@ -122,26 +122,21 @@ constexpr int64_t PV_GROUP = 64;
 constexpr int MAX_GROUPS = 4;
 
 // The PV check's second checksum (protection full): over every head dim, sum_d w_d acc_d
-// against sum_j p_j (sum_d w_d v_jd), with weights w_d = (2 h_d - 255) / 1024 from a hash of d
-// (odd multiples of 2^-10 in (-1/4, 1/4), mean 0: w_d v_jd rounds once; |w_d| < PV_WEIGHT_MAX
+// against sum_j p_j (sum_d w_d v_jd), with weights w_d = checksum_weight(d) from a hash of d
+// (fault_contract.h: odd multiples of 2^-26 in (-1/4, 1/4), mean 0: w_d v_jd rounds once; |w_d| < PV_WEIGHT_MAX
 // scales the plain check's bound, and keeps sum_d w_d v_jd over D <= 256 dims within the largest
 // 64-dim group's sum of |v|, so it overflows fp32 no sooner than the plain sums: with weights up
 // to 1 it did, from |v| ~ 3e36, a false alarm, found by review).
 // A warp flips one bit of 32 consecutive dims of an accumulator row; where the values share an
 // exponent the deltas are +-2^k with signs from the data, and with probability ~0.14 they sum to
 // 0 in the plain checksum (the random and targeted warp campaigns passed 11 harmful ones over
-// 6,656, their sums below 1/8 of the bound). The weighted sum of such a pattern is a multiple of
-// 2^(k-10) spread over hundreds of them: both vanish together rarely enough that the campaigns
-// find none (on the campaigns' data: the weights are fixed, and data made to cancel in both exist) (one weighted sum for all groups: a warp lies in one group, and one more product per
+// 6,656, their sums below 1/8 of the bound). The weighted sum of such a pattern is 2^k sum_d +-w_d:
+// with 24-bit weights it comes within the bound of 0 for ~1 sign pattern in 10^5 (with the 8-bit
+// weights before 2026-12-07, exactly 0 for ~1 in 500), so both vanish together rarely enough that
+// the campaigns find none (the weights are fixed: data made to cancel in both exist) (one weighted sum for all groups: a warp lies in one group, and one more product per
 // score at every head dim). The same weights in ftattn/reference.py and kernels/attention.py.
-constexpr float pv_weight(int64_t d) {
-  uint64_t h = (static_cast<uint64_t>(d + 1) * 0x9E3779B9u) & 0xFFFFFFFFu;
-  h ^= h >> 15;
-  h = (h * 0x2C1B3C6Du) & 0xFFFFFFFFu;
-  h ^= h >> 12;
-  return static_cast<float>(2 * static_cast<int64_t>(h >> 24) - 255) * (1.f / 1024.f);
-}
-constexpr double PV_WEIGHT_MAX = 0.25;
+constexpr float pv_weight(int64_t d) { return checksum_weight(d); }  // (fault_contract.h)
+constexpr double PV_WEIGHT_MAX = kChecksumWeightMax;
 // A checksum whose bound exceeds this many times the harm threshold of what it checks (in the
 // same units) cannot see every harmful fault: the row is made again and compared bit for bit
 // (the forward's PV checksum, csrc/attention/block.h; the backward's dQ, dK, dV checks).
