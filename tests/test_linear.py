@@ -222,6 +222,33 @@ def test_targeted_faults_on_the_largest_products(dtype):
     assert harmful > 10
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_warps_on_normal_and_alternating_data(backend, dtype):
+    """gemm warps (one bit, or a value, on 32 consecutive outputs; random rows, starts and
+    bits) on normal data and on outputs that share an exponent with alternating mantissas
+    (where a warp's deltas cancel in the plain block sums): none harmful missed, every one
+    detected corrected. Before the weighted checksum, 300 warps on each of 4 data kinds x 2
+    seeds x 3 dtypes missed 8 of 3,583 harmful (C++), 7 of 3,650 (reference)."""
+    g = torch.Generator().manual_seed(5)
+    T, k, out = 4, 256, 256
+    x = torch.randn(T, k, generator=g)
+    w = torch.randn(out, k, generator=g) / math.sqrt(k)
+    xa = torch.zeros(T, k)
+    xa[:, 0] = 1.0
+    wa = w.clone()
+    wa[:, 0] = torch.tensor([1.25, 1.75]).repeat(out // 2) * torch.randint(1, 3, (out,), generator=g)
+    for xx, ww in ((x, w), (xa, wa)):
+        faults = []
+        for t in range(120):
+            col = int(torch.randint(out - 31, (1,), generator=g)) if t % 2 else 32 * int(torch.randint(out // 32, (1,), generator=g))
+            kw = {"value": 1e4} if t % 11 == 10 else {"bit": int(torch.randint(31, (1,), generator=g))}
+            faults.append(Fault("gemm", row=int(torch.randint(T, (1,), generator=g)), col=col, span=32, **kw))
+        harmful, missed, detected, corrected = _campaign(xx.to(dtype), ww.to(dtype), None, dtype, faults, backend)
+        assert missed == 0 and corrected == detected
+        assert harmful > 40
+
+
 def _coherent_data(kind, k, dtype, seed=0):
     """Inputs where every output of a checksum block weighs a big input channel alike
     (found by review: the bound then grew with (W^T e_b)^2, 128x the block's accumulators'
