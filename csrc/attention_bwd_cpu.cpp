@@ -136,6 +136,11 @@ struct BwdScratch {
   AVec<float> kgT;  // per key: group sums of k, then of |k|, transposed [2G x ldk], zero beyond Mb
   std::vector<double> tks, tka, tvs, tva;            // per tile [D]
   AVec<float> rk, mk, rvm;                           // dK's references [G x ldk]; dV's [2G x ldk]
+  // for the blind rule's bound (group_check): per query row of the block, max_j |dS_ij|; per
+  // key of the task, max_i |dS_ij| then max_i P_ij [2 x ldk]; per group, the largest group sum
+  // of |k| over the task's keys (wq), of |q| and of |dO| over its queries (wk, wv)
+  std::vector<float> dsmax, wq, wk, wv;
+  AVec<float> kcol;
   std::vector<int32_t> keybits, qbits;
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
       : S((BWD_BM + 3 * BWD_NGROUP_MAX) * BWD_BN), S2((BWD_BM + 3 * BWD_NGROUP_MAX) * BWD_BN),
@@ -160,6 +165,9 @@ struct BwdScratch {
     for (auto* x : {&kgT, &rvm}) x->resize(ldk * 2 * G);
     for (auto* x : {&rk, &mk}) x->resize(ldk * G);
     for (auto* x : {&tks, &tka, &tvs, &tva}) x->resize(std::max<int64_t>(ntiles, 1) * D);
+    dsmax.resize(BWD_BM);
+    for (auto* x : {&wq, &wk, &wv}) x->resize(G);
+    kcol.resize(2 * ldk);
   }
 };
 
@@ -752,6 +760,26 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
   }
 }
 
+// The largest terms of a tile for the blind rule's bound (group_check): rmax[i] = max(rmax[i],
+// max_j dSa_ij) per row, cds[j] = max(cds[j], max_i dSa_ij) and cp[j] = max(cp[j], max_i P_ij)
+// per key j < n (dSa = |dS| and P as the references' products read them).
+FTATTN_CLONES static void tile_maxima(const float* __restrict dSa, const float* __restrict P, int64_t ld,
+                                      int64_t rows, int64_t n, float* __restrict rmax, float* __restrict cds,
+                                      float* __restrict cp) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* a = dSa + i * ld;
+    const float* p = P + i * ld;
+    float m = rmax[i];
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) {
+      m = a[j] > m ? a[j] : m;
+      cds[j] = a[j] > cds[j] ? a[j] : cds[j];
+      cp[j] = p[j] > cp[j] ? p[j] : cp[j];
+    }
+    rmax[i] = m;
+  }
+}
+
 // The rows r of acc [n x D] whose group sums disagree with their references ref[r * ldr + g *
 // gsr] (fp32 GEMMs of the same K terms over the group sums of the other operand) beyond
 // (2 kappa sqrt(K + 2) + 2) u mag[r * ldm + g * gsm] + ETA (|g| + 2)(K + 2): each side's rounding
@@ -763,8 +791,16 @@ FTATTN_CLONES static void group_sums(const float* __restrict X, int64_t n, int64
 // magnitudes summed; where they cancel (values of 3e3 whose outputs cancel: dK moved 774x the
 // threshold unseen) the bound is many times the threshold. In the row's units the threshold
 // is H = max(floor, tau max_d |acc_d|) (row_max; else the floor alone: a GQA group's query
-// heads add up, and may cancel, in dK and dV), and a row is blind where a group's bound exceeds
-// PV_BLIND H or its difference H / 4 (csrc/attention/block.h PV_BLIND: the forward's rule).
+// heads add up, and may cancel, in dK and dV), and a row is blind where a group's rounding
+// exceeds PV_BLIND H or its difference H / 4 (csrc/attention/block.h PV_BLIND: the forward's
+// rule). The rounding there is the check's bound, or, where smaller, its statistical estimate
+// from the terms' squares (the check itself keeps the bound: no new alarm): f (||t||_2 + sum_d
+// |acc_d|), the terms t of the group's K-term dot products (checked side and reference, both
+// within sum_j x_j^2 (sum_d |w_jd|)^2 <= max_j (|x_j| sum_d |w_jd|) mag, the largest term at most
+// xmax_r wmax_g) plus the drift of partial sums whose terms share a sign (|sum| of the group's
+// accumulators), as the forward's score verification. The bound from sum |t| grows as K and
+// the harm as sqrt K: with gradients of ~1e2 and more (fp16 loss scaling), rows of normal data
+// went blind from ~500 keys, and a full backward ran twice (1.9x abft at N = M = 1024).
 struct Harm {
   double tau = 0.0;  // 0: no blindness test (abft)
   double floor = 0.0;
@@ -772,7 +808,8 @@ struct Harm {
 };
 FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, int64_t G, const float* ref,
                                       int64_t ldr, int64_t gsr, const float* mag, int64_t ldm, int64_t gsm,
-                                      int64_t K, int32_t bit, int32_t* bits, double eta, const Harm& harm) {
+                                      int64_t K, int32_t bit, int32_t* bits, double eta, const Harm& harm,
+                                      const float* xmax = nullptr, const float* wmax = nullptr) {
   const double f = (2.0 * KAPPA * std::sqrt(static_cast<double>(K + 2)) + 2.0) * U32;
   const int64_t Gp = (D + BWD_GROUP - 1) / BWD_GROUP;
   for (int64_t r = 0; r < n; ++r) {
@@ -785,13 +822,18 @@ FTATTN_CLONES static void group_check(const float* acc, int64_t n, int64_t D, in
         span_sums(acc + r * D + d0, d1 - d0, s, a, m);
       else  // (the weighted checksum: group_sums)
         weighted_sums(acc + r * D, D, s, a);
-      const double bound =
-          f * static_cast<double>(mag[r * ldm + g * gsm]) + eta * static_cast<double>((d1 - d0 + 2) * (K + 2));
+      const double mg = static_cast<double>(mag[r * ldm + g * gsm]), under = eta * static_cast<double>((d1 - d0 + 2) * (K + 2));
+      const double bound = f * mg + under;
       const double diff = std::fabs(s - static_cast<double>(ref[r * ldr + g * gsr]));
       bad |= !within(diff, bound);
       if (g < Gp) {
         row_max = std::max(row_max, m);
-        worst_bound = std::max(worst_bound, bound);
+        double rounding = bound;
+        if (xmax != nullptr) {  // (the statistical estimate, where smaller; 2^-6 for fp32 magnitudes)
+          const double top = static_cast<double>(xmax[r]) * static_cast<double>(wmax[g]);
+          rounding = std::min(bound, f * (std::sqrt(mg * top) + a) * (1.0 + 0x1p-6) + under);
+        }
+        worst_bound = std::max(worst_bound, rounding);
         worst_diff = std::max(worst_diff, diff);
       }
     }
@@ -903,6 +945,12 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     std::fill(w.rk.begin(), w.rk.begin() + ldk * G, 0.f);
     std::fill(w.mk.begin(), w.mk.begin() + ldk * G, 0.f);
     std::fill(w.rvm.begin(), w.rvm.begin() + ldk * 2 * G, 0.f);
+    std::fill(w.kcol.begin(), w.kcol.begin() + 2 * ldk, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* ka = w.kgT.data() + (G + g) * ldk;
+      w.wq[g] = *std::max_element(ka, ka + Mb);
+      w.wk[g] = w.wv[g] = 0.f;
+    }
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t n0 = t * BWD_BN, n = std::min(BWD_BN, Mb - n0);
       double *ks = w.tks.data() + t * D, *ka = w.tka.data() + t * D, *vs = w.tvs.data() + t * D,
@@ -969,6 +1017,12 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       }
       group_sums(Qb, rows, D, G, w.qg.data(), 2 * G, 1, w.qmax.data());
       group_sums(Gb, rows, D, G, w.gg.data(), 2 * G, 1, w.gmax.data());
+      std::fill(w.dsmax.begin(), w.dsmax.begin() + rows, 0.f);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+          w.wk[g] = std::max(w.wk[g], w.qg[i * 2 * G + G + g]);
+          w.wv[g] = std::max(w.wv[g], w.gg[i * 2 * G + G + g]);
+        }
     }
     // S = Q K^T (which 0) and dP = dO V^T (which 1) for the tile at n0 (n keys) into X, the
     // column groups' reference rows after the block's: sgemm on the fp32 rows, or the bf16
@@ -1176,7 +1230,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
           if (std::memcmp(X + i * BWD_BN, w.S2.data() + i * BWD_BN, n * sizeof(float)) != 0)
             bits |= which == 0 ? kScoreRecompute : kDpChecksum;
       }
-      // the references of dQ, dK, dV for this tile (fp32)
+      // the references of dQ, dK, dV for this tile (fp32), and its largest terms
+      tile_maxima(dSaref, Pref, BWD_BN, rows, n, w.dsmax.data(), w.kcol.data() + n0, w.kcol.data() + ldk + n0);
       tile_references(dSref, dSaref, Pref, BWD_BN, rows, n, G, w.kgT.data() + n0, ldk, w.qg.data(),
                       w.gg.data(), w.rq.data(), w.mq.data(), w.rk.data() + n0, w.mk.data() + n0, w.rvm.data() + n0);
     }
@@ -1204,7 +1259,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       // (dq = scale dQ: its threshold tau max(1, |dq|) is tau max(1 / |scale|, |dQ|) here)
       const Harm hq{full ? P.tau : 0.0, P.tau / ascale, true};
       group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits, P.eta16,
-                  hq);
+                  hq, w.dsmax.data(), w.wq.data());
       for (int64_t i = 0; i < rows; ++i) bits |= rowbits[i];
     }
     scaled_copy(dQout + r0 * D, w.dQ.data(), rows * D, scale);
@@ -1217,9 +1272,9 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     // (dk = scale sum over the group's query heads of dK, dv the sum of dV)
     const Harm hk{full ? P.tau : 0.0, P.tau / ascale, group == 1}, hv{full ? P.tau : 0.0, P.tau, group == 1};
     group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data(), P.eta16,
-                hk);
+                hk, w.kcol.data(), w.wk.data());
     group_check(dV, Mb, D, G, w.rvm.data(), 1, ldk, w.rvm.data() + G * ldk, 1, ldk, N, kDvChecksum,
-                w.keybits.data(), P.eta16, hv);
+                w.keybits.data(), P.eta16, hv, w.kcol.data() + ldk, w.wv.data());
   }
 }
 

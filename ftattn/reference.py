@@ -351,9 +351,14 @@ def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, weighted:
     within the same bound over all columns. Returns (rows [.., R] whose check fails, rows that
     passed blind): ``harm`` = (tau, floor, row_max) (full) marks a row blind where a group's
     bound exceeds PV_BLIND H or its difference H / 4, H = max(floor, tau max_d |acc_rd|) (row_max)
-    or the floor (csrc/attention_bwd_cpu.cpp group_check)."""
+    or the floor (csrc/attention_bwd_cpu.cpp group_check). The blind rule takes the bound, or
+    where smaller its statistical estimate from the terms' squares, kappa u sqrt(K + 2) (||t||_2
+    + sum_d |acc_rd|) with ||t||_2^2 <= max_k (|x_rk| sum_d |w_kd|) mag (as the C++ kernel): the
+    bound grows as K and the harm as sqrt K (normal data with gradients of ~1e2 went blind from
+    ~500 keys)."""
     K, D = w.shape[-2], w.shape[-1]
     xd, wd, ad = x.double(), w.double(), acc.double()
+    xmax = xd.abs().amax(-1) if K else torch.zeros_like(ad[..., 0])
     bad = torch.zeros(acc.shape[:-1], dtype=torch.bool, device=acc.device)
     blind = torch.zeros_like(bad)
     if harm is not None:
@@ -365,11 +370,16 @@ def _group_checks(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, weighted:
         wg = wd[..., d0:d0 + BWD_GROUP]
         ref = (xd @ wg.sum(-1, keepdim=True)).squeeze(-1)
         mag = (xd.abs() @ wg.abs().sum(-1, keepdim=True)).squeeze(-1)
-        bound = KAPPA * U32 * math.sqrt(K + 2) * mag + ETA * (wg.shape[-1] + 2) * (K + 2)
+        under = ETA * (wg.shape[-1] + 2) * (K + 2)
+        bound = KAPPA * U32 * math.sqrt(K + 2) * mag + under
         diff = (ad[..., d0:d0 + BWD_GROUP].sum(-1) - ref).abs()
         bad |= ~(diff <= bound)
         if harm is not None:
-            blind |= ~(bound <= PV_BLIND * H) | ~(diff <= 0.25 * H)
+            wmax = wg.abs().sum(-1).amax(-1, keepdim=True) if K else torch.zeros_like(xmax)
+            estimate = KAPPA * U32 * math.sqrt(K + 2) * ((mag * xmax * wmax).sqrt()
+                                                          + ad[..., d0:d0 + BWD_GROUP].abs().sum(-1)) + under
+            rounding = torch.minimum(bound, estimate)
+            blind |= ~(rounding <= PV_BLIND * H) | ~(diff <= 0.25 * H)
     if weighted:  # (weights / 4, as the C++ kernel: |w| < 1/16, sums within a group's reach)
         wts = pv_weights(D, acc.device) * 0.25
         ref = (xd @ (wd @ wts)[..., None]).squeeze(-1)

@@ -279,6 +279,8 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
     wts = _weights(offs_d, HEAD_DIM)
     refq_w = tl.zeros([BLOCK_M], tl.float32)
     magq_w = tl.zeros([BLOCK_M], tl.float32)
+    xq = tl.zeros([BLOCK_M], tl.float32)  # (the blind rule's largest terms: _group_check)
+    wq = tl.zeros([16], tl.float32)
     # roundings on both sides of a row checksum
     row_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_N + 2, tl.float32))
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
@@ -323,7 +325,10 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
             ta += tl.sum(tl.where(vis, p * tl.abs(dp - delta[:, None]), 0.0), 1)
             tb += tl.sum(tl.where(vis, tl.abs(p * dp), 0.0), 1)
             refq += _dot(ds, _dot(k, E))
-            magq += _dot(tl.abs(ds), _dot(tl.abs(k), E))
+            ka = _dot(tl.abs(k), E)
+            magq += _dot(tl.abs(ds), ka)
+            xq = tl.maximum(xq, tl.max(tl.abs(ds), 1))
+            wq = tl.maximum(wq, tl.max(ka, 0))
             if PROTECTION >= 2:
                 refq_w += tl.sum(ds * tl.sum(k * wts[None, :], 1)[None, :], 1)
                 # (+2^-126: a product k w rounds within 2^-150 absolute where it is subnormal; f >= 2u
@@ -349,7 +354,7 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
         bits = bits | tl.where(_within(tl.abs(dsum - expect), tol) | ~row_ok, 0, DS_CHECK)
         # (dq = scale dQ: its harm threshold tau max(1, |dq|) is tau max(1 / |scale|, |dQ|) here)
         bits = bits | _group_check(acc, E, refq, magq, mb, 1, DQ_CHECKSUM, PROTECTION >= 2, TAU_H,
-                                   TAU_H / tl.abs(scale), 1.0)
+                                   TAU_H / tl.abs(scale), 1.0, xq, wq)
         if PROTECTION >= 2:
             bits = bits | _weighted_check(acc, wts, refq_w, magq_w, mb, HEAD_DIM, DQ_CHECKSUM)
     tl.store(DQ + rows, acc * scale, mask=rmask)
@@ -381,22 +386,28 @@ def _second_p_and_ds(p, s, m_b, scale, unit, rinv, dp, ds, delta, vis, AXIS: tl.
 
 @triton.jit
 def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr, HARM: tl.constexpr, tau, floor,
-                 row_max):
+                 row_max, xmax, wmax):
     """acc's sums per group of head dims (acc E) against their references, within each
     side's rounding (2 kappa u sqrt(K + 2) + 2 u of the sums of magnitudes, K the terms of
     the product): the bit per row of acc. HARM (full): a row that passes where its checks
     cannot see every harmful fault gets BLIND (settle_backward makes the backward again and
-    compares): a group's bound above PV_BLIND H or its difference above H / 4, H = max(floor,
-    tau max_d |acc_d| row_max), ``row_max`` 1.0 or 0.0 (the floor alone: a GQA group's heads add
-    up in dK and dV, and may cancel; csrc/attention_bwd_cpu.cpp group_check)."""
+    compares): a group's rounding above PV_BLIND H or its difference above H / 4, H =
+    max(floor, tau max_d |acc_d| row_max), ``row_max`` 1.0 or 0.0 (the floor alone: a GQA
+    group's heads add up in dK and dV, and may cancel); the rounding is the bound or, where
+    smaller, its statistical estimate f (sqrt(mag xmax_r wmax_g) + sum_{d in g} |acc_rd|), xmax
+    the row's largest |term factor| and wmax the group's largest sum of |other factor| over the
+    K terms (csrc/attention_bwd_cpu.cpp group_check)."""
     f = (2.0 * KAPPA * tl.sqrt((K + 2).to(tl.float32)) + 2.0) * U32
     diff = tl.abs(_dot(acc, E) - ref)
-    bound = f * mag + 18.0 * (K + 2) * UNDERFLOW
+    under = 18.0 * (K + 2) * UNDERFLOW
+    bound = f * mag + under
     bad = tl.max((~_within(diff, bound)).to(tl.int32), AXIS) != 0
     bits = tl.where(bad, bit, 0)
     if HARM:
         H = tl.maximum(floor, tau * tl.max(tl.abs(acc), 1) * row_max)
-        blind = ~(bound <= PV_BLIND * H[:, None]) | ~(diff <= 0.25 * H[:, None])
+        estimate = f * (tl.sqrt(mag * xmax[:, None] * wmax[None, :]) + _dot(tl.abs(acc), E)) * 1.015625 + under
+        rounding = tl.minimum(bound, estimate)
+        blind = ~(rounding <= PV_BLIND * H[:, None]) | ~(diff <= 0.25 * H[:, None])
         bits = bits | tl.where((tl.max(blind.to(tl.int32), AXIS) != 0) & ~bad, BLIND, 0)
     return bits
 
@@ -445,6 +456,10 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
     magk_w = tl.zeros([BLOCK_N], tl.float32)
     refv_w = tl.zeros([BLOCK_N], tl.float32)
     magv_w = tl.zeros([BLOCK_N], tl.float32)
+    xk = tl.zeros([BLOCK_N], tl.float32)  # (the blind rule's largest terms: _group_check)
+    xv = tl.zeros([BLOCK_N], tl.float32)
+    wk = tl.zeros([16], tl.float32)
+    wv = tl.zeros([16], tl.float32)
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
     ascale = tl.abs(scale)
     kmax = tl.max(tl.abs(k), 1)
@@ -490,9 +505,15 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
             bits = bits | _second_p_and_ds(pt, st, mrow[None, :], scale, unit, rinv[None, :], dpt, dst,
                                             delta[None, :], vis, 1)
             refk += _dot(dst, _dot(q, E))
-            magk += _dot(tl.abs(dst), _dot(tl.abs(q), E))
+            qa = _dot(tl.abs(q), E)
+            magk += _dot(tl.abs(dst), qa)
             refv += _dot(pt, _dot(do, E))
-            magv += _dot(pt, _dot(tl.abs(do), E))
+            ga = _dot(tl.abs(do), E)
+            magv += _dot(pt, ga)
+            xk = tl.maximum(xk, tl.max(tl.abs(dst), 1))
+            xv = tl.maximum(xv, tl.max(pt, 1))
+            wk = tl.maximum(wk, tl.max(qa, 0))
+            wv = tl.maximum(wv, tl.max(ga, 0))
             if PROTECTION >= 2:
                 refk_w += tl.sum(dst * tl.sum(q * wts[None, :], 1)[None, :], 1)
                 qa_w = tl.sum(tl.abs(q) * tl.abs(wts)[None, :], 1) + 1.1754943508222875e-38  # (as _bwd_dq)
@@ -509,9 +530,9 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
         # (dk = scale sum over the group's query heads, dv their sum: the heads add up, and may
         # cancel, so with GQA the floor alone is the threshold)
         bits = bits | _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM, PROTECTION >= 2, TAU_H,
-                                   TAU_H / tl.abs(scale), (GROUP == 1).to(tl.float32))
+                                   TAU_H / tl.abs(scale), (GROUP == 1).to(tl.float32), xk, wk)
         bits = bits | _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM, PROTECTION >= 2, TAU_H, TAU_H,
-                                   (GROUP == 1).to(tl.float32))
+                                   (GROUP == 1).to(tl.float32), xv, wv)
         if PROTECTION >= 2:
             bits = bits | _weighted_check(dk, wts, refk_w, magk_w, N, HEAD_DIM, DK_CHECKSUM)
             bits = bits | _weighted_check(dv, wts, refv_w, magv_w, N, HEAD_DIM, DV_CHECKSUM)
