@@ -725,3 +725,54 @@ def test_torch_func_grad_and_vjp_run_the_checked_backward(backend):
     assert all(torch.equal(a, b) for a, b in zip(vjp(do), want))
     with pytest.raises(NotImplementedError, match="not differentiable"):
         torch.func.grad(lambda q: torch.func.grad(loss)(q, k, v).sum())(q)
+
+
+def test_loss_scaled_gradients_leave_normal_rows_seen():
+    """With gradients of 1e4 (fp16 loss scaling) the dQ / dK / dV checks' bounds, from the sum of
+    |terms|, grow as the keys while the harm grows as their square root: at N = M = 2048 half
+    the key blocks of normal data were BLIND (made again and compared) before the blind rule
+    took the bound's statistical estimate. The reference's raw flags: none blind now."""
+    from ftattn.reference import _backward_raw
+
+    g = torch.Generator().manual_seed(0)
+    N = 2048
+    q, k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(3))
+    o = ftattn.attention(q, k, v, causal=True, backend="reference")
+    do = torch.randn(1, 1, N, 64, generator=g) * 1e4
+    *_, flags = _backward_raw(q, k, v, o, do, True, 64**-0.5, 2, None, None, None, None)
+    assert not bool(((flags & int(Check.BLIND)) != 0).any())
+    assert not bool(((flags & int(ftattn.faults.CHECK_MASK)) != 0).any())
+
+
+@pytest.mark.parametrize("backend, dtype", [("cpp", torch.float32), ("cpp", torch.float16),
+                                            ("reference", torch.float32)], ids=str)
+def test_faults_on_the_largest_loss_scaled_gradients_are_caught(backend, dtype):
+    """The adversary's faults for the blind rule above: mid-mantissa bits (10..22) of the
+    largest dq, dk, dv entries, gradients of 1e2 (loss scaling), causal N = M = 300: every
+    harmful one detected at full."""
+    g = torch.Generator().manual_seed(1)
+    N, tau = 300, 2.0**-10
+    q, k, v = (torch.randn(1, 2, N, 64, generator=g).to(dtype) for _ in range(3))
+    do = (torch.randn(1, 2, N, 64, generator=g) * 100).to(dtype)
+
+    def grads(fault):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, rep = ftattn.attention(*leaves, causal=True, protection="full", on_fault="report", backend=backend,
+                                  fault=fault, return_report=True)
+        o.backward(do)
+        return [t.grad.double() for t in leaves], rep.backward.detected
+
+    clean, det = grads(None)
+    assert det == 0
+    harmful = 0
+    for si, site in enumerate(("dq", "dk", "dv")):
+        top = clean[si][0].abs().flatten().topk(3).indices.tolist()
+        for x in top:
+            h, i, d = x // (N * 64), (x // 64) % N, x % 64
+            for bit in (10, 13, 16, 19, 22):
+                got, det = grads(Fault(site, 0, h, row=i, col=i, dim=d, bit=bit))
+                harm = any(bool(((a - b).abs() > tau * max(1.0, b.abs().max().item())).any())
+                           for a, b in zip(got, clean))
+                harmful += harm
+                assert det > 0 or not harm, (site, h, i, d, bit)
+    assert harmful >= 10
