@@ -141,6 +141,9 @@ struct BwdScratch {
   // of |k| over the task's keys (wq), of |q| and of |dO| over its queries (wk, wv)
   std::vector<float> dsmax, wq, wk, wv;
   AVec<float> kcol;
+  // the entries' verification threshold, TAU_VERIFY times vscale (head_backward), and the
+  // largest vscale a task used
+  double vscale = 1.0, vscale_used = 1.0;
   std::vector<int32_t> keybits, qbits;
   BwdScratch(int64_t D, int64_t M, int64_t nq, int64_t G, bool abft)
       : S((BWD_BM + 3 * BWD_NGROUP_MAX) * BWD_BN), S2((BWD_BM + 3 * BWD_NGROUP_MAX) * BWD_BN),
@@ -506,24 +509,25 @@ FTATTN_CLONES static float harm_bounds(const float* __restrict p, const float* _
   return hi;
 }
 
-// The entries j < vis of one row whose harm[j] >= TAU_VERIFY (harm_bounds): each product
+// The entries j < vis of one row whose harm[j] >= thr (harm_bounds; thr: TAU_VERIFY times the
+// task's gradient scale, head_backward): each product
 // a . b_j (b_j: row j of Bt) made in fp64 and compared with x[j] (entry_mismatch); returns
 // 1 when one disagrees, | 2 when that comparison's own bound could still hide harm
 // (scores: p (e^{2 bound scale} - 1) gain, gain = 2 (gmax + reach |dP_j - D|); dP: p 2 bound
 // 2 reach), so that the tile's product is made again. (A clone of its own: inlined into
 // head_backward, which has none, the fp64 vectors ran on SSE2 and spilled, 2086 perf samples
 // against 9559 for the five products at D128 causal, normal data.)
-// (The screen harm_j >= TAU_VERIFY a vector at a time, vec::mask_bits: a scalar compare and
+// (The screen harm_j >= thr a vector at a time, vec::mask_bits: a scalar compare and
 // branch per key was 38 % of this function's time at B8 H12 N128 D32, MiniLM's shape.)
 template <typename V>
 __attribute__((always_inline)) static inline int verify_entries_body(
     const float* __restrict a, const float* __restrict Bt, int64_t D, const float* __restrict x,
     const float* __restrict p, const float* __restrict dP, const float* __restrict harm,
     const float* __restrict kmax, int64_t vis, bool scores, float Di, float gmax, float qmax, float ascale,
-    double noise, double floor) {
+    double noise, double floor, double thr) {
   using namespace vec;
   constexpr int64_t L = Lanes<V>;
-  const float tau = static_cast<float>(TAU_VERIFY);
+  const float tau = static_cast<float>(thr);
   int found = 0;
   const auto visit = [&](int64_t j) {
     const double pj = static_cast<double>(p[j]);
@@ -536,7 +540,7 @@ __attribute__((always_inline)) static inline int verify_entries_body(
     if (entry_mismatch<L>(a, Bt + j * D, D, x[j], noise, floor, &bound)) found |= 1;
     const double hidden =
         scores ? pj * grow_bound(2.0 * bound * static_cast<double>(ascale)) * gain : pj * 2.0 * bound * gain;
-    if (!(hidden < TAU_VERIFY)) found |= 2;
+    if (!(hidden < thr)) found |= 2;
   };
   int64_t j = 0;
   for (; j + L <= vis; j += L)  // (harm has no NaN: harm_bounds makes it infinity)
@@ -550,12 +554,12 @@ FTATTN_CLONES static int verify_entries(const float* __restrict a, const float* 
                                         const float* __restrict x, const float* __restrict p,
                                         const float* __restrict dP, const float* __restrict harm,
                                         const float* __restrict kmax, int64_t vis, bool scores, float Di, float gmax,
-                                        float qmax, float ascale, double noise, double floor) {
+                                        float qmax, float ascale, double noise, double floor, double thr) {
   return wide_vectors()
              ? verify_entries_body<vec::f16>(a, Bt, D, x, p, dP, harm, kmax, vis, scores, Di, gmax, qmax, ascale,
-                                             noise, floor)
+                                             noise, floor, thr)
              : verify_entries_body<vec::f8>(a, Bt, D, x, p, dP, harm, kmax, vis, scores, Di, gmax, qmax, ascale,
-                                            noise, floor);
+                                            noise, floor, thr);
 }
 
 // out[i] = a_i . b_i (fp64) for the rows i < n of A and B [n x D], in fp64 lanes of 8 (in
@@ -899,6 +903,19 @@ static void round_bf16(bool cvt, const float* X, int64_t rows, int64_t n, int64_
   round_bf16_bits(X, rows, n, ld, Xb, Xr, Xa);
 }
 
+// The largest |x_i| of n floats; infinity where one is not finite.
+FTATTN_CLONES static double abs_max(const float* __restrict x, int64_t n) {
+  float m = 0.f;
+  int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    bad |= !(a <= std::numeric_limits<float>::max());
+    m = a > m ? a : m;
+  }
+  return bad ? std::numeric_limits<double>::infinity() : static_cast<double>(m);
+}
+
 void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, const FaultSpec& f) {
   const int64_t D = P.D, N = P.N, G = P.G, group = P.Hq / P.Hkv, hk = h / group;
   const int64_t first = P.key_first(b), Mb = P.key_count(b), shift = Mb - N;
@@ -966,8 +983,24 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   // per column group of the block's q (which 0) and dO (which 1): sqrt(rows max_d sum_i
   // x_id^2), >= ||sum_i |x_i| ||_2 and >= ||fl(sum_i x_i)||_2 (its reference row)
   double spread[2][BWD_NGROUP_MAX] = {}, absnorm[2][BWD_NGROUP_MAX] = {}, refnorm[2][BWD_NGROUP_MAX] = {};
+  // The entries of S and dP a fault could move harmfully within the column checks are verified
+  // where their harm bound reaches TAU_VERIFY (the floor of the harm threshold, tau max(1,
+  // max |g|), in the gradients' units); where the gradients exceed 1 (loss scaling: dO x1e3)
+  // the threshold is TAU_VERIFY max(1, max |g|) and the bound scales with them, so most
+  // entries were verified in fp64 (5.3x off at B1 H8 N = M = 2048 D64 causal, dO x1024: perf,
+  // verify_entries 30 % of the samples). Without GQA, each block of queries after the first
+  // takes TAU_VERIFY vscale, vscale = max(1, the smallest of max |dq| over the finished rows and
+  // max |dk|, max |dv| of the head's partial sums); at the task's end, where its own gradients'
+  // maxima (at most the call's) are below what it assumed, the task is blind: made again and
+  // compared bit for bit (attention_bwd_cpu's task loop). With GQA a key's dk, dv add up the
+  // group's heads, and may cancel: vscale stays 1.
+  w.vscale = w.vscale_used = 1.0;
+  double gq = 0.0;  // max |dq| over the finished rows
+  const bool rescale = abft && group == 1;
   for (int64_t r0 = 0, blk = 0; r0 < N; r0 += BWD_BM, ++blk) {
     const int64_t rows = std::min(BWD_BM, N - r0);
+    w.vscale_used = std::max(w.vscale_used, w.vscale);
+    const double thr = TAU_VERIFY * w.vscale;
     const int64_t kv_end = P.causal ? std::clamp<int64_t>(r0 + rows + shift, 0, Mb) : Mb;
     const float* Qb = Q + r0 * D;
     const float* Gb = Gd + r0 * D;
@@ -1212,11 +1245,11 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
           float* harm = w.harm.data();
           if (!(harm_bounds(pi, dP + i * BWD_BN, w.grow.data() + (i / grows) * BWD_BN, w.kmax.data() + n0, vis,
                             which == 0, w.Drow[i],
-                            w.gmax[i], w.qmax[i], ascale, harm) >= static_cast<float>(TAU_VERIFY)))
+                            w.gmax[i], w.qmax[i], ascale, harm) >= static_cast<float>(thr)))
             continue;  // (most rows: no entry to verify)
           const int found = verify_entries(A + i * D, Bt, D, X + i * BWD_BN, pi, dP + i * BWD_BN, harm,
                                            w.kmax.data() + n0, vis, which == 0, w.Drow[i], w.gmax[i], w.qmax[i],
-                                           ascale, noise, floor);
+                                           ascale, noise, floor, thr);
           if (found & 1) bits |= which == 0 ? kScoreRecompute : kDpChecksum;
           if (found & 2) (which == 0 ? again_s : again_p) = true;
         }
@@ -1264,6 +1297,11 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     }
     scaled_copy(dQout + r0 * D, w.dQ.data(), rows * D, scale);
     w.qbits[blk] |= bits;
+    if (rescale) {
+      gq = std::max(gq, abs_max(dQout + r0 * D, rows * D));
+      const double g = std::min({gq, static_cast<double>(ascale) * abs_max(dK, Mb * D), abs_max(dV, Mb * D)});
+      w.vscale = g <= std::numeric_limits<double>::max() ? std::max(1.0, g) : 1.0;
+    }
   }
   if (fh && (f.site == kDk || f.site == kDv) && fcol >= 0 && fcol < Mb)
     corrupt_dims((f.site == kDk ? dK : dV) + fcol * D, D, f);
@@ -1275,6 +1313,15 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
                 hk, w.kcol.data(), w.wk.data());
     group_check(dV, Mb, D, G, w.rvm.data(), 1, ldk, w.rvm.data() + G * ldk, 1, ldk, N, kDvChecksum,
                 w.keybits.data(), P.eta16, hv, w.kcol.data() + ldk, w.wv.data());
+  }
+  if (rescale && w.vscale_used > 1.0) {
+    // the task's own gradients (their maxima at most the call's, dq, dk, dv of one head): where
+    // they fall below the scale its verification assumed, its rows and keys are blind
+    const double g = std::min({gq, static_cast<double>(ascale) * abs_max(dK, Mb * D), abs_max(dV, Mb * D)});
+    if (!(w.vscale_used <= std::max(1.0, g))) {
+      for (auto& x : w.qbits) x |= kBlind;
+      for (int64_t j = 0; j < Mb; ++j) w.keybits[j] |= kBlind;
+    }
   }
 }
 

@@ -776,3 +776,81 @@ def test_faults_on_the_largest_loss_scaled_gradients_are_caught(backend, dtype):
                 harmful += harm
                 assert det > 0 or not harm, (site, h, i, d, bit)
     assert harmful >= 10
+
+
+@pytest.mark.parametrize("hkv", [2, 1], ids=["mha", "gqa"])
+@pytest.mark.parametrize("protection", ["abft", "full"])
+def test_score_faults_with_loss_scaled_gradients_are_caught(hkv, protection):
+    """With gradients of ~1e3 (loss scaling) the C++ backward verifies the entries of S and dP
+    against TAU_VERIFY times the gradients' scale (without GQA), not the floor alone, which
+    had it verify most entries in fp64 (5x off at N = M = 2048). Faults on the top-probability
+    key of rows (low and mid-mantissa bits, S, dP and P), peaked rows: every harmful one caught."""
+    g = torch.Generator().manual_seed(7)
+    N, tau = 200, 2.0**-10
+    q = torch.randn(1, 2, N, 64, generator=g)
+    k, v = (torch.randn(1, hkv, N, 64, generator=g) for _ in range(2))
+    q[..., :2] *= 8
+    k[..., :2] *= 8
+    do = torch.randn(1, 2, N, 64, generator=g) * 1024
+    s = (q @ k.repeat_interleave(2 // hkv, 1).transpose(-1, -2)).masked_fill(torch.ones(N, N).triu(1).bool(),
+                                                                             float("-inf"))
+
+    def grads(fault):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, rep = ftattn.attention(*leaves, causal=True, protection=protection, on_fault="report", fault=fault,
+                                  return_report=True)
+        o.backward(do)
+        return [t.grad.double() for t in leaves], rep.backward.detected
+
+    clean, det = grads(None)
+    assert det == 0
+    harmful = 0
+    for row in range(5, N, 39):
+        for h in range(2):
+            col = int(s[0, h, row].argmax())
+            for site in ("bwd_scores", "dp", "bwd_probs"):
+                for bit in (0, 3, 6, 9, 12, 16):
+                    got, det = grads(Fault(site, 0, h, row=row, col=col, bit=bit))
+                    harm = any(bool(((a - b).abs() > tau * max(1.0, b.abs().max().item())).any())
+                               for a, b in zip(got, clean))
+                    harmful += harm
+                    assert det > 0 or not harm, (site, h, row, col, bit)
+    assert harmful >= 20
+
+
+def test_task_whose_gradients_fall_below_the_assumed_scale_is_compared():
+    """The second half of the queries repeats the first with dO negated (not causal): each
+    key's dK and dV cancel to ~0 over the task while the first blocks' partial sums set the
+    verification's scale ~1e3: the task is blind at its end, made again and compared. No alarm
+    on the clean call (gradients those of protection off, bit for bit), and a small fault on
+    a score of the first half, within what the scaled verification lets through, still caught."""
+    g = torch.Generator().manual_seed(3)
+    N, tau = 256, 2.0**-10
+    half = torch.randn(1, 1, N // 2, 64, generator=g)
+    q = torch.cat([half, half], 2)
+    k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(2))
+    dh = torch.randn(1, 1, N // 2, 64, generator=g) * 1024
+    do = torch.cat([dh, -dh], 2)
+
+    def grads(fault, protection="full"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, rep = ftattn.attention(*leaves, protection=protection, on_fault="report", fault=fault,
+                                  return_report=True)
+        o.backward(do)
+        return [t.grad for t in leaves], rep.backward.detected
+
+    clean, det = grads(None)
+    off, _ = grads(None, "off")
+    assert det == 0 and all(torch.equal(a, b) for a, b in zip(clean, off))
+    assert clean[1].abs().max() < 1e-2 * clean[0].abs().max()  # dk cancels
+    s = q[0, 0, 3] @ k[0, 0].t()
+    col = int(s.argmax())
+    caught = harmful = 0
+    for bit in range(0, 14):
+        got, det = grads(Fault("bwd_scores", 0, 0, row=3, col=col, bit=bit))
+        harm = any(bool(((a.double() - b.double()).abs() > tau * max(1.0, b.abs().max().item())).any())
+                   for a, b in zip(got, clean))
+        harmful += harm
+        caught += harm and det > 0
+        assert det > 0 or not harm, bit
+    assert harmful >= 1
