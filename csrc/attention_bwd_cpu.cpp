@@ -993,10 +993,11 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   // max |dk|, max |dv| of the head's partial sums); at the task's end, where its own gradients'
   // maxima (at most the call's) are below what it assumed, the task is blind: made again and
   // compared bit for bit (attention_bwd_cpu's task loop). With GQA a key's dk, dv add up the
-  // group's heads, and may cancel: vscale stays 1.
+  // group's heads, and may cancel: there the call's own gradients decide, once every task has
+  // run (attention_bwd_cpu: a task that assumed more is made again and compared).
   w.vscale = w.vscale_used = 1.0;
   double gq = 0.0;  // max |dq| over the finished rows
-  const bool rescale = abft && group == 1;
+  const bool rescale = abft;
   for (int64_t r0 = 0, blk = 0; r0 < N; r0 += BWD_BM, ++blk) {
     const int64_t rows = std::min(BWD_BM, N - r0);
     w.vscale_used = std::max(w.vscale_used, w.vscale);
@@ -1299,7 +1300,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     w.qbits[blk] |= bits;
     if (rescale) {
       gq = std::max(gq, abs_max(dQout + r0 * D, rows * D));
-      const double g = std::min({gq, static_cast<double>(ascale) * abs_max(dK, Mb * D), abs_max(dV, Mb * D)});
+      // (the keys this block reached: past them, causal, the partial sums are still 0)
+      const double g = std::min({gq, static_cast<double>(ascale) * abs_max(dK, kv_end * D), abs_max(dV, kv_end * D)});
       w.vscale = g <= std::numeric_limits<double>::max() ? std::max(1.0, g) : 1.0;
     }
   }
@@ -1308,13 +1310,17 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   memory_barrier();
   if (abft) {
     // (dk = scale sum over the group's query heads of dK, dv the sum of dV)
-    const Harm hk{full ? P.tau : 0.0, P.tau / ascale, group == 1}, hv{full ? P.tau : 0.0, P.tau, group == 1};
+    // (with GQA the floor, or tau times the scale the task's own gradients gave, w.vscale, which
+    // attention_bwd_cpu checks against the call's dq, dk, dv once every task has run)
+    const double vfin = rescale && group > 1 ? w.vscale : 1.0;
+    w.vscale_used = std::max(w.vscale_used, vfin);
+    const Harm hk{full ? P.tau : 0.0, P.tau * vfin / ascale, group == 1}, hv{full ? P.tau : 0.0, P.tau * vfin, group == 1};
     group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data(), P.eta16,
                 hk, w.kcol.data(), w.wk.data());
     group_check(dV, Mb, D, G, w.rvm.data(), 1, ldk, w.rvm.data() + G * ldk, 1, ldk, N, kDvChecksum,
                 w.keybits.data(), P.eta16, hv, w.kcol.data() + ldk, w.wv.data());
   }
-  if (rescale && w.vscale_used > 1.0) {
+  if (rescale && group == 1 && w.vscale_used > 1.0) {
     // the task's own gradients (their maxima at most the call's, dq, dk, dv of one head): where
     // they fall below the scale its verification assumed, its rows and keys are blind
     const double g = std::min({gq, static_cast<double>(ascale) * abs_max(dK, Mb * D), abs_max(dV, Mb * D)});
@@ -1322,6 +1328,47 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       for (auto& x : w.qbits) x |= kBlind;
       for (int64_t j = 0; j < Mb; ++j) w.keybits[j] |= kBlind;
     }
+  }
+}
+
+// Task (b, h) made again without a fault, and its query blocks and keys whose bits in w (the
+// first run's) hold kBlind compared bit for bit with the first results: a difference is a fault,
+// its check bit set in fl (the task's flags), CORRECTED or UNCORRECTED under recompute, where
+// the second results stand; else the first are put back.
+void compare_again(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, int32_t* fl,
+                   std::vector<int32_t>& first_q, std::vector<int32_t>& first_k, std::vector<float>& kept,
+                   bool recompute) {
+  const int64_t D = P.D, N = P.N, M = P.M, nq = (N + kReportBlockM - 1) / kReportBlockM;
+  const int64_t idx = b * P.Hq + h, key0 = P.key_first(b), Mb = P.key_count(b);
+  float* dq0 = P.dq + idx * N * D;
+  float* dk0 = P.dkh + (idx * M + key0) * D;
+  float* dv0 = P.dvh + (idx * M + key0) * D;
+  kept.assign(dq0, dq0 + N * D);
+  kept.insert(kept.end(), dk0, dk0 + Mb * D);
+  kept.insert(kept.end(), dv0, dv0 + Mb * D);
+  std::copy(w.qbits.begin(), w.qbits.end(), first_q.begin());
+  std::copy(w.keybits.begin(), w.keybits.begin() + Mb, first_k.begin());
+  head_backward(P, w, b, h, FaultSpec{});
+  const auto differ = [D](const float* a, const float* c, int64_t rows) {
+    return std::memcmp(a, c, static_cast<size_t>(rows * D) * sizeof(float)) != 0;
+  };
+  for (int64_t t = 0; t < nq; ++t) {
+    const int64_t i0 = t * kReportBlockM, i1 = std::min<int64_t>(N, i0 + kReportBlockM);
+    if ((first_q[t] & kBlind) && differ(kept.data() + i0 * D, dq0 + i0 * D, i1 - i0))
+      fl[t] |= kDqChecksum | (!recompute ? 0 : (w.qbits[t] & kCheckMask) ? kUncorrected : kCorrected);
+  }
+  for (int64_t j = 0; j < Mb; ++j) {
+    if (!(first_k[j] & kBlind)) continue;
+    const int32_t bits = (differ(kept.data() + (N + j) * D, dk0 + j * D, 1) ? kDkChecksum : 0) |
+                         (differ(kept.data() + (N + Mb + j) * D, dv0 + j * D, 1) ? kDvChecksum : 0);
+    if (bits)
+      fl[nq + (key0 + j) / kReportBlockM] |=
+          bits | (!recompute ? 0 : (w.keybits[j] & kCheckMask) ? kUncorrected : kCorrected);
+  }
+  if (!recompute) {  // (report, raise: the first results, as made)
+    std::copy(kept.begin(), kept.begin() + N * D, dq0);
+    std::copy(kept.begin() + N * D, kept.begin() + (N + Mb) * D, dk0);
+    std::copy(kept.begin() + (N + Mb) * D, kept.end(), dv0);
   }
 }
 
@@ -1422,6 +1469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(work, 1));
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), (ntasks + grain - 1) / grain);
     std::atomic<int64_t> next{0};
+    std::vector<double> vused(static_cast<size_t>(ntasks), 1.0);  // (each task's verification scale)
     at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
       BwdScratch w(D, M, nq, P.G, protection >= 1);
       const Bf16GemmRelease release{P.k16 != nullptr || P.v16 != nullptr};
@@ -1432,6 +1480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
         const int64_t b = idx / Hq, h = idx % Hq;
         const int64_t key0 = P.key_first(b), Mb = P.key_count(b);
         head_backward(P, w, b, h, f);
+        vused[idx] = w.vscale_used;
         int32_t* fl = P.flags + idx * (nq + nk);
         bool failed = false, blind = false;
         for (int64_t t = 0; t < nq; ++t) failed |= (w.qbits[t] & kCheckMask) != 0, blind |= (w.qbits[t] & kBlind) != 0;
@@ -1441,36 +1490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
           // rows whose checksums could not see every harmful fault (group_check's Harm): the task
           // made again, clean, and those rows compared bit for bit (the task is deterministic);
           // a difference is a fault, flagged, and under recompute the second results stand
-          float* dq0 = P.dq + idx * N * D;
-          float* dk0 = P.dkh + (idx * M + key0) * D;
-          float* dv0 = P.dvh + (idx * M + key0) * D;
-          kept.assign(dq0, dq0 + N * D);
-          kept.insert(kept.end(), dk0, dk0 + Mb * D);
-          kept.insert(kept.end(), dv0, dv0 + Mb * D);
-          std::copy(w.qbits.begin(), w.qbits.end(), first_q.begin());
-          std::copy(w.keybits.begin(), w.keybits.begin() + Mb, first_k.begin());
-          head_backward(P, w, b, h, FaultSpec{});
-          const auto differ = [D](const float* a, const float* c, int64_t rows) {
-            return std::memcmp(a, c, static_cast<size_t>(rows * D) * sizeof(float)) != 0;
-          };
-          for (int64_t t = 0; t < nq; ++t) {
-            const int64_t i0 = t * kReportBlockM, i1 = std::min<int64_t>(N, i0 + kReportBlockM);
-            if ((first_q[t] & kBlind) && differ(kept.data() + i0 * D, dq0 + i0 * D, i1 - i0))
-              fl[t] |= kDqChecksum | (!recompute ? 0 : (w.qbits[t] & kCheckMask) ? kUncorrected : kCorrected);
-          }
-          for (int64_t j = 0; j < Mb; ++j) {
-            if (!(first_k[j] & kBlind)) continue;
-            const int32_t bits = (differ(kept.data() + (N + j) * D, dk0 + j * D, 1) ? kDkChecksum : 0) |
-                                 (differ(kept.data() + (N + Mb + j) * D, dv0 + j * D, 1) ? kDvChecksum : 0);
-            if (bits)
-              fl[nq + (key0 + j) / kReportBlockM] |=
-                  bits | (!recompute ? 0 : (w.keybits[j] & kCheckMask) ? kUncorrected : kCorrected);
-          }
-          if (!recompute) {  // (report, raise: the first results, as made)
-            std::copy(kept.begin(), kept.begin() + N * D, dq0);
-            std::copy(kept.begin() + N * D, kept.begin() + (N + Mb) * D, dk0);
-            std::copy(kept.begin() + (N + Mb) * D, kept.end(), dv0);
-          }
+          compare_again(P, w, b, h, fl, first_q, first_k, kept, recompute);
           continue;
         }
         if (failed) {
@@ -1497,6 +1517,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
         }
       }
     });
+    const int64_t group = Hq / std::max<int64_t>(Hkv, 1);
+    if (group > 1 && *std::max_element(vused.begin(), vused.end()) > 1.0) {
+      // GQA: the tasks verified against the scale of their own head's gradients; where the
+      // call's gradients (dq, and dk, dv summed over each group's heads, which may cancel) end
+      // below the scale a task assumed, the task is made again and compared, every row and key
+      const auto absmax = [](const at::Tensor& t) {
+        const at::Tensor a = t.abs().amax();
+        return at::isfinite(a).item<bool>() ? a.item<double>() : std::numeric_limits<double>::infinity();
+      };
+      const double g = std::min({absmax(dq), std::fabs(scale) * absmax(dkh.view({B, Hkv, group, M, D}).sum(2)),
+                                 absmax(dvh.view({B, Hkv, group, M, D}).sum(2))});
+      BwdScratch w(D, M, nq, P.G, protection >= 1);
+      const Bf16GemmRelease release{P.k16 != nullptr || P.v16 != nullptr};
+      std::vector<int32_t> first_q(nq), first_k(M);
+      std::vector<float> kept;
+      for (int64_t idx = 0; idx < ntasks; ++idx) {
+        if (vused[idx] <= std::max(1.0, g)) continue;
+        const int64_t b = idx / Hq, h = idx % Hq;
+        int32_t* fl = P.flags + idx * (nq + nk);
+        bool failed = false;
+        for (int64_t t = 0; t < nq + nk; ++t) failed |= (fl[t] & kCheckMask) != 0;
+        if (failed) continue;  // (made again already)
+        std::fill(w.qbits.begin(), w.qbits.end(), kBlind);
+        std::fill(w.keybits.begin(), w.keybits.end(), kBlind);
+        compare_again(P, w, b, h, fl, first_q, first_k, kept, recompute);
+      }
+    }
   }
   const int64_t group = Hq / std::max<int64_t>(Hkv, 1);
   at::Tensor dk = dkh.mul_(scale).view({B, Hkv, group, M, D}).sum(2);

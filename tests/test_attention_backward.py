@@ -859,3 +859,39 @@ def test_task_whose_gradients_fall_below_the_assumed_scale_is_compared():
         caught += harm and det > 0
         assert det > 0 or not harm, bit
     assert harmful >= 1
+
+
+def test_gqa_heads_that_cancel_in_dk_and_dv_are_compared():
+    """GQA: a key's dk and dv add the group's query heads. Two heads with the same queries and
+    dO negated cancel there (dk, dv ~0) while each head's own sums, which set its verification
+    scale and its blind rule's threshold, are ~1e3: once every task has run, the call's
+    gradients fall below what the tasks assumed, and they are made again and compared. Faults
+    on a dk / dv accumulator (harmful against the cancelled gradients' floor) are caught."""
+    g = torch.Generator().manual_seed(5)
+    N, tau = 130, 2.0**-10
+    q0 = torch.randn(1, 1, N, 64, generator=g)
+    q = torch.cat([q0, q0], 1)
+    k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(2))
+    d0 = torch.randn(1, 1, N, 64, generator=g) * 1024
+    do = torch.cat([d0, -d0], 1)
+
+    def grads(fault, protection="full"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, rep = ftattn.attention(*leaves, causal=True, protection=protection, on_fault="report", fault=fault,
+                                  return_report=True)
+        o.backward(do)
+        return [t.grad for t in leaves], rep.backward.detected
+
+    clean, det = grads(None)
+    off, _ = grads(None, "off")
+    assert det == 0 and all(torch.equal(a, b) for a, b in zip(clean, off))
+    assert clean[1].abs().max() < 1e-3 * clean[0].abs().max()
+    harmful = 0
+    for site in ("dk", "dv"):
+        for bit in (2, 6, 10, 14, 18):
+            got, det = grads(Fault(site, 0, 0, col=77, dim=5, bit=bit))
+            harm = any(bool(((a.double() - b.double()).abs() > tau * max(1.0, b.abs().max().item())).any())
+                       for a, b in zip(got, clean))
+            harmful += harm
+            assert det > 0 or not harm, (site, bit)
+    assert harmful >= 4
