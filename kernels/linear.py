@@ -159,7 +159,10 @@ def _linear_fwd(
         else:
             yb = a
         ymax = tl.max(tl.where(n_ok[None, :], tl.abs(yb), 0.0), 1)
-        blind = ~bad & (no_bound | ~(2.0 * bound <= tau * tl.maximum(ymax, 1.0)))
+        # (and a weighted difference above WEIGHTED_VERIFY of its bound: a warp whose deltas
+        # cancel in the plain sum may leave only that much; ftattn/linear.py WEIGHTED_VERIFY)
+        near = ~(tl.abs(s_w - ref_w) <= 0.25 * bound_w)
+        blind = ~bad & (no_bound | near | ~(2.0 * bound <= tau * tl.maximum(ymax, 1.0)))
         bits = tl.where(bad, tl.where(nonfinite, NONFINITE_INPUT, GEMM_ROW_CHECKSUM), tl.where(blind, BLIND, 0))
         tl.atomic_or(Flags + rm // BLOCK_REPORT, bits, mask=m_ok & (bits != 0))
     if HAS_BIAS:

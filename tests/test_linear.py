@@ -799,3 +799,25 @@ def test_bf16_checksum_parts_that_overflow_leave_faults_caught(backend):
     with pytest.raises(FaultDetectedError, match=r"rows 0\.\.2"):
         ftattn.linear(x, w, fault=f, on_fault="raise", backend=backend)
     assert torch.equal(ftattn.linear(x, w, fault=f, backend=backend), clean)
+
+
+def test_warps_that_nearly_cancel_in_the_weighted_sum_too_are_compared():
+    """A review's data: one-hot x, W's read column in [1, 2) (every accumulator shares the
+    exponent 0), K = 4097: warps of bit 15 (2x the harm threshold) at outputs 68 and 82 of
+    row 2 cancel exactly in the plain block sum and leave 0.9 of the weighted bound in the
+    weighted one, so both checks passed. A weighted difference above a quarter of its bound
+    now makes the block blind: a second product is compared, the fault caught (C++; the
+    reference, whose sums are exact, still passes these two: README)."""
+    g = torch.Generator().manual_seed(1)
+    T, k, out = 4, 4097, 256
+    x = torch.zeros(T, k)
+    w = torch.zeros(out, k)
+    for i in range(T):
+        x[i, i] = 1.0
+        w[:, i] = 1.0 + torch.rand(out, generator=g)
+    clean = ftattn.linear(x, w)
+    for col in (68, 82):
+        f = Fault("gemm", row=2, col=col, bit=15, span=32)
+        assert _harmful(ftattn.linear(x, w, fault=f, protection="off"), clean, torch.float32)
+        fixed, rep = ftattn.linear(x, w, fault=f, return_report=True)
+        assert rep.detected == 1 and rep.corrected == 1 and torch.equal(fixed, clean), col
