@@ -158,7 +158,7 @@ FTATTN_CLONES static void block_row_sums(const float* __restrict X, int64_t n, i
 // The output row and the sums its checks compare, in one pass: O_d = A_d / l; per group
 // of `group` dims sum_d A_d (fp64) into parts[g], and where wpart is not null the weighted
 // sum of the PV check's second checksum over every dim, sum_d w_d A_d (PV_WEIGHTS; each
-// product exact in fp64: 24 + 8 bits), into *wpart.
+// product exact in fp64: 24 + 24 bits), into *wpart.
 FTATTN_CLONES static void finish_row(const float* __restrict A, float* __restrict O, int64_t D, float l,
                                      int64_t group, double* __restrict parts, double* __restrict wpart) {
   // (explicit vectors and tree reductions: an `omp simd reduction` of three sums ended in
