@@ -988,15 +988,16 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
   // max |g|), in the gradients' units); where the gradients exceed 1 (loss scaling: dO x1e3)
   // the threshold is TAU_VERIFY max(1, max |g|) and the bound scales with them, so most
   // entries were verified in fp64 (5.3x off at B1 H8 N = M = 2048 D64 causal, dO x1024: perf,
-  // verify_entries 30 % of the samples). Without GQA, each block of queries after the first
-  // takes TAU_VERIFY vscale, vscale = max(1, the smallest of max |dq| over the finished rows and
-  // max |dk|, max |dv| of the head's partial sums); at the task's end, where its own gradients'
-  // maxima (at most the call's) are below what it assumed, the task is blind: made again and
+  // verify_entries 30 % of the samples). Each block of queries after the first takes
+  // TAU_VERIFY vscale, vscale = max(1, half the smallest of max |dq| over the finished rows
+  // and max |dk|, max |dv| of the head's partial sums); without GQA, at the task's end, where its
+  // own gradients' maxima (at most the call's) are below what it assumed, the task is blind: made again and
   // compared bit for bit (attention_bwd_cpu's task loop). With GQA a key's dk, dv add up the
   // group's heads, and may cancel: there the call's own gradients decide, once every task has
-  // run (attention_bwd_cpu: a task that assumed more is made again and compared).
+  // run (attention_bwd_cpu: a task that assumed more is made again and compared); the dK / dV
+  // checks' blind rule then takes tau max(1, the task's last estimate) as its threshold too.
   w.vscale = w.vscale_used = 1.0;
-  double gq = 0.0;  // max |dq| over the finished rows
+  double gq = 0.0, gest = 0.0;  // max |dq| over the finished rows; the last estimate (below)
   const bool rescale = abft;
   for (int64_t r0 = 0, blk = 0; r0 < N; r0 += BWD_BM, ++blk) {
     const int64_t rows = std::min(BWD_BM, N - r0);
@@ -1302,7 +1303,11 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       gq = std::max(gq, abs_max(dQout + r0 * D, rows * D));
       // (the keys this block reached: past them, causal, the partial sums are still 0)
       const double g = std::min({gq, static_cast<double>(ascale) * abs_max(dK, kv_end * D), abs_max(dV, kv_end * D)});
-      w.vscale = g <= std::numeric_limits<double>::max() ? std::max(1.0, g) : 1.0;
+      // (half the estimate: the partial sums' largest can exceed the final ones', and a task
+      // whose gradients end below what it assumed runs twice: 2 of 8 heads at half-way
+      // estimates, B1 H8 N = M = 2048 D64 causal, dO x1)
+      w.vscale = g <= std::numeric_limits<double>::max() ? std::max(1.0, 0.5 * g) : 1.0;
+      gest = g <= std::numeric_limits<double>::max() ? g : 0.0;
     }
   }
   if (fh && (f.site == kDk || f.site == kDv) && fcol >= 0 && fcol < Mb)
@@ -1312,7 +1317,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     // (dk = scale sum over the group's query heads of dK, dv the sum of dV)
     // (with GQA the floor, or tau times the scale the task's own gradients gave, w.vscale, which
     // attention_bwd_cpu checks against the call's dq, dk, dv once every task has run)
-    const double vfin = rescale && group > 1 ? w.vscale : 1.0;
+    const double vfin = rescale && group > 1 ? std::max(1.0, gest) : 1.0;
     w.vscale_used = std::max(w.vscale_used, vfin);
     const Harm hk{full ? P.tau : 0.0, P.tau * vfin / ascale, group == 1}, hv{full ? P.tau : 0.0, P.tau * vfin, group == 1};
     group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data(), P.eta16,
