@@ -727,6 +727,20 @@ def test_torch_func_grad_and_vjp_run_the_checked_backward(backend):
         torch.func.grad(lambda q: torch.func.grad(loss)(q, k, v).sum())(q)
 
 
+def _checked_grads(q, k, v, do, fault=None, protection="full", causal=True, backend="auto"):
+    """fp64 gradients of a checked call (on_fault="report") and its backward's detections."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, rep = ftattn.attention(*leaves, causal=causal, protection=protection, on_fault="report", backend=backend,
+                              fault=fault, return_report=True)
+    o.backward(do)
+    return [t.grad.double() for t in leaves], rep.backward.detected
+
+
+def _harmful_grads(got, clean, tau):
+    """FAULT_MODEL.md's gradient harm: some gradient moved by more than tau max(1, max |g|)."""
+    return any(bool(((a - b).abs() > tau * max(1.0, b.abs().max().item())).any()) for a, b in zip(got, clean))
+
+
 def test_loss_scaled_gradients_leave_normal_rows_seen():
     """With gradients of 1e4 (fp16 loss scaling) the dQ / dK / dV checks' bounds, from the sum of
     |terms|, grow as the keys while the harm grows as their square root: at N = M = 2048 half
@@ -756,11 +770,7 @@ def test_faults_on_the_largest_loss_scaled_gradients_are_caught(backend, dtype):
     do = (torch.randn(1, 2, N, 64, generator=g) * 100).to(dtype)
 
     def grads(fault):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o, rep = ftattn.attention(*leaves, causal=True, protection="full", on_fault="report", backend=backend,
-                                  fault=fault, return_report=True)
-        o.backward(do)
-        return [t.grad.double() for t in leaves], rep.backward.detected
+        return _checked_grads(q, k, v, do, fault, backend=backend)
 
     clean, det = grads(None)
     assert det == 0
@@ -771,8 +781,7 @@ def test_faults_on_the_largest_loss_scaled_gradients_are_caught(backend, dtype):
             h, i, d = x // (N * 64), (x // 64) % N, x % 64
             for bit in (10, 13, 16, 19, 22):
                 got, det = grads(Fault(site, 0, h, row=i, col=i, dim=d, bit=bit))
-                harm = any(bool(((a - b).abs() > tau * max(1.0, b.abs().max().item())).any())
-                           for a, b in zip(got, clean))
+                harm = _harmful_grads(got, clean, tau)
                 harmful += harm
                 assert det > 0 or not harm, (site, h, i, d, bit)
     assert harmful >= 10
@@ -796,11 +805,7 @@ def test_score_faults_with_loss_scaled_gradients_are_caught(hkv, protection):
                                                                              float("-inf"))
 
     def grads(fault):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o, rep = ftattn.attention(*leaves, causal=True, protection=protection, on_fault="report", fault=fault,
-                                  return_report=True)
-        o.backward(do)
-        return [t.grad.double() for t in leaves], rep.backward.detected
+        return _checked_grads(q, k, v, do, fault, protection)
 
     clean, det = grads(None)
     assert det == 0
@@ -811,8 +816,7 @@ def test_score_faults_with_loss_scaled_gradients_are_caught(hkv, protection):
             for site in ("bwd_scores", "dp", "bwd_probs"):
                 for bit in (0, 3, 6, 9, 12, 16):
                     got, det = grads(Fault(site, 0, h, row=row, col=col, bit=bit))
-                    harm = any(bool(((a - b).abs() > tau * max(1.0, b.abs().max().item())).any())
-                               for a, b in zip(got, clean))
+                    harm = _harmful_grads(got, clean, tau)
                     harmful += harm
                     assert det > 0 or not harm, (site, h, row, col, bit)
     assert harmful >= 20
@@ -836,11 +840,7 @@ def test_task_whose_gradients_fall_below_the_assumed_scale_is_compared():
     do = torch.cat([dh, -dh], 2)
 
     def grads(fault, protection="full"):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o, rep = ftattn.attention(*leaves, protection=protection, on_fault="report", fault=fault,
-                                  return_report=True)
-        o.backward(do)
-        return [t.grad for t in leaves], rep.backward.detected
+        return _checked_grads(q, k, v, do, fault, protection, causal=False)
 
     clean, det = grads(None)
     off, _ = grads(None, "off")
@@ -850,13 +850,11 @@ def test_task_whose_gradients_fall_below_the_assumed_scale_is_compared():
     # partial sums)
     s = q[0, 0, 200] @ k[0, 0].t()
     col = int(s.argmax())
-    caught = harmful = 0
+    harmful = 0
     for bit in range(0, 14):
         got, det = grads(Fault("bwd_scores", 0, 0, row=200, col=col, bit=bit))
-        harm = any(bool(((a.double() - b.double()).abs() > tau * max(1.0, b.abs().max().item())).any())
-                   for a, b in zip(got, clean))
+        harm = _harmful_grads(got, clean, tau)
         harmful += harm
-        caught += harm and det > 0
         assert det > 0 or not harm, bit
     assert harmful >= 1
 
@@ -876,11 +874,7 @@ def test_gqa_heads_that_cancel_in_dk_and_dv_are_compared():
     do = torch.cat([d0, -d0], 1)
 
     def grads(fault, protection="full"):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o, rep = ftattn.attention(*leaves, causal=True, protection=protection, on_fault="report", fault=fault,
-                                  return_report=True)
-        o.backward(do)
-        return [t.grad for t in leaves], rep.backward.detected
+        return _checked_grads(q, k, v, do, fault, protection)
 
     clean, det = grads(None)
     off, _ = grads(None, "off")
@@ -890,8 +884,7 @@ def test_gqa_heads_that_cancel_in_dk_and_dv_are_compared():
     for site in ("dk", "dv"):
         for bit in (2, 6, 10, 14, 18):
             got, det = grads(Fault(site, 0, 0, col=77, dim=5, bit=bit))
-            harm = any(bool(((a.double() - b.double()).abs() > tau * max(1.0, b.abs().max().item())).any())
-                       for a, b in zip(got, clean))
+            harm = _harmful_grads(got, clean, tau)
             harmful += harm
             assert det > 0 or not harm, (site, bit)
     assert harmful >= 4
