@@ -1535,6 +1535,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                                  absmax(dvh.view({B, Hkv, group, M, D}).sum(2))});
       BwdScratch w(D, M, nq, P.G, protection >= 1);
       const Bf16GemmRelease release{P.k16 != nullptr || P.v16 != nullptr};
+      // (one thread's BLAS, as the tasks ran: the library's threads would split the products
+      // otherwise and round them otherwise, and every row would differ: x86-64 build, MKL_CBWR)
+      const SequentialBlas sequential;
       std::vector<int32_t> first_q(nq), first_k(M);
       std::vector<float> kept;
       for (int64_t idx = 0; idx < ntasks; ++idx) {
