@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 
+from .contract import checksum_weight
 from .contract import BIT_MASK, BIT_REPLACE, CHECK_MASK, CHECK_NAMES, OP_SITES, REPORT_BLOCK_M, WARP, Check, Site
 
 def fault_blocks(flags: torch.Tensor, op: str = "attention") -> torch.Tensor:
@@ -301,3 +303,15 @@ class FaultDetectedError(RuntimeError):
             f"Pass on_fault='correct' to recompute the affected blocks, or 'report' to get the raw output."
         )
 
+
+
+@functools.lru_cache(maxsize=None)
+def _checksum_weights_cpu(n: int) -> torch.Tensor:
+    return torch.tensor([checksum_weight(i) for i in range(n)], dtype=torch.float64)
+
+
+def checksum_weights(n: int, device=None) -> torch.Tensor:
+    """The contract's checksum_weight of 0 .. n - 1, fp64 (made once per length): attention's
+    weighted PV and dQ / dK / dV checksums over head dims, the linear layer's over a block's
+    output features."""
+    return _checksum_weights_cpu(n).to(device if device is not None else "cpu")

@@ -28,8 +28,8 @@ import torch
 
 from . import backends
 from .attention import _apply_policy
-from .contract import BIT_REPLACE, checksum_weight, fault_fields, xor_mask
-from .faults import CHECK_MASK, TAU, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site
+from .contract import BIT_REPLACE, fault_fields, xor_mask
+from .faults import CHECK_MASK, TAU, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site, checksum_weights
 
 __all__ = ["linear", "weight_checksums", "BLOCK_O", "BACKENDS", "backend_status"]
 
@@ -234,12 +234,6 @@ def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tenso
     if recompute:
         flat = flat | torch.where(keep, status, 0).to(flat.dtype)
     return y, flat.view(flags.shape)
-
-
-def checksum_weights(block_o: int, device=None) -> torch.Tensor:
-    """The weights w of the row check's weighted checksums, by place in a block of block_o
-    output features (the contract's checksum_weight), fp64 [block_o]."""
-    return torch.tensor([checksum_weight(o) for o in range(block_o)], dtype=torch.float64, device=device)
 
 
 def _block_sums(weight: torch.Tensor, block_o: int, sums_only: bool = False) \

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .contract import BIT_REPLACE, CHECKSUM_WEIGHT_MAX, checksum_weight, fault_fields, span_axis, xor_mask
-from .faults import CHECK_MASK, TAU, Check, REPORT_BLOCK_M, Site
+from .faults import CHECK_MASK, TAU, Check, REPORT_BLOCK_M, Site, checksum_weights
 
 U32 = 2.0**-24  # unit roundoff of fp32
 KAPPA = 8.0  # as in csrc/attention_cpu.cpp
@@ -45,8 +45,8 @@ PV_WEIGHT_MAX = CHECKSUM_WEIGHT_MAX
 
 
 def pv_weights(D: int, device=None) -> torch.Tensor:
-    """pv_weight of head dims 0 .. D - 1, fp64."""
-    return torch.tensor([pv_weight(d) for d in range(D)], dtype=torch.float64, device=device)
+    """pv_weight of head dims 0 .. D - 1, fp64 (faults.checksum_weights)."""
+    return checksum_weights(D, device)
 
 
 def _corrupt(t: torch.Tensor, index: tuple, bit: int, value: Optional[float], span: int = 1) -> None:
