@@ -1266,7 +1266,8 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
             bits |= which == 0 ? kScoreRecompute : kDpChecksum;
       }
       // the references of dQ, dK, dV for this tile (fp32), and its largest terms
-      tile_maxima(dSaref, Pref, BWD_BN, rows, n, w.dsmax.data(), w.kcol.data() + n0, w.kcol.data() + ldk + n0);
+      // (the blind rule's largest terms: full only, as the rule)
+      if (full) tile_maxima(dSaref, Pref, BWD_BN, rows, n, w.dsmax.data(), w.kcol.data() + n0, w.kcol.data() + ldk + n0);
       tile_references(dSref, dSaref, Pref, BWD_BN, rows, n, G, w.kgT.data() + n0, ldk, w.qg.data(),
                       w.gg.data(), w.rq.data(), w.mq.data(), w.rk.data() + n0, w.mk.data() + n0, w.rvm.data() + n0);
     }
@@ -1294,7 +1295,7 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
       // (dq = scale dQ: its threshold tau max(1, |dq|) is tau max(1 / |scale|, |dQ|) here)
       const Harm hq{full ? P.tau : 0.0, P.tau / ascale, true};
       group_check(w.dQ.data(), rows, D, G, w.rq.data(), G, 1, w.mq.data(), G, 1, Mb, kDqChecksum, rowbits, P.eta16,
-                  hq, w.dsmax.data(), w.wq.data());
+                  hq, full ? w.dsmax.data() : nullptr, w.wq.data());
       for (int64_t i = 0; i < rows; ++i) bits |= rowbits[i];
     }
     scaled_copy(dQout + r0 * D, w.dQ.data(), rows * D, scale);
@@ -1317,13 +1318,15 @@ void head_backward(const BwdProblem& P, BwdScratch& w, int64_t b, int64_t h, con
     // (dk = scale sum over the group's query heads of dK, dv the sum of dV)
     // (with GQA the floor, or tau times the scale the task's own gradients gave, w.vscale, which
     // attention_bwd_cpu checks against the call's dq, dk, dv once every task has run)
-    const double vfin = rescale && group > 1 ? std::max(1.0, gest) : 1.0;
+    // (the blind rule's only: at abft no check reads it, and a task that assumed it would be
+    // made again by the post-pass for nothing)
+    const double vfin = full && rescale && group > 1 ? std::max(1.0, gest) : 1.0;
     w.vscale_used = std::max(w.vscale_used, vfin);
     const Harm hk{full ? P.tau : 0.0, P.tau * vfin / ascale, group == 1}, hv{full ? P.tau : 0.0, P.tau * vfin, group == 1};
     group_check(dK, Mb, D, G, w.rk.data(), 1, ldk, w.mk.data(), 1, ldk, N, kDkChecksum, w.keybits.data(), P.eta16,
-                hk, w.kcol.data(), w.wk.data());
+                hk, full ? w.kcol.data() : nullptr, w.wk.data());
     group_check(dV, Mb, D, G, w.rvm.data(), 1, ldk, w.rvm.data() + G * ldk, 1, ldk, N, kDvChecksum,
-                w.keybits.data(), P.eta16, hv, w.kcol.data() + ldk, w.wv.data());
+                w.keybits.data(), P.eta16, hv, full ? w.kcol.data() + ldk : nullptr, w.wv.data());
   }
   if (rescale && group == 1 && w.vscale_used > 1.0) {
     // the task's own gradients (their maxima at most the call's, dq, dk, dv of one head): where
