@@ -31,7 +31,11 @@ struct Bf16Lanes<vec::f8> {
 };
 
 // What one row of the online softmax gives: the fp32 row sum of p (the normaliser
-// update) and, for the checks, max p and min p, the independent sums sum_j p_j and,
+// update) and, for the checks, max p (the largest p's bits as unsigned: one integer max a
+// vector, where a max and a min of floats took two) and pmin, -1 where some p has its sign
+// bit set, else 0 (p >= 0 holds then); ws, the row sum again in fp64 for the independent
+// recursion of l (l2: what it checks is l's update, where the rowsum fault lands; a sum of
+// its own, one add a vector, checked nothing more: p's faults show in both alike); and,
 // per group g of head dims, sum_j p_j a_gj and sum_j p_j b_gj (fp32 partials of CHUNK
 // vectors flushed to fp64; a, b: fp32 copies of the per-key, per-group sums of V and
 // of |V|, so each product carries one more rounding), and whether the redundant
@@ -116,9 +120,9 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
     opaque(scale_b);
   }
   constexpr int64_t L = Lanes<V>;
-  V psum_v = V{}, mx_v = V{}, mn_v = V{} + 1.f;
-  U diff_v = U{};
-  d8 s_acc = d8{}, a_acc[NG], b_acc[NG], c_acc = d8{};
+  V psum_v = V{};
+  U diff_v = U{}, top_v = U{};
+  d8 a_acc[NG], b_acc[NG], c_acc = d8{};
   for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
   // The visible tail (a causal tile's rows end anywhere in a vector) runs as one more vector
   // whose lanes past the last visible key read -inf, written over their scores here (nothing
@@ -154,7 +158,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   }
   int64_t j = 0;
   while (j + L <= vend) {
-    V sp = V{}, ap[NG], bp[NG], cp = V{};
+    V ap[NG], bp[NG], cp = V{};
     for (int g = 0; g < NG; ++g) ap[g] = bp[g] = V{};
     for (int64_t c = 0; c < CHUNK && j + L <= vend; ++c, j += L) {
       const V sv = load_v<V>(S + j);
@@ -185,9 +189,8 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
       }
       psum_v += pv;
       if constexpr (PROT >= 1) {
-        mx_v = pv > mx_v ? pv : mx_v;
-        mn_v = pv < mn_v ? pv : mn_v;
-        sp += pv;
+        const U pu = reinterpret_cast<U>(pv);
+        top_v = pu > top_v ? pu : top_v;
         for (int g = 0; g < NG; ++g) {
           ap[g] += pr * load_v<V>(a + g * gs + j);
           bp[g] += pr * load_v<V>(b + g * gs + j);
@@ -197,7 +200,6 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
       if constexpr (PROT >= 2) diff_v |= reinterpret_cast<U>(pv) ^ reinterpret_cast<U>(exp_neg((sv - mr2) * scale_b));
     }
     if constexpr (PROT >= 1) {
-      s_acc += widen_sum(sp);
       for (int g = 0; g < NG; ++g) {
         a_acc[g] += widen_sum(ap[g]);
         b_acc[g] += widen_sum(bp[g]);
@@ -207,9 +209,9 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   }
   // the rest, one element at a time: the visible tail where it did not run as a vector, then
   // the masked keys
-  float psum_t = 0.f, mx = 0.f, mn = 1.f;
-  uint32_t diff = 0;
-  double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {}, c_t = 0.0;
+  float psum_t = 0.f;
+  uint32_t diff = 0, top = 0;
+  double a_t[NG] = {}, b_t[NG] = {}, c_t = 0.0;
   int masked_bad = 0;
   if constexpr (INJECT && PROT >= 2)  // (masked keys in the last vector: p must be 0 there too)
     for (int64_t k = visible; k < vend; ++k) masked_bad |= !(p[k] == 0.f);
@@ -230,9 +232,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
     }
     psum_t += pj;
     if constexpr (PROT >= 1) {
-      mx = pj > mx ? pj : mx;
-      mn = pj < mn ? pj : mn;
-      s_t += static_cast<double>(pj);
+      top = std::max(top, float_bits(pj));
       const double x = static_cast<double>(pr);
       for (int g = 0; g < NG; ++g) {
         a_t[g] += x * a[g * gs + j];
@@ -251,14 +251,15 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   if (j < n) {
     std::fill(p + j, p + n, 0.f);
     if constexpr (P16) std::fill(pb + j, pb + n, uint16_t{0});
-    mn = 0.f;
   }
   st.psum = tree(psum_v, Add{}) + psum_t;
   if constexpr (PROT >= 1) {
-    const float vmx = tree(mx_v, Max{}), vmn = tree(mn_v, Min{});  // (NaN never enters a lane)
-    st.pmax = vmx > mx ? vmx : mx;
-    st.pmin = vmn < mn ? vmn : mn;
-    st.ws = vec::hsum(s_acc) + s_t;
+    for (int64_t l = 0; l < L; ++l) top = std::max(top, top_v[l]);
+    // (the largest p's bits as unsigned: the largest p where none has its sign set, which
+    // pmin < 0 reports; a NaN p is above 1 here)
+    std::memcpy(&st.pmax, &top, sizeof(top));
+    st.pmin = top >> 31 ? -1.f : 0.f;
+    st.ws = static_cast<double>(st.psum);
     for (int g = 0; g < NG; ++g) {
       st.wa[g] = vec::hsum(a_acc[g]) + a_t[g];
       st.wb[g] = vec::hsum(b_acc[g]) + b_t[g];
