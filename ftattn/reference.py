@@ -528,8 +528,17 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
         bad, blind = _group_checks(dq, dS, kf, full, (tau, floor_k, True) if full else None)
         flag(int(Check.DQ_CHECKSUM), bad)
         flag(int(Check.BLIND), blind)
+        floor_v = tau
+        if group > 1:
+            # (GQA: the threshold of the call's own dk and dv, the group's heads summed; the floor
+            # alone had every key row of loss-scaled gradients blind, made again: dO x1024)
+            def summed_max(t):
+                a = t.reshape(t.shape[0], -1, group, *t.shape[2:]).sum(2).abs()
+                return a.amax().item() if a.numel() else 0.0
+            floor_k = tau * max(1.0, ascale * summed_max(dkh)) / ascale if ascale > 0 else math.inf
+            floor_v = tau * max(1.0, summed_max(dvh))
         for g_acc, g_x, g_w, bit, floor in ((dkh, dS.transpose(-1, -2), qf, Check.DK_CHECKSUM, floor_k),
-                                            (dvh, p.transpose(-1, -2), gf, Check.DV_CHECKSUM, tau)):
+                                            (dvh, p.transpose(-1, -2), gf, Check.DV_CHECKSUM, floor_v)):
             bad, blind = _group_checks(g_acc, g_x, g_w, full, (tau, floor, group == 1) if full else None)
             keybits |= bad.to(torch.int32) * int(bit) | blind.to(torch.int32) * int(Check.BLIND)
     if full:

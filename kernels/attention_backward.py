@@ -354,7 +354,7 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
         bits = bits | tl.where(_within(tl.abs(dsum - expect), tol) | ~row_ok, 0, DS_CHECK)
         # (dq = scale dQ: its harm threshold tau max(1, |dq|) is tau max(1 / |scale|, |dQ|) here)
         bits = bits | _group_check(acc, E, refq, magq, mb, 1, DQ_CHECKSUM, PROTECTION >= 2, TAU_H,
-                                   TAU_H / tl.abs(scale), 1.0, xq, wq)
+                                   TAU_H / tl.abs(scale), 1.0, xq, wq)[0]
         if PROTECTION >= 2:
             bits = bits | _weighted_check(acc, wts, refq_w, magq_w, mb, HEAD_DIM, DQ_CHECKSUM)
     tl.store(DQ + rows, acc * scale, mask=rmask)
@@ -396,20 +396,26 @@ def _group_check(acc, E, ref, mag, K, AXIS: tl.constexpr, bit: tl.constexpr, HAR
     group's heads add up in dK and dV, and may cancel); the rounding is the bound or, where
     smaller, its statistical estimate f (sqrt(mag xmax_r wmax_g) + sum_{d in g} |acc_rd|), xmax
     the row's largest |term factor| and wmax the group's largest sum of |other factor| over the
-    K terms (csrc/attention_bwd_cpu.cpp group_check)."""
+    K terms (csrc/attention_bwd_cpu.cpp group_check). Also returns the smallest H that would
+    leave every passing row seen, max over them of max_g (rounding / PV_BLIND, 4 diff) (HARM; else
+    0): with GQA (floor +inf here, no row blind in the kernel) the launcher compares it with the
+    call's own threshold once dk, dv are summed over the group's heads."""
     f = (2.0 * KAPPA * tl.sqrt((K + 2).to(tl.float32)) + 2.0) * U32
     diff = tl.abs(_dot(acc, E) - ref)
     under = 18.0 * (K + 2) * UNDERFLOW
     bound = f * mag + under
     bad = tl.max((~_within(diff, bound)).to(tl.int32), AXIS) != 0
     bits = tl.where(bad, bit, 0)
+    need = tl.full([], 0.0, tl.float32)
     if HARM:
         H = tl.maximum(floor, tau * tl.max(tl.abs(acc), 1) * row_max)
         estimate = f * (tl.sqrt(mag * xmax[:, None] * wmax[None, :]) + _dot(tl.abs(acc), E)) * 1.015625 + under
         rounding = tl.minimum(bound, estimate)
         blind = ~(rounding <= PV_BLIND * H[:, None]) | ~(diff <= 0.25 * H[:, None])
         bits = bits | tl.where((tl.max(blind.to(tl.int32), AXIS) != 0) & ~bad, BLIND, 0)
-    return bits
+        need_r = tl.max(tl.maximum(rounding * (1.0 / PV_BLIND), 4.0 * diff), AXIS)
+        need = tl.max(tl.where(bad, 0.0, need_r), 0)
+    return bits, need
 
 
 @triton.jit
@@ -422,7 +428,7 @@ def _weighted_check(acc, wts, ref, mag, K, HEAD_DIM: tl.constexpr, bit: tl.const
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, GROUP, N, M, NQ, NFLAG, scale,
+def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, NEED, KStart, KEnd, H, GROUP, N, M, NQ, NFLAG, scale,
               unit,  #
               f_site, f_bh, f_row, f_col, f_dim, f_span, f_xor, f_use_value, f_value,  #
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -528,11 +534,20 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, KStart, KEnd, H, 
         dv = _hit(dv, at & (f_site == SITE_DV), f_xor, f_use_value, f_value)
     if PROTECTION >= 1:
         # (dk = scale sum over the group's query heads, dv their sum: the heads add up, and may
-        # cancel, so with GQA the floor alone is the threshold)
-        bits = bits | _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM, PROTECTION >= 2, TAU_H,
-                                   TAU_H / tl.abs(scale), (GROUP == 1).to(tl.float32), xk, wk)
-        bits = bits | _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM, PROTECTION >= 2, TAU_H, TAU_H,
-                                   (GROUP == 1).to(tl.float32), xv, wv)
+        # cancel, so with GQA no row's own gradient sets its threshold, and the kernel cannot see
+        # the call's: it leaves no row blind (floor +inf) and stores the threshold its key rows
+        # need, for dk (in dk's units) and dv, which the launcher compares with tau max(1, max |g|)
+        # of the summed dk, dv. The floor alone, as before, had every key block of loss-scaled
+        # gradients blind, the whole backward made again at full: dO x1024, GQA 2:1, N 256)
+        gqa = GROUP > 1
+        inf = float("inf")
+        bk, need_k = _group_check(dk, E, refk, magk, N, 1, DK_CHECKSUM, PROTECTION >= 2, TAU_H,
+                                  tl.where(gqa, inf, TAU_H / tl.abs(scale)), (GROUP == 1).to(tl.float32), xk, wk)
+        bv, need_v = _group_check(dv, E, refv, magv, N, 1, DV_CHECKSUM, PROTECTION >= 2, TAU_H,
+                                  tl.where(gqa, inf, TAU_H), (GROUP == 1).to(tl.float32), xv, wv)
+        bits = bits | bk | bv
+        tl.store(NEED + (bh * NFLAG + NQ + pid_n) * 2, need_k * tl.abs(scale))
+        tl.store(NEED + (bh * NFLAG + NQ + pid_n) * 2 + 1, need_v)
         if PROTECTION >= 2:
             bits = bits | _weighted_check(dk, wts, refk_w, magk_w, N, HEAD_DIM, DK_CHECKSUM)
             bits = bits | _weighted_check(dv, wts, refv_w, magv_w, N, HEAD_DIM, DV_CHECKSUM)

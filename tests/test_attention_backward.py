@@ -859,12 +859,38 @@ def test_task_whose_gradients_fall_below_the_assumed_scale_is_compared():
     assert harmful >= 1
 
 
-def test_gqa_heads_that_cancel_in_dk_and_dv_are_compared():
+def test_gqa_loss_scaled_key_rows_are_not_blind():
+    """GQA 2:1, gradients of ~1e3 (loss scaling): the reference's dK / dV blind rule took the floor
+    alone (a group's heads may cancel in dk, dv), and every key row went blind, the whole
+    backward made again at full. Now tau max(1, max |g|) of the call's dk, dv (the heads summed):
+    its raw flags hold no BLIND, no failed check (tests/test_attention_backward_triton.py: the
+    Triton kernels' likewise)."""
+    from ftattn.reference import _backward_raw
+
+    g = torch.Generator().manual_seed(0)
+    N = 211
+    q = torch.randn(1, 2, N, 64, generator=g)
+    k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(2))
+    do = torch.randn(1, 2, N, 64, generator=g) * 1024
+    o = ftattn.attention(q, k, v, causal=True, backend="reference")
+    *_, flags = _backward_raw(q, k, v, o, do, True, 64**-0.5, 2, None, None, None, None)
+    assert not bool(((flags & int(Check.BLIND)) != 0).any())
+    assert not bool(((flags & int(ftattn.faults.CHECK_MASK)) != 0).any())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_gqa_heads_that_cancel_in_dk_and_dv_are_compared(backend):
     """GQA: a key's dk and dv add the group's query heads. Two heads with the same queries and
     dO negated cancel there (dk, dv ~0) while each head's own sums, which set its verification
     scale and its blind rule's threshold, are ~1e3: once every task has run, the call's
     gradients fall below what the tasks assumed, and they are made again and compared. Faults
-    on a dk / dv accumulator (harmful against the cancelled gradients' floor) are caught."""
+    on a dk / dv accumulator (harmful against the cancelled gradients' floor) are caught.
+    (tests/test_attention_backward_triton.py runs it on the Triton kernels.)"""
+    check_gqa_heads_that_cancel(backend)
+
+
+def check_gqa_heads_that_cancel(backend):
+    """test_gqa_heads_that_cancel_in_dk_and_dv_are_compared on ``backend``."""
     g = torch.Generator().manual_seed(5)
     N, tau = 130, 2.0**-10
     q0 = torch.randn(1, 1, N, 64, generator=g)
@@ -874,7 +900,7 @@ def test_gqa_heads_that_cancel_in_dk_and_dv_are_compared():
     do = torch.cat([d0, -d0], 1)
 
     def grads(fault, protection="full"):
-        return _checked_grads(q, k, v, do, fault, protection)
+        return _checked_grads(q, k, v, do, fault, protection, backend=backend)
 
     clean, det = grads(None)
     off, _ = grads(None, "off")

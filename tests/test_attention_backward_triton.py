@@ -31,7 +31,8 @@ if DEVICE == "cpu" and not isinstance(kernel._bwd_dq, triton.runtime.interpreter
     launcher = importlib.reload(launcher)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_attention_backward import _grads, _qkv, check_gradients_within_twice_torch  # noqa: E402
+from test_attention_backward import (_grads, _qkv, check_gqa_heads_that_cancel,  # noqa: E402
+                                     check_gradients_within_twice_torch)
 from triton_compile import compile_without_gpu  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -355,7 +356,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ftattn.kernels import attention_backward as kern
-POINTERS = ("Q", "K", "V", "O", "DO", "MROW", "RINV", "DELTA", "DQ", "DKH", "DVH", "Flags")
+POINTERS = ("Q", "K", "V", "O", "DO", "MROW", "RINV", "DELTA", "DQ", "DKH", "DVH", "Flags", "NEED")
 for dim, pad in [tuple(map(int, sys.argv[1:3]))]:
     tile = kern.loop_tile(pad)  # the launcher's tiles on CUDA
     for fn in (kern._bwd_prep, kern._bwd_dq, kern._bwd_dkdv)[int(sys.argv[3]):]:
@@ -516,3 +517,30 @@ def test_ds_faults_where_dp_cancels():
     from attention_reference import check_ds_faults_where_dp_cancels
 
     check_ds_faults_where_dp_cancels(functools.partial(ftattn.attention, backend="triton"), DEVICE)
+
+
+def test_gqa_loss_scaled_key_blocks_are_not_blind():
+    """GQA 2:1 with loss-scaled gradients (dO x1024): the dK / dV checks' blind threshold was the
+    floor alone (a group's heads may cancel in dk, dv), so every key block was BLIND at full and
+    the whole backward ran twice (8 of 8 key blocks here). Now the key programs store the
+    threshold their rows need and the launcher compares it with tau max(1, max |g|) of the call's
+    dk, dv (the heads summed): none blind, no check fails."""
+    g = torch.Generator().manual_seed(0)
+    N = 211
+    q = torch.randn(1, 2, N, 64, generator=g)
+    k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(2))
+    do = torch.randn(1, 2, N, 64, generator=g) * 1024
+    q, k, v, do = _on(DEVICE, q, k, v, do)
+    o = _ours(q, k, v, causal=True)
+    *_, flags = launcher._run(q, k, v, o, do, True, 64**-0.5, 2, None, None, None, None, 2.0**-10)
+    assert not bool(((flags & int(Check.BLIND)) != 0).any())
+    assert not bool(((flags & CHECK_MASK) != 0).any())
+
+
+def test_gqa_heads_that_cancel_in_dk_and_dv_are_compared():
+    """tests/test_attention_backward.py's case on the Triton kernels: two query heads whose dk, dv
+    cancel while each head's own are ~1e3; the thresholds the key programs' rows need exceed
+    the call's (cancelled) gradients' harm threshold, so the launcher marks them BLIND (made
+    again and compared): faults on dk / dv accumulators, harmful there, caught. (Fails where the
+    launcher's comparison is left out: a bit-10 dk fault passes.)"""
+    check_gqa_heads_that_cancel("triton")

@@ -14,7 +14,8 @@ from typing import List, Optional
 import torch
 import triton
 
-from ..contract import REPORT_BLOCK_M, Site, check_backward_fault_encoding, fault_fields, flip_args, span_axis
+from ..contract import (REPORT_BLOCK_M, Check, Site, check_backward_fault_encoding, fault_fields, flip_args,
+                        span_axis)
 from ..faults import TAU
 from ..kernels.attention_backward import INTERPRETER_CONFIG, _bwd_dkdv, _bwd_dq, _bwd_prep, loop_tile
 
@@ -39,6 +40,8 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value, key_
     dkh = torch.zeros((B, Hq, M, D), dtype=torch.float32, device=dev)
     dvh = torch.zeros((B, Hq, M, D), dtype=torch.float32, device=dev)
     flags = torch.zeros((B, Hq, nq + nk), dtype=torch.int32, device=dev)
+    # per key program (flags' layout), the blind threshold its dk and dv rows need (_bwd_dkdv, GQA)
+    need = torch.zeros((B, Hq, nq + nk, 2), dtype=torch.float32, device=dev)
     if B * Hq > 0 and N > 0 and M > 0:
         inject = fault is not None
         fargs = (0, -1, -1, -1, 0, 1, 0, 0, 0.0)  # site, b * Hq + h, row, col, dim, span, xor, replace?, value
@@ -67,11 +70,19 @@ def _run(qf, kf, vf, of, gf, causal, scale, protection, fault, fault_value, key_
         _bwd_dq[(nq, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dq, flags, starts, ends, Hq, group, N, M, nq + nk,
                               float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection), INJECT=inject,
                               TAU_H=tau_h, **rows_block)
-        _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, starts, ends, Hq, group, N, M,
-                                nq, nq + nk, float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection),
+        _bwd_dkdv[(nk, B * Hq)](qf, kf, vf, gf, mrow, rinv, delta, dkh, dvh, flags, need, starts, ends, Hq, group,
+                                N, M, nq, nq + nk, float(scale), 1.0, *fargs, **shape, PROTECTION=int(protection),
                                 INJECT=inject, TAU_H=tau_h, **keys_block)
     dk = (dkh * scale).view(B, Hkv, group, M, D).sum(2)
     dv = dvh.view(B, Hkv, group, M, D).sum(2)
+    if protection >= 2 and group > 1 and dk.numel():
+        # GQA: a key program whose dk or dv rows need more than the call's harm threshold,
+        # tau max(1, max |g|) of the gradients summed over the group's heads, is BLIND (made again
+        # and compared, settle_backward; a NaN need too). Tensor ops: no host sync here.
+        one = torch.ones((), device=dev)
+        thr = torch.stack([torch.maximum(dk.abs().amax(), one), torch.maximum(dv.abs().amax(), one)]) * tau_h
+        blind = (~(need[..., nq:, :] <= thr)).any(-1)
+        flags[..., nq:] |= blind.to(torch.int32) * int(Check.BLIND)
     return dq, dk, dv, flags
 
 
