@@ -565,9 +565,12 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 " do not match the weight's checksums for block_o ", block_o,
                 " (fp64 [2 nb, K], or hi + mid + lo parts [3 x 2 nb, K] in the weight's dtype; ",
                 "ftattn.linear.weight_checksums makes them)");
-    TORCH_CHECK(mag_cols->dim() == 2 && mag_cols->size(0) == 2 * nb && mag_cols->size(1) == K,
-                "ftattn.linear: mag_cols ", mag_cols->sizes(), " do not match block_o ", block_o,
-                " ([2 nb, K]; ftattn.linear.weight_checksums makes them)");
+    TORCH_CHECK(mag_cols->dim() == 2 && mag_cols->size(0) == 2 * nb && mag_cols->size(1) == K &&
+                    (mag_cols->scalar_type() == at::kFloat || (split && mag_cols->scalar_type() == st)),
+                "ftattn.linear: mag_cols ", mag_cols->sizes(), " ", mag_cols->scalar_type(),
+                " do not match the weight's checksums for block_o ", block_o,
+                " ([2 nb, K], float32, or in the weight's dtype with hi + mid + lo ref_cols; "
+                "ftattn.linear.weight_checksums makes them)");
   }
   FaultSpec f;
   if (fault.has_value()) {

@@ -539,6 +539,18 @@ def test_bad_input_device_and_options():
         ftattn.linear(torch.randn(3, 5), torch.randn(4, 5), on_fault="ignore")
 
 
+def test_linear_fwd_checksums_of_another_dtype_get_a_clear_error():
+    """torch.ops.ftattn.linear_fwd with checksums not made by weight_checksums: mag_cols in fp64
+    failed deep in the GEMM ("expected scalar type BFloat16 but found Double"); now the op names
+    the argument, its dtype and what it takes."""
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    c = ftattn.linear.__globals__["weight_checksums"](w, 128)
+    with pytest.raises(RuntimeError, match=r"mag_cols \[2, 8\] Double do not match.*float32"):
+        torch.ops.ftattn.linear_fwd(x, w, None, c.ref_cols, c.mag_cols.double(), 128, 1, True)
+    with pytest.raises(RuntimeError, match=r"ref_cols \[2, 8\] Float do not match"):
+        torch.ops.ftattn.linear_fwd(x, w, None, c.ref_cols.float(), c.mag_cols, 128, 1, True)
+
+
 def test_op_opcheck_and_compile():
     x, w, b = _data((3, 7), 33, 40, torch.float32, seed=10)
     y = torch.ops.ftattn.linear(x, w, b)

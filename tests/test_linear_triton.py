@@ -235,3 +235,20 @@ def test_targeted_faults_where_a_block_weighs_a_channel_alike(dtype, kind, k):
                     fixed, rep2 = _lin(x, w, None, fault=f, return_report=True)
                     assert rep2.uncorrected == 0 and (torch.equal(fixed, clean) or not rep2.detected), f
     assert harmful > 5
+
+
+@pytest.mark.parametrize("magnitude", [1e-40, 1e-44, 0.0, 1e30], ids=str)
+def test_rows_of_extreme_magnitude_are_checked_not_blind(magnitude):
+    """Rows of subnormal (or zero, or large) x: the kernel's bounds scale each row by a power of
+    two near its largest |x|, whose inverse must stay a normal fp32 number. A row of x ~1e-40
+    took 2^-132, inverse inf: its bounds were NaN and every such call blind (BLIND, a second
+    product made and compared). fp32, raw flags of one launch: no bit set; the product that of
+    protection off."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 37, generator=g) * magnitude).to(DEVICE)
+    w = (torch.randn(23, 37, generator=g) / 37**0.5).to(DEVICE)
+    c = ftattn.linear.__globals__["weight_checksums"](w, 128)
+    y, flags = launcher.linear_fwd(x, w, None, c.ref_cols, c.mag_cols, 128, 1, False)
+    assert int(flags.max()) == 0, flags
+    off, _ = launcher.linear_fwd(x, w, None, c.ref_cols, c.mag_cols, 128, 0, False)
+    assert torch.equal(y, off)

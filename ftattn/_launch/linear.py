@@ -20,10 +20,13 @@ _NO_FAULT = (0, 0, 0, 0, 1, 0, 0, 0.0)
 
 
 def _row_scale(x: torch.Tensor) -> torch.Tensor:
-    """A power of two near each row's largest |x_ij| (1 for a zero or non-finite row)."""
+    """A power of two near each row's largest |x_ij|, within 2^-126 .. 2^126 so that the kernel's
+    1 / scale is a normal fp32 number (1 for a non-finite row). (Unclamped, a row of subnormal
+    x, |x| < 2^-126, took a scale of 2^-132, whose inverse is inf in fp32: every such call's
+    bounds were NaN and the call blind, a second product made and compared.)"""
     m = x.abs().amax(1).float() if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
-    scale = torch.exp2(torch.floor(torch.log2(m)) + 1)
-    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).contiguous()
+    scale = torch.exp2(torch.clamp(torch.floor(torch.log2(m)) + 1, -126.0, 126.0))
+    return torch.where(torch.isfinite(scale), scale, torch.ones_like(scale)).contiguous()
 
 
 def _launch(x, weight, bias, ref_cols, mag_cols, block_o, protection, fault_args, inject):
