@@ -33,9 +33,10 @@ struct Bf16Lanes<vec::f8> {
 // What one row of the online softmax gives: the fp32 row sum of p (the normaliser
 // update) and, for the checks, max p (the largest p's bits as unsigned: one integer max a
 // vector, where a max and a min of floats took two) and pmin, -1 where some p has its sign
-// bit set, else 0 (p >= 0 holds then); ws, the row sum again in fp64 for the independent
-// recursion of l (l2: what it checks is l's update, where the rowsum fault lands; a sum of
-// its own, one add a vector, checked nothing more: p's faults show in both alike); and,
+// bit set, else 0 (p >= 0 holds then; a fault's -0.0 is flagged too); ws, the independent
+// sum of p (fp32 partials flushed to fp64) for the independent recursion of l (l2: psum's
+// own reduction, lanes and tree, is where a fault in l's sum would land; taken from psum,
+// as one build did to save an add a vector, it moved with l unseen: review); and,
 // per group g of head dims, sum_j p_j a_gj and sum_j p_j b_gj (fp32 partials of CHUNK
 // vectors flushed to fp64; a, b: fp32 copies of the per-key, per-group sums of V and
 // of |V|, so each product carries one more rounding), and whether the redundant
@@ -122,7 +123,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   constexpr int64_t L = Lanes<V>;
   V psum_v = V{};
   U diff_v = U{}, top_v = U{};
-  d8 a_acc[NG], b_acc[NG], c_acc = d8{};
+  d8 s_acc = d8{}, a_acc[NG], b_acc[NG], c_acc = d8{};
   for (int g = 0; g < NG; ++g) a_acc[g] = b_acc[g] = d8{};
   // The visible tail (a causal tile's rows end anywhere in a vector) runs as one more vector
   // whose lanes past the last visible key read -inf, written over their scores here (nothing
@@ -158,7 +159,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   }
   int64_t j = 0;
   while (j + L <= vend) {
-    V ap[NG], bp[NG], cp = V{};
+    V sp = V{}, ap[NG], bp[NG], cp = V{};
     for (int g = 0; g < NG; ++g) ap[g] = bp[g] = V{};
     for (int64_t c = 0; c < CHUNK && j + L <= vend; ++c, j += L) {
       const V sv = load_v<V>(S + j);
@@ -191,6 +192,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
       if constexpr (PROT >= 1) {
         const U pu = reinterpret_cast<U>(pv);
         top_v = pu > top_v ? pu : top_v;
+        sp += pv;
         for (int g = 0; g < NG; ++g) {
           ap[g] += pr * load_v<V>(a + g * gs + j);
           bp[g] += pr * load_v<V>(b + g * gs + j);
@@ -200,6 +202,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
       if constexpr (PROT >= 2) diff_v |= reinterpret_cast<U>(pv) ^ reinterpret_cast<U>(exp_neg((sv - mr2) * scale_b));
     }
     if constexpr (PROT >= 1) {
+      s_acc += widen_sum(sp);
       for (int g = 0; g < NG; ++g) {
         a_acc[g] += widen_sum(ap[g]);
         b_acc[g] += widen_sum(bp[g]);
@@ -211,7 +214,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
   // the masked keys
   float psum_t = 0.f;
   uint32_t diff = 0, top = 0;
-  double a_t[NG] = {}, b_t[NG] = {}, c_t = 0.0;
+  double s_t = 0.0, a_t[NG] = {}, b_t[NG] = {}, c_t = 0.0;
   int masked_bad = 0;
   if constexpr (INJECT && PROT >= 2)  // (masked keys in the last vector: p must be 0 there too)
     for (int64_t k = visible; k < vend; ++k) masked_bad |= !(p[k] == 0.f);
@@ -233,6 +236,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
     psum_t += pj;
     if constexpr (PROT >= 1) {
       top = std::max(top, float_bits(pj));
+      s_t += static_cast<double>(pj);
       const double x = static_cast<double>(pr);
       for (int g = 0; g < NG; ++g) {
         a_t[g] += x * a[g * gs + j];
@@ -259,7 +263,7 @@ __attribute__((always_inline)) static inline void softmax_row_body(float* __rest
     // pmin < 0 reports; a NaN p is above 1 here)
     std::memcpy(&st.pmax, &top, sizeof(top));
     st.pmin = top >> 31 ? -1.f : 0.f;
-    st.ws = static_cast<double>(st.psum);
+    st.ws = vec::hsum(s_acc) + s_t;
     for (int g = 0; g < NG; ++g) {
       st.wa[g] = vec::hsum(a_acc[g]) + a_t[g];
       st.wb[g] = vec::hsum(b_acc[g]) + b_t[g];
