@@ -91,6 +91,9 @@ TORCH_LIBRARY(ftattn, m) {
   m.def(
       "linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? ref_cols, Tensor? mag_cols, int block_o, "
       "int protection, bool recompute, int[]? fault=None, float? fault_value=None) -> (Tensor, Tensor)");
+  // A weight's checksums in one pass (ftattn/linear.py _block_sums): (sums, squares [2 nb, in],
+  // row_sums [out]), fp64. CPU: csrc/linear_cpu.cpp.
+  m.def("weight_block_sums(Tensor weight, int block_o) -> (Tensor, Tensor, Tensor)");
   // MX (microscaling) quantize (fake quantization): x [outer, K, inner] float32, blocks of
   // block_size along K; returns (values, scale_e8m0 [outer, ceil(K / block_size), inner]).
   // Element format as microxcaling's (ebits, mbits, emax, max_norm); rounding
