@@ -736,6 +736,23 @@ def _checked_grads(q, k, v, do, fault=None, protection="full", causal=True, back
     return [t.grad.double() for t in leaves], rep.backward.detected
 
 
+def _clean_as_off(grads):
+    """The clean call's gradients of ``grads(fault, protection)`` at full, after asserting it
+    detects nothing and equals protection off bit for bit."""
+    clean, det = grads(None)
+    off, _ = grads(None, "off")
+    assert det == 0 and all(torch.equal(a, b) for a, b in zip(clean, off))
+    return clean
+
+
+def gqa_loss_scaled_data(N=211):
+    """GQA 2:1 (one key head, two query heads): normal q, k, v, and dO x1024 (loss scaling)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, N, 64, generator=g)
+    k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(2))
+    return q, k, v, torch.randn(1, 2, N, 64, generator=g) * 1024
+
+
 def _harmful_grads(got, clean, tau):
     """FAULT_MODEL.md's gradient harm: some gradient moved by more than tau max(1, max |g|)."""
     return any(bool(((a - b).abs() > tau * max(1.0, b.abs().max().item())).any()) for a, b in zip(got, clean))
@@ -842,9 +859,7 @@ def test_task_whose_gradients_fall_below_the_assumed_scale_is_compared():
     def grads(fault, protection="full"):
         return _checked_grads(q, k, v, do, fault, protection, causal=False)
 
-    clean, det = grads(None)
-    off, _ = grads(None, "off")
-    assert det == 0 and all(torch.equal(a, b) for a, b in zip(clean, off))
+    clean = _clean_as_off(grads)
     assert clean[1].abs().max() < 1e-2 * clean[0].abs().max()  # dk cancels
     # (row 200: in the fourth block of 64 queries, verified at the scale of the first three's
     # partial sums)
@@ -867,11 +882,7 @@ def test_gqa_loss_scaled_key_rows_are_not_blind():
     Triton kernels' likewise)."""
     from ftattn.reference import _backward_raw
 
-    g = torch.Generator().manual_seed(0)
-    N = 211
-    q = torch.randn(1, 2, N, 64, generator=g)
-    k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(2))
-    do = torch.randn(1, 2, N, 64, generator=g) * 1024
+    q, k, v, do = gqa_loss_scaled_data()
     o = ftattn.attention(q, k, v, causal=True, backend="reference")
     *_, flags = _backward_raw(q, k, v, o, do, True, 64**-0.5, 2, None, None, None, None)
     assert not bool(((flags & int(Check.BLIND)) != 0).any())
@@ -902,9 +913,7 @@ def check_gqa_heads_that_cancel(backend):
     def grads(fault, protection="full"):
         return _checked_grads(q, k, v, do, fault, protection, backend=backend)
 
-    clean, det = grads(None)
-    off, _ = grads(None, "off")
-    assert det == 0 and all(torch.equal(a, b) for a, b in zip(clean, off))
+    clean = _clean_as_off(grads)
     assert clean[1].abs().max() < 1e-3 * clean[0].abs().max()
     harmful = 0
     for site in ("dk", "dv"):

@@ -32,7 +32,7 @@ if DEVICE == "cpu" and not isinstance(kernel._bwd_dq, triton.runtime.interpreter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_attention_backward import (_grads, _qkv, check_gqa_heads_that_cancel,  # noqa: E402
-                                     check_gradients_within_twice_torch)
+                                     check_gradients_within_twice_torch, gqa_loss_scaled_data)
 from triton_compile import compile_without_gpu  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -525,12 +525,7 @@ def test_gqa_loss_scaled_key_blocks_are_not_blind():
     the whole backward ran twice (8 of 8 key blocks here). Now the key programs store the
     threshold their rows need and the launcher compares it with tau max(1, max |g|) of the call's
     dk, dv (the heads summed): none blind, no check fails."""
-    g = torch.Generator().manual_seed(0)
-    N = 211
-    q = torch.randn(1, 2, N, 64, generator=g)
-    k, v = (torch.randn(1, 1, N, 64, generator=g) for _ in range(2))
-    do = torch.randn(1, 2, N, 64, generator=g) * 1024
-    q, k, v, do = _on(DEVICE, q, k, v, do)
+    q, k, v, do = _on(DEVICE, *gqa_loss_scaled_data())
     o = _ours(q, k, v, causal=True)
     *_, flags = launcher._run(q, k, v, o, do, True, 64**-0.5, 2, None, None, None, None, 2.0**-10)
     assert not bool(((flags & int(Check.BLIND)) != 0).any())
