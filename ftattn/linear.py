@@ -39,7 +39,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_O = 128
 KAPPA = 8.0
 U32 = 2.0**-24
-# up to this many checksum blocks the C++ kernel takes fp32 checksums per row (no GEMM);
+# up to this many checksum blocks (and for fewer rows than a report block per thread, at
+# any number) the C++ kernel takes fp32 x's references per row (no GEMM);
 # csrc/linear_cpu.cpp kFusedBlocks
 FUSED_BLOCKS = 16
 # a weighted checksum's difference above this part of its bound makes the row's block blind

@@ -340,6 +340,40 @@ def test_nonfinite_row_does_not_excuse_a_fault_in_another_row(backend):
         assert rep.corrected == 1 and torch.equal(y[~x.isnan().any(1)], ftattn.linear(x, w)[~x.isnan().any(1)])
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_row_refs_in_every_layout(dtype, threads):
+    """The C++ check's per-row references (csrc/linear_cpu.cpp rows_refs): row by row for a
+    few checksum columns, else in chunks of 256 input features for a report block's rows, 4
+    (or 2) at a time with a remainder, pairs of columns; before the check in parallel over
+    rows, or over pairs of columns for a few rows (decode). Over those layouts (T 1..130,
+    K short of, at and past a chunk and a vector, nb 2 / 8 / 17), on the op's raw flags (a
+    wrong reference fails the check, which ftattn.linear then settles with a second product
+    and clears: not visible in its report): clean calls set no flag; a harmful change of one
+    accumulator (2 tau max(1, max |y_i|)) in the first and last row and the last output
+    fails its block's check."""
+    fwd = torch.ops.ftattn.linear_fwd.default
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in (1, 3, 9, 65, 130):
+            for k in (1, 15, 17, 256, 257, 600):
+                for out in (200, 1000, 2100):
+                    x, w, _ = _data((t,), k, out, dtype, bias=False, seed=t + k + out)
+                    sums = weight_checksums(w)
+                    args = (x, w, None, sums.ref_cols, sums.mag_cols, sums.block_o, 1, False)
+                    y, flags = fwd(*args, None, None)
+                    assert int(flags.abs().sum()) == 0, (t, k, out, flags)
+                    for row, col in ((0, out - 1), (t - 1, 0), (t - 1, out - 1)):
+                        delta = 2 * TAU[dtype] * max(1.0, y[row].double().abs().max().item())
+                        f = Fault("gemm", row=row, col=col, value=float(y[row, col]) + delta)
+                        _, flags = fwd(*args, *f.encode())
+                        assert int(flags.reshape(-1)[row // 64]) & int(ftattn.Check.GEMM_ROW_CHECKSUM), \
+                            (t, k, out, row, col, flags)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reference_backend_agrees(dtype):
     x, w, b = _data((29,), 97, 200, dtype, seed=3)
