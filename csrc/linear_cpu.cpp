@@ -833,11 +833,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     if (fused && nblk < at::get_num_threads()) {
       // fewer report blocks than threads (T <= 64 on 2 threads): the references first, in
       // parallel, or one thread would make them all: over rows, or for a few rows (decode,
-      // T = 1) over pairs of checksum columns (each streams 12 bytes per column and input
+      // T = 1) and more than kRowRefsColumns columns over pairs of checksum columns (each streams 12 bytes per column and input
       // feature: 11 MB at W [14336, 4096]; x [1, 2816] . W [2816, 1024]: check 0.05 -> 0.015 ms)
       const double* wp = wc.data_ptr<double>();
       const float* mp = mc.data_ptr<float>();
-      if (T >= 4 * at::get_num_threads())
+      // (few columns go row by row, whole rows each: over rows; review: the column split
+      // left one thread with all of them, x [7, 4096] . W [512, 4096] check 22 -> 45 us)
+      if (T >= 4 * at::get_num_threads() || nc <= kRowRefsColumns)
         at::parallel_for(0, T, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * nc, 1)),
                          [&](int64_t r0, int64_t r1) { rows_refs_any(xc, r0, r1, wp, mp, nc, refp, magp, sc); });
       else
