@@ -91,6 +91,13 @@ TORCH_LIBRARY(ftattn, m) {
   m.def(
       "linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? ref_cols, Tensor? mag_cols, int block_o, "
       "int protection, bool recompute, int[]? fault=None, float? fault_value=None) -> (Tensor, Tensor)");
+  // The eager inference call of a checked layer (ftattn/linear.py _eager_cpu, ftattn/protect.py):
+  // linear_fwd with no fault and no recomputation, protection abft where the checksums are given
+  // (else off), and its blocks' flags OR-ed as an int, so that a clean call reads no tensor back: the
+  // dispatch of six arguments and an int costs ~1 us less than linear_fwd's ten and .item().
+  m.def(
+      "linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor? ref_cols, Tensor? mag_cols, int block_o) "
+      "-> (Tensor, Tensor, SymInt)");
   // A weight's checksums in one pass (ftattn/linear.py _block_sums): (sums, squares [2 nb, in],
   // row_sums [out]), fp64. CPU: csrc/linear_cpu.cpp.
   m.def("weight_block_sums(Tensor weight, int block_o) -> (Tensor, Tensor, Tensor)");

@@ -875,6 +875,22 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   return {x.dim() == 2 ? y : y.view(y_shape), flags};
 }
 
+// linear_eager (csrc/ftattn.cpp): linear_fwd at abft (checksums given) or off, no fault, no
+// recomputation, and its blocks' flags OR-ed (0: a clean call).
+std::tuple<at::Tensor, at::Tensor, c10::SymInt> linear_eager_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             const std::optional<at::Tensor>& ref_cols,
+                                                             const std::optional<at::Tensor>& mag_cols,
+                                                             int64_t block_o) {
+  const bool checked = ref_cols.has_value();
+  auto [y, flags] =
+      linear_fwd_cpu(x, weight, bias, ref_cols, mag_cols, block_o, checked ? 1 : 0, false, std::nullopt, std::nullopt);
+  int32_t any = 0;
+  const int32_t* fl = flags.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < flags.numel(); ++b) any |= fl[b];
+  return {y, flags, c10::SymInt(any)};
+}
+
 // The checksums of a weight W [out, k] for the checked linear layer (ftattn/linear.py
 // _block_sums) in one read of W, fp64 accumulators: sums [2 nb, k] (per block b of block_o
 // output features W^T e_b, then W^T w_b, w the contract's checksum weights), squares [2 nb, k]
@@ -962,6 +978,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_block_sums_cpu(const at::T
 
 TORCH_LIBRARY_IMPL(ftattn, CPU, m) {
   m.impl("linear_fwd", &linear_fwd_cpu);
+  m.impl("linear_eager", &linear_eager_cpu);
   m.impl("weight_block_sums", &weight_block_sums_cpu);
 }
 

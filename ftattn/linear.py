@@ -351,6 +351,12 @@ def _weight_block_sums_fake(weight, block_o):
     return new(2 * nb, weight.shape[1]), new(2 * nb, weight.shape[1]), new(weight.shape[0])
 
 
+@torch.library.register_fake("ftattn::linear_eager")
+def _linear_eager_fake(x, weight, bias, ref_cols, mag_cols, block_o):
+    y, flags = _linear_fwd_fake(x, weight, bias, ref_cols, mag_cols, block_o, int(ref_cols is not None), False)
+    return y, flags, torch.library.get_ctx().new_dynamic_size()
+
+
 @torch.library.register_fake("ftattn::linear_fwd")
 def _linear_fwd_fake(x, weight, bias, ref_cols, mag_cols, block_o, protection, recompute, fault=None,
                      fault_value=None):
@@ -638,24 +644,31 @@ def _eager_cpu(x, weight, bias, protection, on_fault):
     rows = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
     if rows == 0:
         return None
-    fwd = torch.ops.ftattn.linear_fwd.default  # (loaded: _CPP_ON_CPU); x [..., in] as it is
+    # (loaded: _CPP_ON_CPU); x [..., in] as it is; the flags OR-ed as an int come back with y
     if prot:
         sums = weight_checksums(weight)
-        args = (x, weight, bias, sums.ref_cols, sums.mag_cols, sums.block_o, prot, False, None, None)
-        y, flags = fwd(*args)
-        flagged = (flags.item() if rows <= REPORT_BLOCK_M else flags.max().item()) != 0
+        y, flags, flagged = torch.ops.ftattn.linear_eager.default(x, weight, bias, sums.ref_cols, sums.mag_cols,
+                                                                  sums.block_o)
         if flagged:
-            fresh = _refreshed(weight, sums, flags)  # (an inference tensor's, changed)
-            if fresh is not None:
-                sums = fresh
-                args = (x, weight, bias, fresh.ref_cols, fresh.mag_cols, fresh.block_o, prot, False, None, None)
-                y, flags = fwd(*args)
-            y, flags = _settle(fwd, args, y, flags, weight, sums, recompute)
-            flagged = bool((flags != 0).any())
+            y, flags, flagged = _eager_flagged(x, weight, bias, sums, y, flags, prot, recompute)
     else:
-        y, flags = fwd(x, weight, bias, None, None, BLOCK_O, 0, True, None, None)
+        y, flags, _ = torch.ops.ftattn.linear_eager.default(x, weight, bias, None, None, BLOCK_O)
         flagged = False
     return y, flags, rows, policy, flagged
+
+
+def _eager_flagged(x, weight, bias, sums, y, flags, prot, recompute):
+    """A checked eager call (linear_eager) whose flags are set: checksums made anew for an
+    inference tensor that changed, the second product (_settle); (y, flags, flagged)."""
+    fwd = torch.ops.ftattn.linear_fwd.default
+    args = (x, weight, bias, sums.ref_cols, sums.mag_cols, sums.block_o, prot, False, None, None)
+    fresh = _refreshed(weight, sums, flags)  # (an inference tensor's, changed)
+    if fresh is not None:
+        sums = fresh
+        args = (x, weight, bias, fresh.ref_cols, fresh.mag_cols, fresh.block_o, prot, False, None, None)
+        y, flags = fwd(*args)
+    y, flags = _settle(fwd, args, y, flags, weight, sums, recompute)
+    return y, flags, bool((flags != 0).any())
 
 
 def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report):

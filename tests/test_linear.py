@@ -601,6 +601,48 @@ def test_op_opcheck_and_compile():
     assert torch.equal(f(x, w, b), y.relu())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eager_op_returns_the_flags_or_ed(dtype):
+    """torch.ops.ftattn.linear_eager (the inference calls' op): linear_fwd's y and flags at
+    abft (checksums given) and off (none), and the blocks' flags OR-ed as an int: 0 on a clean
+    call, and on a call whose weight was corrupted behind its checksums the OR of flags that
+    name each failed block."""
+    from ftattn.linear import BLOCK_O, weight_checksums
+
+    lin = sys.modules["ftattn.linear"]
+    x, w, b = _data((2, 67), 97, 130, dtype, seed=5)  # 134 rows: 3 report blocks
+    s = weight_checksums(w)
+    eager = torch.ops.ftattn.linear_eager.default
+    fwd = torch.ops.ftattn.linear_fwd.default
+    y, flags, any_flag = eager(x, w, b, s.ref_cols, s.mag_cols, s.block_o)
+    y_ref, flags_ref = fwd(x, w, b, s.ref_cols, s.mag_cols, s.block_o, 1, False, None, None)
+    assert any_flag == 0 and torch.equal(y, y_ref) and torch.equal(flags, flags_ref) and flags.shape == (1, 1, 3)
+    y_off, flags_off, off_flag = eager(x, w, b, None, None, BLOCK_O)
+    assert off_flag == 0 and torch.equal(y_off, y) and not flags_off.any()
+    bad = w.clone()
+    bad.view(torch.int16 if dtype != torch.float32 else torch.int32)[100, 4] ^= 1 << (14 if dtype != torch.float32 else 29)
+    y, flags, any_flag = eager(x, bad, b, s.ref_cols, s.mag_cols, s.block_o)  # the checksums of w
+    y_ref, flags_ref = fwd(x, bad, b, s.ref_cols, s.mag_cols, s.block_o, 1, False, None, None)
+    assert torch.equal(y, y_ref) and torch.equal(flags, flags_ref) and (flags != 0).all()
+    expected = 0
+    for f in flags.flatten().tolist():
+        expected |= f
+    assert any_flag == expected
+    torch.library.opcheck(eager, (x, w, b, s.ref_cols, s.mag_cols, s.block_o),
+                          test_utils=("test_schema", "test_autograd_registration"))
+    # the fake kernel (opcheck's test_faketensor cannot compare a data-dependent int):
+    # linear_fwd's shapes, the int unbacked
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        args = [mode.from_tensor(t) for t in (x, w, b, s.ref_cols, s.mag_cols)]
+        fy, fflags, fany = eager(*args, s.block_o)
+    assert fy.shape == y.shape and fy.dtype == dtype and fflags.shape == flags.shape
+    assert fflags.dtype == torch.int32 and isinstance(fany, torch.SymInt)
+    assert not lin._eager_cpu(x, w, b, "abft", "report")[-1]
+
+
 def test_meta_shapes():
     x = torch.empty(2, 3, 5, device="meta")
     y, rep = ftattn.linear(x, torch.empty(4, 5, device="meta"), return_report=True)

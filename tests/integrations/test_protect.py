@@ -176,6 +176,64 @@ def test_counts_of_the_eager_fast_path():
         model(x)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_the_layers_plan_follows_every_change(bias):
+    """A protected layer's repeated inference call reuses the last call's operands (its
+    plan) only while they hold: a weight updated in place, given new strides over the same
+    memory or replaced, a new bias, another protection or policy, a fault for the next call,
+    x of another dtype or with gradients: each call's y is that of F.linear on the layer's
+    Parameters as they are then, the checks stay clean, and a fault is caught."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(67, 67, bias=bias))
+    ftattn.protect_(model)
+    layer = model[0]
+    x = torch.randn(3, 67)
+
+    def same(y, tol=1e-5):
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert torch.allclose(y, ref, rtol=tol, atol=tol), (y - ref).abs().max()
+
+    with torch.no_grad():
+        same(model(x))
+        assert layer._plan is not None
+        same(model(x))
+        layer.weight.mul_(0.5)  # in place: a new version
+        same(model(x))
+        layer.weight.data = layer.weight.data.t()  # the same memory, transposed: new strides
+        same(model(x))
+        layer.weight = torch.nn.Parameter(torch.randn(67, 67))  # replaced
+        same(model(x))
+        layer.bias = torch.nn.Parameter(torch.randn(67))  # a bias where there was one or none
+        same(model(x))
+        assert ftattn.counters(model).detected == 0 and layer._plan is not None
+        layer.fault = Fault("gemm", row=2, col=5, bit=29)  # the next call's
+        same(model(x))
+        assert ftattn.counters(model).detected == 1 and ftattn.counters(model).corrected == 1
+        same(model(x))
+        layer.protection = "off"  # no check: a weight corrupted behind its checksums raises nothing
+        same(model(x))
+        layer.weight.data.view(torch.int32)[7, 3] ^= 1 << 28  # (.data: no new version)
+        same(model(x))
+        assert ftattn.counters(model).per_module["0"].uncorrected == 0
+        layer.protection = "abft"
+        same(model(x))  # the recomputed product reads the weight as it is: uncorrected
+        assert ftattn.counters(model).per_module["0"].uncorrected >= 1
+        ftattn.scrub_weights(model)
+        same(model(x))
+        layer.on_fault = "raise"
+        layer.weight.data.view(torch.int32)[7, 3] ^= 1 << 28
+        with pytest.raises(ftattn.FaultDetectedError, match="linear"):
+            model(x)
+        layer.on_fault = "correct"
+        ftattn.scrub_weights(model)
+        same(model(x))
+        with pytest.raises(TypeError, match="share one dtype"):  # the general path's error
+            model(x.bfloat16())
+    y = model(x.requires_grad_())  # with gradients: the checked autograd
+    assert y.requires_grad
+    same(y.detach())
+
+
 def test_protect_errors_and_filter():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     ftattn.protect_(model, filter_fn=lambda name, m: name == "1")
