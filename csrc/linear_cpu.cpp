@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
+#include "blas.h"            // gemm_rm: the fp32 GEMM (BLAS sgemm_)
 #include "gemm16.h"          // linear_bf16, bf16_gemm_ready (oneDNN brgemm)
 #include "vec.h"             // FTATTN_CLONES, the 16-lane vector types
 
@@ -99,12 +100,33 @@ bool mkl_bf16_rows(int64_t T, Gemm16 fn) {
 #endif
 }
 
+// fp32 a [T, K] times b^T for b [R, K] (blas.h: IEEE fp32 at any matmul precision).
+at::Tensor product_f32(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t T = a.size(0), K = a.size(1), R = b.size(0);
+  if (T >= INT_MAX || K >= INT_MAX || R >= INT_MAX) return at::mm(a, b.t());
+  at::Tensor out = at::empty({T, R}, a.options());
+  if (T == 0 || R == 0) return out;
+  if (K == 0) return out.zero_();
+  const at::Tensor ac = a.is_contiguous() ? a : a.contiguous();
+  if (b.stride(1) == 1 && b.stride(0) >= K && b.stride(0) < INT_MAX) {
+    gemm_rm(false, true, false, T, R, K, ac.data_ptr<float>(), K, b.data_ptr<float>(), b.stride(0),
+            out.data_ptr<float>(), R);
+  } else if (b.stride(0) == 1 && b.stride(1) >= R && b.stride(1) < INT_MAX) {  // b^T contiguous (a Conv1D weight)
+    gemm_rm(false, false, false, T, R, K, ac.data_ptr<float>(), K, b.data_ptr<float>(), b.stride(1),
+            out.data_ptr<float>(), R);
+  } else {
+    const at::Tensor bc = b.contiguous();
+    gemm_rm(false, true, false, T, R, K, ac.data_ptr<float>(), K, bc.data_ptr<float>(), K, out.data_ptr<float>(), R);
+  }
+  return out;
+}
+
 // a [T, K] times b^T for b [R, K] (a row-major, b either way round): fp32 [T, R], the
 // accumulators of the library GEMM.
 at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t T = a.size(0), K = a.size(1), R = b.size(0);
   const Gemm16 fn = gemm16(a.scalar_type());
-  if (a.scalar_type() == at::kFloat) return at::mm(a, b.t());
+  if (a.scalar_type() == at::kFloat) return product_f32(a, b);
   if (a.scalar_type() == at::kBFloat16 && bf16_gemm_ready() && !mkl_bf16_rows(T, fn)) {  // brgemm (gemm16.h)
     at::Tensor out = at::empty({T, R}, a.options().dtype(at::kFloat));
     if (T == 0 || R == 0) return out;
@@ -116,7 +138,7 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
     return out;
   }
   if (fn == nullptr || T >= INT_MAX || K >= INT_MAX || R >= INT_MAX)
-    return at::mm(a.to(at::kFloat), b.to(at::kFloat).t());
+    return product_f32(a.to(at::kFloat), b.to(at::kFloat));
   at::Tensor out = at::empty({T, R}, a.options().dtype(at::kFloat));
   if (T == 0 || R == 0) return out;
   if (K == 0) return out.zero_();

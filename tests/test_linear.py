@@ -643,6 +643,30 @@ def test_eager_op_returns_the_flags_or_ed(dtype):
     assert not lin._eager_cpu(x, w, b, "abft", "report")[-1]
 
 
+@pytest.mark.parametrize("shape", [(1, 97, 130), (300, 512, 1000)], ids=str)
+def test_fp32_product_ignores_the_matmul_precision(shape):
+    """torch.set_float32_matmul_precision("medium") lets at::mm run fp32 on oneDNN's bf16
+    path (on a CPU with AVX512-BF16 / AMX): the checked product is IEEE fp32 all the same
+    (the same bits as at the default precision), so no check fails on clean data (every block
+    failed, and each call settled by a second product, before)."""
+    t, k, out = shape
+    x, w, b = _data((t,), k, out, torch.float32, seed=t + k)
+    s = weight_checksums(w)
+    fwd = torch.ops.ftattn.linear_fwd.default
+    wt = w.t().contiguous().t()  # (a Conv1D's layout: its own GEMM, its own bits)
+    y0, _ = fwd(x, w, b, s.ref_cols, s.mag_cols, s.block_o, 1, False, None, None)
+    y0_wt, _ = fwd(x, wt, b, s.ref_cols, s.mag_cols, s.block_o, 1, False, None, None)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        y, flags = fwd(x, w, b, s.ref_cols, s.mag_cols, s.block_o, 1, False, None, None)
+        y_wt, flags_wt = fwd(x, wt, b, s.ref_cols, s.mag_cols, s.block_o, 1, False, None, None)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert not flags.any() and not flags_wt.any()
+    assert torch.equal(y, y0) and torch.equal(y_wt, y0_wt)
+
+
 def test_meta_shapes():
     x = torch.empty(2, 3, 5, device="meta")
     y, rep = ftattn.linear(x, torch.empty(4, 5, device="meta"), return_report=True)

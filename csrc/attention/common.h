@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "blas.h"            // gemm_rm: the fp32 GEMM (BLAS sgemm_)
 #include "fault_contract.h"  // sites, check bits, the fault encoding (ftattn/contract.py)
 #include "gemm16.h"          // the bf16 GEMM (oneDNN brgemm): bf16_gemm_ready, gemm_bf16
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -29,11 +30,6 @@
 #include "vec.h"  // FTATTN_CLONES, the 16-lane vector types and their reductions
 
 extern "C" {
-// Fortran BLAS entry point; torch's CPU library exports it (MKL or OpenBLAS).
-// Weak, so a torch without it falls back to at::mm.
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
 // MKL's thread count for the calling thread (0: the global one again), its C entry point (the
 // lower-case name torch exports is the Fortran one, which takes a pointer); weak, as above
 int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));

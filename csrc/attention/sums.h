@@ -346,31 +346,6 @@ FTATTN_CLONES static void key_value_sums(const float* __restrict K, const float*
 // ---------------------------------------------------------------------------
 // GEMMs on row-major fp32 blocks.
 
-// C[m x n] (+)= op(A) op(B) on row-major fp32 blocks, op(X) = X or X^T (A [m x k] or,
-// transposed, [k x m]; B [k x n] or [n x k]). BLAS sgemm_ where torch exports it (as
-// the column-major C^T = op(B)^T op(A)^T), else at::mm.
-static void gemm_rm(bool a_transposed, bool b_transposed, bool accumulate, int64_t m, int64_t n, int64_t k,
-                    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (sgemm_ != nullptr) {
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
-    sgemm_(b_transposed ? "T" : "N", a_transposed ? "T" : "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor a = a_transposed ? at::from_blob(const_cast<float*>(A), {k, m}, {lda, 1}, opts).t()
-                              : at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, opts);
-  at::Tensor b = b_transposed ? at::from_blob(const_cast<float*>(B), {n, k}, {ldb, 1}, opts).t()
-                              : at::from_blob(const_cast<float*>(B), {k, n}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  if (accumulate)
-    c.addmm_(a, b);
-  else
-    at::mm_out(c, a, b);
-}
-
 // C[m x n] (+)= A[m x k] * B, with B [n x k] (transposed, S = Q K^T) or [k x n]
 // (acc += P V) in row-major fp32 blocks (gemm_rm). k_slice > 0 sums the product over
 // slices of k_slice of the inner dimension, one GEMM each with beta = 1 after the
