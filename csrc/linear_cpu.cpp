@@ -807,10 +807,19 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     // squares neither underflow (x ~ 1e-30) nor overflow; the bound takes the scale back
     // (fused: one buffer of the scales [T] and mag [T, 2 nb], ref [T, 2 nb] in fp64)
     const int64_t nc = 2 * nb;  // checksum columns: nb plain, nb weighted
-    at::Tensor row_scale = at::empty({fused ? T * (nc + 1) : T}, xc.options().dtype(at::kFloat));
-    float* sc = row_scale.data_ptr<float>();
-    at::Tensor ref = fused ? at::empty({T, nc}, xc.options().dtype(at::kDouble)) : at::Tensor(), mag;
-    double* refp = fused ? ref.data_ptr<double>() : nullptr;
+    // (a few rows, fused: these buffers kept per calling thread; two allocations were ~0.6 us of a
+    // decode call's ~8, x [1, 64] . W [64, 64])
+    static thread_local std::vector<float> sc_kept;
+    static thread_local std::vector<double> ref_kept;
+    const bool kept = fused && T * (nc + 1) <= (int64_t{1} << 14);
+    if (kept && static_cast<int64_t>(sc_kept.size()) < T * (nc + 1)) {
+      sc_kept.resize(static_cast<size_t>(T * (nc + 1)));
+      ref_kept.resize(static_cast<size_t>(T * nc));
+    }
+    at::Tensor row_scale = kept ? at::Tensor() : at::empty({fused ? T * (nc + 1) : T}, xc.options().dtype(at::kFloat));
+    float* sc = kept ? sc_kept.data() : row_scale.data_ptr<float>();
+    at::Tensor ref = fused && !kept ? at::empty({T, nc}, xc.options().dtype(at::kDouble)) : at::Tensor(), mag;
+    double* refp = kept ? ref_kept.data() : fused ? ref.data_ptr<double>() : nullptr;
     float* magp = sc + T;
     at::Tensor wc, mc;  // (fused: the checksums the check reads; made per row in check_all)
     if (fused) {
@@ -841,8 +850,11 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                     (1.0 + 0x1p-6);
     const int64_t lanes = vector_lanes();
     // the weighted sums' weights by place in a block (+16: a 16-lane load at its tail)
-    std::vector<float> wts(static_cast<size_t>(block_o + 16), 0.f);
-    for (int64_t o = 0; o < block_o; ++o) wts[o] = checksum_weight(o);
+    static thread_local std::vector<float> wts;  // (made when block_o changes: kept per thread)
+    if (static_cast<int64_t>(wts.size()) != block_o + 16) {
+      wts.assign(static_cast<size_t>(block_o + 16), 0.f);
+      for (int64_t o = 0; o < block_o; ++o) wts[o] = checksum_weight(o);
+    }
     CheckRefs c{acc.data_ptr<float>(),
                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                 refp, magp, sc, &xc, T, out, block_o, nb, split,
