@@ -2,8 +2,9 @@
 // linear layer's product): torch's BLAS sgemm (MKL's or OpenBLAS's), IEEE fp32 whatever
 // torch.set_float32_matmul_precision says (at::mm takes "medium" as leave to run fp32 on
 // oneDNN's bf16 path, inputs rounded to bf16: every check of the linear layer then failed
-// on clean data on a CPU with AVX512-BF16), and the same bits as at::mm at the default
-// precision.
+// on clean data on a CPU with AVX512-BF16); for a row-major or transposed weight the GEMM
+// at::mm runs at the default precision (the same bits; at::mm takes a GEMV or copies for
+// some layouts, a single output or a strided weight, whose bits differ in the last place).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -10,7 +10,6 @@ explicitly that cannot run raises NotImplementedError with the reason.
 from __future__ import annotations
 
 import enum
-import functools
 import importlib.util
 import os
 from typing import Callable, Dict, List, Optional, Union
@@ -125,9 +124,16 @@ def triton_reason(device: torch.device) -> Optional[str]:
     return f"Triton runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_OP: dict = {}
+
+
 def _has_op(op_name: str) -> bool:
-    return hasattr(torch.ops.ftattn, op_name)  # (every call of "auto" asks: looked up once)
+    # (every call of "auto" asks: looked up once; a dict, not functools.lru_cache, which
+    # torch.compile warns of at each trace)
+    has = _HAS_OP.get(op_name)
+    if has is None:
+        has = _HAS_OP[op_name] = hasattr(torch.ops.ftattn, op_name)
+    return has
 
 
 def extension_reason(device: torch.device, op_name: str) -> Optional[str]:

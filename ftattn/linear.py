@@ -282,6 +282,10 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
     """The checksums of ``weight`` (cached: made anew when the weight changed through
     torch, its data pointer, shape, strides or version counter; ``cache=False`` for an
     operand used once, such as the activations of the backward's dW = dY^T X)."""
+    if torch.compiler.is_compiling():
+        # run, not traced (a graph break): traced, the checksums were made anew each call from
+        # the weight as it then was, so a weight corrupted in memory passed under torch.compile
+        return _weight_checksums_run(weight, block_o, cache)
     if cache and weight.is_inference() is False:
         # the last entry of this very tensor object, when its version, data pointer,
         # strides, shape and dtype are those it was made for (views share their base's
@@ -333,6 +337,9 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
         if key[-1] is not None:
             _remember(weight, entry)
     return entry
+
+
+_weight_checksums_run = torch.compiler.disable(weight_checksums)
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,6 @@ __all__ = ["protect_", "unprotect_", "counters", "reset_counters", "scrub_weight
            "ModelCounters", "ModuleCounts", "WeightCorruptionError"]
 
 _PROTECT_ATTR = "_ftattn_protected"  # on the model: what protect_ changed
-_ABSENT = object()  # (a plan's bias entry where the bias is no Parameter: None)
 _EAGER_OP = torch.ops.ftattn.linear_eager.default  # (the extension is loaded: ftattn/__init__.py)
 _COUNTS = ("calls", "detected", "corrected", "uncorrected", "nonfinite_input")
 
@@ -160,10 +159,16 @@ class ProtectedLinear(torch.nn.Module):
             return
         prot, recompute, policy = _EAGER_OPTIONS[(self.protection, self.on_fault)]
         sums = weight_checksums(w) if prot else None
-        self._plan = (weight, params.get("bias", _ABSENT), bias, w, x.dtype, w.shape[1], weight._version,
+        self._plan = (weight, weight.shape, bias, w, x.dtype, w.shape[1], weight._version,
                       weight.data_ptr(), weight.stride(), self.protection, self.on_fault, prot, recompute, policy,
                       sums, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
                       sums.block_o if sums else BLOCK_O)
+
+    def __getstate__(self):
+        # (the plan is a cache of this process's call: not pickled, nor deep-copied)
+        state = super().__getstate__()
+        state["_plan"] = None
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan
@@ -173,15 +178,21 @@ class ProtectedLinear(torch.nn.Module):
             # few Python steps (~1 us against ~3.5 through _eager_cpu; measured)
             params = self._parameters
             weight = plan[0]
-            if params.get("weight") is weight and params.get("bias", _ABSENT) is plan[1] and x.dtype is plan[4] \
-                    and x.is_cpu and x.ndim and x.shape[-1] == plan[5] and weight._version == plan[6] \
-                    and weight.data_ptr() == plan[7] and weight.stride() == plan[8] and self.protection is plan[9] \
-                    and self.on_fault is plan[10] and x.numel() and not (torch.is_grad_enabled() and (
-                        x.requires_grad or weight.requires_grad or (plan[2] is not None and plan[2].requires_grad))):
-                y, flags, flagged = _EAGER_OP(x, plan[3], plan[2], plan[15], plan[16], plan[17])
+            bias = params["bias"] if "bias" in params else self.bias  # (None: an attribute)
+            if params.get("weight") is weight and bias is plan[2] and x.dtype is plan[4] and x.is_cpu and x.ndim \
+                    and x.shape[-1] == plan[5] and weight._version == plan[6] and weight.data_ptr() == plan[7] \
+                    and weight.stride() == plan[8] and weight.shape == plan[1] and weight.dtype is plan[4] \
+                    and self.protection is plan[9] and self.on_fault is plan[10] and x.numel() \
+                    and not (torch.is_grad_enabled() and (
+                        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+                try:
+                    y, flags, flagged = _EAGER_OP(x, plan[3], bias, plan[15], plan[16], plan[17])
+                except RuntimeError:  # (e.g. a bias given another dtype through .data: the general path names it)
+                    self._plan = None
+                    return self.forward(x)
                 self.counts[0] += 1
                 if flagged and plan[11]:
-                    y, flags, flagged = _eager_flagged(x, plan[3], plan[2], plan[14], y, flags, plan[11], plan[12])
+                    y, flags, flagged = _eager_flagged(x, plan[3], bias, plan[14], y, flags, plan[11], plan[12])
                     if flagged:
                         self._tally(flags)
                         _apply_policy(flags, plan[13], x.numel() // plan[5], False, op="linear")

@@ -203,8 +203,15 @@ def test_the_layers_plan_follows_every_change(bias):
         same(model(x))
         layer.weight = torch.nn.Parameter(torch.randn(67, 67))  # replaced
         same(model(x))
+        if not bias:  # a bias that is no Parameter (an attribute, as None is here), then None again
+            layer.bias = torch.ones(67)
+            same(model(x))
+            layer.bias = None
+            same(model(x))
         layer.bias = torch.nn.Parameter(torch.randn(67))  # a bias where there was one or none
         same(model(x))
+        copied = copy.deepcopy(layer)  # (the plan is this object's cache: not copied, nor pickled)
+        assert layer._plan is not None and copied._plan is None and torch.equal(copied(x), layer(x))
         assert ftattn.counters(model).detected == 0 and layer._plan is not None
         layer.fault = Fault("gemm", row=2, col=5, bit=29)  # the next call's
         same(model(x))
@@ -229,9 +236,59 @@ def test_the_layers_plan_follows_every_change(bias):
         same(model(x))
         with pytest.raises(TypeError, match="share one dtype"):  # the general path's error
             model(x.bfloat16())
+        layer.bias.data = layer.bias.data.half()  # (the same Parameter object, another dtype)
+        with pytest.raises(TypeError, match="share one dtype"):
+            model(x)
+        layer.bias.data = layer.bias.data.float()
+        same(model(x))
+        detected = ftattn.counters(model).per_module["0"].detected
+        layer.weight.data = layer.weight.data[:40]  # the same memory and strides, fewer outputs
+        layer.bias.data = layer.bias.data[:40]
+        same(model(x))
+        assert model(x).shape == (3, 40) and ftattn.counters(model).per_module["0"].detected == detected
     y = model(x.requires_grad_())  # with gradients: the checked autograd
     assert y.requires_grad
     same(y.detach())
+
+
+def test_plan_of_a_conv1d_follows_its_shape():
+    """GPT-2's Conv1D (weight [in, out], read transposed): the plan keeps the transposed view
+    only while the weight's shape holds; a weight cut to fewer input features in place (the
+    same memory and strides) gets the general path's error, not the old view's product."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(Conv1D(48, 64))
+    ftattn.protect_(model)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        model(x)
+        y = model(x)
+        assert model[0]._plan is not None
+        assert torch.allclose(y, x @ model[0].weight + model[0].bias, rtol=1e-5, atol=1e-5)
+        model[0].weight.data = model[0].weight.data[:32]
+        with pytest.raises(ValueError, match="64 features"):
+            model(x)
+
+
+def test_compiled_protected_model_catches_a_corrupted_weight():
+    """Under torch.compile the weight's checksums come from the cache (weight_checksums runs,
+    not traced): a weight corrupted in memory between calls fails the next call's check (a
+    traced call made them anew from the corrupted weight and saw nothing)."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(33, 40), torch.nn.ReLU(), torch.nn.Linear(40, 7))
+    x = torch.randn(5, 33)
+    ftattn.protect_(model)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        clean = model(x)
+        assert torch.equal(compiled(x), clean)
+        compiled(x)
+        assert ftattn.counters(model).detected == 0
+        model[0].weight.data.view(torch.int32)[3, 4] ^= 1 << 29
+        compiled(x)
+    c = ftattn.counters(model).per_module["0"]
+    assert c.detected == 1 and c.uncorrected == 1
 
 
 def test_protect_errors_and_filter():
