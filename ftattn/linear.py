@@ -30,6 +30,7 @@ from . import backends
 from .attention import _apply_policy
 from .contract import BIT_REPLACE, fault_fields, xor_mask
 from .faults import CHECK_MASK, TAU, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site, checksum_weights
+from .reference import ieee_fp32_matmul
 
 __all__ = ["linear", "weight_checksums", "BLOCK_O", "BACKENDS", "backend_status"]
 
@@ -386,6 +387,7 @@ def backend_status(device: Union[str, torch.device] = "cpu") -> dict:
     return backends.status("linear", device)
 
 
+@ieee_fp32_matmul
 def linear_reference(x, weight, bias, ref_cols, mag_cols, block_o, protection, recompute, fault=None,
                      fault_value=None):
     """The checked linear layer in PyTorch ops (any device): the same product (fp32

@@ -7,6 +7,7 @@ Memory is O(N * M) per head: this is what a user would write by hand.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -32,6 +33,33 @@ PV_VERIFY = 1.0 / 8.0
 PV_VERIFY_WEIGHTED = 1.0 / 32.0  # the weighted checksum's (csrc/attention/block.h)
 PV_BLIND = 3.0  # (csrc/attention/block.h)
 _PV_VERIFY_BIT = int(Check.BLIND)  # (as csrc/attention/block.h kPvVerify)
+
+
+def ieee_fp32_matmul(fn):
+    """``fn`` with torch's fp32 matmuls in IEEE fp32, whatever torch.set_float32_matmul_precision
+    says ("high" / "medium" run them on TF32 or, on a CPU with AVX512-BF16, oneDNN's bf16
+    path): the reference's bounds are those of fp32 accumulation, as the kernels' products
+    (C++ sgemm, Triton's input_precision="ieee"), and every check failed on clean data
+    otherwise. The backends' settings are put back as they were (process-wide, as torch keeps
+    them: another thread's fp32 matmul meanwhile runs in IEEE fp32 too)."""
+    backends = [b for b in (getattr(getattr(torch.backends, "cuda", None), "matmul", None),
+                            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = [b.fp32_precision for b in backends]
+        if all(p == "ieee" for p in before):
+            return fn(*args, **kwargs)
+        try:
+            for b in backends:
+                b.fp32_precision = "ieee"
+            return fn(*args, **kwargs)
+        finally:
+            for b, p in zip(backends, before):
+                b.fp32_precision = p
+
+    return run
 
 
 def pv_weight(d: int) -> float:
@@ -279,6 +307,7 @@ def _forward(q, k, v, causal: bool, scale: float, protection: int, fault: Option
     return out, flags
 
 
+@ieee_fp32_matmul
 def attention_reference(q, k, v, causal: bool, scale: float, protection: int, recompute: bool,
                         fault: Optional[List[int]] = None, fault_value: Optional[float] = None,
                         key_start: Optional[torch.Tensor] = None, key_end: Optional[torch.Tensor] = None):
@@ -559,6 +588,7 @@ def _backward(q, k, v, out, dout, causal: bool, scale: float, protection: int, f
     return dq, dk, dv, flags, keybits
 
 
+@ieee_fp32_matmul
 def attention_backward_reference(q, k, v, out, dout, causal: bool, scale: float, protection: int, recompute: bool,
                                  fault: Optional[List[int]] = None, fault_value: Optional[float] = None,
                                  key_start: Optional[torch.Tensor] = None, key_end: Optional[torch.Tensor] = None):

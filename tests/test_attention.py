@@ -1055,3 +1055,24 @@ def test_reference_rowsum_fault_at_long_context_is_caught():
     assert rep.detected > 0
     fixed, rep = ftattn.attention(q, k, v, backend="reference", fault=fault, return_report=True)
     assert rep.corrected == rep.flagged_blocks == 1 and torch.equal(fixed, clean)
+
+
+def test_reference_backend_ignores_the_matmul_precision():
+    """torch.set_float32_matmul_precision("medium") (TF32 on CUDA, oneDNN's bf16 path on a CPU
+    with AVX512-BF16): the reference backend's fp32 products stay IEEE fp32, as the kernels'
+    (its bounds are fp32 accumulation's: forward and backward failed on every block before),
+    and the setting is put back."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 131, 64, generator=g) for _ in range(3))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out, rep = ftattn.attention(qq, kk, vv, backend="reference", return_report=True, on_fault="report")
+        out.sum().backward()
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert rep.detected == 0 and rep.backward.detected == 0
+    clean = ftattn.attention(q, k, v, backend="reference")
+    assert torch.equal(out.detach(), clean)
