@@ -98,6 +98,10 @@ TORCH_LIBRARY(ftattn, m) {
   m.def(
       "linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor? ref_cols, Tensor? mag_cols, int block_o) "
       "-> (Tensor, Tensor, SymInt)");
+  // A protected layer's inference call as one opaque op under torch.compile (ftattn/protect.py):
+  // runs the layer (ftattn.protect_'s ProtectedLinear, by its id) eagerly, its plan, checks,
+  // counts and on_fault policy included, so a compiled model has no graph break per layer.
+  m.def("protected_linear(Tensor x, Tensor weight, Tensor? bias, int layer, int out_features) -> Tensor");
   // A weight's checksums in one pass (ftattn/linear.py _block_sums): (sums, squares [2 nb, in],
   // row_sums [out]), fp64. CPU: csrc/linear_cpu.cpp.
   m.def("weight_block_sums(Tensor weight, int block_o) -> (Tensor, Tensor, Tensor)");

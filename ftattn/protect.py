@@ -14,6 +14,8 @@ call to its layer's (tensor arithmetic, no host read); ``counters(model)`` reads
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -27,6 +29,9 @@ __all__ = ["protect_", "unprotect_", "counters", "reset_counters", "scrub_weight
 
 _PROTECT_ATTR = "_ftattn_protected"  # on the model: what protect_ changed
 _EAGER_OP = torch.ops.ftattn.linear_eager.default  # (the extension is loaded: ftattn/__init__.py)
+_LAYERS: "weakref.WeakValueDictionary[int, ProtectedLinear]" = weakref.WeakValueDictionary()  # by id, for
+# ftattn::protected_linear
+_NEXT_ID = itertools.count()
 _COUNTS = ("calls", "detected", "corrected", "uncorrected", "nonfinite_input")
 
 
@@ -73,6 +78,7 @@ class ProtectedLinear(torch.nn.Module):
         object.__setattr__(self, "original", original)  # not a submodule: its Parameters are ours
         self.counts = [0] * len(_COUNTS)  # host ints (the flags come back to the host): not in state_dict
         self._plan: Optional[tuple] = None  # the common call's operands, while they hold (_make_plan)
+        self._register()
 
     @property
     def in_features(self) -> int:
@@ -164,13 +170,28 @@ class ProtectedLinear(torch.nn.Module):
                       sums, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
                       sums.block_o if sums else BLOCK_O)
 
+    def _register(self) -> None:
+        self._layer_id = next(_NEXT_ID)  # (ftattn::protected_linear finds the layer by it)
+        _LAYERS[self._layer_id] = self
+
     def __getstate__(self):
         # (the plan is a cache of this process's call: not pickled, nor deep-copied)
         state = super().__getstate__()
         state["_plan"] = None
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._register()  # (a copy or an unpickled layer is another layer: its own id)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.fault is None and self.mx_config is None and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
+                    self.bias is not None and self.bias.requires_grad))):
+            # traced by torch.compile, an inference call: one opaque op that runs this layer as
+            # in eager mode (cached checksums, counts, policy) instead of graph breaks around
+            # its host reads (MiniLM compiled: protected 1.66x the unprotected model's time)
+            return torch.ops.ftattn.protected_linear(x, self.weight, self.bias, self._layer_id, self.out_features)
         plan = self._plan
         if plan is not None and self.fault is None:
             # the common inference call again (a decode step makes one per layer, each a
@@ -242,6 +263,20 @@ class ProtectedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"protection={self.protection!r}, on_fault={self.on_fault!r}")
+
+
+@torch.library.impl("ftattn::protected_linear", "CompositeExplicitAutograd")
+def _protected_linear(x, weight, bias, layer, out_features):
+    module = _LAYERS.get(layer)
+    if module is None or module.weight is not weight:
+        raise RuntimeError(f"ftattn::protected_linear: the protected layer {layer} of this compiled call is gone or "
+                           f"holds another weight; compile the model again after protect_ / unprotect_")
+    return module.forward(x)  # (eager here: the plan, checks, counts and policy)
+
+
+@torch.library.register_fake("ftattn::protected_linear")
+def _protected_linear_fake(x, weight, bias, layer, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 @dataclasses.dataclass(frozen=True)

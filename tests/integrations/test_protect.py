@@ -271,24 +271,36 @@ def test_plan_of_a_conv1d_follows_its_shape():
             model(x)
 
 
-def test_compiled_protected_model_catches_a_corrupted_weight():
-    """Under torch.compile the weight's checksums come from the cache (weight_checksums runs,
-    not traced): a weight corrupted in memory between calls fails the next call's check (a
-    traced call made them anew from the corrupted weight and saw nothing)."""
+def test_compiled_protected_model_runs_its_layers_checked():
+    """Under torch.compile (fullgraph: no graph break) each protected layer's inference call
+    is one opaque op that runs the layer as in eager mode: the same y, its calls counted, the
+    weight's cached checksums (a weight corrupted in memory between calls fails the next
+    call's check; traced, they were made anew from it and saw nothing) and its policy
+    (on_fault="raise" raises from the compiled call)."""
     torch.manual_seed(5)
     model = torch.nn.Sequential(torch.nn.Linear(33, 40), torch.nn.ReLU(), torch.nn.Linear(40, 7))
     x = torch.randn(5, 33)
     ftattn.protect_(model)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         clean = model(x)
         assert torch.equal(compiled(x), clean)
         compiled(x)
-        assert ftattn.counters(model).detected == 0
+        assert ftattn.counters(model).per_module["0"].calls == 3 and ftattn.counters(model).detected == 0
         model[0].weight.data.view(torch.int32)[3, 4] ^= 1 << 29
         compiled(x)
-    c = ftattn.counters(model).per_module["0"]
-    assert c.detected == 1 and c.uncorrected == 1
+        c = ftattn.counters(model).per_module["0"]
+        assert c.detected == 1 and c.uncorrected == 1
+        model[0].on_fault = "raise"
+        with pytest.raises(ftattn.FaultDetectedError, match="linear"):
+            torch.compile(model, fullgraph=True)(x)
+        model[0].on_fault = "correct"
+        ftattn.scrub_weights(model)
+        copied = copy.deepcopy(model)  # another model: its layers run as themselves
+        ftattn.reset_counters(copied)
+        assert copied[0]._layer_id != model[0]._layer_id
+        assert torch.equal(torch.compile(copied, fullgraph=True)(x), clean)
+        assert ftattn.counters(copied).detected == 0 and ftattn.counters(copied).per_module["0"].calls == 1
 
 
 def test_protect_errors_and_filter():
