@@ -812,10 +812,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
     static thread_local std::vector<float> sc_kept;
     static thread_local std::vector<double> ref_kept;
     const bool kept = fused && T * (nc + 1) <= (int64_t{1} << 14);
-    if (kept && static_cast<int64_t>(sc_kept.size()) < T * (nc + 1)) {
-      sc_kept.resize(static_cast<size_t>(T * (nc + 1)));
-      ref_kept.resize(static_cast<size_t>(T * nc));
-    }
+    if (kept && static_cast<int64_t>(sc_kept.size()) < T * (nc + 1)) sc_kept.resize(static_cast<size_t>(T * (nc + 1)));
+    if (kept && static_cast<int64_t>(ref_kept.size()) < T * nc) ref_kept.resize(static_cast<size_t>(T * nc));
     at::Tensor row_scale = kept ? at::Tensor() : at::empty({fused ? T * (nc + 1) : T}, xc.options().dtype(at::kFloat));
     float* sc = kept ? sc_kept.data() : row_scale.data_ptr<float>();
     at::Tensor ref = fused && !kept ? at::empty({T, nc}, xc.options().dtype(at::kDouble)) : at::Tensor(), mag;

@@ -126,8 +126,8 @@ def _run_fwd(backend, q, k, v, causal, scale, protection, recompute, fault, faul
     if backend == "triton" and (in_op or q.device.type == "cpu"):  # (CPU: the Triton interpreter)
         return _triton_kernel().attention_fwd(*args)
     if stats is not None:
-        return torch.ops.ftattn.attention_fwd(*args, stats=stats)
-    return torch.ops.ftattn.attention_fwd(*args)
+        return torch.ops.ftattn.attention_fwd.default(*args, stats=stats)
+    return torch.ops.ftattn.attention_fwd.default(*args)  # (.default: no overload lookup per call)
 
 
 # ---------------------------------------------------------------------------

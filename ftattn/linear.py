@@ -287,6 +287,10 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
         # run, not traced (a graph break): traced, the checksums were made anew each call from
         # the weight as it then was, so a weight corrupted in memory passed under torch.compile
         return _weight_checksums_run(weight, block_o, cache)
+    return _weight_checksums(weight, block_o, cache)
+
+
+def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> WeightChecksums:
     if cache and weight.is_inference() is False:
         # the last entry of this very tensor object, when its version, data pointer,
         # strides, shape and dtype are those it was made for (views share their base's
@@ -340,7 +344,7 @@ def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool =
     return entry
 
 
-_weight_checksums_run = torch.compiler.disable(weight_checksums)
+_weight_checksums_run = torch.compiler.disable(_weight_checksums)  # (is_compiling() may stay True in it)
 
 
 # ---------------------------------------------------------------------------

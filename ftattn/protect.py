@@ -185,6 +185,11 @@ class ProtectedLinear(torch.nn.Module):
         self._register()  # (a copy or an unpickled layer is another layer: its own id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting():
+            raise NotImplementedError(
+                "torch.export of a model under ftattn.protect_ is not supported: its layers' checks keep state of "
+                "this process (cached weight checksums, counts); export the model unprotected (ftattn.unprotect_), "
+                "or run it with torch.compile")
         if torch.compiler.is_compiling() and self.fault is None and self.mx_config is None and not (
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
                     self.bias is not None and self.bias.requires_grad))):
@@ -268,15 +273,34 @@ class ProtectedLinear(torch.nn.Module):
 @torch.library.impl("ftattn::protected_linear", "CompositeExplicitAutograd")
 def _protected_linear(x, weight, bias, layer, out_features):
     module = _LAYERS.get(layer)
-    if module is None or module.weight is not weight:
-        raise RuntimeError(f"ftattn::protected_linear: the protected layer {layer} of this compiled call is gone or "
-                           f"holds another weight; compile the model again after protect_ / unprotect_")
-    return module.forward(x)  # (eager here: the plan, checks, counts and policy)
+    if module is None:
+        raise RuntimeError(
+            f"ftattn::protected_linear: no protected layer {layer} lives in this process: the op runs a layer of "
+            f"a model under ftattn.protect_ by its id (its checksums, counts and policy), so a program traced from "
+            f"one cannot outlive the model or leave the process; export or save the model unprotected "
+            f"(ftattn.unprotect_) instead")
+    params = module._parameters
+    if params.get("weight") is weight and (params["bias"] if "bias" in params else module.bias) is bias:
+        return module.forward(x)  # (eager here: the plan, checks, counts and policy)
+    # other tensors than the layer's own (torch.func.functional_call): checked with its policy
+    y, report = _linear(x, module._weight(weight), bias, module.protection, module.on_fault, None, "auto", True)
+    module.counts[0] += 1
+    module._tally(report.flags)
+    return y
 
 
 @torch.library.register_fake("ftattn::protected_linear")
 def _protected_linear_fake(x, weight, bias, layer, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+if hasattr(torch.fx.node, "has_side_effect"):  # (its counts and policy: never dropped as dead code)
+    torch.fx.node.has_side_effect(torch.ops.ftattn.protected_linear.default)
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -40,26 +41,35 @@ def ieee_fp32_matmul(fn):
     says ("high" / "medium" run them on TF32 or, on a CPU with AVX512-BF16, oneDNN's bf16
     path): the reference's bounds are those of fp32 accumulation, as the kernels' products
     (C++ sgemm, Triton's input_precision="ieee"), and every check failed on clean data
-    otherwise. The backends' settings are put back as they were (process-wide, as torch keeps
-    them: another thread's fp32 matmul meanwhile runs in IEEE fp32 too)."""
-    backends = [b for b in (getattr(getattr(torch.backends, "cuda", None), "matmul", None),
-                            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
-                if b is not None and hasattr(b, "fp32_precision")]
-
+    otherwise. The backends' settings are put back as they were when the last overlapping
+    call leaves (process-wide, as torch keeps them: another thread's fp32 matmul meanwhile
+    runs in IEEE fp32 too)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        before = [b.fp32_precision for b in backends]
-        if all(p == "ieee" for p in before):
-            return fn(*args, **kwargs)
+        with _IEEE_LOCK:  # (the first call in sets, the last out puts back: threads overlap)
+            if _IEEE_STATE["depth"] == 0:
+                _IEEE_STATE["before"] = [b.fp32_precision for b in _MATMUL_BACKENDS]
+                for b in _MATMUL_BACKENDS:
+                    b.fp32_precision = "ieee"
+            _IEEE_STATE["depth"] += 1
         try:
-            for b in backends:
-                b.fp32_precision = "ieee"
             return fn(*args, **kwargs)
         finally:
-            for b, p in zip(backends, before):
-                b.fp32_precision = p
+            with _IEEE_LOCK:
+                _IEEE_STATE["depth"] -= 1
+                if _IEEE_STATE["depth"] == 0:
+                    for b, p in zip(_MATMUL_BACKENDS, _IEEE_STATE["before"]):
+                        if b.fp32_precision != p:
+                            b.fp32_precision = p
 
     return run
+
+
+_MATMUL_BACKENDS = [b for b in (getattr(getattr(torch.backends, "cuda", None), "matmul", None),
+                                getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
+                    if b is not None and hasattr(b, "fp32_precision")]
+_IEEE_LOCK = threading.Lock()
+_IEEE_STATE = {"depth": 0, "before": []}
 
 
 def pv_weight(d: int) -> float:

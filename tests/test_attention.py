@@ -1076,3 +1076,35 @@ def test_reference_backend_ignores_the_matmul_precision():
     assert rep.detected == 0 and rep.backward.detected == 0
     clean = ftattn.attention(q, k, v, backend="reference")
     assert torch.equal(out.detach(), clean)
+
+
+def test_reference_matmul_precision_holds_while_calls_overlap():
+    """ieee_fp32_matmul across threads: the first call in sets IEEE fp32, the last one out
+    puts the setting back (a call that ended first put "medium" back under another's feet)."""
+    import threading
+
+    from ftattn.reference import ieee_fp32_matmul
+
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    @ieee_fp32_matmul
+    def first():
+        inside.set()
+        leave.wait(10)
+
+    @ieee_fp32_matmul
+    def second():
+        leave.set()  # (first leaves now, while this call runs)
+        worker.join(10)
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        worker = threading.Thread(target=first)
+        worker.start()
+        inside.wait(10)
+        second()
+        assert seen == ["ieee"] and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)

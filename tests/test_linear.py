@@ -667,6 +667,25 @@ def test_fp32_product_ignores_the_matmul_precision(shape):
     assert torch.equal(y, y0) and torch.equal(y_wt, y0_wt)
 
 
+def test_kept_buffers_follow_each_calls_size():
+    """The check's buffers a few rows keep per thread (csrc/linear_cpu.cpp): a call with fewer
+    rows but more checksum columns than the last needs more references than the row scales
+    it kept suggest (it wrote past them: a crash); in a fresh process, each y as F.linear's."""
+    import subprocess
+
+    code = (
+        "import torch, ftattn\n"
+        "torch.set_num_threads(1)\n"
+        "for t, out in [(100, 128), (9, 16 * 128), (1, 3), (60, 4000), (2, 4200)]:\n"
+        "    x, w = torch.randn(t, 8), torch.randn(out, 8)\n"
+        "    y, r = ftattn.linear(x, w, return_report=True)\n"
+        "    assert r.detected == 0 and torch.allclose(y, x @ w.t(), rtol=1e-5, atol=1e-5)\n"
+        "[torch.randn(64) for _ in range(20000)]\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
 def test_meta_shapes():
     x = torch.empty(2, 3, 5, device="meta")
     y, rep = ftattn.linear(x, torch.empty(4, 5, device="meta"), return_report=True)

@@ -303,6 +303,39 @@ def test_compiled_protected_model_runs_its_layers_checked():
         assert ftattn.counters(copied).detected == 0 and ftattn.counters(copied).per_module["0"].calls == 1
 
 
+def test_compiled_layers_with_other_parameters_and_unused_results():
+    """Compiled: torch.func.functional_call's parameters reach the checked product (the
+    layer's own weight is not what the op reads then), and a call whose result is unused is
+    still made and counted (never dropped as dead code)."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    ftattn.protect_(model)
+    x = torch.randn(4, 16)
+    params = {k: v.detach().clone() * 2 for k, v in model.named_parameters()}
+    with torch.no_grad():
+        eager = torch.func.functional_call(model, params, (x,))
+        compiled = torch.compile(lambda p, x: torch.func.functional_call(model, p, (x,)))(params, x)
+        assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-6)
+        ftattn.reset_counters(model)
+
+        def unused(x):
+            model[0](x)
+            return x + 1
+
+        torch.compile(unused)(x)
+    assert ftattn.counters(model).per_module["0"].calls == 1
+
+
+def test_export_of_a_protected_model_is_refused_clearly():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    ftattn.protect_(model)
+    x = torch.randn(3, 16)
+    with pytest.raises(Exception, match="export the model unprotected"):
+        torch.export.export(model, (x,))
+    with torch.no_grad(), pytest.raises(Exception, match="export the model unprotected"):
+        torch.export.export(model, (x,))
+
+
 def test_protect_errors_and_filter():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     ftattn.protect_(model, filter_fn=lambda name, m: name == "1")
