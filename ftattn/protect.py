@@ -185,18 +185,20 @@ class ProtectedLinear(torch.nn.Module):
         self._register()  # (a copy or an unpickled layer is another layer: its own id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _exporting():
-            raise NotImplementedError(
-                "torch.export of a model under ftattn.protect_ is not supported: its layers' checks keep state of "
-                "this process (cached weight checksums, counts); export the model unprotected (ftattn.unprotect_), "
-                "or run it with torch.compile")
-        if torch.compiler.is_compiling() and self.fault is None and self.mx_config is None and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
-                    self.bias is not None and self.bias.requires_grad))):
-            # traced by torch.compile, an inference call: one opaque op that runs this layer as
-            # in eager mode (cached checksums, counts, policy) instead of graph breaks around
-            # its host reads (MiniLM compiled: protected 1.66x the unprotected model's time)
-            return torch.ops.ftattn.protected_linear(x, self.weight, self.bias, self._layer_id, self.out_features)
+        if torch.compiler.is_compiling():  # (torch.export too)
+            if _exporting():
+                raise NotImplementedError(
+                    "torch.export of a model under ftattn.protect_ is not supported: its layers' checks keep state "
+                    "of this process (cached weight checksums, counts); export the model unprotected "
+                    "(ftattn.unprotect_), or run it with torch.compile")
+            if self.fault is None and self.mx_config is None and not (torch.is_grad_enabled() and (
+                    x.requires_grad or self.weight.requires_grad or (
+                        self.bias is not None and self.bias.requires_grad))):
+                # traced by torch.compile, an inference call: one opaque op that runs this layer
+                # as in eager mode (cached checksums, counts, policy) instead of graph breaks
+                # around its host reads (MiniLM compiled: protected 1.66x the unprotected time)
+                return torch.ops.ftattn.protected_linear(x, self.weight, self.bias, self._layer_id,
+                                                         self.out_features)
         plan = self._plan
         if plan is not None and self.fault is None:
             # the common inference call again (a decode step makes one per layer, each a
