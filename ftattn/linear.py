@@ -530,6 +530,7 @@ _CPU_AUTO_RESOLVED = False  # "auto" was resolved on the CPU once (then _CPP_ON_
 _CPU = torch.device("cpu")
 _CPP_ON_CPU = False  # "auto" resolved to the C++ kernel on the CPU (the fast path's condition)
 # (protection, on_fault) -> (protection as an int, recompute, policy) for the fast path
+_EAGER_OP = torch.ops.ftattn.linear_eager.default  # (the extension is loaded: ftattn/__init__.py)
 _EAGER_OPTIONS = {(name, policy.value): (int(prot), policy is OnFault.CORRECT, policy)
                   for name, prot in _PROTECTION.items() for policy in OnFault}
 
@@ -660,12 +661,11 @@ def _eager_cpu(x, weight, bias, protection, on_fault):
     # (loaded: _CPP_ON_CPU); x [..., in] as it is; the flags OR-ed as an int come back with y
     if prot:
         sums = weight_checksums(weight)
-        y, flags, flagged = torch.ops.ftattn.linear_eager.default(x, weight, bias, sums.ref_cols, sums.mag_cols,
-                                                                  sums.block_o)
+        y, flags, flagged = _EAGER_OP(x, weight, bias, sums.ref_cols, sums.mag_cols, sums.block_o)
         if flagged:
             y, flags, flagged = _eager_flagged(x, weight, bias, sums, y, flags, prot, recompute)
     else:
-        y, flags, _ = torch.ops.ftattn.linear_eager.default(x, weight, bias, None, None, BLOCK_O)
+        y, flags, _ = _EAGER_OP(x, weight, bias, None, None, BLOCK_O)
         flagged = False
     return y, flags, rows, policy, flagged
 

@@ -22,13 +22,12 @@ import torch
 
 from .faults import Check, OnFault, fault_blocks
 from .attention import _apply_policy
-from .linear import _EAGER_OPTIONS, BLOCK_O, _eager_cpu, _eager_flagged, _linear, weight_checksums
+from .linear import _EAGER_OP, _EAGER_OPTIONS, BLOCK_O, _eager_cpu, _eager_flagged, _linear, weight_checksums
 
 __all__ = ["protect_", "unprotect_", "counters", "reset_counters", "scrub_weights", "ProtectedLinear",
            "ModelCounters", "ModuleCounts", "WeightCorruptionError"]
 
 _PROTECT_ATTR = "_ftattn_protected"  # on the model: what protect_ changed
-_EAGER_OP = torch.ops.ftattn.linear_eager.default  # (the extension is loaded: ftattn/__init__.py)
 _LAYERS: "weakref.WeakValueDictionary[int, ProtectedLinear]" = weakref.WeakValueDictionary()  # by id, for
 # ftattn::protected_linear
 _NEXT_ID = itertools.count()
@@ -156,9 +155,9 @@ class ProtectedLinear(torch.nn.Module):
 
     def _make_plan(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], w: torch.Tensor) -> None:
         """After a common inference call (_eager_cpu) of a Parameter weight: what the next
-        such call needs, and what must not have changed for it to hold (forward's first
-        lines): the Parameters themselves, the weight's version, data pointer and strides
-        (as weight_checksums' own cache: a weight changed through torch makes new
+        such call needs, and what must not have changed for it to hold (_run's first
+        lines): the Parameters themselves, the weight's version, data pointer, strides, shape
+        and dtype (as weight_checksums' own cache: a weight changed through torch makes new
         checksums), x's dtype and features, the layer's protection and policy."""
         params = self._parameters
         if params.get("weight") is not weight or weight.is_inference() or w.shape[1] == 0:
@@ -185,6 +184,10 @@ class ProtectedLinear(torch.nn.Module):
         self._register()  # (a copy or an unpickled layer is another layer: its own id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters  # (read once: Module.__getattr__ costs per name; a bias of
+        # None or a weight that is not a Parameter is an attribute instead)
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
         if torch.compiler.is_compiling():  # (torch.export too)
             if _exporting():
                 raise NotImplementedError(
@@ -192,22 +195,22 @@ class ProtectedLinear(torch.nn.Module):
                     "of this process (cached weight checksums, counts); export the model unprotected "
                     "(ftattn.unprotect_), or run it with torch.compile")
             if self.fault is None and self.mx_config is None and not (torch.is_grad_enabled() and (
-                    x.requires_grad or self.weight.requires_grad or (
-                        self.bias is not None and self.bias.requires_grad))):
+                    x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
                 # traced by torch.compile, an inference call: one opaque op that runs this layer
                 # as in eager mode (cached checksums, counts, policy) instead of graph breaks
                 # around its host reads (MiniLM compiled: protected 1.66x the unprotected time)
-                return torch.ops.ftattn.protected_linear(x, self.weight, self.bias, self._layer_id,
-                                                         self.out_features)
+                return torch.ops.ftattn.protected_linear(x, weight, bias, self._layer_id, self.out_features)
+        return self._run(x, weight, bias)
+
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The call on ``weight`` and ``bias``: the layer's own (forward), or under
+        torch.compile those ftattn::protected_linear is given (torch.func.functional_call's)."""
         plan = self._plan
         if plan is not None and self.fault is None:
             # the common inference call again (a decode step makes one per layer, each a
             # GEMV of microseconds): the operands of the last, checked to be the same in a
             # few Python steps (~1 us against ~3.5 through _eager_cpu; measured)
-            params = self._parameters
-            weight = plan[0]
-            bias = params["bias"] if "bias" in params else self.bias  # (None: an attribute)
-            if params.get("weight") is weight and bias is plan[2] and x.dtype is plan[4] and x.is_cpu and x.ndim \
+            if weight is plan[0] and bias is plan[2] and x.dtype is plan[4] and x.is_cpu and x.ndim \
                     and x.shape[-1] == plan[5] and weight._version == plan[6] and weight.data_ptr() == plan[7] \
                     and weight.stride() == plan[8] and weight.shape == plan[1] and weight.dtype is plan[4] \
                     and self.protection is plan[9] and self.on_fault is plan[10] and x.numel() \
@@ -217,7 +220,7 @@ class ProtectedLinear(torch.nn.Module):
                     y, flags, flagged = _EAGER_OP(x, plan[3], bias, plan[15], plan[16], plan[17])
                 except RuntimeError:  # (e.g. a bias given another dtype through .data: the general path names it)
                     self._plan = None
-                    return self.forward(x)
+                    return self._run(x, weight, bias)
                 self.counts[0] += 1
                 if flagged and plan[11]:
                     y, flags, flagged = _eager_flagged(x, plan[3], bias, plan[14], y, flags, plan[11], plan[12])
@@ -229,10 +232,6 @@ class ProtectedLinear(torch.nn.Module):
         fault = self.fault
         if fault is not None:
             self.fault = None
-        params = self._parameters  # (read once: Module.__getattr__ costs per name; a bias of
-        # None or a weight that is not a Parameter is an attribute instead)
-        weight = params["weight"] if "weight" in params else self.weight
-        bias = params["bias"] if "bias" in params else self.bias
         if self.mx_config is not None and torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             # training an MX layer: its autograd (MX-quantized backward), each of its three
@@ -281,14 +280,7 @@ def _protected_linear(x, weight, bias, layer, out_features):
             f"a model under ftattn.protect_ by its id (its checksums, counts and policy), so a program traced from "
             f"one cannot outlive the model or leave the process; export or save the model unprotected "
             f"(ftattn.unprotect_) instead")
-    params = module._parameters
-    if params.get("weight") is weight and (params["bias"] if "bias" in params else module.bias) is bias:
-        return module.forward(x)  # (eager here: the plan, checks, counts and policy)
-    # other tensors than the layer's own (torch.func.functional_call): checked with its policy
-    y, report = _linear(x, module._weight(weight), bias, module.protection, module.on_fault, None, "auto", True)
-    module.counts[0] += 1
-    module._tally(report.flags)
-    return y
+    return module._run(x, weight, bias)  # (eager here: the plan, checks, counts and policy)
 
 
 @torch.library.register_fake("ftattn::protected_linear")
