@@ -529,8 +529,8 @@ _ON_FAULT = {p.value: p for p in OnFault}
 _CPU_AUTO_RESOLVED = False  # "auto" was resolved on the CPU once (then _CPP_ON_CPU holds the answer)
 _CPU = torch.device("cpu")
 _CPP_ON_CPU = False  # "auto" resolved to the C++ kernel on the CPU (the fast path's condition)
-# (protection, on_fault) -> (protection as an int, recompute, policy) for the fast path
 _EAGER_OP = torch.ops.ftattn.linear_eager.default  # (the extension is loaded: ftattn/__init__.py)
+# (protection, on_fault) -> (protection as an int, recompute, policy) for the fast path
 _EAGER_OPTIONS = {(name, policy.value): (int(prot), policy is OnFault.CORRECT, policy)
                   for name, prot in _PROTECTION.items() for policy in OnFault}
 
