@@ -92,43 +92,57 @@ class WeightChecksums:
     mag_cols: torch.Tensor
 
 
-# id(weight tensor) -> (a weak reference to it, {its views' keys: their checksums}): a
-# weight and its transpose (the backward's dX = dY W) keep one entry each; the entries go
-# with the tensor (a WeakKeyDictionary would compare tensors with ==, elementwise)
+# id(a weight's storage) -> (a weak reference to the storage, {its views' keys: their
+# checksums}): a weight and its transpose (the backward's dX = dY W) keep one entry each,
+# as do tensors made anew on the same memory (a detach per call); the entries go with the
+# storage (a WeakKeyDictionary would compare tensors with ==, elementwise). Weak references
+# to the weight tensors themselves would make torch.utils.swap_tensors refuse them, and
+# with them nn.Module.to / load_state_dict under
+# torch.__future__.set_swap_module_params_on_conversion(True), even after unprotect_.
 _CACHE: dict = {}
 
 
-def _cached(base: torch.Tensor, view: tuple) -> Optional[WeightChecksums]:
-    item = _CACHE.get(id(base))
-    return item[1].get(view) if item is not None and item[0]() is base else None
+def _cached(weight: torch.Tensor, view: tuple) -> Optional[WeightChecksums]:
+    storage = weight.untyped_storage()
+    item = _CACHE.get(id(storage))
+    return item[1].get(view) if item is not None and item[0]() is storage else None
 
 
-def _weak_slot(table: dict, t: torch.Tensor, *rest) -> tuple:
-    """table[id(t)] = (a weak reference to t, *rest), dropped when t goes."""
-    key = id(t)
+def _weak_slot(table: dict, key: int, storage, *rest) -> tuple:
+    """table[key] = (a weak reference to storage, *rest), dropped when the storage goes."""
 
     def drop(ref, key=key):
         if table.get(key, (None,))[0] is ref:
             del table[key]
 
-    item = table[key] = (weakref.ref(t, drop), *rest)
+    item = table[key] = (weakref.ref(storage, drop), *rest)
     return item
 
 
-def _store(base: torch.Tensor, view: tuple, entry: WeightChecksums) -> None:
-    item = _CACHE.get(id(base))
-    if item is None or item[0]() is not base:
-        item = _weak_slot(_CACHE, base, {})
+def _store(weight: torch.Tensor, view: tuple, entry: WeightChecksums) -> None:
+    storage = weight.untyped_storage()
+    item = _CACHE.get(id(storage))
+    if item is None or item[0]() is not storage:
+        item = _weak_slot(_CACHE, id(storage), storage, {})
     item[1][view] = entry
 
 
-# id(tensor) -> (a weak reference to it, its version, data pointer and strides, and the
-# entry last returned for it): the per-call fast check of weight_checksums
+# id(weight tensor) -> (a weak reference to its storage, its version, data pointer and
+# strides, and the entry last returned for it): the per-call fast check of
+# weight_checksums (an id taken again by another tensor must also match the storage,
+# version, data pointer, strides, shape and dtype: the same memory, as the full key asks).
+# An entry outlives its tensor while the storage lives (a view made per call), so the
+# table keeps the _LAST_MAX newest (more than twice the linear layers of a 70B model).
 _LAST: dict = {}
+_LAST_MAX = 4096
 
 
 def _remember(weight: torch.Tensor, entry: WeightChecksums) -> None:
-    _weak_slot(_LAST, weight, weight._version, weight.data_ptr(), weight.stride(), entry)
+    key = id(weight)
+    _LAST.pop(key, None)
+    while len(_LAST) >= _LAST_MAX:
+        del _LAST[next(iter(_LAST))]
+    _weak_slot(_LAST, key, weight.untyped_storage(), weight._version, weight.data_ptr(), weight.stride(), entry)
 
 
 def _base(weight: torch.Tensor) -> torch.Tensor:
@@ -155,8 +169,9 @@ def _refreshed(weight: torch.Tensor, sums: Optional[WeightChecksums], flags: tor
     again; None where the flags stand (the weight as it was: a fault of the call itself)."""
     if sums is None or sums.key[-1] is not None or not bool(((flags & CHECK_MASK) != 0).any()):
         return None
-    item = _CACHE.get(id(_base(weight)))
-    if item is not None:
+    storage = weight.untyped_storage()
+    item = _CACHE.get(id(storage))
+    if item is not None and item[0]() is storage:
         item[1].pop(sums.key[:-1], None)
     fresh = weight_checksums(weight, sums.block_o)
     return None if torch.equal(fresh.sums, sums.sums) else fresh
@@ -296,11 +311,10 @@ def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> Weight
         # strides, shape and dtype are those it was made for (views share their base's
         # version counter; 0.5 us instead of the full key's 0.9 us, per call of a layer)
         last = _LAST.get(id(weight))
-        if last is not None and last[0]() is weight and last[1] == weight._version and \
+        if last is not None and last[0]() is weight.untyped_storage() and last[1] == weight._version and \
                 last[2] == weight.data_ptr() and last[3] == weight.stride() and last[4].key[1] == weight.shape \
                 and last[4].key[3] is weight.dtype and last[4].block_o == block_o:
             return last[4]
-    base = _base(weight)
     key = _key(weight, block_o)
     # an inference tensor (made under torch.inference_mode()) has no version counter, so an
     # in-place update cannot be told from a corruption: its entry (version None) is kept all
@@ -309,7 +323,7 @@ def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> Weight
     # fails on such an entry runs once more where the checksums made anew differ
     # (_refreshed): an update raises no alarm, a weight corrupted in memory between calls
     # is not caught (as when they were made for each call)
-    entry = _cached(base, key[:-1]) if cache else None
+    entry = _cached(weight, key[:-1]) if cache else None
     if entry is not None and entry.key == key:
         if key[-1] is not None:
             _remember(weight, entry)
@@ -338,7 +352,7 @@ def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> Weight
             mag_cols = squares.to(torch.float32).contiguous()
     entry = WeightChecksums(key, block_o, sums[:nb], row_sums, ref_cols, mag_cols)
     if cache:
-        _store(base, key[:-1], entry)
+        _store(weight, key[:-1], entry)
         if key[-1] is not None:
             _remember(weight, entry)
     return entry

@@ -594,3 +594,71 @@ def test_counters_count_nonfinite_rows_and_faults_beside_them():
     c = ftattn.counters(layer)
     assert (c.detected, c.corrected, c.nonfinite_input) == (1, 1, 2)
     assert torch.isfinite(y[3]).all()
+
+
+@pytest.fixture
+def swap_on_conversion():
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def test_protected_weights_can_be_swapped(swap_on_conversion):
+    """Under set_swap_module_params_on_conversion(True), Module.to / load_state_dict swap
+    each Parameter's contents (torch.utils.swap_tensors), which refuses a tensor with weak
+    references: the checksum cache holds none to the weights (it refused before, even
+    after unprotect_). The checks follow the swapped-in weights: no alarm, a corruption of
+    them caught."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 37), torch.nn.ReLU(), torch.nn.Linear(37, 5))
+    x = torch.randn(3, 24)
+    ftattn.protect_(model)
+    weight = model[0].weight
+    loss = model(x).square().sum()  # a training step's forward and backward: AccumulateGrad nodes
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model(x)  # the fast path's plan and the cached checksums
+    model.to(torch.bfloat16)
+    assert model[0].weight is weight and weight.dtype == torch.bfloat16  # swapped in place
+    reference = copy.deepcopy(model)
+    ftattn.unprotect_(reference)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        y = model(xb)
+        torch.testing.assert_close(y, reference(xb), rtol=2 ** -7, atol=2 ** -7)
+    assert ftattn.counters(model).detected == 0
+    state = {k: v.float() * 0.5 for k, v in model.state_dict().items()}
+    model.float()
+    model.load_state_dict(state)  # swaps each Parameter again
+    assert model[0].weight is weight and weight.dtype == torch.float32
+    with torch.no_grad():
+        y = model(x)
+        expected = torch.relu(x @ state["0.weight"].T + state["0.bias"]) @ state["2.weight"].T + state["2.bias"]
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        assert ftattn.counters(model).detected == 0
+        weight.data.view(torch.int32)[11, 3] ^= 1 << 28  # a DRAM upset of the swapped-in weight
+        model(x)
+    assert ftattn.counters(model).uncorrected >= 1
+    new = torch.nn.Parameter(torch.randn(37, 24))
+    torch.utils.swap_tensors(model[0].weight, new)  # the function itself, on a protected weight
+    ftattn.unprotect_(model)
+    model.double()  # and on the layers given back
+    assert model[0].weight is weight and weight.dtype == torch.float64
+
+
+def test_checksums_go_with_the_weights_memory():
+    """The checksum cache's entries are dropped when the weight's storage goes (held by
+    weak references to the storage), and tensors made anew on the same memory share them."""
+    from ftattn.linear import _CACHE, weight_checksums
+
+    w = torch.randn(300, 50)
+    before = len(_CACHE)
+    entry = weight_checksums(w)
+    assert len(_CACHE) == before + 1
+    assert weight_checksums(w.detach()) is entry and weight_checksums(w) is entry
+    w.add_(1)  # a change through torch: made anew
+    assert weight_checksums(w) is not entry
+    del w, entry
+    assert len(_CACHE) == before
