@@ -98,10 +98,15 @@ TORCH_LIBRARY(ftattn, m) {
   m.def(
       "linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor? ref_cols, Tensor? mag_cols, int block_o) "
       "-> (Tensor, Tensor, SymInt)");
-  // A protected layer's inference call as one opaque op under torch.compile (ftattn/protect.py):
+  // A protected layer's call as one opaque op under torch.compile (ftattn/protect.py):
   // runs the layer (ftattn.protect_'s ProtectedLinear, by its id) eagerly, its plan, checks,
   // counts and on_fault policy included, so a compiled model has no graph break per layer.
   m.def("protected_linear(Tensor x, Tensor weight, Tensor? bias, int layer, int out_features) -> Tensor");
+  // Its backward's two products under torch.compile (the op's autograd, ftattn/protect.py):
+  // dX = dY W and dW = dY^T X (for the weight as the layer holds it: [in, out] for a Conv1D),
+  // each a checked linear call with the layer's protection and policy.
+  m.def("protected_linear_grad_x(Tensor grad_y, Tensor weight, int layer, int in_features) -> Tensor");
+  m.def("protected_linear_grad_w(Tensor grad_y, Tensor x, Tensor weight, int layer) -> Tensor");
   // A weight's checksums in one pass (ftattn/linear.py _block_sums): (sums, squares [2 nb, in],
   // row_sums [out]), fp64. CPU: csrc/linear_cpu.cpp.
   m.def("weight_block_sums(Tensor weight, int block_o) -> (Tensor, Tensor, Tensor)");

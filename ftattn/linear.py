@@ -621,23 +621,33 @@ class _CheckedLinear(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_flags):
         x, weight = ctx.saved_tensors
         protection, on_fault, backend, has_bias = ctx.options
-        out, k = weight.shape
-        grad_x = grad_w = grad_b = None
-        g2 = grad_y.reshape(-1, out)
-        # with create_graph=True (a gradient penalty) the two products are checked linear
-        # layers with autograd themselves, so a second backward is right and checked too
-        # (through the op without autograd it returned zeros, with only torch's warning)
-        twice = torch.is_grad_enabled()
-        if ctx.needs_input_grad[0]:
-            grad_x = _linear(grad_y, weight.t(), None, protection, on_fault, None, backend, False) if twice else \
-                _linear_impl(grad_y, weight.t(), None, protection, on_fault, None, backend, False)
-        if ctx.needs_input_grad[1]:
-            grad_w = _linear(g2.t(), x.reshape(-1, k).t(), None, protection, on_fault, None, backend, False) \
-                if twice else _linear_impl(g2.t(), x.reshape(-1, k).t(), None, protection, on_fault, None, backend,
-                                           False, cache=False)
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+        grad_x = _grad_input(grad_y, weight, protection, on_fault, backend) if ctx.needs_input_grad[0] else None
+        grad_w = _grad_weight(grad_y, x, protection, on_fault, backend) if ctx.needs_input_grad[1] else None
+        grad_b = grad_y.reshape(-1, weight.shape[0]).sum(0) if has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+# The backward's two products (_CheckedLinear, and a protected layer's compiled backward,
+# protect.py): checked linear layers with the call's protection and policy. With
+# create_graph=True (a gradient penalty) they are checked linear layers with autograd
+# themselves, so a second backward is right and checked too (through the op without
+# autograd it returned zeros, with only torch's warning).
+def _grad_input(grad_y: torch.Tensor, weight: torch.Tensor, protection: str, on_fault: str,
+                backend: str) -> torch.Tensor:
+    """dX = dY W (the "weight" W^T, its checksums cached like W's)."""
+    if torch.is_grad_enabled():
+        return _linear(grad_y, weight.t(), None, protection, on_fault, None, backend, False)
+    return _linear_impl(grad_y, weight.t(), None, protection, on_fault, None, backend, False)
+
+
+def _grad_weight(grad_y: torch.Tensor, x: torch.Tensor, protection: str, on_fault: str,
+                 backend: str) -> torch.Tensor:
+    """dW = dY^T X (the "weight" X^T, an operand used once: checksums made for the call)."""
+    g2 = grad_y.reshape(-1, grad_y.shape[-1]).t()
+    x2 = x.reshape(-1, x.shape[-1]).t()
+    if torch.is_grad_enabled():
+        return _linear(g2, x2, None, protection, on_fault, None, backend, False)
+    return _linear_impl(g2, x2, None, protection, on_fault, None, backend, False, cache=False)
 
 
 def _resolve(backend: str, device: torch.device) -> str:

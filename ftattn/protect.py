@@ -22,7 +22,8 @@ import torch
 
 from .faults import Check, OnFault, fault_blocks
 from .attention import _apply_policy
-from .linear import _EAGER_OP, _EAGER_OPTIONS, BLOCK_O, _eager_cpu, _eager_flagged, _linear, weight_checksums
+from .linear import (_EAGER_OP, _EAGER_OPTIONS, BLOCK_O, _eager_cpu, _eager_flagged, _grad_input, _grad_weight, _linear,
+                     weight_checksums)
 
 __all__ = ["protect_", "unprotect_", "counters", "reset_counters", "scrub_weights", "ProtectedLinear",
            "ModelCounters", "ModuleCounts", "WeightCorruptionError"]
@@ -194,11 +195,12 @@ class ProtectedLinear(torch.nn.Module):
                     "torch.export of a model under ftattn.protect_ is not supported: its layers' checks keep state "
                     "of this process (cached weight checksums, counts); export the model unprotected "
                     "(ftattn.unprotect_), or run it with torch.compile")
-            if self.fault is None and self.mx_config is None and not (torch.is_grad_enabled() and (
-                    x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-                # traced by torch.compile, an inference call: one opaque op that runs this layer
-                # as in eager mode (cached checksums, counts, policy) instead of graph breaks
-                # around its host reads (MiniLM compiled: protected 1.66x the unprotected time)
+            if self.fault is None and self.mx_config is None:
+                # traced by torch.compile: one opaque op that runs this layer as in eager mode
+                # (cached checksums, counts, policy) instead of graph breaks around its host
+                # reads (MiniLM compiled: protected 1.66x the unprotected time); in training its
+                # autograd's two products are such ops too (a two-layer MLP's training step was
+                # 13 graphs)
                 return torch.ops.ftattn.protected_linear(x, weight, bias, self._layer_id, self.out_features)
         return self._run(x, weight, bias)
 
@@ -271,21 +273,72 @@ class ProtectedLinear(torch.nn.Module):
                 f"protection={self.protection!r}, on_fault={self.on_fault!r}")
 
 
-@torch.library.impl("ftattn::protected_linear", "CompositeExplicitAutograd")
-def _protected_linear(x, weight, bias, layer, out_features):
+def _layer(layer: int, op: str) -> "ProtectedLinear":
     module = _LAYERS.get(layer)
     if module is None:
         raise RuntimeError(
-            f"ftattn::protected_linear: no protected layer {layer} lives in this process: the op runs a layer of "
+            f"ftattn::{op}: no protected layer {layer} lives in this process: the op runs a layer of "
             f"a model under ftattn.protect_ by its id (its checksums, counts and policy), so a program traced from "
             f"one cannot outlive the model or leave the process; export or save the model unprotected "
             f"(ftattn.unprotect_) instead")
-    return module._run(x, weight, bias)  # (eager here: the plan, checks, counts and policy)
+    return module
+
+
+@torch.library.impl("ftattn::protected_linear", "CompositeExplicitAutograd")
+def _protected_linear(x, weight, bias, layer, out_features):
+    with torch.no_grad():  # (its autograd is the op's, below)
+        return _layer(layer, "protected_linear")._run(x, weight, bias)  # (eager: plan, checks, counts, policy)
 
 
 @torch.library.register_fake("ftattn::protected_linear")
 def _protected_linear_fake(x, weight, bias, layer, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.impl("ftattn::protected_linear_grad_x", "CompositeExplicitAutograd")
+def _protected_linear_grad_x(grad_y, weight, layer, in_features):
+    module = _layer(layer, "protected_linear_grad_x")
+    return _grad_input(grad_y, module._weight(weight), module.protection, module.on_fault, "auto")
+
+
+@torch.library.register_fake("ftattn::protected_linear_grad_x")
+def _protected_linear_grad_x_fake(grad_y, weight, layer, in_features):
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+@torch.library.impl("ftattn::protected_linear_grad_w", "CompositeExplicitAutograd")
+def _protected_linear_grad_w(grad_y, x, weight, layer):
+    module = _layer(layer, "protected_linear_grad_w")
+    if module.transposed:  # (a Conv1D's weight [in, out]: X^T dY, made in that layout)
+        return _grad_weight(x, grad_y, module.protection, module.on_fault, "auto")
+    return _grad_weight(grad_y, x, module.protection, module.on_fault, "auto")
+
+
+@torch.library.register_fake("ftattn::protected_linear_grad_w")
+def _protected_linear_grad_w_fake(grad_y, x, weight, layer):
+    return weight.new_empty(weight.shape)
+
+
+def _protected_linear_setup(ctx, inputs, output):
+    x, weight, bias, layer, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.layer, ctx.has_bias = layer, bias is not None
+
+
+def _protected_linear_backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.ftattn.protected_linear_grad_x(grad_y, weight, ctx.layer, x.shape[-1])
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.ftattn.protected_linear_grad_w(grad_y, x, weight, ctx.layer)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b, None, None
+
+
+torch.library.register_autograd("ftattn::protected_linear", _protected_linear_backward,
+                                setup_context=_protected_linear_setup)
 
 
 if hasattr(torch.fx.node, "has_side_effect"):  # (its counts and policy: never dropped as dead code)

@@ -662,3 +662,62 @@ def test_checksums_go_with_the_weights_memory():
     assert weight_checksums(w) is not entry
     del w, entry
     assert len(_CACHE) == before
+
+
+def test_compiled_training_step_runs_the_checked_backward():
+    """A training step of a protected model compiles with fullgraph=True (it broke the graph
+    six times a layer): the forward is the layer's op, its backward two more (dX = dY W and
+    dW = dY^T X, checked with the layer's protection and policy; a Conv1D's dW in its [in,
+    out] layout). Losses and gradients as in eager mode (within rounding: Inductor fuses
+    the loss's backward), calls counted, and a weight corrupted in memory between the
+    forward and the backward fails dX's check: on_fault="raise" raises from the compiled
+    backward."""
+    from transformers.pytorch_utils import Conv1D
+
+    def make():
+        torch.manual_seed(7)
+        return torch.nn.Sequential(torch.nn.Linear(29, 67), torch.nn.GELU(), Conv1D(13, 67))
+
+    x = torch.randn(3, 7, 29, requires_grad=True)
+    target = torch.randn(3, 7, 13)
+
+    def step(model, x):
+        return torch.nn.functional.mse_loss(model(x), target)
+
+    eager, compiled = make(), make()
+    ftattn.protect_(eager)
+    ftattn.protect_(compiled)
+    assert isinstance(compiled[2], ProtectedLinear) and compiled[2].transposed
+    run = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        expected = step(eager, x)
+        expected.backward()
+        grad_x = x.grad
+        x.grad = None
+        loss = run(compiled, x)
+        loss.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(x.grad, grad_x, rtol=1e-5, atol=1e-7)
+        x.grad = None
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            assert a.grad is not None and b.grad is not None and a.grad.shape == b.grad.shape, name
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+            with torch.no_grad():
+                a -= 0.1 * a.grad
+                b -= 0.1 * b.grad
+            a.grad = b.grad = None
+    c = ftattn.counters(compiled)
+    assert c.per_module["0"].calls == 2 and c.per_module["2"].calls == 2 and c.detected == 0
+    run(compiled, x).backward()  # (the weights as they are now: their checksums cached, both ways)
+    for layer in (compiled[0], compiled[2]):  # the three ops' registrations (autograd, fake kernels)
+        xin = torch.randn(2, 5, layer.in_features, requires_grad=True)
+        w, b, i = layer.weight, layer.bias, layer._layer_id
+        torch.library.opcheck(torch.ops.ftattn.protected_linear.default, (xin, w, b, i, layer.out_features))
+        gy = torch.randn(2, 5, layer.out_features)
+        torch.library.opcheck(torch.ops.ftattn.protected_linear_grad_x.default, (gy, w.detach(), i, layer.in_features))
+        torch.library.opcheck(torch.ops.ftattn.protected_linear_grad_w.default, (gy, xin.detach(), w.detach(), i))
+    compiled[2].on_fault = "raise"
+    loss = run(compiled, x)
+    compiled[2].weight.data.view(torch.int32)[40, 5] ^= 1 << 29  # a DRAM upset after the forward
+    with pytest.raises(ftattn.FaultDetectedError, match="linear"):
+        loss.backward()
