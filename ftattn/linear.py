@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 from typing import Optional, Tuple, Union
 
 import torch
@@ -92,57 +91,56 @@ class WeightChecksums:
     mag_cols: torch.Tensor
 
 
-# id(a weight's storage) -> (a weak reference to the storage, {its views' keys: their
-# checksums}): a weight and its transpose (the backward's dX = dY W) keep one entry each,
-# as do tensors made anew on the same memory (a detach per call); the entries go with the
-# storage (a WeakKeyDictionary would compare tensors with ==, elementwise). Weak references
-# to the weight tensors themselves would make torch.utils.swap_tensors refuse them, and
-# with them nn.Module.to / load_state_dict under
-# torch.__future__.set_swap_module_params_on_conversion(True), even after unprotect_.
-_CACHE: dict = {}
+# A weight's checksums live in the weight tensor's own __dict__ (_SLOT: {its views' keys:
+# their checksums, _LAST: the per-call fast check's (version, data pointer, strides, entry)}),
+# a view's (weight.t(), made per call) on its base: they go with the tensor, and tensors made
+# anew on its memory (.data) keep their own (their version counters are their own). No table
+# of weak references: torch.utils.swap_tensors refuses a tensor that has any, and with it
+# nn.Module.to / load_state_dict under torch.__future__.set_swap_module_params_on_conversion
+# (True) refused protected weights (even after unprotect_); swap_tensors moves a tensor's
+# __dict__ with its contents, so the checksums follow the memory they were made of.
+_SLOT = "_ftattn_checksums"
+_LAST = "last"  # (the views' keys are tuples)
+
+
+class _Checksums(dict):
+    """A tensor's checksums (_SLOT): pickled as an empty set (what torch.load with
+    weights_only=True allows; the entries, tensors of this process's cache, are not saved)
+    and deep-copied as empty."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (set, ())
+
+    def __copy__(self):
+        return _Checksums()
+
+    def __deepcopy__(self, memo):
+        return _Checksums()
+
+
+def _slot(t: torch.Tensor, make: bool = False) -> Optional[_Checksums]:
+    slot = getattr(t, _SLOT, None)
+    if type(slot) is not _Checksums:  # (none yet, or a loaded copy's empty set)
+        if not make:
+            return None
+        slot = _Checksums()
+        setattr(t, _SLOT, slot)
+    return slot
 
 
 def _cached(weight: torch.Tensor, view: tuple) -> Optional[WeightChecksums]:
-    storage = weight.untyped_storage()
-    item = _CACHE.get(id(storage))
-    return item[1].get(view) if item is not None and item[0]() is storage else None
-
-
-def _weak_slot(table: dict, key: int, storage, *rest) -> tuple:
-    """table[key] = (a weak reference to storage, *rest), dropped when the storage goes."""
-
-    def drop(ref, key=key):
-        if table.get(key, (None,))[0] is ref:
-            del table[key]
-
-    item = table[key] = (weakref.ref(storage, drop), *rest)
-    return item
+    slot = _slot(_base(weight))
+    return slot.get(view) if slot is not None else None
 
 
 def _store(weight: torch.Tensor, view: tuple, entry: WeightChecksums) -> None:
-    storage = weight.untyped_storage()
-    item = _CACHE.get(id(storage))
-    if item is None or item[0]() is not storage:
-        item = _weak_slot(_CACHE, id(storage), storage, {})
-    item[1][view] = entry
-
-
-# id(weight tensor) -> (a weak reference to its storage, its version, data pointer and
-# strides, and the entry last returned for it): the per-call fast check of
-# weight_checksums (an id taken again by another tensor must also match the storage,
-# version, data pointer, strides, shape and dtype: the same memory, as the full key asks).
-# An entry outlives its tensor while the storage lives (a view made per call), so the
-# table keeps the _LAST_MAX newest (more than twice the linear layers of a 70B model).
-_LAST: dict = {}
-_LAST_MAX = 4096
+    _slot(_base(weight), True)[view] = entry
 
 
 def _remember(weight: torch.Tensor, entry: WeightChecksums) -> None:
-    key = id(weight)
-    _LAST.pop(key, None)
-    while len(_LAST) >= _LAST_MAX:
-        del _LAST[next(iter(_LAST))]
-    _weak_slot(_LAST, key, weight.untyped_storage(), weight._version, weight.data_ptr(), weight.stride(), entry)
+    _slot(weight, True)[_LAST] = (weight._version, weight.data_ptr(), weight.stride(), entry)
 
 
 def _base(weight: torch.Tensor) -> torch.Tensor:
@@ -169,10 +167,9 @@ def _refreshed(weight: torch.Tensor, sums: Optional[WeightChecksums], flags: tor
     again; None where the flags stand (the weight as it was: a fault of the call itself)."""
     if sums is None or sums.key[-1] is not None or not bool(((flags & CHECK_MASK) != 0).any()):
         return None
-    storage = weight.untyped_storage()
-    item = _CACHE.get(id(storage))
-    if item is not None and item[0]() is storage:
-        item[1].pop(sums.key[:-1], None)
+    slot = _slot(_base(weight))
+    if slot is not None:
+        slot.pop(sums.key[:-1], None)
     fresh = weight_checksums(weight, sums.block_o)
     return None if torch.equal(fresh.sums, sums.sums) else fresh
 
@@ -310,11 +307,12 @@ def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> Weight
         # the last entry of this very tensor object, when its version, data pointer,
         # strides, shape and dtype are those it was made for (views share their base's
         # version counter; 0.5 us instead of the full key's 0.9 us, per call of a layer)
-        last = _LAST.get(id(weight))
-        if last is not None and last[0]() is weight.untyped_storage() and last[1] == weight._version and \
-                last[2] == weight.data_ptr() and last[3] == weight.stride() and last[4].key[1] == weight.shape \
-                and last[4].key[3] is weight.dtype and last[4].block_o == block_o:
-            return last[4]
+        slot = getattr(weight, _SLOT, None)
+        last = slot.get(_LAST) if type(slot) is _Checksums else None
+        if last is not None and last[0] == weight._version and last[1] == weight.data_ptr() and \
+                last[2] == weight.stride() and last[3].key[1] == weight.shape and last[3].key[3] is weight.dtype \
+                and last[3].block_o == block_o:
+            return last[3]
     key = _key(weight, block_o)
     # an inference tensor (made under torch.inference_mode()) has no version counter, so an
     # in-place update cannot be told from a corruption: its entry (version None) is kept all

@@ -295,6 +295,9 @@ def _protected_linear_fake(x, weight, bias, layer, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+# (the backward's products take the layer's protection and on_fault as they are when the
+# backward runs; eager, _CheckedLinear keeps those of its forward call: they differ only where
+# the layer's policy is changed between a forward and its backward)
 @torch.library.impl("ftattn::protected_linear_grad_x", "CompositeExplicitAutograd")
 def _protected_linear_grad_x(grad_y, weight, layer, in_features):
     module = _layer(layer, "protected_linear_grad_x")

@@ -648,20 +648,53 @@ def test_protected_weights_can_be_swapped(swap_on_conversion):
     assert model[0].weight is weight and weight.dtype == torch.float64
 
 
-def test_checksums_go_with_the_weights_memory():
-    """The checksum cache's entries are dropped when the weight's storage goes (held by
-    weak references to the storage), and tensors made anew on the same memory share them."""
-    from ftattn.linear import _CACHE, weight_checksums
+def test_checksums_go_with_the_weight_tensor():
+    """A weight's checksums are kept on the tensor itself (no weak references to it): made
+    anew when it changes, dropped with it (the old ones too, however many views a training
+    loop made), and tensors made anew on its memory (.data, with version counters of their
+    own) keep theirs apart: no stale checksums, so no false alarm (two such tensors once
+    shared checksums by their memory, and the second raised)."""
+    import gc
+    import weakref
+
+    from ftattn.linear import WeightChecksums, weight_checksums
 
     w = torch.randn(300, 50)
-    before = len(_CACHE)
     entry = weight_checksums(w)
-    assert len(_CACHE) == before + 1
-    assert weight_checksums(w.detach()) is entry and weight_checksums(w) is entry
-    w.add_(1)  # a change through torch: made anew
+    assert weight_checksums(w) is entry and weight_checksums(w.t().t()) is entry
+    old = weakref.ref(entry)
+    w.add_(1)  # a change through torch: made anew, the old ones dropped
     assert weight_checksums(w) is not entry
-    del w, entry
-    assert len(_CACHE) == before
+    del entry
+    gc.collect()
+    assert old() is None
+    W, x = torch.randn(256, 128), torch.randn(8, 128)
+    a = W.data
+    ftattn.linear(x, a)
+    with torch.no_grad():
+        W.mul_(2)
+    b = W.data  # (its own version counter, at 0 as a's was)
+    torch.testing.assert_close(ftattn.linear(x, b, on_fault="raise"), x @ W.t())
+    del a, b
+    ftattn.linear(x, W.data, on_fault="raise")  # (an id taken again)
+
+    def live() -> int:
+        gc.collect()
+        return sum(type(o) is WeightChecksums for o in gc.get_objects())
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8))
+    ftattn.protect_(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    before = live()
+    for step in range(30):  # (each backward reads W^T through a view made for the call)
+        model(torch.randn(5, 64, requires_grad=True)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 4:
+            settled = live()
+    assert live() <= max(settled, before + 4)
+    del model, opt
+    assert live() <= before
 
 
 def test_compiled_training_step_runs_the_checked_backward():
