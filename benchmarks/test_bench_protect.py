@@ -4,7 +4,8 @@ ftattn's attention), paired against the same model unprotected in one run.
 Cases (issue 18): the real all-MiniLM-L6-v2 forward on 8 sequences of 128 tokens
 (unprotected: transformers' SDPA attention), a tiny Llama's generate() (greedy, 32 new
 tokens from a 24-token prompt: hidden 64, so per-call overheads dominate) and a Llama of
-realistic layer widths (hidden 1024) generating 16 tokens from 64. Each figure is the median over rounds of the ratio of
+realistic layer widths (hidden 1024) generating 16 tokens from 64; and a training step
+of MLP blocks under torch.compile (both compiled). Each figure is the median over rounds of the ratio of
 two calls made back to back, their order alternating. Target: <= 1.10.
 
 Run: ``pytest benchmarks/test_bench_protect.py --benchmark-only``. Writes
@@ -92,6 +93,51 @@ def test_small_llama_generate(benchmark, measure):
     prompt = torch.arange(3, 67)[None]
     _case(benchmark, measure, "Llama 1024 / 2816 x 4 layers generate, 64 + 16 tokens, fp32", model,
           lambda m: m.generate(prompt, max_new_tokens=16, do_sample=False), 11)
+
+
+def test_compiled_training_step(benchmark, measure):
+    """A training step (forward, loss, backward) of 4 MLP blocks (512 -> 1024 -> 512, GELU),
+    batch 256, fp32, under torch.compile, protected against unprotected (both compiled):
+    each protected layer one op, its backward two more (the checked dX and dW products)."""
+    def make():
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(4):
+            layers += [torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512)]
+        return torch.nn.Sequential(*layers)
+
+    x, target = torch.randn(256, 512), torch.randn(256, 512)
+
+    compiled = torch.compile(lambda m: torch.nn.functional.mse_loss(m(x), target), fullgraph=True)
+
+    def run(m):  # (the compiled forward and loss, and their compiled backward)
+        loss = compiled(m)
+        loss.backward()
+        return loss.detach()
+
+    model, protected = make(), make()
+    ftattn.protect_(protected)
+    losses = (run(model), run(protected))  # (compiled here, and the checksums cached)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert ftattn.counters(protected).detected == 0
+    rounds = 11
+
+    def a():
+        protected.zero_grad(set_to_none=True)
+        return run(protected)
+
+    def b():
+        model.zero_grad(set_to_none=True)
+        return run(model)
+
+    benchmark.pedantic(a, rounds=rounds, iterations=1, warmup_rounds=1)
+    ratio, t_p, t_u = paired(a, b, rounds)
+    record = {"case": "MLP 4 x (512 -> 1024 -> 512) training step under torch.compile, batch 256, fp32",
+              "rounds": rounds, "median_s": {"protected": t_p, "unprotected": t_u},
+              "protected_over_unprotected": ratio, "target": TARGET, "holds": ratio <= TARGET}
+    benchmark.extra_info.update(record)
+    _records.append(record)
+    _machine.update(measure.environment("cpu"), load_average=measure.load_average())
 
 
 def teardown_module(module):
