@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends
 from .attention import _apply_policy
@@ -92,13 +94,17 @@ class WeightChecksums:
 
 
 # A weight's checksums live in the weight tensor's own __dict__ (_SLOT: {its views' keys:
-# their checksums, _LAST: the per-call fast check's (version, data pointer, strides, entry)}),
-# a view's (weight.t(), made per call) on its base: they go with the tensor, and tensors made
-# anew on its memory (.data) keep their own (their version counters are their own). No table
-# of weak references: torch.utils.swap_tensors refuses a tensor that has any, and with it
+# (a weak reference to the storage they were made of, their checksums), _LAST: the per-call
+# fast check's (version, data pointer, strides, storage reference, entry)}), a view's
+# (weight.t(), made per call) on its base: they go with the tensor, and tensors made anew on
+# its memory (.data, with version counters of their own) keep their own. No weak references
+# to the weights: torch.utils.swap_tensors refuses a tensor that has any, and with it
 # nn.Module.to / load_state_dict under torch.__future__.set_swap_module_params_on_conversion
 # (True) refused protected weights (even after unprotect_); swap_tensors moves a tensor's
-# __dict__ with its contents, so the checksums follow the memory they were made of.
+# __dict__ with its contents, so the checksums follow the memory they were made of. The
+# storage's identity is part of the key: `w.data = other` keeps w's version counter, and the
+# new memory often comes back at the old address (false alarms, found by review). Tensors
+# made anew for each call (a detach per call) get checksums made for each call, as before.
 _SLOT = "_ftattn_checksums"
 _LAST = "last"  # (the views' keys are tuples)
 
@@ -126,21 +132,47 @@ def _slot(t: torch.Tensor, make: bool = False) -> Optional[_Checksums]:
         if not make:
             return None
         slot = _Checksums()
-        setattr(t, _SLOT, slot)
+        try:
+            setattr(t, _SLOT, slot)
+        except (AttributeError, TypeError, RuntimeError):  # (a tensor class that takes no attributes:
+            return None  # its checksums are made for each call)
     return slot
 
 
 def _cached(weight: torch.Tensor, view: tuple) -> Optional[WeightChecksums]:
     slot = _slot(_base(weight))
-    return slot.get(view) if slot is not None else None
+    item = slot.get(view) if slot is not None else None
+    return item[1] if item is not None and item[0]() is weight.untyped_storage() else None
 
 
 def _store(weight: torch.Tensor, view: tuple, entry: WeightChecksums) -> None:
-    _slot(_base(weight), True)[view] = entry
+    slot = _slot(_base(weight), True)
+    if slot is not None:
+        slot[view] = (weakref.ref(weight.untyped_storage()), entry)
 
 
 def _remember(weight: torch.Tensor, entry: WeightChecksums) -> None:
-    _slot(weight, True)[_LAST] = (weight._version, weight.data_ptr(), weight.stride(), entry)
+    slot = _slot(weight, True)
+    if slot is not None:
+        slot[_LAST] = (weight._version, weight.data_ptr(), weight.stride(), weakref.ref(weight.untyped_storage()),
+                       entry)
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    """After a fused torch.optim step (fused=True), the parameters ftattn keeps state for
+    (those that carry a _SLOT: cached checksums, a protected MX layer's quantized weight) get
+    their version counters moved, as every other step's in-place updates move them: the fused
+    steps (on CPU) write them without, so their cached checksums (and a protected layer's
+    plan) held on and every later call failed its check as a weight corrupted in memory
+    (found by review)."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            for p in group["params"]:
+                if type(getattr(p, _SLOT, None)) is _Checksums and not p.is_inference():
+                    torch.autograd.graph.increment_version(p)
+
+
+register_optimizer_step_post_hook(_after_step)
 
 
 def _base(weight: torch.Tensor) -> torch.Tensor:
@@ -310,9 +342,9 @@ def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> Weight
         slot = getattr(weight, _SLOT, None)
         last = slot.get(_LAST) if type(slot) is _Checksums else None
         if last is not None and last[0] == weight._version and last[1] == weight.data_ptr() and \
-                last[2] == weight.stride() and last[3].key[1] == weight.shape and last[3].key[3] is weight.dtype \
-                and last[3].block_o == block_o:
-            return last[3]
+                last[2] == weight.stride() and last[4].key[1] == weight.shape and last[4].key[3] is weight.dtype \
+                and last[4].block_o == block_o and last[3]() is weight.untyped_storage():
+            return last[4]
     key = _key(weight, block_o)
     # an inference tensor (made under torch.inference_mode()) has no version counter, so an
     # in-place update cannot be told from a corruption: its entry (version None) is kept all

@@ -105,17 +105,21 @@ class ProtectedLinear(torch.nn.Module):
         return weight.t()
 
     def _quantized_weight(self) -> torch.Tensor:
-        """MXLinear's quantized weight, made when the Parameter changes (its version or
-        data pointer) and kept: the checks then cover the weight the product reads."""
-        from .linear import _version
+        """MXLinear's quantized weight, made when the Parameter changes (its version, data
+        pointer or storage) and kept: the checks then cover the weight the product reads."""
+        from .linear import _slot, _version
         from .mx.linear import _bf, _mx
 
-        key = (self.weight.data_ptr(), _version(self.weight), self.weight.dtype)
-        if self._mx_weight is None or self._mx_weight[0] != key:
+        weight = self.weight
+        key = (weight.data_ptr(), _version(weight), weight.dtype)
+        storage = weight.untyped_storage()  # (weight.data = ... keeps the version; the address may come back)
+        if self._mx_weight is None or self._mx_weight[0] != key or self._mx_weight[1]() is not storage:
             with torch.no_grad():
                 cfg = self.mx_config
-                self._mx_weight = (key, _mx(_bf(self.weight.detach(), cfg), cfg.weight, -1, cfg).contiguous())
-        return self._mx_weight[1]
+                self._mx_weight = (key, weakref.ref(storage),
+                                   _mx(_bf(weight.detach(), cfg), cfg.weight, -1, cfg).contiguous())
+            _slot(weight, True)  # (marked as a tensor ftattn keeps state for: linear._after_step)
+        return self._mx_weight[2]
 
     def _mx_forward(self, x: torch.Tensor, fault):
         """MXLinear's forward (ftattn/mx/linear.py) with the product checked."""
@@ -157,9 +161,11 @@ class ProtectedLinear(torch.nn.Module):
     def _make_plan(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], w: torch.Tensor) -> None:
         """After a common inference call (_eager_cpu) of a Parameter weight: what the next
         such call needs, and what must not have changed for it to hold (_run's first
-        lines): the Parameters themselves, the weight's version, data pointer, strides, shape
-        and dtype (as weight_checksums' own cache: a weight changed through torch makes new
-        checksums), x's dtype and features, the layer's protection and policy."""
+        lines): the Parameters themselves, the weight's version, data pointer, strides, shape,
+        dtype and storage (as weight_checksums' own cache: a weight changed through torch makes
+        new checksums; `weight.data = ...`, as Module.to does, keeps the version counter, and
+        the new memory often comes back at the old address), x's dtype and features, the
+        layer's protection and policy."""
         params = self._parameters
         if params.get("weight") is not weight or weight.is_inference() or w.shape[1] == 0:
             return
@@ -168,16 +174,18 @@ class ProtectedLinear(torch.nn.Module):
         self._plan = (weight, weight.shape, bias, w, x.dtype, w.shape[1], weight._version,
                       weight.data_ptr(), weight.stride(), self.protection, self.on_fault, prot, recompute, policy,
                       sums, sums.ref_cols if sums else None, sums.mag_cols if sums else None,
-                      sums.block_o if sums else BLOCK_O)
+                      sums.block_o if sums else BLOCK_O, weakref.ref(weight.untyped_storage()))
 
     def _register(self) -> None:
         self._layer_id = next(_NEXT_ID)  # (ftattn::protected_linear finds the layer by it)
         _LAYERS[self._layer_id] = self
 
     def __getstate__(self):
-        # (the plan is a cache of this process's call: not pickled, nor deep-copied)
+        # (the plan and an MX layer's quantized weight are caches of this process: not pickled,
+        # nor deep-copied)
         state = super().__getstate__()
         state["_plan"] = None
+        state["_mx_weight"] = None
         return state
 
     def __setstate__(self, state):
@@ -216,6 +224,7 @@ class ProtectedLinear(torch.nn.Module):
                     and x.shape[-1] == plan[5] and weight._version == plan[6] and weight.data_ptr() == plan[7] \
                     and weight.stride() == plan[8] and weight.shape == plan[1] and weight.dtype is plan[4] \
                     and self.protection is plan[9] and self.on_fault is plan[10] and x.numel() \
+                    and plan[18]() is weight.untyped_storage() \
                     and not (torch.is_grad_enabled() and (
                         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
                 try:

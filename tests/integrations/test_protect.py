@@ -754,3 +754,52 @@ def test_compiled_training_step_runs_the_checked_backward():
     compiled[2].weight.data.view(torch.int32)[40, 5] ^= 1 << 29  # a DRAM upset after the forward
     with pytest.raises(ftattn.FaultDetectedError, match="linear"):
         loss.backward()
+
+
+def test_checksums_follow_data_reassignment_and_fused_steps():
+    """Changes that keep a weight's version counter: `weight.data = ...` (as Module.to does
+    without swapping; the new memory often comes back at the old address) and torch.optim's
+    fused steps (fused=True writes the parameters without moving their versions). Neither
+    leaves stale checksums, a stale plan or a stale MX weight behind: no alarm, y as the new
+    weights give it. A tensor class that takes no attributes is checked, uncached."""
+    torch.manual_seed(3)
+    x = torch.randn(16, 64)
+    for trial in range(12):
+        model = ftattn.protect_(torch.nn.Sequential(torch.nn.Linear(64, 96)), on_fault="raise")
+        with torch.no_grad():
+            model(x)  # (the plan and the checksums)
+            model.to(torch.bfloat16 if trial % 2 else torch.float16)
+            model.to(torch.float32)
+            w = model[0].weight
+            torch.testing.assert_close(model(x), x @ w.t() + model[0].bias)
+            w.data = torch.randn(96, 64)
+            w.data = torch.randn(96, 64)
+            torch.testing.assert_close(model(x), x @ w.t() + model[0].bias)
+    for fmt in (None, "fp8_e4m3"):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8))
+        if fmt:
+            ftattn.mx.quantize_(model, ftattn.mx.MXConfig(weight=fmt))
+        ftattn.protect_(model, on_fault="raise")
+        reference = copy.deepcopy(model)  # (its caches start empty)
+        with torch.no_grad():
+            model(x)
+        for opt in (torch.optim.AdamW(model.parameters(), lr=0.05, fused=True),
+                    torch.optim.SGD(model.parameters(), lr=0.05, fused=True)):
+            for _ in range(2):
+                model(x).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+            with torch.no_grad():
+                for a, b in zip(reference.parameters(), model.parameters()):
+                    a.copy_(b)
+                torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        assert ftattn.counters(model).detected == 0
+        assert ftattn.scrub_weights(model) == []
+
+    class Sealed(torch.nn.Parameter):  # (takes no new attributes)
+        def __setattr__(self, name, value):
+            raise AttributeError(name)
+
+    w = Sealed(torch.randn(40, 64))
+    y = ftattn.linear(x, w, on_fault="raise")
+    torch.testing.assert_close(y, x @ w.t())
