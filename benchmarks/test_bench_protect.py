@@ -56,8 +56,14 @@ def _case(benchmark, measure, name, model, run, rounds, compare=None, tol=1e-4):
         with torch.no_grad():
             return run(model)
 
-    benchmark.pedantic(a, rounds=rounds, iterations=1, warmup_rounds=1)
-    ratio, t_p, t_u = paired(a, b, rounds)
+    _paired_record(benchmark, measure, name, a, b, rounds)
+
+
+def _paired_record(benchmark, measure, name, protected, unprotected, rounds):
+    """Times ``protected`` (pytest-benchmark) and its ratio to ``unprotected``, paired, into
+    the results."""
+    benchmark.pedantic(protected, rounds=rounds, iterations=1, warmup_rounds=1)
+    ratio, t_p, t_u = paired(protected, unprotected, rounds)
     record = {"case": name, "rounds": rounds, "median_s": {"protected": t_p, "unprotected": t_u},
               "protected_over_unprotected": ratio, "target": TARGET, "holds": ratio <= TARGET}
     benchmark.extra_info.update(record)
@@ -130,14 +136,8 @@ def test_compiled_training_step(benchmark, measure):
         model.zero_grad(set_to_none=True)
         return run(model)
 
-    benchmark.pedantic(a, rounds=rounds, iterations=1, warmup_rounds=1)
-    ratio, t_p, t_u = paired(a, b, rounds)
-    record = {"case": "MLP 4 x (512 -> 1024 -> 512) training step under torch.compile, batch 256, fp32",
-              "rounds": rounds, "median_s": {"protected": t_p, "unprotected": t_u},
-              "protected_over_unprotected": ratio, "target": TARGET, "holds": ratio <= TARGET}
-    benchmark.extra_info.update(record)
-    _records.append(record)
-    _machine.update(measure.environment("cpu"), load_average=measure.load_average())
+    _paired_record(benchmark, measure, "MLP 4 x (512 -> 1024 -> 512) training step under torch.compile, batch 256, "
+                   "fp32", a, b, rounds)
 
 
 def teardown_module(module):

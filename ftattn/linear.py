@@ -94,7 +94,8 @@ class WeightChecksums:
 
 
 # A weight's checksums live in the weight tensor's own __dict__ (_SLOT: {its views' keys:
-# (a weak reference to the storage they were made of, their checksums), _LAST: the per-call
+# (a weak reference to the storage they were made of, their checksums; a protected MX layer's
+# quantized weight likewise, under a key of its own: protect.py), _LAST: the per-call
 # fast check's (version, data pointer, strides, storage reference, entry)}), a view's
 # (weight.t(), made per call) on its base: they go with the tensor, and tensors made anew on
 # its memory (.data, with version counters of their own) keep their own. No weak references
@@ -186,8 +187,10 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _key(weight: torch.Tensor, block_o: int) -> tuple:
-    return (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device, block_o,
+def _key(weight: torch.Tensor, tag) -> tuple:
+    """A cache key of what was made from ``weight`` (tag: the checksums' block_o, or another
+    kind, as a protected MX layer's quantized weight), its version last."""
+    return (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device, tag,
             _version(_base(weight)))
 
 
@@ -725,17 +728,24 @@ def _eager_cpu(x, weight, bias, protection, on_fault):
 
 
 def _eager_flagged(x, weight, bias, sums, y, flags, prot, recompute):
-    """A checked eager call (linear_eager) whose flags are set: checksums made anew for an
-    inference tensor that changed, the second product (_settle); (y, flags, flagged)."""
-    fwd = torch.ops.ftattn.linear_fwd.default
+    """A checked eager call (linear_eager) whose flags are set: linear_fwd's _recheck;
+    (y, flags, flagged)."""
     args = (x, weight, bias, sums.ref_cols, sums.mag_cols, sums.block_o, prot, False, None, None)
-    fresh = _refreshed(weight, sums, flags)  # (an inference tensor's, changed)
+    y, flags = _recheck(torch.ops.ftattn.linear_fwd.default, args, y, flags, weight, sums, recompute, True)
+    return y, flags, bool((flags != 0).any())
+
+
+def _recheck(run, args, y, flags, weight, sums, recompute: bool, refresh: bool):
+    """A checked call's flags settled: with ``refresh``, an inference tensor's cached
+    checksums made anew where the weight changed in place (_refreshed) and the call run
+    again on them; then a failed or blind block compared with a second product (_settle).
+    ``args``: linear_fwd's, ``run`` the backend's."""
+    fresh = _refreshed(weight, sums, flags) if refresh else None
     if fresh is not None:
         sums = fresh
-        args = (x, weight, bias, fresh.ref_cols, fresh.mag_cols, fresh.block_o, prot, False, None, None)
-        y, flags = fwd(*args)
-    y, flags = _settle(fwd, args, y, flags, weight, sums, recompute)
-    return y, flags, bool((flags != 0).any())
+        args = (*args[:3], fresh.ref_cols, fresh.mag_cols, *args[5:])
+        y, flags = run(*args)
+    return _settle(run, args, y, flags, weight, sums, recompute)
 
 
 def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report):
@@ -792,13 +802,8 @@ def _linear_impl(x, weight, bias, protection, on_fault, fault, backend, return_r
     else:
         run = torch.ops.ftattn.linear_fwd
     y, flags = run(*args)
-    fresh = _refreshed(weight, sums, flags) if fault is None and cache and backend != "meta" else None
-    if fresh is not None:  # (an inference tensor's checksums, changed in place: as in _eager_cpu)
-        sums = fresh
-        args = (*args[:3], fresh.ref_cols, fresh.mag_cols, *args[5:])
-        y, flags = run(*args)
     if backend != "meta":
-        y, flags = _settle(run, args, y, flags, weight, sums, policy is OnFault.CORRECT)
+        y, flags = _recheck(run, args, y, flags, weight, sums, policy is OnFault.CORRECT, fault is None and cache)
     report = _apply_policy(flags, policy, rows, return_report, op="linear")
     y = y.reshape(*lead, out)
     return (y, report) if return_report else y

@@ -69,7 +69,6 @@ class ProtectedLinear(torch.nn.Module):
         # an MX layer (ftattn.mx.quantize_): its arithmetic, with the product checked over
         # its quantized weights (quantized once per weight version, then cached)
         self.mx_config = getattr(original, "config", None) if _is_mx(original) else None
-        self._mx_weight: Optional[tuple] = None
         self.weight = original.weight
         self.bias = original.bias
         self.protection = "abft" if protection == "full" else protection
@@ -105,21 +104,21 @@ class ProtectedLinear(torch.nn.Module):
         return weight.t()
 
     def _quantized_weight(self) -> torch.Tensor:
-        """MXLinear's quantized weight, made when the Parameter changes (its version, data
-        pointer or storage) and kept: the checks then cover the weight the product reads."""
-        from .linear import _slot, _version
+        """MXLinear's quantized weight, made when the Parameter changes and kept with the
+        weight's checksums (linear._cached: keyed by its data pointer, strides, dtype, version
+        and storage, and followed through fused optimizer steps as they are): the checks then
+        cover the weight the product reads."""
+        from .linear import _cached, _key, _store
         from .mx.linear import _bf, _mx
 
-        weight = self.weight
-        key = (weight.data_ptr(), _version(weight), weight.dtype)
-        storage = weight.untyped_storage()  # (weight.data = ... keeps the version; the address may come back)
-        if self._mx_weight is None or self._mx_weight[0] != key or self._mx_weight[1]() is not storage:
+        weight, cfg = self.weight, self.mx_config
+        key = _key(weight, ("mx", cfg))
+        item = _cached(weight, key[:-1])
+        if item is None or item[0] != key:
             with torch.no_grad():
-                cfg = self.mx_config
-                self._mx_weight = (key, weakref.ref(storage),
-                                   _mx(_bf(weight.detach(), cfg), cfg.weight, -1, cfg).contiguous())
-            _slot(weight, True)  # (marked as a tensor ftattn keeps state for: linear._after_step)
-        return self._mx_weight[2]
+                item = (key, _mx(_bf(weight.detach(), cfg), cfg.weight, -1, cfg).contiguous())
+            _store(weight, key[:-1], item)
+        return item[1]
 
     def _mx_forward(self, x: torch.Tensor, fault):
         """MXLinear's forward (ftattn/mx/linear.py) with the product checked."""
@@ -181,11 +180,9 @@ class ProtectedLinear(torch.nn.Module):
         _LAYERS[self._layer_id] = self
 
     def __getstate__(self):
-        # (the plan and an MX layer's quantized weight are caches of this process: not pickled,
-        # nor deep-copied)
+        # (the plan is a cache of this process's call: not pickled, nor deep-copied)
         state = super().__getstate__()
         state["_plan"] = None
-        state["_mx_weight"] = None
         return state
 
     def __setstate__(self, state):
