@@ -107,16 +107,20 @@ at::Tensor product_f32(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({T, R}, a.options());
   if (T == 0 || R == 0) return out;
   if (K == 0) return out.zero_();
-  const at::Tensor ac = a.is_contiguous() ? a : a.contiguous();
+  // a row-major, or column-major as it is (a transposed view: the backward's dY^T)
+  const bool a_cols = !a.is_contiguous() && a.stride(0) == 1 && a.stride(1) >= T && a.stride(1) < INT_MAX;
+  const at::Tensor ac = a.is_contiguous() || a_cols ? a : a.contiguous();
+  const int64_t lda = a_cols ? a.stride(1) : K;
   if (b.stride(1) == 1 && b.stride(0) >= K && b.stride(0) < INT_MAX) {
-    gemm_rm(false, true, false, T, R, K, ac.data_ptr<float>(), K, b.data_ptr<float>(), b.stride(0),
+    gemm_rm(a_cols, true, false, T, R, K, ac.data_ptr<float>(), lda, b.data_ptr<float>(), b.stride(0),
             out.data_ptr<float>(), R);
   } else if (b.stride(0) == 1 && b.stride(1) >= R && b.stride(1) < INT_MAX) {  // b^T contiguous (a Conv1D weight)
-    gemm_rm(false, false, false, T, R, K, ac.data_ptr<float>(), K, b.data_ptr<float>(), b.stride(1),
+    gemm_rm(a_cols, false, false, T, R, K, ac.data_ptr<float>(), lda, b.data_ptr<float>(), b.stride(1),
             out.data_ptr<float>(), R);
   } else {
     const at::Tensor bc = b.contiguous();
-    gemm_rm(false, true, false, T, R, K, ac.data_ptr<float>(), K, bc.data_ptr<float>(), K, out.data_ptr<float>(), R);
+    gemm_rm(a_cols, true, false, T, R, K, ac.data_ptr<float>(), lda, bc.data_ptr<float>(), K,
+            out.data_ptr<float>(), R);
   }
   return out;
 }
@@ -628,6 +632,136 @@ void rows_refs_any(const at::Tensor& x, int64_t i0, int64_t i1, const double* w,
   }
 }
 
+// The references of rows of x given column-major, x = A^T for A [K, ld] row-major (x_i the
+// i-th column of A: the backward's dW = dY^T X, whose x is dY^T), without the transposed copy
+// of x that the row kernels need (0.2 ms of dW's 1.85 at dY [256, 1024] fp32, measured): the
+// L rows i .. i + L - 1 in the lanes of one vector, input feature t their L contiguous values
+// in row t of A, times a broadcast of each checksum column's wsum / magc at t. The same sums
+// as row_refs (ref in fp64 of exact products, mag in fp32 of (x_i / scale_i)^2, scale_i the
+// power of two of row_inv), in another order: per lane over t, chunks of kRefsChunk summed
+// apart and their totals added in turn (fixed by K: the same bits at any thread count).
+// G columns per pass over the chunk (3 G accumulators: 24 of 32 registers on 16 lanes).
+template <int G, typename V, typename In>
+FTATTN_VEC_INLINE void cols_refs_group(const In* __restrict a, int64_t ld, int64_t K, V inv,
+                                       const double* __restrict wsum, const float* __restrict magc,
+                                       double* __restrict ref_t, float* __restrict mag_t) {
+  using namespace vec;
+  constexpr int64_t L = Lanes<V>;
+  for (int64_t t0 = 0; t0 < K; t0 += kRefsChunk) {
+    const int64_t t1 = std::min(K, t0 + kRefsChunk);
+    d8 r0[G], r1[G];
+    V q[G];
+    for (int g = 0; g < G; ++g) r0[g] = r1[g] = d8{}, q[g] = V{};
+    for (int64_t t = t0; t < t1; ++t) {
+      const V v = load_in<V>(a + t * ld), vs = v * inv, v2 = vs * vs;
+      d8 lo, hi;
+      if constexpr (L == 16)
+        halves(__builtin_convertvector(v, d16), lo, hi);
+      else
+        lo = __builtin_convertvector(v, d8), hi = d8{};
+      for (int g = 0; g < G; ++g) {
+        const double w = wsum[g * K + t];
+        r0[g] += lo * w;
+        if constexpr (L == 16) r1[g] += hi * w;
+        q[g] += v2 * magc[g * K + t];
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      alignas(64) double rl[16];
+      alignas(64) float ql[16];
+      std::memcpy(rl, &r0[g], sizeof(d8));
+      std::memcpy(rl + 8, &r1[g], sizeof(d8));
+      std::memcpy(ql, &q[g], sizeof(V));
+      for (int64_t l = 0; l < L; ++l) ref_t[g * L + l] += rl[l], mag_t[g * L + l] += ql[l];
+    }
+  }
+}
+template <typename V, typename In>
+FTATTN_VEC_INLINE void cols_refs(const In* __restrict x, int64_t ld, int64_t K, int64_t i0, int64_t i1,
+                                 const double* __restrict wsum, const float* __restrict magc, int64_t nc,
+                                 double* __restrict ref, float* __restrict mag, float* __restrict scale) {
+  using namespace vec;
+  constexpr int64_t L = Lanes<V>;
+  constexpr int G = L == 16 ? 8 : 4;
+  static thread_local std::vector<In> pad;  // a last group of fewer than L rows, zero-padded [K, L]
+  alignas(64) double ref_t[G * 16];
+  alignas(64) float mag_t[G * 16], inv_l[16];
+  for (int64_t i = i0; i < i1; i += L) {
+    const int64_t n = std::min(L, i1 - i);
+    const In* a = x + i;
+    int64_t lda = ld;
+    if (n < L) {
+      pad.assign(static_cast<size_t>(K * L), In{});
+      for (int64_t t = 0; t < K; ++t)
+        for (int64_t l = 0; l < n; ++l) pad[t * L + l] = x[t * ld + i + l];
+      a = pad.data(), lda = L;
+    }
+    // row_inv's scale per lane: the largest |x_it| over t (NaN skipped)
+    V m = V{};
+    for (int64_t t = 0; t < K; ++t) {
+      const V v = vec::abs(load_in<V>(a + t * lda));
+      m = v > m ? v : m;
+    }
+    std::memcpy(inv_l, &m, sizeof(V));
+    for (int64_t l = 0; l < L; ++l) {
+      int e = 0;
+      std::frexp(inv_l[l], &e);
+      inv_l[l] = (inv_l[l] > 0.f && std::isfinite(inv_l[l])) ? std::ldexp(1.f, std::min(1 - e, 127)) : 1.f;
+      if (l < n) scale[i + l] = 1.f / inv_l[l];
+    }
+    V inv;
+    std::memcpy(&inv, inv_l, sizeof(V));
+    const auto emit = [&](int64_t c, int g_n) {
+      for (int g = 0; g < g_n; ++g)
+        for (int64_t l = 0; l < n; ++l)
+          ref[(i + l) * nc + c + g] = ref_t[g * L + l], mag[(i + l) * nc + c + g] = mag_t[g * L + l];
+    };
+    int64_t c = 0;
+    for (; c + G <= nc; c += G) {
+      std::fill(ref_t, ref_t + G * L, 0.0);
+      std::fill(mag_t, mag_t + G * L, 0.f);
+      cols_refs_group<G, V>(a, lda, K, inv, wsum + c * K, magc + c * K, ref_t, mag_t);
+      emit(c, G);
+    }
+    for (; c + 2 <= nc; c += 2) {  // (nc = 2 nb: even)
+      std::fill(ref_t, ref_t + 2 * L, 0.0);
+      std::fill(mag_t, mag_t + 2 * L, 0.f);
+      cols_refs_group<2, V>(a, lda, K, inv, wsum + c * K, magc + c * K, ref_t, mag_t);
+      emit(c, 2);
+    }
+  }
+}
+FTATTN_CLONES void cols_refs_f(const float* x, int64_t ld, int64_t K, int64_t i0, int64_t i1, const double* w,
+                              const float* m, int64_t nc, double* r, float* q, float* scale) {
+  if (wide_vectors())
+    cols_refs<vec::f16>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
+  else
+    cols_refs<vec::f8>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
+}
+FTATTN_CLONES void cols_refs_b(const uint16_t* x, int64_t ld, int64_t K, int64_t i0, int64_t i1, const double* w,
+                              const float* m, int64_t nc, double* r, float* q, float* scale) {
+  if (wide_vectors())
+    cols_refs<vec::f16>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
+  else
+    cols_refs<vec::f8>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
+}
+// x [T, K] column-major (stride (1, ld)), fp32 or bf16: every row's references, rows in
+// parallel, L at a time (cols_refs).
+void cols_refs_any(const at::Tensor& x, const double* w, const float* m, int64_t nc, double* ref, float* mag,
+                   float* scale) {
+  const int64_t T = x.size(0), K = x.size(1), ld = x.stride(1), L = vector_lanes();
+  const int64_t groups = (T + L - 1) / L;
+  at::parallel_for(0, groups, std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(K * nc, 1)),
+                   [&](int64_t g0, int64_t g1) {
+                     const int64_t i0 = g0 * L, i1 = std::min(T, g1 * L);
+                     if (x.scalar_type() == at::kBFloat16)
+                       cols_refs_b(reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), ld, K, i0,
+                                   i1, w, m, nc, ref, mag, scale);
+                     else
+                       cols_refs_f(x.const_data_ptr<float>(), ld, K, i0, i1, w, m, nc, ref, mag, scale);
+                   });
+}
+
 // x_i^2 / scale_i^2 into x2 (float, or bfloat16 bits), the scales into scale; rows in parallel.
 template <typename In, typename Out>
 void scaled_squares(const In* x, int64_t T, int64_t K, Out* x2, float* scale) {
@@ -774,7 +908,18 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   // (each ATen call below is a dispatch of ~0.3 us: a decode step's GEMV is tens of us, so
   // the common case, 2-D contiguous fp32 operands, makes none it does not need)
   const auto contiguous = [](const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };
-  const at::Tensor xc = contiguous(x.dim() == 2 ? x : x.reshape({T, K}));
+  const int64_t nblk = (T + kReportBlockM - 1) / kReportBlockM;
+  const bool checkable = checked && T > 0 && out > 0 && K > 0;  // (K = 0: y is the bias, exactly)
+  const bool split = checkable && ref_cols->scalar_type() != at::kDouble;
+  // fp64 checksums: per row without a GEMM (16-bit x, or few blocks); else skinny GEMMs
+  // through the library (fp32 x and many blocks: fp64; the bf16 hi + mid + lo parts: the bf16 GEMM)
+  const bool fused =
+      checkable && !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks || nblk < at::get_num_threads());
+  // fp32 x column-major (a transposed view: the backward's dY^T) read as it is where the
+  // references are made per row (cols_refs) or none are: the product takes it transposed
+  const bool x_cols = st == at::kFloat && x.dim() == 2 && T > 1 && K > 1 && x.stride(0) == 1 && x.stride(1) >= T &&
+                      x.stride(1) < INT_MAX && (!checkable || fused);
+  const at::Tensor xc = x_cols ? x : contiguous(x.dim() == 2 ? x : x.reshape({T, K}));
   // the weight as this call's product reads it: a weight fault hits the value read
   at::Tensor w_read = weight;
   if (f.active && f.site == kWeight) {
@@ -784,13 +929,6 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
       w_read[f.row][d] = corrupt(w, f.bit, f.value);
     }
   }
-  const int64_t nblk = (T + kReportBlockM - 1) / kReportBlockM;
-  const bool checkable = checked && T > 0 && out > 0 && K > 0;  // (K = 0: y is the bias, exactly)
-  const bool split = checkable && ref_cols->scalar_type() != at::kDouble;
-  // fp64 checksums: per row without a GEMM (16-bit x, or few blocks); else skinny GEMMs
-  // through the library (fp32 x and many blocks: fp64; the bf16 hi + mid + lo parts: the bf16 GEMM)
-  const bool fused =
-      checkable && !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks || nblk < at::get_num_threads());
   at::Tensor acc = product(xc, w_read);
   if (f.active && f.site == kGemm) {
     float* p = acc.data_ptr<float>() + f.row * out;
@@ -862,7 +1000,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                 // code adds in)
                 static_cast<double>((block_o + lanes - 1) / lanes + 1) * kU32 * (1.0 + 0x1p-20),
                 wts.data()};
-    if (fused && nblk < at::get_num_threads()) {
+    if (x_cols) {
+      cols_refs_any(xc, wc.data_ptr<double>(), mc.data_ptr<float>(), nc, refp, magp, sc);
+    } else if (fused && nblk < at::get_num_threads()) {
       // fewer report blocks than threads (T <= 64 on 2 threads): the references first, in
       // parallel, or one thread would make them all: over rows, or for a few rows (decode,
       // T = 1) and more than kRowRefsColumns columns over pairs of checksum columns (each streams 12 bytes per column and input

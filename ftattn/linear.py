@@ -785,7 +785,9 @@ def _linear_impl(x, weight, bias, protection, on_fault, fault, backend, return_r
         backend = _resolve(backend, x.device)
     fault_list, fault_value = fault.encode() if fault is not None else (None, None)
     sums = weight_checksums(weight, cache=cache) if prot >= Protection.ABFT and backend != "meta" else None
-    args = (x2 if x2.is_contiguous() else x2.contiguous(), weight, bias, sums.ref_cols if sums else None,
+    # (the C++ kernel reads a column-major x as it is: the backward's dY^T, not copied)
+    x2 = x2 if x2.is_contiguous() or (backend == "cpp" and x2.stride(0) == 1) else x2.contiguous()
+    args = (x2, weight, bias, sums.ref_cols if sums else None,
             sums.mag_cols if sums else None, sums.block_o if sums else BLOCK_O, int(prot), False, fault_list,
             fault_value)
     if backend == "meta":

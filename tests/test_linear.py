@@ -374,6 +374,49 @@ def test_per_row_refs_in_every_layout(dtype, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_row_refs_of_a_column_major_x(dtype, threads):
+    """x given column-major (a transposed view, as the backward's dY^T): the fp32 C++ kernel
+    reads it as it is (csrc/linear_cpu.cpp cols_refs: 16 or 8 rows in a vector's lanes, a
+    last group short of it padded, checksum columns 8 / 4 at a time then 2, input features
+    in chunks of 256); other dtypes and layouts copy it. Over T 2..130, K short of, at and
+    past a chunk, nb 2 / 8 / 17, on the op's raw flags: y within twice torch's error, clean
+    calls (an outlier input channel) set no flag, a harmful change of one accumulator in the
+    first, a middle and the last row fails its block's check, and a NaN in x is reported as
+    non-finite input."""
+    fwd = torch.ops.ftattn.linear_fwd.default
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in (2, 15, 17, 130):
+            for k in (2, 255, 257, 600):
+                for out in (200, 1000, 2100):
+                    x, w, _ = _data((t,), k, out, dtype, bias=False, seed=t + k + out)
+                    x = x.t().contiguous().t()  # [t, k], column-major
+                    x[:, 3 % k] *= 40.0  # an outlier input channel
+                    sums = weight_checksums(w)
+                    args = (x, w, None, sums.ref_cols, sums.mag_cols, sums.block_o, 1, False)
+                    y, flags = fwd(*args, None, None)
+                    assert int(flags.abs().sum()) == 0, (t, k, out, flags)
+                    ref = _reference(x, w, None)
+                    err = (y.double() - ref).abs().max().item()
+                    err_torch = (F.linear(x, w).double() - ref).abs().max().item()
+                    assert err <= 2 * err_torch + ULP[dtype] * max(1.0, ref.abs().max().item()), (t, k, out)
+                    for row, col in ((0, out - 1), (t // 2, 0), (t - 1, out - 1)):
+                        delta = 2 * TAU[dtype] * max(1.0, y[row].double().abs().max().item())
+                        f = Fault("gemm", row=row, col=col, value=float(y[row, col]) + delta)
+                        _, flags = fwd(*args, *f.encode())
+                        assert int(flags.reshape(-1)[row // 64]) & int(ftattn.Check.GEMM_ROW_CHECKSUM), \
+                            (t, k, out, row, col, flags)
+                    bad = x.clone()  # (column-major too)
+                    bad[t - 1, k - 1] = float("nan")
+                    _, flags = fwd(bad, *args[1:], None, None)
+                    assert int(flags.reshape(-1)[(t - 1) // 64]) & int(ftattn.Check.NONFINITE_INPUT), (t, k, out)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reference_backend_agrees(dtype):
     x, w, b = _data((29,), 97, 200, dtype, seed=3)
