@@ -146,7 +146,9 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({T, R}, a.options().dtype(at::kFloat));
   if (T == 0 || R == 0) return out;
   if (K == 0) return out.zero_();
-  const at::Tensor ac = a.is_contiguous() ? a : a.contiguous();
+  // a row-major, or column-major as it is (the backward's dY^T)
+  const bool a_cols = !a.is_contiguous() && a.stride(0) == 1 && a.stride(1) >= T && a.stride(1) < INT_MAX;
+  const at::Tensor ac = a.is_contiguous() || a_cols ? a : a.contiguous();
   at::Tensor bc = b;
   int transb = kTrans, ldb = static_cast<int>(K);
   if (b.stride(1) == 1 && b.stride(0) >= K && b.stride(0) < INT_MAX) {
@@ -156,8 +158,9 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   } else {
     bc = b.contiguous();
   }
-  fn(kRowMajor, kNoTrans, transb, static_cast<int>(T), static_cast<int>(R), static_cast<int>(K), 1.f,
-     static_cast<const uint16_t*>(ac.data_ptr()), static_cast<int>(K), static_cast<const uint16_t*>(bc.data_ptr()),
+  fn(kRowMajor, a_cols ? kTrans : kNoTrans, transb, static_cast<int>(T), static_cast<int>(R), static_cast<int>(K), 1.f,
+     static_cast<const uint16_t*>(ac.data_ptr()), static_cast<int>(a_cols ? a.stride(1) : K),
+     static_cast<const uint16_t*>(bc.data_ptr()),
      ldb, 0.f, out.data_ptr<float>(), static_cast<int>(R));
   return out;
 }
@@ -915,9 +918,10 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   // through the library (fp32 x and many blocks: fp64; the bf16 hi + mid + lo parts: the bf16 GEMM)
   const bool fused =
       checkable && !split && mag_cols->scalar_type() == at::kFloat && (st != at::kFloat || nb <= kFusedBlocks || nblk < at::get_num_threads());
-  // fp32 x column-major (a transposed view: the backward's dY^T) read as it is where the
-  // references are made per row (cols_refs) or none are: the product takes it transposed
-  const bool x_cols = st == at::kFloat && x.dim() == 2 && T > 1 && K > 1 && x.stride(0) == 1 && x.stride(1) >= T &&
+  // fp32 or bf16 x column-major (a transposed view: the backward's dY^T) read as it is where
+  // the references are made per row (cols_refs) or none are: the product takes it transposed
+  // (sgemm, MKL's bf16 GEMM; brgemm copies it)
+  const bool x_cols = (st == at::kFloat || st == at::kBFloat16) && x.dim() == 2 && T > 1 && K > 1 && x.stride(0) == 1 && x.stride(1) >= T &&
                       x.stride(1) < INT_MAX && (!checkable || fused);
   const at::Tensor xc = x_cols ? x : contiguous(x.dim() == 2 ? x : x.reshape({T, K}));
   // the weight as this call's product reads it: a weight fault hits the value read

@@ -377,10 +377,11 @@ def test_per_row_refs_in_every_layout(dtype, threads):
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_per_row_refs_of_a_column_major_x(dtype, threads):
-    """x given column-major (a transposed view, as the backward's dY^T): the fp32 C++ kernel
-    reads it as it is (csrc/linear_cpu.cpp cols_refs: 16 or 8 rows in a vector's lanes, a
-    last group short of it padded, checksum columns 8 / 4 at a time then 2, input features
-    in chunks of 256); other dtypes and layouts copy it. Over T 2..130, K short of, at and
+    """x given column-major (a transposed view, as the backward's dY^T): the fp32 and bf16 C++
+    kernel reads it as it is (csrc/linear_cpu.cpp cols_refs: 16 or 8 rows in a vector's
+    lanes, a last group short of it padded, checksum columns 8 / 4 at a time then 2, input
+    features in chunks of 256; the product transposed on sgemm / MKL's bf16 GEMM, brgemm's
+    copied); fp16 and the bf16 checksum parts copy it. Over T 2..130, K short of, at and
     past a chunk, nb 2 / 8 / 17, on the op's raw flags: y within twice torch's error, clean
     calls (an outlier input channel) set no flag, a harmful change of one accumulator in the
     first, a middle and the last row fails its block's check, and a NaN in x is reported as
