@@ -108,8 +108,9 @@ TORCH_LIBRARY(ftattn, m) {
   m.def("protected_linear_grad_x(Tensor grad_y, Tensor weight, int layer, int in_features) -> Tensor");
   m.def("protected_linear_grad_w(Tensor grad_y, Tensor x, Tensor weight, int layer) -> Tensor");
   // A weight's checksums in one pass (ftattn/linear.py _block_sums): (sums, squares [2 nb, in],
-  // row_sums [out]), fp64. CPU: csrc/linear_cpu.cpp.
-  m.def("weight_block_sums(Tensor weight, int block_o) -> (Tensor, Tensor, Tensor)");
+  // row_sums [out], or [0] without row_sums: an operand used once, whose weights are not
+  // scrubbed), fp64. CPU: csrc/linear_cpu.cpp.
+  m.def("weight_block_sums(Tensor weight, int block_o, bool row_sums=True) -> (Tensor, Tensor, Tensor)");
   // MX (microscaling) quantize (fake quantization): x [outer, K, inner] float32, blocks of
   // block_size along K; returns (values, scale_e8m0 [outer, ceil(K / block_size), inner]).
   // Element format as microxcaling's (ebits, mbits, emax, max_norm); rounding

@@ -77,8 +77,8 @@ def check_factor(k: int, split: bool, block_o: int = 128) -> float:
 @dataclasses.dataclass
 class WeightChecksums:
     """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
-    ``row_sums`` [out] fp64 (W e, for scrub_weights), and what the kernel reads, per
-    checksum column c of 2 nb (the nb plain block sums, then the nb weighted ones, W^T w_b):
+    ``row_sums`` [out] fp64 (W e, for scrub_weights; None when made with cache=False), and
+    what the kernel reads, per checksum column c of 2 nb (the nb plain block sums, then the nb weighted ones, W^T w_b):
     ``ref_cols`` (the fp64 checksums [2 nb, in], the references then made in fp64; or, for a
     bf16 weight of more than FUSED_BLOCKS blocks, bf16 hi + mid + lo parts [3 x 2 nb, in] for
     the bf16 GEMM) and ``mag_cols`` [2 nb, in] (the magnitudes of the bounds: sum_{o in b}
@@ -88,7 +88,7 @@ class WeightChecksums:
     key: tuple
     block_o: int
     sums: torch.Tensor
-    row_sums: torch.Tensor
+    row_sums: Optional[torch.Tensor]
     ref_cols: torch.Tensor
     mag_cols: torch.Tensor
 
@@ -288,29 +288,29 @@ def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tenso
 _ONE_PASS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _block_sums(weight: torch.Tensor, block_o: int, sums_only: bool = False) \
+def _block_sums(weight: torch.Tensor, block_o: int, sums_only: bool = False, row_sums: bool = True) \
         -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(the checksums [2 nb, in]: W^T e_b, then W^T w_b; their magnitudes [2 nb, in]: sum_{o in b}
-    W_o^2, then sum_{o in b} w_o^2 W_o^2; W e [out]), fp64, a chunk of rows at a time (w_o W_o
-    exact in fp64: 24 + 24 bits); ``sums_only``: (W^T e_b [nb, in], None, None), the same
-    bits (the check of a weight's integrity in _settle: half the time, 60 ms against 117 at
-    [4096, 4096] on this Xeon)."""
+    W_o^2, then sum_{o in b} w_o^2 W_o^2; W e [out], or None without ``row_sums``), fp64, a
+    chunk of rows at a time (w_o W_o exact in fp64: 24 + 24 bits); ``sums_only``: (W^T e_b
+    [nb, in], None, None), the same bits (the check of a weight's integrity in _settle: half
+    the time, 60 ms against 117 at [4096, 4096] on this Xeon)."""
     out, k = weight.shape
     nb = -(-out // block_o)
     if weight.device.type == "cpu" and weight.dtype in _ONE_PASS_DTYPES and \
             backends.extension_reason(weight.device, "weight_block_sums") is None:
         # the C++ op: one read of W, fp64 accumulators (csrc/linear_cpu.cpp weight_block_sums_cpu;
         # the torch passes below took 3.1 ms a call for the backward's X^T at x [512, 1536] bf16)
-        sums, squares, row_sums = torch.ops.ftattn.weight_block_sums(weight, block_o)
-        return (sums[:nb], None, None) if sums_only else (sums, squares, row_sums)
+        sums, squares, rs = torch.ops.ftattn.weight_block_sums(weight, block_o, row_sums and not sums_only)
+        return (sums[:nb], None, None) if sums_only else (sums, squares, rs if row_sums else None)
     sums = torch.zeros(nb if sums_only else 2 * nb, k, dtype=torch.float64, device=weight.device)
     squares = None if sums_only else torch.zeros_like(sums)
-    row_sums = None if sums_only else torch.empty(out, dtype=torch.float64, device=weight.device)
+    row_sums = None if sums_only or not row_sums else torch.empty(out, dtype=torch.float64, device=weight.device)
     wts = None if sums_only else checksum_weights(block_o, weight.device)[None, :, None]
     rows_per_chunk = block_o * max(1, (1 << 22) // max(1, block_o * k))
     for o0 in range(0, out, rows_per_chunk):
         w = weight[o0:o0 + rows_per_chunk].to(torch.float64)
-        if not sums_only:
+        if row_sums is not None:
             row_sums[o0:o0 + w.shape[0]] = w.sum(1)
         blocks = torch.arange(o0 // block_o, o0 // block_o + -(-w.shape[0] // block_o), device=weight.device)
         pad = blocks.numel() * block_o - w.shape[0]
@@ -362,7 +362,8 @@ def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> Weight
             _remember(weight, entry)
         return entry
     with torch.no_grad():
-        sums, squares, row_sums = _block_sums(weight.detach(), block_o)
+        # (row sums for scrub_weights: not of an operand used once)
+        sums, squares, row_sums = _block_sums(weight.detach(), block_o, row_sums=cache)
         nb = sums.shape[0] // 2
         if weight.dtype == torch.bfloat16 and nb > FUSED_BLOCKS:
             # many blocks: the references run on the bf16 GEMM, the checksums as hi + mid + lo
@@ -404,10 +405,10 @@ def _linear_fake(x, weight, bias=None):
 
 
 @torch.library.register_fake("ftattn::weight_block_sums")
-def _weight_block_sums_fake(weight, block_o):
+def _weight_block_sums_fake(weight, block_o, row_sums=True):
     nb = -(-weight.shape[0] // block_o)
     new = lambda *shape: weight.new_empty(shape, dtype=torch.float64)  # noqa: E731
-    return new(2 * nb, weight.shape[1]), new(2 * nb, weight.shape[1]), new(weight.shape[0])
+    return new(2 * nb, weight.shape[1]), new(2 * nb, weight.shape[1]), new(weight.shape[0] if row_sums else 0)
 
 
 @torch.library.register_fake("ftattn::linear_eager")

@@ -1008,8 +1008,8 @@ def test_weight_block_sums_op_equals_the_torch_passes(dtype, layout, out, k, blo
     per-call checksums of X^T took 3.1 ms of a 9.8 ms checked forward + backward in seven torch
     passes) against those passes in fp64 (sums, squares, row sums: within fp64 rounding of the
     terms' magnitudes), W in memory by rows, by columns (X^T) or strided; sums_only the very
-    bits of the full call's first nb rows (the weight's integrity check compares them); and
-    opcheck (the fake kernel)."""
+    bits of the full call's first nb rows (the weight's integrity check compares them); without
+    row sums (cache=False) the same others; and opcheck (the fake kernel)."""
     mod = sys.modules["ftattn.linear"]
     g = torch.Generator().manual_seed(out * 31 + k)
     base = torch.randn(out, 2 * k, generator=g) * 3
@@ -1028,7 +1028,14 @@ def test_weight_block_sums_op_equals_the_torch_passes(dtype, layout, out, k, blo
         assert bool(((a - b).abs() <= 1e-14 * m + 1e-300).all())
     sums_only = mod._block_sums(w, block_o, sums_only=True)[0]
     assert torch.equal(sums_only, got[0][:nb]) and torch.equal(mod._block_sums(w, block_o)[0], got[0])
+    # without the row sums (an operand used once: checksums with cache=False) the same sums and
+    # squares, and no row sums
+    no_rows = torch.ops.ftattn.weight_block_sums(w, block_o, False)
+    assert torch.equal(no_rows[0], got[0]) and torch.equal(no_rows[1], got[1]) and no_rows[2].shape == (0,)
+    assert mod.weight_checksums(w, block_o, cache=False).row_sums is None
+    assert torch.equal(mod.weight_checksums(w.clone(), block_o).row_sums, got[2])
     torch.library.opcheck(torch.ops.ftattn.weight_block_sums.default, (w, block_o))
+    torch.library.opcheck(torch.ops.ftattn.weight_block_sums.default, (w, block_o, False))
 
 
 def test_weight_block_sums_op_bad_input():
