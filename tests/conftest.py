@@ -17,6 +17,12 @@ _checkout = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_checkout)
 _checkout.unshadow_kernels()
 os.environ["PYTHONSAFEPATH"] = "1"
+# OpenMP threads that wait by sleeping, not spinning: the suite's processes share the cores
+# (the xdist workers, and the processes tests start: the ISA grids, Ray workers, the CLI),
+# and libgomp's spinning waits took the cores from the process beside them (the x86-64-v4
+# grid of tests/test_isa_builds.py beside one busy single-thread process: 71 s, passive 34 s,
+# measured on the 2-core CI-sized machine). libgomp reads it when it loads: before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
