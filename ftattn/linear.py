@@ -233,6 +233,8 @@ def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tenso
     data, with the weight intact), else UNCORRECTED. The first product is kept under
     "report" and "raise"."""
     flat = flags.reshape(-1)
+    if sums is None or not bool(flat.any()):  # (a clean call: one op instead of six, ~50 us)
+        return y, flags
     failed = (flat & int(Check.GEMM_ROW_CHECKSUM)) != 0
     blind = ((flat & int(Check.BLIND)) != 0) & ~failed
     if sums is None or not bool((failed | blind).any()):
