@@ -734,19 +734,21 @@ FTATTN_VEC_INLINE void cols_refs(const In* __restrict x, int64_t ld, int64_t K, 
     }
   }
 }
-FTATTN_CLONES void cols_refs_f(const float* x, int64_t ld, int64_t K, int64_t i0, int64_t i1, const double* w,
-                              const float* m, int64_t nc, double* r, float* q, float* scale) {
+template <typename In>
+FTATTN_VEC_INLINE void cols_refs_lanes(const In* x, int64_t ld, int64_t K, int64_t i0, int64_t i1, const double* w,
+                                       const float* m, int64_t nc, double* r, float* q, float* scale) {
   if (wide_vectors())
     cols_refs<vec::f16>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
   else
     cols_refs<vec::f8>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
 }
+FTATTN_CLONES void cols_refs_f(const float* x, int64_t ld, int64_t K, int64_t i0, int64_t i1, const double* w,
+                              const float* m, int64_t nc, double* r, float* q, float* scale) {
+  cols_refs_lanes(x, ld, K, i0, i1, w, m, nc, r, q, scale);
+}
 FTATTN_CLONES void cols_refs_b(const uint16_t* x, int64_t ld, int64_t K, int64_t i0, int64_t i1, const double* w,
                               const float* m, int64_t nc, double* r, float* q, float* scale) {
-  if (wide_vectors())
-    cols_refs<vec::f16>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
-  else
-    cols_refs<vec::f8>(x, ld, K, i0, i1, w, m, nc, r, q, scale);
+  cols_refs_lanes(x, ld, K, i0, i1, w, m, nc, r, q, scale);
 }
 // x [T, K] column-major (stride (1, ld)), fp32 or bf16: every row's references, rows in
 // parallel, L at a time (cols_refs).
