@@ -510,15 +510,18 @@ def scrub_weights(model: torch.nn.Module) -> List[dict]:
     """Verify every protected weight against its cached checksums (per row: W e, per
     block of output features: W^T e_b) and repair a single corrupted element per block
     from them. Returns one dict per repaired element (module, row, col, old, new); raises
-    WeightCorruptionError naming the module when a weight holds more than it can repair."""
+    WeightCorruptionError naming the module when a weight holds more than it can repair.
+    A weight that is an inference tensor (made under torch.inference_mode()) is not
+    verified: it has no version counter, so checksums kept for it cannot tell an update in
+    place from a corruption (checksums made anew would only agree with themselves)."""
     repaired = []
     for name, module in model.named_modules():
         if not isinstance(module, ProtectedLinear):
             continue
         w = module._weight()
-        # the cached checksums (made now when none are); an inference tensor's made anew (it
-        # has no version counter: an update in place would read as corruption)
-        sums = weight_checksums(w, cache=not w.is_inference())
+        if w.is_inference():
+            continue
+        sums = weight_checksums(w)  # the cached checksums (made now when none are)
         with torch.no_grad():
             wd = w.detach().to(torch.float64)
             tol = 64 * 2.0**-52 * wd.abs().sum(1) + 1e-300

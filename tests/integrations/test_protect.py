@@ -156,6 +156,18 @@ def test_scrub_weights_repairs_a_corrupted_element():
         ftattn.scrub_weights(model)
 
 
+def test_scrub_weights_of_inference_tensors_is_a_no_op():
+    """Weights made under torch.inference_mode() (no version counter) are not verified: no
+    error, nothing repaired (found by review: checksums made with cache=False have no row
+    sums since 6f93869, and scrub_weights raised a TypeError on them)."""
+    with torch.inference_mode():
+        model = torch.nn.Sequential(torch.nn.Linear(40, 300), torch.nn.ReLU(), torch.nn.Linear(300, 7))
+    ftattn.protect_(model)
+    with torch.inference_mode():
+        model(torch.randn(5, 40))
+    assert ftattn.scrub_weights(model) == []
+
+
 def test_counts_of_the_eager_fast_path():
     """Inference calls (no gradient, no fault) take the fast path: the counts are those of
     the flags, per block of 64 rows, and on_fault="raise" raises there too."""
