@@ -190,6 +190,11 @@ class ProtectedLinear(torch.nn.Module):
         self._register()  # (a copy or an unpickled layer is another layer: its own id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            raise NotImplementedError(
+                f"ftattn.protect_: a protected linear layer does not run under torch.autocast yet (its "
+                f"{self.weight.dtype} weight would be cast for every call, and its checksums with it). Run the "
+                f"model in one dtype instead (model.to(torch.bfloat16) before protect_), or leave autocast off")
         params = self._parameters  # (read once: Module.__getattr__ costs per name; a bias of
         # None or a weight that is not a Parameter is an attribute instead)
         weight = params["weight"] if "weight" in params else self.weight
@@ -411,9 +416,14 @@ def protect_(
     except ValueError:
         raise ValueError(f"on_fault={on_fault!r} is not supported; use 'correct', 'raise' or 'report'") from None
     swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    made: dict = {}  # id(original) -> its ProtectedLinear: a module used at several places gets one
     if linear:
         for name, module in list(model.named_modules()):
-            for child_name, child in list(module.named_children()):
+            # (every entry, not named_children(), which lists a module used twice in one parent
+            # once: its second place ran unchecked, found by review)
+            for child_name, child in list(module._modules.items()):
+                if child is None:
+                    continue
                 full = f"{name}.{child_name}" if name else child_name
                 if filter_fn is not None and not filter_fn(full, child):
                     continue
@@ -428,7 +438,9 @@ def protect_(
                     raise ValueError(
                         f"{full} is a {type(child).__name__} (a Linear subclass with its own forward): protect_ "
                         f"would drop what it adds. Pass filter_fn to leave it out")
-                setattr(module, child_name, ProtectedLinear(child, protection, on_fault))
+                if id(child) not in made:
+                    made[id(child)] = ProtectedLinear(child, protection, on_fault)
+                setattr(module, child_name, made[id(child)])
                 swapped.append((module, child_name, child))
     previous_attn = None
     config = getattr(model, "config", None)
@@ -461,6 +473,15 @@ def unprotect_(model: torch.nn.Module) -> torch.nn.Module:
     if state is None:
         raise ValueError(f"{type(model).__name__} is not protected (ftattn.protect_ was not called on it)")
     for parent, name, original in state["swapped"]:
+        protected = parent._modules.get(name)
+        if not (isinstance(protected, ProtectedLinear) and protected.original is original):
+            continue  # (the user put another module there since: theirs stays)
+        # Parameters replaced while protected (m.weight = Parameter(...), load_state_dict(...,
+        # assign=True)) go to the original module: it came back with its old ones (found by review)
+        for attr in ("weight", "bias"):
+            now = getattr(protected, attr)
+            if now is not getattr(original, attr):
+                setattr(original, attr, now)
         setattr(parent, name, original)
     if state["attention"] is not None:
         from .integrations.transformers import unconfigure

@@ -262,16 +262,17 @@ class MXPackedLinear(torch.nn.Module):
     def _op_args(self, device: torch.device):
         """(codes, scales, table, bits, kind, block_size) for the C++ op, made once per buffers and device
         (the per-call cost of a small layer is mostly Python)."""
-        codes = self._buffers["weight_codes"]
+        codes, scales = self._buffers["weight_codes"], self._buffers["weight_scales"]
         cached = self.__dict__.get("_ftattn_op_args")
-        if cached is None or cached[0] is not codes or cached[1] != device:
+        # (both buffers: the scales alone reassigned kept the old ones, found by review)
+        if cached is None or cached[0] is not codes or cached[1] != device or cached[2][1] is not scales:
             f = get_format(self.config.weight)
             cpp = backends.resolve("mx_linear", self.config.backend, device) is backends.Backend.CPP
-            args = (codes, self._buffers["weight_scales"], decode_table(f).to(device), f.bits, _KIND.get(f.name, 0),
+            args = (codes, scales, decode_table(f).to(device), f.bits, _KIND.get(f.name, 0),
                     self.config.block_size) if cpp and codes.device == device else None
-            cached = (codes, device, args)
+            cached = (codes, device, (args, scales))
             self.__dict__["_ftattn_op_args"] = cached
-        return cached[2]
+        return cached[2][0]
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """MXLinear's forward (ftattn/mx/linear.py) with the weight read from its codes."""

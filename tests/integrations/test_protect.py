@@ -156,6 +156,59 @@ def test_scrub_weights_repairs_a_corrupted_element():
         ftattn.scrub_weights(model)
 
 
+def test_unprotect_returns_parameters_replaced_while_protected():
+    """Parameters replaced while protected (assignment, load_state_dict(assign=True)) are the
+    original modules' after unprotect_ (found by review: the old ones came back), and a module
+    the user put in a protected layer's place stays."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    ftattn.protect_(model)
+    model[0].weight = torch.nn.Parameter(torch.zeros(16, 16))
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    state["0.weight"] = torch.zeros(16, 16)
+    model.load_state_dict(state, assign=True)
+    other = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        protected_y = model(x)
+    ftattn.unprotect_(model)
+    assert type(model[0]) is torch.nn.Linear and type(model[2]) is torch.nn.Linear
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.allclose(model(x), protected_y, rtol=1e-6, atol=1e-6)
+    ftattn.protect_(model)
+    model[2] = other
+    ftattn.unprotect_(model)
+    assert model[2] is other
+
+
+def test_a_module_used_twice_is_protected_at_both_places():
+    """A Linear at two places of one parent (named_children lists it once) is protected at
+    both, by one ProtectedLinear (found by review: its second place ran unchecked)."""
+    shared = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        clean = model(x)
+    ftattn.protect_(model)
+    assert isinstance(model[0], ProtectedLinear) and model[2] is model[0]
+    with torch.no_grad():
+        assert torch.allclose(model(x), clean, rtol=1e-6, atol=1e-6)
+    assert ftattn.counters(model).per_module["0"].calls == 2
+    ftattn.unprotect_(model)
+    assert model[0] is shared and model[2] is shared
+
+
+def test_autocast_gets_a_clear_error():
+    """Under torch.autocast a protected layer refuses with what to do (before: a dtype error
+    that suggested casting x, or an fp32 product where bf16 was asked for)."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    ftattn.protect_(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(NotImplementedError, match="torch.autocast"):
+        model(torch.randn(3, 16))
+    assert model(torch.randn(3, 16)).dtype == torch.float32  # outside autocast as before
+
+
 def test_scrub_weights_of_inference_tensors_is_a_no_op():
     """Weights made under torch.inference_mode() (no version counter) are not verified: no
     error, nothing repaired (found by review: checksums made with cache=False have no row

@@ -172,6 +172,20 @@ def test_packed_model_equals_the_fake_quant_model(fmt, activation, bfloat, bias)
         assert torch.allclose(packed(torch.ones(45)), packed(torch.ones(1, 45))[0])  # 1-D input
 
 
+def test_packed_layer_follows_its_scales_reassigned_alone():
+    """A packed layer's operands for the C++ op are kept per buffers: reassigning the scales
+    alone (the codes kept) reads the new scales (found by review: the old ones stayed)."""
+    model = _mlp(True)
+    mx.quantize_(model, MXConfig(weight="fp8_e4m3", packed=True, bfloat=0))
+    layer, x = model[0], torch.randn(3, 45)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight_scales = layer.weight_scales + 1  # every block's scale doubled
+        after = layer(x)
+    want = 2 * (before - layer.bias) + layer.bias
+    assert torch.allclose(after, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("fmt", ("fp4_e2m1", "fp8_e4m3"))
 def test_bf16_panel_path_under_inference_mode_on_two_threads(fmt):
     """bfloat16 activations, more than 16 rows (the panel path), two threads, under
