@@ -418,6 +418,7 @@ def protect_(
     swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []
     made: dict = {}  # id(original) -> its ProtectedLinear: a module used at several places gets one
     if linear:
+        places = []  # every layer to swap, all checked before the first is swapped (no half-protected model)
         for name, module in list(model.named_modules()):
             # (every entry, not named_children(), which lists a module used twice in one parent
             # once: its second place ran unchecked, found by review)
@@ -434,14 +435,23 @@ def protect_(
                         f"(MXConfig(packed=False)), or leave it out with filter_fn")
                 if not _is_linear(child):
                     continue
+                dropped = _dropped_by_swap(child)
+                if dropped:
+                    raise ValueError(
+                        f"{full} has {dropped}: protect_ would drop it (the protected layer runs ftattn.linear, not "
+                        f"this module's forward). Remove it first (torch.nn.utils.prune.remove, "
+                        f"parametrize.remove_parametrizations, the hook's handle.remove()), or leave the module out "
+                        f"with filter_fn")
                 if type(child) is not torch.nn.Linear and not _is_conv1d(child) and not _is_mx(child):
                     raise ValueError(
                         f"{full} is a {type(child).__name__} (a Linear subclass with its own forward): protect_ "
                         f"would drop what it adds. Pass filter_fn to leave it out")
-                if id(child) not in made:
-                    made[id(child)] = ProtectedLinear(child, protection, on_fault)
-                setattr(module, child_name, made[id(child)])
-                swapped.append((module, child_name, child))
+                places.append((module, child_name, child))
+        for module, child_name, child in places:
+            if id(child) not in made:
+                made[id(child)] = ProtectedLinear(child, protection, on_fault)
+            setattr(module, child_name, made[id(child)])
+            swapped.append((module, child_name, child))
     previous_attn = None
     config = getattr(model, "config", None)
     if attention and config is not None and hasattr(config, "_attn_implementation"):
@@ -453,6 +463,21 @@ def protect_(
             object.__setattr__(module, "_ftattn_counts", _Tally())
     object.__setattr__(model, _PROTECT_ATTR, {"swapped": swapped, "attention": previous_attn})
     return model
+
+
+def _dropped_by_swap(module: torch.nn.Module) -> str:
+    """What a module has that its ProtectedLinear would not run ('' for nothing): hooks,
+    a parametrization, pruning or the legacy weight_norm (a pre-hook that makes the weight
+    from others: the layer kept a snapshot of it, found by review), a forward of its own."""
+    for attr, what in (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", "a forward hook"),
+                       ("_backward_pre_hooks", "a backward pre-hook"), ("_backward_hooks", "a backward hook")):
+        if getattr(module, attr, None):
+            return what
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "a parametrization"
+    if "forward" in module.__dict__:
+        return "a forward of its own (set on the object)"
+    return ""
 
 
 def _is_mx(module) -> bool:

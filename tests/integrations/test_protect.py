@@ -199,6 +199,39 @@ def test_a_module_used_twice_is_protected_at_both_places():
     assert model[0] is shared and model[2] is shared
 
 
+def test_hooks_pruning_and_parametrizations_are_refused():
+    """A Linear with a hook, pruning or legacy weight_norm (pre-hooks that make the weight),
+    a parametrization, or a forward set on it: protect_ refuses with what and how, instead of
+    dropping it (found by review: a pruned layer kept a snapshot of its masked weight)."""
+    import torch.nn.utils.parametrize as parametrize
+    from torch.nn.utils import prune
+
+    def fresh():
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+    cases = []
+    m = fresh(); m[0].register_forward_pre_hook(lambda mod, inp: None); cases.append((m, "a forward pre-hook"))
+    m = fresh(); m[0].register_forward_hook(lambda mod, inp, out: None); cases.append((m, "a forward hook"))
+    m = fresh(); m[0].register_full_backward_hook(lambda mod, gi, go: None); cases.append((m, "a backward hook"))
+    m = fresh(); prune.l1_unstructured(m[0], "weight", 0.5); cases.append((m, "a forward pre-hook"))
+    m = fresh(); torch.nn.utils.weight_norm(m[0]); cases.append((m, "a forward pre-hook"))
+
+    class Symmetric(torch.nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).t()
+
+    m = fresh(); parametrize.register_parametrization(m[0], "weight", Symmetric()); cases.append((m, "a parametrization"))
+    m = fresh(); m[0].forward = lambda x: x; cases.append((m, "a forward of its own"))
+    for model, what in cases:
+        model[0], model[2] = model[2], model[0]  # the refused layer after one that passes
+        with pytest.raises(ValueError, match=rf"^2 has {what}.*filter_fn"):
+            ftattn.protect_(model)
+        assert type(model[0]) is torch.nn.Linear  # nothing swapped: all checked first
+        model[0], model[2] = model[2], model[0]
+        ftattn.protect_(model, filter_fn=lambda name, mod: name != "0")
+        assert type(model[0]) is not ProtectedLinear and isinstance(model[2], ProtectedLinear)
+
+
 def test_autocast_gets_a_clear_error():
     """Under torch.autocast a protected layer refuses with what to do (before: a dtype error
     that suggested casting x, or an fp32 product where bf16 was asked for)."""
