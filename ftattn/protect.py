@@ -443,6 +443,14 @@ def protect_(
                         f"parametrize.remove_parametrizations, the hook's handle.remove()), or leave the module out "
                         f"with filter_fn")
                 if type(child) is not torch.nn.Linear and not _is_conv1d(child) and not _is_mx(child):
+                    if type(child).forward is torch.nn.Linear.forward:
+                        # (nn.MultiheadAttention's out_proj: its owner reads its weight and never
+                        # calls it, so a protected layer there would check nothing)
+                        raise ValueError(
+                            f"{full} is a {type(child).__name__} (a Linear subclass, whose owner "
+                            f"{type(module).__name__} may use its weight without calling it, as "
+                            f"torch.nn.MultiheadAttention does with out_proj): protect_ could not check it. Pass "
+                            f"filter_fn to leave it out")
                     raise ValueError(
                         f"{full} is a {type(child).__name__} (a Linear subclass with its own forward): protect_ "
                         f"would drop what it adds. Pass filter_fn to leave it out")

@@ -460,6 +460,14 @@ def test_protect_errors_and_filter():
     odd = torch.nn.Sequential(Scaled(4, 4))
     with pytest.raises(ValueError, match="Linear subclass with its own forward"):
         ftattn.protect_(odd)
+    # nn.MultiheadAttention's out_proj (a Linear subclass it never calls): named as such
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(ValueError, match=r"^self_attn.out_proj is a NonDynamicallyQuantizableLinear .* owner "
+                                         r"MultiheadAttention .*filter_fn"):
+        ftattn.protect_(layer)
+    ftattn.protect_(layer, filter_fn=lambda name, mod: not name.endswith("out_proj"))
+    assert isinstance(layer.linear1, ProtectedLinear) and type(layer.self_attn.out_proj) is not ProtectedLinear
+    layer(torch.randn(2, 3, 8))
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1", "int8"])
