@@ -409,6 +409,9 @@ def protect_(
         raise TypeError(f"protect_() needs a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _PROTECT_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} is already protected; call ftattn.unprotect_(model) first")
+    if linear and _is_linear(model):
+        raise ValueError(f"protect_ swaps the linear layers of a model in place and cannot replace the model itself "
+                         f"({type(model).__name__}); wrap it, e.g. torch.nn.Sequential(model), or call ftattn.linear")
     if protection not in ("off", "abft", "full"):
         raise ValueError(f"protection={protection!r} is not supported; use 'off', 'abft' or 'full'")
     try:

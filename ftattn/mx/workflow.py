@@ -71,9 +71,15 @@ def quantize_(model: torch.nn.Module, config: MXConfig,
         raise ValueError("quantize_ swaps the children of a model in place and cannot replace the model itself "
                          f"({type(model).__name__}); wrap it, e.g. torch.nn.Sequential(model)")
     tied = _shared_weights(model) if config.packed else set()
+    made = {}  # id(original) -> its MX module: a module used at several places gets one
     for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
+        # (every entry: named_children() lists a module used twice in one parent once, and its
+        # second place stayed unquantized, found by review)
+        for name, child in [(n, c) for n, c in parent._modules.items() if c is not None]:
             fqn = f"{parent_name}.{name}" if parent_name else name
+            if id(child) in made:
+                setattr(parent, name, made[id(child)])
+                continue
             if filter_fn is not None and not filter_fn(child, fqn):
                 continue
             if config.packed and id(getattr(child, "weight", None)) in tied:
@@ -90,6 +96,7 @@ def quantize_(model: torch.nn.Module, config: MXConfig,
                 new.__dict__[_ORIGINAL] = child
             else:
                 new.__dict__[_ORIGINAL] = None  # swapped, the original freed
+            made[id(child)] = new
             setattr(parent, name, new)
     return model
 
@@ -106,7 +113,7 @@ def restore_(model: torch.nn.Module) -> torch.nn.Module:
             "Quantize with ftattn.mx.quantize_(model, config, keep_original=True) to be able to restore, or reload "
             "the model")
     for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in [(n, c) for n, c in parent._modules.items() if c is not None]:
             original = child.__dict__.get(_ORIGINAL)
             if original is None:
                 continue

@@ -197,6 +197,15 @@ def test_a_module_used_twice_is_protected_at_both_places():
     assert ftattn.counters(model).per_module["0"].calls == 2
     ftattn.unprotect_(model)
     assert model[0] is shared and model[2] is shared
+    # ftattn.mx.quantize_ likewise (its second place stayed unquantized), and restore_
+    from ftattn.mx import MXConfig, quantize_, restore_
+
+    quantize_(model, MXConfig(weight="fp8_e4m3"))
+    assert type(model[0]).__name__ == "MXLinear" and model[2] is model[0]
+    restore_(model)
+    assert model[0] is shared and model[2] is shared
+    with pytest.raises(ValueError, match=r"cannot replace the model itself \(Linear\); wrap it"):
+        ftattn.protect_(torch.nn.Linear(4, 4))
 
 
 def test_hooks_pruning_and_parametrizations_are_refused():
