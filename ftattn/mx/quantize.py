@@ -422,7 +422,8 @@ def pack(x: torch.Tensor, fmt: Union[str, ElementFormat], block_size: int = 32, 
                                                 ROUNDING_CODE[r], f.bits)
         return MXTensor(data_lp=codes, scale_e8m0=scale.view(xm.shape[:-1] + (scale.shape[-1],)), fmt=f.name,
                         block_size=block_size, axis=ax, shape=tuple(x.shape), dtype=x.dtype)
-    x3 = xm.contiguous().view(-1, xm.shape[-1], 1)
+    # (the rows by count: view(-1, 0, 1) of an empty block axis is ambiguous, found by review)
+    x3 = xm.contiguous().view(math.prod(xm.shape[:-1]), xm.shape[-1], 1)
     q, scale = _mx_3d(x3, f, block_size, r, True, be)  # q: elements divided by their block scale
     rows, K = x3.shape[0], x3.shape[1]
     nblk = scale.shape[1]

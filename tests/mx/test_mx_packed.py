@@ -172,6 +172,16 @@ def test_packed_model_equals_the_fake_quant_model(fmt, activation, bfloat, bias)
         assert torch.allclose(packed(torch.ones(45)), packed(torch.ones(1, 45))[0])  # 1-D input
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5), (2, 0, 4), (0,)], ids=str)
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_pack_of_empty_tensors_round_trips(shape, axis):
+    """pack / unpack of tensors with no elements (an empty block axis too: an internal
+    reshape error before, found by review) equal quantize, as for any other shape."""
+    x = torch.randn(*shape)
+    packed = mx.pack(x, "fp4_e2m1", axis=axis)
+    assert torch.equal(mx.unpack(packed), mx.quantize(x, "fp4_e2m1", axis=axis))
+
+
 def test_packed_layer_follows_its_scales_reassigned_alone():
     """A packed layer's operands for the C++ op are kept per buffers: reassigning the scales
     alone (the codes kept) reads the new scales (found by review: the old ones stayed)."""
