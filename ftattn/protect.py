@@ -83,9 +83,24 @@ class ProtectedLinear(torch.nn.Module):
     def in_features(self) -> int:
         return self.weight.shape[0 if self.transposed else 1]
 
+    @in_features.setter
+    def in_features(self, value: int) -> None:
+        self._features_follow_the_weight("in_features", value)
+
     @property
     def out_features(self) -> int:
         return self.weight.shape[1 if self.transposed else 0]
+
+    @out_features.setter
+    def out_features(self, value: int) -> None:
+        # (Hugging Face's resize_token_embeddings sets a tied head's out_features after its
+        # weight: an AttributeError before, found by review)
+        self._features_follow_the_weight("out_features", value)
+
+    def _features_follow_the_weight(self, name: str, value: int) -> None:
+        if value != getattr(self, name):
+            raise ValueError(f"ProtectedLinear.{name} follows its weight {tuple(self.weight.shape)}, so it cannot be "
+                             f"set to {value}: assign a weight of that shape instead")
 
     def _weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight the product reads, [out, in] (``weight``: the Parameter, when read already)."""

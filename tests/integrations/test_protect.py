@@ -241,6 +241,22 @@ def test_hooks_pruning_and_parametrizations_are_refused():
         assert type(model[0]) is not ProtectedLinear and isinstance(model[2], ProtectedLinear)
 
 
+def test_resize_token_embeddings_of_a_protected_tied_head():
+    """Hugging Face's resize_token_embeddings sets the tied head's out_features after its
+    weight (an AttributeError before, found by review); setting another value names the fix."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ftattn.protect_(model)
+    model.resize_token_embeddings(60)
+    assert isinstance(model.lm_head, ProtectedLinear) and model.lm_head.out_features == 60
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 59]])).logits.shape == (1, 2, 60)
+    with pytest.raises(ValueError, match=r"out_features follows its weight \(60, 32\).*assign a weight"):
+        model.lm_head.out_features = 61
+
+
 def test_autocast_gets_a_clear_error():
     """Under torch.autocast a protected layer refuses with what to do (before: a dtype error
     that suggested casting x, or an fp32 product where bf16 was asked for)."""
