@@ -100,6 +100,13 @@ bool mkl_bf16_rows(int64_t T, Gemm16 fn) {
 #endif
 }
 
+// a [T, K] column-major (a transposed view, as the backward's dY^T: stride (1, ld >= T)),
+// which the products and the references (cols_refs) read as it is
+inline bool column_major(const at::Tensor& a) {
+  return a.dim() == 2 && !a.is_contiguous() && a.stride(0) == 1 && a.stride(1) >= a.size(0) &&
+         a.stride(1) < INT_MAX;
+}
+
 // fp32 a [T, K] times b^T for b [R, K] (blas.h: IEEE fp32 at any matmul precision).
 at::Tensor product_f32(const at::Tensor& a, const at::Tensor& b) {
   const int64_t T = a.size(0), K = a.size(1), R = b.size(0);
@@ -107,8 +114,7 @@ at::Tensor product_f32(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({T, R}, a.options());
   if (T == 0 || R == 0) return out;
   if (K == 0) return out.zero_();
-  // a row-major, or column-major as it is (a transposed view: the backward's dY^T)
-  const bool a_cols = !a.is_contiguous() && a.stride(0) == 1 && a.stride(1) >= T && a.stride(1) < INT_MAX;
+  const bool a_cols = column_major(a);  // (read as it is)
   const at::Tensor ac = a.is_contiguous() || a_cols ? a : a.contiguous();
   const int64_t lda = a_cols ? a.stride(1) : K;
   if (b.stride(1) == 1 && b.stride(0) >= K && b.stride(0) < INT_MAX) {
@@ -146,8 +152,7 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({T, R}, a.options().dtype(at::kFloat));
   if (T == 0 || R == 0) return out;
   if (K == 0) return out.zero_();
-  // a row-major, or column-major as it is (the backward's dY^T)
-  const bool a_cols = !a.is_contiguous() && a.stride(0) == 1 && a.stride(1) >= T && a.stride(1) < INT_MAX;
+  const bool a_cols = column_major(a);  // (read as it is)
   const at::Tensor ac = a.is_contiguous() || a_cols ? a : a.contiguous();
   at::Tensor bc = b;
   int transb = kTrans, ldb = static_cast<int>(K);
@@ -419,6 +424,14 @@ FTATTN_VEC_INLINE void row_refs_group(const In* __restrict x, int64_t K, float i
   }
 }
 
+// 1 / the power of two near m = a row's largest |x_j|, which scales its squares (exact); 1 for
+// a zero or non-finite m
+inline float inv_scale(float m) {
+  int e = 0;
+  std::frexp(m, &e);
+  return (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, std::min(1 - e, 127)) : 1.f;
+}
+
 // The power of two near a row's largest |x_j| whose inverse scales the squares (exact: row_refs).
 template <typename V, typename In>
 FTATTN_VEC_INLINE float row_inv(const In* __restrict x, int64_t K) {
@@ -447,9 +460,7 @@ FTATTN_VEC_INLINE float row_inv(const In* __restrict x, int64_t K) {
     const float v = std::fabs(load1(x[j]));
     m = v > m ? v : m;
   }
-  int e = 0;
-  std::frexp(m, &e);
-  return (m > 0.f && std::isfinite(m)) ? std::ldexp(1.f, std::min(1 - e, 127)) : 1.f;
+  return inv_scale(m);
 }
 
 template <typename V, typename In>
@@ -707,9 +718,7 @@ FTATTN_VEC_INLINE void cols_refs(const In* __restrict x, int64_t ld, int64_t K, 
     }
     std::memcpy(inv_l, &m, sizeof(V));
     for (int64_t l = 0; l < L; ++l) {
-      int e = 0;
-      std::frexp(inv_l[l], &e);
-      inv_l[l] = (inv_l[l] > 0.f && std::isfinite(inv_l[l])) ? std::ldexp(1.f, std::min(1 - e, 127)) : 1.f;
+      inv_l[l] = inv_scale(inv_l[l]);
       if (l < n) scale[i + l] = 1.f / inv_l[l];
     }
     V inv;
@@ -923,8 +932,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   // fp32 or bf16 x column-major (a transposed view: the backward's dY^T) read as it is where
   // the references are made per row (cols_refs) or none are: the product takes it transposed
   // (sgemm, MKL's bf16 GEMM; brgemm copies it)
-  const bool x_cols = (st == at::kFloat || st == at::kBFloat16) && x.dim() == 2 && T > 1 && K > 1 && x.stride(0) == 1 && x.stride(1) >= T &&
-                      x.stride(1) < INT_MAX && (!checkable || fused);
+  const bool x_cols = (st == at::kFloat || st == at::kBFloat16) && column_major(x) && (!checkable || fused);
   const at::Tensor xc = x_cols ? x : contiguous(x.dim() == 2 ? x : x.reshape({T, K}));
   // the weight as this call's product reads it: a weight fault hits the value read
   at::Tensor w_read = weight;

@@ -78,7 +78,8 @@ def check_factor(k: int, split: bool, block_o: int = 128) -> float:
 class WeightChecksums:
     """The cached checksums of one weight [out, in]: ``sums`` [nb, in] fp64 (W^T e_b),
     ``row_sums`` [out] fp64 (W e, for scrub_weights; None when made with cache=False), and
-    what the kernel reads, per checksum column c of 2 nb (the nb plain block sums, then the nb weighted ones, W^T w_b):
+    what the kernel reads, per checksum column c of 2 nb (the nb plain block sums, then the
+    nb weighted ones, W^T w_b):
     ``ref_cols`` (the fp64 checksums [2 nb, in], the references then made in fp64; or, for a
     bf16 weight of more than FUSED_BLOCKS blocks, bf16 hi + mid + lo parts [3 x 2 nb, in] for
     the bf16 GEMM) and ``mag_cols`` [2 nb, in] (the magnitudes of the bounds: sum_{o in b}
@@ -237,7 +238,7 @@ def _settle(run, args, y: torch.Tensor, flags: torch.Tensor, weight: torch.Tenso
         return y, flags
     failed = (flat & int(Check.GEMM_ROW_CHECKSUM)) != 0
     blind = ((flat & int(Check.BLIND)) != 0) & ~failed
-    if sums is None or not bool((failed | blind).any()):
+    if not bool((failed | blind).any()):
         return y, flags
     flat = flat & ~int(Check.BLIND)
     clean = (*args[:7], False, None, None)
@@ -307,13 +308,13 @@ def _block_sums(weight: torch.Tensor, block_o: int, sums_only: bool = False, row
         return (sums[:nb], None, None) if sums_only else (sums, squares, rs if row_sums else None)
     sums = torch.zeros(nb if sums_only else 2 * nb, k, dtype=torch.float64, device=weight.device)
     squares = None if sums_only else torch.zeros_like(sums)
-    row_sums = None if sums_only or not row_sums else torch.empty(out, dtype=torch.float64, device=weight.device)
+    rs = None if sums_only or not row_sums else torch.empty(out, dtype=torch.float64, device=weight.device)
     wts = None if sums_only else checksum_weights(block_o, weight.device)[None, :, None]
     rows_per_chunk = block_o * max(1, (1 << 22) // max(1, block_o * k))
     for o0 in range(0, out, rows_per_chunk):
         w = weight[o0:o0 + rows_per_chunk].to(torch.float64)
-        if row_sums is not None:
-            row_sums[o0:o0 + w.shape[0]] = w.sum(1)
+        if rs is not None:
+            rs[o0:o0 + w.shape[0]] = w.sum(1)
         blocks = torch.arange(o0 // block_o, o0 // block_o + -(-w.shape[0] // block_o), device=weight.device)
         pad = blocks.numel() * block_o - w.shape[0]
         if pad:
@@ -325,7 +326,7 @@ def _block_sums(weight: torch.Tensor, block_o: int, sums_only: bool = False, row
             ww = w * wts
             sums[nb + blocks] = ww.sum(1)
             squares[nb + blocks] = ww.square().sum(1)
-    return sums, squares, row_sums
+    return sums, squares, rs
 
 
 def weight_checksums(weight: torch.Tensor, block_o: int = BLOCK_O, cache: bool = True) -> WeightChecksums:

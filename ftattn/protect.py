@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._swap import children, dropped_by_swap
 from .faults import Check, OnFault, fault_blocks
 from .attention import _apply_policy
 from .linear import (_EAGER_OP, _EAGER_OPTIONS, BLOCK_O, _eager_cpu, _eager_flagged, _grad_input, _grad_weight, _linear,
@@ -438,11 +439,7 @@ def protect_(
     if linear:
         places = []  # every layer to swap, all checked before the first is swapped (no half-protected model)
         for name, module in list(model.named_modules()):
-            # (every entry, not named_children(), which lists a module used twice in one parent
-            # once: its second place ran unchecked, found by review)
-            for child_name, child in list(module._modules.items()):
-                if child is None:
-                    continue
+            for child_name, child in children(module):
                 full = f"{name}.{child_name}" if name else child_name
                 if filter_fn is not None and not filter_fn(full, child):
                     continue
@@ -453,7 +450,7 @@ def protect_(
                         f"(MXConfig(packed=False)), or leave it out with filter_fn")
                 if not _is_linear(child):
                     continue
-                dropped = _dropped_by_swap(child)
+                dropped = dropped_by_swap(child)
                 if dropped:
                     raise ValueError(
                         f"{full} has {dropped}: protect_ would drop it (the protected layer runs ftattn.linear, not "
@@ -489,21 +486,6 @@ def protect_(
             object.__setattr__(module, "_ftattn_counts", _Tally())
     object.__setattr__(model, _PROTECT_ATTR, {"swapped": swapped, "attention": previous_attn})
     return model
-
-
-def _dropped_by_swap(module: torch.nn.Module) -> str:
-    """What a module has that its ProtectedLinear would not run ('' for nothing): hooks,
-    a parametrization, pruning or the legacy weight_norm (a pre-hook that makes the weight
-    from others: the layer kept a snapshot of it, found by review), a forward of its own."""
-    for attr, what in (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", "a forward hook"),
-                       ("_backward_pre_hooks", "a backward pre-hook"), ("_backward_hooks", "a backward hook")):
-        if getattr(module, attr, None):
-            return what
-    if torch.nn.utils.parametrize.is_parametrized(module):
-        return "a parametrization"
-    if "forward" in module.__dict__:
-        return "a forward of its own (set on the object)"
-    return ""
 
 
 def _is_mx(module) -> bool:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._swap import children
 from .config import MXConfig
 from .linear import MXConv2d, MXLinear
 from .packed import MXPackedLinear
@@ -73,9 +74,7 @@ def quantize_(model: torch.nn.Module, config: MXConfig,
     tied = _shared_weights(model) if config.packed else set()
     made = {}  # id(original) -> its MX module: a module used at several places gets one
     for parent_name, parent in list(model.named_modules()):
-        # (every entry: named_children() lists a module used twice in one parent once, and its
-        # second place stayed unquantized, found by review)
-        for name, child in [(n, c) for n, c in parent._modules.items() if c is not None]:
+        for name, child in children(parent):
             fqn = f"{parent_name}.{name}" if parent_name else name
             if id(child) in made:
                 setattr(parent, name, made[id(child)])
@@ -113,7 +112,7 @@ def restore_(model: torch.nn.Module) -> torch.nn.Module:
             "Quantize with ftattn.mx.quantize_(model, config, keep_original=True) to be able to restore, or reload "
             "the model")
     for parent_name, parent in list(model.named_modules()):
-        for name, child in [(n, c) for n, c in parent._modules.items() if c is not None]:
+        for name, child in children(parent):
             original = child.__dict__.get(_ORIGINAL)
             if original is None:
                 continue
