@@ -24,3 +24,35 @@ def dropped_by_swap(module: torch.nn.Module) -> str:
     if "forward" in module.__dict__:
         return "a forward of its own (set on the object)"
     return ""
+
+
+def _swapped(module: torch.nn.Module) -> bool:
+    """A layer protect_ or ftattn.mx.quantize_ put in place of a Linear."""
+    return (type(module).__name__ == "ProtectedLinear" and type(module).__module__ == "ftattn.protect") or \
+        "_ftattn_mx_original" in module.__dict__
+
+
+def _fast_path_off(module: torch.nn.Module, args) -> None:
+    """A forward pre-hook that changes nothing: its presence turns off a
+    torch.nn.TransformerEncoderLayer's fast path (sync_fast_paths)."""
+    return None
+
+
+def sync_fast_paths(model: torch.nn.Module) -> None:
+    """Every torch.nn.TransformerEncoderLayer of ``model`` that holds a swapped layer gets
+    `_fast_path_off` as a forward pre-hook, and one that holds none loses it. In eval mode
+    without gradients the encoder layer runs torch._transformer_encoder_layer_fwd on
+    linear1's and linear2's weights and never calls the modules: a protected model's
+    feed-forward ran unchecked (no call counted) and an MX model's in fp32 (found this
+    session). torch takes its slow path, which calls them, where any of the layer's modules
+    has a hook; the hook is a module-level function, so the model still pickles."""
+    for module in model.modules():
+        if not isinstance(module, torch.nn.TransformerEncoderLayer):
+            continue
+        needed = any(_swapped(m) for m in module.modules())
+        ours = [key for key, hook in module._forward_pre_hooks.items() if hook is _fast_path_off]
+        if needed and not ours:
+            module.register_forward_pre_hook(_fast_path_off)
+        elif not needed:
+            for key in ours:
+                del module._forward_pre_hooks[key]

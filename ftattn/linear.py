@@ -634,8 +634,14 @@ def linear(
     Returns:
         y [..., out_features] in x's dtype, or ``(y, report)``.
 
-    NaN/Inf in x or weight are reported as non-finite input, never as a fault.
+    NaN/Inf in x or weight are reported as non-finite input, never as a fault. A nested
+    tensor x (torch.nested) runs as the rows of its components, one product and report.
     """
+    if x.is_nested:
+        from ._nested import on_rows
+
+        return on_rows(x, lambda rows: _linear(rows, weight, bias, protection, on_fault, fault, backend,
+                                               return_report), "ftattn.linear")
     return _linear(x, weight, bias, protection, on_fault, fault, backend, return_report)
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ._swap import children, dropped_by_swap
+from ._swap import children, dropped_by_swap, sync_fast_paths
 from .faults import Check, OnFault, fault_blocks
 from .attention import _apply_policy
 from .linear import (_EAGER_OP, _EAGER_OPTIONS, BLOCK_O, _eager_cpu, _eager_flagged, _grad_input, _grad_weight, _linear,
@@ -206,6 +206,10 @@ class ProtectedLinear(torch.nn.Module):
         self._register()  # (a copy or an unpickled layer is another layer: its own id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:  # (torch.nn.TransformerEncoder's padded batch in eval mode)
+            from ._nested import on_rows
+
+            return on_rows(x, self.forward, "ProtectedLinear")
         if torch.is_autocast_enabled(x.device.type):
             raise NotImplementedError(
                 f"ftattn.protect_: a protected linear layer does not run under torch.autocast yet (its "
@@ -475,6 +479,7 @@ def protect_(
                 made[id(child)] = ProtectedLinear(child, protection, on_fault)
             setattr(module, child_name, made[id(child)])
             swapped.append((module, child_name, child))
+        sync_fast_paths(model)
     previous_attn = None
     config = getattr(model, "config", None)
     if attention and config is not None and hasattr(config, "_attn_implementation"):
@@ -516,6 +521,7 @@ def unprotect_(model: torch.nn.Module) -> torch.nn.Module:
             if now is not getattr(original, attr):
                 setattr(original, attr, now)
         setattr(parent, name, original)
+    sync_fast_paths(model)
     if state["attention"] is not None:
         from .integrations.transformers import unconfigure
 

@@ -92,6 +92,31 @@ def test_empty_shapes(backend, dtype):
     assert torch.equal(y, torch.zeros(3, 7, dtype=dtype))
 
 
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nested_x_runs_on_its_rows(layout, dtype):
+    """A nested tensor (torch.nn.TransformerEncoder's padded batch in eval mode): its
+    components' rows, one product and report, back in its layout (torch's internal
+    "NestedTensorImpl doesn't support sizes" before)."""
+    lengths = (1, 5, 3) if layout == torch.jagged else (1, 5, 0, 3)
+    x, w, b = _data((sum(lengths),), 97, 130, dtype, seed=3)
+    nt = torch.nested.as_nested_tensor(list(x.split(lengths)), layout=layout)
+    y, rep = ftattn.linear(nt, w, b, return_report=True)
+    assert y.is_nested and y.layout == layout and rep.detected == 0
+    err_torch = (F.linear(x, w, b).double() - _reference(x, w, b)).abs().max().item()
+    slack = ULP[dtype] * max(1.0, _reference(x, w, b).abs().max().item())
+    for part, xs in zip(y.unbind(), x.split(lengths)):
+        assert part.shape == (xs.shape[0], 130)
+        if xs.numel():
+            assert (part.double() - _reference(xs, w, b)).abs().max().item() <= 2 * err_torch + slack
+    # a fault in row 2 of the stacked rows (the second component's second row): caught, corrected
+    bad, rep = ftattn.linear(nt, w, b, fault=Fault("gemm", row=2, col=77, value=1e4), return_report=True)
+    assert rep.detected == rep.corrected == 1
+    assert all(torch.equal(p, q) for p, q in zip(bad.unbind(), y.unbind()))
+    with pytest.raises(ValueError, match="one number of input features"):
+        ftattn.linear(torch.nested.nested_tensor([torch.randn(2, 97), torch.randn(2, 96)]), w.float())
+
 def _clean_data_kinds(dtype):
     yield "normal", _data((61,), 384, 1536, dtype, seed=1)
     yield "outliers", _data((61,), 384, 1536, dtype, seed=2, outliers=4)

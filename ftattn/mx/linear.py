@@ -143,6 +143,10 @@ class MXLinear(torch.nn.Linear):
         return _share(cls, module, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:  # (torch.nn.TransformerEncoder's padded batch in eval mode)
+            from .._nested import on_rows
+
+            return on_rows(x, self.forward, "MXLinear")
         if x.dim() == 1:
             return linear(x.unsqueeze(0), self.weight, self.bias, self.config).squeeze(0)
         return linear(x, self.weight, self.bias, self.config)

@@ -252,6 +252,10 @@ class MXPackedLinear(torch.nn.Module):
                         dtype=self._weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:  # (torch.nn.TransformerEncoder's padded batch in eval mode)
+            from .._nested import on_rows
+
+            return on_rows(x, self.forward, "MXPackedLinear")
         grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         with torch.no_grad():
             y = self._forward(x.unsqueeze(0) if x.dim() == 1 else x)

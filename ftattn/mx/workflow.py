@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._swap import children
+from .._swap import children, sync_fast_paths
 from .config import MXConfig
 from .linear import MXConv2d, MXLinear
 from .packed import MXPackedLinear
@@ -97,6 +97,7 @@ def quantize_(model: torch.nn.Module, config: MXConfig,
                 new.__dict__[_ORIGINAL] = None  # swapped, the original freed
             made[id(child)] = new
             setattr(parent, name, new)
+    sync_fast_paths(model)
     return model
 
 
@@ -120,6 +121,7 @@ def restore_(model: torch.nn.Module) -> torch.nn.Module:
                 if original._parameters.get(pname) is not param:
                     original._parameters[pname] = param
             setattr(parent, name, original)
+    sync_fast_paths(model)
     return model
 
 

@@ -5,6 +5,7 @@ module, unprotect_ restores the very same modules, scrub_weights repairs a weigh
 import copy
 import os
 import pathlib
+import pickle
 
 import pytest
 import torch
@@ -494,6 +495,55 @@ def test_protect_errors_and_filter():
     assert isinstance(layer.linear1, ProtectedLinear) and type(layer.self_attn.out_proj) is not ProtectedLinear
     layer(torch.randn(2, 3, 8))
 
+
+
+def _encoder(nested, seed=0):
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(36, 4, 52, batch_first=True, dropout=0.0)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+
+
+def _no_out_proj(name, module):
+    return not name.endswith("out_proj")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_transformer_encoder_layers_call_their_protected_linears(nested, padded, grad):
+    """torch.nn.TransformerEncoderLayer in eval mode without gradients runs its fused fast
+    path on linear1's / linear2's weights and never called the protected layers (no call
+    counted, a fault unseen); with a padding mask TransformerEncoder hands its layers a
+    nested tensor. Now every protected layer is called once a forward and checked, in every
+    path, and unprotect_ gives the fast path back."""
+    enc = _encoder(nested)
+    ref = copy.deepcopy(enc).double()
+    x = torch.randn(3, 7, 36)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[1, 4:] = True
+    mask[2, 1:] = True
+    kw = {"src_key_padding_mask": mask} if padded else {}
+    valid = ~mask[..., None] if padded else torch.ones(3, 7, 1, dtype=torch.bool)
+    with torch.no_grad():
+        expected = ref(x.double(), **kw)
+    ftattn.protect_(enc, filter_fn=_no_out_proj)
+    context = torch.enable_grad() if grad else torch.no_grad()
+    with context:
+        y = enc(x, **kw)
+        assert (((y.double() - expected) * valid).abs().max()) < 1e-4
+        c = ftattn.counters(enc)
+        assert sorted(c.per_module) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+        assert all(m.calls == 1 and m.detected == 0 for m in c.per_module.values())
+        enc.layers[1].linear2.fault = Fault("gemm", row=2, col=11, value=1e4)
+        assert torch.equal(enc(x, **kw), y)
+        assert ftattn.counters(enc).corrected == 1
+        for copied in (copy.deepcopy(enc), pickle.loads(pickle.dumps(enc))):  # (the hook goes with it)
+            copied.layers[0].linear1.fault = Fault("gemm", row=0, col=3, value=-1e4)
+            assert torch.equal(copied(x, **kw), y) and copied.layers[0].linear1.counts[2] == 1
+    ftattn.unprotect_(enc)
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in enc.layers)
+    with context:
+        assert (((enc(x, **kw).double() - expected) * valid).abs().max()) < 1e-4
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1", "int8"])
 def test_mx_layers_are_checked_over_their_quantized_weights(fmt):

@@ -246,3 +246,37 @@ def test_any_block_size_is_microxcaling_s_meaning(block_size):
 def test_format_aliases():
     for alias, name in (("fp4", "fp4_e2m1"), ("mxfp4", "fp4_e2m1"), ("MXFP8_E4M3", "fp8_e4m3"), ("mxint8", "int8")):
         assert MXConfig(weight=alias).weight == name
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("nested", [False, True])
+def test_transformer_encoder_runs_its_mx_layers(packed, nested):
+    """torch.nn.TransformerEncoderLayer's eval-mode fast path read linear1's / linear2's
+    fp32 weights itself: an MX-quantized encoder ran in fp32 (its output equal to the
+    original's). Now its MX layers run (as on torch's slow path, which calls them), on the
+    nested tensor TransformerEncoder makes of a padded batch too; restore_ gives the fast
+    path back."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(36, 4, 64, batch_first=True, dropout=0.0)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+    x = torch.randn(3, 7, 36)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[1, 4:] = True
+    valid = ~mask[..., None]
+    with torch.no_grad():
+        fp32 = enc(x, src_key_padding_mask=mask)
+    quantize_(enc, MXConfig(weight="fp4_e2m1", packed=packed), keep_original=True,
+              filter_fn=lambda m, fqn: not fqn.endswith("out_proj"))
+    with torch.no_grad():
+        y = enc(x, src_key_padding_mask=mask)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = enc(x, src_key_padding_mask=mask)  # every module called
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert torch.allclose(y * valid, slow * valid, rtol=0, atol=1e-5)
+    assert ((y - fp32) * valid).abs().max() > 1e-2  # fp4 weights, not the fp32 ones
+    restore_(enc)
+    assert all(len(m._forward_pre_hooks) == 0 for m in enc.layers)
+    with torch.no_grad():
+        assert torch.allclose(enc(x, src_key_padding_mask=mask) * valid, fp32 * valid, rtol=0, atol=1e-6)
