@@ -16,6 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import backends
+from ._ad import Function, needs_function
 from .contract import check_backward_fault_encoding
 from .faults import (ATTENTION_SITES, BACKWARD_SITES, Check, Fault, FaultDetectedError, OnFault,
                      Protection, Report, REPORT_BLOCK_M, fault_blocks)
@@ -189,6 +190,9 @@ def validate_inputs(q, k, v, scale) -> None:
             raise ValueError(f"ftattn.attention: scale={scale} is not finite; pass a finite float or None (1/sqrt(D))")
 
 
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
 def validate_key_range(q, k, key_start, key_end) -> None:
     """Per-sample key ranges: both or neither, integer tensors [B] on q's device, and
     0 <= key_start <= key_end <= M (read on the host: the kernels index k and v with them)."""
@@ -206,6 +210,8 @@ def validate_key_range(q, k, key_start, key_end) -> None:
             raise ValueError(f"ftattn.attention: {name} is on {t.device}, q on {q.device}; move it to q's device")
     if q.is_meta or key_start.is_meta:
         return
+    if _is_batched(key_start) or _is_batched(key_end):
+        return  # (under torch.func.vmap: checked on the folded ranges, _AttentionFunction.vmap)
     if torch.compiler.is_compiling():  # no host read in a graph: an assertion when it runs
         ok = ((key_start >= 0) & (key_start <= key_end) & (key_end <= M)).all()
         torch._assert_async(ok, "ftattn.attention: the key ranges must satisfy 0 <= key_start <= key_end <= M")
@@ -342,7 +348,10 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
         scale = 1.0 / math.sqrt(q.shape[-1])
     fault_list, fault_value = fault.encode() if fault is not None else (None, None)
     recompute = policy is OnFault.CORRECT
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # (through the autograd.Function also for a forward-mode tangent, whose jvp says it has
+    # none, and under torch.func's transforms, whose vmap rule folds the batch: a tangent was
+    # dropped, torch.func.jvp gave a wrong one and vmap failed in the kernel, found by review)
+    grad = needs_function(q, k, v)
     bwd_fault = None
     if fault is not None and fault.site in BACKWARD_SITES:
         if not grad:
@@ -587,6 +596,8 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
     ``anchor``, an input of the backward that requires grad, makes the copies part of the
     graph (autograd's and torch.func's alike: torch.func forbids requires_grad_())."""
 
+    generate_vmap_rule = True  # (clones: torch.func.vmap of per-sample gradients)
+
     @staticmethod
     def forward(anchor, *grads):
         return tuple(g.clone() for g in grads)
@@ -627,7 +638,7 @@ def _once_differentiable(backward):
     return wrapper
 
 
-class _AttentionFunction(torch.autograd.Function):
+class _AttentionFunction(Function):
     """Autograd of ``ftattn.attention``: the forward saves q, k, v, its output and, from the
     C++ kernel, each row's max and normaliser (O(N) beyond the inputs: the backward then
     makes P without a first pass over the keys); the backward is the checked
@@ -662,19 +673,80 @@ class _AttentionFunction(torch.autograd.Function):
     @_once_differentiable
     def backward(ctx, grad_out, _grad_flags, _grad_stats=None):
         q, k, v, out, stats = ctx.saved_tensors
-        causal, scale, prot, recompute, holder, backend = ctx.options
+        dq, dk, dv = _AttentionBackward.apply(q, k, v, out, grad_out, stats, *ctx.key_range, ctx.options)
+        return dq, dk, dv, None, None, None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_NO_JVP)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, key_start, key_end, options):
+        """torch.func.vmap: the mapped dimension folded into the batch (one call of the
+        kernels over n B samples; an input not mapped is repeated), the outputs unfolded;
+        the flags stay one tensor [n B, H, blocks] (the policy reads them as a whole)."""
+        n = info.batch_size
+        q, k, v, key_start, key_end = _fold(n, (q, k, v, key_start, key_end), in_dims)
+        validate_key_range(q, k, key_start, key_end)
+        out, flags, stats = _AttentionFunction.apply(q, k, v, key_start, key_end, options)
+        out = out.reshape(n, -1, *out.shape[1:])
+        stats = stats.reshape(n, -1, *stats.shape[1:]) if stats is not None else None
+        return (out, flags, stats), (0, None, 0 if stats is not None else None)
+
+
+def _fold(n: int, tensors, dims):
+    """torch.func.vmap's mapped dimension (size n) folded into each tensor's first (the
+    batch): an input not mapped is repeated; None stays None."""
+    def fold(t, dim):
+        if t is None:
+            return None
+        t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(n, *t.shape)
+        return t.reshape(n * t.shape[1], *t.shape[2:])
+
+    return [fold(t, d) for t, d in zip(tensors, dims)]
+
+
+class _AttentionBackward(Function):
+    """The checked backward of one attention call (_AttentionFunction.backward's body): an
+    autograd.Function of its own so that torch.func.vmap of a gradient (per-sample
+    gradients: vmap(grad(f))) folds the batch as the forward does; before, its flags were
+    read on the host from a batched tensor and it failed."""
+
+    @staticmethod
+    def forward(q, k, v, out, grad_out, stats, key_start, key_end, options):
+        causal, scale, prot, recompute, holder, backend = options
         fault, fault_value = holder.fault if holder.fault is not None else (None, None)
         dq, dk, dv, flags = _run_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault, fault_value,
-                                     *ctx.key_range, backend=backend, stats=stats)
+                                     key_start, key_end, backend=backend, stats=stats)
         if _flagged(flags := _host(flags)) and _needs_rescale(flags, holder.policy):
             dq, dk, dv, flags = _rescaled_bwd(q, k, v, out, grad_out, causal, scale, prot, recompute, fault,
-                                              fault_value, *ctx.key_range, backend, stats) or (dq, dk, dv, flags)
+                                              fault_value, key_start, key_end, backend, stats) or (dq, dk, dv, flags)
         report = _apply_policy(flags, holder.policy, q.shape[2], True, op="attention backward", keys=k.shape[2])
         if holder.report is not None:
             holder.report.backward = report
             for fn in holder.report.on_backward:
                 fn(report)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(_DOUBLE_BACKWARD)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, out, grad_out, stats, key_start, key_end, options):
+        n = info.batch_size
+        grads = _AttentionBackward.apply(*_fold(n, (q, k, v, out, grad_out, stats, key_start, key_end), in_dims),
+                                         options)
+        return tuple(g.reshape(n, -1, *g.shape[1:]) for g in grads), (0, 0, 0)
+
+
+_NO_JVP = ("ftattn.attention has no forward-mode derivative (torch.autograd.forward_ad, torch.func.jvp / jacfwd); "
+           "neither has torch's fused attention on CPU. Differentiate in reverse mode (backward, torch.func.grad / "
+           "vjp / jacrev), or compute this attention as softmax(q k^T scale) v in torch ops for forward mode")
 
 
 # ---------------------------------------------------------------------------

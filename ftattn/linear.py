@@ -28,6 +28,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends
+from ._ad import Function, needs_function, no_tangents
 from .attention import _apply_policy
 from .contract import BIT_REPLACE, fault_fields, xor_mask
 from .faults import CHECK_MASK, TAU, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site, checksum_weights
@@ -645,20 +646,27 @@ def linear(
     return _linear(x, weight, bias, protection, on_fault, fault, backend, return_report)
 
 
-class _CheckedLinear(torch.autograd.Function):
+class _CheckedLinear(Function):
     """Autograd of the checked linear layer: the backward's two products are checked
     linear layers too, with the call's protection and policy:
     dX = dY W (the "weight" W^T, its checksums cached like W's) and dW = dY^T X (the
-    "weight" X^T, an operand used once: checksums made for the call); db = sum of dY."""
+    "weight" X^T, an operand used once: checksums made for the call); db = sum of dY.
+    Forward mode (jvp: dY = dX W^T + X dW^T + db, its products checked likewise) and the
+    torch.func transforms (grad, jvp, vmap) too: a dual tensor's tangent was dropped
+    without a word, torch.func.jvp / grad / vmap failed inside (found by review)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, protection, on_fault, fault, backend):
+    def forward(x, weight, bias, protection, on_fault, fault, backend):
         y, report = _linear_impl(x, weight, bias, protection, on_fault, fault, backend, True)
+        return y, report.flags
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, protection, on_fault, fault, backend = inputs
         ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
         ctx.options = (protection, on_fault, backend, bias is not None)
-        flags = report.flags
-        ctx.mark_non_differentiable(flags)
-        return y, flags
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_y, _grad_flags):
@@ -668,6 +676,38 @@ class _CheckedLinear(torch.autograd.Function):
         grad_w = _grad_weight(grad_y, x, protection, on_fault, backend) if ctx.needs_input_grad[1] else None
         grad_b = grad_y.reshape(-1, weight.shape[0]).sum(0) if has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, *_):
+        x, weight = ctx.saved_tensors
+        protection, on_fault, backend, _has_bias = ctx.options
+        dy = None
+        # (through _linear: under torch.func.jvp these tensors are the transform's, and its
+        # products go through this Function again, so they get a derivative themselves)
+        if dx is not None:
+            dy = _linear(dx, weight, None, protection, on_fault, None, backend, False)
+        if dw is not None:
+            part = _linear(x, dw, None, protection, on_fault, None, backend, False)
+            dy = part if dy is None else dy + part
+        if db is not None:
+            dy = db.expand(*x.shape[:-1], weight.shape[0]) if dy is None else dy + db
+        if dy is None:
+            dy = x.new_zeros(*x.shape[:-1], weight.shape[0])
+        return dy, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, protection, on_fault, fault, backend):
+        x_dim, w_dim, b_dim = in_dims[:3]
+        if w_dim is None and b_dim is None:  # one weight: the batch is more rows of x
+            y, flags = _CheckedLinear.apply(x.movedim(x_dim, 0), weight, bias, protection, on_fault, fault, backend)
+            return (y, flags), (0, None)
+        # a weight per sample: one checked product per sample
+        def at(t, dim, i):
+            return t if t is None or dim is None else t.select(dim, i)
+
+        outs = [_CheckedLinear.apply(at(x, x_dim, i), at(weight, w_dim, i), at(bias, b_dim, i), protection,
+                                     on_fault, fault if i == 0 else None, backend) for i in range(info.batch_size)]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
 
 
 # The backward's two products (_CheckedLinear, and a protected layer's compiled backward,
@@ -759,8 +799,8 @@ def _recheck(run, args, y, flags, weight, sums, recompute: bool, refresh: bool):
 
 
 def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report):
-    if fault is None and backend == "auto" and not (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+    derivative = needs_function(x, weight, bias)
+    if fault is None and backend == "auto" and not derivative:
         fast = _eager_cpu(x, weight, bias, protection, on_fault)
         if fast is not None:
             y, flags, rows, policy, flagged = fast
@@ -768,8 +808,7 @@ def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report
                 report = _apply_policy(flags, policy, rows, return_report, op="linear")
                 return (y, report) if return_report else y
             return y
-    if (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)) and \
-            torch.is_grad_enabled():
+    if derivative:
         validate_inputs(x, weight, bias)
         y, flags = _CheckedLinear.apply(x, weight, bias, protection, on_fault, fault, backend)
         if return_report:
@@ -825,6 +864,7 @@ def _register_kernels() -> None:
     for device in ("CPU", "CUDA"):
         @torch.library.impl("ftattn::linear", device)
         def _linear_op(x, weight, bias=None):
+            no_tangents(x, weight, bias, op="torch.ops.ftattn.linear", instead="ftattn.linear(x, weight, bias)")
             return _linear_impl(x, weight, bias, "abft", "correct", None, "auto", False)
 
     def setup_context(ctx, inputs, output):

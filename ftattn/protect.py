@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._ad import needs_function
 from ._swap import children, dropped_by_swap, sync_fast_paths
 from .faults import Check, OnFault, fault_blocks
 from .attention import _apply_policy
@@ -246,9 +247,7 @@ class ProtectedLinear(torch.nn.Module):
                     and x.shape[-1] == plan[5] and weight._version == plan[6] and weight.data_ptr() == plan[7] \
                     and weight.stride() == plan[8] and weight.shape == plan[1] and weight.dtype is plan[4] \
                     and self.protection is plan[9] and self.on_fault is plan[10] and x.numel() \
-                    and plan[18]() is weight.untyped_storage() \
-                    and not (torch.is_grad_enabled() and (
-                        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+                    and plan[18]() is weight.untyped_storage() and not needs_function(x, weight, bias):
                 try:
                     y, flags, flagged = _EAGER_OP(x, plan[3], bias, plan[15], plan[16], plan[17])
                 except RuntimeError:  # (e.g. a bias given another dtype through .data: the general path names it)
@@ -265,15 +264,14 @@ class ProtectedLinear(torch.nn.Module):
         fault = self.fault
         if fault is not None:
             self.fault = None
-        if self.mx_config is not None and torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        derivative = needs_function(x, weight, bias)
+        if self.mx_config is not None and derivative:
             # training an MX layer: its autograd (MX-quantized backward), each of its three
             # products a checked linear layer
             return self._mx_train(x, weight, bias, fault)
         if self.mx_config is not None:
             y, report = self._mx_forward(x, fault)
-        elif fault is None and not (torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+        elif fault is None and not derivative:
             # the common inference call: the C++ kernel straight, the report only when a flag is set
             w = self._weight(weight)
             fast = _eager_cpu(x, w, bias, self.protection, self.on_fault)

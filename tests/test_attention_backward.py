@@ -707,7 +707,7 @@ def test_torch_func_grad_and_vjp_run_the_checked_backward(backend):
     for bit (they raised before: the autograd.Function had no setup_context), GQA and causal,
     and a backward fault given to the call is corrected under them too; grad of grad raises
     ftattn's clear error (not zeros). (torch.ops.ftattn.attention: torch's register_autograd
-    does not support torch.func in this torch; vmap has no batching rule.)"""
+    does not support torch.func in this torch.)"""
     q, k, v = _qkv(1, 4, 2, 13, 19, 21, torch.float32, seed=9)
     do = torch.randn(1, 4, 13, 21, generator=torch.Generator().manual_seed(3))
 
@@ -726,6 +726,63 @@ def test_torch_func_grad_and_vjp_run_the_checked_backward(backend):
     with pytest.raises(NotImplementedError, match="not differentiable"):
         torch.func.grad(lambda q: torch.func.grad(loss)(q, k, v).sum())(q)
 
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_torch_func_vmap_and_per_sample_gradients(backend):
+    """torch.func.vmap over ftattn.attention (the kernels had no batching rule: it failed
+    inside) folds the mapped dimension into the batch: bit for bit the call on the folded
+    batch, with inputs not mapped repeated and key ranges mapped or not; per-sample
+    gradients, vmap(grad(f)), are the folded call's autograd gradients bit for bit (its
+    backward read its flags from a batched tensor and failed)."""
+    n = 3
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(n, 2, 4, 13, 21, generator=g)
+    k, v = (torch.randn(n, 2, 2, 19, 21, generator=g) for _ in range(2))
+    do = torch.randn(n, 2, 4, 13, 21, generator=g)
+    fold = functools.partial(torch.flatten, start_dim=0, end_dim=1)
+
+    def att(q, k, v, **kw):
+        return ftattn.attention(q, k, v, causal=True, backend=backend, **kw)
+
+    assert torch.equal(torch.func.vmap(att)(q, k, v), att(fold(q), fold(k), fold(v)).unflatten(0, (n, 2)))
+    k1 = k[0]  # one key and value set for every mapped sample
+    got = torch.func.vmap(att, in_dims=(0, None, None))(q, k1, k1)
+    assert torch.equal(got, att(fold(q), k1.repeat(n, 1, 1, 1), k1.repeat(n, 1, 1, 1)).unflatten(0, (n, 2)))
+    start, end = torch.tensor([[0, 3], [2, 5], [1, 1]]), torch.tensor([[19, 11], [17, 19], [9, 19]])
+    got = torch.func.vmap(lambda q, k, v, s, e: att(q, k, v, key_start=s, key_end=e))(q, k, v, start, end)
+    assert torch.equal(got, att(fold(q), fold(k), fold(v), key_start=fold(start), key_end=fold(end)).unflatten(0, (n, 2)))
+    got = torch.func.vmap(lambda q, k, v: att(q, k, v, key_start=start[0], key_end=end[0]))(q, k, v)
+    want = att(fold(q), fold(k), fold(v), key_start=start[0].repeat(n), key_end=end[0].repeat(n))
+    assert torch.equal(got, want.unflatten(0, (n, 2)))
+    with pytest.raises(ValueError, match=r"sample 0 has keys \[0, 20\)"):  # (checked once folded)
+        torch.func.vmap(lambda q, k, v, s, e: att(q, k, v, key_start=s, key_end=e))(q, k, v, start, end + 1)
+
+    def loss(q, k, v, do):
+        return (att(q, k, v) * do).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)))(q, k, v, do)
+    leaves = [fold(t).clone().requires_grad_() for t in (q, k, v)]
+    (att(*leaves) * fold(do)).sum().backward()
+    assert all(torch.equal(a, b.grad.unflatten(0, (n, 2))) for a, b in zip(per_sample, leaves))
+
+
+def test_forward_mode_raises_clearly():
+    """Forward mode through ftattn.attention: its tangent was dropped without a word
+    (forward_ad) or came back wrong (torch.func.jvp); now a clear error, the op's too."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = _qkv(1, 2, 1, 5, 7, 8, torch.float32, seed=1)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        with fwAD.dual_level():
+            ftattn.attention(fwAD.make_dual(q, torch.ones_like(q)), k, v)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        with fwAD.dual_level():
+            torch.ops.ftattn.attention(q, k, fwAD.make_dual(v, torch.ones_like(v)))
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda a: ftattn.attention(a, k, v), (q,), (torch.ones_like(q),))
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jacfwd(lambda a: ftattn.attention(a, k, v))(q)
 
 def _checked_grads(q, k, v, do, fault=None, protection="full", causal=True, backend="auto"):
     """fp64 gradients of a checked call (on_fault="report") and its backward's detections."""

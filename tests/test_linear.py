@@ -117,6 +117,47 @@ def test_nested_x_runs_on_its_rows(layout, dtype):
     with pytest.raises(ValueError, match="one number of input features"):
         ftattn.linear(torch.nested.nested_tensor([torch.randn(2, 97), torch.randn(2, 96)]), w.float())
 
+
+@pytest.mark.parametrize("protection", ["abft", "off"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_mode_and_torch_func_transforms(dtype, protection):
+    """Forward mode (a dual tensor's tangent was dropped without a word), torch.func.jvp
+    (failed inside), torch.func.grad and vmap (failed inside) of ftattn.linear; the op under
+    forward mode raises (torch's custom ops have no forward-mode derivative)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b = _data((3, 5), 97, 130, dtype, seed=11)
+    tx, tw, tb = _data((3, 5), 97, 130, dtype, seed=12)
+    kw = {"protection": protection}
+
+    def close(got, ref, dtype=dtype):
+        slack = 4 * ULP[dtype] * max(1.0, ref.abs().max().item())
+        assert (got.double() - ref).abs().max().item() <= slack
+
+    for tangents in ((tx, tw, tb), (tx, None, None), (None, tw, None), (None, None, tb)):
+        ref = sum((t.double() @ w.double().t() if i == 0 else x.double() @ t.double().t() if i == 1 else t.double())
+                  for i, t in enumerate(tangents) if t is not None)
+        with fwAD.dual_level():
+            duals = [p if t is None else fwAD.make_dual(p, t) for p, t in zip((x, w, b), tangents)]
+            primal, tangent = fwAD.unpack_dual(ftattn.linear(*duals, **kw))
+        assert tangent is not None and torch.equal(primal, ftattn.linear(x, w, b, **kw))
+        close(tangent, ref.expand(3, 5, 130))
+    primal, tangent = torch.func.jvp(lambda a, c, d: ftattn.linear(a, c, d, **kw), (x, w, b), (tx, tw, tb))
+    close(tangent, tx.double() @ w.double().t() + x.double() @ tw.double().t() + tb.double())
+    g = torch.func.grad(lambda a: ftattn.linear(a, w, b, **kw).float().sum())(x)
+    close(g, w.double().sum(0).expand(3, 5, 97))
+    # vmap: over x with one weight, and over a weight per sample
+    y = torch.func.vmap(lambda a: ftattn.linear(a, w, b, **kw))(x)
+    assert torch.equal(y, ftattn.linear(x, w, b, **kw))  # (the mapped dim: more rows of x)
+    ws = torch.stack([w, tw, w.flip(0)])
+    y = torch.func.vmap(lambda a, c: ftattn.linear(a, c, b, **kw))(x, ws)
+    assert torch.equal(y, torch.stack([ftattn.linear(a, c, b, **kw) for a, c in zip(x, ws)]))
+    small = x[0, :2, :7].float(), w[:3, :7].float()
+    f = lambda a: ftattn.linear(a, small[1], **kw)  # noqa: E731
+    assert torch.allclose(torch.func.jacfwd(f)(small[0]), torch.func.jacrev(f)(small[0]))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode derivative.*ftattn.linear"):
+        torch.ops.ftattn.linear(fwAD.make_dual(x, tx), w, b)
+
 def _clean_data_kinds(dtype):
     yield "normal", _data((61,), 384, 1536, dtype, seed=1)
     yield "outliers", _data((61,), 384, 1536, dtype, seed=2, outliers=4)

@@ -545,6 +545,35 @@ def test_transformer_encoder_layers_call_their_protected_linears(nested, padded,
     with context:
         assert (((enc(x, **kw).double() - expected) * valid).abs().max()) < 1e-4
 
+
+def test_torch_func_jvp_and_per_sample_gradients_of_a_protected_model():
+    """torch.func over a protected model: a jvp in the parameters (NTK-style; the tangent
+    failed inside a protected layer before) and per-sample gradients, vmap(grad(f)), equal
+    the unprotected model's; its layers are called, checked and counted."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.Tanh(), torch.nn.Linear(53, 5))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    tangents = {name: torch.randn_like(p) for name, p in params.items()}
+    x, target = torch.randn(7, 37), torch.randn(7, 5)
+
+    def out(p):
+        return functional_call(model, p, (x,))
+
+    def loss(p, xi, ti):
+        return (functional_call(model, p, (xi[None],)) - ti).square().sum()
+
+    want_y, want_t = jvp(out, (params,), (tangents,))
+    want_g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    ftattn.protect_(model)
+    got_y, got_t = jvp(out, (params,), (tangents,))
+    got_g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    assert torch.allclose(got_y, want_y, rtol=0, atol=1e-5) and torch.allclose(got_t, want_t, rtol=0, atol=1e-5)
+    assert all(torch.allclose(got_g[n], want_g[n], rtol=0, atol=1e-5) for n in want_g)
+    counts = ftattn.counters(model)
+    assert [m.calls for m in counts.per_module.values()] == [2, 2] and counts.detected == 0
+
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1", "int8"])
 def test_mx_layers_are_checked_over_their_quantized_weights(fmt):
     from ftattn.mx import MXConfig, quantize_, restore_
