@@ -41,16 +41,29 @@ def no_tangents(*tensors: Optional[torch.Tensor], op: str, instead: str) -> None
             f"dropped); call {instead}, which has one")
 
 
-class Function(torch.autograd.Function):
-    """torch.autograd.Function in the form torch.func needs (forward without ctx,
-    setup_context), whose apply skips what torch's does on every call for that form: bind
-    the arguments to forward's signature (inspect.signature, 10-100 us a call: a protected
-    layer's training call 145 -> 210-256 us here). Our callers pass every argument
-    positionally, so there is nothing to bind; under torch.func's transforms torch's apply
-    runs as it is."""
+_NO_SETUP = torch.autograd.function._SingleLevelFunction.setup_context  # (torch's "not defined")
 
-    @classmethod
-    def apply(cls, *args):
-        if _functorch_active():
-            return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)  # (torch._C._FunctionBase.apply)
+
+def eager_twin(cls):
+    """An old-style twin of the autograd.Function ``cls`` (forward without ctx and
+    setup_context: the form torch.func needs): its forward takes ctx and runs cls's forward
+    and setup_context. torch's apply of the new form binds the arguments to forward's
+    signature (inspect.signature) on every call, 10-100 us (an attention call with grad
+    143-206 us here, 64-105 through the twin); `apply` takes the twin where neither
+    torch.func nor torch.compile runs (overriding apply instead broke torch.compile's
+    tracing of the Function)."""
+
+    def forward(ctx, *args):
+        out = cls.forward(*args)
+        cls.setup_context(ctx, args, out)
+        return out
+
+    return type(cls.__name__ + "Eager", (cls,), {"forward": staticmethod(forward),
+                                                 "setup_context": staticmethod(_NO_SETUP)})
+
+
+def apply(cls, twin, *args):
+    """``cls.apply(*args)``, through its `eager_twin` where no transform or compiler runs."""
+    if _functorch_active() or torch.compiler.is_compiling():
+        return cls.apply(*args)
+    return twin.apply(*args)

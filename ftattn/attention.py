@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import backends
-from ._ad import Function, needs_function
+from ._ad import apply, eager_twin, needs_function
 from .contract import check_backward_fault_encoding
 from .faults import (ATTENTION_SITES, BACKWARD_SITES, Check, Fault, FaultDetectedError, OnFault,
                      Protection, Report, REPORT_BLOCK_M, fault_blocks)
@@ -362,7 +362,7 @@ def _attention(q, k, v, causal, scale, protection, on_fault, fault, backend, ret
     if grad:
         holder = _BackwardHolder(policy, bwd_fault)
         holder.read = policy is OnFault.RAISE or return_report
-        out, flags, _ = _AttentionFunction.apply(q, k, v, key_start, key_end, (
+        out, flags, _ = apply(_AttentionFunction, _AttentionFunctionEager, q, k, v, key_start, key_end, (
             backend, causal, float(scale), int(prot), recompute, fault_list, fault_value, in_op, holder))
         report = _apply_policy(flags, policy, q.shape[2], return_report)
         holder.report = report
@@ -638,7 +638,7 @@ def _once_differentiable(backward):
     return wrapper
 
 
-class _AttentionFunction(Function):
+class _AttentionFunction(torch.autograd.Function):
     """Autograd of ``ftattn.attention``: the forward saves q, k, v, its output and, from the
     C++ kernel, each row's max and normaliser (O(N) beyond the inputs: the backward then
     makes P without a first pass over the keys); the backward is the checked
@@ -673,7 +673,8 @@ class _AttentionFunction(Function):
     @_once_differentiable
     def backward(ctx, grad_out, _grad_flags, _grad_stats=None):
         q, k, v, out, stats = ctx.saved_tensors
-        dq, dk, dv = _AttentionBackward.apply(q, k, v, out, grad_out, stats, *ctx.key_range, ctx.options)
+        dq, dk, dv = apply(_AttentionBackward, _AttentionBackwardEager, q, k, v, out, grad_out, stats, *ctx.key_range,
+                           ctx.options)
         return dq, dk, dv, None, None, None
 
     @staticmethod
@@ -706,7 +707,7 @@ def _fold(n: int, tensors, dims):
     return [fold(t, d) for t, d in zip(tensors, dims)]
 
 
-class _AttentionBackward(Function):
+class _AttentionBackward(torch.autograd.Function):
     """The checked backward of one attention call (_AttentionFunction.backward's body): an
     autograd.Function of its own so that torch.func.vmap of a gradient (per-sample
     gradients: vmap(grad(f))) folds the batch as the forward does; before, its flags were
@@ -743,6 +744,9 @@ class _AttentionBackward(Function):
                                          options)
         return tuple(g.reshape(n, -1, *g.shape[1:]) for g in grads), (0, 0, 0)
 
+
+_AttentionFunctionEager = eager_twin(_AttentionFunction)
+_AttentionBackwardEager = eager_twin(_AttentionBackward)
 
 _NO_JVP = ("ftattn.attention has no forward-mode derivative (torch.autograd.forward_ad, torch.func.jvp / jacfwd); "
            "neither has torch's fused attention on CPU. Differentiate in reverse mode (backward, torch.func.grad / "

@@ -28,7 +28,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends
-from ._ad import Function, needs_function, no_tangents
+from ._ad import apply, eager_twin, needs_function, no_tangents
 from .attention import _apply_policy
 from .contract import BIT_REPLACE, fault_fields, xor_mask
 from .faults import CHECK_MASK, TAU, Check, Fault, OnFault, Protection, Report, REPORT_BLOCK_M, Site, checksum_weights
@@ -646,7 +646,7 @@ def linear(
     return _linear(x, weight, bias, protection, on_fault, fault, backend, return_report)
 
 
-class _CheckedLinear(Function):
+class _CheckedLinear(torch.autograd.Function):
     """Autograd of the checked linear layer: the backward's two products are checked
     linear layers too, with the call's protection and policy:
     dX = dY W (the "weight" W^T, its checksums cached like W's) and dW = dY^T X (the
@@ -708,6 +708,9 @@ class _CheckedLinear(Function):
         outs = [_CheckedLinear.apply(at(x, x_dim, i), at(weight, w_dim, i), at(bias, b_dim, i), protection,
                                      on_fault, fault if i == 0 else None, backend) for i in range(info.batch_size)]
         return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+
+
+_CheckedLinearEager = eager_twin(_CheckedLinear)
 
 
 # The backward's two products (_CheckedLinear, and a protected layer's compiled backward,
@@ -810,7 +813,7 @@ def _linear(x, weight, bias, protection, on_fault, fault, backend, return_report
             return y
     if derivative:
         validate_inputs(x, weight, bias)
-        y, flags = _CheckedLinear.apply(x, weight, bias, protection, on_fault, fault, backend)
+        y, flags = apply(_CheckedLinear, _CheckedLinearEager, x, weight, bias, protection, on_fault, fault, backend)
         if return_report:
             return y, Report(flags, REPORT_BLOCK_M, math.prod(x.shape[:-1]), "linear")
         return y

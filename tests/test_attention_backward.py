@@ -767,6 +767,18 @@ def test_torch_func_vmap_and_per_sample_gradients(backend):
     assert all(torch.equal(a, b.grad.unflatten(0, (n, 2))) for a, b in zip(per_sample, leaves))
 
 
+
+def test_compiled_call_with_grad_traces_the_function():
+    """torch.compile of ftattn.attention with q requiring grad (an override of its
+    Function's apply broke the trace: found the same session): as eager."""
+    q, k, v = _qkv(1, 2, 1, 7, 9, 8, torch.float32, seed=2)
+    leaf = q.clone().requires_grad_()
+    ftattn.attention(leaf, k, v, causal=True).square().sum().backward()
+    want = leaf.grad
+    leaf = q.clone().requires_grad_()
+    torch.compile(lambda a: ftattn.attention(a, k, v, causal=True))(leaf).square().sum().backward()
+    assert torch.allclose(leaf.grad, want)
+
 def test_forward_mode_raises_clearly():
     """Forward mode through ftattn.attention: its tangent was dropped without a word
     (forward_ad) or came back wrong (torch.func.jvp); now a clear error, the op's too."""

@@ -158,6 +158,21 @@ def test_forward_mode_and_torch_func_transforms(dtype, protection):
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode derivative.*ftattn.linear"):
         torch.ops.ftattn.linear(fwAD.make_dual(x, tx), w, b)
 
+
+def test_compiled_training_call_of_the_function():
+    """torch.compile of ftattn.linear with a weight that requires grad traces its
+    autograd.Function (an override of its apply broke that: found the same session):
+    output and gradients as eager."""
+    x, w, b = _data((5,), 37, 11, torch.float32, seed=4)
+    leaves = [t.clone().requires_grad_() for t in (w, b)]
+    eager = ftattn.linear(x, *leaves)
+    eager.square().sum().backward()
+    want = [t.grad for t in leaves]
+    leaves = [t.clone().requires_grad_() for t in (w, b)]
+    got = torch.compile(lambda a, c, d: ftattn.linear(a, c, d), fullgraph=False)(x, *leaves)
+    got.square().sum().backward()
+    assert torch.allclose(got, eager) and all(torch.allclose(t.grad, g) for t, g in zip(leaves, want))
+
 def _clean_data_kinds(dtype):
     yield "normal", _data((61,), 384, 1536, dtype, seed=1)
     yield "outliers", _data((61,), 384, 1536, dtype, seed=2, outliers=4)
