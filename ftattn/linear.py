@@ -396,6 +396,26 @@ def _weight_checksums(weight: torch.Tensor, block_o: int, cache: bool) -> Weight
     return entry
 
 
+def carry_cast_checksums(weight: torch.Tensor, cast: torch.Tensor, block_o: int = BLOCK_O) -> None:
+    """Give ``cast`` (``weight.to(dtype)``, made for this call from the weight as it is now:
+    a protected layer under torch.autocast) the checksums of weight's cast as it was at its
+    current version, for both layouts its products read (the forward's, and the transposed
+    one of the backward's dX): made once per version of ``weight`` and kept on it (two
+    checksum computations, as an fp32 layer's W and W^T after each optimizer step), then
+    put on each call's cast (a few microseconds; made per call, they cost 8-10x a product).
+    The cast is made from the weight each call, never kept: a weight changed behind its
+    version counter (``.data`` writes, memory corruption) then fails the check, as an fp32
+    layer's does, instead of a kept cast running the old weight without a word."""
+    key = _key(weight, ("cast", cast.dtype, block_o))
+    item = _cached(weight, key[:-1])
+    if item is None or item[0] != key:
+        item = (key, tuple(_weight_checksums(view, block_o, False) for view in (cast, cast.t())))
+        _store(weight, key[:-1], item)
+    for view, entry in zip((cast, cast.t()), item[1]):
+        view_key = _key(view, block_o)
+        _store(view, view_key[:-1], dataclasses.replace(entry, key=view_key))
+
+
 _weight_checksums_run = torch.compiler.disable(_weight_checksums)  # (is_compiling() may stay True in it)
 
 

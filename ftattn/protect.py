@@ -25,7 +25,7 @@ from ._swap import children, dropped_by_swap, sync_fast_paths
 from .faults import Check, OnFault, fault_blocks
 from .attention import _apply_policy
 from .linear import (_EAGER_OP, _EAGER_OPTIONS, BLOCK_O, _eager_cpu, _eager_flagged, _grad_input, _grad_weight, _linear,
-                     weight_checksums)
+                     carry_cast_checksums, weight_checksums)
 
 __all__ = ["protect_", "unprotect_", "counters", "reset_counters", "scrub_weights", "ProtectedLinear",
            "ModelCounters", "ModuleCounts", "WeightCorruptionError"]
@@ -211,15 +211,12 @@ class ProtectedLinear(torch.nn.Module):
             from ._nested import on_rows
 
             return on_rows(x, self.forward, "ProtectedLinear")
-        if torch.is_autocast_enabled(x.device.type):
-            raise NotImplementedError(
-                f"ftattn.protect_: a protected linear layer does not run under torch.autocast yet (its "
-                f"{self.weight.dtype} weight would be cast for every call, and its checksums with it). Run the "
-                f"model in one dtype instead (model.to(torch.bfloat16) before protect_), or leave autocast off")
         params = self._parameters  # (read once: Module.__getattr__ costs per name; a bias of
         # None or a weight that is not a Parameter is an attribute instead)
         weight = params["weight"] if "weight" in params else self.weight
         bias = params["bias"] if "bias" in params else self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            return self._autocast(x, weight, bias)
         if torch.compiler.is_compiling():  # (torch.export too)
             if _exporting():
                 raise NotImplementedError(
@@ -227,6 +224,10 @@ class ProtectedLinear(torch.nn.Module):
                     "of this process (cached weight checksums, counts); export the model unprotected "
                     "(ftattn.unprotect_), or run it with torch.compile")
             if self.fault is None and self.mx_config is None:
+                if x.dtype != weight.dtype:  # (the op casts a weight of another dtype, as under autocast)
+                    from .linear import validate_inputs
+
+                    validate_inputs(x, weight, bias)  # (its clear error)
                 # traced by torch.compile: one opaque op that runs this layer as in eager mode
                 # (cached checksums, counts, policy) instead of graph breaks around its host
                 # reads (MiniLM compiled: protected 1.66x the unprotected time); in training its
@@ -234,6 +235,43 @@ class ProtectedLinear(torch.nn.Module):
                 # 13 graphs)
                 return torch.ops.ftattn.protected_linear(x, weight, bias, self._layer_id, self.out_features)
         return self._run(x, weight, bias)
+
+    def _autocast(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The call under torch.autocast, as torch's linear runs there: x, weight and bias
+        (those floating, but float64) cast to autocast's dtype, the product in it. The weight's
+        cast is made for the call (differentiable: its gradient comes back in the weight's
+        dtype) and carries the checksums kept for the weight's version
+        (linear.carry_cast_checksums): before, a protected layer refused autocast."""
+        device = x.device.type
+        if self.mx_config is not None or (torch.compiler.is_compiling() and self.fault is not None):
+            raise NotImplementedError(
+                "ftattn.protect_: a protected MX linear layer does not run under torch.autocast yet. Run the model "
+                "in one dtype instead (model.to(torch.bfloat16) before protect_), or leave autocast off"
+                if self.mx_config is not None else
+                "ftattn.protect_: a fault scheduled on a protected layer under torch.autocast inside torch.compile "
+                "is not supported; schedule it in eager mode")
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast(t):
+            return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype not in (
+                dtype, torch.float64) else t
+
+        if torch.compiler.is_compiling():
+            # the op with x and bias cast in the graph; the op casts the weight (_cast)
+            return torch.ops.ftattn.protected_linear(cast(x), weight, cast(bias), self._layer_id, self.out_features)
+        with torch.autocast(device, enabled=False):
+            return self._run(cast(x), self._cast(weight, dtype), cast(bias))
+
+    @staticmethod
+    def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``weight`` in ``dtype`` for this call (torch.autocast), with the checksums kept for
+        the weight's version (linear.carry_cast_checksums)."""
+        if weight.dtype is dtype or dtype not in (torch.bfloat16, torch.float16) or \
+                weight.dtype is torch.float64 or not weight.is_floating_point():
+            return weight
+        w = weight.to(dtype)
+        carry_cast_checksums(weight, w)
+        return w
 
     def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The call on ``weight`` and ``bias``: the layer's own (forward), or under
@@ -315,8 +353,10 @@ def _layer(layer: int, op: str) -> "ProtectedLinear":
 
 @torch.library.impl("ftattn::protected_linear", "CompositeExplicitAutograd")
 def _protected_linear(x, weight, bias, layer, out_features):
+    # (x in another dtype than the weight: autocast's, the weight cast for the call; forward)
+    module = _layer(layer, "protected_linear")
     with torch.no_grad():  # (its autograd is the op's, below)
-        return _layer(layer, "protected_linear")._run(x, weight, bias)  # (eager: plan, checks, counts, policy)
+        return module._run(x, module._cast(weight, x.dtype), bias)  # (eager: plan, checks, counts, policy)
 
 
 @torch.library.register_fake("ftattn::protected_linear")
@@ -330,6 +370,7 @@ def _protected_linear_fake(x, weight, bias, layer, out_features):
 @torch.library.impl("ftattn::protected_linear_grad_x", "CompositeExplicitAutograd")
 def _protected_linear_grad_x(grad_y, weight, layer, in_features):
     module = _layer(layer, "protected_linear_grad_x")
+    weight = module._cast(weight, grad_y.dtype)  # (under autocast)
     return _grad_input(grad_y, module._weight(weight), module.protection, module.on_fault, "auto")
 
 
@@ -342,8 +383,10 @@ def _protected_linear_grad_x_fake(grad_y, weight, layer, in_features):
 def _protected_linear_grad_w(grad_y, x, weight, layer):
     module = _layer(layer, "protected_linear_grad_w")
     if module.transposed:  # (a Conv1D's weight [in, out]: X^T dY, made in that layout)
-        return _grad_weight(x, grad_y, module.protection, module.on_fault, "auto")
-    return _grad_weight(grad_y, x, module.protection, module.on_fault, "auto")
+        grad = _grad_weight(x, grad_y, module.protection, module.on_fault, "auto")
+    else:
+        grad = _grad_weight(grad_y, x, module.protection, module.on_fault, "auto")
+    return grad.to(weight.dtype)  # (under autocast: made in x's dtype)
 
 
 @torch.library.register_fake("ftattn::protected_linear_grad_w")

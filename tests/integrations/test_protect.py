@@ -258,14 +258,97 @@ def test_resize_token_embeddings_of_a_protected_tied_head():
         model.lm_head.out_features = 61
 
 
-def test_autocast_gets_a_clear_error():
-    """Under torch.autocast a protected layer refuses with what to do (before: a dtype error
-    that suggested casting x, or an fp32 product where bf16 was asked for)."""
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_as_torch_linear_does(dtype, grad):
+    """Under torch.autocast a protected layer (Linear, and GPT-2's Conv1D) computes in
+    autocast's dtype from cast x, weight and bias as torch's linear does there (it refused
+    before), its gradients in the Parameters' fp32; its checks run on checksums kept per
+    weight version (no false alarm after an optimizer step), a fault is corrected, and a
+    weight changed behind its version counter fails the check (as in fp32)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 131), torch.nn.GELU(), Conv1D(11, 131))
+    plain = copy.deepcopy(model)
     ftattn.protect_(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(NotImplementedError, match="torch.autocast"):
-        model(torch.randn(3, 16))
-    assert model(torch.randn(3, 16)).dtype == torch.float32  # outside autocast as before
+    x = torch.randn(3, 7, 37)
+    context = torch.enable_grad() if grad else torch.no_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        with context, torch.autocast("cpu", dtype=dtype):
+            y, want = model(x), plain(x)
+        assert y.dtype == want.dtype == dtype
+        assert (y.float() - want.float()).abs().max() <= 2 * ULP16[dtype] * want.float().abs().max()
+        if grad:
+            y.float().square().sum().backward()
+            want.float().square().sum().backward()
+            for p, q in zip(model.parameters(), plain.parameters()):
+                assert p.grad.dtype == torch.float32
+                assert (p.grad - q.grad).abs().max() <= 4 * ULP16[dtype] * q.grad.abs().max()
+            opt.step()  # (the weights move: new checksums of their casts, no alarm)
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), plain.parameters()):
+                    q.copy_(p)
+            opt.zero_grad()
+            plain.zero_grad()
+    assert ftattn.counters(model).detected == 0
+    assert [m.calls for m in ftattn.counters(model).per_module.values()] == [2, 2]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        clean = model(x)
+        model[2].fault = Fault("gemm", row=5, col=3, value=1e4)
+        assert torch.equal(model(x), clean)
+        assert ftattn.counters(model).corrected == 1
+        model[0].weight.data[3, 5] += 1.0  # behind the version counter: the kept checksums disagree
+        model(x)
+    assert ftattn.counters(model).per_module["0"].uncorrected == 1
+
+
+ULP16 = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def test_autocast_refusals_name_the_fix():
+    """What does not run under autocast yet says so: an MX layer."""
+    from ftattn.mx import MXConfig, quantize_
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantize_(model, MXConfig(weight="fp8_e4m3", activation="fp8_e4m3"))
+    ftattn.protect_(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(NotImplementedError, match="MX linear layer"):
+        model(torch.randn(3, 64))
+    assert model(torch.randn(3, 64)).dtype == torch.float32  # outside autocast as before
+
+
+def test_compiled_training_step_under_autocast():
+    """torch.compile(fullgraph=True) of a protected model's training step under
+    torch.autocast: one graph whose checked products run in autocast's dtype (the op casts
+    the weight with its kept checksums), gradients in fp32 as eager autocast's, every call
+    counted; a dtype mismatch without autocast keeps eager's clear error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 131), torch.nn.GELU(), torch.nn.Linear(131, 11))
+    ftattn.protect_(model)
+    x = torch.randn(9, 37)
+
+    def step(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return y, grads
+
+    want_y, want = step(model)
+    compiled = torch.compile(model, fullgraph=True)
+    for _ in range(2):
+        got_y, got = step(compiled)
+        assert got_y.dtype == torch.bfloat16
+        assert (got_y.float() - want_y.float()).abs().max() <= 4 * 2.0**-8 * want_y.float().abs().max()
+        for a, b in zip(got, want):
+            assert a.dtype == torch.float32 and (a - b).abs().max() <= 8 * 2.0**-8 * b.abs().max()
+    counts = ftattn.counters(model)
+    assert [m.calls for m in counts.per_module.values()] == [3, 3] and counts.detected == 0
+    with pytest.raises(Exception, match="dtype"):
+        torch.compile(model, fullgraph=True)(x.to(torch.bfloat16))
 
 
 def test_scrub_weights_of_inference_tensors_is_a_no_op():

@@ -141,3 +141,35 @@ def test_trains_under_autocast_like_sdpa(padded):
     sdpa, ours = curves["sdpa"], curves["ftattn"]
     assert bool(((ours - sdpa).abs() <= 2.0**-8 * sdpa.abs()).all()), (ours - sdpa).abs().max()
     assert ours[-1] < ours[0] - 0.5  # it learns
+
+
+def test_protected_model_trains_under_autocast():
+    """torch.autocast("cpu", bfloat16) training of a model under ftattn.protect_ (its linear
+    layers refused autocast before): the loss curve of the same model unprotected (ftattn's
+    attention both) within bf16's rounding, gradients in fp32, no alarm over the steps
+    (each step's new weights get new checksums of their casts)."""
+    import ftattn
+
+    ids, mask, labels = _padded_batch("right")
+    curves = {}
+    for protected in (False, True):
+        model = tiny_llama("ftattn", seed=3).train()
+        if protected:
+            ftattn.protect_(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+            opt.step()
+            losses.append(loss.item())
+        curves[protected] = torch.tensor(losses, dtype=torch.float64)
+        if protected:
+            counts = ftattn.counters(model)
+            assert counts.detected == 0 and min(m.calls for m in counts.per_module.values()) == 4
+    plain, ours = curves[False], curves[True]
+    assert bool(((ours - plain).abs() <= 2.0**-8 * plain.abs()).all()), (ours - plain).abs().max()
+    assert ours[-1] < ours[0] - 0.5  # it learns
