@@ -66,7 +66,8 @@ del _c, _s
 
 GROUP_DIMS = tl.constexpr(16)  # head dims per checksum group of dQ, dK, dV (the C++ kernel's BWD_GROUP)
 # the range check's top: 1 and a few roundings (S^T = K Q^T in the dK / dV pass may round a
-# score up from the one the row's max was taken of, so its P can exceed 1 by a few u)
+# score up from the one the row's max was taken of, so its P can exceed 1 by a few u), times
+# the drift of the scores (_p_cap)
 P_MAX = tl.constexpr(1.0 + 2.0**-20)
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 
@@ -166,6 +167,19 @@ def _bwd_prep(Q, K, O, DO, MROW, RINV, DELTA, KStart, KEnd, H, GROUP, N, M, scal
     tl.store(MROW + bh * N + offs_m, tl.where(empty, 0.0, m_i), mask=row_ok)
     tl.store(RINV + bh * N + offs_m, tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i)), mask=row_ok)
     tl.store(DELTA + bh * N + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _p_cap(qn, kn, ascale, HEAD_DIM: tl.constexpr):
+    """The top of P's range check for query rows of norms ``qn`` against keys of norms up to
+    ``kn``: a score made here may round otherwise than the one the row's max was taken of
+    (another product, another order of its sums: K Q^T in the dK / dV pass; so on the
+    interpreter's BLAS on an AVX2 EPYC, where the fixed 1 + 2^-20 raised PROBS_RANGE on clean
+    outlier-channel data), each within the row check's noise kappa u sqrt(D + 2) ||q|| ||k||:
+    P then exceeds 1 by up to exp2 of twice that in log2 units (csrc/attention_bwd_cpu.cpp's
+    drift and pcap)."""
+    f = 2.0 * KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + 2, tl.float32)) * LOG2E
+    return P_MAX * tl.math.exp2(f * ascale * qn * kn)
 
 
 @triton.jit
@@ -286,6 +300,7 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
     ascale = tl.abs(scale)
     qmax = tl.max(tl.abs(q), 1)
+    qnorm = tl.sqrt(tl.sum(q * q, 1))  # (P's range: _p_cap)
     gmax = tl.max(tl.abs(do), 1)
     hit_rows = (offs_m[:, None] == f_row) & (bh == f_bh) & (f_dim % 2 == 0)
     hi = k_hi
@@ -318,7 +333,9 @@ def _bwd_dq(Q, K, V, DO, MROW, RINV, DELTA, DQ, Flags, KStart, KEnd, H, GROUP, N
                                                 colb_p[None, :], vis, ascale)
             bits = bits | _verify_entries(s, q, k, need_s, unit, BLOCK_M, SCORE_RECOMPUTE)
             bits = bits | _verify_entries(dp, do, v, need_p, unit, BLOCK_M, DP_CHECKSUM)
-            bits = bits | tl.where(tl.max(((p < 0.0) | (p > P_MAX) | (p != p)).to(tl.int32), 1) != 0, PROBS_RANGE, 0)
+            pcap = _p_cap(qnorm, tl.max(tl.sqrt(tl.sum(k * k, 1)), 0), ascale, HEAD_DIM)
+            bad_p = (p < 0.0) | (p > pcap[:, None]) | (p != p)
+            bits = bits | tl.where(tl.max(bad_p.to(tl.int32), 1) != 0, PROBS_RANGE, 0)
             rs += tl.sum(p, 1)
             dsum += tl.sum(ds, 1)
             pdp += tl.sum(tl.where(vis, p * dp, 0.0), 1)
@@ -469,6 +486,7 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, NEED, KStart, KEn
     col_f = KAPPA * U32 * tl.sqrt(tl.full([], HEAD_DIM + BLOCK_M + 2, tl.float32))
     ascale = tl.abs(scale)
     kmax = tl.max(tl.abs(k), 1)
+    knorm = tl.max(tl.sqrt(tl.sum(k * k, 1)), 0)  # (P's range: _p_cap)
     hit_keys = ((cols >= f_col) & (cols < f_col + f_span) & key_ok)[:, None] & (bh == f_bh) & (f_dim % 2 == 1)
     lo = 0
     if CAUSAL:  # the first query row that sees key pid_n * BLOCK_N: i >= j - shift
@@ -505,7 +523,8 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, NEED, KStart, KEn
                                                 colb_s[:, None], colb_p[:, None], vis, ascale)
             bits = bits | _verify_entries(st, k, q, need_s, unit, BLOCK_N, SCORE_RECOMPUTE)
             bits = bits | _verify_entries(dpt, v, do, need_p, unit, BLOCK_N, DP_CHECKSUM)
-            bad_p = tl.max(((pt < 0.0) | (pt > P_MAX) | (pt != pt)).to(tl.int32), 1) != 0
+            pcap = _p_cap(tl.sqrt(tl.sum(q * q, 1)), knorm, ascale, HEAD_DIM)
+            bad_p = tl.max(((pt < 0.0) | (pt > pcap[None, :]) | (pt != pt)).to(tl.int32), 1) != 0
             bits = bits | tl.where(bad_p, PROBS_RANGE, 0)
             # a row's keys are spread over programs (no row sum here): P and dS computed twice
             bits = bits | _second_p_and_ds(pt, st, mrow[None, :], scale, unit, rinv[None, :], dpt, dst,
