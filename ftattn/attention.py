@@ -589,7 +589,19 @@ _DOUBLE_BACKWARD = (
     "'eager')")
 
 
-class _NotTwiceDifferentiable(torch.autograd.Function):
+class _FirstOrderOnly(torch.autograd.Function):
+    """A Function whose own backward raises _DOUBLE_BACKWARD (nothing to save)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(_DOUBLE_BACKWARD)
+
+
+class _NotTwiceDifferentiable(_FirstOrderOnly):
     """The first-order gradients of an attention call made with create_graph=True: the same
     values, whose own backward raises. Without it autograd saw the checked backward's op
     (no autograd kernel: torch only warns) as constant, and a second backward returned zeros.
@@ -601,14 +613,6 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
     @staticmethod
     def forward(anchor, *grads):
         return tuple(g.clone() for g in grads)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise NotImplementedError(_DOUBLE_BACKWARD)
 
 
 def _once_differentiable(backward):
@@ -707,7 +711,7 @@ def _fold(n: int, tensors, dims):
     return [fold(t, d) for t, d in zip(tensors, dims)]
 
 
-class _AttentionBackward(torch.autograd.Function):
+class _AttentionBackward(_FirstOrderOnly):
     """The checked backward of one attention call (_AttentionFunction.backward's body): an
     autograd.Function of its own so that torch.func.vmap of a gradient (per-sample
     gradients: vmap(grad(f))) folds the batch as the forward does; before, its flags were
@@ -728,14 +732,6 @@ class _AttentionBackward(torch.autograd.Function):
             for fn in holder.report.on_backward:
                 fn(report)
         return dq, dk, dv
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise NotImplementedError(_DOUBLE_BACKWARD)
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, out, grad_out, stats, key_start, key_end, options):

@@ -115,6 +115,22 @@ def test_padded_batch_trains_like_sdpa(layout):
     assert sdpa[-1] < sdpa[0]  # it learns
 
 
+def _autocast_curve(model, ids, mask, labels, steps=4):
+    """The losses of ``steps`` AdamW steps under torch.autocast("cpu", bfloat16), fp64; every
+    gradient fp32."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right_padded"])
 def test_trains_under_autocast_like_sdpa(padded):
     """Mixed-precision training, torch.autocast("cpu", bfloat16): Llama's rotary step gives
@@ -124,20 +140,8 @@ def test_trains_under_autocast_like_sdpa(padded):
     ids, mask, labels = _padded_batch("right")
     if not padded:
         mask, labels = None, ids
-    curves = {}
-    for attn in ("sdpa", "ftattn"):
-        model = tiny_llama(attn, seed=3).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(4):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-            opt.step()
-            losses.append(loss.item())
-        curves[attn] = torch.tensor(losses, dtype=torch.float64)
+    curves = {attn: _autocast_curve(tiny_llama(attn, seed=3).train(), ids, mask, labels)
+              for attn in ("sdpa", "ftattn")}
     sdpa, ours = curves["sdpa"], curves["ftattn"]
     assert bool(((ours - sdpa).abs() <= 2.0**-8 * sdpa.abs()).all()), (ours - sdpa).abs().max()
     assert ours[-1] < ours[0] - 0.5  # it learns
@@ -151,25 +155,10 @@ def test_protected_model_trains_under_autocast():
     import ftattn
 
     ids, mask, labels = _padded_batch("right")
-    curves = {}
-    for protected in (False, True):
-        model = tiny_llama("ftattn", seed=3).train()
-        if protected:
-            ftattn.protect_(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(4):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-            opt.step()
-            losses.append(loss.item())
-        curves[protected] = torch.tensor(losses, dtype=torch.float64)
-        if protected:
-            counts = ftattn.counters(model)
-            assert counts.detected == 0 and min(m.calls for m in counts.per_module.values()) == 4
-    plain, ours = curves[False], curves[True]
+    plain = _autocast_curve(tiny_llama("ftattn", seed=3).train(), ids, mask, labels)
+    model = ftattn.protect_(tiny_llama("ftattn", seed=3).train())
+    ours = _autocast_curve(model, ids, mask, labels)
+    counts = ftattn.counters(model)
+    assert counts.detected == 0 and min(m.calls for m in counts.per_module.values()) == 4
     assert bool(((ours - plain).abs() <= 2.0**-8 * plain.abs()).all()), (ours - plain).abs().max()
     assert ours[-1] < ours[0] - 0.5  # it learns
