@@ -189,11 +189,18 @@ def _hit(x, where, f_xor, f_use_value, f_value):
 
 @triton.jit
 def _products(l1, r1, l2, r2, m_b, r_b, d_b, vis, hit, scale, f_site, f_xor, f_use_value, f_value,
-              INJECT: tl.constexpr):
+              INJECT: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """The recomputed tile of either pass, with the backward sites' injection: S = l1 r1^T,
     P = exp2(S scale log2 e - m) / l, dP = l2 r2^T, dS = P (dP - D) (Q, K, dO, V in the dQ
     pass; K, Q, V, dO in the transposed dK/dV pass, with m, 1 / l, D broadcast to match)."""
-    s = _dot(l1, tl.trans(r1))
+    if TRANSPOSED:
+        # (the dK / dV pass: S^T made as (Q K^T)^T, the product the prep pass took each row's
+        # max of, so P agrees with its statistics bit for bit; K Q^T rounds otherwise, and at
+        # logits of ~1e25 an ulp of the score moved P's exponent by ~1e19: dK / dV checks
+        # failed on clean data on an AVX2 EPYC's BLAS, interpreter)
+        s = tl.trans(_dot(r1, tl.trans(l1)))
+    else:
+        s = _dot(l1, tl.trans(r1))
     if INJECT:
         s = _hit(s, hit & (f_site == SITE_BWD_SCORES), f_xor, f_use_value, f_value)
     x2 = s * (scale * LOG2E) - m_b
@@ -237,7 +244,7 @@ def _entries_to_verify(p, dp, delta, gmax, reach, colb_s, colb_p, vis, ascale):
 
 
 @triton.jit
-def _verify_entries(x, a, b, need, unit, BA: tl.constexpr, bit: tl.constexpr):
+def _verify_entries(x, a, b, need, unit, BA: tl.constexpr, bit: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """The entries of the product x = a b^T ([BA, BB]) where ``need`` holds, against the same
     product made again, bit for bit (the gradients carry a score's error times |k| and |q|:
     with outlier channels a change below any rounding bound can still harm them, so only an
@@ -247,10 +254,13 @@ def _verify_entries(x, a, b, need, unit, BA: tl.constexpr, bit: tl.constexpr):
     which round alike. (The C++ kernel and the reference compare with fp64 first, which also
     re-reads the operands from memory: outside the fault model, which hits values computed
     in the kernel; a fault in the product shows in the bit-for-bit comparison.) The bit per
-    row of x ([BA, BB])."""
+    row of x ([BA, BB]). TRANSPOSED: x was made as (b a^T)^T (_products), and so again."""
     out = tl.zeros([BA], tl.int32)
     if tl.max(need.to(tl.int32)) != 0:  # (tiles with no such entry: no second product)
-        again = _qk_again(a, b, x, unit, True)
+        if TRANSPOSED:
+            again = tl.trans(_qk_again(b, a, tl.trans(x), unit, True))
+        else:
+            again = _qk_again(a, b, x, unit, True)
         bad = need & (again.to(tl.int32, bitcast=True) != x.to(tl.int32, bitcast=True))
         out = tl.where(tl.max(bad.to(tl.int32), 1) != 0, bit, 0)
     return out
@@ -509,7 +519,7 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, NEED, KStart, KEn
             vis = vis & (cols[:, None] <= offs_m[None, :] + shift)
         hit = hit_keys & (offs_m[None, :] == f_row)
         st, pt, dpt, dst = _products(k, q, v, do, mrow[None, :], rinv[None, :], delta[None, :], vis, hit,
-                                         scale, f_site, f_xor, f_use_value, f_value, INJECT)
+                                         scale, f_site, f_xor, f_use_value, f_value, INJECT, True)
         dv = tl.dot(pt, do, dv, input_precision="ieee")
         dk = tl.dot(dst, q, dk, input_precision="ieee")
         if PROTECTION >= 1:
@@ -521,7 +531,7 @@ def _bwd_dkdv(Q, K, V, DO, MROW, RINV, DELTA, DKH, DVH, Flags, NEED, KStart, KEn
             reach = ascale * tl.maximum(kmax[:, None], tl.max(tl.abs(q), 1)[None, :])
             need_s, need_p = _entries_to_verify(pt, dpt, delta[None, :], tl.max(tl.abs(do), 1)[None, :], reach,
                                                 colb_s[:, None], colb_p[:, None], vis, ascale)
-            bits = bits | _verify_entries(st, k, q, need_s, unit, BLOCK_N, SCORE_RECOMPUTE)
+            bits = bits | _verify_entries(st, k, q, need_s, unit, BLOCK_N, SCORE_RECOMPUTE, True)
             bits = bits | _verify_entries(dpt, v, do, need_p, unit, BLOCK_N, DP_CHECKSUM)
             pcap = _p_cap(tl.sqrt(tl.sum(q * q, 1)), knorm, ascale, HEAD_DIM)
             bad_p = tl.max(((pt < 0.0) | (pt > pcap[None, :]) | (pt != pt)).to(tl.int32), 1) != 0
